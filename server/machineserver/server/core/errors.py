@@ -1,0 +1,76 @@
+"""Domain errors of the core. The API layer maps each to one gRPC status code in one
+table (``machineserver.server.api.errors``); nothing else in the server picks codes.
+
+MachineServerError
+ +-- InvalidArgument      bad input; names the field                  INVALID_ARGUMENT
+ +-- NotFound             a named resource does not exist             NOT_FOUND
+ +-- AlreadyExists        a resource with that name exists            ALREADY_EXISTS
+ +-- FailedPrecondition   the resource is not in the state needed     FAILED_PRECONDITION
+ +-- ResourceExhausted    a quota or size limit                       RESOURCE_EXHAUSTED
+ +-- Unimplemented        the backend (or server) lacks the feature   UNIMPLEMENTED
+ +-- Unavailable          a backend died or is not installed          UNAVAILABLE
+ +-- Aborted              a concurrent change won (e.g. etag mismatch) ABORTED
+ +-- DeadlineExceeded     a backend did not answer in time            DEADLINE_EXCEEDED
+"""
+
+from __future__ import annotations
+
+
+class MachineServerError(Exception):
+    """Root of every error the core raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MachineServerError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(MachineServerError):
+    def __init__(self, resource_type: str, name: str) -> None:
+        super().__init__(f"{resource_type} {name!r} not found")
+        self.resource_type = resource_type
+        self.name = name
+
+
+class AlreadyExists(MachineServerError):
+    def __init__(self, resource_type: str, name: str) -> None:
+        super().__init__(f"{resource_type} {name!r} already exists")
+        self.resource_type = resource_type
+        self.name = name
+
+
+class FailedPrecondition(MachineServerError):
+    def __init__(self, message: str, *, state: str = "", required: str = "") -> None:
+        super().__init__(message)
+        self.state = state
+        self.required = required
+
+
+class ResourceExhausted(MachineServerError):
+    def __init__(self, subject: str, message: str) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class Unimplemented(MachineServerError):
+    def __init__(self, feature: str, message: str) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
+class Unavailable(MachineServerError):
+    pass
+
+
+class Aborted(MachineServerError):
+    pass
+
+
+class DeadlineExceeded(MachineServerError):
+    pass

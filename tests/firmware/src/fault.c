@@ -1,0 +1,34 @@
+/* fault: prints "about to fault\n", then loads from FAULT_ADDR (unmapped on
+ * the board in QEMU).
+ *  - Cortex-M: precise BusFault, escalated to HardFault (BusFault is not
+ *    enabled in SHCSR); HardFault_Handler prints "hardfault\n", exits 3.
+ *  - RISC-V: load access fault; the trap handler prints
+ *    "trap mcause=5\n" and exits 3. */
+#include "fw.h"
+
+#if defined(__riscv)
+void handle_trap(uint32_t mcause, uint32_t mepc)
+{
+    (void)mepc;
+    fw_puts("trap mcause=");
+    fw_put_dec((int32_t)mcause);
+    fw_puts("\n");
+    fw_exit(3);
+}
+#else
+void HardFault_Handler(void)
+{
+    fw_puts("hardfault\n");
+    fw_exit(3);
+}
+#endif
+
+int main(void)
+{
+    fw_puts("about to fault\n");
+    uint32_t v = REG32(FAULT_ADDR);
+    fw_puts("no fault, read 0x"); /* only if the address turned out to be mapped */
+    fw_put_hex32(v);
+    fw_puts("\n");
+    return 1;
+}
