@@ -1,4 +1,5 @@
 /* RISC-V (M-mode) entry: set gp, sp and mtvec, then jump to C. */
+    .file "common/startup_riscv.S"
     .section .text.init,"ax",@progbits
     .globl _start
     .type _start, @function

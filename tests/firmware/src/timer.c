@@ -1,7 +1,8 @@
 /* timer (RISC-V): CLINT machine timer interrupt every TIMER_INTERVAL mtime
  * ticks (mtvec direct mode, mie.MTIE, mstatus.MIE); the trap handler
- * increments a counter and re-arms mtimecmp; main sleeps with WFI until the
- * counter reaches 10, disables the timer, prints "ticks=10\n" and exits 0. */
+ * increments a counter (saturating at 10) and re-arms mtimecmp; main sleeps
+ * with WFI until the counter reaches 10, clears mie.MTIE, prints
+ * "ticks=10\n" and exits 0. */
 #include "fw.h"
 
 #define MCAUSE_MTI 0x80000007u
@@ -31,7 +32,10 @@ void handle_trap(uint32_t mcause, uint32_t mepc)
 {
     (void)mepc;
     if (mcause == MCAUSE_MTI) {
-        ticks++;
+        /* Saturate at 10 and keep re-arming: a late tick cannot make it 11,
+         * and a tick landing between main's check and its WFI still wakes it. */
+        if (ticks < 10)
+            ticks++;
         set_mtimecmp(mtime() + TIMER_INTERVAL);
         return;
     }

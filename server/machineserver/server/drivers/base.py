@@ -247,7 +247,9 @@ class Machine(abc.ABC):
 class RunControl(abc.ABC):
     @abc.abstractmethod
     async def run(self) -> None:
-        """Start or resume execution; returns at once. Stops arrive as events."""
+        """Start or resume execution; returns at once. Stops that happen while running
+        (breakpoint, watchpoint, exit, fault) arrive as ``MachineEvents.stopped``; the
+        stops that pause() and step() return are not also sent as events."""
 
     @abc.abstractmethod
     async def pause(self) -> StopInfo:
@@ -278,6 +280,9 @@ class MemoryAccess(abc.ABC):
 
 
 class Breakpoints(abc.ABC):
+    """Breakpoints stay set across reset() and load() until cleared or power_off();
+    setting one twice at the same address is a no-op, and so is clearing an unset one."""
+
     @abc.abstractmethod
     async def set_breakpoint(self, address: int, *, hardware: bool = False) -> None: ...
 
@@ -286,6 +291,8 @@ class Breakpoints(abc.ABC):
 
 
 class Watchpoints(abc.ABC):
+    """Same lifetime rules as breakpoints."""
+
     @abc.abstractmethod
     async def set_watchpoint(self, address: int, size: int, kind: WatchKind) -> None: ...
 

@@ -5,6 +5,10 @@
 #define CLINT_BASE 0x02000000u
 #define CLINT_MTIMECMP (CLINT_BASE + 0x4000u)
 #define CLINT_MTIME (CLINT_BASE + 0xBFF8u)
+#ifndef TIMER_INTERVAL
 #define TIMER_INTERVAL 1000u     /* mtime ticks (QEMU: 10 MHz) between interrupts */
+#endif
+#ifndef FAULT_ADDR
 #define FAULT_ADDR 0x40000000u   /* unmapped in QEMU: load access fault, mcause 5 */
+#endif
 #endif

@@ -1,0 +1,210 @@
+"""The MachineServer client: ``await AsyncClient.connect(...)`` or ``Client.connect(...)``.
+
+Every RPC is a method on a service attribute (``client.sessions.create_session(...)``,
+generated from the protos, typed); a few helpers cover the common path (uploading a
+file, reading the console). Options are keyword-only: default deadline, API key, TLS,
+extra call metadata, retries of idempotent reads (gRPC service config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc import aio
+
+from machineserver.sdk._services import (
+    SERVICES,
+    AsyncCapabilitiesService,
+    AsyncCoSimService,
+    AsyncCoverageService,
+    AsyncDebugService,
+    AsyncSessionService,
+    AsyncTelemetryService,
+    CapabilitiesService,
+    CoSimService,
+    CoverageService,
+    DebugService,
+    SessionService,
+    TelemetryService,
+)
+from machineserver.sdk._transport import AsyncTransport, CallOptions, SyncTransport, channel_options
+from machineserver.v1 import (
+    capabilities_pb2,
+    cosim_pb2,
+    coverage_pb2,
+    debug_pb2,
+    session_pb2,
+    telemetry_pb2,
+)
+
+CHUNK = 64 * 1024
+IDEMPOTENT_PREFIXES = ("Get", "List", "Read", "Resolve", "Disassemble")
+
+
+def retry_methods() -> list[tuple[str, str]]:
+    """Unary read-only RPCs: safe to retry when the server is briefly unavailable."""
+    return [
+        (svc.full_name, m.name)
+        for svc in service_descriptors()
+        for m in svc.methods
+        if not m.client_streaming and not m.server_streaming and m.name.startswith(IDEMPOTENT_PREFIXES)
+    ]
+
+
+def service_descriptors() -> list[ServiceDescriptor]:
+    """Every machineserver.v1 service, from the generated modules."""
+    mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2)
+    return [svc for mod in mods for svc in mod.DESCRIPTOR.services_by_name.values()]
+
+
+def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes | None,
+                 certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _call_metadata(api_key: str | None, metadata: Any) -> tuple[tuple[str, str], ...]:
+    md = tuple((str(k), str(v)) for k, v in (metadata or ()))
+    if api_key:
+        md += (("authorization", f"Bearer {api_key}"),)
+    return md
+
+
+def _program_chunks(data: bytes, display_name: str, fmt: int, load_address: int) -> Iterator[session_pb2.UploadProgramRequest]:
+    yield session_pb2.UploadProgramRequest(metadata=session_pb2.ProgramMetadata(
+        display_name=display_name, format=fmt, load_address=load_address,  # type: ignore[arg-type]
+        sha256=hashlib.sha256(data).hexdigest(),
+    ))
+    for i in range(0, len(data), CHUNK):
+        yield session_pb2.UploadProgramRequest(chunk=data[i:i + CHUNK])
+
+
+def _read_program(source: str | os.PathLike[str] | bytes, display_name: str) -> tuple[bytes, str]:
+    if isinstance(source, bytes):
+        return source, display_name
+    path = Path(source)
+    return path.read_bytes(), display_name or path.name
+
+
+FORMATS = {"": 0, "elf": 1, "bin": 2, "ihex": 3, "hex": 3}
+
+
+class AsyncClient:
+    capabilities: AsyncCapabilitiesService
+    sessions: AsyncSessionService
+    debug: AsyncDebugService
+    coverage: AsyncCoverageService
+    cosim: AsyncCoSimService
+    telemetry: AsyncTelemetryService
+
+    def __init__(self, channel: aio.Channel, options: CallOptions) -> None:
+        self.channel = channel
+        self._transport = AsyncTransport(channel, options)
+        for attr, (async_cls, _) in SERVICES.items():
+            setattr(self, attr, async_cls(self._transport))
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        metadata: Any = (),
+        retries: bool = True,
+        channel_args: dict[str, Any] | None = None,
+    ) -> AsyncClient:
+        opts = channel_options(retry_methods() if retries else [], channel_args)
+        creds = _credentials(tls, root_certificates, private_key, certificate_chain)
+        channel = aio.secure_channel(target, creds, opts) if creds else aio.insecure_channel(target, opts)
+        return cls(channel, CallOptions(timeout, _call_metadata(api_key, metadata)))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    async def upload_program(self, source: str | os.PathLike[str] | bytes, *, display_name: str = "",
+                             format: str = "", load_address: int = 0) -> session_pb2.UploadProgramResponse:
+        """Upload an ELF, BIN (with load_address) or Intel HEX from a path or bytes."""
+        data, name = _read_program(source, display_name)
+        return await self.sessions.upload_program(
+            _program_chunks(data, name, FORMATS[format.lower()], load_address)
+        )
+
+    async def console(self, session: str, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
+        """The session's console bytes from offset, following new output."""
+        async for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
+            yield msg.data
+
+
+class Client:
+    """The synchronous facade: the same services and helpers, blocking."""
+
+    capabilities: CapabilitiesService
+    sessions: SessionService
+    debug: DebugService
+    coverage: CoverageService
+    cosim: CoSimService
+    telemetry: TelemetryService
+
+    def __init__(self, channel: grpc.Channel, options: CallOptions) -> None:
+        self.channel = channel
+        self._transport = SyncTransport(channel, options)
+        for attr, (_, sync_cls) in SERVICES.items():
+            setattr(self, attr, sync_cls(self._transport))
+
+    @classmethod
+    def connect(
+        cls,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        metadata: Any = (),
+        retries: bool = True,
+        channel_args: dict[str, Any] | None = None,
+    ) -> Client:
+        opts = channel_options(retry_methods() if retries else [], channel_args)
+        creds = _credentials(tls, root_certificates, private_key, certificate_chain)
+        channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
+        return cls(channel, CallOptions(timeout, _call_metadata(api_key, metadata)))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def upload_program(self, source: str | os.PathLike[str] | bytes, *, display_name: str = "",
+                       format: str = "", load_address: int = 0) -> session_pb2.UploadProgramResponse:
+        data, name = _read_program(source, display_name)
+        return self.sessions.upload_program(_program_chunks(data, name, FORMATS[format.lower()], load_address))
+
+    def console(self, session: str, *, offset: int = 0, follow: bool = True) -> Iterator[bytes]:
+        for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
+            yield msg.data

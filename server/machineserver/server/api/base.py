@@ -1,0 +1,46 @@
+"""What every servicer shares: the engine, the caller's identity, and chunked streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from machineserver.server.core.engine import Engine
+from machineserver.server.core.errors import InvalidArgument
+
+ANONYMOUS = "anonymous"
+CHUNK_SIZE = 64 * 1024
+
+
+class Servicer:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @staticmethod
+    def principal(context: aio.ServicerContext) -> str:
+        """The caller, recorded as the owner of what it creates (auth comes later)."""
+        return ANONYMOUS
+
+
+async def split_upload(
+    requests: AsyncIterator[Any], meta_field: str = "metadata"
+) -> tuple[Any, AsyncIterator[bytes]]:
+    """A client stream of ``oneof content {metadata; chunk}``: the metadata (which must come
+    first) and an iterator over the chunks after it."""
+    iterator = requests.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        raise InvalidArgument(meta_field, "the stream is empty; send the metadata first") from None
+    if first.WhichOneof("content") != meta_field:
+        raise InvalidArgument(meta_field, "the first message must carry the metadata")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for req in iterator:
+            if req.WhichOneof("content") != "chunk":
+                raise InvalidArgument(meta_field, "metadata may only come first")
+            yield req.chunk
+
+    return getattr(first, meta_field), chunks()

@@ -1,0 +1,243 @@
+"""DebugService, including the bidirectional Attach stream (which answers each command
+through the same methods as the unary RPCs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from grpc import aio
+
+from machineserver.server.api import convert
+from machineserver.server.api.base import Servicer
+from machineserver.server.api.errors import code_for
+from machineserver.server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MachineServerError,
+    Unimplemented,
+)
+from machineserver.server.core.sessions import LiveSession
+from machineserver.v1 import common_pb2 as common_pb
+from machineserver.v1 import debug_pb2 as pb
+from machineserver.v1 import debug_pb2_grpc as pb_grpc
+
+# Commands an observer may send.
+READ_ONLY_COMMANDS = frozenset({"read_registers", "read_memory", "resolve_symbol", "take_control"})
+
+
+class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
+    def _stop(self, live: LiveSession, stop: Any) -> common_pb.StopEvent:
+        return convert.stop_pb(stop, self.engine.debugger.position(live, stop.pc) if stop else None)
+
+    def _state(self, live: LiveSession) -> int:
+        return convert.STATE_TO_PB[live.state]
+
+    # ------------------------------------------------------------------ breakpoints
+
+    async def SetBreakpoint(self, request: pb.SetBreakpointRequest, context: aio.ServicerContext, client: str = "") -> pb.SetBreakpointResponse:
+        live = self.engine.sessions.get(request.name)
+        kind = convert.enum_value(convert.KIND_FROM_PB, request.kind, "kind")
+        loc = convert.location_from_pb(request.location)
+        bp = await self.engine.debugger.set_breakpoint(live, loc, kind, request.size, client)
+        return pb.SetBreakpointResponse(breakpoint=convert.breakpoint_pb(bp))
+
+    async def ListBreakpoints(self, request: pb.ListBreakpointsRequest, context: aio.ServicerContext) -> pb.ListBreakpointsResponse:
+        live = self.engine.sessions.get(request.name)
+        return pb.ListBreakpointsResponse(
+            breakpoints=[convert.breakpoint_pb(b) for b in self.engine.debugger.list_breakpoints(live)]
+        )
+
+    async def ClearBreakpoint(self, request: pb.ClearBreakpointRequest, context: aio.ServicerContext) -> pb.ClearBreakpointResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.debugger.clear_breakpoint(live, request.id)
+        return pb.ClearBreakpointResponse()
+
+    # ------------------------------------------------------------------ registers and memory
+
+    async def ReadRegisters(self, request: pb.ReadRegistersRequest, context: aio.ServicerContext) -> pb.ReadRegistersResponse:
+        live = self.engine.sessions.get(request.name)
+        regs = await self.engine.debugger.read_registers(live, list(request.names))
+        return pb.ReadRegistersResponse(
+            registers=[common_pb.Register(name=n, value=v, size_bits=32) for n, v in regs.items()]
+        )
+
+    async def WriteRegister(self, request: pb.WriteRegisterRequest, context: aio.ServicerContext) -> pb.WriteRegisterResponse:
+        live = self.engine.sessions.get(request.name)
+        value = await self.engine.debugger.write_register(live, request.register, request.value)
+        return pb.WriteRegisterResponse(register=common_pb.Register(name=request.register, value=value, size_bits=32))
+
+    async def ReadMemory(self, request: pb.ReadMemoryRequest, context: aio.ServicerContext) -> pb.ReadMemoryResponse:
+        live = self.engine.sessions.get(request.name)
+        data = await self.engine.debugger.read_memory(live, request.address, request.size)
+        return pb.ReadMemoryResponse(address=request.address, data=data)
+
+    async def WriteMemory(self, request: pb.WriteMemoryRequest, context: aio.ServicerContext) -> pb.WriteMemoryResponse:
+        live = self.engine.sessions.get(request.name)
+        n = await self.engine.debugger.write_memory(live, request.address, request.data)
+        return pb.WriteMemoryResponse(bytes_written=n)
+
+    # ------------------------------------------------------------------ run control
+
+    async def Step(self, request: pb.StepRequest, context: aio.ServicerContext) -> pb.StepResponse:
+        live = self.engine.sessions.get(request.name)
+        stop = await self.engine.sessions.step(live, request.count)
+        return pb.StepResponse(stop=self._stop(live, stop), state=self._state(live))
+
+    async def Continue(self, request: pb.ContinueRequest, context: aio.ServicerContext) -> pb.ContinueResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.run(live)
+        if not request.wait:
+            return pb.ContinueResponse(state=self._state(live))
+        remaining = context.time_remaining() if context is not None else None
+        stop = await self.engine.sessions.wait_for_stop(live, remaining)
+        return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
+
+    async def Halt(self, request: pb.HaltRequest, context: aio.ServicerContext) -> pb.HaltResponse:
+        live = self.engine.sessions.get(request.name)
+        stop = await self.engine.sessions.pause(live, "halted")
+        return pb.HaltResponse(stop=self._stop(live, stop), state=self._state(live))
+
+    # ------------------------------------------------------------------ code and symbols
+
+    async def Disassemble(self, request: pb.DisassembleRequest, context: aio.ServicerContext) -> pb.DisassembleResponse:
+        live = self.engine.sessions.get(request.name)
+        loc = convert.location_from_pb(request.location) if request.HasField("location") else None
+        insns = await self.engine.debugger.disassemble(live, loc, request.count)
+        return pb.DisassembleResponse(instructions=[
+            pb.Instruction(address=i.address, bytes=i.raw, mnemonic=i.mnemonic, operands=i.operands,
+                           symbol=i.symbol, source=convert.source_pb(i.source))
+            for i in insns
+        ])
+
+    async def ResolveSymbol(self, request: pb.ResolveSymbolRequest, context: aio.ServicerContext) -> pb.ResolveSymbolResponse:
+        live = self.engine.sessions.get(request.name)
+        which = request.WhichOneof("query")
+        if which is None:
+            raise InvalidArgument("query", "give a symbol, an address or file_line")
+        name, address, size, offset, pos = self.engine.debugger.resolve_query(
+            live,
+            symbol=request.symbol if which == "symbol" else "",
+            address=request.address if which == "address" else None,
+            file_line=request.file_line if which == "file_line" else "",
+        )
+        return pb.ResolveSymbolResponse(symbol=name, address=address, size=size, offset=offset,
+                                        source=convert.source_pb(pos))
+
+    # ------------------------------------------------------------------ GDB bridge
+
+    async def StartGdbServer(self, request: pb.StartGdbServerRequest, context: aio.ServicerContext) -> pb.StartGdbServerResponse:
+        self.engine.sessions.get(request.name)
+        raise Unimplemented("gdb_server", "the GDB remote-serial-protocol bridge is not built into this server yet")
+
+    async def StopGdbServer(self, request: pb.StopGdbServerRequest, context: aio.ServicerContext) -> pb.StopGdbServerResponse:
+        self.engine.sessions.get(request.name)
+        raise Unimplemented("gdb_server", "the GDB remote-serial-protocol bridge is not built into this server yet")
+
+    # ------------------------------------------------------------------ Attach
+
+    async def Attach(self, request_iterator: AsyncIterator[pb.AttachRequest], context: aio.ServicerContext) -> AsyncIterator[pb.AttachResponse]:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("request") != "open":
+            raise InvalidArgument("open", "the first message of Attach must be an open")
+        opened = first.open
+        live = self.engine.sessions.get(opened.name, "open.name")
+        debugger = self.engine.debugger
+        client = "attach-" + secrets.token_hex(4)
+        if opened.control:
+            debugger.take_control(live, client)
+        out: asyncio.Queue[pb.AttachResponse | None] = asyncio.Queue(maxsize=1024)
+
+        def role() -> int:
+            return pb.ATTACH_ROLE_CONTROLLER if debugger.state(live).controller == client else pb.ATTACH_ROLE_OBSERVER
+
+        await out.put(pb.AttachResponse(opened=pb.AttachOpened(session=live.record.name, role=role(), state=self._state(live))))
+
+        async def pump_events() -> None:
+            sub = self.engine.sessions.events.subscribe(lambda ev: ev.session == live.id)
+            async for ev in sub:
+                if ev.stop is not None:
+                    await out.put(pb.AttachResponse(stopped=self._stop(live, ev.stop)))
+                await out.put(pb.AttachResponse(state=convert.STATE_TO_PB[ev.state]))
+
+        async def pump_console() -> None:
+            async for chunk in live.console.follow(live.console.end, follow=True):
+                await out.put(pb.AttachResponse(console=chunk.data))
+
+        async def read_commands() -> None:
+            try:
+                async for req in requests:
+                    if req.WhichOneof("request") != "command":
+                        await out.put(_result(0, InvalidArgument("command", "open may only come first")))
+                        continue
+                    await out.put(await self._run_command(live, client, req.command, role))
+            finally:
+                await out.put(None)
+
+        tasks = [asyncio.create_task(f()) for f in (pump_events, pump_console, read_commands)]
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if debugger.state(live).controller == client:
+                debugger.release_control(live, client)
+                if opened.clear_breakpoints_on_detach and self.engine.sessions.contains(live):
+                    with contextlib.suppress(MachineServerError):
+                        await debugger.clear_client_breakpoints(live, client)
+
+    async def _run_command(self, live: LiveSession, client: str, cmd: pb.DebugCommand, role: Callable[[], int]) -> pb.AttachResponse:
+        which = cmd.WhichOneof("command")
+        if which is None:
+            return _result(cmd.tag, InvalidArgument("command", "empty command"))
+        if which == "take_control":
+            self.engine.debugger.take_control(live, client)
+            return pb.AttachResponse(result=pb.DebugCommandResult(tag=cmd.tag, role=role()))
+        if which not in READ_ONLY_COMMANDS and role() != pb.ATTACH_ROLE_CONTROLLER:
+            return _result(cmd.tag, FailedPrecondition(
+                f"this Attach stream observes session {live.id}; another client has control",
+                required="controller",
+            ))
+        request = getattr(cmd, which)
+        request.name = request.name or live.record.name
+        handlers: dict[str, Callable[..., Awaitable[Any]]] = {
+            "set_breakpoint": lambda r: self.SetBreakpoint(r, None, client),  # type: ignore[arg-type]
+            "clear_breakpoint": lambda r: self.ClearBreakpoint(r, None),  # type: ignore[arg-type]
+            "step": lambda r: self.Step(r, None),  # type: ignore[arg-type]
+            "continue": lambda r: self._continue_nowait(r),
+            "halt": lambda r: self.Halt(r, None),  # type: ignore[arg-type]
+            "read_registers": lambda r: self.ReadRegisters(r, None),  # type: ignore[arg-type]
+            "write_register": lambda r: self.WriteRegister(r, None),  # type: ignore[arg-type]
+            "read_memory": lambda r: self.ReadMemory(r, None),  # type: ignore[arg-type]
+            "write_memory": lambda r: self.WriteMemory(r, None),  # type: ignore[arg-type]
+            "resolve_symbol": lambda r: self.ResolveSymbol(r, None),  # type: ignore[arg-type]
+        }
+        try:
+            response = await handlers[which](request)
+        except MachineServerError as exc:
+            return _result(cmd.tag, exc)
+        result = pb.DebugCommandResult(tag=cmd.tag)
+        getattr(result, which).CopyFrom(response)
+        return pb.AttachResponse(result=result)
+
+    async def _continue_nowait(self, request: pb.ContinueRequest) -> pb.ContinueResponse:
+        """On the stream a continue never blocks the command loop: the stop comes as an event."""
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.run(live)
+        return pb.ContinueResponse(state=self._state(live))
+
+
+def _result(tag: int, exc: MachineServerError) -> pb.AttachResponse:
+    return pb.AttachResponse(result=pb.DebugCommandResult(tag=tag, code=code_for(exc).value[0], message=exc.message))
+

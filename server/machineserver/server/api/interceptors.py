@@ -1,0 +1,174 @@
+"""The server's interceptor: request ids, per-call context, the hook chain (where auth,
+audit and metrics plug in) and the error boundary, wrapped once around every handler of
+every service, unary and streaming alike."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from grpc import aio
+
+from machineserver.server.api.errors import internal_status, status_for
+from machineserver.server.core.errors import MachineServerError
+
+log = structlog.get_logger("machineserver.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass
+class CallInfo:
+    method: str  # "/machineserver.v1.SessionService/CreateSession"
+    request_id: str
+    metadata: dict[str, str]
+    started: float = field(default_factory=time.perf_counter)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+    @property
+    def service(self) -> str:
+        return self.method.rsplit("/", 2)[-2] if self.method.count("/") >= 2 else ""
+
+    @property
+    def rpc(self) -> str:
+        return self.method.rsplit("/", 1)[-1]
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+class CallHook(Protocol):
+    """One link of the chain. ``before`` may refuse a call by raising a MachineServerError
+    (e.g. Unauthenticated); ``after`` sees the final status code."""
+
+    async def before(self, call: CallInfo) -> None: ...
+
+    def after(self, call: CallInfo) -> None: ...
+
+
+class AccessLog:
+    """One structlog line per call: rpc, code, duration, request id."""
+
+    quiet_methods = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+    async def before(self, call: CallInfo) -> None:
+        return None
+
+    def after(self, call: CallInfo) -> None:
+        if call.method in self.quiet_methods:
+            return
+        log.info("rpc", code=call.code.name, ms=round(call.elapsed_ms, 3))
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    def __init__(self, hooks: Sequence[CallHook] = ()) -> None:
+        self._hooks = list(hooks)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method  # type: ignore[attr-defined]
+        md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
+        return _wrap(handler, method, md, self)
+
+    # ------------------------------------------------------------------ the boundary
+
+    async def _begin(self, method: str, md: dict[str, str], context: aio.ServicerContext) -> CallInfo:
+        rid = md.get(REQUEST_ID_KEY) or secrets.token_hex(8)
+        call = CallInfo(method, rid, md)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=rid, rpc=call.rpc)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        for hook in self._hooks:
+            await hook.before(call)
+        return call
+
+    async def _fail(self, call: CallInfo | None, exc: BaseException, context: aio.ServicerContext) -> None:
+        rid = call.request_id if call else ""
+        if isinstance(exc, MachineServerError):
+            code, status = status_for(exc, rid)
+        else:
+            log.error("rpc_internal_error", exc_info=exc)
+            code, status = internal_status(rid)
+        if call is not None:
+            call.code = code
+        md = ((STATUS_DETAILS_KEY, status.SerializeToString()), (REQUEST_ID_KEY, rid))
+        await context.abort(code, status.message, trailing_metadata=md)
+
+    def _end(self, call: CallInfo | None, context: aio.ServicerContext) -> None:
+        if call is None:
+            return
+        if call.code is grpc.StatusCode.OK:
+            code = context.code() if hasattr(context, "code") else None
+            if isinstance(code, grpc.StatusCode):
+                call.code = code
+        for hook in self._hooks:
+            try:
+                hook.after(call)
+            except Exception:  # a broken hook must not break the call
+                log.exception("hook_failed")
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort raises AbortError; it must pass through untouched.
+    return isinstance(exc, aio.AbortError)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, md: dict[str, str], ic: ServerInterceptor) -> grpc.RpcMethodHandler:
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_result(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
+            call = None
+            try:
+                call = await ic._begin(method, md, context)
+                return await inner(request_or_iterator, context)
+            except BaseException as exc:
+                if _is_abort(exc) or isinstance(exc, GeneratorExit):
+                    raise
+                if isinstance(exc, Exception):
+                    await ic._fail(call, exc, context)
+                raise
+            finally:
+                ic._end(call, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(unary_result, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def stream_result(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        call = None
+        try:
+            call = await ic._begin(method, md, context)
+            result = inner_stream(request_or_iterator, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write and returns a coroutine
+                await result
+        except BaseException as exc:
+            if _is_abort(exc) or isinstance(exc, GeneratorExit):
+                raise
+            if isinstance(exc, Exception):
+                await ic._fail(call, exc, context)
+            raise
+        finally:
+            ic._end(call, context)
+
+    make_stream = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return make_stream(stream_result, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)

@@ -1,0 +1,79 @@
+"""Builds the grpc.aio server: every servicer, health (per service), reflection, and the
+interceptor chain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from machineserver.server.api.capabilities import CapabilitiesServicer
+from machineserver.server.api.cosim import CoSimServicer
+from machineserver.server.api.coverage import CoverageServicer
+from machineserver.server.api.debug import DebugServicer
+from machineserver.server.api.interceptors import AccessLog, CallHook, ServerInterceptor
+from machineserver.server.api.sessions import SessionServicer
+from machineserver.server.api.telemetry import TelemetryServicer
+from machineserver.server.core.engine import Engine
+from machineserver.v1 import (
+    capabilities_pb2,
+    capabilities_pb2_grpc,
+    cosim_pb2,
+    cosim_pb2_grpc,
+    coverage_pb2,
+    coverage_pb2_grpc,
+    debug_pb2,
+    debug_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
+
+# (servicer class, add_to_server, file descriptor, service name)
+SERVICES = [
+    (CapabilitiesServicer, capabilities_pb2_grpc.add_CapabilitiesServiceServicer_to_server, capabilities_pb2, "CapabilitiesService"),
+    (SessionServicer, session_pb2_grpc.add_SessionServiceServicer_to_server, session_pb2, "SessionService"),
+    (DebugServicer, debug_pb2_grpc.add_DebugServiceServicer_to_server, debug_pb2, "DebugService"),
+    (CoverageServicer, coverage_pb2_grpc.add_CoverageServiceServicer_to_server, coverage_pb2, "CoverageService"),
+    (CoSimServicer, cosim_pb2_grpc.add_CoSimServiceServicer_to_server, cosim_pb2, "CoSimService"),
+    (TelemetryServicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server, telemetry_pb2, "TelemetryService"),
+]
+
+SERVICE_NAMES = [mod.DESCRIPTOR.services_by_name[name].full_name for _, _, mod, name in SERVICES]
+
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+async def build_server(
+    engine: Engine, listen: str, hooks: Sequence[CallHook] = ()
+) -> tuple[aio.Server, int, health.aio.HealthServicer]:
+    server = aio.server(
+        interceptors=[ServerInterceptor([AccessLog(), *hooks])],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for servicer_cls, add, _, _ in SERVICES:
+        add(servicer_cls(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot bind {listen}")
+    return server, port, health_servicer
+
+
+async def mark_not_serving(health_servicer: health.aio.HealthServicer) -> None:
+    await health_servicer.enter_graceful_shutdown()
+

@@ -1,0 +1,175 @@
+"""SessionService: sessions, programs, console, events, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from machineserver.server.api import convert
+from machineserver.server.api.base import Servicer, split_upload
+from machineserver.server.core.images import ImageFormat
+from machineserver.server.core.programs import UploadMetadata
+from machineserver.server.core.sessions import CreateParams, LiveSession
+from machineserver.v1 import session_pb2 as pb
+from machineserver.v1 import session_pb2_grpc as pb_grpc
+
+
+class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
+    def _session(self, live: LiveSession) -> pb.Session:
+        return convert.live_session_pb(live, self.engine.debugger)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
+        live = await self.engine.sessions.create(CreateParams(
+            board_template=request.board_template,
+            board_config=request.board_config,
+            backend=request.backend,
+            display_name=request.display_name,
+            labels=dict(request.labels),
+            max_instructions=request.limits.max_instructions,
+            max_console_bytes=request.limits.max_console_bytes,
+            icount=request.options.icount,
+            program=request.program,
+            power_on=request.power_on,
+            run=request.run,
+            session_id=request.session_id,
+            owner=self.principal(context),
+        ))
+        return pb.CreateSessionResponse(session=self._session(live))
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(session=self._session(self.engine.sessions.get(request.name)))
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: aio.ServicerContext) -> pb.ListSessionsResponse:
+        page = self.engine.sessions.list(request.page_size, request.page_token, request.filter)
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_record_pb(r) for r in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: aio.ServicerContext) -> pb.DeleteSessionResponse:
+        await self.engine.sessions.delete(self.engine.sessions.get(request.name))
+        return pb.DeleteSessionResponse()
+
+    async def PowerOnSession(self, request: pb.PowerOnSessionRequest, context: aio.ServicerContext) -> pb.PowerOnSessionResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.power_on(live)
+        return pb.PowerOnSessionResponse(session=self._session(live))
+
+    async def PowerOffSession(self, request: pb.PowerOffSessionRequest, context: aio.ServicerContext) -> pb.PowerOffSessionResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.power_off(live)
+        return pb.PowerOffSessionResponse(session=self._session(live))
+
+    async def ResetSession(self, request: pb.ResetSessionRequest, context: aio.ServicerContext) -> pb.ResetSessionResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.reset(live, request.run_after_reset)
+        return pb.ResetSessionResponse(session=self._session(live))
+
+    async def RunSession(self, request: pb.RunSessionRequest, context: aio.ServicerContext) -> pb.RunSessionResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.run(live)
+        return pb.RunSessionResponse(session=self._session(live))
+
+    async def PauseSession(self, request: pb.PauseSessionRequest, context: aio.ServicerContext) -> pb.PauseSessionResponse:
+        live = self.engine.sessions.get(request.name)
+        stop = await self.engine.sessions.pause(live)
+        pos = self.engine.debugger.position(live, stop.pc) if stop else None
+        return pb.PauseSessionResponse(session=self._session(live), stop=convert.stop_pb(stop, pos))
+
+    # ------------------------------------------------------------------ programs
+
+    async def UploadProgram(self, request_iterator: AsyncIterator[pb.UploadProgramRequest], context: aio.ServicerContext) -> pb.UploadProgramResponse:
+        meta, chunks = await split_upload(request_iterator)
+        fmt: ImageFormat | None = None
+        if meta.format:
+            fmt = convert.enum_value(convert.FORMAT_FROM_PB, meta.format, "metadata.format")
+        result = await self.engine.programs.upload(
+            UploadMetadata(meta.display_name, fmt, meta.load_address, meta.sha256), chunks,
+            owner=self.principal(context),
+        )
+        return pb.UploadProgramResponse(program=convert.program_pb(result.program), deduplicated=result.deduplicated)
+
+    async def ListPrograms(self, request: pb.ListProgramsRequest, context: aio.ServicerContext) -> pb.ListProgramsResponse:
+        page = self.engine.programs.list(request.page_size, request.page_token, request.filter)
+        return pb.ListProgramsResponse(programs=[convert.program_pb(p) for p in page.items], next_page_token=page.next_page_token)
+
+    async def GetProgram(self, request: pb.GetProgramRequest, context: aio.ServicerContext) -> pb.GetProgramResponse:
+        return pb.GetProgramResponse(program=convert.program_pb(self.engine.programs.get(request.name)))
+
+    async def DeleteProgram(self, request: pb.DeleteProgramRequest, context: aio.ServicerContext) -> pb.DeleteProgramResponse:
+        prog = self.engine.programs.get(request.name)
+        users = [s.record.name for s in self.engine.sessions.all() if s.record.program == prog.id]
+        self.engine.programs.delete(request.name, users, request.force)
+        return pb.DeleteProgramResponse()
+
+    async def LoadProgram(self, request: pb.LoadProgramRequest, context: aio.ServicerContext) -> pb.LoadProgramResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.sessions.load_program(live, request.program)
+        return pb.LoadProgramResponse(session=self._session(live))
+
+    # ------------------------------------------------------------------ console and events
+
+    async def StreamConsole(self, request: pb.StreamConsoleRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamConsoleResponse]:
+        live = self.engine.sessions.get(request.name)
+        async for chunk in self.engine.sessions.console_stream(live, request.offset, request.follow):
+            yield pb.StreamConsoleResponse(offset=chunk.offset, data=chunk.data, dropped_bytes=chunk.dropped)
+
+    async def WriteConsole(self, request: pb.WriteConsoleRequest, context: aio.ServicerContext) -> pb.WriteConsoleResponse:
+        live = self.engine.sessions.get(request.name)
+        n = await self.engine.sessions.write_console(live, request.data)
+        return pb.WriteConsoleResponse(bytes_written=n)
+
+    async def StreamSessionEvents(self, request: pb.StreamSessionEventsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamSessionEventsResponse]:
+        sessions = self.engine.sessions
+        only = sessions.get(request.name).id if request.name else None
+        sub = sessions.events.subscribe(None if only is None else (lambda ev: ev.session == only))
+        async for ev in sub:
+            pos = None
+            if ev.stop is not None and (live := sessions.find(ev.session)) is not None:
+                pos = self.engine.debugger.position(live, ev.stop.pc)
+            yield convert.event_pb(ev, pos)
+            if only is not None and sessions.find(only) is None:
+                return  # the session was deleted
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: aio.ServicerContext) -> pb.CreateSnapshotResponse:
+        live = self.engine.sessions.get(request.name)
+        rec = await self.engine.snapshots.create(live, request.display_name, self.principal(context))
+        return pb.CreateSnapshotResponse(snapshot=convert.snapshot_pb(rec))
+
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: aio.ServicerContext) -> pb.ListSnapshotsResponse:
+        page = self.engine.snapshots.list(request.page_size, request.page_token, request.filter)
+        return pb.ListSnapshotsResponse(snapshots=[convert.snapshot_pb(s) for s in page.items], next_page_token=page.next_page_token)
+
+    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: aio.ServicerContext) -> pb.GetSnapshotResponse:
+        return pb.GetSnapshotResponse(snapshot=convert.snapshot_pb(self.engine.snapshots.get(request.name)))
+
+    async def RestoreSnapshot(self, request: pb.RestoreSnapshotRequest, context: aio.ServicerContext) -> pb.RestoreSnapshotResponse:
+        live = self.engine.sessions.get(request.name)
+        await self.engine.snapshots.restore(live, request.snapshot)
+        return pb.RestoreSnapshotResponse(session=self._session(live))
+
+    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+        self.engine.snapshots.delete(request.name)
+        return pb.DeleteSnapshotResponse()
+
+    async def ExportSnapshot(self, request: pb.ExportSnapshotRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ExportSnapshotResponse]:
+        rec = self.engine.snapshots.get(request.name)
+        yield pb.ExportSnapshotResponse(snapshot=convert.snapshot_pb(rec))
+        for chunk in self.engine.snapshots.export_chunks(rec):
+            yield pb.ExportSnapshotResponse(chunk=chunk)
+            await asyncio.sleep(0)
+
+    async def ImportSnapshot(self, request_iterator: AsyncIterator[pb.ImportSnapshotRequest], context: aio.ServicerContext) -> pb.ImportSnapshotResponse:
+        meta, chunks = await split_upload(request_iterator)
+        rec = await self.engine.snapshots.import_(
+            display_name=meta.display_name, board=meta.board, backend=meta.backend,
+            sha256=meta.sha256, instructions=meta.instructions, chunks=chunks,
+            owner=self.principal(context),
+        )
+        return pb.ImportSnapshotResponse(snapshot=convert.snapshot_pb(rec))
+

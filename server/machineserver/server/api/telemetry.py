@@ -1,0 +1,108 @@
+"""TelemetryService."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from google.protobuf import duration_pb2
+from grpc import aio
+
+from machineserver.server.api import convert
+from machineserver.server.api.base import Servicer
+from machineserver.server.core.sessions import LiveSession
+from machineserver.server.core.telemetry import AlertRuleRecord, HostSample, check_interval
+from machineserver.v1 import telemetry_pb2 as pb
+from machineserver.v1 import telemetry_pb2_grpc as pb_grpc
+
+COMPARISON_FROM_PB = {
+    pb.COMPARISON_GREATER: ">",
+    pb.COMPARISON_GREATER_OR_EQUAL: ">=",
+    pb.COMPARISON_LESS: "<",
+    pb.COMPARISON_LESS_OR_EQUAL: "<=",
+}
+COMPARISON_TO_PB = {v: k for k, v in COMPARISON_FROM_PB.items()}
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def host_pb(s: HostSample) -> pb.HostStatus:
+    return pb.HostStatus(
+        time=convert.timestamp(s.time),
+        cpus=[pb.CpuCore(index=c.index, usage_percent=c.usage_percent, frequency_mhz=c.frequency_mhz) for c in s.cpus],
+        cpu_percent=s.cpu_percent,
+        memory=pb.MemoryUsage(used_bytes=s.memory.used_bytes, total_bytes=s.memory.total_bytes, percent=s.memory.percent),
+        swap=pb.MemoryUsage(used_bytes=s.swap.used_bytes, total_bytes=s.swap.total_bytes, percent=s.swap.percent),
+        temperatures=[pb.Temperature(sensor=n, celsius=c) for n, c in s.temperatures],
+        power_rails=[pb.PowerRail(name=n, current_mw=c, average_mw=a) for n, c, a in s.power_rails],
+        gpus=[pb.Gpu(index=g.index, name=g.name, utilization_percent=g.utilization_percent,
+                     memory_used_bytes=g.memory_used_bytes, memory_total_bytes=g.memory_total_bytes,
+                     temperature_celsius=g.temperature_celsius, power_mw=g.power_mw,
+                     graphics_clock_mhz=g.graphics_clock_mhz, memory_clock_mhz=g.memory_clock_mhz)
+              for g in s.gpus],
+        sources=[pb.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in s.sources],
+        load_average=list(s.load_average),
+    )
+
+
+def rule_pb(r: AlertRuleRecord) -> pb.AlertRule:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(r.duration_s * 1e9))
+    return pb.AlertRule(name=r.name, display_name=r.display_name, metric=r.metric,
+                        comparison=COMPARISON_TO_PB[r.comparison], threshold=r.threshold, duration=d,
+                        create_time=convert.timestamp(r.create_time), owner=r.owner)
+
+
+class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
+    def _metrics(self, live: LiveSession, m: dict[str, float | int | str]) -> pb.SessionMetrics:
+        return pb.SessionMetrics(
+            session=live.record.name, state=convert.STATE_TO_PB[live.state],
+            instructions=int(m["instructions"]), virtual_time_ns=int(m["virtual_time_ns"]),
+            mips=float(m["mips"]), console_bytes=int(m["console_bytes"]),
+            time=convert.timestamp(time.time()),
+        )
+
+    async def GetHostStatus(self, request: pb.GetHostStatusRequest, context: aio.ServicerContext) -> pb.GetHostStatusResponse:
+        return pb.GetHostStatusResponse(status=host_pb(await self.engine.telemetry.host_status()))
+
+    async def StreamHostStatus(self, request: pb.StreamHostStatusRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamHostStatusResponse]:
+        sub = self.engine.telemetry.subscribe_host(_seconds(request.interval))
+        async for sample in sub:
+            yield pb.StreamHostStatusResponse(status=host_pb(sample), dropped=sub.dropped)
+
+    async def GetSessionMetrics(self, request: pb.GetSessionMetricsRequest, context: aio.ServicerContext) -> pb.GetSessionMetricsResponse:
+        live = self.engine.sessions.get(request.name)
+        return pb.GetSessionMetricsResponse(metrics=self._metrics(live, self.engine.telemetry.session_metrics(live, None)))
+
+    async def StreamSessionMetrics(self, request: pb.StreamSessionMetricsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamSessionMetricsResponse]:
+        live = self.engine.sessions.get(request.name)
+        interval = check_interval(_seconds(request.interval))
+        async for m in self.engine.telemetry.stream_session(live, interval):
+            yield pb.StreamSessionMetricsResponse(metrics=self._metrics(live, m))
+
+    async def CreateAlertRule(self, request: pb.CreateAlertRuleRequest, context: aio.ServicerContext) -> pb.CreateAlertRuleResponse:
+        r = request.rule
+        rule = self.engine.telemetry.create_rule(AlertRuleRecord(
+            id="", metric=r.metric, comparison=COMPARISON_FROM_PB.get(r.comparison, ""),
+            threshold=r.threshold, duration_s=_seconds(r.duration), display_name=r.display_name,
+            owner=self.principal(context),
+        ))
+        return pb.CreateAlertRuleResponse(rule=rule_pb(rule))
+
+    async def ListAlertRules(self, request: pb.ListAlertRulesRequest, context: aio.ServicerContext) -> pb.ListAlertRulesResponse:
+        page = self.engine.telemetry.list_rules(request.page_size, request.page_token)
+        return pb.ListAlertRulesResponse(rules=[rule_pb(r) for r in page.items], next_page_token=page.next_page_token)
+
+    async def DeleteAlertRule(self, request: pb.DeleteAlertRuleRequest, context: aio.ServicerContext) -> pb.DeleteAlertRuleResponse:
+        self.engine.telemetry.delete_rule(request.name)
+        return pb.DeleteAlertRuleResponse()
+
+    async def StreamAlerts(self, request: pb.StreamAlertsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamAlertsResponse]:
+        async for ev in self.engine.telemetry.alerts.subscribe():
+            yield pb.StreamAlertsResponse(
+                rule=ev.rule, state=pb.ALERT_STATE_FIRING if ev.firing else pb.ALERT_STATE_RESOLVED,
+                metric=ev.metric, value=ev.value, threshold=ev.threshold,
+                time=convert.timestamp(ev.time), message=ev.message,
+            )

@@ -1,0 +1,83 @@
+"""The server process: config, logging, engine, gRPC server, graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from grpc import aio
+
+from machineserver.server import __version__
+from machineserver.server.api.server import build_server, mark_not_serving
+from machineserver.server.config import ServerConfig, load
+from machineserver.server.core.backends import BackendRegistry
+from machineserver.server.core.engine import Engine
+from machineserver.server.obs.logging import configure
+
+log = structlog.get_logger("machineserver")
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    port: int
+    engine: Engine
+    _health: object
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await mark_not_serving(self._health)  # type: ignore[arg-type]
+        await self.server.stop(grace)
+        await self.engine.close()
+
+
+async def start(cfg: ServerConfig) -> RunningServer:
+    """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0."""
+    backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
+    engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
+    await engine.start()
+    server, port, health_servicer = await build_server(engine, cfg.listen)
+    await server.start()
+    return RunningServer(server, port, engine, health_servicer)
+
+
+async def serve(cfg: ServerConfig) -> None:
+    running = await start(cfg)
+    host = cfg.listen.rsplit(":", 1)[0]
+    log.info("serving", version=__version__, address=f"{host}:{running.port}",
+             data_dir=str(cfg.data_dir), backends=running.engine.backends.names())
+    if cfg.port_file:
+        tmp = Path(cfg.port_file + ".tmp")
+        tmp.write_text(str(running.port))
+        tmp.replace(cfg.port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", grace_seconds=cfg.grace_seconds)
+    await running.stop(cfg.grace_seconds)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = load(argv)
+    except (ValueError, OSError) as exc:
+        print(f"machineserver: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure(cfg.log_format, cfg.log_level)
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        print(f"machineserver: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The backends this server can use: drivers found by entry points
+(group ``machineserver.drivers``), probed once, kept by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+
+import structlog
+
+from machineserver.server.core.errors import InvalidArgument, Unavailable
+from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec
+
+log = structlog.get_logger(__name__)
+
+ENTRY_POINT_GROUP = "machineserver.drivers"
+
+
+class BackendRegistry:
+    def __init__(self, backends: Iterable[Backend], default: str) -> None:
+        self._backends = {b.name: b for b in backends}
+        self._info: dict[str, BackendInfo] = {}
+        self.default = default
+
+    @classmethod
+    def discover(cls, default: str, enabled: Iterable[str] | None = None) -> BackendRegistry:
+        wanted = set(enabled) if enabled is not None else None
+        found: list[Backend] = []
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if wanted is not None and ep.name not in wanted:
+                continue
+            try:
+                factory = ep.load()
+                backend = factory()
+            except Exception as exc:  # a broken third-party driver must not stop the server
+                log.warning("driver_load_failed", driver=ep.name, error=str(exc))
+                continue
+            found.append(backend)
+        return cls(found, default)
+
+    def names(self) -> list[str]:
+        return sorted(self._backends)
+
+    def info(self, name: str) -> BackendInfo:
+        if name not in self._info:
+            try:
+                self._info[name] = self._backends[name].probe()
+            except Exception as exc:
+                b = self._backends[name]
+                self._info[name] = BackendInfo(
+                    b.name, b.description, available=False, unavailable_reason=f"probe failed: {exc}"
+                )
+        return self._info[name]
+
+    def all_info(self) -> list[BackendInfo]:
+        return [self.info(n) for n in self.names()]
+
+    def get(self, name: str, field: str = "backend") -> Backend:
+        name = name or self.default
+        backend = self._backends.get(name)
+        if backend is None:
+            raise InvalidArgument(field, f"unknown backend {name!r}; known: {', '.join(self.names())}")
+        info = self.info(name)
+        if not info.available:
+            raise Unavailable(f"backend {name} is not available here: {info.unavailable_reason}")
+        return backend
+
+    def runnable_boards(self, name: str, boards: Iterable[BoardSpec]) -> list[str]:
+        backend = self._backends[name]
+        if not self.info(name).available:
+            return []
+        return sorted(b.name for b in boards if backend.board_support(b) is None)
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            try:
+                await backend.aclose()
+            except Exception as exc:
+                log.warning("driver_close_failed", driver=backend.name, error=str(exc))

@@ -1,0 +1,328 @@
+"""Debugging on top of sessions: breakpoints and watchpoints (kept per session and
+re-applied whenever the machine is (re)loaded), registers, memory, disassembly
+(capstone), symbols, and who controls a session's Attach streams."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import capstone
+
+from machineserver.server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
+from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
+from machineserver.server.core.symbols import SymbolTable
+from machineserver.server.drivers.base import Arch, Feature, StopInfo, StopReason, WatchKind
+
+MAX_MEMORY_BYTES = 1 << 20
+
+
+class BreakpointKind(enum.StrEnum):
+    SOFTWARE = "software"
+    HARDWARE = "hardware"
+    WATCH_READ = "watch_read"
+    WATCH_WRITE = "watch_write"
+    WATCH_ACCESS = "watch_access"
+
+    @property
+    def watch(self) -> WatchKind | None:
+        return {
+            BreakpointKind.WATCH_READ: WatchKind.READ,
+            BreakpointKind.WATCH_WRITE: WatchKind.WRITE,
+            BreakpointKind.WATCH_ACCESS: WatchKind.ACCESS,
+        }.get(self)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Exactly one of the three is set."""
+
+    address: int | None = None
+    symbol: str = ""
+    file_line: str = ""
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    function: str = ""
+    file: str = ""
+    line: int = 0
+
+
+@dataclass
+class Breakpoint:
+    id: int
+    kind: BreakpointKind
+    address: int
+    size: int
+    location: Location
+    source: SourcePosition
+    hit_count: int = 0
+    client: str = ""  # the Attach client that set it, if any
+
+
+@dataclass
+class DebugState:
+    breakpoints: dict[int, Breakpoint] = field(default_factory=dict)
+    next_id: int = 1
+    controller: str = ""  # Attach client id holding control
+
+
+@dataclass(frozen=True)
+class DisassembledInstruction:
+    address: int
+    raw: bytes
+    mnemonic: str
+    operands: str
+    symbol: str
+    source: SourcePosition
+
+
+class Debugger:
+    def __init__(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
+        self._state: dict[str, DebugState] = {}
+        sessions.power_on_hooks.append(self._reapply)
+        sessions.stop_hooks.append(self._count_hit)
+        sessions.delete_hooks.append(self.forget)
+
+    def state(self, live: LiveSession) -> DebugState:
+        return self._state.setdefault(live.id, DebugState())
+
+    def forget(self, live: LiveSession) -> None:
+        self._state.pop(live.id, None)
+
+    # ------------------------------------------------------------------ symbols
+
+    def symbols(self, live: LiveSession, *, required: bool = True) -> SymbolTable | None:
+        if not live.record.program:
+            if required:
+                raise FailedPrecondition(f"session {live.id} has no program loaded")
+            return None
+        prog = self.sessions.programs.get(live.record.program, "program")
+        _, symbols = self.sessions.programs.load(prog)
+        if symbols is None and required:
+            raise FailedPrecondition(f"program {prog.name} ({prog.format}) has no symbols; upload the ELF")
+        return symbols
+
+    def position(self, live: LiveSession, address: int) -> SourcePosition:
+        symbols = self.symbols(live, required=False)
+        if symbols is None:
+            return SourcePosition()
+        func = symbols.function_at(address)
+        line = symbols.line_at(address)
+        return SourcePosition(
+            function=func.name if func else "",
+            file=line.file if line else "",
+            line=line.line if line else 0,
+        )
+
+    def resolve(self, live: LiveSession, loc: Location, field_name: str = "location") -> int:
+        if loc.address is not None:
+            return loc.address
+        if loc.symbol:
+            return self.symbols(live).lookup(loc.symbol).address  # type: ignore[union-attr]
+        if loc.file_line:
+            return self.symbols(live).address_of_line(loc.file_line)  # type: ignore[union-attr]
+        raise InvalidArgument(field_name, "give an address, a symbol or file:line")
+
+    def resolve_query(self, live: LiveSession, *, symbol: str = "", address: int | None = None,
+                      file_line: str = "") -> tuple[str, int, int, int, SourcePosition]:
+        """(symbol, address, size, offset, source) for a name, an address or file:line."""
+        symbols = self.symbols(live)
+        assert symbols is not None
+        if symbol:
+            sym = symbols.lookup(symbol)
+            return sym.name, sym.address, sym.size, 0, self.position(live, sym.address)
+        if file_line:
+            address = symbols.address_of_line(file_line)
+        if address is None:
+            raise InvalidArgument("query", "give a symbol, an address or file:line")
+        hit = symbols.symbol_at(address)
+        if hit is None:
+            if file_line:
+                return "", address, 0, 0, self.position(live, address)
+            raise NotFound("symbol at address", f"0x{address:08x}")
+        sym, offset = hit
+        return sym.name, address, sym.size, offset, self.position(live, address)
+
+    # ------------------------------------------------------------------ breakpoints
+
+    async def set_breakpoint(
+        self, live: LiveSession, loc: Location, kind: BreakpointKind, size: int, client: str = ""
+    ) -> Breakpoint:
+        watch = kind.watch
+        if watch is not None:
+            size = size or 4
+            if size not in (1, 2, 4, 8):
+                raise InvalidArgument("size", "watchpoints watch 1, 2, 4 or 8 bytes")
+            live.feature(Feature.WATCHPOINTS)
+        else:
+            size = 0
+            live.feature(Feature.BREAKPOINTS)
+        address = self.resolve(live, loc)
+        if address < 0 or address >= 1 << 32:
+            raise InvalidArgument("location.address", "must be a 32-bit address")
+        st = self.state(live)
+        for bp in st.breakpoints.values():
+            if bp.address == address and bp.kind == kind and bp.size == size:
+                return bp  # idempotent
+        bp = Breakpoint(st.next_id, kind, address, size, loc, self.position(live, address), client=client)
+        if live.machine is not None and live.state.value != "off":
+            await self._apply(live, bp)
+        st.breakpoints[bp.id] = bp
+        st.next_id += 1
+        return bp
+
+    async def clear_breakpoint(self, live: LiveSession, bp_id: int) -> None:
+        st = self.state(live)
+        bp = st.breakpoints.get(bp_id)
+        if bp is None:
+            raise NotFound("breakpoint", str(bp_id))
+        if live.machine is not None and live.state.value != "off":
+            await self._remove(live, bp)
+        del st.breakpoints[bp_id]
+
+    def list_breakpoints(self, live: LiveSession) -> list[Breakpoint]:
+        return sorted(self.state(live).breakpoints.values(), key=lambda b: b.id)
+
+    async def clear_client_breakpoints(self, live: LiveSession, client: str) -> None:
+        for bp in self.list_breakpoints(live):
+            if bp.client == client:
+                await self.clear_breakpoint(live, bp.id)
+
+    async def _apply(self, live: LiveSession, bp: Breakpoint) -> None:
+        machine = live.machine
+        with driver_errors(live):
+            if bp.kind.watch is not None:
+                await machine.set_watchpoint(bp.address, bp.size, bp.kind.watch)  # type: ignore[union-attr]
+            else:
+                await machine.set_breakpoint(bp.address, hardware=bp.kind is BreakpointKind.HARDWARE)  # type: ignore[union-attr]
+
+    async def _remove(self, live: LiveSession, bp: Breakpoint) -> None:
+        machine = live.machine
+        with driver_errors(live):
+            if bp.kind.watch is not None:
+                await machine.clear_watchpoint(bp.address, bp.size, bp.kind.watch)  # type: ignore[union-attr]
+            else:
+                await machine.clear_breakpoint(bp.address)  # type: ignore[union-attr]
+
+    async def _reapply(self, live: LiveSession) -> None:
+        for bp in self.list_breakpoints(live):
+            await self._apply(live, bp)
+
+    def _count_hit(self, live: LiveSession, info: StopInfo) -> None:
+        for bp in self.state(live).breakpoints.values():
+            if info.reason is StopReason.BREAKPOINT and bp.kind.watch is None and bp.address == info.pc:
+                bp.hit_count += 1
+            elif (
+                info.reason is StopReason.WATCHPOINT
+                and bp.kind.watch is not None
+                and info.watch_address is not None
+                and bp.address <= info.watch_address < bp.address + bp.size
+            ):
+                bp.hit_count += 1
+
+    # ------------------------------------------------------------------ registers and memory
+
+    async def read_registers(self, live: LiveSession, names: list[str]) -> dict[str, int]:
+        machine = live.require_inspectable("read registers")
+        live.feature(Feature.REGISTERS)
+        with driver_errors(live):
+            return await machine.read_registers(names or None)  # type: ignore[attr-defined,no-any-return]
+
+    async def write_register(self, live: LiveSession, name: str, value: int) -> int:
+        machine = live.require_inspectable("write a register")
+        live.feature(Feature.REGISTERS)
+        if not name:
+            raise InvalidArgument("register", "is required")
+        if value >= 1 << 32:
+            raise InvalidArgument("value", f"0x{value:x} does not fit the 32-bit register {name}")
+        with driver_errors(live):
+            await machine.write_register(name, value)  # type: ignore[attr-defined]
+            return (await machine.read_registers([name]))[name]  # type: ignore[attr-defined,no-any-return]
+
+    async def read_memory(self, live: LiveSession, address: int, size: int) -> bytes:
+        machine = live.require_inspectable("read memory")
+        live.feature(Feature.MEMORY)
+        _check_range(address, size)
+        with driver_errors(live):
+            return await machine.read_memory(address, size)  # type: ignore[attr-defined,no-any-return]
+
+    async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
+        machine = live.require_inspectable("write memory")
+        live.feature(Feature.MEMORY)
+        _check_range(address, len(data), "data")
+        with driver_errors(live):
+            await machine.write_memory(address, data)  # type: ignore[attr-defined]
+        return len(data)
+
+    # ------------------------------------------------------------------ disassembly
+
+    async def disassemble(self, live: LiveSession, loc: Location | None, count: int) -> list[DisassembledInstruction]:
+        count = count or 16
+        if not 1 <= count <= 1000:
+            raise InvalidArgument("count", "must be between 1 and 1000")
+        live.require_inspectable("disassemble")
+        if loc is None or (loc.address is None and not loc.symbol and not loc.file_line):
+            regs = await self.read_registers(live, ["pc"])
+            address = regs["pc"]
+        else:
+            address = self.resolve(live, loc)
+        region = live.board.region_at(address)
+        if region is None:
+            raise InvalidArgument("location", f"0x{address:08x} is not in the board's memory")
+        size = min(count * 4, region.end - address)
+        code = await self.read_memory(live, address, size)
+        md = _capstone_for(live.board.arch)
+        symbols = self.symbols(live, required=False)
+        out: list[DisassembledInstruction] = []
+        for insn in md.disasm(code, address):
+            sym = ""
+            if symbols is not None and (hit := symbols.symbol_at(insn.address)) is not None:
+                sym = hit[0].name if hit[1] == 0 else f"{hit[0].name}+{hit[1]}"
+            out.append(DisassembledInstruction(
+                insn.address, bytes(insn.bytes), insn.mnemonic, insn.op_str, sym,
+                self.position(live, insn.address),
+            ))
+            if len(out) == count:
+                break
+        return out
+
+    # ------------------------------------------------------------------ control of Attach streams
+
+    def take_control(self, live: LiveSession, client: str) -> bool:
+        st = self.state(live)
+        if not st.controller or st.controller == client:
+            st.controller = client
+            return True
+        return False
+
+    def release_control(self, live: LiveSession, client: str) -> None:
+        st = self.state(live)
+        if st.controller == client:
+            st.controller = ""
+
+
+def _check_range(address: int, size: int, field_name: str = "size") -> None:
+    if size <= 0:
+        raise InvalidArgument(field_name, "must be at least 1 byte")
+    if size > MAX_MEMORY_BYTES:
+        raise InvalidArgument(field_name, f"at most {MAX_MEMORY_BYTES} bytes per call")
+    if address < 0 or address + size > 1 << 32:
+        raise InvalidArgument("address", "the range must lie in the 32-bit address space")
+
+
+def _capstone_for(arch: Arch) -> capstone.Cs:
+    if arch is Arch.ARM_CORTEX_M:
+        md = capstone.Cs(capstone.CS_ARCH_ARM, capstone.CS_MODE_THUMB | capstone.CS_MODE_MCLASS)
+    elif arch is Arch.RISCV32:
+        md = capstone.Cs(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV32 | capstone.CS_MODE_RISCVC)
+    else:  # pragma: no cover - Arch is closed
+        raise Unimplemented("disassemble", f"no disassembler for {arch}")
+    return md

@@ -1,0 +1,54 @@
+"""The core, assembled: one object holding every core service over one data directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from machineserver.server.core.backends import BackendRegistry
+from machineserver.server.core.catalog import BoardCatalog
+from machineserver.server.core.debug import Debugger
+from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.sessions import SessionManager
+from machineserver.server.core.snapshots import SnapshotStore
+from machineserver.server.core.telemetry import Telemetry
+from machineserver.server.store.blobs import BlobStore
+from machineserver.server.store.db import Database
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 256
+    max_program_bytes: int = 64 << 20
+    max_snapshot_bytes: int = 512 << 20
+    console_retain_bytes: int = 1 << 20
+    max_telemetry_subscribers: int = 1000
+
+
+class Engine:
+    """Everything below the API layer. Create inside a running event loop."""
+
+    def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits) -> None:
+        self.data_dir = data_dir
+        self.db = Database(data_dir / "machineserver.sqlite3")
+        self.blobs = BlobStore(data_dir / "blobs")
+        self.backends = backends
+        self.catalog = BoardCatalog(self.db)
+        self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes)
+        self.sessions = SessionManager(
+            self.db, self.catalog, backends, self.programs,
+            max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
+        )
+        self.debugger = Debugger(self.sessions)
+        self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
+        self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
+
+    async def start(self) -> None:
+        await self.sessions.start()
+        await self.telemetry.start()
+
+    async def close(self) -> None:
+        await self.telemetry.stop()
+        await self.sessions.shutdown()
+        await self.backends.aclose()
+        self.db.close()

@@ -1,0 +1,123 @@
+"""Program images: ELF (pyelftools), Intel HEX (intelhex) and raw BIN, parsed into
+loadable segments, and checked against a board before loading."""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from intelhex import HexReaderError, IntelHex
+
+from machineserver.server.core.errors import InvalidArgument
+from machineserver.server.drivers.base import Arch, BoardSpec, ProgramImage, Segment
+
+EM_ARM = "EM_ARM"
+EM_RISCV = "EM_RISCV"
+
+
+class ImageFormat(enum.StrEnum):
+    ELF = "ELF"
+    BIN = "BIN"
+    IHEX = "IHEX"
+
+
+@dataclass(frozen=True)
+class ParsedImage:
+    image: ProgramImage
+    has_symbols: bool = False
+    has_debug_info: bool = False
+
+
+def detect_format(head: bytes) -> ImageFormat | None:
+    if head.startswith(b"\x7fELF"):
+        return ImageFormat.ELF
+    if head.lstrip()[:1] == b":":
+        return ImageFormat.IHEX
+    return None
+
+
+def parse_image(data: bytes, fmt: ImageFormat, load_address: int = 0) -> ParsedImage:
+    """Parse an image; InvalidArgument says why a bad one is refused."""
+    if not data:
+        raise InvalidArgument("chunk", "the program is empty")
+    if fmt is ImageFormat.ELF:
+        return _parse_elf(data)
+    if fmt is ImageFormat.IHEX:
+        return _parse_ihex(data)
+    if load_address < 0 or load_address + len(data) > 1 << 32:
+        raise InvalidArgument("metadata.load_address", "the image does not fit in 32 bits")
+    return ParsedImage(ProgramImage(segments=(Segment(load_address, data),), entry=None))
+
+
+def _parse_elf(data: bytes) -> ParsedImage:
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        machine = elf["e_machine"]
+        if elf.elfclass != 32:
+            raise InvalidArgument("chunk", f"ELF class {elf.elfclass}: only 32-bit targets are supported")
+        if machine == EM_ARM:
+            arch = Arch.ARM_CORTEX_M
+        elif machine == EM_RISCV:
+            arch = Arch.RISCV32
+        else:
+            raise InvalidArgument("chunk", f"ELF machine {machine} is not ARM or RISC-V")
+        segments: list[Segment] = []
+        for seg in elf.iter_segments():
+            if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
+                continue
+            filesz, memsz, addr = seg["p_filesz"], seg["p_memsz"], seg["p_paddr"]
+            if seg["p_offset"] + filesz > len(data):
+                raise InvalidArgument("chunk", "the ELF is truncated: a segment runs past the end")
+            body = seg.data()[:filesz]
+            if body:
+                segments.append(Segment(addr, body))
+            if memsz > filesz:
+                segments.append(Segment(seg["p_vaddr"] + filesz, bytes(memsz - filesz)))
+        if not segments:
+            raise InvalidArgument("chunk", "the ELF has no loadable segments")
+        symtab = elf.get_section_by_name(".symtab")
+        return ParsedImage(
+            ProgramImage(segments=tuple(segments), entry=elf["e_entry"], arch=arch),
+            has_symbols=symtab is not None and symtab.num_symbols() > 0,
+            has_debug_info=elf.get_section_by_name(".debug_line") is not None,
+        )
+    except ELFError as exc:
+        raise InvalidArgument("chunk", f"not a valid ELF file: {exc}") from None
+    except (ValueError, KeyError, IndexError) as exc:
+        raise InvalidArgument("chunk", f"malformed ELF file: {exc}") from None
+
+
+def _parse_ihex(data: bytes) -> ParsedImage:
+    ih = IntelHex()
+    try:
+        ih.loadhex(io.StringIO(data.decode("ascii")))
+    except (HexReaderError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument("chunk", f"not a valid Intel HEX file: {exc}") from None
+    segments = tuple(
+        Segment(start, ih.tobinstr(start=start, size=end - start)) for start, end in ih.segments()
+    )
+    if not segments:
+        raise InvalidArgument("chunk", "the Intel HEX file has no data records")
+    start = ih.start_addr or {}
+    entry = start.get("EIP")
+    if entry is None and "CS" in start:
+        entry = start["CS"] * 16 + start["IP"]
+    return ParsedImage(ProgramImage(segments=segments, entry=entry))
+
+
+def check_fits(image: ProgramImage, board: BoardSpec, field: str = "program") -> None:
+    """Refuse an image for the wrong architecture or with bytes outside the board's memory."""
+    if image.arch is not None and image.arch != board.arch:
+        raise InvalidArgument(
+            field, f"the program is built for {image.arch}, board {board.name} is {board.arch}"
+        )
+    for seg in image.segments:
+        if board.region_at(seg.address, len(seg.data)) is None:
+            raise InvalidArgument(
+                field,
+                f"segment 0x{seg.address:08x}-0x{seg.address + len(seg.data):08x} lies outside "
+                f"the memory of board {board.name}",
+            )

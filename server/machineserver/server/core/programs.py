@@ -1,0 +1,152 @@
+"""Programs: chunked uploads into the blob store, format detection and parsing,
+deduplication by content, and parsed images/symbol tables cached for loading."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from machineserver.server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from machineserver.server.core.images import ImageFormat, ParsedImage, detect_format, parse_image
+from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.models import ProgramRecord, from_row, record_row
+from machineserver.server.core.symbols import SymbolTable
+from machineserver.server.store.blobs import BlobStore, BlobTooLarge
+from machineserver.server.store.db import Database
+
+TABLE = "programs"
+COLLECTION = "programs"
+
+
+@dataclass(frozen=True)
+class UploadMetadata:
+    display_name: str = ""
+    format: ImageFormat | None = None  # None: detect
+    load_address: int = 0
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    program: ProgramRecord
+    deduplicated: bool
+
+
+class ProgramStore:
+    def __init__(self, db: Database, blobs: BlobStore, max_bytes: int) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._max_bytes = max_bytes
+        self._cache: OrderedDict[str, tuple[ParsedImage, SymbolTable | None]] = OrderedDict()
+
+    async def upload(
+        self, meta: UploadMetadata, chunks: AsyncIterator[bytes], owner: str = ""
+    ) -> UploadResult:
+        if meta.sha256 and (len(meta.sha256) != 64 or not all(c in "0123456789abcdef" for c in meta.sha256.lower())):
+            raise InvalidArgument("metadata.sha256", "must be 64 hex digits")
+        writer = self._blobs.writer(self._max_bytes)
+        try:
+            async for chunk in chunks:
+                writer.write(chunk)
+        except BlobTooLarge:
+            raise ResourceExhausted(
+                "program_size", f"the program is larger than the limit of {self._max_bytes} bytes"
+            ) from None
+        except BaseException:
+            writer.abort()
+            raise
+        if meta.sha256 and meta.sha256.lower() != writer.sha256:
+            writer.abort()
+            raise InvalidArgument(
+                "metadata.sha256", f"checksum mismatch: got {writer.sha256}, expected {meta.sha256.lower()}"
+            )
+        if writer.size == 0:
+            writer.abort()
+            raise InvalidArgument("chunk", "the upload has no bytes")
+        digest = writer.commit()
+        data = self._blobs.get(digest)
+        try:
+            fmt = meta.format or detect_format(data[:64])
+            if fmt is None:
+                raise InvalidArgument(
+                    "metadata.format", "not an ELF or Intel HEX file; for raw binaries give format BIN"
+                )
+            if fmt is ImageFormat.BIN and meta.format is ImageFormat.BIN and meta.load_address < 0:
+                raise InvalidArgument("metadata.load_address", "must not be negative")
+            parsed = parse_image(data, fmt, meta.load_address)
+        except InvalidArgument:
+            if not self._blob_referenced(digest):
+                self._blobs.delete(digest)
+            raise
+        load_address = meta.load_address if fmt is ImageFormat.BIN else 0
+        program_id = hashlib.sha256(f"{digest}:{fmt.value}:{load_address}".encode()).hexdigest()[:16]
+        existing = self._db.get(TABLE, program_id)
+        if existing is not None:
+            return UploadResult(from_row(ProgramRecord, existing["data"]), deduplicated=True)
+        image = parsed.image
+        rec = ProgramRecord(
+            id=program_id,
+            sha256=digest,
+            format=fmt.value,
+            size_bytes=len(data),
+            display_name=meta.display_name,
+            load_address=load_address,
+            entry_point=image.entry,
+            arch=image.arch.value if image.arch else "",
+            segments=[(s.address, len(s.data)) for s in image.segments],
+            has_symbols=parsed.has_symbols,
+            has_debug_info=parsed.has_debug_info,
+            owner=owner,
+        )
+        self._db.put(TABLE, record_row(rec, sha256=digest, blob=digest, format=rec.format))
+        return UploadResult(rec, deduplicated=False)
+
+    def _blob_referenced(self, digest: str) -> bool:
+        return self._db.count(TABLE, "blob = ?", [digest]) > 0
+
+    def get(self, name: str, field: str = "name") -> ProgramRecord:
+        pid = resource_id(name, COLLECTION, field)
+        row = self._db.get(TABLE, pid)
+        if row is None:
+            raise NotFound("program", pid)
+        return from_row(ProgramRecord, row["data"])
+
+    def list(self, page_size: int, page_token: str, filter_text: str) -> Page[ProgramRecord]:
+        terms = parse_filter(filter_text, ["format", "arch", "sha256"])
+        getters = {"format": lambda p: p.format, "arch": lambda p: p.arch, "sha256": lambda p: p.sha256}
+        rows = self._db.rows(TABLE, order_by="create_time DESC, id")
+        items = [p for p in (from_row(ProgramRecord, r["data"]) for r in rows) if match_terms(terms, getters, p)]
+        return paginate(items, page_size, page_token, filter_text)
+
+    def delete(self, name: str, in_use_by: list[str], force: bool) -> None:
+        rec = self.get(name)
+        if in_use_by and not force:
+            raise FailedPrecondition(
+                f"program {rec.id} is used by {', '.join(in_use_by)}; delete those or pass force"
+            )
+        self._db.delete(TABLE, rec.id)
+        self._cache.pop(rec.id, None)
+        if not self._blob_referenced(rec.sha256):
+            self._blobs.delete(rec.sha256)
+
+    def load(self, rec: ProgramRecord) -> tuple[ParsedImage, SymbolTable | None]:
+        """The parsed image and (for ELF) its symbol table, cached."""
+        hit = self._cache.get(rec.id)
+        if hit is not None:
+            self._cache.move_to_end(rec.id)
+            return hit
+        data = self._blobs.get(rec.sha256)
+        fmt = ImageFormat(rec.format)
+        parsed = parse_image(data, fmt, rec.load_address)
+        symbols = SymbolTable(data) if fmt is ImageFormat.ELF else None
+        self._cache[rec.id] = (parsed, symbols)
+        while len(self._cache) > 64:
+            self._cache.popitem(last=False)
+        return parsed, symbols

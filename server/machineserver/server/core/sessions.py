@@ -1,0 +1,639 @@
+"""Sessions: one simulated board each, its machine (from a backend driver), its console,
+its state machine and its events.
+
+State machine (``MachineState``)::
+
+    OFF --power_on--> HALTED --run--> RUNNING --pause/breakpoint/step--> HALTED
+                        |                 +--exit--> EXITED  --reset--> HALTED
+                        |                 +--fault-> FAULTED --reset--> HALTED
+     any powered state --backend died--> FAILED --power_off--> OFF
+     any state --power_off--> OFF
+
+Every guard names the state it needed (FailedPrecondition). Records are saved on every
+state change (one transaction each) so a restarted server lists the same sessions,
+marked OFF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import structlog
+import yaml
+
+from machineserver.server.core.backends import BackendRegistry
+from machineserver.server.core.catalog import BoardCatalog
+from machineserver.server.core.console import ConsoleChunk, ConsoleLog
+from machineserver.server.core.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MachineServerError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from machineserver.server.core.images import check_fits
+from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.models import (
+    SessionRecord,
+    from_row,
+    now,
+    record_row,
+    stop_from_dict,
+    stop_to_dict,
+)
+from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.pubsub import Hub
+from machineserver.server.drivers import base as drv
+from machineserver.server.drivers.base import (
+    Backend,
+    BoardSpec,
+    Feature,
+    Machine,
+    MachineOptions,
+    MachineState,
+    StopInfo,
+    StopReason,
+)
+from machineserver.server.store.db import Database
+
+log = structlog.get_logger(__name__)
+
+TABLE = "sessions"
+COLLECTION = "sessions"
+LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_./")
+POWERED = {MachineState.HALTED, MachineState.RUNNING, MachineState.EXITED, MachineState.FAULTED}
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    session: str  # session id
+    state: MachineState
+    previous_state: MachineState
+    reason: str
+    stop: StopInfo | None = None
+    time: float = field(default_factory=now)
+
+
+@dataclass(frozen=True)
+class CreateParams:
+    board_template: str = ""
+    board_config: str = ""
+    backend: str = ""
+    display_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    max_instructions: int = 0
+    max_console_bytes: int = 0
+    icount: bool = False
+    program: str = ""
+    power_on: bool = False
+    run: bool = False
+    session_id: str = ""
+    owner: str = ""
+
+
+@contextlib.contextmanager
+def driver_errors(live: LiveSession | None = None) -> Iterator[None]:
+    """Translate driver errors into the core's errors (one place for all drivers)."""
+    try:
+        yield
+    except drv.BadImage as exc:
+        raise InvalidArgument("program", str(exc)) from None
+    except drv.BadRequest as exc:
+        raise InvalidArgument(exc.field, str(exc)) from None
+    except drv.WrongState as exc:
+        raise FailedPrecondition(str(exc), state=exc.state, required=exc.required) from None
+    except drv.NotSupported as exc:
+        raise Unimplemented("backend", str(exc)) from None
+    except drv.BackendFailed as exc:
+        if live is not None:
+            live.manager._mark_failed(live, str(exc))
+        raise Unavailable(f"the backend failed: {exc}") from None
+
+
+class LiveSession:
+    """A session's record plus what exists only while the server runs. Implements the
+    driver's MachineEvents (thread-safe: it hops onto the event loop)."""
+
+    def __init__(self, manager: SessionManager, record: SessionRecord, board: BoardSpec) -> None:
+        self.manager = manager
+        self.record = record
+        self.board = board
+        self.machine: Machine | None = None
+        retain = record.max_console_bytes or manager.console_retain
+        self.console = ConsoleLog(retain)
+        self.lock = asyncio.Lock()
+        self.stop_waiters: list[asyncio.Future[StopInfo]] = []
+        self.limit_task: asyncio.Task[None] | None = None
+        self.busy_deadline = 0.0
+        self._loop = manager.loop
+
+    # ------------------------------------------------------------------ MachineEvents
+
+    def console_output(self, data: bytes) -> None:
+        self._loop.call_soon_threadsafe(self.console.append, bytes(data))
+
+    def stopped(self, info: StopInfo) -> None:
+        self._loop.call_soon_threadsafe(self.manager._on_stop, self, info)
+
+    def failed(self, reason: str) -> None:
+        self._loop.call_soon_threadsafe(self.manager._mark_failed, self, reason)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def state(self) -> MachineState:
+        return MachineState(self.record.state)
+
+    @property
+    def last_stop(self) -> StopInfo | None:
+        return stop_from_dict(self.record.last_stop)
+
+    def require_machine(self, action: str) -> Machine:
+        if self.machine is None or self.state not in POWERED:
+            raise FailedPrecondition(
+                f"cannot {action}: session {self.id} is {self.state.value}; power it on first",
+                state=self.state.value,
+                required="powered on",
+            )
+        return self.machine
+
+    def require_halted(self, action: str) -> Machine:
+        machine = self.require_machine(action)
+        if self.state is not MachineState.HALTED:
+            hint = "pause it first" if self.state is MachineState.RUNNING else "reset it first"
+            raise FailedPrecondition(
+                f"cannot {action}: session {self.id} is {self.state.value}; {hint}",
+                state=self.state.value,
+                required=MachineState.HALTED.value,
+            )
+        return machine
+
+    def require_inspectable(self, action: str) -> Machine:
+        """Registers/memory: any powered state but RUNNING."""
+        machine = self.require_machine(action)
+        if self.state is MachineState.RUNNING:
+            raise FailedPrecondition(
+                f"cannot {action}: session {self.id} is running; pause it first",
+                state=self.state.value,
+                required="halted, exited or faulted",
+            )
+        return machine
+
+    def feature(self, feature: Feature) -> None:
+        self.manager.require_feature(self.record.backend, self.board, feature)
+
+
+class SessionManager:
+    def __init__(
+        self,
+        db: Database,
+        catalog: BoardCatalog,
+        backends: BackendRegistry,
+        programs: ProgramStore,
+        *,
+        max_sessions: int = 256,
+        console_retain: int = 1 << 20,
+    ) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.backends = backends
+        self.programs = programs
+        self.max_sessions = max_sessions
+        self.console_retain = console_retain
+        self.events: Hub[SessionEvent] = Hub(maxlen=4096)
+        self._sessions: dict[str, LiveSession] = {}
+        self.loop = asyncio.get_running_loop()
+        # Other core parts (the debugger) hook in here rather than being imported.
+        self.power_on_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
+        self.stop_hooks: list[Callable[[LiveSession, StopInfo], None]] = []
+        self.delete_hooks: list[Callable[[LiveSession], None]] = []
+
+    # ------------------------------------------------------------------ startup/shutdown
+
+    async def start(self) -> None:
+        """Load every stored session. Emulator state does not survive a restart: a session
+        that was powered on comes back OFF with the reason."""
+        for row in self.db.rows(TABLE):
+            rec = from_row(SessionRecord, row["data"])
+            try:
+                board = self.catalog.parse(rec.board_config)
+            except MachineServerError as exc:
+                log.warning("session_board_unreadable", session_id=rec.id, error=str(exc))
+                continue
+            if rec.state != MachineState.OFF.value:
+                rec.state_reason = f"server restarted while {rec.state}; emulator state was lost"
+                rec.state = MachineState.OFF.value
+                rec.update_time = now()
+                self._save(rec)
+            self._sessions[rec.id] = LiveSession(self, rec, board)
+
+    async def shutdown(self) -> None:
+        for live in list(self._sessions.values()):
+            if live.machine is not None:
+                try:
+                    await asyncio.wait_for(self._power_off(live, "server shutting down"), 10)
+                except (Exception, asyncio.TimeoutError) as exc:
+                    log.warning("power_off_failed", session_id=live.id, error=str(exc))
+            live.console.close()
+        self.events.close()
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(self, name: str, field: str = "name") -> LiveSession:
+        sid = resource_id(name, COLLECTION, field)
+        live = self._sessions.get(sid)
+        if live is None:
+            raise NotFound("session", sid)
+        return live
+
+    def find(self, session_id: str) -> LiveSession | None:
+        return self._sessions.get(session_id)
+
+    def contains(self, live: LiveSession) -> bool:
+        return self._sessions.get(live.id) is live
+
+    def all(self) -> list[LiveSession]:
+        return list(self._sessions.values())
+
+    def list(self, page_size: int, page_token: str, filter_text: str) -> Page[SessionRecord]:
+        terms = parse_filter(filter_text, ["state", "backend", "board", "display_name", "labels."])
+        if "state" in terms:
+            terms["state"] = terms["state"].upper().removeprefix("SESSION_STATE_").lower()
+        getters = {
+            "state": lambda r: r.state,
+            "backend": lambda r: r.backend,
+            "board": lambda r: r.board,
+            "display_name": lambda r: r.display_name,
+            "labels.": lambda r: r.labels,
+        }
+        recs = sorted((s.record for s in self._sessions.values()), key=lambda r: (r.create_time, r.id))
+        items = [r for r in recs if match_terms(terms, getters, r)]
+        return paginate(items, page_size, page_token, filter_text)
+
+    def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
+        backend = self.backends.get(backend_name)
+        if feature not in drv.features_of(backend.machine_class):
+            raise Unimplemented(
+                feature.value, f"backend {backend_name} does not support {feature.value.replace('_', ' ')}"
+            )
+        reason = self.backends.info(backend_name).board_limits.get(board.name, {}).get(feature)
+        if reason:
+            raise Unimplemented(
+                feature.value,
+                f"backend {backend_name} does not support {feature.value.replace('_', ' ')} "
+                f"on board {board.name}: {reason}",
+            )
+
+    # ------------------------------------------------------------------ create/delete
+
+    async def create(self, p: CreateParams) -> LiveSession:
+        if bool(p.board_template) == bool(p.board_config):
+            raise InvalidArgument(
+                "board_template", "give exactly one of board_template and board_config"
+            )
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                "sessions", f"the server holds its limit of {self.max_sessions} sessions; delete some"
+            )
+        for key, value in p.labels.items():
+            if not key or len(key) > 63 or not set(key) <= LABEL_CHARS or len(value) > 255:
+                raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 255 chars")
+        if p.max_console_bytes < 0 or p.max_instructions < 0:
+            raise InvalidArgument("limits", "limits must not be negative")
+        if p.session_id:
+            sid = resource_id(p.session_id, COLLECTION, "session_id")
+            if not set(sid) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") or len(sid) > 63:
+                raise InvalidArgument("session_id", "1-63 of a-z 0-9 -")
+            if sid in self._sessions:
+                raise AlreadyExists("session", sid)
+        else:
+            sid = "s-" + secrets.token_hex(6)
+        if p.board_template:
+            _, board = self.catalog.get(p.board_template, "board_template")
+        else:
+            board = self.catalog.parse(p.board_config, "board_config")
+        backend_name = p.backend or self.backends.default
+        backend = self.backends.get(backend_name)
+        why_not = backend.board_support(board)
+        if why_not:
+            raise FailedPrecondition(f"backend {backend_name} cannot run board {board.name}: {why_not}")
+        program_id = ""
+        if p.program:
+            prog = self.programs.get(p.program, "program")
+            parsed, _ = self.programs.load(prog)
+            check_fits(parsed.image, board, "program")
+            program_id = prog.id
+        config_text = p.board_config or yaml.safe_dump(_spec_to_config(board), sort_keys=False)
+        rec = SessionRecord(
+            id=sid,
+            board=board.name,
+            board_config=config_text,
+            backend=backend_name,
+            display_name=p.display_name,
+            labels=dict(p.labels),
+            max_instructions=p.max_instructions,
+            max_console_bytes=p.max_console_bytes,
+            icount=p.icount,
+            program=program_id,
+            owner=p.owner,
+        )
+        self._save(rec)
+        live = LiveSession(self, rec, board)
+        self._sessions[sid] = live
+        self._publish(live, MachineState.OFF, "created")
+        log.info("session_created", session_id=sid, board=board.name, backend=backend_name)
+        if p.power_on or p.run:
+            await self.power_on(live)
+        if p.run:
+            await self.run(live)
+        return live
+
+    async def delete(self, live: LiveSession) -> None:
+        if live.machine is not None:
+            await self._power_off(live, "deleted")
+        self._sessions.pop(live.id, None)
+        self.db.delete(TABLE, live.id)
+        live.console.close()
+        for hook in self.delete_hooks:
+            hook(live)
+        log.info("session_deleted", session_id=live.id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def power_on(self, live: LiveSession) -> None:
+        async with live.lock:
+            if live.machine is not None and live.state in POWERED:
+                return
+            if live.machine is not None:  # FAILED: clean up what is left first
+                await self._discard_machine(live)
+            backend = self.backends.get(live.record.backend)
+            options = MachineOptions(icount=live.record.icount)
+            machine = backend.create_machine(live.board, options, live)
+            with driver_errors():
+                await machine.power_on()
+            live.machine = machine
+            try:
+                if live.record.program:
+                    await self._load_into(live, live.record.program)
+                for hook in self.power_on_hooks:
+                    await hook(live)
+            except BaseException:
+                await self._discard_machine(live)
+                raise
+            live.record.exit_code = None
+            live.record.last_stop = None
+            self.set_state(live, MachineState.HALTED, "powered on")
+
+    async def power_off(self, live: LiveSession) -> None:
+        async with live.lock:
+            if live.machine is None:
+                if live.state is not MachineState.OFF:
+                    self.set_state(live, MachineState.OFF, "powered off")
+                return
+            await self._power_off(live, "powered off")
+
+    async def _power_off(self, live: LiveSession, reason: str) -> None:
+        await self._discard_machine(live)
+        self._wake_waiters(live, None)
+        self.set_state(live, MachineState.OFF, reason)
+
+    async def _discard_machine(self, live: LiveSession) -> None:
+        machine, live.machine = live.machine, None
+        if live.limit_task is not None:
+            live.limit_task.cancel()
+            live.limit_task = None
+        if machine is not None:
+            try:
+                await machine.power_off()
+            except drv.DriverError as exc:
+                log.warning("power_off_error", session_id=live.id, error=str(exc))
+
+    async def reset(self, live: LiveSession, run_after: bool = False) -> None:
+        async with live.lock:
+            machine = live.require_machine("reset")
+            with driver_errors(live):
+                await machine.reset()
+                if live.record.program:
+                    await self._load_into(live, live.record.program)
+            live.record.exit_code = None
+            live.record.last_stop = None
+            self.set_state(live, MachineState.HALTED, "reset")
+        if run_after:
+            await self.run(live)
+
+    async def load_program(self, live: LiveSession, program_name: str) -> None:
+        prog = self.programs.get(program_name, "program")
+        parsed, _ = self.programs.load(prog)
+        check_fits(parsed.image, live.board, "program")
+        async with live.lock:
+            if live.state is MachineState.RUNNING:
+                raise FailedPrecondition(
+                    f"cannot load a program: session {live.id} is running; pause it first",
+                    state=live.state.value, required="not running",
+                )
+            live.record.program = prog.id
+            if live.machine is not None and live.state in POWERED:
+                await self._load_into(live, prog.id)
+                live.record.exit_code = None
+                live.record.last_stop = None
+                self.set_state(live, MachineState.HALTED, f"loaded {prog.name}")
+            else:
+                live.record.update_time = now()
+                self._save(live.record)
+
+    async def _load_into(self, live: LiveSession, program_id: str) -> None:
+        assert live.machine is not None
+        prog = self.programs.get(program_id, "program")
+        parsed, _ = self.programs.load(prog)
+        check_fits(parsed.image, live.board, "program")
+        with driver_errors(live):
+            await live.machine.load(parsed.image)
+
+    # ------------------------------------------------------------------ run control
+
+    async def run(self, live: LiveSession) -> None:
+        async with live.lock:
+            machine = live.require_machine("run")
+            if live.state is MachineState.RUNNING:
+                return
+            live.require_halted("run")
+            live.feature(Feature.RUN_CONTROL)
+            self.set_state(live, MachineState.RUNNING, "running")
+            try:
+                with driver_errors(live):
+                    await machine.run()  # type: ignore[attr-defined]
+            except BaseException:
+                if live.state is MachineState.RUNNING:
+                    self.set_state(live, MachineState.HALTED, "run failed")
+                raise
+            if live.record.max_instructions:
+                live.limit_task = asyncio.create_task(self._watch_limit(live))
+
+    async def pause(self, live: LiveSession, reason: str = "paused") -> StopInfo | None:
+        async with live.lock:
+            machine = live.require_machine("pause")
+            if live.state is not MachineState.RUNNING:
+                return live.last_stop
+            live.feature(Feature.RUN_CONTROL)
+            with driver_errors(live):
+                info: StopInfo = await machine.pause()  # type: ignore[attr-defined]
+            if live.state is MachineState.RUNNING:  # a stop event may have come first
+                self._apply_stop(live, info, reason)
+            return live.last_stop
+
+    async def step(self, live: LiveSession, count: int) -> StopInfo:
+        if count < 0 or count > 10**9:
+            raise InvalidArgument("count", "must be between 1 and 10^9")
+        async with live.lock:
+            machine = live.require_halted("step")
+            live.feature(Feature.RUN_CONTROL)
+            with driver_errors(live):
+                info: StopInfo = await machine.step(count or 1)  # type: ignore[attr-defined]
+            self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
+            return info
+
+    async def wait_for_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
+        if live.state is not MachineState.RUNNING:
+            stop = live.last_stop
+            if stop is None:
+                raise FailedPrecondition(f"session {live.id} is {live.state.value} and has not stopped")
+            return stop
+        fut: asyncio.Future[StopInfo] = self.loop.create_future()
+        live.stop_waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"session {live.id} is still running") from None
+        finally:
+            if fut in live.stop_waiters:
+                live.stop_waiters.remove(fut)
+
+    async def _watch_limit(self, live: LiveSession) -> None:
+        limit = live.record.max_instructions
+        while live.state is MachineState.RUNNING and live.machine is not None:
+            if live.machine.counters().instructions >= limit:
+                await self.pause(live, f"instruction limit of {limit} reached")
+                return
+            await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------------ events from machines
+
+    def _on_stop(self, live: LiveSession, info: StopInfo) -> None:
+        if live.state is not MachineState.RUNNING:
+            return  # already handled synchronously (pause/step) or powered off
+        self._apply_stop(live, info, info.reason.value)
+
+    def _apply_stop(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:
+        if info.reason is StopReason.EXIT:
+            state = MachineState.EXITED
+            live.record.exit_code = info.exit_code
+            reason = f"exited with code {info.exit_code}"
+        elif info.reason is StopReason.FAULT:
+            state = MachineState.FAULTED
+            reason = f"fault at pc 0x{info.pc:08x}: {info.message}" if info.message else "fault"
+        else:
+            state = MachineState.HALTED
+            if info.reason is StopReason.BREAKPOINT:
+                reason = f"breakpoint at 0x{info.pc:08x}"
+            elif info.reason is StopReason.WATCHPOINT and info.watch_address is not None:
+                reason = f"watchpoint at 0x{info.watch_address:08x}"
+        live.record.last_stop = stop_to_dict(info)
+        for hook in self.stop_hooks:
+            hook(live, info)
+        if quiet and state is live.state:
+            return  # a plain step: no state change worth an event or a write
+        self.set_state(live, state, reason, stop=info)
+        self._wake_waiters(live, info)
+
+    def _wake_waiters(self, live: LiveSession, info: StopInfo | None) -> None:
+        waiters, live.stop_waiters = live.stop_waiters, []
+        for fut in waiters:
+            if fut.done():
+                continue
+            if info is None:
+                fut.set_exception(FailedPrecondition(f"session {live.id} was powered off"))
+            else:
+                fut.set_result(info)
+
+    def _mark_failed(self, live: LiveSession, reason: str) -> None:
+        if live.state in (MachineState.FAILED, MachineState.OFF):
+            return
+        log.warning("session_failed", session_id=live.id, reason=reason)
+        self.set_state(live, MachineState.FAILED, reason)
+        self._wake_waiters(live, None)
+
+    # ------------------------------------------------------------------ console
+
+    async def write_console(self, live: LiveSession, data: bytes) -> int:
+        if not data:
+            raise InvalidArgument("data", "must not be empty")
+        if len(data) > 64 * 1024:
+            raise InvalidArgument("data", "at most 64 KiB per call")
+        machine = live.require_machine("write to the console")
+        live.feature(Feature.CONSOLE_INPUT)
+        with driver_errors(live):
+            await machine.console_input(data)  # type: ignore[attr-defined]
+        return len(data)
+
+    def console_stream(self, live: LiveSession, offset: int, follow: bool) -> AsyncIterator[ConsoleChunk]:
+        return live.console.follow(offset, follow)
+
+    # ------------------------------------------------------------------ records and events
+
+    def set_state(self, live: LiveSession, state: MachineState, reason: str, *, stop: StopInfo | None = None) -> None:
+        previous = live.state
+        live.record.state = state.value
+        live.record.state_reason = reason
+        live.record.update_time = now()
+        self._save(live.record)
+        self._publish(live, previous, reason, stop)
+
+    def _publish(self, live: LiveSession, previous: MachineState, reason: str, stop: StopInfo | None = None) -> None:
+        self.events.publish(SessionEvent(live.id, live.state, previous, reason, stop))
+
+    def _save(self, rec: SessionRecord) -> None:
+        self.db.put(TABLE, record_row(rec, board=rec.board, backend=rec.backend, state=rec.state))
+
+    def touch(self, live: LiveSession) -> None:
+        live.record.update_time = now()
+        self._save(live.record)
+
+    def backend_of(self, live: LiveSession) -> Backend:
+        return self.backends.get(live.record.backend)
+
+
+def _spec_to_config(board: BoardSpec) -> dict[str, object]:
+    """A BoardSpec back to its YAML form (what a session records as its board_config)."""
+    return {
+        "name": board.name,
+        "description": board.description,
+        "arch": board.arch.value,
+        "cpu": board.cpu,
+        "cpu_mhz": board.cpu_mhz,
+        "vector_table": board.vector_table,
+        **({"reset_vector": board.reset_vector} if board.reset_vector is not None else {}),
+        "console": board.console,
+        "backends": dict(board.backend_machines),
+        "memory": [
+            {"name": m.name, "base": m.base, "size": m.size, "kind": m.kind, "writable": m.writable}
+            for m in board.memory
+        ],
+        "peripherals": [
+            {"name": p.name, "model": p.model, "base": p.base, "size": p.size,
+             **({"irq": p.irq} if p.irq is not None else {}),
+             **({"properties": dict(p.properties)} if p.properties else {})}
+            for p in board.peripherals
+        ],
+    }

@@ -1,0 +1,163 @@
+"""Snapshots: whole-machine states saved by the driver, kept in the blob store and
+recorded; restored into a session of the same board and backend; exported and imported
+as streams."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+from machineserver.server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.models import SnapshotRecord, from_row, record_row
+from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
+from machineserver.server.drivers.base import Feature, MachineState
+from machineserver.server.store.blobs import BlobStore, BlobTooLarge
+from machineserver.server.store.db import Database
+
+TABLE = "snapshots"
+COLLECTION = "snapshots"
+
+
+class SnapshotStore:
+    def __init__(self, db: Database, blobs: BlobStore, sessions: SessionManager, max_bytes: int) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._sessions = sessions
+        self._max_bytes = max_bytes
+
+    def get(self, name: str, field: str = "name") -> SnapshotRecord:
+        sid = resource_id(name, COLLECTION, field)
+        row = self._db.get(TABLE, sid)
+        if row is None:
+            raise NotFound("snapshot", sid)
+        return from_row(SnapshotRecord, row["data"])
+
+    def list(self, page_size: int, page_token: str, filter_text: str) -> Page[SnapshotRecord]:
+        terms = parse_filter(filter_text, ["session", "board", "backend"])
+        if "session" in terms:
+            terms["session"] = terms["session"].removeprefix("sessions/")
+        getters = {"session": lambda r: r.session, "board": lambda r: r.board, "backend": lambda r: r.backend}
+        rows = self._db.rows(TABLE, order_by="create_time DESC, id")
+        items = [r for r in (from_row(SnapshotRecord, x["data"]) for x in rows) if match_terms(terms, getters, r)]
+        return paginate(items, page_size, page_token, filter_text)
+
+    async def create(self, live: LiveSession, display_name: str, owner: str = "") -> SnapshotRecord:
+        live.require_machine("take a snapshot")
+        live.feature(Feature.SNAPSHOTS)
+        was_running = live.state is MachineState.RUNNING
+        if was_running:
+            await self._sessions.pause(live, "paused for a snapshot")
+        try:
+            async with live.lock:
+                machine = live.require_machine("take a snapshot")
+                with driver_errors(live):
+                    blob: bytes = await machine.save_state()  # type: ignore[attr-defined]
+                instructions = machine.counters().instructions
+        finally:
+            if was_running and live.state is MachineState.HALTED:
+                await self._sessions.run(live)
+        if self._max_bytes and len(blob) > self._max_bytes:
+            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self._max_bytes} bytes")
+        digest = self._blobs.put(blob)
+        rec = SnapshotRecord(
+            id="snap-" + secrets.token_hex(6),
+            session=live.id,
+            board=live.board.name,
+            backend=live.record.backend,
+            sha256=digest,
+            size_bytes=len(blob),
+            program=live.record.program,
+            display_name=display_name,
+            instructions=instructions,
+            owner=owner,
+        )
+        self._save(rec)
+        return rec
+
+    async def restore(self, live: LiveSession, snapshot_name: str) -> None:
+        rec = self.get(snapshot_name, "snapshot")
+        if rec.board != live.board.name or rec.backend != live.record.backend:
+            raise FailedPrecondition(
+                f"snapshot {rec.id} is of board {rec.board} on {rec.backend}; session {live.id} "
+                f"is board {live.board.name} on {live.record.backend}"
+            )
+        live.feature(Feature.SNAPSHOTS)
+        if live.machine is None or live.state is MachineState.OFF or live.state is MachineState.FAILED:
+            await self._sessions.power_on(live)
+        if live.state is MachineState.RUNNING:
+            await self._sessions.pause(live, "paused for a restore")
+        blob = self._blobs.get(rec.sha256)
+        async with live.lock:
+            machine = live.require_machine("restore a snapshot")
+            with driver_errors(live):
+                await machine.restore_state(blob)  # type: ignore[attr-defined]
+            if rec.program:
+                live.record.program = rec.program
+            live.record.exit_code = None
+            live.record.last_stop = None
+            self._sessions.set_state(live, MachineState.HALTED, f"restored {rec.name}")
+
+    def delete(self, name: str) -> None:
+        rec = self.get(name)
+        self._db.delete(TABLE, rec.id)
+        if self._db.count(TABLE, "blob = ?", [rec.sha256]) == 0:
+            self._blobs.delete(rec.sha256)
+
+    def export_chunks(self, rec: SnapshotRecord) -> Iterator[bytes]:
+        return self._blobs.iter_chunks(rec.sha256)
+
+    async def import_(
+        self,
+        *,
+        display_name: str,
+        board: str,
+        backend: str,
+        sha256: str,
+        instructions: int,
+        chunks: AsyncIterator[bytes],
+        owner: str = "",
+    ) -> SnapshotRecord:
+        if not board:
+            raise InvalidArgument("metadata.board", "is required")
+        if not backend:
+            raise InvalidArgument("metadata.backend", "is required")
+        self._sessions.backends.get(backend, "metadata.backend")
+        writer = self._blobs.writer(self._max_bytes)
+        try:
+            async for chunk in chunks:
+                writer.write(chunk)
+        except BlobTooLarge:
+            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self._max_bytes} bytes") from None
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.size == 0:
+            writer.abort()
+            raise InvalidArgument("chunk", "the import has no bytes")
+        if sha256 and sha256.lower() != writer.sha256:
+            writer.abort()
+            raise InvalidArgument("metadata.sha256", f"checksum mismatch: got {writer.sha256}")
+        size = writer.size
+        digest = writer.commit()
+        rec = SnapshotRecord(
+            id="snap-" + secrets.token_hex(6),
+            session="",
+            board=board,
+            backend=backend,
+            sha256=digest,
+            size_bytes=size,
+            display_name=display_name,
+            instructions=instructions,
+            owner=owner,
+        )
+        self._save(rec)
+        return rec
+
+    def _save(self, rec: SnapshotRecord) -> None:
+        self._db.put(TABLE, record_row(rec, session=rec.session, board=rec.board, blob=rec.sha256))

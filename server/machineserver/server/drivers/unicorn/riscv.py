@@ -1,0 +1,285 @@
+"""RISC-V rv32 (sifive_e) on Unicorn 2.1.4: registers, the CLINT (mtime/mtimecmp/msip)
+as a Python model, and traps taken in Python.
+
+Measured on Unicorn 2.1.4: ``ebreak`` and illegal instructions end emulation with
+UC_ERR_INSN_INVALID (PC at the instruction; no interrupt hook call), ``ecall``
+arrives in the interrupt hook with PC past it, ``wfi`` halts the CPU (emulation
+returns, PC past it), and ``mret`` works natively. So traps are entered in Python:
+mepc, mcause, mtval, mstatus (MPIE <- MIE, MIE <- 0, MPP <- M), PC <- mtvec (vectored
+mode for interrupts). The machine timer interrupt is delivered the same way between
+slices, at the exact cycle ``mtime`` reaches ``mtimecmp``; mip.MTIP mirrors the
+comparison. A trap with mtvec = 0 stops the machine FAULTED. There is no PLIC model:
+UART interrupts are not delivered on this board.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc, UcError
+from unicorn import riscv_const as rc
+from unicorn import unicorn_const as ucc
+
+from machineserver.server.drivers.base import StopInfo, StopReason
+
+if TYPE_CHECKING:
+    from machineserver.server.drivers.unicorn.machine import UnicornMachine
+
+ABI = ["zero", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2", "a3",
+       "a4", "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11",
+       "t3", "t4", "t5", "t6"]
+REGS: dict[str, int] = {f"x{i}": getattr(rc, f"UC_RISCV_REG_X{i}") for i in range(32)}
+REGS["pc"] = rc.UC_RISCV_REG_PC
+CSRS = {"mstatus": rc.UC_RISCV_REG_MSTATUS, "mie": rc.UC_RISCV_REG_MIE,
+        "mip": rc.UC_RISCV_REG_MIP, "mtvec": rc.UC_RISCV_REG_MTVEC,
+        "mepc": rc.UC_RISCV_REG_MEPC, "mcause": rc.UC_RISCV_REG_MCAUSE,
+        "mtval": rc.UC_RISCV_REG_MTVAL}
+REGS.update(CSRS)
+ALIASES = {name: f"x{i}" for i, name in enumerate(ABI)}
+ALIASES["fp"] = "x8"
+REGISTER_NAMES = tuple(REGS)
+CPUS = {"rv32imac", "rv32imac_zicsr", "rv32i", "rv32im", "rv32imc", "rv32ima"}
+CLINT_MODELS = frozenset({"clint"})
+EBREAK, WFI = 0x00100073, 0x10500073
+SEMI_PRE, SEMI_POST = 0x01F01013, 0x40705013
+_U64 = (1 << 64) - 1
+
+
+class Clint:
+    def __init__(self, core: RiscV, timebase_hz: int) -> None:
+        self.core = core
+        self.timebase = timebase_hz
+        self.reset()
+
+    def reset(self) -> None:
+        self.msip = 0
+        self.mtimecmp = _U64
+        self.mtime_offset = 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"msip": self.msip, "mtimecmp": self.mtimecmp, "mtime_offset": self.mtime_offset}
+
+    def set_state(self, d: dict[str, Any]) -> None:
+        self.msip, self.mtimecmp, self.mtime_offset = d["msip"], d["mtimecmp"], d["mtime_offset"]
+
+    def mtime(self, now: int) -> int:
+        return (now * self.timebase // self.core.m.cpu_hz + self.mtime_offset) & _U64
+
+    def deadline(self) -> int | None:
+        if self.mtimecmp == _U64:
+            return None
+        ticks = self.mtimecmp - self.mtime_offset
+        if ticks <= 0:
+            return 0
+        return -(-ticks * self.core.m.cpu_hz // self.timebase)
+
+    def read(self, offset: int, size: int) -> int:
+        now = self.core.m.now_cycles()
+        if offset < 4:
+            v = self.msip
+        elif 0x4000 <= offset < 0x4008:
+            v = self.mtimecmp >> (8 * (offset - 0x4000))
+        elif 0xBFF8 <= offset < 0xC000:
+            v = self.mtime(now) >> (8 * (offset - 0xBFF8))
+        else:
+            v = 0
+        return v & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        mask = (1 << (8 * size)) - 1
+        if offset < 4:
+            self.msip = value & 1
+        elif 0x4000 <= offset < 0x4008:
+            sh = 8 * (offset - 0x4000)
+            self.mtimecmp = (self.mtimecmp & ~(mask << sh) | ((value & mask) << sh)) & _U64
+        elif 0xBFF8 <= offset < 0xC000:
+            sh = 8 * (offset - 0xBFF8)
+            now = self.core.m.now_cycles()
+            cur = self.mtime(now)
+            new = (cur & ~(mask << sh) | ((value & mask) << sh)) & _U64
+            self.mtime_offset += new - cur
+
+
+class RiscV:
+    arch_name = "riscv32"
+    register_names = REGISTER_NAMES
+
+    def __init__(self, machine: UnicornMachine) -> None:
+        self.m = machine
+        self.board = machine.board
+        self.uc: Uc | None = None
+        spec = next((p for p in self.board.peripherals if p.model == "clint"), None)
+        self.clint_spec = spec
+        tb = int(spec.properties.get("timebase_hz", 10_000_000)) if spec else 10_000_000
+        self.clint = Clint(self, tb)
+
+    def create_uc(self) -> Uc:
+        self.uc = Uc(UC_ARCH_RISCV, UC_MODE_RISCV32)
+        return self.uc
+
+    def attach(self, uc: Uc) -> None:
+        if self.clint_spec is not None:
+            size = (self.clint_spec.size + 0xFFF) & ~0xFFF
+            uc.mmio_map(self.clint_spec.base, size, self._mmio_read, None, self._mmio_write, None)
+        uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
+
+    def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
+        return self.m.guard(self.clint.read, offset, size, default=0)
+
+    def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
+        self.m.guard(self.clint.write, offset, size, value)
+
+    def reset(self, entry: int | None) -> None:
+        uc = self.uc
+        assert uc is not None
+        self.clint.reset()
+        for i in range(1, 32):
+            uc.reg_write(REGS[f"x{i}"], 0)
+        for n in ("mstatus", "mie", "mip", "mtvec", "mepc", "mcause", "mtval"):
+            uc.reg_write(CSRS[n], 0)
+        pc = entry if entry is not None else (self.board.reset_vector or 0)
+        uc.reg_write(rc.UC_RISCV_REG_PC, pc)
+
+    def pc(self) -> int:
+        assert self.uc is not None
+        return int(self.uc.reg_read(rc.UC_RISCV_REG_PC)) & 0xFFFFFFFF
+
+    def start_address(self) -> int:
+        return self.pc()
+
+    # ---- registers
+    def resolve(self, name: str) -> str | None:
+        n = name.lower()
+        n = ALIASES.get(n, n)
+        return n if n in REGS else None
+
+    def read_reg(self, name: str) -> int:
+        assert self.uc is not None
+        return int(self.uc.reg_read(REGS[name])) & 0xFFFFFFFF
+
+    def write_reg(self, name: str, value: int) -> None:
+        assert self.uc is not None
+        if name != "x0":
+            self.uc.reg_write(REGS[name], value & 0xFFFFFFFF)
+
+    def save_regs(self) -> dict[str, int]:
+        return {n: self.read_reg(n) for n in REGISTER_NAMES}
+
+    def restore_regs(self, regs: dict[str, int]) -> None:
+        for n in REGISTER_NAMES:
+            self.write_reg(n, regs[n])
+
+    def get_state(self) -> dict[str, Any]:
+        return {"clint": self.clint.get_state()}
+
+    def set_state(self, d: dict[str, Any]) -> None:
+        self.clint.set_state(d["clint"])
+
+    # ---- timers and interrupts
+    def wants_count(self) -> bool:
+        return self.clint.mtimecmp != _U64
+
+    def deadline(self) -> int | None:
+        return self.clint.deadline()
+
+    def tick(self, now: int) -> None:
+        assert self.uc is not None
+        mip = int(self.uc.reg_read(rc.UC_RISCV_REG_MIP))
+        new = mip & ~0x88
+        if self.clint.mtimecmp != _U64 and self.clint.mtime(now) >= self.clint.mtimecmp:
+            new |= 0x80
+        if self.clint.msip:
+            new |= 0x8
+        if new != mip:
+            self.uc.reg_write(rc.UC_RISCV_REG_MIP, new)
+
+    def set_irq(self, irq: int, level: bool) -> None:
+        pass  # no PLIC model
+
+    def _pending_irq(self) -> int | None:
+        assert self.uc is not None
+        uc = self.uc
+        if not int(uc.reg_read(rc.UC_RISCV_REG_MSTATUS)) & 0x8:
+            return None
+        bits = int(uc.reg_read(rc.UC_RISCV_REG_MIP)) & int(uc.reg_read(rc.UC_RISCV_REG_MIE))
+        for cause in (11, 3, 7):  # MEI, MSI, MTI: the architectural priority order
+            if bits >> cause & 1:
+                return cause
+        return None
+
+    def deliverable(self) -> bool:
+        return self._pending_irq() is not None
+
+    def deliver(self) -> StopInfo | None:
+        cause = self._pending_irq()
+        if cause is None:
+            return None
+        return self.trap(cause | 0x80000000, 0, self.pc())
+
+    def halted_on_wfi(self, pc: int) -> bool:
+        return self._word(pc - 4) == WFI
+
+    def _word(self, address: int) -> int | None:
+        assert self.uc is not None
+        try:
+            return int(struct.unpack("<I", bytes(self.uc.mem_read(address, 4)))[0])
+        except UcError:
+            return None
+
+    def trap(self, cause: int, tval: int, epc: int) -> StopInfo | None:
+        uc = self.uc
+        assert uc is not None
+        mtvec = int(uc.reg_read(rc.UC_RISCV_REG_MTVEC)) & 0xFFFFFFFF
+        if mtvec & ~3 == 0:
+            return StopInfo(StopReason.FAULT, pc=epc, fault_address=tval or None,
+                            message=f"trap mcause=0x{cause:x} with no trap vector (mtvec=0)")
+        mstatus = int(uc.reg_read(rc.UC_RISCV_REG_MSTATUS))
+        mie = (mstatus >> 3) & 1
+        mstatus = (mstatus & ~((1 << 7) | (1 << 3))) | (mie << 7) | (3 << 11)
+        uc.reg_write(rc.UC_RISCV_REG_MSTATUS, mstatus)
+        uc.reg_write(rc.UC_RISCV_REG_MCAUSE, cause)
+        uc.reg_write(rc.UC_RISCV_REG_MEPC, epc)
+        uc.reg_write(rc.UC_RISCV_REG_MTVAL, tval)
+        target = mtvec & ~3
+        if mtvec & 1 and cause & 0x80000000:
+            target += 4 * (cause & 0x7FFFFFFF)
+        uc.reg_write(rc.UC_RISCV_REG_PC, target)
+        return None
+
+    def on_error(self, err: UcError, address: int | None) -> StopInfo | None:
+        pc = self.pc()
+        code = err.errno
+        if code == ucc.UC_ERR_INSN_INVALID:
+            insn = self._word(pc)
+            if insn == EBREAK:
+                if self._word(pc - 4) == SEMI_PRE and self._word(pc + 4) == SEMI_POST:
+                    res = self.m.semihost(self.read_reg("x10"), self.read_reg("x11"), pc)
+                    if res is None:
+                        return None
+                    self.write_reg("x10", res)
+                    self.write_reg("pc", pc + 4)
+                    self.m.account_extra(1)
+                    return None
+                return self.trap(3, pc, pc)
+            return self.trap(2, insn or 0, pc)
+        if code in (ucc.UC_ERR_READ_UNMAPPED, ucc.UC_ERR_READ_PROT):
+            return self.trap(5, address or 0, pc)
+        if code in (ucc.UC_ERR_WRITE_UNMAPPED, ucc.UC_ERR_WRITE_PROT):
+            return self.trap(7, address or 0, pc)
+        if code in (ucc.UC_ERR_FETCH_UNMAPPED, ucc.UC_ERR_FETCH_PROT):
+            return self.trap(1, address if address is not None else pc, pc)
+        return StopInfo(StopReason.FAULT, pc=pc, fault_address=address,
+                        message=f"emulator error: {err}")
+
+    def _on_intr(self, uc: Uc, intno: int, _ud: object) -> None:
+        self.m.guard(self._intr, intno)
+
+    def _intr(self, intno: int) -> None:
+        pc = self.pc()
+        if intno in (8, 9, 11):  # ecall from U/S/M: PC is already past it
+            stop = self.trap(11, 0, pc - 4)
+        else:
+            stop = self.trap(intno, 0, pc)
+        if stop is not None:
+            self.m.hook_stop(stop)

@@ -1,0 +1,158 @@
+"""Records in SQLite (WAL) through sqlite-utils, with a schema version and migrations.
+
+Every record is one row; every change is one transaction. Rows keep their structured
+fields as JSON text in a ``data`` column next to the indexed columns queries use, so a
+new field needs no migration while a new query column does (and gets one).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    common = {"id": str, "owner": str, "create_time": float, "update_time": float, "data": str}
+    db["sessions"].create({**common, "board": str, "backend": str, "state": str}, pk="id")
+    db["programs"].create({**common, "sha256": str, "blob": str, "format": str}, pk="id")
+    db["snapshots"].create({**common, "session": str, "board": str, "blob": str}, pk="id")
+    db["board_templates"].create({**common, "etag": str}, pk="id")
+    db["coverage_reports"].create({**common, "program": str}, pk="id")
+    db["alert_rules"].create(common, pk="id")
+    db["alert_events"].create(
+        {"id": int, "rule": str, "state": str, "time": float, "data": str}, pk="id"
+    )
+    db["cosimulations"].create(common, pk="id")
+    db["audit_events"].create(
+        {"id": int, "time": float, "principal": str, "rpc": str, "resource": str, "code": str,
+         "data": str},
+        pk="id",
+    )
+    db["programs"].create_index(["sha256"])
+    db["snapshots"].create_index(["session"])
+    db["sessions"].create_index(["create_time"])
+
+
+# Index i holds the migration from version i to i + 1.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+class Database:
+    """The server's record store. Thread-safe (one connection behind a lock): calls are
+    short, so the event loop calls them directly."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed transaction survives the process being killed
+        # (SIGKILL); only an OS crash may lose the last ones.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    # ------------------------------------------------------------------ schema
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self.schema_version
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: schema version {version} is newer than this server's "
+                    f"({SCHEMA_VERSION}); upgrade the server"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                with self.transaction():
+                    MIGRATIONS[target](self._db)
+                    self._db.execute(f"PRAGMA user_version={target + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ records
+
+    def put(self, table: str, row: Mapping[str, Any]) -> None:
+        """Insert or replace one row (``data`` given as a mapping is stored as JSON)."""
+        with self.transaction() as db:
+            db[table].upsert(_encode(row), pk="id")
+
+    def get(self, table: str, row_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            rows = list(self._db[table].rows_where("id = ?", [row_id], limit=1))
+        return _decode(rows[0]) if rows else None
+
+    def delete(self, table: str, row_id: str) -> bool:
+        with self.transaction() as db:
+            cursor = db.execute(f"DELETE FROM [{table}] WHERE id = ?", [row_id])
+            return cursor.rowcount > 0
+
+    def rows(
+        self,
+        table: str,
+        where: str | None = None,
+        params: Sequence[Any] = (),
+        *,
+        order_by: str = "create_time, id",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db[table].rows_where(
+                where, list(params), order_by=order_by, limit=limit, offset=offset or None
+            )
+            return [_decode(r) for r in rows]
+
+    def count(self, table: str, where: str | None = None, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            sql = f"SELECT COUNT(*) FROM [{table}]" + (f" WHERE {where}" if where else "")
+            return int(self._db.execute(sql, list(params)).fetchone()[0])
+
+    def append(self, table: str, row: Mapping[str, Any]) -> int:
+        """Insert a row into an append-only table (integer id); returns the id."""
+        with self.transaction() as db:
+            t = db[table]
+            t.insert(_encode(row))
+            return int(t.last_pk)  # type: ignore[union-attr,arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _encode(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if "data" in out and not isinstance(out["data"], str):
+        out["data"] = json.dumps(out["data"], sort_keys=True)
+    return out
+
+
+def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if isinstance(out.get("data"), str):
+        out["data"] = json.loads(out["data"])
+    return out

@@ -1,0 +1,96 @@
+"""Helpers for the Unicorn driver tests: firmware images from ELF files (pyelftools),
+an event recorder, and board specs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from elftools.elf.elffile import ELFFile
+
+from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.drivers.base import Arch, ProgramImage, Segment, StopInfo
+
+FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
+BUILD = FIRMWARE / "build"
+BOARDS = ("lm3s6965evb", "mps2-an385", "netduinoplus2", "sifive_e")
+ARM_BOARDS = BOARDS[:3]
+_build_lock = threading.Lock()
+
+
+def ensure_firmware(board: str) -> Path | None:
+    """Build tests/firmware for ``board`` if missing; None when it cannot be built."""
+    out = BUILD / board
+    if (out / "hello.elf").exists():
+        return out
+    with _build_lock:
+        if not (out / "hello.elf").exists() and shutil.which("make"):
+            subprocess.run(["make", "-C", str(FIRMWARE), f"BOARDS={board}"],
+                           capture_output=True, check=False, timeout=300)
+    return out if (out / "hello.elf").exists() else None
+
+
+def elf_image(path: Path) -> ProgramImage:
+    with path.open("rb") as f:
+        elf = ELFFile(f)
+        arch = Arch.ARM_CORTEX_M if elf["e_machine"] == "EM_ARM" else Arch.RISCV32
+        segs = tuple(
+            Segment(s["p_paddr"], s.data()[: s["p_filesz"]])
+            for s in elf.iter_segments()
+            if s["p_type"] == "PT_LOAD" and s["p_filesz"]
+        )
+        return ProgramImage(segs, entry=elf["e_entry"], arch=arch)
+
+
+def elf_symbol(path: Path, name: str) -> int:
+    with path.open("rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+        assert sym, name
+        return int(sym[0]["st_value"])
+
+
+def board(name: str):
+    return load_shipped_boards()[name]
+
+
+class Recorder:
+    """MachineEvents that records everything and lets a test await the next stop."""
+
+    def __init__(self) -> None:
+        self.console = bytearray()
+        self.stops: list[StopInfo] = []
+        self.failures: list[str] = []
+        self._cond = threading.Condition()
+
+    def console_output(self, data: bytes) -> None:
+        with self._cond:
+            self.console += data
+            self._cond.notify_all()
+
+    def stopped(self, info: StopInfo) -> None:
+        with self._cond:
+            self.stops.append(info)
+            self._cond.notify_all()
+
+    def failed(self, reason: str) -> None:
+        with self._cond:
+            self.failures.append(reason)
+            self._cond.notify_all()
+
+    def _wait(self, pred, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(pred, timeout)
+
+    async def wait_stop(self, n: int = 1, timeout: float = 20.0) -> StopInfo:
+        ok = await asyncio.to_thread(self._wait, lambda: len(self.stops) >= n or self.failures,
+                                     timeout)
+        assert not self.failures, self.failures
+        assert ok, f"no stop after {timeout}s; console={bytes(self.console)!r}"
+        return self.stops[n - 1]
+
+    async def wait_console(self, text: bytes, timeout: float = 20.0) -> None:
+        ok = await asyncio.to_thread(self._wait, lambda: text in self.console, timeout)
+        assert ok, f"{text!r} not seen; console={bytes(self.console)!r}"
