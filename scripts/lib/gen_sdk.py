@@ -58,8 +58,11 @@ def main(out_path: str) -> None:
         for _mod, service in services:
             cls = ("Async" if flavour == "async" else "") + service.name
             transport = "AsyncTransport" if flavour == "async" else "SyncTransport"
+            methods = ", ".join(f"{m.name!r}: {snake(m.name)!r}" for m in service.methods)
             lines += ["", "", f"class {cls}:", f'    """{service.full_name}."""', "",
-                      f"    SERVICE = {service.full_name!r}", "",
+                      f"    SERVICE = {service.full_name!r}",
+                      "    # RPC name -> method name",
+                      f"    METHODS = {{{methods}}}", "",
                       f"    def __init__(self, transport: {transport}) -> None:",
                       "        self._t = transport"]
             for method in service.methods:

@@ -20,6 +20,8 @@ class AsyncCapabilitiesService:
     """machineserver.v1.CapabilitiesService."""
 
     SERVICE = 'machineserver.v1.CapabilitiesService'
+    # RPC name -> method name
+    METHODS = {'GetCapabilities': 'get_capabilities', 'ListBoardTemplates': 'list_board_templates', 'GetBoardTemplate': 'get_board_template', 'CreateBoardTemplate': 'create_board_template', 'UpdateBoardTemplate': 'update_board_template', 'DeleteBoardTemplate': 'delete_board_template'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -47,6 +49,8 @@ class AsyncSessionService:
     """machineserver.v1.SessionService."""
 
     SERVICE = 'machineserver.v1.SessionService'
+    # RPC name -> method name
+    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -128,6 +132,8 @@ class AsyncDebugService:
     """machineserver.v1.DebugService."""
 
     SERVICE = 'machineserver.v1.DebugService'
+    # RPC name -> method name
+    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -182,6 +188,8 @@ class AsyncCoverageService:
     """machineserver.v1.CoverageService."""
 
     SERVICE = 'machineserver.v1.CoverageService'
+    # RPC name -> method name
+    METHODS = {'StartCoverage': 'start_coverage', 'StopCoverage': 'stop_coverage', 'ResetCoverage': 'reset_coverage', 'GetCoverageSummary': 'get_coverage_summary', 'ExportCoverage': 'export_coverage', 'MergeCoverage': 'merge_coverage', 'ListCoverageReports': 'list_coverage_reports'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -212,6 +220,8 @@ class AsyncCoSimService:
     """machineserver.v1.CoSimService."""
 
     SERVICE = 'machineserver.v1.CoSimService'
+    # RPC name -> method name
+    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -245,6 +255,8 @@ class AsyncTelemetryService:
     """machineserver.v1.TelemetryService."""
 
     SERVICE = 'machineserver.v1.TelemetryService'
+    # RPC name -> method name
+    METHODS = {'GetHostStatus': 'get_host_status', 'StreamHostStatus': 'stream_host_status', 'GetSessionMetrics': 'get_session_metrics', 'StreamSessionMetrics': 'stream_session_metrics', 'CreateAlertRule': 'create_alert_rule', 'ListAlertRules': 'list_alert_rules', 'DeleteAlertRule': 'delete_alert_rule', 'StreamAlerts': 'stream_alerts'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -278,6 +290,8 @@ class CapabilitiesService:
     """machineserver.v1.CapabilitiesService."""
 
     SERVICE = 'machineserver.v1.CapabilitiesService'
+    # RPC name -> method name
+    METHODS = {'GetCapabilities': 'get_capabilities', 'ListBoardTemplates': 'list_board_templates', 'GetBoardTemplate': 'get_board_template', 'CreateBoardTemplate': 'create_board_template', 'UpdateBoardTemplate': 'update_board_template', 'DeleteBoardTemplate': 'delete_board_template'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -305,6 +319,8 @@ class SessionService:
     """machineserver.v1.SessionService."""
 
     SERVICE = 'machineserver.v1.SessionService'
+    # RPC name -> method name
+    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -386,6 +402,8 @@ class DebugService:
     """machineserver.v1.DebugService."""
 
     SERVICE = 'machineserver.v1.DebugService'
+    # RPC name -> method name
+    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -440,6 +458,8 @@ class CoverageService:
     """machineserver.v1.CoverageService."""
 
     SERVICE = 'machineserver.v1.CoverageService'
+    # RPC name -> method name
+    METHODS = {'StartCoverage': 'start_coverage', 'StopCoverage': 'stop_coverage', 'ResetCoverage': 'reset_coverage', 'GetCoverageSummary': 'get_coverage_summary', 'ExportCoverage': 'export_coverage', 'MergeCoverage': 'merge_coverage', 'ListCoverageReports': 'list_coverage_reports'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -470,6 +490,8 @@ class CoSimService:
     """machineserver.v1.CoSimService."""
 
     SERVICE = 'machineserver.v1.CoSimService'
+    # RPC name -> method name
+    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -503,6 +525,8 @@ class TelemetryService:
     """machineserver.v1.TelemetryService."""
 
     SERVICE = 'machineserver.v1.TelemetryService'
+    # RPC name -> method name
+    METHODS = {'GetHostStatus': 'get_host_status', 'StreamHostStatus': 'stream_host_status', 'GetSessionMetrics': 'get_session_metrics', 'StreamSessionMetrics': 'stream_session_metrics', 'CreateAlertRule': 'create_alert_rule', 'ListAlertRules': 'list_alert_rules', 'DeleteAlertRule': 'delete_alert_rule', 'StreamAlerts': 'stream_alerts'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc import aio
 
-from machineserver.sdk.errors import InvalidArgument, from_rpc_error
+from machineserver.sdk.errors import from_rpc_error
 
 M = TypeVar("M", bound=Message)
 DEFAULT: Any = object()  # "use the client's default deadline"
@@ -53,6 +53,36 @@ def channel_options(retry_methods: Iterable[tuple[str, str]], extra: Mapping[str
     return opts
 
 
+def _set_field(msg: Message, key: str, value: Any) -> None:
+    """Set one field from a Python value: scalars and bytes as they are, messages as
+    messages or dicts (JSON-shaped), repeated fields from lists, maps from dicts."""
+    fd = msg.DESCRIPTOR.fields_by_name.get(key)
+    if fd is None:
+        raise TypeError(f"{msg.DESCRIPTOR.name} has no field {key!r}")
+    target = getattr(msg, key) if fd.message_type is not None or fd.is_repeated else None
+    is_map = fd.message_type is not None and fd.message_type.GetOptions().map_entry
+    try:
+        if is_map:
+            target.update(value)  # type: ignore[union-attr]
+        elif fd.is_repeated:
+            for item in value:
+                if fd.message_type is None:
+                    target.append(item)  # type: ignore[union-attr]
+                elif isinstance(item, Message):
+                    target.add().CopyFrom(item)  # type: ignore[union-attr]
+                else:
+                    json_format.ParseDict(item, target.add())  # type: ignore[union-attr]
+        elif fd.message_type is not None:
+            if isinstance(value, Message):
+                target.CopyFrom(value)  # type: ignore[union-attr]
+            else:
+                json_format.ParseDict(value, target)
+        else:
+            setattr(msg, key, value)
+    except (TypeError, ValueError, json_format.ParseError) as exc:
+        raise TypeError(f"{msg.DESCRIPTOR.name}.{key}: {exc}") from None
+
+
 def _ser(msg: Message) -> bytes:
     return msg.SerializeToString()
 
@@ -69,17 +99,8 @@ class _Base:
                 raise TypeError("pass either a request message or keyword fields, not both")
             return request
         msg = cls()
-        plain: dict[str, Any] = {}
         for key, value in fields.items():
-            if isinstance(value, Message):
-                getattr(msg, key).CopyFrom(value)
-            else:
-                plain[key] = value
-        if plain:
-            try:
-                json_format.ParseDict(plain, msg, ignore_unknown_fields=False)
-            except json_format.ParseError as exc:
-                raise InvalidArgument(f"bad request fields for {cls.DESCRIPTOR.name}: {exc}") from None
+            _set_field(msg, key, value)
         return msg
 
     def _timeout(self, timeout: Any, streaming: bool = False) -> float | None:

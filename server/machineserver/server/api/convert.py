@@ -110,7 +110,7 @@ def stop_pb(stop: StopInfo | None, position: dbg.SourcePosition | None = None) -
         msg.watch_value = stop.watch_value
     if stop.watch_access:
         msg.watch_kind = WATCH_TO_PB.get(WatchKind(stop.watch_access), common_pb.WATCH_KIND_UNSPECIFIED)
-    if position is not None:
+    if position is not None and (position.function or position.file):
         msg.location.CopyFrom(source_pb(position))
     return msg
 

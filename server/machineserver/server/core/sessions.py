@@ -531,8 +531,8 @@ class SessionManager:
     # ------------------------------------------------------------------ events from machines
 
     def _on_stop(self, live: LiveSession, info: StopInfo) -> None:
-        if live.state is not MachineState.RUNNING:
-            return  # already handled synchronously (pause/step) or powered off
+        if live.state is not MachineState.RUNNING or info.reason in (StopReason.HALT, StopReason.STEP):
+            return  # pause() and step() hand their stops back themselves; or powered off
         self._apply_stop(live, info, info.reason.value)
 
     def _apply_stop(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:

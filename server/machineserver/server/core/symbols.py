@@ -58,7 +58,7 @@ class SymbolTable:
                     addr &= ~1  # Thumb bit
                 s = Symbol(sym.name, addr, sym["st_size"], "func" if kind == "STT_FUNC" else "object")
                 self.symbols.setdefault(s.name, s)
-        self._by_address = sorted((s.address, s) for s in self.symbols.values())
+        self._by_address = sorted(((s.address, s) for s in self.symbols.values()), key=lambda t: (t[0], t[1].name))
 
     def _read_lines(self, elf: ELFFile) -> None:
         if not elf.has_dwarf_info():

@@ -353,9 +353,13 @@ class CortexM:
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
+        if self.m.mmio_blocked():
+            return 0
         return self.m.guard(self.scs.read, offset, size, default=0)
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
+        if self.m.mmio_blocked():
+            return
         self.m.guard(self.scs.write, offset, size, value)
 
     def reset(self, entry: int | None) -> None:

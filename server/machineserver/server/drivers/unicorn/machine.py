@@ -69,6 +69,7 @@ from machineserver.server.drivers.unicorn.semihosting import semihost_call
 
 SLICE_COUNT = 2_000_000  # instructions per counted slice (~8 ms at ~240 M/s)
 SLICE_TIMEOUT_US = 10_000  # host time per uncounted slice
+BACKSTOP_US = 20_000  # Unicorn's asynchronous timeout, after the synchronous one
 NOMINAL_IPS = 200_000_000  # estimate for uncounted slices
 UNTIL = 0xFFFFFFFF  # odd: never a PC on Thumb or RISC-V
 SNAPSHOT_MAGIC = b"MSUCSNAP"
@@ -132,6 +133,7 @@ class UnicornMachine(
         self._counted = False
         self._slice_cycles = 0
         self._slice_t0 = 0.0
+        self._slice_deadline = 0.0
         self._hit: StopInfo | None = None
         self._fault_addr: int | None = None
         self._extra = 0
@@ -165,6 +167,23 @@ class UnicornMachine(
             self.hook_stop(StopInfo(StopReason.FAULT, pc=pc,
                                     message=f"internal model error: {exc!r}"))
             return default
+
+    def mmio_blocked(self) -> bool:
+        """Called first by every MMIO callback. Ends an uncounted slice *synchronously*
+        once its time is up, before the access has any effect.
+
+        Why: Unicorn 2.1.4 checks a stop request inside the memory helper of an
+        MMIO access and then restarts the instruction (PC left at it, register
+        writeback undone), so an asynchronous stop (its ``timeout``) landing during
+        a UART write would replay the write and print the byte twice. Here the
+        stop is requested from inside the callback, which then skips its side
+        effect; the instruction re-executes in the next slice. Unicorn's own
+        timeout is only a later backstop for code that never touches MMIO.
+        """
+        if self._in_slice and not self._counted and time.perf_counter() >= self._slice_deadline:
+            self.uc.emu_stop()
+            return True
+        return False
 
     def hook_stop(self, info: StopInfo) -> None:
         if self._hit is None:
@@ -274,11 +293,15 @@ class UnicornMachine(
 
     def _mmio_reader(self, model: Uart, delta: int) -> Callable[..., int]:
         def read(uc: Any, offset: int, size: int, _ud: Any) -> int:
+            if self.mmio_blocked():
+                return 0
             return int(self.guard(model.read, offset - delta, size, default=0))
         return read
 
     def _mmio_writer(self, model: Uart, delta: int) -> Callable[..., None]:
         def write(uc: Any, offset: int, size: int, value: int, _ud: Any) -> None:
+            if self.mmio_blocked():
+                return
             self.guard(model.write, offset - delta, size, value)
         return write
 
@@ -369,13 +392,15 @@ class UnicornMachine(
         self._counted = counted
         self._slice_cycles = self.cycles
         self._slice_t0 = time.perf_counter()
+        self._slice_deadline = self._slice_t0 + SLICE_TIMEOUT_US / 1e6
         self._in_slice = True
         err: UcError | None = None
         try:
             if counted:
                 uc.emu_start(core.start_address(), UNTIL, count=n)
             else:
-                uc.emu_start(core.start_address(), UNTIL, timeout=SLICE_TIMEOUT_US)
+                uc.emu_start(core.start_address(), UNTIL,
+                             timeout=SLICE_TIMEOUT_US + BACKSTOP_US)
         except UcError as exc:
             err = exc
         finally:
@@ -385,7 +410,10 @@ class UnicornMachine(
         wfi = clean and core.halted_on_wfi(pc)
         if counted and self._counter is not None and self._counter.available:
             c = self._counter.read()
-            executed = c if (wfi and c - 1 < n) else max(c - 1, 0)
+            # PC just past a WFI can also be an exception return to there: only a
+            # halt leaves the count short of n with the next instruction uncounted
+            wfi = wfi and c - 1 < n
+            executed = c if wfi else max(c - 1, 0)
         elif counted:
             executed = n if clean and not wfi else 0
             self.exact = False

@@ -7,8 +7,8 @@ arrives in the interrupt hook with PC past it, ``wfi`` halts the CPU (emulation
 returns, PC past it), and ``mret`` works natively. So traps are entered in Python:
 mepc, mcause, mtval, mstatus (MPIE <- MIE, MIE <- 0, MPP <- M), PC <- mtvec (vectored
 mode for interrupts). The machine timer interrupt is delivered the same way between
-slices, at the exact cycle ``mtime`` reaches ``mtimecmp``; mip.MTIP mirrors the
-comparison. A trap with mtvec = 0 stops the machine FAULTED. There is no PLIC model:
+slices, at the exact cycle ``mtime`` reaches ``mtimecmp`` (Unicorn keeps mip.MTIP
+read-only, so the pending bit lives in the model; the guest's mip does not show it). A trap with mtvec = 0 stops the machine FAULTED. There is no PLIC model:
 UART interrupts are not delivered on this board.
 """
 
@@ -113,6 +113,7 @@ class RiscV:
         self.clint_spec = spec
         tb = int(spec.properties.get("timebase_hz", 10_000_000)) if spec else 10_000_000
         self.clint = Clint(self, tb)
+        self.mip = 0
 
     def create_uc(self) -> Uc:
         self.uc = Uc(UC_ARCH_RISCV, UC_MODE_RISCV32)
@@ -125,9 +126,13 @@ class RiscV:
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
+        if self.m.mmio_blocked():
+            return 0
         return self.m.guard(self.clint.read, offset, size, default=0)
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
+        if self.m.mmio_blocked():
+            return
         self.m.guard(self.clint.write, offset, size, value)
 
     def reset(self, entry: int | None) -> None:
@@ -184,15 +189,14 @@ class RiscV:
         return self.clint.deadline()
 
     def tick(self, now: int) -> None:
-        assert self.uc is not None
-        mip = int(self.uc.reg_read(rc.UC_RISCV_REG_MIP))
-        new = mip & ~0x88
+        # Unicorn's CSR write mask makes mip.MTIP/MSIP read-only, so the pending lines
+        # live here (the guest reading mip does not see them; delivery is exact).
+        new = 0
         if self.clint.mtimecmp != _U64 and self.clint.mtime(now) >= self.clint.mtimecmp:
             new |= 0x80
         if self.clint.msip:
             new |= 0x8
-        if new != mip:
-            self.uc.reg_write(rc.UC_RISCV_REG_MIP, new)
+        self.mip = new
 
     def set_irq(self, irq: int, level: bool) -> None:
         pass  # no PLIC model
@@ -202,7 +206,8 @@ class RiscV:
         uc = self.uc
         if not int(uc.reg_read(rc.UC_RISCV_REG_MSTATUS)) & 0x8:
             return None
-        bits = int(uc.reg_read(rc.UC_RISCV_REG_MIP)) & int(uc.reg_read(rc.UC_RISCV_REG_MIE))
+        self.tick(self.m.now_cycles())
+        bits = self.mip & int(uc.reg_read(rc.UC_RISCV_REG_MIE))
         for cause in (11, 3, 7):  # MEI, MSI, MTI: the architectural priority order
             if bits >> cause & 1:
                 return cause

@@ -1,0 +1,217 @@
+"""msctl: the MachineServer command line.
+
+Every RPC is a command (``msctl session create-session --board-template lm3s6965evb``),
+and friendly verbs cover the common path::
+
+    msctl serve                                   start a server (same flags as machineserver)
+    msctl caps                                    backends and boards, as a table
+    msctl program upload fw.elf                   upload a program
+    msctl session create --board lm3s6965evb --program fw.elf --run
+    msctl session list                            sessions, as a table
+    msctl console SESSION                         follow a session's console
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from machineserver.cli import rpc
+from machineserver.sdk import Client, errors
+from machineserver.v1 import common_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _state_name(value: int) -> str:
+    return common_pb2.SessionState.Name(value).removeprefix("SESSION_STATE_")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+# ---------------------------------------------------------------------- friendly verbs
+
+
+def cmd_caps(client: Client, args: argparse.Namespace) -> int:
+    caps = client.capabilities.get_capabilities()
+    if args.json:
+        rpc.print_message(caps, True)
+        return 0
+    print(f"MachineServer {caps.server_version} ({caps.api_version}), default backend: {caps.default_backend}")
+    rows = []
+    for b in caps.backends:
+        feats = ",".join(common_pb2.Feature.Name(f).removeprefix("FEATURE_").lower() for f in b.features)
+        status = "yes" if b.available else f"no: {b.unavailable_reason}"
+        rows.append([b.name, status, b.version, " ".join(b.boards), feats])
+    _table(rows, ["BACKEND", "AVAILABLE", "VERSION", "BOARDS", "FEATURES"])
+    return 0
+
+
+def _upload(client: Client, path: str, fmt: str, load_address: int) -> str:
+    resp = client.upload_program(path, format=fmt, load_address=load_address)
+    return resp.program.name
+
+
+def cmd_program_upload(client: Client, args: argparse.Namespace) -> int:
+    resp = client.upload_program(args.file, format=args.format, load_address=args.load_address)
+    if args.json:
+        rpc.print_message(resp, True)
+    else:
+        note = " (already stored)" if resp.deduplicated else ""
+        print(f"{resp.program.name}  {resp.program.format and Path(args.file).name}  sha256={resp.program.sha256[:16]}{note}")
+    return 0
+
+
+def cmd_program_list(client: Client, args: argparse.Namespace) -> int:
+    resp = client.sessions.list_programs(page_size=args.page_size)
+    if args.json:
+        rpc.print_message(resp, True)
+        return 0
+    from machineserver.v1 import session_pb2
+
+    rows = [[p.name, p.display_name, session_pb2.ProgramFormat.Name(p.format).removeprefix("PROGRAM_FORMAT_"),
+             str(p.size_bytes), p.arch, p.sha256[:16]] for p in resp.programs]
+    _table(rows, ["NAME", "FILE", "FORMAT", "BYTES", "ARCH", "SHA256"])
+    return 0
+
+
+def cmd_session_create(client: Client, args: argparse.Namespace) -> int:
+    program = ""
+    if args.program:
+        program = args.program if args.program.startswith("programs/") else _upload(client, args.program, args.format, args.load_address)
+    labels = dict(item.split("=", 1) for item in args.label or [])
+    resp = client.sessions.create_session(
+        board_template=args.board or "", board_config=Path(args.board_config).read_text() if args.board_config else "",
+        backend=args.backend or "", display_name=args.display_name or "", labels=labels, program=program,
+        power_on=args.power_on, run=args.run, session_id=args.id or "",
+    )
+    if args.json:
+        rpc.print_message(resp, True)
+    else:
+        s = resp.session
+        print(f"{s.name}  board={s.board} backend={s.backend} state={_state_name(s.state)}")
+    return 0
+
+
+def cmd_session_list(client: Client, args: argparse.Namespace) -> int:
+    resp = client.sessions.list_sessions(page_size=args.page_size, filter=args.filter or "")
+    if args.json:
+        rpc.print_message(resp, True)
+        return 0
+    rows = [[s.name, s.display_name, s.board, s.backend, _state_name(s.state), s.program, s.state_reason]
+            for s in resp.sessions]
+    _table(rows, ["NAME", "DISPLAY NAME", "BOARD", "BACKEND", "STATE", "PROGRAM", "REASON"])
+    return 0
+
+
+def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    name = args.session if args.session.startswith("sessions/") else f"sessions/{args.session}"
+    out = sys.stdout.buffer
+    try:
+        for data in client.console(name, offset=args.offset, follow=not args.no_follow):
+            out.write(data)
+            out.flush()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from machineserver.server.app import main as server_main
+
+    server_main(argv)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msctl", description="MachineServer command line: every RPC, plus friendly verbs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("--target", default=os.environ.get("MSCTL_TARGET", DEFAULT_TARGET),
+                        help=f"server address (env MSCTL_TARGET, default {DEFAULT_TARGET})")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of unary calls, seconds")
+    parser.add_argument("--api-key", default=os.environ.get("MSCTL_API_KEY"), help="API key (env MSCTL_API_KEY)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND")
+
+    sub.add_parser("serve", help="start a MachineServer (flags as `machineserver --help`)", add_help=False)
+    p = sub.add_parser("caps", help="backends, their availability and boards")
+    p.set_defaults(handler=cmd_caps)
+    p = sub.add_parser("console", help="follow a session's console output")
+    p.add_argument("session")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--no-follow", action="store_true", help="print what is there and stop")
+    p.set_defaults(handler=cmd_console)
+
+    prog = sub.add_parser("program", help="upload and list programs")
+    psub = prog.add_subparsers(dest="command", metavar="COMMAND")
+    p = psub.add_parser("upload", help="upload an ELF, BIN or Intel HEX file")
+    p.add_argument("file")
+    p.add_argument("--format", default="", choices=["", "elf", "bin", "ihex", "hex"])
+    p.add_argument("--load-address", type=lambda s: int(s, 0), default=0, help="for BIN")
+    p.set_defaults(handler=cmd_program_upload)
+    p = psub.add_parser("list", help="programs as a table")
+    p.add_argument("--page-size", type=int, default=100)
+    p.set_defaults(handler=cmd_program_list)
+
+    rpc.add_rpc_commands(sub)
+    session_group = sub.choices["session"]
+    ssub = next(a for a in session_group._actions if isinstance(a, argparse._SubParsersAction))
+    p = ssub.add_parser("create", help="create a session (uploads --program if it is a file)")
+    p.add_argument("--board", help="board template, e.g. lm3s6965evb")
+    p.add_argument("--board-config", help="an inline board config file (YAML/JSON)")
+    p.add_argument("--backend", help="unicorn, qemu, ... (default: the server's)")
+    p.add_argument("--program", help="a file to upload and load, or programs/ID")
+    p.add_argument("--format", default="", choices=["", "elf", "bin", "ihex", "hex"])
+    p.add_argument("--load-address", type=lambda s: int(s, 0), default=0)
+    p.add_argument("--display-name")
+    p.add_argument("--id", help="session id (default: generated)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--power-on", action="store_true")
+    p.add_argument("--run", action="store_true", help="power on and run")
+    p.set_defaults(handler=cmd_session_create)
+    p = ssub.add_parser("list", help="sessions as a table")
+    p.add_argument("--filter")
+    p.add_argument("--page-size", type=int, default=100)
+    p.set_defaults(handler=cmd_session_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Any = getattr(args, "handler", None)
+    if handler is None:
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 2
+    client = Client.connect(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls)
+    try:
+        return int(handler(client, args) or 0)
+    except errors.MachineServerError as exc:
+        print(f"msctl: {exc}", file=sys.stderr)
+        for field, why in exc.field_violations:
+            print(f"  field {field}: {why}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

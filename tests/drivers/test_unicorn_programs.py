@@ -1,0 +1,181 @@
+"""Unicorn driver: the test firmware runs to its expected output on every board."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from unicorn_helpers import (  # noqa: E402
+    ARM_BOARDS,
+    BOARDS,
+    Recorder,
+    board,
+    elf_image,
+    elf_symbol,
+    ensure_firmware,
+)
+
+from machineserver.server.drivers.base import (  # noqa: E402
+    MachineOptions,
+    MachineState,
+    StopReason,
+)
+from machineserver.server.drivers.unicorn import UnicornBackend  # noqa: E402
+
+pytest.importorskip("unicorn")
+
+
+def fw(board_name: str, program: str) -> Path:
+    out = ensure_firmware(board_name)
+    if out is None:
+        pytest.skip(f"test firmware for {board_name} is not built and cannot be built here "
+                    "(cross compiler missing?)")
+    return out / f"{program}.elf"
+
+
+async def start(board_name: str, program: str, **opts):
+    rec = Recorder()
+    m = UnicornBackend().create_machine(board(board_name), MachineOptions(**opts), rec)
+    await m.power_on()
+    await m.load(elf_image(fw(board_name, program)))
+    return m, rec
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_hello_prints_and_exits_0(board_name):
+    m, rec = await start(board_name, "hello")
+    await m.run()
+    stop = await rec.wait_stop()
+    assert stop.reason == StopReason.EXIT and stop.exit_code == 0
+    assert bytes(rec.console) == f"Hello from {board_name}!\n".encode()
+    assert m.state == MachineState.EXITED
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_crc32(board_name):
+    m, rec = await start(board_name, "crc32")
+    await m.run()
+    stop = await rec.wait_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    assert bytes(rec.console) == b"crc32=0x80f45f04\n"
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_timer_interrupts_ten_ticks(board_name):
+    """SysTick (exception 15, real entry/return) or the CLINT machine timer."""
+    program = "timer" if board_name == "sifive_e" else "systick"
+    m, rec = await start(board_name, program)
+    await m.run()
+    stop = await rec.wait_stop()
+    assert bytes(rec.console) == b"ticks=10\n"
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    await m.power_off()
+
+
+async def test_systick_period_is_exact_in_virtual_time():
+    """Ticks every SYSTICK_RELOAD (10000) cycles: the handler first runs at a cycle
+    count that is a multiple of the period after SysTick was enabled."""
+    m, rec = await start("lm3s6965evb", "systick", icount=True)
+    path = fw("lm3s6965evb", "systick")
+    handler = elf_symbol(path, "SysTick_Handler") & ~1
+    await m.set_breakpoint(handler)
+    hits = []
+    for _ in range(3):
+        await m.run()
+        stop = await rec.wait_stop(len(rec.stops) + 1)
+        assert stop.reason == StopReason.BREAKPOINT and stop.pc == handler
+        hits.append(m.counters().virtual_time_ns)
+    periods = {b - a for a, b in zip(hits, hits[1:])}
+    assert periods == {10000 * 1000 // 50}  # 10000 cycles at 50 MHz, in ns
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_fault_runs_guest_handler(board_name):
+    m, rec = await start(board_name, "fault")
+    await m.run()
+    stop = await rec.wait_stop()
+    expected = b"trap mcause=5\n" if board_name == "sifive_e" else b"hardfault\n"
+    assert bytes(rec.console) == b"about to fault\n" + expected
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
+    if board_name != "sifive_e":
+        cfsr = int.from_bytes(await m.read_memory(0, 0), "little")  # noqa: F841 - MMIO refused
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_fault_without_handler_is_faulted(board_name):
+    m, rec = await start(board_name, "fault")
+    spec = board(board_name)
+    if board_name == "sifive_e":
+        main = elf_symbol(fw(board_name, "fault"), "main")
+        await m.set_breakpoint(main)
+        await m.run()
+        assert (await rec.wait_stop()).reason == StopReason.BREAKPOINT
+        await m.write_register("mtvec", 0)
+        n = 2
+    else:
+        await m.write_memory(spec.vector_table + 4 * 3, b"\0\0\0\0")  # no HardFault vector
+        n = 1
+    await m.run()
+    stop = await rec.wait_stop(n)
+    assert stop.reason == StopReason.FAULT
+    assert stop.fault_address == 0xF0000000 or stop.fault_address == 0x40000000
+    assert m.state == MachineState.FAULTED
+    assert bytes(rec.console) == b"about to fault\n"
+    # the machine is still usable: reset and run the program again
+    await m.reset()
+    assert m.state == MachineState.HALTED
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_echo_with_console_input(board_name):
+    m, rec = await start(board_name, "echo")
+    await m.run()
+    await rec.wait_console(b"echo ready\n")
+    await m.console_input(b"hi there\n")
+    await rec.wait_console(b"hi there\n")
+    await m.console_input(b"q")
+    stop = await rec.wait_stop()
+    assert bytes(rec.console) == b"echo ready\nhi there\nbye\n"
+    assert stop.exit_code == 0
+    await m.power_off()
+
+
+async def test_fifty_machines_run_concurrently():
+    backend = UnicornBackend()
+    machines = []
+    for i in range(52):
+        name = BOARDS[i % len(BOARDS)]
+        rec = Recorder()
+        m = backend.create_machine(board(name), MachineOptions(), rec)
+        await m.power_on()
+        await m.load(elf_image(fw(name, "hello" if i % 2 else "crc32")))
+        machines.append((name, i, m, rec))
+    await asyncio.gather(*(m.run() for _, _, m, _ in machines))
+    stops = await asyncio.gather(*(rec.wait_stop(timeout=60) for _, _, _, rec in machines))
+    for (name, i, m, rec), stop in zip(machines, stops, strict=True):
+        want = f"Hello from {name}!\n".encode() if i % 2 else b"crc32=0x80f45f04\n"
+        assert bytes(rec.console) == want
+        assert stop.exit_code == 0
+        await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", ARM_BOARDS)
+async def test_reset_reruns_program(board_name):
+    m, rec = await start(board_name, "hello")
+    await m.run()
+    await rec.wait_stop()
+    await m.reset()
+    assert m.counters().instructions == 0
+    await m.run()
+    await rec.wait_stop(2)
+    assert bytes(rec.console) == f"Hello from {board_name}!\n".encode() * 2
+    await m.power_off()
