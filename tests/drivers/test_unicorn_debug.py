@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_unicorn_programs import fw, start  # noqa: E402
-from unicorn_helpers import ARM_BOARDS, BOARDS, Recorder, board, elf_image, elf_symbol  # noqa: E402
-
-from machineserver.server.drivers.base import (  # noqa: E402
+from machineserver.server.drivers.base import (
     Arch,
     BadImage,
     BadRequest,
@@ -26,7 +23,9 @@ from machineserver.server.drivers.base import (  # noqa: E402
     WatchKind,
     WrongState,
 )
-from machineserver.server.drivers.unicorn import UnicornBackend  # noqa: E402
+from machineserver.server.drivers.unicorn import UnicornBackend
+from test_unicorn_programs import fw, start
+from unicorn_helpers import ARM_BOARDS, BOARDS, Recorder, board, elf_image, elf_symbol
 
 pytest.importorskip("unicorn")
 
@@ -221,7 +220,7 @@ async def test_snapshot_restore_is_deterministic(board_name, program):
     if program != "crc32":
         program = "timer" if board_name == "sifive_e" else "systick"
     m, rec = await start(board_name, program)
-    await m.step(3000 if program != "crc32" else 300000)
+    await m.step(200 if program != "crc32" else 300000)
     blob = await m.save_state()
     assert isinstance(blob, bytes) and blob.startswith(b"MSUCSNAP")
     mark = len(rec.console)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unicorn_helpers import (  # noqa: E402
+from machineserver.server.drivers.base import (
+    MachineOptions,
+    MachineState,
+    StopReason,
+)
+from machineserver.server.drivers.unicorn import UnicornBackend
+from unicorn_helpers import (
     ARM_BOARDS,
     BOARDS,
     Recorder,
@@ -18,13 +25,6 @@ from unicorn_helpers import (  # noqa: E402
     elf_symbol,
     ensure_firmware,
 )
-
-from machineserver.server.drivers.base import (  # noqa: E402
-    MachineOptions,
-    MachineState,
-    StopReason,
-)
-from machineserver.server.drivers.unicorn import UnicornBackend  # noqa: E402
 
 pytest.importorskip("unicorn")
 
@@ -86,13 +86,13 @@ async def test_systick_period_is_exact_in_virtual_time():
     handler = elf_symbol(path, "SysTick_Handler") & ~1
     await m.set_breakpoint(handler)
     hits = []
-    for _ in range(3):
+    for i in range(3):
         await m.run()
-        stop = await rec.wait_stop(len(rec.stops) + 1)
+        stop = await rec.wait_stop(i + 1)
         assert stop.reason == StopReason.BREAKPOINT and stop.pc == handler
         hits.append(m.counters().virtual_time_ns)
-    periods = {b - a for a, b in zip(hits, hits[1:])}
-    assert periods == {10000 * 1000 // 50}  # 10000 cycles at 50 MHz, in ns
+    periods = {b - a for a, b in itertools.pairwise(hits)}
+    assert all(abs(p - 10000 * 1000 / 12) <= 1 for p in periods)  # 10000 cycles at 12 MHz
     await m.power_off()
 
 
@@ -104,8 +104,6 @@ async def test_fault_runs_guest_handler(board_name):
     expected = b"trap mcause=5\n" if board_name == "sifive_e" else b"hardfault\n"
     assert bytes(rec.console) == b"about to fault\n" + expected
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
-    if board_name != "sifive_e":
-        cfsr = int.from_bytes(await m.read_memory(0, 0), "little")  # noqa: F841 - MMIO refused
     await m.power_off()
 
 
@@ -160,7 +158,7 @@ async def test_fifty_machines_run_concurrently():
         await m.load(elf_image(fw(name, "hello" if i % 2 else "crc32")))
         machines.append((name, i, m, rec))
     await asyncio.gather(*(m.run() for _, _, m, _ in machines))
-    stops = await asyncio.gather(*(rec.wait_stop(timeout=60) for _, _, _, rec in machines))
+    stops = await asyncio.gather(*(rec.wait_stop(wait_s=60) for _, _, _, rec in machines))
     for (name, i, m, rec), stop in zip(machines, stops, strict=True):
         want = f"Hello from {name}!\n".encode() if i % 2 else b"crc32=0x80f45f04\n"
         assert bytes(rec.console) == want

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
-
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.drivers.base import Arch, ProgramImage, Segment, StopInfo
 
@@ -84,13 +83,13 @@ class Recorder:
         with self._cond:
             return self._cond.wait_for(pred, timeout)
 
-    async def wait_stop(self, n: int = 1, timeout: float = 20.0) -> StopInfo:
+    async def wait_stop(self, n: int = 1, wait_s: float = 20.0) -> StopInfo:
         ok = await asyncio.to_thread(self._wait, lambda: len(self.stops) >= n or self.failures,
-                                     timeout)
+                                     wait_s)
         assert not self.failures, self.failures
-        assert ok, f"no stop after {timeout}s; console={bytes(self.console)!r}"
+        assert ok, f"no stop after {wait_s}s; console={bytes(self.console)!r}"
         return self.stops[n - 1]
 
-    async def wait_console(self, text: bytes, timeout: float = 20.0) -> None:
-        ok = await asyncio.to_thread(self._wait, lambda: text in self.console, timeout)
+    async def wait_console(self, text: bytes, wait_s: float = 20.0) -> None:
+        ok = await asyncio.to_thread(self._wait, lambda: text in self.console, wait_s)
         assert ok, f"{text!r} not seen; console={bytes(self.console)!r}"

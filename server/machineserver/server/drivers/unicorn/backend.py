@@ -13,7 +13,6 @@ from machineserver.server.drivers.base import (
     features_of,
 )
 
-
 try:
     from machineserver.server.drivers.unicorn.machine import UnicornMachine
 
@@ -33,7 +32,7 @@ class UnicornBackend(Backend):
     def probe(self) -> BackendInfo:
         try:
             import unicorn
-        except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
+        except Exception as exc:
             return BackendInfo(name=self.name, description=self.description, available=False,
                                unavailable_reason=f"cannot import unicorn: {exc}")
         if UnicornMachine is None:
@@ -69,7 +68,8 @@ class UnicornBackend(Backend):
             return f"arch {board.arch} is not supported by the unicorn backend"
         for p in board.peripherals:
             if p.model not in known:
-                return f"peripheral {p.name!r}: model {p.model!r} is not modelled by the unicorn backend"
+                return (f"peripheral {p.name!r}: model {p.model!r} is not modelled "
+                        "by the unicorn backend")
         for r in board.memory:
             if r.base % 0x1000:
                 return f"memory region {r.name!r} at 0x{r.base:x} is not 4 KiB aligned"

@@ -33,12 +33,12 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
+from machineserver.server.drivers.base import StopInfo, StopReason
 from unicorn import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB, Uc, UcError
 from unicorn import unicorn_const as ucc
 from unicorn.arm_const import (
     UC_ARM_REG_BASEPRI,
     UC_ARM_REG_CONTROL,
-    UC_ARM_REG_CPSR,
     UC_ARM_REG_FAULTMASK,
     UC_ARM_REG_LR,
     UC_ARM_REG_MSP,
@@ -63,8 +63,6 @@ from unicorn.arm_const import (
     UC_CPU_ARM_CORTEX_M3,
     UC_CPU_ARM_CORTEX_M4,
 )
-
-from machineserver.server.drivers.base import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.unicorn.machine import UnicornMachine
@@ -353,14 +351,10 @@ class CortexM:
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
-        if self.m.mmio_blocked():
-            return 0
-        return self.m.guard(self.scs.read, offset, size, default=0)
+        return int(self.m.mmio_access(SCS_BASE + offset, size, None, self.scs.read, offset, size, default=0))
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
-        if self.m.mmio_blocked():
-            return
-        self.m.guard(self.scs.write, offset, size, value)
+        self.m.mmio_access(SCS_BASE + offset, size, value, self.scs.write, offset, size, value, default=None)
 
     def reset(self, entry: int | None) -> None:
         uc = self.uc
@@ -521,8 +515,9 @@ class CortexM:
         vec = self._vector(exc)
         pc = self.pc() if return_pc is None else return_pc
         if vec is None:
-            return self._fault_stop(pc, None, f"exception {exc} taken but its vector is empty "
-                                              f"(no handler in the vector table at 0x{self.scs.vtor:08x})")
+            return self._fault_stop(
+                pc, None, f"exception {exc} taken but its vector is empty "
+                f"(no handler in the vector table at 0x{self.scs.vtor:08x})")
         r = [int(uc.reg_read(x)) & 0xFFFFFFFF for x in (
             UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_R2, UC_ARM_REG_R3, UC_ARM_REG_R12,
             UC_ARM_REG_LR, UC_ARM_REG_XPSR, UC_ARM_REG_SP, UC_ARM_REG_CONTROL)]
@@ -544,7 +539,8 @@ class CortexM:
         if use_psp:
             uc.reg_write(UC_ARM_REG_CONTROL, control & ~2)  # now on MSP
         uc.reg_write(UC_ARM_REG_XPSR, (xpsr & 0xF8000000) | (1 << 24) | exc)
-        uc.reg_write(UC_ARM_REG_LR, 0xFFFFFFF1 if not thread else (0xFFFFFFFD if use_psp else 0xFFFFFFF9))
+        exc_return = 0xFFFFFFF1 if not thread else (0xFFFFFFFD if use_psp else 0xFFFFFFF9)
+        uc.reg_write(UC_ARM_REG_LR, exc_return)
         uc.reg_write(UC_ARM_REG_PC, vec | 1)
         self.scs.pending &= ~(1 << exc)
         self.scs.active |= 1 << exc
@@ -583,7 +579,8 @@ class CortexM:
         enabled = {MEMMANAGE: 1 << 16, BUSFAULT: 1 << 17, USAGEFAULT: 1 << 18}.get(kind, 0)
         prio = self.exec_priority()
         target = kind
-        if kind != HARDFAULT and not (self.scs.shcsr & enabled and self._group(self._prio(kind)) < prio):
+        allowed = bool(self.scs.shcsr & enabled) and self._group(self._prio(kind)) < prio
+        if kind != HARDFAULT and not allowed:
             target = HARDFAULT
             self.scs.hfsr |= 1 << 30  # FORCED
         if target == HARDFAULT and prio <= -1:
@@ -647,7 +644,8 @@ class CortexM:
                               "while it is disabled")
         elif intno == 18:  # INVSTATE
             self.scs.cfsr |= 1 << 17
-            stop = self.fault(USAGEFAULT, pc, None, f"invalid state (Thumb bit clear) at 0x{pc:08x}")
+            stop = self.fault(USAGEFAULT, pc, None,
+                              f"invalid state (Thumb bit clear) at 0x{pc:08x}")
         elif intno == 22:  # UNALIGNED
             self.scs.cfsr |= 1 << 24
             stop = self.fault(USAGEFAULT, pc, None, f"unaligned access at 0x{pc:08x}")

@@ -54,7 +54,7 @@ def counter_offset() -> int | None:
         if not _calibrated:
             try:
                 _offset = _calibrate()
-            except Exception:  # noqa: BLE001 - any failure means "not available"
+            except Exception:
                 _offset = None
             _calibrated = True
         return _offset

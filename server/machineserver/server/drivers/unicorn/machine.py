@@ -36,9 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from unicorn import UcError
-from unicorn import unicorn_const as ucc
-
 from machineserver.server.drivers.base import (
     Arch,
     BadImage,
@@ -59,18 +56,21 @@ from machineserver.server.drivers.base import (
     Snapshots,
     StopInfo,
     StopReason,
-    Watchpoints,
     WatchKind,
+    Watchpoints,
     WrongState,
 )
 from machineserver.server.drivers.unicorn.counter import EmuCounter
 from machineserver.server.drivers.unicorn.peripherals import UART_MODELS, Uart
 from machineserver.server.drivers.unicorn.semihosting import semihost_call
+from machineserver.server.drivers.unicorn.replay import memory_operand_address
+from machineserver.server.drivers.unicorn.watchdog import WATCHDOG
+from unicorn import UcError
+from unicorn import unicorn_const as ucc
 
 SLICE_COUNT = 2_000_000  # instructions per counted slice (~8 ms at ~240 M/s)
 SLICE_TIMEOUT_US = 10_000  # host time per uncounted slice
-BACKSTOP_US = 20_000  # Unicorn's asynchronous timeout, after the synchronous one
-NOMINAL_IPS = 200_000_000  # estimate for uncounted slices
+NOMINAL_IPS = 1_500_000_000  # estimate for uncounted slices (crc32 on this host: 1.5-1.9 G/s)
 UNTIL = 0xFFFFFFFF  # odd: never a PC on Thumb or RISC-V
 SNAPSHOT_MAGIC = b"MSUCSNAP"
 SNAPSHOT_VERSION = 1
@@ -139,6 +139,12 @@ class UnicornMachine(
         self._extra = 0
         self._skip_bp: int | None = None
         self._suppress_debug = False
+        self._tb_counted: bool | None = None  # how the cached translated blocks were made
+        self._mmio_lock = threading.RLock()
+        self._slice_id = 0
+        self._stop_pending = False
+        self._last_access: tuple[tuple[int, int, int | None], Any] | None = None
+        self._replay: tuple[tuple[int, int, int | None], Any] | None = None
         self._reset_requested = False
 
     # ------------------------------------------------------------------ helpers
@@ -162,28 +168,70 @@ class UnicornMachine(
         """Run a model/hook function; never let an exception reach Unicorn."""
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - reported as a machine fault
+        except Exception as exc:
             pc = self.core.pc() if self.core is not None else 0
             self.hook_stop(StopInfo(StopReason.FAULT, pc=pc,
                                     message=f"internal model error: {exc!r}"))
             return default
 
-    def mmio_blocked(self) -> bool:
-        """Called first by every MMIO callback. Ends an uncounted slice *synchronously*
-        once its time is up, before the access has any effect.
+    def mmio_access(self, address: int, size: int, value: int | None, fn: Callable[..., Any], *args: Any,
+                    default: Any = 0) -> Any:
+        """Every MMIO callback goes through here. It ends an uncounted slice
+        *synchronously* once its time is up (or the watchdog asked), before the access
+        has any effect; otherwise it performs the access under ``_mmio_lock``.
 
-        Why: Unicorn 2.1.4 checks a stop request inside the memory helper of an
-        MMIO access and then restarts the instruction (PC left at it, register
-        writeback undone), so an asynchronous stop (its ``timeout``) landing during
-        a UART write would replay the write and print the byte twice. Here the
-        stop is requested from inside the callback, which then skips its side
-        effect; the instruction re-executes in the next slice. Unicorn's own
-        timeout is only a later backstop for code that never touches MMIO.
+        Why: Unicorn 2.1.4 checks a stop request inside the memory helper of an MMIO
+        access and then restarts the instruction (PC left at it, register writeback
+        undone), so an asynchronous ``emu_stop`` landing during a UART write would
+        replay the write and print the byte twice. So slices are never stopped by
+        Unicorn's own ``timeout``: the watchdog thread takes ``_mmio_lock`` before it
+        calls ``emu_stop``, and an access that finds a stop pending skips its side
+        effect and is re-executed, once, in the next slice. A stop that still lands
+        between an access and Unicorn's check (the callback has returned, but the C
+        helper has not looked yet) is recognised after the slice: the instruction at pc
+        is that very access (``_check_replay``), and its re-execution is answered from
+        ``_replay`` without a second side effect.
         """
-        if self._in_slice and not self._counted and time.perf_counter() >= self._slice_deadline:
-            self.uc.emu_stop()
-            return True
-        return False
+        with self._mmio_lock:
+            if self._in_slice and not self._counted and (
+                self._stop_pending or time.perf_counter() >= self._slice_deadline
+            ):
+                self.uc.emu_stop()
+                return default
+            key = (address, size, value)
+            replay, self._replay = self._replay, None
+            if replay is not None and replay[0] == key:
+                return replay[1]  # the interrupted access again: its effect happened already
+            result = self.guard(fn, *args, default=default)
+            self._last_access = (key, result)
+            return result
+
+    def _check_replay(self) -> None:
+        """After a slice the watchdog stopped: if the instruction at pc is the MMIO access
+        that ran last, Unicorn stopped inside it and will execute it again."""
+        last = self._last_access
+        if last is None:
+            return
+        pc = self.core.pc()
+        try:
+            code = bytes(self.uc.mem_read(pc, 4))
+        except UcError:
+            return
+        arch = "arm" if self.board.arch == Arch.ARM_CORTEX_M else "riscv"
+
+        def reg(name: str) -> int | None:
+            resolved = self.core.resolve(name)
+            return None if resolved is None else int(self.core.read_reg(resolved))
+
+        if memory_operand_address(arch, code, pc, reg) == last[0][0]:
+            self._replay = last
+
+    def watchdog_stop(self, slice_id: int) -> None:
+        """Called by the watchdog thread when a slice's time is up."""
+        with self._mmio_lock:
+            if self._in_slice and self._slice_id == slice_id and not self._counted:
+                self._stop_pending = True
+                self.uc.emu_stop()
 
     def hook_stop(self, info: StopInfo) -> None:
         if self._hit is None:
@@ -264,6 +312,7 @@ class UnicornMachine(
             core = self._make_core()
             uc = core.create_uc()
             self.uc, self.core = uc, core
+            self._tb_counted = None
             for region in self.board.memory:
                 base, size = _page_span(region.base, region.size)
                 uc.mem_map(base, size, ucc.UC_PROT_ALL)
@@ -277,8 +326,8 @@ class UnicornMachine(
                 base, size = _page_span(spec.base, spec.size)
                 delta = spec.base - base
                 self._mmio.append((base, size))
-                uc.mmio_map(base, size, self._mmio_reader(model, delta), None,
-                            self._mmio_writer(model, delta), None)
+                uc.mmio_map(base, size, self._mmio_reader(model, base, delta), None,
+                            self._mmio_writer(model, base, delta), None)
             core.attach(uc)
             uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
             self._counter = EmuCounter(uc)
@@ -291,18 +340,14 @@ class UnicornMachine(
             core.reset(None)
             self._state = MachineState.HALTED
 
-    def _mmio_reader(self, model: Uart, delta: int) -> Callable[..., int]:
+    def _mmio_reader(self, model: Uart, base: int, delta: int) -> Callable[..., int]:
         def read(uc: Any, offset: int, size: int, _ud: Any) -> int:
-            if self.mmio_blocked():
-                return 0
-            return int(self.guard(model.read, offset - delta, size, default=0))
+            return int(self.mmio_access(base + offset, size, None, model.read, offset - delta, size, default=0))
         return read
 
-    def _mmio_writer(self, model: Uart, delta: int) -> Callable[..., None]:
+    def _mmio_writer(self, model: Uart, base: int, delta: int) -> Callable[..., None]:
         def write(uc: Any, offset: int, size: int, value: int, _ud: Any) -> None:
-            if self.mmio_blocked():
-                return
-            self.guard(model.write, offset - delta, size, value)
+            self.mmio_access(base + offset, size, value, model.write, offset - delta, size, value, default=None)
         return write
 
     def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int,
@@ -326,7 +371,7 @@ class UnicornMachine(
         if uc is not None:
             try:
                 uc.release_handle()
-            except Exception:  # noqa: BLE001 - best effort
+            except Exception:
                 pass
         self._state = MachineState.OFF
 
@@ -346,6 +391,7 @@ class UnicornMachine(
 
     def _reset_sync(self) -> None:
         with self._lock:
+            self._replay = None
             self._apply_image()
             self.core.reset(self._image.entry if self._image else None)
             for uart in self._uarts.values():
@@ -393,18 +439,32 @@ class UnicornMachine(
         self._slice_cycles = self.cycles
         self._slice_t0 = time.perf_counter()
         self._slice_deadline = self._slice_t0 + SLICE_TIMEOUT_US / 1e6
+        self._slice_id += 1
+        self._stop_pending = False
+        self._last_access = None
         self._in_slice = True
+        if not counted:
+            WATCHDOG.arm(self._slice_deadline, self, self._slice_id)
         err: UcError | None = None
+        if counted != self._tb_counted:
+            # Unicorn 2.1.4 instruments translated blocks for `count=` when it translates
+            # them: blocks cached by an uncounted run never stop a counted one (emu_start
+            # then runs forever), and counted blocks slow uncounted runs down. Switching
+            # modes therefore starts from an empty translation cache.
+            uc.ctl_flush_tb()
+            self._tb_counted = counted
         try:
             if counted:
                 uc.emu_start(core.start_address(), UNTIL, count=n)
             else:
-                uc.emu_start(core.start_address(), UNTIL,
-                             timeout=SLICE_TIMEOUT_US + BACKSTOP_US)
+                uc.emu_start(core.start_address(), UNTIL)
         except UcError as exc:
             err = exc
         finally:
-            self._in_slice = False
+            with self._mmio_lock:
+                self._in_slice = False
+            if self._stop_pending and err is None and self._hit is None:
+                self._check_replay()
         pc = core.pc()
         clean = err is None and self._hit is None
         wfi = clean and core.halted_on_wfi(pc)
@@ -503,7 +563,7 @@ class UnicornMachine(
             with self._lock:
                 self._flush_console()
                 self._finish(stop)
-        except Exception as exc:  # noqa: BLE001 - the backend failed, not the guest
+        except Exception as exc:
             self._state = MachineState.FAILED
             self.events.failed(f"unicorn run loop failed: {exc!r}")
             return
@@ -593,7 +653,8 @@ class UnicornMachine(
         self._require_on()
         wanted = list(names) if names else list(self.core.register_names)
         canon = [self._resolve(n) for n in wanted]
-        return await self._locked(lambda: {w: self.core.read_reg(c) for w, c in zip(wanted, canon, strict=True)})
+        pairs = list(zip(wanted, canon, strict=True))
+        return await self._locked(lambda: {w: self.core.read_reg(c) for w, c in pairs})
 
     async def write_register(self, name: str, value: int) -> None:
         self._require_on()
@@ -767,6 +828,7 @@ class UnicornMachine(
         return await asyncio.to_thread(self._save_sync)
 
     def _restore_sync(self, blob: bytes) -> None:
+        self._replay = None
         if not blob.startswith(SNAPSHOT_MAGIC) or len(blob) < len(SNAPSHOT_MAGIC) + 2:
             raise BadRequest("not a Unicorn machine snapshot", field="snapshot")
         (version,) = struct.unpack_from("<H", blob, len(SNAPSHOT_MAGIC))

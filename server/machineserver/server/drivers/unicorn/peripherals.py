@@ -96,7 +96,8 @@ class Pl011(Uart):
         self.imsc, self.ris, self.dmacr = 0, 0, 0
 
     def regs(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("cr", "lcrh", "ibrd", "fbrd", "ifls", "imsc", "ris", "dmacr")}
+        names = ("cr", "lcrh", "ibrd", "fbrd", "ifls", "imsc", "ris", "dmacr")
+        return {k: getattr(self, k) for k in names}
 
     def _level(self) -> int:
         return self.ris | (self.RX_INT if self.rx else 0)

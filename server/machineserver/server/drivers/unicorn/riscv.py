@@ -8,8 +8,9 @@ returns, PC past it), and ``mret`` works natively. So traps are entered in Pytho
 mepc, mcause, mtval, mstatus (MPIE <- MIE, MIE <- 0, MPP <- M), PC <- mtvec (vectored
 mode for interrupts). The machine timer interrupt is delivered the same way between
 slices, at the exact cycle ``mtime`` reaches ``mtimecmp`` (Unicorn keeps mip.MTIP
-read-only, so the pending bit lives in the model; the guest's mip does not show it). A trap with mtvec = 0 stops the machine FAULTED. There is no PLIC model:
-UART interrupts are not delivered on this board.
+read-only, so the pending bit lives in the model; the guest's mip does not show it).
+A trap with mtvec = 0 stops the machine FAULTED. There is no PLIC model: UART
+interrupts are not delivered on this board.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
+from machineserver.server.drivers.base import StopInfo, StopReason
 from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc, UcError
 from unicorn import riscv_const as rc
 from unicorn import unicorn_const as ucc
-
-from machineserver.server.drivers.base import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.unicorn.machine import UnicornMachine
@@ -121,19 +121,16 @@ class RiscV:
 
     def attach(self, uc: Uc) -> None:
         if self.clint_spec is not None:
+            self._clint_base = self.clint_spec.base
             size = (self.clint_spec.size + 0xFFF) & ~0xFFF
             uc.mmio_map(self.clint_spec.base, size, self._mmio_read, None, self._mmio_write, None)
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
     def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
-        if self.m.mmio_blocked():
-            return 0
-        return self.m.guard(self.clint.read, offset, size, default=0)
+        return int(self.m.mmio_access(self._clint_base + offset, size, None, self.clint.read, offset, size, default=0))
 
     def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
-        if self.m.mmio_blocked():
-            return
-        self.m.guard(self.clint.write, offset, size, value)
+        self.m.mmio_access(self._clint_base + offset, size, value, self.clint.write, offset, size, value, default=None)
 
     def reset(self, entry: int | None) -> None:
         uc = self.uc

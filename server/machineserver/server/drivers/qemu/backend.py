@@ -1,0 +1,129 @@
+"""The QEMU backend factory: probing the installed QEMU and creating machines."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import ClassVar
+
+from machineserver.server.drivers.base import (
+    Arch,
+    Backend,
+    BackendInfo,
+    BoardSpec,
+    Feature,
+    Machine,
+    MachineEvents,
+    MachineOptions,
+    features_of,
+)
+from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
+
+_VERSION = re.compile(r"QEMU emulator version (\S+)")
+
+
+class QemuBackend(Backend):
+    name: ClassVar[str] = "qemu"
+    description: ClassVar[str] = (
+        "QEMU full-system emulation (qemu-system-arm / qemu-system-riscv32): one process "
+        "per machine, QMP for control, its gdbstub for debugging, a chardev console"
+    )
+    machine_class: ClassVar[type[Machine]] = QemuMachine
+
+    def __init__(self, binaries: dict[Arch, str] | None = None) -> None:
+        self.binaries = dict(binaries or BINARIES)
+        self._versions: dict[str, str | None] = {}
+        self._machines: dict[str, frozenset[str]] = {}
+
+    # ------------------------------------------------------------------ probing
+    def _path(self, arch: Arch) -> str | None:
+        return shutil.which(self.binaries[arch])
+
+    def _version(self, binary: str) -> str | None:
+        if binary not in self._versions:
+            version = None
+            path = shutil.which(binary)
+            if path:
+                try:
+                    out = subprocess.run(
+                        [path, "--version"], capture_output=True, text=True, timeout=10
+                    ).stdout
+                    m = _VERSION.search(out)
+                    version = m.group(1) if m else out.strip().splitlines()[0]
+                except (OSError, subprocess.SubprocessError, IndexError):
+                    version = None
+            self._versions[binary] = version
+        return self._versions[binary]
+
+    def _machine_names(self, binary: str) -> frozenset[str]:
+        if binary not in self._machines:
+            names: set[str] = set()
+            path = shutil.which(binary)
+            if path:
+                try:
+                    out = subprocess.run(
+                        [path, "-machine", "help"], capture_output=True, text=True, timeout=10
+                    ).stdout
+                    names = {line.split()[0] for line in out.splitlines()[1:] if line.strip()}
+                except (OSError, subprocess.SubprocessError):
+                    pass
+            self._machines[binary] = frozenset(names)
+        return self._machines[binary]
+
+    def probe(self) -> BackendInfo:
+        found = {arch: self._version(b) for arch, b in self.binaries.items() if self._path(arch)}
+        found = {a: v for a, v in found.items() if v}
+        if not found:
+            return BackendInfo(
+                name=self.name,
+                description=self.description,
+                available=False,
+                unavailable_reason=(
+                    "QEMU is not installed: none of "
+                    + ", ".join(sorted(self.binaries.values()))
+                    + " is on PATH (Debian: apt-get install --no-install-recommends "
+                    "qemu-system-arm qemu-system-misc)"
+                ),
+                features=features_of(QemuMachine),
+            )
+        versions = sorted(set(found.values()))
+        details = {
+            "qemu_version": ", ".join(versions),
+            "coverage_method": "none (not implemented for this backend)",
+            "instruction_counting": "with icount only (MachineOptions.icount)",
+        }
+        for arch, binary in self.binaries.items():
+            details[f"binary_{arch.value}"] = (
+                f"{binary} {found[arch]}" if arch in found else f"{binary}: not installed"
+            )
+        return BackendInfo(
+            name=self.name,
+            description=self.description,
+            available=True,
+            version=versions[0],
+            features=features_of(QemuMachine),
+            board_limits={
+                board: {Feature.SNAPSHOTS: reason} for board, reason in SNAPSHOT_BROKEN.items()
+            },
+            details=details,
+        )
+
+    def board_support(self, board: BoardSpec) -> str | None:
+        machine = board.backend_machines.get("qemu")
+        if not machine:
+            return f"board {board.name} names no QEMU machine (backends.qemu)"
+        binary = self.binaries.get(board.arch)
+        if binary is None:
+            return f"QEMU has no system emulator configured for {board.arch}"
+        if not self._path(board.arch):
+            return f"{binary} is not installed (needed for {board.arch} boards)"
+        names = self._machine_names(binary)
+        if names and machine not in names:
+            return f"{binary} has no machine {machine!r}"
+        return None
+
+    def create_machine(
+        self, board: BoardSpec, options: MachineOptions, events: MachineEvents
+    ) -> Machine:
+        return QemuMachine(board, options, events, binary=self.binaries[board.arch])

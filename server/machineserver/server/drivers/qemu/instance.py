@@ -1,0 +1,283 @@
+"""One QEMU child process and its three connections: QMP (control), the gdbstub (debug)
+and the console chardev.
+
+Every socket is a unix socket in a private temp dir that *this* process binds and
+listens on before QEMU starts, then hands to QEMU as an inherited file descriptor
+(``-chardev socket,fd=N,server=on``): no port races between machines, and no polling
+for a socket QEMU has not created yet (a connect just waits in the listen backlog until
+QEMU accepts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from machineserver.server.drivers.base import BackendFailed
+from machineserver.server.drivers.qemu.rsp import RspClient
+
+log = logging.getLogger(__name__)
+
+QMP_TIMEOUT = 5.0
+START_TIMEOUT = 10.0
+STDERR_LINES = 40
+
+
+def _short_tmpdir() -> str:
+    # unix socket paths are limited to 107 bytes: fall back to /tmp for a long TMPDIR
+    base = tempfile.gettempdir()
+    if len(base) > 60:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="ms-qemu-", dir=base)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL QEMU when the server dies (even by SIGKILL),
+    so no emulator outlives the process that controls it (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class QemuInstance:
+    """A started QEMU; :meth:`start` builds it, :meth:`stop` ends it (idempotent).
+
+    ``on_exit(returncode, stderr_tail)`` is called once when the process ends, unless
+    the end was asked for through :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        args: Sequence[str],
+        *,
+        on_console: Callable[[bytes], None],
+        on_exit: Callable[[int, str], None],
+        workdir: str | None = None,
+    ) -> None:
+        self.binary = binary
+        self.extra_args = list(args)
+        self.dir = workdir or _short_tmpdir()
+        self._on_console = on_console
+        self._on_exit = on_exit
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.rsp: RspClient | None = None
+        self._con_writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self.stopping = False
+        self.exited = asyncio.Event()
+        self.returncode: int | None = None
+
+    # ------------------------------------------------------------------ start
+    def command_line(self, fds: dict[str, int]) -> list[str]:
+        def sock(name: str) -> str:
+            return f"socket,id={name},fd={fds[name]},server=on,wait=off"
+
+        return [
+            self.binary,
+            "-nographic",
+            "-monitor", "none",
+            "-nodefaults",
+            "-S",
+            "-chardev", sock("con"),
+            "-serial", "chardev:con",
+            "-chardev", sock("semi"),
+            "-semihosting-config", "enable=on,target=native,chardev=semi",
+            "-chardev", sock("gdb"),
+            "-gdb", "chardev:gdb",
+            "-chardev", sock("qmp"),
+            "-mon", "chardev=qmp,mode=control",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    async def start(self, *, connect_gdb: bool = True) -> None:
+        listeners: dict[str, socket.socket] = {}
+        try:
+            for name in ("con", "semi", "gdb", "qmp"):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(os.path.join(self.dir, f"{name}.sock"))
+                s.listen(1)
+                listeners[name] = s
+            fds = {n: s.fileno() for n, s in listeners.items()}
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command_line(fds),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=list(fds.values()),
+                start_new_session=True,  # a ^C in a terminal must not reach QEMU
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            self._cleanup_dir()
+            raise BackendFailed(f"cannot start {self.binary}: {exc}") from None
+        finally:
+            for s in listeners.values():
+                s.close()
+        self._tasks.append(asyncio.create_task(self._read_stderr()))
+        self._tasks.append(asyncio.create_task(self._watch()))
+        try:
+            await asyncio.wait_for(self._connect(connect_gdb), START_TIMEOUT)
+        except Exception as exc:
+            # QEMU refused the command line (or died): report what it said
+            await asyncio.sleep(0.05)
+            detail = self.describe_exit() if self.proc.returncode is not None else str(exc)
+            await self.stop()
+            raise BackendFailed(f"QEMU did not start: {detail}") from None
+
+    async def _connect(self, connect_gdb: bool) -> None:
+        qmp = QMPClient(f"qemu-{os.path.basename(self.dir)}")
+        await qmp.connect(os.path.join(self.dir, "qmp.sock"))
+        self.qmp = qmp
+        for name in ("con", "semi"):
+            reader, writer = await asyncio.open_unix_connection(
+                os.path.join(self.dir, f"{name}.sock")
+            )
+            if name == "con":
+                self._con_writer = writer
+            self._tasks.append(asyncio.create_task(self._pump(reader)))
+        if connect_gdb:
+            await self.connect_gdb()
+
+    async def connect_gdb(self) -> None:
+        self.rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"))
+
+    # ------------------------------------------------------------------ tasks
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                try:
+                    self._on_console(data)
+                except Exception:  # an events sink must not kill the pump
+                    log.exception("console_output callback failed")
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            while line := await self.proc.stderr.readline():
+                self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        rc = await self.proc.wait()
+        self.returncode = rc
+        # let the stderr reader drain what QEMU wrote last
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._tasks[0]), 0.5)
+        self.exited.set()
+        if not self.stopping:
+            # QMP now, before anything reads its EOF; the gdbstub connection stays open
+            # so that a reader still gets the stop/exit reply QEMU sent before it ended
+            if self.qmp is not None:
+                qmp, self.qmp = self.qmp, None
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(qmp.disconnect(), 2.0)
+            try:
+                self._on_exit(rc, "\n".join(self.stderr_tail))
+            except Exception:
+                log.exception("exit callback failed")
+
+    def describe_exit(self) -> str:
+        rc = self.returncode if self.returncode is not None else (
+            self.proc.returncode if self.proc else None)
+        if rc is None:
+            status = "still running"
+        elif rc < 0:
+            try:
+                status = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                status = f"killed by signal {-rc}"
+        else:
+            status = f"exit status {rc}"
+        lines = [ln for ln in self.stderr_tail if ln.strip()][-8:]
+        return status + (": " + " | ".join(lines) if lines else "")
+
+    # ------------------------------------------------------------------ control
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and not self.exited.is_set()
+
+    async def qmp_call(self, cmd: str, args: dict[str, object] | None = None,
+                       timeout: float = QMP_TIMEOUT) -> object:
+        if self.qmp is None or not self.alive:
+            raise BackendFailed("QEMU is not running")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+        except TimeoutError:
+            raise BackendFailed(f"QMP {cmd} timed out after {timeout} s") from None
+        except (QMPError, EOFError, OSError) as exc:
+            if self.proc is not None and self.proc.returncode is not None:
+                raise BackendFailed(f"QEMU ended: {self.describe_exit()}") from None
+            raise BackendFailed(f"QMP {cmd} failed: {exc}") from None
+
+    async def hmp(self, command: str, timeout: float = QMP_TIMEOUT) -> str:
+        """An HMP command; QEMU reports HMP errors as a successful result text."""
+        out = await self.qmp_call("human-monitor-command", {"command-line": command}, timeout)
+        text = str(out)
+        if text.startswith("Error"):
+            raise BackendFailed(f"HMP {command!r}: {text.strip()}")
+        return text
+
+    async def console_write(self, data: bytes) -> None:
+        if self._con_writer is None:
+            raise BackendFailed("the console is not connected")
+        self._con_writer.write(data)
+        await asyncio.wait_for(self._con_writer.drain(), QMP_TIMEOUT)
+
+    # ------------------------------------------------------------------ stop
+    async def _close_connections(self) -> None:
+        if self.rsp is not None:
+            await self.rsp.close()
+        if self.qmp is not None:
+            qmp, self.qmp = self.qmp, None
+            # the connection may already be at EOF: disconnect() re-raises that; swallow it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(qmp.disconnect(), 2.0)
+        if self._con_writer is not None:
+            self._con_writer.close()
+            self._con_writer = None
+
+    async def stop(self, *, timeout: float = 2.0) -> None:
+        """End the process: QMP quit, SIGKILL after ``timeout``; reap it; free everything."""
+        self.stopping = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
+        await self._close_connections()
+        if proc is not None:
+            if proc.returncode is None:
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

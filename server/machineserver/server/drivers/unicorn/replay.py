@@ -1,0 +1,48 @@
+"""Which memory address the instruction at pc is about to access, so that an MMIO access
+interrupted by a stop (and re-executed by Unicorn in the next slice) is recognised as a
+replay and has its side effect once, not twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import capstone
+from capstone import arm as cs_arm
+from capstone import riscv as cs_riscv
+
+
+@cache
+def _disassembler(arch: str) -> capstone.Cs:
+    if arch == "arm":
+        md = capstone.Cs(capstone.CS_ARCH_ARM, capstone.CS_MODE_THUMB | capstone.CS_MODE_MCLASS)
+    else:
+        md = capstone.Cs(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV32 | capstone.CS_MODE_RISCVC)
+    md.detail = True
+    return md
+
+
+def memory_operand_address(arch: str, code: bytes, pc: int, read_reg: Callable[[str], int | None]) -> int | None:
+    """The effective address of the single memory operand of the instruction at ``pc``
+    (base + index + displacement, as it is before the instruction runs); None when the
+    instruction has no such operand or a register cannot be read."""
+    md = _disassembler(arch)
+    insn = next(md.disasm(code, pc, 1), None)
+    if insn is None:
+        return None
+    mem_type = cs_arm.ARM_OP_MEM if arch == "arm" else cs_riscv.RISCV_OP_MEM
+    mems = [op for op in insn.operands if op.type == mem_type]
+    if len(mems) != 1:
+        return None
+    mem = mems[0].mem
+    base = read_reg(insn.reg_name(mem.base)) if mem.base else 0
+    if base is None:
+        return None
+    address = base + mem.disp
+    index = getattr(mem, "index", 0)
+    if index:
+        value = read_reg(insn.reg_name(index))
+        if value is None:
+            return None
+        address += value << getattr(mem, "lshift", 0)
+    return address & 0xFFFFFFFF

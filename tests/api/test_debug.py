@@ -1,0 +1,203 @@
+"""DebugService through the SDK: breakpoints by symbol and file:line, stepping,
+registers, memory, watchpoints, disassembly, symbols, the Attach stream, bad inputs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from machineserver.sdk import AsyncClient, errors
+from machineserver.v1 import common_pb2 as cpb
+from machineserver.v1 import debug_pb2 as dpb
+from tests.api.test_sessions import console_until, upload, wait_state
+from tests.conftest import firmware
+
+
+def elf_symbol(board: str, program: str, name: str) -> int:
+    with firmware(board, program).open("rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]
+        return int(sym["st_value"]) & ~1
+
+
+async def halted_at_main(client: AsyncClient, board: str = "lm3s6965evb", program: str = "hello") -> str:
+    prog = await upload(client, board, program)
+    s = (await client.sessions.create_session(board_template=board, program=prog, power_on=True)).session
+    bp = (await client.debug.set_breakpoint(name=s.name, location={"symbol": "main"})).breakpoint
+    assert bp.address == elf_symbol(board, program, "main")
+    assert bp.source.function == "main" and bp.source.file.endswith(f"{program}.c")
+    resp = await client.debug.continue_(name=s.name, wait=True)
+    assert resp.stop.reason == cpb.STOP_REASON_BREAKPOINT and resp.stop.pc == bp.address
+    assert resp.stop.location.function == "main"
+    return s.name
+
+
+async def test_break_at_main_step_and_registers(client: AsyncClient) -> None:
+    name = await halted_at_main(client)
+    regs = {r.name: r.value for r in (await client.debug.read_registers(name=name)).registers}
+    assert {"r0", "sp", "lr", "pc", "xpsr", "msp", "psp", "primask", "control"} <= set(regs)
+    main = elf_symbol("lm3s6965evb", "hello", "main")
+    assert regs["pc"] == main
+    step = await client.debug.step(name=name, count=1)
+    assert step.stop.reason == cpb.STOP_REASON_STEP and step.stop.pc != main
+    assert step.state == cpb.SESSION_STATE_HALTED
+    w = await client.debug.write_register(name=name, register="r7", value=0xDEADBEEF)
+    assert w.register.value == 0xDEADBEEF
+    assert (await client.debug.read_registers(name=name, names=["r7"])).registers[0].value == 0xDEADBEEF
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.read_registers(name=name, names=["r99"])
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.write_register(name=name, register="r0", value=1 << 33)
+    bps = (await client.debug.list_breakpoints(name=name)).breakpoints
+    assert len(bps) == 1 and bps[0].hit_count == 1
+    await client.debug.clear_breakpoint(name=name, id=bps[0].id)
+    with pytest.raises(errors.NotFound):
+        await client.debug.clear_breakpoint(name=name, id=bps[0].id)
+    done = await client.debug.continue_(name=name, wait=True)
+    assert done.stop.reason == cpb.STOP_REASON_EXIT and done.state == cpb.SESSION_STATE_EXITED
+
+
+async def test_memory_read_write_and_bad_ranges(client: AsyncClient) -> None:
+    name = await halted_at_main(client)
+    await client.debug.write_memory(name=name, address=0x20001000, data=b"\x01\x02\x03\x04")
+    assert (await client.debug.read_memory(name=name, address=0x20001000, size=4)).data == b"\x01\x02\x03\x04"
+    vectors = (await client.debug.read_memory(name=name, address=0, size=8)).data
+    assert int.from_bytes(vectors[4:8], "little") & 1  # reset vector has the Thumb bit
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.read_memory(name=name, address=0x90000000, size=4)
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.read_memory(name=name, address=0x20000000, size=0)
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.read_memory(name=name, address=0x20000000, size=2 << 20)
+
+
+async def test_breakpoint_by_file_line_and_symbols(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "coverage")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    called = await client.debug.resolve_symbol(name=s.name, symbol="called_three_times")
+    assert called.address == elf_symbol("lm3s6965evb", "coverage", "called_three_times") and called.size > 0
+    back = await client.debug.resolve_symbol(name=s.name, address=called.address + 2)
+    assert back.symbol == "called_three_times" and back.offset == 2
+    line = await client.debug.resolve_symbol(name=s.name, file_line=f"coverage.c:{called.source.line}")
+    assert line.symbol == "called_three_times"
+    bp = (await client.debug.set_breakpoint(name=s.name, location={"file_line": f"coverage.c:{called.source.line}"})).breakpoint
+    for _ in range(3):
+        stop = (await client.debug.continue_(name=s.name, wait=True)).stop
+        assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.location.function == "called_three_times"
+    assert (await client.debug.list_breakpoints(name=s.name)).breakpoints[0].hit_count == 3
+    await client.debug.clear_breakpoint(name=s.name, id=bp.id)
+    assert (await client.debug.continue_(name=s.name, wait=True)).stop.reason == cpb.STOP_REASON_EXIT
+    with pytest.raises(errors.NotFound):
+        await client.debug.set_breakpoint(name=s.name, location={"symbol": "no_such_function"})
+    with pytest.raises(errors.NotFound):
+        await client.debug.set_breakpoint(name=s.name, location={"file_line": "coverage.c:99999"})
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.set_breakpoint(name=s.name, location={"file_line": "nonsense"})
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.set_breakpoint(name=s.name)
+
+
+async def test_disassemble_around_pc(client: AsyncClient) -> None:
+    name = await halted_at_main(client)
+    insns = (await client.debug.disassemble(name=name, count=4)).instructions
+    assert len(insns) == 4 and insns[0].address == elf_symbol("lm3s6965evb", "hello", "main")
+    assert insns[0].symbol == "main" and insns[0].mnemonic
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.disassemble(name=name, count=5000)
+
+
+async def test_watchpoint_on_a_variable(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "systick")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    sym = await client.debug.resolve_symbol(name=s.name, symbol="ticks")
+    await client.debug.set_breakpoint(name=s.name, location={"address": sym.address},
+                                      kind=dpb.BREAKPOINT_KIND_WATCH_WRITE, size=4)
+    hits = []
+    for _ in range(2):
+        stop = (await client.debug.continue_(name=s.name, wait=True)).stop
+        assert stop.reason == cpb.STOP_REASON_WATCHPOINT, stop
+        hits.append(stop.watch_value)
+    assert stop.watch_address == sym.address and hits[1] == hits[0] + 1
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.set_breakpoint(name=s.name, location={"address": sym.address},
+                                          kind=dpb.BREAKPOINT_KIND_WATCH_WRITE, size=3)
+
+
+async def test_halt_and_step_counts(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "echo")  # polls the UART forever
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True)).session
+    await asyncio.sleep(0.05)
+    halt = await client.debug.halt(name=s.name)
+    assert halt.state == cpb.SESSION_STATE_HALTED and halt.stop.reason == cpb.STOP_REASON_HALT
+    before = (await client.telemetry.get_session_metrics(name=s.name)).metrics.instructions
+    await client.debug.step(name=s.name, count=1000)
+    after = (await client.telemetry.get_session_metrics(name=s.name)).metrics.instructions
+    assert after - before == 1000
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.step(name=s.name, count=10**10)
+
+
+async def test_continue_wait_honours_the_deadline(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "echo")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    with pytest.raises(errors.DeadlineExceeded):
+        await client.debug.continue_(name=s.name, wait=True, timeout=0.3)
+    assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_RUNNING
+
+
+async def test_gdb_server_says_unimplemented_with_reason(client: AsyncClient) -> None:
+    s = (await client.sessions.create_session(board_template="lm3s6965evb")).session
+    with pytest.raises(errors.Unimplemented) as exc:
+        await client.debug.start_gdb_server(name=s.name)
+    assert "GDB" in exc.value.message and exc.value.feature == "gdb_server"
+    with pytest.raises(errors.NotFound):
+        await client.debug.start_gdb_server(name="sessions/nope")
+
+
+async def test_attach_stream_controller_and_observer(client: AsyncClient) -> None:
+    name = await halted_at_main(client)
+    queue: asyncio.Queue[dpb.AttachRequest] = asyncio.Queue()
+
+    async def requests():  # type: ignore[no-untyped-def]
+        yield dpb.AttachRequest(open=dpb.AttachOpen(name=name, control=True, clear_breakpoints_on_detach=True))
+        while (req := await queue.get()) is not None:
+            yield req
+
+    stream = client.debug.attach(requests())
+    opened = await stream.__anext__()
+    assert opened.opened.role == dpb.ATTACH_ROLE_CONTROLLER
+
+    # an observer on the same session may read but not step
+    async def observer():  # type: ignore[no-untyped-def]
+        yield dpb.AttachRequest(open=dpb.AttachOpen(name=name, control=True))
+        yield dpb.AttachRequest(command=dpb.DebugCommand(tag=1, step=dpb.StepRequest(count=1)))
+        yield dpb.AttachRequest(command=dpb.DebugCommand(tag=2, read_registers=dpb.ReadRegistersRequest(names=["pc"])))
+        await asyncio.sleep(0.2)
+
+    obs = [m async for m in client.debug.attach(observer())]
+    assert obs[0].opened.role == dpb.ATTACH_ROLE_OBSERVER
+    results = {m.result.tag: m.result for m in obs if m.HasField("result")}
+    assert results[1].code == 9  # FAILED_PRECONDITION
+    assert results[2].code == 0 and results[2].read_registers.registers[0].name == "pc"
+
+    await queue.put(dpb.AttachRequest(command=dpb.DebugCommand(
+        tag=10, set_breakpoint=dpb.SetBreakpointRequest(location=dpb.CodeLocation(symbol="uart_putc")))))
+    await queue.put(dpb.AttachRequest(command=dpb.DebugCommand(tag=11, **{"continue": dpb.ContinueRequest()})))
+    seen: dict[str, object] = {}
+    async for msg in stream:
+        kind = msg.WhichOneof("response")
+        if kind == "result":
+            assert msg.result.code == 0, msg.result.message
+            seen[f"result{msg.result.tag}"] = msg.result
+        elif kind == "stopped":
+            seen["stopped"] = msg.stopped
+            break
+    assert seen["stopped"].reason == cpb.STOP_REASON_BREAKPOINT  # type: ignore[attr-defined]
+    await queue.put(None)  # type: ignore[arg-type]
+    async for _ in stream:
+        pass
+    await asyncio.sleep(0.1)
+    # detaching cleared the breakpoint it set (the main one, set by the unary RPC, stays)
+    symbols = [b.location.symbol for b in (await client.debug.list_breakpoints(name=name)).breakpoints]
+    assert symbols == ["main"]

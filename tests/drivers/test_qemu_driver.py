@@ -1,0 +1,515 @@
+"""The QEMU driver against real QEMU (qemu-system-arm / qemu-system-riscv32) running the
+real test firmware (tests/firmware, built with `make` when missing).
+
+Every QEMU a test starts is powered off (killed and reaped) by the `machines` fixture,
+which also checks that no QEMU child of this process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.drivers.base import (
+    Arch,
+    BadRequest,
+    BoardSpec,
+    Feature,
+    MachineOptions,
+    MachineState,
+    NotSupported,
+    ProgramImage,
+    Segment,
+    StopInfo,
+    StopReason,
+    WatchKind,
+    WrongState,
+    features_of,
+)
+from machineserver.server.drivers.qemu import QemuBackend, QemuMachine
+
+FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
+BOARDS = ("lm3s6965evb", "mps2-an385", "netduinoplus2", "sifive_e")
+ARM_BOARDS = BOARDS[:3]
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("qemu-system-arm") and shutil.which("qemu-system-riscv32")),
+    reason="QEMU (qemu-system-arm, qemu-system-riscv32) is not installed",
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="session")
+def firmware_dir() -> Path:
+    """tests/firmware/build, built once per session if any board's programs are missing."""
+    build = FIRMWARE / "build"
+    if not all((build / b / "echo.elf").exists() for b in BOARDS) and shutil.which("make"):
+        subprocess.run(["make", "-C", str(FIRMWARE)], capture_output=True, timeout=600)
+    return build
+
+
+def elf_path(firmware_dir: Path, board: str, program: str) -> Path:
+    path = firmware_dir / board / f"{program}.elf"
+    if not path.exists():
+        pytest.skip(f"{board}/{program}.elf not built (no cross compiler?)")
+    return path
+
+
+def elf_image(path: Path) -> ProgramImage:
+    with path.open("rb") as f:
+        elf = ELFFile(f)
+        arch = Arch.ARM_CORTEX_M if elf["e_machine"] == "EM_ARM" else Arch.RISCV32
+        segs = tuple(
+            Segment(s["p_paddr"], s.data()[: s["p_filesz"]])
+            for s in elf.iter_segments()
+            if s["p_type"] == "PT_LOAD" and s["p_filesz"]
+        )
+        return ProgramImage(segs, entry=elf["e_entry"], arch=arch)
+
+
+def symbol(path: Path, name: str) -> int:
+    with path.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        syms = symtab.get_symbol_by_name(name)
+        assert syms, f"no symbol {name} in {path}"
+        return int(syms[0]["st_value"]) & ~1
+
+
+_BOARDS: dict[str, BoardSpec] = {}
+
+
+def board(name: str) -> BoardSpec:
+    if not _BOARDS:
+        _BOARDS.update(load_shipped_boards())
+    return _BOARDS[name]
+
+
+class Events:
+    """MachineEvents that records everything; tests await conditions on it."""
+
+    def __init__(self) -> None:
+        self.console = bytearray()
+        self.stops: list[StopInfo] = []
+        self.failures: list[str] = []
+        self.first_byte_at: float | None = None
+        self._taken = 0
+
+    def console_output(self, data: bytes) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.perf_counter()
+        self.console += data
+
+    def stopped(self, info: StopInfo) -> None:
+        self.stops.append(info)
+
+    def failed(self, reason: str) -> None:
+        self.failures.append(reason)
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out: console={bytes(self.console)!r} stops={self.stops} "
+                    f"failures={self.failures}"
+                )
+            await asyncio.sleep(0.002)
+
+    async def next_stop(self, timeout: float = 10.0) -> StopInfo:
+        """The next stop event not returned yet."""
+        want = self._taken + 1
+        await self.until(lambda: len(self.stops) >= want or bool(self.failures), timeout)
+        assert not self.failures, self.failures
+        self._taken = want
+        return self.stops[want - 1]
+
+
+def qemu_children() -> list[int]:
+    """PIDs of qemu-system-* processes whose parent is this test process (zombies too)."""
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == me and comm.startswith("qemu-system"):
+            out.append(int(entry))
+    return out
+
+
+MachineFactory = Callable[..., tuple[QemuMachine, Events]]
+
+
+@pytest.fixture
+async def machines() -> AsyncIterator[MachineFactory]:
+    made: list[QemuMachine] = []
+    backend = QemuBackend()
+
+    def make(board_name: str, *, icount: bool = False) -> tuple[QemuMachine, Events]:
+        events = Events()
+        m = backend.create_machine(board(board_name), MachineOptions(icount=icount), events)
+        assert isinstance(m, QemuMachine)
+        made.append(m)
+        return m, events
+
+    yield make
+    for m in made:
+        await m.power_off()
+    await asyncio.sleep(0.05)
+    assert qemu_children() == [], "a QEMU child process was left behind"
+
+
+async def boot(make: MachineFactory, fw: Path, board_name: str, program: str,
+               **kw: bool) -> tuple[QemuMachine, Events, Path]:
+    m, ev = make(board_name, **kw)
+    await m.power_on()
+    path = elf_path(fw, board_name, program)
+    await m.load(elf_image(path))
+    return m, ev, path
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def test_probe_reports_version_features_and_limits() -> None:
+    info = QemuBackend().probe()
+    assert info.available, info.unavailable_reason
+    assert info.version.startswith(("7.", "8.", "9.", "10."))
+    assert Feature.SNAPSHOTS in info.features and Feature.COVERAGE not in info.features
+    assert info.features == features_of(QemuMachine)
+    assert Feature.SNAPSHOTS in info.board_limits["lm3s6965evb"]
+    assert "qemu_version" in info.details
+
+
+def test_probe_without_qemu_says_why() -> None:
+    missing = {Arch.ARM_CORTEX_M: "qemu-system-nonexistent-a", Arch.RISCV32: "qemu-nope-b"}
+    backend = QemuBackend(binaries=missing)
+    info = backend.probe()
+    assert not info.available and "not installed" in info.unavailable_reason
+    assert "not installed" in (backend.board_support(board("mps2-an385")) or "")
+
+
+def test_board_support() -> None:
+    backend = QemuBackend()
+    for name in BOARDS:
+        assert backend.board_support(board(name)) is None
+    spec = board("mps2-an385")
+    no_qemu = BoardSpec(spec.name, "", spec.arch, spec.cpu, 1.0, spec.memory)
+    assert "names no QEMU machine" in (backend.board_support(no_qemu) or "")
+    bogus = BoardSpec(spec.name, "", spec.arch, spec.cpu, 1.0, spec.memory,
+                      backend_machines={"qemu": "no-such-board"})
+    assert "no machine" in (backend.board_support(bogus) or "")
+
+
+# --------------------------------------------------------------------------- programs
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_hello_crc32_fault(machines: MachineFactory, firmware_dir: Path,
+                                 board_name: str) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, board_name, "hello")
+    assert m.state is MachineState.HALTED
+    await m.run()
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.EXIT and stop.exit_code == 0
+    assert bytes(ev.console) == f"Hello from {board_name}!\n".encode()
+    assert m.state is MachineState.EXITED
+
+    # load after the program ended: a fresh QEMU, same machine object
+    path = elf_path(firmware_dir, board_name, "crc32")
+    await m.load(elf_image(path))
+    ev.console.clear()
+    await m.run()
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    assert bytes(ev.console) == b"crc32=0x80f45f04\n"
+
+    path = elf_path(firmware_dir, board_name, "fault")
+    await m.load(elf_image(path))
+    ev.console.clear()
+    await m.run()
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
+    trap = b"hardfault\n" if board_name != "sifive_e" else b"trap mcause=5\n"
+    assert bytes(ev.console) == b"about to fault\n" + trap
+    assert m.state is MachineState.EXITED and not ev.failures
+
+
+@pytest.mark.parametrize("board_name,program", [
+    ("lm3s6965evb", "systick"), ("mps2-an385", "systick"), ("netduinoplus2", "systick"),
+    ("sifive_e", "timer"),
+])
+async def test_timer_interrupts(machines: MachineFactory, firmware_dir: Path,
+                                board_name: str, program: str) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, board_name, program)
+    await m.run()
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    assert bytes(ev.console) == b"ticks=10\n"
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_echo_console_input(machines: MachineFactory, firmware_dir: Path,
+                                  board_name: str) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, board_name, "echo")
+    await m.run()
+    # netduinoplus2 drops RX bytes until the firmware enables the USART: wait for it
+    await ev.until(lambda: b"echo ready\n" in ev.console)
+    await m.console_input(b"hi there\n")
+    await ev.until(lambda: b"hi there\n" in ev.console)
+    await m.console_input(b"q")
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    assert bytes(ev.console) == b"echo ready\nhi there\nbye\n"
+
+
+async def test_icount_counts_instructions(machines: MachineFactory, firmware_dir: Path) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello", icount=True)
+    assert m.counters().instructions == 0
+    path = elf_path(firmware_dir, "mps2-an385", "hello")
+    await m.set_breakpoint(symbol(path, "main"))
+    await m.run()
+    await ev.next_stop()
+    first = m.counters()
+    assert first.instructions > 10 and first.virtual_time_ns > 0
+    await m.step(10)
+    assert m.counters().instructions == first.instructions + 10
+
+
+# --------------------------------------------------------------------------- debugging
+
+
+@pytest.mark.parametrize("board_name", ["mps2-an385", "sifive_e"])
+async def test_breakpoint_step_registers_memory(machines: MachineFactory, firmware_dir: Path,
+                                                board_name: str) -> None:
+    m, ev, path = await boot(machines, firmware_dir, board_name, "hello")
+    main = symbol(path, "main")
+    await m.set_breakpoint(main)
+    await m.set_breakpoint(main)  # twice: no-op
+    await m.run()
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.pc) == (StopReason.BREAKPOINT, main)
+    assert m.state is MachineState.HALTED
+
+    one = await m.step()
+    assert one.reason is StopReason.STEP and one.pc != main
+    more = await m.step(3)
+    assert more.reason is StopReason.STEP
+    assert len(ev.stops) == 1, "step stops must not also be events"
+
+    regs = await m.read_registers()
+    names = list(m.register_names())
+    assert set(regs) == set(names) and regs["pc"] == more.pc
+    if board_name == "sifive_e":
+        assert names[:33] == [*(f"x{i}" for i in range(32)), "pc"]
+        assert {"mstatus", "mtvec", "mcause"} <= set(names)
+        scratch, alias = "x6", "t1"
+        ram = 0x80000100
+    else:
+        assert names[:17] == [*(f"r{i}" for i in range(13)), "sp", "lr", "pc", "xpsr"]
+        assert regs["xpsr"] & (1 << 24), "Thumb bit"
+        scratch, alias = "r7", "r7"
+        ram = 0x20000100
+    await m.write_register(scratch, 0xDEADBEEF)
+    assert (await m.read_registers([alias]))[alias] == 0xDEADBEEF
+    with pytest.raises(BadRequest) as err:
+        await m.read_registers(["r99"])
+    assert err.value.field == "name"
+    with pytest.raises(BadRequest):
+        await m.write_register("nope", 1)
+
+    await m.write_memory(ram, b"\x01\x02\x03\x04machineserver")
+    assert await m.read_memory(ram, 17) == b"\x01\x02\x03\x04machineserver"
+    big = bytes(range(256)) * 40  # several packets
+    await m.write_memory(ram + 0x100, big)
+    assert await m.read_memory(ram + 0x100, len(big)) == big
+    unmapped = 0xF0000000 if board_name != "sifive_e" else 0x40000000
+    with pytest.raises(BadRequest) as err:
+        await m.read_memory(unmapped, 4)
+    assert err.value.field == "address" and f"0x{unmapped:08x}" in str(err.value)
+    with pytest.raises(BadRequest):
+        await m.write_memory(unmapped, b"\0\0\0\0")
+
+    # run to the end from the breakpoint's neighbourhood
+    await m.clear_breakpoint(main)
+    await m.clear_breakpoint(main)  # twice: no-op
+    await m.write_register(scratch, regs[scratch])
+    await m.run()
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.EXIT
+
+
+async def test_breakpoint_survives_reset_and_continue_from_it(
+    machines: MachineFactory, firmware_dir: Path
+) -> None:
+    m, ev, path = await boot(machines, firmware_dir, "netduinoplus2", "hello")
+    main = symbol(path, "main")
+    await m.set_breakpoint(main)
+    await m.run()
+    assert (await ev.next_stop()).pc == main
+    await m.reset()
+    await m.run()
+    assert (await ev.next_stop()).pc == main
+    await m.run()  # continues past the breakpoint it sits on
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.EXIT and ev.console.count(b"Hello") == 1
+
+
+async def test_watchpoint_on_variable(machines: MachineFactory, firmware_dir: Path) -> None:
+    m, ev, path = await boot(machines, firmware_dir, "mps2-an385", "systick")
+    ticks = symbol(path, "ticks")
+    await m.set_watchpoint(ticks, 4, WatchKind.WRITE)
+    await m.run()
+    stop = await ev.next_stop()
+    # the first write is the startup code zeroing .bss
+    assert stop.reason is StopReason.WATCHPOINT
+    assert (stop.watch_address, stop.watch_value, stop.watch_access) == (ticks, 0, "write")
+    await m.run()
+    stop = await ev.next_stop()  # the first SysTick interrupt
+    assert (stop.reason, stop.watch_value) == (StopReason.WATCHPOINT, 1)
+    handler = symbol(path, "SysTick_Handler")
+    assert handler <= stop.pc < handler + 0x40
+    await m.run()
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.WATCHPOINT and stop.watch_value == 2
+    await m.clear_watchpoint(ticks, 4, WatchKind.WRITE)
+    await m.run()
+    stop = await ev.next_stop()
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+
+
+async def test_pause_while_running_and_states(machines: MachineFactory,
+                                              firmware_dir: Path) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, "lm3s6965evb", "echo")
+    with pytest.raises(WrongState):
+        await m.power_on()
+    await m.run()
+    await ev.until(lambda: b"echo ready\n" in ev.console)
+    with pytest.raises(WrongState):
+        await m.read_registers()
+    with pytest.raises(WrongState):
+        await m.step()
+    stop = await m.pause()
+    assert stop.reason is StopReason.HALT and m.state is MachineState.HALTED
+    assert ev.stops == [], "a pause's stop must not also be an event"
+    regs = await m.read_registers(["pc"])
+    assert regs["pc"] == stop.pc
+    await m.console_input(b"ok\n")  # buffered while halted, read once running
+    await m.run()
+    await ev.until(lambda: b"ok\n" in ev.console)
+    await m.reset()
+    assert m.state is MachineState.HALTED
+    await m.power_off()
+    await m.power_off()  # idempotent
+    assert m.state is MachineState.OFF
+    await m.power_on()  # and back on: empty machine, halted
+    assert m.state is MachineState.HALTED
+
+
+async def test_guest_lockup_is_a_fault(machines: MachineFactory, firmware_dir: Path) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello")
+    # HardFault vector -> unmapped, then jump to unmapped: the fault escalation locks up
+    await m.write_memory(0x0C, (0xF0000001).to_bytes(4, "little"))
+    await m.write_register("pc", 0xF0000000)
+    await m.run()
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.FAULT and "Lockup" in stop.message
+    assert m.state is MachineState.FAULTED and not ev.failures
+    await m.reset()  # a fresh QEMU with the image reloaded
+    await m.run()
+    assert (await ev.next_stop()).reason is StopReason.EXIT
+
+
+async def test_qemu_killed_is_a_failure(machines: MachineFactory, firmware_dir: Path) -> None:
+    m, ev, _ = await boot(machines, firmware_dir, "sifive_e", "echo")
+    await m.run()
+    await ev.until(lambda: b"echo ready" in ev.console)
+    inst = m._inst
+    assert inst is not None and inst.proc is not None
+    pid = inst.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    await ev.until(lambda: bool(ev.failures))
+    assert m.state is MachineState.FAILED
+    assert "SIGKILL" in ev.failures[0] and ev.stops == []
+    await ev.until(lambda: pid not in qemu_children(), 3.0)  # reaped: no zombie
+    with pytest.raises(WrongState):
+        await m.step()
+    await m.power_off()
+    await m.power_on()
+    assert m.state is MachineState.HALTED
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+async def test_snapshot_restore_is_deterministic(machines: MachineFactory,
+                                                 firmware_dir: Path) -> None:
+    m, ev, path = await boot(machines, firmware_dir, "mps2-an385", "echo", icount=True)
+    await m.run()
+    await ev.until(lambda: b"echo ready\n" in ev.console)
+    await m.pause()
+    regs = await m.read_registers()
+    counters = m.counters()
+    blob = await m.save_state()
+    assert isinstance(blob, bytes) and len(blob) > 1000
+
+    async def finish() -> tuple[bytes, StopInfo]:
+        start = len(ev.console)
+        await m.run()
+        await m.console_input(b"abc\nq")
+        stop = await ev.next_stop()
+        return bytes(ev.console[start:]), stop
+
+    first = await finish()
+    assert first[0] == b"abc\nbye\n" and first[1].exit_code == 0
+    # restore into the exited machine (a fresh QEMU), twice: same state, same output
+    for _ in range(2):
+        await m.restore_state(blob)
+        assert m.state is MachineState.HALTED
+        assert await m.read_registers() == regs
+        assert m.counters() == counters
+        assert await finish() == first
+
+    # and into another machine of the same board
+    other, ev2 = machines("mps2-an385", icount=True)
+    await other.power_on()
+    await other.restore_state(blob)
+    assert await other.read_registers() == regs
+    with pytest.raises(BadRequest):
+        await other.restore_state(b"not a snapshot")
+
+
+async def test_snapshots_refused_on_lm3s6965evb(machines: MachineFactory,
+                                                firmware_dir: Path) -> None:
+    m, _, _ = await boot(machines, firmware_dir, "lm3s6965evb", "hello")
+    with pytest.raises(NotSupported, match="lm3s6965evb"):
+        await m.save_state()
+
+
+async def test_many_machines_at_once(machines: MachineFactory, firmware_dir: Path) -> None:
+    booted = await asyncio.gather(
+        *(boot(machines, firmware_dir, b, "hello") for b in (*BOARDS, "mps2-an385"))
+    )
+    for m, _, _ in booted:
+        await m.run()
+    for (m, ev, _), name in zip(booted, (*BOARDS, "mps2-an385"), strict=True):
+        stop = await ev.next_stop()
+        assert stop.exit_code == 0 and bytes(ev.console) == f"Hello from {name}!\n".encode()
