@@ -40,8 +40,12 @@ async def start(cfg: ServerConfig) -> RunningServer:
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
     await engine.start()
-    server, port, health_servicer = await build_server(engine, cfg.listen)
-    await server.start()
+    try:
+        server, port, health_servicer = await build_server(engine, cfg.listen)
+        await server.start()
+    except BaseException:
+        await engine.close()
+        raise
     return RunningServer(server, port, engine, health_servicer)
 
 

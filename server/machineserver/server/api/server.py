@@ -68,9 +68,12 @@ async def build_server(
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {listen}")
+        raise OSError(f"cannot listen on {listen}: the address is in use or not valid here")
     return server, port, health_servicer
 
 

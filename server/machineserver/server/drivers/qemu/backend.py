@@ -72,8 +72,11 @@ class QemuBackend(Backend):
         return self._machines[binary]
 
     def probe(self) -> BackendInfo:
-        found = {arch: self._version(b) for arch, b in self.binaries.items() if self._path(arch)}
-        found = {a: v for a, v in found.items() if v}
+        found: dict[Arch, str] = {}
+        for arch, binary in self.binaries.items():
+            version = self._version(binary) if self._path(arch) else None
+            if version:
+                found[arch] = version
         if not found:
             return BackendInfo(
                 name=self.name,

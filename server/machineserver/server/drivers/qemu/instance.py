@@ -21,11 +21,10 @@ import socket
 import tempfile
 from collections.abc import Callable, Sequence
 
-from qemu.qmp import QMPClient
-from qemu.qmp.error import QMPError
-
 from machineserver.server.drivers.base import BackendFailed
 from machineserver.server.drivers.qemu.rsp import RspClient
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
 
 log = logging.getLogger(__name__)
 
@@ -215,21 +214,21 @@ class QemuInstance:
         return self.proc is not None and self.proc.returncode is None and not self.exited.is_set()
 
     async def qmp_call(self, cmd: str, args: dict[str, object] | None = None,
-                       timeout: float = QMP_TIMEOUT) -> object:
+                       limit: float = QMP_TIMEOUT) -> object:
         if self.qmp is None or not self.alive:
             raise BackendFailed("QEMU is not running")
         try:
-            return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+            return await asyncio.wait_for(self.qmp.execute(cmd, args), limit)
         except TimeoutError:
-            raise BackendFailed(f"QMP {cmd} timed out after {timeout} s") from None
+            raise BackendFailed(f"QMP {cmd} timed out after {limit} s") from None
         except (QMPError, EOFError, OSError) as exc:
             if self.proc is not None and self.proc.returncode is not None:
                 raise BackendFailed(f"QEMU ended: {self.describe_exit()}") from None
             raise BackendFailed(f"QMP {cmd} failed: {exc}") from None
 
-    async def hmp(self, command: str, timeout: float = QMP_TIMEOUT) -> str:
+    async def hmp(self, command: str, limit: float = QMP_TIMEOUT) -> str:
         """An HMP command; QEMU reports HMP errors as a successful result text."""
-        out = await self.qmp_call("human-monitor-command", {"command-line": command}, timeout)
+        out = await self.qmp_call("human-monitor-command", {"command-line": command}, limit)
         text = str(out)
         if text.startswith("Error"):
             raise BackendFailed(f"HMP {command!r}: {text.strip()}")
@@ -254,8 +253,8 @@ class QemuInstance:
             self._con_writer.close()
             self._con_writer = None
 
-    async def stop(self, *, timeout: float = 2.0) -> None:
-        """End the process: QMP quit, SIGKILL after ``timeout``; reap it; free everything."""
+    async def stop(self, *, limit: float = 2.0) -> None:
+        """End the process: QMP quit, SIGKILL after ``limit``; reap it; free everything."""
         self.stopping = True
         proc = self.proc
         if proc is not None and proc.returncode is None and self.qmp is not None:
@@ -265,7 +264,7 @@ class QemuInstance:
         if proc is not None:
             if proc.returncode is None:
                 try:
-                    await asyncio.wait_for(proc.wait(), timeout)
+                    await asyncio.wait_for(proc.wait(), limit)
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()

@@ -39,8 +39,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-
-from qemu.qmp import EventListener
+from pathlib import Path
 
 from machineserver.server.drivers.base import (
     Arch,
@@ -69,7 +68,13 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.qemu.instance import QemuInstance, _short_tmpdir
 from machineserver.server.drivers.qemu.regs import RegisterMap, fetch_register_map
-from machineserver.server.drivers.qemu.rsp import RspClosed, RspError, RspTimeout, StopReply
+from machineserver.server.drivers.qemu.rsp import (
+    RspClosed,
+    RspError,
+    RspTimeout,
+    StopReply,
+)
+from qemu.qmp import EventListener
 
 BINARIES = {Arch.ARM_CORTEX_M: "qemu-system-arm", Arch.RISCV32: "qemu-system-riscv32"}
 # QEMU machines whose snapshot restore is broken in the QEMU versions we know of
@@ -156,7 +161,7 @@ class QemuMachine(
                 required="|".join(s.value for s in states),
             )
 
-    def _rsp(self):  # noqa: ANN202 - RspClient
+    def _rsp(self):
         inst = self._inst
         if inst is None or inst.rsp is None or not inst.alive:
             raise BackendFailed("QEMU is not running")
@@ -180,8 +185,7 @@ class QemuMachine(
         incoming = None
         if incoming_blob is not None:
             path = os.path.join(workdir, "incoming.bin")
-            with open(path, "wb") as f:
-                f.write(incoming_blob)
+            await asyncio.to_thread(Path(path).write_bytes, incoming_blob)
             incoming = f"exec:cat {path}"
         inst = QemuInstance(
             self.binary,
@@ -852,8 +856,7 @@ class QemuMachine(
                 if time.monotonic() > deadline:
                     raise BackendFailed("snapshot did not finish in 30 s")
                 await asyncio.sleep(0.002)
-            with open(path, "rb") as f:
-                stream = _patch_runstate(f.read())
+            stream = _patch_runstate(await asyncio.to_thread(Path(path).read_bytes))
             os.unlink(path)
             header = json.dumps({
                 "machine": self.qemu_machine,

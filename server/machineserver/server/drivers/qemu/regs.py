@@ -27,7 +27,7 @@ RV_ALIASES = {name: f"x{i}" for i, name in enumerate(RV_ABI)}
 RV_ALIASES["fp"] = "x8"
 RV_CSRS = ("mstatus", "mie", "mip", "mtvec", "mepc", "mcause", "mtval", "mscratch")
 
-ARM_CORE = tuple(f"r{i}" for i in range(13)) + ("sp", "lr", "pc", "xpsr")
+ARM_CORE = (*(f"r{i}" for i in range(13)), "sp", "lr", "pc", "xpsr")
 ARM_SYSTEM = ("msp", "psp", "primask", "basepri", "faultmask", "control")
 ARM_ALIASES = {"r13": "sp", "r14": "lr", "r15": "pc", "cpsr": "xpsr"}
 

@@ -112,27 +112,27 @@ class RspClient:
 
     # ---------------------------------------------------------------- connection
     @classmethod
-    async def connect_unix(cls, path: str, timeout: float = 5.0) -> RspClient:
-        r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    async def connect_unix(cls, path: str, limit: float = 5.0) -> RspClient:
+        r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), limit)
         client = cls(r, w)
-        await client._handshake(timeout)
+        await client._handshake(limit)
         return client
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, timeout: float = 5.0) -> RspClient:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async def connect_tcp(cls, host: str, port: int, limit: float = 5.0) -> RspClient:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
         sock = w.get_extra_info("socket")
         if sock is not None:
             import socket
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = cls(r, w)
-        await client._handshake(timeout)
+        await client._handshake(limit)
         return client
 
-    async def _handshake(self, timeout: float) -> None:
+    async def _handshake(self, limit: float) -> None:
         reply = await self.request(
-            b"qSupported:multiprocess+;swbreak+;hwbreak+;xmlRegisters=arm", timeout=timeout
+            b"qSupported:multiprocess+;swbreak+;hwbreak+;xmlRegisters=arm", limit=limit
         )
         for item in reply.decode("ascii", "replace").split(";"):
             if "=" in item:
@@ -144,7 +144,7 @@ class RspClient:
             with contextlib.suppress(ValueError):
                 self.packet_size = int(self.features["PacketSize"], 16)
         if self.features.get("QStartNoAckMode") == "+":
-            if await self.request(b"QStartNoAckMode", timeout=timeout) == b"OK":
+            if await self.request(b"QStartNoAckMode", limit=limit) == b"OK":
                 self._ack = False
 
     @property
@@ -216,19 +216,19 @@ class RspClient:
                 del self._buf[:1]
         return await self._read_packet()
 
-    async def request(self, payload: bytes, *, timeout: float = 5.0) -> bytes:
+    async def request(self, payload: bytes, *, limit: float = 5.0) -> bytes:
         """Send one packet and return the reply payload."""
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._exchange(payload), timeout)
+                return await asyncio.wait_for(self._exchange(payload), limit)
             except TimeoutError:
-                raise RspTimeout(f"no reply to {payload[:20]!r} in {timeout} s") from None
+                raise RspTimeout(f"no reply to {payload[:20]!r} in {limit} s") from None
             except (ConnectionError, OSError) as exc:
                 self._closed = True
                 raise RspClosed(f"gdbstub connection lost: {exc}") from None
 
-    async def request_ok(self, payload: bytes, *, timeout: float = 5.0) -> None:
-        reply = await self.request(payload, timeout=timeout)
+    async def request_ok(self, payload: bytes, *, limit: float = 5.0) -> None:
+        reply = await self.request(payload, limit=limit)
         if reply != b"OK":
             raise _error(payload, reply)
 
@@ -256,10 +256,10 @@ class RspClient:
                 except TimeoutError:
                     raise RspTimeout("the stub did not acknowledge the continue") from None
 
-    async def wait_stop(self, timeout: float | None = None) -> StopReply:
+    async def wait_stop(self, limit: float | None = None) -> StopReply:
         """The stop reply for the last continue/step."""
         try:
-            payload = await asyncio.wait_for(self._read_packet(), timeout)
+            payload = await asyncio.wait_for(self._read_packet(), limit)
         except TimeoutError:
             raise RspTimeout("no stop reply in time") from None
         except (ConnectionError, OSError) as exc:
@@ -273,11 +273,11 @@ class RspClient:
         if not self._closed:
             self._w.write(b"\x03")
 
-    async def step(self, timeout: float = 5.0) -> StopReply:
+    async def step(self, limit: float = 5.0) -> StopReply:
         async with self._lock:
             self._send_packet(b"s")
             self._running = True
-        return await self.wait_stop(timeout)
+        return await self.wait_stop(limit)
 
     async def halt_reason(self) -> StopReply:
         return parse_stop(await self.request(b"?"))
