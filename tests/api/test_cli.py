@@ -1,0 +1,87 @@
+"""msctl against a real server process: friendly verbs, generic RPC commands, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from tests.conftest import VENV_BIN, ServerProcess, firmware
+
+
+def msctl(sp: ServerProcess, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, MSCTL_TARGET=sp.target)
+    return subprocess.run([str(VENV_BIN / "msctl"), *args], capture_output=True, text=True, env=env,
+                          input=stdin, timeout=timeout)
+
+
+def test_walkthrough_verbs(server_process: ServerProcess) -> None:
+    caps = msctl(server_process, "caps")
+    assert caps.returncode == 0 and "unicorn" in caps.stdout and "lm3s6965evb" in caps.stdout
+    up = msctl(server_process, "--json", "program", "upload", str(firmware("lm3s6965evb", "hello")))
+    program = json.loads(up.stdout)["program"]["name"]
+    created = msctl(server_process, "--json", "session", "create", "--board", "lm3s6965evb", "--program", program,
+                    "--run", "--id", "demo", "--label", "team=fw")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["session"]["name"] == "sessions/demo"
+    deadline = time.monotonic() + 20
+    out = ""
+    while "Hello" not in out and time.monotonic() < deadline:
+        out = msctl(server_process, "console", "demo", "--no-follow").stdout
+    assert out == "Hello from lm3s6965evb!\n"
+    table = msctl(server_process, "session", "list")
+    assert "sessions/demo" in table.stdout and "EXITED" in table.stdout
+    # one step up the file upload path: create with a file uploads it
+    created2 = msctl(server_process, "session", "create", "--board", "lm3s6965evb",
+                     "--program", str(firmware("lm3s6965evb", "hello")))
+    assert created2.returncode == 0 and "state=OFF" in created2.stdout
+    assert "hello.elf" in msctl(server_process, "program", "list").stdout
+
+
+def test_generic_rpc_commands(server_process: ServerProcess) -> None:
+    r = msctl(server_process, "--json", "session", "create-session", "--board-template", "mps2-an385",
+              "--session-id", "gen", "--labels", "a=b", "--power-on")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["session"]["labels"] == {"a": "b"}
+    regs = msctl(server_process, "--json", "debug", "read-registers", "sessions/gen", "--names", "pc", "--names", "sp")
+    assert [x["name"] for x in json.loads(regs.stdout)["registers"]] == ["pc", "sp"]
+    bp = msctl(server_process, "--json", "debug", "set-breakpoint", "sessions/gen", "--location", '{"address": "256"}')
+    assert json.loads(bp.stdout)["breakpoint"]["address"] == "256"
+    wr = msctl(server_process, "--json", "debug", "write-memory", "gen", "--address", "0x20000000", "--data", "hex:0102")
+    assert json.loads(wr.stdout)["bytes_written"] == 2
+    rd = msctl(server_process, "--json", "debug", "read-memory", "gen", "--address", "0x20000000", "--size", "2")
+    assert json.loads(rd.stdout)["data"] == "AQI="
+    req = msctl(server_process, "--json", "session", "get-session", "--request-json", '{"name": "sessions/gen"}')
+    assert json.loads(req.stdout)["session"]["board"] == "mps2-an385"
+    up = msctl(server_process, "--json", "session", "upload-program", "--file", str(firmware("mps2-an385", "hello")),
+               "--display-name", "h")
+    assert json.loads(up.stdout)["program"]["format"] == "PROGRAM_FORMAT_ELF"
+    events = msctl(server_process, "telemetry", "get-host-status")
+    assert events.returncode == 0 and "cpus" in events.stdout
+
+
+def test_errors_exit_nonzero_with_the_field(server_process: ServerProcess) -> None:
+    r = msctl(server_process, "session", "get-session", "sessions/nope")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr
+    r = msctl(server_process, "session", "create-session")
+    assert r.returncode == 1 and "field board_template" in r.stderr
+    r = msctl(server_process, "debug", "step", "--count", "notanumber")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    unreachable = subprocess.run([str(VENV_BIN / "msctl"), "--target", "127.0.0.1:1", "--timeout", "2", "caps"],
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+
+
+def test_attach_from_stdin_json_lines(server_process: ServerProcess) -> None:
+    msctl(server_process, "session", "create", "--board", "lm3s6965evb", "--id", "att",
+          "--program", str(firmware("lm3s6965evb", "hello")), "--power-on")
+    lines = "\n".join([
+        json.dumps({"open": {"name": "sessions/att", "control": True}}),
+        json.dumps({"command": {"tag": 1, "set_breakpoint": {"location": {"symbol": "main"}}}}),
+        json.dumps({"command": {"tag": 2, "continue": {}}}),
+    ])
+    r = msctl(server_process, "debug", "attach", stdin=lines + "\n", timeout=30)
+    msgs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert msgs[0]["opened"]["role"] == "ATTACH_ROLE_CONTROLLER"
+    assert {m["result"]["tag"] for m in msgs if "result" in m} >= {"1", "2"}

@@ -1,0 +1,60 @@
+"""The error boundary: an unexpected exception becomes INTERNAL with a request id (no
+traceback to the client) and the server keeps serving; typed SDK errors keep details."""
+
+from __future__ import annotations
+
+import pytest
+
+from machineserver.sdk import AsyncClient, errors
+from machineserver.server.app import RunningServer
+
+
+async def test_unexpected_exception_is_internal_and_server_survives(client: AsyncClient, server: RunningServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom() -> list[object]:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(server.engine.catalog, "specs", boom)
+    with pytest.raises(errors.Internal) as exc:
+        await client.capabilities.get_capabilities()
+    assert "secret" not in exc.value.message and "Traceback" not in exc.value.message
+    assert exc.value.request_id and exc.value.request_id in exc.value.message
+    monkeypatch.undo()
+    assert (await client.capabilities.get_capabilities()).backends
+
+
+async def test_request_id_from_the_caller_is_kept(client: AsyncClient) -> None:
+    with pytest.raises(errors.NotFound) as exc:
+        await client.sessions.get_session(name="sessions/x", metadata=[("x-request-id", "my-id-123")])
+    assert exc.value.request_id == "my-id-123"
+    assert isinstance(exc.value, LookupError)
+    assert exc.value.error_info is not None and exc.value.error_info.reason == "NOT_FOUND"
+
+
+async def test_invalid_argument_is_a_value_error_with_the_field(client: AsyncClient) -> None:
+    with pytest.raises(ValueError) as exc:
+        await client.sessions.get_session(name="bad/name/here")
+    assert isinstance(exc.value, errors.InvalidArgument)
+    assert exc.value.field_violations == [("name", "'bad/name/here' is not a sessions resource name (sessions/ID)")]
+
+
+async def test_sdk_refuses_unknown_fields_locally(client: AsyncClient) -> None:
+    with pytest.raises(TypeError):
+        await client.sessions.get_session(nam="sessions/x")
+
+
+async def test_coverage_and_cosim_answer_unimplemented_with_reasons(client: AsyncClient) -> None:
+    s = (await client.sessions.create_session(board_template="lm3s6965evb")).session
+    with pytest.raises(errors.Unimplemented) as exc:
+        await client.coverage.start_coverage(name=s.name)
+    assert exc.value.feature == "coverage" and "not built" in exc.value.message
+    with pytest.raises(errors.NotFound):
+        await client.coverage.start_coverage(name="sessions/nope")
+    with pytest.raises(errors.Unimplemented):
+        async for _ in client.coverage.export_coverage(name=s.name, format="COVERAGE_FORMAT_LCOV"):
+            pass
+    with pytest.raises(errors.Unimplemented) as exc:
+        await client.cosim.create_co_simulation(sessions=[s.name])
+    assert "co-simulation" in exc.value.message
+    caps = await client.capabilities.get_capabilities()
+    assert list(caps.buses) == []
