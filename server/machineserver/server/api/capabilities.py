@@ -15,7 +15,17 @@ API_VERSION = "machineserver.v1"
 
 
 class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
+    _cached: tuple[int, pb.GetCapabilitiesResponse] | None = None
+
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: aio.ServicerContext) -> pb.GetCapabilitiesResponse:
+        # Derived from probes (cached by the registry) and board templates: rebuilt only
+        # when a template changes.
+        generation = self.engine.catalog.generation
+        if self._cached is None or self._cached[0] != generation:
+            self._cached = (generation, self._capabilities())
+        return self._cached[1]
+
+    def _capabilities(self) -> pb.GetCapabilitiesResponse:
         reg = self.engine.backends
         specs = self.engine.catalog.specs()
         backends = []

@@ -70,27 +70,33 @@ class AccessLog:
 class ServerInterceptor(aio.ServerInterceptor):
     def __init__(self, hooks: Sequence[CallHook] = ()) -> None:
         self._hooks = list(hooks)
+        # Handlers are wrapped once per method (grpc hands back the same handler each
+        # time); per-call data comes from the context.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
         method = details.method  # type: ignore[attr-defined]
-        md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
-        return _wrap(handler, method, md, self)
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[method] = _wrap(handler, method, self)
+        return wrapped
 
     # ------------------------------------------------------------------ the boundary
 
-    async def _begin(self, method: str, md: dict[str, str], context: aio.ServicerContext) -> CallInfo:
+    async def _begin(self, method: str, context: aio.ServicerContext) -> CallInfo:
+        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         rid = md.get(REQUEST_ID_KEY) or secrets.token_hex(8)
         call = CallInfo(method, rid, md)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=rid, rpc=call.rpc)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         for hook in self._hooks:
             await hook.before(call)
         return call
@@ -126,14 +132,14 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, aio.AbortError)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, md: dict[str, str], ic: ServerInterceptor) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_result(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
             call = None
             try:
-                call = await ic._begin(method, md, context)
+                call = await ic._begin(method, context)
                 return await inner(request_or_iterator, context)
             except BaseException as exc:
                 if _is_abort(exc) or isinstance(exc, GeneratorExit):
@@ -153,7 +159,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, md: dict[str, str], ic: S
     async def stream_result(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         call = None
         try:
-            call = await ic._begin(method, md, context)
+            call = await ic._begin(method, context)
             result = inner_stream(request_or_iterator, context)
             if hasattr(result, "__aiter__"):
                 async for item in result:

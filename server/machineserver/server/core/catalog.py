@@ -29,6 +29,7 @@ def _etag(config: str) -> str:
 class BoardCatalog:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.generation = 0  # bumped on every change, for caches of derived answers
         self._builtin: dict[str, tuple[BoardTemplateRecord, BoardSpec]] = {}
         for stem, text in board_data.shipped_board_texts().items():
             spec = board_data.board_from_dict(board_data.parse_board_text(text), field=f"{stem}.yaml")
@@ -109,6 +110,8 @@ class BoardCatalog:
         if rec.builtin:
             raise FailedPrecondition(f"board template {rec.id} ships with the server and cannot be deleted")
         self._db.delete(TABLE, rec.id)
+        self.generation += 1
 
     def _save(self, rec: BoardTemplateRecord) -> None:
         self._db.put(TABLE, record_row(rec, etag=rec.etag))
+        self.generation += 1

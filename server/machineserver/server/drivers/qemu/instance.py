@@ -41,16 +41,13 @@ def _short_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="ms-qemu-", dir=base)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU when the server dies (even by SIGKILL),
-    so no emulator outlives the process that controls it (Linux only)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent_prefix() -> list[str]:
+    """A command prefix that SIGKILLs QEMU when the server dies (even by SIGKILL), so no
+    emulator outlives the process that controls it: util-linux ``setpriv --pdeathsig``
+    (Linux). Not a ``preexec_fn``: Python code between fork and exec in a process with
+    gRPC's threads can deadlock or crash the child."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 class QemuInstance:
@@ -116,13 +113,12 @@ class QemuInstance:
                 listeners[name] = s
             fds = {n: s.fileno() for n, s in listeners.items()}
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command_line(fds),
+                *_die_with_parent_prefix(), *self.command_line(fds),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=list(fds.values()),
                 start_new_session=True,  # a ^C in a terminal must not reach QEMU
-                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self._cleanup_dir()

@@ -388,6 +388,9 @@ class UnicornMachine(
         for seg in self._image.segments:
             if seg.data:
                 self.uc.mem_write(seg.address, seg.data)
+        # mem_write does not invalidate translated blocks: without this, code of the
+        # program loaded before (e.g. after an exit, LoadProgram) would run instead
+        self.uc.ctl_flush_tb()
 
     def _reset_sync(self) -> None:
         with self._lock:

@@ -1,0 +1,365 @@
+"""MachineServer benchmarks: every figure next to a peer measured in the same run.
+
+Sections (pick with --only NAME[,NAME]):
+  control   unary GetCapabilities vs a bare grpc.aio echo server (p50/p99, 16 callers)
+  unicorn   crc32 instructions/s through MachineServer vs raw Unicorn with the same
+            MMIO hooks; create-to-first-console-byte p50; step round trip over the SDK
+  qemu      crc32 through the QEMU backend vs the same QEMU command line by hand;
+            create-to-first-console-byte p50; our RSP client vs gdb-multiarch (pygdbmi)
+            stepping on the same QEMU gdbstub
+Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FW = ROOT / "tests" / "firmware"
+VENV_BIN = Path(sys.executable).parent
+CRC32_INSTRUCTIONS = 55_326_126  # lm3s6965evb crc32.elf, counted exactly (Unicorn count= and a QEMU plugin agree)
+
+ECHO_SERVER = r'''
+import asyncio, grpc
+from grpc import aio
+async def main():
+    server = aio.server()
+    async def echo(req, ctx): return req
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+'''
+
+
+def firmware(board: str, prog: str) -> Path:
+    for base in (FW / "build", FW / "prebuilt"):
+        p = base / board / f"{prog}.elf"
+        if p.exists():
+            return p
+    raise SystemExit(f"bench: {board}/{prog}.elf missing: run make -C tests/firmware")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def line(name: str, ours: float, peer: float, unit: str, target: str, higher_is_better: bool = False) -> None:
+    ratio = ours / peer if peer else float("nan")
+    print(f"  {name:<46} ours {ours:10.3f} {unit:<6} peer {peer:10.3f} {unit:<6} ratio {ratio:6.2f}x  ({target})")
+
+
+def single(name: str, value: float, unit: str, target: str) -> None:
+    print(f"  {name:<46} {value:10.3f} {unit:<6} ({target})")
+
+
+class Server:
+    """MachineServer as a child process on a free port."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="ms-bench-")
+        port_file = Path(self.tmp) / "port"
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "machineserver"), "--listen", "127.0.0.1:0", "--data-dir", f"{self.tmp}/data",
+             "--port-file", str(port_file), "--log-level", "warning", "--max-sessions", "10000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("bench: server did not start")
+            time.sleep(0.02)
+        self.target = f"127.0.0.1:{port_file.read_text()}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def latency(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+async def throughput(call: Callable[[], Awaitable[object]], callers: int, seconds: float) -> float:
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await call()
+            done += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(callers)))
+    return done / (time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------- control plane
+
+
+async def bench_control(server: Server) -> None:
+    from grpc import aio
+
+    from machineserver.sdk import AsyncClient
+
+    print("control plane: GetCapabilities vs a bare grpc.aio echo server (separate processes)")
+    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        echo_port = int(echo.stdout.readline())  # type: ignore[union-attr]
+        async with aio.insecure_channel(f"127.0.0.1:{echo_port}") as ch:
+            echo_call = ch.unary_unary("/bench.Echo/Echo")
+
+            async def peer() -> object:
+                return await echo_call(b"")
+
+            async with await AsyncClient.connect(server.target) as client:
+                async def ours() -> object:
+                    return await client.capabilities.get_capabilities()
+
+                for f in (peer, ours):
+                    await latency(f, 200)  # warm up
+                # interleaved rounds, so background noise falls on both alike
+                lat_peer: list[float] = []
+                lat_ours: list[float] = []
+                tps_peer: list[float] = []
+                tps_ours: list[float] = []
+                for _ in range(3):
+                    lat_peer += await latency(peer, 400)
+                    lat_ours += await latency(ours, 400)
+                    tps_peer.append(await throughput(peer, 16, 1.5))
+                    tps_ours.append(await throughput(ours, 16, 1.5))
+                tp_peer, tp_ours = statistics.median(tps_peer), statistics.median(tps_ours)
+        line("unary p50", pct(lat_ours, 0.5), pct(lat_peer, 0.5), "ms", "target <= 1.2x")
+        line("unary p99", pct(lat_ours, 0.99), pct(lat_peer, 0.99), "ms", "target <= 1.2x")
+        line("throughput, 16 concurrent callers", tp_peer, tp_ours, "call/s", "peer/ours, target <= 1.2x")
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+# ---------------------------------------------------------------------- unicorn
+
+
+def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
+    """Raw Unicorn on the same ELF with the same hooks the driver needs: the PL011 UART
+    as MMIO, the SCS as MMIO, and the semihosting interrupt hook; nothing else."""
+    from elftools.elf.elffile import ELFFile
+    from unicorn import UC_ARCH_ARM, UC_HOOK_INTR, UC_MODE_MCLASS, UC_MODE_THUMB, Uc
+    from unicorn.arm_const import UC_ARM_REG_PC, UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_SP, UC_CPU_ARM_CORTEX_M3
+
+    uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
+    uc.ctl_set_cpu_model(UC_CPU_ARM_CORTEX_M3)
+    uc.mem_map(0, 0x40000)
+    uc.mem_map(0x20000000, 0x10000)
+    out = bytearray()
+    uc.mmio_map(0x4000C000, 0x1000, lambda u, off, size, ud: 0, None,
+                lambda u, off, size, value, ud: out.append(value & 0xFF) if off == 0 else None, None)
+    uc.mmio_map(0xE000E000, 0x1000, lambda u, off, size, ud: 0, None, lambda u, off, size, value, ud: None, None)
+    with elf.open("rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
+                uc.mem_write(seg["p_paddr"], seg.data()[: seg["p_filesz"]])
+    sp = int.from_bytes(uc.mem_read(0, 4), "little")
+    pc = int.from_bytes(uc.mem_read(4, 4), "little")
+    uc.reg_write(UC_ARM_REG_SP, sp)
+    done = False
+
+    def intr(u: Uc, intno: int, ud: object) -> None:
+        nonlocal done
+        op = u.reg_read(UC_ARM_REG_R0)
+        if op in (0x18, 0x20):
+            done = True
+            u.emu_stop()
+        elif op == 0x03:
+            out.append(u.mem_read(u.reg_read(UC_ARM_REG_R1), 1)[0])
+        u.reg_write(UC_ARM_REG_PC, (u.reg_read(UC_ARM_REG_PC) + 2) | 1)
+
+    uc.hook_add(UC_HOOK_INTR, intr)
+    t = time.perf_counter()
+    start = pc
+    while not done:
+        uc.emu_start(start | 1, 0xFFFFFFFF, timeout=10_000)
+        start = uc.reg_read(UC_ARM_REG_PC)
+    return time.perf_counter() - t, bytes(out)
+
+
+async def run_to_exit(client: object, board: str, program: str, backend: str) -> tuple[float, str]:
+    """Create a session running the program; seconds until its EXITED event."""
+    from machineserver.v1 import common_pb2
+
+    c = client  # AsyncClient
+    sid = f"b{time.monotonic_ns()}"
+    name = f"sessions/{sid}"
+    events = c.sessions.stream_session_events(name="")  # type: ignore[attr-defined]
+    ready = asyncio.Event()
+
+    async def wait_exit() -> float:
+        async for ev in events:
+            if not ready.is_set():
+                continue
+            if ev.session == name and ev.state == common_pb2.SESSION_STATE_EXITED:
+                return time.perf_counter()
+        return float("nan")
+
+    waiter = asyncio.create_task(wait_exit())
+    await asyncio.sleep(0.05)
+    ready.set()
+    t = time.perf_counter()
+    await c.sessions.create_session(board_template=board, program=program, run=True, session_id=sid, backend=backend)  # type: ignore[attr-defined]
+    end = await asyncio.wait_for(waiter, 120)
+    await c.sessions.delete_session(name=name)  # type: ignore[attr-defined]
+    return end - t, name
+
+
+async def first_byte(client: object, board: str, program: str, backend: str) -> float:
+    c = client
+    t = time.perf_counter()
+    s = (await c.sessions.create_session(board_template=board, program=program, run=True, backend=backend)).session  # type: ignore[attr-defined]
+    async for _ in c.sessions.stream_console(name=s.name, follow=True):  # type: ignore[attr-defined]
+        break
+    took = time.perf_counter() - t
+    await c.sessions.delete_session(name=s.name)  # type: ignore[attr-defined]
+    return took * 1000
+
+
+async def bench_unicorn(server: Server) -> None:
+    from machineserver.sdk import AsyncClient
+
+    print("unicorn backend (lm3s6965evb)")
+    elf = firmware("lm3s6965evb", "crc32")
+    async with await AsyncClient.connect(server.target) as c:
+        crc = (await c.upload_program(elf)).program.name
+        hello = (await c.upload_program(firmware("lm3s6965evb", "hello"))).program.name
+        ours, peer = [], []
+        for _ in range(5):
+            raw_s, out = raw_unicorn_crc32(elf)
+            assert out == b"crc32=0x80f45f04\n", out
+            peer.append(CRC32_INSTRUCTIONS / raw_s / 1e6)
+            s, _ = await run_to_exit(c, "lm3s6965evb", crc, "unicorn")
+            ours.append(CRC32_INSTRUCTIONS / s / 1e6)
+        line("crc32 M instr/s (create -> exit), best of 5", max(ours), max(peer), "MIPS", "target >= 0.8x")
+        fb = [await first_byte(c, "lm3s6965evb", hello, "unicorn") for _ in range(30)]
+        single("create -> first console byte p50", pct(fb, 0.5), "ms", "target <= 50 ms")
+        s = (await c.sessions.create_session(board_template="lm3s6965evb", program=crc, power_on=True)).session
+        steps = await latency(lambda: c.debug.step(name=s.name), 500)
+        single("single step over the SDK p50", pct(steps, 0.5), "ms", "target <= 1 ms")
+        single("single step over the SDK p99", pct(steps, 0.99), "ms", "")
+        await c.sessions.delete_session(name=s.name)
+
+
+# ---------------------------------------------------------------------- qemu
+
+
+def qemu_by_hand(elf: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-nodefaults",
+                    "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=True)
+    return time.perf_counter() - t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def rsp_vs_gdb(elf: Path, steps: int = 300) -> tuple[list[float], list[float]]:
+    from pygdbmi.gdbcontroller import GdbController
+
+    from machineserver.server.drivers.qemu.rsp import RspClient
+
+    port = free_port()
+    qemu = subprocess.Popen(["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
+                             "-semihosting-config", "enable=on,target=native", "-gdb", f"tcp:127.0.0.1:{port}",
+                             "-kernel", str(elf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.sleep(0.3)
+        rsp = await RspClient.connect_tcp("127.0.0.1", port)
+        ours = await latency(lambda: rsp.step(), steps)
+        await rsp.close()
+        gdb = GdbController(["gdb-multiarch", "--nx", "--quiet", "--interpreter=mi3", str(elf)])
+        for cmd in ("set confirm off", "set trust-readonly-sections on", "set print frame-arguments none",
+                    f"target remote 127.0.0.1:{port}"):
+            gdb.write(cmd, timeout_sec=10)
+        peer = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            gdb.write("-exec-step-instruction", read_response=False)
+            while True:
+                resp = gdb.get_gdb_response(timeout_sec=5, raise_error_on_timeout=True)
+                if any(r.get("message") == "stopped" for r in resp):
+                    break
+            peer.append((time.perf_counter() - t) * 1000)
+        gdb.exit()
+        return ours, peer
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+async def bench_qemu(server: Server) -> None:
+    from machineserver.sdk import AsyncClient
+
+    if not shutil.which("qemu-system-arm"):
+        print("qemu backend: skipped (qemu-system-arm not installed)")
+        return
+    print("qemu backend (mps2-an385)")
+    elf = firmware("mps2-an385", "crc32")
+    async with await AsyncClient.connect(server.target) as c:
+        crc = (await c.upload_program(elf)).program.name
+        hello = (await c.upload_program(firmware("mps2-an385", "hello"))).program.name
+        ours, peer = [], []
+        for _ in range(5):
+            peer.append(qemu_by_hand(elf) * 1000)
+            s, _ = await run_to_exit(c, "mps2-an385", crc, "qemu")
+            ours.append(s * 1000)
+        line("crc32 create -> exit, median of 5 (peer/ours)", statistics.median(peer), statistics.median(ours), "ms",
+             "speed ratio = peer time / our time, target >= 0.95x")
+        fb = [await first_byte(c, "mps2-an385", hello, "qemu") for _ in range(10)]
+        single("create -> first console byte p50", pct(fb, 0.5), "ms", "target <= 300 ms")
+    ours_steps, gdb_steps = await rsp_vs_gdb(elf)
+    line("stepi p50: gdb-multiarch (pygdbmi) / our RSP client", pct(gdb_steps, 0.5), pct(ours_steps, 0.5), "ms",
+         "target: ours >= 3x faster")
+
+
+SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "qemu": bench_qemu}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    args = parser.parse_args()
+    server = Server()
+    try:
+        for name in args.only.split(","):
+            await SECTIONS[name](server)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    asyncio.run(main())

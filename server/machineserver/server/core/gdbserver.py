@@ -1,0 +1,767 @@
+"""A GDB remote-serial-protocol (RSP) server for one session, so ``gdb-multiarch`` (or any
+RSP client: an IDE, pyocd-style tools) can debug a simulated board through the core.
+
+It speaks only to the core (:class:`SessionManager` for run control, :class:`Debugger` for
+breakpoints, registers and memory), so it serves every backend alike; breakpoints gdb sets
+are ordinary Debugger breakpoints (they show in ListBreakpoints and the Attach stream,
+tagged with the gdb client's id) and are removed again when gdb detaches or disconnects.
+
+What it answers (one thread, all-stop)::
+
+    framing     $data#cs with +/- acks, QStartNoAckMode, ^C (0x03) while running
+    queries     qSupported, qXfer:features:read:target.xml, qAttached, qC,
+                qfThreadInfo/qsThreadInfo, qRcmd (monitor reset|halt|help), ?
+    registers   g G p P      (numbers as in the target description below)
+    memory      m M X        (X with binary escaping)
+    points      Z0/z0 software, Z1/z1 hardware, Z2/Z3/Z4 write/read/access watchpoints
+    running     c s C S vCont? vCont;c|s|C|S, stop replies T05 (swbreak/hwbreak/watch/
+                rwatch/awatch), T02 after ^C, W<code> on exit, T0b on a fault
+    leaving     D (detach: the session stays as it is), k / vKill (same: never deletes)
+    else        the empty reply
+
+Register numbering (the target description's ``regnum``):
+
+* Cortex-M: ``org.gnu.gdb.arm.m-profile`` r0-r12 = 0-12, sp 13, lr 14, pc 15, xpsr 16;
+  ``org.gnu.gdb.arm.m-system`` msp, psp, primask, basepri, faultmask, control = 17..
+  (only those the session's machine offers: QEMU 7.2 offers none of them).
+* RV32: ``org.gnu.gdb.riscv.cpu`` x0-x31 = 0-31, pc 32; ``org.gnu.gdb.riscv.csr`` with
+  the machine-mode CSRs the machine offers, from 33.
+
+Errors from the core become ``E01`` replies (the connection goes on); a broken connection
+ends only that client. Binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger, Location
+from machineserver.server.core.errors import MachineServerError, Unimplemented
+from machineserver.server.core.sessions import LiveSession, SessionManager
+from machineserver.server.drivers.base import Arch, MachineState, StopInfo, StopReason
+
+log = structlog.get_logger(__name__)
+
+INTERRUPT = 0x03
+PACKET_SIZE = 0x4000  # what qSupported announces (bytes of packet data we accept)
+MAX_MEMORY_READ = (PACKET_SIZE - 8) // 2
+SIGINT, SIGTRAP, SIGSEGV, SIGKILL = 2, 5, 11, 9
+THREAD_ID = 1
+
+ARM_CORE = (*(f"r{i}" for i in range(13)), "sp", "lr", "pc", "xpsr")
+ARM_SYSTEM = ("msp", "psp", "primask", "basepri", "faultmask", "control")
+RV_CORE = (*(f"x{i}" for i in range(32)), "pc")
+RV_CSRS = ("mstatus", "misa", "mie", "mtvec", "mscratch", "mepc", "mcause", "mtval", "mip")
+
+_POINT_KINDS = {
+    0: BreakpointKind.SOFTWARE,
+    1: BreakpointKind.HARDWARE,
+    2: BreakpointKind.WATCH_WRITE,
+    3: BreakpointKind.WATCH_READ,
+    4: BreakpointKind.WATCH_ACCESS,
+}
+_WATCH_STOP_KEYS = {
+    BreakpointKind.WATCH_WRITE: "watch",
+    BreakpointKind.WATCH_READ: "rwatch",
+    BreakpointKind.WATCH_ACCESS: "awatch",
+}
+_client_ids = itertools.count(1)
+
+
+class ProtocolError(Exception):
+    """A malformed packet from the client (answered with E01)."""
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def checksum(data: bytes) -> int:
+    return sum(data) & 0xFF
+
+
+def frame(data: bytes) -> bytes:
+    """``$data#cs`` (data already escaped where it needs to be)."""
+    return b"$" + data + b"#" + b"%02x" % checksum(data)
+
+
+def escape_binary(data: bytes) -> bytes:
+    """Binary data for a reply: ``$ # } *`` become ``}`` + (byte ^ 0x20)."""
+    out = bytearray()
+    for b in data:
+        if b in (0x23, 0x24, 0x7D, 0x2A):
+            out += bytes((0x7D, b ^ 0x20))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape_binary(data: bytes) -> bytes:
+    out = bytearray()
+    it = iter(data)
+    for b in it:
+        if b == 0x7D:
+            nxt = next(it, None)
+            if nxt is None:
+                raise ProtocolError("binary data ends in an escape")
+            out.append(nxt ^ 0x20)
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def expand_rle(data: bytes) -> bytes:
+    """Undo run-length encoding (``x*n``: repeat x n-29 more times); gdb does not send it
+    to stubs, but other clients may."""
+    if b"*" not in data:
+        return data
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        b = data[i]
+        if b == 0x2A and out and i + 1 < len(data):
+            out += bytes((out[-1],)) * (data[i + 1] - 29)
+            i += 2
+            continue
+        out.append(b)
+        i += 1
+    return bytes(out)
+
+
+class PacketReader:
+    """Splits the byte stream from the client into packets, acks and ^C."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        """Events: ("packet", data) / ("bad", data) for a checksum mismatch / ("ack", b"+"
+        or b"-") / ("interrupt", b"")."""
+        self.buf += data
+        events: list[tuple[str, bytes]] = []
+        while self.buf:
+            b = self.buf[0]
+            if b == 0x24:  # $
+                end = self.buf.find(b"#", 1)
+                if end < 0 or len(self.buf) < end + 3:
+                    break  # incomplete
+                body = bytes(self.buf[1:end])
+                cs = bytes(self.buf[end + 1 : end + 3])
+                del self.buf[: end + 3]
+                try:
+                    ok = int(cs, 16) == checksum(body)
+                except ValueError:
+                    ok = False
+                events.append(("packet" if ok else "bad", body))
+            elif b == INTERRUPT:
+                del self.buf[0]
+                events.append(("interrupt", b""))
+            elif b in (0x2B, 0x2D):  # + -
+                del self.buf[0]
+                events.append(("ack", bytes((b,))))
+            else:
+                del self.buf[0]  # noise between packets
+        return events
+
+
+# --------------------------------------------------------------------------- registers
+
+
+@dataclass(frozen=True)
+class RegisterLayout:
+    arch: Arch
+    names: tuple[str, ...]  # index = gdb register number
+    xml: bytes
+
+    @property
+    def pc(self) -> int:
+        return self.names.index("pc")
+
+
+def build_layout(arch: Arch, offered: Sequence[str] | None) -> RegisterLayout:
+    """The registers gdb sees, from those the session's machine offers (None: only the
+    core registers every backend has)."""
+    have = set(offered or ())
+    reg = '    <reg name="{}" bitsize="32" regnum="{}"{}/>\n'
+    parts: list[str] = ['<?xml version="1.0"?>\n<!DOCTYPE target SYSTEM "gdb-target.dtd">\n<target version="1.0">\n']
+    names: list[str] = []
+
+    def add(name: str, extra: str = "") -> None:
+        parts.append(reg.format(name, len(names), extra))
+        names.append(name)
+
+    if arch is Arch.ARM_CORTEX_M:
+        parts.append("  <architecture>arm</architecture>\n")
+        parts.append('  <feature name="org.gnu.gdb.arm.m-profile">\n')
+        for n in ARM_CORE:
+            extra = ' type="data_ptr"' if n == "sp" else ' type="code_ptr"' if n == "pc" else ' type="int"'
+            add(n, extra)
+        parts.append("  </feature>\n")
+        system = [n for n in ARM_SYSTEM if n in have]
+        # gdb 13 requires msp and psp in m-system; offer the feature only with both
+        if "msp" in system and "psp" in system:
+            parts.append('  <feature name="org.gnu.gdb.arm.m-system">\n')
+            for n in system:
+                add(n, ' type="data_ptr"' if n in ("msp", "psp") else ' type="int" group="system"')
+            parts.append("  </feature>\n")
+    else:
+        parts.append("  <architecture>riscv:rv32</architecture>\n")
+        parts.append('  <feature name="org.gnu.gdb.riscv.cpu">\n')
+        for n in RV_CORE:
+            extra = ' type="code_ptr"' if n == "pc" else ' type="int"'
+            add(n, extra)
+        parts.append("  </feature>\n")
+        csrs = [n for n in RV_CSRS if n in have]
+        if csrs:
+            parts.append('  <feature name="org.gnu.gdb.riscv.csr">\n')
+            for n in csrs:
+                add(n, ' type="int" group="csr"')
+            parts.append("  </feature>\n")
+    parts.append("</target>\n")
+    return RegisterLayout(arch, tuple(names), "".join(parts).encode())
+
+
+def _le32(value: int) -> bytes:
+    return (value & 0xFFFFFFFF).to_bytes(4, "little").hex().encode()
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class GdbServer:
+    """Serves one session over RSP. ``await start(host, port)`` (port 0: a free one),
+    ``await stop()``; ``clients`` is the number of connected gdb clients."""
+
+    def __init__(self, sessions: SessionManager, debugger: Debugger, live: LiveSession) -> None:
+        self.sessions = sessions
+        self.debugger = debugger
+        self.live = live
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Connection] = set()
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def clients(self) -> int:
+        return len(self._conns)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        if self._server is not None:
+            assert self.address is not None
+            return self.address
+        self._server = await asyncio.start_server(self._serve, host or "127.0.0.1", port)
+        sock = self._server.sockets[0].getsockname()
+        self.address = (str(sock[0]), int(sock[1]))
+        log.info("gdbserver_started", session_id=self.live.id, host=self.address[0], port=self.address[1])
+        return self.address
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for conn in list(self._conns):
+            conn.close()
+        tasks = [c.task for c in self._conns if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+        log.info("gdbserver_stopped", session_id=self.live.id)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(self, reader, writer)
+        conn.task = asyncio.current_task()
+        self._conns.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self._conns.discard(conn)
+
+
+class _Connection:
+    def __init__(self, server: GdbServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.sessions = server.sessions
+        self.debugger = server.debugger
+        self.live = server.live
+        self.reader = reader
+        self.writer = writer
+        self.client_id = f"gdb-{next(_client_ids)}"
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.task: asyncio.Task[None] | None = None
+        self.ack = True
+        self.last_sent = b""
+        self.events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.deferred: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.layout: RegisterLayout | None = None
+        self.features: set[str] = set()
+        self.points: dict[tuple[int, int, int], int] = {}  # (type, addr, size) -> our bp id
+        self.closing = False
+        self.log = log.bind(session_id=self.live.id, gdb_client=self.client_id, peer=self.peer)
+
+    def close(self) -> None:
+        self.closing = True
+        self.writer.close()
+
+    # ------------------------------------------------------------------ I/O
+
+    async def _read_loop(self) -> None:
+        pr = PacketReader()
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                for ev in pr.feed(data):
+                    kind, body = ev
+                    if kind == "ack":
+                        if body == b"-" and self.ack and self.last_sent:
+                            self.writer.write(self.last_sent)
+                        continue
+                    if kind == "bad":
+                        if self.ack:
+                            self.writer.write(b"-")
+                        continue
+                    if kind == "packet" and self.ack:
+                        self.writer.write(b"+")
+                    await self.events.put(ev)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self.events.put(("eof", b""))
+
+    def send(self, data: bytes) -> None:
+        pkt = frame(data)
+        self.last_sent = pkt
+        self.writer.write(pkt)
+
+    async def serve(self) -> None:
+        self.log.info("gdb_connected")
+        reader_task = asyncio.create_task(self._read_loop())
+        try:
+            while not self.closing:
+                kind, body = self.deferred.popleft() if self.deferred else await self.events.get()
+                if kind == "eof":
+                    break
+                if kind == "interrupt":
+                    continue  # not running: nothing to stop
+                try:
+                    reply = await self.handle(expand_rle(body))
+                except MachineServerError as exc:
+                    self.log.info("gdb_request_failed", packet=body[:40].decode(errors="replace"), error=str(exc))
+                    reply = b"E01"
+                except ProtocolError as exc:
+                    self.log.info("gdb_bad_packet", packet=body[:40].decode(errors="replace"), error=str(exc))
+                    reply = b"E01"
+                except (ConnectionError, OSError):
+                    break
+                except Exception:  # never let one packet take the server down
+                    self.log.exception("gdb_request_crashed", packet=body[:40].decode(errors="replace"))
+                    reply = b"E01"
+                if reply is not None:
+                    self.send(reply)
+                    if body == b"QStartNoAckMode" and reply == b"OK":
+                        self.ack = False
+                with contextlib.suppress(ConnectionError, OSError):
+                    await self.writer.drain()
+        finally:
+            reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader_task
+            await self._remove_points()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 2)
+            self.log.info("gdb_disconnected")
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, pkt: bytes) -> bytes | None:  # noqa: C901 - one dispatch table
+        if not pkt:
+            return b""
+        c = pkt[:1]
+        if c == b"q" or c == b"Q":
+            return await self.query(pkt)
+        if c == b"?":
+            return await self.stop_status()
+        if c == b"g":
+            return await self.read_all_registers()
+        if c == b"G":
+            return await self.write_all_registers(pkt[1:])
+        if c == b"p":
+            return await self.read_register(pkt[1:])
+        if c == b"P":
+            return await self.write_register(pkt[1:])
+        if c == b"m":
+            return await self.read_memory(pkt[1:])
+        if c == b"M":
+            return await self.write_memory(pkt[1:], binary=False)
+        if c == b"X":
+            return await self.write_memory(pkt[1:], binary=True)
+        if c in (b"Z", b"z"):
+            return await self.point(pkt)
+        if c in (b"c", b"C"):
+            return await self.resume(step=False)
+        if c in (b"s", b"S"):
+            return await self.resume(step=True)
+        if c == b"v":
+            return await self.v_packet(pkt)
+        if c == b"H":
+            return b"OK"
+        if c == b"T":
+            return b"OK"  # thread alive
+        if c == b"D":
+            await self._remove_points()
+            self.send(b"OK")
+            self.closing = True
+            self.log.info("gdb_detached")
+            return None
+        if c == b"k":
+            await self._remove_points()
+            self.closing = True  # kill never deletes or stops the session
+            self.log.info("gdb_killed")
+            return None
+        return b""
+
+    async def query(self, pkt: bytes) -> bytes:
+        if pkt.startswith(b"qSupported"):
+            if b":" in pkt:
+                self.features = {f.rstrip(b"+").decode() for f in pkt.split(b":", 1)[1].split(b";") if f.endswith(b"+")}
+            return (
+                b"PacketSize=%x;qXfer:features:read+;QStartNoAckMode+;vContSupported+;swbreak+;hwbreak+"
+                % PACKET_SIZE
+            )
+        if pkt == b"QStartNoAckMode":
+            return b"OK"
+        if pkt.startswith(b"qXfer:features:read:"):
+            return self.xfer_features(pkt[len(b"qXfer:features:read:") :])
+        if pkt == b"qAttached" or pkt.startswith(b"qAttached:"):
+            return b"1"
+        if pkt == b"qC":
+            return b"QC%x" % THREAD_ID
+        if pkt == b"qfThreadInfo":
+            return b"m%x" % THREAD_ID
+        if pkt == b"qsThreadInfo":
+            return b"l"
+        if pkt.startswith(b"qRcmd,"):
+            return await self.monitor(pkt[len(b"qRcmd,") :])
+        if pkt.startswith(b"qThreadExtraInfo"):
+            return self.live.id.encode().hex().encode()
+        return b""
+
+    async def v_packet(self, pkt: bytes) -> bytes | None:
+        if pkt == b"vCont?":
+            return b"vCont;c;C;s;S"
+        if pkt.startswith(b"vCont;"):
+            action = pkt[len(b"vCont;") :].split(b";")[0].split(b":")[0]
+            if not action or action[:1] not in b"cCsS":
+                return b"E01"
+            return await self.resume(step=action[:1] in b"sS")
+        if pkt.startswith(b"vKill"):
+            await self._remove_points()
+            self.send(b"OK")
+            self.closing = True
+            self.log.info("gdb_killed")
+            return None
+        if pkt == b"vMustReplyEmpty":
+            return b""
+        return b""
+
+    # ------------------------------------------------------------------ target description
+
+    def registers(self) -> RegisterLayout:
+        if self.layout is None:
+            machine = self.live.machine
+            offered = None
+            if machine is not None and hasattr(machine, "register_names"):
+                try:
+                    offered = list(machine.register_names())
+                except Exception:  # a driver without a register list yet
+                    offered = None
+            self.layout = build_layout(self.live.board.arch, offered)
+        return self.layout
+
+    def xfer_features(self, args: bytes) -> bytes:
+        try:
+            annex, span = args.split(b":", 1)
+            off_s, len_s = span.split(b",", 1)
+            offset, length = int(off_s, 16), int(len_s, 16)
+        except ValueError:
+            raise ProtocolError("bad qXfer request") from None
+        if annex != b"target.xml":
+            return b"E00"
+        xml = self.registers().xml
+        chunk = xml[offset : offset + length]
+        more = offset + length < len(xml)
+        return (b"m" if more else b"l") + escape_binary(chunk)
+
+    # ------------------------------------------------------------------ stop replies
+
+    def stop_reply(self, info: StopInfo | None, *, interrupted: bool = False, stepping: bool = False) -> bytes:
+        if info is None:
+            return b"S%02x" % SIGTRAP
+        if info.reason is StopReason.EXIT:
+            return b"W%02x" % ((info.exit_code or 0) & 0xFF)
+        layout = self.registers()
+        sig = SIGTRAP
+        extra = b""
+        if info.reason is StopReason.HALT:
+            sig = SIGINT if interrupted or not stepping else SIGTRAP
+        elif info.reason is StopReason.FAULT:
+            sig = SIGSEGV
+        elif info.reason is StopReason.BREAKPOINT and not stepping:
+            hw = any(
+                bp.address == info.pc and bp.kind is BreakpointKind.HARDWARE
+                for bp in self.debugger.list_breakpoints(self.live)
+            )
+            key = "hwbreak" if hw else "swbreak"
+            if key in self.features:
+                extra = key.encode() + b":;"
+        elif info.reason is StopReason.WATCHPOINT and info.watch_address is not None:
+            extra = b"%s:%x;" % (self._watch_key(info).encode(), info.watch_address)
+        return b"T%02x%02x:%s;%sthread:%x;" % (sig, layout.pc, _le32(info.pc), extra, THREAD_ID)
+
+    def _watch_key(self, info: StopInfo) -> str:
+        assert info.watch_address is not None
+        for bp in self.debugger.list_breakpoints(self.live):
+            if bp.kind.watch is not None and bp.address <= info.watch_address < bp.address + bp.size:
+                return _WATCH_STOP_KEYS[bp.kind]
+        return "rwatch" if info.watch_access == "read" else "watch"
+
+    async def stop_status(self) -> bytes:
+        """``?``: a session found running is halted (attaching stops the target)."""
+        state = self.live.state
+        if state is MachineState.RUNNING:
+            info = await self.sessions.pause(self.live, "halted by gdb")
+            return self.stop_reply(info, interrupted=True)
+        if state is MachineState.EXITED:
+            return b"W%02x" % ((self.live.record.exit_code or 0) & 0xFF)
+        if state is MachineState.FAULTED:
+            return self.stop_reply(self.live.last_stop)
+        if state is MachineState.HALTED:
+            regs = await self.debugger.read_registers(self.live, ["pc"])
+            return b"T%02x%02x:%s;thread:%x;" % (SIGTRAP, self.registers().pc, _le32(regs["pc"]), THREAD_ID)
+        return b"X%02x" % SIGKILL  # off or failed: there is no process
+
+    # ------------------------------------------------------------------ run control
+
+    async def resume(self, *, step: bool) -> bytes | None:
+        live = self.live
+        if live.state is MachineState.EXITED:
+            return b"W%02x" % ((live.record.exit_code or 0) & 0xFF)
+        if step:
+            info = await self.sessions.step(live, 1)
+            return self.stop_reply(info, stepping=True)
+        await self.sessions.run(live)
+        waiter = asyncio.create_task(self.sessions.wait_for_stop(live, None))
+        interrupted = False
+        try:
+            while True:
+                getter = asyncio.create_task(self.events.get())
+                done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                    break
+                kind, body = getter.result()
+                if kind == "interrupt":
+                    if not waiter.done():
+                        interrupted = True
+                        await self.sessions.pause(live, "interrupted by gdb")
+                    continue
+                if kind == "eof":
+                    # gdb went away while the target runs: leave it running
+                    self.closing = True
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, MachineServerError):
+                        await waiter
+                    return None
+                # all-stop: gdb sends nothing else while running; keep it for after the stop
+                self.deferred.append((kind, body))
+            try:
+                info = waiter.result()
+            except MachineServerError:
+                if live.state is MachineState.EXITED:
+                    return b"W%02x" % ((live.record.exit_code or 0) & 0xFF)
+                return b"X%02x" % SIGKILL
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+        return self.stop_reply(info, interrupted=interrupted)
+
+    # ------------------------------------------------------------------ registers
+
+    async def _read_values(self) -> list[int | None]:
+        layout = self.registers()
+        regs = await self.debugger.read_registers(self.live, list(layout.names))
+        return [regs.get(n) for n in layout.names]
+
+    async def read_all_registers(self) -> bytes:
+        values = await self._read_values()
+        return b"".join(b"xxxxxxxx" if v is None else _le32(v) for v in values)
+
+    async def write_all_registers(self, data: bytes) -> bytes:
+        layout = self.registers()
+        try:
+            raw = bytes.fromhex(data.decode())
+        except ValueError:
+            raise ProtocolError("G: bad hex") from None
+        current = await self._read_values()
+        for i, name in enumerate(layout.names):
+            chunk = raw[i * 4 : i * 4 + 4]
+            if len(chunk) < 4:
+                break
+            value = int.from_bytes(chunk, "little")
+            if value != current[i]:
+                await self.debugger.write_register(self.live, name, value)
+        return b"OK"
+
+    def _regnum(self, text: bytes) -> str:
+        try:
+            n = int(text, 16)
+        except ValueError:
+            raise ProtocolError("bad register number") from None
+        names = self.registers().names
+        if not 0 <= n < len(names):
+            raise ProtocolError(f"no register {n}")
+        return names[n]
+
+    async def read_register(self, args: bytes) -> bytes:
+        name = self._regnum(args)
+        regs = await self.debugger.read_registers(self.live, [name])
+        return _le32(regs[name])
+
+    async def write_register(self, args: bytes) -> bytes:
+        num, _, value = args.partition(b"=")
+        name = self._regnum(num)
+        try:
+            raw = bytes.fromhex(value.decode())
+        except ValueError:
+            raise ProtocolError("P: bad hex") from None
+        await self.debugger.write_register(self.live, name, int.from_bytes(raw[:4], "little"))
+        return b"OK"
+
+    # ------------------------------------------------------------------ memory
+
+    @staticmethod
+    def _addr_len(text: bytes) -> tuple[int, int]:
+        try:
+            a, n = text.split(b",", 1)
+            return int(a, 16), int(n, 16)
+        except ValueError:
+            raise ProtocolError("bad address,length") from None
+
+    async def read_memory(self, args: bytes) -> bytes:
+        address, length = self._addr_len(args)
+        if length == 0:
+            return b""
+        data = await self.debugger.read_memory(self.live, address, min(length, MAX_MEMORY_READ))
+        return data.hex().encode()
+
+    async def write_memory(self, args: bytes, *, binary: bool) -> bytes:
+        head, sep, payload = args.partition(b":")
+        if not sep:
+            raise ProtocolError("missing ':'")
+        address, length = self._addr_len(head)
+        if binary:
+            data = unescape_binary(payload)
+        else:
+            try:
+                data = bytes.fromhex(payload.decode())
+            except ValueError:
+                raise ProtocolError("M: bad hex") from None
+        if len(data) != length:
+            raise ProtocolError(f"length {length} but {len(data)} bytes of data")
+        if length == 0:
+            return b"OK"  # gdb probes X support this way
+        await self.debugger.write_memory(self.live, address, data)
+        return b"OK"
+
+    # ------------------------------------------------------------------ breakpoints and watchpoints
+
+    async def point(self, pkt: bytes) -> bytes:
+        insert = pkt[:1] == b"Z"
+        try:
+            typ_s, addr_s, kind_s = pkt[1:].split(b";", 1)[0].split(b",")
+            typ, address, size = int(typ_s), int(addr_s, 16), int(kind_s, 16)
+        except ValueError:
+            raise ProtocolError("bad Z/z packet") from None
+        kind = _POINT_KINDS.get(typ)
+        if kind is None:
+            return b""
+        watch = kind.watch is not None
+        key = (typ, address, size if watch else 0)
+        if insert:
+            if key in self.points:
+                return b"OK"
+            try:
+                bp = await self.debugger.set_breakpoint(
+                    self.live, Location(address=address), kind, size if watch else 0, client=self.client_id
+                )
+            except Unimplemented:
+                return b""  # gdb then says the target cannot do it
+            # set_breakpoint is idempotent: a point someone else set is not ours to remove
+            self.points[key] = bp.id if bp.client == self.client_id else 0
+            return b"OK"
+        bp_id = self.points.pop(key, None)
+        if bp_id:
+            await self._clear(bp_id)
+        return b"OK"
+
+    async def _clear(self, bp_id: int) -> None:
+        st = self.debugger.state(self.live)
+        bp: Breakpoint | None = st.breakpoints.get(bp_id)
+        if bp is not None and bp.client == self.client_id:
+            await self.debugger.clear_breakpoint(self.live, bp_id)
+
+    async def _remove_points(self) -> None:
+        points, self.points = self.points, {}
+        for bp_id in points.values():
+            if not bp_id:
+                continue
+            try:
+                await self._clear(bp_id)
+            except MachineServerError as exc:
+                self.log.warning("gdb_breakpoint_not_removed", breakpoint=bp_id, error=str(exc))
+        if not self.sessions.contains(self.live):
+            return
+        with contextlib.suppress(MachineServerError):  # anything left behind (e.g. races)
+            await self.debugger.clear_client_breakpoints(self.live, self.client_id)
+
+    # ------------------------------------------------------------------ monitor commands
+
+    def console(self, text: str) -> None:
+        self.send(b"O" + text.encode().hex().encode())
+
+    async def monitor(self, hexcmd: bytes) -> bytes:
+        try:
+            cmd = bytes.fromhex(hexcmd.decode()).decode(errors="replace").strip()
+        except ValueError:
+            raise ProtocolError("qRcmd: bad hex") from None
+        words = cmd.split()
+        if not words or words[0] == "help":
+            self.console(
+                "monitor reset [halt]  reset the board and leave it halted\n"
+                "monitor halt          halt the board\n"
+                f"session {self.live.id} ({self.live.board.name}, {self.live.record.backend})\n"
+            )
+            return b"OK"
+        if words[0] == "reset" and (len(words) == 1 or words[1:] in (["halt"], ["init"])):
+            await self.sessions.reset(self.live)
+            self.console(f"session {self.live.id} reset, halted\n")
+            return b"OK"
+        if words == ["halt"]:
+            if self.live.state is MachineState.RUNNING:
+                await self.sessions.pause(self.live, "halted by gdb")
+            self.console(f"session {self.live.id} is {self.live.state.value}\n")
+            return b"OK"
+        self.console(f"unknown monitor command {cmd!r}; try 'monitor help'\n")
+        return b"E01"
