@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
 from machineserver.sdk import AsyncClient, Client
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
@@ -70,7 +69,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.port_file.unlink(missing_ok=True)
-        self.log = open(self.data_dir.parent / "server.log", "ab")  # noqa: SIM115
+        self.log = open(self.data_dir.parent / "server.log", "ab")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "machineserver"), "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
              "--port-file", str(self.port_file), "--log-level", "warning", *self.extra],

@@ -121,11 +121,10 @@ async def throughput(call: Callable[[], Awaitable[object]], callers: int, second
 
 async def bench_control(server: Server) -> None:
     from grpc import aio
-
     from machineserver.sdk import AsyncClient
 
     print("control plane: GetCapabilities vs a bare grpc.aio echo server (separate processes)")
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220 - set-up, not measured
     try:
         echo_port = int(echo.stdout.readline())  # type: ignore[union-attr]
         async with aio.insecure_channel(f"127.0.0.1:{echo_port}") as ch:
@@ -167,7 +166,13 @@ def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
     as MMIO, the SCS as MMIO, and the semihosting interrupt hook; nothing else."""
     from elftools.elf.elffile import ELFFile
     from unicorn import UC_ARCH_ARM, UC_HOOK_INTR, UC_MODE_MCLASS, UC_MODE_THUMB, Uc
-    from unicorn.arm_const import UC_ARM_REG_PC, UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_SP, UC_CPU_ARM_CORTEX_M3
+    from unicorn.arm_const import (
+        UC_ARM_REG_PC,
+        UC_ARM_REG_R0,
+        UC_ARM_REG_R1,
+        UC_ARM_REG_SP,
+        UC_CPU_ARM_CORTEX_M3,
+    )
 
     uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
     uc.ctl_set_cpu_model(UC_CPU_ARM_CORTEX_M3)
@@ -287,12 +292,11 @@ def free_port() -> int:
 
 
 async def rsp_vs_gdb(elf: Path, steps: int = 300) -> tuple[list[float], list[float]]:
+    from machineserver.server.drivers.qemu.rsp import RspClient
     from pygdbmi.gdbcontroller import GdbController
 
-    from machineserver.server.drivers.qemu.rsp import RspClient
-
     port = free_port()
-    qemu = subprocess.Popen(["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
+    qemu = subprocess.Popen(["qemu-system-arm",  # noqa: ASYNC220 - set-up, not measured "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
                              "-semihosting-config", "enable=on,target=native", "-gdb", f"tcp:127.0.0.1:{port}",
                              "-kernel", str(elf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

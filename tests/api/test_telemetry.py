@@ -10,11 +10,11 @@ from dataclasses import replace
 import psutil
 import pytest
 from google.protobuf import duration_pb2
-
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
 from machineserver.server.core import telemetry
 from machineserver.v1 import telemetry_pb2 as tpb
+
 from tests.api.test_sessions import upload
 
 
@@ -136,9 +136,10 @@ async def test_bad_alert_rules(client: AsyncClient, rule: dict, field: str) -> N
 
 
 async def test_duration_holds_before_firing() -> None:
-    from machineserver.server.store.db import Database
     import tempfile
     from pathlib import Path
+
+    from machineserver.server.store.db import Database
 
     tel = telemetry.Telemetry(Database(Path(tempfile.mkdtemp()) / "t.db"))
     rule = telemetry.AlertRuleRecord(id="r", metric="gpu.temperature_celsius", comparison=">", threshold=85, duration_s=30)

@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 from elftools.elf.elffile import ELFFile
-
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
 from machineserver.v1 import common_pb2 as cpb
+
 from tests.conftest import firmware
 
 BACKENDS = ("unicorn", "qemu")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from elftools.elf.elffile import ELFFile
-
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
+
 from tests.conformance.conftest import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, elf_symbol
 from tests.conftest import firmware
 

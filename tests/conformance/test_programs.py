@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
+
 from tests.conformance.conftest import BOARDS, Conf, elf_symbol
 
 S = cpb  # session states and stop reasons live in common.proto

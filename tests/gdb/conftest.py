@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer
 from machineserver.server.core.gdbserver import GdbServer
 from machineserver.server.core.sessions import LiveSession
+
 from tests.conftest import FIRMWARE, firmware
 
 GDB = shutil.which("gdb-multiarch")
@@ -86,7 +86,7 @@ async def run_gdb(target: Target, *commands: str, timeout: float = 60) -> str:
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         out, _ = await proc.communicate()

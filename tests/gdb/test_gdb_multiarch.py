@@ -7,9 +7,9 @@ import re
 
 import pytest
 from elftools.elf.elffile import ELFFile
-
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
+
 from tests.gdb.conftest import Attach, backend_param, needs_gdb, run_gdb, wait_for_clients
 
 pytestmark = needs_gdb

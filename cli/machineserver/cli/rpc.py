@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-
 from machineserver.sdk import Client
 from machineserver.sdk.client import service_descriptors
 

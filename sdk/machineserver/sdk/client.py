@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
-
 from machineserver.sdk._services import (
     SERVICES,
     AsyncCapabilitiesService,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import structlog
 from grpc import aio
-
 from machineserver.server import __version__
 from machineserver.server.api.server import build_server, mark_not_serving
 from machineserver.server.config import ServerConfig, load
@@ -49,15 +48,20 @@ async def start(cfg: ServerConfig) -> RunningServer:
     return RunningServer(server, port, engine, health_servicer)
 
 
+def _write_port_file(path: str, port: int) -> None:
+    """Atomically, so a reader never sees a half-written number."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
 async def serve(cfg: ServerConfig) -> None:
     running = await start(cfg)
     host = cfg.listen.rsplit(":", 1)[0]
     log.info("serving", version=__version__, address=f"{host}:{running.port}",
              data_dir=str(cfg.data_dir), backends=running.engine.backends.names())
     if cfg.port_file:
-        tmp = Path(cfg.port_file + ".tmp")
-        tmp.write_text(str(running.port))
-        tmp.replace(cfg.port_file)
+        _write_port_file(cfg.port_file, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

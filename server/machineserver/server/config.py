@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from machineserver.server.core.engine import Limits
 
 ENV_PREFIX = "MACHINESERVER_"

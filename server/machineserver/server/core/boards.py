@@ -6,13 +6,13 @@ user templates are stored records (see :mod:`machineserver.server.core.catalog`)
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
 import yaml
-
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, MemoryRegion, PeripheralSpec
 
@@ -103,7 +103,7 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
             )
         )
     spans = sorted((m.base, m.end, m.name) for m in memory)
-    for (_, end_a, name_a), (base_b, _, name_b) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, name_a), (base_b, _, name_b) in itertools.pairwise(spans):
         if base_b < end_a:
             raise InvalidArgument(f"{field}.memory", f"regions {name_a} and {name_b} overlap")
 

@@ -8,7 +8,6 @@ import enum
 from dataclasses import dataclass, field
 
 import capstone
-
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from intelhex import HexReaderError, IntelHex
-
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, ProgramImage, Segment
 

@@ -45,6 +45,7 @@ class ProgramStore:
         self._blobs = blobs
         self._max_bytes = max_bytes
         self._cache: OrderedDict[str, tuple[ParsedImage, SymbolTable | None]] = OrderedDict()
+        self._records: dict[str, ProgramRecord] = {}  # programs never change once stored
 
     async def upload(
         self, meta: UploadMetadata, chunks: AsyncIterator[bytes], owner: str = ""
@@ -113,10 +114,13 @@ class ProgramStore:
 
     def get(self, name: str, field: str = "name") -> ProgramRecord:
         pid = resource_id(name, COLLECTION, field)
-        row = self._db.get(TABLE, pid)
-        if row is None:
-            raise NotFound("program", pid)
-        return from_row(ProgramRecord, row["data"])
+        rec = self._records.get(pid)
+        if rec is None:
+            row = self._db.get(TABLE, pid)
+            if row is None:
+                raise NotFound("program", pid)
+            rec = self._records[pid] = from_row(ProgramRecord, row["data"])
+        return rec
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[ProgramRecord]:
         terms = parse_filter(filter_text, ["format", "arch", "sha256"])
@@ -133,6 +137,7 @@ class ProgramStore:
             )
         self._db.delete(TABLE, rec.id)
         self._cache.pop(rec.id, None)
+        self._records.pop(rec.id, None)
         if not self._blob_referenced(rec.sha256):
             self._blobs.delete(rec.sha256)
 

@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
-import yaml
-
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.console import ConsoleChunk, ConsoleLog
@@ -244,7 +242,7 @@ class SessionManager:
             if live.machine is not None:
                 try:
                     await asyncio.wait_for(self._power_off(live, "server shutting down"), 10)
-                except (Exception, asyncio.TimeoutError) as exc:
+                except (TimeoutError, Exception) as exc:
                     log.warning("power_off_failed", session_id=live.id, error=str(exc))
             live.console.close()
         self.events.close()
@@ -321,9 +319,11 @@ class SessionManager:
         else:
             sid = "s-" + secrets.token_hex(6)
         if p.board_template:
-            _, board = self.catalog.get(p.board_template, "board_template")
+            template, board = self.catalog.get(p.board_template, "board_template")
+            config_text = template.config
         else:
             board = self.catalog.parse(p.board_config, "board_config")
+            config_text = p.board_config
         backend_name = p.backend or self.backends.default
         backend = self.backends.get(backend_name)
         why_not = backend.board_support(board)
@@ -335,7 +335,6 @@ class SessionManager:
             parsed, _ = self.programs.load(prog)
             check_fits(parsed.image, board, "program")
             program_id = prog.id
-        config_text = p.board_config or yaml.safe_dump(_spec_to_config(board), sort_keys=False)
         rec = SessionRecord(
             id=sid,
             board=board.name,
@@ -514,7 +513,7 @@ class SessionManager:
         live.stop_waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(f"session {live.id} is still running") from None
         finally:
             if fut in live.stop_waiters:
@@ -613,27 +612,3 @@ class SessionManager:
     def backend_of(self, live: LiveSession) -> Backend:
         return self.backends.get(live.record.backend)
 
-
-def _spec_to_config(board: BoardSpec) -> dict[str, object]:
-    """A BoardSpec back to its YAML form (what a session records as its board_config)."""
-    return {
-        "name": board.name,
-        "description": board.description,
-        "arch": board.arch.value,
-        "cpu": board.cpu,
-        "cpu_mhz": board.cpu_mhz,
-        "vector_table": board.vector_table,
-        **({"reset_vector": board.reset_vector} if board.reset_vector is not None else {}),
-        "console": board.console,
-        "backends": dict(board.backend_machines),
-        "memory": [
-            {"name": m.name, "base": m.base, "size": m.size, "kind": m.kind, "writable": m.writable}
-            for m in board.memory
-        ],
-        "peripherals": [
-            {"name": p.name, "model": p.model, "base": p.base, "size": p.size,
-             **({"irq": p.irq} if p.irq is not None else {}),
-             **({"properties": dict(p.properties)} if p.properties else {})}
-            for p in board.peripherals
-        ],
-    }

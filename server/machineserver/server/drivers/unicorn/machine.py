@@ -62,8 +62,8 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.unicorn.counter import EmuCounter
 from machineserver.server.drivers.unicorn.peripherals import UART_MODELS, Uart
-from machineserver.server.drivers.unicorn.semihosting import semihost_call
 from machineserver.server.drivers.unicorn.replay import memory_operand_address
+from machineserver.server.drivers.unicorn.semihosting import semihost_call
 from machineserver.server.drivers.unicorn.watchdog import WATCHDOG
 from unicorn import UcError
 from unicorn import unicorn_const as ucc
@@ -511,14 +511,21 @@ class UnicornMachine(
             if stop is None and self._hit is not None:
                 stop = self._hit
         if stop is not None and stop.reason == StopReason.WATCHPOINT:
-            # complete the access so PC and memory show its effect, as GDB reports it
-            self._suppress_debug = True
-            try:
-                e2, ex2, _ = self._raw_slice(1, True)
-                executed += ex2
-            finally:
-                self._suppress_debug = False
-            if e2 is None and self._hit is None:
+            # complete the access so PC and memory show its effect, as GDB reports it.
+            # Unicorn stops either at the accessing instruction (stop.pc, taken in the
+            # hook: the access has not retired) or, in a counted slice on Cortex-M, right
+            # after it (already complete: one more instruction would overshoot, e.g. run
+            # the exception return that follows a store in an interrupt handler)
+            completed = True
+            if core.pc() == stop.pc:
+                self._suppress_debug = True
+                try:
+                    e2, ex2, _ = self._raw_slice(1, True)
+                    executed += ex2
+                finally:
+                    self._suppress_debug = False
+                completed = e2 is None and self._hit is None
+            if completed:
                 stop = replace(stop, pc=core.pc())
                 if stop.watch_access == "read" or stop.watch_value is None:
                     size = 4
