@@ -4,9 +4,11 @@ backend: Cortex-M (mps2-an385) and RISC-V (sifive_e)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
 
@@ -15,10 +17,13 @@ from tests.gdb.conftest import Attach, backend_param, needs_gdb, run_gdb, wait_f
 pytestmark = needs_gdb
 
 
-def symbol(elf: object, name: str) -> int:
-    with open(elf, "rb") as f:  # type: ignore[call-overload]
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]
-        return int(sym["st_value"]) & ~1
+def symbol(elf: Path, name: str) -> int:
+    with elf.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        found = symtab.get_symbol_by_name(name)
+        assert found, name
+        return int(found[0]["st_value"]) & ~1
 
 
 def reg_value(out: str, name: str) -> int:

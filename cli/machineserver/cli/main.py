@@ -26,7 +26,7 @@ from machineserver.v1 import common_pb2
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _state_name(value: int) -> str:
+def _state_name(value: common_pb2.SessionState.ValueType) -> str:
     return common_pb2.SessionState.Name(value).removeprefix("SESSION_STATE_")
 
 

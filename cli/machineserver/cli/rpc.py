@@ -44,8 +44,18 @@ def kebab(name: str) -> str:
     return re.sub(r"(?<=[A-Z])([A-Z][a-z])", r"-\1", s).lower()
 
 
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    assert field.message_type is not None
+    return field.message_type
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
 def _enum_value(field: FieldDescriptor, text: str) -> int:
     enum = field.enum_type
+    assert enum is not None
     text = text.upper()
     for v in enum.values:
         prefix = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", enum.name).upper() + "_"
@@ -90,17 +100,17 @@ def add_request_flags(parser: argparse.ArgumentParser, desc: Descriptor, skip: s
             continue
         flag = "--" + field.name.replace("_", "-")
         dest = f"f_{field.name}"
-        is_map = field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+        is_map = _is_map(field)
         repeated = field.is_repeated
         if is_map:
             parser.add_argument(flag, dest=dest, action="append", metavar="KEY=VALUE", help=f"{field.name} entry")
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             parser.add_argument(flag, dest=dest, metavar="JSON", action="append" if repeated else "store",
-                                help=f"{field.message_type.name} as JSON")
+                                help=f"{_message_type(field).name} as JSON")
         elif field.type == FieldDescriptor.TYPE_BOOL and not repeated:
             parser.add_argument(flag, dest=dest, action="store_true", default=None)
         else:
-            metavar = field.enum_type.name if field.type == FieldDescriptor.TYPE_ENUM else None
+            metavar = field.enum_type.name if field.enum_type is not None else field.name.upper()
             parser.add_argument(flag, dest=dest, type=_scalar_type(field), metavar=metavar,
                                 action="append" if repeated else "store")
     if "name" in desc.fields_by_name and "name" not in skip:
@@ -119,8 +129,7 @@ def build_request(desc: Descriptor, args: argparse.Namespace) -> Message:
             value = getattr(args, "pos_name", None)
         if value is None:
             continue
-        is_map = field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
-        if is_map:
+        if _is_map(field):
             target = getattr(msg, field.name)
             for item in value:
                 key, sep, val = item.partition("=")
@@ -149,7 +158,7 @@ def _upload_requests(method: MethodDescriptor, args: argparse.Namespace) -> Iter
     """Client streams of metadata + chunks (UploadProgram, ImportSnapshot) from --file."""
     req_cls = GetMessageClass(method.input_type)
     meta_field = method.input_type.fields_by_name["metadata"]
-    meta = build_request(meta_field.message_type, args)
+    meta = build_request(_message_type(meta_field), args)
     yield req_cls(metadata=meta)
     path = Path(args.file)
     with path.open("rb") as f:
@@ -179,7 +188,7 @@ def _add_method(gsub: argparse._SubParsersAction, svc: ServiceDescriptor, method
     p = gsub.add_parser(kebab(method.name), help=f"{method.name} ({kind})")
     if method.client_streaming and "metadata" in method.input_type.fields_by_name:
         p.add_argument("--file", required=True, help="the file to send in chunks")
-        add_request_flags(p, method.input_type.fields_by_name["metadata"].message_type)
+        add_request_flags(p, _message_type(method.input_type.fields_by_name["metadata"]))
     elif not method.client_streaming:
         add_request_flags(p, method.input_type)
     p.set_defaults(handler=lambda client, args: run_rpc(client, svc, method, args))

@@ -75,7 +75,7 @@ def _set_field(msg: Message, key: str, value: Any) -> None:
             if isinstance(value, Message):
                 target.CopyFrom(value)  # type: ignore[union-attr]
             else:
-                json_format.ParseDict(value, target)
+                json_format.ParseDict(value, getattr(msg, key))
         else:
             setattr(msg, key, value)
     except (TypeError, ValueError, json_format.ParseError) as exc:

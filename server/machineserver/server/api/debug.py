@@ -32,7 +32,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
     def _stop(self, live: LiveSession, stop: Any) -> common_pb.StopEvent:
         return convert.stop_pb(stop, self.engine.debugger.position(live, stop.pc) if stop else None)
 
-    def _state(self, live: LiveSession) -> int:
+    def _state(self, live: LiveSession) -> common_pb.SessionState.ValueType:
         return convert.STATE_TO_PB[live.state]
 
     # ------------------------------------------------------------------ breakpoints
@@ -154,7 +154,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
             debugger.take_control(live, client)
         out: asyncio.Queue[pb.AttachResponse | None] = asyncio.Queue(maxsize=1024)
 
-        def role() -> int:
+        def role() -> pb.AttachRole.ValueType:
             return pb.ATTACH_ROLE_CONTROLLER if debugger.state(live).controller == client else pb.ATTACH_ROLE_OBSERVER
 
         await out.put(pb.AttachResponse(opened=pb.AttachOpened(session=live.record.name, role=role(), state=self._state(live))))
@@ -196,7 +196,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
                     with contextlib.suppress(MachineServerError):
                         await debugger.clear_client_breakpoints(live, client)
 
-    async def _run_command(self, live: LiveSession, client: str, cmd: pb.DebugCommand, role: Callable[[], int]) -> pb.AttachResponse:
+    async def _run_command(self, live: LiveSession, client: str, cmd: pb.DebugCommand, role: Callable[[], pb.AttachRole.ValueType]) -> pb.AttachResponse:
         which = cmd.WhichOneof("command")
         if which is None:
             return _result(cmd.tag, InvalidArgument("command", "empty command"))

@@ -3,7 +3,8 @@ interceptor chain."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +33,7 @@ from machineserver.v1 import (
 )
 
 # (servicer class, add_to_server, file descriptor, service name)
-SERVICES = [
+SERVICES: list[tuple[type, Callable[[Any, aio.Server], None], Any, str]] = [
     (CapabilitiesServicer, capabilities_pb2_grpc.add_CapabilitiesServiceServicer_to_server, capabilities_pb2, "CapabilitiesService"),
     (SessionServicer, session_pb2_grpc.add_SessionServiceServicer_to_server, session_pb2, "SessionService"),
     (DebugServicer, debug_pb2_grpc.add_DebugServiceServicer_to_server, debug_pb2, "DebugService"),

@@ -3,6 +3,8 @@ stored in the database."""
 
 from __future__ import annotations
 
+import builtins
+
 import hashlib
 
 from machineserver.server.core import boards as board_data
@@ -59,7 +61,7 @@ class BoardCatalog:
         return [spec for _, spec in self.all()]
 
     def list(
-        self, page_size: int, page_token: str, filter_text: str, backend_boards: dict[str, list[str]]
+        self, page_size: int, page_token: str, filter_text: str, backend_boards: dict[str, builtins.list[str]]
     ) -> Page[tuple[BoardTemplateRecord, BoardSpec]]:
         terms = parse_filter(filter_text, ["arch", "builtin", "backend", "cpu"])
         getters = {
@@ -89,7 +91,7 @@ class BoardCatalog:
         self._save(rec)
         return rec, spec
 
-    def update(self, name: str, config: str, etag: str, mask: list[str]) -> tuple[BoardTemplateRecord, BoardSpec]:
+    def update(self, name: str, config: str, etag: str, mask: builtins.list[str]) -> tuple[BoardTemplateRecord, BoardSpec]:
         bad = [p for p in mask if p != "config"]
         if bad:
             raise InvalidArgument("update_mask", f"only 'config' can be updated, not {', '.join(bad)}")

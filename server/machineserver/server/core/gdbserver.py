@@ -53,6 +53,7 @@ PACKET_SIZE = 0x4000  # what qSupported announces (bytes of packet data we accep
 MAX_MEMORY_READ = (PACKET_SIZE - 8) // 2
 SIGINT, SIGTRAP, SIGSEGV, SIGKILL = 2, 5, 11, 9
 THREAD_ID = 1
+WAIT_FOR_PREVIOUS_CLIENT = 3.0  # seconds a new client waits for the previous one to leave
 
 ARM_CORE = (*(f"r{i}" for i in range(13)), "sp", "lr", "pc", "xpsr")
 ARM_SYSTEM = ("msp", "psp", "primask", "basepri", "faultmask", "control")
@@ -243,10 +244,12 @@ class GdbServer:
         self.live = live
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
+        self._one_at_a_time = asyncio.Lock()
         self.address: tuple[str, int] | None = None
 
     @property
     def clients(self) -> int:
+        """Connected gdb clients (the one being served and any waiting for it)."""
         return len(self._conns)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -278,7 +281,18 @@ class GdbServer:
         conn.task = asyncio.current_task()
         self._conns.add(conn)
         try:
-            await conn.serve()
+            # one client at a time: a new one waits (its packets stay in the socket) while
+            # the previous one finishes detaching; refused if that one is still attached
+            try:
+                await asyncio.wait_for(self._one_at_a_time.acquire(), WAIT_FOR_PREVIOUS_CLIENT)
+            except asyncio.TimeoutError:
+                conn.log.warning("gdb_refused", reason="another gdb client is attached to this session")
+                writer.close()
+                return
+            try:
+                await conn.serve()
+            finally:
+                self._one_at_a_time.release()
         finally:
             self._conns.discard(conn)
 
@@ -517,7 +531,6 @@ class _Connection:
             return b"S%02x" % SIGTRAP
         if info.reason is StopReason.EXIT:
             return b"W%02x" % ((info.exit_code or 0) & 0xFF)
-        layout = self.registers()
         sig = SIGTRAP
         extra = b""
         if info.reason is StopReason.HALT:
@@ -574,6 +587,8 @@ class _Connection:
         live = self.live
         if live.state is MachineState.EXITED:
             return b"W%02x" % ((live.record.exit_code or 0) & 0xFF)
+        if live.state is MachineState.FAULTED:
+            return await self.stop_reply(live.last_stop)  # it cannot go on: the fault again
         if step:
             info = await self.sessions.step(live, 1)
             return await self.stop_reply(info, stepping=True)
@@ -741,18 +756,25 @@ class _Connection:
             await self.debugger.clear_breakpoint(self.live, bp_id)
 
     async def _remove_points(self) -> None:
-        points, self.points = self.points, {}
-        for bp_id in points.values():
-            if not bp_id:
-                continue
-            try:
-                await self._clear(bp_id)
-            except MachineServerError as exc:
-                self.log.warning("gdb_breakpoint_not_removed", breakpoint=bp_id, error=str(exc))
+        """Remove every point this client set. A backend that cannot edit points while
+        running (QEMU's gdbstub) gets a short pause around the removal, then runs on."""
+        self.points = {}
         if not self.sessions.contains(self.live):
             return
-        with contextlib.suppress(MachineServerError):  # anything left behind (e.g. races)
+        try:
             await self.debugger.clear_client_breakpoints(self.live, self.client_id)
+            return
+        except MachineServerError as exc:
+            if self.live.state is not MachineState.RUNNING:
+                self.log.warning("gdb_breakpoints_not_removed", error=str(exc))
+                return
+        try:
+            await self.sessions.pause(self.live, "removing gdb's breakpoints")
+            await self.debugger.clear_client_breakpoints(self.live, self.client_id)
+            if self.live.state is MachineState.HALTED:
+                await self.sessions.run(self.live)
+        except MachineServerError as exc:
+            self.log.warning("gdb_breakpoints_not_removed", error=str(exc))
 
     # ------------------------------------------------------------------ monitor commands
 

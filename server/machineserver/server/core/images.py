@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 from intelhex import HexReaderError, IntelHex
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, ProgramImage, Segment
@@ -80,7 +81,7 @@ def _parse_elf(data: bytes) -> ParsedImage:
         symtab = elf.get_section_by_name(".symtab")
         return ParsedImage(
             ProgramImage(segments=tuple(segments), entry=elf["e_entry"], arch=arch),
-            has_symbols=symtab is not None and symtab.num_symbols() > 0,
+            has_symbols=isinstance(symtab, SymbolTableSection) and symtab.num_symbols() > 0,
             has_debug_info=elf.get_section_by_name(".debug_line") is not None,
         )
     except ELFError as exc:

@@ -3,6 +3,8 @@ deduplication by content, and parsed images/symbol tables cached for loading."""
 
 from __future__ import annotations
 
+import builtins
+
 import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -129,7 +131,7 @@ class ProgramStore:
         items = [p for p in (from_row(ProgramRecord, r["data"]) for r in rows) if match_terms(terms, getters, p)]
         return paginate(items, page_size, page_token, filter_text)
 
-    def delete(self, name: str, in_use_by: list[str], force: bool) -> None:
+    def delete(self, name: str, in_use_by: builtins.list[str], force: bool) -> None:
         rec = self.get(name)
         if in_use_by and not force:
             raise FailedPrecondition(

@@ -22,24 +22,24 @@ SCHEMA_VERSION = 1
 
 def _migration_1(db: sqlite_utils.Database) -> None:
     common = {"id": str, "owner": str, "create_time": float, "update_time": float, "data": str}
-    db["sessions"].create({**common, "board": str, "backend": str, "state": str}, pk="id")
-    db["programs"].create({**common, "sha256": str, "blob": str, "format": str}, pk="id")
-    db["snapshots"].create({**common, "session": str, "board": str, "blob": str}, pk="id")
-    db["board_templates"].create({**common, "etag": str}, pk="id")
-    db["coverage_reports"].create({**common, "program": str}, pk="id")
-    db["alert_rules"].create(common, pk="id")
-    db["alert_events"].create(
+    db.table("sessions").create({**common, "board": str, "backend": str, "state": str}, pk="id")
+    db.table("programs").create({**common, "sha256": str, "blob": str, "format": str}, pk="id")
+    db.table("snapshots").create({**common, "session": str, "board": str, "blob": str}, pk="id")
+    db.table("board_templates").create({**common, "etag": str}, pk="id")
+    db.table("coverage_reports").create({**common, "program": str}, pk="id")
+    db.table("alert_rules").create(common, pk="id")
+    db.table("alert_events").create(
         {"id": int, "rule": str, "state": str, "time": float, "data": str}, pk="id"
     )
-    db["cosimulations"].create(common, pk="id")
-    db["audit_events"].create(
+    db.table("cosimulations").create(common, pk="id")
+    db.table("audit_events").create(
         {"id": int, "time": float, "principal": str, "rpc": str, "resource": str, "code": str,
          "data": str},
         pk="id",
     )
-    db["programs"].create_index(["sha256"])
-    db["snapshots"].create_index(["session"])
-    db["sessions"].create_index(["create_time"])
+    db.table("programs").create_index(["sha256"])
+    db.table("snapshots").create_index(["session"])
+    db.table("sessions").create_index(["create_time"])
 
 
 # Index i holds the migration from version i to i + 1.
@@ -99,11 +99,11 @@ class Database:
     def put(self, table: str, row: Mapping[str, Any]) -> None:
         """Insert or replace one row (``data`` given as a mapping is stored as JSON)."""
         with self.transaction() as db:
-            db[table].upsert(_encode(row), pk="id")
+            db.table(table).upsert(_encode(row), pk="id")
 
     def get(self, table: str, row_id: str) -> dict[str, Any] | None:
         with self._lock:
-            rows = list(self._db[table].rows_where("id = ?", [row_id], limit=1))
+            rows = list(self._db.table(table).rows_where("id = ?", [row_id], limit=1))
         return _decode(rows[0]) if rows else None
 
     def delete(self, table: str, row_id: str) -> bool:
@@ -122,7 +122,7 @@ class Database:
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         with self._lock:
-            rows = self._db[table].rows_where(
+            rows = self._db.table(table).rows_where(
                 where, list(params), order_by=order_by, limit=limit, offset=offset or None
             )
             return [_decode(r) for r in rows]
@@ -135,7 +135,7 @@ class Database:
     def append(self, table: str, row: Mapping[str, Any]) -> int:
         """Insert a row into an append-only table (integer id); returns the id."""
         with self.transaction() as db:
-            t = db[table]
+            t = db.table(table)
             t.insert(_encode(row))
             return int(t.last_pk)  # type: ignore[union-attr,arg-type]
 

@@ -1,0 +1,76 @@
+"""A QEMU that dies under a session (SIGKILL from outside): the session goes to FAILED with
+the reason, the server keeps serving every other session, and the failed session can be
+powered on again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psutil
+import pytest
+
+from machineserver.sdk import AsyncClient, errors
+from machineserver.v1 import common_pb2 as cpb
+from tests.conformance.conftest import Conf, qemu_children, qemu_missing
+
+pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=f"qemu backend: {qemu_missing()}")
+
+
+async def power_on_and_find_child(conf: Conf, name: str) -> psutil.Process:
+    before = {p.pid for p in qemu_children()}
+    await conf.client.sessions.power_on_session(name=name)
+    new = [p for p in qemu_children() if p.pid not in before]
+    assert len(new) == 1, new
+    return new[0]
+
+
+@pytest.mark.parametrize("while_state", ["running", "halted"])
+async def test_killed_qemu_fails_the_session_only(client: AsyncClient, while_state: str) -> None:
+    qemu, unicorn = Conf(client, "qemu"), Conf(client, "unicorn")
+    victim = await qemu.session("lm3s6965evb", "echo")
+    child = await power_on_and_find_child(qemu, victim)
+    assert child.name().startswith("qemu-system-arm")
+    # neighbours on both backends
+    bystander = await qemu.halted_at("mps2-an385", "crc32")
+    other = await unicorn.halted_at("mps2-an385", "crc32")
+    if while_state == "running":
+        await client.sessions.run_session(name=victim)
+        await qemu.console_until(victim, b"echo ready\n")
+
+    child.kill()  # SIGKILL
+    failed = await qemu.wait_state(victim, cpb.SESSION_STATE_FAILED, timeout=10)
+    reason = failed.state_reason  # type: ignore[attr-defined]
+    assert "QEMU" in reason and "SIGKILL" in reason, reason
+    for _ in range(150):  # and the dead child is reaped
+        if child.pid not in {p.pid for p in qemu_children()}:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"QEMU {child.pid} was not reaped")
+
+    # the failed session refuses debug work with a clear status, not a hang
+    for call in (client.debug.step(name=victim), client.debug.read_registers(name=victim),
+                 client.sessions.run_session(name=victim)):
+        with pytest.raises(errors.FailedPrecondition) as exc:
+            await call
+        assert "failed" in exc.value.message and "power it on" in exc.value.message
+
+    # everyone else is served as before
+    for conf, name in ((qemu, bystander), (unicorn, other)):
+        step = await client.debug.step(name=name, count=6)
+        assert step.stop.reason == cpb.STOP_REASON_STEP
+        await conf.run_to_exit(name)
+        assert await conf.console(name) == b"crc32=0x80f45f04\n"
+    listed = {s.name: s.state for s in (await client.sessions.list_sessions()).sessions}
+    assert listed[victim] == cpb.SESSION_STATE_FAILED
+
+    # power it on again: a fresh QEMU, the program reloaded, working console
+    again = await power_on_and_find_child(qemu, victim)
+    assert again.pid != child.pid
+    assert (await qemu.state(victim)).state == cpb.SESSION_STATE_HALTED  # type: ignore[attr-defined]
+    offset = await qemu.console_size(victim)
+    await client.sessions.run_session(name=victim)
+    await qemu.console_until(victim, b"echo ready\n" * 2 if offset else b"echo ready\n")
+    await client.sessions.write_console(name=victim, data=b"ok\nq")
+    await qemu.wait_state(victim, cpb.SESSION_STATE_EXITED)
+    assert (await qemu.console(victim, offset)).endswith(b"echo ready\nok\nbye\n")
