@@ -121,6 +121,7 @@ async def throughput(call: Callable[[], Awaitable[object]], callers: int, second
 
 async def bench_control(server: Server) -> None:
     from grpc import aio
+
     from machineserver.sdk import AsyncClient
 
     print("control plane: GetCapabilities vs a bare grpc.aio echo server (separate processes)")
@@ -292,8 +293,9 @@ def free_port() -> int:
 
 
 async def rsp_vs_gdb(elf: Path, steps: int = 300) -> tuple[list[float], list[float]]:
-    from machineserver.server.drivers.qemu.rsp import RspClient
     from pygdbmi.gdbcontroller import GdbController
+
+    from machineserver.server.drivers.qemu.rsp import RspClient
 
     port = free_port()
     qemu = subprocess.Popen(["qemu-system-arm",  # noqa: ASYNC220 - set-up, not measured "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2
 

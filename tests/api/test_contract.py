@@ -11,7 +11,6 @@ from machineserver.sdk import AsyncClient, Client
 from machineserver.sdk._services import SERVICES
 from machineserver.sdk.client import service_descriptors
 from machineserver.server.api.server import SERVICE_NAMES
-
 from tests.conftest import ROOT, VENV_BIN
 
 

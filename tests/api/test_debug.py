@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-
 from tests.api.test_sessions import upload
 from tests.conftest import firmware
 

@@ -4,6 +4,7 @@ traceback to the client) and the server keeps serving; typed SDK errors keep det
 from __future__ import annotations
 
 import pytest
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
 

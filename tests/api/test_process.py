@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.conftest import VENV_BIN, ServerProcess, firmware
 
 

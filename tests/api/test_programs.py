@@ -7,12 +7,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import session_pb2 as pb
-
 from tests.conftest import firmware
 
 

@@ -6,7 +6,6 @@ import asyncio
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.api.test_sessions import upload, wait_state
 
 EXPECTED = {

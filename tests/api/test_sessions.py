@@ -7,12 +7,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.conftest import firmware
 
 

@@ -4,10 +4,10 @@ export and import as streams; the bad inputs."""
 from __future__ import annotations
 
 import pytest
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as pb
-
 from tests.api.test_sessions import upload, wait_state
 
 

@@ -10,11 +10,11 @@ from dataclasses import replace
 import psutil
 import pytest
 from google.protobuf import duration_pb2
+
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
 from machineserver.server.core import telemetry
 from machineserver.v1 import telemetry_pb2 as tpb
-
 from tests.api.test_sessions import upload
 
 

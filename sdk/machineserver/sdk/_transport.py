@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc import aio
+
 from machineserver.sdk.errors import from_rpc_error
 
 M = TypeVar("M", bound=Message)

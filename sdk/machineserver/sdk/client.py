@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
+
 from machineserver.sdk._services import (
     SERVICES,
     AsyncCapabilitiesService,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 from grpc import aio
+
 from machineserver.server import __version__
 from machineserver.server.api.server import build_server, mark_not_serving
 from machineserver.server.config import ServerConfig, load

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from machineserver.server.core.engine import Limits
 
 ENV_PREFIX = "MACHINESERVER_"

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
+
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.errors import InvalidArgument
 

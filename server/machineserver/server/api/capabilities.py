@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from grpc import aio
+
 from machineserver.server import __version__
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer

@@ -4,6 +4,7 @@ resource where the two meet."""
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
+
 from machineserver.server.core import debug as dbg
 from machineserver.server.core.catalog import BoardTemplateRecord
 from machineserver.server.core.errors import InvalidArgument

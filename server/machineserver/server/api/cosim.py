@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from grpc import aio
+
 from machineserver.server.api.base import Servicer
 from machineserver.server.core.errors import Unimplemented
 from machineserver.v1 import cosim_pb2 as pb

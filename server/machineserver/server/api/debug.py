@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from grpc import aio
+
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.errors import code_for

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
 from machineserver.server.core import errors as core
 from machineserver.server.core.console import OffsetOutOfRange
 

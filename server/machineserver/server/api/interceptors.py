@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 from grpc import aio
+
 from machineserver.server.api.errors import internal_status, status_for
 from machineserver.server.core.errors import MachineServerError
 

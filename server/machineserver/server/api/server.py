@@ -9,6 +9,7 @@ from typing import Any
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer
 from machineserver.server.api.coverage import CoverageServicer

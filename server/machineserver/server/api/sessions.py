@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from grpc import aio
+
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer, split_upload
 from machineserver.server.core.images import ImageFormat

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import duration_pb2
 from grpc import aio
+
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.core.sessions import LiveSession

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 import structlog
+
 from machineserver.server.core.errors import InvalidArgument, Unavailable
 from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec
 

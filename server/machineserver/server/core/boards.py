@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 import yaml
+
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, MemoryRegion, PeripheralSpec
 

@@ -4,7 +4,6 @@ stored in the database."""
 from __future__ import annotations
 
 import builtins
-
 import hashlib
 
 from machineserver.server.core import boards as board_data

@@ -8,6 +8,7 @@ import enum
 from dataclasses import dataclass, field
 
 import capstone
+
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
+
 from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger, Location
 from machineserver.server.core.errors import MachineServerError, Unimplemented
 from machineserver.server.core.sessions import LiveSession, SessionManager
@@ -285,7 +286,7 @@ class GdbServer:
             # the previous one finishes detaching; refused if that one is still attached
             try:
                 await asyncio.wait_for(self._one_at_a_time.acquire(), WAIT_FOR_PREVIOUS_CLIENT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 conn.log.warning("gdb_refused", reason="another gdb client is attached to this session")
                 writer.close()
                 return

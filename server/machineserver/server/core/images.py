@@ -11,6 +11,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 from intelhex import HexReaderError, IntelHex
+
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, ProgramImage, Segment
 

@@ -4,7 +4,6 @@ deduplication by content, and parsed images/symbol tables cached for loading."""
 from __future__ import annotations
 
 import builtins
-
 import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
+
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.console import ConsoleChunk, ConsoleLog

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
 from machineserver.server.core.errors import InvalidArgument, NotFound
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import psutil
+
 from machineserver.server.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from machineserver.server.core.listing import Page, paginate, resource_id
 from machineserver.server.core.models import from_row, now, record_row

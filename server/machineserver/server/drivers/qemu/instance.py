@@ -21,10 +21,11 @@ import socket
 import tempfile
 from collections.abc import Callable, Sequence
 
-from machineserver.server.drivers.base import BackendFailed
-from machineserver.server.drivers.qemu.rsp import RspClient
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+
+from machineserver.server.drivers.base import BackendFailed
+from machineserver.server.drivers.qemu.rsp import RspClient
 
 log = logging.getLogger(__name__)
 

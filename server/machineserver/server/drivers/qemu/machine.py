@@ -41,6 +41,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from qemu.qmp import EventListener
+
 from machineserver.server.drivers.base import (
     Arch,
     BackendFailed,
@@ -74,7 +76,6 @@ from machineserver.server.drivers.qemu.rsp import (
     RspTimeout,
     StopReply,
 )
-from qemu.qmp import EventListener
 
 BINARIES = {Arch.ARM_CORTEX_M: "qemu-system-arm", Arch.RISCV32: "qemu-system-riscv32"}
 # QEMU machines whose snapshot restore is broken in the QEMU versions we know of

@@ -33,7 +33,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-from machineserver.server.drivers.base import StopInfo, StopReason
 from unicorn import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB, Uc, UcError
 from unicorn import unicorn_const as ucc
 from unicorn.arm_const import (
@@ -63,6 +62,8 @@ from unicorn.arm_const import (
     UC_CPU_ARM_CORTEX_M3,
     UC_CPU_ARM_CORTEX_M4,
 )
+
+from machineserver.server.drivers.base import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.unicorn.machine import UnicornMachine

@@ -36,6 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from unicorn import UcError
+from unicorn import unicorn_const as ucc
+
 from machineserver.server.drivers.base import (
     Arch,
     BadImage,
@@ -65,8 +68,6 @@ from machineserver.server.drivers.unicorn.peripherals import UART_MODELS, Uart
 from machineserver.server.drivers.unicorn.replay import memory_operand_address
 from machineserver.server.drivers.unicorn.semihosting import semihost_call
 from machineserver.server.drivers.unicorn.watchdog import WATCHDOG
-from unicorn import UcError
-from unicorn import unicorn_const as ucc
 
 SLICE_COUNT = 2_000_000  # instructions per counted slice (~8 ms at ~240 M/s)
 SLICE_TIMEOUT_US = 10_000  # host time per uncounted slice

@@ -18,10 +18,11 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-from machineserver.server.drivers.base import StopInfo, StopReason
 from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc, UcError
 from unicorn import riscv_const as rc
 from unicorn import unicorn_const as ucc
+
+from machineserver.server.drivers.base import StopInfo, StopReason
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.unicorn.machine import UnicornMachine
