@@ -70,6 +70,17 @@ def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes 
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+def _connection(
+    *, timeout: float | None, api_key: str | None, tls: bool, root_certificates: bytes | None,
+    private_key: bytes | None, certificate_chain: bytes | None, metadata: Any, retries: bool,
+    channel_args: dict[str, Any] | None,
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None, CallOptions]:
+    """Channel options, credentials and call defaults: what both clients connect with."""
+    opts = channel_options(retry_methods() if retries else [], channel_args)
+    creds = _credentials(tls, root_certificates, private_key, certificate_chain)
+    return opts, creds, CallOptions(timeout, _call_metadata(api_key, metadata))
+
+
 def _call_metadata(api_key: str | None, metadata: Any) -> tuple[tuple[str, str], ...]:
     md = tuple((str(k), str(v)) for k, v in (metadata or ()))
     if api_key:
@@ -125,10 +136,12 @@ class AsyncClient:
         retries: bool = True,
         channel_args: dict[str, Any] | None = None,
     ) -> AsyncClient:
-        opts = channel_options(retry_methods() if retries else [], channel_args)
-        creds = _credentials(tls, root_certificates, private_key, certificate_chain)
+        opts, creds, call_options = _connection(
+            timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
+            retries=retries, channel_args=channel_args)
         channel = aio.secure_channel(target, creds, opts) if creds else aio.insecure_channel(target, opts)
-        return cls(channel, CallOptions(timeout, _call_metadata(api_key, metadata)))
+        return cls(channel, call_options)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -186,10 +199,12 @@ class Client:
         retries: bool = True,
         channel_args: dict[str, Any] | None = None,
     ) -> Client:
-        opts = channel_options(retry_methods() if retries else [], channel_args)
-        creds = _credentials(tls, root_certificates, private_key, certificate_chain)
+        opts, creds, call_options = _connection(
+            timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
+            retries=retries, channel_args=channel_args)
         channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
-        return cls(channel, CallOptions(timeout, _call_metadata(api_key, metadata)))
+        return cls(channel, call_options)
 
     def close(self) -> None:
         self.channel.close()

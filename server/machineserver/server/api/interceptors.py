@@ -101,6 +101,12 @@ class ServerInterceptor(aio.ServerInterceptor):
             await hook.before(call)
         return call
 
+    async def _fail_unless_abort(self, call: CallInfo | None, exc: Exception, context: aio.ServicerContext) -> None:
+        """Answer the error with its status (context.abort raises AbortError, which must
+        pass through untouched; cancellation and GeneratorExit are not Exceptions)."""
+        if not isinstance(exc, aio.AbortError):
+            await self._fail(call, exc, context)
+
     async def _fail(self, call: CallInfo | None, exc: BaseException, context: aio.ServicerContext) -> None:
         rid = call.request_id if call else ""
         if isinstance(exc, MachineServerError):
@@ -127,11 +133,6 @@ class ServerInterceptor(aio.ServerInterceptor):
                 log.exception("hook_failed")
 
 
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises AbortError; it must pass through untouched.
-    return isinstance(exc, aio.AbortError)
-
-
 def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
@@ -141,11 +142,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) ->
             try:
                 call = await ic._begin(method, context)
                 return await inner(request_or_iterator, context)
-            except BaseException as exc:
-                if _is_abort(exc) or isinstance(exc, GeneratorExit):
-                    raise
-                if isinstance(exc, Exception):
-                    await ic._fail(call, exc, context)
+            except Exception as exc:
+                await ic._fail_unless_abort(call, exc, context)
                 raise
             finally:
                 ic._end(call, context)
@@ -166,11 +164,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) ->
                     yield item
             else:  # a handler that writes with context.write and returns a coroutine
                 await result
-        except BaseException as exc:
-            if _is_abort(exc) or isinstance(exc, GeneratorExit):
-                raise
-            if isinstance(exc, Exception):
-                await ic._fail(call, exc, context)
+        except Exception as exc:
+            await ic._fail_unless_abort(call, exc, context)
             raise
         finally:
             ic._end(call, context)

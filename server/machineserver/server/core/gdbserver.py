@@ -770,10 +770,10 @@ class _Connection:
                 self.log.warning("gdb_breakpoints_not_removed", error=str(exc))
                 return
         try:
-            await self.sessions.pause(self.live, "removing gdb's breakpoints")
+            info = await self.sessions.pause(self.live, "removing gdb's breakpoints")
             await self.debugger.clear_client_breakpoints(self.live, self.client_id)
-            if self.live.state is MachineState.HALTED:
-                await self.sessions.run(self.live)
+            if self.live.state is MachineState.HALTED and info is not None and info.reason is StopReason.HALT:
+                await self.sessions.run(self.live)  # only a stop of our own making
         except MachineServerError as exc:
             self.log.warning("gdb_breakpoints_not_removed", error=str(exc))
 
