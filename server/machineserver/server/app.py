@@ -40,8 +40,14 @@ async def start(cfg: ServerConfig) -> RunningServer:
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
     await engine.start()
+    tls = None
+    if cfg.tls_cert_file or cfg.tls_key_file:
+        if not (cfg.tls_cert_file and cfg.tls_key_file):
+            await engine.close()
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        tls = (Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes())
     try:
-        server, port, health_servicer = await build_server(engine, cfg.listen)
+        server, port, health_servicer = await build_server(engine, cfg.listen, tls=tls)
         await server.start()
     except BaseException:
         await engine.close()
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     configure(cfg.log_format, cfg.log_level)
     try:
         asyncio.run(serve(cfg))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"machineserver: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

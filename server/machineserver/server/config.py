@@ -26,6 +26,8 @@ class ServerConfig:
     log_level: str = "info"
     grace_seconds: float = 5.0
     port_file: str = ""  # write the bound port here once serving (for scripts and tests)
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, serve TLS instead of plaintext
+    tls_key_file: str = ""
     limits: Limits = field(default_factory=Limits)
 
 
@@ -81,6 +83,8 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--max-sessions", dest="max_sessions", type=int)
     parser.add_argument("--port-file", dest="port_file", help="write the bound port here once serving")
+    parser.add_argument("--tls-cert-file", dest="tls_cert_file", help="PEM certificate chain (serve TLS)")
+    parser.add_argument("--tls-key-file", dest="tls_key_file", help="PEM private key (serve TLS)")
     args = parser.parse_args(argv)
     cfg = ServerConfig()
     path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")

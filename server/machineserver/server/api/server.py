@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -49,8 +50,9 @@ MAX_MESSAGE_BYTES = 8 << 20
 
 
 async def build_server(
-    engine: Engine, listen: str, hooks: Sequence[CallHook] = ()
+    engine: Engine, listen: str, hooks: Sequence[CallHook] = (), tls: tuple[bytes, bytes] | None = None
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
+    """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM."""
     server = aio.server(
         interceptors=[ServerInterceptor([AccessLog(), *hooks])],
         options=[
@@ -70,7 +72,11 @@ async def build_server(
         server,
     )
     try:
-        port = server.add_insecure_port(listen)
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            port = server.add_secure_port(listen, creds)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError:
         port = 0
     if port == 0:
