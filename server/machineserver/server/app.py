@@ -35,17 +35,20 @@ class RunningServer:
         await self.engine.close()
 
 
+def _read_tls(cfg: ServerConfig) -> tuple[bytes, bytes] | None:
+    if not (cfg.tls_cert_file or cfg.tls_key_file):
+        return None
+    if not (cfg.tls_cert_file and cfg.tls_key_file):
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    return Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes()
+
+
 async def start(cfg: ServerConfig) -> RunningServer:
     """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0."""
+    tls = _read_tls(cfg)
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
     await engine.start()
-    tls = None
-    if cfg.tls_cert_file or cfg.tls_key_file:
-        if not (cfg.tls_cert_file and cfg.tls_key_file):
-            await engine.close()
-            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
-        tls = (Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes())
     try:
         server, port, health_servicer = await build_server(engine, cfg.listen, tls=tls)
         await server.start()
