@@ -85,3 +85,23 @@ def test_attach_from_stdin_json_lines(server_process: ServerProcess) -> None:
     msgs = [json.loads(x) for x in r.stdout.splitlines()]
     assert msgs[0]["opened"]["role"] == "ATTACH_ROLE_CONTROLLER"
     assert {m["result"]["tag"] for m in msgs if "result" in m} >= {"1", "2"}
+
+
+def test_interactive_debugger_from_a_pipe(server_process: ServerProcess) -> None:
+    msctl(server_process, "session", "create", "--board", "lm3s6965evb", "--id", "dbg",
+          "--program", str(firmware("lm3s6965evb", "coverage")), "--power-on")
+    script = "\n".join([
+        "break called_three_times", "c", "bt", "regs pc sp", "x $sp", "x 0x20000000 2", "next", "finish",
+        "disas main 2", "info", "si 3", "delete 1", "c", "bogus", "quit",
+    ]) + "\n"
+    r = msctl(server_process, "debug", "dbg", stdin=script, timeout=60)
+    out = r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "attached to sessions/dbg as controller" in out
+    assert "breakpoint 1 at 0x" in out and "[breakpoint]" in out
+    assert "#0" in out and "#1" in out and "in main at" in out
+    assert "pc 0x" in out and "0x20000000:" in out
+    assert "<main>" in out
+    assert "[exited with code 0]" in out
+    assert "coverage done" in out  # console bytes interleaved
+    assert "unknown command 'bogus'" in out

@@ -146,13 +146,77 @@ async def test_continue_wait_honours_the_deadline(client: AsyncClient) -> None:
     assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_RUNNING
 
 
-async def test_gdb_server_says_unimplemented_with_reason(client: AsyncClient) -> None:
-    s = (await client.sessions.create_session(board_template="lm3s6965evb")).session
-    with pytest.raises(errors.Unimplemented) as exc:
-        await client.debug.start_gdb_server(name=s.name)
-    assert "GDB" in exc.value.message and exc.value.feature == "gdb_server"
+async def test_gdb_server_through_the_api_with_real_gdb(client: AsyncClient) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("gdb-multiarch") is None:
+        pytest.skip("gdb-multiarch is not installed")
+    prog = await upload(client, "lm3s6965evb", "coverage")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    gdb = (await client.debug.start_gdb_server(name=s.name)).gdb_server
+    assert gdb.address == "127.0.0.1" and gdb.port > 0
+    again = (await client.debug.start_gdb_server(name=s.name)).gdb_server
+    assert again.port == gdb.port  # idempotent
+    elf = firmware("lm3s6965evb", "coverage")
+    out = await asyncio.to_thread(subprocess.run, [
+        "gdb-multiarch", "-q", "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{gdb.port}",
+        "-ex", "break called_three_times", "-ex", "continue", "-ex", "bt", "-ex", "detach", str(elf)],
+        cwd=elf.parents[3], capture_output=True, text=True, timeout=60)
+    assert "called_three_times" in out.stdout and "#1" in out.stdout and "main" in out.stdout, out.stdout + out.stderr
+    await client.debug.stop_gdb_server(name=s.name)
+    await client.debug.stop_gdb_server(name=s.name)  # idempotent
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.start_gdb_server(name=s.name, bind_address="not-an-ip")
+    with pytest.raises(errors.InvalidArgument):
+        await client.debug.start_gdb_server(name=s.name, port=70000)
     with pytest.raises(errors.NotFound):
         await client.debug.start_gdb_server(name="sessions/nope")
+
+
+async def test_backtrace_and_step_by_line(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "coverage")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    await client.debug.set_breakpoint(name=s.name, location={"symbol": "called_three_times"})
+    await client.debug.continue_(name=s.name, wait=True)
+    frames = (await client.debug.backtrace(name=s.name)).frames
+    assert [f.location.function for f in frames[:2]] == ["called_three_times", "main"]
+    assert frames[1].location.file.endswith("coverage.c") and frames[1].location.line > 0
+    entry_line = frames[0].location.line
+    over = await client.debug.step_line(name=s.name, mode=dpb.STEP_MODE_OVER)
+    assert over.stop.reason == cpb.STOP_REASON_STEP
+    assert over.stop.location.function == "called_three_times" and over.stop.location.line != entry_line
+    out = await client.debug.step_line(name=s.name, mode=dpb.STEP_MODE_OUT)
+    assert out.stop.location.function == "main" and out.stop.pc == frames[1].pc
+    # over a call in main: stays in main
+    bps = (await client.debug.list_breakpoints(name=s.name)).breakpoints
+    await client.debug.clear_breakpoint(name=s.name, id=bps[0].id)
+    for _ in range(3):
+        nxt = await client.debug.step_line(name=s.name, mode=dpb.STEP_MODE_OVER)
+        if nxt.stop.reason != cpb.STOP_REASON_STEP:
+            break
+        assert nxt.stop.location.function == "main"
+    # into a call: ends up in another function eventually
+    seen = set()
+    for _ in range(20):
+        into = await client.debug.step_line(name=s.name, mode=dpb.STEP_MODE_INTO)
+        if into.stop.reason != cpb.STOP_REASON_STEP:
+            break
+        seen.add(into.stop.location.function)
+    assert len(seen) >= 2, seen
+    assert not (await client.debug.list_breakpoints(name=s.name)).breakpoints  # no temporary breakpoint left
+
+
+async def test_step_line_bad_cases(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "echo")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog)).session
+    with pytest.raises(errors.FailedPrecondition):
+        await client.debug.step_line(name=s.name)
+    bin_prog = (await client.upload_program(firmware("lm3s6965evb", "hello", "bin"), format="bin")).program.name
+    s2 = (await client.sessions.create_session(board_template="lm3s6965evb", program=bin_prog, power_on=True)).session
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        await client.debug.backtrace(name=s2.name)
+    assert "symbols" in exc.value.message
 
 
 async def test_attach_stream_controller_and_observer(client: AsyncClient) -> None:

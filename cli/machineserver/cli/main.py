@@ -9,6 +9,7 @@ and friendly verbs cover the common path::
     msctl session create --board lm3s6965evb --program fw.elf --run
     msctl session list                            sessions, as a table
     msctl console SESSION                         follow a session's console
+    msctl debug SESSION                           interactive debugger (break, c, s, n, si, regs, x, bt, disas)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from machineserver.cli import rpc
+from machineserver.cli import debugger, rpc
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2
 
@@ -189,11 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_session_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], str] | None:
+    """``msctl [opts] debug SESSION``: the interactive debugger, when the word after
+    ``debug`` is not one of the DebugService commands."""
+    if "debug" not in argv:
+        return None
+    i = argv.index("debug")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+        return None
+    group = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["debug"]
+    commands = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv[i + 1] in commands:
+        return None
+    return argv[:i], argv[i + 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return cmd_serve(argv[1:])
     parser = build_parser()
+    interactive = _debug_session_argv(parser, argv)
+    if interactive is not None:
+        opts = parser.parse_args(interactive[0])
+        with Client.connect(opts.target, timeout=opts.timeout, api_key=opts.api_key, tls=opts.tls) as client:
+            return debugger.run(client, interactive[1])
     args = parser.parse_args(argv)
     handler: Any = getattr(args, "handler", None)
     if handler is None:

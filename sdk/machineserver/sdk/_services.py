@@ -133,7 +133,7 @@ class AsyncDebugService:
 
     SERVICE = 'machineserver.v1.DebugService'
     # RPC name -> method name
-    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
+    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'StepLine': 'step_line', 'Backtrace': 'backtrace', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -161,6 +161,12 @@ class AsyncDebugService:
 
     async def step(self, request: debug_pb2.StepRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.StepResponse:
         return await self._t.unary('/machineserver.v1.DebugService/Step', self._t.build(request, fields, debug_pb2.StepRequest), debug_pb2.StepResponse, timeout, metadata)
+
+    async def step_line(self, request: debug_pb2.StepLineRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.StepLineResponse:
+        return await self._t.unary('/machineserver.v1.DebugService/StepLine', self._t.build(request, fields, debug_pb2.StepLineRequest), debug_pb2.StepLineResponse, timeout, metadata)
+
+    async def backtrace(self, request: debug_pb2.BacktraceRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.BacktraceResponse:
+        return await self._t.unary('/machineserver.v1.DebugService/Backtrace', self._t.build(request, fields, debug_pb2.BacktraceRequest), debug_pb2.BacktraceResponse, timeout, metadata)
 
     async def continue_(self, request: debug_pb2.ContinueRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.ContinueResponse:
         return await self._t.unary('/machineserver.v1.DebugService/Continue', self._t.build(request, fields, debug_pb2.ContinueRequest), debug_pb2.ContinueResponse, timeout, metadata)
@@ -403,7 +409,7 @@ class DebugService:
 
     SERVICE = 'machineserver.v1.DebugService'
     # RPC name -> method name
-    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
+    METHODS = {'SetBreakpoint': 'set_breakpoint', 'ListBreakpoints': 'list_breakpoints', 'ClearBreakpoint': 'clear_breakpoint', 'ReadRegisters': 'read_registers', 'WriteRegister': 'write_register', 'ReadMemory': 'read_memory', 'WriteMemory': 'write_memory', 'Step': 'step', 'StepLine': 'step_line', 'Backtrace': 'backtrace', 'Continue': 'continue_', 'Halt': 'halt', 'Attach': 'attach', 'StartGdbServer': 'start_gdb_server', 'StopGdbServer': 'stop_gdb_server', 'Disassemble': 'disassemble', 'ResolveSymbol': 'resolve_symbol'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -431,6 +437,12 @@ class DebugService:
 
     def step(self, request: debug_pb2.StepRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.StepResponse:
         return self._t.unary('/machineserver.v1.DebugService/Step', self._t.build(request, fields, debug_pb2.StepRequest), debug_pb2.StepResponse, timeout, metadata)
+
+    def step_line(self, request: debug_pb2.StepLineRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.StepLineResponse:
+        return self._t.unary('/machineserver.v1.DebugService/StepLine', self._t.build(request, fields, debug_pb2.StepLineRequest), debug_pb2.StepLineResponse, timeout, metadata)
+
+    def backtrace(self, request: debug_pb2.BacktraceRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.BacktraceResponse:
+        return self._t.unary('/machineserver.v1.DebugService/Backtrace', self._t.build(request, fields, debug_pb2.BacktraceRequest), debug_pb2.BacktraceResponse, timeout, metadata)
 
     def continue_(self, request: debug_pb2.ContinueRequest | None = None, /, *, timeout: float | None | object = DEFAULT, metadata: Iterable[tuple[str, str]] = (), **fields: Any) -> debug_pb2.ContinueResponse:
         return self._t.unary('/machineserver.v1.DebugService/Continue', self._t.build(request, fields, debug_pb2.ContinueRequest), debug_pb2.ContinueResponse, timeout, metadata)

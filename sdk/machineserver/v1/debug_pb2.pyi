@@ -44,6 +44,32 @@ BREAKPOINT_KIND_WATCH_WRITE: BreakpointKind.ValueType  # 4
 BREAKPOINT_KIND_WATCH_ACCESS: BreakpointKind.ValueType  # 5
 Global___BreakpointKind: _TypeAlias = BreakpointKind  # noqa: Y015
 
+class _StepMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_MODE_UNSPECIFIED: _StepMode.ValueType  # 0
+    STEP_MODE_INTO: _StepMode.ValueType  # 1
+    """To the next source line, entering calls."""
+    STEP_MODE_OVER: _StepMode.ValueType  # 2
+    """To the next source line of this function; calls run to their return."""
+    STEP_MODE_OUT: _StepMode.ValueType  # 3
+    """Until the current function returns to its caller."""
+
+class StepMode(_StepMode, metaclass=_StepModeEnumTypeWrapper):
+    """How StepLine steps."""
+
+STEP_MODE_UNSPECIFIED: StepMode.ValueType  # 0
+STEP_MODE_INTO: StepMode.ValueType  # 1
+"""To the next source line, entering calls."""
+STEP_MODE_OVER: StepMode.ValueType  # 2
+"""To the next source line of this function; calls run to their return."""
+STEP_MODE_OUT: StepMode.ValueType  # 3
+"""Until the current function returns to its caller."""
+Global___StepMode: _TypeAlias = StepMode  # noqa: Y015
+
 class _AttachRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -492,6 +518,127 @@ class StepResponse(_message.Message):
 Global___StepResponse: _TypeAlias = StepResponse  # noqa: Y015
 
 @_typing.final
+class StepLineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    mode: Global___StepMode.ValueType
+    """UNSPECIFIED means OVER."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mode: Global___StepMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepLineRequest: _TypeAlias = StepLineRequest  # noqa: Y015
+
+@_typing.final
+class StepLineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.SessionState.ValueType
+    @_builtins.property
+    def stop(self) -> _common_pb2.StopEvent: ...
+    def __init__(
+        self,
+        *,
+        stop: _common_pb2.StopEvent | None = ...,
+        state: _common_pb2.SessionState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepLineResponse: _TypeAlias = StepLineResponse  # noqa: Y015
+
+@_typing.final
+class Frame(_message.Message):
+    """One frame of a call stack."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    PC_FIELD_NUMBER: _builtins.int
+    CFA_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    level: _builtins.int
+    pc: _builtins.int
+    cfa: _builtins.int
+    """The frame's canonical frame address (its stack pointer on entry)."""
+    @_builtins.property
+    def location(self) -> _common_pb2.SourceLocation: ...
+    def __init__(
+        self,
+        *,
+        level: _builtins.int = ...,
+        pc: _builtins.int = ...,
+        cfa: _builtins.int = ...,
+        location: _common_pb2.SourceLocation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cfa", b"cfa", "level", b"level", "location", b"location", "pc", b"pc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class BacktraceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_FRAMES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    max_frames: _builtins.int
+    """At most this many frames (0 means 64)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        max_frames: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_frames", b"max_frames", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktraceRequest: _TypeAlias = BacktraceRequest  # noqa: Y015
+
+@_typing.final
+class BacktraceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___Frame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___Frame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktraceResponse: _TypeAlias = BacktraceResponse  # noqa: Y015
+
+@_typing.final
 class ContinueRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -628,6 +775,9 @@ class DebugCommand(_message.Message):
     WRITE_MEMORY_FIELD_NUMBER: _builtins.int
     RESOLVE_SYMBOL_FIELD_NUMBER: _builtins.int
     TAKE_CONTROL_FIELD_NUMBER: _builtins.int
+    STEP_LINE_FIELD_NUMBER: _builtins.int
+    BACKTRACE_FIELD_NUMBER: _builtins.int
+    DISASSEMBLE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     """Echoed in the result."""
     take_control: _builtins.bool
@@ -650,6 +800,12 @@ class DebugCommand(_message.Message):
     def write_memory(self) -> Global___WriteMemoryRequest: ...
     @_builtins.property
     def resolve_symbol(self) -> Global___ResolveSymbolRequest: ...
+    @_builtins.property
+    def step_line(self) -> Global___StepLineRequest: ...
+    @_builtins.property
+    def backtrace(self) -> Global___BacktraceRequest: ...
+    @_builtins.property
+    def disassemble(self) -> Global___DisassembleRequest: ...
     def __init__(
         self,
         *,
@@ -664,12 +820,15 @@ class DebugCommand(_message.Message):
         write_memory: Global___WriteMemoryRequest | None = ...,
         resolve_symbol: Global___ResolveSymbolRequest | None = ...,
         take_control: _builtins.bool = ...,
+        step_line: Global___StepLineRequest | None = ...,
+        backtrace: Global___BacktraceRequest | None = ...,
+        disassemble: Global___DisassembleRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clear_breakpoint", b"clear_breakpoint", "command", b"command", "continue", b"continue", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "set_breakpoint", b"set_breakpoint", "step", b"step", "take_control", b"take_control", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "command", b"command", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "take_control", b"take_control", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_breakpoint", b"clear_breakpoint", "command", b"command", "continue", b"continue", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "set_breakpoint", b"set_breakpoint", "step", b"step", "tag", b"tag", "take_control", b"take_control", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "command", b"command", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "tag", b"tag", "take_control", b"take_control", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["set_breakpoint", "clear_breakpoint", "step", "continue", "halt", "read_registers", "write_register", "read_memory", "write_memory", "resolve_symbol", "take_control"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["set_breakpoint", "clear_breakpoint", "step", "continue", "halt", "read_registers", "write_register", "read_memory", "write_memory", "resolve_symbol", "take_control", "step_line", "backtrace", "disassemble"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -750,6 +909,9 @@ class DebugCommandResult(_message.Message):
     WRITE_MEMORY_FIELD_NUMBER: _builtins.int
     RESOLVE_SYMBOL_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    STEP_LINE_FIELD_NUMBER: _builtins.int
+    BACKTRACE_FIELD_NUMBER: _builtins.int
+    DISASSEMBLE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     code: _builtins.int
     """gRPC status code (0 OK) and message of the command."""
@@ -773,6 +935,12 @@ class DebugCommandResult(_message.Message):
     def write_memory(self) -> Global___WriteMemoryResponse: ...
     @_builtins.property
     def resolve_symbol(self) -> Global___ResolveSymbolResponse: ...
+    @_builtins.property
+    def step_line(self) -> Global___StepLineResponse: ...
+    @_builtins.property
+    def backtrace(self) -> Global___BacktraceResponse: ...
+    @_builtins.property
+    def disassemble(self) -> Global___DisassembleResponse: ...
     def __init__(
         self,
         *,
@@ -789,12 +957,15 @@ class DebugCommandResult(_message.Message):
         write_memory: Global___WriteMemoryResponse | None = ...,
         resolve_symbol: Global___ResolveSymbolResponse | None = ...,
         role: Global___AttachRole.ValueType = ...,
+        step_line: Global___StepLineResponse | None = ...,
+        backtrace: Global___BacktraceResponse | None = ...,
+        disassemble: Global___DisassembleResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clear_breakpoint", b"clear_breakpoint", "continue", b"continue", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_breakpoint", b"clear_breakpoint", "code", b"code", "continue", b"continue", "halt", b"halt", "message", b"message", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "tag", b"tag", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "code", b"code", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "message", b"message", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "tag", b"tag", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["set_breakpoint", "clear_breakpoint", "step", "continue", "halt", "read_registers", "write_register", "read_memory", "write_memory", "resolve_symbol", "role"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["set_breakpoint", "clear_breakpoint", "step", "continue", "halt", "read_registers", "write_register", "read_memory", "write_memory", "resolve_symbol", "role", "step_line", "backtrace", "disassemble"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -77,6 +77,16 @@ class DebugServiceStub:
                 request_serializer=machineserver_dot_v1_dot_debug__pb2.StepRequest.SerializeToString,
                 response_deserializer=machineserver_dot_v1_dot_debug__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepLine = channel.unary_unary(
+                '/machineserver.v1.DebugService/StepLine',
+                request_serializer=machineserver_dot_v1_dot_debug__pb2.StepLineRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_debug__pb2.StepLineResponse.FromString,
+                _registered_method=True)
+        self.Backtrace = channel.unary_unary(
+                '/machineserver.v1.DebugService/Backtrace',
+                request_serializer=machineserver_dot_v1_dot_debug__pb2.BacktraceRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_debug__pb2.BacktraceResponse.FromString,
+                _registered_method=True)
         self.Continue = channel.unary_unary(
                 '/machineserver.v1.DebugService/Continue',
                 request_serializer=machineserver_dot_v1_dot_debug__pb2.ContinueRequest.SerializeToString,
@@ -179,6 +189,25 @@ class DebugServiceServicer:
         """Executes count instructions (default 1) and returns where it stopped.
         NOT_FOUND. FAILED_PRECONDITION: powered off, running, exited or faulted.
         INVALID_ARGUMENT: count above 10^9.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepLine(self, request, context):
+        """Steps by source line: INTO (stop at the next line, entering calls), OVER (calls
+        run to their return), OUT (run until the current function returns). Needs a program
+        with line information. NOT_FOUND. FAILED_PRECONDITION: not halted, or no line info
+        for pc. DEADLINE_EXCEEDED: the line did not end before the call's deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backtrace(self, request, context):
+        """The call stack of a halted session, innermost frame first, unwound with the
+        program's DWARF call-frame information (Cortex-M and RV32).
+        NOT_FOUND. FAILED_PRECONDITION: running or powered off, or no frame information.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,6 +317,16 @@ def add_DebugServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=machineserver_dot_v1_dot_debug__pb2.StepRequest.FromString,
                     response_serializer=machineserver_dot_v1_dot_debug__pb2.StepResponse.SerializeToString,
+            ),
+            'StepLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepLine,
+                    request_deserializer=machineserver_dot_v1_dot_debug__pb2.StepLineRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_debug__pb2.StepLineResponse.SerializeToString,
+            ),
+            'Backtrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backtrace,
+                    request_deserializer=machineserver_dot_v1_dot_debug__pb2.BacktraceRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_debug__pb2.BacktraceResponse.SerializeToString,
             ),
             'Continue': grpc.unary_unary_rpc_method_handler(
                     servicer.Continue,
@@ -544,6 +583,60 @@ class DebugService:
             '/machineserver.v1.DebugService/Step',
             machineserver_dot_v1_dot_debug__pb2.StepRequest.SerializeToString,
             machineserver_dot_v1_dot_debug__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.DebugService/StepLine',
+            machineserver_dot_v1_dot_debug__pb2.StepLineRequest.SerializeToString,
+            machineserver_dot_v1_dot_debug__pb2.StepLineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backtrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.DebugService/Backtrace',
+            machineserver_dot_v1_dot_debug__pb2.BacktraceRequest.SerializeToString,
+            machineserver_dot_v1_dot_debug__pb2.BacktraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

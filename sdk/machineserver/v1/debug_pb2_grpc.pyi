@@ -65,6 +65,17 @@ class DebugServiceStub:
     NOT_FOUND. FAILED_PRECONDITION: powered off, running, exited or faulted.
     INVALID_ARGUMENT: count above 10^9.
     """
+    StepLine: _grpc.UnaryUnaryMultiCallable[_debug_pb2.StepLineRequest, _debug_pb2.StepLineResponse]
+    """Steps by source line: INTO (stop at the next line, entering calls), OVER (calls
+    run to their return), OUT (run until the current function returns). Needs a program
+    with line information. NOT_FOUND. FAILED_PRECONDITION: not halted, or no line info
+    for pc. DEADLINE_EXCEEDED: the line did not end before the call's deadline.
+    """
+    Backtrace: _grpc.UnaryUnaryMultiCallable[_debug_pb2.BacktraceRequest, _debug_pb2.BacktraceResponse]
+    """The call stack of a halted session, innermost frame first, unwound with the
+    program's DWARF call-frame information (Cortex-M and RV32).
+    NOT_FOUND. FAILED_PRECONDITION: running or powered off, or no frame information.
+    """
     Continue: _grpc.UnaryUnaryMultiCallable[_debug_pb2.ContinueRequest, _debug_pb2.ContinueResponse]
     """Resumes execution. With wait, returns at the next stop (breakpoint, exit, fault)
     or when the call's deadline expires (DEADLINE_EXCEEDED, the session keeps running).
@@ -134,6 +145,17 @@ class DebugServiceAsyncStub(DebugServiceStub):
     """Executes count instructions (default 1) and returns where it stopped.
     NOT_FOUND. FAILED_PRECONDITION: powered off, running, exited or faulted.
     INVALID_ARGUMENT: count above 10^9.
+    """
+    StepLine: _aio.UnaryUnaryMultiCallable[_debug_pb2.StepLineRequest, _debug_pb2.StepLineResponse]  # type: ignore[assignment]
+    """Steps by source line: INTO (stop at the next line, entering calls), OVER (calls
+    run to their return), OUT (run until the current function returns). Needs a program
+    with line information. NOT_FOUND. FAILED_PRECONDITION: not halted, or no line info
+    for pc. DEADLINE_EXCEEDED: the line did not end before the call's deadline.
+    """
+    Backtrace: _aio.UnaryUnaryMultiCallable[_debug_pb2.BacktraceRequest, _debug_pb2.BacktraceResponse]  # type: ignore[assignment]
+    """The call stack of a halted session, innermost frame first, unwound with the
+    program's DWARF call-frame information (Cortex-M and RV32).
+    NOT_FOUND. FAILED_PRECONDITION: running or powered off, or no frame information.
     """
     Continue: _aio.UnaryUnaryMultiCallable[_debug_pb2.ContinueRequest, _debug_pb2.ContinueResponse]  # type: ignore[assignment]
     """Resumes execution. With wait, returns at the next stop (breakpoint, exit, fault)
@@ -249,6 +271,29 @@ class DebugServiceServicer(metaclass=_abc_1.ABCMeta):
         """Executes count instructions (default 1) and returns where it stopped.
         NOT_FOUND. FAILED_PRECONDITION: powered off, running, exited or faulted.
         INVALID_ARGUMENT: count above 10^9.
+        """
+
+    @_abc_1.abstractmethod
+    def StepLine(
+        self,
+        request: _debug_pb2.StepLineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_debug_pb2.StepLineResponse, _abc.Awaitable[_debug_pb2.StepLineResponse]]:
+        """Steps by source line: INTO (stop at the next line, entering calls), OVER (calls
+        run to their return), OUT (run until the current function returns). Needs a program
+        with line information. NOT_FOUND. FAILED_PRECONDITION: not halted, or no line info
+        for pc. DEADLINE_EXCEEDED: the line did not end before the call's deadline.
+        """
+
+    @_abc_1.abstractmethod
+    def Backtrace(
+        self,
+        request: _debug_pb2.BacktraceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_debug_pb2.BacktraceResponse, _abc.Awaitable[_debug_pb2.BacktraceResponse]]:
+        """The call stack of a halted session, innermost frame first, unwound with the
+        program's DWARF call-frame information (Cortex-M and RV32).
+        NOT_FOUND. FAILED_PRECONDITION: running or powered off, or no frame information.
         """
 
     @_abc_1.abstractmethod

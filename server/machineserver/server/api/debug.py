@@ -14,11 +14,11 @@ from grpc import aio
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.errors import code_for
+from machineserver.server.core.debug import StepMode
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     MachineServerError,
-    Unimplemented,
 )
 from machineserver.server.core.sessions import LiveSession
 from machineserver.v1 import common_pb2 as common_pb
@@ -26,7 +26,14 @@ from machineserver.v1 import debug_pb2 as pb
 from machineserver.v1 import debug_pb2_grpc as pb_grpc
 
 # Commands an observer may send.
-READ_ONLY_COMMANDS = frozenset({"read_registers", "read_memory", "resolve_symbol", "take_control"})
+READ_ONLY_COMMANDS = frozenset({"read_registers", "read_memory", "resolve_symbol", "take_control", "backtrace",
+                                "disassemble"})
+STEP_MODES = {
+    pb.STEP_MODE_UNSPECIFIED: StepMode.OVER,
+    pb.STEP_MODE_INTO: StepMode.INTO,
+    pb.STEP_MODE_OVER: StepMode.OVER,
+    pb.STEP_MODE_OUT: StepMode.OUT,
+}
 
 
 class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
@@ -130,12 +137,30 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
     # ------------------------------------------------------------------ GDB bridge
 
     async def StartGdbServer(self, request: pb.StartGdbServerRequest, context: aio.ServicerContext) -> pb.StartGdbServerResponse:
-        self.engine.sessions.get(request.name)
-        raise Unimplemented("gdb_server", "the GDB remote-serial-protocol bridge is not built into this server yet")
+        live = self.engine.sessions.get(request.name)
+        ep = await self.engine.gdb.start(live, request.bind_address, request.port)
+        return pb.StartGdbServerResponse(gdb_server=pb.GdbServer(
+            session=ep.session, address=ep.address, port=ep.port, clients=ep.clients))
 
     async def StopGdbServer(self, request: pb.StopGdbServerRequest, context: aio.ServicerContext) -> pb.StopGdbServerResponse:
-        self.engine.sessions.get(request.name)
-        raise Unimplemented("gdb_server", "the GDB remote-serial-protocol bridge is not built into this server yet")
+        await self.engine.gdb.stop(self.engine.sessions.get(request.name))
+        return pb.StopGdbServerResponse()
+
+    # ------------------------------------------------------------------ source level
+
+    async def StepLine(self, request: pb.StepLineRequest, context: aio.ServicerContext) -> pb.StepLineResponse:
+        live = self.engine.sessions.get(request.name)
+        mode = convert.enum_value(STEP_MODES, request.mode, "mode")
+        remaining = context.time_remaining() if context is not None else None
+        stop = await self.engine.stepper.step_line(live, mode, remaining)
+        return pb.StepLineResponse(stop=self._stop(live, stop), state=self._state(live))
+
+    async def Backtrace(self, request: pb.BacktraceRequest, context: aio.ServicerContext) -> pb.BacktraceResponse:
+        live = self.engine.sessions.get(request.name)
+        frames = await self.engine.stepper.backtrace(live, request.max_frames)
+        return pb.BacktraceResponse(frames=[
+            pb.Frame(level=f.level, pc=f.pc, cfa=f.cfa, location=convert.source_pb(f.source)) for f in frames
+        ])
 
     # ------------------------------------------------------------------ Attach
 
@@ -222,6 +247,9 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
             "read_memory": lambda r: self.ReadMemory(r, None),  # type: ignore[arg-type]
             "write_memory": lambda r: self.WriteMemory(r, None),  # type: ignore[arg-type]
             "resolve_symbol": lambda r: self.ResolveSymbol(r, None),  # type: ignore[arg-type]
+            "step_line": lambda r: self.StepLine(r, None),  # type: ignore[arg-type]
+            "backtrace": lambda r: self.Backtrace(r, None),  # type: ignore[arg-type]
+            "disassemble": lambda r: self.Disassemble(r, None),  # type: ignore[arg-type]
         }
         try:
             response = await handlers[which](request)

@@ -10,6 +10,7 @@ from grpc import aio
 
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
+from machineserver.server.core.engine import Engine
 from machineserver.server.core.sessions import LiveSession
 from machineserver.server.core.telemetry import AlertRuleRecord, HostSample, check_interval
 from machineserver.v1 import telemetry_pb2 as pb
@@ -56,11 +57,23 @@ def rule_pb(r: AlertRuleRecord) -> pb.AlertRule:
 
 
 class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # Subscribers of one sampler get the same sample: convert it once, not per subscriber.
+        self._last_host: tuple[HostSample, pb.HostStatus] | None = None
+
+    def _host(self, sample: HostSample) -> pb.HostStatus:
+        last = self._last_host
+        if last is None or last[0] is not sample:
+            last = self._last_host = (sample, host_pb(sample))
+        return last[1]
+
     def _metrics(self, live: LiveSession, m: dict[str, float | int | str]) -> pb.SessionMetrics:
         return pb.SessionMetrics(
             session=live.record.name, state=convert.STATE_TO_PB[live.state],
             instructions=int(m["instructions"]), virtual_time_ns=int(m["virtual_time_ns"]),
             mips=float(m["mips"]), console_bytes=int(m["console_bytes"]),
+            host_cpu_percent=float(m["host_cpu_percent"]), host_memory_bytes=int(m["host_memory_bytes"]),
             time=convert.timestamp(time.time()),
         )
 
@@ -70,7 +83,7 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
     async def StreamHostStatus(self, request: pb.StreamHostStatusRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamHostStatusResponse]:
         sub = self.engine.telemetry.subscribe_host(_seconds(request.interval))
         async for sample in sub:
-            yield pb.StreamHostStatusResponse(status=host_pb(sample), dropped=sub.dropped)
+            yield pb.StreamHostStatusResponse(status=self._host(sample), dropped=sub.dropped)
 
     async def GetSessionMetrics(self, request: pb.GetSessionMetricsRequest, context: aio.ServicerContext) -> pb.GetSessionMetricsResponse:
         live = self.engine.sessions.get(request.name)

@@ -4,12 +4,14 @@ re-applied whenever the machine is (re)loaded), registers, memory, disassembly
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 
 import capstone
 
 from machineserver.server.core.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -326,3 +328,139 @@ def _capstone_for(arch: Arch) -> capstone.Cs:
     else:  # pragma: no cover - Arch is closed
         raise Unimplemented("disassemble", f"no disassembler for {arch}")
     return md
+
+
+# ---------------------------------------------------------------------- source-level stepping
+
+
+class StepMode(enum.StrEnum):
+    INTO = "into"
+    OVER = "over"
+    OUT = "out"
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    level: int
+    pc: int
+    cfa: int
+    source: SourcePosition
+
+
+# DWARF register numbers -> our register names, and the stack pointer's number
+_DWARF_REGS = {
+    Arch.ARM_CORTEX_M: [f"r{i}" for i in range(13)] + ["sp", "lr", "pc"],
+    Arch.RISCV32: [f"x{i}" for i in range(32)],
+}
+_DWARF_SP = {Arch.ARM_CORTEX_M: 13, Arch.RISCV32: 2}
+_RISCV_CALLS = {"jal", "jalr", "c.jal", "c.jalr", "call"}
+
+
+class LineStepper:
+    """Backtraces (DWARF CFI) and stepping by source line, on top of the Debugger and
+    the session's instruction stepping; temporary breakpoints never touch the user's."""
+
+    def __init__(self, debugger: Debugger) -> None:
+        self.debugger = debugger
+        self.sessions = debugger.sessions
+
+    async def backtrace(self, live: LiveSession, max_frames: int = 64) -> list[FrameInfo]:
+        live.require_inspectable("unwind the stack")
+        symbols = self.debugger.symbols(live)
+        assert symbols is not None
+        if not symbols.frames.available:
+            raise FailedPrecondition("the program has no DWARF call-frame information (build with -g)")
+        arch = live.board.arch
+        names = _DWARF_REGS[arch]
+        values = await self.debugger.read_registers(live, [*names, "pc"] if arch is Arch.RISCV32 else names)
+        regs = {i: values[n] for i, n in enumerate(names)}
+        pc = values["pc"]
+        frames: list[FrameInfo] = []
+        prev_cfa = -1
+        for level in range(max_frames or 64):
+            where = pc if level == 0 else pc - 1  # a caller's pc is after its call
+            rule = symbols.frames.rule_at(where)
+            cfa = (regs[rule.cfa_register] + rule.cfa_offset) & 0xFFFFFFFF if rule and rule.cfa_register in regs else 0
+            frames.append(FrameInfo(level, pc, cfa, self.debugger.position(live, where)))
+            if rule is None or not cfa or (cfa == prev_cfa and level):
+                break
+            caller = dict(regs)
+            try:
+                for reg, offset in rule.saved.items():
+                    raw = await self.debugger.read_memory(live, (cfa + offset) & 0xFFFFFFFF, 4)
+                    caller[reg] = int.from_bytes(raw, "little")
+            except InvalidArgument:
+                break
+            caller[_DWARF_SP[arch]] = cfa
+            ret = caller.get(rule.return_register, 0)
+            if ret == 0 or (arch is Arch.ARM_CORTEX_M and ret >= 0xFFFFFFF0):
+                break  # the bottom of the stack, or an exception return (EXC_RETURN)
+            regs, pc, prev_cfa = caller, ret & ~1, cfa
+        return frames
+
+    async def step_line(self, live: LiveSession, mode: StepMode, timeout: float | None) -> StopInfo:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else 30.0)
+        live.require_halted("step a line")
+        symbols = self.debugger.symbols(live)
+        assert symbols is not None
+        if not symbols.has_lines:
+            raise FailedPrecondition("the program has no line information (build with -g)")
+        if mode is StepMode.OUT:
+            frames = await self.backtrace(live, 2)
+            if len(frames) < 2:
+                raise FailedPrecondition("no caller frame to return to")
+            return await self._run_to(live, frames[1].pc, deadline)
+        pc = (await self.debugger.read_registers(live, ["pc"]))["pc"]
+        start = symbols.line_at(pc)
+        if start is None:
+            raise FailedPrecondition(f"no source line for pc 0x{pc:08x}; step by instruction")
+        start_func = symbols.function_at(pc)
+        while True:
+            if loop.time() > deadline:
+                raise DeadlineExceeded(f"line {start.file}:{start.line} did not end in time; the session is halted")
+            call_size = await self._call_size(live, pc) if mode is StepMode.OVER else 0
+            stop = await (self._run_to(live, pc + call_size, deadline) if call_size else self.sessions.step(live, 1))
+            if stop.reason is not StopReason.STEP:
+                return stop
+            pc = stop.pc
+            line = symbols.line_at(pc)
+            if line is None or (line.file, line.line) == (start.file, start.line):
+                continue
+            if symbols.is_line_start(pc) or symbols.function_at(pc) != start_func:
+                return stop
+
+    async def _call_size(self, live: LiveSession, pc: int) -> int:
+        """The size of the call instruction at pc, or 0 when it is not a call."""
+        code = await self.debugger.read_memory(live, pc, 4)
+        insn = next(_capstone_for(live.board.arch).disasm(code, pc, 1), None)
+        if insn is None:
+            return 0
+        if live.board.arch is Arch.ARM_CORTEX_M:
+            return int(insn.size) if insn.mnemonic in ("bl", "blx") else 0
+        is_call = insn.mnemonic in _RISCV_CALLS and not insn.op_str.startswith(("zero", "x0"))
+        return int(insn.size) if is_call else 0
+
+    async def _run_to(self, live: LiveSession, address: int, deadline: float) -> StopInfo:
+        """Run until pc reaches address (a temporary breakpoint), or an earlier stop."""
+        machine = live.require_halted("run to an address")
+        user_has_one = any(b.address == address and b.kind.watch is None
+                           for b in self.debugger.list_breakpoints(live))
+        if not user_has_one:
+            with driver_errors(live):
+                await machine.set_breakpoint(address)  # type: ignore[attr-defined]
+            live.temporary_breakpoints.add(address)
+        try:
+            await self.sessions.run(live)
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            try:
+                stop = await self.sessions.wait_for_stop(live, remaining)
+            except DeadlineExceeded:
+                await self.sessions.pause(live, "halted: the step did not end in time")
+                raise
+        finally:
+            live.temporary_breakpoints.discard(address)
+            if not user_has_one and live.machine is machine and live.state.value != "off":
+                with driver_errors(live):
+                    await machine.clear_breakpoint(address)  # type: ignore[attr-defined]
+        return stop

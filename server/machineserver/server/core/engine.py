@@ -7,7 +7,8 @@ from pathlib import Path
 
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
-from machineserver.server.core.debug import Debugger
+from machineserver.server.core.debug import Debugger, LineStepper
+from machineserver.server.core.gdbbridges import GdbBridges
 from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.sessions import SessionManager
 from machineserver.server.core.snapshots import SnapshotStore
@@ -40,6 +41,8 @@ class Engine:
             max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
         )
         self.debugger = Debugger(self.sessions)
+        self.stepper = LineStepper(self.debugger)
+        self.gdb = GdbBridges(self.sessions, self.debugger)
         self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
 
@@ -48,6 +51,7 @@ class Engine:
         await self.telemetry.start()
 
     async def close(self) -> None:
+        await self.gdb.close()
         await self.telemetry.stop()
         await self.sessions.shutdown()
         await self.backends.aclose()

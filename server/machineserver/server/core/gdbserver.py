@@ -9,14 +9,17 @@ tagged with the gdb client's id) and are removed again when gdb detaches or disc
 What it answers (one thread, all-stop)::
 
     framing     $data#cs with +/- acks, QStartNoAckMode, ^C (0x03) while running
-    queries     qSupported, qXfer:features:read:target.xml, qAttached, qC,
-                qfThreadInfo/qsThreadInfo, qRcmd (monitor reset|halt|help), ?
+    queries     qSupported, qXfer:features:read:target.xml, qXfer:threads:read, qAttached,
+                qC, qfThreadInfo/qsThreadInfo, qRcmd (monitor reset|halt|help), ?
+                (``?`` on a running session halts it: attaching stops the target)
     registers   g G p P      (numbers as in the target description below)
     memory      m M X        (X with binary escaping)
     points      Z0/z0 software, Z1/z1 hardware, Z2/Z3/Z4 write/read/access watchpoints
     running     c s C S vCont? vCont;c|s|C|S, stop replies T05 (swbreak/hwbreak/watch/
-                rwatch/awatch), T02 after ^C, W<code> on exit, T0b on a fault
-    leaving     D (detach: the session stays as it is), k / vKill (same: never deletes)
+                rwatch/awatch) expediting every register (gdb needs no ``g`` after a
+                stop), T02 after ^C, W<code> on exit, T0b on a fault
+    leaving     D (detach: the session stays as it is), k / vKill (same: never deletes);
+                a client that just disconnects leaves a running session running
     else        the empty reply
 
 Register numbering (the target description's ``regnum``):
@@ -28,7 +31,13 @@ Register numbering (the target description's ``regnum``):
   the machine-mode CSRs the machine offers, from 33.
 
 Errors from the core become ``E01`` replies (the connection goes on); a broken connection
-ends only that client. Binds to 127.0.0.1 unless told otherwise.
+ends only that client. One client at a time: a second waits up to
+``WAIT_FOR_PREVIOUS_CLIENT`` seconds for the first to leave, then is closed. Binds to
+127.0.0.1 unless told otherwise.
+
+gdb itself removes its breakpoints (``z0``) at every stop and inserts them again on
+resume unless ``set breakpoint always-inserted on``; so they show in ListBreakpoints while
+the target runs, or all the time with that setting.
 """
 
 from __future__ import annotations

@@ -131,7 +131,9 @@ class LiveSession:
         self.lock = asyncio.Lock()
         self.stop_waiters: list[asyncio.Future[StopInfo]] = []
         self.limit_task: asyncio.Task[None] | None = None
-        self.busy_deadline = 0.0
+        # addresses of breakpoints the core set for itself (stepping over a call): a hit
+        # there is reported as the end of a step, not as a breakpoint
+        self.temporary_breakpoints: set[int] = set()
         self._loop = manager.loop
 
     # ------------------------------------------------------------------ MachineEvents
@@ -536,6 +538,9 @@ class SessionManager:
         self._apply_stop(live, info, info.reason.value)
 
     def _apply_stop(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:
+        if info.reason is StopReason.BREAKPOINT and info.pc in live.temporary_breakpoints:
+            info = StopInfo(StopReason.STEP, pc=info.pc)
+            reason = "step"
         if info.reason is StopReason.EXIT:
             state = MachineState.EXITED
             live.record.exit_code = info.exit_code

@@ -13,6 +13,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from machineserver.server.core.errors import InvalidArgument, NotFound
+from machineserver.server.core.unwind import FrameTable
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class SymbolTable:
         except (ELFError, DWARFError, ValueError, KeyError, IndexError):
             pass  # a stripped or odd ELF just has fewer symbols
         self._line_addrs = [e.address for e in self._lines]
+        self.frames = FrameTable(elf_bytes)
 
     def _read_symbols(self, elf: ELFFile) -> None:
         for section in elf.iter_sections():
@@ -141,6 +143,11 @@ class SymbolTable:
         if not matches:
             raise NotFound("source line", file_line)
         return min(matches)
+
+    def is_line_start(self, address: int) -> bool:
+        """Whether a source line's code begins exactly at address."""
+        i = bisect.bisect_left(self._line_addrs, address)
+        return i < len(self._line_addrs) and self._line_addrs[i] == address
 
     @property
     def has_lines(self) -> bool:

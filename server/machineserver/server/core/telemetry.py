@@ -1,10 +1,20 @@
 """Host and session telemetry.
 
 Host samples come from psutil (CPU per core with frequency, memory, swap, temperatures,
-load). Subscribers asking for the same interval share one sampler task, which stops when
-its last subscriber leaves; each subscriber has a bounded queue (a slow one drops its
-oldest samples and is told how many). Alert rules are evaluated on a 1 s host sampler
-while any rule exists.
+load) plus the sources the host has (``telemetry_sources``: NVML GPUs, Jetson
+tegrastats); every source is listed in the sample's ``sources`` with ok/error, and one
+that fails never fails the sample. Subscribers asking for the same interval share one
+sampler task, which stops when its last subscriber leaves; each subscriber has a bounded
+queue (a slow one drops its oldest samples and is told how many; it never slows the
+sampler or the others). Alert rules are evaluated on a 1 s host sampler while any rule
+exists.
+
+Session metrics add the host CPU and memory a session uses, found through optional
+methods a machine may have (looked up with getattr, not part of the driver interface):
+``host_process_ids() -> list[int]`` (a backend running its own processes, e.g. QEMU:
+CPU % and RSS of those processes) or ``host_thread_ids() -> list[int]`` (an in-process
+backend's worker threads, native ids: their CPU % of one core; memory is not attributable
+to a thread and reads 0). A machine with neither reads 0 for both, with a note saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psutil
 
@@ -24,44 +34,24 @@ from machineserver.server.core.listing import Page, paginate, resource_id
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.pubsub import Hub, Subscription
 from machineserver.server.core.sessions import LiveSession
+from machineserver.server.core.telemetry_sources import (
+    CpuCore,
+    GpuSample,
+    Source,
+    SourceReading,
+    SourceStatus,
+    Usage,
+    default_sources,
+)
 from machineserver.server.store.db import Database
+
+__all__ = [
+    "ALERT_METRICS", "AlertEvent", "AlertRuleRecord", "CpuCore", "GpuSample", "HostSample", "HostSampler",
+    "HostUsage", "HostUsageProbe", "SourceStatus", "Telemetry", "Usage", "check_interval", "sample_host",
+]
 
 MIN_INTERVAL = 0.01
 MAX_INTERVAL = 60.0
-
-
-@dataclass(frozen=True)
-class CpuCore:
-    index: int
-    usage_percent: float
-    frequency_mhz: float
-
-
-@dataclass(frozen=True)
-class Usage:
-    used_bytes: int
-    total_bytes: int
-    percent: float
-
-
-@dataclass(frozen=True)
-class GpuSample:
-    index: int
-    name: str
-    utilization_percent: float = 0.0
-    memory_used_bytes: int = 0
-    memory_total_bytes: int = 0
-    temperature_celsius: float = 0.0
-    power_mw: float = 0.0
-    graphics_clock_mhz: float = 0.0
-    memory_clock_mhz: float = 0.0
-
-
-@dataclass(frozen=True)
-class SourceStatus:
-    name: str
-    ok: bool
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +131,112 @@ def sample_host() -> HostSample:
     )
 
 
+def merge(base: HostSample, reading: SourceReading | None, status: SourceStatus) -> HostSample:
+    """A psutil sample with one more source's reading and status added."""
+    if reading is None:
+        return replace(base, sources=(*base.sources, status))
+    gpus = tuple(replace(g, index=len(base.gpus) + i) for i, g in enumerate(reading.gpus))
+    return replace(
+        base,
+        cpus=reading.cpus or base.cpus,
+        cpu_percent=sum(c.usage_percent for c in reading.cpus) / len(reading.cpus) if reading.cpus else base.cpu_percent,
+        gpus=(*base.gpus, *gpus),
+        temperatures=(*base.temperatures, *reading.temperatures),
+        power_rails=(*base.power_rails, *reading.power_rails),
+        sources=(*base.sources, status),
+    )
+
+
+class HostSampler:
+    """psutil plus extra sources, in that order. Blocking: call it off the event loop
+    (the samplers do, through asyncio.to_thread)."""
+
+    def __init__(self, sources: list[Source] | None = None) -> None:
+        self.sources: list[Source] = default_sources() if sources is None else sources
+
+    def __call__(self) -> HostSample:
+        sample = sample_host()
+        for source in self.sources:
+            try:
+                reading, status = source.read()
+            except Exception as exc:  # a source must never fail the sample
+                reading, status = None, SourceStatus(source.name, False, f"{type(exc).__name__}: {exc}")
+            sample = merge(sample, reading, status)
+        return sample
+
+    def statuses(self) -> list[SourceStatus]:
+        return [SourceStatus("psutil", True), *(s.status() for s in self.sources)]
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    cpu_percent: float
+    memory_bytes: int
+    note: str = ""
+
+
+class HostUsageProbe:
+    """The host CPU (% of one core, summed over the session's processes or threads) and
+    memory of one session's machine, as a delta since this probe's previous measurement
+    (a first measurement of processes averages over their lifetime; of threads reads 0)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+        self._prev: tuple[float, float] | None = None  # (monotonic, cpu seconds)
+
+    def measure(self, machine: object | None) -> HostUsage:
+        if machine is None:
+            self._prev = None
+            return HostUsage(0.0, 0, "powered off")
+        pids_of = getattr(machine, "host_process_ids", None)
+        tids_of = getattr(machine, "host_thread_ids", None)
+        try:
+            if callable(pids_of):
+                return self._processes([int(p) for p in pids_of()])
+            if callable(tids_of):
+                return self._threads({int(t) for t in tids_of()})
+        except (psutil.Error, OSError) as exc:
+            return HostUsage(0.0, 0, f"host usage unavailable: {exc}")
+        return HostUsage(0.0, 0, "this backend does not say which host processes or threads it uses")
+
+    def _delta(self, cpu_seconds: float, fallback: float | None) -> float:
+        t = time.monotonic()
+        prev, self._prev = self._prev, (t, cpu_seconds)
+        if prev is None or t <= prev[0]:
+            return fallback or 0.0
+        return max(0.0, cpu_seconds - prev[1]) / (t - prev[0]) * 100.0
+
+    def _processes(self, pids: list[int]) -> HostUsage:
+        cpu = rss = 0.0
+        lifetime = 0.0
+        for pid in pids:
+            proc = self._procs.get(pid)
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                used = times.user + times.system
+                cpu += used
+                rss += proc.memory_info().rss
+                lifetime += used / max(1e-3, time.time() - proc.create_time()) * 100.0
+        for gone in set(self._procs) - set(pids):
+            del self._procs[gone]
+        if not pids:
+            return HostUsage(0.0, 0, "no host process running")
+        return HostUsage(self._delta(cpu, lifetime), int(rss))
+
+    def _threads(self, tids: set[int]) -> HostUsage:
+        if not tids:
+            self._prev = None
+            return HostUsage(0.0, 0, "no worker thread running")
+        cpu = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in tids)
+        return HostUsage(self._delta(cpu, None), 0, "memory is shared with the server process (in-process backend)")
+
+
 class _Sampler:
     def __init__(self, interval: float, sample: Callable[[], HostSample]) -> None:
         self.interval = interval
@@ -207,9 +303,11 @@ class AlertEvent:
 
 class Telemetry:
     def __init__(self, db: Database, *, max_subscribers: int = 1000,
-                 sample: Callable[[], HostSample] = sample_host) -> None:
+                 sample: Callable[[], HostSample] | None = None) -> None:
         self._db = db
-        self._sample = sample
+        self.host = HostSampler() if sample is None else None
+        self._sample: Callable[[], HostSample] = sample or self.host or sample_host
+        self._probes: dict[str, HostUsageProbe] = {}
         self._samplers: dict[float, _Sampler] = {}
         self.max_subscribers = max_subscribers
         self.alerts: Hub[AlertEvent] = Hub(maxlen=256)
@@ -220,6 +318,19 @@ class Telemetry:
 
     async def host_status(self) -> HostSample:
         return await asyncio.to_thread(self._sample)
+
+    def sources(self) -> list[SourceStatus]:
+        """Every host status source and whether it works (blocking: NVML may initialise;
+        call off the event loop). For CapabilitiesService."""
+        return self.host.statuses() if self.host is not None else [SourceStatus("psutil", True)]
+
+    @property
+    def firing_count(self) -> int:
+        return len(self._firing)
+
+    def dropped_total(self) -> int:
+        """Samples dropped for slow host status subscribers still connected."""
+        return sum(sub.dropped for s in self._samplers.values() for sub in list(s.hub._subs))
 
     def subscriber_count(self) -> int:
         return sum(s.hub.subscriber_count for s in self._samplers.values())
@@ -240,26 +351,39 @@ class Telemetry:
 
     # ------------------------------------------------------------------ sessions
 
-    def session_metrics(self, live: LiveSession, previous: tuple[float, int] | None) -> dict[str, float | int | str]:
+    def session_metrics(self, live: LiveSession, previous: tuple[float, int] | None,
+                        probe: HostUsageProbe | None = None) -> dict[str, float | int | str]:
+        """A session's counters, MIPS since ``previous`` (monotonic time, instructions) and
+        host usage since ``probe``'s last measurement (by default: since the last one-shot
+        request for this session). Blocking for a moment (psutil): call off the loop."""
         counters = live.machine.counters() if live.machine is not None else None
         instructions = counters.instructions if counters else 0
         t = time.monotonic()
         mips = 0.0
         if previous is not None and t > previous[0]:
             mips = max(0, instructions - previous[1]) / (t - previous[0]) / 1e6
+        if probe is None:
+            for gone in [sid for sid in self._probes if live.manager.find(sid) is None]:
+                del self._probes[gone]
+            probe = self._probes.setdefault(live.id, HostUsageProbe())
+        usage = probe.measure(live.machine)
         return {
             "instructions": instructions,
             "virtual_time_ns": counters.virtual_time_ns if counters else 0,
             "mips": mips,
             "console_bytes": live.console.end,
+            "host_cpu_percent": usage.cpu_percent,
+            "host_memory_bytes": usage.memory_bytes,
+            "host_note": usage.note,
             "t": t,
         }
 
     async def stream_session(self, live: LiveSession, interval: float) -> AsyncIterator[dict[str, float | int | str]]:
         interval = check_interval(interval)
         prev: tuple[float, int] | None = None
+        probe = HostUsageProbe()
         while live.manager.contains(live):
-            m = self.session_metrics(live, prev)
+            m = self.session_metrics(live, prev, probe)
             prev = (float(m["t"]), int(m["instructions"]))
             yield m
             await asyncio.sleep(interval)
@@ -309,6 +433,8 @@ class Telemetry:
             if s.task is not None:
                 s.task.cancel()
         self.alerts.close()
+        if self.host is not None:
+            await asyncio.to_thread(self.host.close)
 
     async def _evaluate_forever(self) -> None:
         sub = self.subscribe_host(1.0)

@@ -499,28 +499,32 @@ class QemuMachine(
     async def run(self) -> None:
         async with self._op:
             self._require(MachineState.HALTED)
-            rsp = self._rsp()
-            pc = await self._read_pc()
-            if pc in self._breakpoints:
-                # QEMU re-hits a breakpoint at the current pc on continue: step off it first
-                self._sync_op = True
-                try:
-                    reply = await rsp.step(STEP_TIMEOUT)
-                except RspClosed:
-                    info = await self._dead_result()
-                    self._sync_op = False
-                    self.events.stopped(info)
-                    return
-                finally:
-                    self._sync_op = False
-                if reply.exited or reply.watch is not None:
-                    info = await self._finish_stop(reply, StopReason.STEP)
-                    self.events.stopped(info)
-                    return
-            self._pause_future = None
-            await rsp.send_continue(b"c")
-            self._mark_running()
-            self._run_task = asyncio.create_task(self._wait_run_stop())
+            await self._run_locked()
+
+    async def _run_locked(self) -> None:
+        """Resume a halted machine (the caller holds ``_op``)."""
+        rsp = self._rsp()
+        pc = await self._read_pc()
+        if pc in self._breakpoints:
+            # QEMU re-hits a breakpoint at the current pc on continue: step off it first
+            self._sync_op = True
+            try:
+                reply = await rsp.step(STEP_TIMEOUT)
+            except RspClosed:
+                info = await self._dead_result()
+                self._sync_op = False
+                self.events.stopped(info)
+                return
+            finally:
+                self._sync_op = False
+            if reply.exited or reply.watch is not None:
+                info = await self._finish_stop(reply, StopReason.STEP)
+                self.events.stopped(info)
+                return
+        self._pause_future = None
+        await rsp.send_continue(b"c")
+        self._mark_running()
+        self._run_task = asyncio.create_task(self._wait_run_stop())
 
     async def _wait_run_stop(self) -> None:
         inst = self._inst
@@ -749,6 +753,25 @@ class QemuMachine(
                 ) from None
 
     # ================================================================== breakpoints
+    @contextlib.asynccontextmanager
+    async def _points_editable(self):  # type: ignore[no-untyped-def]
+        """Breakpoints and watchpoints can be edited while the machine runs, as on the
+        Unicorn backend: QEMU's gdbstub takes packets only while the VM is stopped (in
+        all-stop mode), so a running machine is interrupted quietly, edited, and resumed;
+        a real stop that raced the interrupt is reported instead of resumed over."""
+        resume = False
+        if self._state is MachineState.RUNNING and self._inst is not None and self._inst.alive:
+            info = await self._interrupt_and_wait()
+            if info.reason is StopReason.HALT and self._state is MachineState.HALTED:
+                resume = True
+            else:
+                self.events.stopped(info)
+        try:
+            yield
+        finally:
+            if resume and self._state is MachineState.HALTED:
+                await self._run_locked()
+
     async def _insert_bp(self, address: int, hardware: bool) -> None:
         rsp = self._rsp()
         kind = 2
@@ -767,28 +790,33 @@ class QemuMachine(
             address &= ~1 if self.board.arch is Arch.ARM_CORTEX_M else ~0
             if address in self._breakpoints:
                 return
-            if self._inst is not None and self._inst.alive:
-                try:
-                    await self._insert_bp(address, hardware)
-                except RspError as exc:
-                    raise BadRequest(
-                        f"cannot set a breakpoint at 0x{address:08x}: {exc}", field="address"
-                    ) from None
-            self._breakpoints[address] = hardware
+            async with self._points_editable():
+                if self._inst is not None and self._inst.alive:
+                    try:
+                        await self._insert_bp(address, hardware)
+                    except RspError as exc:
+                        raise BadRequest(
+                            f"cannot set a breakpoint at 0x{address:08x}: {exc}", field="address"
+                        ) from None
+                self._breakpoints[address] = hardware
 
     async def clear_breakpoint(self, address: int) -> None:
         async with self._op:
             self._require_on()
             address &= ~1 if self.board.arch is Arch.ARM_CORTEX_M else ~0
-            hw = self._breakpoints.pop(address, None)
-            if hw is None or self._inst is None or not self._inst.alive:
+            if address not in self._breakpoints:
                 return
-            with contextlib.suppress(RspError):
-                await self._rsp().remove_point(1 if hw else 0, address, 2)
+            async with self._points_editable():
+                hw = self._breakpoints.pop(address, None)
+                if hw is None or self._inst is None or not self._inst.alive:
+                    return
+                with contextlib.suppress(RspError):
+                    await self._rsp().remove_point(1 if hw else 0, address, 2)
 
     def _require_on(self) -> None:
-        # breakpoints can be edited while halted (or after the program ended)
-        self._require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
+        # breakpoints can be edited while halted or running (or after the program ended)
+        self._require(MachineState.HALTED, MachineState.RUNNING, MachineState.EXITED,
+                      MachineState.FAULTED)
 
     async def set_watchpoint(self, address: int, size: int, kind: WatchKind) -> None:
         async with self._op:
@@ -799,14 +827,15 @@ class QemuMachine(
             key = (address, size, kind)
             if key in self._watchpoints:
                 return
-            if self._inst is not None and self._inst.alive:
-                try:
-                    await self._rsp().insert_point(_WATCH_Z[kind], address, size)
-                except RspError as exc:
-                    raise BadRequest(
-                        f"cannot set a watchpoint at 0x{address:08x}: {exc}", field="address"
-                    ) from None
-            self._watchpoints.add(key)
+            async with self._points_editable():
+                if self._inst is not None and self._inst.alive:
+                    try:
+                        await self._rsp().insert_point(_WATCH_Z[kind], address, size)
+                    except RspError as exc:
+                        raise BadRequest(
+                            f"cannot set a watchpoint at 0x{address:08x}: {exc}", field="address"
+                        ) from None
+                self._watchpoints.add(key)
 
     async def clear_watchpoint(self, address: int, size: int, kind: WatchKind) -> None:
         async with self._op:
@@ -814,10 +843,11 @@ class QemuMachine(
             key = (address, size, kind)
             if key not in self._watchpoints:
                 return
-            self._watchpoints.discard(key)
-            if self._inst is not None and self._inst.alive:
-                with contextlib.suppress(RspError):
-                    await self._rsp().remove_point(_WATCH_Z[kind], address, size)
+            async with self._points_editable():
+                self._watchpoints.discard(key)
+                if self._inst is not None and self._inst.alive:
+                    with contextlib.suppress(RspError):
+                        await self._rsp().remove_point(_WATCH_Z[kind], address, size)
 
     # ================================================================== console
     async def console_input(self, data: bytes) -> None:
