@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer
 from machineserver.server.core.gdbserver import GdbServer
 from machineserver.server.core.sessions import LiveSession
-
 from tests.conftest import FIRMWARE, firmware
 
 GDB = shutil.which("gdb-multiarch")

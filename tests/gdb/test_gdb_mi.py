@@ -7,7 +7,6 @@ import asyncio
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.gdb.conftest import Attach, needs_gdb, wait_for_clients
 from tests.gdb.mi import MiGdb
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.gdb.conftest import Attach, backend_param, needs_gdb, run_gdb, wait_for_clients
 
 pytestmark = needs_gdb

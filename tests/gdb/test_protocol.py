@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from machineserver.sdk import AsyncClient
+from machineserver.server.core import gdbserver
 from machineserver.server.core.gdbserver import (
     PacketReader,
     escape_binary,
@@ -16,8 +18,7 @@ from machineserver.server.core.gdbserver import (
 )
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-
-from tests.gdb.conftest import Attach, wait_for_clients
+from tests.gdb.conftest import Attach, backend_param, wait_for_clients
 
 
 class RawRsp:
@@ -203,14 +204,39 @@ async def test_interrupt_while_running(gdb_target: Attach, client: AsyncClient, 
         await rsp.close()
 
 
-async def test_disconnect_while_running_leaves_session_running(gdb_target: Attach, client: AsyncClient) -> None:
-    t = await gdb_target("mps2-an385", "echo", "unicorn")
+@pytest.mark.parametrize("backend", [backend_param("unicorn"), backend_param("qemu")])
+async def test_disconnect_while_running_leaves_session_running(
+    gdb_target: Attach, client: AsyncClient, backend: str
+) -> None:
+    t = await gdb_target("mps2-an385", "echo", backend)
     rsp = await RawRsp.connect(t.port)
     assert await rsp.request(b"Z0,200,2") == b"OK"
+    assert len((await client.debug.list_breakpoints(name=t.name)).breakpoints) == 1
     rsp.writer.write(frame(b"c"))
     assert await rsp.read_byte() == b"+"
+    await asyncio.sleep(0.1)
     await rsp.close()
     await wait_for_clients(t.gdbserver, 0)
     assert (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_RUNNING
-    await client.sessions.pause_session(name=t.name)
     assert not (await client.debug.list_breakpoints(name=t.name)).breakpoints
+    await client.sessions.pause_session(name=t.name)
+
+
+async def test_one_client_at_a_time(gdb_target: Attach, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gdbserver, "WAIT_FOR_PREVIOUS_CLIENT", 0.5)
+    t = await gdb_target("mps2-an385", "hello", "unicorn")
+    first = await RawRsp.connect(t.port)
+    assert await first.request(b"qC") == b"QC1"
+    second = await RawRsp.connect(t.port)
+    second.writer.write(frame(b"qC"))
+    assert await asyncio.wait_for(second.reader.read(), 10) == b""  # refused after the wait
+    await second.close()
+    # a client that comes while the previous one is detaching is served after it
+    first.writer.write(frame(b"D"))
+    third = await RawRsp.connect(t.port)
+    assert await third.request(b"qC") == b"QC1"
+    assert await first.read_byte() == b"+"
+    assert await first.read_packet() == b"OK"
+    await first.close()
+    await third.close()
+    await wait_for_clients(t.gdbserver, 0)
