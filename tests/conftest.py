@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
 from machineserver.sdk import AsyncClient, Client
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig

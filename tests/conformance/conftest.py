@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.conftest import firmware
 
 BACKENDS = ("unicorn", "qemu")
@@ -122,7 +122,7 @@ async def client(server: RunningServer) -> AsyncIterator[AsyncClient]:
 
 def elf_symbol(board: str, program: str, name: str) -> int:
     with firmware(board, program).open("rb") as f:
-        syms = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+        syms = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)  # type: ignore[union-attr]
         assert syms, f"no symbol {name} in {board}/{program}"
         return int(syms[0]["st_value"]) & ~1
 
@@ -168,7 +168,7 @@ class Conf:
             if loop.time() > deadline:
                 raise AssertionError(
                     f"{self.backend}: session stayed {cpb.SessionState.Name(s.state)} ({s.state_reason}), "
-                    f"wanted {cpb.SessionState.Name(state)}")
+                    f"wanted {cpb.SessionState.Name(state)}")  # type: ignore[arg-type]
             await asyncio.sleep(0.01)
 
     async def console_until(self, name: str, needle: bytes, timeout: float = 20) -> bytes:

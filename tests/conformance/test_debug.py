@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-
 from tests.conformance.conftest import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, elf_symbol
 from tests.conftest import firmware
 
@@ -161,6 +161,7 @@ async def test_memory_read_write_and_unmapped(conf: Conf, board: str) -> None:
     with firmware(board, "hello").open("rb") as f:
         elf = ELFFile(f)
         text = elf.get_section_by_name(".text")
+        assert text is not None
         want = text.data()[main - text["sh_addr"]: main - text["sh_addr"] + 16]
     assert (await conf.client.debug.read_memory(name=name, address=main, size=16)).data == want
     bad = UNMAPPED[arch]
@@ -205,3 +206,48 @@ async def test_watchpoint_on_ticks(conf: Conf, board: str, program: str, handler
     with pytest.raises(errors.InvalidArgument):
         await conf.client.debug.set_breakpoint(name=name, location={"address": ticks.address},
                                                kind=dpb.BREAKPOINT_KIND_WATCH_WRITE, size=3)
+
+
+@pytest.mark.parametrize("board", ["mps2-an385", "sifive_e"])
+async def test_instruction_counter_with_icount(conf: Conf, board: str) -> None:
+    """With the icount option every backend counts retired instructions exactly (QEMU
+    counts nothing without it: its counter is icount)."""
+    name = await conf.session(board, "crc32", power_on=True, options={"icount": True})
+    metrics = conf.client.telemetry.get_session_metrics
+    before = (await metrics(name=name)).metrics.instructions
+    await conf.client.debug.step(name=name, count=1000)
+    assert (await metrics(name=name)).metrics.instructions - before == 1000
+    await conf.client.debug.step(name=name, count=1)
+    assert (await metrics(name=name)).metrics.instructions - before == 1001
+    # the whole program, up to its exit call (after it, QEMU is gone and counts no more):
+    # within a few instructions of the TCG plugin's count in tests/firmware/EXPECTED.md
+    await conf.client.debug.set_breakpoint(name=name, location={"symbol": "fw_exit"})
+    stop = (await conf.client.debug.continue_(name=name, wait=True)).stop
+    assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.location.function == "fw_exit"
+    assert await conf.console(name) == b"crc32=0x80f45f04\n"
+    total = (await metrics(name=name)).metrics.instructions
+    expected = {"mps2-an385": 55_326_132, "sifive_e": 76_219_571}[board]
+    assert abs(total - expected) < 64, total
+
+
+@pytest.mark.parametrize("board", ["lm3s6965evb", "sifive_e"])
+async def test_breakpoints_edited_while_running(conf: Conf, board: str) -> None:
+    """Setting or clearing a breakpoint does not need a halted machine, and does not stop it."""
+    name = await conf.session(board, "echo", run=True)  # polls the UART forever
+    await conf.console_until(name, b"echo ready\n")
+    bp = (await conf.client.debug.set_breakpoint(name=name, location={"symbol": "uart_putc"})).breakpoint
+    assert (await conf.state(name)).state == cpb.SESSION_STATE_RUNNING  # type: ignore[attr-defined]
+    await conf.client.sessions.write_console(name=name, data=b"x")
+    stop = (await conf.wait_state(name, cpb.SESSION_STATE_HALTED)).last_stop  # type: ignore[attr-defined]
+    assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.pc == bp.address
+    assert await conf.console(name) == b"echo ready\n"  # stopped before echoing
+    assert stop.location.function == "uart_putc"
+    await conf.client.sessions.run_session(name=name)
+    await conf.console_until(name, b"echo ready\nx")
+    # clear it while running: the next byte is echoed without a stop
+    await conf.client.debug.clear_breakpoint(name=name, id=bp.id)
+    assert (await conf.state(name)).state == cpb.SESSION_STATE_RUNNING  # type: ignore[attr-defined]
+    await conf.client.sessions.write_console(name=name, data=b"yq")
+    assert await conf.console_until(name, b"bye\n") == b"echo ready\nxybye\n"
+    done = await conf.wait_state(name, cpb.SESSION_STATE_EXITED)
+    assert done.last_stop.reason == cpb.STOP_REASON_EXIT  # type: ignore[attr-defined]

@@ -54,14 +54,14 @@ async def test_same_registers_at_main_and_after_steps(both: tuple[Conf, Conf], b
     names = [await conf.halted_at(board, program) for conf in both]
     for steps in (0, 1, 10, 97, 200):  # coverage has ~630 instructions in all
         if steps:
-            stops = [(await conf.client.debug.step(name=n, count=steps)).stop for conf, n in zip(both, names)]
+            stops = [(await conf.client.debug.step(name=n, count=steps)).stop for conf, n in zip(both, names, strict=True)]
             assert all(s.reason == cpb.STOP_REASON_STEP for s in stops), stops
-        regs = [await core_registers(conf, n, board) for conf, n in zip(both, names)]
+        regs = [await core_registers(conf, n, board) for conf, n in zip(both, names, strict=True)]
         assert regs[0] == regs[1], f"after {steps} more steps: {diff(*regs)}"
     # and both finish the same way from there
-    for conf, n in zip(both, names):
+    for conf, n in zip(both, names, strict=True):
         await conf.run_to_exit(n)
-    outs = [await conf.console(n) for conf, n in zip(both, names)]
+    outs = [await conf.console(n) for conf, n in zip(both, names, strict=True)]
     assert outs[0] == outs[1] != b""
 
 
@@ -72,7 +72,7 @@ async def test_same_stop_at_a_watchpoint(both: tuple[Conf, Conf], board: str, pr
     interrupt handler), the same value, the same registers (exception entry included)."""
     names = [await conf.halted_at(board, program) for conf in both]
     stops = []
-    for conf, n in zip(both, names):
+    for conf, n in zip(both, names, strict=True):
         ticks = await conf.client.debug.resolve_symbol(name=n, symbol="ticks")
         await conf.client.debug.set_breakpoint(name=n, location={"address": ticks.address},
                                                kind=dpb.BREAKPOINT_KIND_WATCH_WRITE, size=4)
@@ -84,5 +84,5 @@ async def test_same_stop_at_a_watchpoint(both: tuple[Conf, Conf], board: str, pr
         # the interrupted point in main's wfi loop depends on host timing on QEMU
         # (mtime runs on the host clock without icount): compare what the handler set up
         keep = ["x0", "x2", "x3", "x14", "x15", "pc"]
-    regs = [await conf.registers(n, keep) for conf, n in zip(both, names)]
+    regs = [await conf.registers(n, keep) for conf, n in zip(both, names, strict=True)]
     assert regs[0] == regs[1], diff(*regs)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
-
 from tests.conformance.conftest import BOARDS, Conf, elf_symbol
 
 S = cpb  # session states and stop reasons live in common.proto
@@ -100,7 +100,7 @@ async def test_session_state_machine(conf: Conf) -> None:
     ] or compact == [
         S.SESSION_STATE_HALTED, S.SESSION_STATE_RUNNING, S.SESSION_STATE_EXITED,
         S.SESSION_STATE_HALTED, S.SESSION_STATE_RUNNING, S.SESSION_STATE_EXITED, S.SESSION_STATE_OFF,
-    ], [cpb.SessionState.Name(s) for s in compact]
+    ], [cpb.SessionState.Name(s) for s in compact]  # type: ignore[arg-type]
 
     # powered on again after power off: a fresh machine, the program reloaded
     assert (await conf.client.sessions.power_on_session(name=name)).session.state == S.SESSION_STATE_HALTED
