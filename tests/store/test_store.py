@@ -1,0 +1,75 @@
+"""The record store and blob directory: schema versions, atomic blob writes."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from machineserver.server.store import db as dbmod
+from machineserver.server.store.blobs import BlobStore, BlobTooLarge
+
+
+def test_new_database_is_at_the_current_schema_and_reopens(tmp_path: Path) -> None:
+    path = tmp_path / "ms.sqlite3"
+    d = dbmod.Database(path)
+    assert d.schema_version == dbmod.SCHEMA_VERSION
+    d.put("sessions", {"id": "a", "owner": "o", "create_time": 1.0, "update_time": 1.0, "board": "b",
+                       "backend": "unicorn", "state": "off", "data": {"x": 1}})
+    d.close()
+    again = dbmod.Database(path)
+    assert again.get("sessions", "a")["data"] == {"x": 1}  # type: ignore[index]
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ms.sqlite3"
+    dbmod.Database(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={dbmod.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        dbmod.Database(path)
+
+
+def test_migrations_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[int] = []
+
+    def add_column(db) -> None:  # type: ignore[no-untyped-def]
+        ran.append(2)
+        db.table("sessions").add_column("note", str)
+
+    path = tmp_path / "ms.sqlite3"
+    dbmod.Database(path).close()
+    monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, add_column])
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", 2)
+    d = dbmod.Database(path)
+    assert ran == [2] and d.schema_version == 2
+    d.close()
+    dbmod.Database(path).close()
+    assert ran == [2]  # not again
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    d = dbmod.Database(tmp_path / "ms.sqlite3")
+    with pytest.raises(ZeroDivisionError), d.transaction() as db:
+        db.table("alert_rules").insert({"id": "r", "owner": "", "create_time": 0.0, "update_time": 0.0, "data": "{}"})
+        raise ZeroDivisionError
+    assert d.count("alert_rules") == 0
+
+
+def test_blobs_are_content_addressed_and_atomic(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"hello")
+    assert store.get(digest) == b"hello" and store.path_for(digest).parent.name == digest[:2]
+    assert store.put(b"hello") == digest
+    w = store.writer(limit=4)
+    with pytest.raises(BlobTooLarge):
+        w.write(b"too long")
+    assert not list((tmp_path / "blobs").glob(".incoming-*"))
+    (tmp_path / "blobs" / ".incoming-stray").write_bytes(b"x")
+    BlobStore(tmp_path / "blobs")  # a restart clears what a crash left
+    assert not list((tmp_path / "blobs").glob(".incoming-*"))
+    with pytest.raises(ValueError):
+        store.path_for("../../etc/passwd")
