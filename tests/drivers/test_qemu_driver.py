@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.drivers.base import (
     Arch,

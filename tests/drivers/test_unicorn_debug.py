@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_unicorn_programs import fw, start
+from unicorn_helpers import ARM_BOARDS, BOARDS, Recorder, board, elf_image, elf_symbol
+
 from machineserver.server.drivers.base import (
     Arch,
     BadImage,
@@ -24,8 +27,6 @@ from machineserver.server.drivers.base import (
     WrongState,
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
-from test_unicorn_programs import fw, start
-from unicorn_helpers import ARM_BOARDS, BOARDS, Recorder, board, elf_image, elf_symbol
 
 pytest.importorskip("unicorn")
 

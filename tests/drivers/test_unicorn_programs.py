@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machineserver.server.drivers.base import (
-    MachineOptions,
-    MachineState,
-    StopReason,
-)
-from machineserver.server.drivers.unicorn import UnicornBackend
 from unicorn_helpers import (
     ARM_BOARDS,
     BOARDS,
@@ -25,6 +19,13 @@ from unicorn_helpers import (
     elf_symbol,
     ensure_firmware,
 )
+
+from machineserver.server.drivers.base import (
+    MachineOptions,
+    MachineState,
+    StopReason,
+)
+from machineserver.server.drivers.unicorn import UnicornBackend
 
 pytest.importorskip("unicorn")
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.drivers.base import Arch, ProgramImage, Segment, StopInfo
 

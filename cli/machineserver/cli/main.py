@@ -9,6 +9,7 @@ and friendly verbs cover the common path::
     msctl session create --board lm3s6965evb --program fw.elf --run
     msctl session list                            sessions, as a table
     msctl console SESSION                         follow a session's console
+    msctl telemetry watch [--count N] [--json]    live host CPU, memory, temperatures, GPUs
     msctl debug SESSION                           interactive debugger (break, c, s, n, si, regs, x, bt, disas)
 """
 
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from machineserver.cli import debugger, rpc
+from machineserver.cli import debugger, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2
 
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter")
     p.add_argument("--page-size", type=int, default=100)
     p.set_defaults(handler=cmd_session_list)
+    telemetry_group = sub.choices["telemetry"]
+    watch.add_parser(next(a for a in telemetry_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import structlog
 from grpc import aio
+from opentelemetry.trace import TracerProvider
 
 from machineserver.server import __version__
+from machineserver.server.api.interceptors import CallHook
 from machineserver.server.api.server import build_server, mark_not_serving
 from machineserver.server.config import ServerConfig, load
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.engine import Engine
 from machineserver.server.obs.logging import configure
+from machineserver.server.obs.metrics import ServerMetrics
+from machineserver.server.obs.tracing import TracingHook
 
 log = structlog.get_logger("machineserver")
 
@@ -28,10 +32,14 @@ class RunningServer:
     port: int
     engine: Engine
     _health: object
+    metrics: ServerMetrics | None = None
+    metrics_port: int = 0  # the bound /metrics port when metrics_listen is set
 
     async def stop(self, grace: float = 5.0) -> None:
         await mark_not_serving(self._health)  # type: ignore[arg-type]
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         await self.engine.close()
 
 
@@ -43,19 +51,28 @@ def _read_tls(cfg: ServerConfig) -> tuple[bytes, bytes] | None:
     return Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes()
 
 
-async def start(cfg: ServerConfig) -> RunningServer:
-    """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0."""
+async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = None) -> RunningServer:
+    """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0.
+    Spans go to ``tracer_provider`` (default: the global one, a no-op unless set up)."""
     tls = _read_tls(cfg)
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
     await engine.start()
+    metrics: ServerMetrics | None = None
     try:
-        server, port, health_servicer = await build_server(engine, cfg.listen, tls=tls)
+        metrics_port = 0
+        if cfg.metrics_listen:
+            metrics = ServerMetrics(engine)
+            metrics_port = metrics.serve(cfg.metrics_listen)
+        hooks: list[CallHook] = [TracingHook(tracer_provider), *([metrics] if metrics else [])]
+        server, port, health_servicer = await build_server(engine, cfg.listen, hooks, tls=tls)
         await server.start()
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         await engine.close()
         raise
-    return RunningServer(server, port, engine, health_servicer)
+    return RunningServer(server, port, engine, health_servicer, metrics, metrics_port)
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -69,7 +86,9 @@ async def serve(cfg: ServerConfig) -> None:
     running = await start(cfg)
     host = cfg.listen.rsplit(":", 1)[0]
     log.info("serving", version=__version__, address=f"{host}:{running.port}",
-             data_dir=str(cfg.data_dir), backends=running.engine.backends.names())
+             data_dir=str(cfg.data_dir), backends=running.engine.backends.names(),
+             metrics=f"http://{cfg.metrics_listen.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+             if running.metrics_port else "off")
     if cfg.port_file:
         _write_port_file(cfg.port_file, running.port)
     stop = asyncio.Event()

@@ -28,6 +28,9 @@ class ServerConfig:
     port_file: str = ""  # write the bound port here once serving (for scripts and tests)
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, serve TLS instead of plaintext
     tls_key_file: str = ""
+    # host:port of the Prometheus /metrics endpoint ("" = off; port 0 picks a free one,
+    # RunningServer.metrics_port says which), e.g. "127.0.0.1:9464"
+    metrics_listen: str = ""
     limits: Limits = field(default_factory=Limits)
 
 
@@ -85,6 +88,8 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--port-file", dest="port_file", help="write the bound port here once serving")
     parser.add_argument("--tls-cert-file", dest="tls_cert_file", help="PEM certificate chain (serve TLS)")
     parser.add_argument("--tls-key-file", dest="tls_key_file", help="PEM private key (serve TLS)")
+    parser.add_argument("--metrics-listen", dest="metrics_listen",
+                        help="host:port for Prometheus /metrics (default off; port 0 picks a free one)")
     args = parser.parse_args(argv)
     cfg = ServerConfig()
     path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")

@@ -20,12 +20,15 @@ to a thread and reads 0). A machine with neither reads 0 for both, with a note s
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import psutil
 
@@ -46,7 +49,7 @@ from machineserver.server.core.telemetry_sources import (
 from machineserver.server.store.db import Database
 
 __all__ = [
-    "ALERT_METRICS", "AlertEvent", "AlertRuleRecord", "CpuCore", "GpuSample", "HostSample", "HostSampler",
+    "ALERT_METRICS", "AlertEvent", "AlertRuleRecord", "CpuCore", "CpuMeter", "GpuSample", "HostSample", "HostSampler",
     "HostUsage", "HostUsageProbe", "SourceStatus", "Telemetry", "Usage", "check_interval", "sample_host",
 ]
 
@@ -93,10 +96,51 @@ ALERT_METRICS = (
 )
 
 
-def sample_host() -> HostSample:
-    """One sample from psutil. Each part that fails is reported in ``sources``."""
+def _busy(t: Any) -> tuple[float, float]:
+    total = float(sum(t))
+    return total - t.idle - getattr(t, "iowait", 0.0), total
+
+
+class CpuMeter:
+    """Per-core CPU % over the time since this meter's previous reading. Each sampler has
+    its own (psutil.cpu_percent keeps one baseline per process, so samplers of different
+    intervals would measure each other's windows, and a first sample would average over
+    whatever happened since some earlier call). A reading with no baseline, or one older
+    than ``max_age``, measures over ``settle`` seconds instead (blocking: off the loop)."""
+
+    def __init__(self, max_age: float = 5.0, settle: float = 0.1) -> None:
+        self.max_age = max_age
+        self.settle = settle
+        self._prev: tuple[float, list[Any]] | None = None
+        self._lock = threading.Lock()
+
+    def percpu(self) -> list[float]:
+        with self._lock:
+            now = time.monotonic()
+            cur = psutil.cpu_times(percpu=True)
+            if self._prev is None or now - self._prev[0] > self.max_age:
+                base = cur
+                time.sleep(self.settle)
+                now, cur = time.monotonic(), psutil.cpu_times(percpu=True)
+            else:
+                base = self._prev[1]
+            self._prev = (now, cur)
+        out = []
+        for a, b in zip(base, cur, strict=False):
+            (busy0, total0), (busy1, total1) = _busy(a), _busy(b)
+            dt = total1 - total0
+            out.append(min(100.0, max(0.0, 100.0 * (busy1 - busy0) / dt)) if dt > 0 else 0.0)
+        return out
+
+
+_ONE_SHOT_METER = CpuMeter()
+
+
+def sample_host(meter: CpuMeter | None = None) -> HostSample:
+    """One sample from psutil (CPU % since ``meter``'s previous reading; by default one
+    meter shared by one-shot requests). Each part that fails is reported in ``sources``."""
     sources: list[SourceStatus] = []
-    per_core = psutil.cpu_percent(percpu=True)
+    per_core = (meter or _ONE_SHOT_METER).percpu()
     try:
         freqs = psutil.cpu_freq(percpu=True) or []
     except (OSError, NotImplementedError, AttributeError):
@@ -132,14 +176,14 @@ def sample_host() -> HostSample:
 
 
 def merge(base: HostSample, reading: SourceReading | None, status: SourceStatus) -> HostSample:
-    """A psutil sample with one more source's reading and status added."""
+    """A psutil sample with one more source's reading and status added (the overall CPU %
+    stays psutil's: over online cores, where tegrastats also lists offline ones at 0)."""
     if reading is None:
         return replace(base, sources=(*base.sources, status))
     gpus = tuple(replace(g, index=len(base.gpus) + i) for i, g in enumerate(reading.gpus))
     return replace(
         base,
         cpus=reading.cpus or base.cpus,
-        cpu_percent=sum(c.usage_percent for c in reading.cpus) / len(reading.cpus) if reading.cpus else base.cpu_percent,
         gpus=(*base.gpus, *gpus),
         temperatures=(*base.temperatures, *reading.temperatures),
         power_rails=(*base.power_rails, *reading.power_rails),
@@ -154,8 +198,8 @@ class HostSampler:
     def __init__(self, sources: list[Source] | None = None) -> None:
         self.sources: list[Source] = default_sources() if sources is None else sources
 
-    def __call__(self) -> HostSample:
-        sample = sample_host()
+    def __call__(self, meter: CpuMeter | None = None) -> HostSample:
+        sample = sample_host(meter)
         for source in self.sources:
             try:
                 reading, status = source.read()
@@ -343,7 +387,10 @@ class Telemetry:
             )
         sampler = self._samplers.get(interval)
         if sampler is None:
-            sampler = self._samplers[interval] = _Sampler(interval, self._sample)
+            sample = self._sample
+            if sample is self.host or sample is sample_host:  # its own CPU baseline
+                sample = functools.partial(sample, CpuMeter(max_age=2 * interval + 1))
+            sampler = self._samplers[interval] = _Sampler(interval, sample)
         sub = sampler.hub.subscribe()
         if sampler.task is None or sampler.task.done():
             sampler.task = asyncio.create_task(sampler.run())

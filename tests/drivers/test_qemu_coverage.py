@@ -1,0 +1,259 @@
+"""QEMU coverage through the msblocks TCG plugin, against real QEMU running the
+coverage test program (tests/firmware/src/coverage.c: known control flow)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.drivers.base import (
+    Arch,
+    Feature,
+    MachineOptions,
+    MachineState,
+    NotSupported,
+    ProgramImage,
+    Segment,
+    StopInfo,
+    StopReason,
+)
+from machineserver.server.drivers.qemu import QemuBackend, QemuMachine
+from machineserver.server.drivers.qemu import coverage as cov
+
+FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
+BOARD = "mps2-an385"
+
+pytestmark = [
+    pytest.mark.skipif(not shutil.which("qemu-system-arm"),
+                       reason="qemu-system-arm is not installed"),
+    pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")),
+                       reason="no host C compiler (gcc) to build the coverage plugin"),
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def plugin() -> str:
+    status = cov.plugin_status()
+    if status.path is None:
+        pytest.skip(f"the coverage plugin cannot be built here: {status.reason}")
+    return status.path
+
+
+def elf(program: str) -> Path:
+    path = FIRMWARE / "build" / BOARD / f"{program}.elf"
+    if not path.exists() and shutil.which("make") and shutil.which("arm-none-eabi-gcc"):
+        subprocess.run(["make", "-C", str(FIRMWARE)], capture_output=True, timeout=600)
+    if not path.exists():
+        pytest.skip(f"{BOARD}/{program}.elf not built (no cross compiler?)")
+    return path
+
+
+def image(path: Path) -> ProgramImage:
+    with path.open("rb") as f:
+        e = ELFFile(f)
+        segs = tuple(
+            Segment(s["p_paddr"], s.data()[: s["p_filesz"]])
+            for s in e.iter_segments()
+            if s["p_type"] == "PT_LOAD" and s["p_filesz"]
+        )
+        return ProgramImage(segs, entry=e["e_entry"], arch=Arch.ARM_CORTEX_M)
+
+
+def function(path: Path, name: str) -> range:
+    """The address range of a function (Thumb bit cleared)."""
+    with path.open("rb") as f:
+        syms = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+        assert syms, f"no symbol {name} in {path}"
+        start = int(syms[0]["st_value"]) & ~1
+        return range(start, start + max(1, int(syms[0]["st_size"])))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.console = bytearray()
+        self.stops: list[StopInfo] = []
+        self.failures: list[str] = []
+
+    def console_output(self, data: bytes) -> None:
+        self.console += data
+
+    def stopped(self, info: StopInfo) -> None:
+        self.stops.append(info)
+
+    def failed(self, reason: str) -> None:
+        self.failures.append(reason)
+
+    async def stop(self, n: int, limit: float = 10.0) -> StopInfo:
+        deadline = time.monotonic() + limit
+        while len(self.stops) < n and not self.failures:
+            assert time.monotonic() < deadline, (bytes(self.console), self.stops)
+            await asyncio.sleep(0.002)
+        assert not self.failures, self.failures
+        return self.stops[n - 1]
+
+
+Factory = Callable[..., tuple[QemuMachine, Events]]
+
+
+@pytest.fixture
+async def machines() -> AsyncIterator[Factory]:
+    made: list[QemuMachine] = []
+    backend = QemuBackend()
+    board = load_shipped_boards()[BOARD]
+
+    def make(*, coverage: bool) -> tuple[QemuMachine, Events]:
+        ev = Events()
+        extra = {"coverage": "1"} if coverage else {}
+        m = backend.create_machine(board, MachineOptions(extra=extra), ev)
+        assert isinstance(m, QemuMachine)
+        made.append(m)
+        return m, ev
+
+    yield make
+    for m in made:
+        await m.power_off()
+
+
+async def run_to_exit(m: QemuMachine, ev: Events) -> None:
+    n = len(ev.stops) + 1
+    await m.run()
+    stop = await ev.stop(n)
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0), stop
+    assert m.state is MachineState.EXITED
+
+
+def check_coverage_program(blocks: dict[int, tuple[int, int]], path: Path, times: int) -> None:
+    main = function(path, "main")
+    three = function(path, "called_three_times")
+    never = function(path, "never_called")
+    assert three.start in blocks, "the entry block of called_three_times was not counted"
+    assert blocks[three.start][1] == 3 * times
+    assert blocks[main.start][1] == 1 * times
+    # every block of main and called_three_times lies inside a function that ran
+    in_main = {a: v for a, v in blocks.items() if a in main}
+    assert len(in_main) >= 4, in_main  # entry, if/then, loop header/body, calls...
+    assert max(c for _, c in in_main.values()) >= 10 * times  # the 10-iteration loop
+    assert not [a for a in blocks if a in never], "a block inside never_called was counted"
+    for addr, (size, count) in blocks.items():
+        assert size > 0 and count > 0, (hex(addr), size, count)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_probe_reports_the_plugin(plugin: str) -> None:
+    info = QemuBackend().probe()
+    assert info.available, info.unavailable_reason
+    assert info.details["coverage_method"] == "tcg-plugin"
+    assert Feature.COVERAGE in info.features
+    assert os.path.exists(plugin)
+    # cached: the same .so, not rebuilt
+    assert cov.plugin_status().path == plugin
+
+
+def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    assert cc
+    with pytest.raises(RuntimeError, match="failed to build"):
+        cov._build(bad, cc, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.so"))
+    assert cov.PluginStatus(None, "no gcc").method == "none: no gcc"
+
+
+def test_table_reader_merges_retranslated_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    entries = [(0x100, 8, 0, 5), (0x200, 4, 0, 0), (0x100, 12, 0, 2)]
+    data = cov.HEADER.pack(cov.MAGIC, 1, 24, 4, cov.FLAG_FULL, len(entries))
+    data += b"".join(cov.ENTRY.pack(*e) for e in entries) + bytes(24)
+    path.write_bytes(data)
+    table = cov.read_table(path)
+    assert table.blocks == {0x100: (12, 7), 0x200: (4, 0)} and table.full
+    assert cov.delta(table.blocks, {0x100: (8, 5)}) == {0x100: (12, 2)}
+    assert cov.read_table(tmp_path / "missing.bin").blocks == {}
+    (tmp_path / "empty.bin").write_bytes(bytes(64))  # created, header not written yet
+    assert cov.read_table(tmp_path / "empty.bin").blocks == {}
+    with pytest.raises(ValueError):
+        cov.HEADER.unpack(b"")  # sanity: the header struct is 64 bytes
+    assert cov.HEADER.size == 64 and cov.ENTRY.size == 24
+    assert struct.calcsize("<QIIQ") == 24
+
+
+async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory) -> None:
+    path = elf("coverage")
+    m, ev = machines(coverage=True)
+    await m.power_on()
+    await m.load(image(path))
+    await m.coverage_start()
+    assert await m.coverage_blocks() == {}  # nothing ran since the baseline
+    await run_to_exit(m, ev)
+    assert bytes(ev.console) == b"coverage done\n"
+    blocks = await m.coverage_blocks()
+    check_coverage_program(blocks, path, 1)
+
+    # stop freezes the result; reset empties it
+    await m.coverage_stop()
+    assert await m.coverage_blocks() == blocks
+    await m.coverage_reset()
+    assert await m.coverage_blocks() == {}
+
+    # a reset after the exit starts a fresh QEMU with a fresh table; counting goes on
+    await m.coverage_start()
+    assert await m.coverage_blocks() == {}
+    await m.reset()
+    await run_to_exit(m, ev)
+    check_coverage_program(await m.coverage_blocks(), path, 1)
+    await m.load(image(path))
+    await run_to_exit(m, ev)
+    check_coverage_program(await m.coverage_blocks(), path, 2)  # spans both QEMUs
+    await m.coverage_reset()
+    assert await m.coverage_blocks() == {}
+    assert not m.coverage_overflowed
+
+
+async def test_counts_are_live_and_survive_a_snapshot_restore(plugin: str,
+                                                              machines: Factory) -> None:
+    path = elf("coverage")
+    three = function(path, "called_three_times")
+    m, ev = machines(coverage=True)
+    await m.power_on()
+    await m.load(image(path))
+    await m.coverage_start()
+    await m.set_breakpoint(three.start)
+    await m.run()
+    stop = await ev.stop(1)
+    assert stop.reason is StopReason.BREAKPOINT and stop.pc == three.start
+    blocks = await m.coverage_blocks()  # read while QEMU is alive, mid-program
+    assert blocks and three.start not in blocks
+    snap = await m.save_state()
+    await m.clear_breakpoint(three.start)
+    await m.restore_state(snap)  # a new QEMU: the old table is folded in
+    await run_to_exit(m, ev)
+    blocks = await m.coverage_blocks()
+    assert blocks[three.start][1] == 3
+    assert blocks[function(path, "main").start][1] == 1  # the start of main ran once
+
+
+async def test_machine_without_the_option_has_no_coverage(machines: Factory) -> None:
+    m, _ = machines(coverage=False)
+    await m.power_on()
+    with pytest.raises(NotSupported, match="coverage"):
+        await m.coverage_start()
+    with pytest.raises(NotSupported, match="coverage"):
+        await m.coverage_blocks()
+    inst = m._inst
+    assert inst is not None and "-plugin" not in inst.command_line(
+        {"con": 1, "semi": 2, "gdb": 3, "qmp": 4})

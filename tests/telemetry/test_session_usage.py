@@ -1,0 +1,93 @@
+"""Per-session host usage: a backend's own processes (QEMU: ``host_process_ids``) and an
+in-process backend's worker threads (``host_thread_ids``), measured with psutil for real
+on a busy child process and a busy thread; zero with a note when a backend says neither."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from machineserver.sdk import AsyncClient
+from machineserver.server.core.telemetry import HostUsageProbe
+from tests.api.test_sessions import upload
+
+
+class ProcessMachine:
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def host_process_ids(self) -> list[int]:
+        return self.pids
+
+
+class ThreadMachine:
+    def __init__(self, tids: list[int]) -> None:
+        self.tids = tids
+
+    def host_thread_ids(self) -> list[int]:
+        return self.tids
+
+
+def test_process_cpu_and_memory() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "x = bytearray(32 << 20)\nwhile True: pass"])
+    try:
+        probe = HostUsageProbe()
+        machine = ProcessMachine([busy.pid])
+        first = probe.measure(machine)  # lifetime average
+        assert first.note == ""
+        time.sleep(0.6)
+        usage = probe.measure(machine)
+        assert usage.cpu_percent > 20, usage
+        assert usage.memory_bytes > 32 << 20
+    finally:
+        busy.kill()
+        busy.wait()
+    gone = probe.measure(machine)
+    assert gone.cpu_percent == 0 and "unavailable" in gone.note
+
+
+def test_worker_thread_cpu_share() -> None:
+    stop = threading.Event()
+    tid: list[int] = []
+
+    def spin() -> None:
+        tid.append(threading.get_native_id())
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        while not tid:
+            time.sleep(0.01)
+        probe = HostUsageProbe()
+        machine = ThreadMachine(tid)
+        assert probe.measure(machine).cpu_percent == 0  # no previous measurement yet
+        time.sleep(0.5)
+        usage = probe.measure(machine)
+        assert usage.cpu_percent > 20, usage
+        assert usage.memory_bytes == 0 and "shared with the server" in usage.note
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_unknown_backend_reads_zero_with_a_note() -> None:
+    usage = HostUsageProbe().measure(object())
+    assert (usage.cpu_percent, usage.memory_bytes) == (0, 0) and "does not say" in usage.note
+    assert HostUsageProbe().measure(None).note == "powered off"
+
+
+async def test_session_metrics_carry_host_fields(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "crc32")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+    m = (await client.telemetry.get_session_metrics(name=s.name)).metrics
+    assert m.host_cpu_percent >= 0 and m.host_memory_bytes >= 0
+    got = []
+    async for msg in client.telemetry.stream_session_metrics(name=s.name):
+        got.append(msg)
+        if len(got) == 2:
+            break
+    assert all(g.metrics.host_cpu_percent >= 0 for g in got)
