@@ -129,3 +129,11 @@ async def test_bad_names_and_pages(client: AsyncClient) -> None:
     with pytest.raises(errors.InvalidArgument) as exc:
         await client.capabilities.list_board_templates(filter="colour=blue")
     assert "unknown filter key" in exc.value.message
+
+
+async def test_capabilities_list_telemetry_sources(client: AsyncClient) -> None:
+    caps = await client.capabilities.get_capabilities()
+    sources = {s.name: s for s in caps.telemetry_sources}
+    assert sources["psutil"].ok
+    assert {"nvml", "tegrastats"} <= set(sources)  # present, working or not, with the reason
+    assert all(s.ok or s.error for s in sources.values())

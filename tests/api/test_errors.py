@@ -58,3 +58,35 @@ async def test_coverage_and_cosim_answer_unimplemented_with_reasons(client: Asyn
     assert "co-simulation" in exc.value.message
     caps = await client.capabilities.get_capabilities()
     assert list(caps.buses) == []
+
+
+async def test_a_refusing_hook_ends_the_chain_and_earlier_hooks_see_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from machineserver.server.api.interceptors import CallInfo
+    from machineserver.server.app import start
+    from machineserver.server.config import ServerConfig
+    from machineserver.server.core.errors import InvalidArgument
+
+    seen: list[str] = []
+
+    class Recorder:
+        async def before(self, call: CallInfo) -> None:
+            seen.append(f"before {call.rpc}")
+
+        def after(self, call: CallInfo) -> None:
+            seen.append(f"after {call.rpc} {call.code.name}")
+
+    class Refuser:
+        async def before(self, call: CallInfo) -> None:
+            raise InvalidArgument("authorization", "refused by a test hook")
+
+        def after(self, call: CallInfo) -> None:
+            seen.append("refuser after")
+
+    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path), hooks=[Recorder(), Refuser()])
+    try:
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
+            with pytest.raises(errors.InvalidArgument):
+                await c.capabilities.get_capabilities()
+    finally:
+        await running.stop(0.5)
+    assert seen == ["before GetCapabilities", "refuser after", "after GetCapabilities INVALID_ARGUMENT"]

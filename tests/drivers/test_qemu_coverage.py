@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.drivers.base import (
     Arch,
@@ -186,10 +186,7 @@ def test_table_reader_merges_retranslated_blocks(tmp_path: Path) -> None:
     assert cov.read_table(tmp_path / "missing.bin").blocks == {}
     (tmp_path / "empty.bin").write_bytes(bytes(64))  # created, header not written yet
     assert cov.read_table(tmp_path / "empty.bin").blocks == {}
-    with pytest.raises(ValueError):
-        cov.HEADER.unpack(b"")  # sanity: the header struct is 64 bytes
-    assert cov.HEADER.size == 64 and cov.ENTRY.size == 24
-    assert struct.calcsize("<QIIQ") == 24
+    assert cov.HEADER.size == 64 and cov.ENTRY.size == 24  # the C structs' sizes
 
 
 async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory) -> None:

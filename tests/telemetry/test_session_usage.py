@@ -11,10 +11,11 @@ import time
 
 from machineserver.sdk import AsyncClient
 from machineserver.server.core.telemetry import HostUsageProbe
+from machineserver.server.drivers.base import HostFootprint
 from tests.api.test_sessions import upload
 
 
-class ProcessMachine:
+class ProcessMachine(HostFootprint):
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
 
@@ -22,7 +23,7 @@ class ProcessMachine:
         return self.pids
 
 
-class ThreadMachine:
+class ThreadMachine(HostFootprint):
     def __init__(self, tids: list[int]) -> None:
         self.tids = tids
 

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from machineserver.v1 import common_pb2 as machineserver_dot_v1_dot_common__pb2
+from machineserver.v1 import telemetry_pb2 as machineserver_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#machineserver/v1/capabilities.proto\x12\x10machineserver.v1\x1a google/protobuf/field_mask.proto\x1a\x1dmachineserver/v1/common.proto\"\xc6\x02\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12+\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0e\x32\x19.machineserver.v1.Feature\x12\x0e\n\x06\x62oards\x18\x07 \x03(\t\x12\x32\n\x0c\x62oard_limits\x18\x08 \x03(\x0b\x32\x1c.machineserver.v1.BoardLimit\x12\x37\n\x07\x64\x65tails\x18\t \x03(\x0b\x32&.machineserver.v1.Backend.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\nBoardLimit\x12\r\n\x05\x62oard\x18\x01 \x01(\t\x12*\n\x07\x66\x65\x61ture\x18\x02 \x01(\x0e\x32\x19.machineserver.v1.Feature\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\tProcessor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\"1\n\x0fPeripheralModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x02 \x03(\t\"X\n\x0cMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08writable\x18\x05 \x01(\x08\"_\n\nPeripheral\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x10\n\x03irq\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x06\n\x04_irq\"\x98\x03\n\rBoardTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63pu\x18\x04 \x01(\t\x12\x0f\n\x07\x63pu_mhz\x18\x05 \x01(\x01\x12.\n\x06memory\x18\x06 \x03(\x0b\x32\x1e.machineserver.v1.MemoryRegion\x12\x31\n\x0bperipherals\x18\x07 \x03(\x0b\x32\x1c.machineserver.v1.Peripheral\x12\x0f\n\x07\x63onsole\x18\x08 \x01(\t\x12N\n\x10\x62\x61\x63kend_machines\x18\t \x03(\x0b\x32\x34.machineserver.v1.BoardTemplate.BackendMachinesEntry\x12\x0e\n\x06\x63onfig\x18\n \x01(\t\x12\x0f\n\x07\x62uiltin\x18\x0b \x01(\x08\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x1a\x36\n\x14\x42\x61\x63kendMachinesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"\x8a\x02\n\x17GetCapabilitiesResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x19.machineserver.v1.Backend\x12/\n\nprocessors\x18\x04 \x03(\x0b\x32\x1b.machineserver.v1.Processor\x12<\n\x11peripheral_models\x18\x05 \x03(\x0b\x32!.machineserver.v1.PeripheralModel\x12\r\n\x05\x62uses\x18\x06 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\x07 \x01(\t\"R\n\x19ListBoardTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"o\n\x1aListBoardTemplatesResponse\x12\x38\n\x0f\x62oard_templates\x18\x01 \x03(\x0b\x32\x1f.machineserver.v1.BoardTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17GetBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x18GetBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\",\n\x1a\x43reateBoardTemplateRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\"V\n\x1b\x43reateBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\"y\n\x1aUpdateBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x02 \x01(\t\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"V\n\x1bUpdateBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\"*\n\x1a\x44\x65leteBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\x1b\x44\x65leteBoardTemplateResponse2\xb5\x05\n\x13\x43\x61pabilitiesService\x12\x66\n\x0fGetCapabilities\x12(.machineserver.v1.GetCapabilitiesRequest\x1a).machineserver.v1.GetCapabilitiesResponse\x12o\n\x12ListBoardTemplates\x12+.machineserver.v1.ListBoardTemplatesRequest\x1a,.machineserver.v1.ListBoardTemplatesResponse\x12i\n\x10GetBoardTemplate\x12).machineserver.v1.GetBoardTemplateRequest\x1a*.machineserver.v1.GetBoardTemplateResponse\x12r\n\x13\x43reateBoardTemplate\x12,.machineserver.v1.CreateBoardTemplateRequest\x1a-.machineserver.v1.CreateBoardTemplateResponse\x12r\n\x13UpdateBoardTemplate\x12,.machineserver.v1.UpdateBoardTemplateRequest\x1a-.machineserver.v1.UpdateBoardTemplateResponse\x12r\n\x13\x44\x65leteBoardTemplate\x12,.machineserver.v1.DeleteBoardTemplateRequest\x1a-.machineserver.v1.DeleteBoardTemplateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#machineserver/v1/capabilities.proto\x12\x10machineserver.v1\x1a google/protobuf/field_mask.proto\x1a\x1dmachineserver/v1/common.proto\x1a machineserver/v1/telemetry.proto\"\xc6\x02\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12+\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0e\x32\x19.machineserver.v1.Feature\x12\x0e\n\x06\x62oards\x18\x07 \x03(\t\x12\x32\n\x0c\x62oard_limits\x18\x08 \x03(\x0b\x32\x1c.machineserver.v1.BoardLimit\x12\x37\n\x07\x64\x65tails\x18\t \x03(\x0b\x32&.machineserver.v1.Backend.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\nBoardLimit\x12\r\n\x05\x62oard\x18\x01 \x01(\t\x12*\n\x07\x66\x65\x61ture\x18\x02 \x01(\x0e\x32\x19.machineserver.v1.Feature\x12\x0e\n\x06reason\x18\x03 \x01(\t\"9\n\tProcessor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\"1\n\x0fPeripheralModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x02 \x03(\t\"X\n\x0cMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08writable\x18\x05 \x01(\x08\"_\n\nPeripheral\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x10\n\x03irq\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x06\n\x04_irq\"\x98\x03\n\rBoardTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63pu\x18\x04 \x01(\t\x12\x0f\n\x07\x63pu_mhz\x18\x05 \x01(\x01\x12.\n\x06memory\x18\x06 \x03(\x0b\x32\x1e.machineserver.v1.MemoryRegion\x12\x31\n\x0bperipherals\x18\x07 \x03(\x0b\x32\x1c.machineserver.v1.Peripheral\x12\x0f\n\x07\x63onsole\x18\x08 \x01(\t\x12N\n\x10\x62\x61\x63kend_machines\x18\t \x03(\x0b\x32\x34.machineserver.v1.BoardTemplate.BackendMachinesEntry\x12\x0e\n\x06\x63onfig\x18\n \x01(\t\x12\x0f\n\x07\x62uiltin\x18\x0b \x01(\x08\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x1a\x36\n\x14\x42\x61\x63kendMachinesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"\xc8\x02\n\x17GetCapabilitiesResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0b\x32\x19.machineserver.v1.Backend\x12/\n\nprocessors\x18\x04 \x03(\x0b\x32\x1b.machineserver.v1.Processor\x12<\n\x11peripheral_models\x18\x05 \x03(\x0b\x32!.machineserver.v1.PeripheralModel\x12\r\n\x05\x62uses\x18\x06 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\x07 \x01(\t\x12<\n\x11telemetry_sources\x18\x08 \x03(\x0b\x32!.machineserver.v1.TelemetrySource\"R\n\x19ListBoardTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"o\n\x1aListBoardTemplatesResponse\x12\x38\n\x0f\x62oard_templates\x18\x01 \x03(\x0b\x32\x1f.machineserver.v1.BoardTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17GetBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x18GetBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\",\n\x1a\x43reateBoardTemplateRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\"V\n\x1b\x43reateBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\"y\n\x1aUpdateBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x02 \x01(\t\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"V\n\x1bUpdateBoardTemplateResponse\x12\x37\n\x0e\x62oard_template\x18\x01 \x01(\x0b\x32\x1f.machineserver.v1.BoardTemplate\"*\n\x1a\x44\x65leteBoardTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\x1b\x44\x65leteBoardTemplateResponse2\xb5\x05\n\x13\x43\x61pabilitiesService\x12\x66\n\x0fGetCapabilities\x12(.machineserver.v1.GetCapabilitiesRequest\x1a).machineserver.v1.GetCapabilitiesResponse\x12o\n\x12ListBoardTemplates\x12+.machineserver.v1.ListBoardTemplatesRequest\x1a,.machineserver.v1.ListBoardTemplatesResponse\x12i\n\x10GetBoardTemplate\x12).machineserver.v1.GetBoardTemplateRequest\x1a*.machineserver.v1.GetBoardTemplateResponse\x12r\n\x13\x43reateBoardTemplate\x12,.machineserver.v1.CreateBoardTemplateRequest\x1a-.machineserver.v1.CreateBoardTemplateResponse\x12r\n\x13UpdateBoardTemplate\x12,.machineserver.v1.UpdateBoardTemplateRequest\x1a-.machineserver.v1.UpdateBoardTemplateResponse\x12r\n\x13\x44\x65leteBoardTemplate\x12,.machineserver.v1.DeleteBoardTemplateRequest\x1a-.machineserver.v1.DeleteBoardTemplateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,48 +38,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKEND_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._loaded_options = None
   _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._serialized_options = b'8\001'
-  _globals['_BACKEND']._serialized_start=123
-  _globals['_BACKEND']._serialized_end=449
-  _globals['_BACKEND_DETAILSENTRY']._serialized_start=403
-  _globals['_BACKEND_DETAILSENTRY']._serialized_end=449
-  _globals['_BOARDLIMIT']._serialized_start=451
-  _globals['_BOARDLIMIT']._serialized_end=538
-  _globals['_PROCESSOR']._serialized_start=540
-  _globals['_PROCESSOR']._serialized_end=597
-  _globals['_PERIPHERALMODEL']._serialized_start=599
-  _globals['_PERIPHERALMODEL']._serialized_end=648
-  _globals['_MEMORYREGION']._serialized_start=650
-  _globals['_MEMORYREGION']._serialized_end=738
-  _globals['_PERIPHERAL']._serialized_start=740
-  _globals['_PERIPHERAL']._serialized_end=835
-  _globals['_BOARDTEMPLATE']._serialized_start=838
-  _globals['_BOARDTEMPLATE']._serialized_end=1246
-  _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._serialized_start=1192
-  _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._serialized_end=1246
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1248
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1272
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1275
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1541
-  _globals['_LISTBOARDTEMPLATESREQUEST']._serialized_start=1543
-  _globals['_LISTBOARDTEMPLATESREQUEST']._serialized_end=1625
-  _globals['_LISTBOARDTEMPLATESRESPONSE']._serialized_start=1627
-  _globals['_LISTBOARDTEMPLATESRESPONSE']._serialized_end=1738
-  _globals['_GETBOARDTEMPLATEREQUEST']._serialized_start=1740
-  _globals['_GETBOARDTEMPLATEREQUEST']._serialized_end=1779
-  _globals['_GETBOARDTEMPLATERESPONSE']._serialized_start=1781
-  _globals['_GETBOARDTEMPLATERESPONSE']._serialized_end=1864
-  _globals['_CREATEBOARDTEMPLATEREQUEST']._serialized_start=1866
-  _globals['_CREATEBOARDTEMPLATEREQUEST']._serialized_end=1910
-  _globals['_CREATEBOARDTEMPLATERESPONSE']._serialized_start=1912
-  _globals['_CREATEBOARDTEMPLATERESPONSE']._serialized_end=1998
-  _globals['_UPDATEBOARDTEMPLATEREQUEST']._serialized_start=2000
-  _globals['_UPDATEBOARDTEMPLATEREQUEST']._serialized_end=2121
-  _globals['_UPDATEBOARDTEMPLATERESPONSE']._serialized_start=2123
-  _globals['_UPDATEBOARDTEMPLATERESPONSE']._serialized_end=2209
-  _globals['_DELETEBOARDTEMPLATEREQUEST']._serialized_start=2211
-  _globals['_DELETEBOARDTEMPLATEREQUEST']._serialized_end=2253
-  _globals['_DELETEBOARDTEMPLATERESPONSE']._serialized_start=2255
-  _globals['_DELETEBOARDTEMPLATERESPONSE']._serialized_end=2284
-  _globals['_CAPABILITIESSERVICE']._serialized_start=2287
-  _globals['_CAPABILITIESSERVICE']._serialized_end=2980
+  _globals['_BACKEND']._serialized_start=157
+  _globals['_BACKEND']._serialized_end=483
+  _globals['_BACKEND_DETAILSENTRY']._serialized_start=437
+  _globals['_BACKEND_DETAILSENTRY']._serialized_end=483
+  _globals['_BOARDLIMIT']._serialized_start=485
+  _globals['_BOARDLIMIT']._serialized_end=572
+  _globals['_PROCESSOR']._serialized_start=574
+  _globals['_PROCESSOR']._serialized_end=631
+  _globals['_PERIPHERALMODEL']._serialized_start=633
+  _globals['_PERIPHERALMODEL']._serialized_end=682
+  _globals['_MEMORYREGION']._serialized_start=684
+  _globals['_MEMORYREGION']._serialized_end=772
+  _globals['_PERIPHERAL']._serialized_start=774
+  _globals['_PERIPHERAL']._serialized_end=869
+  _globals['_BOARDTEMPLATE']._serialized_start=872
+  _globals['_BOARDTEMPLATE']._serialized_end=1280
+  _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._serialized_start=1226
+  _globals['_BOARDTEMPLATE_BACKENDMACHINESENTRY']._serialized_end=1280
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1282
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1306
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1309
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1637
+  _globals['_LISTBOARDTEMPLATESREQUEST']._serialized_start=1639
+  _globals['_LISTBOARDTEMPLATESREQUEST']._serialized_end=1721
+  _globals['_LISTBOARDTEMPLATESRESPONSE']._serialized_start=1723
+  _globals['_LISTBOARDTEMPLATESRESPONSE']._serialized_end=1834
+  _globals['_GETBOARDTEMPLATEREQUEST']._serialized_start=1836
+  _globals['_GETBOARDTEMPLATEREQUEST']._serialized_end=1875
+  _globals['_GETBOARDTEMPLATERESPONSE']._serialized_start=1877
+  _globals['_GETBOARDTEMPLATERESPONSE']._serialized_end=1960
+  _globals['_CREATEBOARDTEMPLATEREQUEST']._serialized_start=1962
+  _globals['_CREATEBOARDTEMPLATEREQUEST']._serialized_end=2006
+  _globals['_CREATEBOARDTEMPLATERESPONSE']._serialized_start=2008
+  _globals['_CREATEBOARDTEMPLATERESPONSE']._serialized_end=2094
+  _globals['_UPDATEBOARDTEMPLATEREQUEST']._serialized_start=2096
+  _globals['_UPDATEBOARDTEMPLATEREQUEST']._serialized_end=2217
+  _globals['_UPDATEBOARDTEMPLATERESPONSE']._serialized_start=2219
+  _globals['_UPDATEBOARDTEMPLATERESPONSE']._serialized_end=2305
+  _globals['_DELETEBOARDTEMPLATEREQUEST']._serialized_start=2307
+  _globals['_DELETEBOARDTEMPLATEREQUEST']._serialized_end=2349
+  _globals['_DELETEBOARDTEMPLATERESPONSE']._serialized_start=2351
+  _globals['_DELETEBOARDTEMPLATERESPONSE']._serialized_end=2380
+  _globals['_CAPABILITIESSERVICE']._serialized_start=2383
+  _globals['_CAPABILITIESSERVICE']._serialized_end=3076
 # @@protoc_insertion_point(module_scope)

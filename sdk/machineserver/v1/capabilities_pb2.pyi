@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from machineserver.v1 import common_pb2 as _common_pb2
+from machineserver.v1 import telemetry_pb2 as _telemetry_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -367,6 +368,7 @@ class GetCapabilitiesResponse(_message.Message):
     PERIPHERAL_MODELS_FIELD_NUMBER: _builtins.int
     BUSES_FIELD_NUMBER: _builtins.int
     DEFAULT_BACKEND_FIELD_NUMBER: _builtins.int
+    TELEMETRY_SOURCES_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     api_version: _builtins.str
     """The API package, "machineserver.v1"."""
@@ -382,6 +384,10 @@ class GetCapabilitiesResponse(_message.Message):
     def buses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Bus kinds co-simulation links can model (e.g. "shared-memory", "serial", "interrupt")."""
 
+    @_builtins.property
+    def telemetry_sources(self) -> _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.TelemetrySource]:
+        """Host telemetry sources (psutil, nvml, tegrastats) and whether each works here."""
+
     def __init__(
         self,
         *,
@@ -392,10 +398,11 @@ class GetCapabilitiesResponse(_message.Message):
         peripheral_models: _abc.Iterable[Global___PeripheralModel] | None = ...,
         buses: _abc.Iterable[_builtins.str] | None = ...,
         default_backend: _builtins.str = ...,
+        telemetry_sources: _abc.Iterable[_telemetry_pb2.TelemetrySource] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "backends", b"backends", "buses", b"buses", "default_backend", b"default_backend", "peripheral_models", b"peripheral_models", "processors", b"processors", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "backends", b"backends", "buses", b"buses", "default_backend", b"default_backend", "peripheral_models", b"peripheral_models", "processors", b"processors", "server_version", b"server_version", "telemetry_sources", b"telemetry_sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def _read_tls(cfg: ServerConfig) -> tuple[bytes, bytes] | None:
     return Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes()
 
 
-async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = None) -> RunningServer:
+async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = None,
+                hooks: Sequence[CallHook] = ()) -> RunningServer:
     """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0.
-    Spans go to ``tracer_provider`` (default: the global one, a no-op unless set up)."""
+    Spans go to ``tracer_provider`` (default: the global one, a no-op unless set up);
+    ``hooks`` run after the built-in ones (tracing, metrics) on every call."""
     tls = _read_tls(cfg)
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
@@ -64,8 +67,8 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
         if cfg.metrics_listen:
             metrics = ServerMetrics(engine)
             metrics_port = metrics.serve(cfg.metrics_listen)
-        hooks: list[CallHook] = [TracingHook(tracer_provider), *([metrics] if metrics else [])]
-        server, port, health_servicer = await build_server(engine, cfg.listen, hooks, tls=tls)
+        chain: list[CallHook] = [TracingHook(tracer_provider), *([metrics] if metrics else []), *hooks]
+        server, port, health_servicer = await build_server(engine, cfg.listen, chain, tls=tls)
         await server.start()
     except BaseException:
         if metrics is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from grpc import aio
 
 from machineserver.server import __version__
@@ -10,6 +12,7 @@ from machineserver.server.api.base import Servicer
 from machineserver.server.core.features import served_features
 from machineserver.v1 import capabilities_pb2 as pb
 from machineserver.v1 import capabilities_pb2_grpc as pb_grpc
+from machineserver.v1 import telemetry_pb2
 
 API_VERSION = "machineserver.v1"
 
@@ -22,7 +25,13 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         # when a template changes.
         generation = self.engine.catalog.generation
         if self._cached is None or self._cached[0] != generation:
-            self._cached = (generation, self._capabilities())
+            caps = self._capabilities()
+            # telemetry sources are probed once per rebuild (NVML may initialise: off the loop)
+            sources = await asyncio.to_thread(self.engine.telemetry.sources)
+            caps.telemetry_sources.extend(
+                telemetry_pb2.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in sources
+            )
+            self._cached = (generation, caps)
         return self._cached[1]
 
     def _capabilities(self) -> pb.GetCapabilitiesResponse:

@@ -30,6 +30,7 @@ class CallInfo:
     metadata: dict[str, str]
     started: float = field(default_factory=time.perf_counter)
     code: grpc.StatusCode = grpc.StatusCode.OK
+    hooks_entered: int = 0  # how many hooks' before() ran: only those get after()
 
     @property
     def service(self) -> str:
@@ -90,43 +91,45 @@ class ServerInterceptor(aio.ServerInterceptor):
 
     # ------------------------------------------------------------------ the boundary
 
-    async def _begin(self, method: str, context: aio.ServicerContext) -> CallInfo:
+    def _open(self, method: str, context: aio.ServicerContext) -> CallInfo:
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         rid = md.get(REQUEST_ID_KEY) or secrets.token_hex(8)
         call = CallInfo(method, rid, md)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=rid, rpc=call.rpc)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-        for hook in self._hooks:
-            await hook.before(call)
         return call
 
-    async def _fail_unless_abort(self, call: CallInfo | None, exc: Exception, context: aio.ServicerContext) -> None:
+    async def _before(self, call: CallInfo) -> None:
+        """Run the hooks in order; one that refuses the call (raises) ends the chain, and
+        the ones that ran still see after()."""
+        for hook in self._hooks:
+            call.hooks_entered += 1
+            await hook.before(call)
+
+    async def _fail_unless_abort(self, call: CallInfo, exc: Exception, context: aio.ServicerContext) -> None:
         """Answer the error with its status (context.abort raises AbortError, which must
         pass through untouched; cancellation and GeneratorExit are not Exceptions)."""
         if not isinstance(exc, aio.AbortError):
             await self._fail(call, exc, context)
 
-    async def _fail(self, call: CallInfo | None, exc: BaseException, context: aio.ServicerContext) -> None:
-        rid = call.request_id if call else ""
+    async def _fail(self, call: CallInfo, exc: BaseException, context: aio.ServicerContext) -> None:
+        rid = call.request_id
         if isinstance(exc, MachineServerError):
             code, status = status_for(exc, rid)
         else:
             log.error("rpc_internal_error", exc_info=exc)
             code, status = internal_status(rid)
-        if call is not None:
-            call.code = code
+        call.code = code
         md = ((STATUS_DETAILS_KEY, status.SerializeToString()), (REQUEST_ID_KEY, rid))
         await context.abort(code, status.message, trailing_metadata=md)
 
-    def _end(self, call: CallInfo | None, context: aio.ServicerContext) -> None:
-        if call is None:
-            return
+    def _end(self, call: CallInfo, context: aio.ServicerContext) -> None:
         if call.code is grpc.StatusCode.OK:
             code = context.code() if hasattr(context, "code") else None
             if isinstance(code, grpc.StatusCode):
                 call.code = code
-        for hook in self._hooks:
+        for hook in reversed(self._hooks[: call.hooks_entered]):
             try:
                 hook.after(call)
             except Exception:  # a broken hook must not break the call
@@ -138,9 +141,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) ->
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_result(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
-            call = None
+            call = ic._open(method, context)
             try:
-                call = await ic._begin(method, context)
+                await ic._before(call)
                 return await inner(request_or_iterator, context)
             except Exception as exc:
                 await ic._fail_unless_abort(call, exc, context)
@@ -155,9 +158,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) ->
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def stream_result(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        call = None
+        call = ic._open(method, context)
         try:
-            call = await ic._begin(method, context)
+            await ic._before(call)
             result = inner_stream(request_or_iterator, context)
             if hasattr(result, "__aiter__"):
                 async for item in result:

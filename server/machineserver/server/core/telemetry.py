@@ -9,12 +9,11 @@ queue (a slow one drops its oldest samples and is told how many; it never slows 
 sampler or the others). Alert rules are evaluated on a 1 s host sampler while any rule
 exists.
 
-Session metrics add the host CPU and memory a session uses, found through optional
-methods a machine may have (looked up with getattr, not part of the driver interface):
-``host_process_ids() -> list[int]`` (a backend running its own processes, e.g. QEMU:
-CPU % and RSS of those processes) or ``host_thread_ids() -> list[int]`` (an in-process
-backend's worker threads, native ids: their CPU % of one core; memory is not attributable
-to a thread and reads 0). A machine with neither reads 0 for both, with a note saying so.
+Session metrics add the host CPU and memory a session uses, from machines that implement
+the driver interface ``HostFootprint``: ``host_process_ids()`` (a backend running its own
+processes, e.g. QEMU: CPU % and RSS of those processes) or ``host_thread_ids()`` (an
+in-process backend's worker threads, native ids: their CPU % of one core; memory is not
+attributable to a thread and reads 0). Otherwise both read 0, with a note saying why.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from machineserver.server.core.telemetry_sources import (
     Usage,
     default_sources,
 )
+from machineserver.server.drivers.base import HostFootprint
 from machineserver.server.store.db import Database
 
 __all__ = [
@@ -236,16 +236,18 @@ class HostUsageProbe:
         if machine is None:
             self._prev = None
             return HostUsage(0.0, 0, "powered off")
-        pids_of = getattr(machine, "host_process_ids", None)
-        tids_of = getattr(machine, "host_thread_ids", None)
+        if not isinstance(machine, HostFootprint):
+            return HostUsage(0.0, 0, "this backend does not say which host processes or threads it uses")
         try:
-            if callable(pids_of):
-                return self._processes([int(p) for p in pids_of()])
-            if callable(tids_of):
-                return self._threads({int(t) for t in tids_of()})
+            pids = [int(p) for p in machine.host_process_ids()]
+            if pids:
+                return self._processes(pids)
+            tids = {int(t) for t in machine.host_thread_ids()}
+            if tids:
+                return self._threads(tids)
         except (psutil.Error, OSError) as exc:
             return HostUsage(0.0, 0, f"host usage unavailable: {exc}")
-        return HostUsage(0.0, 0, "this backend does not say which host processes or threads it uses")
+        return HostUsage(0.0, 0, "no host process or thread is running for this session now")
 
     def _delta(self, cpu_seconds: float, fallback: float | None) -> float:
         t = time.monotonic()

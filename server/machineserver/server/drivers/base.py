@@ -332,6 +332,17 @@ class Coverage(abc.ABC):
         count 0 means "executed, count unknown")."""
 
 
+class HostFootprint:
+    """What a machine uses on the host, for session metrics (not a feature flag): the
+    processes it runs (e.g. QEMU) or the threads it runs on (an in-process emulator)."""
+
+    def host_process_ids(self) -> Sequence[int]:
+        return ()
+
+    def host_thread_ids(self) -> Sequence[int]:
+        return ()
+
+
 class Feature(enum.StrEnum):
     RUN_CONTROL = "run_control"
     REGISTERS = "registers"

@@ -23,6 +23,15 @@ How it works (all measured on QEMU 7.2, see PLATFORM.md and the tests):
 * **Snapshots**: QMP ``migrate`` to ``exec:cat > file`` on the stopped VM; the blob is
   that file's bytes behind a small header. Restore starts a new QEMU with ``-incoming
   "exec:cat file"`` and re-inserts breakpoints/watchpoints.
+* **Coverage**: only for machines created with ``MachineOptions.extra["coverage"] == "1"``
+  (the plugin costs ~+25 % run time; other machines never load it): every QEMU this
+  machine starts gets ``-plugin msblocks.so,out=<machine coverage dir>/blocks-N.bin``
+  (see :mod:`.coverage`), a table of translated blocks with inline execution counters
+  that we read at any time, running or not. A restart (reset/load after an exit,
+  snapshot restore) starts a new table; the old one is folded into the machine's
+  totals, so coverage spans restarts. Counting starts at power-on;
+  ``coverage_start``/``coverage_reset`` take a baseline, ``coverage_stop`` freezes the
+  result.
 * **Counters**: with icount, instructions = QEMU's icount (QMP ``query-replay``) and
   virtual time = icount << shift; without icount, instructions are not counted (0) and
   virtual time is the wall time spent running (QEMU's virtual clock runs at host speed).
@@ -37,6 +46,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +63,8 @@ from machineserver.server.drivers.base import (
     Breakpoints,
     ConsoleInput,
     Counters,
+    Coverage,
+    HostFootprint,
     Machine,
     MachineEvents,
     MachineOptions,
@@ -68,6 +81,7 @@ from machineserver.server.drivers.base import (
     Watchpoints,
     WrongState,
 )
+from machineserver.server.drivers.qemu import coverage as cov
 from machineserver.server.drivers.qemu.instance import QemuInstance, _short_tmpdir
 from machineserver.server.drivers.qemu.regs import RegisterMap, fetch_register_map
 from machineserver.server.drivers.qemu.rsp import (
@@ -112,6 +126,8 @@ class QemuMachine(
     Watchpoints,
     ConsoleInput,
     Snapshots,
+    Coverage,
+    HostFootprint,
 ):
     def __init__(
         self,
@@ -147,6 +163,15 @@ class QemuMachine(
         self._instructions = 0
         self._virtual_ns = 0
         self._run_started: float | None = None
+        # coverage (only with options.extra["coverage"] == "1")
+        self._coverage = options.extra.get("coverage") == "1"
+        self._cov_dir: str | None = None  # this machine's tables, until power_off
+        self._cov_file: str | None = None  # the running QEMU's table
+        self._cov_gen = 0
+        self._cov_past: cov.Blocks = {}  # totals of the tables of earlier QEMUs
+        self._cov_past_full = False
+        self._cov_baseline: cov.Blocks = {}  # totals at coverage_start/reset
+        self._cov_frozen: cov.Blocks | None = None  # the result at coverage_stop
 
     # ================================================================== state
     @property
@@ -169,10 +194,12 @@ class QemuMachine(
         return inst.rsp
 
     # ================================================================== lifecycle
-    def _args(self, incoming: str | None = None) -> list[str]:
+    def _args(self, incoming: str | None = None, plugin: list[str] | None = None) -> list[str]:
         args = ["-M", self.qemu_machine]
         if self._shift is not None:
             args += ["-icount", f"shift={self._shift},sleep=off"]
+        if plugin:
+            args += plugin
         if incoming:
             args += ["-incoming", incoming]
         return args
@@ -182,6 +209,7 @@ class QemuMachine(
         await self._kill_instance()
         self._exit_seen = None
         self._end_info = None
+        plugin = await self._next_coverage_table() if self._coverage else None
         workdir = _short_tmpdir()
         incoming = None
         if incoming_blob is not None:
@@ -190,7 +218,7 @@ class QemuMachine(
             incoming = f"exec:cat {path}"
         inst = QemuInstance(
             self.binary,
-            self._args(incoming),
+            self._args(incoming, plugin),
             on_console=self._console,
             on_exit=self._on_process_exit,
             workdir=workdir,
@@ -211,6 +239,30 @@ class QemuMachine(
             await self._kill_instance()
             raise
         self._state = MachineState.HALTED
+
+    async def _next_coverage_table(self) -> list[str]:
+        """Fold the last QEMU's table (it is dead now) into the totals; the plugin
+        arguments for the next QEMU, with a table of its own."""
+        status = await asyncio.to_thread(cov.plugin_status)
+        if status.path is None:
+            raise NotSupported(f"coverage is unavailable on this server: {status.reason}")
+        if self._cov_file is not None:
+            table = await asyncio.to_thread(cov.read_table, self._cov_file)
+            cov.merge(self._cov_past, table.blocks)
+            self._cov_past_full |= table.full
+            with contextlib.suppress(OSError):
+                os.unlink(self._cov_file)
+            self._cov_file = None
+        if self._cov_dir is None:
+            base = tempfile.gettempdir()
+            self._cov_dir = tempfile.mkdtemp(prefix="ms-cov-", dir=base if "," not in base
+                                             else "/tmp")
+        self._cov_gen += 1
+        self._cov_file = os.path.join(self._cov_dir, f"blocks-{self._cov_gen}.bin")
+        try:
+            return cov.plugin_args(status.path, self._cov_file)
+        except ValueError as exc:
+            raise NotSupported(f"coverage is unavailable on this server: {exc}") from None
 
     async def _wait_incoming(self, inst: QemuInstance) -> None:
         deadline = time.monotonic() + 10.0
@@ -237,6 +289,12 @@ class QemuMachine(
         if inst is not None:
             await inst.stop()
 
+    def host_process_ids(self) -> list[int]:
+        """The QEMU process while it runs (for session metrics)."""
+        inst = self._inst
+        proc = inst.proc if inst is not None else None
+        return [proc.pid] if proc is not None and proc.returncode is None else []
+
     async def power_on(self) -> None:
         async with self._op:
             self._require(MachineState.OFF, MachineState.FAILED)
@@ -255,6 +313,11 @@ class QemuMachine(
         self._watchpoints.clear()
         self._image = None
         self._state = MachineState.OFF
+        if self._cov_dir is not None:
+            shutil.rmtree(self._cov_dir, ignore_errors=True)
+        self._cov_dir = self._cov_file = None
+        self._cov_past, self._cov_past_full = {}, False
+        self._cov_baseline, self._cov_frozen = {}, None
 
     async def reset(self) -> None:
         async with self._op:
@@ -923,6 +986,51 @@ class QemuMachine(
             self._virtual_ns = int(header.get("virtual_ns", 0))
             self._last_pc = await self._read_pc()
             await self._refresh_counters()
+
+
+    # ================================================================== coverage
+    def _require_coverage(self) -> None:
+        if not self._coverage:
+            raise NotSupported(
+                "coverage was not enabled for this machine: QEMU loads the block-counting "
+                'plugin only for machines created with MachineOptions.extra["coverage"]="1"'
+            )
+
+    async def _coverage_totals(self) -> cov.Blocks:
+        totals = dict(self._cov_past)
+        if self._cov_file is not None:
+            table = await asyncio.to_thread(cov.read_table, self._cov_file)
+            cov.merge(totals, table.blocks)
+        return totals
+
+    @property
+    def coverage_overflowed(self) -> bool:
+        """Whether a table filled up (blocks translated after that are not counted)."""
+        if self._cov_past_full:
+            return True
+        return self._cov_file is not None and cov.read_table(self._cov_file).full
+
+    async def coverage_start(self) -> None:
+        self._require_coverage()
+        self._cov_baseline = await self._coverage_totals()
+        self._cov_frozen = None
+
+    async def coverage_stop(self) -> None:
+        self._require_coverage()
+        if self._cov_frozen is None:
+            self._cov_frozen = cov.delta(await self._coverage_totals(), self._cov_baseline)
+
+    async def coverage_reset(self) -> None:
+        self._require_coverage()
+        self._cov_baseline = await self._coverage_totals()
+        if self._cov_frozen is not None:
+            self._cov_frozen = {}
+
+    async def coverage_blocks(self) -> dict[int, tuple[int, int]]:
+        self._require_coverage()
+        if self._cov_frozen is not None:
+            return dict(self._cov_frozen)
+        return cov.delta(await self._coverage_totals(), self._cov_baseline)
 
 
 # section name, instance id, version, then the state's length and its 100-byte buffer

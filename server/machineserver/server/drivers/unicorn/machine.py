@@ -47,6 +47,7 @@ from machineserver.server.drivers.base import (
     Breakpoints,
     ConsoleInput,
     Counters,
+    HostFootprint,
     Machine,
     MachineEvents,
     MachineOptions,
@@ -103,7 +104,7 @@ class _UartHost:
 
 class UnicornMachine(
     Machine, RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
-    Snapshots,
+    Snapshots, HostFootprint,
 ):
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> None:
         self.board = board
@@ -558,6 +559,11 @@ class UnicornMachine(
         else:
             self._state = MachineState.HALTED
         self._last_stop = stop
+
+    def host_thread_ids(self) -> list[int]:
+        """The worker thread's native id while the machine runs (for session metrics)."""
+        t = self._thread
+        return [t.native_id] if t is not None and t.is_alive() and t.native_id is not None else []
 
     def _run_thread(self) -> None:
         stop: StopInfo | None = None
