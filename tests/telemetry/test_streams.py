@@ -83,20 +83,24 @@ async def test_slow_grpc_subscriber_gets_dropped_count(client: AsyncClient, serv
     slow = stub.StreamHostStatus(tpb.StreamHostStatusRequest(interval=interval(period)))
     try:
         counts: list[int] = []
+        fast_dropped: list[int] = []
 
         async def fast() -> None:
-            n = 0
+            n = dropped = 0
             end = asyncio.get_running_loop().time() + 3.0
-            async for _ in client.telemetry.stream_host_status(interval=interval(period)):
+            async for msg in client.telemetry.stream_host_status(interval=interval(period)):
                 n += 1
+                dropped = max(dropped, msg.dropped)
                 if asyncio.get_running_loop().time() >= end:
                     break
             counts.append(n)
+            fast_dropped.append(dropped)
 
-        t0 = time.monotonic()
         await asyncio.gather(*(fast() for _ in range(5)))
-        elapsed = time.monotonic() - t0
-        assert min(counts) >= 0.75 * elapsed / period, (counts, elapsed)
+        # Not a timing test (the sampler itself slows on a loaded machine): the readers
+        # lose nothing, and all got the same samples, while the unread one drops.
+        assert fast_dropped == [0] * 5, fast_dropped
+        assert min(counts) >= 20 and max(counts) - min(counts) <= 3, counts
         assert server.engine.telemetry.dropped_total() > 0  # the unread one, server side
         dropped = 0
         async for msg in slow:
