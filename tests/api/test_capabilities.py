@@ -40,8 +40,12 @@ async def test_capabilities_report_unicorn_with_real_features(client: AsyncClien
     feats = set(unicorn.features)
     assert {common_pb2.FEATURE_RUN_CONTROL, common_pb2.FEATURE_REGISTERS, common_pb2.FEATURE_MEMORY,
             common_pb2.FEATURE_BREAKPOINTS, common_pb2.FEATURE_SNAPSHOTS} <= feats
-    # coverage reports are not served yet, so the flag must not be claimed
-    assert common_pb2.FEATURE_COVERAGE not in feats
+    # coverage is claimed exactly when the driver implements the Coverage interface
+    from machineserver.server.drivers.base import Feature, features_of
+    from machineserver.server.drivers.unicorn.backend import UnicornMachine
+
+    has_coverage = UnicornMachine is not None and Feature.COVERAGE in features_of(UnicornMachine)
+    assert (common_pb2.FEATURE_COVERAGE in feats) == has_coverage
     assert {"lm3s6965evb", "mps2-an385", "netduinoplus2", "sifive_e"} <= set(unicorn.boards)
     assert any(p.name == "cortex-m3" for p in caps.processors)
     assert any(p.name == "uart-pl011" for p in caps.peripheral_models)

@@ -43,14 +43,21 @@ async def test_sdk_refuses_unknown_fields_locally(client: AsyncClient) -> None:
         await client.sessions.get_session(nam="sessions/x")
 
 
-async def test_coverage_and_cosim_answer_unimplemented_with_reasons(client: AsyncClient) -> None:
-    s = (await client.sessions.create_session(board_template="lm3s6965evb")).session
-    with pytest.raises(errors.Unimplemented) as exc:
-        await client.coverage.start_coverage(name=s.name)
-    assert exc.value.feature == "coverage" and "not built" in exc.value.message
+async def test_coverage_refusals_and_cosim_unimplemented_with_reasons(client: AsyncClient) -> None:
+    from machineserver.server.drivers.base import Feature, features_of
+    from machineserver.server.drivers.unicorn.backend import UnicornMachine
+
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", backend="unicorn")).session
+    if UnicornMachine is None or Feature.COVERAGE not in features_of(UnicornMachine):
+        with pytest.raises(errors.Unimplemented) as exc:
+            await client.coverage.start_coverage(name=s.name)
+        assert exc.value.feature == "coverage" and "does not support coverage" in exc.value.message
+    else:  # no program with debug info loaded
+        with pytest.raises(errors.FailedPrecondition):
+            await client.coverage.start_coverage(name=s.name)
     with pytest.raises(errors.NotFound):
         await client.coverage.start_coverage(name="sessions/nope")
-    with pytest.raises(errors.Unimplemented):
+    with pytest.raises(errors.FailedPrecondition):  # nothing collected
         async for _ in client.coverage.export_coverage(name=s.name, format="COVERAGE_FORMAT_LCOV"):
             pass
     with pytest.raises(errors.Unimplemented) as exc:

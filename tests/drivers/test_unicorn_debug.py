@@ -305,7 +305,7 @@ def test_probe_and_board_support():
     backend = UnicornBackend()
     info = backend.probe()
     assert info.available and info.version.startswith("2.")
-    assert Feature.SNAPSHOTS in info.features and Feature.COVERAGE not in info.features
+    assert Feature.SNAPSHOTS in info.features and Feature.COVERAGE in info.features
     for name in BOARDS:
         assert backend.board_support(board(name)) is None
     from dataclasses import replace

@@ -78,16 +78,22 @@ class SessionOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ICOUNT_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
     icount: _builtins.bool
     """Deterministic virtual time (QEMU -icount) where the backend has a choice."""
+    coverage: _builtins.bool
+    """Collect code coverage: the backend is started ready for it (QEMU loads its
+    block-counting plugin); CoverageService.StartCoverage then begins collecting.
+    """
     def __init__(
         self,
         *,
         icount: _builtins.bool = ...,
+        coverage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["icount", b"icount"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "icount", b"icount"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -157,7 +157,7 @@ def session_record_pb(rec: SessionRecord) -> session_pb.Session:
         limits=session_pb.ResourceLimits(
             max_instructions=rec.max_instructions, max_console_bytes=rec.max_console_bytes
         ),
-        options=session_pb.SessionOptions(icount=rec.icount),
+        options=session_pb.SessionOptions(icount=rec.icount, coverage=rec.coverage),
         create_time=timestamp(rec.create_time),
         update_time=timestamp(rec.update_time),
         owner=rec.owner,

@@ -32,6 +32,7 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
             max_instructions=request.limits.max_instructions,
             max_console_bytes=request.limits.max_console_bytes,
             icount=request.options.icount,
+            coverage=request.options.coverage,
             program=request.program,
             power_on=request.power_on,
             run=request.run,

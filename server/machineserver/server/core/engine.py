@@ -7,6 +7,7 @@ from pathlib import Path
 
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
+from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
 from machineserver.server.core.gdbbridges import GdbBridges
 from machineserver.server.core.programs import ProgramStore
@@ -44,6 +45,7 @@ class Engine:
         self.stepper = LineStepper(self.debugger)
         self.gdb = GdbBridges(self.sessions, self.debugger)
         self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
+        self.coverage = CoverageManager(self.db, self.blobs, self.sessions, self.programs)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
 
     async def start(self) -> None:

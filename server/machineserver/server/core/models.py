@@ -43,6 +43,7 @@ class SessionRecord:
     max_instructions: int = 0
     max_console_bytes: int = 0
     icount: bool = False
+    coverage: bool = False  # started ready for coverage collection
     program: str = ""  # program id
     state: str = MachineState.OFF.value
     state_reason: str = ""

@@ -91,6 +91,7 @@ class CreateParams:
     max_instructions: int = 0
     max_console_bytes: int = 0
     icount: bool = False
+    coverage: bool = False
     program: str = ""
     power_on: bool = False
     run: bool = False
@@ -348,6 +349,7 @@ class SessionManager:
             max_instructions=p.max_instructions,
             max_console_bytes=p.max_console_bytes,
             icount=p.icount,
+            coverage=p.coverage,
             program=program_id,
             owner=p.owner,
         )
@@ -381,7 +383,10 @@ class SessionManager:
             if live.machine is not None:  # FAILED: clean up what is left first
                 await self._discard_machine(live)
             backend = self.backends.get(live.record.backend)
-            options = MachineOptions(icount=live.record.icount)
+            options = MachineOptions(
+                icount=live.record.icount,
+                extra={"coverage": "1"} if live.record.coverage else {},
+            )
             machine = backend.create_machine(live.board, options, live)
             with driver_errors():
                 await machine.power_on()

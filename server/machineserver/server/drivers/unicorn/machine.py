@@ -47,6 +47,7 @@ from machineserver.server.drivers.base import (
     Breakpoints,
     ConsoleInput,
     Counters,
+    Coverage,
     HostFootprint,
     Machine,
     MachineEvents,
@@ -64,6 +65,7 @@ from machineserver.server.drivers.base import (
     Watchpoints,
     WrongState,
 )
+from machineserver.server.drivers.unicorn import coverage as cov
 from machineserver.server.drivers.unicorn.counter import EmuCounter
 from machineserver.server.drivers.unicorn.peripherals import UART_MODELS, Uart
 from machineserver.server.drivers.unicorn.replay import memory_operand_address
@@ -104,7 +106,7 @@ class _UartHost:
 
 class UnicornMachine(
     Machine, RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
-    Snapshots, HostFootprint,
+    Snapshots, Coverage, HostFootprint,
 ):
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> None:
         self.board = board
@@ -148,6 +150,12 @@ class UnicornMachine(
         self._last_access: tuple[tuple[int, int, int | None], Any] | None = None
         self._replay: tuple[tuple[int, int, int | None], Any] | None = None
         self._reset_requested = False
+        # coverage (see .coverage): collected between coverage_start and coverage_stop;
+        # from power-on with options.extra["coverage"] == "1" (as the QEMU backend)
+        self._cov: cov.Collector | None = None
+        self._cov_active = options.extra.get("coverage") == "1"
+        self._cov_frozen: tuple[cov.Blocks, set[tuple[int, int]]] | None = None
+        self._cov_last_insn: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -337,6 +345,9 @@ class UnicornMachine(
                 self._breakpoints[addr] = self._add_bp_hook(addr)
             for key in list(self._watchpoints):
                 self._watchpoints[key] = self._add_wp_hooks(*key)
+            if self._cov_active:
+                self._collector().attach(uc)
+                uc.ctl_flush_tb()
             self.instructions = self.cycles = 0
             self.exact = True
             core.reset(None)
@@ -370,6 +381,8 @@ class UnicornMachine(
     def _release(self) -> None:
         uc, self.uc, self.core, self._counter = self.uc, None, None, None
         self._uarts = {}
+        if self._cov is not None:
+            self._cov.detach()
         if uc is not None:
             try:
                 uc.release_handle()
@@ -397,6 +410,8 @@ class UnicornMachine(
     def _reset_sync(self) -> None:
         with self._lock:
             self._replay = None
+            if self._cov is not None:
+                self._cov.forget_last()
             self._apply_image()
             self.core.reset(self._image.entry if self._image else None)
             for uart in self._uarts.values():
@@ -677,6 +692,8 @@ class UnicornMachine(
         self._require_on()
         canon = self._resolve(name)
         await self._locked(self.core.write_reg, canon, value)
+        if self._cov is not None and canon == self.core.resolve("pc"):
+            await self._locked(self._cov.forget_last)
 
     async def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         def call() -> Any:
@@ -867,6 +884,8 @@ class UnicornMachine(
             raise BadRequest("the snapshot's memory map differs from the board's", field="snapshot")
         pos = 4 + hlen
         with self._lock:
+            if self._cov is not None:
+                self._cov.forget_last()  # collected coverage is kept: not part of snapshots
             for _, base, size in regions:
                 self.uc.mem_write(base, payload[pos:pos + size])
                 pos += size
@@ -895,3 +914,88 @@ class UnicornMachine(
         self._require_on()
         await self._stop_thread()
         await asyncio.to_thread(self._restore_sync, bytes(blob))
+
+    # ------------------------------------------------------------------ coverage
+    def _collector(self) -> cov.Collector:
+        if self._cov is None:
+            first_hit = self.options.extra.get("coverage_mode") == "first-hit"
+            self._cov = cov.Collector(first_hit=first_hit)
+        return self._cov
+
+    @property
+    def coverage_method(self) -> str:
+        return self._collector().method
+
+    def _cov_read(self, addr: int, size: int) -> bytes:
+        return bytes(self.uc.mem_read(addr, size))
+
+    def _cov_snapshot(self) -> tuple[cov.Blocks, set[tuple[int, int]]]:
+        c = self._collector()
+        blocks = c.blocks()
+        read = self._cov_read if self.uc is not None else None
+        edges = cov.edges_by_branch(c.raw_edges(), blocks, read,
+                                    self.board.arch == Arch.ARM_CORTEX_M, self._cov_last_insn)
+        return blocks, edges
+
+    def _cov_start_sync(self) -> None:
+        with self._lock:
+            c = self._collector()
+            c.clear()
+            self._cov_last_insn.clear()
+            if self.uc is not None and not c.attached:
+                c.attach(self.uc)
+                self.uc.ctl_flush_tb()
+            elif self.uc is not None and not c.counting:
+                self.uc.ctl_flush_tb()  # first-hit: what runs next must be translated again
+            self._cov_active = True
+            self._cov_frozen = None
+
+    def _cov_stop_sync(self) -> None:
+        with self._lock:
+            if self._cov_frozen is None:
+                self._cov_frozen = self._cov_snapshot() if self._cov_active else ({}, set())
+            self._cov_active = False
+            if self._cov is not None and self._cov.attached:
+                self._cov.detach()
+                if self.uc is not None:
+                    self.uc.ctl_flush_tb()  # blocks translated with the hook keep calling it
+
+    def _cov_reset_sync(self) -> None:
+        with self._lock:
+            self._collector().clear()
+            self._cov_last_insn.clear()
+            if self._cov_active and self.uc is not None and not self._collector().counting:
+                self.uc.ctl_flush_tb()
+            if self._cov_frozen is not None:
+                self._cov_frozen = ({}, set())
+
+    async def coverage_start(self) -> None:
+        await self._locked(self._cov_start_sync)
+
+    async def coverage_stop(self) -> None:
+        await self._locked(self._cov_stop_sync)
+
+    async def coverage_reset(self) -> None:
+        await self._locked(self._cov_reset_sync)
+
+    async def coverage_blocks(self) -> dict[int, tuple[int, int]]:
+        """Executed translated blocks since coverage_start/reset (see .coverage): exact
+        execution counts with the native counter, 0 (executed) in first-hit mode."""
+        if self._cov_frozen is not None:
+            return dict(self._cov_frozen[0])
+        if not self._cov_active:
+            return {}
+        blocks, _ = await self._locked(self._cov_snapshot)
+        return {a: v for a, v in blocks.items() if v[1] > 0 or not self._collector().counting}
+
+    async def coverage_edges(self) -> set[tuple[int, int]]:
+        """Control transfers seen since coverage_start/reset: (address of the last
+        instruction of the block left, start of the block entered). Every distinct
+        transfer with the native counter; only the first way into each block in
+        first-hit mode."""
+        if self._cov_frozen is not None:
+            return set(self._cov_frozen[1])
+        if not self._cov_active:
+            return set()
+        _, edges = await self._locked(self._cov_snapshot)
+        return edges

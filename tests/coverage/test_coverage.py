@@ -1,0 +1,293 @@
+"""Coverage end to end through the SDK: collection in sessions, the mapping onto the
+test firmware's source (tests/firmware/src/coverage.c), exports read by the real tools
+(lcov, genhtml), Cobertura XML, JSON, merges and bad inputs.
+
+The expected sets below are derived by hand from coverage.c (its header comment and
+its statements at -O0): the line numbers are those of the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from machineserver.sdk import AsyncClient, errors
+from machineserver.server.drivers.base import Feature, features_of
+from machineserver.v1 import common_pb2 as cpb
+from tests.conftest import FIRMWARE, firmware
+
+BOARD = "mps2-an385"
+FILE = "src/coverage.c"
+# lines with code (the DWARF line table's rows for the file)
+HIT_LINES = {29, 30, 31, 34, 35, 36, 37, 41, 42, 43, 45, 46, 47, 48, 49, 50, 51}
+UNHIT_LINES = {24, 25, 26, 39}  # never_called's body; the else-branch
+HIT_FUNCTIONS = {"main", "called_three_times"}
+UNHIT_FUNCTIONS = {"never_called"}
+IF_LINE, LOOP_LINE = 36, 42
+
+
+def backend_missing(backend: str) -> str | None:
+    if backend == "qemu":
+        if shutil.which("qemu-system-arm") is None:
+            return "qemu-system-arm is not installed"
+        from machineserver.server.drivers.qemu.coverage import plugin_status
+
+        status = plugin_status()
+        if status.path is None:
+            return f"the QEMU coverage plugin is unavailable: {status.reason}"
+        return None
+    from machineserver.server.drivers.unicorn.backend import UnicornMachine
+
+    if UnicornMachine is None or Feature.COVERAGE not in features_of(UnicornMachine):
+        return "the unicorn driver does not implement the Coverage interface (yet)"
+    return None
+
+
+@pytest.fixture(params=["unicorn", "qemu"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if why := backend_missing(request.param):
+        pytest.skip(f"{request.param}: {why}")
+    return str(request.param)
+
+
+async def upload(client: AsyncClient, program: str = "coverage", ext: str = "elf") -> str:
+    return str((await client.upload_program(firmware(BOARD, program, ext))).program.name)
+
+
+async def covered_session(client: AsyncClient, backend: str, program: str = "") -> str:
+    program = program or await upload(client)
+    s = (await client.sessions.create_session(
+        board_template=BOARD, program=program, backend=backend, power_on=True,
+        options={"coverage": True},
+    )).session
+    assert s.options.coverage
+    await client.coverage.start_coverage(name=s.name)
+    return str(s.name)
+
+
+async def run_to_exit(client: AsyncClient, name: str) -> None:
+    stop = (await client.debug.continue_(name=name, wait=True, timeout=60)).stop
+    assert stop.reason == cpb.STOP_REASON_EXIT and stop.exit_code == 0, stop
+
+
+async def collect(client: AsyncClient, backend: str, program: str = "") -> tuple[str, str]:
+    name = await covered_session(client, backend, program)
+    await run_to_exit(client, name)
+    report = (await client.coverage.stop_coverage(name=name)).report
+    assert report.name.startswith("coverageReports/") and report.sessions == [name]
+    return name, str(report.name)
+
+
+async def export(client: AsyncClient, name: str, fmt: str, source_root: str = "") -> tuple[bytes, str]:
+    msgs = [m async for m in client.coverage.export_coverage(name=name, format=fmt, source_root=source_root)]
+    assert msgs and msgs[0].content_type
+    assert all(not m.content_type for m in msgs[1:])
+    return b"".join(m.chunk for m in msgs), msgs[0].content_type
+
+
+async def json_report(client: AsyncClient, name: str) -> dict:  # type: ignore[type-arg]
+    data, ctype = await export(client, name, "COVERAGE_FORMAT_JSON")
+    assert ctype == "application/json"
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def file_of(doc: dict, path: str = FILE) -> dict:  # type: ignore[type-arg]
+    return next(f for f in doc["files"] if f["path"] == path)
+
+
+def check_expected(doc: dict, backend: str, runs: int = 1) -> None:  # type: ignore[type-arg]
+    f = file_of(doc)
+    lines = {ln["line"]: ln["count"] for ln in f["lines"]}
+    assert set(lines) == HIT_LINES | UNHIT_LINES
+    assert {n for n, c in lines.items() if c} == HIT_LINES
+    assert {n for n, c in lines.items() if not c} == UNHIT_LINES
+    fns = {fn["name"]: fn for fn in f["functions"]}
+    assert set(fns) == HIT_FUNCTIONS | UNHIT_FUNCTIONS
+    assert {n for n, fn in fns.items() if fn["hit"]} == HIT_FUNCTIONS
+    assert fns["never_called"]["count"] == 0 and fns["never_called"]["line"] == 24
+    branches = {b["line"]: b for b in f["branches"]}
+    assert set(branches) == {IF_LINE, LOOP_LINE}  # the if and the loop condition
+    if_branch, loop = branches[IF_LINE], branches[LOOP_LINE]
+    # flag is always 1: `beq else` is never taken, the fall-through (then) always is
+    assert if_branch["executed"] and if_branch["taken"] == 0 and if_branch["not_taken"] > 0
+    assert loop["taken"] > 0 and loop["not_taken"] > 0  # back to the body; out of the loop
+    if backend == "qemu":  # real execution counts
+        assert fns["called_three_times"]["count"] == 3 * runs
+        assert fns["main"]["count"] == runs
+        assert lines[30] == 3 * runs and lines[43] == 10 * runs and lines[37] == runs
+        assert loop["taken"] == 10 * runs and loop["not_taken"] == runs
+        assert if_branch["not_taken"] == runs
+    c = f["counts"]
+    assert (c["lines_hit"], c["lines_total"]) == (len(HIT_LINES), len(HIT_LINES | UNHIT_LINES))
+    assert (c["functions_hit"], c["functions_total"]) == (2, 3)
+    assert (c["branches_hit"], c["branches_total"]) == (3, 4)
+
+
+async def test_collect_map_and_summarize(client: AsyncClient, backend: str) -> None:
+    name, report = await collect(client, backend)
+    for source in (report, name):  # the stored report and the session's last collection
+        check_expected(await json_report(client, source), backend)
+    summary = await client.coverage.get_coverage_summary(name=report)
+    per_file = {f.path: f.counts for f in summary.files}
+    c = per_file[FILE]
+    assert (c.lines_hit, c.lines_total, c.functions_hit, c.functions_total) == (17, 21, 2, 3)
+    assert (c.branches_hit, c.branches_total) == (3, 4)
+    assert c.line_percent == pytest.approx(100 * 17 / 21, abs=0.01)
+    assert summary.totals.lines_total >= c.lines_total
+    assert summary.totals.lines_hit == sum(f.counts.lines_hit for f in summary.files)
+    listed = (await client.coverage.list_coverage_reports()).reports
+    assert [r.name for r in listed] == [report]
+    assert listed[0].totals.lines_hit == summary.totals.lines_hit
+    assert listed[0].program.startswith("programs/")
+
+
+def tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+async def test_lcov_is_read_by_lcov_and_genhtml(client: AsyncClient, backend: str, tmp_path: Path) -> None:
+    if shutil.which("lcov") is None or shutil.which("genhtml") is None:
+        pytest.skip("lcov/genhtml are not installed (Debian: apt-get install lcov)")
+    _, report = await collect(client, backend)
+    data, ctype = await export(client, report, "COVERAGE_FORMAT_LCOV", source_root=str(FIRMWARE))
+    assert ctype == "text/plain"
+    text = data.decode()
+    assert f"SF:{FIRMWARE / FILE}\n" in text
+    record = text.split(f"SF:{FIRMWARE / FILE}\n")[1].split("end_of_record")[0]
+    assert "FN:24,never_called" in record and "FNDA:0,never_called" in record
+    assert "DA:39,0" in record and "DA:37," in record and "DA:37,0" not in record
+    assert "FNF:3" in record and "FNH:2" in record and "BRF:4" in record and "BRH:3" in record
+    info = tmp_path / "coverage.info"
+    info.write_bytes(data)
+    summary = await asyncio.to_thread(tool, "lcov", "--summary", str(info), "--rc", "lcov_branch_coverage=1")
+    assert summary.returncode == 0, summary.stderr
+    out = summary.stdout + summary.stderr
+    assert "WARNING" not in out.upper().replace("WARNINGS", ""), out
+    assert "lines" in out and "functions" in out and "branches" in out
+    html = await asyncio.to_thread(tool, "genhtml", "--branch-coverage", "-o", str(tmp_path / "html"), str(info))
+    assert html.returncode == 0, html.stderr
+    assert "WARNING" not in html.stderr.upper() and "ERROR" not in html.stderr.upper(), html.stderr
+    assert (tmp_path / "html" / "index.html").is_file()
+
+
+async def test_html_cobertura_and_json_exports(client: AsyncClient, backend: str) -> None:
+    _, report = await collect(client, backend)
+    data, ctype = await export(client, report, "COVERAGE_FORMAT_HTML", source_root=str(FIRMWARE))
+    assert ctype == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        names = tar.getnames()
+        readme = tar.extractfile("coverage-html/README.txt").read().decode()  # type: ignore[union-attr]
+    assert "coverage-html/index.html" in names
+    assert ("genhtml" in readme) == (shutil.which("genhtml") is not None)
+
+    data, ctype = await export(client, report, "COVERAGE_FORMAT_COBERTURA")
+    assert ctype == "application/xml"
+    root = ET.fromstring(data)
+    assert root.tag == "coverage"
+    cls = next(c for c in root.iter("class") if c.get("filename") == FILE)
+    assert any(p.find("classes/class[@filename='src/coverage.c']") is not None
+               for p in root.findall("packages/package"))
+    lines = {int(ln.get("number", 0)): ln for ln in cls.findall("lines/line")}
+    assert set(lines) == HIT_LINES | UNHIT_LINES
+    assert {n for n, ln in lines.items() if int(ln.get("hits", 0))} == HIT_LINES
+    assert lines[IF_LINE].get("branch") == "true" and lines[IF_LINE].get("condition-coverage") == "50% (1/2)"
+    assert lines[LOOP_LINE].get("condition-coverage") == "100% (2/2)"
+    methods = {m.get("name") for m in cls.findall("methods/method")}
+    assert methods == HIT_FUNCTIONS | UNHIT_FUNCTIONS
+
+    doc = json.loads((await export(client, report, "COVERAGE_FORMAT_JSON", source_root="/src/fw"))[0])
+    assert file_of(doc, "/src/fw/" + FILE)["counts"]["lines_total"] == 21
+
+
+async def test_merge_two_runs(client: AsyncClient, backend: str) -> None:
+    program = await upload(client)
+    first_session, first = await collect(client, backend, program)
+    second_session, second = await collect(client, backend, program)
+    merged = (await client.coverage.merge_coverage(names=[first, second_session])).report
+    assert merged.name not in (first, second)
+    assert set(merged.sessions) == {first_session, second_session}
+    check_expected(await json_report(client, merged.name), backend, runs=2)
+    assert len((await client.coverage.list_coverage_reports()).reports) == 3
+
+
+async def test_coverage_survives_breakpoints_and_pause(client: AsyncClient, backend: str) -> None:
+    name = await covered_session(client, backend)
+    bp = (await client.debug.set_breakpoint(name=name, location={"symbol": "called_three_times"})).breakpoint
+    stop = (await client.debug.continue_(name=name, wait=True, timeout=60)).stop
+    assert stop.reason == cpb.STOP_REASON_BREAKPOINT
+    mid = file_of(await json_report(client, name))
+    assert {ln["line"] for ln in mid["lines"] if ln["count"]} >= {35, 36, 37, 42, 43}
+    # not reached yet (line 30, in the block the breakpoint stopped at, may already show:
+    # a backend that records blocks as they are entered counts it before it runs)
+    assert not any(ln["count"] for ln in mid["lines"] if ln["line"] in (47, 48, 49))
+    await client.debug.clear_breakpoint(name=name, id=bp.id)
+    await run_to_exit(client, name)
+    report = (await client.coverage.stop_coverage(name=name)).report
+    check_expected(await json_report(client, report.name), backend)
+
+
+async def test_reset_forgets_what_was_collected(client: AsyncClient, backend: str) -> None:
+    name = await covered_session(client, backend)
+    await run_to_exit(client, name)
+    await client.coverage.reset_coverage(name=name)
+    report = (await client.coverage.stop_coverage(name=name)).report
+    assert report.totals.lines_hit == 0 and report.totals.lines_total > 0
+    with pytest.raises(errors.FailedPrecondition):  # stopped: nothing to stop
+        await client.coverage.stop_coverage(name=name)
+
+
+async def test_bad_inputs(client: AsyncClient, backend: str) -> None:
+    _, report = await collect(client, backend)
+    with pytest.raises(errors.NotFound):
+        await client.coverage.get_coverage_summary(name="coverageReports/nope")
+    with pytest.raises(errors.NotFound):
+        await export(client, "coverageReports/nope", "COVERAGE_FORMAT_LCOV")
+    with pytest.raises(errors.NotFound):
+        await client.coverage.start_coverage(name="sessions/nope")
+    with pytest.raises(errors.InvalidArgument):
+        await export(client, report, "COVERAGE_FORMAT_UNSPECIFIED")
+    with pytest.raises(errors.InvalidArgument):
+        await client.coverage.merge_coverage(names=[])
+    with pytest.raises(errors.NotFound):
+        await client.coverage.merge_coverage(names=[report, "coverageReports/nope"])
+    # another program with coverage collected: merging it is refused
+    other = await covered_session(client, backend, await upload(client, "hello"))
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        await client.coverage.merge_coverage(names=[report, other])
+    assert "same program" in exc.value.message
+    # no debug info (an Intel HEX image): FAILED_PRECONDITION
+    hexprog = await upload(client, "coverage", "hex")
+    s = (await client.sessions.create_session(board_template=BOARD, program=hexprog, backend=backend,
+                                               options={"coverage": True})).session
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        await client.coverage.start_coverage(name=s.name)
+    assert "line table" in exc.value.message
+    # never started
+    plain = (await client.sessions.create_session(board_template=BOARD, program=await upload(client),
+                                                   backend=backend, power_on=True)).session
+    with pytest.raises(errors.FailedPrecondition):
+        await client.coverage.stop_coverage(name=plain.name)
+    with pytest.raises(errors.FailedPrecondition):
+        await client.coverage.get_coverage_summary(name=plain.name)
+    if backend == "qemu":  # created without options.coverage: QEMU has no plugin loaded
+        with pytest.raises(errors.Unimplemented) as exc:
+            await client.coverage.start_coverage(name=plain.name)
+        assert "coverage" in exc.value.message
+
+
+async def test_capabilities_report_coverage_where_the_driver_has_it(client: AsyncClient) -> None:
+    from machineserver.server.drivers.unicorn.backend import UnicornMachine
+
+    caps = await client.capabilities.get_capabilities()
+    by_name = {b.name: set(b.features) for b in caps.backends}
+    assert cpb.FEATURE_COVERAGE in by_name["qemu"]
+    has = UnicornMachine is not None and Feature.COVERAGE in features_of(UnicornMachine)
+    assert (cpb.FEATURE_COVERAGE in by_name["unicorn"]) == has
