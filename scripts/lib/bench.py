@@ -6,6 +6,7 @@ Sections (pick with --only NAME[,NAME]):
             MMIO hooks; create-to-first-console-byte p50; step round trip over the SDK
   debug     single step over the Attach stream (unicorn) vs gdb-multiarch stepping the
             same firmware through our GDB bridge, and through QEMU's own gdbstub
+  coverage  crc32 with coverage collection on vs off, same backend (unicorn, qemu)
   qemu      crc32 through the QEMU backend vs the same QEMU command line by hand;
             create-to-first-console-byte p50; our RSP client vs gdb-multiarch (pygdbmi)
             stepping on the same QEMU gdbstub
@@ -418,7 +419,58 @@ async def bench_qemu(server: Server) -> None:
          "speed, target >= 3x", speed=True)
 
 
-SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "debug": bench_debug, "qemu": bench_qemu}
+async def timed_run(c: object, board: str, program: str, backend: str, coverage: bool) -> float:
+    """Seconds from RunSession to the EXITED event of a powered-on session (collecting
+    coverage from before the run when asked)."""
+    from machineserver.v1 import common_pb2
+
+    s = (await c.sessions.create_session(board_template=board, program=program, power_on=True,  # type: ignore[attr-defined]
+                                         backend=backend, options={"coverage": coverage})).session
+    if coverage:
+        await c.coverage.start_coverage(name=s.name)  # type: ignore[attr-defined]
+    events = c.sessions.stream_session_events(name=s.name)  # type: ignore[attr-defined]
+    ready = asyncio.Event()
+
+    async def wait_exit() -> float:
+        ready.set()
+        async for ev in events:
+            if ev.state == common_pb2.SESSION_STATE_EXITED:
+                return time.perf_counter()
+        return float("nan")
+
+    waiter = asyncio.create_task(wait_exit())
+    await ready.wait()
+    await asyncio.sleep(0.05)
+    t = time.perf_counter()
+    await c.sessions.run_session(name=s.name)  # type: ignore[attr-defined]
+    end = await asyncio.wait_for(waiter, 120)
+    if coverage:
+        blocks = await c.coverage.get_coverage_summary(name=s.name)  # type: ignore[attr-defined]
+        assert blocks.totals.lines_hit > 0
+    await c.sessions.delete_session(name=s.name)  # type: ignore[attr-defined]
+    return end - t
+
+
+async def bench_coverage(server: Server) -> None:
+    from machineserver.sdk import AsyncClient
+
+    print("coverage overhead (crc32, run -> exit, median of 5, on vs off in the same run)")
+    async with await AsyncClient.connect(server.target) as c:
+        for backend, board, target in (("unicorn", "mps2-an385", "<= 3x"), ("qemu", "mps2-an385", "<= 1.5x")):
+            if backend == "qemu" and not shutil.which("qemu-system-arm"):
+                print("  qemu: skipped (qemu-system-arm not installed)")
+                continue
+            prog = (await c.upload_program(firmware(board, "crc32"))).program.name
+            off, on = [], []
+            for _ in range(5):
+                off.append(await timed_run(c, board, prog, backend, False) * 1000)
+                on.append(await timed_run(c, board, prog, backend, True) * 1000)
+            line(f"{backend}: coverage on vs off (cost)", statistics.median(on), statistics.median(off), "ms",
+                 f"target {target}")
+
+
+SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_coverage,
+            "qemu": bench_qemu}
 
 
 async def main() -> None:

@@ -105,3 +105,26 @@ def test_interactive_debugger_from_a_pipe(server_process: ServerProcess) -> None
     assert "[exited with code 0]" in out
     assert "coverage done" in out  # console bytes interleaved
     assert "unknown command 'bogus'" in out
+
+
+def test_coverage_verbs_write_a_report_lcov_reads(server_process: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    msctl(server_process, "session", "create", "--board", "mps2-an385", "--id", "cov", "--coverage",
+          "--program", str(firmware("mps2-an385", "coverage")), "--power-on")
+    assert msctl(server_process, "coverage", "start-coverage", "cov").returncode == 0
+    assert msctl(server_process, "debug", "continue", "cov", "--wait").returncode == 0
+    summary = msctl(server_process, "coverage", "summary", "cov")
+    assert summary.returncode == 0 and "src/coverage.c" in summary.stdout and "TOTAL" in summary.stdout
+    out = tmp_path / "cov.info"
+    r = msctl(server_process, "coverage", "export", "cov", "--format", "lcov", "--source-root",
+              str(firmware("mps2-an385", "coverage").parents[3]), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text.startswith("TN:") and "SF:" in text and "end_of_record" in text
+    if shutil.which("lcov"):
+        lc = subprocess.run(["lcov", "--summary", str(out)], capture_output=True, text=True, timeout=60)
+        assert lc.returncode == 0 and "lines" in lc.stdout + lc.stderr
+    tarball = tmp_path / "cov.tar.gz"
+    assert msctl(server_process, "coverage", "export", "cov", "--format", "html", "-o", str(tarball)).returncode == 0
+    assert tarball.read_bytes()[:2] == b"\x1f\x8b"

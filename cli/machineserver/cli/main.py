@@ -10,6 +10,7 @@ and friendly verbs cover the common path::
     msctl session list                            sessions, as a table
     msctl console SESSION                         follow a session's console
     msctl telemetry watch [--count N] [--json]    live host CPU, memory, temperatures, GPUs
+    msctl coverage export SESSION --format lcov -o cov.info
     msctl debug SESSION                           interactive debugger (break, c, s, n, si, regs, x, bt, disas)
 """
 
@@ -93,6 +94,7 @@ def cmd_session_create(client: Client, args: argparse.Namespace) -> int:
         board_template=args.board or "", board_config=Path(args.board_config).read_text() if args.board_config else "",
         backend=args.backend or "", display_name=args.display_name or "", labels=labels, program=program,
         power_on=args.power_on, run=args.run, session_id=args.id or "",
+        options={"coverage": args.coverage},
     )
     if args.json:
         rpc.print_message(resp, True)
@@ -122,6 +124,38 @@ def cmd_console(client: Client, args: argparse.Namespace) -> int:
             out.flush()
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+COVERAGE_FORMATS = {"lcov": 1, "html": 2, "cobertura": 3, "json": 4}
+
+
+def cmd_coverage_export(client: Client, args: argparse.Namespace) -> int:
+    name = args.name if "/" in args.name else f"sessions/{args.name}"
+    out = open(args.output, "wb") if args.output != "-" else sys.stdout.buffer
+    try:
+        for msg in client.coverage.export_coverage(name=name, format=COVERAGE_FORMATS[args.format],
+                                                   source_root=args.source_root or ""):
+            out.write(msg.chunk)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    return 0
+
+
+def cmd_coverage_summary(client: Client, args: argparse.Namespace) -> int:
+    name = args.name if "/" in args.name else f"sessions/{args.name}"
+    resp = client.coverage.get_coverage_summary(name=name)
+    if args.json:
+        rpc.print_message(resp, True)
+        return 0
+    rows = [[f.path, f"{f.counts.line_percent:.1f}% ({f.counts.lines_hit}/{f.counts.lines_total})",
+             f"{f.counts.function_percent:.1f}% ({f.counts.functions_hit}/{f.counts.functions_total})",
+             f"{f.counts.branch_percent:.1f}% ({f.counts.branches_hit}/{f.counts.branches_total})"]
+            for f in resp.files]
+    t = resp.totals
+    rows.append(["TOTAL", f"{t.line_percent:.1f}%", f"{t.function_percent:.1f}%", f"{t.branch_percent:.1f}%"])
+    _table(rows, ["FILE", "LINES", "FUNCTIONS", "BRANCHES"])
     return 0
 
 
@@ -169,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_program_list)
 
     rpc.add_rpc_commands(sub)
+    cov_group = sub.choices["coverage"]
+    csub = next(a for a in cov_group._actions if isinstance(a, argparse._SubParsersAction))
+    p = csub.add_parser("export", help="write a coverage report: lcov, html (.tar.gz), cobertura, json")
+    p.add_argument("name", help="a session (sessions/ID or ID) or coverageReports/ID")
+    p.add_argument("--format", default="lcov", choices=sorted(COVERAGE_FORMATS))
+    p.add_argument("--source-root", help="prefix for source paths, so they resolve where you read the report")
+    p.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    p.set_defaults(handler=cmd_coverage_export)
+    p = csub.add_parser("summary", help="line/function/branch coverage per file, as a table")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_coverage_summary)
     session_group = sub.choices["session"]
     ssub = next(a for a in session_group._actions if isinstance(a, argparse._SubParsersAction))
     p = ssub.add_parser("create", help="create a session (uploads --program if it is a file)")
@@ -183,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--power-on", action="store_true")
     p.add_argument("--run", action="store_true", help="power on and run")
+    p.add_argument("--coverage", action="store_true", help="start the machine ready to collect coverage")
     p.set_defaults(handler=cmd_session_create)
     p = ssub.add_parser("list", help="sessions as a table")
     p.add_argument("--filter")
