@@ -143,3 +143,19 @@ async def test_duration_holds_before_firing() -> None:
     assert not sub._items
     tel.evaluate([rule], replace(s0, time=1031.0))
     assert sub._items and sub._items[0].firing
+
+
+async def test_counts_say_whether_they_are_exact(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "hello")
+    fast = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True)).session
+    exact = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
+                                                  options={"icount": True})).session
+    for _ in range(100):
+        a = (await client.telemetry.get_session_metrics(name=fast.name)).metrics
+        b = (await client.telemetry.get_session_metrics(name=exact.name)).metrics
+        if a.state == b.state == 4:  # both exited
+            break
+        await asyncio.sleep(0.02)
+    assert b.counts_exact and not a.counts_exact
+    # hello is a few hundred instructions: the exact count says so (the estimate is far off)
+    assert 100 < b.instructions < 100_000

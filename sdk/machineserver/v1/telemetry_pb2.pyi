@@ -315,6 +315,7 @@ class SessionMetrics(_message.Message):
     CONSOLE_BYTES_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     HOST_USAGE_NOTE_FIELD_NUMBER: _builtins.int
+    COUNTS_EXACT_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     state: _common_pb2.SessionState.ValueType
     instructions: _builtins.int
@@ -327,6 +328,10 @@ class SessionMetrics(_message.Message):
     console_bytes: _builtins.int
     host_usage_note: _builtins.str
     """Why host_cpu_percent / host_memory_bytes are 0, when they are."""
+    counts_exact: _builtins.bool
+    """instructions and virtual_time_ns are counted exactly (session option icount) rather
+    than estimated from host time (the fast default on both backends).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -342,10 +347,11 @@ class SessionMetrics(_message.Message):
         console_bytes: _builtins.int = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         host_usage_note: _builtins.str = ...,
+        counts_exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["console_bytes", b"console_bytes", "host_cpu_percent", b"host_cpu_percent", "host_memory_bytes", b"host_memory_bytes", "host_usage_note", b"host_usage_note", "instructions", b"instructions", "mips", b"mips", "session", b"session", "state", b"state", "time", b"time", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["console_bytes", b"console_bytes", "counts_exact", b"counts_exact", "host_cpu_percent", b"host_cpu_percent", "host_memory_bytes", b"host_memory_bytes", "host_usage_note", b"host_usage_note", "instructions", b"instructions", "mips", b"mips", "session", b"session", "state", b"state", "time", b"time", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

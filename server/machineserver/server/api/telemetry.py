@@ -74,7 +74,8 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
             instructions=int(m["instructions"]), virtual_time_ns=int(m["virtual_time_ns"]),
             mips=float(m["mips"]), console_bytes=int(m["console_bytes"]),
             host_cpu_percent=float(m["host_cpu_percent"]), host_memory_bytes=int(m["host_memory_bytes"]),
-            host_usage_note=str(m.get("host_note", "")), time=convert.timestamp(time.time()),
+            host_usage_note=str(m.get("host_note", "")), counts_exact=bool(m["counts_exact"]),
+            time=convert.timestamp(time.time()),
         )
 
     async def GetHostStatus(self, request: pb.GetHostStatusRequest, context: aio.ServicerContext) -> pb.GetHostStatusResponse:

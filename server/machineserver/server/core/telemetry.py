@@ -419,6 +419,7 @@ class Telemetry:
         return {
             "instructions": instructions,
             "virtual_time_ns": counters.virtual_time_ns if counters else 0,
+            "counts_exact": int(counters.exact) if counters else 1,
             "mips": mips,
             "console_bytes": live.console.end,
             "host_cpu_percent": usage.cpu_percent,

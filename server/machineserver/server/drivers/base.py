@@ -189,6 +189,9 @@ class StopInfo:
 class Counters:
     instructions: int
     virtual_time_ns: int
+    # False when the backend estimates rather than counts (e.g. Unicorn or QEMU without
+    # icount: exact counting costs speed there)
+    exact: bool = True
 
 
 class WatchKind(enum.StrEnum):

@@ -393,7 +393,9 @@ class QemuMachine(
         virtual = self._virtual_ns
         if self._shift is None and self._run_started is not None:
             virtual += int((time.monotonic() - self._run_started) * 1e9)
-        return Counters(instructions=self._instructions, virtual_time_ns=virtual)
+        # with -icount QEMU counts instructions; without, there is no count and the
+        # virtual time is the host time spent running
+        return Counters(instructions=self._instructions, virtual_time_ns=virtual, exact=self._shift is not None)
 
     async def _refresh_counters(self) -> None:
         if self._shift is None or self._inst is None or not self._inst.alive:

@@ -448,7 +448,7 @@ class UnicornMachine(
 
     def counters(self) -> Counters:
         return Counters(instructions=self.instructions,
-                        virtual_time_ns=int(self.cycles * 1000 / self.board.cpu_mhz))
+                        virtual_time_ns=int(self.cycles * 1000 / self.board.cpu_mhz), exact=self.exact)
 
     # ------------------------------------------------------------------ execution
     def _raw_slice(self, n: int, counted: bool) -> tuple[UcError | None, int, bool]:
