@@ -4,12 +4,10 @@ with flags from the request's fields (JSON in, JSON out)."""
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
@@ -209,11 +207,3 @@ def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, ar
     else:
         print_message(result, args.json)
     return 0
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def as_dict(msg: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)

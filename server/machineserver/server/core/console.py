@@ -52,9 +52,6 @@ class ConsoleLog:
         begin = max(offset, self._start) - self._start
         return ConsoleChunk(self._start + begin, bytes(self._buf[begin : begin + limit]), dropped)
 
-    def text(self) -> str:
-        return self._buf.decode(errors="replace")
-
     def close(self) -> None:
         self._closed = True
         self._grew.set()

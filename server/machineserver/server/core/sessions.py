@@ -52,7 +52,6 @@ from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.pubsub import Hub
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import (
-    Backend,
     BoardSpec,
     Feature,
     Machine,
@@ -616,10 +615,4 @@ class SessionManager:
     def _save(self, rec: SessionRecord) -> None:
         self.db.put(TABLE, record_row(rec, board=rec.board, backend=rec.backend, state=rec.state))
 
-    def touch(self, live: LiveSession) -> None:
-        live.record.update_time = now()
-        self._save(live.record)
-
-    def backend_of(self, live: LiveSession) -> Backend:
-        return self.backends.get(live.record.backend)
 

@@ -369,10 +369,6 @@ _FEATURE_INTERFACES: dict[Feature, type] = {
 }
 
 
-def interface_for(feature: Feature) -> type:
-    return _FEATURE_INTERFACES[feature]
-
-
 def features_of(machine_class: type) -> frozenset[Feature]:
     """The features a machine class really implements: the interfaces it inherits."""
     return frozenset(f for f, iface in _FEATURE_INTERFACES.items() if issubclass(machine_class, iface))
