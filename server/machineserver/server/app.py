@@ -22,7 +22,7 @@ from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.engine import Engine
 from machineserver.server.obs.logging import configure
 from machineserver.server.obs.metrics import ServerMetrics
-from machineserver.server.obs.tracing import TracingHook
+from machineserver.server.obs.tracing import TracingHook, tracing_configured
 
 log = structlog.get_logger("machineserver")
 
@@ -67,7 +67,8 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
         if cfg.metrics_listen:
             metrics = ServerMetrics(engine)
             metrics_port = metrics.serve(cfg.metrics_listen)
-        chain: list[CallHook] = [TracingHook(tracer_provider), *([metrics] if metrics else []), *hooks]
+        chain: list[CallHook] = [*([TracingHook(tracer_provider)] if tracing_configured(tracer_provider) else []),
+                                 *([metrics] if metrics else []), *hooks]
         server, port, health_servicer = await build_server(engine, cfg.listen, chain, tls=tls)
         await server.start()
     except BaseException:

@@ -30,6 +30,13 @@ _SPAN_ATTR = "_otel_span"  # kept on the CallInfo itself: it goes away with the 
 REQUEST_ID_ATTRIBUTE = "machineserver.request_id"
 
 
+def tracing_configured(provider: trace.TracerProvider | None) -> bool:
+    """Whether spans would go anywhere: a provider was given, or the process set a global
+    one (the default global provider is a proxy that records nothing). Without one, the
+    hook is left out of the chain: every RPC is cheaper for it."""
+    return provider is not None or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 class TracingHook:
     def __init__(self, provider: trace.TracerProvider | None = None) -> None:
         self.tracer = (provider or trace.get_tracer_provider()).get_tracer("machineserver", __version__)
