@@ -145,6 +145,8 @@ class UnicornMachine(
         self._suppress_debug = False
         self._tb_counted: bool | None = None  # how the cached translated blocks were made
         self._mmio_lock = threading.RLock()
+        self._lock_wanted = 0  # calls waiting for _lock while the worker runs slices
+        self._wanted_guard = threading.Lock()
         self._slice_id = 0
         self._stop_pending = False
         self._last_access: tuple[tuple[int, int, int | None], Any] | None = None
@@ -587,6 +589,8 @@ class UnicornMachine(
                 if self._pause_req.is_set():
                     stop = StopInfo(StopReason.HALT, pc=self.core.pc())
                     break
+                while self._lock_wanted:  # let a debugger call in between slices: the
+                    time.sleep(0.0001)     # lock is not fair, and this loop would starve it
                 with self._lock:
                     stop, _, idle = self._advance(None)
                 if idle and stop is None:
@@ -697,8 +701,14 @@ class UnicornMachine(
 
     async def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         def call() -> Any:
-            with self._lock:
-                return fn(*args)
+            with self._wanted_guard:
+                self._lock_wanted += 1
+            try:
+                with self._lock:
+                    return fn(*args)
+            finally:
+                with self._wanted_guard:
+                    self._lock_wanted -= 1
         if self._state == MachineState.RUNNING:
             return await asyncio.to_thread(call)
         return call()
