@@ -15,6 +15,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.drivers import native
 from machineserver.server.drivers.base import (
     Arch,
     Feature,
@@ -169,7 +170,7 @@ def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
     cc = shutil.which("gcc") or shutil.which("cc")
     assert cc
     with pytest.raises(RuntimeError, match="failed to build"):
-        cov._build(bad, cc, tmp_path / "cache")
+        native.build(bad, cc, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.so"))
     assert cov.PluginStatus(None, "no gcc").method == "none: no gcc"
 

@@ -14,27 +14,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from machineserver.server.drivers import native
+
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "plugin" / "msblocks.c"
-CFLAGS = ("-shared", "-fPIC", "-O2")
 MAGIC = b"MSBLKS\x00\x01"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIQ32x")  # magic, version, entry_size, capacity, flags, used
 ENTRY = struct.Struct("<QIIQ")  # vaddr, size, pad, count
 FLAG_FULL = 1
 FLAG_EXITED = 2
-COMPILE_TIMEOUT = 60.0
 
 # block start address -> (size in bytes, execution count)
 Blocks = dict[int, tuple[int, int]]
@@ -50,64 +45,13 @@ class PluginStatus:
         return "tcg-plugin" if self.path else f"none: {self.reason}"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "machineserver"
-
-
-def _compiler() -> str | None:
-    return shutil.which("gcc") or shutil.which("cc")
-
-
-def _build(source: Path, cc: str, dest_dir: Path) -> Path:
-    """Compile ``source`` into ``dest_dir`` (cached by content); raise RuntimeError."""
-    try:
-        text = source.read_bytes()
-    except OSError as exc:
-        raise RuntimeError(f"plugin source missing: {exc}") from None
-    key = hashlib.sha256(text + b"\0" + cc.encode() + b"\0" + " ".join(CFLAGS).encode())
-    dest = dest_dir / f"msblocks-{key.hexdigest()[:20]}.so"
-    if dest.exists():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".msblocks-", suffix=".so", dir=dest_dir)
-    os.close(fd)
-    try:
-        try:
-            proc = subprocess.run(
-                [cc, *CFLAGS, "-o", tmp, str(source)],
-                capture_output=True, text=True, timeout=COMPILE_TIMEOUT,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"cannot run {cc}: {exc}") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
-            raise RuntimeError(f"{cc} failed to build the plugin: " + " | ".join(lines))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return dest
-
-
 _lock = threading.Lock()
 
 
 @functools.cache
 def _plugin_status_cached() -> PluginStatus:
-    cc = _compiler()
-    if cc is None:
-        return PluginStatus(None, "no host C compiler (gcc) to build the TCG plugin")
-    errors = []
-    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"machineserver-{os.getuid()}"):
-        try:
-            return PluginStatus(str(_build(PLUGIN_SOURCE, cc, d)))
-        except OSError as exc:  # cache dir not writable: try the next one
-            errors.append(f"{d}: {exc}")
-        except RuntimeError as exc:
-            return PluginStatus(None, str(exc))
-    return PluginStatus(None, "cannot write the plugin: " + "; ".join(errors))
+    path, reason = native.build_cached(PLUGIN_SOURCE, "the TCG plugin")
+    return PluginStatus(str(path) if path else None, reason)
 
 
 def plugin_status() -> PluginStatus:

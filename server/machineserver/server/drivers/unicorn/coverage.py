@@ -47,11 +47,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable
@@ -61,9 +56,9 @@ from typing import Any
 
 from unicorn import unicorn_const as ucc
 
+from machineserver.server.drivers import native
+
 SOURCE = Path(__file__).resolve().parent / "native" / "ucblocks.c"
-CFLAGS = ("-shared", "-fPIC", "-O2")
-COMPILE_TIMEOUT = 60.0
 
 Blocks = dict[int, tuple[int, int]]
 Edges = set[tuple[int, int]]
@@ -74,37 +69,6 @@ class NativeStatus:
     lib: Any  # the loaded ctypes.CDLL, None when unavailable
     path: str = ""
     reason: str = ""
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "machineserver"
-
-
-def _build(source: Path, cc: str, dest_dir: Path) -> Path:
-    text = source.read_bytes()
-    key = hashlib.sha256(text + b"\0" + cc.encode() + b"\0" + " ".join(CFLAGS).encode())
-    dest = dest_dir / f"ucblocks-{key.hexdigest()[:20]}.so"
-    if dest.exists():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ucblocks-", suffix=".so", dir=dest_dir)
-    os.close(fd)
-    try:
-        try:
-            proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], capture_output=True,
-                                  text=True, timeout=COMPILE_TIMEOUT)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"cannot run {cc}: {exc}") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
-            raise RuntimeError(f"{cc} failed to build ucblocks: " + " | ".join(lines))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return dest
 
 
 def _load(path: Path) -> Any:
@@ -127,23 +91,13 @@ _lock = threading.Lock()
 
 @functools.cache
 def _native_cached() -> NativeStatus:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return NativeStatus(None, reason="no host C compiler (gcc) to build the block counter")
-    errors = []
-    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"machineserver-{os.getuid()}"):
-        try:
-            path = _build(SOURCE, cc, d)
-        except OSError as exc:
-            errors.append(f"{d}: {exc}")
-            continue
-        except RuntimeError as exc:
-            return NativeStatus(None, reason=str(exc))
-        try:
-            return NativeStatus(_load(path), str(path))
-        except (OSError, AttributeError) as exc:
-            return NativeStatus(None, reason=f"cannot load {path}: {exc}")
-    return NativeStatus(None, reason="cannot write the block counter: " + "; ".join(errors))
+    path, reason = native.build_cached(SOURCE, "the block counter")
+    if path is None:
+        return NativeStatus(None, reason=reason)
+    try:
+        return NativeStatus(_load(path), str(path))
+    except (OSError, AttributeError) as exc:
+        return NativeStatus(None, reason=f"cannot load {path}: {exc}")
 
 
 def native_status() -> NativeStatus:
