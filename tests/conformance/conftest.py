@@ -16,17 +16,14 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
 from elftools.elf.elffile import ELFFile
 
 from machineserver.sdk import AsyncClient
-from machineserver.server.app import RunningServer, start
-from machineserver.server.config import ServerConfig
 from machineserver.v1 import common_pb2 as cpb
 from tests.conftest import firmware
 
@@ -99,22 +96,7 @@ def no_qemu_left_behind() -> Iterator[None]:
     assert not left, f"QEMU processes left behind (or not reaped): {[p.pid for p in left]}"
 
 
-# --------------------------------------------------------------------------- server, client
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning"))
-    try:
-        yield running
-    finally:
-        await running.stop(0.5)
-
-
-@pytest.fixture
-async def client(server: RunningServer) -> AsyncIterator[AsyncClient]:
-    async with await AsyncClient.connect(f"127.0.0.1:{server.port}", timeout=20) as c:
-        yield c
+# server and client: the fixtures of tests/conftest.py
 
 
 # --------------------------------------------------------------------------- helpers

@@ -15,15 +15,14 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.core.images import ImageFormat, parse_image
 from machineserver.server.drivers import native
 from machineserver.server.drivers.base import (
-    Arch,
     Feature,
     MachineOptions,
     MachineState,
     NotSupported,
     ProgramImage,
-    Segment,
     StopInfo,
     StopReason,
 )
@@ -62,14 +61,8 @@ def elf(program: str) -> Path:
 
 
 def image(path: Path) -> ProgramImage:
-    with path.open("rb") as f:
-        e = ELFFile(f)
-        segs = tuple(
-            Segment(s["p_paddr"], s.data()[: s["p_filesz"]])
-            for s in e.iter_segments()
-            if s["p_type"] == "PT_LOAD" and s["p_filesz"]
-        )
-        return ProgramImage(segs, entry=e["e_entry"], arch=Arch.ARM_CORTEX_M)
+    """The ELF's loadable image, through the server's own loader."""
+    return parse_image(path.read_bytes(), ImageFormat.ELF).image
 
 
 def function(path: Path, name: str) -> range:

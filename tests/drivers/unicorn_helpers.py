@@ -12,7 +12,8 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from machineserver.server.core.boards import load_shipped_boards
-from machineserver.server.drivers.base import Arch, ProgramImage, Segment, StopInfo
+from machineserver.server.core.images import ImageFormat, parse_image
+from machineserver.server.drivers.base import ProgramImage, StopInfo
 
 FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
 BUILD = FIRMWARE / "build"
@@ -34,15 +35,8 @@ def ensure_firmware(board: str) -> Path | None:
 
 
 def elf_image(path: Path) -> ProgramImage:
-    with path.open("rb") as f:
-        elf = ELFFile(f)
-        arch = Arch.ARM_CORTEX_M if elf["e_machine"] == "EM_ARM" else Arch.RISCV32
-        segs = tuple(
-            Segment(s["p_paddr"], s.data()[: s["p_filesz"]])
-            for s in elf.iter_segments()
-            if s["p_type"] == "PT_LOAD" and s["p_filesz"]
-        )
-        return ProgramImage(segs, entry=elf["e_entry"], arch=arch)
+    """The ELF's loadable image, through the server's own loader."""
+    return parse_image(path.read_bytes(), ImageFormat.ELF).image
 
 
 def elf_symbol(path: Path, name: str) -> int:

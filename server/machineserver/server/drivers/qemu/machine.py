@@ -463,6 +463,22 @@ class QemuMachine(
             asyncio.get_running_loop().create_task(inst.stop())
         return result
 
+    async def _deliver_death(self, inst: QemuInstance, fut: asyncio.Future[StopInfo] | None, *,
+                             mark_stopped: bool) -> None:
+        """QEMU is gone: a pause in progress gets the result of its death; otherwise,
+        once the process has exited, the death is reported as an event."""
+        if fut is not None and not fut.done():
+            try:
+                fut.set_result(await self._dead_result())
+            except BackendFailed as exc:
+                fut.set_exception(exc)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inst.exited.wait(), 3.0)
+        if mark_stopped:
+            self._mark_stopped()
+        self._report_death()
+
     async def _dead_result(self) -> StopInfo:
         """After the gdbstub connection dropped during a step/pause: what happened."""
         inst = self._inst
@@ -599,17 +615,7 @@ class QemuMachine(
             reply = await inst.rsp.wait_stop(None)
         except RspClosed:
             # the process died: a pause in progress collects it, else it is an event
-            fut = self._pause_future
-            if fut is not None and not fut.done():
-                try:
-                    fut.set_result(await self._dead_result())
-                except BackendFailed as exc:
-                    fut.set_exception(exc)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(inst.exited.wait(), 3.0)
-                self._mark_stopped()
-                self._report_death()
+            await self._deliver_death(inst, self._pause_future, mark_stopped=True)
             return
         fut = self._pause_future
         try:
@@ -621,15 +627,7 @@ class QemuMachine(
                 fut.set_exception(BackendFailed(str(exc)))
             return
         if info is None:  # died right after stopping
-            if fut is not None and not fut.done():
-                try:
-                    fut.set_result(await self._dead_result())
-                except BackendFailed as exc:
-                    fut.set_exception(exc)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(inst.exited.wait(), 3.0)
-                self._report_death()
+            await self._deliver_death(inst, fut, mark_stopped=False)
             return
         if fut is not None and not fut.done():
             fut.set_result(info)
