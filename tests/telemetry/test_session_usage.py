@@ -11,7 +11,7 @@ import time
 
 from machineserver.sdk import AsyncClient
 from machineserver.server.core.telemetry import HostUsageProbe
-from machineserver.server.drivers.base import HostFootprint
+from machineserver.server.drivers.base import Counters, HostFootprint, Machine, MachineState, ProgramImage
 from tests.api.test_sessions import upload
 
 
@@ -31,21 +31,35 @@ class ThreadMachine(HostFootprint):
         return self.tids
 
 
+class FootlessMachine(Machine):
+    """A machine that declares no HostFootprint part."""
+
+    state = MachineState.OFF
+
+    async def power_on(self) -> None: ...
+    async def power_off(self) -> None: ...
+    async def reset(self) -> None: ...
+    async def load(self, image: ProgramImage) -> None: ...
+
+    def counters(self) -> Counters:
+        return Counters(0, 0)
+
+
 def test_process_cpu_and_memory() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "x = bytearray(32 << 20)\nwhile True: pass"])
     try:
         probe = HostUsageProbe()
         machine = ProcessMachine([busy.pid])
-        first = probe.measure(machine)  # lifetime average
+        first = probe.measure_footprint(machine)  # lifetime average
         assert first.note == ""
         time.sleep(0.6)
-        usage = probe.measure(machine)
+        usage = probe.measure_footprint(machine)
         assert usage.cpu_percent > 20, usage
         assert usage.memory_bytes > 32 << 20
     finally:
         busy.kill()
         busy.wait()
-    gone = probe.measure(machine)
+    gone = probe.measure_footprint(machine)
     assert gone.cpu_percent == 0 and "unavailable" in gone.note
 
 
@@ -65,9 +79,9 @@ def test_worker_thread_cpu_share() -> None:
             time.sleep(0.01)
         probe = HostUsageProbe()
         machine = ThreadMachine(tid)
-        assert probe.measure(machine).cpu_percent == 0  # no previous measurement yet
+        assert probe.measure_footprint(machine).cpu_percent == 0  # no previous measurement yet
         time.sleep(0.5)
-        usage = probe.measure(machine)
+        usage = probe.measure_footprint(machine)
         assert usage.cpu_percent > 20, usage
         assert usage.memory_bytes == 0 and "shared with the server" in usage.note
     finally:
@@ -76,7 +90,7 @@ def test_worker_thread_cpu_share() -> None:
 
 
 def test_unknown_backend_reads_zero_with_a_note() -> None:
-    usage = HostUsageProbe().measure(object())
+    usage = HostUsageProbe().measure(FootlessMachine())
     assert (usage.cpu_percent, usage.memory_bytes) == (0, 0) and "does not say" in usage.note
     assert HostUsageProbe().measure(None).note == "powered off"
 

@@ -60,6 +60,7 @@ from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import Arch, Feature, MachineState
+from machineserver.server.drivers.base import Coverage as CoverageCapability
 from machineserver.server.store.blobs import BlobStore
 from machineserver.server.store.db import Database
 
@@ -509,7 +510,7 @@ class CoverageManager:
             return
         try:
             with driver_errors(live):
-                await live.machine.coverage_start()  # type: ignore[attr-defined]
+                await live.machine.capability(CoverageCapability).coverage_start()
         except Exception as exc:  # the session still powers on, just without coverage
             log.warning("coverage_restart_failed", session_id=live.id, error=str(exc))
             st.collecting = False
@@ -542,7 +543,7 @@ class CoverageManager:
         async with live.lock:
             machine = live.require_machine("start coverage")
             with driver_errors(live):
-                await machine.coverage_start()  # type: ignore[attr-defined]
+                await machine.capability(CoverageCapability).coverage_start()
         st = self._state.setdefault(live.id, SessionCoverage())
         st.collecting = True
         st.program = live.record.program
@@ -559,9 +560,9 @@ class CoverageManager:
     async def _collect(self, live: LiveSession) -> tuple[Blocks, Edges | None]:
         machine = live.require_machine("read coverage")
         with driver_errors(live):
-            blocks: Blocks = dict(await machine.coverage_blocks())  # type: ignore[attr-defined]
-            edges_fn = getattr(machine, "coverage_edges", None)
-            edges = normalize_edges(await edges_fn()) if edges_fn is not None else None
+            part = machine.capability(CoverageCapability)
+            blocks: Blocks = dict(await part.coverage_blocks())
+            edges = normalize_edges(await part.coverage_edges())
         return blocks, edges
 
     async def stop(self, live: LiveSession, owner: str = "") -> CoverageReportRecord:
@@ -569,7 +570,7 @@ class CoverageManager:
         async with live.lock:
             machine = live.require_machine("stop coverage")
             with driver_errors(live):
-                await machine.coverage_stop()  # type: ignore[attr-defined]
+                await machine.capability(CoverageCapability).coverage_stop()
             blocks, edges = await self._collect(live)
         st.collecting = False
         st.last_blocks, st.last_edges = blocks, edges
@@ -587,7 +588,7 @@ class CoverageManager:
             async with live.lock:
                 machine = live.require_machine("reset coverage")
                 with driver_errors(live):
-                    await machine.coverage_reset()  # type: ignore[attr-defined]
+                    await machine.capability(CoverageCapability).coverage_reset()
         st.last_blocks = {} if st.last_blocks is not None else None
         st.last_edges = None
 

@@ -19,7 +19,17 @@ from machineserver.server.core.errors import (
 )
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.core.symbols import SymbolTable
-from machineserver.server.drivers.base import Arch, Feature, StopInfo, StopReason, WatchKind
+from machineserver.server.drivers.base import (
+    Arch,
+    Breakpoints,
+    Feature,
+    MemoryAccess,
+    RegisterAccess,
+    StopInfo,
+    StopReason,
+    WatchKind,
+    Watchpoints,
+)
 
 MAX_MEMORY_BYTES = 1 << 20
 
@@ -199,20 +209,21 @@ class Debugger:
                 await self.clear_breakpoint(live, bp.id)
 
     async def _apply(self, live: LiveSession, bp: Breakpoint) -> None:
-        machine = live.machine
+        machine = live.require_machine("set a breakpoint")
         with driver_errors(live):
             if bp.kind.watch is not None:
-                await machine.set_watchpoint(bp.address, bp.size, bp.kind.watch)  # type: ignore[union-attr]
+                await machine.capability(Watchpoints).set_watchpoint(bp.address, bp.size, bp.kind.watch)
             else:
-                await machine.set_breakpoint(bp.address, hardware=bp.kind is BreakpointKind.HARDWARE)  # type: ignore[union-attr]
+                await machine.capability(Breakpoints).set_breakpoint(
+                    bp.address, hardware=bp.kind is BreakpointKind.HARDWARE)
 
     async def _remove(self, live: LiveSession, bp: Breakpoint) -> None:
-        machine = live.machine
+        machine = live.require_machine("clear a breakpoint")
         with driver_errors(live):
             if bp.kind.watch is not None:
-                await machine.clear_watchpoint(bp.address, bp.size, bp.kind.watch)  # type: ignore[union-attr]
+                await machine.capability(Watchpoints).clear_watchpoint(bp.address, bp.size, bp.kind.watch)
             else:
-                await machine.clear_breakpoint(bp.address)  # type: ignore[union-attr]
+                await machine.capability(Breakpoints).clear_breakpoint(bp.address)
 
     async def _reapply(self, live: LiveSession) -> None:
         for bp in self.list_breakpoints(live):
@@ -236,7 +247,7 @@ class Debugger:
         machine = live.require_inspectable("read registers")
         live.feature(Feature.REGISTERS)
         with driver_errors(live):
-            return await machine.read_registers(names or None)  # type: ignore[attr-defined,no-any-return]
+            return await machine.capability(RegisterAccess).read_registers(names or None)
 
     async def write_register(self, live: LiveSession, name: str, value: int) -> int:
         machine = live.require_inspectable("write a register")
@@ -246,22 +257,23 @@ class Debugger:
         if value >= 1 << 32:
             raise InvalidArgument("value", f"0x{value:x} does not fit the 32-bit register {name}")
         with driver_errors(live):
-            await machine.write_register(name, value)  # type: ignore[attr-defined]
-            return (await machine.read_registers([name]))[name]  # type: ignore[attr-defined,no-any-return]
+            registers = machine.capability(RegisterAccess)
+            await registers.write_register(name, value)
+            return (await registers.read_registers([name]))[name]
 
     async def read_memory(self, live: LiveSession, address: int, size: int) -> bytes:
         machine = live.require_inspectable("read memory")
         live.feature(Feature.MEMORY)
         _check_range(address, size)
         with driver_errors(live):
-            return await machine.read_memory(address, size)  # type: ignore[attr-defined,no-any-return]
+            return await machine.capability(MemoryAccess).read_memory(address, size)
 
     async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
         machine = live.require_inspectable("write memory")
         live.feature(Feature.MEMORY)
         _check_range(address, len(data), "data")
         with driver_errors(live):
-            await machine.write_memory(address, data)  # type: ignore[attr-defined]
+            await machine.capability(MemoryAccess).write_memory(address, data)
         return len(data)
 
     # ------------------------------------------------------------------ disassembly
@@ -448,7 +460,7 @@ class LineStepper:
                            for b in self.debugger.list_breakpoints(live))
         if not user_has_one:
             with driver_errors(live):
-                await machine.set_breakpoint(address)  # type: ignore[attr-defined]
+                await machine.capability(Breakpoints).set_breakpoint(address)
             live.temporary_breakpoints.add(address)
         try:
             await self.sessions.run(live)
@@ -462,5 +474,5 @@ class LineStepper:
             live.temporary_breakpoints.discard(address)
             if not user_has_one and live.machine is machine and live.state.value != "off":
                 with driver_errors(live):
-                    await machine.clear_breakpoint(address)  # type: ignore[attr-defined]
+                    await machine.capability(Breakpoints).clear_breakpoint(address)
         return stop

@@ -54,7 +54,7 @@ import structlog
 from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger, Location
 from machineserver.server.core.errors import MachineServerError, Unimplemented
 from machineserver.server.core.sessions import LiveSession, SessionManager
-from machineserver.server.drivers.base import Arch, MachineState, StopInfo, StopReason
+from machineserver.server.drivers.base import Arch, MachineState, RegisterAccess, StopInfo, StopReason
 
 log = structlog.get_logger(__name__)
 
@@ -505,11 +505,8 @@ class _Connection:
         if self.layout is None:
             machine = self.live.machine
             offered = None
-            if machine is not None and hasattr(machine, "register_names"):
-                try:
-                    offered = list(machine.register_names())
-                except Exception:  # a driver without a register list yet
-                    offered = None
+            if machine is not None and machine.has(RegisterAccess):
+                offered = list(machine.capability(RegisterAccess).register_names())
             self.layout = build_layout(self.live.board.arch, offered)
         return self.layout
 

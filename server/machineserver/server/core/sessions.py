@@ -284,8 +284,8 @@ class SessionManager:
         return paginate(items, page_size, page_token, filter_text)
 
     def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
-        backend = self.backends.get(backend_name)
-        if feature not in drv.features_of(backend.machine_class):
+        self.backends.get(backend_name)  # NotFound for an unknown backend
+        if feature not in self.backends.info(backend_name).features:
             raise Unimplemented(
                 feature.value, f"backend {backend_name} does not support {feature.value.replace('_', ' ')}"
             )
@@ -479,7 +479,7 @@ class SessionManager:
             self.set_state(live, MachineState.RUNNING, "running")
             try:
                 with driver_errors(live):
-                    await machine.run()  # type: ignore[attr-defined]
+                    await machine.capability(drv.RunControl).run()
             except BaseException:
                 if live.state is MachineState.RUNNING:
                     self.set_state(live, MachineState.HALTED, "run failed")
@@ -494,7 +494,7 @@ class SessionManager:
                 return live.last_stop
             live.feature(Feature.RUN_CONTROL)
             with driver_errors(live):
-                info: StopInfo = await machine.pause()  # type: ignore[attr-defined]
+                info: StopInfo = await machine.capability(drv.RunControl).pause()
             if live.state is MachineState.RUNNING:  # a stop event may have come first
                 self._apply_stop(live, info, reason)
             return live.last_stop
@@ -506,7 +506,7 @@ class SessionManager:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
             with driver_errors(live):
-                info: StopInfo = await machine.step(count or 1)  # type: ignore[attr-defined]
+                info: StopInfo = await machine.capability(drv.RunControl).step(count or 1)
             self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
 
@@ -593,7 +593,7 @@ class SessionManager:
         machine = live.require_machine("write to the console")
         live.feature(Feature.CONSOLE_INPUT)
         with driver_errors(live):
-            await machine.console_input(data)  # type: ignore[attr-defined]
+            await machine.capability(drv.ConsoleInput).console_input(data)
         return len(data)
 
     def console_stream(self, live: LiveSession, offset: int, follow: bool) -> AsyncIterator[ConsoleChunk]:

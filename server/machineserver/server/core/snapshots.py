@@ -16,7 +16,7 @@ from machineserver.server.core.errors import (
 from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
 from machineserver.server.core.models import SnapshotRecord, from_row, record_row
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
-from machineserver.server.drivers.base import Feature, MachineState
+from machineserver.server.drivers.base import Feature, MachineState, Snapshots
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
 
@@ -57,7 +57,7 @@ class SnapshotStore:
             async with live.lock:
                 machine = live.require_machine("take a snapshot")
                 with driver_errors(live):
-                    blob: bytes = await machine.save_state()  # type: ignore[attr-defined]
+                    blob: bytes = await machine.capability(Snapshots).save_state()
                 instructions = machine.counters().instructions
         finally:
             if was_running and live.state is MachineState.HALTED:
@@ -96,7 +96,7 @@ class SnapshotStore:
         async with live.lock:
             machine = live.require_machine("restore a snapshot")
             with driver_errors(live):
-                await machine.restore_state(blob)  # type: ignore[attr-defined]
+                await machine.capability(Snapshots).restore_state(blob)
             if rec.program:
                 live.record.program = rec.program
             live.record.exit_code = None

@@ -45,7 +45,7 @@ from machineserver.server.core.telemetry_sources import (
     Usage,
     default_sources,
 )
-from machineserver.server.drivers.base import HostFootprint
+from machineserver.server.drivers.base import HostFootprint, Machine
 from machineserver.server.store.db import Database
 
 __all__ = [
@@ -232,17 +232,20 @@ class HostUsageProbe:
         self._procs: dict[int, psutil.Process] = {}
         self._prev: tuple[float, float] | None = None  # (monotonic, cpu seconds)
 
-    def measure(self, machine: object | None) -> HostUsage:
+    def measure(self, machine: Machine | None) -> HostUsage:
         if machine is None:
             self._prev = None
             return HostUsage(0.0, 0, "powered off")
-        if not isinstance(machine, HostFootprint):
+        if not machine.has(HostFootprint):
             return HostUsage(0.0, 0, "this backend does not say which host processes or threads it uses")
+        return self.measure_footprint(machine.capability(HostFootprint))
+
+    def measure_footprint(self, footprint: HostFootprint) -> HostUsage:
         try:
-            pids = [int(p) for p in machine.host_process_ids()]
+            pids = [int(p) for p in footprint.host_process_ids()]
             if pids:
                 return self._processes(pids)
-            tids = {int(t) for t in machine.host_thread_ids()}
+            tids = {int(t) for t in footprint.host_thread_ids()}
             if tids:
                 return self._threads(tids)
         except (psutil.Error, OSError) as exc:

@@ -2,18 +2,27 @@
 
 A backend is a factory (:class:`Backend`) registered under the entry-point group
 ``machineserver.drivers``. It creates one :class:`Machine` per session. A machine always
-implements the lifecycle part (:class:`Machine`) and composes the small capability
-interfaces below that it really supports; :func:`features_of` derives the feature flags
-that CapabilitiesService reports from what the machine class inherits, so a flag can
-never claim more than the code does.
+implements the lifecycle (:class:`Machine`) and is made of small parts, one per
+capability interface below that it really supports (run control, registers, memory,
+breakpoints, watchpoints, console input, snapshots, coverage, host footprint). The
+machine class declares them in ``capabilities``; :func:`features_of` derives the feature
+flags that CapabilitiesService reports from that declaration, and callers reach a part
+through the typed accessor ``machine.capability(Interface)``.
 
-Drivers speak plain Python (dataclasses, enums, bytes, ints). They never import the API
-layer, generated protobuf messages or the core. Every method is ``async``; blocking work
-(an emulator's run loop, a subprocess, a socket) runs off the event loop. Events flow
-back through :class:`MachineEvents`, whose methods may be called from any thread.
+Drivers speak plain Python (dataclasses, enums, bytes, ints): every argument and result
+can cross a process boundary. They never import the API layer, generated protobuf
+messages or the core. Every method is ``async``; blocking work (an emulator's run loop, a
+subprocess, a socket) runs off the event loop. Events flow back through
+:class:`MachineEvents`, whose methods may be called from any thread.
 
-Errors a driver raises: :class:`DriverError` and its subclasses; the core maps them to
-gRPC status codes.
+The contract (``tests/drivers/test_contract.py`` checks it against every driver):
+
+* only :class:`DriverError` and its subclasses escape a driver method (and
+  ``asyncio.CancelledError`` when the caller is cancelled);
+* each stop is reported exactly once (see :class:`RunControl`);
+* clearing a breakpoint or watchpoint that is not set is a no-op;
+* watchpoint sizes are ``WATCH_SIZES`` everywhere;
+* registers and memory stay readable after the program exits or faults.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 # --------------------------------------------------------------------------- errors
 
@@ -217,133 +226,57 @@ class MachineEvents(Protocol):
     def failed(self, reason: str) -> None: ...
 
 
-# --------------------------------------------------------------------------- interfaces
+# --------------------------------------------------------------------------- coverage data
+
+# Executed basic blocks: start address -> (size in bytes, execution count). A count of 0
+# means "executed, count unknown" (a first-hit collector).
+Blocks = dict[int, tuple[int, int]]
+# Control transfers: (address of the last instruction of the block left, start of the
+# block entered) -> how many times it was taken (0: taken, count unknown).
+Edges = dict[tuple[int, int], int]
 
 
-class Machine(abc.ABC):
-    """The lifecycle every machine implements. A new machine is OFF."""
-
-    @property
-    @abc.abstractmethod
-    def state(self) -> MachineState: ...
-
-    @abc.abstractmethod
-    async def power_on(self) -> None:
-        """Allocate the machine and leave it HALTED at its reset state."""
-
-    @abc.abstractmethod
-    async def power_off(self) -> None:
-        """Free everything the machine holds (memory, processes). Idempotent."""
-
-    @abc.abstractmethod
-    async def reset(self) -> None:
-        """Reset the CPU and peripherals (memory contents of flash kept); HALTED after."""
-
-    @abc.abstractmethod
-    async def load(self, image: ProgramImage) -> None:
-        """Write the image into memory and set the CPU to start it. HALTED after."""
-
-    @abc.abstractmethod
-    def counters(self) -> Counters: ...
+def merge_blocks(into: Blocks, other: Mapping[int, tuple[int, int]]) -> Blocks:
+    """Union into ``into`` (and return it): counts summed, the larger size kept. A count
+    stays 0 ("unknown") only when both sides are unknown."""
+    for start, (size, count) in other.items():
+        old = into.get(start)
+        into[start] = (size, count) if old is None else (max(old[0], size), old[1] + count)
+    return into
 
 
-class RunControl(abc.ABC):
-    @abc.abstractmethod
-    async def run(self) -> None:
-        """Start or resume execution; returns at once. Stops that happen while running
-        (breakpoint, watchpoint, exit, fault) arrive as ``MachineEvents.stopped``; the
-        stops that pause() and step() return are not also sent as events."""
-
-    @abc.abstractmethod
-    async def pause(self) -> StopInfo:
-        """Stop execution and return where it stopped (HALT)."""
-
-    @abc.abstractmethod
-    async def step(self, count: int = 1) -> StopInfo:
-        """Execute ``count`` instructions (fewer if a breakpoint, exit or fault comes first)."""
+def merge_edges(into: Edges, other: Mapping[tuple[int, int], int]) -> Edges:
+    """Union into ``into`` (and return it), counts summed."""
+    for edge, count in other.items():
+        into[edge] = into.get(edge, 0) + count
+    return into
 
 
-class RegisterAccess(abc.ABC):
-    @abc.abstractmethod
-    def register_names(self) -> Sequence[str]: ...
-
-    @abc.abstractmethod
-    async def read_registers(self, names: Sequence[str] | None = None) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    async def write_register(self, name: str, value: int) -> None: ...
-
-
-class MemoryAccess(abc.ABC):
-    @abc.abstractmethod
-    async def read_memory(self, address: int, size: int) -> bytes: ...
-
-    @abc.abstractmethod
-    async def write_memory(self, address: int, data: bytes) -> None: ...
+def blocks_since(current: Mapping[int, tuple[int, int]], baseline: Mapping[int, tuple[int, int]]) -> Blocks:
+    """Blocks executed since ``baseline`` was taken: counts minus the baseline's, only
+    those that grew. Unknown counts (0) are kept when the block is new since then."""
+    out: Blocks = {}
+    for start, (size, count) in current.items():
+        before = baseline.get(start)
+        if before is None:
+            out[start] = (size, count)
+        elif count > before[1]:
+            out[start] = (size, count - before[1])
+    return out
 
 
-class Breakpoints(abc.ABC):
-    """Breakpoints stay set across reset() and load() until cleared or power_off();
-    setting one twice at the same address is a no-op, and so is clearing an unset one."""
-
-    @abc.abstractmethod
-    async def set_breakpoint(self, address: int, *, hardware: bool = False) -> None: ...
-
-    @abc.abstractmethod
-    async def clear_breakpoint(self, address: int) -> None: ...
-
-
-class Watchpoints(abc.ABC):
-    """Same lifetime rules as breakpoints."""
-
-    @abc.abstractmethod
-    async def set_watchpoint(self, address: int, size: int, kind: WatchKind) -> None: ...
-
-    @abc.abstractmethod
-    async def clear_watchpoint(self, address: int, size: int, kind: WatchKind) -> None: ...
+def edges_since(current: Mapping[tuple[int, int], int], baseline: Mapping[tuple[int, int], int]) -> Edges:
+    out: Edges = {}
+    for edge, count in current.items():
+        before = baseline.get(edge)
+        if before is None:
+            out[edge] = count
+        elif count > before:
+            out[edge] = count - before
+    return out
 
 
-class ConsoleInput(abc.ABC):
-    @abc.abstractmethod
-    async def console_input(self, data: bytes) -> None: ...
-
-
-class Snapshots(abc.ABC):
-    @abc.abstractmethod
-    async def save_state(self) -> bytes:
-        """The whole machine state (CPU, RAM, peripherals) as one self-contained blob.
-        The machine must be halted."""
-
-    @abc.abstractmethod
-    async def restore_state(self, blob: bytes) -> None:
-        """Bring the machine back to a state from :meth:`save_state`. HALTED after."""
-
-
-class Coverage(abc.ABC):
-    @abc.abstractmethod
-    async def coverage_start(self) -> None: ...
-
-    @abc.abstractmethod
-    async def coverage_stop(self) -> None: ...
-
-    @abc.abstractmethod
-    async def coverage_reset(self) -> None: ...
-
-    @abc.abstractmethod
-    async def coverage_blocks(self) -> dict[int, tuple[int, int]]:
-        """Executed basic blocks: start address -> (size in bytes, execution count;
-        count 0 means "executed, count unknown")."""
-
-
-class HostFootprint:
-    """What a machine uses on the host, for session metrics (not a feature flag): the
-    processes it runs (e.g. QEMU) or the threads it runs on (an in-process emulator)."""
-
-    def host_process_ids(self) -> Sequence[int]:
-        return ()
-
-    def host_thread_ids(self) -> Sequence[int]:
-        return ()
+# --------------------------------------------------------------------------- capabilities
 
 
 class Feature(enum.StrEnum):
@@ -357,21 +290,239 @@ class Feature(enum.StrEnum):
     COVERAGE = "coverage"
 
 
-_FEATURE_INTERFACES: dict[Feature, type] = {
-    Feature.RUN_CONTROL: RunControl,
-    Feature.REGISTERS: RegisterAccess,
-    Feature.MEMORY: MemoryAccess,
-    Feature.BREAKPOINTS: Breakpoints,
-    Feature.WATCHPOINTS: Watchpoints,
-    Feature.CONSOLE_INPUT: ConsoleInput,
-    Feature.SNAPSHOTS: Snapshots,
-    Feature.COVERAGE: Coverage,
-}
+class Capability(abc.ABC):  # noqa: B024 - a marker base; the interfaces below are abstract
+    """One part of a machine. Each interface below is one capability; a backend
+    implements each capability it supports as its own small class (its own file), and
+    the machine hands the parts out through :meth:`Machine.capability`.
+
+    ``feature`` is the flag CapabilitiesService reports for it (None: not a feature,
+    e.g. :class:`HostFootprint`)."""
+
+    feature: ClassVar[Feature | None] = None
 
 
-def features_of(machine_class: type) -> frozenset[Feature]:
-    """The features a machine class really implements: the interfaces it inherits."""
-    return frozenset(f for f, iface in _FEATURE_INTERFACES.items() if issubclass(machine_class, iface))
+C = TypeVar("C", bound=Capability)
+
+
+class RunControl(Capability):
+    """Rules every driver keeps (the driver contract suite checks them):
+
+    * A stop that happens while running (breakpoint, watchpoint, exit, fault) is reported
+      exactly once, through ``MachineEvents.stopped``. The stops that :meth:`pause` and
+      :meth:`step` return are never also sent as events.
+    * :meth:`step` and :meth:`pause` are cancellable: when the awaiting task is cancelled
+      the machine stops as soon as it can and is left HALTED (or EXITED/FAULTED when that
+      came first), usable, with CancelledError re-raised to the caller.
+    """
+
+    feature = Feature.RUN_CONTROL
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Start or resume execution; returns at once. Needs HALTED."""
+
+    @abc.abstractmethod
+    async def pause(self) -> StopInfo:
+        """Stop execution and return where it stopped (HALT). On a halted machine, the
+        current pc as a HALT."""
+
+    @abc.abstractmethod
+    async def step(self, count: int = 1) -> StopInfo:
+        """Execute ``count`` instructions (fewer if a breakpoint, watchpoint, exit or fault
+        comes first). Needs HALTED; ``count`` >= 1 (BadRequest otherwise). A large count
+        runs as a continue with a count, not as ``count`` single steps."""
+
+
+class RegisterAccess(Capability):
+    """Registers are readable and writable in HALTED, EXITED and FAULTED (never RUNNING:
+    WrongState)."""
+
+    feature = Feature.REGISTERS
+
+    @abc.abstractmethod
+    def register_names(self) -> Sequence[str]: ...
+
+    @abc.abstractmethod
+    async def read_registers(self, names: Sequence[str] | None = None) -> dict[str, int]:
+        """Values by the names asked for (aliases allowed); all registers for None.
+        Unknown name: BadRequest(field="name")."""
+
+    @abc.abstractmethod
+    async def write_register(self, name: str, value: int) -> None: ...
+
+
+class MemoryAccess(Capability):
+    """Memory is readable and writable in HALTED, EXITED and FAULTED; while RUNNING only
+    where ``access_while_running`` is True (otherwise WrongState saying so). Unmapped or
+    MMIO ranges: BadRequest(field="address")."""
+
+    feature = Feature.MEMORY
+    access_while_running: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def read_memory(self, address: int, size: int) -> bytes: ...
+
+    @abc.abstractmethod
+    async def write_memory(self, address: int, data: bytes) -> None: ...
+
+
+class Breakpoints(Capability):
+    """Breakpoints stay set across reset() and load() until cleared or power_off(); they
+    can be set before power_on() and while running. Setting one twice at the same address
+    is a no-op, and so is clearing one that is not set."""
+
+    feature = Feature.BREAKPOINTS
+
+    @abc.abstractmethod
+    async def set_breakpoint(self, address: int, *, hardware: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def clear_breakpoint(self, address: int) -> None: ...
+
+
+WATCH_SIZES = (1, 2, 4, 8)
+
+
+class Watchpoints(Capability):
+    """Same lifetime rules as breakpoints. Sizes are one of ``WATCH_SIZES`` on every
+    backend (BadRequest(field="size") otherwise); the range must lie in the board's
+    memory (BadRequest(field="address"))."""
+
+    feature = Feature.WATCHPOINTS
+
+    @abc.abstractmethod
+    async def set_watchpoint(self, address: int, size: int, kind: WatchKind) -> None: ...
+
+    @abc.abstractmethod
+    async def clear_watchpoint(self, address: int, size: int, kind: WatchKind) -> None: ...
+
+
+class ConsoleInput(Capability):
+    feature = Feature.CONSOLE_INPUT
+
+    @abc.abstractmethod
+    async def console_input(self, data: bytes) -> None: ...
+
+
+class Snapshots(Capability):
+    feature = Feature.SNAPSHOTS
+
+    @abc.abstractmethod
+    async def save_state(self) -> bytes:
+        """The whole machine state (CPU, RAM, peripherals) as one self-contained blob.
+        Needs HALTED, EXITED or FAULTED."""
+
+    @abc.abstractmethod
+    async def restore_state(self, blob: bytes) -> None:
+        """Bring the machine back to a state from :meth:`save_state`. HALTED after. A blob
+        that is not one of this backend's, or of another board: BadRequest(field="snapshot")."""
+
+
+class Coverage(Capability):
+    """Collection between :meth:`coverage_start` and :meth:`coverage_stop`; reset clears
+    what was collected. Counts are exact execution counts where ``exact_counts`` is True."""
+
+    feature = Feature.COVERAGE
+    exact_counts: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def method(self) -> str:
+        """How blocks are collected (e.g. "tcg-plugin", "native-block-callback")."""
+
+    @abc.abstractmethod
+    async def coverage_start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def coverage_stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def coverage_reset(self) -> None: ...
+
+    @abc.abstractmethod
+    async def coverage_blocks(self) -> Blocks:
+        """Executed basic blocks since start/reset (see :data:`Blocks`)."""
+
+    async def coverage_edges(self) -> Edges | None:
+        """Control transfers since start/reset (see :data:`Edges`), or None when the
+        backend does not see them."""
+        return None
+
+
+class HostFootprint(Capability):
+    """What a machine uses on the host, for session metrics (not a feature flag): the
+    processes it runs (e.g. QEMU) or the threads it runs on (an in-process emulator)."""
+
+    def host_process_ids(self) -> Sequence[int]:
+        return ()
+
+    def host_thread_ids(self) -> Sequence[int]:
+        return ()
+
+
+class Machine(abc.ABC):
+    """The lifecycle every machine implements, plus its parts. A new machine is OFF.
+
+    ``capabilities`` lists the capability interfaces the machine class provides; its
+    ``__init__`` hands one part per interface to :meth:`provide`. Callers reach a part
+    through :meth:`capability`, typed: ``machine.capability(RunControl).step(1)``."""
+
+    capabilities: ClassVar[tuple[type[Capability], ...]] = ()
+
+    def __init__(self) -> None:
+        self._parts: dict[type[Capability], Capability] = {}
+
+    def provide(self, *parts: Capability) -> None:
+        """Register this machine's parts (each must implement a declared capability)."""
+        for part in parts:
+            declared = [c for c in self.capabilities if isinstance(part, c)]
+            if not declared:
+                raise TypeError(f"{type(part).__name__} implements none of "
+                                f"{type(self).__name__}.capabilities")
+            for iface in declared:
+                self._parts[iface] = part
+
+    def capability(self, iface: type[C]) -> C:
+        """This machine's part for ``iface``; NotSupported when it has none."""
+        part = self._parts.get(iface)
+        if part is None:
+            what = iface.feature.value.replace("_", " ") if iface.feature else iface.__name__
+            raise NotSupported(f"this backend's machines have no {what}")
+        assert isinstance(part, iface)
+        return part
+
+    def has(self, iface: type[Capability]) -> bool:
+        return iface in self._parts
+
+    @property
+    @abc.abstractmethod
+    def state(self) -> MachineState: ...
+
+    @abc.abstractmethod
+    async def power_on(self) -> None:
+        """Allocate the machine and leave it HALTED at its reset state."""
+
+    @abc.abstractmethod
+    async def power_off(self) -> None:
+        """Free everything the machine holds (memory, processes, threads). Idempotent;
+        never raises."""
+
+    @abc.abstractmethod
+    async def reset(self) -> None:
+        """Reset the CPU and peripherals (memory contents of flash kept); HALTED after.
+        Also brings an EXITED or FAULTED machine back."""
+
+    @abc.abstractmethod
+    async def load(self, image: ProgramImage) -> None:
+        """Write the image into memory and set the CPU to start it. HALTED after."""
+
+    @abc.abstractmethod
+    def counters(self) -> Counters: ...
+
+
+def features_of(machine_class: type[Machine]) -> frozenset[Feature]:
+    """The features a machine class really implements: its declared capabilities."""
+    return frozenset(c.feature for c in machine_class.capabilities if c.feature is not None)
 
 
 # --------------------------------------------------------------------------- backends

@@ -129,6 +129,9 @@ class QemuMachine(
     Coverage,
     HostFootprint,
 ):
+    capabilities = (RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
+                    Snapshots, Coverage, HostFootprint)
+
     def __init__(
         self,
         board: BoardSpec,
@@ -137,6 +140,8 @@ class QemuMachine(
         *,
         binary: str | None = None,
     ) -> None:
+        super().__init__()
+        self.provide(self)
         machine = board.backend_machines.get("qemu")
         if not machine:
             raise BadRequest(f"board {board.name} names no QEMU machine", field="board")
@@ -1009,6 +1014,10 @@ class QemuMachine(
         if self._cov_past_full:
             return True
         return self._cov_file is not None and cov.read_table(self._cov_file).full
+
+    @property
+    def method(self) -> str:
+        return "tcg-plugin"
 
     async def coverage_start(self) -> None:
         self._require_coverage()

@@ -108,7 +108,12 @@ class UnicornMachine(
     Machine, RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
     Snapshots, Coverage, HostFootprint,
 ):
+    capabilities = (RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
+                    Snapshots, Coverage, HostFootprint)
+
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> None:
+        super().__init__()
+        self.provide(self)
         self.board = board
         self.options = options
         self.events = events
@@ -936,6 +941,10 @@ class UnicornMachine(
     def coverage_method(self) -> str:
         return self._collector().method
 
+    @property
+    def method(self) -> str:
+        return self._collector().method
+
     def _cov_read(self, addr: int, size: int) -> bytes:
         return bytes(self.uc.mem_read(addr, size))
 
@@ -998,14 +1007,14 @@ class UnicornMachine(
         blocks, _ = await self._locked(self._cov_snapshot)
         return {a: v for a, v in blocks.items() if v[1] > 0 or not self._collector().counting}
 
-    async def coverage_edges(self) -> set[tuple[int, int]]:
+    async def coverage_edges(self) -> dict[tuple[int, int], int]:
         """Control transfers seen since coverage_start/reset: (address of the last
         instruction of the block left, start of the block entered). Every distinct
         transfer with the native counter; only the first way into each block in
         first-hit mode."""
         if self._cov_frozen is not None:
-            return set(self._cov_frozen[1])
+            return dict.fromkeys(self._cov_frozen[1], 0)
         if not self._cov_active:
-            return set()
+            return {}
         _, edges = await self._locked(self._cov_snapshot)
-        return edges
+        return dict.fromkeys(edges, 0)
