@@ -9,7 +9,7 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TextIO
 
 from machineserver.sdk import Client
 from machineserver.v1 import common_pb2 as cpb
@@ -107,12 +107,15 @@ class DebugPrompt:
             self._opened.set()
             self._closed.set()
 
-    def call(self, **command: Any) -> pb.DebugCommandResult:
+    def call(self, command: pb.DebugCommand) -> pb.DebugCommandResult:
+        """Send one command on the Attach stream (tagged here) and wait for its result."""
         self._tag += 1
         tag = self._tag
         q: queue.Queue[pb.DebugCommandResult] = queue.Queue()
         self._results[tag] = q
-        cmd = pb.DebugCommand(tag=tag, **command)
+        cmd = pb.DebugCommand()
+        cmd.CopyFrom(command)
+        cmd.tag = tag
         self._requests.put(pb.AttachRequest(command=cmd))
         while True:
             try:
@@ -167,7 +170,7 @@ class DebugPrompt:
         handler(args)
 
     def _commands(self) -> dict[str, Callable[[list[str]], object]]:
-        step_line = lambda mode: lambda a: self._show(self.call(step_line=pb.StepLineRequest(mode=mode)))  # noqa: E731
+        step_line = self._step_line
         return {
             "help": lambda a: self._print(HELP + "\n"),
             "break": self._break, "b": self._break,
@@ -180,13 +183,16 @@ class DebugPrompt:
             "next": step_line(pb.STEP_MODE_OVER), "n": step_line(pb.STEP_MODE_OVER),
             "finish": step_line(pb.STEP_MODE_OUT),
             "stepi": self._stepi, "si": self._stepi,
-            "halt": lambda a: self._show(self.call(halt=pb.HaltRequest())),
+            "halt": lambda a: self._show(self.call(pb.DebugCommand(halt=pb.HaltRequest()))),
             "regs": self._regs,
             "x": self._examine,
             "bt": self._backtrace,
             "disas": self._disas,
             "info": self._info,
         }
+
+    def _step_line(self, mode: pb.StepMode.ValueType) -> Callable[[list[str]], object]:
+        return lambda args: self._show(self.call(pb.DebugCommand(step_line=pb.StepLineRequest(mode=mode))))
 
     def _show(self, result: pb.DebugCommandResult) -> pb.DebugCommandResult:
         if result.code:
@@ -199,7 +205,7 @@ class DebugPrompt:
         return result
 
     def _break(self, args: list[str]) -> None:
-        r = self.call(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0])))
+        r = self.call(pb.DebugCommand(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]))))
         if not r.code:
             bp = r.set_breakpoint.breakpoint
             src = f" ({bp.source.function} {bp.source.file}:{bp.source.line})" if bp.source.function else ""
@@ -207,21 +213,24 @@ class DebugPrompt:
         else:
             self._show(r)
 
-    def _watch(self, args: list[str], kind: int) -> None:
+    def _watch(self, args: list[str], kind: pb.BreakpointKind.ValueType) -> None:
         size = int(args[1], 0) if len(args) > 1 else 4
-        r = self.call(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]), kind=kind, size=size))  # type: ignore[arg-type]
+        r = self.call(pb.DebugCommand(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]), kind=kind,
+                                                                             size=size)))
         if not r.code:
             self._print(f"watchpoint {r.set_breakpoint.breakpoint.id} at 0x{r.set_breakpoint.breakpoint.address:08x}\n")
         else:
             self._show(r)
 
     def _delete(self, args: list[str]) -> None:
-        self._show(self.call(clear_breakpoint=pb.ClearBreakpointRequest(id=int(args[0]))))
+        self._show(self.call(pb.DebugCommand(clear_breakpoint=pb.ClearBreakpointRequest(id=int(args[0])))))
 
     def _continue(self, args: list[str]) -> None:
         """Like gdb: returns at the next stop (printed by the stream reader)."""
         self._stopped.clear()
-        result = self.call(**{"continue": pb.ContinueRequest()})
+        command = pb.DebugCommand()
+        getattr(command, "continue").SetInParent()  # a Python keyword: no constructor argument
+        result = self.call(command)
         if result.code:
             self._show(result)
             return
@@ -230,10 +239,10 @@ class DebugPrompt:
                 return
 
     def _stepi(self, args: list[str]) -> None:
-        self._show(self.call(step=pb.StepRequest(count=int(args[0], 0) if args else 1)))
+        self._show(self.call(pb.DebugCommand(step=pb.StepRequest(count=int(args[0], 0) if args else 1))))
 
     def _regs(self, args: list[str]) -> None:
-        r = self.call(read_registers=pb.ReadRegistersRequest(names=args))
+        r = self.call(pb.DebugCommand(read_registers=pb.ReadRegistersRequest(names=args)))
         if r.code:
             self._show(r)
             return
@@ -244,7 +253,7 @@ class DebugPrompt:
     def _examine(self, args: list[str]) -> None:
         address = self._address(args[0])
         words = int(args[1], 0) if len(args) > 1 else 4
-        r = self.call(read_memory=pb.ReadMemoryRequest(address=address, size=4 * words))
+        r = self.call(pb.DebugCommand(read_memory=pb.ReadMemoryRequest(address=address, size=4 * words)))
         if r.code:
             self._show(r)
             return
@@ -256,13 +265,13 @@ class DebugPrompt:
     def _address(self, text: str) -> int:
         if text.lower().startswith("0x") or text.isdigit():
             return int(text, 0)
-        r = self.call(resolve_symbol=pb.ResolveSymbolRequest(symbol=text))
+        r = self.call(pb.DebugCommand(resolve_symbol=pb.ResolveSymbolRequest(symbol=text)))
         if r.code:
             raise ValueError(r.message)
         return int(r.resolve_symbol.address)
 
     def _backtrace(self, args: list[str]) -> None:
-        r = self.call(backtrace=pb.BacktraceRequest())
+        r = self.call(pb.DebugCommand(backtrace=pb.BacktraceRequest()))
         if r.code:
             self._show(r)
             return
@@ -275,7 +284,7 @@ class DebugPrompt:
         req = pb.DisassembleRequest(count=int(args[1], 0) if len(args) > 1 else 8)
         if args:
             req.location.CopyFrom(_location(args[0]))
-        r = self.call(disassemble=req)
+        r = self.call(pb.DebugCommand(disassemble=req))
         if r.code:
             self._show(r)
             return

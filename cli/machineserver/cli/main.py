@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from machineserver.cli import debugger, rpc, watch
 from machineserver.sdk import Client, errors
-from machineserver.v1 import common_pb2
+from machineserver.v1 import common_pb2, coverage_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# what a command's parser stores as `handler`: runs the command, returns the exit status
+Handler = Callable[[Client, argparse.Namespace], int]
 
 
 def _state_name(value: common_pb2.SessionState.ValueType) -> str:
@@ -127,7 +129,12 @@ def cmd_console(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-COVERAGE_FORMATS = {"lcov": 1, "html": 2, "cobertura": 3, "json": 4}
+COVERAGE_FORMATS: dict[str, coverage_pb2.CoverageFormat.ValueType] = {
+    "lcov": coverage_pb2.COVERAGE_FORMAT_LCOV,
+    "html": coverage_pb2.COVERAGE_FORMAT_HTML,
+    "cobertura": coverage_pb2.COVERAGE_FORMAT_COBERTURA,
+    "json": coverage_pb2.COVERAGE_FORMAT_JSON,
+}
 
 
 def cmd_coverage_export(client: Client, args: argparse.Namespace) -> int:
@@ -265,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         with Client.connect(opts.target, timeout=opts.timeout, api_key=opts.api_key, tls=opts.tls) as client:
             return debugger.run(client, interactive[1])
     args = parser.parse_args(argv)
-    handler: Any = getattr(args, "handler", None)
+    handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "group_parser", None) or parser).print_help()
         return 2
     client = Client.connect(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls)
     try:
-        return int(handler(client, args) or 0)
+        return handler(client, args)
     except errors.MachineServerError as exc:
         print(f"msctl: {exc}", file=sys.stderr)
         for field, why in exc.field_violations:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Set
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -67,7 +67,8 @@ def _enum_value(field: FieldDescriptor, text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {names}") from None
 
 
-def _scalar_type(field: FieldDescriptor):  # type: ignore[no-untyped-def]
+def _scalar_type(field: FieldDescriptor) -> Callable[[str], object]:
+    """The argparse ``type=`` of a scalar field's flag: text to the field's value."""
     t = field.type
     if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
              FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
@@ -91,7 +92,7 @@ def _bytes_arg(text: str) -> bytes:
     return text.encode()
 
 
-def add_request_flags(parser: argparse.ArgumentParser, desc: Descriptor, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def add_request_flags(parser: argparse.ArgumentParser, desc: Descriptor, skip: Set[str] = frozenset()) -> None:
     """Flags for a request's fields: scalars typed, repeated appended, maps as K=V,
     messages as JSON; a ``name`` field is also the first positional argument."""
     for field in desc.fields:
@@ -173,7 +174,7 @@ def _json_lines(method: MethodDescriptor) -> Iterator[Message]:
             yield json_format.Parse(line, cls())
 
 
-def add_rpc_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_rpc_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for svc in service_descriptors():
         group = subparsers.add_parser(GROUPS[svc.name], help=f"{svc.full_name} RPCs and verbs")
         group.set_defaults(group_parser=group)
@@ -182,7 +183,8 @@ def add_rpc_commands(subparsers: argparse._SubParsersAction) -> None:  # type: i
             _add_method(gsub, svc, method)
 
 
-def _add_method(gsub: argparse._SubParsersAction, svc: ServiceDescriptor, method: MethodDescriptor) -> None:  # type: ignore[type-arg]
+def _add_method(gsub: argparse._SubParsersAction[argparse.ArgumentParser], svc: ServiceDescriptor,
+                method: MethodDescriptor) -> None:
     kind = ("stream " if method.client_streaming else "") + "-> " + ("stream" if method.server_streaming else "unary")
     p = gsub.add_parser(kebab(method.name), help=f"{method.name} ({kind})")
     if method.client_streaming and "metadata" in method.input_type.fields_by_name:
@@ -193,17 +195,22 @@ def _add_method(gsub: argparse._SubParsersAction, svc: ServiceDescriptor, method
     p.set_defaults(handler=lambda client, args: run_rpc(client, svc, method, args))
 
 
+# an SDK wrapper looked up by RPC name: a request (or a stream of them) in, a response
+# (or a stream of them) out
+RpcWrapper = Callable[[Message | Iterator[Message]], Message | Iterator[Message]]
+
+
 def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, args: argparse.Namespace) -> int:
     stub = getattr(client, CLIENT_ATTRS[svc.name])
-    call = getattr(stub, stub.METHODS[method.name])
+    call: RpcWrapper = getattr(stub, stub.METHODS[method.name])
     if method.client_streaming:
         requests = _upload_requests(method, args) if "metadata" in method.input_type.fields_by_name else _json_lines(method)
         result = call(requests)
     else:
         result = call(build_request(method.input_type, args))
-    if method.server_streaming:
+    if isinstance(result, Message):
+        print_message(result, args.json)
+    else:  # a server stream
         for msg in result:
             print_message(msg, True)
-    else:
-        print_message(result, args.json)
     return 0

@@ -84,7 +84,7 @@ def watch(client: Client, args: argparse.Namespace, out: TextIO | None = None) -
     return 0
 
 
-def add_parser(tsub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(tsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = tsub.add_parser("watch", help="a live view of host CPU, memory, temperatures, GPUs and power")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (0.01 to 60, default 1)")
     p.add_argument("--count", type=int, default=0, help="stop after N samples (default: until interrupted)")

@@ -3,10 +3,19 @@ the code both the async client and the sync facade run on."""
 
 from __future__ import annotations
 
+import enum
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -16,13 +25,29 @@ from grpc import aio
 from machineserver.sdk.errors import from_rpc_error
 
 M = TypeVar("M", bound=Message)
-DEFAULT: Any = object()  # "use the client's default deadline"
+
+
+class Default(enum.Enum):
+    """The type of ``DEFAULT``: a call's ``timeout`` left to the client's default."""
+
+    DEADLINE = "the client's default deadline"
+
+
+DEFAULT: Final = Default.DEADLINE
+# A call's deadline in seconds: None waits forever, DEFAULT takes the client's (unary
+# calls) or none (streams).
+Timeout: TypeAlias = float | Default | None
+# Call metadata: (key, value) pairs; a key ending in "-bin" carries bytes.
+MetadataValue: TypeAlias = str | bytes
+Metadata: TypeAlias = tuple[tuple[str, MetadataValue], ...]
+# gRPC channel arguments ("grpc.max_receive_message_length", ...): numbers or strings.
+ChannelArgValue: TypeAlias = int | str | bytes
 
 
 @dataclass(frozen=True)
 class CallOptions:
     timeout: float | None = 30.0  # default deadline of unary calls; streams have none
-    metadata: tuple[tuple[str, str], ...] = ()
+    metadata: Metadata = ()
 
 
 def service_config(methods: Iterable[tuple[str, str]], attempts: int = 4) -> str:
@@ -42,8 +67,9 @@ def service_config(methods: Iterable[tuple[str, str]], attempts: int = 4) -> str
     })
 
 
-def channel_options(retry_methods: Iterable[tuple[str, str]], extra: Mapping[str, Any] | None = None) -> list[tuple[str, Any]]:
-    opts: list[tuple[str, Any]] = [
+def channel_options(retry_methods: Iterable[tuple[str, str]],
+                    extra: Mapping[str, ChannelArgValue] | None = None) -> list[tuple[str, ChannelArgValue]]:
+    opts: list[tuple[str, ChannelArgValue]] = [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(retry_methods)),
         ("grpc.max_receive_message_length", 8 << 20),
@@ -53,45 +79,61 @@ def channel_options(retry_methods: Iterable[tuple[str, str]], extra: Mapping[str
     return opts
 
 
-def _set_field(msg: Message, key: str, value: Any) -> None:
+def _set_field(msg: Message, key: str, value: object) -> None:
     """Set one field from a Python value: scalars and bytes as they are, messages as
-    messages or dicts (JSON-shaped), repeated fields from lists, maps from dicts."""
+    messages or dicts (JSON-shaped), repeated fields from lists, maps from dicts.
+    What the field cannot hold is a TypeError that names the field."""
     fd = msg.DESCRIPTOR.fields_by_name.get(key)
     if fd is None:
         raise TypeError(f"{msg.DESCRIPTOR.name} has no field {key!r}")
-    target = getattr(msg, key) if fd.message_type is not None or fd.is_repeated else None
     is_map = fd.message_type is not None and fd.message_type.GetOptions().map_entry
     try:
         if is_map:
-            target.update(value)  # type: ignore[union-attr]
+            getattr(msg, key).update(value)
         elif fd.is_repeated:
+            if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
+                raise TypeError(f"a repeated field takes a list, not {type(value).__name__}")
+            container = getattr(msg, key)
             for item in value:
                 if fd.message_type is None:
-                    target.append(item)  # type: ignore[union-attr]
-                elif isinstance(item, Message):
-                    target.add().CopyFrom(item)  # type: ignore[union-attr]
+                    container.append(item)
                 else:
-                    json_format.ParseDict(item, target.add())  # type: ignore[union-attr]
+                    _merge_message(container.add(), item)
         elif fd.message_type is not None:
-            if isinstance(value, Message):
-                target.CopyFrom(value)  # type: ignore[union-attr]
-            else:
-                json_format.ParseDict(value, getattr(msg, key))
+            _merge_message(getattr(msg, key), value)
         else:
             setattr(msg, key, value)
-    except (TypeError, ValueError, json_format.ParseError) as exc:
+    except (TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
         raise TypeError(f"{msg.DESCRIPTOR.name}.{key}: {exc}") from None
+
+
+def _merge_message(target: Message, value: object) -> None:
+    """A message field from a message, its JSON shape as a dict, or (a well-known type
+    such as Duration or FieldMask) its JSON string: "1.5s", "name,config"."""
+    if isinstance(value, Message):
+        target.CopyFrom(value)
+    elif isinstance(value, Mapping):
+        json_format.ParseDict(dict(value), target)
+    else:
+        json_format.Parse(json.dumps(value), target)
 
 
 def _ser(msg: Message) -> bytes:
     return msg.SerializeToString()
 
 
+def _request_iterator(requests: AsyncIterable[Message] | Iterable[Message]) -> AsyncIterator[Message] | Iterator[Message]:
+    """grpc.aio consumes an async iterator or a plain one: lists and generators alike."""
+    if isinstance(requests, AsyncIterable):
+        return aiter(requests)
+    return iter(requests)
+
+
 @dataclass
 class _Base:
     options: CallOptions = field(default_factory=CallOptions)
 
-    def build(self, request: M | None, fields: Mapping[str, Any], cls: type[M]) -> M:
+    def build(self, request: M | None, fields: Mapping[str, object], cls: type[M]) -> M:
         """The request message: the one given, or one built from keyword fields (plain
         Python values or messages; nested dicts are parsed as JSON-shaped values)."""
         if request is not None:
@@ -103,12 +145,12 @@ class _Base:
             _set_field(msg, key, value)
         return msg
 
-    def _timeout(self, timeout: Any, streaming: bool = False) -> float | None:
+    def _timeout(self, timeout: Timeout, streaming: bool = False) -> float | None:
         if timeout is DEFAULT:
             return None if streaming else self.options.timeout
-        return timeout  # type: ignore[no-any-return]
+        return timeout
 
-    def _metadata(self, metadata: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    def _metadata(self, metadata: Iterable[tuple[str, MetadataValue]]) -> Metadata:
         return self.options.metadata + tuple(metadata)
 
 
@@ -117,14 +159,16 @@ class AsyncTransport(_Base):
         super().__init__(options)
         self.channel = channel
 
-    async def unary(self, method: str, request: Message, resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> M:
+    async def unary(self, method: str, request: Message, resp: type[M], timeout: Timeout,
+                    metadata: Iterable[tuple[str, MetadataValue]]) -> M:
         call = self.channel.unary_unary(method, request_serializer=_ser, response_deserializer=resp.FromString)
         try:
-            return await call(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))  # type: ignore[no-any-return]
+            return await call(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def server_stream(self, method: str, request: Message, resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> AsyncIterator[M]:
+    async def server_stream(self, method: str, request: Message, resp: type[M], timeout: Timeout,
+                            metadata: Iterable[tuple[str, MetadataValue]]) -> AsyncGenerator[M, None]:
         call = self.channel.unary_stream(method, request_serializer=_ser, response_deserializer=resp.FromString)
         stream = call(request, timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))
         try:
@@ -135,16 +179,22 @@ class AsyncTransport(_Base):
         finally:
             stream.cancel()
 
-    async def client_stream(self, method: str, requests: AsyncIterable[Message] | Iterable[Message], req: type[Message], resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> M:
+    async def client_stream(self, method: str, requests: AsyncIterable[Message] | Iterable[Message],
+                            req: type[Message], resp: type[M], timeout: Timeout,
+                            metadata: Iterable[tuple[str, MetadataValue]]) -> M:
         call = self.channel.stream_unary(method, request_serializer=_ser, response_deserializer=resp.FromString)
         try:
-            return await call(requests, timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))  # type: ignore[no-any-return,arg-type]
+            return await call(_request_iterator(requests), timeout=self._timeout(timeout, True),
+                              metadata=self._metadata(metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def bidi_stream(self, method: str, requests: AsyncIterable[Message] | Iterable[Message], req: type[Message], resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> AsyncIterator[M]:
+    async def bidi_stream(self, method: str, requests: AsyncIterable[Message] | Iterable[Message],
+                          req: type[Message], resp: type[M], timeout: Timeout,
+                          metadata: Iterable[tuple[str, MetadataValue]]) -> AsyncGenerator[M, None]:
         call = self.channel.stream_stream(method, request_serializer=_ser, response_deserializer=resp.FromString)
-        stream = call(requests, timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))  # type: ignore[arg-type]
+        stream = call(_request_iterator(requests), timeout=self._timeout(timeout, True),
+                      metadata=self._metadata(metadata))
         try:
             async for item in stream:
                 yield item
@@ -159,14 +209,16 @@ class SyncTransport(_Base):
         super().__init__(options)
         self.channel = channel
 
-    def unary(self, method: str, request: Message, resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> M:
+    def unary(self, method: str, request: Message, resp: type[M], timeout: Timeout,
+              metadata: Iterable[tuple[str, MetadataValue]]) -> M:
         call = self.channel.unary_unary(method, request_serializer=_ser, response_deserializer=resp.FromString)
         try:
-            return call(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))  # type: ignore[no-any-return]
+            return call(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def server_stream(self, method: str, request: Message, resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> Iterator[M]:
+    def server_stream(self, method: str, request: Message, resp: type[M], timeout: Timeout,
+                      metadata: Iterable[tuple[str, MetadataValue]]) -> Generator[M, None, None]:
         call = self.channel.unary_stream(method, request_serializer=_ser, response_deserializer=resp.FromString)
         stream = call(request, timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))
         try:
@@ -176,14 +228,16 @@ class SyncTransport(_Base):
         finally:
             stream.cancel()
 
-    def client_stream(self, method: str, requests: Iterable[Message], req: type[Message], resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> M:
+    def client_stream(self, method: str, requests: Iterable[Message], req: type[Message], resp: type[M],
+                      timeout: Timeout, metadata: Iterable[tuple[str, MetadataValue]]) -> M:
         call = self.channel.stream_unary(method, request_serializer=_ser, response_deserializer=resp.FromString)
         try:
-            return call(iter(requests), timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))  # type: ignore[no-any-return]
+            return call(iter(requests), timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def bidi_stream(self, method: str, requests: Iterable[Message], req: type[Message], resp: type[M], timeout: Any, metadata: Iterable[tuple[str, str]]) -> Iterator[M]:
+    def bidi_stream(self, method: str, requests: Iterable[Message], req: type[Message], resp: type[M],
+                    timeout: Timeout, metadata: Iterable[tuple[str, MetadataValue]]) -> Generator[M, None, None]:
         call = self.channel.stream_stream(method, request_serializer=_ser, response_deserializer=resp.FromString)
         stream = call(iter(requests), timeout=self._timeout(timeout, True), metadata=self._metadata(metadata))
         try:

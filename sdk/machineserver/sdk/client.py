@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -33,7 +32,15 @@ from machineserver.sdk._services import (
     SessionService,
     TelemetryService,
 )
-from machineserver.sdk._transport import AsyncTransport, CallOptions, SyncTransport, channel_options
+from machineserver.sdk._transport import (
+    AsyncTransport,
+    CallOptions,
+    ChannelArgValue,
+    Metadata,
+    MetadataValue,
+    SyncTransport,
+    channel_options,
+)
 from machineserver.v1 import (
     capabilities_pb2,
     cosim_pb2,
@@ -72,25 +79,28 @@ def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes 
 
 def _connection(
     *, timeout: float | None, api_key: str | None, tls: bool, root_certificates: bytes | None,
-    private_key: bytes | None, certificate_chain: bytes | None, metadata: Any, retries: bool,
-    channel_args: dict[str, Any] | None,
-) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None, CallOptions]:
+    private_key: bytes | None, certificate_chain: bytes | None, metadata: Iterable[tuple[str, MetadataValue]],
+    retries: bool, channel_args: Mapping[str, ChannelArgValue] | None,
+) -> tuple[list[tuple[str, ChannelArgValue]], grpc.ChannelCredentials | None, CallOptions]:
     """Channel options, credentials and call defaults: what both clients connect with."""
     opts = channel_options(retry_methods() if retries else [], channel_args)
     creds = _credentials(tls, root_certificates, private_key, certificate_chain)
     return opts, creds, CallOptions(timeout, _call_metadata(api_key, metadata))
 
 
-def _call_metadata(api_key: str | None, metadata: Any) -> tuple[tuple[str, str], ...]:
-    md = tuple((str(k), str(v)) for k, v in (metadata or ()))
+def _call_metadata(api_key: str | None, metadata: Iterable[tuple[str, MetadataValue]]) -> Metadata:
+    """Metadata sent with every call: keys as text, values as given (bytes stay bytes,
+    for "-bin" keys), plus the API key as a bearer token."""
+    md: Metadata = tuple((str(k), v if isinstance(v, bytes) else str(v)) for k, v in metadata)
     if api_key:
         md += (("authorization", f"Bearer {api_key}"),)
     return md
 
 
-def _program_chunks(data: bytes, display_name: str, fmt: int, load_address: int) -> Iterator[session_pb2.UploadProgramRequest]:
+def _program_chunks(data: bytes, display_name: str, fmt: session_pb2.ProgramFormat.ValueType,
+                    load_address: int) -> Iterator[session_pb2.UploadProgramRequest]:
     yield session_pb2.UploadProgramRequest(metadata=session_pb2.ProgramMetadata(
-        display_name=display_name, format=fmt, load_address=load_address,  # type: ignore[arg-type]
+        display_name=display_name, format=fmt, load_address=load_address,
         sha256=hashlib.sha256(data).hexdigest(),
     ))
     for i in range(0, len(data), CHUNK):
@@ -104,7 +114,20 @@ def _read_program(source: str | os.PathLike[str] | bytes, display_name: str) -> 
     return path.read_bytes(), display_name or path.name
 
 
-FORMATS = {"": 0, "elf": 1, "bin": 2, "ihex": 3, "hex": 3}
+FORMATS: dict[str, session_pb2.ProgramFormat.ValueType] = {
+    "": session_pb2.PROGRAM_FORMAT_UNSPECIFIED,
+    "elf": session_pb2.PROGRAM_FORMAT_ELF,
+    "bin": session_pb2.PROGRAM_FORMAT_BIN,
+    "ihex": session_pb2.PROGRAM_FORMAT_IHEX,
+    "hex": session_pb2.PROGRAM_FORMAT_IHEX,
+}
+
+
+def _program_format(name: str) -> session_pb2.ProgramFormat.ValueType:
+    fmt = FORMATS.get(name.lower())
+    if fmt is None:
+        raise ValueError(f"unknown program format {name!r}; one of {', '.join(repr(k) for k in FORMATS if k)}")
+    return fmt
 
 
 class AsyncClient:
@@ -132,9 +155,9 @@ class AsyncClient:
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
-        metadata: Any = (),
+        metadata: Iterable[tuple[str, MetadataValue]] = (),
         retries: bool = True,
-        channel_args: dict[str, Any] | None = None,
+        channel_args: Mapping[str, ChannelArgValue] | None = None,
     ) -> AsyncClient:
         opts, creds, call_options = _connection(
             timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
@@ -159,10 +182,10 @@ class AsyncClient:
         """Upload an ELF, BIN (with load_address) or Intel HEX from a path or bytes."""
         data, name = _read_program(source, display_name)
         return await self.sessions.upload_program(
-            _program_chunks(data, name, FORMATS[format.lower()], load_address)
+            _program_chunks(data, name, _program_format(format), load_address)
         )
 
-    async def console(self, session: str, *, offset: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
+    async def console(self, session: str, *, offset: int = 0, follow: bool = True) -> AsyncGenerator[bytes, None]:
         """The session's console bytes from offset, following new output."""
         async for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
             yield msg.data
@@ -195,9 +218,9 @@ class Client:
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
-        metadata: Any = (),
+        metadata: Iterable[tuple[str, MetadataValue]] = (),
         retries: bool = True,
-        channel_args: dict[str, Any] | None = None,
+        channel_args: Mapping[str, ChannelArgValue] | None = None,
     ) -> Client:
         opts, creds, call_options = _connection(
             timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
@@ -218,8 +241,8 @@ class Client:
     def upload_program(self, source: str | os.PathLike[str] | bytes, *, display_name: str = "",
                        format: str = "", load_address: int = 0) -> session_pb2.UploadProgramResponse:
         data, name = _read_program(source, display_name)
-        return self.sessions.upload_program(_program_chunks(data, name, FORMATS[format.lower()], load_address))
+        return self.sessions.upload_program(_program_chunks(data, name, _program_format(format), load_address))
 
-    def console(self, session: str, *, offset: int = 0, follow: bool = True) -> Iterator[bytes]:
+    def console(self, session: str, *, offset: int = 0, follow: bool = True) -> Generator[bytes, None, None]:
         for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
             yield msg.data

@@ -13,22 +13,26 @@ MachineServerError
  +-- Aborted, OutOfRange, Cancelled, Internal, Unknown
 
 Each keeps ``.code`` (grpc.StatusCode), ``.message``, ``.request_id`` and the parsed
-google.rpc ``.details``.
+google.rpc ``.details`` (messages: BadRequest, ErrorInfo, ...; a detail of a type this
+module does not know stays a ``google.protobuf.Any``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_ID_KEY = "x-request-id"
 
-_DETAIL_TYPES = {
+D = TypeVar("D", bound=Message)
+
+_DETAIL_TYPES: dict[str, type[Message]] = {
     "google.rpc.BadRequest": error_details_pb2.BadRequest,
     "google.rpc.ErrorInfo": error_details_pb2.ErrorInfo,
     "google.rpc.PreconditionFailure": error_details_pb2.PreconditionFailure,
@@ -43,7 +47,7 @@ class MachineServerError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None,
-                 details: Iterable[Any] = (), request_id: str = "") -> None:
+                 details: Iterable[Message] = (), request_id: str = "") -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -54,26 +58,27 @@ class MachineServerError(Exception):
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
-    def _detail(self, cls: type) -> Any:
+    def detail(self, cls: type[D]) -> D | None:
+        """The first detail of a google.rpc type (e.g. ``error_details_pb2.RetryInfo``)."""
         return next((d for d in self.details if isinstance(d, cls)), None)
 
     @property
     def field_violations(self) -> list[tuple[str, str]]:
-        br = self._detail(error_details_pb2.BadRequest)
+        br = self.detail(error_details_pb2.BadRequest)
         return [(v.field, v.description) for v in br.field_violations] if br else []
 
     @property
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
-        return self._detail(error_details_pb2.ErrorInfo)  # type: ignore[no-any-return]
+        return self.detail(error_details_pb2.ErrorInfo)
 
     @property
     def precondition_violations(self) -> list[str]:
-        pf = self._detail(error_details_pb2.PreconditionFailure)
+        pf = self.detail(error_details_pb2.PreconditionFailure)
         return [v.description for v in pf.violations] if pf else []
 
     @property
     def quota_violations(self) -> list[tuple[str, str]]:
-        qf = self._detail(error_details_pb2.QuotaFailure)
+        qf = self.detail(error_details_pb2.QuotaFailure)
         return [(v.subject, v.description) for v in qf.violations] if qf else []
 
 
@@ -151,20 +156,19 @@ _BY_CODE: dict[grpc.StatusCode, type[MachineServerError]] = {
 _BY_CODE[grpc.StatusCode.DATA_LOSS] = Internal
 
 
-def _parse_details(trailing: Iterable[tuple[str, Any]] | None) -> tuple[list[Any], str]:
-    details: list[Any] = []
+def _parse_details(trailing: Iterable[tuple[str, str | bytes]]) -> tuple[list[Message], str]:
+    details: list[Message] = []
     request_id = ""
-    for key, value in trailing or ():
+    for key, value in trailing:
         if key == REQUEST_ID_KEY:
-            request_id = value if isinstance(value, str) else value.decode()
-        elif key == STATUS_DETAILS_KEY:
+            request_id = value if isinstance(value, str) else value.decode(errors="replace")
+        elif key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             try:
                 status = status_pb2.Status.FromString(value)
             except DecodeError:
                 continue
             for any_msg in status.details:
-                type_name = any_msg.TypeName()
-                cls = _DETAIL_TYPES.get(type_name)
+                cls = _DETAIL_TYPES.get(any_msg.TypeName())
                 if cls is None:
                     details.append(any_msg)
                     continue
@@ -174,11 +178,19 @@ def _parse_details(trailing: Iterable[tuple[str, Any]] | None) -> tuple[list[Any
     return details, request_id
 
 
+def _trailing_metadata(exc: grpc.RpcError) -> list[tuple[str, str | bytes]]:
+    """The call's trailing metadata as (key, value) pairs: grpc.aio keeps it in a
+    Metadata collection, the sync API in a tuple of (key, value) named tuples."""
+    if isinstance(exc, aio.AioRpcError):
+        return list(exc.trailing_metadata() or ())
+    return [(m.key, m.value) for m in exc.trailing_metadata() or ()]
+
+
 def from_rpc_error(exc: grpc.RpcError) -> MachineServerError:
     """The typed error for a failed call (sync or aio)."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    message = (exc.details() if hasattr(exc, "details") else str(exc)) or code.name  # type: ignore[attr-defined]
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None  # type: ignore[attr-defined]
-    details, request_id = _parse_details(trailing)
+    if not hasattr(exc, "code"):  # a bare grpc.RpcError, raised outside any call: no status
+        return Unknown(str(exc) or "UNKNOWN", code=grpc.StatusCode.UNKNOWN)
+    code = exc.code()
+    details, request_id = _parse_details(_trailing_metadata(exc))
     cls = _BY_CODE.get(code, Unknown)
-    return cls(message, code=code, details=details, request_id=request_id)
+    return cls(exc.details() or code.name, code=code, details=details, request_id=request_id)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 import structlog
@@ -26,6 +26,12 @@ REQUEST_ID_KEY = "x-request-id"
 _ID_PREFIX = secrets.token_hex(4) + "-"
 _ID_COUNTER = itertools.count(1)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# grpc's type stubs describe RpcMethodHandler's behaviours as the sync server runs them;
+# under grpc.aio they are coroutine functions (unary responses) or async generators
+# (streams; or coroutines that write with context.write) taking an aio.ServicerContext.
+AioUnaryBehaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+AioStreamBehaviour = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterable[Any] | Awaitable[None]]
 
 
 @dataclass
@@ -82,10 +88,10 @@ class ServerInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = details.method  # type: ignore[attr-defined]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = await continuation(details)
@@ -143,7 +149,7 @@ class ServerInterceptor(aio.ServerInterceptor):
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
+        inner = cast(AioUnaryBehaviour, handler.unary_unary or handler.stream_unary)
 
         async def unary_result(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
             call = ic._open(method, context)
@@ -160,14 +166,14 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, ic: ServerInterceptor) ->
         return make(unary_result, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
 
-    inner_stream = handler.unary_stream or handler.stream_stream
+    inner_stream = cast(AioStreamBehaviour, handler.unary_stream or handler.stream_stream)
 
     async def stream_result(request_or_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         call = ic._open(method, context)
         try:
             await ic._before(call)
             result = inner_stream(request_or_iterator, context)
-            if hasattr(result, "__aiter__"):
+            if isinstance(result, AsyncIterable):
                 async for item in result:
                     yield item
             else:  # a handler that writes with context.write and returns a coroutine
