@@ -182,12 +182,9 @@ def _hex_byte(pair: bytes) -> int:
 
 def hex_int(text: bytes) -> int:
     """A big-endian hex number as in addresses, lengths and register numbers."""
-    try:
-        if not text or text[:1] in (b"-", b"+", b" "):
-            raise ValueError
-        return int(text, 16)
-    except ValueError:
-        raise CodecError(f"bad hex number {text[:40]!r}") from None
+    if not _is_hex(text):  # int() would also take signs, spaces, "0x" and "_"
+        raise CodecError(f"bad hex number {text[:40]!r}")
+    return int(text, 16)
 
 
 def le_hex(value: int, size: int) -> bytes:
