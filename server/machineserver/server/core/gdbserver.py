@@ -55,13 +55,30 @@ from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger
 from machineserver.server.core.errors import MachineServerError, Unimplemented
 from machineserver.server.core.sessions import LiveSession, SessionManager
 from machineserver.server.drivers.base import Arch, MachineState, RegisterAccess, StopInfo, StopReason
+from machineserver.server.rsp.codec import (
+    SIGINT,
+    SIGKILL,
+    SIGSEGV,
+    SIGTRAP,
+    Acks,
+    CodecError,
+    EventKind,
+    PacketReader,
+    console_reply,
+    decode_rle,
+    escape_binary,
+    exited_reply,
+    frame,
+    killed_reply,
+    le_hex,
+    stopped_reply,
+    unescape_binary,
+)
 
 log = structlog.get_logger(__name__)
 
-INTERRUPT = 0x03
 PACKET_SIZE = 0x4000  # what qSupported announces (bytes of packet data we accept)
 MAX_MEMORY_READ = (PACKET_SIZE - 8) // 2
-SIGINT, SIGTRAP, SIGSEGV, SIGKILL = 2, 5, 11, 9
 THREAD_ID = 1
 WAIT_FOR_PREVIOUS_CLIENT = 3.0  # seconds a new client waits for the previous one to leave
 
@@ -82,102 +99,12 @@ _WATCH_STOP_KEYS = {
     BreakpointKind.WATCH_READ: "rwatch",
     BreakpointKind.WATCH_ACCESS: "awatch",
 }
+_THREAD = ("thread", f"{THREAD_ID:x}")  # the one thread, in every T stop reply
 _client_ids = itertools.count(1)
 
 
 class ProtocolError(Exception):
     """A malformed packet from the client (answered with E01)."""
-
-
-# --------------------------------------------------------------------------- framing
-
-
-def checksum(data: bytes) -> int:
-    return sum(data) & 0xFF
-
-
-def frame(data: bytes) -> bytes:
-    """``$data#cs`` (data already escaped where it needs to be)."""
-    return b"$" + data + b"#" + b"%02x" % checksum(data)
-
-
-def escape_binary(data: bytes) -> bytes:
-    """Binary data for a reply: ``$ # } *`` become ``}`` + (byte ^ 0x20)."""
-    out = bytearray()
-    for b in data:
-        if b in (0x23, 0x24, 0x7D, 0x2A):
-            out += bytes((0x7D, b ^ 0x20))
-        else:
-            out.append(b)
-    return bytes(out)
-
-
-def unescape_binary(data: bytes) -> bytes:
-    out = bytearray()
-    it = iter(data)
-    for b in it:
-        if b == 0x7D:
-            nxt = next(it, None)
-            if nxt is None:
-                raise ProtocolError("binary data ends in an escape")
-            out.append(nxt ^ 0x20)
-        else:
-            out.append(b)
-    return bytes(out)
-
-
-def expand_rle(data: bytes) -> bytes:
-    """Undo run-length encoding (``x*n``: repeat x n-29 more times); gdb does not send it
-    to stubs, but other clients may."""
-    if b"*" not in data:
-        return data
-    out = bytearray()
-    i = 0
-    while i < len(data):
-        b = data[i]
-        if b == 0x2A and out and i + 1 < len(data):
-            out += bytes((out[-1],)) * (data[i + 1] - 29)
-            i += 2
-            continue
-        out.append(b)
-        i += 1
-    return bytes(out)
-
-
-class PacketReader:
-    """Splits the byte stream from the client into packets, acks and ^C."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
-        """Events: ("packet", data) / ("bad", data) for a checksum mismatch / ("ack", b"+"
-        or b"-") / ("interrupt", b"")."""
-        self.buf += data
-        events: list[tuple[str, bytes]] = []
-        while self.buf:
-            b = self.buf[0]
-            if b == 0x24:  # $
-                end = self.buf.find(b"#", 1)
-                if end < 0 or len(self.buf) < end + 3:
-                    break  # incomplete
-                body = bytes(self.buf[1:end])
-                cs = bytes(self.buf[end + 1 : end + 3])
-                del self.buf[: end + 3]
-                try:
-                    ok = int(cs, 16) == checksum(body)
-                except ValueError:
-                    ok = False
-                events.append(("packet" if ok else "bad", body))
-            elif b == INTERRUPT:
-                del self.buf[0]
-                events.append(("interrupt", b""))
-            elif b in (0x2B, 0x2D):  # + -
-                del self.buf[0]
-                events.append(("ack", bytes((b,))))
-            else:
-                del self.buf[0]  # noise between packets
-        return events
 
 
 # --------------------------------------------------------------------------- registers
@@ -238,7 +165,11 @@ def build_layout(arch: Arch, offered: Sequence[str] | None) -> RegisterLayout:
 
 
 def _le32(value: int) -> bytes:
-    return (value & 0xFFFFFFFF).to_bytes(4, "little").hex().encode()
+    return le_hex(value, 4)
+
+
+def _u32(value: int) -> bytes:
+    return (value & 0xFFFFFFFF).to_bytes(4, "little")
 
 
 # --------------------------------------------------------------------------- the server
@@ -319,8 +250,7 @@ class _Connection:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.task: asyncio.Task[None] | None = None
-        self.ack = True
-        self.last_sent = b""
+        self.acks = Acks()  # ack mode until QStartNoAckMode; resends the last reply on '-'
         self.events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.deferred: collections.deque[tuple[str, bytes]] = collections.deque()
         self.layout: RegisterLayout | None = None
@@ -343,18 +273,18 @@ class _Connection:
                 if not data:
                     break
                 for ev in pr.feed(data):
-                    kind, body = ev
-                    if kind == "ack":
-                        if body == b"-" and self.ack and self.last_sent:
-                            self.writer.write(self.last_sent)
+                    if ev.kind is EventKind.ACK:
+                        resend = self.acks.received(ev)
+                        if resend:
+                            self.writer.write(resend)
                         continue
-                    if kind == "bad":
-                        if self.ack:
-                            self.writer.write(b"-")
-                        continue
-                    if kind == "packet" and self.ack:
-                        self.writer.write(b"+")
-                    await self.events.put(ev)
+                    if ev.kind is EventKind.NOISE:
+                        continue  # between packets: skipped
+                    answer = self.acks.answer(ev)
+                    if answer:
+                        self.writer.write(answer)
+                    if ev.kind is not EventKind.BAD_CHECKSUM:
+                        await self.events.put(ev)  # a packet or ^C
         except (ConnectionError, OSError):
             pass
         finally:
@@ -362,7 +292,7 @@ class _Connection:
 
     def send(self, data: bytes) -> None:
         pkt = frame(data)
-        self.last_sent = pkt
+        self.acks.sent(pkt)
         self.writer.write(pkt)
 
     async def serve(self) -> None:
@@ -376,11 +306,11 @@ class _Connection:
                 if kind == "interrupt":
                     continue  # not running: nothing to stop
                 try:
-                    reply = await self.handle(expand_rle(body))
+                    reply = await self.handle(decode_rle(body))
                 except MachineServerError as exc:
                     self.log.info("gdb_request_failed", packet=body[:40].decode(errors="replace"), error=str(exc))
                     reply = b"E01"
-                except ProtocolError as exc:
+                except (ProtocolError, CodecError) as exc:
                     self.log.info("gdb_bad_packet", packet=body[:40].decode(errors="replace"), error=str(exc))
                     reply = b"E01"
                 except (ConnectionError, OSError):
@@ -391,7 +321,7 @@ class _Connection:
                 if reply is not None:
                     self.send(reply)
                     if body == b"QStartNoAckMode" and reply == b"OK":
-                        self.ack = False
+                        self.acks.enabled = False
                 with contextlib.suppress(ConnectionError, OSError):
                     await self.writer.drain()
         finally:
@@ -535,11 +465,11 @@ class _Connection:
         self, info: StopInfo | None, *, interrupted: bool = False, stepping: bool = False
     ) -> bytes:
         if info is None:
-            return b"S%02x" % SIGTRAP
+            return stopped_reply(SIGTRAP)
         if info.reason is StopReason.EXIT:
-            return b"W%02x" % ((info.exit_code or 0) & 0xFF)
+            return exited_reply(info.exit_code or 0)
         sig = SIGTRAP
-        extra = b""
+        extra: list[tuple[str, str]] = []
         if info.reason is StopReason.HALT:
             sig = SIGINT if interrupted or not stepping else SIGTRAP
         elif info.reason is StopReason.FAULT:
@@ -551,20 +481,20 @@ class _Connection:
             )
             key = "hwbreak" if hw else "swbreak"
             if key in self.features:
-                extra = key.encode() + b":;"
+                extra.append((key, ""))
         elif info.reason is StopReason.WATCHPOINT and info.watch_address is not None:
-            extra = b"%s:%x;" % (self._watch_key(info).encode(), info.watch_address)
-        return b"T%02x%s%sthread:%x;" % (sig, await self.expedite(info.pc), extra, THREAD_ID)
+            extra.append((self._watch_key(info), f"{info.watch_address:x}"))
+        return stopped_reply(sig, registers=await self.expedite(info.pc), fields=[*extra, _THREAD])
 
-    async def expedite(self, pc: int) -> bytes:
-        """``n:value;`` for every register, so gdb needs no ``g`` after a stop (one round
+    async def expedite(self, pc: int) -> dict[int, bytes]:
+        """Every register (number -> value), so gdb needs no ``g`` after a stop (one round
         trip less per step); just the pc when the registers cannot be read."""
         layout = self.registers()
         try:
             values = await self._read_values()
         except MachineServerError:
-            return b"%02x:%s;" % (layout.pc, _le32(pc))
-        return b"".join(b"%02x:%s;" % (i, _le32(v)) for i, v in enumerate(values) if v is not None)
+            return {layout.pc: _u32(pc)}
+        return {i: _u32(v) for i, v in enumerate(values) if v is not None}
 
     def _watch_key(self, info: StopInfo) -> str:
         assert info.watch_address is not None
@@ -580,20 +510,20 @@ class _Connection:
             info = await self.sessions.pause(self.live, "halted by gdb")
             return await self.stop_reply(info, interrupted=True)
         if state is MachineState.EXITED:
-            return b"W%02x" % ((self.live.record.exit_code or 0) & 0xFF)
+            return exited_reply(self.live.record.exit_code or 0)
         if state is MachineState.FAULTED:
             return await self.stop_reply(self.live.last_stop)
         if state is MachineState.HALTED:
             regs = await self.debugger.read_registers(self.live, ["pc"])
-            return b"T%02x%sthread:%x;" % (SIGTRAP, await self.expedite(regs["pc"]), THREAD_ID)
-        return b"X%02x" % SIGKILL  # off or failed: there is no process
+            return stopped_reply(SIGTRAP, registers=await self.expedite(regs["pc"]), fields=[_THREAD])
+        return killed_reply(SIGKILL)  # off or failed: there is no process
 
     # ------------------------------------------------------------------ run control
 
     async def resume(self, *, step: bool) -> bytes | None:
         live = self.live
         if live.state is MachineState.EXITED:
-            return b"W%02x" % ((live.record.exit_code or 0) & 0xFF)
+            return exited_reply(live.record.exit_code or 0)
         if live.state is MachineState.FAULTED:
             return await self.stop_reply(live.last_stop)  # it cannot go on: the fault again
         if step:
@@ -630,8 +560,8 @@ class _Connection:
                 info = waiter.result()
             except MachineServerError:
                 if live.state is MachineState.EXITED:
-                    return b"W%02x" % ((live.record.exit_code or 0) & 0xFF)
-                return b"X%02x" % SIGKILL
+                    return exited_reply(live.record.exit_code or 0)
+                return killed_reply(SIGKILL)
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -786,7 +716,7 @@ class _Connection:
     # ------------------------------------------------------------------ monitor commands
 
     def console(self, text: str) -> None:
-        self.send(b"O" + text.encode().hex().encode())
+        self.send(console_reply(text))
 
     async def monitor(self, hexcmd: bytes) -> bytes:
         try:
