@@ -1,7 +1,8 @@
 """The RSP client against a scripted stub (tests/rsp/stub.py): the handshake, acks and
 their absence, resends, timeouts and late replies, cancellation, garbage, closed
 sockets, the run/stop cycle, exits, and the commands (registers, memory, X escaping,
-RLE replies, qXfer, qRcmd, qCRC)."""
+RLE replies, qXfer, qRcmd, qCRC). Then against real stubs: QEMU's gdbstub, and our own
+GDB bridge."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Any
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from machineserver.sdk import AsyncClient
+from machineserver.server.app import RunningServer
+from machineserver.server.core.gdbserver import GdbServer
 from machineserver.server.rsp import (
     RspClient,
     RspClosed,
@@ -668,3 +672,36 @@ async def test_against_qemus_gdbstub() -> None:
         stop = await client.wait_stop(10)
         assert stop.exited and stop.exit_code == 0
         assert await asyncio.wait_for(qemu.wait(), 10) == 0
+
+
+async def test_against_our_own_gdb_bridge(server: RunningServer, client: AsyncClient) -> None:
+    """Both ends from this package: the client talks to the GDB bridge (which frames with
+    rsp.codec) on a Unicorn session; the bridge offers no-ack mode, QEMU does not."""
+    elf = firmware("mps2-an385", "hello")
+    with elf.open("rb") as f:
+        entry = ELFFile(f).header.e_entry
+    program = (await client.upload_program(elf)).program.name
+    session = (await client.sessions.create_session(
+        board_template="mps2-an385", program=program, power_on=True, backend="unicorn")).session
+    bridge = GdbServer(server.engine.sessions, server.engine.debugger, server.engine.sessions.get(session.name))
+    host, port = await bridge.start("127.0.0.1", 0)
+    rsp = await RspClient.connect_tcp(host, port, xml_registers="arm")
+    try:
+        assert not rsp.ack_mode and rsp.supports("QStartNoAckMode")
+        assert b"org.gnu.gdb.arm.m-profile" in await rsp.read_target_xml()
+        assert "monitor reset" in await rsp.monitor("help")
+        with pytest.raises(RspError, match="unknown monitor command"):
+            await rsp.monitor("frobnicate")
+        assert (await rsp.halt_reason()).registers[15] == (entry & ~1).to_bytes(4, "little")
+        assert int.from_bytes((await rsp.read_memory(4, 4)), "little") == entry
+        stop = await rsp.step()
+        assert stop.signal == codec.SIGTRAP and 15 in stop.registers and stop.thread == "1"
+        data = b"$#}*\x00\xff" * 8
+        await rsp.write_memory_binary(0x20001000, data)  # X with escapes, unescaped by the bridge
+        assert await rsp.read_memory(0x20001000, len(data)) == data
+        await rsp.send_continue(b"vCont;c")
+        stop = await rsp.wait_stop(20)
+        assert stop.exited and stop.exit_code == 0
+    finally:
+        await rsp.close()
+        await bridge.stop()
