@@ -3,7 +3,8 @@ reads packets and answers through a test's ``script`` coroutine.
 
 Its framing is written out here by hand, not taken from the codec under test, so a
 mistake in the codec cannot cancel itself out. What it does on its own: acks packets
-(``+``; ``-`` and no ack for the first ``nak_first`` arrivals of each packet), sends its
+(``+``; ``-``, optionally ``nak_delay`` seconds late, for the first ``nak_first``
+arrivals of each packet), sends its
 last packet again on ``-``, answers the handshake (qSupported with ``features``, and
 QStartNoAckMode when ``no_ack`` is offered), and records everything the client sent.
 """
@@ -54,10 +55,11 @@ async def echo(stub: Stub, payload: bytes) -> None:
 
 class Stub:
     def __init__(self, script: Script = echo, *, features: bytes = b"PacketSize=4000;qXfer:features:read+",
-                 no_ack: bool = False, nak_first: int = 0) -> None:
+                 no_ack: bool = False, nak_first: int = 0, nak_delay: float = 0.0) -> None:
         self.script = script
         self.features = features + (b";QStartNoAckMode+" if no_ack else b"")
         self.nak_first = nak_first
+        self.nak_delay = nak_delay  # seconds before each of those '-' goes out
         self.ack_mode = True
         self.received: list[bytes] = []  # every packet that arrived intact, resends included
         self.acks: list[bytes] = []  # '+' and '-' from the client, in order
@@ -172,7 +174,10 @@ class Stub:
         self._arrivals[payload] = seen + 1
         if self.ack_mode:
             if seen < self.nak_first:
-                self.write(b"-")
+                if self.nak_delay:
+                    self.later(self.nak_delay, lambda: self.write(b"-"))
+                else:
+                    self.write(b"-")
                 return
             self.write(b"+")
         if payload.startswith(b"qSupported"):

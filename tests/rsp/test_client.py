@@ -151,7 +151,7 @@ def slow_first(delay: float) -> Script:
 
 
 async def test_a_late_reply_is_discarded_never_given_to_the_next_request() -> None:
-    async with connected(slow_first(0.3)) as (stub, client):
+    async with connected(slow_first(0.3), resync_timeout=10) as (stub, client):
         with pytest.raises(RspTimeout) as err:
             await client.request(b"qP0", timeout=0.05)
         assert isinstance(err.value, TimeoutError)
@@ -177,7 +177,7 @@ async def test_a_reply_that_never_comes_breaks_the_client_before_it_sends_again(
 
 
 async def test_cancelling_a_request_leaves_its_reply_owed() -> None:
-    async with connected(slow_first(0.3)) as (stub, client):
+    async with connected(slow_first(0.3), resync_timeout=10) as (stub, client):
         pending = asyncio.create_task(client.request(b"qSlow"))
         await stub.wait_for_packet(b"qSlow")
         pending.cancel()
@@ -191,19 +191,17 @@ async def test_cancelling_a_request_leaves_its_reply_owed() -> None:
 async def test_cancelling_before_the_ack_resends_on_nak_while_resynchronising() -> None:
     """The request is abandoned before its ack; the stub then refuses the packet: the
     resync sends it again, and the reply to the resend is the one discarded."""
-    async def script(stub: Stub, payload: bytes) -> None:
-        stub.send(b"reply-to-" + payload)
-
-    async with connected(script) as (stub, client):
+    async with connected(stub_options={"nak_delay": 0.2}, resync_timeout=10) as (stub, client):
         stub.nak_first = 1
-        # a request that only waits for the first ack ('-') then gets cancelled
-        pending = asyncio.create_task(client.request(b"qNakked", timeout=5))
+        pending = asyncio.create_task(client.request(b"qNakked"))
         await stub.wait_for_packet(b"qNakked")
-        pending.cancel()
+        pending.cancel()  # before the '-' comes
         with pytest.raises(asyncio.CancelledError):
             await pending
+        assert stub.received.count(b"qNakked") == 1 and client.reply_owed
+        stub.nak_first = 0  # the delayed '-' still comes; nothing else is refused
         assert await client.request(b"qNext") == b"reply-to-qNext"
-        assert stub.received.count(b"qNakked") == 2
+        assert after_handshake(stub) == [b"qNakked", b"qNakked", b"qNext"]
         assert client.discarded == 1
 
 
@@ -557,7 +555,7 @@ async def test_an_abandoned_monitor_command_discards_its_output_and_its_reply() 
         else:
             await echo(stub, payload)
 
-    async with connected(slow_monitor) as (_, client):
+    async with connected(slow_monitor, resync_timeout=10) as (_, client):
         with pytest.raises(RspTimeout):
             await client.monitor("slow", timeout=0.05)
         assert await client.request(b"qNext") == b"reply-to-qNext"
