@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from elftools.elf.elffile import ELFFile
-from unicorn_helpers import Recorder, board, elf_image, ensure_firmware
+from unicorn_helpers import Recorder, board, elf_image, ensure_firmware, parts
 
 from machineserver.server.drivers.base import (
     Coverage,
@@ -48,7 +48,7 @@ async def start(board_name: str, program: str = "coverage", mode: str = "countin
     m = UnicornBackend().create_machine(board(board_name), opts, rec)
     await m.power_on()
     await m.load(elf_image(fw(board_name, program)))
-    return m, rec
+    return m, parts(m), rec
 
 
 def inside(blocks, lo: int, size: int) -> list[int]:
@@ -56,26 +56,26 @@ def inside(blocks, lo: int, size: int) -> list[int]:
 
 
 def test_backend_reports_coverage_feature():
-    assert issubclass(UnicornBackend.machine_class, Coverage)
+    assert Coverage in UnicornBackend.machine_class.capabilities
     assert Feature.COVERAGE in UnicornBackend().probe().features
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_coverage_program(board_name, mode):
-    m, rec = await start(board_name, mode=mode)
+    m, p, rec = await start(board_name, mode=mode)
     path = fw(board_name, "coverage")
     main, three, never = (func(path, n) for n in ("main", "called_three_times", "never_called"))
-    await m.coverage_start()
-    await m.run()
+    await p.cov.coverage_start()
+    await p.run.run()
     stop = await rec.wait_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(rec.console) == b"coverage done\n"
-    blocks = await m.coverage_blocks()
+    blocks = await p.cov.coverage_blocks()
     assert main[0] in blocks and three[0] in blocks
     assert not inside(blocks, *never)
     assert all(size > 0 for size, _ in blocks.values())
-    edges = await m.coverage_edges()
+    edges = await p.cov.coverage_edges()
     calls = [src for src, dst in edges if dst == three[0]]
     assert calls and all(main[0] <= s < main[0] + main[1] for s in calls)
     if mode == "counting":
@@ -96,53 +96,53 @@ async def test_coverage_program(board_name, mode):
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_reset_stop_and_restart(board_name):
-    m, rec = await start(board_name)
+    m, p, rec = await start(board_name)
     path = fw(board_name, "coverage")
     three = func(path, "called_three_times")
-    assert await m.coverage_blocks() == {}  # nothing collected before coverage_start
-    await m.coverage_start()
-    await m.run()
+    assert await p.cov.coverage_blocks() == {}  # nothing collected before coverage_start
+    await p.cov.coverage_start()
+    await p.run.run()
     await rec.wait_stop()
-    assert await m.coverage_blocks()
-    await m.coverage_reset()
-    assert await m.coverage_blocks() == {}
-    assert not await m.coverage_edges()
+    assert await p.cov.coverage_blocks()
+    await p.cov.coverage_reset()
+    assert await p.cov.coverage_blocks() == {}
+    assert not await p.cov.coverage_edges()
     # run again, stop: frozen
     await m.reset()
-    await m.run()
+    await p.run.run()
     await rec.wait_stop(2)
-    await m.coverage_stop()
-    frozen = await m.coverage_blocks()
+    await p.cov.coverage_stop()
+    frozen = await p.cov.coverage_blocks()
     assert frozen[three[0]][1] == 3
     await m.reset()
-    await m.run()
+    await p.run.run()
     await rec.wait_stop(3)
-    assert await m.coverage_blocks() == frozen
-    await m.coverage_reset()
-    assert await m.coverage_blocks() == {}
+    assert await p.cov.coverage_blocks() == frozen
+    await p.cov.coverage_reset()
+    assert await p.cov.coverage_blocks() == {}
     # start again: a new baseline, counts from here
-    await m.coverage_start()
+    await p.cov.coverage_start()
     await m.reset()
-    await m.run()
+    await p.run.run()
     await rec.wait_stop(4)
-    assert (await m.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
     await m.power_off()
 
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_start_after_some_execution(board_name):
-    m, rec = await start(board_name)
+    m, p, rec = await start(board_name)
     path = fw(board_name, "coverage")
     main, three = func(path, "main"), func(path, "called_three_times")
-    await m.set_breakpoint(three[0])
-    await m.run()
+    await p.bp.set_breakpoint(three[0])
+    await p.run.run()
     stop = await rec.wait_stop()
     assert stop.reason == StopReason.BREAKPOINT
-    await m.clear_breakpoint(three[0])
-    await m.coverage_start()
-    await m.run()
+    await p.bp.clear_breakpoint(three[0])
+    await p.cov.coverage_start()
+    await p.run.run()
     await rec.wait_stop(2)
-    blocks = await m.coverage_blocks()
+    blocks = await p.cov.coverage_blocks()
     assert main[0] not in blocks  # main's entry ran before coverage_start
     assert blocks[three[0]][1] == 3  # the interrupted first call runs again, then two more
     await m.power_off()
@@ -150,64 +150,63 @@ async def test_start_after_some_execution(board_name):
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_pause_resume_and_snapshot_restore(board_name):
-    m, rec = await start(board_name, "crc32")
-    await m.coverage_start()
-    snap = await m.save_state()
-    await m.run()
+    m, p, rec = await start(board_name, "crc32")
+    await p.cov.coverage_start()
+    snap = await p.snap.save_state()
+    await p.run.run()
     await asyncio.sleep(0.005)
-    await m.pause()
-    during = await m.coverage_blocks()
+    await p.run.pause()
+    during = await p.cov.coverage_blocks()
     if m.state == MachineState.HALTED:  # paused before the end (a slow host may finish first)
         assert during
-        await m.run()
-        stop = await rec.wait_stop(2)
-    else:
-        stop = await rec.wait_stop()
+        assert rec.stops == []  # the pause's stop is returned, not an event
+        await p.run.run()
+    stop = await rec.wait_stop()
     assert stop.reason == StopReason.EXIT
-    after = await m.coverage_blocks()
+    after = await p.cov.coverage_blocks()
     assert after
     for addr, (_, n) in during.items():
         assert after[addr][1] >= n
     # restoring a snapshot keeps collected coverage and collection goes on
-    await m.restore_state(snap)
-    assert await m.coverage_blocks() == after
-    await m.run()
+    await p.snap.restore_state(snap)
+    assert await p.cov.coverage_blocks() == after
+    await p.run.run()
     await rec.wait_stop(len(rec.stops) + 1)
-    again = await m.coverage_blocks()
+    again = await p.cov.coverage_blocks()
     assert set(again) >= set(after)
     assert sum(n for _, n in again.values()) > sum(n for _, n in after.values())
     await m.power_off()
 
 
 async def test_coverage_from_power_on_and_across_power_cycle():
-    m, rec = await start("mps2-an385", coverage="1")
+    m, p, rec = await start("mps2-an385", coverage="1")
     path = fw("mps2-an385", "coverage")
     three = func(path, "called_three_times")
-    await m.run()
+    await p.run.run()
     await rec.wait_stop()
-    assert (await m.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
     await m.power_off()
-    assert (await m.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
     await m.power_on()
     await m.load(elf_image(path))
-    await m.run()
+    await p.run.run()
     await rec.wait_stop(2)
-    assert (await m.coverage_blocks())[three[0]][1] == 6
+    assert (await p.cov.coverage_blocks())[three[0]][1] == 6
     await m.power_off()
 
 
 async def test_python_fallback_without_compiler(monkeypatch):
-    from machineserver.server.drivers.unicorn import coverage as cov
+    from machineserver.server.drivers.unicorn import collector as cov
 
     monkeypatch.setattr(cov, "native_status", lambda: cov.NativeStatus(None, reason="no gcc"))
-    m, rec = await start("mps2-an385")
+    m, p, rec = await start("mps2-an385")
     path = fw("mps2-an385", "coverage")
     main, three, never = (func(path, n) for n in ("main", "called_three_times", "never_called"))
-    await m.coverage_start()
-    assert m.coverage_method.startswith("python-edge-generated")
-    await m.run()
+    await p.cov.coverage_start()
+    assert p.cov.method.startswith("python-edge-generated")
+    await p.run.run()
     await rec.wait_stop()
-    blocks = await m.coverage_blocks()
+    blocks = await p.cov.coverage_blocks()
     assert main[0] in blocks and three[0] in blocks and not inside(blocks, *never)
-    assert any(dst == three[0] for _, dst in await m.coverage_edges())
+    assert any(dst == three[0] for _, dst in await p.cov.coverage_edges())
     await m.power_off()

@@ -18,6 +18,7 @@ from unicorn_helpers import (
     elf_image,
     elf_symbol,
     ensure_firmware,
+    parts,
 )
 
 from machineserver.server.drivers.base import (
@@ -39,28 +40,35 @@ def fw(board_name: str, program: str) -> Path:
 
 
 async def start(board_name: str, program: str, **opts):
+    """A powered-on machine with ``program`` loaded: (machine, its parts, its events)."""
     rec = Recorder()
     m = UnicornBackend().create_machine(board(board_name), MachineOptions(**opts), rec)
     await m.power_on()
     await m.load(elf_image(fw(board_name, program)))
-    return m, rec
+    return m, parts(m), rec
 
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_hello_prints_and_exits_0(board_name):
-    m, rec = await start(board_name, "hello")
-    await m.run()
+    m, p, rec = await start(board_name, "hello")
+    await p.run.run()
     stop = await rec.wait_stop()
     assert stop.reason == StopReason.EXIT and stop.exit_code == 0
     assert bytes(rec.console) == f"Hello from {board_name}!\n".encode()
     assert m.state == MachineState.EXITED
+    # an exited machine stays inspectable: the pc is where it exited, the code is there
+    regs = await p.regs.read_registers(["pc"])
+    assert regs["pc"] == stop.pc
+    image = elf_image(fw(board_name, "hello"))
+    seg = next(s for s in image.segments if s.data)
+    assert await p.mem.read_memory(seg.address, 16) == seg.data[:16]
     await m.power_off()
 
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_crc32(board_name):
-    m, rec = await start(board_name, "crc32")
-    await m.run()
+    m, p, rec = await start(board_name, "crc32")
+    await p.run.run()
     stop = await rec.wait_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(rec.console) == b"crc32=0x80f45f04\n"
@@ -71,8 +79,8 @@ async def test_crc32(board_name):
 async def test_timer_interrupts_ten_ticks(board_name):
     """SysTick (exception 15, real entry/return) or the CLINT machine timer."""
     program = "timer" if board_name == "sifive_e" else "systick"
-    m, rec = await start(board_name, program)
-    await m.run()
+    m, p, rec = await start(board_name, program)
+    await p.run.run()
     stop = await rec.wait_stop()
     assert bytes(rec.console) == b"ticks=10\n"
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
@@ -82,13 +90,13 @@ async def test_timer_interrupts_ten_ticks(board_name):
 async def test_systick_period_is_exact_in_virtual_time():
     """Ticks every SYSTICK_RELOAD (10000) cycles: the handler first runs at a cycle
     count that is a multiple of the period after SysTick was enabled."""
-    m, rec = await start("lm3s6965evb", "systick", icount=True)
+    m, p, rec = await start("lm3s6965evb", "systick", icount=True)
     path = fw("lm3s6965evb", "systick")
     handler = elf_symbol(path, "SysTick_Handler") & ~1
-    await m.set_breakpoint(handler)
+    await p.bp.set_breakpoint(handler)
     hits = []
     for i in range(3):
-        await m.run()
+        await p.run.run()
         stop = await rec.wait_stop(i + 1)
         assert stop.reason == StopReason.BREAKPOINT and stop.pc == handler
         hits.append(m.counters().virtual_time_ns)
@@ -99,8 +107,8 @@ async def test_systick_period_is_exact_in_virtual_time():
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_fault_runs_guest_handler(board_name):
-    m, rec = await start(board_name, "fault")
-    await m.run()
+    m, p, rec = await start(board_name, "fault")
+    await p.run.run()
     stop = await rec.wait_stop()
     expected = b"trap mcause=5\n" if board_name == "sifive_e" else b"hardfault\n"
     assert bytes(rec.console) == b"about to fault\n" + expected
@@ -110,24 +118,29 @@ async def test_fault_runs_guest_handler(board_name):
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_fault_without_handler_is_faulted(board_name):
-    m, rec = await start(board_name, "fault")
+    m, p, rec = await start(board_name, "fault")
     spec = board(board_name)
     if board_name == "sifive_e":
         main = elf_symbol(fw(board_name, "fault"), "main")
-        await m.set_breakpoint(main)
-        await m.run()
+        await p.bp.set_breakpoint(main)
+        await p.run.run()
         assert (await rec.wait_stop()).reason == StopReason.BREAKPOINT
-        await m.write_register("mtvec", 0)
+        await p.regs.write_register("mtvec", 0)
         n = 2
     else:
-        await m.write_memory(spec.vector_table + 4 * 3, b"\0\0\0\0")  # no HardFault vector
+        await p.mem.write_memory(spec.vector_table + 4 * 3, b"\0\0\0\0")  # no HardFault vector
         n = 1
-    await m.run()
+    await p.run.run()
     stop = await rec.wait_stop(n)
     assert stop.reason == StopReason.FAULT
     assert stop.fault_address == 0xF0000000 or stop.fault_address == 0x40000000
     assert m.state == MachineState.FAULTED
     assert bytes(rec.console) == b"about to fault\n"
+    # a faulted machine stays inspectable (and writable) for a post-mortem
+    assert (await p.regs.read_registers(["pc"]))["pc"] == stop.pc
+    ram = next(r for r in spec.memory if r.kind == "ram" and r.base >= 0x20000000)
+    await p.mem.write_memory(ram.base + 0x200, b"post")
+    assert await p.mem.read_memory(ram.base + 0x200, 4) == b"post"
     # the machine is still usable: reset and run the program again
     await m.reset()
     assert m.state == MachineState.HALTED
@@ -136,12 +149,12 @@ async def test_fault_without_handler_is_faulted(board_name):
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_echo_with_console_input(board_name):
-    m, rec = await start(board_name, "echo")
-    await m.run()
+    m, p, rec = await start(board_name, "echo")
+    await p.run.run()
     await rec.wait_console(b"echo ready\n")
-    await m.console_input(b"hi there\n")
+    await p.console.console_input(b"hi there\n")
     await rec.wait_console(b"hi there\n")
-    await m.console_input(b"q")
+    await p.console.console_input(b"q")
     stop = await rec.wait_stop()
     assert bytes(rec.console) == b"echo ready\nhi there\nbye\n"
     assert stop.exit_code == 0
@@ -158,7 +171,7 @@ async def test_fifty_machines_run_concurrently():
         await m.power_on()
         await m.load(elf_image(fw(name, "hello" if i % 2 else "crc32")))
         machines.append((name, i, m, rec))
-    await asyncio.gather(*(m.run() for _, _, m, _ in machines))
+    await asyncio.gather(*(parts(m).run.run() for _, _, m, _ in machines))
     stops = await asyncio.gather(*(rec.wait_stop(wait_s=60) for _, _, _, rec in machines))
     for (name, i, m, rec), stop in zip(machines, stops, strict=True):
         want = f"Hello from {name}!\n".encode() if i % 2 else b"crc32=0x80f45f04\n"
@@ -169,12 +182,12 @@ async def test_fifty_machines_run_concurrently():
 
 @pytest.mark.parametrize("board_name", ARM_BOARDS)
 async def test_reset_reruns_program(board_name):
-    m, rec = await start(board_name, "hello")
-    await m.run()
+    m, p, rec = await start(board_name, "hello")
+    await p.run.run()
     await rec.wait_stop()
     await m.reset()
     assert m.counters().instructions == 0
-    await m.run()
+    await p.run.run()
     await rec.wait_stop(2)
     assert bytes(rec.console) == f"Hello from {board_name}!\n".encode() * 2
     await m.power_off()

@@ -1,5 +1,5 @@
 """Helpers for the Unicorn driver tests: firmware images from ELF files (pyelftools),
-an event recorder, and board specs."""
+an event recorder, board specs, and a machine's capability parts by short names."""
 
 from __future__ import annotations
 
@@ -7,13 +7,27 @@ import asyncio
 import shutil
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.core.images import ImageFormat, parse_image
-from machineserver.server.drivers.base import ProgramImage, StopInfo
+from machineserver.server.drivers.base import (
+    Breakpoints,
+    ConsoleInput,
+    Coverage,
+    HostFootprint,
+    Machine,
+    MemoryAccess,
+    ProgramImage,
+    RegisterAccess,
+    RunControl,
+    Snapshots,
+    StopInfo,
+    Watchpoints,
+)
 
 FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
 BUILD = FIRMWARE / "build"
@@ -48,6 +62,27 @@ def elf_symbol(path: Path, name: str) -> int:
 
 def board(name: str):
     return load_shipped_boards()[name]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A machine's capability parts, reached through the typed accessor as callers do."""
+
+    run: RunControl
+    regs: RegisterAccess
+    mem: MemoryAccess
+    bp: Breakpoints
+    wp: Watchpoints
+    console: ConsoleInput
+    snap: Snapshots
+    cov: Coverage
+    footprint: HostFootprint
+
+
+def parts(m: Machine) -> Parts:
+    return Parts(m.capability(RunControl), m.capability(RegisterAccess), m.capability(MemoryAccess),
+                 m.capability(Breakpoints), m.capability(Watchpoints), m.capability(ConsoleInput),
+                 m.capability(Snapshots), m.capability(Coverage), m.capability(HostFootprint))
 
 
 class Recorder:

@@ -27,11 +27,11 @@ class UnicornBackend(Backend):
     description = ("In-process CPU emulator (Unicorn 2) with Python peripheral models: "
                    "Cortex-M3/M4 and RV32 boards")
 
-    machine_class = UnicornMachine  # type: ignore[assignment]
+    machine_class = UnicornMachine
 
     def probe(self) -> BackendInfo:
         try:
-            import unicorn
+            from unicorn.unicorn import __version__ as unicorn_version
         except Exception as exc:
             return BackendInfo(name=self.name, description=self.description, available=False,
                                unavailable_reason=f"cannot import unicorn: {exc}")
@@ -43,7 +43,7 @@ class UnicornBackend(Backend):
         exact = counter_offset() is not None
         return BackendInfo(
             name=self.name, description=self.description, available=True,
-            version=str(unicorn.__version__), features=features_of(self.machine_class),
+            version=str(unicorn_version), features=features_of(self.machine_class),
             details={
                 "instruction_count": "exact in counted slices" if exact else "estimated",
                 "arches": "arm-cortex-m (cortex-m3, cortex-m4), riscv32 (rv32imac)",

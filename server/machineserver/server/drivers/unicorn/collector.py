@@ -1,4 +1,5 @@
-"""Basic-block coverage for Unicorn machines without Python in the hot path.
+"""The block collector behind the Unicorn Coverage part (:mod:`.coverage`): basic-block
+coverage without Python in the hot path.
 
 Measured on crc32 (mps2-an385 / sifive_e, a tight CRC loop: the worst case; run to
 exit, median of 9, ~30-45 ms without coverage):
@@ -57,11 +58,15 @@ from typing import Any
 from unicorn import unicorn_const as ucc
 
 from machineserver.server.drivers import native
+from machineserver.server.drivers.base import Blocks
+from machineserver.server.drivers.unicorn.arch import Engine, native_handle
 
 SOURCE = Path(__file__).resolve().parent / "native" / "ucblocks.c"
 
-Blocks = dict[int, tuple[int, int]]
-Edges = set[tuple[int, int]]
+# (from, to) pairs without counts: raw (source block start, target block start) from the
+# collector, or (last instruction of the source block, target block start) after
+# edges_by_branch
+EdgeSet = set[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,14 @@ def native_status() -> NativeStatus:
         return _native_cached()
 
 
-def _uc_hook_add(uc: Any, htype: int, fn_addr: int, user_data: int) -> int:
+def _uc_hook_add(uc: Engine, htype: int, fn_addr: int, user_data: int) -> int:
     from unicorn.unicorn_py3.unicorn import uclib
 
+    handle = native_handle(uc)
+    if handle is None:
+        raise RuntimeError("uc_hook_add on a released engine")
     h = ctypes.c_size_t()
-    err = uclib.uc_hook_add(uc._uch, ctypes.byref(h), htype, ctypes.c_void_p(fn_addr),
+    err = uclib.uc_hook_add(handle, ctypes.byref(h), htype, ctypes.c_void_p(fn_addr),
                             ctypes.c_void_p(user_data), 1, 0)
     if err != ucc.UC_ERR_OK:
         raise RuntimeError(f"uc_hook_add failed ({err})")
@@ -134,15 +142,15 @@ class Collector:
         else:
             self._t = None
             self._py_blocks: Blocks = {}
-            self._py_edges: set[tuple[int, int]] = set()
+            self._py_edges: EdgeSet = set()
             self.method = f"python-edge-generated (first hit, count 0; {st.reason})"
-        self._hook: tuple[Any, Any] | None = None  # (uc, handle)
+        self._hook: tuple[Engine, int] | None = None  # (uc, hook handle)
 
     @property
     def attached(self) -> bool:
         return self._hook is not None
 
-    def attach(self, uc: Any) -> None:
+    def attach(self, uc: Engine) -> None:
         if self._hook is not None and self._hook[0] is uc:
             return
         if self._t is not None:
@@ -158,12 +166,13 @@ class Collector:
         self._hook = (uc, h)
 
     def detach(self) -> None:
-        """Remove the hook (from a Uc that may already be released: then just forget)."""
+        """Remove the hook. The caller detaches before it releases the engine (a released
+        engine's hooks are gone with it: then this only forgets)."""
         hook, self._hook = self._hook, None
         if hook is None:
             return
         uc, h = hook
-        if getattr(uc, "_uch", None):
+        if native_handle(uc) is not None:
             with contextlib.suppress(Exception):
                 uc.hook_del(h)
 
@@ -206,7 +215,7 @@ class Collector:
             out[int(buf[3 * i])] = (int(buf[3 * i + 1]), int(buf[3 * i + 2]))
         return out
 
-    def raw_edges(self) -> set[tuple[int, int]]:
+    def raw_edges(self) -> EdgeSet:
         """(source block start, target block start) pairs."""
         if self._t is None:
             return set(self._py_edges)
@@ -238,12 +247,12 @@ def last_instruction(start: int, size: int, read: Callable[[int, int], bytes] | 
     return start + last
 
 
-def edges_by_branch(raw: set[tuple[int, int]], blocks: Blocks,
+def edges_by_branch(raw: EdgeSet, blocks: Blocks,
                     read: Callable[[int, int], bytes] | None, thumb: bool,
-                    cache: dict[tuple[int, int], int]) -> Edges:
+                    cache: dict[tuple[int, int], int]) -> EdgeSet:
     """Raw (source block, target block) pairs -> (source block's last instruction,
     target block start)."""
-    out: Edges = set()
+    out: EdgeSet = set()
     for src, dst in raw:
         size = blocks.get(src, (0, 0))[0]
         key = (src, size)

@@ -31,9 +31,8 @@ How exceptions work here (measured on Unicorn 2.1.4, the cheapest correct way fo
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from functools import partial
 
-from unicorn import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB, Uc, UcError
 from unicorn import unicorn_const as ucc
 from unicorn.arm_const import (
     UC_ARM_REG_BASEPRI,
@@ -62,11 +61,11 @@ from unicorn.arm_const import (
     UC_CPU_ARM_CORTEX_M3,
     UC_CPU_ARM_CORTEX_M4,
 )
+from unicorn.unicorn import UcError
+from unicorn.unicorn_const import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB
 
-from machineserver.server.drivers.base import StopInfo, StopReason
-
-if TYPE_CHECKING:
-    from machineserver.server.drivers.unicorn.machine import UnicornMachine
+from machineserver.server.drivers.base import BoardSpec, StopInfo, StopReason
+from machineserver.server.drivers.unicorn.arch import CoreHost, Engine, JsonState, new_engine
 
 NMI, HARDFAULT, MEMMANAGE, BUSFAULT, USAGEFAULT = 2, 3, 4, 5, 6
 SVCALL, DEBUGMON, PENDSV, SYSTICK = 11, 12, 14, 15
@@ -120,12 +119,12 @@ class Scs:
         self.st_next: int | None = None  # cycle at which the counter next reaches 0
 
     # ---- state for snapshots
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self) -> JsonState:
         d = {k: getattr(self, k) for k in _SCS_FIELDS}
         d["prio"] = bytes(self.prio).hex()
         return d
 
-    def set_state(self, d: dict[str, Any]) -> None:
+    def set_state(self, d: JsonState) -> None:
         for k in _SCS_FIELDS:
             setattr(self, k, d[k])
         self.prio = bytearray(bytes.fromhex(d["prio"]))
@@ -207,7 +206,7 @@ class Scs:
         return (word >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
 
     def read32(self, off: int) -> int:
-        now = self.core.m.now_cycles()
+        now = self.core.host.now_cycles()
         if off == 0x004:
             return (self.num_irq + 31) // 32 - 1
         if off == 0x010:
@@ -220,7 +219,7 @@ class Scs:
         if off == 0x018:
             return self.st_cvr_now(now)
         if off == 0x01C:
-            tenms = int(self.core.m.cpu_hz // 100) - 1
+            tenms = int(self.core.host.cpu_hz // 100) - 1
             return (1 << 31) | (tenms & 0xFFFFFF)
         if 0x100 <= off < 0x140:
             return (self.enabled >> (32 * ((off - 0x100) >> 2))) & 0xFFFFFFFF
@@ -257,7 +256,7 @@ class Scs:
         self.write32(offset & ~3, (value << shift) & 0xFFFFFFFF)
 
     def write32(self, off: int, v: int) -> None:
-        now = self.core.m.now_cycles()
+        now = self.core.host.now_cycles()
         irq_mask = ((1 << self.num_irq) - 1)
         if off == 0x010:
             was = self.st_csr & 1
@@ -295,7 +294,7 @@ class Scs:
             if v >> 16 == 0x05FA:
                 self.prigroup = (v >> 8) & 7
                 if v & 0x5:  # SYSRESETREQ / VECTRESET
-                    self.core.m.request_reset()
+                    self.core.host.request_reset()
         elif off == 0xD10:
             self.scr = v & 0x16
         elif off == 0xD14:
@@ -327,39 +326,42 @@ class Scs:
 
 
 class CortexM:
+    """The Cortex-M core (an :class:`~.arch.ArchCore`): registers, the SCS model,
+    exception entry and return. ``create_uc`` then ``attach`` before anything else."""
+
     arch_name = "arm-cortex-m"
     register_names = REGISTER_NAMES
+    uc: Engine  # set by create_uc
+    host: CoreHost  # set by attach
 
-    def __init__(self, machine: UnicornMachine) -> None:
-        self.m = machine
-        self.board = machine.board
+    def __init__(self, board: BoardSpec) -> None:
+        self.board = board
         nvic = next((p for p in self.board.peripherals if p.model == "nvic"), None)
         props = nvic.properties if nvic else {}
         self.num_irq = int(props.get("num_irq", 64))
         self.prio_bits = int(props.get("prio_bits", 3))
-        self.uc: Uc | None = None
         self.scs = Scs(self)
 
     # ---- engine
-    def create_uc(self) -> Uc:
-        uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
+    def create_uc(self) -> Engine:
+        uc = new_engine(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
         uc.ctl_set_cpu_model(CPUS[self.board.cpu])
         self.uc = uc
         return uc
 
-    def attach(self, uc: Uc) -> None:
+    def attach(self, uc: Engine, host: CoreHost) -> None:
+        self.host = host
         uc.mmio_map(SCS_BASE, SCS_SIZE, self._mmio_read, None, self._mmio_write, None)
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
-    def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
-        return int(self.m.mmio_access(SCS_BASE + offset, size, None, self.scs.read, offset, size, default=0))
+    def _mmio_read(self, uc: Engine, offset: int, size: int, _ud: object) -> int:
+        return self.host.mmio_read(SCS_BASE + offset, size, partial(self.scs.read, offset, size))
 
-    def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
-        self.m.mmio_access(SCS_BASE + offset, size, value, self.scs.write, offset, size, value, default=None)
+    def _mmio_write(self, uc: Engine, offset: int, size: int, value: int, _ud: object) -> None:
+        self.host.mmio_write(SCS_BASE + offset, size, value, partial(self.scs.write, offset, size, value))
 
     def reset(self, entry: int | None) -> None:
         uc = self.uc
-        assert uc is not None
         self.scs.reset()
         uc.reg_write(UC_ARM_REG_XPSR, 1 << 24)
         uc.reg_write(UC_ARM_REG_CONTROL, 0)
@@ -379,14 +381,12 @@ class CortexM:
         uc.reg_write(UC_ARM_REG_PC, pc | 1)
 
     def pc(self) -> int:
-        assert self.uc is not None
         return int(self.uc.reg_read(UC_ARM_REG_PC)) & ~1
 
     def start_address(self) -> int:
         return self.pc() | 1
 
     def ipsr(self) -> int:
-        assert self.uc is not None
         return int(self.uc.reg_read(UC_ARM_REG_XPSR)) & 0x1FF
 
     # ---- registers
@@ -396,12 +396,10 @@ class CortexM:
         return n if n in REGS else None
 
     def read_reg(self, name: str) -> int:
-        assert self.uc is not None
         v = int(self.uc.reg_read(REGS[name])) & 0xFFFFFFFF
         return v & ~1 if name == "pc" else v
 
     def write_reg(self, name: str, value: int) -> None:
-        assert self.uc is not None
         value &= 0xFFFFFFFF
         self.uc.reg_write(REGS[name], value | 1 if name == "pc" else value)
 
@@ -412,10 +410,10 @@ class CortexM:
         for n in RESTORE_ORDER:
             self.write_reg(n, regs[n])
 
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self) -> JsonState:
         return {"scs": self.scs.get_state()}
 
-    def set_state(self, d: dict[str, Any]) -> None:
+    def set_state(self, d: JsonState) -> None:
         self.scs.set_state(d["scs"])
 
     # ---- timers
@@ -432,7 +430,6 @@ class CortexM:
         self.scs.set_level(irq, level)
 
     def halted_on_wfi(self, pc: int) -> bool:
-        assert self.uc is not None
         try:
             return bytes(self.uc.mem_read(pc - 2, 2)) == b"\x30\xbf" or \
                 bytes(self.uc.mem_read(pc - 4, 4)) == b"\xaf\xf3\x03\x80"
@@ -453,7 +450,6 @@ class CortexM:
         return self.scs.prio[exc] if exc < len(self.scs.prio) else 0
 
     def exec_priority(self) -> int:
-        assert self.uc is not None
         p = 256
         a = self.scs.active
         while a:
@@ -501,18 +497,16 @@ class CortexM:
 
     # ---- exception entry / return
     def _vector(self, exc: int) -> int | None:
-        assert self.uc is not None
         try:
             (vec,) = struct.unpack("<I", bytes(self.uc.mem_read(self.scs.vtor + 4 * exc, 4)))
         except UcError:
             return None
         if vec == 0 or self.board.region_at(vec & ~1, 2) is None:
             return None
-        return vec
+        return int(vec)
 
     def enter(self, exc: int, return_pc: int | None = None) -> StopInfo | None:
         uc = self.uc
-        assert uc is not None
         vec = self._vector(exc)
         pc = self.pc() if return_pc is None else return_pc
         if vec is None:
@@ -549,7 +543,6 @@ class CortexM:
 
     def exception_return(self) -> StopInfo | None:
         uc = self.uc
-        assert uc is not None
         exc_return = (int(uc.reg_read(UC_ARM_REG_PC)) | 1) & 0xFFFFFFFF
         exc = self.ipsr()
         self.scs.active &= ~(1 << exc)
@@ -610,20 +603,19 @@ class CortexM:
             return self.fault(USAGEFAULT, pc, None, f"undefined instruction at 0x{pc:08x}")
         return self._fault_stop(pc, address, f"emulator error: {err}")
 
-    def _on_intr(self, uc: Uc, intno: int, _ud: object) -> None:
-        self.m.guard(self._intr, intno)
+    def _on_intr(self, uc: Engine, intno: int, _ud: object) -> None:
+        self.host.guard(partial(self._intr, intno))
 
     def _intr(self, intno: int) -> None:
-        m = self.m
         pc = self.pc()
         if intno == 8:  # EXCP_EXCEPTION_EXIT
             stop = self.exception_return()
         elif intno == 7:  # BKPT
-            insn = bytes(self.uc.mem_read(pc, 2)) if self.uc else b""
+            insn = bytes(self.uc.mem_read(pc, 2))
             if insn == b"\xab\xbe":
                 op = self.read_reg("r0")
                 arg = self.read_reg("r1")
-                res = m.semihost(op, arg, pc)
+                res = self.host.semihost(op, arg, pc)
                 if res is None:
                     return
                 self.write_reg("r0", res & 0xFFFFFFFF)
@@ -653,4 +645,4 @@ class CortexM:
         else:
             stop = self._fault_stop(pc, None, f"unhandled CPU exception {intno} at 0x{pc:08x}")
         if stop is not None:
-            m.hook_stop(stop)
+            self.host.hook_stop(stop)

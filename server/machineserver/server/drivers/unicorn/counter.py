@@ -20,21 +20,24 @@ import ctypes
 import struct
 import threading
 
+from machineserver.server.drivers.unicorn.arch import Engine, native_handle, new_engine
+
 _lock = threading.Lock()
 _offset: int | None = None
 _calibrated = False
 _SCAN = 4096
 
 
-def _handle(uc: object) -> int:
-    return int(ctypes.cast(uc._uch, ctypes.c_void_p).value or 0)  # type: ignore[attr-defined]
+def _handle(uc: Engine) -> int:
+    handle = native_handle(uc)
+    return int(handle.value or 0) if handle is not None else 0
 
 
 def _calibrate() -> int | None:
-    from unicorn import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB, Uc
     from unicorn.arm_const import UC_CPU_ARM_CORTEX_M3
+    from unicorn.unicorn_const import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB
 
-    uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
+    uc = new_engine(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
     uc.ctl_set_cpu_model(UC_CPU_ARM_CORTEX_M3)
     uc.mem_map(0, 0x1000)
     uc.mem_write(0, b"\xfe\xe7")  # b .
@@ -63,7 +66,7 @@ def counter_offset() -> int | None:
 class EmuCounter:
     """Reads the native instruction counter of one Uc."""
 
-    def __init__(self, uc: object) -> None:
+    def __init__(self, uc: Engine) -> None:
         off = counter_offset()
         self.available = off is not None
         self._addr = _handle(uc) + off if off is not None else 0

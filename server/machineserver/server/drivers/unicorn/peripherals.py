@@ -62,6 +62,10 @@ class Uart(Peripheral):
             self.rx.extend(data)
         self.update_irq()
 
+    def clear_rx(self) -> None:
+        with self._rx_lock:
+            self.rx.clear()
+
     def pop_rx(self) -> int | None:
         with self._rx_lock:
             return self.rx.popleft() if self.rx else None

@@ -45,4 +45,4 @@ def memory_operand_address(arch: str, code: bytes, pc: int, read_reg: Callable[[
         if value is None:
             return None
         address += value << getattr(mem, "lshift", 0)
-    return address & 0xFFFFFFFF
+    return int(address) & 0xFFFFFFFF

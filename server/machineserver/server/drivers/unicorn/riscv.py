@@ -16,16 +16,15 @@ interrupts are not delivered on this board.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from functools import partial
 
-from unicorn import UC_ARCH_RISCV, UC_MODE_RISCV32, Uc, UcError
 from unicorn import riscv_const as rc
 from unicorn import unicorn_const as ucc
+from unicorn.unicorn import UcError
+from unicorn.unicorn_const import UC_ARCH_RISCV, UC_MODE_RISCV32
 
-from machineserver.server.drivers.base import StopInfo, StopReason
-
-if TYPE_CHECKING:
-    from machineserver.server.drivers.unicorn.machine import UnicornMachine
+from machineserver.server.drivers.base import BoardSpec, StopInfo, StopReason
+from machineserver.server.drivers.unicorn.arch import CoreHost, Engine, JsonState, new_engine
 
 ABI = ["zero", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2", "a3",
        "a4", "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11",
@@ -58,14 +57,14 @@ class Clint:
         self.mtimecmp = _U64
         self.mtime_offset = 0
 
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self) -> JsonState:
         return {"msip": self.msip, "mtimecmp": self.mtimecmp, "mtime_offset": self.mtime_offset}
 
-    def set_state(self, d: dict[str, Any]) -> None:
+    def set_state(self, d: JsonState) -> None:
         self.msip, self.mtimecmp, self.mtime_offset = d["msip"], d["mtimecmp"], d["mtime_offset"]
 
     def mtime(self, now: int) -> int:
-        return (now * self.timebase // self.core.m.cpu_hz + self.mtime_offset) & _U64
+        return (now * self.timebase // self.core.host.cpu_hz + self.mtime_offset) & _U64
 
     def deadline(self) -> int | None:
         if self.mtimecmp == _U64:
@@ -73,10 +72,10 @@ class Clint:
         ticks = self.mtimecmp - self.mtime_offset
         if ticks <= 0:
             return 0
-        return -(-ticks * self.core.m.cpu_hz // self.timebase)
+        return -(-ticks * self.core.host.cpu_hz // self.timebase)
 
     def read(self, offset: int, size: int) -> int:
-        now = self.core.m.now_cycles()
+        now = self.core.host.now_cycles()
         if offset < 4:
             v = self.msip
         elif 0x4000 <= offset < 0x4008:
@@ -96,46 +95,50 @@ class Clint:
             self.mtimecmp = (self.mtimecmp & ~(mask << sh) | ((value & mask) << sh)) & _U64
         elif 0xBFF8 <= offset < 0xC000:
             sh = 8 * (offset - 0xBFF8)
-            now = self.core.m.now_cycles()
+            now = self.core.host.now_cycles()
             cur = self.mtime(now)
             new = (cur & ~(mask << sh) | ((value & mask) << sh)) & _U64
             self.mtime_offset += new - cur
 
 
 class RiscV:
+    """The RV32 core (an :class:`~.arch.ArchCore`): registers, the CLINT model, traps.
+    ``create_uc`` then ``attach`` before anything else."""
+
     arch_name = "riscv32"
     register_names = REGISTER_NAMES
+    uc: Engine  # set by create_uc
+    host: CoreHost  # set by attach
 
-    def __init__(self, machine: UnicornMachine) -> None:
-        self.m = machine
-        self.board = machine.board
-        self.uc: Uc | None = None
+    def __init__(self, board: BoardSpec) -> None:
+        self.board = board
         spec = next((p for p in self.board.peripherals if p.model == "clint"), None)
         self.clint_spec = spec
         tb = int(spec.properties.get("timebase_hz", 10_000_000)) if spec else 10_000_000
         self.clint = Clint(self, tb)
         self.mip = 0
 
-    def create_uc(self) -> Uc:
-        self.uc = Uc(UC_ARCH_RISCV, UC_MODE_RISCV32)
+    def create_uc(self) -> Engine:
+        self.uc = new_engine(UC_ARCH_RISCV, UC_MODE_RISCV32)
         return self.uc
 
-    def attach(self, uc: Uc) -> None:
+    def attach(self, uc: Engine, host: CoreHost) -> None:
+        self.host = host
         if self.clint_spec is not None:
             self._clint_base = self.clint_spec.base
             size = (self.clint_spec.size + 0xFFF) & ~0xFFF
             uc.mmio_map(self.clint_spec.base, size, self._mmio_read, None, self._mmio_write, None)
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
 
-    def _mmio_read(self, uc: Uc, offset: int, size: int, _ud: object) -> int:
-        return int(self.m.mmio_access(self._clint_base + offset, size, None, self.clint.read, offset, size, default=0))
+    def _mmio_read(self, uc: Engine, offset: int, size: int, _ud: object) -> int:
+        return self.host.mmio_read(self._clint_base + offset, size, partial(self.clint.read, offset, size))
 
-    def _mmio_write(self, uc: Uc, offset: int, size: int, value: int, _ud: object) -> None:
-        self.m.mmio_access(self._clint_base + offset, size, value, self.clint.write, offset, size, value, default=None)
+    def _mmio_write(self, uc: Engine, offset: int, size: int, value: int, _ud: object) -> None:
+        self.host.mmio_write(self._clint_base + offset, size, value,
+                             partial(self.clint.write, offset, size, value))
 
     def reset(self, entry: int | None) -> None:
         uc = self.uc
-        assert uc is not None
         self.clint.reset()
         for i in range(1, 32):
             uc.reg_write(REGS[f"x{i}"], 0)
@@ -145,7 +148,6 @@ class RiscV:
         uc.reg_write(rc.UC_RISCV_REG_PC, pc)
 
     def pc(self) -> int:
-        assert self.uc is not None
         return int(self.uc.reg_read(rc.UC_RISCV_REG_PC)) & 0xFFFFFFFF
 
     def start_address(self) -> int:
@@ -158,11 +160,9 @@ class RiscV:
         return n if n in REGS else None
 
     def read_reg(self, name: str) -> int:
-        assert self.uc is not None
         return int(self.uc.reg_read(REGS[name])) & 0xFFFFFFFF
 
     def write_reg(self, name: str, value: int) -> None:
-        assert self.uc is not None
         if name != "x0":
             self.uc.reg_write(REGS[name], value & 0xFFFFFFFF)
 
@@ -173,10 +173,10 @@ class RiscV:
         for n in REGISTER_NAMES:
             self.write_reg(n, regs[n])
 
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self) -> JsonState:
         return {"clint": self.clint.get_state()}
 
-    def set_state(self, d: dict[str, Any]) -> None:
+    def set_state(self, d: JsonState) -> None:
         self.clint.set_state(d["clint"])
 
     # ---- timers and interrupts
@@ -200,11 +200,10 @@ class RiscV:
         pass  # no PLIC model
 
     def _pending_irq(self) -> int | None:
-        assert self.uc is not None
         uc = self.uc
         if not int(uc.reg_read(rc.UC_RISCV_REG_MSTATUS)) & 0x8:
             return None
-        self.tick(self.m.now_cycles())
+        self.tick(self.host.now_cycles())
         bits = self.mip & int(uc.reg_read(rc.UC_RISCV_REG_MIE))
         for cause in (11, 3, 7):  # MEI, MSI, MTI: the architectural priority order
             if bits >> cause & 1:
@@ -224,7 +223,6 @@ class RiscV:
         return self._word(pc - 4) == WFI
 
     def _word(self, address: int) -> int | None:
-        assert self.uc is not None
         try:
             return int(struct.unpack("<I", bytes(self.uc.mem_read(address, 4)))[0])
         except UcError:
@@ -232,7 +230,6 @@ class RiscV:
 
     def trap(self, cause: int, tval: int, epc: int) -> StopInfo | None:
         uc = self.uc
-        assert uc is not None
         mtvec = int(uc.reg_read(rc.UC_RISCV_REG_MTVEC)) & 0xFFFFFFFF
         if mtvec & ~3 == 0:
             return StopInfo(StopReason.FAULT, pc=epc, fault_address=tval or None,
@@ -257,12 +254,12 @@ class RiscV:
             insn = self._word(pc)
             if insn == EBREAK:
                 if self._word(pc - 4) == SEMI_PRE and self._word(pc + 4) == SEMI_POST:
-                    res = self.m.semihost(self.read_reg("x10"), self.read_reg("x11"), pc)
+                    res = self.host.semihost(self.read_reg("x10"), self.read_reg("x11"), pc)
                     if res is None:
                         return None
                     self.write_reg("x10", res)
                     self.write_reg("pc", pc + 4)
-                    self.m.account_extra(1)
+                    self.host.account_extra(1)
                     return None
                 return self.trap(3, pc, pc)
             return self.trap(2, insn or 0, pc)
@@ -275,8 +272,8 @@ class RiscV:
         return StopInfo(StopReason.FAULT, pc=pc, fault_address=address,
                         message=f"emulator error: {err}")
 
-    def _on_intr(self, uc: Uc, intno: int, _ud: object) -> None:
-        self.m.guard(self._intr, intno)
+    def _on_intr(self, uc: Engine, intno: int, _ud: object) -> None:
+        self.host.guard(partial(self._intr, intno))
 
     def _intr(self, intno: int) -> None:
         pc = self.pc()
@@ -285,4 +282,4 @@ class RiscV:
         else:
             stop = self.trap(intno, 0, pc)
         if stop is not None:
-            self.m.hook_stop(stop)
+            self.host.hook_stop(stop)

@@ -1,0 +1,121 @@
+"""Coverage on Unicorn: the Coverage capability over the block collector of
+:mod:`.collector` (a native block callback with exact counts and edges, or first-hit
+collection at translation time).
+
+Collection runs between ``coverage_start`` and ``coverage_stop``, or from power-on when
+``MachineOptions.extra["coverage"] == "1"`` (as the QEMU backend). The table outlives power
+cycles (it lives in the context and is attached to each new engine); ``coverage_stop``
+freezes what was collected; ``coverage_reset`` empties it. Reading works while off.
+"""
+
+from __future__ import annotations
+
+from machineserver.server.drivers.base import Arch, Blocks, Coverage, Edges
+from machineserver.server.drivers.unicorn.collector import Collector, EdgeSet, edges_by_branch
+from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext
+
+
+class UnicornCoverage(Coverage):
+    def __init__(self, ctx: MachineContext) -> None:
+        self._ctx = ctx
+        self._active = ctx.options.extra.get("coverage") == "1"
+        self._frozen: tuple[Blocks, EdgeSet] | None = None  # what coverage_stop kept
+        self._last_insn: dict[tuple[int, int], int] = {}  # (block, size) -> last instruction
+
+    def _collector(self) -> Collector:
+        if self._ctx.collector is None:
+            first_hit = self._ctx.options.extra.get("coverage_mode") == "first-hit"
+            self._ctx.collector = Collector(first_hit=first_hit)
+        return self._ctx.collector
+
+    @property
+    def method(self) -> str:
+        return self._collector().method
+
+    # ------------------------------------------------------------------ for the machine
+    def attach(self, inst: BoardInstance) -> None:
+        """A new engine (power_on; the lock is held): collect on it if collecting."""
+        if self._active:
+            self._collector().attach(inst.uc)
+            inst.uc.ctl_flush_tb()
+
+    def detach(self) -> None:
+        """The engine goes away (power_off; the lock is held)."""
+        if self._ctx.collector is not None:
+            self._ctx.collector.detach()
+
+    def _collected(self, inst: BoardInstance | None) -> tuple[Blocks, EdgeSet]:
+        collector = self._collector()
+        blocks = collector.blocks()
+
+        def read(address: int, size: int) -> bytes:
+            assert inst is not None
+            return bytes(inst.uc.mem_read(address, size))
+
+        edges = edges_by_branch(collector.raw_edges(), blocks, read if inst is not None else None,
+                                self._ctx.board.arch == Arch.ARM_CORTEX_M, self._last_insn)
+        return blocks, edges
+
+    # ------------------------------------------------------------------ Coverage
+    async def coverage_start(self) -> None:
+        def start(inst: BoardInstance | None) -> None:
+            collector = self._collector()
+            collector.clear()
+            self._last_insn.clear()
+            if inst is not None and not collector.attached:
+                collector.attach(inst.uc)
+                inst.uc.ctl_flush_tb()
+            elif inst is not None and not collector.counting:
+                inst.uc.ctl_flush_tb()  # first-hit: what runs next must be translated again
+            self._active = True
+            self._frozen = None
+
+        await self._ctx.locked_any("start coverage", start)
+
+    async def coverage_stop(self) -> None:
+        def stop(inst: BoardInstance | None) -> None:
+            if self._frozen is None:
+                self._frozen = self._collected(inst) if self._active else ({}, set())
+            self._active = False
+            collector = self._ctx.collector
+            if collector is not None and collector.attached:
+                collector.detach()
+                if inst is not None:
+                    inst.uc.ctl_flush_tb()  # blocks translated with the hook keep calling it
+
+        await self._ctx.locked_any("stop coverage", stop)
+
+    async def coverage_reset(self) -> None:
+        def reset(inst: BoardInstance | None) -> None:
+            collector = self._collector()
+            collector.clear()
+            self._last_insn.clear()
+            if self._active and inst is not None and not collector.counting:
+                inst.uc.ctl_flush_tb()
+            if self._frozen is not None:
+                self._frozen = ({}, set())
+
+        await self._ctx.locked_any("reset coverage", reset)
+
+    async def coverage_blocks(self) -> Blocks:
+        """Executed translated blocks since coverage_start/reset: exact execution counts
+        with the native counter, 0 (executed) in first-hit mode."""
+        if self._frozen is not None:
+            return dict(self._frozen[0])
+        if not self._active:
+            return {}
+        blocks, _ = await self._ctx.locked_any("read coverage", self._collected)
+        counting = self._collector().counting
+        return {a: v for a, v in blocks.items() if v[1] > 0 or not counting}
+
+    async def coverage_edges(self) -> Edges:
+        """Control transfers seen since coverage_start/reset: (address of the last
+        instruction of the block left, start of the block entered), count 0 (taken, count
+        unknown). Every distinct transfer with the native counter; only the first way into
+        each block in first-hit mode."""
+        if self._frozen is not None:
+            return dict.fromkeys(self._frozen[1], 0)
+        if not self._active:
+            return {}
+        _, edges = await self._ctx.locked_any("read coverage", self._collected)
+        return dict.fromkeys(edges, 0)
