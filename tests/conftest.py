@@ -1,15 +1,10 @@
-"""Shared fixtures: a real server (in-process on port 0, or as a child process), clients,
-and the test firmware (built from C with arm-none-eabi-gcc, or the committed samples)."""
+"""Shared fixtures: a real server (in-process on port 0, or as a child process) and
+clients; and the hook that fails a scripts/test run for a test skipped because a tool
+it installs is missing. The helpers themselves live in tests/helpers/."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +12,41 @@ import pytest
 from machineserver.sdk import AsyncClient, Client
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
-from machineserver.server.core.engine import Limits
+from tests.helpers.firmware import FIRMWARE, ROOT, firmware
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import (
+    REQUIRE_TOOLS_ENV,
+    VENV_BIN,
+    find_tool,
+    skip_is_for_a_missing_tool,
+    tools_required,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-FIRMWARE = ROOT / "tests" / "firmware"
-VENV_BIN = Path(sys.executable).parent
+# Older import paths (``from tests.conftest import firmware``) keep working; new code
+# imports from tests.helpers.
+__all__ = ["FIRMWARE", "ROOT", "VENV_BIN", "ServerProcess", "firmware", "have"]
 
 
-def firmware(board: str, program: str, ext: str = "elf") -> Path:
-    """A test firmware image: from build/ (made by `make -C tests/firmware`), else the
-    committed prebuilt sample; skips the test when neither exists."""
-    for base in (FIRMWARE / "build", FIRMWARE / "prebuilt"):
-        path = base / board / f"{program}.{ext}"
-        if path.exists():
-            return path
-    pytest.skip(f"firmware {board}/{program}.{ext} not built (run make -C tests/firmware)")
+def have(tool: str) -> bool:
+    return find_tool(tool) is not None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
+    """Under MACHINESERVER_REQUIRE_TOOLS=1 (scripts/test), a skip for a tool that
+    scripts/test installs (or for firmware it builds) is a failure, wherever the skip
+    came from: tests.helpers.tools.require_tool fails such tests itself, and this catches
+    the rest (skipif marks, older ad-hoc checks)."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.skipped or not tools_required() or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    if skip_is_for_a_missing_tool(reason):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} was skipped for a missing tool under {REQUIRE_TOOLS_ENV}=1 "
+                           f"(scripts/test installs it, so the run must not pass without it): {reason}")
 
 
 @pytest.fixture
@@ -54,58 +69,6 @@ async def client(server: RunningServer) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-def small_limits(**kw: int) -> Limits:
-    return Limits(**kw)
-
-
-class ServerProcess:
-    """MachineServer as a child process (`machineserver --listen 127.0.0.1:0`)."""
-
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.port_file = data_dir.parent / f"port-{os.getpid()}-{time.monotonic_ns()}"
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def start(self) -> ServerProcess:
-        self.port_file.unlink(missing_ok=True)
-        self.log = open(self.data_dir.parent / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "machineserver"), "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
-             "--port-file", str(self.port_file), "--log-level", "warning", *self.extra],
-            stdout=self.log, stderr=self.log, start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while not self.port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start in 30 s")
-            time.sleep(0.02)
-        self.port = int(self.port_file.read_text())
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def read_log(self) -> str:
-        return (self.data_dir.parent / "server.log").read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     sp = ServerProcess(tmp_path / "data").start()
@@ -119,7 +82,3 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
 def sync_client(server_process: ServerProcess) -> Iterator[Client]:
     with Client.connect(server_process.target, timeout=20) as c:
         yield c
-
-
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None or (VENV_BIN / tool).exists()

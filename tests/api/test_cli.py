@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
-import time
 
-from tests.conftest import VENV_BIN, ServerProcess, firmware
+from machineserver.sdk import AsyncClient
+from machineserver.v1 import common_pb2 as cpb
+from tests.helpers.api import wait_state
+from tests.helpers.firmware import firmware
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import VENV_BIN, require_tool
 
 
 def msctl(sp: ServerProcess, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, MSCTL_TARGET=sp.target)
     return subprocess.run([str(VENV_BIN / "msctl"), *args], capture_output=True, text=True, env=env,
                           input=stdin, timeout=timeout)
+
+
+async def exited(sp: ServerProcess, session: str) -> None:
+    async with await AsyncClient.connect(sp.target) as client:
+        await wait_state(client, session, cpb.SESSION_STATE_EXITED)
 
 
 def test_walkthrough_verbs(server_process: ServerProcess) -> None:
@@ -25,10 +35,8 @@ def test_walkthrough_verbs(server_process: ServerProcess) -> None:
                     "--run", "--id", "demo", "--label", "team=fw")
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["session"]["name"] == "sessions/demo"
-    deadline = time.monotonic() + 20
-    out = ""
-    while "Hello" not in out and time.monotonic() < deadline:
-        out = msctl(server_process, "console", "demo", "--no-follow").stdout
+    asyncio.run(exited(server_process, "sessions/demo"))
+    out = msctl(server_process, "console", "demo", "--no-follow").stdout
     assert out == "Hello from lm3s6965evb!\n"
     table = msctl(server_process, "session", "list")
     assert "sessions/demo" in table.stdout and "EXITED" in table.stdout
@@ -108,8 +116,7 @@ def test_interactive_debugger_from_a_pipe(server_process: ServerProcess) -> None
 
 
 def test_coverage_verbs_write_a_report_lcov_reads(server_process: ServerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import shutil
-
+    lcov = require_tool("lcov", "reads the report msctl exports")
     msctl(server_process, "session", "create", "--board", "mps2-an385", "--id", "cov", "--coverage",
           "--program", str(firmware("mps2-an385", "coverage")), "--power-on")
     assert msctl(server_process, "coverage", "start-coverage", "cov").returncode == 0
@@ -122,9 +129,8 @@ def test_coverage_verbs_write_a_report_lcov_reads(server_process: ServerProcess,
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert text.startswith("TN:") and "SF:" in text and "end_of_record" in text
-    if shutil.which("lcov"):
-        lc = subprocess.run(["lcov", "--summary", str(out)], capture_output=True, text=True, timeout=60)
-        assert lc.returncode == 0 and "lines" in lc.stdout + lc.stderr
+    lc = subprocess.run([str(lcov), "--summary", str(out)], capture_output=True, text=True, timeout=60)
+    assert lc.returncode == 0 and "lines" in lc.stdout + lc.stderr
     tarball = tmp_path / "cov.tar.gz"
     assert msctl(server_process, "coverage", "export", "cov", "--format", "html", "-o", str(tarball)).returncode == 0
     assert tarball.read_bytes()[:2] == b"\x1f\x8b"

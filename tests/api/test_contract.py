@@ -11,7 +11,8 @@ from machineserver.sdk import AsyncClient, Client
 from machineserver.sdk._services import SERVICES
 from machineserver.sdk.client import service_descriptors
 from machineserver.server.api.server import SERVICE_NAMES
-from tests.conftest import ROOT, VENV_BIN
+from tests.helpers.firmware import ROOT
+from tests.helpers.tools import VENV_BIN
 
 
 def test_buf_lint_is_clean() -> None:

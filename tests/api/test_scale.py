@@ -6,7 +6,7 @@ import asyncio
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-from tests.api.test_sessions import upload, wait_state
+from tests.helpers.api import upload, wait_state
 
 EXPECTED = {
     "hello": "Hello from {board}!\n",

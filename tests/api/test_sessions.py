@@ -3,7 +3,6 @@ run control, limits and the bad inputs."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -13,36 +12,10 @@ from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import common_pb2 as cpb
-from tests.conftest import firmware
+from tests.helpers.api import console_until, session_events, upload, wait_state
+from tests.helpers.firmware import firmware
 
-
-async def upload(client: AsyncClient, board: str, program: str) -> str:
-    return (await client.upload_program(firmware(board, program))).program.name
-
-
-async def console_until(client: AsyncClient, session: str, needle: bytes, timeout: float = 20) -> bytes:
-    out = b""
-
-    async def read() -> None:
-        nonlocal out
-        async for data in client.console(session):
-            out += data
-            if needle in out:
-                return
-
-    await asyncio.wait_for(read(), timeout)
-    return out
-
-
-async def wait_state(client: AsyncClient, session: str, state: int, timeout: float = 20) -> object:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        s = (await client.sessions.get_session(name=session)).session
-        if s.state == state:
-            return s
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"session stayed {cpb.SessionState.Name(s.state)}: {s.state_reason}")
-        await asyncio.sleep(0.02)
+__all__ = ["console_until", "upload", "wait_state"]  # imported from here by older test modules
 
 
 async def test_hello_runs_to_exit_and_console_replays(client: AsyncClient) -> None:
@@ -100,22 +73,42 @@ async def test_events_stream_reports_state_changes(client: AsyncClient) -> None:
     prog = await upload(client, "lm3s6965evb", "hello")
     s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog)).session
     events: list[object] = []
-
-    async def collect() -> None:
-        async for ev in client.sessions.stream_session_events(name=s.name):
-            events.append(ev)
-            if ev.state == cpb.SESSION_STATE_EXITED:
-                return
-
-    task = asyncio.create_task(collect())
-    await asyncio.sleep(0.1)
-    await client.sessions.power_on_session(name=s.name)
-    await client.sessions.run_session(name=s.name)
-    await asyncio.wait_for(task, 20)
+    async with session_events(client, s.name) as stream:
+        # the first message: subscribed, with the session as it is now
+        assert [(x.name, x.state) for x in stream.first.sessions] == [(s.name, cpb.SESSION_STATE_OFF)]
+        await client.sessions.power_on_session(name=s.name)
+        await client.sessions.run_session(name=s.name)
+        while not events or events[-1].state != cpb.SESSION_STATE_EXITED:  # type: ignore[attr-defined]
+            events.append(await stream.next())
     states = [e.state for e in events]  # type: ignore[attr-defined]
     assert states[:2] == [cpb.SESSION_STATE_HALTED, cpb.SESSION_STATE_RUNNING]
     assert states[-1] == cpb.SESSION_STATE_EXITED
     assert events[-1].stop.exit_code == 0  # type: ignore[attr-defined]
+    assert not any(e.HasField("subscribed") for e in events)  # type: ignore[attr-defined]
+
+
+async def test_events_stream_for_every_session_starts_with_all_of_them(client: AsyncClient) -> None:
+    a = (await client.sessions.create_session(board_template="lm3s6965evb", session_id="first")).session
+    b = (await client.sessions.create_session(board_template="mps2-an385", session_id="second",
+                                              power_on=True)).session
+    async with session_events(client) as stream:
+        assert [(x.name, x.state) for x in stream.first.sessions] == [
+            (a.name, cpb.SESSION_STATE_OFF), (b.name, cpb.SESSION_STATE_HALTED)]
+        c = (await client.sessions.create_session(board_template="lm3s6965evb", session_id="third")).session
+        await client.sessions.power_on_session(name=a.name)
+        got = [(ev.session, ev.state) for ev in [await stream.next(), await stream.next()]]
+    assert got == [(c.name, cpb.SESSION_STATE_OFF), (a.name, cpb.SESSION_STATE_HALTED)]
+    with pytest.raises(errors.NotFound):
+        async with session_events(client, "sessions/nope"):
+            pass
+
+
+async def test_events_stream_ends_when_its_session_is_deleted(client: AsyncClient) -> None:
+    s = (await client.sessions.create_session(board_template="lm3s6965evb")).session
+    async with session_events(client, s.name) as stream:
+        await client.sessions.delete_session(name=s.name)
+        rest = [ev async for ev in stream]
+    assert rest and all(ev.session == s.name for ev in rest)
 
 
 async def test_console_input_reaches_the_uart(client: AsyncClient) -> None:

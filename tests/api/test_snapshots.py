@@ -8,7 +8,7 @@ import pytest
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as pb
-from tests.api.test_sessions import upload, wait_state
+from tests.helpers.api import upload, wait_state
 
 
 async def run_to_exit_console(client: AsyncClient, name: str, offset: int) -> bytes:

@@ -14,8 +14,9 @@ from google.protobuf import duration_pb2
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
 from machineserver.server.core import telemetry
+from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import telemetry_pb2 as tpb
-from tests.api.test_sessions import upload
+from tests.helpers.api import alert_stream, upload, wait_state
 
 
 def interval(seconds: float) -> duration_pb2.Duration:
@@ -45,13 +46,16 @@ async def test_stream_interval_is_bounded(client: AsyncClient) -> None:
 
 async def test_subscriber_limit(client: AsyncClient, server: RunningServer) -> None:
     server.engine.telemetry.max_subscribers = 2
+    holding = asyncio.Semaphore(0)
 
     async def hold() -> None:
         async for _ in client.telemetry.stream_host_status(interval=interval(0.05)):
-            await asyncio.sleep(10)
+            holding.release()  # subscribed: its first sample came
+            await asyncio.sleep(10)  # holds its slot (the thing under test)
 
     tasks = [asyncio.create_task(hold()) for _ in range(2)]
-    await asyncio.sleep(0.3)
+    for _ in tasks:
+        await asyncio.wait_for(holding.acquire(), 10)
     try:
         with pytest.raises(errors.ResourceExhausted):
             async for _ in client.telemetry.stream_host_status(interval=interval(0.05)):
@@ -75,36 +79,45 @@ async def test_session_metrics_count_steps(client: AsyncClient) -> None:
     assert got[-1].instructions == 12345
 
 
+REAL_SAMPLE_HOST = telemetry.sample_host
+
+
 def fake_sample(cpu: float) -> telemetry.HostSample:
     """A fake host sample (not psutil) with a chosen CPU load and one fake GPU."""
-    base = telemetry.sample_host()
+    base = REAL_SAMPLE_HOST()
     return replace(base, time=time.time(), cpu_percent=cpu,
                    gpus=(telemetry.GpuSample(0, "fake-gpu", temperature_celsius=90.0),))
 
 
-async def test_alert_rules_fire_and_resolve_with_a_fake_sampler(client: AsyncClient, server: RunningServer) -> None:
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """Every host sample the server takes (its alert evaluator's too) is a fake one with
+    the CPU load this dict holds, so the real host's load cannot fire or resolve a rule
+    behind the test's back."""
+    load = {"cpu": 0.0}
+    monkeypatch.setattr(telemetry, "sample_host", lambda meter=None: fake_sample(load["cpu"]))
+    return load
+
+
+async def test_alert_rules_fire_and_resolve_with_a_fake_sampler(client: AsyncClient, server: RunningServer,
+                                                                fake_host: dict[str, float]) -> None:
     tel = server.engine.telemetry
     rule = (await client.telemetry.create_alert_rule(rule={
         "metric": "cpu.percent", "comparison": "COMPARISON_GREATER", "threshold": 80, "duration": "0s",
         "display_name": "busy"})).rule
     assert rule.name.startswith("alertRules/")
-    events: list[tpb.StreamAlertsResponse] = []
-
-    async def listen() -> None:
-        async for ev in client.telemetry.stream_alerts():
-            events.append(ev)
-            if len(events) == 2:
-                return
-
-    task = asyncio.create_task(listen())
-    await asyncio.sleep(0.2)
     rules = tel.rules()
-    tel.evaluate(rules, fake_sample(95.0))
-    tel.evaluate(rules, fake_sample(95.0))  # still firing: no second event
-    tel.evaluate(rules, fake_sample(10.0))
-    await asyncio.wait_for(task, 5)
+    async with alert_stream(client) as alerts:
+        assert list(alerts.first.firing) == []  # subscribed, and nothing fires yet
+        fake_host["cpu"] = 95.0
+        tel.evaluate(rules, fake_sample(95.0))
+        tel.evaluate(rules, fake_sample(95.0))  # still firing: no second event
+        fake_host["cpu"] = 10.0
+        tel.evaluate(rules, fake_sample(10.0))
+        events = [await alerts.next(5), await alerts.next(5)]
     assert [e.state for e in events] == [tpb.ALERT_STATE_FIRING, tpb.ALERT_STATE_RESOLVED]
     assert events[0].value == 95.0 and events[0].rule == rule.name
+    assert not any(e.HasField("subscribed") for e in events)
     assert server.engine.db.count("alert_events") == 2
     listed = await client.telemetry.list_alert_rules()
     assert [r.name for r in listed.rules] == [rule.name]
@@ -126,6 +139,35 @@ async def test_bad_alert_rules(client: AsyncClient, rule: dict, field: str) -> N
     with pytest.raises(errors.InvalidArgument) as exc:
         await client.telemetry.create_alert_rule(rule=rule)
     assert exc.value.field_violations[0][0] == field
+
+
+async def test_alert_stream_starts_with_the_alerts_firing_now(client: AsyncClient, server: RunningServer,
+                                                               fake_host: dict[str, float]) -> None:
+    tel = server.engine.telemetry
+    fake_host["cpu"] = 50.0  # neither busy nor idle
+    hot = (await client.telemetry.create_alert_rule(rule={
+        "metric": "gpu.temperature_celsius", "comparison": "COMPARISON_GREATER", "threshold": 85})).rule
+    busy = (await client.telemetry.create_alert_rule(rule={
+        "metric": "cpu.percent", "comparison": "COMPARISON_GREATER", "threshold": 80})).rule
+    idle = (await client.telemetry.create_alert_rule(rule={
+        "metric": "cpu.percent", "comparison": "COMPARISON_LESS", "threshold": 5})).rule
+    fake_host["cpu"] = 95.0
+    tel.evaluate(tel.rules(), fake_sample(95.0))  # the fake GPU is at 90 C, the CPU at 95 %
+    async with alert_stream(client) as alerts:
+        firing = {a.rule: a for a in alerts.first.firing}
+        assert set(firing) == {hot.name, busy.name}
+        assert all(a.state == tpb.ALERT_STATE_FIRING for a in firing.values())
+        assert firing[busy.name].value == 95.0 and firing[hot.name].value == 90.0
+        assert idle.name not in firing
+        fake_host["cpu"] = 1.0
+        tel.evaluate(tel.rules(), fake_sample(1.0))  # busy resolves, idle fires
+        changes = {(a.rule, a.state) for a in [await alerts.next(5), await alerts.next(5)]}
+    assert changes == {(busy.name, tpb.ALERT_STATE_RESOLVED), (idle.name, tpb.ALERT_STATE_FIRING)}
+    async with alert_stream(client) as again:
+        assert {a.rule for a in again.first.firing} == {hot.name, idle.name}
+    await client.telemetry.delete_alert_rule(name=hot.name)
+    async with alert_stream(client) as after_delete:
+        assert {a.rule for a in after_delete.first.firing} == {idle.name}
 
 
 async def test_duration_holds_before_firing() -> None:
@@ -150,12 +192,10 @@ async def test_counts_say_whether_they_are_exact(client: AsyncClient) -> None:
     fast = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True)).session
     exact = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
                                                   options={"icount": True})).session
-    for _ in range(100):
-        a = (await client.telemetry.get_session_metrics(name=fast.name)).metrics
-        b = (await client.telemetry.get_session_metrics(name=exact.name)).metrics
-        if a.state == b.state == 4:  # both exited
-            break
-        await asyncio.sleep(0.02)
+    for s in (fast, exact):
+        await wait_state(client, s.name, cpb.SESSION_STATE_EXITED)
+    a = (await client.telemetry.get_session_metrics(name=fast.name)).metrics
+    b = (await client.telemetry.get_session_metrics(name=exact.name)).metrics
     assert b.counts_exact and not a.counts_exact
     # hello is a few hundred instructions: the exact count says so (the estimate is far off)
     assert 100 < b.instructions < 100_000

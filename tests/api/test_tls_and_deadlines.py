@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,15 +10,15 @@ import pytest
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
-from tests.api.test_sessions import upload
+from tests.helpers.api import upload
+from tests.helpers.tools import require_tool
 
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl not installed")
+    openssl = require_tool("openssl", "makes the test certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+    subprocess.run([str(openssl), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return cert, key

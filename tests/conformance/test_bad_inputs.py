@@ -7,7 +7,7 @@ import pytest
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.conformance.conftest import Conf, skip_unless_runnable
+from tests.helpers.conformance import Conf, require_backend
 
 
 async def test_unknown_session_is_not_found(conf: Conf) -> None:
@@ -66,7 +66,7 @@ async def test_running_is_failed_precondition(conf: Conf) -> None:
 
 @pytest.mark.parametrize(("board", "other"), [("lm3s6965evb", "sifive_e"), ("sifive_e", "mps2-an385")])
 async def test_wrong_arch_program_is_invalid_argument(conf: Conf, board: str, other: str) -> None:
-    skip_unless_runnable(conf.backend, board)
+    require_backend(conf.backend, board)
     wrong = await conf.upload(other, "hello")
     with pytest.raises(errors.InvalidArgument) as exc:
         await conf.client.sessions.create_session(board_template=board, program=wrong, backend=conf.backend)

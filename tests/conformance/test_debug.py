@@ -9,8 +9,8 @@ from elftools.elf.elffile import ELFFile
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.conformance.conftest import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, elf_symbol
-from tests.conftest import firmware
+from tests.helpers.conformance import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, elf_symbol
+from tests.helpers.firmware import firmware
 
 # crc32's main starts with a straight-line prologue, then the LCG fill loop:
 #   Cortex-M: push movs movs movw ldr ldr | mla adds lsrs cmp.w strb.w bne   (counter r3)

@@ -9,7 +9,7 @@ import pytest
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.conformance.conftest import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, qemu_missing
+from tests.helpers.conformance import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, require_backend
 
 PROGRAMS = {
     "lm3s6965evb": ("hello", "crc32", "systick", "coverage", "fault"),
@@ -21,8 +21,7 @@ PROGRAMS = {
 @pytest.fixture
 def both(client: AsyncClient, request: pytest.FixtureRequest) -> tuple[Conf, Conf]:
     board = request.node.callspec.params.get("board", "lm3s6965evb")
-    if why := qemu_missing(board):
-        pytest.skip(f"differential test needs the qemu backend on {board}: {why}")
+    require_backend("qemu", board)
     return Conf(client, "unicorn"), Conf(client, "qemu")
 
 

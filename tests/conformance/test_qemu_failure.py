@@ -11,9 +11,12 @@ import pytest
 
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
-from tests.conformance.conftest import Conf, qemu_children, qemu_missing
+from tests.helpers.conformance import Conf, qemu_children, require_backend
 
-pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=f"qemu backend: {qemu_missing()}")
+
+@pytest.fixture(autouse=True)
+def _needs_qemu() -> None:
+    require_backend("qemu")
 
 
 async def power_on_and_find_child(conf: Conf, name: str) -> psutil.Process:

@@ -9,7 +9,7 @@ import pytest
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as pb
-from tests.conformance.conftest import Conf
+from tests.helpers.conformance import Conf
 
 
 async def board_limit(conf: Conf, board: str, feature: int) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.drivers.base import Feature, features_of
 from machineserver.v1 import common_pb2 as cpb
-from tests.conftest import FIRMWARE, firmware
+from tests.helpers.firmware import FIRMWARE, firmware
+from tests.helpers.tools import find_tool, require_tool, tool_missing
 
 BOARD = "mps2-an385"
 FILE = "src/coverage.c"
@@ -34,27 +34,25 @@ UNHIT_FUNCTIONS = {"never_called"}
 IF_LINE, LOOP_LINE = 36, 42
 
 
-def backend_missing(backend: str) -> str | None:
+def require_coverage(backend: str) -> None:
+    """Skip (fail under scripts/test) unless ``backend`` can collect coverage here."""
     if backend == "qemu":
-        if shutil.which("qemu-system-arm") is None:
-            return "qemu-system-arm is not installed"
+        require_tool("qemu-system-arm", "the qemu backend")
         from machineserver.server.drivers.qemu.coverage import plugin_status
 
         status = plugin_status()
-        if status.path is None:
-            return f"the QEMU coverage plugin is unavailable: {status.reason}"
-        return None
+        if status.path is None:  # the plugin is built with gcc on first use
+            tool_missing("gcc", f"the QEMU coverage plugin is unavailable: {status.reason}")
+        return
     from machineserver.server.drivers.unicorn.backend import UnicornMachine
 
     if UnicornMachine is None or Feature.COVERAGE not in features_of(UnicornMachine):
-        return "the unicorn driver does not implement the Coverage interface (yet)"
-    return None
+        pytest.skip("the unicorn driver does not implement the Coverage interface (yet)")
 
 
 @pytest.fixture(params=["unicorn", "qemu"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if why := backend_missing(request.param):
-        pytest.skip(f"{request.param}: {why}")
+    require_coverage(str(request.param))
     return str(request.param)
 
 
@@ -154,8 +152,8 @@ def tool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_lcov_is_read_by_lcov_and_genhtml(client: AsyncClient, backend: str, tmp_path: Path) -> None:
-    if shutil.which("lcov") is None or shutil.which("genhtml") is None:
-        pytest.skip("lcov/genhtml are not installed (Debian: apt-get install lcov)")
+    require_tool("lcov")
+    require_tool("genhtml")
     _, report = await collect(client, backend)
     data, ctype = await export(client, report, "COVERAGE_FORMAT_LCOV", source_root=str(FIRMWARE))
     assert ctype == "text/plain"
@@ -186,7 +184,7 @@ async def test_html_cobertura_and_json_exports(client: AsyncClient, backend: str
         names = tar.getnames()
         readme = tar.extractfile("coverage-html/README.txt").read().decode()  # type: ignore[union-attr]
     assert "coverage-html/index.html" in names
-    assert ("genhtml" in readme) == (shutil.which("genhtml") is not None)
+    assert ("genhtml" in readme) == (find_tool("genhtml") is not None)
 
     data, ctype = await export(client, report, "COVERAGE_FORMAT_COBERTURA")
     assert ctype == "application/xml"

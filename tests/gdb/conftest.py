@@ -1,14 +1,10 @@
 """Fixtures for the GDB bridge tests: an in-process server (tests/conftest.py's `server`),
 a session made through the SDK, and a GdbServer started on it from the engine objects on
-a free port; the real `gdb-multiarch` runs as a child process in batch mode."""
+a free port; the real `gdb-multiarch` runs as a child process (tests/helpers/gdb.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,33 +12,16 @@ import pytest
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer
 from machineserver.server.core.gdbserver import GdbServer
-from machineserver.server.core.sessions import LiveSession
-from tests.conftest import FIRMWARE, firmware
-
-GDB = shutil.which("gdb-multiarch")
-HAVE_QEMU_ARM = shutil.which("qemu-system-arm") is not None
-HAVE_QEMU_RISCV = shutil.which("qemu-system-riscv32") is not None
-
-needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb-multiarch is not installed")
+from tests.helpers.conformance import require_backend
+from tests.helpers.firmware import firmware
+from tests.helpers.gdb import Attach, Target
+from tests.helpers.gdb import gdb_multiarch as _gdb_multiarch
 
 
-def backend_param(backend: str, riscv: bool = False) -> object:
-    have = HAVE_QEMU_RISCV if riscv else HAVE_QEMU_ARM
-    tool = "qemu-system-riscv32" if riscv else "qemu-system-arm"
-    marks = [pytest.mark.skipif(not have, reason=f"{tool} is not installed")] if backend == "qemu" else []
-    return pytest.param(backend, marks=marks, id=backend)
-
-
-@dataclass
-class Target:
-    name: str  # sessions/{id}
-    live: LiveSession
-    gdbserver: GdbServer
-    port: int
-    elf: Path
-
-
-Attach = Callable[..., Awaitable[Target]]
+@pytest.fixture
+def gdb_multiarch() -> Path:
+    """For tests that run gdb-multiarch: skipped without it (failed under scripts/test)."""
+    return _gdb_multiarch()
 
 
 @pytest.fixture
@@ -52,6 +31,7 @@ async def gdb_target(server: RunningServer, client: AsyncClient) -> AsyncIterato
     started: list[GdbServer] = []
 
     async def attach(board: str, program: str, backend: str) -> Target:
+        require_backend(backend, board)
         elf = firmware(board, program)
         prog = (await client.upload_program(elf)).program.name
         s = (await client.sessions.create_session(
@@ -68,35 +48,3 @@ async def gdb_target(server: RunningServer, client: AsyncClient) -> AsyncIterato
     finally:
         for gs in started:
             await gs.stop()
-
-
-async def run_gdb(target: Target, *commands: str, timeout: float = 60) -> str:
-    """gdb-multiarch -q -batch -nx with the ELF as symbol file, connected to the target,
-    running ``commands`` (each an -ex); returns stdout+stderr. Runs in tests/firmware so
-    the DWARF's relative source paths resolve."""
-    assert GDB is not None
-    args = [GDB, "-q", "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off",
-            "-ex", f"target remote 127.0.0.1:{target.port}"]
-    for cmd in commands:
-        args += ["-ex", cmd]
-    args.append(str(target.elf))
-    proc = await asyncio.create_subprocess_exec(
-        *args, cwd=FIRMWARE, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        out, _ = await proc.communicate()
-        raise AssertionError(f"gdb did not finish in {timeout} s:\n{out.decode(errors='replace')}") from None
-    return out.decode(errors="replace")
-
-
-async def wait_for_clients(gs: GdbServer, count: int, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while gs.clients != count:
-        assert loop.time() < deadline, f"{gs.clients} gdb clients, expected {count}"
-        await asyncio.sleep(0.01)

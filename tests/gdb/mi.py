@@ -9,15 +9,14 @@ from typing import Any
 
 from pygdbmi.gdbcontroller import GdbController
 
-from tests.conftest import FIRMWARE
-from tests.gdb.conftest import GDB
+from tests.helpers.firmware import FIRMWARE
+from tests.helpers.gdb import gdb_multiarch
 
 
 class MiGdb:
     def __init__(self, elf: Path, port: int) -> None:
-        assert GDB is not None
         self.gdb = GdbController(
-            command=[GDB, "--nx", "--quiet", "--interpreter=mi3", f"--cd={FIRMWARE}", str(elf)],
+            command=[str(gdb_multiarch()), "--nx", "--quiet", "--interpreter=mi3", f"--cd={FIRMWARE}", str(elf)],
             time_to_check_for_additional_output_sec=1e-4,  # >0, or each read waits its full timeout
         )
         self.cmd("-gdb-set pagination off")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-from tests.gdb.conftest import Attach, needs_gdb, wait_for_clients
 from tests.gdb.mi import MiGdb
+from tests.helpers.api import wait_progress, wait_state
+from tests.helpers.gdb import Attach, wait_for_clients
 
-pytestmark = needs_gdb
+pytestmark = pytest.mark.usefixtures("gdb_multiarch")
 
 
 async def test_interrupt_and_breakpoints_while_attached(gdb_target: Attach, client: AsyncClient) -> None:
@@ -28,11 +31,9 @@ async def test_interrupt_and_breakpoints_while_attached(gdb_target: Attach, clie
         assert (await client.debug.list_breakpoints(name=t.name)).breakpoints[0].hit_count == 1
 
         await asyncio.to_thread(mi.cmd, "-exec-continue", until="*running")
-        for _ in range(200):
-            if (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_RUNNING:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+        await wait_state(client, t.name, cpb.SESSION_STATE_RUNNING)
+        # interrupted while it really runs: its virtual time moves on first
+        await wait_progress(client, t.name)
         recs = await asyncio.to_thread(mi.cmd, "-exec-interrupt", until="*stopped")
         stop = MiGdb.stopped(recs)
         assert stop["reason"] == "signal-received" and stop["signal-name"] == "SIGINT"

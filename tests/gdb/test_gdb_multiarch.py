@@ -7,23 +7,17 @@ import re
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
-from tests.gdb.conftest import Attach, backend_param, needs_gdb, run_gdb, wait_for_clients
+from tests.helpers.firmware import elf_symbol_value
+from tests.helpers.gdb import Attach, run_gdb, wait_for_clients
 
-pytestmark = needs_gdb
+pytestmark = pytest.mark.usefixtures("gdb_multiarch")
 
 
 def symbol(elf: Path, name: str) -> int:
-    with elf.open("rb") as f:
-        symtab = ELFFile(f).get_section_by_name(".symtab")
-        assert isinstance(symtab, SymbolTableSection)
-        found = symtab.get_symbol_by_name(name)
-        assert found, name
-        return int(found[0]["st_value"]) & ~1
+    return elf_symbol_value(elf, name) & ~1
 
 
 def reg_value(out: str, name: str) -> int:
@@ -32,7 +26,7 @@ def reg_value(out: str, name: str) -> int:
     return int(m.group(1), 16)
 
 
-@pytest.mark.parametrize("backend", [backend_param("unicorn"), backend_param("qemu")])
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
 async def test_cortex_m_session(gdb_target: Attach, client: AsyncClient, backend: str) -> None:
     t = await gdb_target("mps2-an385", "systick", backend)
     main = symbol(t.elf, "main")
@@ -87,7 +81,7 @@ async def test_cortex_m_session(gdb_target: Attach, client: AsyncClient, backend
     assert s.state == cpb.SESSION_STATE_EXITED
 
 
-@pytest.mark.parametrize("backend", [backend_param("unicorn"), backend_param("qemu")])
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
 async def test_cortex_m_exit_code_and_kill(gdb_target: Attach, client: AsyncClient, backend: str) -> None:
     t = await gdb_target("mps2-an385", "fault", backend)
     out = await run_gdb(t, "continue")
@@ -105,7 +99,7 @@ async def test_cortex_m_exit_code_and_kill(gdb_target: Attach, client: AsyncClie
     assert not (await client.debug.list_breakpoints(name=t.name)).breakpoints
 
 
-@pytest.mark.parametrize("backend", [backend_param("unicorn"), backend_param("qemu", riscv=True)])
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
 async def test_riscv_session(gdb_target: Attach, client: AsyncClient, backend: str) -> None:
     t = await gdb_target("sifive_e", "timer", backend)
     main = symbol(t.elf, "main")

@@ -18,7 +18,8 @@ from machineserver.server.core.gdbserver import (
 )
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.gdb.conftest import Attach, backend_param, wait_for_clients
+from tests.helpers.api import wait_progress, wait_state
+from tests.helpers.gdb import Attach, wait_for_clients
 
 
 class RawRsp:
@@ -178,13 +179,9 @@ async def test_interrupt_while_running(gdb_target: Attach, client: AsyncClient, 
         rsp.writer.write(frame(b"vCont;c"))
         if not no_ack:
             assert await rsp.read_byte() == b"+"
-        for _ in range(200):
-            if (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_RUNNING:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail("the session never ran")
-        await asyncio.sleep(0.1)
+        await wait_state(client, t.name, cpb.SESSION_STATE_RUNNING)
+        # interrupted while it really runs: its virtual time moves on first
+        await wait_progress(client, t.name)
         rsp.writer.write(b"\x03")
         stop = await rsp.read_packet()
         assert stop.startswith(b"T02") and b"0f:" in stop, stop  # SIGINT, pc expedited
@@ -204,7 +201,7 @@ async def test_interrupt_while_running(gdb_target: Attach, client: AsyncClient, 
         await rsp.close()
 
 
-@pytest.mark.parametrize("backend", [backend_param("unicorn"), backend_param("qemu")])
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
 async def test_disconnect_while_running_leaves_session_running(
     gdb_target: Attach, client: AsyncClient, backend: str
 ) -> None:
@@ -214,7 +211,7 @@ async def test_disconnect_while_running_leaves_session_running(
     assert len((await client.debug.list_breakpoints(name=t.name)).breakpoints) == 1
     rsp.writer.write(frame(b"c"))
     assert await rsp.read_byte() == b"+"
-    await asyncio.sleep(0.1)
+    await wait_state(client, t.name, cpb.SESSION_STATE_RUNNING)  # gdb leaves while it runs
     await rsp.close()
     await wait_for_clients(t.gdbserver, 0)
     assert (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_RUNNING

@@ -35,20 +35,39 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 def test_migrations_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[int] = []
+    current = dbmod.SCHEMA_VERSION
 
     def add_column(db) -> None:  # type: ignore[no-untyped-def]
-        ran.append(2)
+        ran.append(current + 1)
         db.table("sessions").add_column("note", str)
 
     path = tmp_path / "ms.sqlite3"
     dbmod.Database(path).close()
     monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, add_column])
-    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", current + 1)
     d = dbmod.Database(path)
-    assert ran == [2] and d.schema_version == 2
+    assert ran == [current + 1] and d.schema_version == current + 1
     d.close()
     dbmod.Database(path).close()
-    assert ran == [2]  # not again
+    assert ran == [current + 1]  # not again
+
+
+def test_a_version_1_database_gains_the_breakpoints_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ms.sqlite3"
+    with monkeypatch.context() as m:  # a database as the first release made it
+        m.setattr(dbmod, "SCHEMA_VERSION", 1)
+        old = dbmod.Database(path)
+        old.put("sessions", {"id": "a", "owner": "", "create_time": 1.0, "update_time": 1.0, "board": "b",
+                             "backend": "unicorn", "state": "off", "data": {}})
+        assert "breakpoints" not in old._db.table_names()
+        old.close()
+    d = dbmod.Database(path)
+    assert d.schema_version == dbmod.SCHEMA_VERSION >= 2
+    assert d.get("sessions", "a") is not None  # kept
+    d.put("breakpoints", {"id": "a/1", "session": "a", "create_time": 1.0, "update_time": 1.0, "data": {"n": 1}})
+    d.put("breakpoints", {"id": "a/2", "session": "a", "create_time": 2.0, "update_time": 2.0, "data": {"n": 2}})
+    assert [r["data"]["n"] for r in d.rows("breakpoints", "session = ?", ["a"])] == [1, 2]
+    assert d.delete_where("breakpoints", "session = ?", ["a"]) == 2 and d.count("breakpoints") == 0
 
 
 def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,7 +16,7 @@ from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
 from machineserver.v1 import common_pb2 as cpb
-from tests.api.test_sessions import console_until, upload, wait_state
+from tests.helpers.api import console_until, until, upload, wait_state
 
 
 async def scrape(port: int) -> dict[str, list[tuple[str, dict[str, str], float]]]:
@@ -86,8 +87,9 @@ async def test_metrics_are_off_by_default(server: RunningServer) -> None:
 async def test_metrics_listen_in_use_is_an_error(server_config: ServerConfig, obs_server: RunningServer) -> None:
     from dataclasses import replace
 
+    other = server_config.data_dir.parent / "other"  # its own data dir: that one is locked
     with pytest.raises(OSError, match="cannot serve metrics"):
-        await start(replace(server_config, metrics_listen=f"127.0.0.1:{obs_server.metrics_port}"))
+        await start(replace(server_config, data_dir=other, metrics_listen=f"127.0.0.1:{obs_server.metrics_port}"))
 
 
 async def test_a_span_per_rpc(obs_client: AsyncClient, spans: InMemorySpanExporter) -> None:
@@ -97,9 +99,14 @@ async def test_a_span_per_rpc(obs_client: AsyncClient, spans: InMemorySpanExport
         await obs_client.sessions.get_session(name="sessions/missing", metadata=[("x-request-id", "rid-missing")])
     async for _ in obs_client.telemetry.stream_host_status(metadata=[("x-request-id", "rid-stream")]):
         break
-    await asyncio.sleep(0.3)  # the stream's span ends when the server sees the cancel
-    done = {s.attributes["machineserver.request_id"]: s for s in spans.get_finished_spans()
-            if s.attributes and "machineserver.request_id" in s.attributes}
+
+    def finished() -> dict[str, Any]:
+        return {s.attributes["machineserver.request_id"]: s for s in spans.get_finished_spans()
+                if s.attributes and "machineserver.request_id" in s.attributes}
+
+    # the stream's span ends when the server sees the cancel (nothing signals it): poll
+    await until(lambda: "rid-stream" in finished())
+    done = finished()
     assert set(done) >= {"rid-caps", "rid-missing", "rid-stream"}
     caps = done["rid-caps"]
     assert caps.name == "machineserver.v1.CapabilitiesService/GetCapabilities"

@@ -4,15 +4,21 @@ on a busy child process and a busy thread; zero with a note when a backend says 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 
+import pytest
+
 from machineserver.sdk import AsyncClient
 from machineserver.server.core.telemetry import HostUsageProbe
 from machineserver.server.drivers.base import Counters, HostFootprint, Machine, MachineState, ProgramImage
-from tests.api.test_sessions import upload
+from machineserver.v1 import common_pb2 as cpb
+from machineserver.v1 import telemetry_pb2 as tpb
+from tests.helpers.api import console_until, duration, upload
+from tests.helpers.conformance import require_backend
 
 
 class ProcessMachine(HostFootprint):
@@ -52,7 +58,7 @@ def test_process_cpu_and_memory() -> None:
         machine = ProcessMachine([busy.pid])
         first = probe.measure_footprint(machine)  # lifetime average
         assert first.note == ""
-        time.sleep(0.6)
+        time.sleep(0.6)  # the process burns CPU meanwhile: the thing measured
         usage = probe.measure_footprint(machine)
         assert usage.cpu_percent > 20, usage
         assert usage.memory_bytes > 32 << 20
@@ -65,22 +71,23 @@ def test_process_cpu_and_memory() -> None:
 
 def test_worker_thread_cpu_share() -> None:
     stop = threading.Event()
+    started = threading.Event()
     tid: list[int] = []
 
     def spin() -> None:
         tid.append(threading.get_native_id())
+        started.set()
         while not stop.is_set():
             sum(range(1000))
 
     t = threading.Thread(target=spin)
     t.start()
     try:
-        while not tid:
-            time.sleep(0.01)
+        assert started.wait(10)
         probe = HostUsageProbe()
         machine = ThreadMachine(tid)
         assert probe.measure_footprint(machine).cpu_percent == 0  # no previous measurement yet
-        time.sleep(0.5)
+        time.sleep(0.5)  # the thread burns CPU meanwhile: the thing measured
         usage = probe.measure_footprint(machine)
         assert usage.cpu_percent > 20, usage
         assert usage.memory_bytes == 0 and "shared with the server" in usage.note
@@ -106,3 +113,36 @@ async def test_session_metrics_carry_host_fields(client: AsyncClient) -> None:
         if len(got) == 2:
             break
     assert all(g.metrics.host_cpu_percent >= 0 for g in got)
+
+
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
+async def test_busy_firmware_shows_real_host_usage(client: AsyncClient, backend: str) -> None:
+    """echo waits for input in a busy loop polling the UART: the session burns a host
+    core on either backend, and the session metrics say so (QEMU: its process's CPU and
+    RSS; Unicorn: its worker thread's CPU, memory 0 with the note that says why)."""
+    require_backend(backend)
+    prog = await upload(client, "lm3s6965evb", "echo")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, backend=backend,
+                                              run=True)).session
+    await console_until(client, s.name, b"echo ready\n")  # from here on it spins on the UART
+    samples: list[tpb.SessionMetrics] = []
+    # each message measures the 0.5 s since the one before (the first: the baseline)
+    async with contextlib.aclosing(client.telemetry.stream_session_metrics(  # type: ignore[type-var]
+            name=s.name, interval=duration(0.5))) as stream:
+        async for msg in stream:
+            samples.append(msg.metrics)
+            if len(samples) == 3:
+                break
+    measured = samples[1:]
+    assert all(m.state == cpb.SESSION_STATE_RUNNING for m in measured)
+    # a busy loop is close to 100 % of a core; a loaded shared host still leaves it well above 20
+    assert max(m.host_cpu_percent for m in measured) > 20, [m.host_cpu_percent for m in measured]
+    if backend == "qemu":
+        assert all(m.host_memory_bytes > 8 << 20 for m in measured), [m.host_memory_bytes for m in measured]
+        assert all(m.host_usage_note == "" for m in measured)
+    else:
+        assert all(m.host_memory_bytes == 0 for m in measured)
+        assert all("shared with the server" in m.host_usage_note for m in measured), measured[0].host_usage_note
+    await client.sessions.power_off_session(name=s.name)
+    off = (await client.telemetry.get_session_metrics(name=s.name)).metrics
+    assert (off.host_cpu_percent, off.host_memory_bytes, off.host_usage_note) == (0, 0, "powered off")

@@ -9,7 +9,8 @@ import subprocess
 
 from machineserver.cli.watch import bar, render
 from machineserver.v1 import telemetry_pb2 as tpb
-from tests.conftest import VENV_BIN, ServerProcess
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import VENV_BIN
 
 
 def msctl(target: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1086,7 +1086,9 @@ Global___StreamSessionEventsRequest: _TypeAlias = StreamSessionEventsRequest  # 
 
 @_typing.final
 class StreamSessionEventsResponse(_message.Message):
-    """A state change or a stop of one session."""
+    """A state change or a stop of one session; or, as a stream's first message only, the
+    subscription's confirmation (`subscribed` set, every other field empty).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1096,6 +1098,7 @@ class StreamSessionEventsResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     state: _common_pb2.SessionState.ValueType
     previous_state: _common_pb2.SessionState.ValueType
@@ -1106,6 +1109,10 @@ class StreamSessionEventsResponse(_message.Message):
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def subscribed(self) -> Global___SessionEventsSubscribed:
+        """Set on the first message only."""
+
     def __init__(
         self,
         *,
@@ -1115,14 +1122,43 @@ class StreamSessionEventsResponse(_message.Message):
         reason: _builtins.str = ...,
         stop: _common_pb2.StopEvent | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        subscribed: Global___SessionEventsSubscribed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop", "subscribed", b"subscribed", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_state", b"previous_state", "reason", b"reason", "session", b"session", "state", b"state", "stop", b"stop", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_state", b"previous_state", "reason", b"reason", "session", b"session", "state", b"state", "stop", b"stop", "subscribed", b"subscribed", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamSessionEventsResponse: _TypeAlias = StreamSessionEventsResponse  # noqa: Y015
+
+@_typing.final
+class SessionEventsSubscribed(_message.Message):
+    """The first message of StreamSessionEvents: the subscription is in place, and every
+    change after the state below arrives as an event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """The sessions the request matched (one, or every session when name was empty,
+        oldest first), as they are now.
+        """
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___Session] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEventsSubscribed: _TypeAlias = SessionEventsSubscribed  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):

@@ -307,7 +307,11 @@ class SessionServiceServicer:
 
     def StreamSessionEvents(self, request, context):
         """Streams session events (state changes, stops) for one session, or for all when
-        session is empty. NOT_FOUND: no such session.
+        name is empty. The first message always has only `subscribed` set: the stream is
+        in place and it holds the matched sessions as they are now, so a client that waits
+        for a state reads it there or in a later event, never in a gap between the two.
+        Every later message is one event. Ends when the session named is deleted.
+        NOT_FOUND: no such session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -110,7 +110,11 @@ class SessionServiceStub:
     """
     StreamSessionEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.StreamSessionEventsRequest, _session_pb2.StreamSessionEventsResponse]
     """Streams session events (state changes, stops) for one session, or for all when
-    session is empty. NOT_FOUND: no such session.
+    name is empty. The first message always has only `subscribed` set: the stream is
+    in place and it holds the matched sessions as they are now, so a client that waits
+    for a state reads it there or in a later event, never in a gap between the two.
+    Every later message is one event. Ends when the session named is deleted.
+    NOT_FOUND: no such session.
     """
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateSnapshotRequest, _session_pb2.CreateSnapshotResponse]
     """Saves the whole machine state (CPU, memory, peripherals) of a powered-on session,
@@ -221,7 +225,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     StreamSessionEvents: _aio.UnaryStreamMultiCallable[_session_pb2.StreamSessionEventsRequest, _session_pb2.StreamSessionEventsResponse]  # type: ignore[assignment]
     """Streams session events (state changes, stops) for one session, or for all when
-    session is empty. NOT_FOUND: no such session.
+    name is empty. The first message always has only `subscribed` set: the stream is
+    in place and it holds the matched sessions as they are now, so a client that waits
+    for a state reads it there or in a later event, never in a gap between the two.
+    Every later message is one event. Ends when the session named is deleted.
+    NOT_FOUND: no such session.
     """
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateSnapshotRequest, _session_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
     """Saves the whole machine state (CPU, memory, peripherals) of a powered-on session,
@@ -431,7 +439,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_session_pb2.StreamSessionEventsResponse], _abc.AsyncIterator[_session_pb2.StreamSessionEventsResponse]]:
         """Streams session events (state changes, stops) for one session, or for all when
-        session is empty. NOT_FOUND: no such session.
+        name is empty. The first message always has only `subscribed` set: the stream is
+        in place and it holds the matched sessions as they are now, so a client that waits
+        for a state reads it there or in a later event, never in a gap between the two.
+        Every later message is one event. Ends when the session named is deleted.
+        NOT_FOUND: no such session.
         """
 
     @_abc_1.abstractmethod

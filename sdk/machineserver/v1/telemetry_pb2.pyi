@@ -701,7 +701,9 @@ class StreamAlertsRequest(_message.Message):
 Global___StreamAlertsRequest: _TypeAlias = StreamAlertsRequest  # noqa: Y015
 
 @_typing.final
-class StreamAlertsResponse(_message.Message):
+class Alert(_message.Message):
+    """An alert of one rule: it started firing or it resolved."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RULE_FIELD_NUMBER: _builtins.int
@@ -712,13 +714,17 @@ class StreamAlertsResponse(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     rule: _builtins.str
+    """"alertRules/{rule}"."""
     state: Global___AlertState.ValueType
     metric: _builtins.str
     value: _builtins.float
+    """The metric's value when the alert changed."""
     threshold: _builtins.float
     message: _builtins.str
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert changed (for a firing one: when it started firing)."""
+
     def __init__(
         self,
         *,
@@ -733,6 +739,80 @@ class StreamAlertsResponse(_message.Message):
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metric", b"metric", "rule", b"rule", "state", b"state", "threshold", b"threshold", "time", b"time", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class AlertsSubscribed(_message.Message):
+    """The first message of StreamAlerts: the subscription is in place, and every change
+    after the alerts below arrives as its own message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def firing(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """The alerts firing now (state FIRING), one per rule, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        firing: _abc.Iterable[Global___Alert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firing", b"firing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertsSubscribed: _TypeAlias = AlertsSubscribed  # noqa: Y015
+
+@_typing.final
+class StreamAlertsResponse(_message.Message):
+    """One alert firing or resolving (fields 1-7); or, as a stream's first message only, the
+    subscription's confirmation (`subscribed` set, every other field empty).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    state: Global___AlertState.ValueType
+    metric: _builtins.str
+    value: _builtins.float
+    threshold: _builtins.float
+    message: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def subscribed(self) -> Global___AlertsSubscribed:
+        """Set on the first message only."""
+
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        state: Global___AlertState.ValueType = ...,
+        metric: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        message: _builtins.str = ...,
+        subscribed: Global___AlertsSubscribed | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscribed", b"subscribed", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metric", b"metric", "rule", b"rule", "state", b"state", "subscribed", b"subscribed", "threshold", b"threshold", "time", b"time", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -139,6 +139,8 @@ class TelemetryServiceServicer:
 
     def StreamAlerts(self, request, context):
         """Streams alerts firing and resolving, as rules are evaluated against host samples.
+        The first message always has only `subscribed` set: the stream is in place and it
+        lists the alerts firing now; every later message is one alert firing or resolving.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

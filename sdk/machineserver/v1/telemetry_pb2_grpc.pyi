@@ -59,7 +59,10 @@ class TelemetryServiceStub:
     DeleteAlertRule: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.DeleteAlertRuleRequest, _telemetry_pb2.DeleteAlertRuleResponse]
     """Deletes an alert rule. NOT_FOUND."""
     StreamAlerts: _grpc.UnaryStreamMultiCallable[_telemetry_pb2.StreamAlertsRequest, _telemetry_pb2.StreamAlertsResponse]
-    """Streams alerts firing and resolving, as rules are evaluated against host samples."""
+    """Streams alerts firing and resolving, as rules are evaluated against host samples.
+    The first message always has only `subscribed` set: the stream is in place and it
+    lists the alerts firing now; every later message is one alert firing or resolving.
+    """
 
 @_typing.type_check_only
 class TelemetryServiceAsyncStub(TelemetryServiceStub):
@@ -92,7 +95,10 @@ class TelemetryServiceAsyncStub(TelemetryServiceStub):
     DeleteAlertRule: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.DeleteAlertRuleRequest, _telemetry_pb2.DeleteAlertRuleResponse]  # type: ignore[assignment]
     """Deletes an alert rule. NOT_FOUND."""
     StreamAlerts: _aio.UnaryStreamMultiCallable[_telemetry_pb2.StreamAlertsRequest, _telemetry_pb2.StreamAlertsResponse]  # type: ignore[assignment]
-    """Streams alerts firing and resolving, as rules are evaluated against host samples."""
+    """Streams alerts firing and resolving, as rules are evaluated against host samples.
+    The first message always has only `subscribed` set: the stream is in place and it
+    lists the alerts firing now; every later message is one alert firing or resolving.
+    """
 
 class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Host and session telemetry: CPU, memory, temperatures, power rails, GPUs; per-session
@@ -170,6 +176,9 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _telemetry_pb2.StreamAlertsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_telemetry_pb2.StreamAlertsResponse], _abc.AsyncIterator[_telemetry_pb2.StreamAlertsResponse]]:
-        """Streams alerts firing and resolving, as rules are evaluated against host samples."""
+        """Streams alerts firing and resolving, as rules are evaluated against host samples.
+        The first message always has only `subscribed` set: the stream is in place and it
+        lists the alerts firing now; every later message is one alert firing or resolving.
+        """
 
 def add_TelemetryServiceServicer_to_server(servicer: TelemetryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

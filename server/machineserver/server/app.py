@@ -23,6 +23,7 @@ from machineserver.server.core.engine import Engine
 from machineserver.server.obs.logging import configure
 from machineserver.server.obs.metrics import ServerMetrics
 from machineserver.server.obs.tracing import TracingHook, tracing_configured
+from machineserver.server.store.lock import DataDirLocked
 
 log = structlog.get_logger("machineserver")
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     configure(cfg.log_format, cfg.log_level)
     try:
         asyncio.run(serve(cfg))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataDirLocked) as exc:
         print(f"machineserver: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

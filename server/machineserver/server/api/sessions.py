@@ -125,15 +125,25 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
 
     async def StreamSessionEvents(self, request: pb.StreamSessionEventsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamSessionEventsResponse]:
         sessions = self.engine.sessions
-        only = sessions.get(request.name).id if request.name else None
-        sub = sessions.events.subscribe(None if only is None else (lambda ev: ev.session == only))
-        async for ev in sub:
-            pos = None
-            if ev.stop is not None and (live := sessions.find(ev.session)) is not None:
-                pos = self.engine.debugger.position(live, ev.stop.pc)
-            yield convert.event_pb(ev, pos)
-            if only is not None and sessions.find(only) is None:
-                return  # the session was deleted
+        only = sessions.get(request.name) if request.name else None
+        only_id = only.id if only is not None else None
+        sub = sessions.events.subscribe(None if only_id is None else (lambda ev: ev.session == only_id))
+        try:
+            # Subscribed first, then the state read with no await in between: every change
+            # after this state is in the subscription's queue.
+            matched = [only] if only is not None else sorted(
+                sessions.all(), key=lambda live: (live.record.create_time, live.id))
+            yield pb.StreamSessionEventsResponse(subscribed=pb.SessionEventsSubscribed(
+                sessions=[self._session(live) for live in matched]))
+            async for ev in sub:
+                pos = None
+                if ev.stop is not None and (live := sessions.find(ev.session)) is not None:
+                    pos = self.engine.debugger.position(live, ev.stop.pc)
+                yield convert.event_pb(ev, pos)
+                if only_id is not None and sessions.find(only_id) is None:
+                    return  # the session was deleted
+        finally:
+            sub.close()
 
     # ------------------------------------------------------------------ snapshots
 

@@ -12,7 +12,7 @@ from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.sessions import LiveSession
-from machineserver.server.core.telemetry import AlertRuleRecord, HostSample, check_interval
+from machineserver.server.core.telemetry import AlertEvent, AlertRuleRecord, HostSample, check_interval
 from machineserver.v1 import telemetry_pb2 as pb
 from machineserver.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -46,6 +46,12 @@ def host_pb(s: HostSample) -> pb.HostStatus:
         sources=[pb.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in s.sources],
         load_average=list(s.load_average),
     )
+
+
+def alert_pb(ev: AlertEvent) -> pb.Alert:
+    return pb.Alert(rule=ev.rule, state=pb.ALERT_STATE_FIRING if ev.firing else pb.ALERT_STATE_RESOLVED,
+                    metric=ev.metric, value=ev.value, threshold=ev.threshold,
+                    time=convert.timestamp(ev.time), message=ev.message)
 
 
 def rule_pb(r: AlertRuleRecord) -> pb.AlertRule:
@@ -114,9 +120,16 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         return pb.DeleteAlertRuleResponse()
 
     async def StreamAlerts(self, request: pb.StreamAlertsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamAlertsResponse]:
-        async for ev in self.engine.telemetry.alerts.subscribe():
-            yield pb.StreamAlertsResponse(
-                rule=ev.rule, state=pb.ALERT_STATE_FIRING if ev.firing else pb.ALERT_STATE_RESOLVED,
-                metric=ev.metric, value=ev.value, threshold=ev.threshold,
-                time=convert.timestamp(ev.time), message=ev.message,
-            )
+        telemetry = self.engine.telemetry
+        sub = telemetry.alerts.subscribe()
+        try:
+            # Subscribed first, then what fires now, with no await in between: every change
+            # after this list is in the subscription's queue.
+            firing = [alert_pb(ev) for ev in telemetry.firing_alerts()]
+            yield pb.StreamAlertsResponse(subscribed=pb.AlertsSubscribed(firing=firing))
+            async for ev in sub:
+                a = alert_pb(ev)
+                yield pb.StreamAlertsResponse(rule=a.rule, state=a.state, metric=a.metric, value=a.value,
+                                              threshold=a.threshold, time=a.time, message=a.message)
+        finally:
+            sub.close()

@@ -1,5 +1,16 @@
 """A session's console output: an append-only byte log with absolute offsets, keeping the
-newest ``retain`` bytes, that readers follow from any offset."""
+newest ``retain`` bytes, that readers follow from any offset.
+
+With a ``ConsoleFile`` (store/console_files.py) the log is also kept on disk, so it
+survives a server restart: the log starts from what the file holds (offsets go on from
+where they were: absolute and monotonic across the restart), and new output is written
+behind, off the event loop, by one task per log. While a write is under way, further
+output gathers in memory and goes out as one write next, so a chatty console costs a
+write per batch, not per byte, and the loop never waits for the disk. Nothing is fsynced
+(see console_files.py): bytes whose write was issued survive a SIGKILL of the server; only
+what was still waiting for the current write (normally well under a millisecond of
+output) can be lost with the process. ``close`` (a graceful stop) writes everything.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import structlog
+
 from machineserver.server.core.errors import MachineServerError
+from machineserver.server.store.console_files import ConsoleFile
+
+log = structlog.get_logger(__name__)
 
 
 class OffsetOutOfRange(MachineServerError):
@@ -24,12 +40,21 @@ class ConsoleChunk:
 class ConsoleLog:
     MAX_CHUNK = 64 * 1024
 
-    def __init__(self, retain: int = 1 << 20) -> None:
+    def __init__(self, retain: int = 1 << 20, file: ConsoleFile | None = None) -> None:
+        """``file``: where the log is kept (loaded now, blocking: at server start and
+        session creation only); None keeps it in memory only."""
         self._buf = bytearray()
         self._start = 0  # absolute offset of _buf[0]
         self._retain = retain
         self._grew = asyncio.Event()
         self._closed = False
+        self._file = file
+        if file is not None:
+            self._start, data = file.load()
+            self._buf += data
+        self._unwritten = bytearray()  # output not yet handed to the file
+        self._rewrite = False  # a write failed: the next one rewrites the whole log
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def end(self) -> int:
@@ -44,6 +69,32 @@ class ConsoleLog:
             del self._buf[:excess]
             self._start += excess
         self._grew.set()
+        if self._file is not None and not self._closed:
+            self._unwritten += data
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write_behind())
+
+    async def _write_behind(self) -> None:
+        """Hand what gathered to the file, one batch at a time, until nothing is left."""
+        file = self._file
+        assert file is not None
+        while self._unwritten and self._file is file:
+            batch, start = bytes(self._unwritten), self.end - len(self._unwritten)
+            self._unwritten.clear()
+            rewrite, self._rewrite = self._rewrite, False
+            try:
+                if rewrite:
+                    await asyncio.to_thread(file.replace, self._start, bytes(self._buf))
+                else:
+                    await asyncio.to_thread(file.append, batch, start)
+            except OSError as exc:
+                log.warning("console_write_failed", path=str(file.path), error=str(exc))
+                self._rewrite = True  # the file may now miss bytes: rewrite it whole next time
+
+    async def flush(self) -> None:
+        """Wait until every byte appended so far was handed to the file."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def read(self, offset: int, limit: int = MAX_CHUNK) -> ConsoleChunk:
         if offset > self.end:
@@ -52,9 +103,24 @@ class ConsoleLog:
         begin = max(offset, self._start) - self._start
         return ConsoleChunk(self._start + begin, bytes(self._buf[begin : begin + limit]), dropped)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """End followers; write what is left to the file and close it (the log stays on
+        disk for the next start)."""
         self._closed = True
         self._grew.set()
+        await self.flush()
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+
+    async def discard(self) -> None:
+        """End followers and delete the file (the session is gone)."""
+        self._closed = True
+        self._grew.set()
+        file, self._file = self._file, None
+        self._unwritten.clear()
+        await self.flush()
+        if file is not None:
+            await asyncio.to_thread(file.remove)
 
     async def follow(self, offset: int, follow: bool) -> AsyncIterator[ConsoleChunk]:
         """Chunks from offset on; with follow, waits for more until the log is closed."""

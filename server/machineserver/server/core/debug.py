@@ -1,12 +1,20 @@
 """Debugging on top of sessions: breakpoints and watchpoints (kept per session and
 re-applied whenever the machine is (re)loaded), registers, memory, disassembly
-(capstone), symbols, and who controls a session's Attach streams."""
+(capstone), symbols, and who controls a session's Attach streams.
+
+The breakpoints a user sets (through the API) are records: stored in the ``breakpoints``
+table when set, deleted when cleared or with their session, and loaded at start, so a
+restarted server has them again and applies them at the next power-on. Those a GDB or
+Attach client set (``Breakpoint.client``) live and die with that connection and are
+never stored. Hit counts are not stored: they count since the server started.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import capstone
 
@@ -17,12 +25,14 @@ from machineserver.server.core.errors import (
     NotFound,
     Unimplemented,
 )
+from machineserver.server.core.models import now
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
     Arch,
     Breakpoints,
     Feature,
+    Machine,
     MemoryAccess,
     RegisterAccess,
     StopInfo,
@@ -78,6 +88,22 @@ class Breakpoint:
     client: str = ""  # the Attach client that set it, if any
 
 
+BREAKPOINTS = "breakpoints"
+
+
+def breakpoint_row(session_id: str, bp: Breakpoint) -> dict[str, object]:
+    """A user breakpoint as a record (no hit count, no client: neither is kept)."""
+    t = now()
+    data = {"id": bp.id, "kind": bp.kind.value, "address": bp.address, "size": bp.size,
+            "location": asdict(bp.location), "source": asdict(bp.source)}
+    return {"id": f"{session_id}/{bp.id}", "session": session_id, "create_time": t, "update_time": t, "data": data}
+
+
+def breakpoint_from_row(data: dict[str, Any]) -> Breakpoint:
+    return Breakpoint(int(data["id"]), BreakpointKind(data["kind"]), int(data["address"]), int(data["size"]),
+                      Location(**data["location"]), SourcePosition(**data["source"]))
+
+
 @dataclass
 class DebugState:
     breakpoints: dict[int, Breakpoint] = field(default_factory=dict)
@@ -108,6 +134,20 @@ class Debugger:
 
     def forget(self, live: LiveSession) -> None:
         self._state.pop(live.id, None)
+        self.sessions.db.delete_where(BREAKPOINTS, "session = ?", [live.id])
+
+    def load(self) -> None:
+        """The stored user breakpoints of every session (at start, after the sessions);
+        rows of sessions that are gone are deleted."""
+        for row in self.sessions.db.rows(BREAKPOINTS, order_by="session, create_time, id"):
+            live = self.sessions.find(row["session"])
+            if live is None:
+                self.sessions.db.delete(BREAKPOINTS, row["id"])
+                continue
+            bp = breakpoint_from_row(row["data"])
+            st = self.state(live)
+            st.breakpoints[bp.id] = bp
+            st.next_id = max(st.next_id, bp.id + 1)
 
     # ------------------------------------------------------------------ symbols
 
@@ -189,6 +229,8 @@ class Debugger:
             await self._apply(live, bp)
         st.breakpoints[bp.id] = bp
         st.next_id += 1
+        if not client:  # a user's: kept across restarts
+            self.sessions.db.put(BREAKPOINTS, breakpoint_row(live.id, bp))
         return bp
 
     async def clear_breakpoint(self, live: LiveSession, bp_id: int) -> None:
@@ -199,6 +241,8 @@ class Debugger:
         if live.machine is not None and live.state.value != "off":
             await self._remove(live, bp)
         del st.breakpoints[bp_id]
+        if not bp.client:
+            self.sessions.db.delete(BREAKPOINTS, f"{live.id}/{bp.id}")
 
     def list_breakpoints(self, live: LiveSession) -> list[Breakpoint]:
         return sorted(self.state(live).breakpoints.values(), key=lambda b: b.id)
@@ -208,8 +252,8 @@ class Debugger:
             if bp.client == client:
                 await self.clear_breakpoint(live, bp.id)
 
-    async def _apply(self, live: LiveSession, bp: Breakpoint) -> None:
-        machine = live.require_machine("set a breakpoint")
+    async def _apply(self, live: LiveSession, bp: Breakpoint, machine: Machine | None = None) -> None:
+        machine = machine or live.require_machine("set a breakpoint")
         with driver_errors(live):
             if bp.kind.watch is not None:
                 await machine.capability(Watchpoints).set_watchpoint(bp.address, bp.size, bp.kind.watch)
@@ -226,8 +270,11 @@ class Debugger:
                 await machine.capability(Breakpoints).clear_breakpoint(bp.address)
 
     async def _reapply(self, live: LiveSession) -> None:
+        """A power-on hook: the session is not HALTED yet (still OFF or FAILED), so the
+        breakpoints go to the new machine directly."""
+        assert live.machine is not None
         for bp in self.list_breakpoints(live):
-            await self._apply(live, bp)
+            await self._apply(live, bp, live.machine)
 
     def _count_hit(self, live: LiveSession, info: StopInfo) -> None:
         for bp in self.state(live).breakpoints.values():

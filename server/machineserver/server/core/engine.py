@@ -16,6 +16,7 @@ from machineserver.server.core.snapshots import SnapshotStore
 from machineserver.server.core.telemetry import Telemetry
 from machineserver.server.store.blobs import BlobStore
 from machineserver.server.store.db import Database
+from machineserver.server.store.lock import DataDirLock
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,18 @@ class Engine:
     """Everything below the API layer. Create inside a running event loop."""
 
     def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits) -> None:
+        """Takes the data directory's lock first (DataDirLocked when another server holds
+        it), then opens the records and blobs in it."""
         self.data_dir = data_dir
+        self.lock = DataDirLock(data_dir)
+        self.lock.acquire()
+        try:
+            self._open(data_dir, backends, limits)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits) -> None:
         self.db = Database(data_dir / "machineserver.sqlite3")
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
@@ -40,6 +52,7 @@ class Engine:
         self.sessions = SessionManager(
             self.db, self.catalog, backends, self.programs,
             max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
+            console_dir=data_dir / "console",
         )
         self.debugger = Debugger(self.sessions)
         self.stepper = LineStepper(self.debugger)
@@ -50,6 +63,7 @@ class Engine:
 
     async def start(self) -> None:
         await self.sessions.start()
+        self.debugger.load()
         await self.telemetry.start()
 
     async def close(self) -> None:
@@ -58,3 +72,4 @@ class Engine:
         await self.sessions.shutdown()
         await self.backends.aclose()
         self.db.close()
+        self.lock.release()

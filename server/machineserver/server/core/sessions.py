@@ -21,6 +21,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -60,6 +61,7 @@ from machineserver.server.drivers.base import (
     StopInfo,
     StopReason,
 )
+from machineserver.server.store.console_files import ConsoleStore
 from machineserver.server.store.db import Database
 
 log = structlog.get_logger(__name__)
@@ -127,7 +129,8 @@ class LiveSession:
         self.board = board
         self.machine: Machine | None = None
         retain = record.max_console_bytes or manager.console_retain
-        self.console = ConsoleLog(retain)
+        store = manager.console_store
+        self.console = ConsoleLog(retain, store.file(record.id, retain) if store is not None else None)
         self.lock = asyncio.Lock()
         self.stop_waiters: list[asyncio.Future[StopInfo]] = []
         self.limit_task: asyncio.Task[None] | None = None
@@ -206,13 +209,16 @@ class SessionManager:
         *,
         max_sessions: int = 256,
         console_retain: int = 1 << 20,
+        console_dir: Path | None = None,
     ) -> None:
+        """``console_dir``: where consoles are kept across restarts (None: memory only)."""
         self.db = db
         self.catalog = catalog
         self.backends = backends
         self.programs = programs
         self.max_sessions = max_sessions
         self.console_retain = console_retain
+        self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
         self._sessions: dict[str, LiveSession] = {}
         self.loop = asyncio.get_running_loop()
@@ -224,9 +230,13 @@ class SessionManager:
     # ------------------------------------------------------------------ startup/shutdown
 
     async def start(self) -> None:
-        """Load every stored session. Emulator state does not survive a restart: a session
-        that was powered on comes back OFF with the reason."""
-        for row in self.db.rows(TABLE):
+        """Load every stored session, with its console log. Emulator state does not survive
+        a restart: a session that was powered on comes back OFF with the reason."""
+        rows = self.db.rows(TABLE)
+        if self.console_store is not None:  # a crash between a delete's two steps
+            for orphan in self.console_store.session_ids() - {row["id"] for row in rows}:
+                self.console_store.remove(orphan)
+        for row in rows:
             rec = from_row(SessionRecord, row["data"])
             try:
                 board = self.catalog.parse(rec.board_config)
@@ -247,7 +257,7 @@ class SessionManager:
                     await asyncio.wait_for(self._power_off(live, "server shutting down"), 10)
                 except (TimeoutError, Exception) as exc:
                     log.warning("power_off_failed", session_id=live.id, error=str(exc))
-            live.console.close()
+            await live.console.close()
         self.events.close()
 
     # ------------------------------------------------------------------ lookups
@@ -353,6 +363,8 @@ class SessionManager:
             owner=p.owner,
         )
         self._save(rec)
+        if self.console_store is not None:
+            self.console_store.remove(sid)  # never another session's leftovers
         live = LiveSession(self, rec, board)
         self._sessions[sid] = live
         self._publish(live, MachineState.OFF, "created")
@@ -365,12 +377,18 @@ class SessionManager:
 
     async def delete(self, live: LiveSession) -> None:
         if live.machine is not None:
-            await self._power_off(live, "deleted")
+            await self._discard_machine(live)
+            self._wake_waiters(live, None)
         self._sessions.pop(live.id, None)
         self.db.delete(TABLE, live.id)
-        live.console.close()
+        await live.console.discard()
         for hook in self.delete_hooks:
             hook(live)
+        # the last event of the session (OFF, "deleted"): streams following it end here
+        previous = live.state
+        live.record.state = MachineState.OFF.value
+        live.record.state_reason = "deleted"
+        self._publish(live, previous, "deleted")
         log.info("session_deleted", session_id=live.id)
 
     # ------------------------------------------------------------------ lifecycle

@@ -362,7 +362,7 @@ class Telemetry:
         self.alerts: Hub[AlertEvent] = Hub(maxlen=256)
         self._alert_task: asyncio.Task[None] | None = None
         self._since: dict[str, float] = {}
-        self._firing: set[str] = set()
+        self._firing: dict[str, AlertEvent] = {}  # rule id -> the event that started it, oldest first
         self._proc = psutil.Process()
 
     async def host_status(self) -> HostSample:
@@ -376,6 +376,10 @@ class Telemetry:
     @property
     def firing_count(self) -> int:
         return len(self._firing)
+
+    def firing_alerts(self) -> list[AlertEvent]:
+        """The alerts firing now (the event that started each), oldest first."""
+        return list(self._firing.values())
 
     def dropped_total(self) -> int:
         """Samples dropped for slow host status subscribers still connected."""
@@ -468,7 +472,7 @@ class Telemetry:
         if not self._db.delete("alert_rules", rid):
             raise NotFound("alert rule", rid)
         self._since.pop(rid, None)
-        self._firing.discard(rid)
+        self._firing.pop(rid, None)
 
     def _ensure_evaluator(self) -> None:
         if self._alert_task is None or self._alert_task.done():
@@ -507,18 +511,17 @@ class Telemetry:
             if holding:
                 since = self._since.setdefault(rule.id, sample.time)
                 if rule.id not in self._firing and sample.time - since >= rule.duration_s:
-                    self._firing.add(rule.id)
-                    self._emit(rule, True, value or 0.0, sample.time)
+                    self._firing[rule.id] = self._emit(rule, True, value or 0.0, sample.time)
             else:
                 self._since.pop(rule.id, None)
-                if rule.id in self._firing:
-                    self._firing.discard(rule.id)
+                if self._firing.pop(rule.id, None) is not None:
                     self._emit(rule, False, value if value is not None else float("nan"), sample.time)
 
-    def _emit(self, rule: AlertRuleRecord, firing: bool, value: float, t: float) -> None:
+    def _emit(self, rule: AlertRuleRecord, firing: bool, value: float, t: float) -> AlertEvent:
         verb = "firing" if firing else "resolved"
         msg = f"{rule.metric} {rule.comparison} {rule.threshold} for {rule.duration_s:g}s: {verb} (value {value:g})"
         event = AlertEvent(rule.name, firing, rule.metric, value, rule.threshold, t, msg)
         self._db.append("alert_events", {"rule": rule.id, "state": verb, "time": t,
                                          "data": {"value": value, "message": msg}})
         self.alerts.publish(event)
+        return event

