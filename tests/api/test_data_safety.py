@@ -18,6 +18,7 @@ import pytest
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
+from machineserver.server.store.console_files import ConsoleStore
 from machineserver.server.store.lock import DataDirLocked
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
@@ -206,3 +207,30 @@ async def test_user_breakpoints_survive_a_restart(tmp_path: Path, sig: int) -> N
             assert not (await c.debug.list_breakpoints(name=s.name)).breakpoints
     finally:
         sp.stop()
+
+
+async def test_console_files_of_sessions_that_are_gone_are_removed_at_start(tmp_path: Path) -> None:
+    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning")
+    running = await start(cfg)
+    try:
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
+            prog = await upload(c, "lm3s6965evb", "hello")
+            s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
+                                                 session_id="keep")).session
+            await wait_state(c, s.name, cpb.SESSION_STATE_EXITED)
+    finally:
+        await running.stop(0.5)
+    console = cfg.data_dir / "console"
+    ConsoleStore(console).file("ghost", 100).append(b"from a session deleted mid-crash", 0)
+    running = await start(cfg)
+    try:
+        assert sorted(p.name for p in console.glob("*.log")) == ["keep.log"]
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
+            assert await console_text(c, s.name) == HELLO
+            # a new session never sees another's leftovers, even under the same id
+            await c.sessions.delete_session(name=s.name)
+            ConsoleStore(console).file("keep", 100).append(b"stale", 0)
+            await c.sessions.create_session(board_template="lm3s6965evb", session_id="keep")
+            assert await console_text(c, s.name) == b""
+    finally:
+        await running.stop(0.5)
