@@ -62,7 +62,7 @@ async def test_slow_subscriber_drops_without_slowing_the_others_core(tmp_path) -
 
     readers = [asyncio.create_task(read(i)) for i in range(len(fast))]
     t0 = time.monotonic()
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(2.0)  # the window the rates are measured over (the thing under test)
     elapsed = time.monotonic() - t0
     await tel.stop()
     await asyncio.gather(*readers)
@@ -125,7 +125,7 @@ async def test_subscriber_limit_is_resource_exhausted(client: AsyncClient, serve
             held += 1
             if held >= 3:
                 started.set()
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # holds its slot (the thing under test)
 
     tasks = [asyncio.create_task(hold()) for _ in range(3)]
     try:
