@@ -310,7 +310,8 @@ class SessionServiceServicer:
         name is empty. The first message always has only `subscribed` set: the stream is
         in place and it holds the matched sessions as they are now, so a client that waits
         for a state reads it there or in a later event, never in a gap between the two.
-        Every later message is one event. Ends when the session named is deleted.
+        Every later message is one event. A deleted session's last event is OFF with
+        reason "deleted"; a stream on that one session ends after it.
         NOT_FOUND: no such session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -113,7 +113,8 @@ class SessionServiceStub:
     name is empty. The first message always has only `subscribed` set: the stream is
     in place and it holds the matched sessions as they are now, so a client that waits
     for a state reads it there or in a later event, never in a gap between the two.
-    Every later message is one event. Ends when the session named is deleted.
+    Every later message is one event. A deleted session's last event is OFF with
+    reason "deleted"; a stream on that one session ends after it.
     NOT_FOUND: no such session.
     """
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateSnapshotRequest, _session_pb2.CreateSnapshotResponse]
@@ -228,7 +229,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     name is empty. The first message always has only `subscribed` set: the stream is
     in place and it holds the matched sessions as they are now, so a client that waits
     for a state reads it there or in a later event, never in a gap between the two.
-    Every later message is one event. Ends when the session named is deleted.
+    Every later message is one event. A deleted session's last event is OFF with
+    reason "deleted"; a stream on that one session ends after it.
     NOT_FOUND: no such session.
     """
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateSnapshotRequest, _session_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
@@ -442,7 +444,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         name is empty. The first message always has only `subscribed` set: the stream is
         in place and it holds the matched sessions as they are now, so a client that waits
         for a state reads it there or in a later event, never in a gap between the two.
-        Every later message is one event. Ends when the session named is deleted.
+        Every later message is one event. A deleted session's last event is OFF with
+        reason "deleted"; a stream on that one session ends after it.
         NOT_FOUND: no such session.
         """
 
