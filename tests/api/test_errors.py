@@ -80,7 +80,7 @@ async def test_a_refusing_hook_ends_the_chain_and_earlier_hooks_see_after(tmp_pa
             seen.append(f"before {call.rpc}")
 
         def after(self, call: CallInfo) -> None:
-            seen.append(f"after {call.rpc} {call.code.name}")
+            seen.append(f"after {call.rpc} {call.code}")
 
     class Refuser:
         async def before(self, call: CallInfo) -> None:

@@ -898,6 +898,7 @@ class DebugCommandResult(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     SET_BREAKPOINT_FIELD_NUMBER: _builtins.int
     CLEAR_BREAKPOINT_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
@@ -916,6 +917,11 @@ class DebugCommandResult(_message.Message):
     code: _builtins.int
     """gRPC status code (0 OK) and message of the command."""
     message: _builtins.str
+    request_id: _builtins.str
+    """This command's request id (each command on the stream is its own call, logged,
+    measured and authorized like the unary RPC it mirrors): the stream's id, a dot and
+    the command's tag. Quote it to the operator when a command fails with INTERNAL.
+    """
     role: Global___AttachRole.ValueType
     @_builtins.property
     def set_breakpoint(self) -> Global___SetBreakpointResponse: ...
@@ -947,6 +953,7 @@ class DebugCommandResult(_message.Message):
         tag: _builtins.int = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        request_id: _builtins.str = ...,
         set_breakpoint: Global___SetBreakpointResponse | None = ...,
         clear_breakpoint: Global___ClearBreakpointResponse | None = ...,
         step: Global___StepResponse | None = ...,
@@ -963,7 +970,7 @@ class DebugCommandResult(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "code", b"code", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "message", b"message", "read_memory", b"read_memory", "read_registers", b"read_registers", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "tag", b"tag", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtrace", b"backtrace", "clear_breakpoint", b"clear_breakpoint", "code", b"code", "continue", b"continue", "disassemble", b"disassemble", "halt", b"halt", "message", b"message", "read_memory", b"read_memory", "read_registers", b"read_registers", "request_id", b"request_id", "resolve_symbol", b"resolve_symbol", "result", b"result", "role", b"role", "set_breakpoint", b"set_breakpoint", "step", b"step", "step_line", b"step_line", "tag", b"tag", "write_memory", b"write_memory", "write_register", b"write_register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["set_breakpoint", "clear_breakpoint", "step", "continue", "halt", "read_registers", "write_register", "read_memory", "write_memory", "resolve_symbol", "role", "step_line", "backtrace", "disassemble"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015

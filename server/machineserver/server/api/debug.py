@@ -9,11 +9,14 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
+import structlog
 from grpc import aio
 
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.errors import code_for
+from machineserver.server.core.calls import CURRENT, CallInfo, Transport, new_request_id
 from machineserver.server.core.debug import StepMode
 from machineserver.server.core.errors import (
     FailedPrecondition,
@@ -25,9 +28,17 @@ from machineserver.v1 import common_pb2 as common_pb
 from machineserver.v1 import debug_pb2 as pb
 from machineserver.v1 import debug_pb2_grpc as pb_grpc
 
+log = structlog.get_logger(__name__)
+
 # Commands an observer may send.
 READ_ONLY_COMMANDS = frozenset({"read_registers", "read_memory", "resolve_symbol", "take_control", "backtrace",
                                 "disassemble"})
+# each Attach command is a call named after the unary RPC it mirrors
+ATTACH_METHODS = {
+    field.name: "/machineserver.v1.DebugService/" + ("Attach" if field.name == "take_control" else
+                                                     "".join(w.capitalize() for w in field.name.split("_")))
+    for field in pb.DebugCommand.DESCRIPTOR.oneofs_by_name["command"].fields
+}
 STEP_MODES = {
     pb.STEP_MODE_UNSPECIFIED: StepMode.OVER,
     pb.STEP_MODE_INTO: StepMode.INTO,
@@ -175,10 +186,12 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         opened = first.open
         live = self.engine.sessions.get(opened.name, "open.name")
         debugger = self.engine.debugger
+        stream = CURRENT.get()
         client = "attach-" + secrets.token_hex(4)
         if opened.control:
             debugger.take_control(live, client)
         out: asyncio.Queue[pb.AttachResponse | None] = asyncio.Queue(maxsize=1024)
+        failures: list[BaseException] = []
 
         def role() -> pb.AttachRole.ValueType:
             return pb.ATTACH_ROLE_CONTROLLER if debugger.state(live).controller == client else pb.ATTACH_ROLE_OBSERVER
@@ -197,43 +210,71 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
                 await out.put(pb.AttachResponse(console=chunk.data))
 
         async def read_commands() -> None:
+            async for req in requests:
+                if req.WhichOneof("request") != "command":
+                    await out.put(_result(0, InvalidArgument("command", "open may only come first")))
+                    continue
+                await out.put(await self._run_command(live, client, req.command, role, stream))
+
+        async def owned(part: Callable[[], Awaitable[None]]) -> None:
+            """A part of the stream: when it ends (the client closed its side) or fails,
+            the stream ends; a failure ends it with INTERNAL, not OK."""
             try:
-                async for req in requests:
-                    if req.WhichOneof("request") != "command":
-                        await out.put(_result(0, InvalidArgument("command", "open may only come first")))
-                        continue
-                    await out.put(await self._run_command(live, client, req.command, role))
+                await part()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("attach_stream_failed", session_id=live.id, part=part.__name__)
+                failures.append(exc)
             finally:
                 await out.put(None)
 
-        tasks = [asyncio.create_task(f()) for f in (pump_events, pump_console, read_commands)]
+        tasks = [asyncio.create_task(owned(f)) for f in (pump_events, pump_console, read_commands)]
         try:
             while (item := await out.get()) is not None:
                 yield item
+            if failures:
+                raise failures[0]
         finally:
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await asyncio.gather(*tasks, return_exceptions=True)
             if debugger.state(live).controller == client:
                 debugger.release_control(live, client)
                 if opened.clear_breakpoints_on_detach and self.engine.sessions.contains(live):
                     with contextlib.suppress(MachineServerError):
                         await debugger.clear_client_breakpoints(live, client)
 
-    async def _run_command(self, live: LiveSession, client: str, cmd: pb.DebugCommand, role: Callable[[], pb.AttachRole.ValueType]) -> pb.AttachResponse:
+    async def _run_command(self, live: LiveSession, client: str, cmd: pb.DebugCommand,
+                           role: Callable[[], pb.AttachRole.ValueType], stream: CallInfo | None) -> pb.AttachResponse:
         which = cmd.WhichOneof("command")
         if which is None:
             return _result(cmd.tag, InvalidArgument("command", "empty command"))
+        calls = self.engine.calls
+        call = calls.open(ATTACH_METHODS[which], stream.metadata if stream else {}, transport=Transport.ATTACH,
+                          peer=stream.peer if stream else "",
+                          request_id=f"{stream.request_id if stream else new_request_id()}.{cmd.tag}")
+        try:
+            response = await calls.run(call, lambda: self._command(live, client, cmd, which, role))
+            response.result.request_id = call.request_id
+            return response
+        except MachineServerError as exc:
+            return _result(cmd.tag, exc, call.request_id)
+        except Exception:
+            # logged and answered on this command; the stream goes on
+            log.exception("attach_command_crashed", session_id=live.id, command=which, request_id=call.request_id)
+            return _internal(cmd.tag, call.request_id)
+
+    async def _command(self, live: LiveSession, client: str, cmd: pb.DebugCommand, which: str,
+                       role: Callable[[], pb.AttachRole.ValueType]) -> pb.AttachResponse:
         if which == "take_control":
             self.engine.debugger.take_control(live, client)
             return pb.AttachResponse(result=pb.DebugCommandResult(tag=cmd.tag, role=role()))
         if which not in READ_ONLY_COMMANDS and role() != pb.ATTACH_ROLE_CONTROLLER:
-            return _result(cmd.tag, FailedPrecondition(
+            raise FailedPrecondition(
                 f"this Attach stream observes session {live.id}; another client has control",
                 required="controller",
-            ))
+            )
         request = getattr(cmd, which)
         request.name = request.name or live.record.name
         handlers: dict[str, Callable[..., Awaitable[Any]]] = {
@@ -251,10 +292,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
             "backtrace": lambda r: self.Backtrace(r, None),  # type: ignore[arg-type]
             "disassemble": lambda r: self.Disassemble(r, None),  # type: ignore[arg-type]
         }
-        try:
-            response = await handlers[which](request)
-        except MachineServerError as exc:
-            return _result(cmd.tag, exc)
+        response = await handlers[which](request)
         result = pb.DebugCommandResult(tag=cmd.tag)
         getattr(result, which).CopyFrom(response)
         return pb.AttachResponse(result=result)
@@ -266,6 +304,13 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         return pb.ContinueResponse(state=self._state(live))
 
 
-def _result(tag: int, exc: MachineServerError) -> pb.AttachResponse:
-    return pb.AttachResponse(result=pb.DebugCommandResult(tag=tag, code=code_for(exc).value[0], message=exc.message))
+def _result(tag: int, exc: MachineServerError, request_id: str = "") -> pb.AttachResponse:
+    return pb.AttachResponse(result=pb.DebugCommandResult(
+        tag=tag, code=code_for(exc).value[0], message=exc.message, request_id=request_id))
+
+
+def _internal(tag: int, request_id: str) -> pb.AttachResponse:
+    return pb.AttachResponse(result=pb.DebugCommandResult(
+        tag=tag, code=grpc.StatusCode.INTERNAL.value[0], request_id=request_id,
+        message=f"internal error; quote request id {request_id} to the operator"))
 

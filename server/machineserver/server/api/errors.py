@@ -36,6 +36,13 @@ def code_for(exc: core.MachineServerError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def code_name(exc: BaseException) -> str:
+    """The status code name an exception ends a call with (the core's call chain asks)."""
+    if isinstance(exc, core.MachineServerError):
+        return code_for(exc).name
+    return "INTERNAL"
+
+
 def _pack(msg: object) -> any_pb2.Any:
     a = any_pb2.Any()
     a.Pack(msg)  # type: ignore[arg-type]

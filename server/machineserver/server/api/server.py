@@ -15,6 +15,7 @@ from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer
 from machineserver.server.api.coverage import CoverageServicer
 from machineserver.server.api.debug import DebugServicer
+from machineserver.server.api.errors import code_name
 from machineserver.server.api.interceptors import AccessLog, CallHook, ServerInterceptor
 from machineserver.server.api.sessions import SessionServicer
 from machineserver.server.api.telemetry import TelemetryServicer
@@ -52,9 +53,11 @@ MAX_MESSAGE_BYTES = 8 << 20
 async def build_server(
     engine: Engine, listen: str, hooks: Sequence[CallHook] = (), tls: tuple[bytes, bytes] | None = None
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
-    """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM."""
+    """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM.
+    ``hooks`` join the engine's call chain, which every transport goes through."""
+    engine.calls.configure([AccessLog(), *hooks], code_name)
     server = aio.server(
-        interceptors=[ServerInterceptor([AccessLog(), *hooks])],
+        interceptors=[ServerInterceptor(engine.calls)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from machineserver.server.core.backends import BackendRegistry
+from machineserver.server.core.calls import CallChain
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
@@ -47,6 +48,7 @@ class Engine:
         self.db = Database(data_dir / "machineserver.sqlite3")
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
+        self.calls = CallChain()  # the hooks every command passes through (api configures them)
         self.catalog = BoardCatalog(self.db)
         self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes)
         self.sessions = SessionManager(
@@ -56,7 +58,7 @@ class Engine:
         )
         self.debugger = Debugger(self.sessions)
         self.stepper = LineStepper(self.debugger)
-        self.gdb = GdbBridges(self.sessions, self.debugger)
+        self.gdb = GdbBridges(self.sessions, self.debugger, self.calls)
         self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
         self.coverage = CoverageManager(self.db, self.blobs, self.sessions, self.programs)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 from dataclasses import dataclass
 
+from machineserver.server.core.calls import CallChain, current_metadata
 from machineserver.server.core.debug import Debugger
 from machineserver.server.core.errors import InvalidArgument, Unavailable
 from machineserver.server.core.gdbserver import GdbServer
@@ -23,9 +24,10 @@ class GdbEndpoint:
 
 
 class GdbBridges:
-    def __init__(self, sessions: SessionManager, debugger: Debugger) -> None:
+    def __init__(self, sessions: SessionManager, debugger: Debugger, calls: CallChain) -> None:
         self._sessions = sessions
         self._debugger = debugger
+        self._calls = calls
         self._servers: dict[str, tuple[GdbServer, str, int]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         sessions.delete_hooks.append(self._on_delete)
@@ -51,7 +53,7 @@ class GdbBridges:
         running = self.get(live)
         if running is not None:
             return running
-        server = GdbServer(self._sessions, self._debugger, live)
+        server = GdbServer(self._sessions, self._debugger, live, self._calls, current_metadata())
         try:
             host, bound = await server.start(host, port)
         except OSError as exc:

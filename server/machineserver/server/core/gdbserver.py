@@ -46,11 +46,12 @@ import asyncio
 import collections
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from machineserver.server.core.calls import CallChain, Transport
 from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger, Location
 from machineserver.server.core.errors import MachineServerError, Unimplemented
 from machineserver.server.core.sessions import LiveSession, SessionManager
@@ -175,14 +176,49 @@ def _u32(value: int) -> bytes:
 # --------------------------------------------------------------------------- the server
 
 
+_DEBUG = "/machineserver.v1.DebugService/"
+_SESSION = "/machineserver.v1.SessionService/"
+_PACKET_METHODS = {
+    b"g": "ReadRegisters", b"p": "ReadRegisters", b"G": "WriteRegister", b"P": "WriteRegister",
+    b"m": "ReadMemory", b"M": "WriteMemory", b"X": "WriteMemory",
+    b"Z": "SetBreakpoint", b"z": "ClearBreakpoint",
+    b"c": "Continue", b"C": "Continue", b"s": "Step", b"S": "Step",
+    b"?": "Halt",  # a stop query halts a running target (attaching stops it)
+}
+
+
+def method_for_packet(pkt: bytes) -> str | None:
+    """The RPC with the same effect as a packet that reads or changes the target (so the
+    same hooks and per-method rules apply to it); None for protocol chatter."""
+    if pkt.startswith(b"vCont;"):
+        action = pkt[6:7]
+        return _DEBUG + ("Step" if action in (b"s", b"S") else "Continue")
+    if pkt.startswith(b"qRcmd,"):
+        try:
+            words = bytes.fromhex(pkt[6:].decode()).decode(errors="replace").split()
+        except ValueError:
+            return None
+        if words[:1] == ["reset"]:
+            return _SESSION + "ResetSession"
+        return _DEBUG + "Halt" if words[:1] == ["halt"] else None
+    name = _PACKET_METHODS.get(pkt[:1])
+    return _DEBUG + name if name else None
+
+
 class GdbServer:
     """Serves one session over RSP. ``await start(host, port)`` (port 0: a free one),
     ``await stop()``; ``clients`` is the number of connected gdb clients."""
 
-    def __init__(self, sessions: SessionManager, debugger: Debugger, live: LiveSession) -> None:
+    def __init__(self, sessions: SessionManager, debugger: Debugger, live: LiveSession,
+                 calls: CallChain | None = None, caller: Mapping[str, str] | None = None) -> None:
         self.sessions = sessions
         self.debugger = debugger
         self.live = live
+        # every packet that reads or changes the target goes through the engine's call
+        # chain, as the caller who started the bridge (its metadata: identity, request id)
+        self.calls = calls or CallChain()
+        self.caller = dict(caller or {})
+        self.caller.pop("x-request-id", None)  # each packet gets its own
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._one_at_a_time = asyncio.Lock()
@@ -306,7 +342,7 @@ class _Connection:
                 if kind == "interrupt":
                     continue  # not running: nothing to stop
                 try:
-                    reply = await self.handle(decode_rle(body))
+                    reply = await self.dispatch(decode_rle(body))
                 except MachineServerError as exc:
                     self.log.info("gdb_request_failed", packet=body[:40].decode(errors="replace"), error=str(exc))
                     reply = b"E01"
@@ -335,6 +371,15 @@ class _Connection:
             self.log.info("gdb_disconnected")
 
     # ------------------------------------------------------------------ dispatch
+
+    async def dispatch(self, pkt: bytes) -> bytes | None:
+        """One packet: through the call chain when it touches the target (as the RPC with
+        the same effect), straight to :meth:`handle` when it is protocol chatter."""
+        method = method_for_packet(pkt)
+        if method is None:
+            return await self.handle(pkt)
+        call = self.server.calls.open(method, self.server.caller, transport=Transport.GDB, peer=self.peer)
+        return await self.server.calls.run(call, lambda: self.handle(pkt))
 
     async def handle(self, pkt: bytes) -> bytes | None:
         if not pkt:

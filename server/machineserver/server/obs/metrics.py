@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from machineserver.server import __version__
 
 if TYPE_CHECKING:
-    from machineserver.server.api.interceptors import CallInfo
+    from machineserver.server.core.calls import CallInfo
     from machineserver.server.core.engine import Engine
     from machineserver.server.core.sessions import LiveSession
 
@@ -120,10 +120,10 @@ class ServerMetrics:
         return None
 
     def after(self, call: CallInfo) -> None:
-        attrs = {"rpc.service": call.service, "rpc.method": call.rpc, "rpc.grpc.status_code": call.code.name}
+        attrs = {"rpc.service": call.service, "rpc.method": call.rpc, "rpc.grpc.status_code": call.code, "transport": call.transport.value}
         self.rpc_requests.add(1, attrs)
         self.rpc_duration.record(call.elapsed_ms / 1000.0, attrs)
-        if call.code.name == "OK":
+        if call.code == "OK":
             if call.method in UPLOAD_METHODS:
                 self.programs_uploaded.add(1)
             elif call.method in SNAPSHOT_METHODS:

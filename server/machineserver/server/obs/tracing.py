@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from machineserver.server import __version__
 
 if TYPE_CHECKING:
-    from machineserver.server.api.interceptors import CallInfo
+    from machineserver.server.core.calls import CallInfo
 
 _SPAN_ATTR = "_otel_span"  # kept on the CallInfo itself: it goes away with the call
 REQUEST_ID_ATTRIBUTE = "machineserver.request_id"
@@ -58,9 +58,9 @@ class TracingHook:
         span: trace.Span | None = getattr(call, _SPAN_ATTR, None)
         if span is None:
             return
-        code = call.code
-        span.set_attribute("rpc.grpc.status_code", int(code.value[0]))
-        if code.name != "OK":
-            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.set_attribute("rpc.grpc.status_code", call.code_number)
+        span.set_attribute("machineserver.transport", call.transport.value)
+        if call.code != "OK":
+            span.set_status(Status(StatusCode.ERROR, call.code))
         span.end()
         setattr(call, _SPAN_ATTR, None)

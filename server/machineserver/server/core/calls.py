@@ -1,0 +1,165 @@
+"""The one command path: every operation a client asks for, on every transport, passes
+through one hook chain before it reaches the core.
+
+Transports:
+
+* ``rpc``: a unary or streaming RPC (the gRPC interceptor opens the call);
+* ``attach``: one command on a DebugService.Attach stream (each command is its own call,
+  named after the unary RPC it mirrors, e.g. ``/machineserver.v1.DebugService/Step``, with
+  its own request id derived from the stream's);
+* ``gdb``: one packet on a GDB bridge connection that reads or changes the target (named
+  after the RPC with the same effect: ``m`` is ReadMemory, ``Z0`` SetBreakpoint, ``c``
+  Continue, ...). Pure protocol chatter (qSupported, target.xml) is not a call.
+
+The hooks (request-id logging, tracing, metrics, and auth, audit and quota as they come)
+see the same :class:`CallInfo` whatever the transport, so a per-method rule holds for the
+GDB bridge as it does for the RPC, and no transport is a second front door.
+
+Codes are the gRPC status code *names* (``"OK"``, ``"INVALID_ARGUMENT"``, ...); which
+error means which code is the API layer's one table, handed in as ``classify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import itertools
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import structlog
+
+log = structlog.get_logger("machineserver.calls")
+
+T = TypeVar("T")
+
+# the gRPC status codes by name (the numbers are the protocol's)
+STATUS_NUMBERS = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+
+# request ids: a random per-process prefix and a counter (unique, and cheaper per call
+# than drawing random bytes each time)
+_ID_PREFIX = secrets.token_hex(4) + "-"
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
+class Transport(enum.StrEnum):
+    RPC = "rpc"
+    ATTACH = "attach"
+    GDB = "gdb"
+
+
+@dataclass
+class CallInfo:
+    method: str  # "/machineserver.v1.SessionService/CreateSession"
+    request_id: str
+    metadata: Mapping[str, str]
+    transport: Transport = Transport.RPC
+    peer: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    code: str = "OK"  # the final status code's name
+    hooks_entered: int = 0  # how many hooks' before() ran: only those get after()
+
+    @property
+    def service(self) -> str:
+        return self.method.rsplit("/", 2)[-2] if self.method.count("/") >= 2 else ""
+
+    @property
+    def rpc(self) -> str:
+        return self.method.rsplit("/", 1)[-1]
+
+    @property
+    def code_number(self) -> int:
+        return STATUS_NUMBERS.get(self.code, 2)
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+class CallHook(Protocol):
+    """One link of the chain. ``before`` may refuse a call by raising a MachineServerError
+    (e.g. Unauthenticated); ``after`` sees the final status code."""
+
+    async def before(self, call: CallInfo) -> None: ...
+
+    def after(self, call: CallInfo) -> None: ...
+
+
+# the RPC being served in this task (set by the API layer when it opens one): what a
+# transport started from an RPC (a GDB bridge, an Attach stream) inherits its caller from
+CURRENT: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("machineserver_call", default=None)
+
+
+def current_metadata() -> dict[str, str]:
+    call = CURRENT.get()
+    return dict(call.metadata) if call is not None else {}
+
+
+def _unclassified(exc: BaseException) -> str:
+    return "UNKNOWN"
+
+
+class CallChain:
+    """The hooks, in order, and how errors map to codes. One per engine; the API layer
+    configures it at start (``configure``) with its hooks and its error table."""
+
+    def __init__(self) -> None:
+        self.hooks: list[CallHook] = []
+        self.classify: Callable[[BaseException], str] = _unclassified
+
+    def configure(self, hooks: Sequence[CallHook], classify: Callable[[BaseException], str]) -> None:
+        self.hooks = list(hooks)
+        self.classify = classify
+
+    def open(self, method: str, metadata: Mapping[str, str] | None = None, *,
+             transport: Transport = Transport.RPC, peer: str = "", request_id: str = "") -> CallInfo:
+        md = dict(metadata or {})
+        return CallInfo(method, request_id or md.get("x-request-id") or new_request_id(), md,
+                        transport, peer)
+
+    async def enter(self, call: CallInfo) -> None:
+        """Run the hooks' before() in order; one that refuses the call (raises) ends the
+        chain, and the ones that ran still see after() (from :meth:`leave`)."""
+        for hook in self.hooks:
+            call.hooks_entered += 1
+            await hook.before(call)
+
+    def fail(self, call: CallInfo, exc: BaseException) -> None:
+        """Record how the call ended when it raised."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            call.code = "CANCELLED"
+        else:
+            call.code = self.classify(exc)
+
+    def leave(self, call: CallInfo) -> None:
+        for hook in reversed(self.hooks[: call.hooks_entered]):
+            try:
+                hook.after(call)
+            except Exception:  # a broken hook must not break the call
+                log.exception("hook_failed", hook=type(hook).__name__)
+
+    async def run(self, call: CallInfo, operation: Callable[[], Awaitable[T]]) -> T:
+        """The whole path for one command: hooks, the operation, the code, the hooks' end
+        (log lines in between carry the command's request id and rpc)."""
+        with structlog.contextvars.bound_contextvars(request_id=call.request_id, rpc=call.rpc):
+            try:
+                await self.enter(call)
+                return await operation()
+            except BaseException as exc:
+                self.fail(call, exc)
+                raise
+            finally:
+                self.leave(call)
