@@ -147,6 +147,11 @@ class HandOffLock:
         self._wanted = 0  # calls waiting for the lock while the worker runs slices
         self._wanted_guard = threading.Lock()
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a call waits for the lock (the run loop ends its slice early for it)."""
+        return self._wanted > 0
+
     def __enter__(self) -> None:
         self._lock.acquire()
 
@@ -295,6 +300,7 @@ class MachineContext:
         self.gate = HookGate()
         self.console = ConsoleOutput(events)
         self.wake = threading.Event()  # console input for a run loop idle in WFI
+        self.halt_request = threading.Event()  # run control asks the running slices to end
         self.collector: Collector | None = None  # coverage table: survives power cycles
         # a worker thread outlived its join (FAILED): it may hold the lock, so nothing
         # waits for the lock until that thread has ended (see run_control)

@@ -107,7 +107,6 @@ class UnicornRunControl(RunControl):
         self._breakpoints = breakpoints
         self._worker: Worker | None = None
         self._stuck = False  # the current worker outlived a join once
-        self._pause = threading.Event()
         self._last_stop: StopInfo | None = None
         # the worker publishing its stop vs the owner declaring it stuck: one wins
         self._finish_guard = threading.Lock()
@@ -126,7 +125,7 @@ class UnicornRunControl(RunControl):
         worker = self._worker
         if worker is None:
             return None
-        self._pause.set()
+        self._ctx.halt_request.set()
         self._ctx.wake.set()
         if not await worker.settle(STUCK_RETRY_S if self._stuck else JOIN_TIMEOUT_S):
             self._declare_stuck()
@@ -190,7 +189,7 @@ class UnicornRunControl(RunControl):
             inst = ctx.instance
             assert inst is not None  # HALTED
             self._breakpoints.step_off(inst.core.pc())
-        self._pause.clear()
+        self._ctx.halt_request.clear()
         ctx.wake.clear()
         ctx.state = MachineState.RUNNING
         self._worker = Worker(self._run_loop, f"unicorn-{ctx.board.name}")
@@ -199,7 +198,7 @@ class UnicornRunControl(RunControl):
         ctx = self._ctx
         stop: StopInfo | None = None
         try:
-            while stop is None and not self._pause.is_set():
+            while stop is None and not self._ctx.halt_request.is_set():
                 with ctx.lock.worker_turn():
                     advance = self._slicer.advance(None)
                 stop = advance.stop
@@ -232,7 +231,7 @@ class UnicornRunControl(RunControl):
         if count < 1:
             raise BadRequest("count must be at least 1", field="count")
         await self.halt()
-        self._pause.clear()
+        self._ctx.halt_request.clear()
         ctx.state = MachineState.RUNNING
         if count <= SYNC_STEP_LIMIT:  # no await until it is done: nobody sees RUNNING
             stop = self._step_body(count)
@@ -272,7 +271,7 @@ class UnicornRunControl(RunControl):
             remaining, stalls = count, 0
             stop: StopInfo | None = None
             try:
-                while remaining > 0 and stop is None and not self._pause.is_set():
+                while remaining > 0 and stop is None and not self._ctx.halt_request.is_set():
                     with ctx.lock.worker_turn():
                         advance = self._slicer.advance(remaining)
                     stop = advance.stop
@@ -284,7 +283,7 @@ class UnicornRunControl(RunControl):
                 ctx.gate.skip_at = None
             with ctx.lock:
                 if stop is None:
-                    reason = StopReason.HALT if self._pause.is_set() and remaining > 0 else StopReason.STEP
+                    reason = StopReason.HALT if self._ctx.halt_request.is_set() and remaining > 0 else StopReason.STEP
                     stop = StopInfo(reason, pc=inst.core.pc())
                 return stop if self._finish(stop) else None
         except Exception as exc:

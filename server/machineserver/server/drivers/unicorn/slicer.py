@@ -41,6 +41,7 @@ from machineserver.server.drivers.unicorn.watchdog import WATCHDOG
 SLICE_COUNT = 2_000_000  # instructions per counted slice (~8 ms at ~240 M/s)
 SLICE_TIMEOUT_US = 10_000  # host time per uncounted slice
 NOMINAL_IPS = 1_500_000_000  # estimate for uncounted slices (crc32 on this host: 1.5-1.9 G/s)
+MIN_SLICE_S = 0.001  # a slice runs at least this long before it yields to a waiting call
 UNTIL = 0xFFFFFFFF  # odd: never a PC on Thumb or RISC-V
 
 T = TypeVar("T")
@@ -145,10 +146,9 @@ class Slicer:
             return default
 
     def mmio_read(self, address: int, size: int, read: Callable[[], int]) -> int:
-        """Every MMIO callback goes through here (and :meth:`mmio_write`). It ends an
-        uncounted slice *synchronously* once its time is up (or the watchdog asked),
-        before the access has any effect; otherwise it performs the access under
-        ``_mmio_lock``.
+        """Every MMIO callback goes through here (and :meth:`mmio_write`). It ends the
+        slice *synchronously*, before the access has any effect, when the slice is over
+        (:meth:`_slice_over`); otherwise it performs the access under ``_mmio_lock``.
 
         Why: Unicorn 2.1.4 checks a stop request inside the memory helper of an MMIO
         access and then restarts the instruction (PC left at it, register writeback
@@ -161,6 +161,11 @@ class Slicer:
         looked yet) is recognised after the slice: the instruction at pc is that very
         access (:meth:`_check_replay`), and its re-execution is answered from ``_replay``
         without a second side effect.
+
+        A synchronous stop keeps counts exact: the access's instruction has not retired
+        and runs first in the next slice. So counted slices end there too when the run
+        control asks for a halt (a pause, a cancelled step): a long step through code that
+        polls a UART pauses at its next access, not after its ~2 M instructions.
         """
         result = self._access((address, size, None), read, 0)
         return result if result is not None else 0
@@ -170,9 +175,7 @@ class Slicer:
 
     def _access(self, key: AccessKey, fn: Callable[[], int | None], default: int | None) -> int | None:
         with self._mmio_lock:
-            if self._in_slice and not self._counted and (
-                self._stop_pending or time.perf_counter() >= self._slice_deadline
-            ):
+            if self._in_slice and self._slice_over():
                 self._bound().uc.emu_stop()
                 return default
             replay, self._replay = self._replay, None
@@ -181,6 +184,18 @@ class Slicer:
             result = self._guarded(fn, default)
             self._last_access = (key, result)
             return result
+
+    def _slice_over(self) -> bool:
+        """Whether the slice should end at this access: the watchdog or run control asked;
+        an uncounted slice's time is up; or a debugger call waits for the lock and the
+        slice has run a little (not in icount mode, where the point a slice ends at must not
+        depend on host timing: it decides when a pended interrupt is taken)."""
+        if self._stop_pending or self._ctx.halt_request.is_set():
+            return True
+        now = time.perf_counter()
+        if self._ctx.lock.waiting and not self._ctx.options.icount and now - self._slice_t0 >= MIN_SLICE_S:
+            return True
+        return not self._counted and now >= self._slice_deadline
 
     def semihost(self, op: int, arg: int, pc: int) -> int | None:
         try:
