@@ -32,9 +32,12 @@ def memory_operand_address(arch: str, code: bytes, pc: int, read_reg: Callable[[
         return None
     mem_type = cs_arm.ARM_OP_MEM if arch == "arm" else cs_riscv.RISCV_OP_MEM
     mems = [op for op in insn.operands if op.type == mem_type]
+    if arch != "arm" and not mems:
+        return _compressed_address(insn, read_reg)
     if len(mems) != 1:
         return None
-    mem = mems[0].mem
+    op = mems[0]
+    mem = op.mem
     base = read_reg(insn.reg_name(mem.base)) if mem.base else 0
     if base is None:
         return None
@@ -44,5 +47,29 @@ def memory_operand_address(arch: str, code: bytes, pc: int, read_reg: Callable[[
         value = read_reg(insn.reg_name(index))
         if value is None:
             return None
-        address += value << getattr(mem, "lshift", 0)
+        # Capstone 5 keeps an index's shift (``[r1, r2, lsl #2]``) in the operand's
+        # ``shift``, not in ``mem.lshift``
+        shift = op.shift.value if op.shift.type == cs_arm.ARM_SFT_LSL else getattr(mem, "lshift", 0)
+        address += (value << shift) * (-1 if getattr(mem, "scale", 1) < 0 else 1)
     return int(address) & 0xFFFFFFFF
+
+
+# Capstone 5 lists the operands of RISC-V compressed loads and stores as (register, offset,
+# base register), e.g. ``c.sw a0, 8(a5)``, not as one memory operand as for ``sw``.
+_COMPRESSED_LOADS_STORES = frozenset({
+    "c.lw", "c.sw", "c.lwsp", "c.swsp", "c.flw", "c.fsw", "c.flwsp", "c.fswsp",
+    "c.fld", "c.fsd", "c.fldsp", "c.fsdsp",
+})
+
+
+def _compressed_address(insn: capstone.CsInsn, read_reg: Callable[[str], int | None]) -> int | None:
+    ops = insn.operands
+    shape = [op.type for op in ops]
+    if insn.mnemonic not in _COMPRESSED_LOADS_STORES or shape != [
+        cs_riscv.RISCV_OP_REG, cs_riscv.RISCV_OP_IMM, cs_riscv.RISCV_OP_REG,
+    ]:
+        return None
+    base = read_reg(insn.reg_name(ops[2].reg))
+    if base is None:
+        return None
+    return int(base + ops[1].imm) & 0xFFFFFFFF

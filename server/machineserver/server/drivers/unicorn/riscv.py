@@ -46,11 +46,34 @@ SEMI_PRE, SEMI_POST = 0x01F01013, 0x40705013
 _U64 = (1 << 64) - 1
 
 
+def _word(uc: Engine, address: int) -> int | None:
+    """The 32-bit word at ``address``; None when it is not mapped."""
+    try:
+        return int(struct.unpack("<I", bytes(uc.mem_read(address, 4)))[0])
+    except UcError:
+        return None
+
+
 class Clint:
-    def __init__(self, core: RiscV, timebase_hz: int) -> None:
-        self.core = core
+    """The core-local interruptor: msip, mtimecmp and mtime (virtual time at
+    ``timebase_hz``), mapped at its board address by :meth:`attach`."""
+
+    host: CoreHost  # set by attach
+
+    def __init__(self, timebase_hz: int) -> None:
         self.timebase = timebase_hz
         self.reset()
+
+    def attach(self, uc: Engine, host: CoreHost, base: int, size: int) -> None:
+        self.host = host
+
+        def read(_uc: Engine, offset: int, width: int, _ud: object) -> int:
+            return host.mmio_read(base + offset, width, partial(self.read, offset, width))
+
+        def write(_uc: Engine, offset: int, width: int, value: int, _ud: object) -> None:
+            host.mmio_write(base + offset, width, value, partial(self.write, offset, width, value))
+
+        uc.mmio_map(base, (size + 0xFFF) & ~0xFFF, read, None, write, None)
 
     def reset(self) -> None:
         self.msip = 0
@@ -64,7 +87,7 @@ class Clint:
         self.msip, self.mtimecmp, self.mtime_offset = d["msip"], d["mtimecmp"], d["mtime_offset"]
 
     def mtime(self, now: int) -> int:
-        return (now * self.timebase // self.core.host.cpu_hz + self.mtime_offset) & _U64
+        return (now * self.timebase // self.host.cpu_hz + self.mtime_offset) & _U64
 
     def deadline(self) -> int | None:
         if self.mtimecmp == _U64:
@@ -72,10 +95,10 @@ class Clint:
         ticks = self.mtimecmp - self.mtime_offset
         if ticks <= 0:
             return 0
-        return -(-ticks * self.core.host.cpu_hz // self.timebase)
+        return -(-ticks * self.host.cpu_hz // self.timebase)
 
     def read(self, offset: int, size: int) -> int:
-        now = self.core.host.now_cycles()
+        now = self.host.now_cycles()
         if offset < 4:
             v = self.msip
         elif 0x4000 <= offset < 0x4008:
@@ -95,7 +118,7 @@ class Clint:
             self.mtimecmp = (self.mtimecmp & ~(mask << sh) | ((value & mask) << sh)) & _U64
         elif 0xBFF8 <= offset < 0xC000:
             sh = 8 * (offset - 0xBFF8)
-            now = self.core.host.now_cycles()
+            now = self.host.now_cycles()
             cur = self.mtime(now)
             new = (cur & ~(mask << sh) | ((value & mask) << sh)) & _U64
             self.mtime_offset += new - cur
@@ -115,7 +138,7 @@ class RiscV:
         spec = next((p for p in self.board.peripherals if p.model == "clint"), None)
         self.clint_spec = spec
         tb = int(spec.properties.get("timebase_hz", 10_000_000)) if spec else 10_000_000
-        self.clint = Clint(self, tb)
+        self.clint = Clint(tb)
         self.mip = 0
 
     def create_uc(self) -> Engine:
@@ -124,18 +147,10 @@ class RiscV:
 
     def attach(self, uc: Engine, host: CoreHost) -> None:
         self.host = host
+        self.clint.host = host  # consulted for timer deadlines even without a CLINT page
         if self.clint_spec is not None:
-            self._clint_base = self.clint_spec.base
-            size = (self.clint_spec.size + 0xFFF) & ~0xFFF
-            uc.mmio_map(self.clint_spec.base, size, self._mmio_read, None, self._mmio_write, None)
+            self.clint.attach(uc, host, self.clint_spec.base, self.clint_spec.size)
         uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
-
-    def _mmio_read(self, uc: Engine, offset: int, size: int, _ud: object) -> int:
-        return self.host.mmio_read(self._clint_base + offset, size, partial(self.clint.read, offset, size))
-
-    def _mmio_write(self, uc: Engine, offset: int, size: int, value: int, _ud: object) -> None:
-        self.host.mmio_write(self._clint_base + offset, size, value,
-                             partial(self.clint.write, offset, size, value))
 
     def reset(self, entry: int | None) -> None:
         uc = self.uc
@@ -220,13 +235,7 @@ class RiscV:
         return self.trap(cause | 0x80000000, 0, self.pc())
 
     def halted_on_wfi(self, pc: int) -> bool:
-        return self._word(pc - 4) == WFI
-
-    def _word(self, address: int) -> int | None:
-        try:
-            return int(struct.unpack("<I", bytes(self.uc.mem_read(address, 4)))[0])
-        except UcError:
-            return None
+        return _word(self.uc, pc - 4) == WFI
 
     def trap(self, cause: int, tval: int, epc: int) -> StopInfo | None:
         uc = self.uc
@@ -251,9 +260,9 @@ class RiscV:
         pc = self.pc()
         code = err.errno
         if code == ucc.UC_ERR_INSN_INVALID:
-            insn = self._word(pc)
+            insn = _word(self.uc, pc)
             if insn == EBREAK:
-                if self._word(pc - 4) == SEMI_PRE and self._word(pc + 4) == SEMI_POST:
+                if _word(self.uc, pc - 4) == SEMI_PRE and _word(self.uc, pc + 4) == SEMI_POST:
                     res = self.host.semihost(self.read_reg("x10"), self.read_reg("x11"), pc)
                     if res is None:
                         return None
