@@ -33,7 +33,7 @@ def have(tool: str) -> bool:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
-    """Under MACHINESERVER_REQUIRE_TOOLS=1 (scripts/test), a skip for a tool that
+    """Under MS_REQUIRE_TEST_TOOLS=1 (scripts/test), a skip for a tool that
     scripts/test installs (or for firmware it builds) is a failure, wherever the skip
     came from: tests.helpers.tools.require_tool fails such tests itself, and this catches
     the rest (skipif marks, older ad-hoc checks)."""

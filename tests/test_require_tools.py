@@ -1,4 +1,4 @@
-"""The rule scripts/test relies on: under MACHINESERVER_REQUIRE_TOOLS=1 a test skipped
+"""The rule scripts/test relies on: under MS_REQUIRE_TEST_TOOLS=1 a test skipped
 for a tool scripts/test installs fails (require_tool itself, and the conftest hook for a
 skip from anywhere else), while other skips stay skips. Runs a small pytest in a child
 process with this suite's conftest as a plugin and a PATH without the tools."""

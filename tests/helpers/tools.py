@@ -1,8 +1,10 @@
 """The external tools the suite runs, and what a test does when one is missing.
 
 ``scripts/test`` installs every tool in ``INSTALLED_BY_SCRIPTS_TEST`` and then sets
-``MACHINESERVER_REQUIRE_TOOLS=1``: under it a missing tool fails the test instead of
-skipping it, so a host without QEMU cannot go green with a quarter of the suite skipped.
+``MS_REQUIRE_TEST_TOOLS=1``: under it a missing tool fails the test instead of skipping
+it, so a host without QEMU cannot go green with a quarter of the suite skipped. (Not a
+``MACHINESERVER_*`` name: the server reads each of those as a setting and refuses the
+ones it does not know, and the servers the tests start inherit the environment.)
 Run by hand (plain pytest), a missing tool skips, with a reason that says so.
 
 Every test that needs a tool calls ``require_tool`` (or ``tool_missing`` when it found
@@ -22,12 +24,12 @@ from typing import NoReturn
 
 import pytest
 
-REQUIRE_TOOLS_ENV = "MACHINESERVER_REQUIRE_TOOLS"
+REQUIRE_TOOLS_ENV = "MS_REQUIRE_TEST_TOOLS"
 VENV_BIN = Path(sys.executable).parent
 
 # What scripts/test (through scripts/bootstrap) installs: Debian packages and, for buf
 # and grpcurl, the venv's dev dependencies. A test skipped for want of one of these under
-# MACHINESERVER_REQUIRE_TOOLS=1 is a failed run.
+# MS_REQUIRE_TEST_TOOLS=1 is a failed run.
 INSTALLED_BY_SCRIPTS_TEST = (
     "qemu-system-arm", "qemu-system-riscv32", "qemu-img",
     "arm-none-eabi-gcc", "riscv64-unknown-elf-gcc",
