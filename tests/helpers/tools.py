@@ -84,6 +84,7 @@ def require_tool(name: str, detail: str = "") -> Path:
 
 
 def skip_is_for_a_missing_tool(reason: str) -> bool:
-    """Whether a skip reason is a tool scripts/test installs being missing (or firmware
-    it builds not being there): such a skip must not pass a scripts/test run."""
-    return bool(_NAMED.search(reason)) or "not built" in reason
+    """Whether a skip reason is a tool scripts/test installs being missing (or something
+    built with them, firmware or the QEMU plugin, not being there): such a skip must not
+    pass a scripts/test run."""
+    return bool(_NAMED.search(reason)) or "not built" in reason or "cannot be built" in reason
