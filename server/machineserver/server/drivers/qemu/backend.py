@@ -18,8 +18,8 @@ from machineserver.server.drivers.base import (
     MachineOptions,
     features_of,
 )
-from machineserver.server.drivers.qemu.coverage import plugin_status
 from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
+from machineserver.server.drivers.qemu.plugin import plugin_status
 
 _VERSION = re.compile(r"QEMU emulator version (\S+)")
 

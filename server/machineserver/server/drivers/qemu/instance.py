@@ -15,11 +15,12 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 QMP_TIMEOUT = 5.0
 START_TIMEOUT = 10.0
 STDERR_LINES = 40
+# stderr lines written by QEMU itself (or our plugin): the only ones that can explain a
+# death; anything else there (a board model's chatter, e.g. lm3s6965evb's "Timer with
+# period zero, disabling") is noise in a failure reason
+_QEMU_SAYS = re.compile(r"^(?:qemu-system-[\w-]+|qemu|msplugin): ")
+_WARNING = re.compile(r"^[\w-]+: warning: ")
+REASON_LINES = 4
 
 
 def _short_tmpdir() -> str:
@@ -40,6 +47,25 @@ def _short_tmpdir() -> str:
     if len(base) > 60:
         base = "/tmp"
     return tempfile.mkdtemp(prefix="ms-qemu-", dir=base)
+
+
+def explaining_lines(lines: Iterable[str]) -> list[str]:
+    """The stderr lines that explain why QEMU ended: its own messages (``qemu-system-arm:
+    ...``, ``qemu: fatal: ...``), warnings left out, plus the first line of the register
+    dump that follows a fatal error; the last :data:`REASON_LINES` of them."""
+    out: list[str] = []
+    after_fatal = False
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if after_fatal:
+            out.append(text)
+            after_fatal = False
+        elif _QEMU_SAYS.match(text) and not _WARNING.match(text):
+            out.append(text)
+            after_fatal = text.startswith("qemu: fatal:")
+    return out[-REASON_LINES:]
 
 
 def _die_with_parent_prefix() -> list[str]:
@@ -55,7 +81,8 @@ class QemuInstance:
     """A started QEMU; :meth:`start` builds it, :meth:`stop` ends it (idempotent).
 
     ``on_exit(returncode, stderr_tail)`` is called once when the process ends, unless
-    the end was asked for through :meth:`stop`.
+    the end was asked for through :meth:`stop`. ``xml_registers`` is what the gdbstub
+    handshake claims in ``qSupported`` (``"arm"`` on Arm; None elsewhere).
     """
 
     def __init__(
@@ -66,12 +93,14 @@ class QemuInstance:
         on_console: Callable[[bytes], None],
         on_exit: Callable[[int, str], None],
         workdir: str | None = None,
+        xml_registers: str | None = None,
     ) -> None:
         self.binary = binary
         self.extra_args = list(args)
         self.dir = workdir or _short_tmpdir()
         self._on_console = on_console
         self._on_exit = on_exit
+        self.xml_registers = xml_registers
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
         self.rsp: RspClient | None = None
@@ -153,7 +182,8 @@ class QemuInstance:
             await self.connect_gdb()
 
     async def connect_gdb(self) -> None:
-        self.rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"))
+        self.rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"),
+                                                xml_registers=self.xml_registers)
 
     # ------------------------------------------------------------------ tasks
     async def _pump(self, reader: asyncio.StreamReader) -> None:
@@ -202,7 +232,7 @@ class QemuInstance:
                 status = f"killed by signal {-rc}"
         else:
             status = f"exit status {rc}"
-        lines = [ln for ln in self.stderr_tail if ln.strip()][-8:]
+        lines = explaining_lines(self.stderr_tail)
         return status + (": " + " | ".join(lines) if lines else "")
 
     # ------------------------------------------------------------------ control
@@ -250,11 +280,15 @@ class QemuInstance:
             self._con_writer.close()
             self._con_writer = None
 
-    async def stop(self, *, limit: float = 2.0) -> None:
-        """End the process: QMP quit, SIGKILL after ``limit``; reap it; free everything."""
+    async def stop(self, *, limit: float = 2.0, kill: bool = False) -> None:
+        """End the process: QMP quit, SIGKILL after ``limit`` (at once with ``kill``: a
+        stuck or stopped QEMU answers nothing); reap it; free everything."""
         self.stopping = True
         proc = self.proc
-        if proc is not None and proc.returncode is None and self.qmp is not None:
+        if kill and proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        if proc is not None and proc.returncode is None and self.qmp is not None and not kill:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
         await self._close_connections()

@@ -112,14 +112,18 @@ class RspClient:
 
     # ---------------------------------------------------------------- connection
     @classmethod
-    async def connect_unix(cls, path: str, limit: float = 5.0) -> RspClient:
+    async def connect_unix(cls, path: str, limit: float = 5.0, *,
+                           xml_registers: str | None = None) -> RspClient:
+        """``xml_registers`` names the architecture that qSupported's ``xmlRegisters=``
+        claims ("arm"; None, the default, claims nothing: right for RISC-V)."""
         r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), limit)
         client = cls(r, w)
-        await client._handshake(limit)
+        await client._handshake(limit, xml_registers)
         return client
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, limit: float = 5.0) -> RspClient:
+    async def connect_tcp(cls, host: str, port: int, limit: float = 5.0, *,
+                          xml_registers: str | None = None) -> RspClient:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
         sock = w.get_extra_info("socket")
         if sock is not None:
@@ -127,13 +131,19 @@ class RspClient:
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = cls(r, w)
-        await client._handshake(limit)
+        await client._handshake(limit, xml_registers)
         return client
 
-    async def _handshake(self, limit: float) -> None:
-        reply = await self.request(
-            b"qSupported:multiprocess+;swbreak+;hwbreak+;xmlRegisters=arm", limit=limit
-        )
+    @staticmethod
+    def supported_request(xml_registers: str | None) -> bytes:
+        """The qSupported packet this client sends."""
+        ours = [b"multiprocess+", b"swbreak+", b"hwbreak+"]
+        if xml_registers:
+            ours.append(b"xmlRegisters=" + xml_registers.encode())
+        return b"qSupported:" + b";".join(ours)
+
+    async def _handshake(self, limit: float, xml_registers: str | None = None) -> None:
+        reply = await self.request(self.supported_request(xml_registers), limit=limit)
         for item in reply.decode("ascii", "replace").split(";"):
             if "=" in item:
                 k, v = item.split("=", 1)

@@ -10,8 +10,9 @@ Where things are:
 * ``context.py``: what the parts share (state, lock, the powered-on board);
   ``slicer.py``: one emulation slice, virtual time, MMIO access and its replay protection;
   ``watchdog.py``: ends uncounted slices;
-* ``arch.py``: the typed seam between the machine and the arch cores ``cortexm.py``
-  (exceptions, NVIC/SCB/SysTick) and ``riscv.py`` (traps, CLINT);
+* ``arch.py``: the typed seam between the machine and the arch cores: ``cortexm.py``
+  (with ``cortexm_scs.py``, the NVIC/SCB/SysTick registers, and ``cortexm_exceptions.py``,
+  exception entry/return and faults) and ``riscv.py`` (traps, CLINT);
 * ``peripherals.py`` (UART models), ``semihosting.py``, ``snapshot_format.py``,
   ``collector.py`` (native block counter, ``native/ucblocks.c``), ``counter.py`` (exact
   instruction counts), ``replay.py`` (which address an instruction accesses).

@@ -63,6 +63,7 @@ class Worker:
                 self._loop.call_soon_threadsafe(self._resolve)
 
     def _resolve(self) -> None:
+        self.thread.join(1.0)  # it has nothing left to do but return
         if not self._done.done():
             self._done.set_result(None)
 
@@ -78,8 +79,8 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(self._done), timeout)
         else:  # awaited from another event loop: its future cannot be awaited here
             await asyncio.to_thread(self.thread.join, timeout)
-        if self._done.done() or not self.thread.is_alive():
-            self.thread.join(1.0)  # it is past its last statement: returns at once
+        if not self.thread.is_alive():
+            self.thread.join()  # ended: returns at once
         return not self.thread.is_alive()
 
     async def settle(self, timeout: float) -> bool:
@@ -174,6 +175,16 @@ class UnicornRunControl(RunControl):
             self._failure = reason
         ctx.events.failed(reason)
 
+    def _start(self, target: Callable[[], None], name: str) -> Worker:
+        """A new worker (the machine is RUNNING already)."""
+        self._last_stop = None
+        try:
+            self._worker = Worker(target, name)
+        except RuntimeError as exc:  # no thread can be started
+            self._ctx.state = MachineState.HALTED
+            raise BackendFailed(f"cannot start the unicorn worker thread: {exc}") from None
+        return self._worker
+
     def _halt_here(self) -> StopInfo:
         inst = self._ctx.instance
         return StopInfo(StopReason.HALT, pc=inst.core.pc() if inst is not None else 0)
@@ -192,7 +203,7 @@ class UnicornRunControl(RunControl):
         self._ctx.halt_request.clear()
         ctx.wake.clear()
         ctx.state = MachineState.RUNNING
-        self._worker = Worker(self._run_loop, f"unicorn-{ctx.board.name}")
+        self._start(self._run_loop, f"unicorn-{ctx.board.name}")
 
     def _run_loop(self) -> None:
         ctx = self._ctx
@@ -223,6 +234,8 @@ class UnicornRunControl(RunControl):
             stop = await self.halt()
             if stop is not None:
                 return stop
+        if ctx.state == MachineState.FAILED:  # the worker failed (reported) instead of stopping
+            raise BackendFailed(self._failure)
         return await ctx.locked("read the pc", lambda inst: StopInfo(StopReason.HALT, pc=inst.core.pc()))
 
     async def step(self, count: int = 1) -> StopInfo:
@@ -245,7 +258,7 @@ class UnicornRunControl(RunControl):
             if stop is not None:
                 result.append(stop)
 
-        worker = self._worker = Worker(body, f"unicorn-{ctx.board.name}-step")
+        worker = self._start(body, f"unicorn-{ctx.board.name}-step")
         try:
             await worker.wait(None)
         except asyncio.CancelledError:

@@ -1,0 +1,129 @@
+"""Basic-block coverage of a QEMU machine: the adapter over our plugin's coverage tables
+(:mod:`.blocktable`).
+
+Only for machines created with ``MachineOptions.extra["coverage"] == "1"`` (the table's
+inline counters cost ~+25 % run time; other machines never get one): every QEMU such a
+machine starts gets a table of its own (``blocks-N.bin`` in the machine's coverage
+directory). A restart (reset or load after an exit, snapshot restore) starts a new
+table; the old one is folded into the machine's totals, so coverage spans restarts.
+Counting starts at power-on; ``coverage_start``/``coverage_reset`` take a baseline,
+``coverage_stop`` freezes the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+
+from machineserver.server.drivers.base import (
+    BackendFailed,
+    Blocks,
+    Coverage,
+    NotSupported,
+    blocks_since,
+    merge_blocks,
+)
+from machineserver.server.drivers.qemu.blocktable import Table, read_table
+from machineserver.server.drivers.qemu.plugin import plugin_status
+
+__all__ = ["QemuCoverage", "plugin_status"]
+
+
+class QemuCoverage(Coverage):
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._dir: str | None = None  # this machine's tables, until power_off
+        self._table: str | None = None  # the running QEMU's table
+        self._generation = 0
+        self._past: Blocks = {}  # totals of the tables of earlier QEMUs
+        self._past_full = False
+        self._baseline: Blocks = {}  # totals at coverage_start/reset
+        self._frozen: Blocks | None = None  # the result at coverage_stop
+
+    @property
+    def method(self) -> str:
+        return "tcg-plugin"
+
+    # ------------------------------------------------------------------ tables
+    async def next_table(self) -> dict[str, str]:
+        """The plugin's coverage options for the next QEMU ({} without coverage), with a
+        table of its own; the last QEMU's table (it has ended) folds into the totals."""
+        if not self.enabled:
+            return {}
+        status = await asyncio.to_thread(plugin_status)
+        if status.path is None:
+            raise NotSupported(f"coverage is unavailable on this server: {status.reason}")
+        if self._table is not None:
+            table = await self._read(self._table)
+            merge_blocks(self._past, table.blocks)
+            self._past_full |= table.full
+            with contextlib.suppress(OSError):
+                os.unlink(self._table)
+            self._table = None
+        if self._dir is None:
+            base = tempfile.gettempdir()
+            self._dir = tempfile.mkdtemp(prefix="ms-cov-", dir=base if "," not in base else "/tmp")
+        self._generation += 1
+        self._table = os.path.join(self._dir, f"blocks-{self._generation}.bin")
+        return {"out": self._table}
+
+    def discard(self) -> None:
+        """Forget everything (power off)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = self._table = None
+        self._past, self._past_full = {}, False
+        self._baseline, self._frozen = {}, None
+
+    @staticmethod
+    async def _read(path: str) -> Table:
+        try:
+            return await asyncio.to_thread(read_table, path)
+        except (OSError, ValueError) as exc:
+            raise BackendFailed(f"cannot read the coverage table {path}: {exc}") from None
+
+    async def _totals(self) -> Blocks:
+        totals = dict(self._past)
+        if self._table is not None:
+            merge_blocks(totals, (await self._read(self._table)).blocks)
+        return totals
+
+    @property
+    def coverage_overflowed(self) -> bool:
+        """Whether a table filled up (blocks translated after that are not counted)."""
+        if self._past_full:
+            return True
+        return self._table is not None and read_table(self._table).full
+
+    # ------------------------------------------------------------------ Coverage
+    def _require(self) -> None:
+        if not self.enabled:
+            raise NotSupported(
+                "coverage was not enabled for this machine: QEMU loads the block-counting "
+                'table only for machines created with MachineOptions.extra["coverage"]="1"'
+            )
+
+    async def coverage_start(self) -> None:
+        self._require()
+        self._baseline = await self._totals()
+        self._frozen = None
+
+    async def coverage_stop(self) -> None:
+        self._require()
+        if self._frozen is None:
+            self._frozen = blocks_since(await self._totals(), self._baseline)
+
+    async def coverage_reset(self) -> None:
+        self._require()
+        self._baseline = await self._totals()
+        if self._frozen is not None:
+            self._frozen = {}
+
+    async def coverage_blocks(self) -> Blocks:
+        self._require()
+        if self._frozen is not None:
+            return dict(self._frozen)
+        return blocks_since(await self._totals(), self._baseline)

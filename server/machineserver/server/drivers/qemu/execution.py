@@ -1,0 +1,257 @@
+"""Running the program: resume QEMU through its gdbstub and turn what stops it into one
+StopInfo. Run control (:mod:`.runcontrol`) runs :meth:`Executor.run` in the background
+for ``run()`` and :meth:`Executor.advance` for ``step(count)``.
+
+* **Only the gdbstub** resumes and stops QEMU (``c``, ``s``, ^C), never QMP stop/cont:
+  QEMU's gdbstub sends a stop reply for *every* VM stop, which would desync the protocol.
+* **Counted runs** (``advance``): a count of :data:`GATE_MIN` or more runs as one
+  continue through the plugin's instruction gate (:mod:`.gate`): the plugin counts every
+  executed instruction and holds the vCPU at a block boundary once the count is near;
+  the executor then sends ^C and the VM stops exactly there. Above :data:`COARSE_MIN` a
+  first run with QEMU's normal blocks (up to 512 instructions) stops fewer than 512
+  short; the rest runs with one-instruction blocks (HMP ``singlestep on``), which stops
+  on the exact count. Smaller counts, and machines without the plugin, single-step
+  through the gdbstub (0.3 ms a step), checking for a stop request between steps.
+* **Semihosting traps** (:mod:`.semihosting`): a stop at a trap site, or a resume from
+  one, reads the call: an exit ends the run (EXIT, QEMU kept alive, state EXITED); any
+  other call is single-stepped (QEMU performs it) and the run goes on.
+* **Stopping early**: :meth:`Executor.request_stop` (pause, cancellation, an edit while
+  running) sends ^C when QEMU is running, or makes the loop stop before it resumes
+  QEMU again; the stop comes back as a HALT. The stream stays in sync: a request that
+  was sent is always answered before the executor returns.
+* **Deaths** while waiting are delivered here (see :meth:`.process.QemuProcess.death_result`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from machineserver.server.drivers.base import (
+    MachineState,
+    StopInfo,
+    StopReason,
+)
+from machineserver.server.drivers.qemu.points import PointTable
+from machineserver.server.drivers.qemu.rsp import RspClosed, RspTimeout, StopReply
+from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP, STEP_TIMEOUT, StopDecoder
+from machineserver.server.drivers.qemu.target import QemuTarget
+
+STOP_TIMEOUT = 5.0  # a stop reply after ^C
+GATE_MIN = 16  # from this count on, a counted run is cheaper than single steps
+COARSE_MIN = 1024  # from this count on, first a run with QEMU's normal blocks
+BLOCK_MAX = 512  # the most instructions in one TCG block
+
+
+class Executor:
+    def __init__(self, target: QemuTarget, points: PointTable) -> None:
+        self.target = target
+        self.points = points
+        self.decoder = StopDecoder(target, points)
+        self._stop_requested = False
+        self._in_flight = False  # a resume was sent and its stop reply is owed
+        self._interrupt_sent = False
+        self._fine_blocks = True  # HMP "singlestep on" works on this QEMU
+
+    # ------------------------------------------------------------------ stopping early
+    def request_stop(self) -> None:
+        """Stop as soon as possible (any task): ^C to a running QEMU, or no more resumes."""
+        self._stop_requested = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self._in_flight and not self._interrupt_sent and self.target.process.alive:
+            self._interrupt_sent = True
+            self.target.stub().interrupt()
+
+    def prepare(self) -> None:
+        """Forget an old stop request; call synchronously before starting ``run`` or
+        ``advance`` in a task (a request made after this counts for it)."""
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ entry points
+    async def run(self) -> StopInfo:
+        """Run until something stops the program: a breakpoint, watchpoint, exit, fault
+        or a stop request (HALT)."""
+        with self.target.process.waiting():
+            try:
+                return self._conclude(await self._run())
+            except RspClosed:
+                return self._conclude(await self.target.process.death_result())
+
+    async def advance(self, count: int) -> StopInfo:
+        """Execute ``count`` instructions (>= 1), or fewer if something stops the program
+        first; STEP when all ran."""
+        with self.target.process.waiting():
+            try:
+                return self._conclude(await self._advance(count))
+            except RspClosed:
+                return self._conclude(await self.target.process.death_result())
+
+    def _conclude(self, info: StopInfo) -> StopInfo:
+        target = self.target
+        target.last_pc = info.pc
+        if target.state in (MachineState.EXITED, MachineState.FAULTED, MachineState.FAILED) \
+                and target.end is not None and target.end is info:
+            return info  # QEMU ended with the program (process.ended / death_result)
+        if info.reason is StopReason.EXIT:
+            target.end, target.state = info, MachineState.EXITED
+        elif info.reason is StopReason.FAULT:
+            target.end, target.state = info, MachineState.FAULTED
+        else:
+            target.end, target.state = None, MachineState.HALTED
+        return info
+
+    # ------------------------------------------------------------------ loops
+    async def _run(self) -> StopInfo:
+        while True:
+            pc = await self.target.read_pc()
+            if self._stop_requested:
+                return StopInfo(StopReason.HALT, pc=pc)
+            if pc in self.points.traps or pc in self.points.breakpoints:
+                # QEMU would stop at once on a breakpoint at the pc: step off it first
+                info = await self._step_from(pc)
+                if info is not None:
+                    return info
+                continue
+            reply = await self._resume(b"c")
+            info = await self._settle(reply, StopReason.HALT)
+            if info is not None:
+                return info
+
+    async def _advance(self, count: int) -> StopInfo:
+        remaining = count
+        pc = await self.target.read_pc()
+        while True:
+            if remaining <= 0:
+                return StopInfo(StopReason.STEP, pc=pc)
+            if self._stop_requested:
+                return StopInfo(StopReason.HALT, pc=pc)
+            gate = self.target.process.gate
+            if (remaining < GATE_MIN or gate is None or not gate.usable
+                    or pc in self.points.traps or pc in self.points.breakpoints):
+                info = await self._step_from(pc)
+                remaining -= 1
+                if info is not None:
+                    return info
+                pc = await self.target.read_pc()
+                if remaining > 0 and pc in self.points.breakpoints:
+                    return StopInfo(StopReason.BREAKPOINT, pc=pc)
+                continue
+            reply, executed = await self._counted(remaining)
+            remaining -= executed
+            held = (reply.signal == SIGINT and not reply.exited and reply.watch is None
+                    and not self._stop_requested)
+            if not held:  # else: the gate's hold; the rest in the next round
+                info = await self._settle(reply, StopReason.STEP)
+                if info is not None:
+                    return info
+            pc = await self.target.read_pc()
+
+    async def _step_from(self, pc: int) -> StopInfo | None:
+        """One instruction from ``pc`` (a semihosting trap there is handled first): None
+        when it simply ran, else the stop it made."""
+        if pc in self.points.traps:
+            exit_info = await self.decoder.semihosting_exit(pc)
+            if exit_info is not None:
+                return exit_info
+        reply = await self._single()
+        if reply.signal == SIGTRAP and reply.watch is None and not reply.exited:
+            return None
+        return await self._settle(reply, StopReason.STEP)
+
+    async def _settle(self, reply: StopReply, default: StopReason) -> StopInfo | None:
+        """The StopInfo for a stop reply; None for a stop at a semihosting trap (the
+        loop goes on from there)."""
+        if reply.exited:
+            info = self.decoder.ended(reply, self.target.last_pc)
+            self.target.process.ended(info)
+            return info
+        if reply.watch is not None and self.points.watchpoints:
+            outcome = await self.decoder.watchpoint(reply)
+            return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
+        pc = await self.target.read_pc()
+        if reply.signal == SIGTRAP and pc in self.points.traps and pc not in self.points.breakpoints:
+            return None  # the loop performs the call there (or ends at its exit)
+        return self.decoder.plain(reply, pc, default)
+
+    # ------------------------------------------------------------------ resuming QEMU
+    async def _resume(self, packet: bytes, *, hold_after: int | None = None) -> StopReply:
+        """Resume QEMU and wait for its stop reply; ``hold_after``: the gate's hold count
+        before resuming (a hold is answered with ^C)."""
+        stub = self.target.stub()
+        gate = self.target.process.gate
+        await stub.send_continue(packet)
+        self._in_flight, self._interrupt_sent = True, False
+        self.target.clock.started()
+        if self._stop_requested:
+            self._interrupt()
+        hold: asyncio.Task[None] | None = None
+        try:
+            reply_task = asyncio.ensure_future(stub.wait_stop(None))
+            if hold_after is not None and gate is not None:
+                hold = asyncio.ensure_future(gate.wait_hold(hold_after))
+                done, _ = await asyncio.wait({reply_task, hold}, return_when=asyncio.FIRST_COMPLETED)
+                if hold in done and hold.exception() is None and not reply_task.done():
+                    self._interrupt()
+            try:
+                if self._interrupt_sent:
+                    return await asyncio.wait_for(asyncio.shield(reply_task), STOP_TIMEOUT)
+                return await reply_task
+            except TimeoutError:
+                reply_task.cancel()
+                raise RspTimeout(f"QEMU did not stop within {STOP_TIMEOUT} s of ^C") from None
+        finally:
+            self._in_flight = False
+            self.target.clock.stopped()
+            if hold is not None:
+                hold.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await hold
+
+    async def _single(self) -> StopReply:
+        """One gdbstub single step. A step that does not finish (a ``wfi`` with nothing
+        to wake it) is interrupted: HALT."""
+        stub = self.target.stub()
+        await stub.send_continue(b"s")
+        self._in_flight, self._interrupt_sent = True, False
+        self.target.clock.started()
+        try:
+            if self._stop_requested:
+                self._interrupt()
+            try:
+                return await stub.wait_stop(STEP_TIMEOUT)
+            except RspTimeout:
+                self._interrupt()
+                return await stub.wait_stop(STOP_TIMEOUT)
+        finally:
+            self._in_flight = False
+            self.target.clock.stopped()
+
+    async def _counted(self, remaining: int) -> tuple[StopReply, int]:
+        """One counted continue toward ``remaining`` instructions: the stop reply and how
+        many instructions ran."""
+        gate = self.target.process.gate
+        assert gate is not None
+        fine = remaining < COARSE_MIN and self._fine_blocks
+        if fine and not await self._one_instruction_blocks(True):
+            fine = False
+        start = gate.executed
+        # hold at the end of the block that passes the limit: at most a block beyond it
+        gate.arm(start + remaining - (1 if fine else BLOCK_MAX))
+        try:
+            reply = await self._resume(b"c", hold_after=gate.holds)
+        finally:
+            gate.disarm()
+            if fine and self.target.process.alive:
+                await self._one_instruction_blocks(False)
+        return reply, gate.executed - start
+
+    async def _one_instruction_blocks(self, on: bool) -> bool:
+        """HMP ``singlestep``: QEMU translates one instruction per block (False when this
+        QEMU has no such command)."""
+        out = await self.target.process.hmp("singlestep on" if on else "singlestep off")
+        if out.strip():  # it answers nothing when it works
+            self._fine_blocks = False
+            return False
+        return True

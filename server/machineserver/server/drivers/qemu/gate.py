@@ -1,0 +1,173 @@
+"""The instruction gate, from the driver's side: count the instructions one QEMU executes
+and hold its vCPU at a count (plugin/msplugin.c has the protocol and the reasons for it).
+
+A counted run is: :meth:`InstructionGate.arm` with a limit while the VM is stopped,
+resume it (gdbstub ``c``), and when the plugin holds the vCPU (:meth:`wait_hold`),
+interrupt the VM with a ^C; the plugin lets the vCPU go once the VM stops, so it stops
+at that block boundary. :meth:`release` lets a held vCPU run on instead (for barriers,
+e.g. co-simulation). :meth:`disarm` after every stop.
+
+Files, all in the QEMU's private directory: the control page the plugin creates and
+maps (``gate.ctl``), a FIFO the plugin writes one byte to at each hold (``gate.notify``)
+and one it reads releases from (``gate.release``). Both ends open the FIFOs read-write
+and non-blocking: neither side ever blocks on, or sees EOF for want of, its peer.
+
+Single vCPU: the count is the sum over all vCPUs, and a hold holds the one that
+reached the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+import struct
+
+MAGIC = b"MSGATE\x00\x01"
+VERSION = 1
+FLAG_EXACT_STOP = 1
+FLAG_ALWAYS = 2
+SIZE = 4096
+NEVER = (1 << 64) - 1
+# offsets in the control page (see plugin/msplugin.c)
+_VERSION, _FLAGS = 8, 12
+_EXECUTED, _LIMIT, _REQUEST, _APPLIED, _ARMED, _HOLDING, _HOLDS = 16, 24, 32, 40, 48, 52, 56
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+class InstructionGate:
+    """One QEMU's gate. Create it (the FIFOs) before QEMU starts, pass
+    :meth:`plugin_options` to the plugin, :meth:`attach` once QEMU is up.
+
+    ``always``: the plugin keeps its counting callbacks registered from the start, for
+    QEMU's single-threaded TCG loop (``-icount``), which has no vCPU resume callback to
+    arm them on demand."""
+
+    def __init__(self, directory: str, *, always: bool) -> None:
+        self.always = always
+        self.ctl_path = os.path.join(directory, "gate.ctl")
+        self.notify_path = os.path.join(directory, "gate.notify")
+        self.release_path = os.path.join(directory, "gate.release")
+        os.mkfifo(self.notify_path, 0o600)
+        os.mkfifo(self.release_path, 0o600)
+        self._page: mmap.mmap | None = None
+        self._last: dict[int, int] = {}
+        self._notify_fd = -1
+        self._release_fd = -1
+
+    def plugin_options(self) -> dict[str, str]:
+        options = {"gate": self.ctl_path, "notify": self.notify_path, "release": self.release_path}
+        if self.always:
+            options["always"] = "on"
+        return options
+
+    def attach(self) -> None:
+        """Map the control page the plugin made (QEMU is up). A page that is not the
+        plugin's leaves the gate unusable rather than failing the machine."""
+        try:
+            fd = os.open(self.ctl_path, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size < SIZE:
+                return
+            page = mmap.mmap(fd, SIZE)
+        finally:
+            os.close(fd)
+        if page[:8] != MAGIC or _U32.unpack_from(page, _VERSION)[0] != VERSION:
+            page.close()
+            return
+        self._page = page
+        self._notify_fd = os.open(self.notify_path, os.O_RDWR | os.O_NONBLOCK)
+        self._release_fd = os.open(self.release_path, os.O_RDWR | os.O_NONBLOCK)
+
+    def close(self) -> None:
+        if self._page is not None:
+            self._page.close()
+            self._page = None
+        for fd in (self._notify_fd, self._release_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._notify_fd = self._release_fd = -1
+
+    # ------------------------------------------------------------------ state
+    def _u64(self, offset: int) -> int:
+        if self._page is None:  # closed (QEMU gone): what it last said
+            return self._last.get(offset, 0)
+        value = int(_U64.unpack_from(self._page, offset)[0])
+        self._last[offset] = value
+        return value
+
+    @property
+    def usable(self) -> bool:
+        """Attached, and the plugin can stop the VM exactly at a hold (see msplugin.c)."""
+        return self._page is not None and bool(
+            _U32.unpack_from(self._page, _FLAGS)[0] & FLAG_EXACT_STOP)
+
+    @property
+    def executed(self) -> int:
+        """Instructions executed while counting (always, with ``always``)."""
+        return self._u64(_EXECUTED)
+
+    @property
+    def holds(self) -> int:
+        """How many times the plugin has held the vCPU."""
+        return self._u64(_HOLDS)
+
+    @property
+    def holding(self) -> bool:
+        assert self._page is not None
+        return bool(_U32.unpack_from(self._page, _HOLDING)[0])
+
+    # ------------------------------------------------------------------ control
+    def arm(self, limit: int) -> None:
+        """Count, and hold once ``executed`` passes ``limit`` (at the end of the block
+        that passes it: at most one block, <= 512 instructions, beyond). The VM must be
+        stopped; the next resume applies it."""
+        assert self._page is not None
+        self._drain()
+        _U64.pack_into(self._page, _LIMIT, limit)
+        if not self.always and not _U32.unpack_from(self._page, _ARMED)[0]:
+            _U32.pack_into(self._page, _ARMED, 1)
+            _U64.pack_into(self._page, _REQUEST, self._u64(_REQUEST) + 1)
+
+    def disarm(self) -> None:
+        """No more holds; the counting callbacks go at the next resume (not with
+        ``always``). Harmless when not armed."""
+        if self._page is None:
+            return
+        _U64.pack_into(self._page, _LIMIT, NEVER)
+        if not self.always and _U32.unpack_from(self._page, _ARMED)[0]:
+            _U32.pack_into(self._page, _ARMED, 0)
+            _U64.pack_into(self._page, _REQUEST, self._u64(_REQUEST) + 1)
+
+    def release(self) -> None:
+        """Let a held vCPU run on."""
+        if self._release_fd >= 0:
+            os.write(self._release_fd, b"g")
+
+    async def wait_hold(self, after: int) -> None:
+        """Until the plugin has held the vCPU more than ``after`` times (``holds`` read
+        before resuming)."""
+        loop = asyncio.get_running_loop()
+        while self.holds <= after:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable(fut: asyncio.Future[None] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(self._notify_fd, readable)
+            try:
+                if self.holds <= after:
+                    await ready
+            finally:
+                loop.remove_reader(self._notify_fd)
+            self._drain()
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._notify_fd, 4096):
+                pass

@@ -1,0 +1,471 @@
+/*
+ * msplugin: the QEMU TCG plugin that every QEMU of MachineServer's QEMU driver
+ * loads. Two independent parts, each enabled by its arguments:
+ *
+ *   qemu-system-arm ... -plugin file=msplugin.so[,out=BLOCKS][,entries=N]
+ *                                  [,gate=CTL,notify=FIFO,release=FIFO][,always=on]
+ *
+ * 1. Coverage (out=BLOCKS): a table of translated blocks with execution counts
+ *    in a memory-mapped file, readable at any time by another process.
+ *
+ *      header (64 bytes, little-endian):
+ *        char     magic[8]    "MSBLKS\0\1"
+ *        uint32   version     1
+ *        uint32   entry_size  24
+ *        uint32   capacity    number of entry slots
+ *        uint32   flags       bit 0: table full (later blocks are not counted)
+ *                             bit 1: QEMU exited cleanly (atexit ran)
+ *        uint64   used        entries filled; stored with release semantics
+ *                             *after* the entry is complete
+ *        uint64   reserved[4]
+ *      entries[capacity], 24 bytes each:
+ *        uint64   vaddr       guest address of the block's first instruction
+ *        uint32   size        bytes from the first instruction to the end of the last
+ *        uint32   pad
+ *        uint64   count       executions, bumped by an inline TCG add (no callback)
+ *
+ *    One entry per *translation*: a block translated again (after a flush, a
+ *    single step...) gets a new entry with the same vaddr; the reader sums them.
+ *
+ * 2. The instruction gate (gate=CTL): counts executed instructions and holds
+ *    the vCPU at a count, for counted runs ("step 10^9 instructions" as one
+ *    continue) and, later, co-simulation barriers. CTL is a memory-mapped
+ *    control page shared with the driver:
+ *
+ *      offset  field      written by  meaning
+ *        0     magic[8]   plugin      "MSGATE\0\1"
+ *        8     version    plugin      uint32, 1
+ *       12     flags      plugin      uint32, bit 0: GATE_EXACT_STOP (see below)
+ *                                             bit 1: GATE_ALWAYS (always=on)
+ *       16     executed   plugin      uint64, instructions executed while counting
+ *       24     limit      driver      uint64, hold once `executed` passes it
+ *                                     (UINT64_MAX: never)
+ *       32     request    driver      uint64, bumped to ask for a new `armed`
+ *       40     applied    plugin      uint64, the last request applied
+ *       48     armed      driver      uint32, 1: count (register the callbacks)
+ *       52     holding    plugin      uint32, 1 while the vCPU is held
+ *       56     holds      plugin      uint64, holds so far
+ *
+ *    Counting: while armed, each translated block gets a callback at its start
+ *    (which counts its first instruction and checks the limit) and an inline
+ *    add of 1 before each further instruction, so `executed` is exact even when
+ *    a block is left early (a fault, an I/O recompile under icount).
+ *
+ *    Holding: when a block starts with executed + its size > limit, the plugin
+ *    asks QEMU to leave the execution loop after that block (qemu_plugin_reset,
+ *    which also flushes the translations) and, in the reset callback, i.e.
+ *    outside translated code at a block boundary, holds the vCPU: it writes one
+ *    byte to the notify FIFO and waits. It goes on when
+ *      - the driver writes 'g' to the release FIFO (go on running), or
+ *      - the VM is no longer running: the driver sent the gdbstub a ^C, whose
+ *        vm_stop has set the run state before it waits for the vCPU. Once
+ *        released, the vCPU thread sees the stopped run state and stops without
+ *        running another block, so the VM stops exactly at the hold.
+ *    The plugin API has no way to see the run state; this needs QEMU's own
+ *    runstate_is_running() (bool(void), exported by Debian's QEMU, looked up
+ *    with dlsym). Without it GATE_EXACT_STOP stays clear and the driver does not
+ *    use the gate for counted runs (releasing on the driver's word alone could
+ *    let the vCPU run on before the main loop has taken the ^C).
+ *
+ *    Arming: the callbacks exist only while armed, so an unarmed gate costs
+ *    nothing. Switching flushes the translations, which only QEMU's own vCPU
+ *    thread may ask for: the plugin does it in the vCPU resume callback when
+ *    `request` != `applied` (the driver changes `armed` while the VM is stopped,
+ *    then resumes it). QEMU's single-threaded TCG loop (used with -icount) has
+ *    no resume callback: there `always=on` keeps the counting callbacks
+ *    registered from the start (their cost is small next to icount's).
+ *
+ * QEMU (Debian's 7.2) ships no qemu-plugin.h, so the API functions used here
+ * are declared below, matching QEMU 7.2's include/qemu/qemu-plugin.h
+ * (QEMU_PLUGIN_VERSION 1).
+ *
+ * Build: gcc -shared -fPIC -O2 -o msplugin.so msplugin.c
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- QEMU 7.2 plugin API */
+#define QEMU_PLUGIN_EXPORT __attribute__((visibility("default")))
+
+typedef uint64_t qemu_plugin_id_t;
+typedef struct qemu_info_t qemu_info_t; /* only passed through by pointer */
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+
+enum qemu_plugin_op {
+    QEMU_PLUGIN_INLINE_ADD_U64, /* = 0, the only op in 7.2 */
+};
+
+enum qemu_plugin_cb_flags {
+    QEMU_PLUGIN_CB_NO_REGS, /* = 0 */
+    QEMU_PLUGIN_CB_R_REGS,
+    QEMU_PLUGIN_CB_RW_REGS,
+};
+
+typedef void (*qemu_plugin_simple_cb_t)(qemu_plugin_id_t id);
+typedef void (*qemu_plugin_udata_cb_t)(qemu_plugin_id_t id, void *userdata);
+typedef void (*qemu_plugin_vcpu_simple_cb_t)(qemu_plugin_id_t id, unsigned int vcpu_index);
+typedef void (*qemu_plugin_vcpu_udata_cb_t)(unsigned int vcpu_index, void *userdata);
+typedef void (*qemu_plugin_vcpu_tb_trans_cb_t)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
+
+void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_tb_trans_cb_t cb);
+void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb *tb, qemu_plugin_vcpu_udata_cb_t cb,
+                                          enum qemu_plugin_cb_flags flags, void *userdata);
+void qemu_plugin_register_vcpu_tb_exec_inline(struct qemu_plugin_tb *tb, enum qemu_plugin_op op,
+                                              void *ptr, uint64_t imm);
+void qemu_plugin_register_vcpu_insn_exec_inline(struct qemu_plugin_insn *insn,
+                                                enum qemu_plugin_op op, void *ptr, uint64_t imm);
+void qemu_plugin_register_vcpu_resume_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_simple_cb_t cb);
+void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
+void qemu_plugin_reset(qemu_plugin_id_t id, qemu_plugin_simple_cb_t cb);
+size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_version = 1;
+
+/* ---------------------------------------------------------------- coverage table */
+#define MS_MAGIC "MSBLKS\0\1"
+#define MS_VERSION 1
+#define MS_FLAG_FULL 1u
+#define MS_FLAG_EXITED 2u
+#define MS_DEFAULT_ENTRIES 262144u /* 6 MiB, sparse until used */
+#define MS_MAX_ENTRIES (1u << 24)
+
+struct ms_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t entry_size;
+    uint32_t capacity;
+    uint32_t flags;
+    uint64_t used;
+    uint64_t reserved[4];
+};
+
+struct ms_entry {
+    uint64_t vaddr;
+    uint32_t size;
+    uint32_t pad;
+    uint64_t count;
+};
+
+_Static_assert(sizeof(struct ms_header) == 64, "header layout");
+_Static_assert(sizeof(struct ms_entry) == 24, "entry layout");
+
+static struct ms_header *hdr;
+static struct ms_entry *entries;
+static uint32_t capacity;
+static size_t map_size;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---------------------------------------------------------------- gate control page */
+#define GATE_MAGIC "MSGATE\0\1"
+#define GATE_VERSION 1
+#define GATE_EXACT_STOP 1u
+#define GATE_ALWAYS 2u
+#define GATE_SIZE 4096
+
+struct gate_ctl {
+    char magic[8];
+    uint32_t version;
+    uint32_t flags;
+    uint64_t executed;
+    uint64_t limit;
+    uint64_t request;
+    uint64_t applied;
+    uint32_t armed;
+    uint32_t holding;
+    uint64_t holds;
+};
+
+_Static_assert(offsetof(struct gate_ctl, executed) == 16, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, armed) == 48, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, holds) == 56, "gate layout");
+
+static qemu_plugin_id_t plugin_id;
+static struct gate_ctl *gate;
+static bool gate_always;
+static bool counting; /* the counting callbacks are registered (changed in resets only) */
+static bool hold_wanted; /* a block passed the limit: hold at the next reset */
+static int notify_fd = -1;
+static int release_fd = -1;
+static bool (*vm_running)(void); /* QEMU's runstate_is_running, when exported */
+
+static void register_callbacks(qemu_plugin_id_t id);
+
+/* ---------------------------------------------------------------- translation */
+static void block_start(unsigned int vcpu_index, void *userdata)
+{
+    (void)vcpu_index;
+    uint64_t size = (uintptr_t)userdata;
+    uint64_t before = gate->executed;
+    gate->executed = before + 1; /* the block's first instruction; the others add inline */
+    uint64_t limit = __atomic_load_n(&gate->limit, __ATOMIC_ACQUIRE);
+    if (limit != UINT64_MAX && before + size > limit && !hold_wanted) {
+        hold_wanted = true;
+        /* leave the execution loop after this block: the reset's work item runs at
+         * the next block boundary, outside translated code */
+        qemu_plugin_reset(plugin_id, register_callbacks);
+    }
+}
+
+static void add_table_entry(struct qemu_plugin_tb *tb, size_t n)
+{
+    uint64_t start = qemu_plugin_tb_vaddr(tb);
+    uint64_t end = start;
+    if (n > 0) {
+        struct qemu_plugin_insn *last = qemu_plugin_tb_get_insn(tb, n - 1);
+        end = qemu_plugin_insn_vaddr(last) + qemu_plugin_insn_size(last);
+    }
+    uint64_t size = end > start ? end - start : 0;
+
+    pthread_mutex_lock(&lock);
+    uint64_t used = hdr->used;
+    if (used >= capacity) {
+        __atomic_or_fetch(&hdr->flags, MS_FLAG_FULL, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&lock);
+        return;
+    }
+    struct ms_entry *e = &entries[used];
+    e->vaddr = start;
+    e->size = size > UINT32_MAX ? UINT32_MAX : (uint32_t)size;
+    e->pad = 0;
+    e->count = 0;
+    /* publish: a reader that sees used+1 sees the whole entry */
+    __atomic_store_n(&hdr->used, used + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+
+    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &e->count, 1);
+}
+
+static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    (void)id;
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    if (hdr != NULL) {
+        add_table_entry(tb, n);
+    }
+    if (counting && n > 0) {
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, block_start, QEMU_PLUGIN_CB_NO_REGS,
+                                             (void *)(uintptr_t)n);
+        for (size_t i = 1; i < n; i++) {
+            qemu_plugin_register_vcpu_insn_exec_inline(qemu_plugin_tb_get_insn(tb, i),
+                                                       QEMU_PLUGIN_INLINE_ADD_U64,
+                                                       &gate->executed, 1);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- holding */
+static void hold(void)
+{
+    __atomic_store_n(&gate->holding, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&gate->holds, 1, __ATOMIC_RELEASE);
+    if (notify_fd >= 0) {
+        char byte = 'h';
+        if (write(notify_fd, &byte, 1) < 0 && errno != EAGAIN) {
+            fprintf(stderr, "msplugin: cannot notify the driver: %s\n", strerror(errno));
+        }
+    }
+    for (;;) {
+        struct pollfd pfd = {.fd = release_fd, .events = POLLIN};
+        int ready = release_fd >= 0 ? poll(&pfd, 1, 1) : (usleep(1000), 0);
+        if (ready > 0) {
+            char buf[64];
+            ssize_t got = read(release_fd, buf, sizeof(buf));
+            if (got > 0 && memchr(buf, 'g', (size_t)got) != NULL) {
+                break; /* go on running */
+            }
+        }
+        if (vm_running != NULL && !vm_running()) {
+            break; /* the VM is stopping: the vCPU stops at this boundary */
+        }
+    }
+    __atomic_store_n(&gate->holding, 0, __ATOMIC_RELEASE);
+}
+
+/* ---------------------------------------------------------------- arming */
+static void vcpu_resume(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    (void)vcpu_index;
+    if (__atomic_load_n(&gate->request, __ATOMIC_ACQUIRE) != gate->applied) {
+        qemu_plugin_reset(id, register_callbacks); /* runs before any block does */
+    }
+}
+
+static void at_exit(qemu_plugin_id_t id, void *userdata)
+{
+    (void)id;
+    (void)userdata;
+    if (hdr != NULL) {
+        __atomic_or_fetch(&hdr->flags, MS_FLAG_EXITED, __ATOMIC_RELEASE);
+        msync(hdr, map_size, MS_ASYNC);
+    }
+    /* no munmap: translated code may still point into the maps */
+}
+
+/* At install, and as the callback of every reset (on the vCPU thread, with every
+ * translation flushed, outside translated code). */
+static void register_callbacks(qemu_plugin_id_t id)
+{
+    (void)id;
+    if (gate != NULL) {
+        uint64_t request = __atomic_load_n(&gate->request, __ATOMIC_ACQUIRE);
+        counting = gate_always || __atomic_load_n(&gate->armed, __ATOMIC_ACQUIRE) != 0;
+        __atomic_store_n(&gate->applied, request, __ATOMIC_RELEASE);
+    }
+    if (hdr != NULL || counting) {
+        qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, tb_trans);
+    }
+    if (gate != NULL && !gate_always) {
+        qemu_plugin_register_vcpu_resume_cb(plugin_id, vcpu_resume);
+    }
+    qemu_plugin_register_atexit_cb(plugin_id, at_exit, NULL);
+    if (hold_wanted) {
+        hold_wanted = false;
+        hold();
+    }
+}
+
+/* ---------------------------------------------------------------- install */
+static void *map_file(const char *path, size_t size, const char *what)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        fprintf(stderr, "msplugin: cannot create the %s %s: %s\n", what, path, strerror(errno));
+        return NULL;
+    }
+    if (ftruncate(fd, (off_t)size) != 0) {
+        fprintf(stderr, "msplugin: cannot size the %s %s: %s\n", what, path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        fprintf(stderr, "msplugin: cannot map the %s %s: %s\n", what, path, strerror(errno));
+        return NULL;
+    }
+    return p;
+}
+
+static int open_fifo(const char *path, const char *what)
+{
+    /* O_RDWR: never blocks and never fails for want of a peer (Linux) */
+    int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        fprintf(stderr, "msplugin: cannot open the %s FIFO %s: %s\n", what, path, strerror(errno));
+    }
+    return fd;
+}
+
+static int setup_table(const char *out, unsigned long n_entries)
+{
+    capacity = (uint32_t)n_entries;
+    map_size = sizeof(struct ms_header) + (size_t)capacity * sizeof(struct ms_entry);
+    void *p = map_file(out, map_size, "coverage table");
+    if (p == NULL) {
+        return -1;
+    }
+    struct ms_header *h = p;
+    entries = (struct ms_entry *)((char *)p + sizeof(struct ms_header));
+    h->version = MS_VERSION;
+    h->entry_size = sizeof(struct ms_entry);
+    h->capacity = capacity;
+    h->flags = 0;
+    h->used = 0;
+    /* the magic last: a reader that sees it sees a valid header */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(h->magic, MS_MAGIC, 8);
+    hdr = h;
+    return 0;
+}
+
+static int setup_gate(const char *ctl, const char *notify, const char *release)
+{
+    struct gate_ctl *g = map_file(ctl, GATE_SIZE, "gate control page");
+    if (g == NULL) {
+        return -1;
+    }
+    notify_fd = open_fifo(notify, "notify");
+    release_fd = open_fifo(release, "release");
+    if (notify_fd < 0 || release_fd < 0) {
+        return -1;
+    }
+    vm_running = (bool (*)(void))dlsym(RTLD_DEFAULT, "runstate_is_running");
+    g->version = GATE_VERSION;
+    g->flags = (vm_running != NULL ? GATE_EXACT_STOP : 0) | (gate_always ? GATE_ALWAYS : 0);
+    g->executed = 0;
+    g->limit = UINT64_MAX;
+    g->request = 0;
+    g->applied = 0;
+    g->armed = 0;
+    g->holding = 0;
+    g->holds = 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(g->magic, GATE_MAGIC, 8);
+    gate = g;
+    return 0;
+}
+
+static const char *arg_value(const char *arg, const char *key)
+{
+    size_t n = strlen(key);
+    return strncmp(arg, key, n) == 0 && arg[n] == '=' ? arg + n + 1 : NULL;
+}
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
+                                           int argc, char **argv)
+{
+    (void)info;
+    const char *out = NULL, *ctl = NULL, *notify = NULL, *release = NULL, *v;
+    unsigned long n_entries = MS_DEFAULT_ENTRIES;
+    for (int i = 0; i < argc; i++) {
+        if ((v = arg_value(argv[i], "out")) != NULL) {
+            out = v;
+        } else if ((v = arg_value(argv[i], "entries")) != NULL) {
+            char *endp;
+            n_entries = strtoul(v, &endp, 0);
+            if (*endp || n_entries == 0 || n_entries > MS_MAX_ENTRIES) {
+                fprintf(stderr, "msplugin: bad entries=%s (1..%u)\n", v, MS_MAX_ENTRIES);
+                return -1;
+            }
+        } else if ((v = arg_value(argv[i], "gate")) != NULL) {
+            ctl = v;
+        } else if ((v = arg_value(argv[i], "notify")) != NULL) {
+            notify = v;
+        } else if ((v = arg_value(argv[i], "release")) != NULL) {
+            release = v;
+        } else if ((v = arg_value(argv[i], "always")) != NULL) {
+            gate_always = strcmp(v, "on") == 0;
+        } else {
+            fprintf(stderr, "msplugin: unknown argument %s\n", argv[i]);
+            return -1;
+        }
+    }
+    if (ctl != NULL && (notify == NULL || release == NULL)) {
+        fprintf(stderr, "msplugin: gate= needs notify= and release=\n");
+        return -1;
+    }
+    if ((out != NULL && setup_table(out, n_entries) != 0) ||
+        (ctl != NULL && setup_gate(ctl, notify, release) != 0)) {
+        return -1;
+    }
+    plugin_id = id;
+    register_callbacks(id);
+    return 0;
+}

@@ -1,0 +1,219 @@
+"""What every part of one QEMU machine shares: the board and options, the events sink,
+the run state, the control lock, the QEMU process (:mod:`.process`), the register map,
+the virtual clock, and :func:`guarded`, the error boundary of every part's methods.
+
+The parts (run control, registers, memory, breakpoints...) each hold the machine's one
+:class:`QemuTarget`; none holds another part's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+from qemu.qmp.error import QMPError
+
+from machineserver.server.drivers.base import (
+    Arch,
+    BadRequest,
+    BoardSpec,
+    Counters,
+    DriverError,
+    MachineEvents,
+    MachineOptions,
+    MachineState,
+    StopInfo,
+    WrongState,
+)
+from machineserver.server.drivers.qemu.process import QemuProcess
+from machineserver.server.drivers.qemu.regs import RegisterMap
+from machineserver.server.drivers.qemu.rsp import RspClient, RspClosed, RspError, RspTimeout
+
+# states in which the CPU is stopped and its registers and memory can be inspected
+INSPECTABLE = (MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
+
+
+def icount_shift(board: BoardSpec, options: MachineOptions) -> int:
+    """ns per instruction = 2**shift; from options.extra["icount_shift"] or the board clock."""
+    text = options.extra.get("icount_shift", "")
+    if text:
+        try:
+            return max(0, min(10, int(text)))
+        except ValueError:
+            raise BadRequest("icount_shift must be an integer 0..10", field="icount_shift") from None
+    mhz = board.cpu_mhz or 1.0
+    return max(0, min(10, round(math.log2(1000.0 / mhz))))
+
+
+class RunClock:
+    """Instructions and virtual time. With icount, instructions = QEMU's icount (QMP
+    ``query-replay``) and virtual time = icount << shift; without, instructions are not
+    counted (0) and virtual time is the wall time spent running (QEMU's virtual clock
+    runs at host speed). Refreshed at every stop: ``counters()`` is synchronous."""
+
+    def __init__(self, shift: int | None) -> None:
+        self.shift = shift
+        self.instructions = 0
+        self.virtual_ns = 0
+        self._running_since: float | None = None
+
+    def started(self) -> None:
+        self._running_since = time.monotonic()
+
+    def stopped(self) -> None:
+        if self._running_since is not None and self.shift is None:
+            self.virtual_ns += int((time.monotonic() - self._running_since) * 1e9)
+        self._running_since = None
+
+    def set(self, instructions: int, virtual_ns: int) -> None:
+        self.instructions, self.virtual_ns = instructions, virtual_ns
+
+    def counters(self) -> Counters:
+        virtual = self.virtual_ns
+        if self.shift is None and self._running_since is not None:
+            virtual += int((time.monotonic() - self._running_since) * 1e9)
+        return Counters(instructions=self.instructions, virtual_time_ns=virtual,
+                        exact=self.shift is not None)
+
+    async def refresh(self, process: QemuProcess) -> None:
+        if self.shift is None or not process.alive:
+            return
+        info = await process.qmp("query-replay")
+        if isinstance(info, dict):
+            self.instructions = int(info.get("icount", 0))
+            self.virtual_ns = self.instructions << self.shift
+
+
+class QemuTarget:
+    """One QEMU machine's shared state. ``state`` is the machine's run state; ``op``
+    serialises control operations (one at a time); ``end`` is how the program ended
+    while the state is EXITED or FAULTED."""
+
+    def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents, *,
+                 qemu_machine: str, binary: str, extra_args: Sequence[str] = ()) -> None:
+        self.board = board
+        self.options = options
+        self.events = events
+        self.qemu_machine = qemu_machine
+        self.binary = binary
+        self.state = MachineState.OFF
+        self.op = asyncio.Lock()
+        self.regmap: RegisterMap | None = None
+        self.clock = RunClock(icount_shift(board, options) if options.icount else None)
+        self.process = QemuProcess(self, extra_args)
+        self.last_pc = 0
+        self.end: StopInfo | None = None
+
+    @property
+    def arch(self) -> Arch:
+        return self.board.arch
+
+    # ------------------------------------------------------------------ states
+    def require(self, *states: MachineState) -> None:
+        if self.state not in states:
+            raise WrongState(
+                f"the machine is {self.state.value}; this needs it "
+                + " or ".join(s.value for s in states),
+                state=self.state.value,
+                required="|".join(s.value for s in states),
+            )
+
+    def require_inspectable(self) -> None:
+        """The CPU is stopped and QEMU still holds it (HALTED, or EXITED/FAULTED with
+        QEMU alive: a semihosting exit caught at its trap)."""
+        self.require(*INSPECTABLE)
+        if not self.process.alive:
+            how = f" ({self.end.message or self.end.reason.value})" if self.end else ""
+            raise WrongState(
+                f"the program ended and QEMU with it{how}: its registers and memory are "
+                "gone; reset or load to start again",
+                state=self.state.value, required="halted")
+
+    def report_stop(self, info: StopInfo) -> None:
+        self.events.stopped(info)
+
+    # ------------------------------------------------------------------ the gdbstub
+    def stub(self) -> RspClient:
+        return self.process.stub()
+
+    def _register(self, name: str) -> tuple[int, int]:
+        assert self.regmap is not None
+        reg = self.regmap.resolve(name)
+        assert reg is not None, name
+        return reg.number, reg.size
+
+    async def read_register(self, name: str) -> int:
+        number, _ = self._register(name)
+        return int.from_bytes(await self.stub().read_register(number), "little")
+
+    async def write_register(self, name: str, value: int) -> None:
+        number, size = self._register(name)
+        await self.stub().write_register(number, (value & ((1 << (8 * size)) - 1))
+                                         .to_bytes(size, "little"))
+
+    async def read_pc(self) -> int:
+        pc = await self.read_register("pc")
+        self.last_pc = pc
+        return pc
+
+
+# --------------------------------------------------------------------------- the boundary
+
+
+@contextlib.contextmanager
+def refusals_ignored() -> Iterator[None]:
+    """Ignore the gdbstub refusing a request (an ``Exx`` reply), and only that: a lost
+    connection or a timeout still goes to the boundary."""
+    try:
+        yield
+    except (RspClosed, RspTimeout):
+        raise
+    except RspError:
+        pass
+
+
+def refused(exc: RspError) -> bool:
+    """Whether the gdbstub answered with a refusal (not: the connection broke or timed out)."""
+    return not isinstance(exc, (RspClosed, RspTimeout))
+
+
+class HasTarget(Protocol):
+    target: QemuTarget
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound=HasTarget)
+
+
+def guarded(method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
+            ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+    """The error boundary of a part's method: only DriverError leaves it (and
+    CancelledError). The gdbstub or QMP not answering in time means QEMU is stuck (e.g.
+    SIGSTOPped): it is killed and the machine FAILED; a lost connection means QEMU died:
+    its death is classified and reported once; a refusal nobody expected is a QEMU that
+    misbehaves: FAILED too. Each raises BackendFailed with the reason (WrongState when
+    the death was the program's own end, already reported as a stop)."""
+
+    @functools.wraps(method)
+    async def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except DriverError:
+            raise
+        except RspTimeout as exc:
+            raise await self.target.process.fail(f"QEMU stopped answering its gdbstub ({exc})") from None
+        except RspClosed:
+            raise await self.target.process.connection_lost() from None
+        except RspError as exc:
+            raise await self.target.process.fail(f"QEMU's gdbstub refused a request: {exc}") from None
+        except (QMPError, EOFError, OSError) as exc:
+            raise await self.target.process.fail(f"QEMU's monitor failed: {exc!r}") from None
+
+    return call
+
