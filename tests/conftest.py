@@ -17,18 +17,13 @@ from tests.helpers.server import ServerProcess
 from tests.helpers.tools import (
     REQUIRE_TOOLS_ENV,
     VENV_BIN,
-    find_tool,
     skip_is_for_a_missing_tool,
     tools_required,
 )
 
 # Older import paths (``from tests.conftest import firmware``) keep working; new code
 # imports from tests.helpers.
-__all__ = ["FIRMWARE", "ROOT", "VENV_BIN", "ServerProcess", "firmware", "have"]
-
-
-def have(tool: str) -> bool:
-    return find_tool(tool) is not None
+__all__ = ["FIRMWARE", "ROOT", "VENV_BIN", "ServerProcess", "firmware"]
 
 
 @pytest.hookimpl(hookwrapper=True)
