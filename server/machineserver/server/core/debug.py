@@ -26,6 +26,7 @@ from machineserver.server.core.errors import (
     Unimplemented,
 )
 from machineserver.server.core.models import now
+from machineserver.server.core.sessions import TABLE as SESSIONS
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
@@ -137,12 +138,15 @@ class Debugger:
         self.sessions.db.delete_where(BREAKPOINTS, "session = ?", [live.id])
 
     def load(self) -> None:
-        """The stored user breakpoints of every session (at start, after the sessions);
-        rows of sessions that are gone are deleted."""
-        for row in self.sessions.db.rows(BREAKPOINTS, order_by="session, create_time, id"):
+        """The stored user breakpoints of every session (at start, after the sessions).
+        Rows of sessions that are gone are deleted; those of a session kept but not
+        loaded (its board config unreadable now) stay for a server that can load it."""
+        db = self.sessions.db
+        for row in db.rows(BREAKPOINTS, order_by="session, create_time, id"):
             live = self.sessions.find(row["session"])
             if live is None:
-                self.sessions.db.delete(BREAKPOINTS, row["id"])
+                if db.get(SESSIONS, row["session"]) is None:
+                    db.delete(BREAKPOINTS, row["id"])
                 continue
             bp = breakpoint_from_row(row["data"])
             st = self.state(live)
