@@ -18,16 +18,22 @@ from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.core.images import ImageFormat, parse_image
 from machineserver.server.drivers import native
 from machineserver.server.drivers.base import (
+    Breakpoints,
+    Coverage,
     Feature,
     MachineOptions,
     MachineState,
     NotSupported,
     ProgramImage,
+    RunControl,
+    Snapshots,
     StopInfo,
     StopReason,
+    blocks_since,
 )
-from machineserver.server.drivers.qemu import QemuBackend, QemuMachine
-from machineserver.server.drivers.qemu import coverage as cov
+from machineserver.server.drivers.qemu import QemuBackend, QemuMachine, blocktable
+from machineserver.server.drivers.qemu.coverage import QemuCoverage
+from machineserver.server.drivers.qemu.plugin import PluginStatus, plugin_status
 
 FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
 BOARD = "mps2-an385"
@@ -45,7 +51,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def plugin() -> str:
-    status = cov.plugin_status()
+    status = plugin_status()
     if status.path is None:
         pytest.skip(f"the coverage plugin cannot be built here: {status.reason}")
     return status.path
@@ -120,9 +126,15 @@ async def machines() -> AsyncIterator[Factory]:
         await m.power_off()
 
 
+def cov(m: QemuMachine) -> QemuCoverage:
+    part = m.capability(Coverage)
+    assert isinstance(part, QemuCoverage)
+    return part
+
+
 async def run_to_exit(m: QemuMachine, ev: Events) -> None:
     n = len(ev.stops) + 1
-    await m.run()
+    await m.capability(RunControl).run()
     stop = await ev.stop(n)
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0), stop
     assert m.state is MachineState.EXITED
@@ -154,7 +166,7 @@ def test_probe_reports_the_plugin(plugin: str) -> None:
     assert Feature.COVERAGE in info.features
     assert os.path.exists(plugin)
     # cached: the same .so, not rebuilt
-    assert cov.plugin_status().path == plugin
+    assert plugin_status().path == plugin
 
 
 def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
@@ -165,22 +177,23 @@ def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="failed to build"):
         native.build(bad, cc, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.so"))
-    assert cov.PluginStatus(None, "no gcc").method == "none: no gcc"
+    assert PluginStatus(None, "no gcc").method == "none: no gcc"
 
 
 def test_table_reader_merges_retranslated_blocks(tmp_path: Path) -> None:
     path = tmp_path / "t.bin"
     entries = [(0x100, 8, 0, 5), (0x200, 4, 0, 0), (0x100, 12, 0, 2)]
-    data = cov.HEADER.pack(cov.MAGIC, 1, 24, 4, cov.FLAG_FULL, len(entries))
-    data += b"".join(cov.ENTRY.pack(*e) for e in entries) + bytes(24)
+    data = blocktable.HEADER.pack(blocktable.MAGIC, 1, 24, 4, blocktable.FLAG_FULL, len(entries))
+    data += b"".join(blocktable.ENTRY.pack(*e) for e in entries) + bytes(24)
     path.write_bytes(data)
-    table = cov.read_table(path)
-    assert table.blocks == {0x100: (12, 7), 0x200: (4, 0)} and table.full
-    assert cov.delta(table.blocks, {0x100: (8, 5)}) == {0x100: (12, 2)}
-    assert cov.read_table(tmp_path / "missing.bin").blocks == {}
+    table = blocktable.read_table(path)
+    # summed, largest size kept; 0x200 was translated but never executed: not a block run
+    assert table.blocks == {0x100: (12, 7)} and table.full
+    assert blocks_since(table.blocks, {0x100: (8, 5)}) == {0x100: (12, 2)}
+    assert blocktable.read_table(tmp_path / "missing.bin").blocks == {}
     (tmp_path / "empty.bin").write_bytes(bytes(64))  # created, header not written yet
-    assert cov.read_table(tmp_path / "empty.bin").blocks == {}
-    assert cov.HEADER.size == 64 and cov.ENTRY.size == 24  # the C structs' sizes
+    assert blocktable.read_table(tmp_path / "empty.bin").blocks == {}
+    assert blocktable.HEADER.size == 64 and blocktable.ENTRY.size == 24  # the C structs' sizes
 
 
 async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory) -> None:
@@ -188,31 +201,31 @@ async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory
     m, ev = machines(coverage=True)
     await m.power_on()
     await m.load(image(path))
-    await m.coverage_start()
-    assert await m.coverage_blocks() == {}  # nothing ran since the baseline
+    await cov(m).coverage_start()
+    assert await cov(m).coverage_blocks() == {}  # nothing ran since the baseline
     await run_to_exit(m, ev)
     assert bytes(ev.console) == b"coverage done\n"
-    blocks = await m.coverage_blocks()
+    blocks = await cov(m).coverage_blocks()
     check_coverage_program(blocks, path, 1)
 
     # stop freezes the result; reset empties it
-    await m.coverage_stop()
-    assert await m.coverage_blocks() == blocks
-    await m.coverage_reset()
-    assert await m.coverage_blocks() == {}
+    await cov(m).coverage_stop()
+    assert await cov(m).coverage_blocks() == blocks
+    await cov(m).coverage_reset()
+    assert await cov(m).coverage_blocks() == {}
 
     # a reset after the exit starts a fresh QEMU with a fresh table; counting goes on
-    await m.coverage_start()
-    assert await m.coverage_blocks() == {}
+    await cov(m).coverage_start()
+    assert await cov(m).coverage_blocks() == {}
     await m.reset()
     await run_to_exit(m, ev)
-    check_coverage_program(await m.coverage_blocks(), path, 1)
+    check_coverage_program(await cov(m).coverage_blocks(), path, 1)
     await m.load(image(path))
     await run_to_exit(m, ev)
-    check_coverage_program(await m.coverage_blocks(), path, 2)  # spans both QEMUs
-    await m.coverage_reset()
-    assert await m.coverage_blocks() == {}
-    assert not m.coverage_overflowed
+    check_coverage_program(await cov(m).coverage_blocks(), path, 2)  # spans both QEMUs
+    await cov(m).coverage_reset()
+    assert await cov(m).coverage_blocks() == {}
+    assert not cov(m).coverage_overflowed
 
 
 async def test_counts_are_live_and_survive_a_snapshot_restore(plugin: str,
@@ -222,18 +235,18 @@ async def test_counts_are_live_and_survive_a_snapshot_restore(plugin: str,
     m, ev = machines(coverage=True)
     await m.power_on()
     await m.load(image(path))
-    await m.coverage_start()
-    await m.set_breakpoint(three.start)
-    await m.run()
+    await cov(m).coverage_start()
+    await m.capability(Breakpoints).set_breakpoint(three.start)
+    await m.capability(RunControl).run()
     stop = await ev.stop(1)
     assert stop.reason is StopReason.BREAKPOINT and stop.pc == three.start
-    blocks = await m.coverage_blocks()  # read while QEMU is alive, mid-program
+    blocks = await cov(m).coverage_blocks()  # read while QEMU is alive, mid-program
     assert blocks and three.start not in blocks
-    snap = await m.save_state()
-    await m.clear_breakpoint(three.start)
-    await m.restore_state(snap)  # a new QEMU: the old table is folded in
+    snap = await m.capability(Snapshots).save_state()
+    await m.capability(Breakpoints).clear_breakpoint(three.start)
+    await m.capability(Snapshots).restore_state(snap)  # a new QEMU: the old table is folded in
     await run_to_exit(m, ev)
-    blocks = await m.coverage_blocks()
+    blocks = await cov(m).coverage_blocks()
     assert blocks[three.start][1] == 3
     assert blocks[function(path, "main").start][1] == 1  # the start of main ran once
 
@@ -242,9 +255,11 @@ async def test_machine_without_the_option_has_no_coverage(machines: Factory) -> 
     m, _ = machines(coverage=False)
     await m.power_on()
     with pytest.raises(NotSupported, match="coverage"):
-        await m.coverage_start()
+        await cov(m).coverage_start()
     with pytest.raises(NotSupported, match="coverage"):
-        await m.coverage_blocks()
-    inst = m._inst
-    assert inst is not None and "-plugin" not in inst.command_line(
-        {"con": 1, "semi": 2, "gdb": 3, "qmp": 4})
+        await cov(m).coverage_blocks()
+    # the plugin is loaded (its instruction gate), without a coverage table
+    inst = m.target.process.instance
+    assert inst is not None
+    command = inst.command_line({"con": 1, "semi": 2, "gdb": 3, "qmp": 4})
+    assert "-plugin" in command and not any("out=" in arg for arg in command)

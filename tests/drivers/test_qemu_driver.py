@@ -25,14 +25,22 @@ from machineserver.server.drivers.base import (
     Arch,
     BadRequest,
     BoardSpec,
+    Breakpoints,
+    ConsoleInput,
+    Counters,
     Feature,
     MachineOptions,
     MachineState,
+    MemoryAccess,
     NotSupported,
     ProgramImage,
+    RegisterAccess,
+    RunControl,
+    Snapshots,
     StopInfo,
     StopReason,
     WatchKind,
+    Watchpoints,
     WrongState,
     features_of,
 )
@@ -148,7 +156,47 @@ def qemu_children() -> list[int]:
     return out
 
 
-MachineFactory = Callable[..., tuple[QemuMachine, Events]]
+class Qm:
+    """A QEMU machine with its parts at hand: ``m.rc`` is its RunControl part, ``m.regs``
+    RegisterAccess, and so on; the lifecycle is the machine's own."""
+
+    def __init__(self, machine: QemuMachine) -> None:
+        self.machine = machine
+        self.rc = machine.capability(RunControl)
+        self.regs = machine.capability(RegisterAccess)
+        self.mem = machine.capability(MemoryAccess)
+        self.bp = machine.capability(Breakpoints)
+        self.wp = machine.capability(Watchpoints)
+        self.con = machine.capability(ConsoleInput)
+        self.snap = machine.capability(Snapshots)
+
+    @property
+    def state(self) -> MachineState:
+        return self.machine.state
+
+    def counters(self) -> Counters:
+        return self.machine.counters()
+
+    async def power_on(self) -> None:
+        await self.machine.power_on()
+
+    async def power_off(self) -> None:
+        await self.machine.power_off()
+
+    async def reset(self) -> None:
+        await self.machine.reset()
+
+    async def load(self, image: ProgramImage) -> None:
+        await self.machine.load(image)
+
+    @property
+    def qemu_pid(self) -> int:
+        pids = self.machine.target.process.pids()
+        assert pids, "no QEMU runs"
+        return pids[0]
+
+
+MachineFactory = Callable[..., tuple[Qm, Events]]
 
 
 @pytest.fixture
@@ -156,12 +204,13 @@ async def machines() -> AsyncIterator[MachineFactory]:
     made: list[QemuMachine] = []
     backend = QemuBackend()
 
-    def make(board_name: str, *, icount: bool = False) -> tuple[QemuMachine, Events]:
+    def make(board_name: str, *, icount: bool = False, **extra: str) -> tuple[Qm, Events]:
         events = Events()
-        m = backend.create_machine(board(board_name), MachineOptions(icount=icount), events)
+        m = backend.create_machine(board(board_name), MachineOptions(icount=icount, extra=extra),
+                                   events)
         assert isinstance(m, QemuMachine)
         made.append(m)
-        return m, events
+        return Qm(m), events
 
     yield make
     for m in made:
@@ -171,7 +220,7 @@ async def machines() -> AsyncIterator[MachineFactory]:
 
 
 async def boot(make: MachineFactory, fw: Path, board_name: str, program: str,
-               **kw: bool) -> tuple[QemuMachine, Events, Path]:
+               **kw: bool) -> tuple[Qm, Events, Path]:
     m, ev = make(board_name, **kw)
     await m.power_on()
     path = elf_path(fw, board_name, program)
@@ -222,7 +271,7 @@ async def test_hello_crc32_fault(machines: MachineFactory, firmware_dir: Path,
                                  board_name: str) -> None:
     m, ev, _ = await boot(machines, firmware_dir, board_name, "hello")
     assert m.state is MachineState.HALTED
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT and stop.exit_code == 0
     assert bytes(ev.console) == f"Hello from {board_name}!\n".encode()
@@ -232,7 +281,7 @@ async def test_hello_crc32_fault(machines: MachineFactory, firmware_dir: Path,
     path = elf_path(firmware_dir, board_name, "crc32")
     await m.load(elf_image(path))
     ev.console.clear()
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(ev.console) == b"crc32=0x80f45f04\n"
@@ -240,7 +289,7 @@ async def test_hello_crc32_fault(machines: MachineFactory, firmware_dir: Path,
     path = elf_path(firmware_dir, board_name, "fault")
     await m.load(elf_image(path))
     ev.console.clear()
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
     trap = b"hardfault\n" if board_name != "sifive_e" else b"trap mcause=5\n"
@@ -255,7 +304,7 @@ async def test_hello_crc32_fault(machines: MachineFactory, firmware_dir: Path,
 async def test_timer_interrupts(machines: MachineFactory, firmware_dir: Path,
                                 board_name: str, program: str) -> None:
     m, ev, _ = await boot(machines, firmware_dir, board_name, program)
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(ev.console) == b"ticks=10\n"
@@ -268,12 +317,12 @@ async def test_timer_interrupts(machines: MachineFactory, firmware_dir: Path,
 async def test_echo_console_input(machines: MachineFactory, firmware_dir: Path,
                                   board_name: str) -> None:
     m, ev, _ = await boot(machines, firmware_dir, board_name, "echo")
-    await m.run()
+    await m.rc.run()
     # netduinoplus2 drops RX bytes until the firmware enables the USART: wait for it
     await ev.until(lambda: b"echo ready\n" in ev.console)
-    await m.console_input(b"hi there\n")
+    await m.con.console_input(b"hi there\n")
     await ev.until(lambda: b"hi there\n" in ev.console)
-    await m.console_input(b"q")
+    await m.con.console_input(b"q")
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(ev.console) == b"echo ready\nhi there\nbye\n"
@@ -283,12 +332,12 @@ async def test_icount_counts_instructions(machines: MachineFactory, firmware_dir
     m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello", icount=True)
     assert m.counters().instructions == 0
     path = elf_path(firmware_dir, "mps2-an385", "hello")
-    await m.set_breakpoint(symbol(path, "main"))
-    await m.run()
+    await m.bp.set_breakpoint(symbol(path, "main"))
+    await m.rc.run()
     await ev.next_stop()
     first = m.counters()
     assert first.instructions > 10 and first.virtual_time_ns > 0
-    await m.step(10)
+    await m.rc.step(10)
     assert m.counters().instructions == first.instructions + 10
 
 
@@ -300,21 +349,21 @@ async def test_breakpoint_step_registers_memory(machines: MachineFactory, firmwa
                                                 board_name: str) -> None:
     m, ev, path = await boot(machines, firmware_dir, board_name, "hello")
     main = symbol(path, "main")
-    await m.set_breakpoint(main)
-    await m.set_breakpoint(main)  # twice: no-op
-    await m.run()
+    await m.bp.set_breakpoint(main)
+    await m.bp.set_breakpoint(main)  # twice: no-op
+    await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.pc) == (StopReason.BREAKPOINT, main)
     assert m.state is MachineState.HALTED
 
-    one = await m.step()
+    one = await m.rc.step()
     assert one.reason is StopReason.STEP and one.pc != main
-    more = await m.step(3)
+    more = await m.rc.step(3)
     assert more.reason is StopReason.STEP
     assert len(ev.stops) == 1, "step stops must not also be events"
 
-    regs = await m.read_registers()
-    names = list(m.register_names())
+    regs = await m.regs.read_registers()
+    names = list(m.regs.register_names())
     assert set(regs) == set(names) and regs["pc"] == more.pc
     if board_name == "sifive_e":
         assert names[:33] == [*(f"x{i}" for i in range(32)), "pc"]
@@ -326,31 +375,31 @@ async def test_breakpoint_step_registers_memory(machines: MachineFactory, firmwa
         assert regs["xpsr"] & (1 << 24), "Thumb bit"
         scratch, alias = "r7", "r7"
         ram = 0x20000100
-    await m.write_register(scratch, 0xDEADBEEF)
-    assert (await m.read_registers([alias]))[alias] == 0xDEADBEEF
+    await m.regs.write_register(scratch, 0xDEADBEEF)
+    assert (await m.regs.read_registers([alias]))[alias] == 0xDEADBEEF
     with pytest.raises(BadRequest) as err:
-        await m.read_registers(["r99"])
+        await m.regs.read_registers(["r99"])
     assert err.value.field == "name"
     with pytest.raises(BadRequest):
-        await m.write_register("nope", 1)
+        await m.regs.write_register("nope", 1)
 
-    await m.write_memory(ram, b"\x01\x02\x03\x04machineserver")
-    assert await m.read_memory(ram, 17) == b"\x01\x02\x03\x04machineserver"
+    await m.mem.write_memory(ram, b"\x01\x02\x03\x04machineserver")
+    assert await m.mem.read_memory(ram, 17) == b"\x01\x02\x03\x04machineserver"
     big = bytes(range(256)) * 40  # several packets
-    await m.write_memory(ram + 0x100, big)
-    assert await m.read_memory(ram + 0x100, len(big)) == big
+    await m.mem.write_memory(ram + 0x100, big)
+    assert await m.mem.read_memory(ram + 0x100, len(big)) == big
     unmapped = 0xF0000000 if board_name != "sifive_e" else 0x40000000
     with pytest.raises(BadRequest) as err:
-        await m.read_memory(unmapped, 4)
+        await m.mem.read_memory(unmapped, 4)
     assert err.value.field == "address" and f"0x{unmapped:08x}" in str(err.value)
     with pytest.raises(BadRequest):
-        await m.write_memory(unmapped, b"\0\0\0\0")
+        await m.mem.write_memory(unmapped, b"\0\0\0\0")
 
     # run to the end from the breakpoint's neighbourhood
-    await m.clear_breakpoint(main)
-    await m.clear_breakpoint(main)  # twice: no-op
-    await m.write_register(scratch, regs[scratch])
-    await m.run()
+    await m.bp.clear_breakpoint(main)
+    await m.bp.clear_breakpoint(main)  # twice: no-op
+    await m.regs.write_register(scratch, regs[scratch])
+    await m.rc.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT
 
@@ -360,13 +409,13 @@ async def test_breakpoint_survives_reset_and_continue_from_it(
 ) -> None:
     m, ev, path = await boot(machines, firmware_dir, "netduinoplus2", "hello")
     main = symbol(path, "main")
-    await m.set_breakpoint(main)
-    await m.run()
+    await m.bp.set_breakpoint(main)
+    await m.rc.run()
     assert (await ev.next_stop()).pc == main
     await m.reset()
-    await m.run()
+    await m.rc.run()
     assert (await ev.next_stop()).pc == main
-    await m.run()  # continues past the breakpoint it sits on
+    await m.rc.run()  # continues past the breakpoint it sits on
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT and ev.console.count(b"Hello") == 1
 
@@ -374,22 +423,22 @@ async def test_breakpoint_survives_reset_and_continue_from_it(
 async def test_watchpoint_on_variable(machines: MachineFactory, firmware_dir: Path) -> None:
     m, ev, path = await boot(machines, firmware_dir, "mps2-an385", "systick")
     ticks = symbol(path, "ticks")
-    await m.set_watchpoint(ticks, 4, WatchKind.WRITE)
-    await m.run()
+    await m.wp.set_watchpoint(ticks, 4, WatchKind.WRITE)
+    await m.rc.run()
     stop = await ev.next_stop()
     # the first write is the startup code zeroing .bss
     assert stop.reason is StopReason.WATCHPOINT
     assert (stop.watch_address, stop.watch_value, stop.watch_access) == (ticks, 0, "write")
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()  # the first SysTick interrupt
     assert (stop.reason, stop.watch_value) == (StopReason.WATCHPOINT, 1)
     handler = symbol(path, "SysTick_Handler")
     assert handler <= stop.pc < handler + 0x40
-    await m.run()
+    await m.rc.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.WATCHPOINT and stop.watch_value == 2
-    await m.clear_watchpoint(ticks, 4, WatchKind.WRITE)
-    await m.run()
+    await m.wp.clear_watchpoint(ticks, 4, WatchKind.WRITE)
+    await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
 
@@ -399,19 +448,19 @@ async def test_pause_while_running_and_states(machines: MachineFactory,
     m, ev, _ = await boot(machines, firmware_dir, "lm3s6965evb", "echo")
     with pytest.raises(WrongState):
         await m.power_on()
-    await m.run()
+    await m.rc.run()
     await ev.until(lambda: b"echo ready\n" in ev.console)
     with pytest.raises(WrongState):
-        await m.read_registers()
+        await m.regs.read_registers()
     with pytest.raises(WrongState):
-        await m.step()
-    stop = await m.pause()
+        await m.rc.step()
+    stop = await m.rc.pause()
     assert stop.reason is StopReason.HALT and m.state is MachineState.HALTED
     assert ev.stops == [], "a pause's stop must not also be an event"
-    regs = await m.read_registers(["pc"])
+    regs = await m.regs.read_registers(["pc"])
     assert regs["pc"] == stop.pc
-    await m.console_input(b"ok\n")  # buffered while halted, read once running
-    await m.run()
+    await m.con.console_input(b"ok\n")  # buffered while halted, read once running
+    await m.rc.run()
     await ev.until(lambda: b"ok\n" in ev.console)
     await m.reset()
     assert m.state is MachineState.HALTED
@@ -425,31 +474,29 @@ async def test_pause_while_running_and_states(machines: MachineFactory,
 async def test_guest_lockup_is_a_fault(machines: MachineFactory, firmware_dir: Path) -> None:
     m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello")
     # HardFault vector -> unmapped, then jump to unmapped: the fault escalation locks up
-    await m.write_memory(0x0C, (0xF0000001).to_bytes(4, "little"))
-    await m.write_register("pc", 0xF0000000)
-    await m.run()
+    await m.mem.write_memory(0x0C, (0xF0000001).to_bytes(4, "little"))
+    await m.regs.write_register("pc", 0xF0000000)
+    await m.rc.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.FAULT and "Lockup" in stop.message
     assert m.state is MachineState.FAULTED and not ev.failures
     await m.reset()  # a fresh QEMU with the image reloaded
-    await m.run()
+    await m.rc.run()
     assert (await ev.next_stop()).reason is StopReason.EXIT
 
 
 async def test_qemu_killed_is_a_failure(machines: MachineFactory, firmware_dir: Path) -> None:
     m, ev, _ = await boot(machines, firmware_dir, "sifive_e", "echo")
-    await m.run()
+    await m.rc.run()
     await ev.until(lambda: b"echo ready" in ev.console)
-    inst = m._inst
-    assert inst is not None and inst.proc is not None
-    pid = inst.proc.pid
+    pid = m.qemu_pid
     os.kill(pid, signal.SIGKILL)
     await ev.until(lambda: bool(ev.failures))
     assert m.state is MachineState.FAILED
     assert "SIGKILL" in ev.failures[0] and ev.stops == []
     await ev.until(lambda: pid not in qemu_children(), 3.0)  # reaped: no zombie
     with pytest.raises(WrongState):
-        await m.step()
+        await m.rc.step()
     await m.power_off()
     await m.power_on()
     assert m.state is MachineState.HALTED
@@ -461,18 +508,18 @@ async def test_qemu_killed_is_a_failure(machines: MachineFactory, firmware_dir: 
 async def test_snapshot_restore_is_deterministic(machines: MachineFactory,
                                                  firmware_dir: Path) -> None:
     m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo", icount=True)
-    await m.run()
+    await m.rc.run()
     await ev.until(lambda: b"echo ready\n" in ev.console)
-    await m.pause()
-    regs = await m.read_registers()
+    await m.rc.pause()
+    regs = await m.regs.read_registers()
     counters = m.counters()
-    blob = await m.save_state()
+    blob = await m.snap.save_state()
     assert isinstance(blob, bytes) and len(blob) > 1000
 
     async def finish() -> tuple[bytes, StopInfo]:
         start = len(ev.console)
-        await m.run()
-        await m.console_input(b"abc\nq")
+        await m.rc.run()
+        await m.con.console_input(b"abc\nq")
         stop = await ev.next_stop()
         return bytes(ev.console[start:]), stop
 
@@ -480,26 +527,26 @@ async def test_snapshot_restore_is_deterministic(machines: MachineFactory,
     assert first[0] == b"abc\nbye\n" and first[1].exit_code == 0
     # restore into the exited machine (a fresh QEMU), twice: same state, same output
     for _ in range(2):
-        await m.restore_state(blob)
+        await m.snap.restore_state(blob)
         assert m.state is MachineState.HALTED
-        assert await m.read_registers() == regs
+        assert await m.regs.read_registers() == regs
         assert m.counters() == counters
         assert await finish() == first
 
     # and into another machine of the same board
     other, _ = machines("mps2-an385", icount=True)
     await other.power_on()
-    await other.restore_state(blob)
-    assert await other.read_registers() == regs
+    await other.snap.restore_state(blob)
+    assert await other.regs.read_registers() == regs
     with pytest.raises(BadRequest):
-        await other.restore_state(b"not a snapshot")
+        await other.snap.restore_state(b"not a snapshot")
 
 
 async def test_snapshots_refused_on_lm3s6965evb(machines: MachineFactory,
                                                 firmware_dir: Path) -> None:
     m, _, _ = await boot(machines, firmware_dir, "lm3s6965evb", "hello")
     with pytest.raises(NotSupported, match="lm3s6965evb"):
-        await m.save_state()
+        await m.snap.save_state()
 
 
 async def test_many_machines_at_once(machines: MachineFactory, firmware_dir: Path) -> None:
@@ -507,7 +554,7 @@ async def test_many_machines_at_once(machines: MachineFactory, firmware_dir: Pat
         *(boot(machines, firmware_dir, b, "hello") for b in (*BOARDS, "mps2-an385"))
     )
     for m, _, _ in booted:
-        await m.run()
+        await m.rc.run()
     for (_, ev, _), name in zip(booted, (*BOARDS, "mps2-an385"), strict=True):
         stop = await ev.next_stop()
         assert stop.exit_code == 0 and bytes(ev.console) == f"Hello from {name}!\n".encode()
