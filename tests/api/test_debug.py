@@ -135,9 +135,11 @@ async def test_halt_and_step_counts(client: AsyncClient) -> None:
 async def test_continue_wait_honours_the_deadline(client: AsyncClient) -> None:
     prog = await upload(client, "lm3s6965evb", "echo")
     s = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
-    with pytest.raises(errors.DeadlineExceeded):
-        await client.debug.continue_(name=s.name, wait=True, timeout=0.3)
-    assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_RUNNING
+    with pytest.raises(errors.DeadlineExceeded) as exc:
+        await client.debug.continue_(name=s.name, wait=True, timeout=0.5)
+    # a continue never outlives the call that waits for it: halted, and it says so
+    assert "halted" in exc.value.message
+    assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_HALTED
 
 
 async def test_gdb_server_through_the_api_with_real_gdb(client: AsyncClient) -> None:

@@ -171,8 +171,11 @@ class DebugServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadMemory(self, request, context):
-        """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off.
-        INVALID_ARGUMENT: size 0 or too large, or an unmapped address (named).
+        """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off,
+        or running on a backend that reaches memory only while the machine is stopped
+        (CapabilitiesService: Backend.details["memory_while_running"]; unicorn
+        reads and writes between its run slices, QEMU's gdbstub only while stopped).
+        INVALID_ARGUMENT: size 0 or too large, or an unmapped or MMIO address (named).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

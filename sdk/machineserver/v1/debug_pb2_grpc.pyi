@@ -55,8 +55,11 @@ class DebugServiceStub:
     INVALID_ARGUMENT: unknown register or value too wide.
     """
     ReadMemory: _grpc.UnaryUnaryMultiCallable[_debug_pb2.ReadMemoryRequest, _debug_pb2.ReadMemoryResponse]
-    """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off.
-    INVALID_ARGUMENT: size 0 or too large, or an unmapped address (named).
+    """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off,
+    or running on a backend that reaches memory only while the machine is stopped
+    (CapabilitiesService: Backend.details["memory_while_running"]; unicorn
+    reads and writes between its run slices, QEMU's gdbstub only while stopped).
+    INVALID_ARGUMENT: size 0 or too large, or an unmapped or MMIO address (named).
     """
     WriteMemory: _grpc.UnaryUnaryMultiCallable[_debug_pb2.WriteMemoryRequest, _debug_pb2.WriteMemoryResponse]
     """Writes a memory range (at most 1 MiB). Same codes as ReadMemory."""
@@ -136,8 +139,11 @@ class DebugServiceAsyncStub(DebugServiceStub):
     INVALID_ARGUMENT: unknown register or value too wide.
     """
     ReadMemory: _aio.UnaryUnaryMultiCallable[_debug_pb2.ReadMemoryRequest, _debug_pb2.ReadMemoryResponse]  # type: ignore[assignment]
-    """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off.
-    INVALID_ARGUMENT: size 0 or too large, or an unmapped address (named).
+    """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off,
+    or running on a backend that reaches memory only while the machine is stopped
+    (CapabilitiesService: Backend.details["memory_while_running"]; unicorn
+    reads and writes between its run slices, QEMU's gdbstub only while stopped).
+    INVALID_ARGUMENT: size 0 or too large, or an unmapped or MMIO address (named).
     """
     WriteMemory: _aio.UnaryUnaryMultiCallable[_debug_pb2.WriteMemoryRequest, _debug_pb2.WriteMemoryResponse]  # type: ignore[assignment]
     """Writes a memory range (at most 1 MiB). Same codes as ReadMemory."""
@@ -250,8 +256,11 @@ class DebugServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _debug_pb2.ReadMemoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_debug_pb2.ReadMemoryResponse, _abc.Awaitable[_debug_pb2.ReadMemoryResponse]]:
-        """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off.
-        INVALID_ARGUMENT: size 0 or too large, or an unmapped address (named).
+        """Reads a memory range (at most 1 MiB). NOT_FOUND. FAILED_PRECONDITION: powered off,
+        or running on a backend that reaches memory only while the machine is stopped
+        (CapabilitiesService: Backend.details["memory_while_running"]; unicorn
+        reads and writes between its run slices, QEMU's gdbstub only while stopped).
+        INVALID_ARGUMENT: size 0 or too large, or an unmapped or MMIO address (named).
         """
 
     @_abc_1.abstractmethod

@@ -33,6 +33,9 @@ log = structlog.get_logger(__name__)
 # Commands an observer may send.
 READ_ONLY_COMMANDS = frozenset({"read_registers", "read_memory", "resolve_symbol", "take_control", "backtrace",
                                 "disassemble"})
+# a waiting call halts the session this long before its deadline, so the answer (the
+# DEADLINE_EXCEEDED that says it was halted) reaches the caller in time
+DEADLINE_MARGIN_SECONDS = 0.2
 # each Attach command is a call named after the unary RPC it mirrors
 ATTACH_METHODS = {
     field.name: "/machineserver.v1.DebugService/" + ("Attach" if field.name == "take_control" else
@@ -107,11 +110,13 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
 
     async def Continue(self, request: pb.ContinueRequest, context: aio.ServicerContext) -> pb.ContinueResponse:
         live = self.engine.sessions.get(request.name)
-        await self.engine.sessions.run(live)
         if not request.wait:
+            await self.engine.sessions.run(live)
             return pb.ContinueResponse(state=self._state(live))
         remaining = context.time_remaining() if context is not None else None
-        stop = await self.engine.sessions.wait_for_stop(live, remaining)
+        if remaining is not None:
+            remaining = max(0.0, remaining - DEADLINE_MARGIN_SECONDS)  # halt, then answer in time
+        stop = await self.engine.sessions.run_until_stop(live, remaining)
         return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
 
     async def Halt(self, request: pb.HaltRequest, context: aio.ServicerContext) -> pb.HaltResponse:
@@ -163,6 +168,8 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         live = self.engine.sessions.get(request.name)
         mode = convert.enum_value(STEP_MODES, request.mode, "mode")
         remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            remaining = max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
         stop = await self.engine.stepper.step_line(live, mode, remaining)
         return pb.StepLineResponse(stop=self._stop(live, stop), state=self._state(live))
 

@@ -12,6 +12,7 @@ never stored. Hit counts are not stored: they count since the server started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from machineserver.server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    MachineServerError,
     NotFound,
     Unimplemented,
 )
@@ -34,6 +36,7 @@ from machineserver.server.drivers.base import (
     Breakpoints,
     Feature,
     Machine,
+    MachineState,
     MemoryAccess,
     RegisterAccess,
     StopInfo,
@@ -313,19 +316,32 @@ class Debugger:
             return (await registers.read_registers([name]))[name]
 
     async def read_memory(self, live: LiveSession, address: int, size: int) -> bytes:
-        machine = live.require_inspectable("read memory")
-        live.feature(Feature.MEMORY)
+        memory = self._memory(live, "read memory")
         _check_range(address, size)
         with driver_errors(live):
-            return await machine.capability(MemoryAccess).read_memory(address, size)
+            return await memory.read_memory(address, size)
 
     async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
-        machine = live.require_inspectable("write memory")
-        live.feature(Feature.MEMORY)
+        memory = self._memory(live, "write memory")
         _check_range(address, len(data), "data")
         with driver_errors(live):
-            await machine.capability(MemoryAccess).write_memory(address, data)
+            await memory.write_memory(address, data)
         return len(data)
+
+    def _memory(self, live: LiveSession, action: str) -> MemoryAccess:
+        """The machine's memory, in any powered state; while it runs only where the
+        backend can reach memory without stopping it (MemoryAccess.access_while_running:
+        Unicorn between slices, not QEMU's all-stop gdbstub)."""
+        machine = live.require_machine(action)
+        live.feature(Feature.MEMORY)
+        with driver_errors(live):
+            memory = machine.capability(MemoryAccess)
+        if live.state is MachineState.RUNNING and not memory.access_while_running:
+            raise FailedPrecondition(
+                f"cannot {action}: session {live.id} is running, and backend {live.record.backend} "
+                "reaches memory only while the machine is stopped; pause it first",
+                state=live.state.value, required="halted, exited or faulted")
+        return memory
 
     # ------------------------------------------------------------------ disassembly
 
@@ -520,6 +536,10 @@ class LineStepper:
                 stop = await self.sessions.wait_for_stop(live, remaining)
             except DeadlineExceeded:
                 await self.sessions.pause(live, "halted: the step did not end in time")
+                raise
+            except asyncio.CancelledError:  # the caller went away: never leave it running
+                with contextlib.suppress(MachineServerError):
+                    await self.sessions.pause(live, "halted: the step's caller went away")
                 raise
         finally:
             live.temporary_breakpoints.discard(address)

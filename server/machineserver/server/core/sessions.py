@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -69,6 +70,7 @@ log = structlog.get_logger(__name__)
 TABLE = "sessions"
 COLLECTION = "sessions"
 LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_./")
+OPERATION_STOP_SECONDS = 15.0  # how long a cancelled driver operation may take to stop
 POWERED = {MachineState.HALTED, MachineState.RUNNING, MachineState.EXITED, MachineState.FAULTED}
 
 
@@ -134,6 +136,11 @@ class LiveSession:
         self.lock = asyncio.Lock()
         self.stop_waiters: list[asyncio.Future[StopInfo]] = []
         self.limit_task: asyncio.Task[None] | None = None
+        # the driver call of a long operation in progress (a step); Pause and PowerOff
+        # preempt it (see SessionManager.preempt) instead of waiting for the lock
+        self.operation: asyncio.Task[StopInfo] | None = None
+        self.preempted_by = ""  # why, when it was preempted
+        self.preempt_halts = False  # whether its caller gets the halt (Pause) or an error (PowerOff)
         # addresses of breakpoints the core set for itself (stepping over a call): a hit
         # there is reported as the end of a step, not as a breakpoint
         self.temporary_breakpoints: set[int] = set()
@@ -221,6 +228,7 @@ class SessionManager:
         self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
         self._sessions: dict[str, LiveSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # background work (see _background)
         self.loop = asyncio.get_running_loop()
         # Other core parts (the debugger) hook in here rather than being imported.
         self.power_on_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
@@ -251,6 +259,8 @@ class SessionManager:
             self._sessions[rec.id] = LiveSession(self, rec, board)
 
     async def shutdown(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)
         for live in list(self._sessions.values()):
             if live.machine is not None:
                 try:
@@ -376,9 +386,10 @@ class SessionManager:
         return live
 
     async def delete(self, live: LiveSession) -> None:
+        await self.preempt(live, "deleted")
         if live.machine is not None:
             await self._discard_machine(live)
-            self._wake_waiters(live, None)
+            self._wake_waiters(live, FailedPrecondition(f"session {live.id} was deleted", state="off"))
         self._sessions.pop(live.id, None)
         self.db.delete(TABLE, live.id)
         await live.console.discard()
@@ -421,6 +432,7 @@ class SessionManager:
             self.set_state(live, MachineState.HALTED, "powered on")
 
     async def power_off(self, live: LiveSession) -> None:
+        await self.preempt(live, "powered off")
         async with live.lock:
             if live.machine is None:
                 if live.state is not MachineState.OFF:
@@ -430,7 +442,7 @@ class SessionManager:
 
     async def _power_off(self, live: LiveSession, reason: str) -> None:
         await self._discard_machine(live)
-        self._wake_waiters(live, None)
+        self._wake_waiters(live, FailedPrecondition(f"session {live.id} was {reason}", state="off"))
         self.set_state(live, MachineState.OFF, reason)
 
     async def _discard_machine(self, live: LiveSession) -> None:
@@ -506,6 +518,7 @@ class SessionManager:
                 live.limit_task = asyncio.create_task(self._watch_limit(live))
 
     async def pause(self, live: LiveSession, reason: str = "paused") -> StopInfo | None:
+        await self.preempt(live, reason, halts=True)
         async with live.lock:
             machine = live.require_machine("pause")
             if live.state is not MachineState.RUNNING:
@@ -518,15 +531,78 @@ class SessionManager:
             return live.last_stop
 
     async def step(self, live: LiveSession, count: int) -> StopInfo:
+        """Execute ``count`` instructions. A long step is an operation: its caller going
+        away (cancelled, deadline) stops it, Pause and PowerOff preempt it; either way
+        the machine is left halted (or exited/faulted when that came first)."""
         if count < 0 or count > 10**9:
             raise InvalidArgument("count", "must be between 1 and 10^9")
         async with live.lock:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
-            with driver_errors(live):
-                info: StopInfo = await machine.capability(drv.RunControl).step(count or 1)
+            run_control = machine.capability(drv.RunControl)
+            info = await self._operation(live, run_control.step(count or 1), "step")
             self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
+
+    async def _operation(self, live: LiveSession, driver_call: Coroutine[Any, Any, StopInfo],
+                         what: str) -> StopInfo:
+        """Run a driver call that may take long as a task of its own (``live.operation``);
+        the caller holds the session lock. A cancelled caller cancels the call with it
+        (drivers stop and leave the machine halted) and the record follows the machine's
+        state; a preempted call (:meth:`preempt`) hands its caller the halt."""
+        op: asyncio.Task[StopInfo] = asyncio.ensure_future(driver_call)
+        live.operation, live.preempted_by = op, ""
+        caller = asyncio.current_task()
+        try:
+            with driver_errors(live):
+                return await op
+        except asyncio.CancelledError:
+            if not op.done():
+                op.cancel()
+            await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+            preempted = live.preempted_by
+            if preempted and caller is not None and caller.cancelling() == 0:
+                if live.preempt_halts:
+                    return await self._halted_after(live, preempted)
+                raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
+                                         state=live.state.value) from None
+            self._follow_machine(live, f"{what} cancelled by its caller")
+            raise
+        finally:
+            live.operation, live.preempted_by = None, ""
+
+    async def preempt(self, live: LiveSession, reason: str, *, halts: bool = False) -> None:
+        """Stop a long operation in progress, so that Pause and PowerOff never wait behind
+        a step of 10^9 instructions. Its caller gets the halt (``halts``: a pause) or
+        FAILED_PRECONDITION saying why (a power-off, a delete)."""
+        op = live.operation
+        if op is None or op.done():
+            return
+        live.preempted_by, live.preempt_halts = reason, halts
+        op.cancel()
+        await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+
+    async def _halted_after(self, live: LiveSession, reason: str) -> StopInfo:
+        """The stop a preempted operation's caller gets: where the machine halted."""
+        machine = live.machine
+        if machine is not None and machine.state is MachineState.HALTED:
+            pc = 0
+            with contextlib.suppress(drv.DriverError):
+                pc = (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+            return StopInfo(StopReason.HALT, pc=pc, message=reason)
+        self._follow_machine(live, reason)
+        raise FailedPrecondition(f"session {live.id} was {reason}", state=live.state.value)
+
+    def _follow_machine(self, live: LiveSession, reason: str) -> None:
+        """After an interrupted operation: the record takes the machine's state."""
+        machine = live.machine
+        if machine is None:
+            return
+        state = machine.state
+        if state is MachineState.FAILED:
+            self._mark_failed(live, reason)
+        elif state in POWERED and state is not live.state:
+            self.set_state(live, state, reason)
 
     async def wait_for_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
         if live.state is not MachineState.RUNNING:
@@ -543,6 +619,21 @@ class SessionManager:
         finally:
             if fut in live.stop_waiters:
                 live.stop_waiters.remove(fut)
+
+    async def run_until_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
+        """Run and wait for the next stop. If the caller goes away or its time is up
+        first, the session is halted before this ends: a continue never outlives the
+        call that waits for it."""
+        await self.run(live)
+        try:
+            return await self.wait_for_stop(live, timeout)
+        except DeadlineExceeded:
+            await self.pause(live, "halted: the continue's deadline passed")
+            raise DeadlineExceeded(f"session {live.id} did not stop in time; it was halted") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(MachineServerError):
+                await self.pause(live, "halted: the continue's caller went away")
+            raise
 
     async def _watch_limit(self, live: LiveSession) -> None:
         limit = live.record.max_instructions
@@ -584,22 +675,43 @@ class SessionManager:
         self.set_state(live, state, reason, stop=info)
         self._wake_waiters(live, info)
 
-    def _wake_waiters(self, live: LiveSession, info: StopInfo | None) -> None:
+    def _wake_waiters(self, live: LiveSession, outcome: StopInfo | MachineServerError) -> None:
         waiters, live.stop_waiters = live.stop_waiters, []
         for fut in waiters:
             if fut.done():
                 continue
-            if info is None:
-                fut.set_exception(FailedPrecondition(f"session {live.id} was powered off"))
+            if isinstance(outcome, MachineServerError):
+                fut.set_exception(outcome)
             else:
-                fut.set_result(info)
+                fut.set_result(outcome)
 
     def _mark_failed(self, live: LiveSession, reason: str) -> None:
+        """The backend died: FAILED with the reason; whatever is left of the machine (a
+        stuck emulator process) is freed now, not when the session is deleted."""
         if live.state in (MachineState.FAILED, MachineState.OFF):
             return
         log.warning("session_failed", session_id=live.id, reason=reason)
         self.set_state(live, MachineState.FAILED, reason)
-        self._wake_waiters(live, None)
+        self._wake_waiters(live, Unavailable(f"session {live.id} failed: {reason}"))
+        self._background(self._free_failed(live), f"free-{live.id}")
+
+    async def _free_failed(self, live: LiveSession) -> None:
+        async with live.lock:
+            if live.state is MachineState.FAILED and live.machine is not None:
+                await self._discard_machine(live)
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Work that outlives the call that started it, owned by the manager: errors are
+        logged, and shutdown waits for it."""
+        task = self.loop.create_task(work, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background_task_failed", task=name, exc_info=t.exception())
+
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ console
 

@@ -120,6 +120,7 @@ class TegrastatsSource:
         self._exited_at = -float("inf")
         self._cond = threading.Condition()
         self._lock = threading.Lock()  # one read (and start) at a time
+        self._readers: list[threading.Thread] = []  # the reader of each process started: joined at close
 
     # ------------------------------------------------------------------ process
 
@@ -132,7 +133,9 @@ class TegrastatsSource:
         )
         with self._cond:
             self._proc, self._latest, self._exit_error = proc, None, ""
-        threading.Thread(target=self._pump, args=(proc,), name="tegrastats-reader", daemon=True).start()
+        reader = threading.Thread(target=self._pump, args=(proc,), name="tegrastats-reader", daemon=True)
+        self._readers = [t for t in self._readers if t.is_alive()] + [reader]
+        reader.start()
 
     def _pump(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None and proc.stderr is not None
@@ -200,3 +203,6 @@ class TegrastatsSource:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(2)
+        for reader in self._readers:  # each ends at its process's EOF
+            reader.join(2)
+        self._readers = [t for t in self._readers if t.is_alive()]

@@ -47,6 +47,7 @@ class UnicornBackend(Backend):
             details={
                 "instruction_count": "exact in counted slices" if exact else "estimated",
                 "arches": "arm-cortex-m (cortex-m3, cortex-m4), riscv32 (rv32imac)",
+                "memory_while_running": "yes: between run slices (at most ~1 ms of waiting)",
             },
         )
 
