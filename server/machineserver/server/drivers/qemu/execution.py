@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from machineserver.server.drivers.base import (
     MachineState,
@@ -51,6 +52,7 @@ class Executor:
         self._stop_requested = False
         self._in_flight = False  # a resume was sent and its stop reply is owed
         self._interrupt_sent = False
+        self._interrupt_sent_event = asyncio.Event()
         self._fine_blocks = True  # HMP "singlestep on" works on this QEMU
 
     # ------------------------------------------------------------------ stopping early
@@ -62,6 +64,7 @@ class Executor:
     def _interrupt(self) -> None:
         if self._in_flight and not self._interrupt_sent and self.target.process.alive:
             self._interrupt_sent = True
+            self._interrupt_sent_event.set()
             self.target.stub().interrupt()
 
     def prepare(self) -> None:
@@ -143,7 +146,7 @@ class Executor:
             held = (reply.signal == SIGINT and not reply.exited and reply.watch is None
                     and not self._stop_requested)
             if not held:  # else: the gate's hold; the rest in the next round
-                info = await self._settle(reply, StopReason.STEP)
+                info = await self._settle(reply, StopReason.HALT)
                 if info is not None:
                     return info
             pc = await self.target.read_pc()
@@ -164,9 +167,7 @@ class Executor:
         """The StopInfo for a stop reply; None for a stop at a semihosting trap (the
         loop goes on from there)."""
         if reply.exited:
-            info = self.decoder.ended(reply, self.target.last_pc)
-            self.target.process.ended(info)
-            return info
+            return await self.target.process.ended(self.decoder.ended(reply, self.target.last_pc))
         if reply.watch is not None and self.points.watchpoints:
             outcome = await self.decoder.watchpoint(reply)
             return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
@@ -183,31 +184,39 @@ class Executor:
         gate = self.target.process.gate
         await stub.send_continue(packet)
         self._in_flight, self._interrupt_sent = True, False
+        self._interrupt_sent_event.clear()
         self.target.clock.started()
         if self._stop_requested:
             self._interrupt()
-        hold: asyncio.Task[None] | None = None
+        reply_task = asyncio.ensure_future(stub.wait_stop(None))
+        hold = (asyncio.ensure_future(gate.wait_hold(hold_after))
+                if hold_after is not None and gate is not None else None)
+        interrupted = asyncio.ensure_future(self._interrupt_sent_event.wait())
         try:
-            reply_task = asyncio.ensure_future(stub.wait_stop(None))
-            if hold_after is not None and gate is not None:
-                hold = asyncio.ensure_future(gate.wait_hold(hold_after))
-                done, _ = await asyncio.wait({reply_task, hold}, return_when=asyncio.FIRST_COMPLETED)
-                if hold in done and hold.exception() is None and not reply_task.done():
-                    self._interrupt()
-            try:
-                if self._interrupt_sent:
-                    return await asyncio.wait_for(asyncio.shield(reply_task), STOP_TIMEOUT)
-                return await reply_task
-            except TimeoutError:
-                reply_task.cancel()
-                raise RspTimeout(f"QEMU did not stop within {STOP_TIMEOUT} s of ^C") from None
+            waiting: set[asyncio.Future[Any]] = {reply_task, interrupted}
+            if hold is not None:
+                waiting.add(hold)
+            while not reply_task.done() and not interrupted.done():
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if hold is not None and hold in done:
+                    waiting.discard(hold)
+                    if hold.exception() is None:
+                        self._interrupt()  # the gate holds the vCPU: stop the VM there
+            if not reply_task.done():  # ^C sent: QEMU must answer now
+                try:
+                    await asyncio.wait_for(asyncio.shield(reply_task), STOP_TIMEOUT)
+                except TimeoutError:
+                    reply_task.cancel()
+                    raise RspTimeout(f"QEMU did not stop within {STOP_TIMEOUT} s of ^C") from None
+            return reply_task.result()
         finally:
             self._in_flight = False
             self.target.clock.stopped()
-            if hold is not None:
-                hold.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await hold
+            for helper in (hold, interrupted, reply_task):
+                if helper is not None and not helper.done():
+                    helper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await helper
 
     async def _single(self) -> StopReply:
         """One gdbstub single step. A step that does not finish (a ``wfi`` with nothing
@@ -215,6 +224,7 @@ class Executor:
         stub = self.target.stub()
         await stub.send_continue(b"s")
         self._in_flight, self._interrupt_sent = True, False
+        self._interrupt_sent_event.clear()
         self.target.clock.started()
         try:
             if self._stop_requested:

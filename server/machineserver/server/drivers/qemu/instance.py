@@ -105,6 +105,9 @@ class QemuInstance:
         self.qmp: QMPClient | None = None
         self.rsp: RspClient | None = None
         self._con_writer: asyncio.StreamWriter | None = None
+        # every console connection's writer is kept: a writer that is garbage-collected
+        # closes its socket, and QEMU drops what the guest writes to a closed chardev
+        self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self.stopping = False
@@ -175,6 +178,7 @@ class QemuInstance:
             reader, writer = await asyncio.open_unix_connection(
                 os.path.join(self.dir, f"{name}.sock")
             )
+            self._writers.append(writer)
             if name == "con":
                 self._con_writer = writer
             self._tasks.append(asyncio.create_task(self._pump(reader)))
@@ -276,9 +280,10 @@ class QemuInstance:
             # the connection may already be at EOF: disconnect() re-raises that; swallow it
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(qmp.disconnect(), 2.0)
-        if self._con_writer is not None:
-            self._con_writer.close()
-            self._con_writer = None
+        self._con_writer = None
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
 
     async def stop(self, *, limit: float = 2.0, kill: bool = False) -> None:
         """End the process: QMP quit, SIGKILL after ``limit`` (at once with ``kill``: a

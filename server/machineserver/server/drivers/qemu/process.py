@@ -5,7 +5,8 @@ Deaths, each classified, reaped and reported exactly once per process:
 
 * **the program's end**, seen as a stop reply before the process exits (``W``: QEMU
   performed a semihosting exit itself; see :mod:`.semihosting` for how most exits are
-  caught before that): :meth:`QemuProcess.ended`, state EXITED;
+  caught before that): :meth:`QemuProcess.ended`, state EXITED (unless QEMU says a
+  signal ended it: then it is a failure);
 * **a guest lockup**: QEMU aborts with "qemu: fatal: Lockup ...": StopInfo(FAULT), state
   FAULTED;
 * **anything else** (killed, crashed): ``events.failed(reason)`` with the exit status and
@@ -55,6 +56,7 @@ XML_REGISTERS: dict[Arch, str | None] = {Arch.ARM_CORTEX_M: "arm", Arch.RISCV32:
 SSTEP_LIKE_RUNNING = b"Qqemu.sstep=0x1"
 EXIT_WAIT = 3.0  # how long a dropped connection may wait for the process to end
 _FATAL = re.compile(r"qemu: fatal: (.*)|Lockup: (.*)")
+_SIGNALLED = re.compile(r"^qemu-system-[\w-]+: terminating on signal \d+")
 _PC_DUMP = re.compile(r"\b(?:R15|pc)\s*[=:]\s*([0-9a-fA-F]{8})\b")
 
 
@@ -231,15 +233,28 @@ class QemuProcess:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
-    def ended(self, info: StopInfo) -> None:
-        """The program ended and QEMU is ending with it (a ``W``/``X`` stop reply): EXIT
-        or FAULT, taken as the outcome of this process (its exit is not a failure)."""
+    async def ended(self, info: StopInfo) -> StopInfo:
+        """A ``W``/``X`` stop reply: QEMU is ending. Usually the program ended it (an exit
+        QEMU performed itself): EXIT or FAULT, the outcome of this process, returned to
+        the caller to deliver. But QEMU also says ``W00`` when a signal ends it
+        ("terminating on signal N"): that is a failure (reported, and raised)."""
         inst = self.instance
+        if inst is None:
+            return self._past_outcome()
+        with self.waiting(), contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inst.exited.wait(), EXIT_WAIT)
+        if self.instance is not inst:
+            return self._past_outcome()
+        if any(_SIGNALLED.search(line) for line in inst.stderr_tail):
+            outcome = self._report(inst, quiet=True)
+            if isinstance(outcome, StopInfo):
+                return outcome
+            raise BackendFailed(outcome)
         self.target.end = info
         self.target.state = MachineState.EXITED if info.reason is StopReason.EXIT else MachineState.FAULTED
-        if inst is not None:
-            self._reported, self._outcome = inst, info
-            self._reap(inst)
+        self._reported, self._outcome = inst, info
+        self._reap(inst)
+        return info
 
     async def death_result(self) -> StopInfo:
         """For an operation that saw the gdbstub connection drop: wait for the process
@@ -278,8 +293,9 @@ class QemuProcess:
                 return exc
         if first:
             self.target.report_stop(info)
-        return WrongState(f"the program ended ({info.message or info.reason.value})",
-                          state=self.target.state.value, required="halted")
+        return WrongState(f"the program ended ({info.message or info.reason.value}) and QEMU with "
+                          "it; reset or load to start again", state=self.target.state.value,
+                          required="halted")
 
     async def fail(self, reason: str) -> BackendFailed:
         """QEMU cannot go on (stuck, or misbehaving): kill it at once, FAILED, reported

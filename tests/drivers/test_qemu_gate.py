@@ -1,0 +1,103 @@
+"""The plugin's instruction gate on a real QEMU, below run control: it counts only when
+armed, holds the vCPU at a count, and a held vCPU can be let go on (a barrier, as
+co-simulation will use it) or stopped exactly there (a counted run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from machineserver.server.drivers.base import MachineState, StopReason
+from machineserver.server.drivers.qemu.gate import InstructionGate
+from machineserver.server.drivers.qemu.plugin import plugin_args
+from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP
+from tests.drivers.qemu_helpers import (
+    QEMU_MISSING,
+    MachineFactory,
+    Qm,
+    boot,
+    firmware_dir,
+    halted_at,
+    machines,
+)
+
+__all__ = ["firmware_dir", "machines"]  # fixtures, used by name
+
+pytestmark = pytest.mark.skipif(QEMU_MISSING, reason="QEMU is not installed")
+
+HOLD_WAIT_S = 20.0
+
+
+def usable_gate(m: Qm) -> InstructionGate:
+    gate = m.process.gate
+    if gate is None or not gate.usable:
+        pytest.skip("no usable instruction gate here (the plugin could not be built?)")
+    return gate
+
+
+def test_plugin_arguments_refuse_commas() -> None:
+    assert plugin_args("/p/ms.so", {"gate": "/t/g"}) == ["-plugin", "file=/p/ms.so,gate=/t/g"]
+    with pytest.raises(ValueError, match="comma"):
+        plugin_args("/p/ms.so", {"out": "/t/a,b"})
+
+
+async def test_an_unarmed_gate_counts_nothing(machines: MachineFactory, firmware_dir: Path) -> None:
+    """Without icount the counting callbacks exist only while armed: a plain run of
+    crc32 (~55 M instructions) adds nothing to the count."""
+    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "crc32")
+    gate = usable_gate(m)
+    assert not gate.always
+    before = gate.executed
+    await m.rc.run()
+    assert (await ev.next_stop()).reason is StopReason.EXIT
+    assert gate.executed == before and gate.holds == 0
+
+
+@pytest.mark.parametrize("icount", [False, True])
+async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, firmware_dir: Path,
+                                                 icount: bool) -> None:
+    m, ev, _ = await halted_at(machines, firmware_dir, "mps2-an385", "crc32", "main", icount=icount)
+    gate = usable_gate(m)
+    assert gate.always == icount
+    stub = m.process.stub()
+    start, holds = gate.executed, gate.holds
+    gate.arm(start + 1_000_000)
+    await stub.send_continue(b"c")
+    await gate.wait_hold(holds)
+    assert gate.holding
+    # held at the end of the block that passed the limit: at most one block beyond it
+    assert start + 1_000_000 < gate.executed <= start + 1_000_000 + 512
+    held_at = gate.executed
+    gate.disarm()
+    gate.release()  # a barrier passed: run on, to the program's exit trap
+    reply = await stub.wait_stop(HOLD_WAIT_S)
+    assert reply.signal == SIGTRAP and not gate.holding
+    (site,) = m.machine.points.traps
+    assert (await m.regs.read_registers(["pc"]))["pc"] == site
+    assert gate.holds == holds + 1
+    if icount:
+        assert gate.executed > held_at + 50_000_000  # counted on: crc32 ran to its end
+    # the machine goes on from there: the step onto the trap is the exit
+    stop = await m.rc.step(1)
+    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    assert bytes(ev.console) == b"crc32=0x80f45f04\n"
+
+
+async def test_a_held_vcpu_stops_exactly_at_the_hold(machines: MachineFactory, firmware_dir: Path) -> None:
+    """^C while held: the plugin lets the vCPU go once the VM is stopping, and it stops
+    at that block boundary: the stop reply comes, and the count does not move on."""
+    m, _, _ = await halted_at(machines, firmware_dir, "mps2-an385", "crc32", "main")
+    gate = usable_gate(m)
+    stub = m.process.stub()
+    holds = gate.holds
+    gate.arm(gate.executed + 200_000)
+    await stub.send_continue(b"c")
+    await gate.wait_hold(holds)
+    held_at = gate.executed
+    stub.interrupt()
+    reply = await stub.wait_stop(HOLD_WAIT_S)
+    gate.disarm()
+    assert reply.signal == SIGINT and not gate.holding
+    assert gate.executed == held_at
+    assert m.state is MachineState.HALTED
