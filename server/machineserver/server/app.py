@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 from grpc import aio
+from grpc_health.v1 import health
 from opentelemetry.trace import TracerProvider
 
 from machineserver.server import __version__
@@ -33,12 +34,12 @@ class RunningServer:
     server: aio.Server
     port: int
     engine: Engine
-    _health: object
+    _health: health.aio.HealthServicer
     metrics: ServerMetrics | None = None
     metrics_port: int = 0  # the bound /metrics port when metrics_listen is set
 
     async def stop(self, grace: float = 5.0) -> None:
-        await mark_not_serving(self._health)  # type: ignore[arg-type]
+        await mark_not_serving(self._health)
         await self.server.stop(grace)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)

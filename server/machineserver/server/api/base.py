@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, Protocol, TypeVar
 
 from grpc import aio
 
@@ -19,16 +19,31 @@ class Servicer:
         self.engine = engine
 
     @staticmethod
-    def principal(context: aio.ServicerContext) -> str:
+    def principal(context: aio.ServicerContext[Any, Any]) -> str:
         """The caller, recorded as the owner of what it creates (auth comes later)."""
         return ANONYMOUS
 
 
+MetadataT = TypeVar("MetadataT", covariant=True)
+
+
+class ChunkedUploadRequest(Protocol[MetadataT]):
+    """A client-stream message of ``oneof content {metadata; chunk}`` (UploadProgramRequest,
+    ImportSnapshotRequest)."""
+
+    @property
+    def metadata(self) -> MetadataT: ...
+    @property
+    def chunk(self) -> bytes: ...
+    def WhichOneof(self, oneof_group: Literal["content"]) -> Literal["metadata", "chunk"] | None: ...
+
+
 async def split_upload(
-    requests: AsyncIterator[Any], meta_field: str = "metadata"
-) -> tuple[Any, AsyncIterator[bytes]]:
+    requests: AsyncIterator[ChunkedUploadRequest[MetadataT]],
+) -> tuple[MetadataT, AsyncIterator[bytes]]:
     """A client stream of ``oneof content {metadata; chunk}``: the metadata (which must come
     first) and an iterator over the chunks after it."""
+    meta_field = "metadata"
     iterator = requests.__aiter__()
     try:
         first = await iterator.__anext__()
@@ -43,4 +58,4 @@ async def split_upload(
                 raise InvalidArgument(meta_field, "metadata may only come first")
             yield req.chunk
 
-    return getattr(first, meta_field), chunks()
+    return first.metadata, chunks()

@@ -20,7 +20,11 @@ API_VERSION = "machineserver.v1"
 class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
     _cached: tuple[int, pb.GetCapabilitiesResponse] | None = None
 
-    async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: aio.ServicerContext) -> pb.GetCapabilitiesResponse:
+    async def GetCapabilities(
+        self,
+        request: pb.GetCapabilitiesRequest,
+        context: aio.ServicerContext[pb.GetCapabilitiesRequest, pb.GetCapabilitiesResponse],
+    ) -> pb.GetCapabilitiesResponse:
         # Derived from probes (cached by the registry) and board templates: rebuilt only
         # when a template changes.
         generation = self.engine.catalog.generation
@@ -59,7 +63,11 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
             default_backend=reg.default,
         )
 
-    async def ListBoardTemplates(self, request: pb.ListBoardTemplatesRequest, context: aio.ServicerContext) -> pb.ListBoardTemplatesResponse:
+    async def ListBoardTemplates(
+        self,
+        request: pb.ListBoardTemplatesRequest,
+        context: aio.ServicerContext[pb.ListBoardTemplatesRequest, pb.ListBoardTemplatesResponse],
+    ) -> pb.ListBoardTemplatesResponse:
         reg = self.engine.backends
         specs = self.engine.catalog.specs()
         per_backend = {name: reg.runnable_boards(name, specs) for name in reg.names()}
@@ -69,20 +77,36 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def GetBoardTemplate(self, request: pb.GetBoardTemplateRequest, context: aio.ServicerContext) -> pb.GetBoardTemplateResponse:
+    async def GetBoardTemplate(
+        self,
+        request: pb.GetBoardTemplateRequest,
+        context: aio.ServicerContext[pb.GetBoardTemplateRequest, pb.GetBoardTemplateResponse],
+    ) -> pb.GetBoardTemplateResponse:
         rec, spec = self.engine.catalog.get(request.name)
         return pb.GetBoardTemplateResponse(board_template=convert.board_template_pb(rec, spec))
 
-    async def CreateBoardTemplate(self, request: pb.CreateBoardTemplateRequest, context: aio.ServicerContext) -> pb.CreateBoardTemplateResponse:
+    async def CreateBoardTemplate(
+        self,
+        request: pb.CreateBoardTemplateRequest,
+        context: aio.ServicerContext[pb.CreateBoardTemplateRequest, pb.CreateBoardTemplateResponse],
+    ) -> pb.CreateBoardTemplateResponse:
         rec, spec = self.engine.catalog.create(request.config, self.principal(context))
         return pb.CreateBoardTemplateResponse(board_template=convert.board_template_pb(rec, spec))
 
-    async def UpdateBoardTemplate(self, request: pb.UpdateBoardTemplateRequest, context: aio.ServicerContext) -> pb.UpdateBoardTemplateResponse:
+    async def UpdateBoardTemplate(
+        self,
+        request: pb.UpdateBoardTemplateRequest,
+        context: aio.ServicerContext[pb.UpdateBoardTemplateRequest, pb.UpdateBoardTemplateResponse],
+    ) -> pb.UpdateBoardTemplateResponse:
         rec, spec = self.engine.catalog.update(
             request.name, request.config, request.etag, list(request.update_mask.paths)
         )
         return pb.UpdateBoardTemplateResponse(board_template=convert.board_template_pb(rec, spec))
 
-    async def DeleteBoardTemplate(self, request: pb.DeleteBoardTemplateRequest, context: aio.ServicerContext) -> pb.DeleteBoardTemplateResponse:
+    async def DeleteBoardTemplate(
+        self,
+        request: pb.DeleteBoardTemplateRequest,
+        context: aio.ServicerContext[pb.DeleteBoardTemplateRequest, pb.DeleteBoardTemplateResponse],
+    ) -> pb.DeleteBoardTemplateResponse:
         self.engine.catalog.delete(request.name)
         return pb.DeleteBoardTemplateResponse()

@@ -3,13 +3,21 @@ resource where the two meet."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from google.protobuf import timestamp_pb2
 
 from machineserver.server.core import debug as dbg
-from machineserver.server.core.catalog import BoardTemplateRecord
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.images import ImageFormat
-from machineserver.server.core.models import ProgramRecord, SessionRecord, SnapshotRecord, stop_from_dict
+from machineserver.server.core.models import (
+    BoardTemplateRecord,
+    ProgramRecord,
+    SessionRecord,
+    SnapshotRecord,
+    stop_from_dict,
+)
 from machineserver.server.core.sessions import LiveSession, SessionEvent
 from machineserver.server.drivers.base import (
     BackendInfo,
@@ -81,8 +89,11 @@ KIND_FROM_PB = {
 }
 KIND_TO_PB = {v: k for k, v in KIND_FROM_PB.items() if k != debug_pb.BREAKPOINT_KIND_UNSPECIFIED}
 
+EnumT = TypeVar("EnumT")  # a protobuf enum's ValueType
+ValueT = TypeVar("ValueT")
 
-def enum_value(table: dict, value: int, field: str):  # type: ignore[no-untyped-def,type-arg]
+
+def enum_value(table: Mapping[EnumT, ValueT], value: EnumT, field: str) -> ValueT:
     try:
         return table[value]
     except KeyError:

@@ -20,29 +20,61 @@ def _unimplemented() -> Unimplemented:
 
 
 class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
-    async def CreateCoSimulation(self, request: pb.CreateCoSimulationRequest, context: aio.ServicerContext) -> pb.CreateCoSimulationResponse:
+    async def CreateCoSimulation(
+        self,
+        request: pb.CreateCoSimulationRequest,
+        context: aio.ServicerContext[pb.CreateCoSimulationRequest, pb.CreateCoSimulationResponse],
+    ) -> pb.CreateCoSimulationResponse:
         for name in request.sessions:
             self.engine.sessions.get(name, "sessions")
         raise _unimplemented()
 
-    async def GetCoSimulation(self, request: pb.GetCoSimulationRequest, context: aio.ServicerContext) -> pb.GetCoSimulationResponse:
+    async def GetCoSimulation(
+        self,
+        request: pb.GetCoSimulationRequest,
+        context: aio.ServicerContext[pb.GetCoSimulationRequest, pb.GetCoSimulationResponse],
+    ) -> pb.GetCoSimulationResponse:
         raise _unimplemented()
 
-    async def ListCoSimulations(self, request: pb.ListCoSimulationsRequest, context: aio.ServicerContext) -> pb.ListCoSimulationsResponse:
+    async def ListCoSimulations(
+        self,
+        request: pb.ListCoSimulationsRequest,
+        context: aio.ServicerContext[pb.ListCoSimulationsRequest, pb.ListCoSimulationsResponse],
+    ) -> pb.ListCoSimulationsResponse:
         raise _unimplemented()
 
-    async def DeleteCoSimulation(self, request: pb.DeleteCoSimulationRequest, context: aio.ServicerContext) -> pb.DeleteCoSimulationResponse:
+    async def DeleteCoSimulation(
+        self,
+        request: pb.DeleteCoSimulationRequest,
+        context: aio.ServicerContext[pb.DeleteCoSimulationRequest, pb.DeleteCoSimulationResponse],
+    ) -> pb.DeleteCoSimulationResponse:
         raise _unimplemented()
 
-    async def StartCoSimulation(self, request: pb.StartCoSimulationRequest, context: aio.ServicerContext) -> pb.StartCoSimulationResponse:
+    async def StartCoSimulation(
+        self,
+        request: pb.StartCoSimulationRequest,
+        context: aio.ServicerContext[pb.StartCoSimulationRequest, pb.StartCoSimulationResponse],
+    ) -> pb.StartCoSimulationResponse:
         raise _unimplemented()
 
-    async def PauseCoSimulation(self, request: pb.PauseCoSimulationRequest, context: aio.ServicerContext) -> pb.PauseCoSimulationResponse:
+    async def PauseCoSimulation(
+        self,
+        request: pb.PauseCoSimulationRequest,
+        context: aio.ServicerContext[pb.PauseCoSimulationRequest, pb.PauseCoSimulationResponse],
+    ) -> pb.PauseCoSimulationResponse:
         raise _unimplemented()
 
-    async def StepCoSimulation(self, request: pb.StepCoSimulationRequest, context: aio.ServicerContext) -> pb.StepCoSimulationResponse:
+    async def StepCoSimulation(
+        self,
+        request: pb.StepCoSimulationRequest,
+        context: aio.ServicerContext[pb.StepCoSimulationRequest, pb.StepCoSimulationResponse],
+    ) -> pb.StepCoSimulationResponse:
         raise _unimplemented()
 
-    async def StreamCoSimulationEvents(self, request: pb.StreamCoSimulationEventsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamCoSimulationEventsResponse]:
+    async def StreamCoSimulationEvents(
+        self,
+        request: pb.StreamCoSimulationEventsRequest,
+        context: aio.ServicerContext[pb.StreamCoSimulationEventsRequest, pb.StreamCoSimulationEventsResponse],
+    ) -> AsyncIterator[pb.StreamCoSimulationEventsResponse]:
         raise _unimplemented()
         yield  # an async generator, as a server-streaming handler must be

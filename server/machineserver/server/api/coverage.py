@@ -44,27 +44,47 @@ def report_pb(rec: CoverageReportRecord) -> pb.CoverageReport:
 
 
 class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
-    async def StartCoverage(self, request: pb.StartCoverageRequest, context: aio.ServicerContext) -> pb.StartCoverageResponse:
+    async def StartCoverage(
+        self,
+        request: pb.StartCoverageRequest,
+        context: aio.ServicerContext[pb.StartCoverageRequest, pb.StartCoverageResponse],
+    ) -> pb.StartCoverageResponse:
         await self.engine.coverage.start(self.engine.sessions.get(request.name))
         return pb.StartCoverageResponse()
 
-    async def StopCoverage(self, request: pb.StopCoverageRequest, context: aio.ServicerContext) -> pb.StopCoverageResponse:
+    async def StopCoverage(
+        self,
+        request: pb.StopCoverageRequest,
+        context: aio.ServicerContext[pb.StopCoverageRequest, pb.StopCoverageResponse],
+    ) -> pb.StopCoverageResponse:
         live = self.engine.sessions.get(request.name)
         rec = await self.engine.coverage.stop(live, owner=self.principal(context))
         return pb.StopCoverageResponse(report=report_pb(rec))
 
-    async def ResetCoverage(self, request: pb.ResetCoverageRequest, context: aio.ServicerContext) -> pb.ResetCoverageResponse:
+    async def ResetCoverage(
+        self,
+        request: pb.ResetCoverageRequest,
+        context: aio.ServicerContext[pb.ResetCoverageRequest, pb.ResetCoverageResponse],
+    ) -> pb.ResetCoverageResponse:
         await self.engine.coverage.reset(self.engine.sessions.get(request.name))
         return pb.ResetCoverageResponse()
 
-    async def GetCoverageSummary(self, request: pb.GetCoverageSummaryRequest, context: aio.ServicerContext) -> pb.GetCoverageSummaryResponse:
+    async def GetCoverageSummary(
+        self,
+        request: pb.GetCoverageSummaryRequest,
+        context: aio.ServicerContext[pb.GetCoverageSummaryRequest, pb.GetCoverageSummaryResponse],
+    ) -> pb.GetCoverageSummaryResponse:
         result = await self.engine.coverage.result(request.name)
         return pb.GetCoverageSummaryResponse(
             files=[pb.FileCoverage(path=f.path, counts=counts_pb(f.counts)) for f in result.files],
             totals=counts_pb(result.totals),
         )
 
-    async def ExportCoverage(self, request: pb.ExportCoverageRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ExportCoverageResponse]:
+    async def ExportCoverage(
+        self,
+        request: pb.ExportCoverageRequest,
+        context: aio.ServicerContext[pb.ExportCoverageRequest, pb.ExportCoverageResponse],
+    ) -> AsyncIterator[pb.ExportCoverageResponse]:
         fmt = FORMAT_FROM_PB.get(request.format)
         if fmt is None:
             raise InvalidArgument("format", "give one of LCOV, HTML, COBERTURA, JSON")
@@ -84,11 +104,19 @@ class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
                 chunk=data[off : off + CHUNK_SIZE], content_type=content_type if off == 0 else ""
             )
 
-    async def MergeCoverage(self, request: pb.MergeCoverageRequest, context: aio.ServicerContext) -> pb.MergeCoverageResponse:
+    async def MergeCoverage(
+        self,
+        request: pb.MergeCoverageRequest,
+        context: aio.ServicerContext[pb.MergeCoverageRequest, pb.MergeCoverageResponse],
+    ) -> pb.MergeCoverageResponse:
         rec = await self.engine.coverage.merge(list(request.names), owner=self.principal(context))
         return pb.MergeCoverageResponse(report=report_pb(rec))
 
-    async def ListCoverageReports(self, request: pb.ListCoverageReportsRequest, context: aio.ServicerContext) -> pb.ListCoverageReportsResponse:
+    async def ListCoverageReports(
+        self,
+        request: pb.ListCoverageReportsRequest,
+        context: aio.ServicerContext[pb.ListCoverageReportsRequest, pb.ListCoverageReportsResponse],
+    ) -> pb.ListCoverageReportsResponse:
         page = self.engine.coverage.list(request.page_size, request.page_token, request.filter)
         return pb.ListCoverageReportsResponse(
             reports=[report_pb(r) for r in page.items], next_page_token=page.next_page_token

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 from grpc import aio
 
 from machineserver.server.api import convert
@@ -24,6 +25,7 @@ from machineserver.server.core.errors import (
     MachineServerError,
 )
 from machineserver.server.core.sessions import LiveSession
+from machineserver.server.drivers.base import StopInfo
 from machineserver.v1 import common_pb2 as common_pb
 from machineserver.v1 import debug_pb2 as pb
 from machineserver.v1 import debug_pb2_grpc as pb_grpc
@@ -51,7 +53,7 @@ STEP_MODES = {
 
 
 class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
-    def _stop(self, live: LiveSession, stop: Any) -> common_pb.StopEvent:
+    def _stop(self, live: LiveSession, stop: StopInfo | None) -> common_pb.StopEvent:
         return convert.stop_pb(stop, self.engine.debugger.position(live, stop.pc) if stop else None)
 
     def _state(self, live: LiveSession) -> common_pb.SessionState.ValueType:
@@ -59,56 +61,93 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
 
     # ------------------------------------------------------------------ breakpoints
 
-    async def SetBreakpoint(self, request: pb.SetBreakpointRequest, context: aio.ServicerContext, client: str = "") -> pb.SetBreakpointResponse:
+    async def SetBreakpoint(
+        self,
+        request: pb.SetBreakpointRequest,
+        context: aio.ServicerContext[pb.SetBreakpointRequest, pb.SetBreakpointResponse] | None,
+        client: str = "",
+    ) -> pb.SetBreakpointResponse:
         live = self.engine.sessions.get(request.name)
         kind = convert.enum_value(convert.KIND_FROM_PB, request.kind, "kind")
         loc = convert.location_from_pb(request.location)
         bp = await self.engine.debugger.set_breakpoint(live, loc, kind, request.size, client)
         return pb.SetBreakpointResponse(breakpoint=convert.breakpoint_pb(bp))
 
-    async def ListBreakpoints(self, request: pb.ListBreakpointsRequest, context: aio.ServicerContext) -> pb.ListBreakpointsResponse:
+    async def ListBreakpoints(
+        self,
+        request: pb.ListBreakpointsRequest,
+        context: aio.ServicerContext[pb.ListBreakpointsRequest, pb.ListBreakpointsResponse],
+    ) -> pb.ListBreakpointsResponse:
         live = self.engine.sessions.get(request.name)
         return pb.ListBreakpointsResponse(
             breakpoints=[convert.breakpoint_pb(b) for b in self.engine.debugger.list_breakpoints(live)]
         )
 
-    async def ClearBreakpoint(self, request: pb.ClearBreakpointRequest, context: aio.ServicerContext) -> pb.ClearBreakpointResponse:
+    async def ClearBreakpoint(
+        self,
+        request: pb.ClearBreakpointRequest,
+        context: aio.ServicerContext[pb.ClearBreakpointRequest, pb.ClearBreakpointResponse] | None,
+    ) -> pb.ClearBreakpointResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.debugger.clear_breakpoint(live, request.id)
         return pb.ClearBreakpointResponse()
 
     # ------------------------------------------------------------------ registers and memory
 
-    async def ReadRegisters(self, request: pb.ReadRegistersRequest, context: aio.ServicerContext) -> pb.ReadRegistersResponse:
+    async def ReadRegisters(
+        self,
+        request: pb.ReadRegistersRequest,
+        context: aio.ServicerContext[pb.ReadRegistersRequest, pb.ReadRegistersResponse] | None,
+    ) -> pb.ReadRegistersResponse:
         live = self.engine.sessions.get(request.name)
         regs = await self.engine.debugger.read_registers(live, list(request.names))
         return pb.ReadRegistersResponse(
             registers=[common_pb.Register(name=n, value=v, size_bits=32) for n, v in regs.items()]
         )
 
-    async def WriteRegister(self, request: pb.WriteRegisterRequest, context: aio.ServicerContext) -> pb.WriteRegisterResponse:
+    async def WriteRegister(
+        self,
+        request: pb.WriteRegisterRequest,
+        context: aio.ServicerContext[pb.WriteRegisterRequest, pb.WriteRegisterResponse] | None,
+    ) -> pb.WriteRegisterResponse:
         live = self.engine.sessions.get(request.name)
         value = await self.engine.debugger.write_register(live, request.register, request.value)
         return pb.WriteRegisterResponse(register=common_pb.Register(name=request.register, value=value, size_bits=32))
 
-    async def ReadMemory(self, request: pb.ReadMemoryRequest, context: aio.ServicerContext) -> pb.ReadMemoryResponse:
+    async def ReadMemory(
+        self,
+        request: pb.ReadMemoryRequest,
+        context: aio.ServicerContext[pb.ReadMemoryRequest, pb.ReadMemoryResponse] | None,
+    ) -> pb.ReadMemoryResponse:
         live = self.engine.sessions.get(request.name)
         data = await self.engine.debugger.read_memory(live, request.address, request.size)
         return pb.ReadMemoryResponse(address=request.address, data=data)
 
-    async def WriteMemory(self, request: pb.WriteMemoryRequest, context: aio.ServicerContext) -> pb.WriteMemoryResponse:
+    async def WriteMemory(
+        self,
+        request: pb.WriteMemoryRequest,
+        context: aio.ServicerContext[pb.WriteMemoryRequest, pb.WriteMemoryResponse] | None,
+    ) -> pb.WriteMemoryResponse:
         live = self.engine.sessions.get(request.name)
         n = await self.engine.debugger.write_memory(live, request.address, request.data)
         return pb.WriteMemoryResponse(bytes_written=n)
 
     # ------------------------------------------------------------------ run control
 
-    async def Step(self, request: pb.StepRequest, context: aio.ServicerContext) -> pb.StepResponse:
+    async def Step(
+        self,
+        request: pb.StepRequest,
+        context: aio.ServicerContext[pb.StepRequest, pb.StepResponse] | None,
+    ) -> pb.StepResponse:
         live = self.engine.sessions.get(request.name)
         stop = await self.engine.sessions.step(live, request.count)
         return pb.StepResponse(stop=self._stop(live, stop), state=self._state(live))
 
-    async def Continue(self, request: pb.ContinueRequest, context: aio.ServicerContext) -> pb.ContinueResponse:
+    async def Continue(
+        self,
+        request: pb.ContinueRequest,
+        context: aio.ServicerContext[pb.ContinueRequest, pb.ContinueResponse],
+    ) -> pb.ContinueResponse:
         live = self.engine.sessions.get(request.name)
         if not request.wait:
             await self.engine.sessions.run(live)
@@ -119,14 +158,22 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         stop = await self.engine.sessions.run_until_stop(live, remaining)
         return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
 
-    async def Halt(self, request: pb.HaltRequest, context: aio.ServicerContext) -> pb.HaltResponse:
+    async def Halt(
+        self,
+        request: pb.HaltRequest,
+        context: aio.ServicerContext[pb.HaltRequest, pb.HaltResponse] | None,
+    ) -> pb.HaltResponse:
         live = self.engine.sessions.get(request.name)
         stop = await self.engine.sessions.pause(live, "halted")
         return pb.HaltResponse(stop=self._stop(live, stop), state=self._state(live))
 
     # ------------------------------------------------------------------ code and symbols
 
-    async def Disassemble(self, request: pb.DisassembleRequest, context: aio.ServicerContext) -> pb.DisassembleResponse:
+    async def Disassemble(
+        self,
+        request: pb.DisassembleRequest,
+        context: aio.ServicerContext[pb.DisassembleRequest, pb.DisassembleResponse] | None,
+    ) -> pb.DisassembleResponse:
         live = self.engine.sessions.get(request.name)
         loc = convert.location_from_pb(request.location) if request.HasField("location") else None
         insns = await self.engine.debugger.disassemble(live, loc, request.count)
@@ -136,7 +183,11 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
             for i in insns
         ])
 
-    async def ResolveSymbol(self, request: pb.ResolveSymbolRequest, context: aio.ServicerContext) -> pb.ResolveSymbolResponse:
+    async def ResolveSymbol(
+        self,
+        request: pb.ResolveSymbolRequest,
+        context: aio.ServicerContext[pb.ResolveSymbolRequest, pb.ResolveSymbolResponse] | None,
+    ) -> pb.ResolveSymbolResponse:
         live = self.engine.sessions.get(request.name)
         which = request.WhichOneof("query")
         if which is None:
@@ -152,19 +203,31 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
 
     # ------------------------------------------------------------------ GDB bridge
 
-    async def StartGdbServer(self, request: pb.StartGdbServerRequest, context: aio.ServicerContext) -> pb.StartGdbServerResponse:
+    async def StartGdbServer(
+        self,
+        request: pb.StartGdbServerRequest,
+        context: aio.ServicerContext[pb.StartGdbServerRequest, pb.StartGdbServerResponse],
+    ) -> pb.StartGdbServerResponse:
         live = self.engine.sessions.get(request.name)
         ep = await self.engine.gdb.start(live, request.bind_address, request.port)
         return pb.StartGdbServerResponse(gdb_server=pb.GdbServer(
             session=ep.session, address=ep.address, port=ep.port, clients=ep.clients))
 
-    async def StopGdbServer(self, request: pb.StopGdbServerRequest, context: aio.ServicerContext) -> pb.StopGdbServerResponse:
+    async def StopGdbServer(
+        self,
+        request: pb.StopGdbServerRequest,
+        context: aio.ServicerContext[pb.StopGdbServerRequest, pb.StopGdbServerResponse],
+    ) -> pb.StopGdbServerResponse:
         await self.engine.gdb.stop(self.engine.sessions.get(request.name))
         return pb.StopGdbServerResponse()
 
     # ------------------------------------------------------------------ source level
 
-    async def StepLine(self, request: pb.StepLineRequest, context: aio.ServicerContext) -> pb.StepLineResponse:
+    async def StepLine(
+        self,
+        request: pb.StepLineRequest,
+        context: aio.ServicerContext[pb.StepLineRequest, pb.StepLineResponse] | None,
+    ) -> pb.StepLineResponse:
         live = self.engine.sessions.get(request.name)
         mode = convert.enum_value(STEP_MODES, request.mode, "mode")
         remaining = context.time_remaining() if context is not None else None
@@ -173,7 +236,11 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         stop = await self.engine.stepper.step_line(live, mode, remaining)
         return pb.StepLineResponse(stop=self._stop(live, stop), state=self._state(live))
 
-    async def Backtrace(self, request: pb.BacktraceRequest, context: aio.ServicerContext) -> pb.BacktraceResponse:
+    async def Backtrace(
+        self,
+        request: pb.BacktraceRequest,
+        context: aio.ServicerContext[pb.BacktraceRequest, pb.BacktraceResponse] | None,
+    ) -> pb.BacktraceResponse:
         live = self.engine.sessions.get(request.name)
         frames = await self.engine.stepper.backtrace(live, request.max_frames)
         return pb.BacktraceResponse(frames=[
@@ -182,7 +249,11 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
 
     # ------------------------------------------------------------------ Attach
 
-    async def Attach(self, request_iterator: AsyncIterator[pb.AttachRequest], context: aio.ServicerContext) -> AsyncIterator[pb.AttachResponse]:
+    async def Attach(
+        self,
+        request_iterator: AsyncIterator[pb.AttachRequest],
+        context: aio.ServicerContext[pb.AttachRequest, pb.AttachResponse],
+    ) -> AsyncIterator[pb.AttachResponse]:
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
@@ -284,20 +355,21 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
             )
         request = getattr(cmd, which)
         request.name = request.name or live.record.name
-        handlers: dict[str, Callable[..., Awaitable[Any]]] = {
-            "set_breakpoint": lambda r: self.SetBreakpoint(r, None, client),  # type: ignore[arg-type]
-            "clear_breakpoint": lambda r: self.ClearBreakpoint(r, None),  # type: ignore[arg-type]
-            "step": lambda r: self.Step(r, None),  # type: ignore[arg-type]
+        # the unary RPCs' own methods, with no context (None): a command has no deadline of its own
+        handlers: dict[str, Callable[[Any], Awaitable[Message]]] = {
+            "set_breakpoint": lambda r: self.SetBreakpoint(r, None, client),
+            "clear_breakpoint": lambda r: self.ClearBreakpoint(r, None),
+            "step": lambda r: self.Step(r, None),
             "continue": lambda r: self._continue_nowait(r),
-            "halt": lambda r: self.Halt(r, None),  # type: ignore[arg-type]
-            "read_registers": lambda r: self.ReadRegisters(r, None),  # type: ignore[arg-type]
-            "write_register": lambda r: self.WriteRegister(r, None),  # type: ignore[arg-type]
-            "read_memory": lambda r: self.ReadMemory(r, None),  # type: ignore[arg-type]
-            "write_memory": lambda r: self.WriteMemory(r, None),  # type: ignore[arg-type]
-            "resolve_symbol": lambda r: self.ResolveSymbol(r, None),  # type: ignore[arg-type]
-            "step_line": lambda r: self.StepLine(r, None),  # type: ignore[arg-type]
-            "backtrace": lambda r: self.Backtrace(r, None),  # type: ignore[arg-type]
-            "disassemble": lambda r: self.Disassemble(r, None),  # type: ignore[arg-type]
+            "halt": lambda r: self.Halt(r, None),
+            "read_registers": lambda r: self.ReadRegisters(r, None),
+            "write_register": lambda r: self.WriteRegister(r, None),
+            "read_memory": lambda r: self.ReadMemory(r, None),
+            "write_memory": lambda r: self.WriteMemory(r, None),
+            "resolve_symbol": lambda r: self.ResolveSymbol(r, None),
+            "step_line": lambda r: self.StepLine(r, None),
+            "backtrace": lambda r: self.Backtrace(r, None),
+            "disassemble": lambda r: self.Disassemble(r, None),
         }
         response = await handlers[which](request)
         result = pb.DebugCommandResult(tag=cmd.tag)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from machineserver.server.core import errors as core
@@ -32,7 +33,7 @@ CODE_TABLE: dict[type[core.MachineServerError], grpc.StatusCode] = {
 def code_for(exc: core.MachineServerError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in CODE_TABLE:
-            return CODE_TABLE[cls]  # type: ignore[index]
+            return CODE_TABLE[cls]
     return grpc.StatusCode.UNKNOWN
 
 
@@ -43,9 +44,9 @@ def code_name(exc: BaseException) -> str:
     return "INTERNAL"
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     a = any_pb2.Any()
-    a.Pack(msg)  # type: ignore[arg-type]
+    a.Pack(msg)
     return a
 
 

@@ -53,7 +53,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         self.chain = chain
         # Handlers are wrapped once per method (grpc hands back the same handler each
         # time); per-call data comes from the context.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,

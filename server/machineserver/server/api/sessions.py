@@ -22,7 +22,11 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
 
     # ------------------------------------------------------------------ sessions
 
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
+    async def CreateSession(
+        self,
+        request: pb.CreateSessionRequest,
+        context: aio.ServicerContext[pb.CreateSessionRequest, pb.CreateSessionResponse],
+    ) -> pb.CreateSessionResponse:
         live = await self.engine.sessions.create(CreateParams(
             board_template=request.board_template,
             board_config=request.board_config,
@@ -41,40 +45,72 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         ))
         return pb.CreateSessionResponse(session=self._session(live))
 
-    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
+    async def GetSession(
+        self,
+        request: pb.GetSessionRequest,
+        context: aio.ServicerContext[pb.GetSessionRequest, pb.GetSessionResponse],
+    ) -> pb.GetSessionResponse:
         return pb.GetSessionResponse(session=self._session(self.engine.sessions.get(request.name)))
 
-    async def ListSessions(self, request: pb.ListSessionsRequest, context: aio.ServicerContext) -> pb.ListSessionsResponse:
+    async def ListSessions(
+        self,
+        request: pb.ListSessionsRequest,
+        context: aio.ServicerContext[pb.ListSessionsRequest, pb.ListSessionsResponse],
+    ) -> pb.ListSessionsResponse:
         page = self.engine.sessions.list(request.page_size, request.page_token, request.filter)
         return pb.ListSessionsResponse(
             sessions=[convert.session_record_pb(r) for r in page.items], next_page_token=page.next_page_token
         )
 
-    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: aio.ServicerContext) -> pb.DeleteSessionResponse:
+    async def DeleteSession(
+        self,
+        request: pb.DeleteSessionRequest,
+        context: aio.ServicerContext[pb.DeleteSessionRequest, pb.DeleteSessionResponse],
+    ) -> pb.DeleteSessionResponse:
         await self.engine.sessions.delete(self.engine.sessions.get(request.name))
         return pb.DeleteSessionResponse()
 
-    async def PowerOnSession(self, request: pb.PowerOnSessionRequest, context: aio.ServicerContext) -> pb.PowerOnSessionResponse:
+    async def PowerOnSession(
+        self,
+        request: pb.PowerOnSessionRequest,
+        context: aio.ServicerContext[pb.PowerOnSessionRequest, pb.PowerOnSessionResponse],
+    ) -> pb.PowerOnSessionResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.power_on(live)
         return pb.PowerOnSessionResponse(session=self._session(live))
 
-    async def PowerOffSession(self, request: pb.PowerOffSessionRequest, context: aio.ServicerContext) -> pb.PowerOffSessionResponse:
+    async def PowerOffSession(
+        self,
+        request: pb.PowerOffSessionRequest,
+        context: aio.ServicerContext[pb.PowerOffSessionRequest, pb.PowerOffSessionResponse],
+    ) -> pb.PowerOffSessionResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.power_off(live)
         return pb.PowerOffSessionResponse(session=self._session(live))
 
-    async def ResetSession(self, request: pb.ResetSessionRequest, context: aio.ServicerContext) -> pb.ResetSessionResponse:
+    async def ResetSession(
+        self,
+        request: pb.ResetSessionRequest,
+        context: aio.ServicerContext[pb.ResetSessionRequest, pb.ResetSessionResponse],
+    ) -> pb.ResetSessionResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.reset(live, request.run_after_reset)
         return pb.ResetSessionResponse(session=self._session(live))
 
-    async def RunSession(self, request: pb.RunSessionRequest, context: aio.ServicerContext) -> pb.RunSessionResponse:
+    async def RunSession(
+        self,
+        request: pb.RunSessionRequest,
+        context: aio.ServicerContext[pb.RunSessionRequest, pb.RunSessionResponse],
+    ) -> pb.RunSessionResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.run(live)
         return pb.RunSessionResponse(session=self._session(live))
 
-    async def PauseSession(self, request: pb.PauseSessionRequest, context: aio.ServicerContext) -> pb.PauseSessionResponse:
+    async def PauseSession(
+        self,
+        request: pb.PauseSessionRequest,
+        context: aio.ServicerContext[pb.PauseSessionRequest, pb.PauseSessionResponse],
+    ) -> pb.PauseSessionResponse:
         live = self.engine.sessions.get(request.name)
         stop = await self.engine.sessions.pause(live)
         pos = self.engine.debugger.position(live, stop.pc) if stop else None
@@ -82,7 +118,11 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
 
     # ------------------------------------------------------------------ programs
 
-    async def UploadProgram(self, request_iterator: AsyncIterator[pb.UploadProgramRequest], context: aio.ServicerContext) -> pb.UploadProgramResponse:
+    async def UploadProgram(
+        self,
+        request_iterator: AsyncIterator[pb.UploadProgramRequest],
+        context: aio.ServicerContext[pb.UploadProgramRequest, pb.UploadProgramResponse],
+    ) -> pb.UploadProgramResponse:
         meta, chunks = await split_upload(request_iterator)
         fmt: ImageFormat | None = None
         if meta.format:
@@ -93,37 +133,65 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         )
         return pb.UploadProgramResponse(program=convert.program_pb(result.program), deduplicated=result.deduplicated)
 
-    async def ListPrograms(self, request: pb.ListProgramsRequest, context: aio.ServicerContext) -> pb.ListProgramsResponse:
+    async def ListPrograms(
+        self,
+        request: pb.ListProgramsRequest,
+        context: aio.ServicerContext[pb.ListProgramsRequest, pb.ListProgramsResponse],
+    ) -> pb.ListProgramsResponse:
         page = self.engine.programs.list(request.page_size, request.page_token, request.filter)
         return pb.ListProgramsResponse(programs=[convert.program_pb(p) for p in page.items], next_page_token=page.next_page_token)
 
-    async def GetProgram(self, request: pb.GetProgramRequest, context: aio.ServicerContext) -> pb.GetProgramResponse:
+    async def GetProgram(
+        self,
+        request: pb.GetProgramRequest,
+        context: aio.ServicerContext[pb.GetProgramRequest, pb.GetProgramResponse],
+    ) -> pb.GetProgramResponse:
         return pb.GetProgramResponse(program=convert.program_pb(self.engine.programs.get(request.name)))
 
-    async def DeleteProgram(self, request: pb.DeleteProgramRequest, context: aio.ServicerContext) -> pb.DeleteProgramResponse:
+    async def DeleteProgram(
+        self,
+        request: pb.DeleteProgramRequest,
+        context: aio.ServicerContext[pb.DeleteProgramRequest, pb.DeleteProgramResponse],
+    ) -> pb.DeleteProgramResponse:
         prog = self.engine.programs.get(request.name)
         users = [s.record.name for s in self.engine.sessions.all() if s.record.program == prog.id]
         self.engine.programs.delete(request.name, users, request.force)
         return pb.DeleteProgramResponse()
 
-    async def LoadProgram(self, request: pb.LoadProgramRequest, context: aio.ServicerContext) -> pb.LoadProgramResponse:
+    async def LoadProgram(
+        self,
+        request: pb.LoadProgramRequest,
+        context: aio.ServicerContext[pb.LoadProgramRequest, pb.LoadProgramResponse],
+    ) -> pb.LoadProgramResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.load_program(live, request.program)
         return pb.LoadProgramResponse(session=self._session(live))
 
     # ------------------------------------------------------------------ console and events
 
-    async def StreamConsole(self, request: pb.StreamConsoleRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamConsoleResponse]:
+    async def StreamConsole(
+        self,
+        request: pb.StreamConsoleRequest,
+        context: aio.ServicerContext[pb.StreamConsoleRequest, pb.StreamConsoleResponse],
+    ) -> AsyncIterator[pb.StreamConsoleResponse]:
         live = self.engine.sessions.get(request.name)
         async for chunk in self.engine.sessions.console_stream(live, request.offset, request.follow):
             yield pb.StreamConsoleResponse(offset=chunk.offset, data=chunk.data, dropped_bytes=chunk.dropped)
 
-    async def WriteConsole(self, request: pb.WriteConsoleRequest, context: aio.ServicerContext) -> pb.WriteConsoleResponse:
+    async def WriteConsole(
+        self,
+        request: pb.WriteConsoleRequest,
+        context: aio.ServicerContext[pb.WriteConsoleRequest, pb.WriteConsoleResponse],
+    ) -> pb.WriteConsoleResponse:
         live = self.engine.sessions.get(request.name)
         n = await self.engine.sessions.write_console(live, request.data)
         return pb.WriteConsoleResponse(bytes_written=n)
 
-    async def StreamSessionEvents(self, request: pb.StreamSessionEventsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamSessionEventsResponse]:
+    async def StreamSessionEvents(
+        self,
+        request: pb.StreamSessionEventsRequest,
+        context: aio.ServicerContext[pb.StreamSessionEventsRequest, pb.StreamSessionEventsResponse],
+    ) -> AsyncIterator[pb.StreamSessionEventsResponse]:
         sessions = self.engine.sessions
         only = sessions.get(request.name) if request.name else None
         only_id = only.id if only is not None else None
@@ -147,35 +215,63 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
 
     # ------------------------------------------------------------------ snapshots
 
-    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: aio.ServicerContext) -> pb.CreateSnapshotResponse:
+    async def CreateSnapshot(
+        self,
+        request: pb.CreateSnapshotRequest,
+        context: aio.ServicerContext[pb.CreateSnapshotRequest, pb.CreateSnapshotResponse],
+    ) -> pb.CreateSnapshotResponse:
         live = self.engine.sessions.get(request.name)
         rec = await self.engine.snapshots.create(live, request.display_name, self.principal(context))
         return pb.CreateSnapshotResponse(snapshot=convert.snapshot_pb(rec))
 
-    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: aio.ServicerContext) -> pb.ListSnapshotsResponse:
+    async def ListSnapshots(
+        self,
+        request: pb.ListSnapshotsRequest,
+        context: aio.ServicerContext[pb.ListSnapshotsRequest, pb.ListSnapshotsResponse],
+    ) -> pb.ListSnapshotsResponse:
         page = self.engine.snapshots.list(request.page_size, request.page_token, request.filter)
         return pb.ListSnapshotsResponse(snapshots=[convert.snapshot_pb(s) for s in page.items], next_page_token=page.next_page_token)
 
-    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: aio.ServicerContext) -> pb.GetSnapshotResponse:
+    async def GetSnapshot(
+        self,
+        request: pb.GetSnapshotRequest,
+        context: aio.ServicerContext[pb.GetSnapshotRequest, pb.GetSnapshotResponse],
+    ) -> pb.GetSnapshotResponse:
         return pb.GetSnapshotResponse(snapshot=convert.snapshot_pb(self.engine.snapshots.get(request.name)))
 
-    async def RestoreSnapshot(self, request: pb.RestoreSnapshotRequest, context: aio.ServicerContext) -> pb.RestoreSnapshotResponse:
+    async def RestoreSnapshot(
+        self,
+        request: pb.RestoreSnapshotRequest,
+        context: aio.ServicerContext[pb.RestoreSnapshotRequest, pb.RestoreSnapshotResponse],
+    ) -> pb.RestoreSnapshotResponse:
         live = self.engine.sessions.get(request.name)
         await self.engine.snapshots.restore(live, request.snapshot)
         return pb.RestoreSnapshotResponse(session=self._session(live))
 
-    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+    async def DeleteSnapshot(
+        self,
+        request: pb.DeleteSnapshotRequest,
+        context: aio.ServicerContext[pb.DeleteSnapshotRequest, pb.DeleteSnapshotResponse],
+    ) -> pb.DeleteSnapshotResponse:
         self.engine.snapshots.delete(request.name)
         return pb.DeleteSnapshotResponse()
 
-    async def ExportSnapshot(self, request: pb.ExportSnapshotRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ExportSnapshotResponse]:
+    async def ExportSnapshot(
+        self,
+        request: pb.ExportSnapshotRequest,
+        context: aio.ServicerContext[pb.ExportSnapshotRequest, pb.ExportSnapshotResponse],
+    ) -> AsyncIterator[pb.ExportSnapshotResponse]:
         rec = self.engine.snapshots.get(request.name)
         yield pb.ExportSnapshotResponse(snapshot=convert.snapshot_pb(rec))
         for chunk in self.engine.snapshots.export_chunks(rec):
             yield pb.ExportSnapshotResponse(chunk=chunk)
             await asyncio.sleep(0)
 
-    async def ImportSnapshot(self, request_iterator: AsyncIterator[pb.ImportSnapshotRequest], context: aio.ServicerContext) -> pb.ImportSnapshotResponse:
+    async def ImportSnapshot(
+        self,
+        request_iterator: AsyncIterator[pb.ImportSnapshotRequest],
+        context: aio.ServicerContext[pb.ImportSnapshotRequest, pb.ImportSnapshotResponse],
+    ) -> pb.ImportSnapshotResponse:
         meta, chunks = await split_upload(request_iterator)
         rec = await self.engine.snapshots.import_(
             display_name=meta.display_name, board=meta.board, backend=meta.backend,

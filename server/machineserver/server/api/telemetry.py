@@ -84,25 +84,45 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
             time=convert.timestamp(time.time()),
         )
 
-    async def GetHostStatus(self, request: pb.GetHostStatusRequest, context: aio.ServicerContext) -> pb.GetHostStatusResponse:
+    async def GetHostStatus(
+        self,
+        request: pb.GetHostStatusRequest,
+        context: aio.ServicerContext[pb.GetHostStatusRequest, pb.GetHostStatusResponse],
+    ) -> pb.GetHostStatusResponse:
         return pb.GetHostStatusResponse(status=host_pb(await self.engine.telemetry.host_status()))
 
-    async def StreamHostStatus(self, request: pb.StreamHostStatusRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamHostStatusResponse]:
+    async def StreamHostStatus(
+        self,
+        request: pb.StreamHostStatusRequest,
+        context: aio.ServicerContext[pb.StreamHostStatusRequest, pb.StreamHostStatusResponse],
+    ) -> AsyncIterator[pb.StreamHostStatusResponse]:
         sub = self.engine.telemetry.subscribe_host(_seconds(request.interval))
         async for sample in sub:
             yield pb.StreamHostStatusResponse(status=self._host(sample), dropped=sub.dropped)
 
-    async def GetSessionMetrics(self, request: pb.GetSessionMetricsRequest, context: aio.ServicerContext) -> pb.GetSessionMetricsResponse:
+    async def GetSessionMetrics(
+        self,
+        request: pb.GetSessionMetricsRequest,
+        context: aio.ServicerContext[pb.GetSessionMetricsRequest, pb.GetSessionMetricsResponse],
+    ) -> pb.GetSessionMetricsResponse:
         live = self.engine.sessions.get(request.name)
         return pb.GetSessionMetricsResponse(metrics=self._metrics(live, self.engine.telemetry.session_metrics(live, None)))
 
-    async def StreamSessionMetrics(self, request: pb.StreamSessionMetricsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamSessionMetricsResponse]:
+    async def StreamSessionMetrics(
+        self,
+        request: pb.StreamSessionMetricsRequest,
+        context: aio.ServicerContext[pb.StreamSessionMetricsRequest, pb.StreamSessionMetricsResponse],
+    ) -> AsyncIterator[pb.StreamSessionMetricsResponse]:
         live = self.engine.sessions.get(request.name)
         interval = check_interval(_seconds(request.interval))
         async for m in self.engine.telemetry.stream_session(live, interval):
             yield pb.StreamSessionMetricsResponse(metrics=self._metrics(live, m))
 
-    async def CreateAlertRule(self, request: pb.CreateAlertRuleRequest, context: aio.ServicerContext) -> pb.CreateAlertRuleResponse:
+    async def CreateAlertRule(
+        self,
+        request: pb.CreateAlertRuleRequest,
+        context: aio.ServicerContext[pb.CreateAlertRuleRequest, pb.CreateAlertRuleResponse],
+    ) -> pb.CreateAlertRuleResponse:
         r = request.rule
         rule = self.engine.telemetry.create_rule(AlertRuleRecord(
             id="", metric=r.metric, comparison=COMPARISON_FROM_PB.get(r.comparison, ""),
@@ -111,15 +131,27 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         ))
         return pb.CreateAlertRuleResponse(rule=rule_pb(rule))
 
-    async def ListAlertRules(self, request: pb.ListAlertRulesRequest, context: aio.ServicerContext) -> pb.ListAlertRulesResponse:
+    async def ListAlertRules(
+        self,
+        request: pb.ListAlertRulesRequest,
+        context: aio.ServicerContext[pb.ListAlertRulesRequest, pb.ListAlertRulesResponse],
+    ) -> pb.ListAlertRulesResponse:
         page = self.engine.telemetry.list_rules(request.page_size, request.page_token)
         return pb.ListAlertRulesResponse(rules=[rule_pb(r) for r in page.items], next_page_token=page.next_page_token)
 
-    async def DeleteAlertRule(self, request: pb.DeleteAlertRuleRequest, context: aio.ServicerContext) -> pb.DeleteAlertRuleResponse:
+    async def DeleteAlertRule(
+        self,
+        request: pb.DeleteAlertRuleRequest,
+        context: aio.ServicerContext[pb.DeleteAlertRuleRequest, pb.DeleteAlertRuleResponse],
+    ) -> pb.DeleteAlertRuleResponse:
         self.engine.telemetry.delete_rule(request.name)
         return pb.DeleteAlertRuleResponse()
 
-    async def StreamAlerts(self, request: pb.StreamAlertsRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamAlertsResponse]:
+    async def StreamAlerts(
+        self,
+        request: pb.StreamAlertsRequest,
+        context: aio.ServicerContext[pb.StreamAlertsRequest, pb.StreamAlertsResponse],
+    ) -> AsyncIterator[pb.StreamAlertsResponse]:
         telemetry = self.engine.telemetry
         sub = telemetry.alerts.subscribe()
         try:

@@ -604,7 +604,9 @@ class _Connection:
             try:
                 info = waiter.result()
             except MachineServerError:
-                if live.state is MachineState.EXITED:
+                # read afresh (annotated: mypy would keep the state narrowed from before the awaits)
+                state: MachineState = live.state
+                if state is MachineState.EXITED:
                     return exited_reply(live.record.exit_code or 0)
                 return killed_reply(SIGKILL)
         finally:
@@ -753,7 +755,9 @@ class _Connection:
         try:
             info = await self.sessions.pause(self.live, "removing gdb's breakpoints")
             await self.debugger.clear_client_breakpoints(self.live, self.client_id)
-            if self.live.state is MachineState.HALTED and info is not None and info.reason is StopReason.HALT:
+            # read afresh (annotated: mypy would keep the state narrowed from before the awaits)
+            state: MachineState = self.live.state
+            if state is MachineState.HALTED and info is not None and info.reason is StopReason.HALT:
                 await self.sessions.run(self.live)  # only a stop of our own making
         except MachineServerError as exc:
             self.log.warning("gdb_breakpoints_not_removed", error=str(exc))

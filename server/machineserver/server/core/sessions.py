@@ -511,7 +511,9 @@ class SessionManager:
                 with driver_errors(live):
                     await machine.capability(drv.RunControl).run()
             except BaseException:
-                if live.state is MachineState.RUNNING:
+                # read afresh (annotated: mypy would keep the state narrowed from before the await)
+                state: MachineState = live.state
+                if state is MachineState.RUNNING:
                     self.set_state(live, MachineState.HALTED, "run failed")
                 raise
             if live.record.max_instructions:

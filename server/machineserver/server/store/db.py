@@ -150,7 +150,9 @@ class Database:
         with self.transaction() as db:
             t = db.table(table)
             t.insert(_encode(row))
-            return int(t.last_pk)  # type: ignore[union-attr,arg-type]
+            if t.last_pk is None:  # set by every insert
+                raise RuntimeError(f"the insert into {table} reported no row id")
+            return int(t.last_pk)
 
     def close(self) -> None:
         with self._lock:
