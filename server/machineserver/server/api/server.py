@@ -7,10 +7,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer
 from machineserver.server.api.coverage import CoverageServicer
@@ -35,17 +37,21 @@ from machineserver.v1 import (
     telemetry_pb2_grpc,
 )
 
-# (servicer class, add_to_server, file descriptor, service name)
-SERVICES: list[tuple[type, Callable[[Any, aio.Server], None], Any, str]] = [
-    (CapabilitiesServicer, capabilities_pb2_grpc.add_CapabilitiesServiceServicer_to_server, capabilities_pb2, "CapabilitiesService"),
-    (SessionServicer, session_pb2_grpc.add_SessionServiceServicer_to_server, session_pb2, "SessionService"),
-    (DebugServicer, debug_pb2_grpc.add_DebugServiceServicer_to_server, debug_pb2, "DebugService"),
-    (CoverageServicer, coverage_pb2_grpc.add_CoverageServiceServicer_to_server, coverage_pb2, "CoverageService"),
-    (CoSimServicer, cosim_pb2_grpc.add_CoSimServiceServicer_to_server, cosim_pb2, "CoSimService"),
-    (TelemetryServicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server, telemetry_pb2, "TelemetryService"),
+# (servicer class, add_to_server, file descriptor, service name); each add_to_server takes
+# its own servicer class, so the list can only say Any for that argument
+SERVICES: list[tuple[type[Servicer], Callable[[Any, aio.Server], None], FileDescriptor, str]] = [
+    (CapabilitiesServicer, capabilities_pb2_grpc.add_CapabilitiesServiceServicer_to_server,
+     capabilities_pb2.DESCRIPTOR, "CapabilitiesService"),
+    (SessionServicer, session_pb2_grpc.add_SessionServiceServicer_to_server, session_pb2.DESCRIPTOR, "SessionService"),
+    (DebugServicer, debug_pb2_grpc.add_DebugServiceServicer_to_server, debug_pb2.DESCRIPTOR, "DebugService"),
+    (CoverageServicer, coverage_pb2_grpc.add_CoverageServiceServicer_to_server, coverage_pb2.DESCRIPTOR,
+     "CoverageService"),
+    (CoSimServicer, cosim_pb2_grpc.add_CoSimServiceServicer_to_server, cosim_pb2.DESCRIPTOR, "CoSimService"),
+    (TelemetryServicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server, telemetry_pb2.DESCRIPTOR,
+     "TelemetryService"),
 ]
 
-SERVICE_NAMES = [mod.DESCRIPTOR.services_by_name[name].full_name for _, _, mod, name in SERVICES]
+SERVICE_NAMES = [file.services_by_name[name].full_name for _, _, file, name in SERVICES]
 
 MAX_MESSAGE_BYTES = 8 << 20
 

@@ -14,7 +14,14 @@ from machineserver.server.core.errors import (
     InvalidArgument,
     NotFound,
 )
-from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.listing import (
+    FieldGetters,
+    Page,
+    match_terms,
+    paginate,
+    parse_filter,
+    resource_id,
+)
 from machineserver.server.core.models import BoardTemplateRecord, from_row, now, record_row
 from machineserver.server.drivers.base import BoardSpec
 from machineserver.server.store.db import Database
@@ -63,7 +70,7 @@ class BoardCatalog:
         self, page_size: int, page_token: str, filter_text: str, backend_boards: dict[str, builtins.list[str]]
     ) -> Page[tuple[BoardTemplateRecord, BoardSpec]]:
         terms = parse_filter(filter_text, ["arch", "builtin", "backend", "cpu"])
-        getters = {
+        getters: FieldGetters[tuple[BoardTemplateRecord, BoardSpec]] = {
             "arch": lambda t: t[1].arch.value,
             "builtin": lambda t: "true" if t[0].builtin else "false",
             "cpu": lambda t: t[1].cpu,

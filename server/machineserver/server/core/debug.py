@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import capstone
 
@@ -158,6 +158,11 @@ class Debugger:
 
     # ------------------------------------------------------------------ symbols
 
+    @overload
+    def symbols(self, live: LiveSession, *, required: Literal[True] = ...) -> SymbolTable: ...
+    @overload
+    def symbols(self, live: LiveSession, *, required: bool) -> SymbolTable | None: ...
+
     def symbols(self, live: LiveSession, *, required: bool = True) -> SymbolTable | None:
         if not live.record.program:
             if required:
@@ -185,16 +190,15 @@ class Debugger:
         if loc.address is not None:
             return loc.address
         if loc.symbol:
-            return self.symbols(live).lookup(loc.symbol).address  # type: ignore[union-attr]
+            return self.symbols(live).lookup(loc.symbol).address
         if loc.file_line:
-            return self.symbols(live).address_of_line(loc.file_line)  # type: ignore[union-attr]
+            return self.symbols(live).address_of_line(loc.file_line)
         raise InvalidArgument(field_name, "give an address, a symbol or file:line")
 
     def resolve_query(self, live: LiveSession, *, symbol: str = "", address: int | None = None,
                       file_line: str = "") -> tuple[str, int, int, int, SourcePosition]:
         """(symbol, address, size, offset, source) for a name, an address or file:line."""
         symbols = self.symbols(live)
-        assert symbols is not None
         if symbol:
             sym = symbols.lookup(symbol)
             return sym.name, sym.address, sym.size, 0, self.position(live, sym.address)
@@ -446,7 +450,6 @@ class LineStepper:
     async def backtrace(self, live: LiveSession, max_frames: int = 64) -> list[FrameInfo]:
         live.require_inspectable("unwind the stack")
         symbols = self.debugger.symbols(live)
-        assert symbols is not None
         if not symbols.frames.available:
             raise FailedPrecondition("the program has no DWARF call-frame information (build with -g)")
         arch = live.board.arch
@@ -482,7 +485,6 @@ class LineStepper:
         deadline = loop.time() + (timeout if timeout is not None else 30.0)
         live.require_halted("step a line")
         symbols = self.debugger.symbols(live)
-        assert symbols is not None
         if not symbols.has_lines:
             raise FailedPrecondition("the program has no line information (build with -g)")
         if mode is StepMode.OUT:

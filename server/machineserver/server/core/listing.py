@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from machineserver.server.core.errors import InvalidArgument
 
@@ -85,7 +85,12 @@ def paginate(
     return Page(chunk, next_token(offset, limit, len(chunk), len(items), filter_text))
 
 
-def match_terms(terms: Mapping[str, str], getters: Mapping[str, Callable[[Any], str]], obj: Any) -> bool:
+# filter key -> the value a record has for it; a key ending in "." (``labels.``) gives a
+# mapping that the rest of a term's key (``labels.team``) looks up
+FieldGetters = Mapping[str, Callable[[T], str | Mapping[str, str]]]
+
+
+def match_terms(terms: Mapping[str, str], getters: FieldGetters[T], obj: T) -> bool:
     """True when every term matches; ``labels.K`` terms look up ``getters["labels."]``
     which must return a mapping."""
     for key, value in terms.items():
@@ -95,7 +100,7 @@ def match_terms(terms: Mapping[str, str], getters: Mapping[str, Callable[[Any], 
             continue
         prefix = key.split(".", 1)[0] + "."
         mapping = getters[prefix](obj)
-        if mapping.get(key[len(prefix):]) != value:  # type: ignore[attr-defined]
+        if isinstance(mapping, str) or mapping.get(key[len(prefix):]) != value:
             return False
     return True
 

@@ -4,12 +4,22 @@ at the API edge."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from machineserver.server.drivers.base import MachineState, StopInfo, StopReason
 
-R = TypeVar("R")
+
+class StoredRecord(Protocol):
+    """A record dataclass with an id (what ``from_row`` builds and ``record_row`` stores)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=StoredRecord)
 
 
 def now() -> float:
@@ -18,7 +28,7 @@ def now() -> float:
 
 def from_row(cls: type[R], data: dict[str, Any]) -> R:
     """Build a record from stored JSON, ignoring keys a newer server may have added."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -113,7 +123,7 @@ class BoardTemplateRecord:
         return f"boardTemplates/{self.id}"
 
 
-def record_row(rec: Any, **index_columns: Any) -> dict[str, Any]:
+def record_row(rec: StoredRecord, **index_columns: Any) -> dict[str, Any]:
     """A record as a database row: the common indexed columns, the given extra ones, and
     the whole record as JSON in ``data``."""
     data = asdict(rec)

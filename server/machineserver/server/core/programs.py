@@ -16,7 +16,14 @@ from machineserver.server.core.errors import (
     ResourceExhausted,
 )
 from machineserver.server.core.images import ImageFormat, ParsedImage, detect_format, parse_image
-from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.listing import (
+    FieldGetters,
+    Page,
+    match_terms,
+    paginate,
+    parse_filter,
+    resource_id,
+)
 from machineserver.server.core.models import ProgramRecord, from_row, record_row
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
@@ -125,7 +132,7 @@ class ProgramStore:
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[ProgramRecord]:
         terms = parse_filter(filter_text, ["format", "arch", "sha256"])
-        getters = {"format": lambda p: p.format, "arch": lambda p: p.arch, "sha256": lambda p: p.sha256}
+        getters: FieldGetters[ProgramRecord] = {"format": lambda p: p.format, "arch": lambda p: p.arch, "sha256": lambda p: p.sha256}
         rows = self._db.rows(TABLE, order_by="create_time DESC, id")
         items = [p for p in (from_row(ProgramRecord, r["data"]) for r in rows) if match_terms(terms, getters, p)]
         return paginate(items, page_size, page_token, filter_text)

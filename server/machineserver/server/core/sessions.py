@@ -41,7 +41,14 @@ from machineserver.server.core.errors import (
     Unimplemented,
 )
 from machineserver.server.core.images import check_fits
-from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.listing import (
+    FieldGetters,
+    Page,
+    match_terms,
+    paginate,
+    parse_filter,
+    resource_id,
+)
 from machineserver.server.core.models import (
     SessionRecord,
     from_row,
@@ -292,7 +299,7 @@ class SessionManager:
         terms = parse_filter(filter_text, ["state", "backend", "board", "display_name", "labels."])
         if "state" in terms:
             terms["state"] = terms["state"].upper().removeprefix("SESSION_STATE_").lower()
-        getters = {
+        getters: FieldGetters[SessionRecord] = {
             "state": lambda r: r.state,
             "backend": lambda r: r.backend,
             "board": lambda r: r.board,

@@ -13,7 +13,14 @@ from machineserver.server.core.errors import (
     NotFound,
     ResourceExhausted,
 )
-from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.listing import (
+    FieldGetters,
+    Page,
+    match_terms,
+    paginate,
+    parse_filter,
+    resource_id,
+)
 from machineserver.server.core.models import SnapshotRecord, from_row, record_row
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.drivers.base import Feature, MachineState, Snapshots
@@ -42,7 +49,7 @@ class SnapshotStore:
         terms = parse_filter(filter_text, ["session", "board", "backend"])
         if "session" in terms:
             terms["session"] = terms["session"].removeprefix("sessions/")
-        getters = {"session": lambda r: r.session, "board": lambda r: r.board, "backend": lambda r: r.backend}
+        getters: FieldGetters[SnapshotRecord] = {"session": lambda r: r.session, "board": lambda r: r.board, "backend": lambda r: r.backend}
         rows = self._db.rows(TABLE, order_by="create_time DESC, id")
         items = [r for r in (from_row(SnapshotRecord, x["data"]) for x in rows) if match_terms(terms, getters, r)]
         return paginate(items, page_size, page_token, filter_text)

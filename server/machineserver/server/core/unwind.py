@@ -58,7 +58,8 @@ class FrameTable:
             return None
         row = None
         for candidate in table:
-            if int(candidate["pc"]) & ~1 <= pc:  # type: ignore[call-overload]
+            line_pc = candidate["pc"]
+            if isinstance(line_pc, int) and line_pc & ~1 <= pc:
                 row = candidate
             else:
                 break
@@ -68,8 +69,10 @@ class FrameTable:
         if not isinstance(cfa, CFARule) or cfa.reg is None:
             return None
         saved = {
-            int(reg): int(rule.arg)  # type: ignore[call-overload,arg-type]
+            reg: rule.arg
             for reg, rule in row.items()
-            if isinstance(rule, RegisterRule) and rule.type == RegisterRule.OFFSET
+            # register numbers to offset rules (the row's other keys are "pc" and "cfa")
+            if isinstance(reg, int) and isinstance(rule, RegisterRule) and rule.type == RegisterRule.OFFSET
+            and isinstance(rule.arg, int)
         }
         return FrameRule(int(cfa.reg), int(cfa.offset or 0), saved, int(ra))

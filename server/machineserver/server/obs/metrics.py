@@ -23,7 +23,7 @@ import concurrent.futures
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
@@ -98,13 +98,13 @@ class ServerMetrics:
                                       description="Sessions, by backend and state")
         meter.create_observable_counter("machineserver.console.output", [self._observe_console], unit="By",
                                         description="Console bytes the sessions' machines wrote")
-        meter.create_observable_gauge("machineserver.programs.stored", [self._simple("programs")], unit="1",
+        meter.create_observable_gauge("machineserver.programs.stored", [self._simple(lambda f: f.programs)], unit="1",
                                       description="Programs stored")
-        meter.create_observable_gauge("machineserver.snapshots.stored", [self._simple("snapshots")], unit="1",
+        meter.create_observable_gauge("machineserver.snapshots.stored", [self._simple(lambda f: f.snapshots)], unit="1",
                                       description="Snapshots stored")
-        meter.create_observable_gauge("machineserver.alerts.firing", [self._simple("firing")], unit="1",
+        meter.create_observable_gauge("machineserver.alerts.firing", [self._simple(lambda f: f.firing)], unit="1",
                                       description="Alert rules firing now")
-        meter.create_observable_gauge("machineserver.telemetry.subscribers", [self._simple("subscribers")],
+        meter.create_observable_gauge("machineserver.telemetry.subscribers", [self._simple(lambda f: f.subscribers)],
                                       unit="1", description="Host status stream subscribers")
         # console bytes of deleted sessions, so the counter never goes down
         self._retired_console = 0
@@ -192,10 +192,10 @@ class ServerMetrics:
         f = self.figures()
         return [Observation(f.console_bytes)] if f else []
 
-    def _simple(self, attr: str):  # type: ignore[no-untyped-def]
+    def _simple(self, figure: Callable[[_EngineFigures], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             f = self.figures()
-            return [Observation(getattr(f, attr))] if f else []
+            return [Observation(figure(f))] if f else []
 
         return observe
 

@@ -50,7 +50,7 @@ import functools
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 import structlog
 
@@ -384,11 +384,10 @@ class RspProtocol:
                     while True:
                         reply = await self._take()
                         assert reply is not None
-                        text = self._console_text(reply) if output is not None else None
-                        if text is None:
+                        if output is None or (text := self._console_text(reply)) is None:
                             self._owed = None
                             return reply
-                        output.append(text)  # type: ignore[union-attr]
+                        output.append(text)
                 finally:
                     if self._state is State.BUSY:
                         self._state = State.IDLE
@@ -490,11 +489,19 @@ def _refusal(request: bytes, reply: bytes, *, address: int | None = None) -> Rsp
 # --------------------------------------------------------------------------- the commands
 
 
+class ProtocolOptions(TypedDict, total=False):
+    """The framing layer's tunables (:class:`RspProtocol`), passed through by the client."""
+
+    resync_timeout: float
+    max_resends: int
+
+
 class RspClient(RspProtocol):
     """One connection to a gdbstub. Create with :meth:`connect_unix` or
     :meth:`connect_tcp`; ``features`` and ``packet_size`` come from its qSupported reply."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **options: Any) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 **options: Unpack[ProtocolOptions]) -> None:
         super().__init__(reader, writer, **options)
         self.features: dict[str, str] = {}
         self.packet_size = 4096
@@ -503,14 +510,14 @@ class RspClient(RspProtocol):
 
     @classmethod
     async def connect_unix(cls, path: str, *, xml_registers: str | None = None,
-                           timeout: float = DEFAULT_TIMEOUT, **options: Any) -> RspClient:
+                           timeout: float = DEFAULT_TIMEOUT, **options: Unpack[ProtocolOptions]) -> RspClient:
         """Connect to a stub on a Unix socket and shake hands. ``xml_registers`` names
         the architecture for qSupported's ``xmlRegisters=`` ("arm"; None on RISC-V)."""
         return await cls._open(asyncio.open_unix_connection(path), path, xml_registers, timeout, options)
 
     @classmethod
     async def connect_tcp(cls, host: str, port: int, *, xml_registers: str | None = None,
-                          timeout: float = DEFAULT_TIMEOUT, **options: Any) -> RspClient:
+                          timeout: float = DEFAULT_TIMEOUT, **options: Unpack[ProtocolOptions]) -> RspClient:
         """Connect over TCP (TCP_NODELAY: packets are small and latency-bound)."""
         return await cls._open(asyncio.open_connection(host, port), f"{host}:{port}", xml_registers,
                                timeout, options)
@@ -518,7 +525,7 @@ class RspClient(RspProtocol):
     @classmethod
     async def _open(cls, opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
                     where: str, xml_registers: str | None, timeout: float,
-                    options: dict[str, Any]) -> RspClient:
+                    options: ProtocolOptions) -> RspClient:
         try:
             reader, writer = await asyncio.wait_for(opening, timeout)
         except TimeoutError:
