@@ -157,7 +157,9 @@ class QemuRunControl(RunControl):
         resume = False
         if self.target.state is MachineState.RUNNING and self._task is not None:
             info = await self._collect()
-            if info.reason is StopReason.HALT and self.target.state is MachineState.HALTED:
+            # read afresh (annotated: mypy would keep the state narrowed from before the await)
+            state: MachineState = self.target.state
+            if info.reason is StopReason.HALT and state is MachineState.HALTED:
                 resume = True
             else:
                 self.target.report_stop(info)
