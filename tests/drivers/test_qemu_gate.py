@@ -11,7 +11,7 @@ import pytest
 from machineserver.server.drivers.base import MachineState, StopReason
 from machineserver.server.drivers.qemu.gate import InstructionGate
 from machineserver.server.drivers.qemu.plugin import plugin_args
-from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP
+from machineserver.server.drivers.qemu.stops import SIGINT
 from tests.drivers.qemu_helpers import (
     QEMU_MISSING,
     MachineFactory,
@@ -44,14 +44,16 @@ def test_plugin_arguments_refuse_commas() -> None:
 
 async def test_an_unarmed_gate_counts_nothing(machines: MachineFactory, firmware_dir: Path) -> None:
     """Without icount the counting callbacks exist only while armed: a plain run of
-    crc32 (~55 M instructions) adds nothing to the count."""
+    crc32 (~55 M instructions) adds nothing to the count; its one hold is before the
+    exit's trap."""
     m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "crc32")
     gate = usable_gate(m)
     assert not gate.always
     before = gate.executed
     await m.rc.run()
-    assert (await ev.next_stop()).reason is StopReason.EXIT
-    assert gate.executed == before and gate.holds == 0
+    stop = await ev.next_stop()
+    assert stop.reason is StopReason.EXIT and m.process.alive
+    assert gate.executed == before and gate.holds == 1
 
 
 @pytest.mark.parametrize("icount", [False, True])
@@ -70,17 +72,20 @@ async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, firmw
     assert start + 1_000_000 < gate.executed <= start + 1_000_000 + 512
     held_at = gate.executed
     gate.disarm()
-    gate.release()  # a barrier passed: run on, to the program's exit trap
+    gate.release()  # a barrier passed: run on, to the program's exit trap...
+    await gate.wait_hold(holds + 1)  # ...where the plugin holds before it
+    (site,) = m.machine.traps.sites
+    assert gate.take_pending_trap() == site
+    stub.interrupt()
     reply = await stub.wait_stop(HOLD_WAIT_S)
-    assert reply.signal == SIGTRAP and not gate.holding
-    (site,) = m.machine.points.traps
-    assert (await m.regs.read_registers(["pc"]))["pc"] == site
-    assert gate.holds == holds + 1
+    assert reply.signal == SIGINT and not gate.holding
+    pc = (await m.regs.read_registers(["pc"]))["pc"]
+    assert pc <= site < pc + 64  # at the start of the block that ends with the trap
     if icount:
         assert gate.executed > held_at + 50_000_000  # counted on: crc32 ran to its end
-    # the machine goes on from there: the step onto the trap is the exit
-    stop = await m.rc.step(1)
-    assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+    # the machine goes on from there: stepping onto the trap is the exit
+    stop = await m.rc.step(40)
+    assert (stop.reason, stop.exit_code, stop.pc) == (StopReason.EXIT, 0, site)
     assert bytes(ev.console) == b"crc32=0x80f45f04\n"
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from machineserver.server.drivers.base import MachineState, StopReason
+from machineserver.server.drivers.qemu import process as process_module
+from machineserver.server.drivers.qemu.plugin import PluginStatus
 from tests.drivers.qemu_helpers import (
     QEMU_MISSING,
     MachineFactory,
@@ -156,6 +158,32 @@ async def test_a_cancelled_pause_still_stops_the_machine(machines: MachineFactor
     assert (await m.regs.read_registers(["pc"]))["pc"] == stop.pc
     assert (await m.rc.step(1)).reason is StopReason.STEP
     assert ev.failures == [] and len(ev.stops) == 1
+
+
+async def test_without_the_plugin_steps_fall_back_to_single_steps(
+        machines: MachineFactory, firmware_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the plugin cannot be built (no C compiler; simulated here), QEMU runs
+    without it: counted steps are gdbstub single steps, still exact and cancellable."""
+    monkeypatch.setattr(process_module, "plugin_status",
+                        lambda: PluginStatus(None, "no host C compiler (simulated)"))
+    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo", icount=True)
+    inst = m.process.instance
+    assert m.process.gate is None and inst is not None
+    assert "-plugin" not in inst.command_line({"con": 1, "semi": 2, "gdb": 3, "qmp": 4})
+    before = m.counters().instructions
+    assert (await m.rc.step(50)).reason is StopReason.STEP
+    assert m.counters().instructions - before == 50
+    task = asyncio.create_task(m.rc.step(10**9))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    started = time.monotonic()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < CANCEL_BOUND_S
+    assert m.state is MachineState.HALTED
+    assert (await m.rc.step(1)).reason is StopReason.STEP
+    assert ev.stops == [] and ev.failures == []
 
 
 # --------------------------------------------------------------------------- single steps

@@ -12,9 +12,11 @@ for ``run()`` and :meth:`Executor.advance` for ``step(count)``.
   short; the rest runs with one-instruction blocks (HMP ``singlestep on``), which stops
   on the exact count. Smaller counts, and machines without the plugin, single-step
   through the gdbstub (0.3 ms a step), checking for a stop request between steps.
-* **Semihosting traps** (:mod:`.semihosting`): a stop at a trap site, or a resume from
-  one, reads the call: an exit ends the run (EXIT, QEMU kept alive, state EXITED); any
-  other call is single-stepped (QEMU performs it) and the run goes on.
+* **Semihosting traps** (:mod:`.semihosting`): the plugin stops QEMU before a block
+  that holds a trap (or, without it, a hidden breakpoint stops it at the trap); the
+  executor single-steps up to the trap, and there reads the call: an exit ends the run
+  (EXIT, QEMU kept alive, state EXITED); any other call is single-stepped (QEMU
+  performs it) and the run goes on. A resume from a trap site does the same.
 * **Stopping early**: :meth:`Executor.request_stop` (pause, cancellation, an edit while
   running) sends ^C when QEMU is running, or makes the loop stop before it resumes
   QEMU again; the stop comes back as a HALT. The stream stays in sync: a request that
@@ -35,6 +37,7 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.rsp import RspClosed, RspTimeout, StopReply
+from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP, STEP_TIMEOUT, StopDecoder
 from machineserver.server.drivers.qemu.target import QemuTarget
 
@@ -45,9 +48,10 @@ BLOCK_MAX = 512  # the most instructions in one TCG block
 
 
 class Executor:
-    def __init__(self, target: QemuTarget, points: PointTable) -> None:
+    def __init__(self, target: QemuTarget, points: PointTable, traps: TrapSites) -> None:
         self.target = target
         self.points = points
+        self.traps = traps
         self.decoder = StopDecoder(target, points)
         self._stop_requested = False
         self._in_flight = False  # a resume was sent and its stop reply is owed
@@ -111,14 +115,18 @@ class Executor:
             pc = await self.target.read_pc()
             if self._stop_requested:
                 return StopInfo(StopReason.HALT, pc=pc)
-            if pc in self.points.traps or pc in self.points.breakpoints:
+            if pc in self.traps or pc in self.points.breakpoints:
                 # QEMU would stop at once on a breakpoint at the pc: step off it first
                 info = await self._step_from(pc)
                 if info is not None:
                     return info
                 continue
-            reply = await self._resume(b"c")
-            info = await self._settle(reply, StopReason.HALT)
+            reply = await self._resume(b"c", hold_after=self._gate_holds())
+            site = self.traps.pending()
+            if site is not None and self._plain(reply, SIGINT):
+                info, _ = await self._approach(site, None)
+            else:
+                info = await self._settle(reply, StopReason.HALT)
             if info is not None:
                 return info
 
@@ -132,7 +140,7 @@ class Executor:
                 return StopInfo(StopReason.HALT, pc=pc)
             gate = self.target.process.gate
             if (remaining < GATE_MIN or gate is None or not gate.usable
-                    or pc in self.points.traps or pc in self.points.breakpoints):
+                    or pc in self.traps or pc in self.points.breakpoints):
                 info = await self._step_from(pc)
                 remaining -= 1
                 if info is not None:
@@ -143,23 +151,58 @@ class Executor:
                 continue
             reply, executed = await self._counted(remaining)
             remaining -= executed
-            held = (reply.signal == SIGINT and not reply.exited and reply.watch is None
-                    and not self._stop_requested)
-            if not held:  # else: the gate's hold; the rest in the next round
+            site = self.traps.pending()
+            if site is not None and self._plain(reply, SIGINT):
+                info, steps = await self._approach(site, remaining)
+                remaining -= steps
+                if info is not None:
+                    return info
+            elif not self._plain(reply, SIGINT) or self._stop_requested:
                 info = await self._settle(reply, StopReason.HALT)
                 if info is not None:
                     return info
+            # else: the gate's hold; the rest in the next round
             pc = await self.target.read_pc()
 
+    @staticmethod
+    def _plain(reply: StopReply, signal: int) -> bool:
+        return not reply.exited and reply.watch is None and reply.signal == signal
+
+    def _gate_holds(self) -> int | None:
+        """The gate's hold count, to answer its holds (trap sites) while resumed."""
+        gate = self.target.process.gate
+        return gate.holds if gate is not None and gate.usable else None
+
+    async def _approach(self, site: int, budget: int | None) -> tuple[StopInfo | None, int]:
+        """The plugin stopped QEMU at the start of a block that ends with the trap at
+        ``site``: single-step up to it (at most ``budget`` steps). The loop then takes
+        the trap. A stop on the way (a breakpoint, an interrupt taken elsewhere...) ends
+        the approach; the trap, translated again, is caught again later. Returns the
+        stop to report, if any, and the steps made."""
+        start = pc = await self.target.read_pc()
+        steps = 0
+        while start <= pc < site and (budget is None or steps < budget) and not self._stop_requested:
+            reply = await self._single()
+            steps += 1
+            if not self._plain(reply, SIGTRAP):
+                return await self._settle(reply, StopReason.STEP), steps
+            pc = await self.target.read_pc()
+            if pc in self.points.breakpoints and (budget is None or steps < budget):
+                return StopInfo(StopReason.BREAKPOINT, pc=pc), steps
+        return None, steps
+
     async def _step_from(self, pc: int) -> StopInfo | None:
-        """One instruction from ``pc`` (a semihosting trap there is handled first): None
-        when it simply ran, else the stop it made."""
-        if pc in self.points.traps:
+        """One instruction from ``pc`` (a semihosting trap there is handled: an exit
+        ends the program, another call is performed): None when it simply ran, else
+        the stop it made."""
+        if pc in self.traps and await self.traps.is_trap(self.target.stub(), pc):
             exit_info = await self.decoder.semihosting_exit(pc)
             if exit_info is not None:
                 return exit_info
-        reply = await self._single()
-        if reply.signal == SIGTRAP and reply.watch is None and not reply.exited:
+            reply = await self.traps.perform(pc, self._single)
+        else:
+            reply = await self._single()
+        if self._plain(reply, SIGTRAP):
             return None
         return await self._settle(reply, StopReason.STEP)
 
@@ -172,8 +215,8 @@ class Executor:
             outcome = await self.decoder.watchpoint(reply)
             return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
         pc = await self.target.read_pc()
-        if reply.signal == SIGTRAP and pc in self.points.traps and pc not in self.points.breakpoints:
-            return None  # the loop performs the call there (or ends at its exit)
+        if reply.signal == SIGTRAP and pc in self.traps and pc not in self.points.breakpoints:
+            return None  # a hidden breakpoint: the loop takes the trap there
         return self.decoder.plain(reply, pc, default)
 
     # ------------------------------------------------------------------ resuming QEMU

@@ -1,6 +1,10 @@
 """The instruction gate, from the driver's side: count the instructions one QEMU executes
 and hold its vCPU at a count (plugin/msplugin.c has the protocol and the reasons for it).
 
+The plugin also holds the vCPU before semihosting trap sites (:meth:`set_traps`; see
+:mod:`.semihosting`): a hold there is answered like a counted run's, with a ^C, and
+:meth:`take_pending_trap` says which site it was.
+
 A counted run is: :meth:`InstructionGate.arm` with a limit while the VM is stopped,
 resume it (gdbstub ``c``), and when the plugin holds the vCPU (:meth:`wait_hold`),
 interrupt the VM with a ^C; the plugin lets the vCPU go once the VM stops, so it stops
@@ -23,6 +27,7 @@ import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 
 MAGIC = b"MSGATE\x00\x01"
 VERSION = 1
@@ -33,6 +38,8 @@ NEVER = (1 << 64) - 1
 # offsets in the control page (see plugin/msplugin.c)
 _VERSION, _FLAGS = 8, 12
 _EXECUTED, _LIMIT, _REQUEST, _APPLIED, _ARMED, _HOLDING, _HOLDS = 16, 24, 32, 40, 48, 52, 56
+_NTRAPS, _PENDING, _PASS, _TRAPS = 64, 72, 80, 128
+MAX_TRAPS = (SIZE - _TRAPS) // 8
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -142,6 +149,32 @@ class InstructionGate:
         if not self.always and _U32.unpack_from(self._page, _ARMED)[0]:
             _U32.pack_into(self._page, _ARMED, 0)
             _U64.pack_into(self._page, _REQUEST, self._u64(_REQUEST) + 1)
+
+    def set_traps(self, sites: Iterable[int]) -> None:
+        """The semihosting trap sites the plugin holds the vCPU before (see
+        msplugin.c). At most :data:`MAX_TRAPS`. The VM must be stopped."""
+        assert self._page is not None
+        addresses = sorted(sites)
+        if len(addresses) > MAX_TRAPS:
+            raise ValueError(f"{len(addresses)} trap sites; the gate holds {MAX_TRAPS}")
+        _U32.pack_into(self._page, _NTRAPS, 0)
+        for i, address in enumerate(addresses):
+            _U64.pack_into(self._page, _TRAPS + 8 * i, address)
+        _U32.pack_into(self._page, _NTRAPS, len(addresses))
+
+    def take_pending_trap(self) -> int | None:
+        """The trap site of the last trap hold, if one came since the last call."""
+        if self._page is None:
+            return None
+        site = self._u64(_PENDING)
+        _U64.pack_into(self._page, _PENDING, NEVER)
+        return None if site == NEVER else site
+
+    def pass_trap(self, site: int | None) -> None:
+        """Let the vCPU run the trap at ``site`` (None: none) without a hold: for the
+        step that performs the call."""
+        if self._page is not None:
+            _U64.pack_into(self._page, _PASS, NEVER if site is None else site)
 
     def release(self) -> None:
         """Let a held vCPU run on."""

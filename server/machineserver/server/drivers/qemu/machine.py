@@ -8,7 +8,8 @@ process, deaths   :mod:`.process` (the QEMU process, its deaths), :mod:`.instanc
 run control       :mod:`.runcontrol` (run/pause/step), :mod:`.execution` (resuming and
                   stopping QEMU), :mod:`.stops` (stop replies), :mod:`.gate` (counted runs)
 breakpoints       :mod:`.breakpoints` (breakpoints and watchpoints), :mod:`.points` (the
-                  table), :mod:`.semihosting` (the hidden trap sites)
+                  table)
+semihosting       :mod:`.semihosting` (trap sites: exits caught before QEMU ends)
 registers         :mod:`.registers` (:mod:`.regs`: the register map)
 memory            :mod:`.memory`
 snapshots         :mod:`.snapshots` (the migrate stream and our header)
@@ -75,7 +76,7 @@ from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.registers import QemuRegisters
 from machineserver.server.drivers.qemu.rsp import RspError
 from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
-from machineserver.server.drivers.qemu.semihosting import find_trap_sites
+from machineserver.server.drivers.qemu.semihosting import TrapSites, find_trap_sites
 from machineserver.server.drivers.qemu.snapshots import SNAPSHOT_BROKEN, QemuSnapshots
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded, refused
 
@@ -103,7 +104,8 @@ class QemuMachine(Machine):
         self.target = QemuTarget(board, options, events, qemu_machine=qemu_machine,
                                  binary=binary or BINARIES[board.arch], extra_args=extra_args)
         self.points = PointTable(board.arch)
-        self.run_control = QemuRunControl(self.target, self.points)
+        self.traps = TrapSites(board.arch, self.points)
+        self.run_control = QemuRunControl(self.target, self.points, self.traps)
         self.coverage = QemuCoverage(enabled=options.extra.get("coverage") == "1")
         self._find_traps = options.extra.get("semihosting_traps", "on") != "off"
         self._image: ProgramImage | None = None
@@ -114,7 +116,7 @@ class QemuMachine(Machine):
             QemuBreakpoints(self.target, self.points, self.run_control),
             QemuWatchpoints(self.target, self.points, self.run_control),
             QemuConsole(self.target),
-            QemuSnapshots(self.target, self.points, self._restore),
+            QemuSnapshots(self.target, self.traps, self._restore),
             self.coverage,
             QemuFootprint(self.target.process),
         )
@@ -133,7 +135,7 @@ class QemuMachine(Machine):
             self.target.require(MachineState.OFF, MachineState.FAILED)
             self._image = None
             self.target.clock.set(0, 0)
-            await self.points.set_traps(None, ())
+            self.traps.forget()
             await self._start()
             await self.target.read_pc()
 
@@ -149,6 +151,7 @@ class QemuMachine(Machine):
             log.exception("power_off: cleaning up QEMU failed")
             await target.process.stop(kill=True)
         self.points.clear()
+        self.traps.forget()
         self._image = None
         self.coverage.discard()
 
@@ -163,6 +166,7 @@ class QemuMachine(Machine):
                 await self._start()
             if self._image is not None:
                 await self._write_image(self._image)
+                await self.traps.install(self.target.stub(), self.target.process.gate, self.traps.sites)
             await self._system_reset()
 
     @guarded
@@ -180,7 +184,7 @@ class QemuMachine(Machine):
                 await self._start()
             await self._write_image(image)
             traps = find_trap_sites(image, self.target.arch) if self._find_traps else ()
-            await self.points.set_traps(self.target.stub(), traps)
+            await self.traps.install(self.target.stub(), self.target.process.gate, traps)
             self._image = image
             await self._system_reset()
 

@@ -1,16 +1,13 @@
-"""The machine's breakpoints, watchpoints and hidden semihosting trap sites, as data, and
-their insertion into QEMU's gdbstub.
+"""The user's breakpoints and watchpoints, as data, and their insertion into QEMU's
+gdbstub.
 
 They outlive any one QEMU (reset, load after an exit, snapshot restore start a new one):
-:meth:`PointTable.insert_all` puts them into a fresh QEMU. The trap sites (see
-:mod:`.semihosting`) are gdbstub breakpoints too, but never user breakpoints: a user
-breakpoint at the same address is a second, separate entry in QEMU (clearing it leaves
-the trap in place), and a stop there reports the user's breakpoint.
+:meth:`PointTable.insert_all` puts them into a fresh QEMU. Hidden breakpoints at
+semihosting trap sites (:mod:`.semihosting`, without the plugin) are separate entries
+in QEMU: clearing a user breakpoint at the same address leaves the hidden one.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 from machineserver.server.drivers.base import Arch, WatchKind
 from machineserver.server.drivers.qemu.rsp import RspClient
@@ -26,12 +23,10 @@ class PointTable:
         self.arch = arch
         self.breakpoints: dict[int, bool] = {}  # address -> hardware
         self.watchpoints: set[tuple[int, int, WatchKind]] = set()
-        self.traps: frozenset[int] = frozenset()
 
     def clear(self) -> None:
         self.breakpoints.clear()
         self.watchpoints.clear()
-        self.traps = frozenset()
 
     def code_address(self, address: int) -> int:
         """A breakpoint address as the stub wants it (Thumb bit cleared)."""
@@ -74,20 +69,8 @@ class PointTable:
             with refusals_ignored():
                 await stub.remove_point(WATCH_TYPE[kind], addr, size)
 
-    async def set_traps(self, stub: RspClient | None, sites: Iterable[int]) -> None:
-        """Replace the trap sites (``stub``: the running QEMU to update, if any)."""
-        new = frozenset(sites)
-        if stub is not None:
-            for site in self.traps - new:
-                await self.remove_breakpoint(stub, site, False)
-            for site in new - self.traps:
-                await self.insert_breakpoint(stub, site, False)
-        self.traps = new
-
     async def insert_all(self, stub: RspClient) -> None:
         """Everything into a fresh QEMU."""
         for addr, hardware in self.breakpoints.items():
             await self.insert_breakpoint(stub, addr, hardware)
-        for site in self.traps:
-            await self.insert_breakpoint(stub, site, False)
         await self.insert_watchpoints(stub)

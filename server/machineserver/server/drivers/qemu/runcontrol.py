@@ -27,6 +27,7 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.qemu.execution import STOP_TIMEOUT, Executor
 from machineserver.server.drivers.qemu.points import PointTable
+from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.stops import STEP_TIMEOUT
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 
@@ -35,9 +36,9 @@ CANCEL_GRACE = STEP_TIMEOUT + STOP_TIMEOUT + 2.0
 
 
 class QemuRunControl(RunControl):
-    def __init__(self, target: QemuTarget, points: PointTable) -> None:
+    def __init__(self, target: QemuTarget, points: PointTable, traps: TrapSites) -> None:
         self.target = target
-        self.executor = Executor(target, points)
+        self.executor = Executor(target, points, traps)
         self._task: asyncio.Task[None] | None = None
         self._collectors: list[asyncio.Future[StopInfo]] = []  # want the running stop
 

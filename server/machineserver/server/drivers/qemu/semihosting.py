@@ -3,32 +3,46 @@
 QEMU 7.2 performs semihosting calls itself (``-semihosting-config target=native``) and
 ends the *process* on SYS_EXIT / SYS_EXIT_EXTENDED: the machine's registers and memory
 would go with it. So when an image is loaded, the driver finds its trap sites (the
-instructions that make the calls) and sets hidden breakpoints there; a stop at one reads
-the operation register and
+instructions that make the calls) and makes QEMU stop *before* one runs; a stop there
+reads the operation register and
 
 * for SYS_EXIT (0x18) and SYS_EXIT_EXTENDED (0x20) decodes the exit code as QEMU does
   and reports the exit, leaving QEMU alive and halted at the trap (state EXITED:
   registers and memory readable; reset or load bring the machine back);
-* for any other operation single-steps the trap (QEMU performs the call) and goes on
-  silently.
+* for any other operation lets QEMU perform it (one step with the trap instruction in
+  place) and goes on silently.
 
-The cost: one stop (a gdbstub round trip, a few hundred microseconds) per semihosting
-call. Programs that print through semihosting one character at a time pay it per
-character; ``MachineOptions.extra["semihosting_traps"] = "off"`` turns the scan off (QEMU
-then exits on its own at SYS_EXIT, as before: state EXITED, QEMU gone).
+How QEMU is made to stop there (:class:`TrapSites`):
+
+* **the plugin's gate** (:mod:`.gate`, plugin/msplugin.c), when usable: the sites are
+  listed to the plugin, which notices a trap instruction at a listed site when QEMU
+  *translates* it (so it is code, about to run), makes that block leave before it runs
+  and holds the vCPU; the driver stops the VM (^C) at the block's start and single-steps
+  up to the site. Costs nothing until a call is made; memory is never changed.
+* **hidden breakpoints** (no plugin): gdbstub breakpoints at the sites, kept apart from
+  the user's. QEMU 7.2 runs every block on a breakpoint's page one instruction at a
+  time, so code sharing a page with a trap runs 30-70x slower.
+
+Either way: one stop (a few hundred microseconds) per semihosting call. Programs that
+print through semihosting one character at a time pay it per character;
+``MachineOptions.extra["semihosting_traps"] = "off"`` turns the scan off (QEMU then
+exits on its own at SYS_EXIT, as before: state EXITED, QEMU gone).
 
 Trap sites: Thumb ``bkpt 0xab`` (halfword 0xBEAB, 2-byte aligned); RISC-V the
 uncompressed sequence ``slli x0,x0,0x1f; ebreak; srai x0,x0,7`` (the site is the
-``ebreak``). A match inside data is harmless: a breakpoint there never fires, and a stop
-at a site checks the instruction bytes again before trusting them.
+``ebreak``). A match inside data is harmless: never translated, and a breakpoint there
+never fires; a stop at a site checks the instruction bytes again before trusting them.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from machineserver.server.drivers.base import Arch, ProgramImage
+from machineserver.server.drivers.qemu.gate import MAX_TRAPS, InstructionGate
+from machineserver.server.drivers.qemu.points import PointTable
+from machineserver.server.drivers.qemu.rsp import RspClient, StopReply
 
 SYS_EXIT = 0x18
 SYS_EXIT_EXTENDED = 0x20
@@ -65,13 +79,6 @@ def find_trap_sites(image: ProgramImage, arch: Arch) -> frozenset[int]:
     return frozenset(sites)
 
 
-def site_bytes(arch: Arch) -> tuple[int, bytes]:
-    """(offset from the site, bytes) that must be in memory for a site to be a trap."""
-    if arch is Arch.ARM_CORTEX_M:
-        return 0, THUMB_BKPT_AB
-    return -4, RISCV_SEQUENCE
-
-
 def _signed32(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
@@ -94,3 +101,62 @@ async def exit_code(operation: int, argument: int,
         reason, subcode = struct.unpack("<II", block)
         return _signed32(subcode) if reason == ADP_STOPPED_APPLICATION_EXIT else 1
     return None
+
+
+class TrapSites:
+    """The loaded image's trap sites, and how they are armed in the running QEMU:
+    through the plugin's gate, or as hidden gdbstub breakpoints."""
+
+    def __init__(self, arch: Arch, points: PointTable) -> None:
+        self.arch = arch
+        self.points = points  # for the hidden breakpoints' insertion
+        self.sites: frozenset[int] = frozenset()
+        self.gate: InstructionGate | None = None  # the gate holding at them, if any
+        self._breakpoints_in: RspClient | None = None  # the QEMU holding our breakpoints
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.sites
+
+    def forget(self) -> None:
+        """No sites (power on/off); the QEMU they were armed in is gone."""
+        self.sites, self.gate, self._breakpoints_in = frozenset(), None, None
+
+    async def install(self, stub: RspClient, gate: InstructionGate | None, sites: Iterable[int]) -> None:
+        """Arm ``sites`` in the running QEMU (the VM stopped)."""
+        if self._breakpoints_in is stub:
+            for site in self.sites:
+                await self.points.remove_breakpoint(stub, site, False)
+        self._breakpoints_in = None
+        self.sites, self.gate = frozenset(sites), None
+        if gate is not None and gate.usable and len(self.sites) <= MAX_TRAPS:
+            gate.set_traps(self.sites)
+            self.gate = gate
+            return
+        if gate is not None and gate.usable:
+            gate.set_traps(())
+        for site in self.sites:
+            await self.points.insert_breakpoint(stub, site, False)
+        self._breakpoints_in = stub
+
+    async def is_trap(self, stub: RspClient, pc: int) -> bool:
+        """Whether the site at ``pc`` still holds a trap (the program, or a debugger,
+        may have written over it)."""
+        if pc not in self.sites:
+            return False
+        if self.arch is Arch.ARM_CORTEX_M:
+            return await stub.read_memory(pc, 2) == THUMB_BKPT_AB
+        return await stub.read_memory(pc - 4, 12) == RISCV_SEQUENCE
+
+    async def perform(self, pc: int, step: Callable[[], Awaitable[StopReply]]) -> StopReply:
+        """Let QEMU perform the call at ``pc``: one ``step`` that the gate lets through."""
+        if self.gate is None:
+            return await step()  # a single step passes a breakpoint at the pc
+        self.gate.pass_trap(pc)
+        try:
+            return await step()
+        finally:
+            self.gate.pass_trap(None)
+
+    def pending(self) -> int | None:
+        """The site the gate last held the vCPU before (once)."""
+        return self.gate.take_pending_trap() if self.gate is not None else None

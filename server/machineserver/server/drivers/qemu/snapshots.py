@@ -4,8 +4,8 @@ header of ours.
 * **Save**: QMP ``migrate`` to ``exec:cat > file`` (no disk needed; ~12 ms, ~130-300 KB);
   the stream's run state is patched from "debug" to "paused" (QEMU 7.2 refuses to load
   "debug").
-* **Restore**: a new QEMU started with ``-incoming "exec:cat file"``, the breakpoints,
-  watchpoints and the snapshot's semihosting trap sites put back.
+* **Restore**: a new QEMU started with ``-incoming "exec:cat file"``, the breakpoints and
+  watchpoints put back, and the snapshot's semihosting trap sites armed.
 * **Blob**: ``MSQEMU1\\n``, the header's length (4 bytes, little-endian), the header (JSON:
   QEMU machine, board, icount shift, pc, counters, trap sites), the stream.
 * **Boards**: QEMU 7.2 aborts restoring any lm3s6965evb snapshot; that board has no
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from machineserver.server.drivers.base import BackendFailed, BadRequest, NotSupported, Snapshots
-from machineserver.server.drivers.qemu.points import PointTable
+from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 
 # QEMU machines whose snapshot restore is broken in the QEMU versions we know of
@@ -72,10 +72,10 @@ class QemuSnapshots(Snapshots):
     """``restart(stream)`` starts the machine's new QEMU from a migration stream (the
     lifecycle's, with the points put back)."""
 
-    def __init__(self, target: QemuTarget, points: PointTable,
+    def __init__(self, target: QemuTarget, traps: TrapSites,
                  restart: Callable[[bytes], Awaitable[None]]) -> None:
         self.target = target
-        self.points = points
+        self.traps = traps
         self._restart = restart
 
     def _check_board(self) -> None:
@@ -116,7 +116,7 @@ class QemuSnapshots(Snapshots):
                 "pc": self.target.last_pc,
                 "instructions": clock.instructions,
                 "virtual_ns": clock.virtual_ns,
-                "traps": sorted(self.points.traps),
+                "traps": sorted(self.traps.sites),
             }, stream)
 
     @guarded
@@ -136,8 +136,8 @@ class QemuSnapshots(Snapshots):
         except (TypeError, ValueError):
             raise BadRequest("corrupt snapshot header", field="snapshot") from None
         async with self.target.op:
-            await self.points.set_traps(None, traps)  # the new QEMU gets them all
             await self._restart(stream)
+            await self.traps.install(self.target.stub(), self.target.process.gate, traps)
             clock.set(instructions, virtual_ns)
             await self.target.read_pc()
             await clock.refresh(self.target.process)

@@ -69,17 +69,9 @@ class StopDecoder:
                         watch_access=access)
 
     async def semihosting_exit(self, pc: int) -> StopInfo | None:
-        """At a trap site: the exit the semihosting call there makes, or None when it is
-        another call (or the bytes there are no trap any more)."""
+        """At a trap site (checked by the caller): the exit the semihosting call there
+        makes, or None when it is another call."""
         stub = self.target.stub()
-        offset, expected = semihosting.site_bytes(self.target.arch)
-        try:
-            if await stub.read_memory(pc + offset, len(expected)) != expected:
-                return None
-        except RspError as exc:
-            if not refused(exc):
-                raise
-            return None
         arch = self.target.arch
         operation = await self.target.read_register(semihosting.OPERATION_REGISTER[arch])
         argument = await self.target.read_register(semihosting.ARGUMENT_REGISTER[arch])

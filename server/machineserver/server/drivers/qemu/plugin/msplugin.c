@@ -29,8 +29,8 @@
  *
  * 2. The instruction gate (gate=CTL): counts executed instructions and holds
  *    the vCPU at a count, for counted runs ("step 10^9 instructions" as one
- *    continue) and, later, co-simulation barriers. CTL is a memory-mapped
- *    control page shared with the driver:
+ *    continue) and, later, co-simulation barriers; and holds it at semihosting
+ *    trap sites. CTL is a memory-mapped control page shared with the driver:
  *
  *      offset  field      written by  meaning
  *        0     magic[8]   plugin      "MSGATE\0\1"
@@ -44,18 +44,24 @@
  *       40     applied    plugin      uint64, the last request applied
  *       48     armed      driver      uint32, 1: count (register the callbacks)
  *       52     holding    plugin      uint32, 1 while the vCPU is held
- *       56     holds      plugin      uint64, holds so far
+ *       56     holds      plugin      uint64, holds so far (counts and traps)
+ *       64     ntraps     driver      uint32, trap sites in use (<= 496)
+ *       72     pending    plugin      uint64, the trap site of the last trap hold
+ *                                     (UINT64_MAX: none; the driver clears it)
+ *       80     pass       driver      uint64, a trap site not to hold at (the
+ *                                     driver steps over it; UINT64_MAX: none)
+ *      128     traps[]    driver      uint64 each, the trap sites' addresses
  *
  *    Counting: while armed, each translated block gets a callback at its start
  *    (which counts its first instruction and checks the limit) and an inline
  *    add of 1 before each further instruction, so `executed` is exact even when
  *    a block is left early (a fault, an I/O recompile under icount).
  *
- *    Holding: when a block starts with executed + its size > limit, the plugin
- *    asks QEMU to leave the execution loop after that block (qemu_plugin_reset,
- *    which also flushes the translations) and, in the reset callback, i.e.
- *    outside translated code at a block boundary, holds the vCPU: it writes one
- *    byte to the notify FIFO and waits. It goes on when
+ *    Holding at a count: when a block starts with executed + its size > limit,
+ *    the plugin asks QEMU to leave the execution loop after that block
+ *    (qemu_plugin_reset, which also flushes the translations) and, in the reset
+ *    callback, i.e. outside translated code at a block boundary, holds the vCPU:
+ *    it writes one byte to the notify FIFO and waits. It goes on when
  *      - the driver writes 'g' to the release FIFO (go on running), or
  *      - the VM is no longer running: the driver sent the gdbstub a ^C, whose
  *        vm_stop has set the run state before it waits for the vCPU. Once
@@ -63,17 +69,32 @@
  *        running another block, so the VM stops exactly at the hold.
  *    The plugin API has no way to see the run state; this needs QEMU's own
  *    runstate_is_running() (bool(void), exported by Debian's QEMU, looked up
- *    with dlsym). Without it GATE_EXACT_STOP stays clear and the driver does not
- *    use the gate for counted runs (releasing on the driver's word alone could
- *    let the vCPU run on before the main loop has taken the ^C).
+ *    with dlsym). Without it there is no gate (the page never gets its magic:
+ *    releasing on the driver's word alone could let the vCPU run on before the
+ *    main loop has taken the ^C).
  *
- *    Arming: the callbacks exist only while armed, so an unarmed gate costs
- *    nothing. Switching flushes the translations, which only QEMU's own vCPU
- *    thread may ask for: the plugin does it in the vCPU resume callback when
- *    `request` != `applied` (the driver changes `armed` while the VM is stopped,
- *    then resumes it). QEMU's single-threaded TCG loop (used with -icount) has
- *    no resume callback: there `always=on` keeps the counting callbacks
- *    registered from the start (their cost is small next to icount's).
+ *    Holding before a trap site: the driver lists the semihosting trap sites of
+ *    the loaded image. When QEMU translates a block whose instruction at a
+ *    listed site is a trap instruction (so it is code, about to run; a trap
+ *    ends its block), the plugin asks QEMU to leave the execution loop
+ *    (qemu_plugin_reset: the request is set at once, on this vCPU), records the
+ *    site in `pending`, and holds the vCPU right there, in the translation,
+ *    until the driver's ^C has stopped the VM. The block then starts, sees the
+ *    exit request in its prologue and leaves without running an instruction:
+ *    the VM stops at the block's start, before the trap, and the driver steps
+ *    up to the site. Translations are flushed by the reset, so the next call
+ *    translates the block again and is caught again. (A gdbstub breakpoint at
+ *    the site would do the same, but QEMU 7.2 runs every block on a
+ *    breakpoint's page one instruction at a time: 30-70x slower code there.)
+ *
+ *    Arming: the counting callbacks exist only while armed, so an unarmed gate
+ *    costs nothing at run time (translations check for trap sites). Switching
+ *    flushes the translations, which only QEMU's own vCPU thread may ask for:
+ *    the plugin does it in the vCPU resume callback when `request` != `applied`
+ *    (the driver changes `armed` while the VM is stopped, then resumes it).
+ *    QEMU's single-threaded TCG loop (used with -icount) has no resume callback:
+ *    there `always=on` keeps the counting callbacks registered from the start
+ *    (their cost is small next to icount's).
  *
  * QEMU (Debian's 7.2) ships no qemu-plugin.h, so the API functions used here
  * are declared below, matching QEMU 7.2's include/qemu/qemu-plugin.h
@@ -135,6 +156,7 @@ uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
 uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
 size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
+const void *qemu_plugin_insn_data(const struct qemu_plugin_insn *insn);
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = 1;
 
@@ -178,6 +200,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 #define GATE_EXACT_STOP 1u
 #define GATE_ALWAYS 2u
 #define GATE_SIZE 4096
+#define GATE_MAX_TRAPS ((GATE_SIZE - 128) / 8)
 
 struct gate_ctl {
     char magic[8];
@@ -190,11 +213,22 @@ struct gate_ctl {
     uint32_t armed;
     uint32_t holding;
     uint64_t holds;
+    uint32_t ntraps;
+    uint32_t reserved0;
+    uint64_t pending;
+    uint64_t pass;
+    uint64_t reserved[5];
+    uint64_t traps[GATE_MAX_TRAPS];
 };
 
 _Static_assert(offsetof(struct gate_ctl, executed) == 16, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, armed) == 48, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, holds) == 56, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, ntraps) == 64, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, pending) == 72, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, pass) == 80, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, traps) == 128, "gate layout");
+_Static_assert(sizeof(struct gate_ctl) == GATE_SIZE, "gate layout");
 
 static qemu_plugin_id_t plugin_id;
 static struct gate_ctl *gate;
@@ -252,6 +286,34 @@ static void add_table_entry(struct qemu_plugin_tb *tb, size_t n)
     qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &e->count, 1);
 }
 
+static bool is_trap(uint64_t vaddr)
+{
+    uint32_t n = __atomic_load_n(&gate->ntraps, __ATOMIC_ACQUIRE);
+    if (n > GATE_MAX_TRAPS) {
+        n = GATE_MAX_TRAPS;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (gate->traps[i] == vaddr) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* the trap instructions: Thumb bkpt 0xab; RISC-V ebreak (its slli/srai neighbours
+ * were checked by the driver's scan) */
+static bool is_trap_instruction(const struct qemu_plugin_insn *insn)
+{
+    static const uint8_t bkpt_ab[2] = {0xab, 0xbe};
+    static const uint8_t ebreak[4] = {0x73, 0x00, 0x10, 0x00};
+    size_t size = qemu_plugin_insn_size(insn);
+    const void *data = qemu_plugin_insn_data(insn);
+    return (size == 2 && memcmp(data, bkpt_ab, 2) == 0) ||
+           (size == 4 && memcmp(data, ebreak, 4) == 0);
+}
+
+static void hold_before_trap(uint64_t site);
+
 static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     (void)id;
@@ -259,7 +321,19 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     if (hdr != NULL) {
         add_table_entry(tb, n);
     }
-    if (counting && n > 0) {
+    if (gate == NULL || n == 0) {
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint64_t vaddr = qemu_plugin_insn_vaddr(insn);
+        if (vaddr != __atomic_load_n(&gate->pass, __ATOMIC_ACQUIRE) && is_trap(vaddr) &&
+            is_trap_instruction(insn)) {
+            hold_before_trap(vaddr); /* this block will not run */
+            return;
+        }
+    }
+    if (counting) {
         qemu_plugin_register_vcpu_tb_exec_cb(tb, block_start, QEMU_PLUGIN_CB_NO_REGS,
                                              (void *)(uintptr_t)n);
         for (size_t i = 1; i < n; i++) {
@@ -271,7 +345,7 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 }
 
 /* ---------------------------------------------------------------- holding */
-static void hold(void)
+static void notify_hold(void)
 {
     __atomic_store_n(&gate->holding, 1, __ATOMIC_RELEASE);
     __atomic_add_fetch(&gate->holds, 1, __ATOMIC_RELEASE);
@@ -281,21 +355,41 @@ static void hold(void)
             fprintf(stderr, "msplugin: cannot notify the driver: %s\n", strerror(errno));
         }
     }
+}
+
+/* wait for 'g' on the release FIFO (when `releasable`) or a VM that stops */
+static void wait_release(bool releasable)
+{
     for (;;) {
         struct pollfd pfd = {.fd = release_fd, .events = POLLIN};
-        int ready = release_fd >= 0 ? poll(&pfd, 1, 1) : (usleep(1000), 0);
-        if (ready > 0) {
+        if (poll(&pfd, 1, 1) > 0) {
             char buf[64];
             ssize_t got = read(release_fd, buf, sizeof(buf));
-            if (got > 0 && memchr(buf, 'g', (size_t)got) != NULL) {
+            if (releasable && got > 0 && memchr(buf, 'g', (size_t)got) != NULL) {
                 break; /* go on running */
             }
         }
-        if (vm_running != NULL && !vm_running()) {
+        if (!vm_running()) {
             break; /* the VM is stopping: the vCPU stops at this boundary */
         }
     }
     __atomic_store_n(&gate->holding, 0, __ATOMIC_RELEASE);
+}
+
+/* at a block boundary, outside translated code (a reset's callback) */
+static void hold(void)
+{
+    notify_hold();
+    wait_release(true);
+}
+
+/* in the translation of a block that holds a trap (see the top of this file) */
+static void hold_before_trap(uint64_t site)
+{
+    __atomic_store_n(&gate->pending, site, __ATOMIC_RELEASE);
+    qemu_plugin_reset(plugin_id, register_callbacks); /* the exit request, set now */
+    notify_hold();
+    wait_release(false);
 }
 
 /* ---------------------------------------------------------------- arming */
@@ -328,7 +422,7 @@ static void register_callbacks(qemu_plugin_id_t id)
         counting = gate_always || __atomic_load_n(&gate->armed, __ATOMIC_ACQUIRE) != 0;
         __atomic_store_n(&gate->applied, request, __ATOMIC_RELEASE);
     }
-    if (hdr != NULL || counting) {
+    if (hdr != NULL || gate != NULL) {
         qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, tb_trans);
     }
     if (gate != NULL && !gate_always) {
@@ -407,8 +501,13 @@ static int setup_gate(const char *ctl, const char *notify, const char *release)
         return -1;
     }
     vm_running = (bool (*)(void))dlsym(RTLD_DEFAULT, "runstate_is_running");
+    if (vm_running == NULL) {
+        /* nothing can be held safely: leave the page without its magic (not usable) */
+        fprintf(stderr, "msplugin: QEMU does not export runstate_is_running: no gate\n");
+        return 0;
+    }
     g->version = GATE_VERSION;
-    g->flags = (vm_running != NULL ? GATE_EXACT_STOP : 0) | (gate_always ? GATE_ALWAYS : 0);
+    g->flags = GATE_EXACT_STOP | (gate_always ? GATE_ALWAYS : 0);
     g->executed = 0;
     g->limit = UINT64_MAX;
     g->request = 0;
@@ -416,6 +515,9 @@ static int setup_gate(const char *ctl, const char *notify, const char *release)
     g->armed = 0;
     g->holding = 0;
     g->holds = 0;
+    g->ntraps = 0;
+    g->pending = UINT64_MAX;
+    g->pass = UINT64_MAX;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     memcpy(g->magic, GATE_MAGIC, 8);
     gate = g;
