@@ -126,6 +126,13 @@ class QemuBackend(Backend):
             "coverage_usage": 'per machine: MachineOptions.extra["coverage"] = "1" loads '
             "the block-counting plugin (about +25 % run time); other machines run at full speed",
             "instruction_counting": "with icount only (MachineOptions.icount)",
+            "memory_while_running": "no: QEMU's gdbstub answers memory requests only while "
+            "the VM is stopped; pause it first",
+            "counted_steps": "continues through the TCG plugin's instruction gate (gdbstub "
+            "single steps where QEMU does not export runstate_is_running)"
+            if coverage == "tcg-plugin" else f"gdbstub single steps ({coverage})",
+            "semihosting_exits": "caught before QEMU ends (state EXITED, QEMU kept); "
+            'MachineOptions.extra["semihosting_traps"]="off" lets QEMU exit itself',
         }
         for arch, binary in self.binaries.items():
             details[f"binary_{arch.value}"] = (
