@@ -240,7 +240,8 @@ async def test_without_the_scan_qemu_exits_itself(machines: MachineFactory, firm
     path = elf_path(firmware_dir, "mps2-an385", "fault")
     await m.load(elf_image(path))
     assert m.machine.traps.sites == frozenset()
-    pid = m.qemu_pid
+    pid, first = m.qemu_pid, m.process.instance
+    assert first is not None
     await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
@@ -249,7 +250,11 @@ async def test_without_the_scan_qemu_exits_itself(machines: MachineFactory, firm
     with pytest.raises(WrongState, match="QEMU"):
         await m.regs.read_registers(["pc"])
     await m.reset()  # a fresh QEMU, the image written again
+    second = m.process.instance
+    assert second is not None and second is not first
     await m.rc.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
     assert ev.failures == []
+    await m.power_off()  # nothing of either QEMU is left: sockets, FIFOs, directories
+    assert not Path(first.dir).exists() and not Path(second.dir).exists()  # noqa: ASYNC240

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -106,22 +107,26 @@ class QemuProcess:
         await self.stop()
         target = self.target
         workdir = _short_tmpdir()
-        args = ["-M", target.qemu_machine]
-        if target.clock.shift is not None:
-            args += ["-icount", f"shift={target.clock.shift},sleep=off"]
-        gate = None
-        status = await asyncio.to_thread(plugin_status)
-        if status.path is not None:
-            gate = InstructionGate(workdir, always=target.clock.shift is not None)
-            args += plugin_args(status.path, {**gate.plugin_options(), **(coverage or {})})
-        if incoming is not None:
-            path = os.path.join(workdir, "incoming.bin")
-            await asyncio.to_thread(Path(path).write_bytes, incoming)
-            args += ["-incoming", f"exec:cat {path}"]
+        try:
+            args = ["-M", target.qemu_machine]
+            if target.clock.shift is not None:
+                args += ["-icount", f"shift={target.clock.shift},sleep=off"]
+            gate = None
+            status = await asyncio.to_thread(plugin_status)
+            if status.path is not None:
+                gate = InstructionGate(workdir, always=target.clock.shift is not None)
+                args += plugin_args(status.path, {**gate.plugin_options(), **(coverage or {})})
+            if incoming is not None:
+                path = os.path.join(workdir, "incoming.bin")
+                await asyncio.to_thread(Path(path).write_bytes, incoming)
+                args += ["-incoming", f"exec:cat {path}"]
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         inst = QemuInstance(target.binary, [*args, *self.extra_args],
                             on_console=target.events.console_output, on_exit=self._on_exit,
                             workdir=workdir, xml_registers=XML_REGISTERS[target.arch])
-        await inst.start(connect_gdb=incoming is None)
+        await inst.start(connect_gdb=incoming is None)  # frees the directory if it fails
         self.instance, self.gate = inst, gate
         try:
             if incoming is not None:
@@ -156,13 +161,16 @@ class QemuProcess:
             await asyncio.sleep(0.002)
 
     async def stop(self, *, kill: bool = False) -> None:
-        """End the current QEMU, if any, without reporting anything."""
+        """End the current QEMU, if any, without reporting anything; and wait for the
+        reaping of ended ones (nothing of theirs outlives this)."""
         inst, self.instance = self.instance, None
         gate, self.gate = self.gate, None
         if gate is not None:
             gate.close()
         if inst is not None:
             await inst.stop(kill=kill)
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
 
     # ------------------------------------------------------------------ monitor
     async def qmp(self, command: str, args: dict[str, object] | None = None) -> object:
