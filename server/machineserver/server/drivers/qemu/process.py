@@ -37,6 +37,7 @@ from machineserver.server.drivers.base import (
     BackendFailed,
     DriverError,
     MachineState,
+    NotSupported,
     StopInfo,
     StopReason,
     WrongState,
@@ -115,7 +116,12 @@ class QemuProcess:
             status = await asyncio.to_thread(plugin_status)
             if status.path is not None:
                 gate = InstructionGate(workdir, always=target.clock.shift is not None)
-                args += plugin_args(status.path, {**gate.plugin_options(), **(coverage or {})})
+                try:
+                    args += plugin_args(status.path, {**gate.plugin_options(), **(coverage or {})})
+                except ValueError as exc:  # a path QEMU's option syntax cannot carry
+                    if coverage:
+                        raise NotSupported(f"coverage is unavailable here: {exc}") from None
+                    gate = None
             if incoming is not None:
                 path = os.path.join(workdir, "incoming.bin")
                 await asyncio.to_thread(Path(path).write_bytes, incoming)
