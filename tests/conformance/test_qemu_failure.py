@@ -77,3 +77,39 @@ async def test_killed_qemu_fails_the_session_only(client: AsyncClient, while_sta
     await client.sessions.write_console(name=victim, data=b"ok\nq")
     await qemu.wait_state(victim, cpb.SESSION_STATE_EXITED)
     assert (await qemu.console(victim, offset)).endswith(b"echo ready\nok\nbye\n")
+
+
+async def test_a_waiting_continue_learns_why_the_backend_died(client: AsyncClient) -> None:
+    qemu = Conf(client, "qemu")
+    victim = await qemu.session("mps2-an385", "echo")
+    child = await power_on_and_find_child(qemu, victim)
+    waiting = asyncio.ensure_future(client.debug.continue_(name=victim, wait=True))
+    await qemu.wait_state(victim, cpb.SESSION_STATE_RUNNING)
+    child.kill()
+    with pytest.raises(errors.Unavailable) as exc:
+        await asyncio.wait_for(waiting, 10)
+    assert "failed" in exc.value.message and "SIGKILL" in exc.value.message, exc.value.message
+    assert "powered off" not in exc.value.message
+
+
+async def test_a_stuck_qemu_is_freed_when_its_session_fails(client: AsyncClient) -> None:
+    """A SIGSTOPped QEMU stops answering: the session becomes FAILED and the process is gone
+    at once, not when the session is deleted."""
+    qemu = Conf(client, "qemu")
+    victim = await qemu.session("mps2-an385", "echo")
+    child = await power_on_and_find_child(qemu, victim)
+    child.suspend()  # SIGSTOP
+    try:
+        with pytest.raises((errors.Unavailable, errors.FailedPrecondition)):
+            await client.debug.step(name=victim, count=1, timeout=30)
+        failed = await qemu.wait_state(victim, cpb.SESSION_STATE_FAILED, timeout=20)
+        assert failed.state_reason  # type: ignore[attr-defined]
+        for _ in range(250):
+            if child.pid not in {p.pid for p in qemu_children()}:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"the stuck QEMU {child.pid} is still there")
+    finally:
+        if child.is_running():
+            child.kill()
