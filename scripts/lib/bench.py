@@ -365,7 +365,7 @@ async def bench_debug(server: Server) -> None:
 
 
 async def rsp_vs_gdb(elf: Path, steps: int = 300) -> tuple[list[float], list[float]]:
-    from machineserver.server.drivers.qemu.rsp import RspClient
+    from machineserver.server.rsp import RspClient, RspClosed, RspTimeout
 
     port = free_port()
     command = ["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
@@ -377,9 +377,9 @@ async def rsp_vs_gdb(elf: Path, steps: int = 300) -> tuple[list[float], list[flo
         deadline = time.monotonic() + 10
         while True:  # QEMU opens its gdbstub port a moment after it starts
             try:
-                rsp = await RspClient.connect_tcp("127.0.0.1", port)
+                rsp = await RspClient.connect_tcp("127.0.0.1", port, xml_registers="arm")
                 break
-            except OSError:
+            except (RspClosed, RspTimeout):
                 if time.monotonic() > deadline or qemu.poll() is not None:
                     qemu.kill()
                     err = qemu.communicate()[1].decode(errors="replace")

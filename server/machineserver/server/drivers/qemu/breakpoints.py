@@ -16,10 +16,11 @@ from machineserver.server.drivers.base import (
     WatchKind,
     Watchpoints,
 )
+from machineserver.server.drivers.qemu.gdbstub import refusals_ignored, refused
 from machineserver.server.drivers.qemu.points import WATCH_TYPE, PointTable
-from machineserver.server.drivers.qemu.rsp import RspError
 from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
-from machineserver.server.drivers.qemu.target import QemuTarget, guarded, refusals_ignored, refused
+from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+from machineserver.server.rsp import RspError
 
 
 def check_range(address: int, size: int) -> None:

@@ -36,10 +36,10 @@ from machineserver.server.drivers.base import (
     StopReason,
 )
 from machineserver.server.drivers.qemu.points import PointTable
-from machineserver.server.drivers.qemu.rsp import RspClosed, RspTimeout, StopReply
 from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP, STEP_TIMEOUT, StopDecoder
 from machineserver.server.drivers.qemu.target import QemuTarget
+from machineserver.server.rsp import RspClosed, RspTimeout, StopReply
 
 STOP_TIMEOUT = 5.0  # a stop reply after ^C
 GATE_MIN = 16  # from this count on, a counted run is cheaper than single steps
@@ -66,10 +66,16 @@ class Executor:
         self._interrupt()
 
     def _interrupt(self) -> None:
+        """^C, once per resume, while its stop reply is owed. Never raises: on a connection
+        that is gone or BROKEN there is nothing to stop, and the wait for the stop reply
+        raises instead; a stop reply that just came makes the client send nothing."""
         if self._in_flight and not self._interrupt_sent and self.target.process.alive:
+            stub = self.target.stub()
+            if stub.closed:
+                return
             self._interrupt_sent = True
             self._interrupt_sent_event.set()
-            self.target.stub().interrupt()
+            stub.interrupt()
 
     def prepare(self) -> None:
         """Forget an old stop request; call synchronously before starting ``run`` or
@@ -212,7 +218,7 @@ class Executor:
         if reply.exited:
             return await self.target.process.ended(self.decoder.ended(reply, self.target.last_pc))
         if reply.watch is not None and self.points.watchpoints:
-            outcome = await self.decoder.watchpoint(reply)
+            outcome = await self.decoder.watchpoint(reply, self._single)
             return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
         pc = await self.target.read_pc()
         if reply.signal == SIGTRAP and pc in self.traps and pc not in self.points.breakpoints:

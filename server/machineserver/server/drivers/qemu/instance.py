@@ -26,7 +26,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from machineserver.server.drivers.base import BackendFailed
-from machineserver.server.drivers.qemu.rsp import RspClient
+from machineserver.server.rsp import RspClient
 
 log = logging.getLogger(__name__)
 

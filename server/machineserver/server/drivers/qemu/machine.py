@@ -5,6 +5,8 @@ parts that drive it, one module per capability:
 lifecycle         this module: power on/off, reset, load, counters
 process, deaths   :mod:`.process` (the QEMU process, its deaths), :mod:`.instance` (its
                   sockets), :mod:`.target` (what the parts share; the error boundary)
+gdbstub           :mod:`machineserver.server.rsp` (the server's one RSP client), and
+                  :mod:`.gdbstub` (what its errors mean for a machine)
 run control       :mod:`.runcontrol` (run/pause/step), :mod:`.execution` (resuming and
                   stopping QEMU), :mod:`.stops` (stop replies), :mod:`.gate` (counted runs)
 breakpoints       :mod:`.breakpoints` (breakpoints and watchpoints), :mod:`.points` (the
@@ -71,14 +73,15 @@ from machineserver.server.drivers.qemu.breakpoints import QemuBreakpoints, QemuW
 from machineserver.server.drivers.qemu.console import QemuConsole
 from machineserver.server.drivers.qemu.coverage import QemuCoverage
 from machineserver.server.drivers.qemu.footprint import QemuFootprint
+from machineserver.server.drivers.qemu.gdbstub import refused
 from machineserver.server.drivers.qemu.memory import QemuMemory
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.registers import QemuRegisters
-from machineserver.server.drivers.qemu.rsp import RspError
 from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
 from machineserver.server.drivers.qemu.semihosting import TrapSites, find_trap_sites
 from machineserver.server.drivers.qemu.snapshots import SNAPSHOT_BROKEN, QemuSnapshots
-from machineserver.server.drivers.qemu.target import QemuTarget, guarded, refused
+from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+from machineserver.server.rsp import RspError
 
 __all__ = ["BINARIES", "SNAPSHOT_BROKEN", "QemuMachine"]
 

@@ -3,17 +3,11 @@ flash and ROM too)."""
 
 from __future__ import annotations
 
-import re
-
 from machineserver.server.drivers.base import BadRequest, MemoryAccess
 from machineserver.server.drivers.qemu.breakpoints import check_range
-from machineserver.server.drivers.qemu.rsp import RspError
-from machineserver.server.drivers.qemu.target import QemuTarget, guarded, refused
-
-
-def _bad_address(exc: RspError, default: int) -> int:
-    m = re.search(r"at 0x([0-9a-f]+)", str(exc))
-    return int(m.group(1), 16) if m else default
+from machineserver.server.drivers.qemu.gdbstub import refused
+from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+from machineserver.server.rsp import RspError
 
 
 class QemuMemory(MemoryAccess):
@@ -24,7 +18,7 @@ class QemuMemory(MemoryAccess):
         self.target = target
 
     def _unmapped(self, exc: RspError, address: int) -> BadRequest:
-        bad = _bad_address(exc, address)
+        bad = exc.address if exc.address is not None else address  # the chunk QEMU refused
         return BadRequest(f"address 0x{bad:08x} is not mapped on {self.target.board.name}",
                           field="address")
 

@@ -10,8 +10,8 @@ in QEMU: clearing a user breakpoint at the same address leaves the hidden one.
 from __future__ import annotations
 
 from machineserver.server.drivers.base import Arch, WatchKind
-from machineserver.server.drivers.qemu.rsp import RspClient
-from machineserver.server.drivers.qemu.target import refusals_ignored
+from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
+from machineserver.server.rsp import RspClient
 
 # gdbstub Z/z types
 SOFTWARE, HARDWARE = 0, 1

@@ -43,10 +43,11 @@ from machineserver.server.drivers.base import (
     WrongState,
 )
 from machineserver.server.drivers.qemu.gate import InstructionGate
+from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
 from machineserver.server.drivers.qemu.instance import QemuInstance, _short_tmpdir
 from machineserver.server.drivers.qemu.plugin import plugin_args, plugin_status
 from machineserver.server.drivers.qemu.regs import fetch_register_map
-from machineserver.server.drivers.qemu.rsp import RspClient, RspError
+from machineserver.server.rsp import RspClient, RspError
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.qemu.target import QemuTarget
@@ -139,7 +140,7 @@ class QemuProcess:
                 await self._wait_incoming(inst)
                 await inst.connect_gdb()
             stub = self.stub()
-            with contextlib.suppress(RspError):  # an older stub: steps mask interrupts
+            with refusals_ignored():  # an older stub: steps mask interrupts
                 await stub.request_ok(SSTEP_LIKE_RUNNING)
             target.regmap = await fetch_register_map(target.arch, stub.read_xfer)
             if gate is not None:

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from machineserver.server.drivers.base import Arch, ProgramImage
 from machineserver.server.drivers.qemu.gate import MAX_TRAPS, InstructionGate
 from machineserver.server.drivers.qemu.points import PointTable
-from machineserver.server.drivers.qemu.rsp import RspClient, StopReply
+from machineserver.server.rsp import RspClient, StopReply
 
 SYS_EXIT = 0x18
 SYS_EXIT_EXTENDED = 0x20

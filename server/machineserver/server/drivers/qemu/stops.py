@@ -4,11 +4,14 @@ operation read)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from machineserver.server.drivers.base import StopInfo, StopReason
 from machineserver.server.drivers.qemu import semihosting
+from machineserver.server.drivers.qemu.gdbstub import refusals_ignored, refused
 from machineserver.server.drivers.qemu.points import PointTable
-from machineserver.server.drivers.qemu.rsp import RspError, StopReply
-from machineserver.server.drivers.qemu.target import QemuTarget, refusals_ignored, refused
+from machineserver.server.drivers.qemu.target import QemuTarget
+from machineserver.server.rsp import RspError, State, StopReply
 
 SIGINT, SIGTRAP = 2, 5
 STEP_TIMEOUT = 5.0  # one instruction
@@ -38,13 +41,20 @@ class StopDecoder:
             return StopInfo(StopReason.BREAKPOINT, pc=pc)
         return StopInfo(default, pc=pc)
 
-    async def watchpoint(self, reply: StopReply) -> StopInfo | StopReply:
+    async def watchpoint(self, reply: StopReply,
+                         step: Callable[[], Awaitable[StopReply]]) -> StopInfo | StopReply:
         """QEMU 7.2 reports a watchpoint *before* the access (pc at the accessing
         instruction; continuing or stepping re-triggers it). As gdb does for such
-        "non-steppable" watchpoints: step it with the watchpoints out (interrupts masked
-        for that one step), put them back. The stop then reads like a data breakpoint:
-        after the access, with the new value. Returns the step's reply instead when the
-        step ended the program."""
+        "non-steppable" watchpoints: ``step`` it with the watchpoints out (interrupts
+        masked for that one step), put them back. The stop then reads like a data
+        breakpoint: after the access, with the new value. Returns the step's reply instead
+        when the step ended the program.
+
+        ``step`` is the executor's single step, which answers a stop request and collects
+        the stop reply of a step that does not finish (^C): the gdbstub takes the
+        requests that put things back only once no stop reply is owed. When the step
+        failed with the reply still owed (a stuck or lost QEMU) nothing is put back: its
+        error goes on to the boundary."""
         assert reply.watch is not None
         access, address = reply.watch
         stub = self.target.stub()
@@ -52,9 +62,9 @@ class StopDecoder:
         with refusals_ignored():
             await stub.request_ok(SSTEP_MASKED)
         try:
-            after = await stub.step(STEP_TIMEOUT)
+            after = await step()
         finally:
-            if not stub.closed:
+            if stub.state is State.IDLE:
                 with refusals_ignored():
                     await stub.request_ok(SSTEP_NORMAL)
                 await self.points.insert_watchpoints(stub)

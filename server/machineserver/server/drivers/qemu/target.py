@@ -9,11 +9,10 @@ The parts (run control, registers, memory, breakpoints...) each hold the machine
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from qemu.qmp.error import QMPError
@@ -30,9 +29,18 @@ from machineserver.server.drivers.base import (
     StopInfo,
     WrongState,
 )
+from machineserver.server.drivers.qemu.gdbstub import unusable_reason
 from machineserver.server.drivers.qemu.process import QemuProcess
 from machineserver.server.drivers.qemu.regs import RegisterMap
-from machineserver.server.drivers.qemu.rsp import RspClient, RspClosed, RspError, RspTimeout
+from machineserver.server.rsp import (
+    CodecError,
+    RspClient,
+    RspClosed,
+    RspError,
+    RspProtocolError,
+    RspStateError,
+    RspTimeout,
+)
 
 # states in which the CPU is stopped and its registers and memory can be inspected
 INSPECTABLE = (MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
@@ -165,23 +173,6 @@ class QemuTarget:
 # --------------------------------------------------------------------------- the boundary
 
 
-@contextlib.contextmanager
-def refusals_ignored() -> Iterator[None]:
-    """Ignore the gdbstub refusing a request (an ``Exx`` reply), and only that: a lost
-    connection or a timeout still goes to the boundary."""
-    try:
-        yield
-    except (RspClosed, RspTimeout):
-        raise
-    except RspError:
-        pass
-
-
-def refused(exc: RspError) -> bool:
-    """Whether the gdbstub answered with a refusal (not: the connection broke or timed out)."""
-    return not isinstance(exc, (RspClosed, RspTimeout))
-
-
 class HasTarget(Protocol):
     target: QemuTarget
 
@@ -196,9 +187,11 @@ def guarded(method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
     """The error boundary of a part's method: only DriverError leaves it (and
     CancelledError). The gdbstub or QMP not answering in time means QEMU is stuck (e.g.
     SIGSTOPped): it is killed and the machine FAILED; a lost connection means QEMU died:
-    its death is classified and reported once; a refusal nobody expected is a QEMU that
-    misbehaves: FAILED too. Each raises BackendFailed with the reason (WrongState when
-    the death was the program's own end, already reported as a stop)."""
+    its death is classified and reported once; a gdbstub connection that cannot be
+    trusted any more (BROKEN, see :mod:`.gdbstub`), a stop reply that cannot be read, and
+    a refusal nobody expected are a QEMU that misbehaves: FAILED too. Each raises
+    BackendFailed with the reason (WrongState when the death was the program's own end,
+    already reported as a stop)."""
 
     @functools.wraps(method)
     async def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -210,8 +203,12 @@ def guarded(method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
             raise await self.target.process.fail(f"QEMU stopped answering its gdbstub ({exc})") from None
         except RspClosed:
             raise await self.target.process.connection_lost() from None
+        except (RspProtocolError, RspStateError) as exc:
+            raise await self.target.process.fail(unusable_reason(exc)) from None
         except RspError as exc:
             raise await self.target.process.fail(f"QEMU's gdbstub refused a request: {exc}") from None
+        except CodecError as exc:  # e.g. a watchpoint address in a stop reply that is not hex
+            raise await self.target.process.fail(f"QEMU's gdbstub sent what cannot be read: {exc}") from None
         except (QMPError, EOFError, OSError) as exc:
             raise await self.target.process.fail(f"QEMU's monitor failed: {exc!r}") from None
 
