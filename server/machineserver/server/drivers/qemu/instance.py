@@ -27,10 +27,16 @@ from qemu.qmp.error import QMPError
 
 from machineserver.server.drivers.base import BackendFailed
 from machineserver.server.rsp import RspClient
+from machineserver.server.rsp.client import DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 5.0
+# a reply owed to an abandoned gdbstub request (its caller was cancelled) gets as long as
+# any reply does (the client's request timeout), not the library's 1 s: a QEMU whose main
+# loop is busy for a second is slow, not broken. The next request's own timeout covers
+# that wait too, so a reply that never comes reads as what it is: QEMU stopped answering
+GDB_RESYNC_TIMEOUT = DEFAULT_TIMEOUT
 START_TIMEOUT = 10.0
 STDERR_LINES = 40
 # stderr lines written by QEMU itself (or our plugin): the only ones that can explain a
@@ -187,7 +193,8 @@ class QemuInstance:
 
     async def connect_gdb(self) -> None:
         self.rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"),
-                                                xml_registers=self.xml_registers)
+                                                xml_registers=self.xml_registers,
+                                                resync_timeout=GDB_RESYNC_TIMEOUT)
 
     # ------------------------------------------------------------------ tasks
     async def _pump(self, reader: asyncio.StreamReader) -> None:
