@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from machineserver.server.rsp import (
     State,
     codec,
 )
+from machineserver.server.rsp.client import PushReader
 from tests.conftest import firmware
 from tests.rsp.stub import Script, Stub, echo, escape, unescape
 
@@ -409,6 +411,121 @@ async def test_an_unreadable_stop_reply_breaks_the_client() -> None:
         with pytest.raises(RspProtocolError, match="stop reply"):
             await client.wait_stop(5)
         assert client.state is State.BROKEN
+
+
+# --------------------------------------------------------------------------- resume: continue and wait in one pass
+
+
+async def test_resume_waits_for_the_stop_reply_and_interrupt_works_meanwhile() -> None:
+    async with connected(running_target()) as (stub, client):
+        waiting = asyncio.create_task(client.resume(b"c", timeout=5))
+        await stub.wait_for_packet(b"c")
+        assert client.state is State.RUNNING and not waiting.done()
+        assert client.interrupt()  # from another task, while resume() waits
+        reply = await waiting
+        assert (reply.signal, reply.thread) == (2, "01") and client.state is State.IDLE
+        assert stub.interrupts == 1
+        assert await client.request(b"qAfter") == b"reply-to-qAfter"
+
+
+async def test_resume_takes_the_ack_and_resends_on_a_nak_while_waiting() -> None:
+    async with connected(running_target(), stub_options={"nak_first": 2}) as (stub, client):
+        reply = await client.resume(b"s", timeout=5)
+        assert reply.signal == 5 and reply.registers == {15: b"\x00\x01\x00\x00"}
+        assert after_handshake(stub).count(b"s") == 3  # refused twice, taken the third time
+        assert client.state is State.IDLE and not client.reply_owed
+
+
+async def test_resume_timing_out_leaves_the_target_running() -> None:
+    async with connected(running_target()) as (stub, client):
+        with pytest.raises(RspTimeout, match="still runs"):
+            await client.resume(b"c", timeout=0.05)
+        assert client.state is State.RUNNING
+        with pytest.raises(RspStateError):
+            await client.resume(b"c", timeout=1)
+        assert client.interrupt()
+        assert (await client.wait_stop(5)).signal == 2
+        assert after_handshake(stub).count(b"c") == 1
+
+
+async def test_resume_passes_console_output_on_and_returns_the_exit() -> None:
+    async def script(stub: Stub, payload: bytes) -> None:
+        stub.send(codec.console_reply("bye\n"))
+        stub.send(b"W00;process:1")
+
+    async with connected(script) as (_, client):
+        seen: list[bytes] = []
+        client.on_output = seen.append
+        reply = await client.resume(b"vCont;c", timeout=5)
+        assert reply.exited and reply.exit_code == 0 and seen == [b"bye\n"]
+
+
+async def test_resume_refused_returns_to_idle_and_takes_only_resume_packets() -> None:
+    async def refuse(stub: Stub, payload: bytes) -> None:
+        stub.send(b"E16")
+
+    async with connected(refuse) as (_, client):
+        with pytest.raises(RspError) as err:
+            await client.resume(b"vCont;c:99", timeout=5)
+        assert err.value.code == 0x16 and client.state is State.IDLE
+        with pytest.raises(ValueError):
+            await client.resume(b"m0,4")
+
+
+# --------------------------------------------------------------------------- the push reader
+
+
+async def test_the_push_reader_keeps_what_comes_before_the_client_attaches() -> None:
+    reader = PushReader()
+    reader.feed_data(b"+$O")
+    reader.feed_data(bytearray(b"K#9a"))
+    seen: list[bytes | BaseException | None] = []
+    reader.attach(seen.append)
+    reader.feed_data(b"+")
+    broken = ConnectionResetError("reset by peer")
+    reader.set_exception(broken)
+    reader.feed_eof()
+    assert seen == [b"+$O", b"K#9a", b"+", broken, None]
+    assert reader.exception() is broken and reader.at_eof()
+
+
+async def test_clients_that_connect_read_without_a_reader_task() -> None:
+    async with connected() as (_, client):
+        assert await client.request(b"qOne") == b"reply-to-qOne"
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "rsp-reader"]
+
+
+async def test_a_reset_connection_is_rsp_closed() -> None:
+    """The stub resets the connection (RST, SO_LINGER 0) instead of closing it: the
+    transport's error reaches a waiting request as RspClosed."""
+    async def reset(stub: Stub, payload: bytes) -> None:
+        assert stub._writer is not None
+        sock = stub._writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stub.hang_up()
+
+    async with connected(reset) as (_, client):
+        with pytest.raises(RspClosed, match="connection to the stub broke"):
+            await client.request(b"qBye")
+        assert client.state is State.CLOSED
+
+
+async def test_a_client_over_streams_it_did_not_open_reads_with_a_task() -> None:
+    """The constructor takes any asyncio streams; without a PushReader a reader task
+    takes the bytes (the handshake is the connect_* methods' own step, called here)."""
+    async with Stub() as stub:
+        reader, writer = await asyncio.open_connection("127.0.0.1", stub.port)
+        client = RspClient(reader, writer)
+        try:
+            assert [t for t in asyncio.all_tasks() if t.get_name() == "rsp-reader"]
+            await client._handshake(None, 5)
+            assert await client.request(b"qOne") == b"reply-to-qOne"
+            stub.hang_up()
+            with pytest.raises(RspClosed):
+                await client.request(b"qTwo")
+        finally:
+            await client.close()
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "rsp-reader"]
 
 
 async def test_halt_reason() -> None:
