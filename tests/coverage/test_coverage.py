@@ -1,9 +1,10 @@
 """Coverage end to end through the SDK: collection in sessions, the mapping onto the
 test firmware's source (tests/firmware/src/coverage.c), exports read by the real tools
-(lcov, genhtml), Cobertura XML, JSON, merges and bad inputs.
+(lcov, genhtml), Cobertura XML, JSON, merges and bad inputs; and the same counts on both
+backends (a differential test on coverage.c and crc32.c, Arm and RISC-V).
 
-The expected sets below are derived by hand from coverage.c (its header comment and
-its statements at -O0): the line numbers are those of the file.
+The expected counts below are derived by hand from coverage.c (its header comment and
+its statements at -O0) and crc32.c: the line numbers are those of the files.
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ from tests.helpers.tools import find_tool, require_tool, tool_missing
 
 BOARD = "mps2-an385"
 FILE = "src/coverage.c"
-# lines with code (the DWARF line table's rows for the file)
-HIT_LINES = {29, 30, 31, 34, 35, 36, 37, 41, 42, 43, 45, 46, 47, 48, 49, 50, 51}
-UNHIT_LINES = {24, 25, 26, 39}  # never_called's body; the else-branch
+# every line with code (the DWARF line table's rows for the file) and how often it runs:
+# called_three_times' three lines 3x, the for line 11x (its condition), its body 10x
+LINE_COUNTS = {24: 0, 25: 0, 26: 0, 29: 3, 30: 3, 31: 3, 34: 1, 35: 1, 36: 1, 37: 1, 39: 0,
+               41: 1, 42: 11, 43: 10, 45: 1, 46: 1, 47: 1, 48: 1, 49: 1, 50: 1, 51: 1}
+HIT_LINES = {n for n, c in LINE_COUNTS.items() if c}
+UNHIT_LINES = {n for n, c in LINE_COUNTS.items() if not c}  # never_called's body; the else
 HIT_FUNCTIONS = {"main", "called_three_times"}
 UNHIT_FUNCTIONS = {"never_called"}
 IF_LINE, LOOP_LINE = 36, 42
+# crc32.c: fill's loop body 4096x; per byte (300 rounds of 4096) and per bit (8 per byte)
+CRC32_LINE_COUNTS = {22: 4096, 23: 4096, 30: 300 * 4096, 32: 8 * 300 * 4096}
 
 
-def require_coverage(backend: str) -> None:
+def require_coverage(backend: str, board: str = BOARD) -> None:
     """Skip (fail under scripts/test) unless ``backend`` can collect coverage here."""
     if backend == "qemu":
-        require_tool("qemu-system-arm", "the qemu backend")
+        require_tool("qemu-system-riscv32" if board == "sifive_e" else "qemu-system-arm", "the qemu backend")
         from machineserver.server.drivers.qemu.coverage import plugin_status
 
         status = plugin_status()
@@ -56,14 +62,14 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def upload(client: AsyncClient, program: str = "coverage", ext: str = "elf") -> str:
-    return str((await client.upload_program(firmware(BOARD, program, ext))).program.name)
+async def upload(client: AsyncClient, program: str = "coverage", ext: str = "elf", board: str = BOARD) -> str:
+    return str((await client.upload_program(firmware(board, program, ext))).program.name)
 
 
-async def covered_session(client: AsyncClient, backend: str, program: str = "") -> str:
-    program = program or await upload(client)
+async def covered_session(client: AsyncClient, backend: str, program: str = "", board: str = BOARD) -> str:
+    program = program or await upload(client, board=board)
     s = (await client.sessions.create_session(
-        board_template=BOARD, program=program, backend=backend, power_on=True,
+        board_template=board, program=program, backend=backend, power_on=True,
         options={"coverage": True},
     )).session
     assert s.options.coverage
@@ -76,8 +82,8 @@ async def run_to_exit(client: AsyncClient, name: str) -> None:
     assert stop.reason == cpb.STOP_REASON_EXIT and stop.exit_code == 0, stop
 
 
-async def collect(client: AsyncClient, backend: str, program: str = "") -> tuple[str, str]:
-    name = await covered_session(client, backend, program)
+async def collect(client: AsyncClient, backend: str, program: str = "", board: str = BOARD) -> tuple[str, str]:
+    name = await covered_session(client, backend, program, board)
     await run_to_exit(client, name)
     report = (await client.coverage.stop_coverage(name=name)).report
     assert report.name.startswith("coverageReports/") and report.sessions == [name]
@@ -101,28 +107,23 @@ def file_of(doc: dict, path: str = FILE) -> dict:  # type: ignore[type-arg]
     return next(f for f in doc["files"] if f["path"] == path)
 
 
-def check_expected(doc: dict, backend: str, runs: int = 1) -> None:  # type: ignore[type-arg]
+def check_expected(doc: dict, runs: int = 1) -> None:  # type: ignore[type-arg]
+    """The counts of ``runs`` runs of coverage.c to its end, on any backend."""
     f = file_of(doc)
     lines = {ln["line"]: ln["count"] for ln in f["lines"]}
-    assert set(lines) == HIT_LINES | UNHIT_LINES
-    assert {n for n, c in lines.items() if c} == HIT_LINES
-    assert {n for n, c in lines.items() if not c} == UNHIT_LINES
+    assert lines == {n: c * runs for n, c in LINE_COUNTS.items()}
     fns = {fn["name"]: fn for fn in f["functions"]}
     assert set(fns) == HIT_FUNCTIONS | UNHIT_FUNCTIONS
     assert {n for n, fn in fns.items() if fn["hit"]} == HIT_FUNCTIONS
     assert fns["never_called"]["count"] == 0 and fns["never_called"]["line"] == 24
+    assert fns["called_three_times"]["count"] == 3 * runs and fns["main"]["count"] == runs
     branches = {b["line"]: b for b in f["branches"]}
     assert set(branches) == {IF_LINE, LOOP_LINE}  # the if and the loop condition
     if_branch, loop = branches[IF_LINE], branches[LOOP_LINE]
     # flag is always 1: `beq else` is never taken, the fall-through (then) always is
-    assert if_branch["executed"] and if_branch["taken"] == 0 and if_branch["not_taken"] > 0
-    assert loop["taken"] > 0 and loop["not_taken"] > 0  # back to the body; out of the loop
-    if backend == "qemu":  # real execution counts
-        assert fns["called_three_times"]["count"] == 3 * runs
-        assert fns["main"]["count"] == runs
-        assert lines[30] == 3 * runs and lines[43] == 10 * runs and lines[37] == runs
-        assert loop["taken"] == 10 * runs and loop["not_taken"] == runs
-        assert if_branch["not_taken"] == runs
+    assert if_branch["executed"] and (if_branch["taken"], if_branch["not_taken"]) == (0, runs)
+    # back to the body 10 times, out of the loop once
+    assert (loop["taken"], loop["not_taken"]) == (10 * runs, runs)
     c = f["counts"]
     assert (c["lines_hit"], c["lines_total"]) == (len(HIT_LINES), len(HIT_LINES | UNHIT_LINES))
     assert (c["functions_hit"], c["functions_total"]) == (2, 3)
@@ -132,7 +133,7 @@ def check_expected(doc: dict, backend: str, runs: int = 1) -> None:  # type: ign
 async def test_collect_map_and_summarize(client: AsyncClient, backend: str) -> None:
     name, report = await collect(client, backend)
     for source in (report, name):  # the stored report and the session's last collection
-        check_expected(await json_report(client, source), backend)
+        check_expected(await json_report(client, source))
     summary = await client.coverage.get_coverage_summary(name=report)
     per_file = {f.path: f.counts for f in summary.files}
     c = per_file[FILE]
@@ -212,7 +213,7 @@ async def test_merge_two_runs(client: AsyncClient, backend: str) -> None:
     merged = (await client.coverage.merge_coverage(names=[first, second_session])).report
     assert merged.name not in (first, second)
     assert set(merged.sessions) == {first_session, second_session}
-    check_expected(await json_report(client, merged.name), backend, runs=2)
+    check_expected(await json_report(client, merged.name), runs=2)
     assert len((await client.coverage.list_coverage_reports()).reports) == 3
 
 
@@ -221,15 +222,19 @@ async def test_coverage_survives_breakpoints_and_pause(client: AsyncClient, back
     bp = (await client.debug.set_breakpoint(name=name, location={"symbol": "called_three_times"})).breakpoint
     stop = (await client.debug.continue_(name=name, wait=True, timeout=60)).stop
     assert stop.reason == cpb.STOP_REASON_BREAKPOINT
+    # halted at the entry of the first call: what ran so far, exactly; the instruction the
+    # machine is halted at has not run (called_three_times: 0, its first line too)
     mid = file_of(await json_report(client, name))
-    assert {ln["line"] for ln in mid["lines"] if ln["count"]} >= {35, 36, 37, 42, 43}
-    # not reached yet (line 30, in the block the breakpoint stopped at, may already show:
-    # a backend that records blocks as they are entered counts it before it runs)
-    assert not any(ln["count"] for ln in mid["lines"] if ln["line"] in (47, 48, 49))
+    lines = {ln["line"]: ln["count"] for ln in mid["lines"]}
+    assert lines == {**dict.fromkeys(LINE_COUNTS, 0), 34: 1, 35: 1, 36: 1, 37: 1, 41: 1, 42: 11, 43: 10, 45: 1, 46: 1}
+    fns = {fn["name"]: fn["count"] for fn in mid["functions"]}
+    assert fns == {"main": 1, "called_three_times": 0, "never_called": 0}
+    branches = {b["line"]: (b["taken"], b["not_taken"]) for b in mid["branches"]}
+    assert branches == {IF_LINE: (0, 1), LOOP_LINE: (10, 1)}
     await client.debug.clear_breakpoint(name=name, id=bp.id)
     await run_to_exit(client, name)
     report = (await client.coverage.stop_coverage(name=name)).report
-    check_expected(await json_report(client, report.name), backend)
+    check_expected(await json_report(client, report.name))
 
 
 async def test_reset_forgets_what_was_collected(client: AsyncClient, backend: str) -> None:
@@ -289,3 +294,67 @@ async def test_capabilities_report_coverage_where_the_driver_has_it(client: Asyn
     assert cpb.FEATURE_COVERAGE in by_name["qemu"]
     has = UnicornMachine is not None and Feature.COVERAGE in features_of(UnicornMachine)
     assert (cpb.FEATURE_COVERAGE in by_name["unicorn"]) == has
+
+
+def counts_by_file(doc: dict) -> dict:  # type: ignore[type-arg]
+    """What a JSON export says about each file (lines, functions, branches, totals)."""
+    return {f["path"]: (f["lines"], f["functions"], f["branches"], f["counts"]) for f in doc["files"]}
+
+
+@pytest.mark.parametrize("board", [BOARD, "sifive_e"])
+@pytest.mark.parametrize("program", ["coverage", "crc32"])
+async def test_both_backends_give_the_same_counts(client: AsyncClient, board: str, program: str) -> None:
+    """The same program gives the same line, function and branch counts on unicorn (its
+    blocks split where slices stopped, branch outcomes from counted edges) and qemu (its
+    own blocks, single steps up to the exit trap, outcomes derived from counts), every
+    file, startup code and UART driver included."""
+    require_coverage("unicorn")
+    require_coverage("qemu", board)
+    uploaded = await upload(client, program, board=board)
+    docs = {}
+    for backend in ("unicorn", "qemu"):
+        _, report = await collect(client, backend, uploaded, board)
+        docs[backend] = await json_report(client, report)
+    assert counts_by_file(docs["unicorn"]) == counts_by_file(docs["qemu"])
+    assert docs["unicorn"]["totals"] == docs["qemu"]["totals"]
+    if program == "coverage":
+        check_expected(docs["qemu"])
+    else:
+        f = file_of(docs["qemu"], "src/crc32.c")
+        lines = {ln["line"]: ln["count"] for ln in f["lines"]}
+        assert {n: lines[n] for n in CRC32_LINE_COUNTS} == CRC32_LINE_COUNTS
+        assert {fn["name"]: fn["count"] for fn in f["functions"]} == {"main": 1}  # the rest inlined
+        for b in f["branches"]:  # every branch ran; its outcomes add up to its runs
+            assert b["executed"] and b["taken"] > 0 and b["not_taken"] > 0
+        inner = next(b for b in f["branches"] if b["line"] == 31)  # the bit loop, per byte
+        assert inner["taken"] + inner["not_taken"] == lines[32]
+
+
+async def test_merge_across_backends(client: AsyncClient) -> None:
+    """A unicorn and a qemu run of one program merge into the counts of two runs (the
+    qemu source has no edges: the merged branches are derived from counts)."""
+    require_coverage("unicorn")
+    require_coverage("qemu")
+    program = await upload(client)
+    _, first = await collect(client, "unicorn", program)
+    _, second = await collect(client, "qemu", program)
+    merged = (await client.coverage.merge_coverage(names=[first, second])).report
+    check_expected(await json_report(client, merged.name), runs=2)
+
+
+async def test_nothing_to_cover_reads_100_percent(client: AsyncClient, backend: str) -> None:
+    """0 of 0 (a file without branches) is 100 %, as genhtml rates it (it prints "-")
+    and as Cobertura's rate of 1."""
+    _, report = await collect(client, backend)
+    summary = await client.coverage.get_coverage_summary(name=report)
+    no_branches = [f for f in summary.files if f.counts.branches_total == 0]
+    assert no_branches  # semihost_arm.c, startup code...
+    assert all(f.counts.branch_percent == 100.0 for f in no_branches)
+    by_path = {f.path: f.counts for f in summary.files}
+    assert by_path[FILE].branch_percent == 75.0 and by_path[FILE].function_percent == pytest.approx(66.67)
+    doc = await json_report(client, report)
+    path = no_branches[0].path
+    assert file_of(doc, path)["counts"]["branch_percent"] == 100.0
+    root = ET.fromstring((await export(client, report, "COVERAGE_FORMAT_COBERTURA"))[0])
+    cls = next(c for c in root.iter("class") if c.get("filename") == path)
+    assert cls.get("branch-rate") == "1"

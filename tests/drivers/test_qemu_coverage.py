@@ -1,5 +1,7 @@
 """QEMU coverage through the msblocks TCG plugin, against real QEMU running the
-coverage test program (tests/firmware/src/coverage.c: known control flow)."""
+coverage test program (tests/firmware/src/coverage.c: known control flow): counts per
+translation shape, exact per-address counts when QEMU translates the same code in
+different blocks (single instructions on a page with a breakpoint), restarts."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from machineserver.server.core.boards import load_shipped_boards
+from machineserver.server.core.coverage_mapping import address_counts
 from machineserver.server.core.images import ImageFormat, parse_image
 from machineserver.server.drivers import native
 from machineserver.server.drivers.base import (
@@ -29,7 +32,6 @@ from machineserver.server.drivers.base import (
     Snapshots,
     StopInfo,
     StopReason,
-    blocks_since,
 )
 from machineserver.server.drivers.qemu import QemuBackend, QemuMachine, blocktable
 from machineserver.server.drivers.qemu.coverage import QemuCoverage
@@ -180,20 +182,64 @@ def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
     assert PluginStatus(None, "no gcc").method == "none: no gcc"
 
 
-def test_table_reader_merges_retranslated_blocks(tmp_path: Path) -> None:
+def test_table_reader_keeps_translation_shapes(tmp_path: Path) -> None:
     path = tmp_path / "t.bin"
-    entries = [(0x100, 8, 0, 5), (0x200, 4, 0, 0), (0x100, 12, 0, 2)]
-    data = blocktable.HEADER.pack(blocktable.MAGIC, 1, 24, 4, blocktable.FLAG_FULL, len(entries))
+    entries = [(0x100, 8, 0, 5), (0x200, 4, 0, 0), (0x100, 12, 0, 2), (0x100, 8, 0, 1)]
+    data = blocktable.HEADER.pack(blocktable.MAGIC, 1, 24, 5, blocktable.FLAG_FULL, len(entries))
     data += b"".join(blocktable.ENTRY.pack(*e) for e in entries) + bytes(24)
     path.write_bytes(data)
     table = blocktable.read_table(path)
-    # summed, largest size kept; 0x200 was translated but never executed: not a block run
-    assert table.blocks == {0x100: (12, 7)} and table.full
-    assert blocks_since(table.blocks, {0x100: (8, 5)}) == {0x100: (12, 2)}
-    assert blocktable.read_table(tmp_path / "missing.bin").blocks == {}
+    # one shape translated twice: summed; 0x200 was translated but never executed
+    assert table.runs == {(0x100, 8): 6, (0x100, 12): 2} and table.full
+    # as blocks: [0x100, 0x108) ran 6 + 2 times, [0x108, 0x10c) only in the 12-byte shape
+    assert table.blocks == {0x100: (8, 8), 0x108: (4, 2)}
+    assert blocktable.runs_since(table.runs, {(0x100, 8): 4}) == {(0x100, 8): 2, (0x100, 12): 2}
+    assert blocktable.runs_since(table.runs, table.runs) == {}
+    assert blocktable.add_runs({(0x100, 8): 1}, table.runs) == {(0x100, 8): 7, (0x100, 12): 2}
+    assert blocktable.read_table(tmp_path / "missing.bin").runs == {}
     (tmp_path / "empty.bin").write_bytes(bytes(64))  # created, header not written yet
-    assert blocktable.read_table(tmp_path / "empty.bin").blocks == {}
+    assert blocktable.read_table(tmp_path / "empty.bin").runs == {}
     assert blocktable.HEADER.size == 64 and blocktable.ENTRY.size == 24  # the C structs' sizes
+
+
+def code_addresses(path: Path) -> list[int]:
+    """Every halfword of the program's .text: where instructions can start."""
+    with path.open("rb") as f:
+        text = ELFFile(f).get_section_by_name(".text")
+        return list(range(int(text["sh_addr"]), int(text["sh_addr"]) + int(text["sh_size"]), 2))
+
+
+async def test_counts_are_exact_when_qemu_translates_single_instructions(plugin: str, machines: Factory) -> None:
+    """A breakpoint makes QEMU 7.2 translate every block of its page one instruction at a
+    time: the same code then runs in blocks of other shapes at the same addresses. The
+    per-address counts of a run that way equal those of a run without breakpoints; and
+    while halted at the breakpoint, its instruction has not run."""
+    path = elf("coverage")
+    points = code_addresses(path)
+    plain, ev = machines(coverage=True)
+    await plain.power_on()
+    await plain.load(image(path))
+    await cov(plain).coverage_start()
+    await run_to_exit(plain, ev)
+    expected = address_counts(points, await cov(plain).coverage_blocks())
+
+    three = function(path, "called_three_times").start  # on main's page
+    m, ev = machines(coverage=True)
+    await m.power_on()
+    await m.load(image(path))
+    await cov(m).coverage_start()
+    await m.capability(Breakpoints).set_breakpoint(three)
+    for n in (1, 2):
+        await m.capability(RunControl).run()
+        assert (await ev.stop(n)).pc == three
+        now = address_counts(points, await cov(m).coverage_blocks())
+        assert now[three] == n - 1  # halted there: this call has not run yet
+    await m.capability(Breakpoints).clear_breakpoint(three)
+    await run_to_exit(m, ev)
+    blocks = await cov(m).coverage_blocks()
+    sizes = {size for start, (size, _) in blocks.items() if start in function(path, "main")}
+    assert 2 in sizes and max(sizes) > 4  # single instructions and whole blocks both ran
+    assert address_counts(points, blocks) == expected
 
 
 async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory) -> None:

@@ -1,4 +1,6 @@
-"""Unicorn driver: basic-block coverage (native block counter and first-hit mode)."""
+"""Unicorn driver: basic-block coverage (native block counter and first-hit mode): exact
+execution counts whatever the slices do (steps, breakpoints in the middle of a block, the
+exit trap), counted edges, and the split of blocks at the points slices stopped."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from elftools.elf.elffile import ELFFile
 from unicorn_helpers import Recorder, board, elf_image, ensure_firmware, parts
 
+from machineserver.server.core.coverage_analysis import ProgramAnalysis
+from machineserver.server.core.coverage_mapping import address_counts
+from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
+    Blocks,
     Coverage,
     Feature,
     MachineOptions,
@@ -20,6 +26,7 @@ from machineserver.server.drivers.base import (
     StopReason,
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
+from machineserver.server.drivers.unicorn.collector import split_at_cuts
 
 pytest.importorskip("unicorn")
 
@@ -81,17 +88,137 @@ async def test_coverage_program(board_name, mode):
     if mode == "counting":
         assert blocks[three[0]][1] == 3
         assert blocks[main[0]][1] == 1
-        in_main = [blocks[a][1] for a in inside(blocks, *main)]
-        assert max(in_main) in (10, 11)  # the loop: body 10x, header 11x
-        assert len(calls) == 3  # three call sites
-        # the if: exactly one of its two successors is reached from the branch
-        branches: dict[int, set[int]] = {}
-        for src, dst in edges:
-            branches.setdefault(src, set()).add(dst)
-        assert any(len(d) == 2 for s, d in branches.items() if main[0] <= s < main[0] + main[1])
+        assert len(calls) == 3  # three call sites, one call each
+        assert all(edges[(src, three[0])] == 1 for src in calls)
+        # the two conditional branches of main, by their edges' counts (see coverage.c)
+        by_branch = branch_edges(path, board_name, edges, "src/coverage.c")
+        assert by_branch == {36: (0, 1), 42: (10, 1)}
     else:
         assert all(count == 0 for _, count in blocks.values())
+        assert all(count == 0 for count in edges.values())  # taken, count unknown
     await m.power_off()
+
+
+def analysis(path: Path, board_name: str) -> ProgramAnalysis:
+    elf = path.read_bytes()
+    return ProgramAnalysis(elf, SymbolTable(elf), board(board_name).arch)
+
+
+def branch_edges(path: Path, board_name: str, edges: dict[tuple[int, int], int],
+                 file: str) -> dict[int, tuple[int, int]]:
+    """line -> (taken, not taken) edge counts of each conditional branch of ``file``."""
+    return {site.line: (edges.get((site.address, site.target), 0), edges.get((site.address, site.fallthrough), 0))
+            for site in analysis(path, board_name).branches if site.file == file}
+
+
+def code_addresses(path: Path) -> list[int]:
+    """Every halfword of the program's .text: where instructions can start."""
+    with path.open("rb") as f:
+        text = ELFFile(f).get_section_by_name(".text")
+        return list(range(int(text["sh_addr"]), int(text["sh_addr"]) + int(text["sh_size"]), 2))
+
+
+def per_address(path: Path, blocks: Blocks) -> dict[int, int]:
+    """How often the instruction at each address ran (the sum over the blocks holding it)."""
+    return address_counts(code_addresses(path), blocks)
+
+
+async def reference(board_name: str, program: str) -> tuple[dict[int, int], dict[tuple[int, int], int]]:
+    """Per-address counts and edges of one uninterrupted run to the exit."""
+    m, p, rec = await start(board_name, program)
+    await p.cov.coverage_start()
+    await p.run.run()
+    assert (await rec.wait_stop(1, 60)).reason == StopReason.EXIT
+    counts = per_address(fw(board_name, program), await p.cov.coverage_blocks())
+    edges = await p.cov.coverage_edges()
+    await m.power_off()
+    return counts, edges
+
+
+@pytest.mark.parametrize(("board_name", "program", "step"), [
+    ("mps2-an385", "coverage", 7), ("sifive_e", "coverage", 5), ("mps2-an385", "crc32", 999_983),
+])
+async def test_counts_are_exact_across_steps(board_name, program, step):
+    """A run in counted steps (each ends a slice, mostly in the middle of a block, where
+    Unicorn translates a new block for the rest) counts every instruction and every
+    transfer as often as one uninterrupted run does."""
+    expected, expected_edges = await reference(board_name, program)
+    m, p, _ = await start(board_name, program)
+    await p.cov.coverage_start()
+    for _ in range(100_000):
+        stop = await p.run.step(step)
+        if stop.reason == StopReason.EXIT:
+            break
+        assert stop.reason == StopReason.STEP, stop
+    assert m.state is MachineState.EXITED
+    blocks = await p.cov.coverage_blocks()
+    assert per_address(fw(board_name, program), blocks) == expected
+    assert await p.cov.coverage_edges() == expected_edges
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_counts_are_exact_across_breakpoints_inside_a_block(board_name):
+    """Breakpoints stop in the middle of a translated block (the loop's increment, 10
+    times) and at a block's start (called_three_times, 3 times); while halted there, the
+    instruction at the pc has not run; run to the end, the counts are one run's."""
+    path = fw(board_name, "coverage")
+    expected, expected_edges = await reference(board_name, "coverage")
+    site = next(b for b in analysis(path, board_name).branches if b.line == 42)  # the loop branch
+    body = site.target  # the loop body's block runs on into the increment and the condition
+    increment = min(e.address for e in SymbolTable(path.read_bytes()).lines()
+                    if e.line == 42 and body < e.address < site.address)
+    three = func(path, "called_three_times")[0]
+    m, p, rec = await start(board_name)
+    await p.cov.coverage_start()
+    await p.bp.set_breakpoint(increment)
+    await p.bp.set_breakpoint(three)
+    hits: list[int] = []
+    for n in range(1, 14):
+        await p.run.run()
+        stop = await rec.wait_stop(n)
+        assert stop.reason == StopReason.BREAKPOINT, stop
+        hits.append(stop.pc)
+        now = per_address(path, await p.cov.coverage_blocks())
+        assert now[stop.pc] == hits.count(stop.pc) - 1  # halted there: this time has not run
+    assert hits == [increment] * 10 + [three] * 3
+    await p.bp.clear_breakpoint(increment)
+    await p.bp.clear_breakpoint(three)
+    await p.run.run()
+    assert (await rec.wait_stop(14)).reason == StopReason.EXIT
+    assert per_address(path, await p.cov.coverage_blocks()) == expected
+    assert await p.cov.coverage_edges() == expected_edges
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_exit_trap_is_not_counted(board_name):
+    """The program exits at its semihosting trap; the machine is halted there, so the trap
+    has not run (as on QEMU, which stops before it), while the instructions before it
+    in the same block have."""
+    path = fw(board_name, "coverage")
+    counts, _ = await reference(board_name, "coverage")
+    m, p, rec = await start(board_name)
+    await p.run.run()
+    exit_pc = (await rec.wait_stop()).pc
+    await m.power_off()
+    start_of_call = func(path, "semihost_call")[0]
+    assert start_of_call < exit_pc  # semihost_call sets up its registers first
+    assert counts[exit_pc] == 0
+    assert counts[start_of_call] == 1 and counts[exit_pc - 2] == 1
+
+
+def test_split_at_cuts_keeps_per_address_counts():
+    blocks = {0x100: (16, 5), 0x200: (8, 2), 0x108: (8, 1)}
+    # 0x100 entered 5 times: once nothing ran (cut at its start), twice it stopped at 0x108
+    # and once at 0x10c; 0x108 is also a block of its own (the rest, run after a stop)
+    cuts = [(0x100, 0x100, 1), (0x100, 0x108, 2), (0x100, 0x10C, 1), (0x200, 0x200, 2)]
+    out = split_at_cuts(blocks, cuts)
+    counts = address_counts([*range(0x100, 0x110, 2), 0x200], out)
+    assert [counts[a] for a in range(0x100, 0x110, 2)] == [4, 4, 4, 4, 2 + 1, 2 + 1, 1 + 1, 1 + 1]
+    assert counts[0x200] == 0 and 0x200 not in out  # never ran past its first instruction
+    assert out[0x100] == (8, 4)  # its first piece: entries that ran at least one instruction
+    assert split_at_cuts(blocks, []) == blocks
 
 
 @pytest.mark.parametrize("board_name", BOARDS)

@@ -10,7 +10,8 @@ from grpc import aio
 from machineserver.server.api import convert
 from machineserver.server.api.base import CHUNK_SIZE, Servicer
 from machineserver.server.core import coverage_export as export
-from machineserver.server.core.coverage import Counts, CoverageReportRecord
+from machineserver.server.core.coverage import CoverageReportRecord
+from machineserver.server.core.coverage_mapping import Counts
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.v1 import coverage_pb2 as pb
 from machineserver.v1 import coverage_pb2_grpc as pb_grpc

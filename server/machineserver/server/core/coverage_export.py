@@ -18,22 +18,37 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from machineserver.server.core.coverage import CoverageResult, FileResult
+from machineserver.server.core.coverage_mapping import CoverageResult, FileResult, percent_text
 from machineserver.server.core.errors import Unavailable
 
 GENHTML_TIMEOUT_S = 120.0
 
 APPROXIMATIONS = """\
 How executed code maps to source (MachineServer coverage):
-- The emulator reports executed blocks (start, size, count). A line is hit when any
-  address the DWARF line table gives it lies in an executed block; its count is the
-  largest count among its addresses.
+- Counts are execution counts. The emulator reports executed blocks (start, size,
+  count); an address's count is the sum of the counts of the blocks holding it: how
+  often the instruction there ran. The same program gives the same counts on the unicorn
+  and qemu backends. A machine halted at an instruction (a breakpoint, the semihosting
+  trap of the program's exit) has not executed it.
+- A line's count is the largest count of the addresses the DWARF line table gives it
+  (e.g. a for loop's condition: 11 for 10 iterations); hit when any of them ran.
 - A function is hit when its entry address ran; its count is that address's count.
-- Branches are the conditional branch instructions (capstone); "taken" is the count of
-  the block starting at the branch target, "not taken" of the block starting after the
-  branch, each capped at the branch's own count. A target also reached another way counts
-  as taken here too, unless the backend reported edges. "-" = the branch never ran.
+- Branches are the conditional branch instructions (capstone); "-" = the branch never
+  ran. unicorn: "taken" and "not taken" are counted transfers, exact. qemu: derived from
+  execution counts and the control flow (not taken = count of the fall-through when
+  nothing else goes there; taken = count of the target minus what falls into it, when
+  this branch is the only jump there; the other = the branch's count minus that): exact
+  for if/else, loops and &&/|| chains. When neither successor is reached only that way
+  (a target other jumps share and a fall-through that is a jump target too, a target
+  right after a call, a function with a jump table), each is the count of the blocks
+  starting at it, capped at the branch's count: entries from elsewhere count too.
+- Not exact on qemu: a block left in its middle (a guest fault, a watchpoint hit, an
+  MMIO access under icount) counts as run whole, so the instructions after that point
+  count once more; while halted, the branch that led to the halt address may be one
+  short on the side it took.
 - A backend that records first hits only reports counts of 1.
+- Percentages of nothing (0 of 0: a file without functions or branches) read 100 in
+  numbers (JSON, summaries, Cobertura rate 1) and "-" in text, as genhtml shows them.
 """
 
 
@@ -223,17 +238,17 @@ def _simple_html(result: CoverageResult, source_root: str) -> str:
         fns = ", ".join(f"{html.escape(fn.name)}: {fn.count}" for fn in f.functions) or "-"
         rows.append(
             f"<tr><td>{html.escape(source_path(f.path, source_root))}</td>"
-            f"<td>{c.lines_hit}/{c.lines_total} ({c.line_percent}%)</td>"
-            f"<td>{c.functions_hit}/{c.functions_total} ({c.function_percent}%)</td>"
-            f"<td>{c.branches_hit}/{c.branches_total} ({c.branch_percent}%)</td>"
+            f"<td>{c.lines_hit}/{c.lines_total} ({percent_text(c.lines_hit, c.lines_total)})</td>"
+            f"<td>{c.functions_hit}/{c.functions_total} ({percent_text(c.functions_hit, c.functions_total)})</td>"
+            f"<td>{c.branches_hit}/{c.branches_total} ({percent_text(c.branches_hit, c.branches_total)})</td>"
             f"<td>{unhit}</td><td>{fns}</td></tr>"
         )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Coverage</title></head><body>"
         f"<h1>Coverage of programs/{html.escape(result.program)}</h1>"
-        f"<p>Lines {t.lines_hit}/{t.lines_total} ({t.line_percent}%), functions "
-        f"{t.functions_hit}/{t.functions_total} ({t.function_percent}%), branches "
-        f"{t.branches_hit}/{t.branches_total} ({t.branch_percent}%)</p>"
+        f"<p>Lines {t.lines_hit}/{t.lines_total} ({percent_text(t.lines_hit, t.lines_total)}), functions "
+        f"{t.functions_hit}/{t.functions_total} ({percent_text(t.functions_hit, t.functions_total)}), branches "
+        f"{t.branches_hit}/{t.branches_total} ({percent_text(t.branches_hit, t.branches_total)})</p>"
         "<table border='1'><tr><th>File</th><th>Lines</th><th>Functions</th><th>Branches</th>"
         "<th>Lines not hit</th><th>Function calls</th></tr>"
         + "".join(rows) + "</table></body></html>\n"

@@ -229,7 +229,9 @@ class MachineEvents(Protocol):
 # --------------------------------------------------------------------------- coverage data
 
 # Executed basic blocks: start address -> (size in bytes, execution count). A count of 0
-# means "executed, count unknown" (a first-hit collector).
+# means "executed, count unknown" (a first-hit collector). Blocks may overlap (a block
+# entered in the middle of another one's range); the number of times the instruction at an
+# address ran is the sum of the counts of the blocks whose range holds it.
 Blocks = dict[int, tuple[int, int]]
 # Control transfers: (address of the last instruction of the block left, start of the
 # block entered) -> how many times it was taken (0: taken, count unknown).
@@ -237,11 +239,21 @@ Edges = dict[tuple[int, int], int]
 
 
 def merge_blocks(into: Blocks, other: Mapping[int, tuple[int, int]]) -> Blocks:
-    """Union into ``into`` (and return it): counts summed, the larger size kept. A count
-    stays 0 ("unknown") only when both sides are unknown."""
+    """Add ``other``'s blocks to ``into`` (and return it) so that every address's count
+    (see :data:`Blocks`) is the sum of both sides'. Blocks of the same start and size add
+    their counts; of the same start and different sizes, the shorter range keeps the start
+    with both counts and the rest of the longer one becomes a block of its own where the
+    shorter ends (added the same way). A count stays 0 ("unknown") only when both sides
+    are unknown."""
     for start, (size, count) in other.items():
-        old = into.get(start)
-        into[start] = (size, count) if old is None else (max(old[0], size), old[1] + count)
+        while True:
+            old = into.get(start)
+            if old is None or old[0] == size or not old[0] or not size:
+                into[start] = (size, count) if old is None else (max(old[0], size), old[1] + count)
+                break
+            (short, _), (long, long_count) = sorted((old, (size, count)))
+            into[start] = (short, old[1] + count)
+            start, size, count = start + short, long - short, long_count
     return into
 
 
@@ -254,7 +266,8 @@ def merge_edges(into: Edges, other: Mapping[tuple[int, int], int]) -> Edges:
 
 def blocks_since(current: Mapping[int, tuple[int, int]], baseline: Mapping[int, tuple[int, int]]) -> Blocks:
     """Blocks executed since ``baseline`` was taken: counts minus the baseline's, only
-    those that grew. Unknown counts (0) are kept when the block is new since then."""
+    those that grew. Unknown counts (0) are kept when the block is new since then. Exact
+    when a start has the same size on both sides (the same collector's blocks)."""
     out: Blocks = {}
     for start, (size, count) in current.items():
         before = baseline.get(start)

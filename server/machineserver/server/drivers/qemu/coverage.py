@@ -7,7 +7,12 @@ machine starts gets a table of its own (``blocks-N.bin`` in the machine's covera
 directory). A restart (reset or load after an exit, snapshot restore) starts a new
 table; the old one is folded into the machine's totals, so coverage spans restarts.
 Counting starts at power-on; ``coverage_start``/``coverage_reset`` take a baseline,
-``coverage_stop`` freezes the result.
+``coverage_stop`` freezes the result. Totals, baselines and the frozen result are kept
+per translation shape (:data:`.blocktable.Runs`), so they add and subtract exactly; the
+blocks handed out have exact per-address counts (see ``drivers.base.Blocks``).
+
+The plugin sees no control transfers: this part reports no edges, and the core derives
+branch outcomes from execution counts (core/coverage_mapping.py says when that is exact).
 """
 
 from __future__ import annotations
@@ -18,15 +23,15 @@ import os
 import shutil
 import tempfile
 
-from machineserver.server.drivers.base import (
-    BackendFailed,
-    Blocks,
-    Coverage,
-    NotSupported,
-    blocks_since,
-    merge_blocks,
+from machineserver.server.drivers.base import BackendFailed, Blocks, Coverage, NotSupported
+from machineserver.server.drivers.qemu.blocktable import (
+    Runs,
+    Table,
+    add_runs,
+    read_table,
+    runs_since,
+    runs_to_blocks,
 )
-from machineserver.server.drivers.qemu.blocktable import Table, read_table
 from machineserver.server.drivers.qemu.plugin import plugin_status
 
 __all__ = ["QemuCoverage", "plugin_status"]
@@ -38,10 +43,10 @@ class QemuCoverage(Coverage):
         self._dir: str | None = None  # this machine's tables, until power_off
         self._table: str | None = None  # the running QEMU's table
         self._generation = 0
-        self._past: Blocks = {}  # totals of the tables of earlier QEMUs
+        self._past: Runs = {}  # totals of the tables of earlier QEMUs
         self._past_full = False
-        self._baseline: Blocks = {}  # totals at coverage_start/reset
-        self._frozen: Blocks | None = None  # the result at coverage_stop
+        self._baseline: Runs = {}  # totals at coverage_start/reset
+        self._frozen: Runs | None = None  # the result at coverage_stop
 
     @property
     def method(self) -> str:
@@ -58,7 +63,7 @@ class QemuCoverage(Coverage):
             raise NotSupported(f"coverage is unavailable on this server: {status.reason}")
         if self._table is not None:
             table = await self._read(self._table)
-            merge_blocks(self._past, table.blocks)
+            add_runs(self._past, table.runs)
             self._past_full |= table.full
             with contextlib.suppress(OSError):
                 os.unlink(self._table)
@@ -85,10 +90,10 @@ class QemuCoverage(Coverage):
         except (OSError, ValueError) as exc:
             raise BackendFailed(f"cannot read the coverage table {path}: {exc}") from None
 
-    async def _totals(self) -> Blocks:
+    async def _totals(self) -> Runs:
         totals = dict(self._past)
         if self._table is not None:
-            merge_blocks(totals, (await self._read(self._table)).blocks)
+            add_runs(totals, (await self._read(self._table)).runs)
         return totals
 
     @property
@@ -114,7 +119,7 @@ class QemuCoverage(Coverage):
     async def coverage_stop(self) -> None:
         self._require()
         if self._frozen is None:
-            self._frozen = blocks_since(await self._totals(), self._baseline)
+            self._frozen = runs_since(await self._totals(), self._baseline)
 
     async def coverage_reset(self) -> None:
         self._require()
@@ -125,5 +130,5 @@ class QemuCoverage(Coverage):
     async def coverage_blocks(self) -> Blocks:
         self._require()
         if self._frozen is not None:
-            return dict(self._frozen)
-        return blocks_since(await self._totals(), self._baseline)
+            return runs_to_blocks(self._frozen)
+        return runs_to_blocks(runs_since(await self._totals(), self._baseline))

@@ -4,20 +4,20 @@ coverage without Python in the hot path.
 Measured on crc32 (mps2-an385 / sifive_e, a tight CRC loop: the worst case; run to
 exit, median of 9, ~30-45 ms without coverage):
 
-==========================================  ===========  ==============================
-collector                                    slow-down    what it gives
-==========================================  ===========  ==============================
-Python ``UC_HOOK_BLOCK`` callback            ~150x        counts
-native ``UC_HOOK_BLOCK`` (C, counts only)    ~1.7-2.0x    exact counts
-native ``UC_HOOK_BLOCK`` + edges (chosen)    ~2.0-2.3x    exact counts, exact edges
-``UC_HOOK_EDGE_GENERATED`` (translation)     ~1.0x        first hit only, edges approx.
-==========================================  ===========  ==============================
+============================================  ===========  ==============================
+collector                                      slow-down    what it gives
+============================================  ===========  ==============================
+Python ``UC_HOOK_BLOCK`` callback              ~150x        counts
+native ``UC_HOOK_BLOCK`` (C, counts only)      ~1.7-2.0x    exact counts
+native ``UC_HOOK_BLOCK`` + edge counts (used)  ~2.0-2.3x    exact counts, exact edge counts
+``UC_HOOK_EDGE_GENERATED`` (translation)       ~1.0x        first hit only, edges approx.
+============================================  ===========  ==============================
 
 * **counting** (the default): a C callback (``native/ucblocks.c``) on ``UC_HOOK_BLOCK``,
-  passed to ``uc_hook_add`` by address, counts every executed translated block in an
-  open-addressing hash table (start -> size, count) and records every distinct
-  transition (previous block -> this block) in a hash set. A per-block "last successor"
-  cache skips the set lookup when a block keeps going to the same place (loops). The
+  passed to ``uc_hook_add`` by address, counts every entry into a translated block in an
+  open-addressing hash table (start -> size, count) and every transition (previous block
+  -> this block) in a second one. A per-block "last successor" cache (the successor and
+  its edge entry) makes a transition that repeats (a loop) one compare and one add. The
   library is compiled on first use with the host's C compiler into a per-user cache
   (like the QEMU plugin), against ``unicorn/include`` types only; it links nothing.
 * **first-hit** (``MachineOptions.extra["coverage_mode"] = "first-hit"``, or when no C
@@ -34,10 +34,31 @@ Unicorn instruments blocks when it translates them, so the caller flushes the
 translation cache (``uc.ctl_flush_tb()``) after :meth:`Collector.attach` /
 :meth:`Collector.detach`.
 
-What a "block" is: a translated block (TB), as in QEMU's plugin: a slice that stops
-mid-block (instruction count, breakpoint, watchdog) resumes in a TB that starts at the
-stop address, so blocks can overlap. Edges include interrupt entries and returns
-(the block running when the interrupt was taken -> the handler).
+What a "block" is: a translated block (TB). Blocks may overlap (a jump into the middle
+of a block's range starts a block there); an address's execution count is the sum of
+the counts of the blocks holding it (see ``drivers.base.Blocks``).
+
+Exact counts across slice ends. Unicorn calls the block hook *before* the block's
+exit-request check, and a slice may end anywhere (an instruction count, a breakpoint's
+or watchpoint's code hook, an MMIO access that is restarted, a fault, a semihosting
+exit, the watchdog): the hook has counted an entry whose instructions from the stop pc
+on did not run. So after every slice the run engine calls :meth:`Collector.slice_ended`
+with the pc it stopped at, on the rule "a machine halted at pc has not executed pc":
+
+* pc inside the last block entered: a *cut* (block, pc) is recorded: that entry ran
+  [start, pc) only (pc == start: nothing). When :meth:`Collector.blocks` reports the
+  block, it splits it at its cuts so every address keeps its exact count; what runs
+  from pc on after the stop is a block of its own (Unicorn translates one starting at
+  pc), with no transition into it (none happened).
+* pc outside it: the block ran to its end and control passed to pc before the next
+  hook fired; that transition is counted now, so it is not lost if the next block is an
+  interrupt handler, and not counted twice when pc's block is entered.
+
+One case reads the same and is not: a slice ended asynchronously (the watchdog) at the
+first, not yet chained, transition from a block back to its own start or into its own
+range goes through Unicorn's main loop, which stops there *before* the hook: it is taken
+for an entry that ran nothing, so that block counts one too few (and the transition is
+missed). Chained transitions (every one after the first) go through the hook first.
 
 All table access happens on the emulating thread or between slices under the
 machine's lock, never concurrently.
@@ -48,9 +69,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,15 +80,22 @@ from typing import Any
 from unicorn import unicorn_const as ucc
 
 from machineserver.server.drivers import native
-from machineserver.server.drivers.base import Blocks
+from machineserver.server.drivers.base import Blocks, Edges, merge_blocks
 from machineserver.server.drivers.unicorn.arch import Engine, native_handle
 
 SOURCE = Path(__file__).resolve().parent / "native" / "ucblocks.c"
 
-# (from, to) pairs without counts: raw (source block start, target block start) from the
-# collector, or (last instruction of the source block, target block start) after
-# edges_by_branch
-EdgeSet = set[tuple[int, int]]
+# (block start, pc, count): entries of a block that stopped at pc (see slice_ended)
+Cuts = list[tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What the table holds, as the collector recorded it."""
+
+    blocks: Blocks  # translated blocks as entered (start -> size, entries)
+    edges: Edges  # (source block start, target block start) -> count (0 in first-hit mode)
+    cuts: Cuts
 
 
 @dataclass(frozen=True)
@@ -82,9 +111,12 @@ def _load(path: Path) -> Any:
     for name, res, args in (
         ("ucb_new", vp, []), ("ucb_free", None, [vp]), ("ucb_clear", None, [vp]),
         ("ucb_forget_last", None, [vp]), ("ucb_set_edges", None, [vp, u32]),
-        ("ucb_nblocks", u64, [vp]), ("ucb_nedges", u64, [vp]), ("ucb_oom", u32, [vp]),
+        ("ucb_stop", None, [vp, u64]),
+        ("ucb_nblocks", u64, [vp]), ("ucb_nedges", u64, [vp]), ("ucb_ncuts", u64, [vp]),
+        ("ucb_oom", u32, [vp]),
         ("ucb_dump_blocks", u64, [vp, ctypes.POINTER(u64), u64]),
         ("ucb_dump_edges", u64, [vp, ctypes.POINTER(u64), u64]),
+        ("ucb_dump_cuts", u64, [vp, ctypes.POINTER(u64), u64]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -125,6 +157,13 @@ def _uc_hook_add(uc: Engine, htype: int, fn_addr: int, user_data: int) -> int:
     return int(h.value)
 
 
+def _triples(lib: Any, table: int, count: Callable[[int], int], dump: Callable[..., int]) -> list[tuple[int, int, int]]:
+    n = int(count(table))
+    buf = (ctypes.c_uint64 * (3 * n + 3))()
+    got = int(dump(table, buf, n))
+    return [(int(buf[3 * i]), int(buf[3 * i + 1]), int(buf[3 * i + 2])) for i in range(got)]
+
+
 class Collector:
     """One machine's coverage table; survives power cycles (attach to each new Uc)."""
 
@@ -137,12 +176,12 @@ class Collector:
             if not self._t:
                 raise MemoryError("ucblocks table")
             weakref.finalize(self, st.lib.ucb_free, self._t)
-            self.method = ("native-block-hook (exact counts and edges)" if self.counting
+            self.method = ("native-block-hook (exact counts and edge counts)" if self.counting
                            else "native-edge-generated (first hit, count 0)")
         else:
             self._t = None
             self._py_blocks: Blocks = {}
-            self._py_edges: EdgeSet = set()
+            self._py_edges: Edges = {}
             self.method = f"python-edge-generated (first hit, count 0; {st.reason})"
         self._hook: tuple[Engine, int] | None = None  # (uc, hook handle)
 
@@ -184,7 +223,7 @@ class Collector:
             if prev is not None and prev.size:
                 if prev.pc not in b or b[prev.pc][0] < prev.size:
                     b[prev.pc] = (int(prev.size), 0)
-                self._py_edges.add((int(prev.pc), int(cur.pc)))
+                self._py_edges[(int(prev.pc), int(cur.pc))] = 0
         except Exception:  # never let an exception reach Unicorn
             pass
 
@@ -200,29 +239,48 @@ class Collector:
         if self._t is not None:
             self._lib.ucb_forget_last(self._t)
 
+    def slice_ended(self, pc: int) -> None:
+        """An emulation slice ended with the machine at ``pc`` (not executed): see the
+        module docstring. The run engine calls it after every ``emu_start``."""
+        if self._t is not None and self.counting and self._hook is not None:
+            self._lib.ucb_stop(self._t, pc)
+
     @property
     def overflowed(self) -> bool:
         return bool(self._t is not None and self._lib.ucb_oom(self._t))
 
-    def blocks(self) -> Blocks:
+    def collected(self) -> Collected:
         if self._t is None:
-            return dict(self._py_blocks)
-        n = int(self._lib.ucb_nblocks(self._t))
-        buf = (ctypes.c_uint64 * (3 * n + 3))()
-        got = int(self._lib.ucb_dump_blocks(self._t, buf, n))
-        out: Blocks = {}
-        for i in range(got):
-            out[int(buf[3 * i])] = (int(buf[3 * i + 1]), int(buf[3 * i + 2]))
-        return out
+            return Collected(dict(self._py_blocks), dict(self._py_edges), [])
+        lib, t = self._lib, self._t
+        blocks = {start: (size, count) for start, size, count in _triples(lib, t, lib.ucb_nblocks, lib.ucb_dump_blocks)}
+        edges = {(src, dst): count for src, dst, count in _triples(lib, t, lib.ucb_nedges, lib.ucb_dump_edges)}
+        return Collected(blocks, edges, _triples(lib, t, lib.ucb_ncuts, lib.ucb_dump_cuts))
 
-    def raw_edges(self) -> EdgeSet:
-        """(source block start, target block start) pairs."""
-        if self._t is None:
-            return set(self._py_edges)
-        n = int(self._lib.ucb_nedges(self._t))
-        buf = (ctypes.c_uint64 * (2 * n + 2))()
-        got = int(self._lib.ucb_dump_edges(self._t, buf, n))
-        return {(int(buf[2 * i]), int(buf[2 * i + 1])) for i in range(got)}
+
+def split_at_cuts(blocks: Blocks, cuts: Cuts) -> Blocks:
+    """The blocks with every cut applied, as blocks whose counts are exact per address: a
+    block [start, end) entered n times with c entries stopped at pc becomes [start, pc)
+    with n and [pc, end) with n - c (several cuts: several pieces). Pieces with no count
+    left are dropped; a piece that starts where another block does is merged with it
+    (``merge_blocks`` keeps per-address counts)."""
+    by_block: dict[int, dict[int, int]] = {}
+    for start, pc, count in cuts:
+        stops = by_block.setdefault(start, {})
+        stops[pc] = stops.get(pc, 0) + count
+    out: Blocks = {}
+    for start, (size, count) in sorted(blocks.items()):
+        cut = by_block.get(start)
+        if not cut:
+            merge_blocks(out, {start: (size, count)})
+            continue
+        bounds = sorted({start, *(pc for pc in cut if start < pc < start + size), start + size})
+        left = count
+        for lo, hi in itertools.pairwise(bounds):
+            left -= cut.get(lo, 0)
+            if left > 0:
+                merge_blocks(out, {lo: (hi - lo, left)})
+    return out
 
 
 def last_instruction(start: int, size: int, read: Callable[[int, int], bytes] | None,
@@ -247,13 +305,15 @@ def last_instruction(start: int, size: int, read: Callable[[int, int], bytes] | 
     return start + last
 
 
-def edges_by_branch(raw: EdgeSet, blocks: Blocks,
+def edges_by_branch(raw: Mapping[tuple[int, int], int], blocks: Blocks,
                     read: Callable[[int, int], bytes] | None, thumb: bool,
-                    cache: dict[tuple[int, int], int]) -> EdgeSet:
-    """Raw (source block, target block) pairs -> (source block's last instruction,
-    target block start)."""
-    out: EdgeSet = set()
-    for src, dst in raw:
+                    cache: dict[tuple[int, int], int]) -> Edges:
+    """(source block start, target) -> count, as (the source block's last instruction,
+    target) -> count (summed where blocks of different starts end at the same
+    instruction, e.g. a block and the rest of it after a cut). ``blocks``: the blocks as
+    entered (before cuts), for their sizes."""
+    out: Edges = {}
+    for (src, dst), count in raw.items():
         size = blocks.get(src, (0, 0))[0]
         key = (src, size)
         addr = cache.get(key)
@@ -261,5 +321,5 @@ def edges_by_branch(raw: EdgeSet, blocks: Blocks,
             addr = last_instruction(src, size, read, thumb) if size else src
             if read is not None:
                 cache[key] = addr
-        out.add((addr, dst))
+        out[(addr, dst)] = out.get((addr, dst), 0) + count
     return out

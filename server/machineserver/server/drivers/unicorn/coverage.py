@@ -1,17 +1,22 @@
 """Coverage on Unicorn: the Coverage capability over the block collector of
-:mod:`.collector` (a native block callback with exact counts and edges, or first-hit
-collection at translation time).
+:mod:`.collector` (a native block callback with exact block and edge counts, or
+first-hit collection at translation time).
 
 Collection runs between ``coverage_start`` and ``coverage_stop``, or from power-on when
 ``MachineOptions.extra["coverage"] == "1"`` (as the QEMU backend). The table outlives power
 cycles (it lives in the context and is attached to each new engine); ``coverage_stop``
 freezes what was collected; ``coverage_reset`` empties it. Reading works while off.
+
+What it reports (counting mode): blocks whose per-address counts are exact execution
+counts (split where a slice stopped inside a block, see :mod:`.collector`), and edges
+``(last instruction of the block left, start of the block entered) -> count``, so a
+conditional branch's taken and not-taken counts are the counts of its two edges.
 """
 
 from __future__ import annotations
 
 from machineserver.server.drivers.base import Arch, Blocks, Coverage, Edges
-from machineserver.server.drivers.unicorn.collector import Collector, EdgeSet, edges_by_branch
+from machineserver.server.drivers.unicorn.collector import Collector, edges_by_branch, split_at_cuts
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext
 
 
@@ -19,7 +24,7 @@ class UnicornCoverage(Coverage):
     def __init__(self, ctx: MachineContext) -> None:
         self._ctx = ctx
         self._active = ctx.options.extra.get("coverage") == "1"
-        self._frozen: tuple[Blocks, EdgeSet] | None = None  # what coverage_stop kept
+        self._frozen: tuple[Blocks, Edges] | None = None  # what coverage_stop kept
         self._last_insn: dict[tuple[int, int], int] = {}  # (block, size) -> last instruction
 
     def _collector(self) -> Collector:
@@ -44,17 +49,22 @@ class UnicornCoverage(Coverage):
         if self._ctx.collector is not None:
             self._ctx.collector.detach()
 
-    def _collected(self, inst: BoardInstance | None) -> tuple[Blocks, EdgeSet]:
+    def _collected(self, inst: BoardInstance | None) -> tuple[Blocks, Edges]:
+        """Blocks with exact per-address counts (entries with no count left dropped in
+        counting mode) and edges by branch instruction."""
         collector = self._collector()
-        blocks = collector.blocks()
+        raw = collector.collected()
 
         def read(address: int, size: int) -> bytes:
             assert inst is not None
             return bytes(inst.uc.mem_read(address, size))
 
-        edges = edges_by_branch(collector.raw_edges(), blocks, read if inst is not None else None,
+        edges = edges_by_branch(raw.edges, raw.blocks, read if inst is not None else None,
                                 self._ctx.board.arch == Arch.ARM_CORTEX_M, self._last_insn)
-        return blocks, edges
+        if not collector.counting:
+            return raw.blocks, edges
+        blocks = split_at_cuts(raw.blocks, raw.cuts)
+        return {a: v for a, v in blocks.items() if v[1] > 0}, edges
 
     # ------------------------------------------------------------------ Coverage
     async def coverage_start(self) -> None:
@@ -75,7 +85,7 @@ class UnicornCoverage(Coverage):
     async def coverage_stop(self) -> None:
         def stop(inst: BoardInstance | None) -> None:
             if self._frozen is None:
-                self._frozen = self._collected(inst) if self._active else ({}, set())
+                self._frozen = self._collected(inst) if self._active else ({}, {})
             self._active = False
             collector = self._ctx.collector
             if collector is not None and collector.attached:
@@ -93,29 +103,28 @@ class UnicornCoverage(Coverage):
             if self._active and inst is not None and not collector.counting:
                 inst.uc.ctl_flush_tb()
             if self._frozen is not None:
-                self._frozen = ({}, set())
+                self._frozen = ({}, {})
 
         await self._ctx.locked_any("reset coverage", reset)
 
     async def coverage_blocks(self) -> Blocks:
-        """Executed translated blocks since coverage_start/reset: exact execution counts
-        with the native counter, 0 (executed) in first-hit mode."""
+        """Executed blocks since coverage_start/reset: exact execution counts with the
+        native counter, 0 (executed) in first-hit mode."""
         if self._frozen is not None:
             return dict(self._frozen[0])
         if not self._active:
             return {}
         blocks, _ = await self._ctx.locked_any("read coverage", self._collected)
-        counting = self._collector().counting
-        return {a: v for a, v in blocks.items() if v[1] > 0 or not counting}
+        return blocks
 
     async def coverage_edges(self) -> Edges:
         """Control transfers seen since coverage_start/reset: (address of the last
-        instruction of the block left, start of the block entered), count 0 (taken, count
-        unknown). Every distinct transfer with the native counter; only the first way into
-        each block in first-hit mode."""
+        instruction of the block left, start of the block entered) -> how many times.
+        Every transfer, counted, with the native counter; only the first way into each
+        block, count 0 (taken, count unknown), in first-hit mode."""
         if self._frozen is not None:
-            return dict.fromkeys(self._frozen[1], 0)
+            return dict(self._frozen[1])
         if not self._active:
             return {}
         _, edges = await self._ctx.locked_any("read coverage", self._collected)
-        return dict.fromkeys(edges, 0)
+        return edges

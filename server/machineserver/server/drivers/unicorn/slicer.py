@@ -291,6 +291,8 @@ class Slicer:
             if self._stop_pending and err is None and self._hit is None:
                 self._check_replay()
         pc = core.pc()
+        if self._ctx.collector is not None:
+            self._ctx.collector.slice_ended(pc)  # exact coverage counts: pc has not run
         clean = err is None and self._hit is None
         wfi = clean and core.halted_on_wfi(pc)
         if counted and inst.counter.available:

@@ -25,7 +25,12 @@
  *        uint64   count       executions, bumped by an inline TCG add (no callback)
  *
  *    One entry per *translation*: a block translated again (after a flush, a
- *    single step...) gets a new entry with the same vaddr; the reader sums them.
+ *    single step, as single instructions on a page with a breakpoint...) gets a new
+ *    entry with the same vaddr, and its size may differ; the reader sums entries of
+ *    the same vaddr and size (blocktable.py). The inline add runs after the block's
+ *    exit-request check (QEMU emits that first), so a block left before it runs (a
+ *    pause, a gate hold) is not counted; one left in its middle (a fault, a
+ *    watchpoint hit, an MMIO access under icount) is counted whole.
  *
  * 2. The instruction gate (gate=CTL): counts executed instructions and holds
  *    the vCPU at a count, for counted runs ("step 10^9 instructions" as one

@@ -1,13 +1,27 @@
-/* ucblocks: native Unicorn hooks for basic-block coverage (see ../coverage.py).
+/* ucblocks: native Unicorn hooks for basic-block coverage (see ../collector.py).
  *
  * Built on first use with the host's C compiler (gcc -shared -fPIC -O2); it links
  * against nothing: Python passes the addresses of these functions to uc_hook_add.
  *
- * ucb_block  (UC_HOOK_BLOCK): counts each executed block in an open-addressing hash
- *            table (start -> size, count) and, when edges are on, records the
- *            transition (previous block start -> this block start) in a hash set.
+ * ucb_block  (UC_HOOK_BLOCK): counts each entry into a translated block in an
+ *            open-addressing hash table (start -> size, count) and, when edges are on,
+ *            counts the transition (previous block start -> this block start) in a
+ *            second one. A per-block "last successor" cache (the successor and the
+ *            index of its edge entry) makes a repeated transition (every loop
+ *            iteration) one compare and one add.
+ * ucb_stop   called by the driver after every emulation slice with the pc it stopped
+ *            at: "the machine halted at pc has not executed pc". Unicorn fires the
+ *            block hook before the block's exit-request check, so a slice that ends at
+ *            a block's start has counted an entry that ran nothing, and a slice that
+ *            ends in the middle of a block (an instruction count, a breakpoint, an
+ *            MMIO access that is restarted, a fault, a semihosting exit) has counted the
+ *            whole block. The stop is recorded as a *cut* (block, pc): that entry ran
+ *            [start, pc) only; the rest, if it runs later, is a new block starting at
+ *            pc. A pc outside the last block means the block ran to its end and control
+ *            passed to pc before the next block's hook: that transition is counted
+ *            here. Either way the next block does not follow the last one.
  * ucb_edge   (UC_HOOK_EDGE_GENERATED): first-hit mode, called once per translated
- *            block; records the block (count 0) and the edge that caused it.
+ *            block; records the block (count 0) and the edge that caused it (count 0).
  *
  * All table access happens on the emulating thread or while it is parked between
  * slices (the machine's lock): no locking here.
@@ -18,44 +32,69 @@
 
 typedef struct { uint64_t pc; uint16_t icount; uint16_t size; } uc_tb;
 
-typedef struct { uint64_t key; uint32_t size; uint32_t pad; uint64_t count; uint64_t succ; } ucb_block_t;
-/* succ: the successor recorded last from this block (skips the edge set when a block
- * keeps going to the same place, as in every loop iteration) */
-typedef struct { uint64_t src; uint64_t dst; } ucb_edge_t;  /* src = block start + 1 */
+typedef struct {
+    uint64_t key;        /* block start + 1 (0: free slot) */
+    uint32_t size;
+    uint32_t pad;
+    uint64_t count;      /* entries */
+    uint64_t succ;       /* key of the successor counted last from this block (0: none) */
+    uint64_t succ_edge;  /* index of that edge's entry (valid while succ != 0) */
+} ucb_block_t;
+
+/* edges: (src block key, dst block key) -> count; cuts: (block key, pc + 1) -> count */
+typedef struct { uint64_t src; uint64_t dst; uint64_t count; } ucb_pair_t;
+
+typedef struct {
+    ucb_pair_t *slots; uint64_t mask; uint64_t used;
+} ucb_pairs_t;
 
 typedef struct {
     ucb_block_t *blocks; uint64_t bmask; uint64_t bused;
-    ucb_edge_t *edges; uint64_t emask; uint64_t eused;
-    uint64_t last;       /* start + 1 of the block executed last; 0 = none */
+    ucb_pairs_t edges;
+    ucb_pairs_t cuts;
+    uint64_t last;           /* key of the block entered last; 0 = none */
     ucb_block_t *last_slot;  /* its entry (NULL after the table grew) */
     uint32_t edges_on;
-    uint32_t oom;        /* an allocation failed: some entries are missing */
+    uint32_t oom;            /* an allocation failed: some entries are missing */
 } ucb_table_t;
 
 static inline uint64_t mix(uint64_t x) {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; return x;
 }
 
+static int pairs_init(ucb_pairs_t *p) {
+    p->mask = 1023; p->used = 0;
+    p->slots = calloc(p->mask + 1, sizeof *p->slots);
+    return p->slots != NULL;
+}
+
 ucb_table_t *ucb_new(void) {
     ucb_table_t *t = calloc(1, sizeof *t);
     if (!t) return NULL;
-    t->bmask = 1023; t->emask = 1023;
+    t->bmask = 1023;
     t->blocks = calloc(t->bmask + 1, sizeof *t->blocks);
-    t->edges = calloc(t->emask + 1, sizeof *t->edges);
-    if (!t->blocks || !t->edges) { free(t->blocks); free(t->edges); free(t); return NULL; }
+    int ok = t->blocks != NULL;
+    ok = pairs_init(&t->edges) && ok;
+    ok = pairs_init(&t->cuts) && ok;
+    if (!ok) {
+        free(t->blocks); free(t->edges.slots); free(t->cuts.slots); free(t);
+        return NULL;
+    }
     t->edges_on = 1;
     return t;
 }
 
 void ucb_free(ucb_table_t *t) {
     if (!t) return;
-    free(t->blocks); free(t->edges); free(t);
+    free(t->blocks); free(t->edges.slots); free(t->cuts.slots); free(t);
 }
 
 void ucb_clear(ucb_table_t *t) {
     memset(t->blocks, 0, (t->bmask + 1) * sizeof *t->blocks);
-    memset(t->edges, 0, (t->emask + 1) * sizeof *t->edges);
-    t->bused = t->eused = 0; t->last = 0; t->last_slot = NULL; t->oom = 0;
+    memset(t->edges.slots, 0, (t->edges.mask + 1) * sizeof *t->edges.slots);
+    memset(t->cuts.slots, 0, (t->cuts.mask + 1) * sizeof *t->cuts.slots);
+    t->bused = t->edges.used = t->cuts.used = 0;
+    t->last = 0; t->last_slot = NULL; t->oom = 0;
 }
 
 void ucb_forget_last(ucb_table_t *t) { t->last = 0; t->last_slot = NULL; }
@@ -67,7 +106,7 @@ static ucb_block_t *bslot(ucb_block_t *tab, uint64_t mask, uint64_t key) {
     return &tab[i];
 }
 
-static ucb_edge_t *eslot(ucb_edge_t *tab, uint64_t mask, uint64_t src, uint64_t dst) {
+static ucb_pair_t *pslot(ucb_pair_t *tab, uint64_t mask, uint64_t src, uint64_t dst) {
     uint64_t i = mix(src * 31 + dst) & mask;
     while (tab[i].src && (tab[i].src != src || tab[i].dst != dst)) i = (i + 1) & mask;
     return &tab[i];
@@ -83,13 +122,13 @@ static int bgrow(ucb_table_t *t) {
     return 1;
 }
 
-static int egrow(ucb_table_t *t) {
-    uint64_t nmask = t->emask * 2 + 1;
-    ucb_edge_t *n = calloc(nmask + 1, sizeof *n);
+static int pgrow(ucb_pairs_t *p) {
+    uint64_t nmask = p->mask * 2 + 1;
+    ucb_pair_t *n = calloc(nmask + 1, sizeof *n);
     if (!n) return 0;
-    for (uint64_t i = 0; i <= t->emask; i++)
-        if (t->edges[i].src) *eslot(n, nmask, t->edges[i].src, t->edges[i].dst) = t->edges[i];
-    free(t->edges); t->edges = n; t->emask = nmask;
+    for (uint64_t i = 0; i <= p->mask; i++)
+        if (p->slots[i].src) *pslot(n, nmask, p->slots[i].src, p->slots[i].dst) = p->slots[i];
+    free(p->slots); p->slots = n; p->mask = nmask;
     return 1;
 }
 
@@ -104,50 +143,94 @@ static inline ucb_block_t *add_block(ucb_table_t *t, uint64_t key, uint32_t size
         if (!bgrow(t)) { t->oom = 1; return NULL; }
         b = bslot(t->blocks, t->bmask, key);
     }
-    b->key = key; b->size = size; b->count = inc; b->succ = 0; t->bused++;
+    b->key = key; b->size = size; b->count = inc; b->succ = 0; b->succ_edge = 0; t->bused++;
     return b;
 }
 
-static inline void add_edge(ucb_table_t *t, uint64_t src, uint64_t dst) {
-    ucb_edge_t *e = eslot(t->edges, t->emask, src, dst);
-    if (__builtin_expect(e->src == src, 1)) return;
-    if ((t->eused + 1) * 4 > (t->emask + 1) * 3) {
-        if (!egrow(t)) { t->oom = 1; return; }
-        e = eslot(t->edges, t->emask, src, dst);
+/* the entry for (src, dst), created with count 0; NULL when out of memory */
+static ucb_pair_t *add_pair(ucb_table_t *t, ucb_pairs_t *p, uint64_t src, uint64_t dst, int *grew) {
+    ucb_pair_t *e = pslot(p->slots, p->mask, src, dst);
+    if (__builtin_expect(e->src == src, 1)) return e;
+    if ((p->used + 1) * 4 > (p->mask + 1) * 3) {
+        if (!pgrow(p)) { t->oom = 1; return NULL; }
+        *grew = 1;
+        e = pslot(p->slots, p->mask, src, dst);
     }
-    e->src = src; e->dst = dst; t->eused++;
+    e->src = src; e->dst = dst; e->count = 0; p->used++;
+    return e;
+}
+
+/* count one transition src -> dst; `from` is src's block entry when known (its cache) */
+static inline void count_edge(ucb_table_t *t, ucb_block_t *from, uint64_t src, uint64_t dst) {
+    if (from && from->succ == dst) {
+        t->edges.slots[from->succ_edge].count++;
+        return;
+    }
+    int grew = 0;
+    ucb_pair_t *e = add_pair(t, &t->edges, src, dst, &grew);
+    if (!e) return;
+    e->count++;
+    if (grew) {  /* every cached edge index moved */
+        for (uint64_t i = 0; i <= t->bmask; i++) t->blocks[i].succ = 0;
+    }
+    if (from) { from->succ = dst; from->succ_edge = (uint64_t)(e - t->edges.slots); }
 }
 
 /* uc_cb_hookcode_t */
 void ucb_block(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    (void)uc;
     ucb_table_t *t = user_data;
     uint64_t key = address + 1;
     ucb_block_t *prev = t->last_slot;
     ucb_block_t *b = add_block(t, key, size, 1);
     if (t->edges_on && t->last) {
         if (t->last_slot != prev) prev = NULL;  /* the table grew: stale pointer */
-        if (!prev || prev->succ != key) {
-            add_edge(t, t->last, key);
-            if (prev) prev->succ = key;
-        }
+        count_edge(t, prev, t->last, key);
     }
     t->last = key;
     t->last_slot = b;
 }
 
+/* after every slice: the machine stopped at pc, which has not run (see the top) */
+void ucb_stop(ucb_table_t *t, uint64_t pc) {
+    uint64_t last = t->last;
+    t->last = 0;
+    t->last_slot = NULL;
+    if (!last) return;
+    ucb_block_t *b = bslot(t->blocks, t->bmask, last);
+    if (b->key != last) return;  /* lost to an allocation failure */
+    uint64_t start = last - 1;
+    if (pc >= start && pc < start + b->size) {
+        int grew = 0;
+        ucb_pair_t *c = add_pair(t, &t->cuts, last, pc + 1, &grew);
+        if (c) c->count++;
+    } else if (t->edges_on) {
+        count_edge(t, NULL, last, pc + 1);
+    }
+}
+
 /* uc_hook_edge_gen_t */
 void ucb_edge(void *uc, uc_tb *cur, uc_tb *prev, void *user_data) {
+    (void)uc;
     ucb_table_t *t = user_data;
     add_block(t, cur->pc + 1, cur->size, 0);
     if (prev && prev->size) {
         add_block(t, prev->pc + 1, prev->size, 0);
-        if (t->edges_on) add_edge(t, prev->pc + 1, cur->pc + 1);
+        if (t->edges_on) {
+            int grew = 0;
+            ucb_pair_t *e = add_pair(t, &t->edges, prev->pc + 1, cur->pc + 1, &grew);
+            if (e && grew) {
+                for (uint64_t i = 0; i <= t->bmask; i++) t->blocks[i].succ = 0;
+            }
+        }
     }
 }
 
-/* Copy out: blocks as (start, size, count) triples, edges as (src, dst) pairs. */
+/* Copy out: blocks as (start, size, count), edges as (src, dst, count), cuts as
+ * (block start, pc, count) triples. */
 uint64_t ucb_nblocks(ucb_table_t *t) { return t->bused; }
-uint64_t ucb_nedges(ucb_table_t *t) { return t->eused; }
+uint64_t ucb_nedges(ucb_table_t *t) { return t->edges.used; }
+uint64_t ucb_ncuts(ucb_table_t *t) { return t->cuts.used; }
 uint32_t ucb_oom(ucb_table_t *t) { return t->oom; }
 
 uint64_t ucb_dump_blocks(ucb_table_t *t, uint64_t *out, uint64_t max) {
@@ -162,13 +245,22 @@ uint64_t ucb_dump_blocks(ucb_table_t *t, uint64_t *out, uint64_t max) {
     return n;
 }
 
-uint64_t ucb_dump_edges(ucb_table_t *t, uint64_t *out, uint64_t max) {
+static uint64_t dump_pairs(const ucb_pairs_t *p, uint64_t *out, uint64_t max) {
     uint64_t n = 0;
-    for (uint64_t i = 0; i <= t->emask && n < max; i++) {
-        if (!t->edges[i].src) continue;
-        out[2 * n] = t->edges[i].src - 1;
-        out[2 * n + 1] = t->edges[i].dst - 1;
+    for (uint64_t i = 0; i <= p->mask && n < max; i++) {
+        if (!p->slots[i].src) continue;
+        out[3 * n] = p->slots[i].src - 1;
+        out[3 * n + 1] = p->slots[i].dst - 1;
+        out[3 * n + 2] = p->slots[i].count;
         n++;
     }
     return n;
+}
+
+uint64_t ucb_dump_edges(ucb_table_t *t, uint64_t *out, uint64_t max) {
+    return dump_pairs(&t->edges, out, max);
+}
+
+uint64_t ucb_dump_cuts(ucb_table_t *t, uint64_t *out, uint64_t max) {
+    return dump_pairs(&t->cuts, out, max);
 }
