@@ -27,9 +27,10 @@ APPROXIMATIONS = """\
 How executed code maps to source (MachineServer coverage):
 - Counts are execution counts. The emulator reports executed blocks (start, size,
   count); an address's count is the sum of the counts of the blocks holding it: how
-  often the instruction there ran. The same program gives the same counts on the unicorn
-  and qemu backends. A machine halted at an instruction (a breakpoint, the semihosting
-  trap of the program's exit) has not executed it.
+  often the instruction there ran. A program that runs the same way on the unicorn and
+  qemu backends gets the same counts on both (one that waits for interrupts may not run
+  the same way). A machine halted at an instruction (a breakpoint, the semihosting trap
+  of the program's exit) has not executed it.
 - A line's count is the largest count of the addresses the DWARF line table gives it
   (e.g. a for loop's condition: 11 for 10 iterations); hit when any of them ran.
 - A function is hit when its entry address ran; its count is that address's count.

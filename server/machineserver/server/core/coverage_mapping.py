@@ -7,8 +7,10 @@ Execution counts. A block ``start -> (size, count)`` says the instructions in
 the sum of the counts of the blocks that hold it**: the number of times the instruction
 there ran. Both backends report blocks for which that is exact (see "When counts are
 not exact"), whatever their block boundaries are (QEMU and Unicorn translate different
-blocks for the same code), so the same program gives the same counts on both. A count
-of 0 means "executed, count unknown" (a first-hit collector) and counts as 1.
+blocks for the same code), so the same execution gives the same counts on both (a
+program whose path depends on when interrupts arrive, e.g. a busy wait for a timer
+tick, may itself run differently on each). A count of 0 means "executed, count
+unknown" (a first-hit collector) and counts as 1.
 
 A machine halted at an address has *not* executed the instruction there: a breakpoint's
 instruction, or the semihosting trap of a program's exit (both backends stop before it).
