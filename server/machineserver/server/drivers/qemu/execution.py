@@ -218,7 +218,7 @@ class Executor:
         if reply.exited:
             return await self.target.process.ended(self.decoder.ended(reply, self.target.last_pc))
         if reply.watch is not None and self.points.watchpoints:
-            outcome = await self.decoder.watchpoint(reply, self._single)
+            outcome = await self.decoder.watchpoint(reply, self._unstoppable_single)
             return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
         pc = await self.target.read_pc()
         if reply.signal == SIGTRAP and pc in self.traps and pc not in self.points.breakpoints:
@@ -267,12 +267,15 @@ class Executor:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await helper
 
-    async def _single(self) -> StopReply:
+    async def _single(self, *, stoppable: bool = True) -> StopReply:
         """One gdbstub single step. A step that does not finish (a ``wfi`` with nothing
-        to wake it) is interrupted: HALT."""
+        to wake it) is interrupted: HALT; either way its stop reply is collected (the
+        gdbstub takes no other request while it is owed). ``stoppable``: a stop request
+        interrupts the step too; not so for the step that completes a watched access
+        (stopped before the access, it would be reported again on the next resume)."""
         stub = self.target.stub()
         await stub.send_continue(b"s")
-        self._in_flight, self._interrupt_sent = True, False
+        self._in_flight, self._interrupt_sent = stoppable, False
         self._interrupt_sent_event.clear()
         self.target.clock.started()
         try:
@@ -281,11 +284,15 @@ class Executor:
             try:
                 return await stub.wait_stop(STEP_TIMEOUT)
             except RspTimeout:
+                self._in_flight = True
                 self._interrupt()
                 return await stub.wait_stop(STOP_TIMEOUT)
         finally:
             self._in_flight = False
             self.target.clock.stopped()
+
+    async def _unstoppable_single(self) -> StopReply:
+        return await self._single(stoppable=False)
 
     async def _counted(self, remaining: int) -> tuple[StopReply, int]:
         """One counted continue toward ``remaining`` instructions: the stop reply and how

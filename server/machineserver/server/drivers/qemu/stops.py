@@ -50,11 +50,11 @@ class StopDecoder:
         breakpoint: after the access, with the new value. Returns the step's reply instead
         when the step ended the program.
 
-        ``step`` is the executor's single step, which answers a stop request and collects
-        the stop reply of a step that does not finish (^C): the gdbstub takes the
-        requests that put things back only once no stop reply is owed. When the step
-        failed with the reply still owed (a stuck or lost QEMU) nothing is put back: its
-        error goes on to the boundary."""
+        ``step`` is the executor's single step (one a stop request does not cut short),
+        which interrupts a step that does not finish and collects its stop reply: the
+        gdbstub takes the requests that put things back only once no stop reply is owed.
+        When the step failed with the reply still owed (a stuck or lost QEMU) nothing is
+        put back: its error goes on to the boundary."""
         assert reply.watch is not None
         access, address = reply.watch
         stub = self.target.stub()
