@@ -237,6 +237,34 @@ async def test_coverage_survives_breakpoints_and_pause(client: AsyncClient, back
     check_expected(await json_report(client, report.name))
 
 
+async def test_halted_right_after_a_branch(client: AsyncClient, backend: str) -> None:
+    """Halted at the first instruction after a branch (a breakpoint on the then-line,
+    then on the loop body): that instruction has not run, but the branch has, and its
+    outcome counts on the side it went, live and in a report stored while halted."""
+
+    async def halt_at(line: int) -> tuple[dict[int, int], dict[int, tuple[int | None, int | None]]]:
+        bp = (await client.debug.set_breakpoint(name=name, location={"file_line": f"coverage.c:{line}"})).breakpoint
+        stop = (await client.debug.continue_(name=name, wait=True, timeout=60)).stop
+        assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.pc == bp.address
+        await client.debug.clear_breakpoint(name=name, id=bp.id)
+        return counts(file_of(await json_report(client, name)))
+
+    def counts(f: dict) -> tuple[dict[int, int], dict[int, tuple[int | None, int | None]]]:  # type: ignore[type-arg]
+        return ({ln["line"]: ln["count"] for ln in f["lines"]},
+                {b["line"]: (b["taken"], b["not_taken"]) for b in f["branches"]})
+
+    name = await covered_session(client, backend)
+    lines, branches = await halt_at(37)  # the then-line: `beq else` ran, not taken
+    assert (lines[36], lines[37]) == (1, 0)
+    assert branches == {IF_LINE: (0, 1), LOOP_LINE: (None, None)}
+    lines, branches = await halt_at(43)  # the loop body: the condition ran once, taken
+    assert (lines[42], lines[43]) == (1, 0) and branches[LOOP_LINE] == (1, 0)
+    lines, branches = await halt_at(43)  # again: the body ran once, the branch twice
+    assert (lines[42], lines[43]) == (2, 1) and branches[LOOP_LINE] == (2, 0)
+    report = (await client.coverage.stop_coverage(name=name)).report  # stored while halted
+    assert counts(file_of(await json_report(client, report.name)))[1] == {IF_LINE: (0, 1), LOOP_LINE: (2, 0)}
+
+
 async def test_reset_forgets_what_was_collected(client: AsyncClient, backend: str) -> None:
     name = await covered_session(client, backend)
     await run_to_exit(client, name)

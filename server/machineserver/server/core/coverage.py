@@ -36,9 +36,12 @@ from machineserver.server.core.sessions import LiveSession, SessionManager, driv
 from machineserver.server.drivers.base import (
     Arch,
     Blocks,
+    DriverError,
     Edges,
     Feature,
+    Machine,
     MachineState,
+    RegisterAccess,
     merge_blocks,
     merge_edges,
 )
@@ -59,6 +62,8 @@ class CoverageReportRecord:
     sessions: list[str] = field(default_factory=list)  # session ids
     blocks: list[list[int]] = field(default_factory=list)  # [start, size, count]
     edges: list[list[int]] | None = None  # [from, to, count] when the driver had them
+    # where each machine stood halted when its blocks were read (not executed yet)
+    halted_at: list[int] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)  # Counts as a dict
     owner: str = ""
     create_time: float = field(default_factory=now)
@@ -85,24 +90,32 @@ def blocks_from_list(rows: Iterable[Iterable[int]]) -> Blocks:
 
 
 @dataclass
+class Collection:
+    """What was collected: blocks, edges (None: the backend has none) and the addresses
+    the machines stood halted at (see ``coverage_mapping.compute``)."""
+
+    blocks: Blocks = field(default_factory=dict)
+    edges: Edges | None = None
+    halted_at: list[int] = field(default_factory=list)
+
+
+@dataclass
 class SessionCoverage:
     """Coverage state of one live session."""
 
     collecting: bool = False
     program: str = ""  # program id when collection started
-    last_blocks: Blocks | None = None  # what the last StopCoverage stored
-    last_edges: Edges | None = None
+    last: Collection | None = None  # what the last StopCoverage stored
 
 
 @dataclass
 class Source:
-    """Blocks from a session or a stored report, and whose they are."""
+    """What a session or a stored report collected, and whose it is."""
 
     name: str
     program: str
     sessions: list[str]
-    blocks: Blocks
-    edges: Edges | None
+    collection: Collection
 
 
 class CoverageManager:
@@ -172,13 +185,27 @@ class CoverageManager:
             )
         return st
 
-    async def _collect(self, live: LiveSession) -> tuple[Blocks, Edges | None]:
+    async def _collect(self, live: LiveSession) -> Collection:
         machine = live.require_machine("read coverage")
         with driver_errors(live):
             part = machine.capability(CoverageCapability)
             blocks: Blocks = dict(await part.coverage_blocks())
             edges = await part.coverage_edges()
-        return blocks, None if edges is None else dict(edges)
+        return Collection(blocks, None if edges is None else dict(edges), await self._halted_at(machine))
+
+    @staticmethod
+    async def _halted_at(machine: Machine) -> list[int]:
+        """Where a stopped machine stands: the instruction there has not run, but the
+        transfer to it has happened. Nothing while it runs (or if it started meanwhile)."""
+        if machine.state not in (MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED):
+            return []
+        if not machine.has(RegisterAccess):
+            return []
+        try:
+            pc = (await machine.capability(RegisterAccess).read_registers(["pc"]))["pc"]
+        except DriverError:
+            return []
+        return [pc & ~1]
 
     async def stop(self, live: LiveSession, owner: str = "") -> CoverageReportRecord:
         st = self._started(live, "stop coverage")
@@ -186,11 +213,11 @@ class CoverageManager:
             machine = live.require_machine("stop coverage")
             with driver_errors(live):
                 await machine.capability(CoverageCapability).coverage_stop()
-            blocks, edges = await self._collect(live)
+            collected = await self._collect(live)
         st.collecting = False
-        st.last_blocks, st.last_edges = blocks, edges
+        st.last = collected
         program = st.program or live.record.program
-        return self._store(program, [live.id], blocks, edges, owner, live.board.arch)
+        return self._store(program, [live.id], collected, owner, live.board.arch)
 
     async def reset(self, live: LiveSession) -> None:
         st = self._state.get(live.id)
@@ -204,16 +231,16 @@ class CoverageManager:
                 machine = live.require_machine("reset coverage")
                 with driver_errors(live):
                     await machine.capability(CoverageCapability).coverage_reset()
-        st.last_blocks = {} if st.last_blocks is not None else None
-        st.last_edges = None
+        if st.last is not None:
+            st.last = Collection()
 
     # ------------------------------------------------------------------ reports
 
     def _store(
-        self, program: str, sessions: list[str], blocks: Blocks, edges: Edges | None, owner: str,
-        arch: Arch | None,
+        self, program: str, sessions: list[str], collected: Collection, owner: str, arch: Arch | None,
     ) -> CoverageReportRecord:
-        files = compute(self._analysis_for(program, arch), blocks, edges)
+        edges = collected.edges
+        files = compute(self._analysis_for(program, arch), collected.blocks, edges, collected.halted_at)
         totals = Counts()
         for f in files:
             totals = totals + f.counts
@@ -221,13 +248,14 @@ class CoverageManager:
             id="cov-" + secrets.token_hex(6),
             program=program,
             sessions=sessions,
-            blocks=blocks_to_list(blocks),
+            blocks=blocks_to_list(collected.blocks),
             edges=None if edges is None else [[a, b, c] for (a, b), c in sorted(edges.items())],
+            halted_at=sorted(collected.halted_at),
             totals=totals.to_dict(),
             owner=owner,
         )
         self._db.put(TABLE, record_row(rec, program=program))
-        log.info("coverage_report_stored", report=rec.id, program=program, blocks=len(blocks))
+        log.info("coverage_report_stored", report=rec.id, program=program, blocks=len(collected.blocks))
         return rec
 
     def get(self, name: str, field_name: str = "name") -> CoverageReportRecord:
@@ -260,20 +288,19 @@ class CoverageManager:
             if st is None:
                 raise FailedPrecondition(f"no coverage collected in session {live.id}; start coverage first")
             if st.collecting and live.machine is not None and live.state is not MachineState.OFF:
-                blocks, edges = await self._collect(live)
-            elif st.last_blocks is not None:
-                blocks, edges = st.last_blocks, st.last_edges
+                collected = await self._collect(live)
+            elif st.last is not None:
+                collected = st.last
             else:
                 raise FailedPrecondition(
                     f"no coverage collected in session {live.id}: its machine was powered off"
                 )
-            return Source(name, st.program or live.record.program, [live.id], blocks, edges), live.board.arch
+            return Source(name, st.program or live.record.program, [live.id], collected), live.board.arch
         if name.startswith(COLLECTION + "/") or "/" not in name:
             rec = self.get(name, field_name)
             edges = None if rec.edges is None else merge_edges({}, {(a, b): c for a, b, c in rec.edges})
-            return Source(
-                rec.name, rec.program, list(rec.sessions), blocks_from_list(rec.blocks), edges,
-            ), self._arch_of(rec.program)
+            collected = Collection(blocks_from_list(rec.blocks), edges, list(rec.halted_at))
+            return Source(rec.name, rec.program, list(rec.sessions), collected), self._arch_of(rec.program)
         raise InvalidArgument(field_name, f"{name!r} is neither sessions/ID nor {COLLECTION}/ID")
 
     def _arch_of(self, program_id: str) -> Arch | None:
@@ -290,7 +317,8 @@ class CoverageManager:
         src, arch = await self.source(name, field_name)
         if not src.program:
             raise FailedPrecondition(f"{name}: no program to map the coverage onto")
-        files = compute(self._analysis_for(src.program, arch, field_name), src.blocks, src.edges)
+        got = src.collection
+        files = compute(self._analysis_for(src.program, arch, field_name), got.blocks, got.edges, got.halted_at)
         return CoverageResult(src.program, src.sessions, files, name=src.name)
 
     async def merge(self, names: builtins.list[str], owner: str = "") -> CoverageReportRecord:
@@ -310,11 +338,12 @@ class CoverageManager:
                     f"{src.name} covers program {src.program}, {first.name} covers {first.program}; "
                     "only reports of the same program merge"
                 )
-        blocks: Blocks = {}
-        edges: Edges | None = {}
+        merged = Collection(edges={})
         sessions: builtins.list[str] = []
         for src in sources:
-            merge_blocks(blocks, src.blocks)
-            edges = None if src.edges is None or edges is None else merge_edges(edges, src.edges)
+            got = src.collection
+            merge_blocks(merged.blocks, got.blocks)
+            merged.edges = None if got.edges is None or merged.edges is None else merge_edges(merged.edges, got.edges)
+            merged.halted_at.extend(got.halted_at)
             sessions.extend(s for s in src.sessions if s not in sessions)
-        return self._store(first.program, sessions, blocks, edges, owner, arch)
+        return self._store(first.program, sessions, merged, owner, arch)

@@ -14,6 +14,9 @@ unknown" (a first-hit collector) and counts as 1.
 
 A machine halted at an address has *not* executed the instruction there: a breakpoint's
 instruction, or the semihosting trap of a program's exit (both backends stop before it).
+The transfer that brought it there *has* happened, though: a branch right before the
+halt has run and gone one way. The core reads where each machine stands when it reads
+its blocks (``halted_at``), and counts that arrival when it derives branch outcomes.
 
 * **Lines**: every ``is_stmt`` row of the line table is one address of a line (see
   :mod:`.coverage_analysis`); a row's count is its address's count: the executions of
@@ -49,9 +52,8 @@ When counts are not exact (documented in the exports' README too):
   point count once more: a guest fault in the middle of a block (an unmapped access a
   fault handler deals with), a watchpoint hit, and an MMIO access in the middle of a
   block under ``icount`` (QEMU re-runs the access as a block of its own).
-* QEMU, while halted: the branch whose outcome led to the instruction the machine is
-  halted at has not been counted on that side yet (derived counts may be one off until
-  it runs). Unicorn counts the transfer when it happens.
+* Read while the machine runs, counts are a moment's (the blocks are read one after
+  the other, the halt address is unknown: a derived outcome may be one off).
 * Unicorn: see ``drivers/unicorn/collector.py`` (an asynchronous slice end at the first,
   not yet chained, jump of a block into its own range).
 * First-hit collection (count 0): counts are 1, "executed at least once"; its edges are
@@ -61,7 +63,7 @@ When counts are not exact (documented in the exports' README too):
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -193,9 +195,11 @@ def address_counts(points: list[int], blocks: Blocks) -> dict[int, int]:
     return dict(zip(points, counts, strict=True))
 
 
-def compute(analysis: ProgramAnalysis, blocks: Blocks, edges: Edges | None = None) -> list[FileResult]:
+def compute(analysis: ProgramAnalysis, blocks: Blocks, edges: Edges | None = None,
+            halted_at: Sequence[int] = ()) -> list[FileResult]:
     """Map executed blocks (and edges, when the backend has them) onto the program's
-    lines, functions and branches (see the module docstring)."""
+    lines, functions and branches (see the module docstring). ``halted_at``: the
+    addresses the machines that ran them stood halted at (one per machine)."""
     count_of = address_counts(analysis.points, blocks)
     files: dict[str, FileResult] = {p: FileResult(p, dict.fromkeys(sorted(lines), 0)) for p, lines in analysis.lines.items()}
     for entry in analysis.entries:
@@ -207,7 +211,11 @@ def compute(analysis: ProgramAnalysis, blocks: Blocks, edges: Edges | None = Non
         outcomes = _outcomes_from_edges(analysis.branches, count_of, edges)
     else:
         exact = all(count > 0 for _, count in blocks.values())
-        outcomes = _outcomes_from_counts(analysis.branches, count_of, blocks, exact)
+        arrived = dict(count_of)  # transfers into each address: its runs, plus a halt there
+        for address in halted_at:
+            if address in arrived:
+                arrived[address] += 1
+        outcomes = _outcomes_from_counts(analysis.branches, count_of, arrived, blocks, exact)
     for site, (taken, not_taken) in zip(analysis.branches, outcomes, strict=True):
         files[site.file].branches.append(
             BranchResult(site.line, site.address, site.target, site.fallthrough, taken, not_taken))
@@ -230,9 +238,10 @@ def _outcomes_from_edges(sites: list[BranchSite], count_of: Mapping[int, int], e
     return out
 
 
-def _outcomes_from_counts(sites: list[BranchSite], count_of: Mapping[int, int], blocks: Blocks,
-                          exact: bool) -> list[Outcome]:
-    """Taken/not-taken from execution counts and the control flow (module docstring)."""
+def _outcomes_from_counts(sites: list[BranchSite], count_of: Mapping[int, int], arrived: Mapping[int, int],
+                          blocks: Blocks, exact: bool) -> list[Outcome]:
+    """Taken/not-taken from execution counts and the control flow (module docstring):
+    ``count_of`` how often each address ran, ``arrived`` how often control got there."""
     runs = [count_of[s.address] for s in sites]
     taken: list[int | None] = [None] * len(sites)
     not_taken: list[int | None] = [None] * len(sites)
@@ -240,7 +249,7 @@ def _outcomes_from_counts(sites: list[BranchSite], count_of: Mapping[int, int], 
     if exact:
         for i, site in enumerate(sites):
             if runs[i] and site.fallthrough_only:
-                not_taken[i] = min(count_of[site.fallthrough], runs[i])
+                not_taken[i] = min(arrived[site.fallthrough], runs[i])
         changed = True
         while changed:
             changed = False
@@ -248,7 +257,7 @@ def _outcomes_from_counts(sites: list[BranchSite], count_of: Mapping[int, int], 
                 if not runs[i]:
                     continue
                 if taken[i] is None and (inflow := _inflow(site, count_of, index, not_taken)) is not None:
-                    taken[i] = max(0, min(count_of[site.target] - inflow, runs[i]))
+                    taken[i] = max(0, min(arrived[site.target] - inflow, runs[i]))
                     changed = True
                 known_taken, known_not_taken = taken[i], not_taken[i]
                 if known_taken is None and known_not_taken is not None:
