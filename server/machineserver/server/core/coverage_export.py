@@ -45,8 +45,7 @@ How executed code maps to source (MachineServer coverage):
   starting at it, capped at the branch's count: entries from elsewhere count too.
 - Not exact on qemu: a block left in its middle (a guest fault, a watchpoint hit, an
   MMIO access under icount) counts as run whole, so the instructions after that point
-  count once more; while halted, the branch that led to the halt address may be one
-  short on the side it took.
+  count once more. Read while the machine runs, counts are a moment's.
 - A backend that records first hits only reports counts of 1.
 - Percentages of nothing (0 of 0: a file without functions or branches) read 100 in
   numbers (JSON, summaries, Cobertura rate 1) and "-" in text, as genhtml shows them.
