@@ -43,9 +43,10 @@ How executed code maps to source (MachineServer coverage):
   (a target other jumps share and a fall-through that is a jump target too, a target
   right after a call, a function with a jump table), each is the count of the blocks
   starting at it, capped at the branch's count: entries from elsewhere count too.
-- Not exact on qemu: a block left in its middle (a guest fault, a watchpoint hit, an
-  MMIO access under icount) counts as run whole, so the instructions after that point
-  count once more. Read while the machine runs, counts are a moment's.
+- Not exact on qemu: a block left in its middle (a watchpoint hit, a guest fault that a
+  handler deals with, an MMIO access under icount) counts as run whole and its rest runs
+  again, so the instructions from that point to the block's end count once more each
+  time. Read while the machine runs, counts are a moment's.
 - A backend that records first hits only reports counts of 1.
 - Percentages of nothing (0 of 0: a file without functions or branches) read 100 in
   numbers (JSON, summaries, Cobertura rate 1) and "-" in text, as genhtml shows them.

@@ -48,10 +48,12 @@ its blocks (``halted_at``), and counts that arrival when it derives branch outco
 
 When counts are not exact (documented in the exports' README too):
 
-* QEMU: a block left in its middle counts as run whole, so the instructions after that
-  point count once more: a guest fault in the middle of a block (an unmapped access a
-  fault handler deals with), a watchpoint hit, and an MMIO access in the middle of a
-  block under ``icount`` (QEMU re-runs the access as a block of its own).
+* QEMU: a block left in its middle counts as run whole, and QEMU runs the rest again as
+  a block of its own, so the instructions from that point to the block's end count once
+  more each time: a watchpoint hit (measured: the accessing instruction and the rest of
+  its block, per hit; Unicorn is exact there), a guest fault in the middle of a block
+  that a fault handler deals with, and an MMIO access in the middle of a block under
+  ``icount``.
 * Read while the machine runs, counts are a moment's (the blocks are read one after
   the other, the halt address is unknown: a derived outcome may be one off).
 * Unicorn: see ``drivers/unicorn/collector.py`` (an asynchronous slice end at the first,

@@ -12,7 +12,8 @@ into ``Blocks`` whose per-address counts are the exact sums (``merge_blocks``).
 
 The inline add sits after the block's exit-request check, so a block that QEMU leaves
 before it runs (a pause, a hold of the plugin's gate) is not counted; a block left in its
-middle (a guest fault, a watchpoint hit, an MMIO access under icount) is counted whole."""
+middle (a watchpoint hit, a guest fault, an MMIO access under icount) is counted whole,
+and QEMU runs its rest again as a new block: those instructions count once more."""
 
 from __future__ import annotations
 
