@@ -24,6 +24,7 @@ from machineserver.server.drivers.base import (
     MachineOptions,
     MachineState,
     StopReason,
+    WatchKind,
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
 from machineserver.server.drivers.unicorn.collector import split_at_cuts
@@ -186,6 +187,29 @@ async def test_counts_are_exact_across_breakpoints_inside_a_block(board_name):
     await p.bp.clear_breakpoint(three)
     await p.run.run()
     assert (await rec.wait_stop(14)).reason == StopReason.EXIT
+    assert per_address(path, await p.cov.coverage_blocks()) == expected
+    assert await p.cov.coverage_edges() == expected_edges
+    await m.power_off()
+
+
+@pytest.mark.parametrize("board_name", BOARDS)
+async def test_counts_are_exact_across_watchpoint_hits(board_name):
+    """A watchpoint stops at the accessing instruction, in the middle of a block, and
+    the driver completes the access in a one-instruction slice: every write to ``sink``
+    (startup's zeroing, then main's) stops, and the counts are one run's."""
+    path = fw(board_name, "coverage")
+    expected, expected_edges = await reference(board_name, "coverage")
+    with path.open("rb") as f:
+        sink = int(ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("sink")[0]["st_value"])
+    m, p, rec = await start(board_name)
+    await p.cov.coverage_start()
+    await p.wp.set_watchpoint(sink, 4, WatchKind.WRITE)
+    for n in range(1, 20):
+        await p.run.run()
+        if (await rec.wait_stop(n)).reason == StopReason.EXIT:
+            break
+        assert rec.stops[-1].reason == StopReason.WATCHPOINT
+    assert n == 7  # six writes to sink (the zeroing of .bss, five in main), then the exit
     assert per_address(path, await p.cov.coverage_blocks()) == expected
     assert await p.cov.coverage_edges() == expected_edges
     await m.power_off()
