@@ -25,6 +25,7 @@ from machineserver.server.obs.logging import configure
 from machineserver.server.obs.metrics import ServerMetrics
 from machineserver.server.obs.tracing import TracingHook, tracing_configured
 from machineserver.server.store.lock import DataDirLocked
+from machineserver.server.worker.pool import WorkerPool
 
 log = structlog.get_logger("machineserver")
 
@@ -55,13 +56,26 @@ def _read_tls(cfg: ServerConfig) -> tuple[bytes, bytes] | None:
 
 
 async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = None,
-                hooks: Sequence[CallHook] = ()) -> RunningServer:
+                hooks: Sequence[CallHook] = (), workers: WorkerPool | None = None) -> RunningServer:
     """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0.
     Spans go to ``tracer_provider`` (default: the global one, a no-op unless set up);
-    ``hooks`` run after the built-in ones (tracing, metrics) on every call."""
+    ``hooks`` run after the built-in ones (tracing, metrics) on every call. ``workers``:
+    a worker pool to share (tests); otherwise the server makes its own from
+    ``cfg.workers`` and closes it when it stops."""
     tls = _read_tls(cfg)
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
-    engine = Engine(Path(cfg.data_dir), backends, cfg.limits)
+    own_pool: WorkerPool | None = None
+    if workers is None and cfg.workers != 0:
+        workers = own_pool = WorkerPool(max(0, cfg.workers), backends=cfg.backends)
+    try:
+        engine = Engine(Path(cfg.data_dir), backends, cfg.limits, workers)
+    except BaseException:
+        if own_pool is not None:
+            await own_pool.close()
+        raise
+    engine.own_workers = own_pool is not None
+    if own_pool is not None:
+        own_pool.prewarm()
     await engine.start()
     metrics: ServerMetrics | None = None
     try:

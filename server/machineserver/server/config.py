@@ -31,6 +31,9 @@ class ServerConfig:
     # host:port of the Prometheus /metrics endpoint ("" = off; port 0 picks a free one,
     # RunningServer.metrics_port says which), e.g. "127.0.0.1:9464"
     metrics_listen: str = ""
+    # worker processes that run the emulation: -1 one per core (the default), 0 none (every
+    # machine in the server's own process), N exactly N
+    workers: int = -1
     limits: Limits = field(default_factory=Limits)
 
 
@@ -88,6 +91,8 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--port-file", dest="port_file", help="write the bound port here once serving")
     parser.add_argument("--tls-cert-file", dest="tls_cert_file", help="PEM certificate chain (serve TLS)")
     parser.add_argument("--tls-key-file", dest="tls_key_file", help="PEM private key (serve TLS)")
+    parser.add_argument("--workers", type=int,
+                        help="worker processes for emulation (-1: one per core, the default; 0: in-process)")
     parser.add_argument("--metrics-listen", dest="metrics_listen",
                         help="host:port for Prometheus /metrics (default off; port 0 picks a free one)")
     args = parser.parse_args(argv)

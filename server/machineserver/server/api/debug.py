@@ -140,7 +140,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         context: aio.ServicerContext[pb.StepRequest, pb.StepResponse] | None,
     ) -> pb.StepResponse:
         live = self.engine.sessions.get(request.name)
-        stop = await self.engine.sessions.step(live, request.count)
+        stop = await self.engine.sessions.step(live, request.count, _time_left(context))
         return pb.StepResponse(stop=self._stop(live, stop), state=self._state(live))
 
     async def Continue(
@@ -152,10 +152,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         if not request.wait:
             await self.engine.sessions.run(live)
             return pb.ContinueResponse(state=self._state(live))
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            remaining = max(0.0, remaining - DEADLINE_MARGIN_SECONDS)  # halt, then answer in time
-        stop = await self.engine.sessions.run_until_stop(live, remaining)
+        stop = await self.engine.sessions.run_until_stop(live, _time_left(context))
         return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
 
     async def Halt(
@@ -230,10 +227,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
     ) -> pb.StepLineResponse:
         live = self.engine.sessions.get(request.name)
         mode = convert.enum_value(STEP_MODES, request.mode, "mode")
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            remaining = max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
-        stop = await self.engine.stepper.step_line(live, mode, remaining)
+        stop = await self.engine.stepper.step_line(live, mode, _time_left(context))
         return pb.StepLineResponse(stop=self._stop(live, stop), state=self._state(live))
 
     async def Backtrace(
@@ -381,6 +375,13 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         live = self.engine.sessions.get(request.name)
         await self.engine.sessions.run(live)
         return pb.ContinueResponse(state=self._state(live))
+
+
+def _time_left(context: aio.ServicerContext[Any, Any] | None) -> float | None:
+    """The time a waiting call may use: its deadline less a margin, so the session is
+    halted and the answer (DEADLINE_EXCEEDED saying so) reaches the caller in time."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
 
 
 def _result(tag: int, exc: MachineServerError, request_id: str = "") -> pb.AttachResponse:

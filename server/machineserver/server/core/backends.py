@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from importlib.metadata import entry_points
 
 import structlog
 
 from machineserver.server.core.errors import InvalidArgument, Unavailable
 from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec
+from machineserver.server.drivers.discovery import ENTRY_POINT_GROUP, discover_backends
+from machineserver.server.worker.backend import IsolatedBackend
+from machineserver.server.worker.pool import WorkerPool
 
 log = structlog.get_logger(__name__)
 
-ENTRY_POINT_GROUP = "machineserver.drivers"
+__all__ = ["ENTRY_POINT_GROUP", "BackendRegistry"]
 
 
 class BackendRegistry:
@@ -24,19 +26,11 @@ class BackendRegistry:
 
     @classmethod
     def discover(cls, default: str, enabled: Iterable[str] | None = None) -> BackendRegistry:
-        wanted = set(enabled) if enabled is not None else None
-        found: list[Backend] = []
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if wanted is not None and ep.name not in wanted:
-                continue
-            try:
-                factory = ep.load()
-                backend = factory()
-            except Exception as exc:  # a broken third-party driver must not stop the server
-                log.warning("driver_load_failed", driver=ep.name, error=str(exc))
-                continue
-            found.append(backend)
-        return cls(found, default)
+        return cls(discover_backends(enabled), default)
+
+    def isolated(self, pool: WorkerPool) -> BackendRegistry:
+        """The same backends, their machines running in ``pool``'s worker processes."""
+        return BackendRegistry([IsolatedBackend(b, pool) for b in self._backends.values()], self.default)
 
     def names(self) -> list[str]:
         return sorted(self._backends)

@@ -12,7 +12,6 @@ never stored. Hit counts are not stored: they count since the server started.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
@@ -23,7 +22,6 @@ from machineserver.server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
-    MachineServerError,
     NotFound,
     Unimplemented,
 )
@@ -302,12 +300,14 @@ class Debugger:
     # ------------------------------------------------------------------ registers and memory
 
     async def read_registers(self, live: LiveSession, names: list[str]) -> dict[str, int]:
+        await self.sessions.settled(live)
         machine = live.require_inspectable("read registers")
         live.feature(Feature.REGISTERS)
         with driver_errors(live):
             return await machine.capability(RegisterAccess).read_registers(names or None)
 
     async def write_register(self, live: LiveSession, name: str, value: int) -> int:
+        await self.sessions.settled(live)
         machine = live.require_inspectable("write a register")
         live.feature(Feature.REGISTERS)
         if not name:
@@ -320,12 +320,14 @@ class Debugger:
             return (await registers.read_registers([name]))[name]
 
     async def read_memory(self, live: LiveSession, address: int, size: int) -> bytes:
+        await self.sessions.settled(live)
         memory = self._memory(live, "read memory")
         _check_range(address, size)
         with driver_errors(live):
             return await memory.read_memory(address, size)
 
     async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
+        await self.sessions.settled(live)
         memory = self._memory(live, "write memory")
         _check_range(address, len(data), "data")
         with driver_errors(live):
@@ -540,8 +542,7 @@ class LineStepper:
                 await self.sessions.pause(live, "halted: the step did not end in time")
                 raise
             except asyncio.CancelledError:  # the caller went away: never leave it running
-                with contextlib.suppress(MachineServerError):
-                    await self.sessions.pause(live, "halted: the step's caller went away")
+                await self.sessions.halt_for_gone_caller(live, "halted: the step's caller went away")
                 raise
         finally:
             live.temporary_breakpoints.discard(address)

@@ -18,6 +18,7 @@ from machineserver.server.core.telemetry import Telemetry
 from machineserver.server.store.blobs import BlobStore
 from machineserver.server.store.db import Database
 from machineserver.server.store.lock import DataDirLock
+from machineserver.server.worker.pool import WorkerPool
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,17 @@ class Limits:
 class Engine:
     """Everything below the API layer. Create inside a running event loop."""
 
-    def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits) -> None:
+    def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits,
+                 workers: WorkerPool | None = None) -> None:
         """Takes the data directory's lock first (DataDirLocked when another server holds
-        it), then opens the records and blobs in it."""
+        it), then opens the records and blobs in it. With ``workers``, every backend's
+        machines run in those worker processes (the engine does not close a pool it was
+        given)."""
         self.data_dir = data_dir
+        self.workers = workers
+        self.own_workers = False  # whether close() closes the pool too
+        if workers is not None:
+            backends = backends.isolated(workers)
         self.lock = DataDirLock(data_dir)
         self.lock.acquire()
         try:
@@ -73,5 +81,7 @@ class Engine:
         await self.telemetry.stop()
         await self.sessions.shutdown()
         await self.backends.aclose()
+        if self.workers is not None and self.own_workers:
+            await self.workers.close()
         self.db.close()
         self.lock.release()

@@ -109,6 +109,22 @@ class CreateParams:
     owner: str = ""
 
 
+async def finish_uninterrupted(task: asyncio.Future[Any], timeout: float) -> bool:
+    """Wait (bounded) for ``task`` to end, whatever cancellations reach the waiter meanwhile.
+    For work that must not be cut in half: starting a run, stopping an operation, pausing
+    a machine whose caller went away. Returns whether the waiter was cancelled meanwhile
+    (it must then raise CancelledError itself, once the work is accounted for)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    cancelled = False
+    while not task.done() and loop.time() < deadline:
+        try:
+            await asyncio.wait({task}, timeout=deadline - loop.time())
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
 @contextlib.contextmanager
 def driver_errors(live: LiveSession | None = None) -> Iterator[None]:
     """Translate driver errors into the core's errors (one place for all drivers)."""
@@ -147,7 +163,9 @@ class LiveSession:
         # preempt it (see SessionManager.preempt) instead of waiting for the lock
         self.operation: asyncio.Task[StopInfo] | None = None
         self.preempted_by = ""  # why, when it was preempted
-        self.preempt_halts = False  # whether its caller gets the halt (Pause) or an error (PowerOff)
+        # what its caller gets then: "halt" (Pause: the stop), "deadline" (its own time ran
+        # out: DEADLINE_EXCEEDED) or "gone" (PowerOff, Delete: FAILED_PRECONDITION)
+        self.preempt_outcome = "gone"
         # addresses of breakpoints the core set for itself (stepping over a call): a hit
         # there is reported as the end of a step, not as a breakpoint
         self.temporary_breakpoints: set[int] = set()
@@ -464,6 +482,7 @@ class SessionManager:
                 log.warning("power_off_error", session_id=live.id, error=str(exc))
 
     async def reset(self, live: LiveSession, run_after: bool = False) -> None:
+        await self.settled(live)
         async with live.lock:
             machine = live.require_machine("reset")
             with driver_errors(live):
@@ -507,6 +526,7 @@ class SessionManager:
     # ------------------------------------------------------------------ run control
 
     async def run(self, live: LiveSession) -> None:
+        await self.settled(live)
         async with live.lock:
             machine = live.require_machine("run")
             if live.state is MachineState.RUNNING:
@@ -514,9 +534,13 @@ class SessionManager:
             live.require_halted("run")
             live.feature(Feature.RUN_CONTROL)
             self.set_state(live, MachineState.RUNNING, "running")
+            # a run() is short: a cancelled caller does not cut it in half (the machine would
+            # run with the record saying otherwise); the cancellation goes on after it
+            start = asyncio.ensure_future(machine.capability(drv.RunControl).run())
+            cancelled = await finish_uninterrupted(start, OPERATION_STOP_SECONDS)
             try:
                 with driver_errors(live):
-                    await machine.capability(drv.RunControl).run()
+                    await start
             except BaseException:
                 # read afresh (annotated: mypy would keep the state narrowed from before the await)
                 state: MachineState = live.state
@@ -525,6 +549,8 @@ class SessionManager:
                 raise
             if live.record.max_instructions:
                 live.limit_task = asyncio.create_task(self._watch_limit(live))
+            if cancelled:
+                raise asyncio.CancelledError()
 
     async def pause(self, live: LiveSession, reason: str = "paused") -> StopInfo | None:
         await self.preempt(live, reason, halts=True)
@@ -539,22 +565,32 @@ class SessionManager:
                 self._apply_stop(live, info, reason)
             return live.last_stop
 
-    async def step(self, live: LiveSession, count: int) -> StopInfo:
+    async def step(self, live: LiveSession, count: int, timeout: float | None = None) -> StopInfo:
         """Execute ``count`` instructions. A long step is an operation: its caller going
-        away (cancelled, deadline) stops it, Pause and PowerOff preempt it; either way
-        the machine is left halted (or exited/faulted when that came first)."""
+        away (cancelled) or its ``timeout`` passing stops it, Pause and PowerOff preempt
+        it; either way the machine is left halted (or exited/faulted when that came
+        first) before this returns."""
         if count < 0 or count > 10**9:
             raise InvalidArgument("count", "must be between 1 and 10^9")
+        await self.settled(live)
         async with live.lock:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
             run_control = machine.capability(drv.RunControl)
-            info = await self._operation(live, run_control.step(count or 1), "step")
+            info = await self._operation(live, run_control.step(count or 1), "step", timeout)
             self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
 
+    async def settled(self, live: LiveSession) -> None:
+        """Wait for an operation that is being stopped (its caller went away, or it was
+        preempted) to be stopped: a call that comes right after finds the machine halted,
+        not still stepping. An operation that goes on is not waited for."""
+        op = live.operation
+        if op is not None and not op.done() and (op.cancelling() or live.preempted_by):
+            await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+
     async def _operation(self, live: LiveSession, driver_call: Coroutine[Any, Any, StopInfo],
-                         what: str) -> StopInfo:
+                         what: str, timeout: float | None = None) -> StopInfo:
         """Run a driver call that may take long as a task of its own (``live.operation``);
         the caller holds the session lock. A cancelled caller cancels the call with it
         (drivers stop and leave the machine halted) and the record follows the machine's
@@ -562,22 +598,34 @@ class SessionManager:
         op: asyncio.Task[StopInfo] = asyncio.ensure_future(driver_call)
         live.operation, live.preempted_by = op, ""
         caller = asyncio.current_task()
+        timer = None
+        if timeout is not None:
+            reason = f"halted: the {what} did not finish before its deadline"
+            timer = self.loop.call_later(
+                timeout, lambda: op.done() or self._preempt_now(live, op, reason, "deadline"))
         try:
             with driver_errors(live):
-                return await op
+                info = await op
+            return info
         except asyncio.CancelledError:
             if not op.done():
                 op.cancel()
-            await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+            await finish_uninterrupted(op, OPERATION_STOP_SECONDS)
             preempted = live.preempted_by
             if preempted and caller is not None and caller.cancelling() == 0:
-                if live.preempt_halts:
+                if live.preempt_outcome == "halt":
                     return await self._halted_after(live, preempted)
+                if live.preempt_outcome == "deadline":
+                    self._follow_machine(live, preempted)
+                    raise DeadlineExceeded(f"the {what} did not finish in time; session {live.id} was "
+                                           "halted") from None
                 raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
                                          state=live.state.value) from None
             self._follow_machine(live, f"{what} cancelled by its caller")
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             live.operation, live.preempted_by = None, ""
 
     async def preempt(self, live: LiveSession, reason: str, *, halts: bool = False) -> None:
@@ -587,9 +635,13 @@ class SessionManager:
         op = live.operation
         if op is None or op.done():
             return
-        live.preempted_by, live.preempt_halts = reason, halts
-        op.cancel()
+        self._preempt_now(live, op, reason, "halt" if halts else "gone")
         await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+
+    @staticmethod
+    def _preempt_now(live: LiveSession, op: asyncio.Task[StopInfo], reason: str, outcome: str) -> None:
+        live.preempted_by, live.preempt_outcome = reason, outcome
+        op.cancel()
 
     async def _halted_after(self, live: LiveSession, reason: str) -> StopInfo:
         """The stop a preempted operation's caller gets: where the machine halted."""
@@ -633,21 +685,34 @@ class SessionManager:
         """Run and wait for the next stop. If the caller goes away or its time is up
         first, the session is halted before this ends: a continue never outlives the
         call that waits for it."""
-        await self.run(live)
         try:
+            await self.run(live)
             return await self.wait_for_stop(live, timeout)
         except DeadlineExceeded:
             await self.pause(live, "halted: the continue's deadline passed")
             raise DeadlineExceeded(f"session {live.id} did not stop in time; it was halted") from None
         except asyncio.CancelledError:
-            with contextlib.suppress(MachineServerError):
-                await self.pause(live, "halted: the continue's caller went away")
+            await self.halt_for_gone_caller(live, "halted: the continue's caller went away")
             raise
+
+    async def halt_for_gone_caller(self, live: LiveSession, reason: str) -> None:
+        """Pause a session whose waiting caller was cancelled; the pause itself is not cut
+        short by further cancellations of that caller (a half-done pause would leave the
+        machine running with nobody waiting)."""
+        pause = asyncio.ensure_future(self.pause(live, reason))
+        await finish_uninterrupted(pause, OPERATION_STOP_SECONDS)
+        if pause.done() and not pause.cancelled():
+            with contextlib.suppress(MachineServerError):
+                pause.result()
 
     async def _watch_limit(self, live: LiveSession) -> None:
         limit = live.record.max_instructions
-        while live.state is MachineState.RUNNING and live.machine is not None:
-            if live.machine.counters().instructions >= limit:
+        while live.state is MachineState.RUNNING and (machine := live.machine) is not None:
+            try:
+                instructions = (await machine.current_counters()).instructions
+            except drv.DriverError:
+                return  # the machine went away under us: nothing left to limit
+            if instructions >= limit:
                 await self.pause(live, f"instruction limit of {limit} reached")
                 return
             await asyncio.sleep(0.005)

@@ -247,7 +247,7 @@ class HostUsageProbe:
                 return self._processes(pids)
             tids = {int(t) for t in footprint.host_thread_ids()}
             if tids:
-                return self._threads(tids)
+                return self._threads(footprint.host_thread_process(), tids)
         except (psutil.Error, OSError) as exc:
             return HostUsage(0.0, 0, f"host usage unavailable: {exc}")
         return HostUsage(0.0, 0, "no host process or thread is running for this session now")
@@ -278,12 +278,14 @@ class HostUsageProbe:
             return HostUsage(0.0, 0, "no host process running")
         return HostUsage(self._delta(cpu, lifetime), int(rss))
 
-    def _threads(self, tids: set[int]) -> HostUsage:
+    def _threads(self, pid: int, tids: set[int]) -> HostUsage:
         if not tids:
             self._prev = None
             return HostUsage(0.0, 0, "no worker thread running")
-        cpu = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in tids)
-        return HostUsage(self._delta(cpu, None), 0, "memory is shared with the server process (in-process backend)")
+        cpu = sum(t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id in tids)
+        where = ("the server process (in-process backend)" if pid == os.getpid()
+                 else f"the other machines of worker process {pid}")
+        return HostUsage(self._delta(cpu, None), 0, f"memory is shared with {where}")
 
 
 class _Sampler:

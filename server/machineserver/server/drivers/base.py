@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -370,7 +371,7 @@ class MemoryAccess(Capability):
     MMIO ranges: BadRequest(field="address")."""
 
     feature = Feature.MEMORY
-    access_while_running: ClassVar[bool] = False
+    access_while_running: bool = False
 
     @abc.abstractmethod
     async def read_memory(self, address: int, size: int) -> bytes: ...
@@ -436,7 +437,7 @@ class Coverage(Capability):
     what was collected. Counts are exact execution counts where ``exact_counts`` is True."""
 
     feature = Feature.COVERAGE
-    exact_counts: ClassVar[bool] = True
+    exact_counts: bool = True
 
     @property
     @abc.abstractmethod
@@ -470,7 +471,13 @@ class HostFootprint(Capability):
         return ()
 
     def host_thread_ids(self) -> Sequence[int]:
+        """Native thread ids, in the process :meth:`host_thread_process` names."""
         return ()
+
+    def host_thread_process(self) -> int:
+        """The process whose threads :meth:`host_thread_ids` names (this one, unless the
+        machine runs in a worker process)."""
+        return os.getpid()
 
 
 class Machine(abc.ABC):
@@ -532,6 +539,11 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def counters(self) -> Counters: ...
 
+    async def current_counters(self) -> Counters:
+        """The counters as of now, for a caller that polls a running machine (an
+        instruction limit). ``counters()`` may lag where the machine runs elsewhere."""
+        return self.counters()
+
 
 def features_of(machine_class: type[Machine]) -> frozenset[Feature]:
     """The features a machine class really implements: its declared capabilities."""
@@ -558,9 +570,11 @@ class BackendInfo:
 class Backend(abc.ABC):
     """A backend factory; the object an entry point in ``machineserver.drivers`` names."""
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-    machine_class: ClassVar[type[Machine]]
+    # class attributes in a driver; a wrapper (e.g. one that runs the machines in worker
+    # processes) sets them per instance
+    name: str
+    description: str
+    machine_class: type[Machine]
 
     @abc.abstractmethod
     def probe(self) -> BackendInfo:

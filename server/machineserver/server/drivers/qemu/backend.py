@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import ClassVar
 
 from machineserver.server.drivers.base import (
     Arch,
@@ -25,12 +24,12 @@ _VERSION = re.compile(r"QEMU emulator version (\S+)")
 
 
 class QemuBackend(Backend):
-    name: ClassVar[str] = "qemu"
-    description: ClassVar[str] = (
+    name = "qemu"
+    description = (
         "QEMU full-system emulation (qemu-system-arm / qemu-system-riscv32): one process "
         "per machine, QMP for control, its gdbstub for debugging, a chardev console"
     )
-    machine_class: ClassVar[type[Machine]] = QemuMachine
+    machine_class: type[Machine] = QemuMachine
 
     def __init__(self, binaries: dict[Arch, str] | None = None) -> None:
         self.binaries = dict(binaries or BINARIES)

@@ -1,0 +1,252 @@
+"""The worker side: machines hosted in this process, driven by messages (see :mod:`.wire`).
+
+:class:`WorkerHost` is the dispatch, independent of the transport: it creates machines
+from the backends found by entry points, calls the lifecycle and the parts of the driver
+interface by name (only the interface's own methods), and hands events and status to an
+``emit`` callable. :func:`serve` puts it on one end of a socket pair (a worker process
+the server started); a Ray actor can hold a WorkerHost the same way.
+
+Every call runs as a task of its own, so a long step on one machine never holds up
+another machine's calls; a ``cancel`` message cancels that task (the driver stops and
+leaves the machine halted, as its contract says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from machineserver.server.drivers import base as drv
+from machineserver.server.drivers.discovery import discover_backends
+from machineserver.server.worker import wire
+from machineserver.server.worker.wire import Status, Traits
+
+log = structlog.get_logger("machineserver.worker")
+
+STATUS_INTERVAL = 0.05  # seconds between status pushes for running machines
+
+INTERFACES: dict[str, type[drv.Capability]] = {
+    iface.__name__: iface
+    for iface in (drv.RunControl, drv.RegisterAccess, drv.MemoryAccess, drv.Breakpoints, drv.Watchpoints,
+                  drv.ConsoleInput, drv.Snapshots, drv.Coverage, drv.HostFootprint)
+}
+LIFECYCLE = frozenset({"power_on", "power_off", "reset", "load", "counters"})
+
+
+def _callable_names(iface: type[drv.Capability]) -> frozenset[str]:
+    return frozenset(n for n in dir(iface) if not n.startswith("_") and callable(getattr(iface, n, None))
+                     and not isinstance(getattr(iface, n, None), property) and n != "feature")
+
+
+METHODS = {name: _callable_names(iface) for name, iface in INTERFACES.items()}
+
+
+class _Events:
+    """MachineEvents of one hosted machine: any thread, never blocking."""
+
+    def __init__(self, host: WorkerHost, mid: str) -> None:
+        self._host = host
+        self._mid = mid
+
+    def console_output(self, data: bytes) -> None:
+        self._host.event(self._mid, "console", bytes(data))
+
+    def stopped(self, info: drv.StopInfo) -> None:
+        self._host.event(self._mid, "stopped", info)
+
+    def failed(self, reason: str) -> None:
+        self._host.event(self._mid, "failed", reason)
+
+
+class WorkerHost:
+    def __init__(self, backends: Mapping[str, drv.Backend], emit: Callable[[tuple[Any, ...]], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.backends = dict(backends)
+        self._emit = emit
+        self._loop = loop
+        self.machines: dict[str, drv.Machine] = {}
+        self._pushed: dict[str, Status] = {}
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
+
+    # ------------------------------------------------------------------ from drivers
+
+    def event(self, mid: str, kind: str, payload: object) -> None:
+        """From any thread: the event goes out on the loop, with the machine's status."""
+        if threading.get_ident() == self._loop_thread:
+            self._send_event(mid, kind, payload)
+        else:
+            self._loop.call_soon_threadsafe(self._send_event, mid, kind, payload)
+
+    def _send_event(self, mid: str, kind: str, payload: object) -> None:
+        self._emit(("event", mid, kind, payload, self.status(mid)))
+
+    # ------------------------------------------------------------------ calls
+
+    def status(self, mid: str) -> Status | None:
+        machine = self.machines.get(mid)
+        if machine is None:
+            return None
+        status = self._status_of(machine)
+        self._pushed[mid] = status
+        return status
+
+    @staticmethod
+    def _status_of(machine: drv.Machine) -> Status:
+        pids: tuple[int, ...] = ()
+        tids: tuple[int, ...] = ()
+        if machine.has(drv.HostFootprint):
+            footprint = machine.capability(drv.HostFootprint)
+            pids, tids = tuple(footprint.host_process_ids()), tuple(footprint.host_thread_ids())
+        return machine.state, machine.counters(), pids, tids
+
+    def create(self, mid: str, backend_name: str, board: drv.BoardSpec, options: drv.MachineOptions) -> Traits:
+        backend = self.backends.get(backend_name)
+        if backend is None:
+            raise drv.NotSupported(f"this worker has no backend {backend_name!r}")
+        machine = backend.create_machine(board, options, _Events(self, mid))
+        self.machines[mid] = machine
+        return self.traits(machine)
+
+    @staticmethod
+    def traits(machine: drv.Machine) -> Traits:
+        names = tuple(n for n, iface in INTERFACES.items() if machine.has(iface))
+        registers: tuple[str, ...] = ()
+        memory_while_running = False
+        coverage_method, coverage_exact = "", False
+        if machine.has(drv.RegisterAccess):
+            registers = tuple(machine.capability(drv.RegisterAccess).register_names())
+        if machine.has(drv.MemoryAccess):
+            memory_while_running = machine.capability(drv.MemoryAccess).access_while_running
+        if machine.has(drv.Coverage):
+            coverage = machine.capability(drv.Coverage)
+            with contextlib.suppress(drv.DriverError):
+                coverage_method = coverage.method
+            coverage_exact = coverage.exact_counts
+        return Traits(names, registers, memory_while_running, coverage_method, coverage_exact, os.getpid())
+
+    async def call(self, mid: str, interface: str, method: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any] | None = None) -> Any:
+        machine = self.machines.get(mid)
+        if machine is None:
+            raise drv.WrongState(f"machine {mid} is not hosted by this worker", state="gone")
+        if not interface:
+            if method == "traits":
+                return self.traits(machine)
+            if method not in LIFECYCLE:
+                raise drv.BadRequest(f"no lifecycle call {method!r}", field="method")
+            target: object = machine
+        else:
+            iface = INTERFACES.get(interface)
+            if iface is None or method not in METHODS[interface]:
+                raise drv.BadRequest(f"no call {interface}.{method}", field="method")
+            target = machine.capability(iface)
+        result = getattr(target, method)(*args, **(kwargs or {}))
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    async def drop(self, mid: str) -> None:
+        machine = self.machines.pop(mid, None)
+        self._pushed.pop(mid, None)
+        if machine is not None:
+            await machine.power_off()
+
+    async def close(self) -> None:
+        for mid in list(self.machines):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.drop(mid), 10)
+
+    def changed_status(self) -> list[tuple[str, Status]]:
+        """The machines whose state or counters moved since they were last sent."""
+        out = []
+        for mid, machine in self.machines.items():
+            status = self._status_of(machine)
+            if self._pushed.get(mid) != status:
+                self._pushed[mid] = status
+                out.append((mid, status))
+        return out
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def worker_main(sock: socket.socket, parent: int, enabled: list[str] | None) -> None:
+    """A worker process's life (forked by the zygote): die with its parent, host machines
+    until the server closes the socket."""
+    from machineserver.server.worker.zygote import die_with_parent
+
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    backends = {backend.name: backend for backend in discover_backends(enabled)}
+    asyncio.run(serve(sock, backends))
+
+
+async def serve(sock: socket.socket, backends: Mapping[str, drv.Backend]) -> None:
+    """Serve one server over ``sock`` until it closes its end."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    loop = asyncio.get_running_loop()
+
+    def emit(message: tuple[Any, ...]) -> None:
+        if not writer.is_closing():
+            writer.write(wire.encode(message))
+
+    host = WorkerHost(backends, emit, loop)
+    calls: dict[int, asyncio.Task[None]] = {}
+
+    async def answer(rid: int, mid: str, work: Callable[[], Any]) -> None:
+        try:
+            result = work()
+            if asyncio.iscoroutine(result):
+                result = await result
+            emit(("ok", rid, result, host.status(mid)))
+        except BaseException as exc:  # every outcome is an answer; cancellation too
+            emit(("err", rid, wire.encode_error(exc), host.status(mid)))
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise
+        finally:
+            calls.pop(rid, None)
+
+    def start(rid: int, mid: str, work: Callable[[], Any]) -> None:
+        calls[rid] = loop.create_task(answer(rid, mid, work), name=f"call-{rid}")
+
+    async def push_status() -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            changed = host.changed_status()
+            if changed:
+                emit(("status", changed))
+
+    pusher = loop.create_task(push_status())
+    try:
+        while (message := await wire.read_message(reader)) is not None:
+            kind = message[0]
+            if kind == "call":
+                _, rid, mid, interface, method, args, kwargs = message
+                start(rid, mid, functools.partial(host.call, mid, interface, method, args, kwargs))
+            elif kind == "create":
+                _, rid, mid, backend, board, options = message
+                start(rid, mid, functools.partial(host.create, mid, backend, board, options))
+            elif kind == "drop":
+                _, rid, mid = message
+                start(rid, mid, functools.partial(host.drop, mid))
+            elif kind == "cancel":
+                task = calls.get(message[1])
+                if task is not None:
+                    task.cancel()
+            await writer.drain()
+    finally:
+        pusher.cancel()
+        for task in list(calls.values()):
+            task.cancel()
+        await asyncio.gather(pusher, *calls.values(), return_exceptions=True)
+        await host.close()
+        writer.close()
