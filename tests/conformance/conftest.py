@@ -8,20 +8,19 @@ Where a backend cannot do something, the test checks that the server says so
 that it silently differs.
 
 Every test also checks that no QEMU child process outlives it. The helpers (Conf, the
-boards, require_backend) live in tests/helpers/conformance.py.
+boards) live in tests/helpers/conformance.py; require_backend and the QEMU check in
+tests/helpers/backends.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from machineserver.sdk import AsyncClient
-from tests.helpers.conformance import BACKENDS, Conf, qemu_children, require_backend
+from tests.helpers.backends import no_qemu_left_behind, require_backend
+from tests.helpers.conformance import BACKENDS, Conf
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,20 +30,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_qemu_left_behind() -> Iterator[None]:
+def no_qemu_left() -> Iterator[None]:
     """Set up before (so torn down after) the server: every QEMU must be gone by then."""
-    before = {p.pid for p in qemu_children()}
-    yield
-    left: list[psutil.Process] = []
-    for _ in range(100):  # reaping is asynchronous (no signal to wait on): up to 2 s
-        left = [p for p in qemu_children() if p.pid not in before]
-        if not left:
-            break
-        time.sleep(0.02)
-    for p in left:  # do not leak them into the next test, but fail this one
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    assert not left, f"QEMU processes left behind (or not reaped): {[p.pid for p in left]}"
+    with no_qemu_left_behind():
+        yield
 
 
 # server and client: the fixtures of tests/conftest.py

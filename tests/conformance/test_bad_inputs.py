@@ -7,7 +7,8 @@ import pytest
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.helpers.conformance import Conf, require_backend
+from tests.helpers.backends import require_backend
+from tests.helpers.conformance import Conf
 
 
 async def test_unknown_session_is_not_found(conf: Conf) -> None:

@@ -9,8 +9,9 @@ from elftools.elf.elffile import ELFFile
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.helpers.conformance import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, elf_symbol
-from tests.helpers.firmware import firmware
+from tests.helpers.backends import BOARD_ARCH
+from tests.helpers.conformance import BOARDS, CORE_REGISTERS, Conf
+from tests.helpers.firmware import elf_symbol, firmware
 
 # crc32's main starts with a straight-line prologue, then the LCG fill loop:
 #   Cortex-M: push movs movs movw ldr ldr | mla adds lsrs cmp.w strb.w bne   (counter r3)

@@ -9,7 +9,8 @@ import pytest
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
-from tests.helpers.conformance import BOARD_ARCH, BOARDS, CORE_REGISTERS, Conf, require_backend
+from tests.helpers.backends import BOARD_ARCH, require_backend
+from tests.helpers.conformance import BOARDS, CORE_REGISTERS, Conf
 
 PROGRAMS = {
     "lm3s6965evb": ("hello", "crc32", "systick", "coverage", "fault"),

@@ -8,7 +8,8 @@ import pytest
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers import api
-from tests.helpers.conformance import BOARDS, Conf, elf_symbol
+from tests.helpers.conformance import BOARDS, Conf
+from tests.helpers.firmware import elf_symbol
 
 S = cpb  # session states and stop reasons live in common.proto
 

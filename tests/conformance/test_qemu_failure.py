@@ -11,7 +11,9 @@ import pytest
 
 from machineserver.sdk import AsyncClient, errors
 from machineserver.v1 import common_pb2 as cpb
-from tests.helpers.conformance import Conf, qemu_children, require_backend
+from tests.helpers.api import until
+from tests.helpers.backends import qemu_children, reaped, require_backend
+from tests.helpers.conformance import Conf
 
 
 @pytest.fixture(autouse=True)
@@ -44,12 +46,7 @@ async def test_killed_qemu_fails_the_session_only(client: AsyncClient, while_sta
     failed = await qemu.wait_state(victim, cpb.SESSION_STATE_FAILED, timeout=10)
     reason = failed.state_reason  # type: ignore[attr-defined]
     assert "QEMU" in reason and "SIGKILL" in reason, reason
-    for _ in range(150):  # and the dead child is reaped
-        if child.pid not in {p.pid for p in qemu_children()}:
-            break
-        await asyncio.sleep(0.02)
-    else:
-        raise AssertionError(f"QEMU {child.pid} was not reaped")
+    await until(lambda: reaped(child.pid), 3, what=f"QEMU {child.pid} reaped")
 
     # the failed session refuses debug work with a clear status, not a hang
     for call in (client.debug.step(name=victim), client.debug.read_registers(name=victim),
@@ -104,12 +101,7 @@ async def test_a_stuck_qemu_is_freed_when_its_session_fails(client: AsyncClient)
             await client.debug.step(name=victim, count=1, timeout=30)
         failed = await qemu.wait_state(victim, cpb.SESSION_STATE_FAILED, timeout=20)
         assert failed.state_reason  # type: ignore[attr-defined]
-        for _ in range(250):
-            if child.pid not in {p.pid for p in qemu_children()}:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"the stuck QEMU {child.pid} is still there")
+        await until(lambda: reaped(child.pid), 5, what=f"the stuck QEMU {child.pid} gone")
     finally:
         if child.is_running():
             child.kill()

@@ -5,47 +5,25 @@ different blocks (single instructions on a page with a breakpoint), restarts."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
-import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
-from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.core.coverage_mapping import address_counts
-from machineserver.server.core.images import ImageFormat, parse_image
 from machineserver.server.drivers import native
-from machineserver.server.drivers.base import (
-    Breakpoints,
-    Coverage,
-    Feature,
-    MachineOptions,
-    MachineState,
-    NotSupported,
-    ProgramImage,
-    RunControl,
-    Snapshots,
-    StopInfo,
-    StopReason,
-)
-from machineserver.server.drivers.qemu import QemuBackend, QemuMachine, blocktable
+from machineserver.server.drivers.base import Feature, MachineState, NotSupported, StopReason
+from machineserver.server.drivers.qemu import QemuBackend, blocktable
 from machineserver.server.drivers.qemu.coverage import QemuCoverage
 from machineserver.server.drivers.qemu.plugin import PluginStatus, plugin_status
+from tests.drivers.qemu_helpers import MachineFactory, Qm
+from tests.helpers.backends import require_backend, require_qemu_plugin
+from tests.helpers.events import Recorder
+from tests.helpers.firmware import code_addresses, elf_function, firmware
+from tests.helpers.machines import elf_image
+from tests.helpers.tools import tool_missing
 
-FIRMWARE = Path(__file__).resolve().parents[1] / "firmware"
 BOARD = "mps2-an385"
-
-pytestmark = [
-    pytest.mark.skipif(not shutil.which("qemu-system-arm"),
-                       reason="qemu-system-arm is not installed"),
-    pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")),
-                       reason="no host C compiler (gcc) to build the coverage plugin"),
-]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -53,99 +31,36 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def plugin() -> str:
-    status = plugin_status()
-    if status.path is None:
-        pytest.skip(f"the coverage plugin cannot be built here: {status.reason}")
-    return status.path
+    return require_qemu_plugin()
 
 
-def elf(program: str) -> Path:
-    path = FIRMWARE / "build" / BOARD / f"{program}.elf"
-    if not path.exists() and shutil.which("make") and shutil.which("arm-none-eabi-gcc"):
-        subprocess.run(["make", "-C", str(FIRMWARE)], capture_output=True, timeout=600)
-    if not path.exists():
-        pytest.skip(f"{BOARD}/{program}.elf not built (no cross compiler?)")
-    return path
-
-
-def image(path: Path) -> ProgramImage:
-    """The ELF's loadable image, through the server's own loader."""
-    return parse_image(path.read_bytes(), ImageFormat.ELF).image
-
-
-def function(path: Path, name: str) -> range:
-    """The address range of a function (Thumb bit cleared)."""
-    with path.open("rb") as f:
-        syms = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
-        assert syms, f"no symbol {name} in {path}"
-        start = int(syms[0]["st_value"]) & ~1
-        return range(start, start + max(1, int(syms[0]["st_size"])))
-
-
-class Events:
-    def __init__(self) -> None:
-        self.console = bytearray()
-        self.stops: list[StopInfo] = []
-        self.failures: list[str] = []
-
-    def console_output(self, data: bytes) -> None:
-        self.console += data
-
-    def stopped(self, info: StopInfo) -> None:
-        self.stops.append(info)
-
-    def failed(self, reason: str) -> None:
-        self.failures.append(reason)
-
-    async def stop(self, n: int, limit: float = 10.0) -> StopInfo:
-        deadline = time.monotonic() + limit
-        while len(self.stops) < n and not self.failures:
-            assert time.monotonic() < deadline, (bytes(self.console), self.stops)
-            await asyncio.sleep(0.002)
-        assert not self.failures, self.failures
-        return self.stops[n - 1]
-
-
-Factory = Callable[..., tuple[QemuMachine, Events]]
-
-
-@pytest.fixture
-async def machines() -> AsyncIterator[Factory]:
-    made: list[QemuMachine] = []
-    backend = QemuBackend()
-    board = load_shipped_boards()[BOARD]
-
-    def make(*, coverage: bool) -> tuple[QemuMachine, Events]:
-        ev = Events()
-        extra = {"coverage": "1"} if coverage else {}
-        m = backend.create_machine(board, MachineOptions(extra=extra), ev)
-        assert isinstance(m, QemuMachine)
-        made.append(m)
-        return m, ev
-
-    yield make
-    for m in made:
-        await m.power_off()
-
-
-def cov(m: QemuMachine) -> QemuCoverage:
-    part = m.capability(Coverage)
+def cov(m: Qm) -> QemuCoverage:
+    part = m.cov
     assert isinstance(part, QemuCoverage)
     return part
 
 
-async def run_to_exit(m: QemuMachine, ev: Events) -> None:
+async def loaded(machines: MachineFactory, program: str = "coverage") -> tuple[Qm, Recorder, Path]:
+    """A machine that collects coverage, powered on, with ``program`` loaded."""
+    m, ev = machines(BOARD, coverage="1")
+    await m.power_on()
+    path = firmware(BOARD, program)
+    await m.load(elf_image(path))
+    return m, ev, path
+
+
+async def run_to_exit(m: Qm, ev: Recorder) -> None:
     n = len(ev.stops) + 1
-    await m.capability(RunControl).run()
-    stop = await ev.stop(n)
+    await m.run.run()
+    stop = await ev.wait_stop(n)
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0), stop
     assert m.state is MachineState.EXITED
 
 
 def check_coverage_program(blocks: dict[int, tuple[int, int]], path: Path, times: int) -> None:
-    main = function(path, "main")
-    three = function(path, "called_three_times")
-    never = function(path, "never_called")
+    main = elf_function(path, "main")
+    three = elf_function(path, "called_three_times")
+    never = elf_function(path, "never_called")
     assert three.start in blocks, "the entry block of called_three_times was not counted"
     assert blocks[three.start][1] == 3 * times
     assert blocks[main.start][1] == 1 * times
@@ -162,6 +77,7 @@ def check_coverage_program(blocks: dict[int, tuple[int, int]], path: Path, times
 
 
 def test_probe_reports_the_plugin(plugin: str) -> None:
+    require_backend("qemu", BOARD)
     info = QemuBackend().probe()
     assert info.available, info.unavailable_reason
     assert info.details["coverage_method"] == "tcg-plugin"
@@ -174,8 +90,7 @@ def test_probe_reports_the_plugin(plugin: str) -> None:
 def test_plugin_build_failure_is_reported(tmp_path: Path) -> None:
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
-    cc = shutil.which("gcc") or shutil.which("cc")
-    assert cc
+    cc = native.compiler() or tool_missing("gcc", "to build the QEMU plugin")
     with pytest.raises(RuntimeError, match="failed to build"):
         native.build(bad, cc, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.so"))
@@ -202,51 +117,37 @@ def test_table_reader_keeps_translation_shapes(tmp_path: Path) -> None:
     assert blocktable.HEADER.size == 64 and blocktable.ENTRY.size == 24  # the C structs' sizes
 
 
-def code_addresses(path: Path) -> list[int]:
-    """Every halfword of the program's .text: where instructions can start."""
-    with path.open("rb") as f:
-        text = ELFFile(f).get_section_by_name(".text")
-        return list(range(int(text["sh_addr"]), int(text["sh_addr"]) + int(text["sh_size"]), 2))
-
-
-async def test_counts_are_exact_when_qemu_translates_single_instructions(plugin: str, machines: Factory) -> None:
+async def test_counts_are_exact_when_qemu_translates_single_instructions(
+        plugin: str, machines: MachineFactory) -> None:
     """A breakpoint makes QEMU 7.2 translate every block of its page one instruction at a
     time: the same code then runs in blocks of other shapes at the same addresses. The
     per-address counts of a run that way equal those of a run without breakpoints; and
     while halted at the breakpoint, its instruction has not run."""
-    path = elf("coverage")
+    plain, ev, path = await loaded(machines)
     points = code_addresses(path)
-    plain, ev = machines(coverage=True)
-    await plain.power_on()
-    await plain.load(image(path))
     await cov(plain).coverage_start()
     await run_to_exit(plain, ev)
     expected = address_counts(points, await cov(plain).coverage_blocks())
 
-    three = function(path, "called_three_times").start  # on main's page
-    m, ev = machines(coverage=True)
-    await m.power_on()
-    await m.load(image(path))
+    three = elf_function(path, "called_three_times").start  # on main's page
+    m, ev, _ = await loaded(machines)
     await cov(m).coverage_start()
-    await m.capability(Breakpoints).set_breakpoint(three)
+    await m.bp.set_breakpoint(three)
     for n in (1, 2):
-        await m.capability(RunControl).run()
-        assert (await ev.stop(n)).pc == three
+        await m.run.run()
+        assert (await ev.wait_stop(n)).pc == three
         now = address_counts(points, await cov(m).coverage_blocks())
         assert now[three] == n - 1  # halted there: this call has not run yet
-    await m.capability(Breakpoints).clear_breakpoint(three)
+    await m.bp.clear_breakpoint(three)
     await run_to_exit(m, ev)
     blocks = await cov(m).coverage_blocks()
-    sizes = {size for start, (size, _) in blocks.items() if start in function(path, "main")}
+    sizes = {size for start, (size, _) in blocks.items() if start in elf_function(path, "main")}
     assert 2 in sizes and max(sizes) > 4  # single instructions and whole blocks both ran
     assert address_counts(points, blocks) == expected
 
 
-async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory) -> None:
-    path = elf("coverage")
-    m, ev = machines(coverage=True)
-    await m.power_on()
-    await m.load(image(path))
+async def test_coverage_program_blocks_and_counts(plugin: str, machines: MachineFactory) -> None:
+    m, ev, path = await loaded(machines)
     await cov(m).coverage_start()
     assert await cov(m).coverage_blocks() == {}  # nothing ran since the baseline
     await run_to_exit(m, ev)
@@ -266,7 +167,7 @@ async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory
     await m.reset()
     await run_to_exit(m, ev)
     check_coverage_program(await cov(m).coverage_blocks(), path, 1)
-    await m.load(image(path))
+    await m.load(elf_image(path))
     await run_to_exit(m, ev)
     check_coverage_program(await cov(m).coverage_blocks(), path, 2)  # spans both QEMUs
     await cov(m).coverage_reset()
@@ -274,38 +175,34 @@ async def test_coverage_program_blocks_and_counts(plugin: str, machines: Factory
     assert not cov(m).coverage_overflowed
 
 
-async def test_counts_are_live_and_survive_a_snapshot_restore(plugin: str,
-                                                              machines: Factory) -> None:
-    path = elf("coverage")
-    three = function(path, "called_three_times")
-    m, ev = machines(coverage=True)
-    await m.power_on()
-    await m.load(image(path))
+async def test_counts_are_live_and_survive_a_snapshot_restore(plugin: str, machines: MachineFactory) -> None:
+    m, ev, path = await loaded(machines)
+    three = elf_function(path, "called_three_times")
     await cov(m).coverage_start()
-    await m.capability(Breakpoints).set_breakpoint(three.start)
-    await m.capability(RunControl).run()
-    stop = await ev.stop(1)
+    await m.bp.set_breakpoint(three.start)
+    await m.run.run()
+    stop = await ev.wait_stop(1)
     assert stop.reason is StopReason.BREAKPOINT and stop.pc == three.start
     blocks = await cov(m).coverage_blocks()  # read while QEMU is alive, mid-program
     assert blocks and three.start not in blocks
-    snap = await m.capability(Snapshots).save_state()
-    await m.capability(Breakpoints).clear_breakpoint(three.start)
-    await m.capability(Snapshots).restore_state(snap)  # a new QEMU: the old table is folded in
+    snap = await m.snap.save_state()
+    await m.bp.clear_breakpoint(three.start)
+    await m.snap.restore_state(snap)  # a new QEMU: the old table is folded in
     await run_to_exit(m, ev)
     blocks = await cov(m).coverage_blocks()
     assert blocks[three.start][1] == 3
-    assert blocks[function(path, "main").start][1] == 1  # the start of main ran once
+    assert blocks[elf_function(path, "main").start][1] == 1  # the start of main ran once
 
 
-async def test_machine_without_the_option_has_no_coverage(machines: Factory) -> None:
-    m, _ = machines(coverage=False)
+async def test_machine_without_the_option_has_no_coverage(plugin: str, machines: MachineFactory) -> None:
+    m, _ = machines(BOARD)
     await m.power_on()
     with pytest.raises(NotSupported, match="coverage"):
         await cov(m).coverage_start()
     with pytest.raises(NotSupported, match="coverage"):
         await cov(m).coverage_blocks()
     # the plugin is loaded (its instruction gate), without a coverage table
-    inst = m.target.process.instance
+    inst = m.process.instance
     assert inst is not None
     command = inst.command_line({"con": 1, "semi": 2, "gdb": 3, "qmp": 4})
     assert "-plugin" in command and not any("out=" in arg for arg in command)

@@ -1,67 +1,42 @@
-"""How the QEMU driver fails: a stuck (SIGSTOPped) QEMU is killed and the machine FAILED,
-once; failure reasons carry only what explains the death; the gdbstub handshake claims
-no Arm registers on RISC-V."""
+"""How the QEMU driver fails: a stuck (SIGSTOPped) or killed QEMU leaves the machine
+FAILED, reported once, the process gone, and a power cycle brings it back; failure
+reasons carry only what explains the death (a guest lockup is a fault that names it);
+the gdbstub handshake claims no Arm registers on RISC-V."""
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
-from machineserver.server.drivers.base import BackendFailed, MachineState, StopReason, WrongState
+from machineserver.server.drivers.base import BackendFailed, MachineState, StopReason
 from machineserver.server.drivers.qemu.instance import explaining_lines
-from tests.drivers.qemu_helpers import (
-    QEMU_MISSING,
-    MachineFactory,
-    boot,
-    firmware_dir,
-    machines,
-    qemu_children,
-)
-
-__all__ = ["firmware_dir", "machines"]  # fixtures, used by name
-
-pytestmark = pytest.mark.skipif(QEMU_MISSING, reason="QEMU is not installed")
-
-# the gdbstub's answer timeout (5 s) plus slack for a loaded machine
-STUCK_BOUND_S = 30.0
-
+from tests.drivers.qemu_helpers import MachineFactory, boot, failed_once
 
 # --------------------------------------------------------------------------- stuck QEMU
 
 
 async def test_a_stopped_qemu_while_halted_fails_the_machine_and_is_killed(
-        machines: MachineFactory, firmware_dir: Path) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+        machines: MachineFactory) -> None:
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     pid = m.qemu_pid
     os.kill(pid, signal.SIGSTOP)
     with pytest.raises(BackendFailed, match="stopped answering"):
         await m.regs.read_registers(["pc"])
-    assert m.state is MachineState.FAILED
-    assert len(ev.failures) == 1 and "stopped answering" in ev.failures[0]
     assert ev.stops == []
-    await ev.until(lambda: pid not in qemu_children(), 5.0)  # killed and reaped
-    with pytest.raises(WrongState, match="failed"):
-        await m.mem.read_memory(0x20000000, 4)  # nothing to ask any more: no second report
-    assert len(ev.failures) == 1
-    await m.power_off()
-    await m.power_on()  # and back: a fresh QEMU
-    assert m.state is MachineState.HALTED and m.qemu_pid != pid
+    await failed_once(m, ev, pid, "stopped answering")
 
 
-async def test_a_stopped_qemu_while_running_fails_the_pause(machines: MachineFactory,
-                                                            firmware_dir: Path) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, "sifive_e", "echo")
-    await m.rc.run()
+async def test_a_stopped_qemu_while_running_fails_the_pause(machines: MachineFactory) -> None:
+    m, ev, _ = await boot(machines, "sifive_e", "echo")
+    await m.run.run()
     await ev.until(lambda: b"echo ready\n" in ev.console)
     pid = m.qemu_pid
     os.kill(pid, signal.SIGSTOP)
     with pytest.raises(BackendFailed, match="did not stop"):
-        await m.rc.pause()
-    assert m.state is MachineState.FAILED and len(ev.failures) == 1
-    await ev.until(lambda: pid not in qemu_children(), 5.0)
+        await m.run.pause()
+    await failed_once(m, ev, pid, "did not stop")
 
 
 # --------------------------------------------------------------------------- failure reasons
@@ -88,23 +63,24 @@ def test_only_the_lines_that_explain_a_death_are_kept() -> None:
         "msplugin: cannot map the coverage table /x: No space left"]
 
 
-@pytest.mark.parametrize("board_name", ["lm3s6965evb", "mps2-an385"])
-async def test_a_killed_qemu_is_reported_without_its_noise(machines: MachineFactory,
-                                                          firmware_dir: Path, board_name: str) -> None:
+@pytest.mark.parametrize("board_name", ["lm3s6965evb", "mps2-an385", "sifive_e"])
+async def test_a_killed_qemu_fails_the_machine_without_its_noise(machines: MachineFactory,
+                                                                 board_name: str) -> None:
     """lm3s6965evb's QEMU prints "Timer with period zero, disabling" and mps2-an385's a
     warning about its NIC at every start: neither belongs in the reason it died."""
-    m, ev, _ = await boot(machines, firmware_dir, board_name, "echo")
-    await m.rc.run()
+    m, ev, _ = await boot(machines, board_name, "echo")
+    await m.run.run()
     await ev.until(lambda: b"echo ready\n" in ev.console)
-    os.kill(m.qemu_pid, signal.SIGKILL)
+    pid = m.qemu_pid
+    os.kill(pid, signal.SIGKILL)
     await ev.until(lambda: bool(ev.failures))
-    assert ev.failures == ["QEMU ended unexpectedly: killed by SIGKILL"]
-    assert m.state is MachineState.FAILED
+    assert ev.failures == ["QEMU ended unexpectedly: killed by SIGKILL"] and ev.stops == []
+    await failed_once(m, ev, pid, "killed by SIGKILL")
 
 
-async def test_qemus_own_last_words_are_kept(machines: MachineFactory, firmware_dir: Path) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, "lm3s6965evb", "echo")
-    await m.rc.run()
+async def test_qemus_own_last_words_are_kept(machines: MachineFactory) -> None:
+    m, ev, _ = await boot(machines, "lm3s6965evb", "echo")
+    await m.run.run()
     await ev.until(lambda: b"echo ready\n" in ev.console)
     os.kill(m.qemu_pid, signal.SIGTERM)
     await ev.until(lambda: bool(ev.failures))
@@ -114,16 +90,19 @@ async def test_qemus_own_last_words_are_kept(machines: MachineFactory, firmware_
     assert "Timer with period zero" not in reason
 
 
-async def test_a_lockup_reason_names_the_lockup(machines: MachineFactory, firmware_dir: Path) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello")
+async def test_a_guest_lockup_is_a_fault_that_names_it(machines: MachineFactory) -> None:
+    m, ev, _ = await boot(machines, "mps2-an385", "hello")
     # HardFault vector -> unmapped, then jump to unmapped: the fault escalation locks up
     await m.mem.write_memory(0x0C, (0xF0000001).to_bytes(4, "little"))
     await m.regs.write_register("pc", 0xF0000000)
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.FAULT
     assert stop.message == "Lockup: can't escalate 3 to HardFault (current priority -1)"
-    assert ev.failures == []
+    assert m.state is MachineState.FAULTED and ev.failures == []
+    await m.reset()  # a fresh QEMU with the image reloaded
+    await m.run.run()
+    assert (await ev.next_stop()).reason is StopReason.EXIT
 
 
 # --------------------------------------------------------------------------- handshake

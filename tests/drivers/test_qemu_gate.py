@@ -4,36 +4,14 @@ co-simulation will use it) or stopped exactly there (a counted run)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from machineserver.server.drivers.base import MachineState, StopReason
-from machineserver.server.drivers.qemu.gate import InstructionGate
 from machineserver.server.drivers.qemu.plugin import plugin_args
 from machineserver.server.drivers.qemu.stops import SIGINT
-from tests.drivers.qemu_helpers import (
-    QEMU_MISSING,
-    MachineFactory,
-    Qm,
-    boot,
-    firmware_dir,
-    halted_at,
-    machines,
-)
-
-__all__ = ["firmware_dir", "machines"]  # fixtures, used by name
-
-pytestmark = pytest.mark.skipif(QEMU_MISSING, reason="QEMU is not installed")
+from tests.drivers.qemu_helpers import MachineFactory, boot, halted_at, usable_gate
 
 HOLD_WAIT_S = 20.0
-
-
-def usable_gate(m: Qm) -> InstructionGate:
-    gate = m.process.gate
-    if gate is None or not gate.usable:
-        pytest.skip("no usable instruction gate here (the plugin could not be built?)")
-    return gate
 
 
 def test_plugin_arguments_refuse_commas() -> None:
@@ -42,24 +20,23 @@ def test_plugin_arguments_refuse_commas() -> None:
         plugin_args("/p/ms.so", {"out": "/t/a,b"})
 
 
-async def test_an_unarmed_gate_counts_nothing(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_an_unarmed_gate_counts_nothing(machines: MachineFactory) -> None:
     """Without icount the counting callbacks exist only while armed: a plain run of
     crc32 (~55 M instructions) adds nothing to the count; its one hold is before the
     exit's trap."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "crc32")
+    m, ev, _ = await boot(machines, "mps2-an385", "crc32")
     gate = usable_gate(m)
     assert not gate.always
     before = gate.executed
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT and m.process.alive
     assert gate.executed == before and gate.holds == 1
 
 
 @pytest.mark.parametrize("icount", [False, True])
-async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, firmware_dir: Path,
-                                                 icount: bool) -> None:
-    m, ev, _ = await halted_at(machines, firmware_dir, "mps2-an385", "crc32", "main", icount=icount)
+async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, icount: bool) -> None:
+    m, ev, _ = await halted_at(machines, "mps2-an385", "crc32", "main", icount=icount)
     gate = usable_gate(m)
     assert gate.always == icount
     stub = m.process.stub()
@@ -84,15 +61,15 @@ async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, firmw
     if icount:
         assert gate.executed > held_at + 50_000_000  # counted on: crc32 ran to its end
     # the machine goes on from there: stepping onto the trap is the exit
-    stop = await m.rc.step(40)
+    stop = await m.run.step(40)
     assert (stop.reason, stop.exit_code, stop.pc) == (StopReason.EXIT, 0, site)
     assert bytes(ev.console) == b"crc32=0x80f45f04\n"
 
 
-async def test_a_held_vcpu_stops_exactly_at_the_hold(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_a_held_vcpu_stops_exactly_at_the_hold(machines: MachineFactory) -> None:
     """^C while held: the plugin lets the vCPU go once the VM is stopping, and it stops
     at that block boundary: the stop reply comes, and the count does not move on."""
-    m, _, _ = await halted_at(machines, firmware_dir, "mps2-an385", "crc32", "main")
+    m, _, _ = await halted_at(machines, "mps2-an385", "crc32", "main")
     gate = usable_gate(m)
     stub = m.process.stub()
     holds = gate.holds

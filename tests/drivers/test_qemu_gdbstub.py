@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -18,27 +17,12 @@ from machineserver.server.drivers.base import (
     BadRequest,
     MachineState,
     StopReason,
-    WrongState,
 )
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 from machineserver.server.rsp import RspError, RspProtocolError, RspTimeout, State
 from machineserver.server.rsp.codec import CodecError
-from tests.drivers.qemu_helpers import (
-    QEMU_MISSING,
-    Events,
-    MachineFactory,
-    Qm,
-    boot,
-    firmware_dir,
-    halted_at,
-    machines,
-    qemu_children,
-    symbol,
-)
-
-__all__ = ["firmware_dir", "machines"]  # fixtures, used by name
-
-pytestmark = pytest.mark.skipif(QEMU_MISSING, reason="QEMU is not installed")
+from tests.drivers.qemu_helpers import MachineFactory, Qm, boot, failed_once, halted_at
+from tests.helpers.firmware import elf_address
 
 SRAM = 0x2000_0000  # mps2-an385
 ABANDON_AFTER_S = 0.3  # long enough for the request to be on the wire
@@ -52,25 +36,10 @@ async def abandoned_read(m: Qm, address: int) -> None:
     assert m.process.stub().reply_owed
 
 
-async def failed_once(m: Qm, ev: Events, pid: int, reason: str) -> None:
-    """The machine FAILED with ``reason``, reported once, its QEMU killed and reaped; a
-    later call is refused as such (no second report); a power cycle brings it back."""
-    assert m.state is MachineState.FAILED
-    assert len(ev.failures) == 1 and reason in ev.failures[0], ev.failures
-    await ev.until(lambda: pid not in qemu_children(), 5.0)
-    with pytest.raises(WrongState, match="failed"):
-        await m.regs.read_registers(["pc"])
-    assert len(ev.failures) == 1
-    await m.power_off()
-    await m.power_on()
-    assert m.state is MachineState.HALTED and m.qemu_pid != pid
-
-
-async def test_an_abandoned_read_leaves_the_stream_in_step(machines: MachineFactory,
-                                                           firmware_dir: Path) -> None:
+async def test_an_abandoned_read_leaves_the_stream_in_step(machines: MachineFactory) -> None:
     """QEMU answers the abandoned read once it runs again; the next calls get their own
     replies (the old client handed that late memory reply to the register read)."""
-    m, ev, path = await halted_at(machines, firmware_dir, "mps2-an385", "crc32", "main")
+    m, ev, path = await halted_at(machines, "mps2-an385", "crc32", "main")
     await m.mem.write_memory(SRAM + 0x100, b"\x11\x22\x33\x44")
     before = await m.regs.read_registers(["pc", "sp", "lr"])
     pid = m.qemu_pid
@@ -80,20 +49,19 @@ async def test_an_abandoned_read_leaves_the_stream_in_step(machines: MachineFact
     finally:
         os.kill(pid, signal.SIGCONT)
     assert await m.regs.read_registers(["pc", "sp", "lr"]) == before
-    assert before["pc"] == symbol(path, "main")
+    assert before["pc"] == elf_address(path, "main")
     assert await m.mem.read_memory(SRAM + 0x100, 4) == b"\x11\x22\x33\x44"
     stub = m.process.stub()
     assert stub.discarded == 1 and not stub.reply_owed and stub.state is State.IDLE
-    stop = await m.rc.step(3)  # and run control goes on in step with it
+    stop = await m.run.step(3)  # and run control goes on in step with it
     assert stop.reason is StopReason.STEP and m.state is MachineState.HALTED
     assert ev.failures == []
 
 
-async def test_a_reply_that_never_comes_is_a_stuck_qemu(machines: MachineFactory,
-                                                        firmware_dir: Path) -> None:
+async def test_a_reply_that_never_comes_is_a_stuck_qemu(machines: MachineFactory) -> None:
     """The next call first waits for the owed reply, within its own timeout; QEMU stays
     stopped: it stopped answering, and the machine FAILED so, QEMU killed."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     pid = m.qemu_pid
     os.kill(pid, signal.SIGSTOP)
     await abandoned_read(m, SRAM)
@@ -104,10 +72,10 @@ async def test_a_reply_that_never_comes_is_a_stuck_qemu(machines: MachineFactory
     await failed_once(m, ev, pid, "stopped answering")
 
 
-async def test_a_broken_client_fails_the_machine(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_a_broken_client_fails_the_machine(machines: MachineFactory) -> None:
     """A client that went BROKEN (here behind the driver's back) raises RspStateError on
     every call: the driver's next call fails the machine with the reason."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     pid = m.qemu_pid
     stub = m.process.stub()
     stub.resync_timeout = 0.2
@@ -125,11 +93,10 @@ async def test_a_broken_client_fails_the_machine(machines: MachineFactory, firmw
     await failed_once(m, ev, pid, "cannot be trusted any more")
 
 
-async def test_a_request_while_a_stop_reply_is_owed_fails_the_machine(machines: MachineFactory,
-                                                                      firmware_dir: Path) -> None:
+async def test_a_request_while_a_stop_reply_is_owed_fails_the_machine(machines: MachineFactory) -> None:
     """The client refuses requests while the target runs (RspStateError, RUNNING); in the
     driver that is a bug (here QEMU is resumed behind its back): FAILED, saying so."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     pid = m.qemu_pid
     stub = m.process.stub()
     await stub.send_continue(b"c")
@@ -154,20 +121,20 @@ class _Part:
     (CodecError("not hex: 'zz'"), "cannot be read"),
 ])
 async def test_the_boundary_fails_the_machine_on_errors_injected(
-        machines: MachineFactory, firmware_dir: Path, exc: Exception, reason: str) -> None:
+        machines: MachineFactory, exc: Exception, reason: str) -> None:
     """What QEMU 7.2 never sends (an unexpected refusal, a stop reply that cannot be
     read), raised inside a part's method: no rsp error escapes it."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     pid = m.qemu_pid
     with pytest.raises(BackendFailed, match=reason):
         await _Part(m.machine.target).call(exc)
     await failed_once(m, ev, pid, reason)
 
 
-async def test_a_refusal_stays_a_refusal(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_a_refusal_stays_a_refusal(machines: MachineFactory) -> None:
     """An Exx reply is the caller's error, not QEMU's: BadRequest naming the address QEMU
     refused (from RspError.address), the machine untouched."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "echo")
+    m, ev, _ = await boot(machines, "mps2-an385", "echo")
     with pytest.raises(BadRequest, match="0x90000000 is not mapped") as err:
         await m.mem.read_memory(0x9000_0000, 4)
     assert err.value.field == "address"

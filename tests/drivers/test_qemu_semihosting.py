@@ -20,22 +20,10 @@ from machineserver.server.drivers.base import (
 from machineserver.server.drivers.qemu import process as process_module
 from machineserver.server.drivers.qemu import semihosting
 from machineserver.server.drivers.qemu.plugin import PluginStatus
-from tests.drivers.qemu_helpers import (
-    BOARDS,
-    QEMU_MISSING,
-    MachineFactory,
-    boot,
-    elf_image,
-    elf_path,
-    firmware_dir,
-    halted_at,
-    machines,
-    qemu_children,
-)
-
-__all__ = ["firmware_dir", "machines"]  # fixtures, used by name
-
-pytestmark = pytest.mark.skipif(QEMU_MISSING, reason="QEMU is not installed")
+from tests.drivers.qemu_helpers import MachineFactory, boot, halted_at, usable_gate
+from tests.helpers.backends import reaped
+from tests.helpers.firmware import BOARDS, firmware
+from tests.helpers.machines import elf_image
 
 RAM = {"lm3s6965evb": 0x20000000, "mps2-an385": 0x20000000, "netduinoplus2": 0x20000000,
        "sifive_e": 0x80000000}
@@ -128,14 +116,14 @@ async def test_exit_codes_are_decoded_as_qemu_does() -> None:
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_after_the_exit_qemu_lives_and_the_machine_is_readable(
-        machines: MachineFactory, firmware_dir: Path, board_name: str) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, board_name, "hello")
+        machines: MachineFactory, board_name: str) -> None:
+    m, ev, _ = await boot(machines, board_name, "hello")
     pid = m.qemu_pid
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert m.state is MachineState.EXITED
-    assert pid in qemu_children(), "QEMU ended with the program"
+    assert not reaped(pid), "QEMU ended with the program"
     regs = await m.regs.read_registers()
     assert regs["pc"] == stop.pc  # halted at the trap, the call not made
     assert regs[OPERATION.get(board_name, "r0")] == semihosting.SYS_EXIT
@@ -143,11 +131,11 @@ async def test_after_the_exit_qemu_lives_and_the_machine_is_readable(
     await m.mem.write_memory(ram, b"after the end")
     assert await m.mem.read_memory(ram, 13) == b"after the end"
     with pytest.raises(WrongState):
-        await m.rc.run()  # the program ended: reset or load first
+        await m.run.run()  # the program ended: reset or load first
     await m.reset()
     assert m.state is MachineState.HALTED and m.qemu_pid == pid  # the same QEMU
     ev.console.clear()
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT and bytes(ev.console) == f"Hello from {board_name}!\n".encode()
     assert ev.failures == []
@@ -160,7 +148,7 @@ async def test_other_calls_are_performed_silently(machines: MachineFactory, boar
     m, ev = machines(board_name)
     await m.power_on()
     await m.load(program())  # type: ignore[operator]
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 7)
     assert bytes(ev.console) == b"semihosted\n"  # SYS_WRITE0, performed by QEMU
@@ -168,91 +156,88 @@ async def test_other_calls_are_performed_silently(machines: MachineFactory, boar
     # and by steps: a step onto the SYS_WRITE0 trap performs it, onto the exit ends
     await m.reset()
     ev.console.clear()
-    stop = await m.rc.step(50)  # the exit comes first (6 or 12 instructions in)
+    stop = await m.run.step(50)  # the exit comes first (6 or 12 instructions in)
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 7)
     assert bytes(ev.console) == b"semihosted\n" and len(ev.stops) == 1
 
 
-async def test_the_plugin_holds_before_traps(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_the_plugin_holds_before_traps(machines: MachineFactory) -> None:
     """With the plugin, no breakpoint marks a trap (QEMU 7.2 would run that page one
     instruction per block): the plugin's gate holds before it."""
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello")
-    gate = m.process.gate
-    if gate is None or not gate.usable:
-        pytest.skip("no usable instruction gate here (the plugin could not be built?)")
+    m, ev, _ = await boot(machines, "mps2-an385", "hello")
+    gate = usable_gate(m)
     assert m.machine.traps.gate is gate
     holds = gate.holds
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert stop.reason is StopReason.EXIT and gate.holds == holds + 1
 
 
 async def test_without_the_plugin_hidden_breakpoints_catch_the_exit(
-        machines: MachineFactory, firmware_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        machines: MachineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process_module, "plugin_status",
                         lambda: PluginStatus(None, "no host C compiler (simulated)"))
     for board_name in ("mps2-an385", "sifive_e"):
-        m, ev, _ = await boot(machines, firmware_dir, board_name, "fault")
+        m, ev, _ = await boot(machines, board_name, "fault")
         assert m.process.gate is None and m.machine.traps.gate is None
-        await m.rc.run()
+        await m.run.run()
         stop = await ev.next_stop()
         assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
         assert m.state is MachineState.EXITED and m.process.alive
         assert (await m.regs.read_registers(["pc"]))["pc"] == stop.pc
 
 
-async def test_a_user_breakpoint_on_a_trap_is_the_users(machines: MachineFactory,
-                                                        firmware_dir: Path) -> None:
-    m, ev, _ = await boot(machines, firmware_dir, "mps2-an385", "hello")
+async def test_a_user_breakpoint_on_a_trap_is_the_users(machines: MachineFactory) -> None:
+    m, ev, _ = await boot(machines, "mps2-an385", "hello")
     (site,) = m.machine.traps.sites
     await m.bp.set_breakpoint(site)
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.pc) == (StopReason.BREAKPOINT, site)
-    stop = await m.rc.step(1)  # stepping onto the exit trap ends the program
+    stop = await m.run.step(1)  # stepping onto the exit trap ends the program
     assert (stop.reason, stop.exit_code, stop.pc) == (StopReason.EXIT, 0, site)
     assert m.state is MachineState.EXITED and len(ev.stops) == 1
     await m.bp.clear_breakpoint(site)  # the user's; the hidden trap stays
     await m.reset()
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.pc) == (StopReason.EXIT, site)
-    assert m.qemu_pid in qemu_children()
+    assert not reaped(m.qemu_pid)
 
 
-async def test_a_snapshot_carries_its_trap_sites(machines: MachineFactory, firmware_dir: Path) -> None:
-    m, _, _ = await halted_at(machines, firmware_dir, "mps2-an385", "hello", "main")
+async def test_a_snapshot_carries_its_trap_sites(machines: MachineFactory) -> None:
+    m, _, _ = await halted_at(machines, "mps2-an385", "hello", "main")
     blob = await m.snap.save_state()
     other, ev = machines("mps2-an385")
     await other.power_on()  # nothing loaded: no trap sites of its own
     await other.snap.restore_state(blob)
-    await other.rc.run()
+    await other.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert other.state is MachineState.EXITED and other.process.alive
 
 
-async def test_without_the_scan_qemu_exits_itself(machines: MachineFactory, firmware_dir: Path) -> None:
+async def test_without_the_scan_qemu_exits_itself(machines: MachineFactory) -> None:
     """extra semihosting_traps=off: the old path. QEMU performs the exit and ends (its
     stop reply carries the code); the machine is EXITED with nothing left to read."""
     m, ev = machines("mps2-an385", semihosting_traps="off")
     await m.power_on()
-    path = elf_path(firmware_dir, "mps2-an385", "fault")
+    path = firmware("mps2-an385", "fault")
     await m.load(elf_image(path))
     assert m.machine.traps.sites == frozenset()
     pid, first = m.qemu_pid, m.process.instance
     assert first is not None
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
     assert m.state is MachineState.EXITED
-    await ev.until(lambda: pid not in qemu_children(), 5.0)  # ended and reaped
+    await ev.until(lambda: reaped(pid), 5.0)  # ended and reaped
     with pytest.raises(WrongState, match="QEMU"):
         await m.regs.read_registers(["pc"])
     await m.reset()  # a fresh QEMU, the image written again
     second = m.process.instance
     assert second is not None and second is not first
-    await m.rc.run()
+    await m.run.run()
     stop = await ev.next_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 3)
     assert ev.failures == []

@@ -12,7 +12,7 @@ import pytest
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer
 from machineserver.server.core.gdbserver import GdbServer
-from tests.helpers.conformance import require_backend
+from tests.helpers.backends import require_backend
 from tests.helpers.firmware import firmware
 from tests.helpers.gdb import Attach, Target
 from tests.helpers.gdb import gdb_multiarch as _gdb_multiarch

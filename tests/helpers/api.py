@@ -25,15 +25,17 @@ from machineserver.v1 import telemetry_pb2 as tpb
 from tests.helpers.firmware import firmware
 
 
-async def until(condition: Callable[[], object], timeout: float = 10, poll: float = 0.01) -> None:
-    """Poll a condition the server signals nowhere (a subscriber count, a finished span)
-    until it holds; fails after ``timeout`` seconds. For anything a stream tells (a
-    session's state, an alert, console output), read the stream instead."""
+async def until(condition: Callable[[], object], timeout: float = 10, poll: float = 0.01, *,
+                what: str = "") -> None:
+    """Poll a condition the server signals nowhere (a subscriber count, a finished span,
+    a process reaped) until it holds; fails after ``timeout`` seconds, saying ``what``
+    was awaited. For anything a stream tells (a session's state, an alert, console
+    output), read the stream instead."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
         if loop.time() > deadline:
-            raise AssertionError(f"still not true after {timeout} s")
+            raise AssertionError(f"{what or 'the condition'}: still not true after {timeout} s")
         await asyncio.sleep(poll)
 
 

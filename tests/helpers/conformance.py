@@ -1,32 +1,19 @@
 """The backend conformance suite's helpers: which backends and boards it runs on, the
-QEMU children a test leaves behind, and ``Conf``, one backend seen through the SDK."""
+registers every backend must have, and ``Conf``, one backend seen through the SDK.
+(Whether a backend can run here, and the QEMU children a test leaves behind, are in
+tests/helpers/backends.py.)"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-import psutil
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers import api
+from tests.helpers.backends import require_backend
 from tests.helpers.firmware import elf_symbol
-from tests.helpers.tools import require_tool
-
-__all__ = [
-    "BACKENDS", "BOARDS", "BOARD_ARCH", "CORE_REGISTERS", "QEMU_BINARIES", "Conf", "elf_symbol",
-    "qemu_children", "require_backend",
-]
 
 BACKENDS = ("unicorn", "qemu")
-QEMU_BINARIES = {"arm-cortex-m": "qemu-system-arm", "riscv32": "qemu-system-riscv32"}
-BOARD_ARCH = {
-    "lm3s6965evb": "arm-cortex-m",
-    "mps2-an385": "arm-cortex-m",
-    "netduinoplus2": "arm-cortex-m",
-    "sifive_e": "riscv32",
-}
 # the boards every behaviour runs on: two Cortex-M3 and one RV32
 BOARDS = ("lm3s6965evb", "mps2-an385", "sifive_e")
 # the registers both backends must have (and agree on in the differential test)
@@ -34,24 +21,6 @@ CORE_REGISTERS = {
     "arm-cortex-m": [*(f"r{i}" for i in range(13)), "sp", "lr", "pc"],
     "riscv32": [*(f"x{i}" for i in range(32)), "pc"],
 }
-
-
-def require_backend(backend: str, board: str = "lm3s6965evb") -> None:
-    """Skip (or, under scripts/test, fail) unless ``backend`` can run ``board`` here."""
-    if backend == "qemu":
-        require_tool(QEMU_BINARIES[BOARD_ARCH[board]], f"the qemu backend on {board}")
-
-
-def qemu_children() -> list[psutil.Process]:
-    """qemu-system-* processes started by this test process (zombies included)."""
-    out = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if child.name().startswith("qemu-system"):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return out
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The test firmware (tests/firmware): images built with the boards' cross compilers by
 ``make -C tests/firmware`` (on demand, once per board), else the committed prebuilt
-samples; and the symbols in their ELF files."""
+samples; and the symbols, functions and code in their ELF files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import fcntl
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -67,16 +68,42 @@ def firmware(board: str, program: str, ext: str = "elf") -> Path:
                  f"firmware {board}/{program}.{ext} not built (run make -C tests/firmware)")
 
 
-def elf_symbol_value(elf: Path, name: str) -> int:
-    """A symbol's st_value as the ELF has it (a Thumb function's has bit 0 set)."""
+def _elf_symbol_entry(elf: Path, name: str) -> Any:
     with elf.open("rb") as f:
         symtab = ELFFile(f).get_section_by_name(".symtab")
         assert symtab is not None, f"{elf} has no symbol table"
         syms = symtab.get_symbol_by_name(name)  # type: ignore[attr-defined]
         assert syms, f"no symbol {name} in {elf}"
-        return int(syms[0]["st_value"])
+        return syms[0]
+
+
+def elf_symbol_value(elf: Path, name: str) -> int:
+    """A symbol's st_value as the ELF has it (a Thumb function's has bit 0 set)."""
+    return int(_elf_symbol_entry(elf, name)["st_value"])
+
+
+def elf_address(elf: Path, name: str) -> int:
+    """Where a symbol is: its value with bit 0 (a Thumb function's mode bit) cleared, so
+    a function's first instruction (the test firmware's data symbols are word-aligned:
+    unchanged)."""
+    return elf_symbol_value(elf, name) & ~1
+
+
+def elf_function(elf: Path, name: str) -> range:
+    """The addresses a function's code spans (at least its first byte)."""
+    sym = _elf_symbol_entry(elf, name)
+    start = int(sym["st_value"]) & ~1
+    return range(start, start + max(1, int(sym["st_size"])))
 
 
 def elf_symbol(board: str, program: str, name: str) -> int:
-    """The address of a symbol in a test firmware (Thumb bit cleared: where the code is)."""
-    return elf_symbol_value(firmware(board, program), name) & ~1
+    """:func:`elf_address` of a symbol in a test firmware (built on demand)."""
+    return elf_address(firmware(board, program), name)
+
+
+def code_addresses(elf: Path) -> list[int]:
+    """Every halfword of the program's .text: where instructions can start."""
+    with elf.open("rb") as f:
+        text = ELFFile(f).get_section_by_name(".text")
+        assert text is not None, f"{elf} has no .text"
+        return list(range(int(text["sh_addr"]), int(text["sh_addr"]) + int(text["sh_size"]), 2))

@@ -18,7 +18,7 @@ from machineserver.server.drivers.base import Counters, HostFootprint, Machine, 
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import telemetry_pb2 as tpb
 from tests.helpers.api import console_until, duration, upload
-from tests.helpers.conformance import require_backend
+from tests.helpers.backends import require_backend
 
 
 class ProcessMachine(HostFootprint):
