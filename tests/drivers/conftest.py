@@ -39,3 +39,4 @@ async def machines() -> AsyncIterator[MachineFactory]:
         yield make
         for m in made:
             await m.power_off()
+        await backend.aclose()  # its warm spare QEMUs, if a board was started often enough

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from machineserver.server.drivers.base import MachineState, StopReason
-from machineserver.server.drivers.qemu import process as process_module
+from machineserver.server.drivers.qemu import launch as launch_module
 from machineserver.server.drivers.qemu.plugin import PluginStatus
 from tests.drivers.qemu_helpers import MachineFactory, boot, halted_at, usable_gate
 from tests.helpers.firmware import elf_address
@@ -130,7 +130,7 @@ async def test_without_the_plugin_steps_fall_back_to_single_steps(
         machines: MachineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the plugin cannot be built (no C compiler; simulated here), QEMU runs
     without it: counted steps are gdbstub single steps, still exact and cancellable."""
-    monkeypatch.setattr(process_module, "plugin_status",
+    monkeypatch.setattr(launch_module, "plugin_status",
                         lambda: PluginStatus(None, "no host C compiler (simulated)"))
     m, ev, _ = await boot(machines, "mps2-an385", "echo", icount=True)
     inst = m.process.instance

@@ -17,7 +17,7 @@ from machineserver.server.drivers.base import (
     StopReason,
     WrongState,
 )
-from machineserver.server.drivers.qemu import process as process_module
+from machineserver.server.drivers.qemu import launch as launch_module
 from machineserver.server.drivers.qemu import semihosting
 from machineserver.server.drivers.qemu.plugin import PluginStatus
 from tests.drivers.qemu_helpers import MachineFactory, boot, halted_at, usable_gate
@@ -175,7 +175,7 @@ async def test_the_plugin_holds_before_traps(machines: MachineFactory) -> None:
 
 async def test_without_the_plugin_hidden_breakpoints_catch_the_exit(
         machines: MachineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process_module, "plugin_status",
+    monkeypatch.setattr(launch_module, "plugin_status",
                         lambda: PluginStatus(None, "no host C compiler (simulated)"))
     for board_name in ("mps2-an385", "sifive_e"):
         m, ev, _ = await boot(machines, board_name, "fault")

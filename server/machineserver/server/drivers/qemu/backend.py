@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +20,10 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
 from machineserver.server.drivers.qemu.plugin import plugin_status
+from machineserver.server.drivers.qemu.spares import DEMAND, IDLE_S, WINDOW_S, SparePool
 
 _VERSION = re.compile(r"QEMU emulator version (\S+)")
+SPARES_ENV = "MS_QEMU_SPARES"
 
 
 class QemuBackend(Backend):
@@ -31,11 +34,16 @@ class QemuBackend(Backend):
     )
     machine_class: type[Machine] = QemuMachine
 
-    def __init__(self, binaries: dict[Arch, str] | None = None) -> None:
+    def __init__(self, binaries: dict[Arch, str] | None = None, *, spares: int | None = None) -> None:
+        """``spares``: warm QEMUs kept per board in demand (0 or 1, see :mod:`.spares`);
+        None reads ``MS_QEMU_SPARES`` from the environment (default 1). Not a
+        ``MACHINESERVER_*`` variable: those are the server's own settings, and this one
+        must reach the worker processes, which make their own backends."""
         self.binaries = dict(binaries or BINARIES)
         self._versions: dict[str, str | None] = {}
         self._machines: dict[str, frozenset[str]] = {}
         self._plugins: dict[str, bool] = {}
+        self.spares = SparePool(per_spec=spares_setting() if spares is None else spares)
 
     # ------------------------------------------------------------------ probing
     def _path(self, arch: Arch) -> str | None:
@@ -132,6 +140,10 @@ class QemuBackend(Backend):
             if coverage == "tcg-plugin" else f"gdbstub single steps ({coverage})",
             "semihosting_exits": "caught before QEMU ends (state EXITED, QEMU kept); "
             'MachineOptions.extra["semihosting_traps"]="off" lets QEMU exit itself',
+            "warm_spares": (f"a board started {DEMAND} times within {WINDOW_S:g} s gets a halted "
+                            "QEMU kept ready for its next power-on (per worker process; stopped "
+                            f"after {IDLE_S:g} s unused; not for coverage); {SPARES_ENV}=0 "
+                            "turns them off") if self.spares.enabled else f"off ({SPARES_ENV}=0)",
         }
         for arch, binary in self.binaries.items():
             details[f"binary_{arch.value}"] = (
@@ -166,4 +178,18 @@ class QemuBackend(Backend):
     def create_machine(
         self, board: BoardSpec, options: MachineOptions, events: MachineEvents
     ) -> Machine:
-        return QemuMachine(board, options, events, binary=self.binaries[board.arch])
+        return QemuMachine(board, options, events, binary=self.binaries[board.arch],
+                           spares=self.spares if self.spares.enabled else None)
+
+    async def aclose(self) -> None:
+        """Stop the warm spares (the machines are powered off by then)."""
+        await self.spares.aclose()
+
+
+def spares_setting() -> int:
+    """``MS_QEMU_SPARES``: how many warm QEMUs per board in demand (0: none; default 1)."""
+    text = os.environ.get(SPARES_ENV, "").strip()
+    try:
+        return max(0, int(text)) if text else 1
+    except ValueError:
+        return 1

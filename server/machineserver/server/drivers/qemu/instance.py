@@ -6,6 +6,10 @@ listens on before QEMU starts, then hands to QEMU as an inherited file descripto
 (``-chardev socket,fd=N,server=on``): no port races between machines, and no polling
 for a socket QEMU has not created yet (a connect just waits in the listen backlog until
 QEMU accepts it).
+
+The connections are made at once, not one after the other: QMP's handshake, the console
+connections and the gdbstub's (with the caller's set-up requests on it, ``on_gdb``) all
+wait for the same thing, QEMU's main loop, and finish together when it runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
@@ -74,6 +78,14 @@ def explaining_lines(lines: Iterable[str]) -> list[str]:
     return out[-REASON_LINES:]
 
 
+def _reason(exc: BaseException) -> str:
+    """What a failed start says: the first error of a group (the connections are made
+    concurrently), as its text or, when it has none, its type."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
 def _die_with_parent_prefix() -> list[str]:
     """A command prefix that SIGKILLs QEMU when the server dies (even by SIGKILL), so no
     emulator outlives the process that controls it: util-linux ``setpriv --pdeathsig``
@@ -87,8 +99,10 @@ class QemuInstance:
     """A started QEMU; :meth:`start` builds it, :meth:`stop` ends it (idempotent).
 
     ``on_exit(returncode, stderr_tail)`` is called once when the process ends, unless
-    the end was asked for through :meth:`stop`. ``xml_registers`` is what the gdbstub
-    handshake claims in ``qSupported`` (``"arm"`` on Arm; None elsewhere).
+    the end was asked for through :meth:`stop`; ``on_console(data)`` gets what the guest
+    writes. Both may be replaced while QEMU runs (a warm spare changes hands: see
+    :mod:`.spares`). ``xml_registers`` is what the gdbstub handshake claims in
+    ``qSupported`` (``"arm"`` on Arm; None elsewhere).
     """
 
     def __init__(
@@ -104,8 +118,8 @@ class QemuInstance:
         self.binary = binary
         self.extra_args = list(args)
         self.dir = workdir or _short_tmpdir()
-        self._on_console = on_console
-        self._on_exit = on_exit
+        self.on_console = on_console
+        self.on_exit = on_exit
         self.xml_registers = xml_registers
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
@@ -142,7 +156,11 @@ class QemuInstance:
             *self.extra_args,
         ]  # fmt: skip
 
-    async def start(self, *, connect_gdb: bool = True) -> None:
+    async def start(self, *, connect_gdb: bool = True,
+                    on_gdb: Callable[[RspClient], Awaitable[None]] | None = None) -> None:
+        """Start QEMU and connect to it; ``on_gdb``: requests to make on the gdbstub
+        connection as soon as it is up (while QMP's handshake may still go on). Nothing
+        outlives a start that fails or is cancelled (BackendFailed says why it failed)."""
         listeners: dict[str, socket.socket] = {}
         try:
             for name in ("con", "semi", "gdb", "qmp"):
@@ -168,40 +186,58 @@ class QemuInstance:
         self._tasks.append(asyncio.create_task(self._read_stderr()))
         self._tasks.append(asyncio.create_task(self._watch()))
         try:
-            await asyncio.wait_for(self._connect(connect_gdb), START_TIMEOUT)
+            await asyncio.wait_for(self._connect(connect_gdb, on_gdb), START_TIMEOUT)
         except Exception as exc:
             # QEMU refused the command line (or died): report what it said
             await asyncio.sleep(0.05)
-            detail = self.describe_exit() if self.proc.returncode is not None else str(exc)
+            detail = self.describe_exit() if self.proc.returncode is not None else _reason(exc)
             await self.stop()
             raise BackendFailed(f"QEMU did not start: {detail}") from None
+        except BaseException:  # cancelled: no QEMU is left behind
+            await asyncio.shield(self.stop(kill=True))
+            raise
 
-    async def _connect(self, connect_gdb: bool) -> None:
+    async def _connect(self, connect_gdb: bool,
+                       on_gdb: Callable[[RspClient], Awaitable[None]] | None) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._connect_qmp())
+            for name in ("con", "semi"):
+                group.create_task(self._connect_console(name))
+            if connect_gdb:
+                group.create_task(self.connect_gdb(on_gdb))
+
+    async def _connect_qmp(self) -> None:
         qmp = QMPClient(f"qemu-{os.path.basename(self.dir)}")
-        await qmp.connect(os.path.join(self.dir, "qmp.sock"))
+        try:
+            await qmp.connect(os.path.join(self.dir, "qmp.sock"))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+            raise
         self.qmp = qmp
-        for name in ("con", "semi"):
-            reader, writer = await asyncio.open_unix_connection(
-                os.path.join(self.dir, f"{name}.sock")
-            )
-            self._writers.append(writer)
-            if name == "con":
-                self._con_writer = writer
-            self._tasks.append(asyncio.create_task(self._pump(reader)))
-        if connect_gdb:
-            await self.connect_gdb()
 
-    async def connect_gdb(self) -> None:
-        self.rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"),
-                                                xml_registers=self.xml_registers,
-                                                resync_timeout=GDB_RESYNC_TIMEOUT)
+    async def _connect_console(self, name: str) -> None:
+        reader, writer = await asyncio.open_unix_connection(os.path.join(self.dir, f"{name}.sock"))
+        self._writers.append(writer)
+        if name == "con":
+            self._con_writer = writer
+        self._tasks.append(asyncio.create_task(self._pump(reader)))
+
+    async def connect_gdb(self, on_gdb: Callable[[RspClient], Awaitable[None]] | None = None) -> None:
+        """Connect to the gdbstub; ``on_gdb``: requests to make on it first."""
+        rsp = await RspClient.connect_unix(os.path.join(self.dir, "gdb.sock"),
+                                           xml_registers=self.xml_registers,
+                                           resync_timeout=GDB_RESYNC_TIMEOUT)
+        self.rsp = rsp
+        if on_gdb is not None:
+            await on_gdb(rsp)
 
     # ------------------------------------------------------------------ tasks
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
             while data := await reader.read(65536):
                 try:
-                    self._on_console(data)
+                    self.on_console(data)
                 except Exception:  # an events sink must not kill the pump
                     log.exception("console_output callback failed")
 
@@ -227,7 +263,7 @@ class QemuInstance:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(qmp.disconnect(), 2.0)
             try:
-                self._on_exit(rc, "\n".join(self.stderr_tail))
+                self.on_exit(rc, "\n".join(self.stderr_tail))
             except Exception:
                 log.exception("exit callback failed")
 

@@ -26,14 +26,20 @@ The lifecycle:
   semihosting on (``target=native``, its console output on a second chardev that is
   forwarded like the UART), our TCG plugin (:mod:`.plugin`: the instruction gate, plus a
   coverage table when asked), and ``-icount shift=N,sleep=off`` when the options ask for
-  deterministic time. See :mod:`.instance` for the sockets.
+  deterministic time. See :mod:`.instance` for the sockets, :mod:`.launch` for the start
+  and where its time goes. A board in demand has a warm spare QEMU ready (:mod:`.spares`):
+  power-on then takes it instead of waiting for QEMU to start.
 * **Loading**: the image's segments are written over the gdbstub (``M`` packets; QEMU's
-  debug writes go into flash/ROM too), its semihosting trap sites found, then a QMP
-  ``system_reset``: the Cortex-M core reads SP and PC from the vector table exactly as
-  at power-up, peripherals are reset. On RISC-V the PC is then set to the image's entry
-  (QEMU's reset PC is the MROM stub). No restart, no temp files. ``reset()`` writes the
-  loaded image again (as the Unicorn backend does: a vector table the program or a
-  debugger overwrote in RAM is restored) and resets; other memory keeps its contents.
+  debug writes go into flash/ROM too; QEMU 7.2 has no ``X``), its semihosting trap sites
+  found, then a QMP ``system_reset``: the Cortex-M core reads SP and PC from the vector
+  table exactly as at power-up, peripherals are reset. On RISC-V the PC is then set to
+  the image's entry (QEMU's reset PC is the MROM stub). No restart, no temp files.
+  ``reset()`` writes the loaded image again (as the Unicorn backend does: a vector table
+  the program or a debugger overwrote in RAM is restored) and resets; other memory keeps
+  its contents. Not ``-kernel`` / ``-device loader``: a machine is powered on before its
+  program is known (and a spare is started before its machine is), and QEMU 7.2 cannot
+  add a loader later (``device_add loader``: not hotpluggable). What it costs, measured
+  here: ~0.2 ms for the test firmware (< 1 KB), ~40-50 ms for a 256 KiB image.
 * **After the program ends**: a semihosting exit caught at its trap leaves QEMU alive and
   halted there (EXITED; ``reset()``/``load()`` go on in it). When QEMU itself ended (an
   exit it performed, a lockup, a failure) ``reset()`` or ``load()`` start a fresh QEMU
@@ -80,6 +86,7 @@ from machineserver.server.drivers.qemu.registers import QemuRegisters
 from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
 from machineserver.server.drivers.qemu.semihosting import TrapSites, find_trap_sites
 from machineserver.server.drivers.qemu.snapshots import SNAPSHOT_BROKEN, QemuSnapshots
+from machineserver.server.drivers.qemu.spares import SparePool
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 from machineserver.server.rsp import RspError
 
@@ -93,19 +100,22 @@ RESET_TIMEOUT = 5.0
 
 class QemuMachine(Machine):
     """``binary`` and ``extra_args`` (appended to QEMU's command line) are for embedding
-    and tests, never reachable from the API."""
+    and tests, never reachable from the API. ``spares``: the backend's warm QEMUs (see
+    :mod:`.spares`); without it every QEMU is started on demand."""
 
     capabilities = (RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints,
                     ConsoleInput, Snapshots, Coverage, HostFootprint)
 
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents, *,
-                 binary: str | None = None, extra_args: Sequence[str] = ()) -> None:
+                 binary: str | None = None, extra_args: Sequence[str] = (),
+                 spares: SparePool | None = None) -> None:
         super().__init__()
         qemu_machine = board.backend_machines.get("qemu")
         if not qemu_machine:
             raise BadRequest(f"board {board.name} names no QEMU machine", field="board")
         self.target = QemuTarget(board, options, events, qemu_machine=qemu_machine,
-                                 binary=binary or BINARIES[board.arch], extra_args=extra_args)
+                                 binary=binary or BINARIES[board.arch], extra_args=extra_args,
+                                 spares=spares)
         self.points = PointTable(board.arch)
         self.traps = TrapSites(board.arch, self.points)
         self.run_control = QemuRunControl(self.target, self.points, self.traps)

@@ -1,5 +1,6 @@
-"""One machine's QEMU process across restarts: starting it (with our plugin, the gdbstub
-tuned, the register map read), ending it, and what its death means.
+"""One machine's QEMU process across restarts: starting it (a warm spare from
+:mod:`.spares`, or one started now by :mod:`.launch`), ending it, and what its death
+means.
 
 Deaths, each classified, reaped and reported exactly once per process:
 
@@ -24,39 +25,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from machineserver.server.drivers.base import (
-    Arch,
     BackendFailed,
     DriverError,
     MachineState,
-    NotSupported,
     StopInfo,
     StopReason,
     WrongState,
 )
 from machineserver.server.drivers.qemu.gate import InstructionGate
-from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
-from machineserver.server.drivers.qemu.instance import QemuInstance, _short_tmpdir
-from machineserver.server.drivers.qemu.plugin import plugin_args, plugin_status
-from machineserver.server.drivers.qemu.regs import fetch_register_map
-from machineserver.server.rsp import RspClient, RspError
+from machineserver.server.drivers.qemu.instance import QemuInstance
+from machineserver.server.drivers.qemu.launch import LaunchSpec, launch
+from machineserver.server.rsp import RspClient
 
 if TYPE_CHECKING:
+    from machineserver.server.drivers.qemu.spares import SparePool
     from machineserver.server.drivers.qemu.target import QemuTarget
 
-# what the gdbstub handshake claims as the client's register architecture
-XML_REGISTERS: dict[Arch, str | None] = {Arch.ARM_CORTEX_M: "arm", Arch.RISCV32: None}
-# QEMU's gdbstub masks interrupts and stops timers while single-stepping by default
-# (sstep flags NOIRQ|NOTIMER): with ENABLE alone a step runs like normal execution
-SSTEP_LIKE_RUNNING = b"Qqemu.sstep=0x1"
 EXIT_WAIT = 3.0  # how long a dropped connection may wait for the process to end
 _FATAL = re.compile(r"qemu: fatal: (.*)|Lockup: (.*)")
 _SIGNALLED = re.compile(r"^qemu-system-[\w-]+: terminating on signal \d+")
@@ -67,9 +56,11 @@ class QemuProcess:
     """The QEMU of one machine. ``instance`` is the running one (None when there is
     none); ``gate`` its instruction gate (None without the plugin)."""
 
-    def __init__(self, target: QemuTarget, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, target: QemuTarget, extra_args: Sequence[str] = (),
+                 spares: SparePool | None = None) -> None:
         self.target = target
         self.extra_args = tuple(extra_args)
+        self.spares = spares
         self.instance: QemuInstance | None = None
         self.gate: InstructionGate | None = None
         self._waiters = 0  # operations waiting on QEMU: its death is theirs to deliver
@@ -102,70 +93,31 @@ class QemuProcess:
             self._waiters -= 1
 
     # ------------------------------------------------------------------ start / stop
+    @property
+    def spec(self) -> LaunchSpec:
+        """What this machine's QEMUs are started from."""
+        target = self.target
+        return LaunchSpec(target.binary, target.qemu_machine, target.arch, target.clock.shift,
+                          self.extra_args)
+
     async def start(self, *, coverage: dict[str, str] | None = None,
                     incoming: bytes | None = None) -> None:
-        """Start a fresh QEMU (halted), replacing any old one. ``coverage``: the
-        plugin's coverage options; ``incoming``: a migration stream to restore."""
+        """Start a fresh QEMU (halted), replacing any old one: a warm spare when the pool
+        has one (see :mod:`.spares`; not for a coverage table, extra arguments or a
+        restore), else one started now. ``coverage``: the plugin's coverage options;
+        ``incoming``: a migration stream to restore."""
         await self.stop()
         target = self.target
-        workdir = _short_tmpdir()
-        try:
-            args = ["-M", target.qemu_machine]
-            if target.clock.shift is not None:
-                args += ["-icount", f"shift={target.clock.shift},sleep=off"]
-            gate = None
-            status = await asyncio.to_thread(plugin_status)
-            if status.path is not None:
-                gate = InstructionGate(workdir, always=target.clock.shift is not None)
-                try:
-                    args += plugin_args(status.path, {**gate.plugin_options(), **(coverage or {})})
-                except ValueError as exc:  # a path QEMU's option syntax cannot carry
-                    if coverage:
-                        raise NotSupported(f"coverage is unavailable here: {exc}") from None
-                    gate = None
-            if incoming is not None:
-                path = os.path.join(workdir, "incoming.bin")
-                await asyncio.to_thread(Path(path).write_bytes, incoming)
-                args += ["-incoming", f"exec:cat {path}"]
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        inst = QemuInstance(target.binary, [*args, *self.extra_args],
-                            on_console=target.events.console_output, on_exit=self._on_exit,
-                            workdir=workdir, xml_registers=XML_REGISTERS[target.arch])
-        await inst.start(connect_gdb=incoming is None)  # frees the directory if it fails
-        self.instance, self.gate = inst, gate
-        try:
-            if incoming is not None:
-                await self._wait_incoming(inst)
-                await inst.connect_gdb()
-            stub = self.stub()
-            with refusals_ignored():  # an older stub: steps mask interrupts
-                await stub.request_ok(SSTEP_LIKE_RUNNING)
-            target.regmap = await fetch_register_map(target.arch, stub.read_xfer)
-            if gate is not None:
-                gate.attach()
-        except (RspError, OSError, TimeoutError) as exc:
-            await self.stop()
-            raise BackendFailed(f"QEMU did not start: {exc}") from None
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _wait_incoming(self, inst: QemuInstance) -> None:
-        deadline = time.monotonic() + 10.0
-        while True:
-            status = await inst.qmp_call("query-status")
-            assert isinstance(status, dict)
-            if status.get("status") != "inmigrate":
-                # QEMU restores the run state saved with the stream (debug, paused, ...)
-                if status.get("status") in ("internal-error", "io-error", "shutdown",
-                                            "guest-panicked", "restore-vm"):
-                    raise BackendFailed(f"restore failed: QEMU is {status.get('status')}")
-                return
-            if time.monotonic() > deadline:
-                raise BackendFailed("restore did not finish in 10 s")
-            await asyncio.sleep(0.002)
+        spec = self.spec
+        launched = None
+        if self.spares is not None and not coverage and incoming is None and not spec.extra_args:
+            launched = self.spares.take(spec, on_console=target.events.console_output,
+                                        on_exit=self._on_exit)
+        if launched is None:
+            launched = await launch(spec, on_console=target.events.console_output,
+                                    on_exit=self._on_exit, coverage=coverage, incoming=incoming)
+        self.instance, self.gate = launched.instance, launched.gate
+        target.regmap = launched.regmap
 
     async def stop(self, *, kill: bool = False) -> None:
         """End the current QEMU, if any, without reporting anything; and wait for the

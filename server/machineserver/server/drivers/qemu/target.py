@@ -13,7 +13,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from qemu.qmp.error import QMPError
 
@@ -41,6 +41,9 @@ from machineserver.server.rsp import (
     RspStateError,
     RspTimeout,
 )
+
+if TYPE_CHECKING:
+    from machineserver.server.drivers.qemu.spares import SparePool
 
 # states in which the CPU is stopped and its registers and memory can be inspected
 INSPECTABLE = (MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
@@ -103,7 +106,8 @@ class QemuTarget:
     while the state is EXITED or FAULTED."""
 
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents, *,
-                 qemu_machine: str, binary: str, extra_args: Sequence[str] = ()) -> None:
+                 qemu_machine: str, binary: str, extra_args: Sequence[str] = (),
+                 spares: SparePool | None = None) -> None:
         self.board = board
         self.options = options
         self.events = events
@@ -113,7 +117,7 @@ class QemuTarget:
         self.op = asyncio.Lock()
         self.regmap: RegisterMap | None = None
         self.clock = RunClock(icount_shift(board, options) if options.icount else None)
-        self.process = QemuProcess(self, extra_args)
+        self.process = QemuProcess(self, extra_args, spares)
         self.last_pc = 0
         self.end: StopInfo | None = None
 
