@@ -10,6 +10,8 @@ Sections (pick with --only NAME[,NAME]):
   qemu      crc32 through the QEMU backend vs the same QEMU command line by hand;
             create-to-first-console-byte p50; our RSP client vs gdb-multiarch (pygdbmi)
             stepping on the same QEMU gdbstub
+  isolation 50 sessions busy-polling a UART next to 10 clients reading halted sessions:
+            emulation in worker processes vs in the server's process (bench_isolation.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
 """
 
@@ -79,12 +81,12 @@ def single(name: str, value: float, unit: str, target: str) -> None:
 class Server:
     """MachineServer as a child process on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: list[str] | None = None) -> None:
         self.tmp = tempfile.mkdtemp(prefix="ms-bench-")
         port_file = Path(self.tmp) / "port"
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "machineserver"), "--listen", "127.0.0.1:0", "--data-dir", f"{self.tmp}/data",
-             "--port-file", str(port_file), "--log-level", "warning", "--max-sessions", "10000"],
+             "--port-file", str(port_file), "--log-level", "warning", "--max-sessions", "10000", *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while not port_file.exists():
@@ -473,7 +475,16 @@ SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "debug": bench_d
             "qemu": bench_qemu}
 
 
+def _more_sections() -> None:
+    """Sections in modules of their own (they import this one, so they load after it)."""
+    from bench_isolation import bench_isolation
+
+    SECTIONS["isolation"] = bench_isolation
+
+
+
 async def main() -> None:
+    _more_sections()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS))
     args = parser.parse_args()

@@ -33,6 +33,7 @@ from machineserver.server.worker.wire import Status, Traits
 log = structlog.get_logger("machineserver.worker")
 
 STATUS_INTERVAL = 0.05  # seconds between status pushes for running machines
+WORKER_NICE = 10  # workers run at this much lower a priority than the server
 
 INTERFACES: dict[str, type[drv.Capability]] = {
     iface.__name__: iface
@@ -186,6 +187,10 @@ def worker_main(sock: socket.socket, parent: int, enabled: list[str] | None) -> 
 
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # emulation is background work next to the control plane: a busy firmware must not
+    # take the CPU from the server's event loop when it has a call to answer
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
     backends = {backend.name: backend for backend in discover_backends(enabled)}
     asyncio.run(serve(sock, backends))
 

@@ -42,6 +42,10 @@ class RemoteMachine(drv.Machine):
         self.traits: Traits | None = None
         self._state = drv.MachineState.OFF
         self._counters = drv.Counters(0, 0)
+        # every register, read once after a stop and served from here until anything could
+        # have changed one (any call but a read, any event, any status that moved): a halted
+        # session's registers are answered without a round trip to a worker that may be busy
+        self.registers: dict[str, int] | None = None
         self.footprint: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         parts: dict[type[drv.Capability], drv.Capability] = {
             drv.RunControl: RemoteRunControl(self), drv.RegisterAccess: RemoteRegisters(self),
@@ -67,10 +71,15 @@ class RemoteMachine(drv.Machine):
         return self._counters
 
     def on_status(self, status: Status) -> None:
-        self._state, self._counters, pids, tids = status
+        state, counters, pids, tids = status
+        if (state, counters) != (self._state, self._counters):
+            self.registers = None
+        self._state, self._counters = state, counters
         self.footprint = (pids, tids)
 
     def on_event(self, kind: str, payload: Any, status: Status | None) -> None:
+        if kind != "console":
+            self.registers = None
         if status is not None:
             self.on_status(status)
         if kind == "console":
@@ -94,7 +103,13 @@ class RemoteMachine(drv.Machine):
             if self._state is drv.MachineState.FAILED:
                 raise drv.BackendFailed("the worker process of this machine is gone")
             raise drv.WrongState("the machine is off; power it on first", state="off", required="halted")
-        return await link.request("call", self, interface, method, args, kwargs, cancellable=cancellable)
+        if method not in READS:
+            self.registers = None
+        try:
+            return await link.request("call", self, interface, method, args, kwargs, cancellable=cancellable)
+        finally:
+            if method not in READS:
+                self.registers = None  # and whatever it did, afterwards too
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,6 +147,12 @@ class RemoteMachine(drv.Machine):
         await self.call("", "load", image)
 
 
+# calls that change nothing in the machine (the register cache survives them)
+READS = frozenset({"read_registers", "read_memory", "coverage_blocks", "coverage_edges", "counters", "traits",
+                   "save_state"})
+HALTED_STATES = frozenset({drv.MachineState.HALTED, drv.MachineState.EXITED, drv.MachineState.FAULTED})
+
+
 class _Part:
     def __init__(self, machine: RemoteMachine) -> None:
         self.machine = machine
@@ -156,8 +177,21 @@ class RemoteRegisters(_Part, drv.RegisterAccess):
         return traits.register_names if traits is not None else ()
 
     async def read_registers(self, names: Sequence[str] | None = None) -> dict[str, int]:
-        values: dict[str, int] = await self.machine.call(
-            "RegisterAccess", "read_registers", list(names) if names is not None else None)
+        machine = self.machine
+        if machine.state not in HALTED_STATES:
+            values: dict[str, int] = await machine.call(
+                "RegisterAccess", "read_registers", list(names) if names is not None else None)
+            return values
+        cached = machine.registers
+        if cached is None:
+            cached = await machine.call("RegisterAccess", "read_registers", None)
+            machine.registers = cached
+        assert cached is not None
+        if names is None:
+            return dict(cached)
+        if all(n in cached for n in names):
+            return {n: cached[n] for n in names}
+        values = await machine.call("RegisterAccess", "read_registers", list(names))  # aliases
         return values
 
     async def write_register(self, name: str, value: int) -> None:
