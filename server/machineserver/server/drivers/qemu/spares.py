@@ -36,12 +36,14 @@ from dataclasses import dataclass
 
 from machineserver.server.drivers.base import DriverError
 from machineserver.server.drivers.qemu.launch import Launched, LaunchSpec, launch
+from machineserver.server.rsp import RspError
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 60.0
 DEMAND = 3
 WINDOW_S = 60.0
+PROBE_S = 2.0  # a spare that does not answer a register read in this long is not handed out
 
 
 @dataclass(eq=False)
@@ -96,27 +98,42 @@ class SparePool:
         return out
 
     # ------------------------------------------------------------------ machines' side
-    def take(self, spec: LaunchSpec, *, on_console: Callable[[bytes], None],
-             on_exit: Callable[[int, str], None]) -> Launched | None:
+    async def take(self, spec: LaunchSpec, *, on_console: Callable[[bytes], None],
+                   on_exit: Callable[[int, str], None]) -> Launched | None:
         """A ready spare of ``spec``, now the caller's (its callbacks are the caller's from
-        here on), or None. Counts as a start of ``spec`` for the demand either way."""
+        here on), or None. A spare must answer its gdbstub first (one register read): one
+        that died or froze unnoticed is stopped instead of handed out. Counts as a start of
+        ``spec`` for the demand either way."""
         if not self.enabled:
             return None
         self._bind()
         self._note_start(spec)
         spare = self._ready.pop(spec, None)
-        taken = None
-        if spare is not None:
-            if self._usable(spare):
-                spare.taken = True
-                inst = spare.launched.instance
-                inst.on_console, inst.on_exit = on_console, on_exit
-                self.stats.taken += 1
-                taken = spare.launched
-            if spare.keeper is not None:
-                spare.keeper.cancel()  # a spare not taken (it died) is stopped by its keeper
         self._want(spec)
-        return taken
+        if spare is None:
+            return None
+        if self._usable(spare) and await self._answers(spare):
+            spare.taken = True
+            inst = spare.launched.instance
+            inst.on_console, inst.on_exit = on_console, on_exit
+            self.stats.taken += 1
+        else:
+            spare.dead = True
+        if spare.keeper is not None:
+            spare.keeper.cancel()  # a spare not taken is stopped by its keeper
+        return spare.launched if spare.taken else None
+
+    @staticmethod
+    async def _answers(spare: _Spare) -> bool:
+        launched = spare.launched
+        rsp, pc = launched.instance.rsp, launched.regmap.resolve("pc")
+        if rsp is None or pc is None:
+            return False
+        try:
+            await rsp.request(b"p%x" % pc.number, timeout=PROBE_S)
+        except (RspError, OSError):
+            return False
+        return True
 
     @staticmethod
     def _usable(spare: _Spare) -> bool:
