@@ -12,18 +12,8 @@ import pytest
 from machineserver.sdk import AsyncClient, Client
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
-from tests.helpers.firmware import FIRMWARE, ROOT, firmware
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import (
-    REQUIRE_TOOLS_ENV,
-    VENV_BIN,
-    skip_is_for_a_missing_tool,
-    tools_required,
-)
-
-# Older import paths (``from tests.conftest import firmware``) keep working; new code
-# imports from tests.helpers.
-__all__ = ["FIRMWARE", "ROOT", "VENV_BIN", "ServerProcess", "firmware"]
+from tests.helpers.tools import REQUIRE_TOOLS_ENV, skip_is_for_a_missing_tool, tools_required
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,7 +14,8 @@ import pytest
 
 from machineserver.sdk import AsyncClient, Client, errors
 from machineserver.sdk.errors import from_rpc_error
-from tests.conftest import ROOT, VENV_BIN
+from tests.helpers.firmware import ROOT
+from tests.helpers.tools import VENV_BIN
 
 # Code a user writes. Lines marked "# E: CODE" must be refused by mypy with that error
 # code; every other line must type-check under --strict.

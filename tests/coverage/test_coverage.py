@@ -22,8 +22,9 @@ import pytest
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.drivers.base import Feature, features_of
 from machineserver.v1 import common_pb2 as cpb
+from tests.helpers.backends import require_backend, require_qemu_plugin
 from tests.helpers.firmware import FIRMWARE, firmware
-from tests.helpers.tools import find_tool, require_tool, tool_missing
+from tests.helpers.tools import find_tool, require_tool
 
 BOARD = "mps2-an385"
 FILE = "src/coverage.c"
@@ -42,18 +43,9 @@ CRC32_LINE_COUNTS = {22: 4096, 23: 4096, 30: 300 * 4096, 32: 8 * 300 * 4096}
 
 def require_coverage(backend: str, board: str = BOARD) -> None:
     """Skip (fail under scripts/test) unless ``backend`` can collect coverage here."""
+    require_backend(backend, board)
     if backend == "qemu":
-        require_tool("qemu-system-riscv32" if board == "sifive_e" else "qemu-system-arm", "the qemu backend")
-        from machineserver.server.drivers.qemu.coverage import plugin_status
-
-        status = plugin_status()
-        if status.path is None:  # the plugin is built with gcc on first use
-            tool_missing("gcc", f"the QEMU coverage plugin is unavailable: {status.reason}")
-        return
-    from machineserver.server.drivers.unicorn.backend import UnicornMachine
-
-    if UnicornMachine is None or Feature.COVERAGE not in features_of(UnicornMachine):
-        pytest.skip("the unicorn driver does not implement the Coverage interface (yet)")
+        require_qemu_plugin()
 
 
 @pytest.fixture(params=["unicorn", "qemu"])

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 
 import capstone
 import pytest
 
-from machineserver.server.core.boards import load_shipped_boards
-from machineserver.server.core.coverage_analysis import Flow, ProgramAnalysis, classify
+from machineserver.server.core.coverage_analysis import Flow, classify
 from machineserver.server.core.coverage_export import _simple_html
 from machineserver.server.core.coverage_mapping import (
     Counts,
@@ -24,11 +22,9 @@ from machineserver.server.core.coverage_mapping import (
     percent_text,
 )
 from machineserver.server.core.images import ImageFormat, parse_image
-from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
     Arch,
     Blocks,
-    BoardSpec,
     Coverage,
     MachineOptions,
     RunControl,
@@ -37,6 +33,7 @@ from machineserver.server.drivers.base import (
 )
 from tests.helpers.events import Recorder
 from tests.helpers.firmware import firmware
+from tests.helpers.machines import board, program_analysis
 
 THUMB = capstone.Cs(capstone.CS_ARCH_ARM, capstone.CS_MODE_THUMB | capstone.CS_MODE_MCLASS)
 RISCV = capstone.Cs(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV32 | capstone.CS_MODE_RISCVC)
@@ -125,14 +122,6 @@ def test_merge_blocks_keeps_per_address_counts() -> None:
     assert merge_blocks({0x10: (8, 2)}, {0x10: (4, 1)}) == {0x10: (4, 3), 0x14: (4, 2)}
 
 
-def program(board_name: str, name: str) -> Path:
-    return firmware(board_name, name)  # built on demand (skips, or fails under scripts/test)
-
-
-def board(name: str) -> BoardSpec:
-    return load_shipped_boards()[name]
-
-
 async def unicorn_run(board_name: str, elf: bytes) -> tuple[Blocks, dict[tuple[int, int], int]]:
     """Blocks and counted edges of one run to the exit on the in-process Unicorn driver."""
     from machineserver.server.drivers.unicorn import UnicornBackend
@@ -152,11 +141,6 @@ async def unicorn_run(board_name: str, elf: bytes) -> tuple[Blocks, dict[tuple[i
         await m.power_off()
 
 
-def analysis(board_name: str, path: Path) -> ProgramAnalysis:
-    elf = path.read_bytes()
-    return ProgramAnalysis(elf, SymbolTable(elf), board(board_name).arch)
-
-
 def outcomes(files: list[FileResult]) -> dict[tuple[str, int], tuple[int | None, int | None]]:
     return {(f.path, b.address): (b.taken, b.not_taken) for f in files for b in f.branches}
 
@@ -171,8 +155,8 @@ async def test_outcomes_from_counts_equal_counted_edges(board_name: str, name: s
     edges, from unicorn's blocks and from the same counts as single-instruction blocks
     (QEMU's shape on a page with a breakpoint). Every branch of these programs has a
     rule: none falls back to block entries."""
-    path = program(board_name, name)
-    prog = analysis(board_name, path)
+    path = firmware(board_name, name)
+    prog = program_analysis(board_name, path)
     assert all(b.fallthrough_only or b.target_inflow is not None for b in prog.branches)
     blocks, edges = await unicorn_run(board_name, path.read_bytes())
     exact = outcomes(compute(prog, blocks, edges))
@@ -188,8 +172,8 @@ async def test_outcomes_from_counts_equal_counted_edges(board_name: str, name: s
 def test_fallback_counts_block_entries() -> None:
     """A branch with no rule (both successors reachable some other way) gets the entries
     of the blocks starting at its successors, each capped at its own count."""
-    path = program("mps2-an385", "coverage")
-    prog = analysis("mps2-an385", path)
+    path = firmware("mps2-an385", "coverage")
+    prog = program_analysis("mps2-an385", path)
     prog.branches = [dataclasses.replace(b, fallthrough_only=False, target_inflow=None) for b in prog.branches]
     loop = next(b for b in prog.branches if b.line == 42)
     # the loop branch ran 11 times; 12 entries start at its target (inflated: say a

@@ -5,62 +5,38 @@ exit trap), counted edges, and the split of blocks at the points slices stopped.
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from elftools.elf.elffile import ELFFile
-from unicorn_helpers import Recorder, board, elf_image, ensure_firmware, parts
-
-from machineserver.server.core.coverage_analysis import ProgramAnalysis
 from machineserver.server.core.coverage_mapping import address_counts
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
     Blocks,
     Coverage,
     Feature,
-    MachineOptions,
     MachineState,
     StopReason,
     WatchKind,
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
 from machineserver.server.drivers.unicorn.collector import split_at_cuts
-
-pytest.importorskip("unicorn")
+from tests.drivers import unicorn_helpers
+from tests.helpers.firmware import code_addresses, elf_address, elf_function, firmware
+from tests.helpers.machines import elf_image, program_analysis
 
 BOARDS = ("mps2-an385", "sifive_e")
 MODES = ("counting", "first-hit")
 
 
-def fw(board_name: str, program: str) -> Path:
-    out = ensure_firmware(board_name)
-    if out is None:
-        pytest.skip(f"test firmware for {board_name} is not built")
-    return out / f"{program}.elf"
-
-
-def func(path: Path, name: str) -> tuple[int, int]:
-    """(start, size) of a function symbol."""
-    with path.open("rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
-        assert sym, name
-        return int(sym[0]["st_value"]) & ~1, int(sym[0]["st_size"])
-
-
 async def start(board_name: str, program: str = "coverage", mode: str = "counting", **extra):
-    rec = Recorder()
-    opts = MachineOptions(extra={"coverage_mode": mode, **extra})
-    m = UnicornBackend().create_machine(board(board_name), opts, rec)
-    await m.power_on()
-    await m.load(elf_image(fw(board_name, program)))
-    return m, parts(m), rec
+    """A machine that collects coverage (``mode``; ``extra``: more MachineOptions.extra)."""
+    return await unicorn_helpers.start(board_name, program, extra={"coverage_mode": mode, **extra})
 
 
-def inside(blocks, lo: int, size: int) -> list[int]:
-    return [a for a, (s, _) in blocks.items() if a < lo + size and a + s > lo]
+def inside(blocks, function: range) -> list[int]:
+    """The blocks that overlap ``function``."""
+    return [a for a, (s, _) in blocks.items() if a < function.stop and a + s > function.start]
 
 
 def test_backend_reports_coverage_feature():
@@ -72,25 +48,25 @@ def test_backend_reports_coverage_feature():
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_coverage_program(board_name, mode):
     m, p, rec = await start(board_name, mode=mode)
-    path = fw(board_name, "coverage")
-    main, three, never = (func(path, n) for n in ("main", "called_three_times", "never_called"))
+    path = firmware(board_name, "coverage")
+    main, three, never = (elf_function(path, n) for n in ("main", "called_three_times", "never_called"))
     await p.cov.coverage_start()
     await p.run.run()
     stop = await rec.wait_stop()
     assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
     assert bytes(rec.console) == b"coverage done\n"
     blocks = await p.cov.coverage_blocks()
-    assert main[0] in blocks and three[0] in blocks
-    assert not inside(blocks, *never)
+    assert main.start in blocks and three.start in blocks
+    assert not inside(blocks, never)
     assert all(size > 0 for size, _ in blocks.values())
     edges = await p.cov.coverage_edges()
-    calls = [src for src, dst in edges if dst == three[0]]
-    assert calls and all(main[0] <= s < main[0] + main[1] for s in calls)
+    calls = [src for src, dst in edges if dst == three.start]
+    assert calls and all(s in main for s in calls)
     if mode == "counting":
-        assert blocks[three[0]][1] == 3
-        assert blocks[main[0]][1] == 1
+        assert blocks[three.start][1] == 3
+        assert blocks[main.start][1] == 1
         assert len(calls) == 3  # three call sites, one call each
-        assert all(edges[(src, three[0])] == 1 for src in calls)
+        assert all(edges[(src, three.start)] == 1 for src in calls)
         # the two conditional branches of main, by their edges' counts (see coverage.c)
         by_branch = branch_edges(path, board_name, edges, "src/coverage.c")
         assert by_branch == {36: (0, 1), 42: (10, 1)}
@@ -100,23 +76,11 @@ async def test_coverage_program(board_name, mode):
     await m.power_off()
 
 
-def analysis(path: Path, board_name: str) -> ProgramAnalysis:
-    elf = path.read_bytes()
-    return ProgramAnalysis(elf, SymbolTable(elf), board(board_name).arch)
-
-
 def branch_edges(path: Path, board_name: str, edges: dict[tuple[int, int], int],
                  file: str) -> dict[int, tuple[int, int]]:
     """line -> (taken, not taken) edge counts of each conditional branch of ``file``."""
     return {site.line: (edges.get((site.address, site.target), 0), edges.get((site.address, site.fallthrough), 0))
-            for site in analysis(path, board_name).branches if site.file == file}
-
-
-def code_addresses(path: Path) -> list[int]:
-    """Every halfword of the program's .text: where instructions can start."""
-    with path.open("rb") as f:
-        text = ELFFile(f).get_section_by_name(".text")
-        return list(range(int(text["sh_addr"]), int(text["sh_addr"]) + int(text["sh_size"]), 2))
+            for site in program_analysis(board_name, path).branches if site.file == file}
 
 
 def per_address(path: Path, blocks: Blocks) -> dict[int, int]:
@@ -130,7 +94,7 @@ async def reference(board_name: str, program: str) -> tuple[dict[int, int], dict
     await p.cov.coverage_start()
     await p.run.run()
     assert (await rec.wait_stop(1, 60)).reason == StopReason.EXIT
-    counts = per_address(fw(board_name, program), await p.cov.coverage_blocks())
+    counts = per_address(firmware(board_name, program), await p.cov.coverage_blocks())
     edges = await p.cov.coverage_edges()
     await m.power_off()
     return counts, edges
@@ -153,7 +117,7 @@ async def test_counts_are_exact_across_steps(board_name, program, step):
         assert stop.reason == StopReason.STEP, stop
     assert m.state is MachineState.EXITED
     blocks = await p.cov.coverage_blocks()
-    assert per_address(fw(board_name, program), blocks) == expected
+    assert per_address(firmware(board_name, program), blocks) == expected
     assert await p.cov.coverage_edges() == expected_edges
     await m.power_off()
 
@@ -163,13 +127,13 @@ async def test_counts_are_exact_across_breakpoints_inside_a_block(board_name):
     """Breakpoints stop in the middle of a translated block (the loop's increment, 10
     times) and at a block's start (called_three_times, 3 times); while halted there, the
     instruction at the pc has not run; run to the end, the counts are one run's."""
-    path = fw(board_name, "coverage")
+    path = firmware(board_name, "coverage")
     expected, expected_edges = await reference(board_name, "coverage")
-    site = next(b for b in analysis(path, board_name).branches if b.line == 42)  # the loop branch
+    site = next(b for b in program_analysis(board_name, path).branches if b.line == 42)  # the loop branch
     body = site.target  # the loop body's block runs on into the increment and the condition
     increment = min(e.address for e in SymbolTable(path.read_bytes()).lines()
                     if e.line == 42 and body < e.address < site.address)
-    three = func(path, "called_three_times")[0]
+    three = elf_function(path, "called_three_times").start
     m, p, rec = await start(board_name)
     await p.cov.coverage_start()
     await p.bp.set_breakpoint(increment)
@@ -197,10 +161,9 @@ async def test_counts_are_exact_across_watchpoint_hits(board_name):
     """A watchpoint stops at the accessing instruction, in the middle of a block, and
     the driver completes the access in a one-instruction slice: every write to ``sink``
     (startup's zeroing, then main's) stops, and the counts are one run's."""
-    path = fw(board_name, "coverage")
+    path = firmware(board_name, "coverage")
     expected, expected_edges = await reference(board_name, "coverage")
-    with path.open("rb") as f:
-        sink = int(ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("sink")[0]["st_value"])
+    sink = elf_address(path, "sink")
     m, p, rec = await start(board_name)
     await p.cov.coverage_start()
     await p.wp.set_watchpoint(sink, 4, WatchKind.WRITE)
@@ -220,13 +183,13 @@ async def test_exit_trap_is_not_counted(board_name):
     """The program exits at its semihosting trap; the machine is halted there, so the trap
     has not run (as on QEMU, which stops before it), while the instructions before it
     in the same block have."""
-    path = fw(board_name, "coverage")
+    path = firmware(board_name, "coverage")
     counts, _ = await reference(board_name, "coverage")
     m, p, rec = await start(board_name)
     await p.run.run()
     exit_pc = (await rec.wait_stop()).pc
     await m.power_off()
-    start_of_call = func(path, "semihost_call")[0]
+    start_of_call = elf_function(path, "semihost_call").start
     assert start_of_call < exit_pc  # semihost_call sets up its registers first
     assert counts[exit_pc] == 0
     assert counts[start_of_call] == 1 and counts[exit_pc - 2] == 1
@@ -248,8 +211,8 @@ def test_split_at_cuts_keeps_per_address_counts():
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_reset_stop_and_restart(board_name):
     m, p, rec = await start(board_name)
-    path = fw(board_name, "coverage")
-    three = func(path, "called_three_times")
+    path = firmware(board_name, "coverage")
+    three = elf_function(path, "called_three_times")
     assert await p.cov.coverage_blocks() == {}  # nothing collected before coverage_start
     await p.cov.coverage_start()
     await p.run.run()
@@ -264,7 +227,7 @@ async def test_reset_stop_and_restart(board_name):
     await rec.wait_stop(2)
     await p.cov.coverage_stop()
     frozen = await p.cov.coverage_blocks()
-    assert frozen[three[0]][1] == 3
+    assert frozen[three.start][1] == 3
     await m.reset()
     await p.run.run()
     await rec.wait_stop(3)
@@ -276,26 +239,26 @@ async def test_reset_stop_and_restart(board_name):
     await m.reset()
     await p.run.run()
     await rec.wait_stop(4)
-    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three.start][1] == 3
     await m.power_off()
 
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_start_after_some_execution(board_name):
     m, p, rec = await start(board_name)
-    path = fw(board_name, "coverage")
-    main, three = func(path, "main"), func(path, "called_three_times")
-    await p.bp.set_breakpoint(three[0])
+    path = firmware(board_name, "coverage")
+    main, three = elf_function(path, "main"), elf_function(path, "called_three_times")
+    await p.bp.set_breakpoint(three.start)
     await p.run.run()
     stop = await rec.wait_stop()
     assert stop.reason == StopReason.BREAKPOINT
-    await p.bp.clear_breakpoint(three[0])
+    await p.bp.clear_breakpoint(three.start)
     await p.cov.coverage_start()
     await p.run.run()
     await rec.wait_stop(2)
     blocks = await p.cov.coverage_blocks()
-    assert main[0] not in blocks  # main's entry ran before coverage_start
-    assert blocks[three[0]][1] == 3  # the interrupted first call runs again, then two more
+    assert main.start not in blocks  # main's entry ran before coverage_start
+    assert blocks[three.start][1] == 3  # the interrupted first call runs again, then two more
     await m.power_off()
 
 
@@ -331,18 +294,18 @@ async def test_pause_resume_and_snapshot_restore(board_name):
 
 async def test_coverage_from_power_on_and_across_power_cycle():
     m, p, rec = await start("mps2-an385", coverage="1")
-    path = fw("mps2-an385", "coverage")
-    three = func(path, "called_three_times")
+    path = firmware("mps2-an385", "coverage")
+    three = elf_function(path, "called_three_times")
     await p.run.run()
     await rec.wait_stop()
-    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three.start][1] == 3
     await m.power_off()
-    assert (await p.cov.coverage_blocks())[three[0]][1] == 3
+    assert (await p.cov.coverage_blocks())[three.start][1] == 3
     await m.power_on()
     await m.load(elf_image(path))
     await p.run.run()
     await rec.wait_stop(2)
-    assert (await p.cov.coverage_blocks())[three[0]][1] == 6
+    assert (await p.cov.coverage_blocks())[three.start][1] == 6
     await m.power_off()
 
 
@@ -351,13 +314,13 @@ async def test_python_fallback_without_compiler(monkeypatch):
 
     monkeypatch.setattr(cov, "native_status", lambda: cov.NativeStatus(None, reason="no gcc"))
     m, p, rec = await start("mps2-an385")
-    path = fw("mps2-an385", "coverage")
-    main, three, never = (func(path, n) for n in ("main", "called_three_times", "never_called"))
+    path = firmware("mps2-an385", "coverage")
+    main, three, never = (elf_function(path, n) for n in ("main", "called_three_times", "never_called"))
     await p.cov.coverage_start()
     assert p.cov.method.startswith("python-edge-generated")
     await p.run.run()
     await rec.wait_stop()
     blocks = await p.cov.coverage_blocks()
-    assert main[0] in blocks and three[0] in blocks and not inside(blocks, *never)
-    assert any(dst == three[0] for _, dst in await p.cov.coverage_edges())
+    assert main.start in blocks and three.start in blocks and not inside(blocks, never)
+    assert any(dst == three.start for _, dst in await p.cov.coverage_edges())
     await m.power_off()

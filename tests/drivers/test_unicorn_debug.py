@@ -1,19 +1,11 @@
 """Unicorn driver: run control, breakpoints, stepping, registers, memory, watchpoints,
-snapshots, power cycling, probe and board support."""
+power cycling, probe and board support (snapshots: test_unicorn_snapshots.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import struct
-import sys
-import zlib
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_unicorn_programs import fw, start
-from unicorn_helpers import ARM_BOARDS, BOARDS, Recorder, board, elf_image, elf_symbol, parts
 
 from machineserver.server.drivers.base import (
     Arch,
@@ -29,15 +21,16 @@ from machineserver.server.drivers.base import (
     WrongState,
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
-from machineserver.server.drivers.unicorn import snapshot_format as fmt
-
-pytest.importorskip("unicorn")
+from tests.drivers.unicorn_helpers import start
+from tests.helpers.events import Recorder
+from tests.helpers.firmware import ARM_BOARDS, BOARDS, elf_address, elf_symbol, firmware
+from tests.helpers.machines import Parts, board, elf_image
 
 
 @pytest.mark.parametrize("board_name", BOARDS)
 async def test_breakpoint_at_symbol_then_step_off_and_continue(board_name):
     m, p, rec = await start(board_name, "hello")
-    main = elf_symbol(fw(board_name, "hello"), "main") & ~1
+    main = elf_symbol(board_name, "hello", "main")
     await p.bp.set_breakpoint(main)
     await p.run.run()
     stop = await rec.wait_stop()
@@ -56,7 +49,7 @@ async def test_breakpoint_at_symbol_then_step_off_and_continue(board_name):
 @pytest.mark.parametrize("board_name", ["lm3s6965evb", "sifive_e"])
 async def test_run_from_breakpoint_steps_off_it(board_name):
     m, p, rec = await start(board_name, "crc32")
-    main = elf_symbol(fw(board_name, "crc32"), "main") & ~1
+    main = elf_symbol(board_name, "crc32", "main")
     await p.bp.set_breakpoint(main)
     await p.run.run()
     assert (await rec.wait_stop()).pc == main
@@ -93,7 +86,7 @@ async def test_step_counts_are_exact(board_name):
 async def test_step_into_systick_handler_and_back():
     """Exception entry/return under stepping keeps counts exact (icount mode)."""
     m, p, rec = await start("mps2-an385", "systick", icount=True)
-    handler = elf_symbol(fw("mps2-an385", "systick"), "SysTick_Handler") & ~1
+    handler = elf_symbol("mps2-an385", "systick", "SysTick_Handler")
     await p.bp.set_breakpoint(handler)
     await p.run.run()
     stop = await rec.wait_stop()
@@ -144,7 +137,7 @@ async def test_riscv_registers_abi_names():
     got = await p.regs.read_registers(["x10", "a0", "zero", "pc"])
     assert got["x10"] == got["a0"] == 0xCAFE
     assert got["zero"] == 0
-    assert got["pc"] == elf_image(fw("sifive_e", "hello")).entry
+    assert got["pc"] == elf_image(firmware("sifive_e", "hello")).entry
     await p.regs.write_register("x0", 5)
     assert (await p.regs.read_registers(["x0"]))["x0"] == 0
     with pytest.raises(BadRequest):
@@ -176,8 +169,8 @@ async def test_memory_read_write_and_unmapped(board_name):
 @pytest.mark.parametrize("board_name", ["netduinoplus2", "sifive_e"])
 async def test_watchpoint_on_variable(board_name):
     program = "timer" if board_name == "sifive_e" else "systick"
-    path = fw(board_name, program)
-    ticks = elf_symbol(path, "ticks")
+    path = firmware(board_name, program)
+    ticks = elf_address(path, "ticks")
     m, p, rec = await start(board_name, program)
     await p.wp.set_watchpoint(ticks, 4, WatchKind.WRITE)
     values = []
@@ -226,11 +219,11 @@ async def test_watchpoint_sizes_and_ranges():
 
 async def test_breakpoints_and_watchpoints_survive_power_cycle():
     """Set while off, kept across power_off/power_on, cleared while off."""
-    path = fw("netduinoplus2", "systick")
-    ticks, main = elf_symbol(path, "ticks"), elf_symbol(path, "main") & ~1
+    path = firmware("netduinoplus2", "systick")
+    ticks, main = elf_address(path, "ticks"), elf_address(path, "main")
     rec = Recorder()
     m = UnicornBackend().create_machine(board("netduinoplus2"), MachineOptions(), rec)
-    p = parts(m)
+    p = Parts(m)
     await p.bp.set_breakpoint(main)
     await p.wp.set_watchpoint(ticks, 4, WatchKind.WRITE)
     await m.power_on()
@@ -254,12 +247,12 @@ async def test_breakpoints_and_watchpoints_survive_power_cycle():
 async def test_memory_while_running_and_registers_refused():
     """Unicorn reads and writes memory between slices of a running machine (the lock
     hand-off); registers need the machine stopped."""
-    path = fw("lm3s6965evb", "echo")
+    path = firmware("lm3s6965evb", "echo")
     m, p, rec = await start("lm3s6965evb", "echo")  # polls the UART forever
     assert p.mem.access_while_running
     image = elf_image(path)
     code = next(s for s in image.segments if s.data)
-    scratch = elf_symbol(path, "_ebss") + 0x100
+    scratch = elf_address(path, "_ebss") + 0x100
     await p.run.run()
     await rec.wait_console(b"echo ready\n")
     for i in range(20):
@@ -301,87 +294,6 @@ async def test_pause_while_running(board_name):
     await m.power_off()
 
 
-@pytest.mark.parametrize("board_name", BOARDS)
-@pytest.mark.parametrize("program", ["crc32", "timer-or-systick"])
-async def test_snapshot_restore_is_deterministic(board_name, program):
-    if program != "crc32":
-        program = "timer" if board_name == "sifive_e" else "systick"
-    m, p, rec = await start(board_name, program)
-    await p.run.step(200 if program != "crc32" else 300000)
-    blob = await p.snap.save_state()
-    assert isinstance(blob, bytes) and blob.startswith(b"MSUCSNAP")
-    mark = len(rec.console)
-    await p.run.run()
-    await rec.wait_stop()
-    first = (bytes(rec.console[mark:]), await p.regs.read_registers(), m.counters())
-    await p.snap.restore_state(blob)
-    assert m.state == MachineState.HALTED
-    mark = len(rec.console)
-    await p.run.run()
-    await rec.wait_stop(2)
-    second = (bytes(rec.console[mark:]), await p.regs.read_registers(), m.counters())
-    assert first[0] and first[0] == second[0]
-    assert first[1] == second[1]
-    # into a freshly powered-on machine of the same board
-    rec3 = Recorder()
-    m3 = UnicornBackend().create_machine(board(board_name), MachineOptions(), rec3)
-    await m3.power_on()
-    p3 = parts(m3)
-    await p3.snap.restore_state(blob)
-    await p3.run.run()
-    await rec3.wait_stop()
-    assert bytes(rec3.console) == first[0]
-    assert await p3.regs.read_registers() == first[1]
-    await m3.reset()  # the image came with the snapshot
-    await p3.run.run()
-    await rec3.wait_stop(2)
-    await m.power_off()
-    await m3.power_off()
-
-
-async def test_snapshot_rejects_other_board_and_garbage():
-    m, p, _ = await start("lm3s6965evb", "hello")
-    blob = await p.snap.save_state()
-    other, other_p, _ = await start("mps2-an385", "hello")
-    with pytest.raises(BadRequest):
-        await other_p.snap.restore_state(blob)
-    with pytest.raises(BadRequest):
-        await p.snap.restore_state(b"garbage")
-    await m.power_off()
-    await other.power_off()
-
-
-async def test_snapshot_rejects_corrupt_blobs():
-    m, p, rec = await start("mps2-an385", "hello")
-    await p.run.step(100)
-    blob = await p.snap.save_state()
-    snap = fmt.decode(blob)
-    assert fmt.encode(snap) == blob  # the codec is a pure round trip
-    payload = zlib.decompress(blob[len(fmt.MAGIC) + 2:])
-
-    def rewrap(body: bytes) -> bytes:
-        return fmt.MAGIC + struct.pack("<H", fmt.VERSION) + zlib.compress(body)
-
-    bad = {
-        "truncated": blob[: len(blob) // 2],
-        "short memory": rewrap(payload[:-10]),
-        "header not json": rewrap(payload[:4] + b"x" + payload[5:]),
-        "header missing a key": rewrap(struct.pack("<I", 2) + b"{}"),
-        "other version": fmt.MAGIC + struct.pack("<H", 99) + blob[len(fmt.MAGIC) + 2:],
-        "empty": b"",
-    }
-    regs_before = await p.regs.read_registers()
-    for why, blob_bad in bad.items():
-        with pytest.raises(BadRequest, match="snapshot") as err:
-            await p.snap.restore_state(blob_bad)
-        assert err.value.field == "snapshot", why
-    assert await p.regs.read_registers() == regs_before  # untouched by the refused blobs
-    await p.snap.restore_state(blob)
-    await p.run.run()
-    assert (await rec.wait_stop()).exit_code == 0
-    await m.power_off()
-
-
 async def test_power_off_and_on_again():
     m, p, rec = await start("mps2-an385", "hello")
     await m.power_off()
@@ -393,7 +305,7 @@ async def test_power_off_and_on_again():
         await p.run.step()
     await m.power_on()
     assert m.state == MachineState.HALTED
-    await m.load(elf_image(fw("mps2-an385", "hello")))
+    await m.load(elf_image(firmware("mps2-an385", "hello")))
     await p.run.run()
     assert (await rec.wait_stop()).exit_code == 0
     assert bytes(rec.console) == b"Hello from mps2-an385!\n"
@@ -406,7 +318,7 @@ async def test_bad_images_rejected():
         await m.load(ProgramImage((Segment(0x90000000, b"\0" * 16),), arch=Arch.ARM_CORTEX_M))
     assert "0x90000000-0x9000000f" in str(err.value)
     with pytest.raises(BadImage):
-        await m.load(elf_image(fw("sifive_e", "hello")))
+        await m.load(elf_image(firmware("sifive_e", "hello")))
     await m.power_off()
 
 

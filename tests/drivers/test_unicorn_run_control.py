@@ -6,23 +6,17 @@ its threads joined)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_unicorn_programs import fw, start
-from unicorn_helpers import elf_symbol
 
 from machineserver.server.drivers.base import BackendFailed, MachineState, StopReason, WrongState
 from machineserver.server.drivers.unicorn import run_control, watchdog
 from machineserver.server.drivers.unicorn.peripherals import Pl011
-
-pytest.importorskip("unicorn")
+from tests.drivers.unicorn_helpers import start
+from tests.helpers.firmware import elf_symbol
 
 
 class StuckModel:
@@ -73,7 +67,7 @@ async def until(cond, what: str, limit_s: float = 20.0) -> None:
 @pytest.mark.parametrize("board_name", ["lm3s6965evb", "sifive_e"])
 async def test_cancelled_long_step_halts_and_joins_its_worker(board_name):
     m, p, rec = await start(board_name, "echo")  # polls the UART forever
-    scratch = elf_symbol(fw(board_name, "echo"), "_ebss") + 0x100
+    scratch = elf_symbol(board_name, "echo", "_ebss") + 0x100
     task = asyncio.create_task(p.run.step(10**9))
     await until(lambda: m.state == MachineState.RUNNING, "the step to start")  # on the worker
     assert len(p.footprint.host_thread_ids()) == 1
@@ -126,7 +120,7 @@ async def test_stuck_worker_fails_the_machine_and_keeps_its_engine(stuck_model, 
     monkeypatch.setattr(run_control, "JOIN_TIMEOUT_S", 2.0)
     monkeypatch.setattr(run_control, "STUCK_RETRY_S", 0.05)
     m, p, rec = await start("lm3s6965evb", "echo")
-    ram = elf_symbol(fw("lm3s6965evb", "echo"), "_ebss") + 0x100
+    ram = elf_symbol("lm3s6965evb", "echo", "_ebss") + 0x100
     finalizer = engine_finalizer(m)
     await p.run.run()
     await rec.wait_console(b"echo ready\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -32,7 +31,8 @@ from machineserver.server.rsp import (
     codec,
 )
 from machineserver.server.rsp.client import PushReader
-from tests.conftest import firmware
+from tests.helpers.firmware import firmware
+from tests.helpers.tools import require_tool
 from tests.rsp.stub import Script, Stub, echo, escape, unescape
 
 
@@ -699,9 +699,6 @@ async def test_unsupported_crc_is_an_error() -> None:
 
 # --------------------------------------------------------------------------- a real gdbstub
 
-QEMU_ARM = shutil.which("qemu-system-arm")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -711,11 +708,12 @@ def _free_port() -> int:
 @contextlib.asynccontextmanager
 async def qemu_gdbstub(elf: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, RspClient]]:
     """qemu-system-arm -M mps2-an385 halted at reset (-S) with its gdbstub on a free port
-    (semihosting on, so the firmware can exit), and a client connected to it."""
-    assert QEMU_ARM is not None
+    (semihosting on, so the firmware can exit), and a client connected to it; skipped
+    (failed under scripts/test) without qemu-system-arm."""
+    binary = require_tool("qemu-system-arm")
     port = _free_port()
     qemu = await asyncio.create_subprocess_exec(
-        QEMU_ARM, "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
+        binary, "-M", "mps2-an385", "-nographic", "-monitor", "none", "-S",
         "-semihosting-config", "enable=on,target=native", "-gdb", f"tcp:127.0.0.1:{port}",
         "-kernel", str(elf),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -739,7 +737,6 @@ async def qemu_gdbstub(elf: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proc
         await qemu.wait()
 
 
-@pytest.mark.skipif(QEMU_ARM is None, reason="qemu-system-arm is not installed")
 async def test_against_qemus_gdbstub() -> None:
     elf = firmware("mps2-an385", "hello")
     with elf.open("rb") as f:
