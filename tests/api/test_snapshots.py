@@ -1,14 +1,23 @@
-"""Snapshots through the API: restore gives the same next console bytes and registers;
-export and import as streams; the bad inputs."""
+"""Snapshots through the API, with the emulation in worker processes (the default) and in
+the server's own process: restore gives the same next console bytes, registers and
+memory; export and import as streams; identical states share one blob; the bad inputs."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
+from machineserver.server.config import ServerConfig
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as pb
 from tests.helpers.api import upload, wait_state
+
+
+@pytest.fixture(params=[-1, 0], ids=["workers", "in-process"])
+def server_config(request: pytest.FixtureRequest, server_config: ServerConfig) -> ServerConfig:
+    return dataclasses.replace(server_config, workers=request.param)
 
 
 async def run_to_exit_console(client: AsyncClient, name: str, offset: int) -> bytes:
@@ -105,3 +114,40 @@ async def test_snapshot_bad_inputs(client: AsyncClient) -> None:
     with pytest.raises(errors.InvalidArgument) as exc:
         await client.sessions.import_snapshot(no_backend())
     assert exc.value.field_violations[0][0] == "metadata.backend"
+
+
+async def test_restore_undoes_guest_and_debugger_writes(client: AsyncClient) -> None:
+    """Memory written after a snapshot, by the guest and through the debugger (RAM and
+    the code region, a page that was all zero), reads back as it was once restored, and
+    the session runs to the same end."""
+    prog = await upload(client, "mps2-an385", "crc32")
+    s = (await client.sessions.create_session(board_template="mps2-an385", program=prog, power_on=True)).session
+    await client.debug.step(name=s.name, count=20_000)
+    spots = [(0x100, 64), (0x20000000, 4096), (0x20200000, 16), (0x203FFFF0, 16)]
+    before = [(await client.debug.read_memory(name=s.name, address=a, size=n)).data for a, n in spots]
+    regs = (await client.debug.read_registers(name=s.name)).registers
+    snap = (await client.sessions.create_snapshot(name=s.name)).snapshot
+    await client.debug.step(name=s.name, count=20_000)
+    for address, size in spots[1:]:
+        await client.debug.write_memory(name=s.name, address=address, data=b"\xa5" * size)
+    await client.sessions.restore_snapshot(name=s.name, snapshot=snap.name)
+    assert [(await client.debug.read_memory(name=s.name, address=a, size=n)).data for a, n in spots] == before
+    assert (await client.debug.read_registers(name=s.name)).registers == regs
+    assert await run_to_exit_console(client, s.name, 0) == b"crc32=0x80f45f04\n"
+
+
+async def test_identical_states_share_one_blob(client: AsyncClient) -> None:
+    prog = await upload(client, "mps2-an385", "hello")
+    s = (await client.sessions.create_session(board_template="mps2-an385", program=prog, power_on=True)).session
+    await client.debug.step(name=s.name, count=50)
+    a = (await client.sessions.create_snapshot(name=s.name, display_name="a")).snapshot
+    b = (await client.sessions.create_snapshot(name=s.name, display_name="b")).snapshot
+    assert a.name != b.name and a.sha256 == b.sha256 and a.size_bytes == b.size_bytes
+    await client.debug.step(name=s.name, count=1)
+    c = (await client.sessions.create_snapshot(name=s.name)).snapshot
+    assert c.sha256 != a.sha256
+    await client.sessions.delete_snapshot(name=a.name)  # b still holds the blob
+    await client.sessions.restore_snapshot(name=s.name, snapshot=b.name)
+    blob = b"".join([m.chunk async for m in client.sessions.export_snapshot(name=b.name)])
+    assert len(blob) == b.size_bytes
+    assert await run_to_exit_console(client, s.name, 0) == b"Hello from mps2-an385!\n"

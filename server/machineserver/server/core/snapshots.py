@@ -1,9 +1,13 @@
 """Snapshots: whole-machine states saved by the driver, kept in the blob store and
 recorded; restored into a session of the same board and backend; exported and imported
-as streams."""
+as streams.
+
+The blob store's disk work (hashing, writing, fsync, reading a large blob) runs off the
+event loop; a small blob is read inline (a thread hop would cost more than the read)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -29,6 +33,7 @@ from machineserver.server.store.db import Database
 
 TABLE = "snapshots"
 COLLECTION = "snapshots"
+READ_INLINE = 256 * 1024  # blobs up to this size are read on the event loop
 
 
 class SnapshotStore:
@@ -71,7 +76,7 @@ class SnapshotStore:
                 await self._sessions.run(live)
         if self._max_bytes and len(blob) > self._max_bytes:
             raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self._max_bytes} bytes")
-        digest = self._blobs.put(blob)
+        digest = await asyncio.to_thread(self._blobs.put, blob)
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
             session=live.id,
@@ -85,6 +90,8 @@ class SnapshotStore:
             owner=owner,
         )
         self._save(rec)
+        if not self._blobs.exists(digest):  # deleted with its last other record meanwhile
+            await asyncio.to_thread(self._blobs.put, blob)
         return rec
 
     async def restore(self, live: LiveSession, snapshot_name: str) -> None:
@@ -99,7 +106,10 @@ class SnapshotStore:
             await self._sessions.power_on(live)
         if live.state is MachineState.RUNNING:
             await self._sessions.pause(live, "paused for a restore")
-        blob = self._blobs.get(rec.sha256)
+        if rec.size_bytes <= READ_INLINE:
+            blob = self._blobs.get(rec.sha256)
+        else:
+            blob = await asyncio.to_thread(self._blobs.get, rec.sha256)
         async with live.lock:
             machine = live.require_machine("restore a snapshot")
             with driver_errors(live):
@@ -151,7 +161,7 @@ class SnapshotStore:
             writer.abort()
             raise InvalidArgument("metadata.sha256", f"checksum mismatch: got {writer.sha256}")
         size = writer.size
-        digest = writer.commit()
+        digest = await asyncio.to_thread(writer.commit)
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
             session="",

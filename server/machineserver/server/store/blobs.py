@@ -1,8 +1,9 @@
 """A content-addressed blob directory: ``blobs/sha256/ab/abcdef...``.
 
-Writes go to a temporary file in the same directory and are renamed into place, so a
-reader never sees half a blob and a crash leaves at worst a stray temp file (removed at
-the next start).
+Writes go to a temporary file in the same directory, are flushed to disk and renamed into
+place, so a reader never sees half a blob and a crash leaves at worst a stray temp file
+(removed at the next start). A blob already stored is not written again (:meth:`BlobStore.put`
+hashes first). Every method blocks on the disk: async callers run them off the event loop.
 """
 
 from __future__ import annotations
@@ -76,9 +77,23 @@ class BlobStore:
         return BlobWriter(self, limit)
 
     def put(self, data: bytes) -> str:
-        w = self.writer()
-        w.write(data)
-        return w.commit()
+        """Store ``data``; its digest. Content already stored is only hashed."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path_for(digest)
+        if target.is_file():
+            return digest
+        fd, name = tempfile.mkstemp(prefix=".incoming-", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(name, target)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return digest
 
     def get(self, digest: str) -> bytes:
         return self.path_for(digest).read_bytes()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import mmap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +53,18 @@ def page_span(base: int, size: int) -> tuple[int, int]:
     start = base & ~(PAGE - 1)
     end = (base + size + PAGE - 1) & ~(PAGE - 1)
     return start, end - start
+
+
+def map_ram(uc: Engine, base: int, size: int) -> memoryview:
+    """Map [base, base + size) on memory of ours (a private anonymous mapping: pages the
+    guest never touched cost nothing) and return the region's bytes as the guest sees
+    them, for code that reads or compares whole regions without copying them out of the
+    engine (snapshots). The view keeps the mapping alive; the engine must be released
+    before the view is dropped (BoardInstance.release)."""
+    start, length = page_span(base, size)
+    backing = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    uc.mem_map_ptr(start, length, ucc.UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(backing)))
+    return memoryview(backing)[base - start:base - start + size]
 
 
 @contextlib.contextmanager
@@ -213,13 +227,16 @@ class _UartLink:
 @dataclass
 class BoardInstance:
     """One power-on of a board: the engine, the arch core, the UART models (by
-    peripheral name) and the MMIO pages (base, length) they are mapped on."""
+    peripheral name), the MMIO pages (base, length) they are mapped on, and the bytes of
+    each of the board's memory regions (``ram``, in ``board.memory`` order: see
+    :func:`map_ram`)."""
 
     uc: Engine
     core: ArchCore
     counter: EmuCounter
     uarts: dict[str, Uart] = field(default_factory=dict)
     mmio: tuple[tuple[int, int], ...] = ()
+    ram: tuple[memoryview, ...] = ()
 
     @classmethod
     def build(cls, board: BoardSpec, host: CoreHost, console: ConsoleOutput) -> BoardInstance:
@@ -228,8 +245,7 @@ class BoardInstance:
         core = make_core(board)
         uc = core.create_uc()
         try:
-            for region in board.memory:
-                uc.mem_map(*page_span(region.base, region.size), ucc.UC_PROT_ALL)
+            ram = tuple(map_ram(uc, region.base, region.size) for region in board.memory)
             uarts: dict[str, Uart] = {}
             mmio: list[tuple[int, int]] = []
             for spec in board.peripherals:
@@ -241,7 +257,7 @@ class BoardInstance:
                 uarts[spec.name] = model
                 mmio.append(_map_uart(uc, spec, model, host))
             core.attach(uc, host)
-            return cls(uc, core, EmuCounter(uc), uarts, tuple(mmio))
+            return cls(uc, core, EmuCounter(uc), uarts, tuple(mmio), ram)
         except BaseException:
             release_engine(uc)
             raise

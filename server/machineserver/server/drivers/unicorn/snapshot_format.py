@@ -1,15 +1,32 @@
-"""The Unicorn machine snapshot format, version 1: pure encoding and decoding.
+"""The Unicorn machine snapshot format: pure encoding and decoding, bounded by the board.
 
 A snapshot is registers + memory + peripheral state, never a pickled Unicorn context
-(restoring one into another ``Uc`` aborts the process on 2.1.4)::
+(restoring one into another ``Uc`` aborts the process on 2.1.4). Version 2, written since
+snapshots became incremental::
 
-    b"MSUCSNAP" | version: u16 LE | zlib( header length: u32 LE | header JSON | memory | image )
+    b"MSUCSNAP" | version: u16 LE = 2 | header length: u32 LE | header JSON
+              | page table | packed pages | packed image segments
 
-The header JSON holds ``version``, ``board``, ``arch``, ``regs`` (name -> value), ``core``
-(the arch core's peripheral state), ``uarts`` (peripheral name -> state), ``instructions``,
-``cycles``, ``exact``, ``regions`` ([name, base, size] of each memory region) and ``image``
-(null, or ``entry``, ``arch`` and ``segments`` as [address, length]). After it come the
-bytes of every region, in the header's order, then the data of every image segment.
+* The header JSON holds ``version``, ``board``, ``arch``, ``regs`` (name -> value),
+  ``core`` (the arch core's peripheral state), ``uarts`` (peripheral name -> state),
+  ``instructions``, ``cycles``, ``exact``, ``regions`` ([name, base, size] of each memory
+  region), ``page_size`` (4096), ``pages`` (how many pages each region stores) and
+  ``image`` (null, or ``entry``, ``arch`` and ``segments`` as [address, length, stored
+  length]).
+* Memory is sparse: a region is cut into pages of ``page_size`` bytes from its base (the
+  last one may be shorter) and only pages that are not all zero are stored. The page
+  table has, region after region, one ``u32 page number, u32 stored length`` pair (LE)
+  per stored page, page numbers strictly increasing.
+* A *packed* page or image segment is one codec byte and the data: ``0`` raw, ``1``
+  zlib. Each page is packed on its own, so a machine that snapshots again packs only the
+  pages written since (see :mod:`.snapshot_pages`), and a blob stays self-contained for
+  export, import and restore into any session of the same board.
+
+Decoding never trusts a size it has not checked against the blob and the board: the
+header is bounded, every page number must lie in its region, a stored page is at most one
+codec byte more than a page, and packed data is only unpacked (to exactly the size the
+board allows) when it is written into a machine. Version 1 (one zlib stream of header,
+whole regions and image) is still read, with its decompression bounded by the board.
 """
 
 from __future__ import annotations
@@ -20,13 +37,41 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from machineserver.server.drivers.base import Arch, BadRequest, BoardSpec, ProgramImage, Segment
+from machineserver.server.drivers.base import Arch, BadRequest, BoardSpec
 from machineserver.server.drivers.unicorn.arch import JsonState
 
 MAGIC = b"MSUCSNAP"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+PAGE = 4096
+RAW, ZLIB = 0, 1  # codec bytes of packed data
+ZLIB_LEVEL = 1
+MAX_HEADER = 4 << 20  # registers and peripheral state are a few KiB
 
 Region = tuple[str, int, int]  # (name, base, size)
+Pages = dict[int, bytes]  # page number in its region -> packed page; all-zero pages absent
+_PREFIX = struct.Struct("<8sHI")  # magic, version, header length
+_PAIR = struct.Struct("<II")
+
+
+class Corrupt(ValueError):
+    """Packed data that does not unpack to what it claims."""
+
+
+@dataclass(frozen=True)
+class PackedSegment:
+    address: int
+    length: int  # bytes once unpacked
+    packed: bytes
+
+
+@dataclass(frozen=True)
+class PackedImage:
+    """The loaded program (what reset() loads again), its segments packed."""
+
+    segments: tuple[PackedSegment, ...]
+    entry: int | None
+    arch: Arch | None
 
 
 @dataclass(frozen=True)
@@ -40,16 +85,54 @@ class MachineSnapshot:
     cycles: int
     exact: bool
     regions: tuple[Region, ...]
-    memory: tuple[bytes, ...]  # one per region
-    image: ProgramImage | None
+    pages: tuple[Pages, ...]  # one per region
+    image: PackedImage | None
 
 
 def board_regions(board: BoardSpec) -> tuple[Region, ...]:
     return tuple((r.name, r.base, r.size) for r in board.memory)
 
 
+def page_count(size: int) -> int:
+    return (size + PAGE - 1) // PAGE
+
+
+def pack(data: bytes) -> bytes:
+    """``data`` packed: zlib when that is smaller, raw otherwise."""
+    squeezed = zlib.compress(data, ZLIB_LEVEL)
+    return bytes((ZLIB,)) + squeezed if len(squeezed) < len(data) else bytes((RAW,)) + data
+
+
+def unpack(packed: bytes, size: int) -> bytes:
+    """The ``size`` bytes ``packed`` holds; Corrupt when it holds anything else (never
+    unpacks more than ``size`` + 1 bytes)."""
+    if not packed:
+        raise Corrupt("empty packed data")
+    codec, body = packed[0], memoryview(packed)[1:]
+    if codec == RAW:
+        data = bytes(body)
+    elif codec == ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(body, size + 1)
+        except zlib.error as exc:
+            raise Corrupt(f"bad zlib data ({exc})") from None
+        if not inflater.eof or inflater.unused_data:
+            raise Corrupt("zlib data that does not end where it should")
+    else:
+        raise Corrupt(f"unknown codec {codec}")
+    if len(data) != size:
+        raise Corrupt(f"{len(data)} bytes where {size} were expected")
+    return data
+
+
+# --------------------------------------------------------------------------- encoding
+
+
 def encode(snap: MachineSnapshot) -> bytes:
+    """The blob of ``snap`` (the same snapshot always gives the same bytes)."""
     image = snap.image
+    order = [sorted(pages) for pages in snap.pages]
     header = {
         "version": VERSION,
         "board": snap.board,
@@ -61,68 +144,182 @@ def encode(snap: MachineSnapshot) -> bytes:
         "cycles": snap.cycles,
         "exact": snap.exact,
         "regions": [list(r) for r in snap.regions],
+        "page_size": PAGE,
+        "pages": [len(numbers) for numbers in order],
         "image": None if image is None else {
             "entry": image.entry,
             "arch": image.arch.value if image.arch else None,
-            "segments": [[s.address, len(s.data)] for s in image.segments],
+            "segments": [[s.address, s.length, len(s.packed)] for s in image.segments],
         },
     }
     hjson = json.dumps(header, separators=(",", ":")).encode()
-    parts = [*snap.memory, *(s.data for s in image.segments)] if image else list(snap.memory)
-    payload = struct.pack("<I", len(hjson)) + hjson + b"".join(parts)
-    return MAGIC + struct.pack("<H", VERSION) + zlib.compress(payload, 1)
+    table: list[int] = []
+    data: list[bytes] = []
+    for pages, numbers in zip(snap.pages, order, strict=True):
+        for n in numbers:
+            packed = pages[n]
+            table += (n, len(packed))
+            data.append(packed)
+    if image is not None:
+        data += (s.packed for s in image.segments)
+    return b"".join((_PREFIX.pack(MAGIC, VERSION, len(hjson)), hjson,
+                     struct.pack(f"<{len(table)}I", *table), *data))
+
+
+# --------------------------------------------------------------------------- decoding
 
 
 def _corrupt(why: str) -> BadRequest:
     return BadRequest(f"corrupt snapshot: {why}", field="snapshot")
 
 
-def decode(blob: bytes) -> MachineSnapshot:
-    """The snapshot in ``blob``; BadRequest(field="snapshot") for anything that is not a
-    complete Unicorn machine snapshot of this version."""
+def decode(blob: bytes, board: BoardSpec) -> MachineSnapshot:
+    """The snapshot in ``blob`` for a machine of ``board``: BadRequest(field="snapshot")
+    for anything that is not a complete Unicorn machine snapshot of a version this reads,
+    or not one of this board. Allocates no more than the blob's size plus what the board
+    bounds (version 1)."""
+    blob = bytes(blob)
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 2:
         raise BadRequest("not a Unicorn machine snapshot", field="snapshot")
     (version,) = struct.unpack_from("<H", blob, len(MAGIC))
-    if version != VERSION:
+    if version not in READS:
         raise BadRequest(f"snapshot format version {version} is not supported "
-                         f"(this server reads {VERSION})", field="snapshot")
+                         f"(this server reads {', '.join(map(str, READS))})", field="snapshot")
     try:
-        payload = zlib.decompress(blob[len(MAGIC) + 2:])
-        (hlen,) = struct.unpack_from("<I", payload, 0)
-        header = json.loads(payload[4:4 + hlen])
-    except (zlib.error, struct.error, ValueError) as exc:
-        raise _corrupt(str(exc)) from None
-    try:
-        return _from_header(header, payload, 4 + hlen)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise _corrupt(f"bad header ({exc!r})") from None
+        snap = _decode_v1(blob, board) if version == 1 else _decode_v2(blob, board)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError,
+            struct.error) as exc:
+        raise _corrupt(f"{exc!r}") from None
+    check_fits(snap, board)
+    return snap
 
 
-def _from_header(header: Any, payload: bytes, pos: int) -> MachineSnapshot:
+def _decode_v2(blob: bytes, board: BoardSpec) -> MachineSnapshot:
+    if len(blob) < _PREFIX.size:
+        raise ValueError("truncated before its header")
+    _, _, hlen = _PREFIX.unpack_from(blob, 0)
+    pos = _PREFIX.size
+    if hlen > MAX_HEADER or pos + hlen > len(blob):
+        raise ValueError(f"a header of {hlen} bytes in a blob of {len(blob)}")
+    header = json.loads(blob[pos:pos + hlen])
+    pos += hlen
+    if int(header["page_size"]) != PAGE:
+        raise ValueError(f"page size {header['page_size']}")
+    regions = _regions(header, board)
+    counts = [int(c) for c in header["pages"]]
+    if len(counts) != len(regions):
+        raise ValueError("a page count per region expected")
+    for count, (name, _, size) in zip(counts, regions, strict=True):
+        if not 0 <= count <= page_count(size):
+            raise ValueError(f"{count} pages in region {name} of {page_count(size)}")
+    pairs = sum(counts)
+    if pos + pairs * _PAIR.size > len(blob):
+        raise ValueError("truncated page table")
+    table = struct.unpack_from(f"<{2 * pairs}I", blob, pos)
+    pos += pairs * _PAIR.size
+    pages: list[Pages] = []
+    i = 0
+    for count, (name, _, size) in zip(counts, regions, strict=True):
+        region_pages: Pages = {}
+        last = -1
+        for _ in range(count):
+            n, stored = table[i], table[i + 1]
+            i += 2
+            if not last < n < page_count(size):
+                raise ValueError(f"page {n} of region {name} out of order or outside it")
+            if not 1 <= stored <= PAGE + 1 or pos + stored > len(blob):
+                raise ValueError(f"page {n} of region {name} claims {stored} bytes")
+            region_pages[n] = blob[pos:pos + stored]
+            pos += stored
+            last = n
+        pages.append(region_pages)
+    image, pos = _image_v2(header["image"], blob, pos)
+    if pos != len(blob):
+        raise ValueError(f"{len(blob) - pos} bytes after the last segment")
+    return _snapshot(header, regions, tuple(pages), image)
+
+
+def _regions(header: Any, board: BoardSpec) -> tuple[Region, ...]:
+    """The header's memory regions, which must be the board's (checked before anything
+    is sized from them)."""
+    if str(header["board"]) != board.name or str(header["arch"]) != board.arch.value:
+        raise BadRequest(f"the snapshot is of board {header['board']} ({header['arch']}), this "
+                         f"machine is {board.name}", field="snapshot")
     regions = tuple((str(name), int(base), int(size)) for name, base, size in header["regions"])
-    memory = []
-    for _, _, size in regions:
-        memory.append(payload[pos:pos + size])
-        pos += size
-    image = None
-    img = header["image"]
-    if img is not None:
-        segs = []
-        for address, length in img["segments"]:
-            segs.append(Segment(int(address), payload[pos:pos + int(length)]))
-            pos += int(length)
-        entry = img["entry"]
-        image = ProgramImage(tuple(segs), None if entry is None else int(entry),
-                             Arch(img["arch"]) if img["arch"] else None)
-    if pos != len(payload):
-        raise ValueError(f"{len(payload) - pos:+d} bytes of memory against the header")
+    if regions != board_regions(board):
+        raise BadRequest("the snapshot's memory map differs from the board's", field="snapshot")
+    return regions
+
+
+def _image_v2(img: Any, blob: bytes, pos: int) -> tuple[PackedImage | None, int]:
+    if img is None:
+        return None, pos
+    segments = []
+    for address, length, stored in img["segments"]:
+        address, length, stored = int(address), int(length), int(stored)
+        if length < 0 or not 1 <= stored <= length + 1 or pos + stored > len(blob):
+            raise ValueError(f"image segment at 0x{address:08x} claims {stored} bytes for {length}")
+        segments.append(PackedSegment(address, length, blob[pos:pos + stored]))
+        pos += stored
+    return _image(img, tuple(segments)), pos
+
+
+def _image(img: Any, segments: tuple[PackedSegment, ...]) -> PackedImage:
+    entry = img["entry"]
+    return PackedImage(segments, None if entry is None else int(entry),
+                       Arch(img["arch"]) if img["arch"] else None)
+
+
+def _snapshot(header: Any, regions: tuple[Region, ...], pages: tuple[Pages, ...],
+              image: PackedImage | None) -> MachineSnapshot:
     return MachineSnapshot(
         board=str(header["board"]), arch=str(header["arch"]),
         regs={str(k): int(v) for k, v in header["regs"].items()},
         core=dict(header["core"]),
         uarts={str(k): dict(v) for k, v in header["uarts"].items()},
         instructions=int(header["instructions"]), cycles=int(header["cycles"]),
-        exact=bool(header["exact"]), regions=regions, memory=tuple(memory), image=image)
+        exact=bool(header["exact"]), regions=regions, pages=pages, image=image)
+
+
+def _decode_v1(blob: bytes, board: BoardSpec) -> MachineSnapshot:
+    """Version 1: zlib(header length u32 | header JSON | every region | image data)."""
+    memory = sum(r.size for r in board.memory)
+    limit = 4 + MAX_HEADER + 2 * memory  # regions, and an image that fits in them
+    inflater = zlib.decompressobj()
+    try:
+        payload = inflater.decompress(blob[len(MAGIC) + 2:], limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"bad zlib data ({exc})") from None
+    if len(payload) > limit or not inflater.eof:
+        raise ValueError("more (or less) data than the board can hold")
+    (hlen,) = struct.unpack_from("<I", payload, 0)
+    if hlen > MAX_HEADER:
+        raise ValueError(f"a header of {hlen} bytes")
+    header = json.loads(payload[4:4 + hlen])
+    pos = 4 + hlen
+    regions = _regions(header, board)
+    pages: list[Pages] = []
+    zero = bytes(PAGE)
+    for _, _, size in regions:
+        region_pages: Pages = {}
+        for n in range(page_count(size)):
+            chunk = payload[pos + n * PAGE:pos + min((n + 1) * PAGE, size)]
+            if not zero.startswith(chunk):
+                region_pages[n] = bytes((RAW,)) + chunk
+        pos += size
+        pages.append(region_pages)
+    image = None
+    img = header["image"]
+    if img is not None:
+        segments = []
+        for address, length in img["segments"]:
+            data = payload[pos:pos + int(length)]
+            segments.append(PackedSegment(int(address), len(data), bytes((RAW,)) + data))
+            pos += int(length)
+        image = _image(img, tuple(segments))
+    if pos != len(payload):
+        raise ValueError(f"{len(payload) - pos:+d} bytes of memory against the header")
+    return _snapshot(header, regions, tuple(pages), image)
 
 
 def check_fits(snap: MachineSnapshot, board: BoardSpec) -> None:
@@ -133,5 +330,5 @@ def check_fits(snap: MachineSnapshot, board: BoardSpec) -> None:
     if snap.regions != board_regions(board):
         raise BadRequest("the snapshot's memory map differs from the board's", field="snapshot")
     for seg in snap.image.segments if snap.image else ():
-        if seg.data and board.region_at(seg.address, len(seg.data)) is None:
+        if seg.length and board.region_at(seg.address, seg.length) is None:
             raise _corrupt(f"its image has a segment at 0x{seg.address:08x} outside the board's memory")
