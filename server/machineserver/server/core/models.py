@@ -32,8 +32,12 @@ def from_row(cls: type[R], data: dict[str, Any]) -> R:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_STOP_FIELDS = tuple(f.name for f in fields(StopInfo))
+
+
 def stop_to_dict(stop: StopInfo | None) -> dict[str, Any] | None:
-    return None if stop is None else asdict(stop)
+    # flat fields only: cheaper than asdict's recursive deep copy (this runs on every step)
+    return None if stop is None else {name: getattr(stop, name) for name in _STOP_FIELDS}
 
 
 def stop_from_dict(data: dict[str, Any] | None) -> StopInfo | None:

@@ -77,7 +77,8 @@ log = structlog.get_logger(__name__)
 TABLE = "sessions"
 COLLECTION = "sessions"
 LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_./")
-OPERATION_STOP_SECONDS = 15.0  # how long a cancelled driver operation may take to stop
+OPERATION_STOP_SECONDS = 15.0
+SHORT_STEP = 64  # steps of at most this many instructions are not long operations  # how long a cancelled driver operation may take to stop
 POWERED = {MachineState.HALTED, MachineState.RUNNING, MachineState.EXITED, MachineState.FAULTED}
 
 
@@ -577,7 +578,11 @@ class SessionManager:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
             run_control = machine.capability(drv.RunControl)
-            info = await self._operation(live, run_control.step(count or 1), "step", timeout)
+            if count <= SHORT_STEP:  # over in microseconds: no operation task (a debugger's stepi)
+                with driver_errors(live):
+                    info = await run_control.step(count or 1)
+            else:
+                info = await self._operation(live, run_control.step(count), "step", timeout)
             self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
 

@@ -93,12 +93,15 @@ class WorkerLink:
         self._pending[rid] = (fut, machine)
         self._send((kind, rid, machine.mid, *payload))
         try:
-            return await asyncio.shield(fut)
+            return await fut  # (not shielded: a shield costs a loop turn per call)
         except asyncio.CancelledError:
-            if not fut.done() and not self.death:
+            if fut.cancelled() and not self.death:
+                # the answer is still owed: wait for it on a future of its own
+                answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._pending[rid] = (answer, machine)
                 if cancellable:
                     self._send(("cancel", rid))
-                await self._settle(fut)
+                await self._settle(answer)
             raise
         finally:
             self._pending.pop(rid, None)
