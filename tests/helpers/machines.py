@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from machineserver.server.core.boards import load_shipped_boards
 from machineserver.server.core.coverage_analysis import ProgramAnalysis
@@ -17,6 +17,7 @@ from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.drivers.base import (
     BoardSpec,
     Breakpoints,
+    Capability,
     ConsoleInput,
     Counters,
     Coverage,
@@ -30,6 +31,8 @@ from machineserver.server.drivers.base import (
     Snapshots,
     Watchpoints,
 )
+
+C = TypeVar("C", bound=Capability)
 
 
 @functools.cache
@@ -53,50 +56,34 @@ def program_analysis(board_name: str, elf: Path) -> ProgramAnalysis:
     return ProgramAnalysis(data, SymbolTable(data), board(board_name).arch)
 
 
+class _Part(Generic[C]):
+    """A class attribute that reads as the machine's part for ``iface``."""
+
+    def __init__(self, iface: type[C]) -> None:
+        self.iface = iface
+
+    def __get__(self, parts: Parts, owner: object = None) -> C:
+        return parts.machine.capability(self.iface)
+
+
 class Parts:
     """A machine with its capability parts at hand, each reached through the typed
     accessor as the core reaches it: ``run`` (RunControl), ``regs``, ``mem``, ``bp``,
     ``wp``, ``console`` (ConsoleInput), ``snap``, ``cov``, ``footprint``. The lifecycle
     is the machine's own (``power_on``, ``load``, ``reset``, ``power_off``)."""
 
+    run = _Part(RunControl)
+    regs = _Part(RegisterAccess)
+    mem = _Part(MemoryAccess)
+    bp = _Part(Breakpoints)
+    wp = _Part(Watchpoints)
+    console = _Part(ConsoleInput)
+    snap = _Part(Snapshots)
+    cov = _Part(Coverage)
+    footprint = _Part(HostFootprint)
+
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
-
-    @property
-    def run(self) -> RunControl:
-        return self.machine.capability(RunControl)
-
-    @property
-    def regs(self) -> RegisterAccess:
-        return self.machine.capability(RegisterAccess)
-
-    @property
-    def mem(self) -> MemoryAccess:
-        return self.machine.capability(MemoryAccess)
-
-    @property
-    def bp(self) -> Breakpoints:
-        return self.machine.capability(Breakpoints)
-
-    @property
-    def wp(self) -> Watchpoints:
-        return self.machine.capability(Watchpoints)
-
-    @property
-    def console(self) -> ConsoleInput:
-        return self.machine.capability(ConsoleInput)
-
-    @property
-    def snap(self) -> Snapshots:
-        return self.machine.capability(Snapshots)
-
-    @property
-    def cov(self) -> Coverage:
-        return self.machine.capability(Coverage)
-
-    @property
-    def footprint(self) -> HostFootprint:
-        return self.machine.capability(HostFootprint)
 
     @property
     def state(self) -> MachineState:

@@ -9,26 +9,19 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
 from machineserver.server.core.telemetry import Telemetry
 from machineserver.v1 import telemetry_pb2 as tpb
 from machineserver.v1 import telemetry_pb2_grpc
-from tests.helpers.api import until
-
-
-def interval(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+from tests.helpers.api import duration, until
 
 
 async def test_many_subscribers_share_one_stream(client: AsyncClient, server: RunningServer) -> None:
     async def take(n: int) -> list[tpb.StreamHostStatusResponse]:
         out = []
-        async for msg in client.telemetry.stream_host_status(interval=interval(0.05)):
+        async for msg in client.telemetry.stream_host_status(interval=duration(0.05)):
             out.append(msg)
             if len(out) == n:
                 break
@@ -81,7 +74,7 @@ async def test_slow_grpc_subscriber_gets_dropped_count(client: AsyncClient, serv
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
                                         options=[("grpc.http2.bdp_probe", 0)])
     stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
-    slow = stub.StreamHostStatus(tpb.StreamHostStatusRequest(interval=interval(period)))
+    slow = stub.StreamHostStatus(tpb.StreamHostStatusRequest(interval=duration(period)))
     try:
         counts: list[int] = []
         fast_dropped: list[int] = []
@@ -89,7 +82,7 @@ async def test_slow_grpc_subscriber_gets_dropped_count(client: AsyncClient, serv
         async def fast() -> None:
             n = dropped = 0
             end = asyncio.get_running_loop().time() + 3.0
-            async for msg in client.telemetry.stream_host_status(interval=interval(period)):
+            async for msg in client.telemetry.stream_host_status(interval=duration(period)):
                 n += 1
                 dropped = max(dropped, msg.dropped)
                 if asyncio.get_running_loop().time() >= end:
@@ -121,7 +114,7 @@ async def test_subscriber_limit_is_resource_exhausted(client: AsyncClient, serve
 
     async def hold() -> None:
         nonlocal held
-        async for _ in client.telemetry.stream_host_status(interval=interval(0.05)):
+        async for _ in client.telemetry.stream_host_status(interval=duration(0.05)):
             held += 1
             if held >= 3:
                 started.set()
@@ -131,14 +124,14 @@ async def test_subscriber_limit_is_resource_exhausted(client: AsyncClient, serve
     try:
         await asyncio.wait_for(started.wait(), 10)
         with pytest.raises(errors.ResourceExhausted):
-            async for _ in client.telemetry.stream_host_status(interval=interval(0.05)):
+            async for _ in client.telemetry.stream_host_status(interval=duration(0.05)):
                 pass
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     await until(lambda: server.engine.telemetry.subscriber_count() == 0)
-    async for _ in client.telemetry.stream_host_status(interval=interval(0.05)):
+    async for _ in client.telemetry.stream_host_status(interval=duration(0.05)):
         break  # a slot is free again once the holders left
 
 
