@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
-from machineserver.server.app import RunningServer, start
+from machineserver.server.app import RunningServer
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.calls import CallInfo, Transport
 from machineserver.server.core.errors import FailedPrecondition
 from machineserver.server.rsp.client import RspClient
 from machineserver.v1 import debug_pb2 as dpb
 from tests.helpers.api import upload
+from tests.helpers.server import serving
 
 DEBUG = "/machineserver.v1.DebugService/"
 
@@ -50,13 +51,9 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 async def hooked(tmp_path: Path, recorder: Recorder) -> AsyncIterator[tuple[RunningServer, AsyncClient]]:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning"),
-                          hooks=[recorder])
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=20) as client:
-            yield running, client
-    finally:
-        await running.stop(0.5)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning")
+    async with serving(config, hooks=[recorder]) as pair:
+        yield pair
 
 
 async def _halted_at_main(client: AsyncClient) -> str:

@@ -24,7 +24,7 @@ from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
 from tests.helpers.api import console_text, console_until, upload, wait_state
 from tests.helpers.firmware import elf_symbol
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, serving
 
 HELLO = b"Hello from lm3s6965evb!\n"
 SIGNALS = [pytest.param(signal.SIGKILL, id="sigkill"), pytest.param(signal.SIGTERM, id="sigterm")]
@@ -211,26 +211,18 @@ async def test_user_breakpoints_survive_a_restart(tmp_path: Path, sig: int) -> N
 
 async def test_console_files_of_sessions_that_are_gone_are_removed_at_start(tmp_path: Path) -> None:
     cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning")
-    running = await start(cfg)
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
-            prog = await upload(c, "lm3s6965evb", "hello")
-            s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
-                                                 session_id="keep")).session
-            await wait_state(c, s.name, cpb.SESSION_STATE_EXITED)
-    finally:
-        await running.stop(0.5)
+    async with serving(cfg) as (_, c):
+        prog = await upload(c, "lm3s6965evb", "hello")
+        s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
+                                             session_id="keep")).session
+        await wait_state(c, s.name, cpb.SESSION_STATE_EXITED)
     console = cfg.data_dir / "console"
     ConsoleStore(console).file("ghost", 100).append(b"from a session deleted mid-crash", 0)
-    running = await start(cfg)
-    try:
+    async with serving(cfg) as (_, c):
         assert sorted(p.name for p in console.glob("*.log")) == ["keep.log"]
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
-            assert await console_text(c, s.name) == HELLO
-            # a new session never sees another's leftovers, even under the same id
-            await c.sessions.delete_session(name=s.name)
-            ConsoleStore(console).file("keep", 100).append(b"stale", 0)
-            await c.sessions.create_session(board_template="lm3s6965evb", session_id="keep")
-            assert await console_text(c, s.name) == b""
-    finally:
-        await running.stop(0.5)
+        assert await console_text(c, s.name) == HELLO
+        # a new session never sees another's leftovers, even under the same id
+        await c.sessions.delete_session(name=s.name)
+        ConsoleStore(console).file("keep", 100).append(b"stale", 0)
+        await c.sessions.create_session(board_template="lm3s6965evb", session_id="keep")
+        assert await console_text(c, s.name) == b""

@@ -7,6 +7,7 @@ import pytest
 
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import RunningServer
+from tests.helpers.server import serving
 
 
 async def test_unexpected_exception_is_internal_and_server_survives(client: AsyncClient, server: RunningServer,
@@ -69,7 +70,6 @@ async def test_coverage_refusals_and_cosim_unimplemented_with_reasons(client: As
 
 async def test_a_refusing_hook_ends_the_chain_and_earlier_hooks_see_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from machineserver.server.api.interceptors import CallInfo
-    from machineserver.server.app import start
     from machineserver.server.config import ServerConfig
     from machineserver.server.core.errors import InvalidArgument
 
@@ -89,11 +89,8 @@ async def test_a_refusing_hook_ends_the_chain_and_earlier_hooks_see_after(tmp_pa
         def after(self, call: CallInfo) -> None:
             seen.append("refuser after")
 
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path), hooks=[Recorder(), Refuser()])
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
-            with pytest.raises(errors.InvalidArgument):
-                await c.capabilities.get_capabilities()
-    finally:
-        await running.stop(0.5)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path)
+    async with serving(config, hooks=[Recorder(), Refuser()]) as (_, c):
+        with pytest.raises(errors.InvalidArgument):
+            await c.capabilities.get_capabilities()
     assert seen == ["before GetCapabilities", "refuser after", "after GetCapabilities INVALID_ARGUMENT"]

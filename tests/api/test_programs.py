@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
-from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import session_pb2 as pb
 from tests.helpers.firmware import firmware
+from tests.helpers.server import serving
 
 
 def _requests(data: bytes, chunk: int = 1000, **meta: object):  # type: ignore[no-untyped-def]
@@ -88,15 +88,12 @@ async def test_segment_outside_memory_is_refused(client: AsyncClient) -> None:
 
 
 async def test_program_size_limit(tmp_path: Path) -> None:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path, limits=Limits(max_program_bytes=4096)))
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
-            with pytest.raises(errors.ResourceExhausted):
-                await c.upload_program(b"\x00" * 5000, format="bin")
-            assert not (await c.sessions.list_programs()).programs
-            assert not list((tmp_path / "blobs").glob(".incoming-*"))
-    finally:
-        await running.stop(0.5)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path, limits=Limits(max_program_bytes=4096))
+    async with serving(config) as (_, c):
+        with pytest.raises(errors.ResourceExhausted):
+            await c.upload_program(b"\x00" * 5000, format="bin")
+        assert not (await c.sessions.list_programs()).programs
+        assert not list((tmp_path / "blobs").glob(".incoming-*"))
 
 
 async def test_delete_program_in_use_needs_force(client: AsyncClient) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
-from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.engine import Limits
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers.api import console_until, session_events, upload, wait_state
 from tests.helpers.firmware import firmware
+from tests.helpers.server import serving
 
 __all__ = ["console_until", "upload", "wait_state"]  # imported from here by older test modules
 
@@ -178,21 +178,18 @@ async def test_list_filter_and_pages(client: AsyncClient) -> None:
 
 
 async def test_session_limit_and_instruction_limit(tmp_path: Path) -> None:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path, limits=Limits(max_sessions=2)))
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}") as c:
-            prog = (await c.upload_program(firmware("lm3s6965evb", "crc32"))).program.name
-            s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog,
-                                                 limits={"max_instructions": 200_000}, run=True)).session
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path, limits=Limits(max_sessions=2))
+    async with serving(config) as (_, c):
+        prog = (await c.upload_program(firmware("lm3s6965evb", "crc32"))).program.name
+        s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog,
+                                             limits={"max_instructions": 200_000}, run=True)).session
+        await c.sessions.create_session(board_template="lm3s6965evb")
+        with pytest.raises(errors.ResourceExhausted):
             await c.sessions.create_session(board_template="lm3s6965evb")
-            with pytest.raises(errors.ResourceExhausted):
-                await c.sessions.create_session(board_template="lm3s6965evb")
-            halted = await wait_state(c, s.name, cpb.SESSION_STATE_HALTED)
-            assert "instruction limit" in halted.state_reason  # type: ignore[attr-defined]
-            metrics = (await c.telemetry.get_session_metrics(name=s.name)).metrics
-            assert metrics.instructions >= 200_000
-    finally:
-        await running.stop(0.5)
+        halted = await wait_state(c, s.name, cpb.SESSION_STATE_HALTED)
+        assert "instruction limit" in halted.state_reason  # type: ignore[attr-defined]
+        metrics = (await c.telemetry.get_session_metrics(name=s.name)).metrics
+        assert metrics.instructions >= 200_000
 
 
 async def test_faulting_firmware(client: AsyncClient) -> None:

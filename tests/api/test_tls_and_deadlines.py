@@ -11,6 +11,7 @@ from machineserver.sdk import AsyncClient, errors
 from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from tests.helpers.api import upload
+from tests.helpers.server import serving
 from tests.helpers.tools import require_tool
 
 
@@ -39,13 +40,9 @@ async def test_tls_server_and_client(tmp_path: Path, certificate: tuple[Path, Pa
 
 
 async def test_default_deadline_applies(server_config: ServerConfig, tmp_path: Path) -> None:
-    running = await start(server_config)
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=0.3) as c:
-            prog = await upload(c, "lm3s6965evb", "echo")  # waits for input forever
-            s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
-            with pytest.raises(errors.DeadlineExceeded):
-                await c.debug.continue_(name=s.name, wait=True)
-            assert (await c.debug.halt(name=s.name, timeout=5)).stop.pc
-    finally:
-        await running.stop(0.5)
+    async with serving(server_config, timeout=0.3) as (_, c):
+        prog = await upload(c, "lm3s6965evb", "echo")  # waits for input forever
+        s = (await c.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session
+        with pytest.raises(errors.DeadlineExceeded):
+            await c.debug.continue_(name=s.name, wait=True)
+        assert (await c.debug.halt(name=s.name, timeout=5)).stop.pc

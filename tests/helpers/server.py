@@ -1,16 +1,37 @@
-"""MachineServer as a child process (``machineserver --listen 127.0.0.1:0``), for tests
-that need a real process: SIGKILL and SIGTERM, restarts, two servers at once, clients
-we did not write."""
+"""MachineServer for tests that need more than the root conftest's ``server`` and
+``client`` fixtures: in-process on a configuration of the test's own (``serving``), or
+as a child process (``machineserver --listen 127.0.0.1:0``) for what needs a real
+process: SIGKILL and SIGTERM, restarts, two servers at once, clients we did not write."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+from machineserver.sdk import AsyncClient
+from machineserver.server.app import RunningServer, start
+from machineserver.server.config import ServerConfig
 from tests.helpers.tools import VENV_BIN
+
+
+@contextlib.asynccontextmanager
+async def serving(config: ServerConfig, *, timeout: float = 20,
+                  **start_options: Any) -> AsyncIterator[tuple[RunningServer, AsyncClient]]:
+    """``async with serving(config) as (running, client)``: a server started in this
+    process on ``config`` (its ``listen`` port 0; ``start_options`` go to app.start, e.g.
+    ``hooks``) and a client with a default deadline of ``timeout`` s; both closed after."""
+    running = await start(config, **start_options)
+    try:
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=timeout) as client:
+            yield running, client
+    finally:
+        await running.stop(0.5)
 
 
 class ServerProcess:

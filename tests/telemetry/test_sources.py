@@ -12,12 +12,11 @@ from types import ModuleType
 import psutil
 import pytest
 
-from machineserver.sdk import AsyncClient
-from machineserver.server.app import start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core.telemetry import HostSampler, Telemetry, sample_host
 from machineserver.server.core.telemetry_sources import NvmlSource, TegrastatsSource, parse_tegrastats
 from machineserver.server.store.db import Database
+from tests.helpers.server import serving
 
 ORIN = ("RAM 2448/7772MB (lfb 1x2MB) SWAP 0/3886MB (cached 0MB) CPU [12%@1190,5%@1190,off,off] "
         "EMC_FREQ 0% GR3D_FREQ 0%@[305] APE 150 cpu@47.437C soc2@44.5C GPU@-256C "
@@ -214,10 +213,8 @@ def test_tegrastats_process_stops_on_close_with_fake_tool(fake_tegrastats: Path,
 async def test_host_status_with_fake_nvml_and_fake_tegrastats(
     fake_nvml: ModuleType, fake_tegrastats: Path, server_config: ServerConfig
 ) -> None:
-    running = await start(server_config)
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=20) as client:
-            st = (await client.telemetry.get_host_status()).status
+    async with serving(server_config) as (running, client):
+        st = (await client.telemetry.get_host_status()).status
         assert [(x.name, x.ok) for x in st.sources] == [("psutil", True), ("nvml", True), ("tegrastats", True)]
         assert [g.name for g in st.gpus] == ["NVIDIA A100-SXM4-40GB"] * 2 + ["tegra GR3D"]
         assert [g.index for g in st.gpus] == [0, 1, 2]
@@ -225,8 +222,6 @@ async def test_host_status_with_fake_nvml_and_fake_tegrastats(
         assert len(st.cpus) == 6 and st.power_rails[0].name == "VDD_IN"
         assert {x.name: x.ok for x in running.engine.telemetry.sources()} == {
             "psutil": True, "nvml": True, "tegrastats": True}
-    finally:
-        await running.stop(0.5)
 
 
 async def test_telemetry_sources_report_what_the_host_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

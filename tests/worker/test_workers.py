@@ -13,23 +13,20 @@ import psutil
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
-from machineserver.server.app import RunningServer, start
+from machineserver.server.app import RunningServer
 from machineserver.server.config import ServerConfig
 from machineserver.server.drivers.unicorn.machine import UnicornMachine
 from machineserver.server.worker.remote import RemoteMachine
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers.api import console_until, upload, wait_state
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, serving
 
 
 @pytest.fixture
 async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, AsyncClient]]:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", workers=2))
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=20) as client:
-            yield running, client
-    finally:
-        await running.stop(0.5)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", workers=2)
+    async with serving(config) as pair:
+        yield pair
 
 
 def _machine(running: RunningServer, session: str) -> RemoteMachine:
@@ -97,17 +94,14 @@ async def test_a_dead_worker_fails_only_its_own_sessions(two_workers: tuple[Runn
 
 
 async def test_the_in_process_mode_still_runs_machines_here(tmp_path: Path) -> None:
-    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", workers=0))
-    try:
-        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=20) as client:
-            prog = await upload(client, "mps2-an385", "hello")
-            s = (await client.sessions.create_session(board_template="mps2-an385", program=prog,
-                                                      power_on=True)).session
-            assert isinstance(running.engine.sessions.get(s.name).machine, UnicornMachine)
-            stop = (await client.debug.continue_(name=s.name, wait=True)).stop
-            assert stop.reason == cpb.STOP_REASON_EXIT
-    finally:
-        await running.stop(0.5)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", workers=0)
+    async with serving(config) as (running, client):
+        prog = await upload(client, "mps2-an385", "hello")
+        s = (await client.sessions.create_session(board_template="mps2-an385", program=prog,
+                                                  power_on=True)).session
+        assert isinstance(running.engine.sessions.get(s.name).machine, UnicornMachine)
+        stop = (await client.debug.continue_(name=s.name, wait=True)).stop
+        assert stop.reason == cpb.STOP_REASON_EXIT
 
 
 def test_nothing_outlives_a_killed_server(tmp_path: Path) -> None:
