@@ -5,6 +5,7 @@ BadRequest and leaves the machine as it was), and the version 1 format still rea
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -14,10 +15,18 @@ import zlib
 
 import pytest
 
-from machineserver.server.drivers.base import BadRequest, Machine, MachineOptions, MachineState
+from machineserver.server.drivers.base import (
+    Arch,
+    BadRequest,
+    Machine,
+    MachineOptions,
+    MachineState,
+    ProgramImage,
+    Segment,
+)
 from machineserver.server.drivers.unicorn import UnicornBackend
 from machineserver.server.drivers.unicorn import snapshot_format as fmt
-from machineserver.server.drivers.unicorn.snapshot_pages import PageTracker
+from machineserver.server.drivers.unicorn.snapshot_pages import PageTracker, pack_changes
 from tests.drivers.unicorn_helpers import start
 from tests.helpers.events import Recorder
 from tests.helpers.firmware import BOARDS
@@ -114,6 +123,7 @@ async def test_incremental_snapshots_restore_exactly_in_any_order(board_name):
         await p.snap.restore_state(blob)
         assert await memory_of(p, board_name) == memory, k
         assert await p.regs.read_registers() == regs, k
+        assert await p.snap.save_state() == blob, k  # all of it restored: it saves the same
     m2, p2, _ = await fresh(board_name)
     for blob, memory, regs in taken:
         await p2.snap.restore_state(blob)
@@ -176,23 +186,35 @@ def test_page_tracker_packs_and_writes_only_what_changed():
     first = tracker.capture(ram)
     assert sorted(first[0]) == [1, 5] and sorted(first[1]) == [0]
     ram[0][3 * PAGE] = 4
-    second = tracker.capture(ram)
+    collected = tracker.collect(ram)
+    assert collected.changes == [{3: bytes(ram[0][3 * PAGE:4 * PAGE])}, {}]  # copies only that page
+    second = tracker.commit(collected, pack_changes(collected.changes))
     assert sorted(second[0]) == [1, 3, 5]
     assert second[0][1] is first[0][1] and second[1] is first[1]  # unchanged: reused as is
     assert first[0].keys() == {1, 5}  # an image handed out is never modified
-    # back to the first image: page 3 is zeroed, page 2 (dirtied behind our back) too
+    # back to the first image: page 3 differs from the baseline; page 2 was dirtied behind
+    # the tracker's back (its data comes from the baseline: zeros), nothing else is touched
     ram[0][2 * PAGE] = 9
-    plan = tracker.plan(ram, first)
-    assert plan[0] == {2: None, 3: None} and plan[1] == {}
-    assert tracker.apply(ram, first, plan).pages == 2
+    assert tracker.differing(first) == [[3], []]
+    prepared = tracker.prepare(first)
+    assert prepared[1] == [{3: None}, {}]
+    assert tracker.apply(ram, first, prepared) == 2
     assert bytes(ram[0][2 * PAGE:4 * PAGE]) == bytes(2 * PAGE)
     assert ram[0][PAGE + 5] == 1 and ram[0][5 * PAGE + 99] == 2
-    assert tracker.plan(ram, first) == [{}, {}]  # nothing differs any more
-    # the second image again: only page 3 comes back, from its packed bytes
-    plan = tracker.plan(ram, second)
-    assert list(plan[0]) == [3]
-    tracker.apply(ram, second, plan)
+    assert tracker.differing(first) == [[], []] and tracker.dirty(0, ram[0]) == []
+    # the second image again: only page 3 comes back, unpacked from its packed bytes
+    prepared = tracker.prepare(second)
+    assert list(prepared[1][0]) == [3]
+    assert tracker.apply(ram, second, prepared) == 1
     assert ram[0][3 * PAGE] == 4
+    # a page changed after prepare, or a baseline replaced since: still exact
+    stale = tracker.prepare(first)
+    ram[1][PAGE] = 7
+    tracker.forget()
+    # against an all-zero baseline every non-zero page is rewritten: 1, 3, 5 and 0, 1
+    assert tracker.apply(ram, first, stale) == 5
+    assert ram[0][3 * PAGE] == 0 and ram[1][PAGE] == 0 and ram[1][0] == 3
+    assert ram[0][PAGE + 5] == 1 and ram[0][5 * PAGE + 99] == 2
 
 
 def test_a_corrupt_page_is_refused_before_anything_is_written():
@@ -201,12 +223,14 @@ def test_a_corrupt_page_is_refused_before_anything_is_written():
     tracker = PageTracker(sizes)
     ram[0][0] = 1
     good = tracker.capture(ram)
-    bad = ({0: good[0][0], 2: bytes((fmt.ZLIB,)) + zlib.compress(b"x" * (PAGE + 1))},)
-    with pytest.raises(fmt.Corrupt):
-        tracker.plan(ram, bad)
-    with pytest.raises(fmt.Corrupt):
-        tracker.plan(ram, ({1: bytes((fmt.RAW,)) + b"short"},))
-    assert bytes(ram[0]) == b"\x01" + bytes(4 * PAGE - 1)
+    ram[0][PAGE] = 2  # dirty: would be written back
+    for bad in ({0: good[0][0], 2: bytes((fmt.ZLIB,)) + zlib.compress(b"x" * (PAGE + 1))},
+                {1: bytes((fmt.RAW,)) + b"short"}):
+        with pytest.raises(fmt.Corrupt):
+            tracker.prepare((bad,))
+        with pytest.raises(fmt.Corrupt):  # a stale preparation is redone, and refused the same
+            tracker.apply(ram, (bad,), (tracker.generation - 1, [{}]))
+    assert bytes(ram[0]) == b"\x01" + bytes(PAGE - 1) + b"\x02" + bytes(3 * PAGE - 1)
 
 
 def test_unpack_is_bounded():
@@ -376,3 +400,60 @@ async def test_version_1_blobs_still_restore():
     assert peak < 2 * bound + (1 << 20)  # inflated output and its final copy, never 64 MiB
     await m.power_off()
     await m2.power_off()
+
+
+# --------------------------------------------------------------------------- big changes, concurrency
+
+
+async def test_many_pages_and_a_big_image_take_the_threaded_path(monkeypatch):
+    """Past the inline limits (pages to pack or unpack, a program image to pack) the work
+    moves to a thread; the result is the same."""
+    import machineserver.server.drivers.unicorn.snapshots as snapshots
+
+    threaded: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threaded.append(getattr(fn, "__name__", ""))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(snapshots.asyncio, "to_thread", spy)
+    name = "mps2-an385"
+    rng = random.Random(7)
+    code = bytearray(rng.randbytes(3 * snapshots.INLINE_IMAGE))
+    code[0:8] = struct.pack("<II", 0x20001000, 0x101)  # initial sp, reset vector
+    m, p, _ = await fresh(name)
+    await m.load(ProgramImage((Segment(0, bytes(code)),), entry=0x101, arch=Arch.ARM_CORTEX_M))
+    ram = board(name).memory[1]
+    pages = 4 * snapshots.INLINE_PAGES
+    for i in range(pages):
+        await p.mem.write_memory(ram.base + i * 2 * PAGE, rng.randbytes(64))
+    blob = await p.snap.save_state()
+    memory = await memory_of(p, name)
+    assert len(fmt.decode(blob, board(name)).pages[1]) == pages
+    for i in range(pages):
+        await p.mem.write_memory(ram.base + i * 2 * PAGE + PAGE, rng.randbytes(64))
+    await p.snap.restore_state(blob)
+    assert await memory_of(p, name) == memory
+    m2, p2, _ = await fresh(name)
+    await p2.snap.restore_state(blob)
+    assert await memory_of(p2, name) == memory
+    assert await p2.snap.save_state() == blob  # the image came along, packed the same
+    # packing the first save, decoding the two big blobs and unpacking into the fresh
+    # machine; restoring on the machine that saved unpacks nothing (the dirtied pages come
+    # back from its baseline) and the last save packs nothing (all of it is the baseline)
+    assert threaded == ["_encode", "decode", "decode", "_prepare"]
+    await m.power_off()
+    await m2.power_off()
+
+
+async def test_concurrent_saves_and_restores_take_turns():
+    m, p, _ = await start("netduinoplus2", "crc32")
+    await p.run.step(10_000)
+    a = await p.snap.save_state()
+    await p.run.step(10_000)
+    b = await p.snap.save_state()
+    results = await asyncio.gather(p.snap.restore_state(a), p.snap.save_state(),
+                                   p.snap.restore_state(b), p.snap.save_state())
+    assert results[1] == a and results[3] == b  # each save saw the restore before it
+    await m.power_off()

@@ -6,12 +6,20 @@ Both directions are incremental (:mod:`.snapshot_pages`): a save copies and pack
 the pages written since the last save or restore, a restore writes only the pages that
 differ; the loaded image is packed once per image and unpacked only when it changes.
 Blobs stay self-contained (every non-zero page is in each one).
+
+Where the work runs: the machine's lock is held only to read the machine (registers,
+peripherals, the pages that changed) or to write it; packing and unpacking happen
+outside it. Small work (up to :data:`INLINE_PAGES` pages to pack or unpack, the
+comparison of up to :data:`INLINE_RAM` of RAM) runs on the event loop, where a thread hop
+would cost more than the work; anything larger runs on a thread. One save or restore at a
+time per machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from dataclasses import dataclass
 
 from machineserver.server.drivers.base import (
     BadRequest,
@@ -21,12 +29,23 @@ from machineserver.server.drivers.base import (
     Snapshots,
 )
 from machineserver.server.drivers.unicorn import snapshot_format as fmt
-from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext
+from machineserver.server.drivers.unicorn.arch import JsonState
+from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext, driver_errors
 from machineserver.server.drivers.unicorn.run_control import UnicornRunControl
 from machineserver.server.drivers.unicorn.slicer import Slicer
-from machineserver.server.drivers.unicorn.snapshot_pages import PageTracker
+from machineserver.server.drivers.unicorn.snapshot_pages import (
+    Changes,
+    Collected,
+    PageTracker,
+    count,
+    pack_changes,
+    unpack_pages,
+)
 
-DECODE_INLINE = 256 * 1024  # smaller blobs are decoded on the event loop (no thread hop)
+INLINE_PAGES = 16  # pages (un)packed on the event loop; more go to a thread
+INLINE_RAM = 32 << 20  # boards with more memory than this are compared on a thread
+INLINE_BLOB = 256 * 1024  # smaller blobs are decoded on the event loop
+INLINE_IMAGE = 64 * 1024  # program images up to this size are (un)packed on the event loop
 
 
 class ImageCache:
@@ -36,6 +55,10 @@ class ImageCache:
     def __init__(self) -> None:
         self._image: ProgramImage | None = None
         self._packed: fmt.PackedImage | None = None
+
+    def holds(self, image: ProgramImage | fmt.PackedImage | None) -> bool:
+        """Whether packing or unpacking ``image`` is free (cached, or nothing)."""
+        return image is None or (self._packed is not None and image in (self._image, self._packed))
 
     def pack(self, image: ProgramImage | None) -> fmt.PackedImage | None:
         if image is None:
@@ -51,12 +74,28 @@ class ImageCache:
             return None
         if packed != self._packed or self._image is None:
             segments = tuple(Segment(s.address, fmt.unpack(s.packed, s.length)) for s in packed.segments)
-            return ProgramImage(segments, packed.entry, packed.arch)
+            self._image, self._packed = ProgramImage(segments, packed.entry, packed.arch), packed
         return self._image
 
-    def remember(self, image: ProgramImage | None, packed: fmt.PackedImage | None) -> None:
-        if image is not None and packed is not None:
-            self._image, self._packed = image, packed
+
+def _image_size(image: ProgramImage | fmt.PackedImage | None) -> int:
+    if isinstance(image, ProgramImage):
+        return sum(len(s.data) for s in image.segments)
+    return sum(s.length for s in image.segments) if image else 0
+
+
+@dataclass(frozen=True)
+class _Saving:
+    """A machine as read under its lock, for a save: the rest is packing and encoding."""
+
+    collected: Collected
+    regs: dict[str, int]
+    core: JsonState
+    uarts: dict[str, JsonState]
+    instructions: int
+    cycles: int
+    exact: bool
+    image: ProgramImage | None
 
 
 class UnicornSnapshots(Snapshots):
@@ -68,6 +107,8 @@ class UnicornSnapshots(Snapshots):
         self._pages = PageTracker([size for _, _, size in self._regions])
         self._images = ImageCache()
         self._tracked: weakref.ref[BoardInstance] | None = None  # the instance the baseline is of
+        self._serial = asyncio.Lock()  # one save or restore at a time
+        self._compare_off_loop = sum(size for _, _, size in self._regions) > INLINE_RAM
 
     def _tracker(self, inst: BoardInstance) -> PageTracker:
         """The page tracker, its baseline forgotten when the machine was powered on again
@@ -78,46 +119,84 @@ class UnicornSnapshots(Snapshots):
             self._tracked = weakref.ref(inst)
         return self._pages
 
+    # ------------------------------------------------------------------ save
     async def save_state(self) -> bytes:
-        self._ctx.require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
-        return await self._ctx.locked("save a snapshot", self._save, off_loop=True)
-
-    def _save(self, inst: BoardInstance) -> bytes:
         ctx = self._ctx
-        return fmt.encode(fmt.MachineSnapshot(
-            board=ctx.board.name, arch=ctx.board.arch.value,
-            regs=inst.core.save_regs(), core=inst.core.get_state(),
+        ctx.require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED)
+        async with self._serial:
+            saving = await ctx.locked("save a snapshot", self._collect, off_loop=self._compare_off_loop)
+            heavy = count(saving.collected.changes) > INLINE_PAGES or (
+                not self._images.holds(saving.image) and _image_size(saving.image) > INLINE_IMAGE)
+            if heavy:
+                return await asyncio.to_thread(self._encode, saving)
+            return self._encode(saving)
+
+    def _collect(self, inst: BoardInstance) -> _Saving:
+        ctx = self._ctx
+        return _Saving(
+            self._tracker(inst).collect(inst.ram), regs=inst.core.save_regs(), core=inst.core.get_state(),
             uarts={name: uart.get_state() for name, uart in inst.uarts.items()},
             instructions=ctx.clock.instructions, cycles=ctx.clock.cycles, exact=ctx.clock.exact,
-            regions=self._regions, pages=self._tracker(inst).capture(inst.ram),
-            image=self._images.pack(ctx.image)))
+            image=ctx.image)
 
+    def _encode(self, s: _Saving) -> bytes:
+        with driver_errors("save a snapshot"):
+            pages = self._pages.commit(s.collected, pack_changes(s.collected.changes))
+            board = self._ctx.board
+            return fmt.encode(fmt.MachineSnapshot(
+                board=board.name, arch=board.arch.value, regs=s.regs, core=s.core, uarts=s.uarts,
+                instructions=s.instructions, cycles=s.cycles, exact=s.exact, regions=self._regions,
+                pages=pages, image=self._images.pack(s.image)))
+
+    # ------------------------------------------------------------------ restore
     async def restore_state(self, blob: bytes) -> None:
         ctx = self._ctx
         ctx.require_on()
         board = ctx.board
-        if len(blob) <= DECODE_INLINE:
+        if len(blob) <= INLINE_BLOB:
             snap = fmt.decode(blob, board)
         else:
             snap = await asyncio.to_thread(fmt.decode, blob, board)
-        await self._run_control.halt()  # a bad blob above leaves a running machine running
-        await ctx.locked("restore a snapshot", lambda inst: self._restore(inst, snap), off_loop=True)
+        async with self._serial:
+            inst = ctx.instance
+            if inst is not None:
+                self._tracker(inst)
+            differing = self._pages.differing(snap.pages)
+            heavy = sum(map(len, differing)) > INLINE_PAGES or (
+                not self._images.holds(snap.image) and _image_size(snap.image) > INLINE_IMAGE)
+            # everything that can be refused is, before anything is written
+            if heavy:
+                prepared = await asyncio.to_thread(self._prepare, snap, differing)
+            else:
+                prepared = self._prepare(snap, differing)
+            await self._run_control.halt()  # a bad blob above leaves a running machine running
+            await ctx.locked("restore a snapshot", lambda inst: self._restore(inst, snap, prepared),
+                             off_loop=self._compare_off_loop)
 
-    def _restore(self, inst: BoardInstance, snap: fmt.MachineSnapshot) -> None:
+    def _prepare(self, snap: fmt.MachineSnapshot,
+                 differing: list[list[int]]) -> tuple[int, Changes, ProgramImage | None]:
+        with driver_errors("restore a snapshot"):
+            try:
+                generation = self._pages.generation
+                pages = unpack_pages(snap.pages, self._pages.sizes, differing)
+                return generation, pages, self._images.unpack(snap.image)
+            except fmt.Corrupt as exc:
+                raise BadRequest(f"corrupt snapshot: {exc}", field="snapshot") from None
+
+    def _restore(self, inst: BoardInstance, snap: fmt.MachineSnapshot,
+                 prepared: tuple[int, Changes, ProgramImage | None]) -> None:
         ctx = self._ctx
-        pages = self._tracker(inst)
-        try:  # everything that can be refused is, before anything is written
-            plan = pages.plan(inst.ram, snap.pages)
-            image = self._images.unpack(snap.image)
-        except fmt.Corrupt as exc:
-            raise BadRequest(f"corrupt snapshot: {exc}", field="snapshot") from None
+        generation, pages, image = prepared
         self._slicer.forget_replay()
         if ctx.collector is not None:
             ctx.collector.forget_last()  # collected coverage is kept: not part of snapshots
-        if pages.apply(inst.ram, snap.pages, plan).pages:
+        try:
+            written = self._tracker(inst).apply(inst.ram, snap.pages, (generation, pages))
+        except fmt.Corrupt as exc:  # prepared again (the machine was powered on again meanwhile)
+            raise BadRequest(f"corrupt snapshot: {exc}", field="snapshot") from None
+        if written:
             inst.uc.ctl_flush_tb()  # memory was written behind the engine's back
         ctx.image = image
-        self._images.remember(image, snap.image)
         try:
             inst.core.set_state(snap.core)
             inst.core.restore_regs(snap.regs)
