@@ -518,8 +518,8 @@ SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "debug": bench_d
 def _more_sections() -> None:
     """Sections in modules of their own (they import this one, so they load after it)."""
     from bench_isolation import bench_isolation
-    from bench_snapshots import bench_snapshots
     from bench_qemu_scale import bench_qemu_scale
+    from bench_snapshots import bench_snapshots
 
     SECTIONS["isolation"] = bench_isolation
     SECTIONS["snapshots"] = bench_snapshots
