@@ -342,6 +342,36 @@ async def test_a_step_that_times_out_is_interrupted_like_the_qemu_driver_does() 
         assert (await client.wait_stop(5)).signal == 2
 
 
+async def test_each_timeout_says_what_did_not_come() -> None:
+    """A call's own deadline ends it with an RspTimeout (a TimeoutError too) that names
+    what did not come in time, and where that leaves the target."""
+    async def silent(stub: Stub, payload: bytes) -> None:
+        if payload == b"c":
+            stub.on_interrupt = lambda s: s.send(b"T02thread:01;")
+
+    async with connected(silent, resync_timeout=10) as (stub, client):
+        with pytest.raises(RspTimeout, match=r"^no reply to b'qNever' within 0\.05 s$"):
+            await client.request(b"qNever", timeout=0.05)
+        # its reply is owed: the resume waits for it and never sends its packet
+        with pytest.raises(RspTimeout, match=r"^no stop reply to b'c' within 0\.05 s$"):
+            await client.resume(b"c", timeout=0.05)
+        assert client.state is State.IDLE and b"c" not in stub.received
+
+    async with connected(silent) as (stub, client):
+        with pytest.raises(RspTimeout, match=r"^no stop reply to b'c' within 0\.05 s; the target still runs$"):
+            await client.resume(b"c", timeout=0.05)
+        with pytest.raises(RspTimeout, match=r"^no stop reply within 0\.05 s; the target still runs$"):
+            await client.wait_stop(0.05)
+        assert client.state is State.RUNNING
+        client.interrupt()
+        assert (await client.wait_stop(5)).signal == 2
+
+    async with connected(silent) as (stub, client):
+        stub.nak_first, stub.nak_delay = 1, 5.0  # the ack of the next packet comes late
+        with pytest.raises(RspTimeout, match=r"^the stub did not acknowledge b'c' within 0\.05 s$"):
+            await client.send_continue(b"c", timeout=0.05)
+
+
 async def test_wait_stop_needs_a_resume() -> None:
     async with connected() as (_, client):
         with pytest.raises(RspStateError) as err:

@@ -50,7 +50,7 @@ import contextlib
 import enum
 import functools
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, SupportsIndex, TypedDict, TypeVar, Unpack
 
@@ -199,6 +199,22 @@ class PushReader(asyncio.StreamReader):
     def set_exception(self, exc: Exception) -> None:
         super().set_exception(exc)
         self._push(exc)
+
+
+@contextlib.asynccontextmanager
+async def _expiring(timeout: float | None, failure: Callable[[], Exception]) -> AsyncIterator[None]:
+    """``asyncio.timeout(timeout)`` whose own expiry raises ``failure()`` instead (an
+    RspTimeout saying what did not come, or the client going BROKEN); a TimeoutError that
+    anything else raises inside the block passes on unchanged. ``failure`` is called only
+    then, so it can say how things stand at that moment."""
+    limit = asyncio.timeout(timeout)
+    try:
+        async with limit:
+            yield
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        raise failure() from None
 
 
 @dataclass
@@ -405,20 +421,14 @@ class RspProtocol:
         discard it; a packet nobody asked for means the stream is out of step."""
         owed = self._owed
         if owed is not None:
-            limit = asyncio.timeout(self.resync_timeout)
-            try:
-                async with limit:
-                    while True:
-                        late = await self._take()
-                        assert late is not None
-                        if not (owed.with_output and self._console_text(late) is not None):
-                            break
-            except TimeoutError:
-                if not limit.expired():
-                    raise
-                raise self._break(
+            async with _expiring(self.resync_timeout, lambda: self._break(
                     f"the reply to {owed.payload[:40]!r} (abandoned earlier) did not come within "
-                    f"{self.resync_timeout} s, so later replies cannot be matched to requests") from None
+                    f"{self.resync_timeout} s, so later replies cannot be matched to requests")):
+                while True:
+                    late = await self._take()
+                    assert late is not None
+                    if not (owed.with_output and self._console_text(late) is not None):
+                        break
             self._owed = None
             self.discarded += 1
             log.info("rsp_late_reply_discarded", request=owed.payload[:40], reply=late[:40])
@@ -432,29 +442,23 @@ class RspProtocol:
                         output: list[bytes] | None = None) -> bytes:
         """Send ``payload`` and return its reply; ``output`` collects O packets that come
         before the reply (qRcmd). The caller holds the turn (or is the handshake)."""
-        limit = asyncio.timeout(timeout)
-        try:
-            async with limit:
-                await self._settle()
-                if self._state is State.IDLE:
-                    self._state = State.BUSY
-                try:
-                    self._owed = _Owed(payload, output is not None)
-                    await self._send(payload)
-                    while True:
-                        reply = await self._take()
-                        assert reply is not None
-                        if output is None or (text := self._console_text(reply)) is None:
-                            self._owed = None
-                            return reply
-                        output.append(text)
-                finally:
-                    if self._state is State.BUSY:
-                        self._state = State.IDLE
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            raise RspTimeout(f"no reply to {payload[:40]!r} within {timeout} s") from None
+        async with _expiring(timeout, lambda: RspTimeout(f"no reply to {payload[:40]!r} within {timeout} s")):
+            await self._settle()
+            if self._state is State.IDLE:
+                self._state = State.BUSY
+            try:
+                self._owed = _Owed(payload, output is not None)
+                await self._send(payload)
+                while True:
+                    reply = await self._take()
+                    assert reply is not None
+                    if output is None or (text := self._console_text(reply)) is None:
+                        self._owed = None
+                        return reply
+                    output.append(text)
+            finally:
+                if self._state is State.BUSY:
+                    self._state = State.IDLE
 
     @require(State.IDLE, action="send a request")
     async def _request(self, payload: bytes, timeout: float | None, output: list[bytes] | None) -> bytes:
@@ -471,35 +475,21 @@ class RspProtocol:
     async def send_continue(self, payload: bytes = b"c", *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Send ``c`` (or ``C``, ``s``, ``S``, ``vCont;...``) and return once the stub has
         it (acknowledged, in ack mode); the stop reply comes through :meth:`wait_stop`."""
-        if not payload.startswith(RESUME_PACKETS):
-            raise ValueError(f"{payload[:20]!r} does not resume the target")
-        limit = asyncio.timeout(timeout)
-        try:
-            async with limit:
-                await self._settle()
-                await self._send(payload)
-                self._state = State.RUNNING
-                if self._acks.enabled:
-                    early = await self._take(until_acked=True)
-                    if early is not None:  # the stop reply before the ack: it counts as one
-                        self._stash.appendleft(early)
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            raise RspTimeout(f"the stub did not acknowledge {payload[:20]!r} within {timeout} s") from None
+        async with _expiring(timeout, lambda: RspTimeout(
+                f"the stub did not acknowledge {payload[:20]!r} within {timeout} s")):
+            await self._send_resume(payload)
+            if self._acks.enabled:
+                early = await self._take(until_acked=True)
+                if early is not None:  # the stop reply before the ack: it counts as one
+                    self._stash.appendleft(early)
 
     @require(State.RUNNING, action="wait for a stop reply")
     async def wait_stop(self, timeout: float | None = None) -> StopReply:
         """The stop reply owed since the last resume (``O`` console output packets before
         it go to ``on_output``). A timeout leaves the client RUNNING."""
-        limit = asyncio.timeout(timeout)
-        try:
-            async with limit:
-                payload = await self._stop_payload()
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            raise RspTimeout(f"no stop reply within {timeout} s; the target still runs") from None
+        async with _expiring(timeout, lambda: RspTimeout(
+                f"no stop reply within {timeout} s; the target still runs")):
+            payload = await self._stop_payload()
         return self._stopped(payload)
 
     @require(State.IDLE, action="resume the target")
@@ -510,21 +500,23 @@ class RspProtocol:
         (:meth:`interrupt` from another task works once the packet is out). ``timeout``
         covers both; when it expires the client is RUNNING (interrupt, then wait_stop),
         or still IDLE if the packet never went out."""
+        def no_stop_reply() -> RspTimeout:
+            ran = "; the target still runs" if self._state is State.RUNNING else ""
+            return RspTimeout(f"no stop reply to {payload[:20]!r} within {timeout} s{ran}")
+
+        async with _expiring(timeout, no_stop_reply):
+            await self._send_resume(payload)
+            reply = await self._stop_payload()
+        return self._stopped(reply)
+
+    async def _send_resume(self, payload: bytes) -> None:
+        """Send a packet that resumes the target (ValueError for any other), once the
+        stream is in step: RUNNING from then on."""
         if not payload.startswith(RESUME_PACKETS):
             raise ValueError(f"{payload[:20]!r} does not resume the target")
-        limit = asyncio.timeout(timeout)
-        try:
-            async with limit:
-                await self._settle()
-                await self._send(payload)
-                self._state = State.RUNNING
-                reply = await self._stop_payload()
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            ran = "; the target still runs" if self._state is State.RUNNING else ""
-            raise RspTimeout(f"no stop reply to {payload[:20]!r} within {timeout} s{ran}") from None
-        return self._stopped(reply)
+        await self._settle()
+        await self._send(payload)
+        self._state = State.RUNNING
 
     async def _stop_payload(self) -> bytes:
         """The next packet that is not console output (``O`` packets go to ``on_output``)."""
