@@ -107,14 +107,20 @@ class UnicornCoverage(Coverage):
 
         await self._ctx.locked_any("reset coverage", reset)
 
+    async def _reported(self) -> tuple[Blocks, Edges]:
+        """What is reported: the frozen result once stopped, nothing before a start, else
+        what was collected so far (blocks and edges are worked out together)."""
+        if self._frozen is not None:
+            blocks, edges = self._frozen
+            return dict(blocks), dict(edges)
+        if not self._active:
+            return {}, {}
+        return await self._ctx.locked_any("read coverage", self._collected)
+
     async def coverage_blocks(self) -> Blocks:
         """Executed blocks since coverage_start/reset: exact execution counts with the
         native counter, 0 (executed) in first-hit mode."""
-        if self._frozen is not None:
-            return dict(self._frozen[0])
-        if not self._active:
-            return {}
-        blocks, _ = await self._ctx.locked_any("read coverage", self._collected)
+        blocks, _ = await self._reported()
         return blocks
 
     async def coverage_edges(self) -> Edges:
@@ -122,9 +128,5 @@ class UnicornCoverage(Coverage):
         instruction of the block left, start of the block entered) -> how many times.
         Every transfer, counted, with the native counter; only the first way into each
         block, count 0 (taken, count unknown), in first-hit mode."""
-        if self._frozen is not None:
-            return dict(self._frozen[1])
-        if not self._active:
-            return {}
-        _, edges = await self._ctx.locked_any("read coverage", self._collected)
+        _, edges = await self._reported()
         return edges
