@@ -101,6 +101,12 @@ def elf_symbol(board: str, program: str, name: str) -> int:
     return elf_address(firmware(board, program), name)
 
 
+def elf_entry(elf: Path) -> int:
+    """The ELF header's entry point as it stands (a Thumb entry has bit 0 set)."""
+    with elf.open("rb") as f:
+        return int(ELFFile(f).header.e_entry)
+
+
 def code_addresses(elf: Path) -> list[int]:
     """Every halfword of the program's .text: where instructions can start."""
     with elf.open("rb") as f:

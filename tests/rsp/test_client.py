@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
 from machineserver.sdk import AsyncClient
 from machineserver.server.app import RunningServer
@@ -31,7 +30,7 @@ from machineserver.server.rsp import (
     codec,
 )
 from machineserver.server.rsp.client import PushReader
-from tests.helpers.firmware import firmware
+from tests.helpers.firmware import elf_entry, firmware
 from tests.helpers.tools import require_tool
 from tests.rsp.stub import Script, Stub, echo, escape, unescape
 
@@ -769,8 +768,7 @@ async def qemu_gdbstub(elf: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proc
 
 async def test_against_qemus_gdbstub() -> None:
     elf = firmware("mps2-an385", "hello")
-    with elf.open("rb") as f:
-        entry = ELFFile(f).header.e_entry  # the reset handler, Thumb bit set
+    entry = elf_entry(elf)  # the reset handler, Thumb bit set
     async with qemu_gdbstub(elf) as (qemu, client):
         # handshake: QEMU 7.2 offers no QStartNoAckMode, so acks stay on
         assert client.state is State.IDLE and client.ack_mode
@@ -820,8 +818,7 @@ async def test_against_our_own_gdb_bridge(server: RunningServer, client: AsyncCl
     """Both ends from this package: the client talks to the GDB bridge (which frames with
     rsp.codec) on a Unicorn session; the bridge offers no-ack mode, QEMU does not."""
     elf = firmware("mps2-an385", "hello")
-    with elf.open("rb") as f:
-        entry = ELFFile(f).header.e_entry
+    entry = elf_entry(elf)
     program = (await client.upload_program(elf)).program.name
     session = (await client.sessions.create_session(
         board_template="mps2-an385", program=program, power_on=True, backend="unicorn")).session
