@@ -457,3 +457,32 @@ async def test_concurrent_saves_and_restores_take_turns():
                                    p.snap.restore_state(b), p.snap.save_state())
     assert results[1] == a and results[3] == b  # each save saw the restore before it
     await m.power_off()
+
+
+async def test_cancelled_saves_and_restores_leave_snapshots_exact():
+    """A save or restore cancelled anywhere (before, during or after its work on a thread)
+    leaves the machine saving and restoring exactly."""
+    name = "mps2-an385"
+    rng = random.Random(3)
+    m, p, _ = await start(name, "crc32")
+    ram = board(name).memory[1]
+
+    async def scribble() -> None:
+        for i in range(40):  # past the inline limit: packing and unpacking go to a thread
+            await p.mem.write_memory(ram.base + i * PAGE, rng.randbytes(32))
+
+    await scribble()
+    b = await p.snap.save_state()
+    memory_b = await memory_of(p, name)
+    for delay in (0, 0.0001, 0.0005, 0.001, 0.003):
+        await scribble()
+        for call in (p.snap.save_state, lambda: p.snap.restore_state(b)):
+            task = asyncio.ensure_future(call())
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await scribble()
+        await p.snap.restore_state(b)
+        assert await memory_of(p, name) == memory_b, delay
+        assert await p.snap.save_state() == b, delay
+    await m.power_off()

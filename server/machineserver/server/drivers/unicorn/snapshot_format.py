@@ -173,15 +173,22 @@ def _corrupt(why: str) -> BadRequest:
     return BadRequest(f"corrupt snapshot: {why}", field="snapshot")
 
 
+def version_of(blob: bytes) -> int | None:
+    """The format version a blob claims; None when it is not a Unicorn machine snapshot."""
+    if len(blob) < len(MAGIC) + 2 or not blob.startswith(MAGIC):
+        return None
+    return int(struct.unpack_from("<H", blob, len(MAGIC))[0])
+
+
 def decode(blob: bytes, board: BoardSpec) -> MachineSnapshot:
     """The snapshot in ``blob`` for a machine of ``board``: BadRequest(field="snapshot")
     for anything that is not a complete Unicorn machine snapshot of a version this reads,
     or not one of this board. Allocates no more than the blob's size plus what the board
     bounds (version 1)."""
     blob = bytes(blob)
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 2:
+    version = version_of(blob)
+    if version is None:
         raise BadRequest("not a Unicorn machine snapshot", field="snapshot")
-    (version,) = struct.unpack_from("<H", blob, len(MAGIC))
     if version not in READS:
         raise BadRequest(f"snapshot format version {version} is not supported "
                          f"(this server reads {', '.join(map(str, READS))})", field="snapshot")

@@ -29,6 +29,7 @@ copies the region, ~7 ms a page, and the faulting write is dropped.)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,20 +74,24 @@ class Collected:
 
 
 class PageTracker:
-    """The baseline of one machine's memory (see the module docstring). Not thread-safe:
-    one save or restore at a time, the guest's memory touched only under the machine's
-    lock (collect, apply)."""
+    """The baseline of one machine's memory (see the module docstring). The guest's memory
+    is read and written only under the machine's lock (collect, apply). The baseline's raw
+    and packed halves always change together, under a lock of the tracker's own: a commit
+    that finishes on a thread after its caller was cancelled cannot tear them apart (it
+    also loses to anything that replaced the baseline since its collection)."""
 
     def __init__(self, sizes: Sequence[int]) -> None:
         self.sizes = tuple(sizes)
         self.generation = 0
+        self._lock = threading.RLock()
         self.forget()
 
     def forget(self) -> None:
         """Baseline: all memory zero (as on a new engine)."""
-        self._raw: list[dict[int, bytes]] = [{} for _ in self.sizes]
-        self._packed: tuple[Pages, ...] = tuple({} for _ in self.sizes)
-        self.generation += 1
+        with self._lock:
+            self._raw: list[dict[int, bytes]] = [{} for _ in self.sizes]
+            self._packed: tuple[Pages, ...] = tuple({} for _ in self.sizes)
+            self.generation += 1
 
     @property
     def packed(self) -> tuple[Pages, ...]:
@@ -118,15 +123,16 @@ class PageTracker:
     def collect(self, ram: Sequence[memoryview]) -> Collected:
         """Copies of the pages where ``ram`` differs from the baseline (None: now zero)."""
         self._check(ram)
-        changes: Changes = []
-        for region, view in enumerate(ram):
-            size = len(view)
-            found: dict[int, bytes | None] = {}
-            for n in self.dirty(region, view):
-                data = bytes(view[n * PAGE:min((n + 1) * PAGE, size)])
-                found[n] = None if _ZERO.startswith(data) else data
-            changes.append(found)
-        return Collected(self.generation, self._packed, changes)
+        with self._lock:
+            changes: Changes = []
+            for region, view in enumerate(ram):
+                size = len(view)
+                found: dict[int, bytes | None] = {}
+                for n in self.dirty(region, view):
+                    data = bytes(view[n * PAGE:min((n + 1) * PAGE, size)])
+                    found[n] = None if _ZERO.startswith(data) else data
+                changes.append(found)
+            return Collected(self.generation, self._packed, changes)
 
     def commit(self, collected: Collected, packed: Changes) -> tuple[Pages, ...]:
         """The image ``collected`` describes, its changes packed as ``packed`` (from
@@ -145,19 +151,20 @@ class PageTracker:
                     pages[n] = p
             image.append(pages)
         result = tuple(image)
-        if collected.generation == self.generation:
-            raws = []
-            for raw, changed in zip(self._raw, collected.changes, strict=True):
-                if changed:
-                    raw = dict(raw)
-                    for n, data in changed.items():
-                        if data is None:
-                            raw.pop(n, None)
-                        else:
-                            raw[n] = data
-                raws.append(raw)
-            self._raw, self._packed = raws, result
-            self.generation += 1
+        with self._lock:
+            if collected.generation == self.generation:
+                raws = []
+                for raw, changed in zip(self._raw, collected.changes, strict=True):
+                    if changed:
+                        raw = dict(raw)
+                        for n, data in changed.items():
+                            if data is None:
+                                raw.pop(n, None)
+                            else:
+                                raw[n] = data
+                    raws.append(raw)
+                self._raw, self._packed = raws, result
+                self.generation += 1
         return result
 
     def capture(self, ram: Sequence[memoryview]) -> tuple[Pages, ...]:
@@ -172,7 +179,9 @@ class PageTracker:
         if len(target) != len(self.sizes):
             raise ValueError("a page map per region expected")
         out: list[list[int]] = []
-        for base, want in zip(self._packed, target, strict=True):
+        with self._lock:
+            packed = self._packed
+        for base, want in zip(packed, target, strict=True):
             if want is base:
                 out.append([])
                 continue
@@ -184,13 +193,19 @@ class PageTracker:
     def prepare(self, target: Sequence[Pages]) -> tuple[int, Changes]:
         """(generation, the target's pages that differ from the baseline, unpacked):
         what :meth:`apply` needs besides the guest's memory. Corrupt as unpack_pages."""
-        return self.generation, unpack_pages(target, self.sizes, self.differing(target))
+        with self._lock:
+            generation, differing = self.generation, self.differing(target)
+        return generation, unpack_pages(target, self.sizes, differing)
 
     def apply(self, ram: Sequence[memoryview], target: Sequence[Pages], prepared: tuple[int, Changes]) -> int:
         """Turn the guest's memory into ``target`` (``prepared`` from :meth:`prepare`, for
         the baseline as it still is: prepared again here otherwise); ``target`` becomes the
         baseline. Returns how many pages were written."""
         self._check(ram)
+        with self._lock:
+            return self._apply(ram, target, prepared)
+
+    def _apply(self, ram: Sequence[memoryview], target: Sequence[Pages], prepared: tuple[int, Changes]) -> int:
         generation, unpacked = prepared
         if generation != self.generation:
             generation, unpacked = self.prepare(target)

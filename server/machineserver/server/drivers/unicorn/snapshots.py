@@ -50,32 +50,35 @@ INLINE_IMAGE = 64 * 1024  # program images up to this size are (un)packed on the
 
 class ImageCache:
     """The last program image packed or unpacked, both ways, so that saving or restoring
-    the same image again costs a comparison, not a (de)compression."""
+    the same image again costs a comparison, not a (de)compression. The pair is one
+    attribute: replaced at once, even from a thread."""
 
     def __init__(self) -> None:
-        self._image: ProgramImage | None = None
-        self._packed: fmt.PackedImage | None = None
+        self._pair: tuple[ProgramImage, fmt.PackedImage] | None = None
 
     def holds(self, image: ProgramImage | fmt.PackedImage | None) -> bool:
         """Whether packing or unpacking ``image`` is free (cached, or nothing)."""
-        return image is None or (self._packed is not None and image in (self._image, self._packed))
+        pair = self._pair
+        return image is None or (pair is not None and image in pair)
 
     def pack(self, image: ProgramImage | None) -> fmt.PackedImage | None:
         if image is None:
             return None
-        if image is not self._image or self._packed is None:
+        pair = self._pair
+        if pair is None or image is not pair[0]:
             segments = tuple(fmt.PackedSegment(s.address, len(s.data), fmt.pack(s.data)) for s in image.segments)
-            self._image, self._packed = image, fmt.PackedImage(segments, image.entry, image.arch)
-        return self._packed
+            pair = self._pair = image, fmt.PackedImage(segments, image.entry, image.arch)
+        return pair[1]
 
     def unpack(self, packed: fmt.PackedImage | None) -> ProgramImage | None:
         """Corrupt when a segment does not unpack to its length."""
         if packed is None:
             return None
-        if packed != self._packed or self._image is None:
+        pair = self._pair
+        if pair is None or packed != pair[1]:
             segments = tuple(Segment(s.address, fmt.unpack(s.packed, s.length)) for s in packed.segments)
-            self._image, self._packed = ProgramImage(segments, packed.entry, packed.arch), packed
-        return self._image
+            pair = self._pair = ProgramImage(segments, packed.entry, packed.arch), packed
+        return pair[0]
 
 
 def _image_size(image: ProgramImage | fmt.PackedImage | None) -> int:
@@ -153,7 +156,7 @@ class UnicornSnapshots(Snapshots):
         ctx = self._ctx
         ctx.require_on()
         board = ctx.board
-        if len(blob) <= INLINE_BLOB:
+        if len(blob) <= INLINE_BLOB and fmt.version_of(blob) == fmt.VERSION:  # version 1 inflates
             snap = fmt.decode(blob, board)
         else:
             snap = await asyncio.to_thread(fmt.decode, blob, board)
