@@ -13,9 +13,10 @@ Where things are:
 * ``arch.py``: the typed seam between the machine and the arch cores: ``cortexm.py``
   (with ``cortexm_scs.py``, the NVIC/SCB/SysTick registers, and ``cortexm_exceptions.py``,
   exception entry/return and faults) and ``riscv.py`` (traps, CLINT);
-* ``peripherals.py`` (UART models), ``semihosting.py``, ``snapshot_format.py``,
-  ``collector.py`` (native block counter, ``native/ucblocks.c``), ``counter.py`` (exact
-  instruction counts), ``replay.py`` (which address an instruction accesses).
+* ``peripherals.py`` (UART models), ``semihosting.py``, ``snapshot_format.py`` (the
+  blob) and ``snapshot_pages.py`` (incremental pages), ``collector.py`` (native block
+  counter, ``native/ucblocks.c``), ``counter.py`` (exact instruction counts),
+  ``replay.py`` (which address an instruction accesses).
 """
 
 from __future__ import annotations
