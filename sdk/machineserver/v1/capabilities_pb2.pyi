@@ -56,6 +56,7 @@ class Backend(_message.Message):
     BOARDS_FIELD_NUMBER: _builtins.int
     BOARD_LIMITS_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    BOARD_FOOTPRINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Driver name, e.g. "unicorn", "qemu"."""
     description: _builtins.str
@@ -81,6 +82,12 @@ class Backend(_message.Message):
     def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form facts (e.g. "coverage_method": "tcg-plugin")."""
 
+    @_builtins.property
+    def board_footprints(self) -> _containers.RepeatedCompositeFieldContainer[Global___BoardFootprint]:
+        """Per runnable board: the host memory one more session of it takes on this backend.
+        Boards the backend cannot say for are left out.
+        """
+
     def __init__(
         self,
         *,
@@ -93,14 +100,54 @@ class Backend(_message.Message):
         boards: _abc.Iterable[_builtins.str] | None = ...,
         board_limits: _abc.Iterable[Global___BoardLimit] | None = ...,
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        board_footprints: _abc.Iterable[Global___BoardFootprint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "board_limits", b"board_limits", "boards", b"boards", "description", b"description", "details", b"details", "features", b"features", "name", b"name", "unavailable_reason", b"unavailable_reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "board_footprints", b"board_footprints", "board_limits", b"board_limits", "boards", b"boards", "description", b"description", "details", b"details", "features", b"features", "name", b"name", "unavailable_reason", b"unavailable_reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
+
+@_typing.final
+class BoardFootprint(_message.Message):
+    """What one more powered-on, halted session of a board costs the host in memory on one
+    backend: for capacity planning (how many sessions fit).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOARD_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    board: _builtins.str
+    """Board template name."""
+    memory_bytes: _builtins.int
+    """Bytes of memory the session's processes hold for themselves: for QEMU, the QEMU
+    process's own pages (measured on this host, once per QEMU binary and machine) plus
+    the driver's share of its worker process. Pages every session shares (the
+    emulator's code and libraries, about 24 MiB for QEMU 7.2) are paid once per host,
+    not per session. A running program adds what it touches (its RAM, translated code).
+    """
+    basis: _builtins.str
+    """How the figure was obtained, e.g. "measured: qemu-system-arm 7.2.22, mps2-an385,
+    halted: 10.9 MiB own + 0.3 MiB driver" or "estimated: ...".
+    """
+    def __init__(
+        self,
+        *,
+        board: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        basis: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "board", b"board", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BoardFootprint: _TypeAlias = BoardFootprint  # noqa: Y015
 
 @_typing.final
 class BoardLimit(_message.Message):

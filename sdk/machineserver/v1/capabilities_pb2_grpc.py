@@ -76,9 +76,11 @@ class CapabilitiesServiceServicer:
     """
 
     def GetCapabilities(self, request, context):
-        """Server version, backends (availability, version, features, runnable boards),
-        processors, peripheral models and buses. Never fails on a healthy server: a backend
-        that cannot run here is listed with available=false and the reason.
+        """Server version, backends (availability, version, features, runnable boards, what a
+        session of each board costs in memory), processors, peripheral models and buses.
+        Never fails on a healthy server: a backend that cannot run here is listed with
+        available=false and the reason. The first call may take a moment while a backend
+        measures its boards' footprints (QEMU: once per QEMU binary and machine per host).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,9 +37,11 @@ class CapabilitiesServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CapabilitiesServiceAsyncStub: ...
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_capabilities_pb2.GetCapabilitiesRequest, _capabilities_pb2.GetCapabilitiesResponse]
-    """Server version, backends (availability, version, features, runnable boards),
-    processors, peripheral models and buses. Never fails on a healthy server: a backend
-    that cannot run here is listed with available=false and the reason.
+    """Server version, backends (availability, version, features, runnable boards, what a
+    session of each board costs in memory), processors, peripheral models and buses.
+    Never fails on a healthy server: a backend that cannot run here is listed with
+    available=false and the reason. The first call may take a moment while a backend
+    measures its boards' footprints (QEMU: once per QEMU binary and machine per host).
     """
     ListBoardTemplates: _grpc.UnaryUnaryMultiCallable[_capabilities_pb2.ListBoardTemplatesRequest, _capabilities_pb2.ListBoardTemplatesResponse]
     """Lists board templates (shipped and user-made), ordered by name.
@@ -74,9 +76,11 @@ class CapabilitiesServiceAsyncStub(CapabilitiesServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_capabilities_pb2.GetCapabilitiesRequest, _capabilities_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
-    """Server version, backends (availability, version, features, runnable boards),
-    processors, peripheral models and buses. Never fails on a healthy server: a backend
-    that cannot run here is listed with available=false and the reason.
+    """Server version, backends (availability, version, features, runnable boards, what a
+    session of each board costs in memory), processors, peripheral models and buses.
+    Never fails on a healthy server: a backend that cannot run here is listed with
+    available=false and the reason. The first call may take a moment while a backend
+    measures its boards' footprints (QEMU: once per QEMU binary and machine per host).
     """
     ListBoardTemplates: _aio.UnaryUnaryMultiCallable[_capabilities_pb2.ListBoardTemplatesRequest, _capabilities_pb2.ListBoardTemplatesResponse]  # type: ignore[assignment]
     """Lists board templates (shipped and user-made), ordered by name.
@@ -114,9 +118,11 @@ class CapabilitiesServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _capabilities_pb2.GetCapabilitiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_capabilities_pb2.GetCapabilitiesResponse, _abc.Awaitable[_capabilities_pb2.GetCapabilitiesResponse]]:
-        """Server version, backends (availability, version, features, runnable boards),
-        processors, peripheral models and buses. Never fails on a healthy server: a backend
-        that cannot run here is listed with available=false and the reason.
+        """Server version, backends (availability, version, features, runnable boards, what a
+        session of each board costs in memory), processors, peripheral models and buses.
+        Never fails on a healthy server: a backend that cannot run here is listed with
+        available=false and the reason. The first call may take a moment while a backend
+        measures its boards' footprints (QEMU: once per QEMU binary and machine per host).
         """
 
     @_abc_1.abstractmethod

@@ -30,6 +30,13 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         generation = self.engine.catalog.generation
         if self._cached is None or self._cached[0] != generation:
             caps = self._capabilities()
+            specs = self.engine.catalog.specs()
+            for backend in caps.backends:  # what a session of each board costs in memory
+                footprints = await self.engine.backends.memory_footprints(backend.name, specs)
+                backend.board_footprints.extend(
+                    pb.BoardFootprint(board=board, memory_bytes=f.memory_bytes, basis=f.basis)
+                    for board, f in sorted(footprints.items())
+                )
             # telemetry sources are probed once per rebuild (NVML may initialise: off the loop)
             sources = await asyncio.to_thread(self.engine.telemetry.sources)
             caps.telemetry_sources.extend(

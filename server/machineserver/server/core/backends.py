@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 import structlog
 
 from machineserver.server.core.errors import InvalidArgument, Unavailable
-from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec
+from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec, MemoryFootprint
 from machineserver.server.drivers.discovery import ENTRY_POINT_GROUP, discover_backends
 from machineserver.server.worker.backend import IsolatedBackend
 from machineserver.server.worker.pool import WorkerPool
@@ -64,6 +65,22 @@ class BackendRegistry:
         if not self.info(name).available:
             return []
         return sorted(b.name for b in boards if backend.board_support(b) is None)
+
+    async def memory_footprints(self, name: str, boards: Iterable[BoardSpec]) -> dict[str, MemoryFootprint]:
+        """Board name -> what one more halted session of it costs on backend ``name``, for
+        the boards it runs and can say that for."""
+        backend = self._backends[name]
+        if not self.info(name).available:
+            return {}
+        runnable = [b for b in boards if backend.board_support(b) is None]
+        found = await asyncio.gather(*(backend.memory_footprint(b) for b in runnable), return_exceptions=True)
+        out: dict[str, MemoryFootprint] = {}
+        for board, footprint in zip(runnable, found, strict=True):
+            if isinstance(footprint, MemoryFootprint):
+                out[board.name] = footprint
+            elif isinstance(footprint, BaseException):
+                log.warning("memory_footprint_failed", driver=name, board=board.name, error=str(footprint))
+        return out
 
     async def aclose(self) -> None:
         for backend in self._backends.values():

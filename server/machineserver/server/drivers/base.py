@@ -567,6 +567,17 @@ class BackendInfo:
     details: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """What one more powered-on, halted machine of a board costs the host in memory:
+    ``memory_bytes`` its processes hold for themselves (pages shared by every machine, an
+    emulator's code and libraries, are paid once per host), and ``basis``, how that was
+    obtained ("measured: ..." or "estimated: ...")."""
+
+    memory_bytes: int
+    basis: str
+
+
 class Backend(abc.ABC):
     """A backend factory; the object an entry point in ``machineserver.drivers`` names."""
 
@@ -589,6 +600,12 @@ class Backend(abc.ABC):
         self, board: BoardSpec, options: MachineOptions, events: MachineEvents
     ) -> Machine:
         """A new machine, OFF. Cheap: resources are taken at power_on."""
+
+    async def memory_footprint(self, board: BoardSpec) -> MemoryFootprint | None:
+        """What one more halted machine of ``board`` costs in memory; None when the backend
+        cannot say. May take a moment the first time (a backend may measure it); cached by
+        the backend."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Called at server shutdown after every machine is powered off."""

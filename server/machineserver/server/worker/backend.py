@@ -33,5 +33,8 @@ class IsolatedBackend(drv.Backend):
                        events: drv.MachineEvents) -> drv.Machine:
         return RemoteMachine(self.pool, self.name, board, options, events, self.machine_class.capabilities)
 
+    async def memory_footprint(self, board: drv.BoardSpec) -> drv.MemoryFootprint | None:
+        return await self.inner.memory_footprint(board)
+
     async def aclose(self) -> None:
         await self.inner.aclose()

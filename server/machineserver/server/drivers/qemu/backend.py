@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,10 +17,13 @@ from machineserver.server.drivers.base import (
     Machine,
     MachineEvents,
     MachineOptions,
+    MemoryFootprint,
     features_of,
 )
+from machineserver.server.drivers.qemu.launch import LaunchSpec
 from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
 from machineserver.server.drivers.qemu.plugin import plugin_status
+from machineserver.server.drivers.qemu.sizing import FootprintMeter
 from machineserver.server.drivers.qemu.spares import DEMAND, IDLE_S, WINDOW_S, SparePool
 
 _VERSION = re.compile(r"QEMU emulator version (\S+)")
@@ -44,6 +48,7 @@ class QemuBackend(Backend):
         self._machines: dict[str, frozenset[str]] = {}
         self._plugins: dict[str, bool] = {}
         self.spares = SparePool(per_spec=spares_setting() if spares is None else spares)
+        self.sizes = FootprintMeter()
 
     # ------------------------------------------------------------------ probing
     def _path(self, arch: Arch) -> str | None:
@@ -180,6 +185,15 @@ class QemuBackend(Backend):
     ) -> Machine:
         return QemuMachine(board, options, events, binary=self.binaries[board.arch],
                            spares=self.spares if self.spares.enabled else None)
+
+    async def memory_footprint(self, board: BoardSpec) -> MemoryFootprint | None:
+        """Measured once per QEMU binary and machine on this host (see :mod:`.sizing`)."""
+        if self.board_support(board) is not None:
+            return None
+        binary = self.binaries[board.arch]
+        spec = LaunchSpec(binary, board.backend_machines["qemu"], board.arch)
+        version: str | None = await asyncio.to_thread(self._version, binary)
+        return await self.sizes.footprint(spec, version or "")
 
     async def aclose(self) -> None:
         """Stop the warm spares (the machines are powered off by then)."""
