@@ -93,11 +93,6 @@ class PageTracker:
             self._packed: tuple[Pages, ...] = tuple({} for _ in self.sizes)
             self.generation += 1
 
-    @property
-    def packed(self) -> tuple[Pages, ...]:
-        """The baseline, packed (never modified: a new tuple of new dicts replaces it)."""
-        return self._packed
-
     def _check(self, ram: Sequence[memoryview]) -> None:
         if tuple(len(view) for view in ram) != self.sizes:
             raise ValueError("the memory regions are not the ones this tracker was made for")
