@@ -146,11 +146,8 @@ async def bench_qemu_scale(server: Server) -> None:
         workers_growth = sum(w.memory_info().rss - workers_before.get(w.pid, 0) for w in after.workers)
         server_growth = after.server.memory_info().rss - server_before
         caps = await c.capabilities.get_capabilities()
-        estimate = 0
-        for backend in caps.backends:
-            if backend.name == "qemu":
-                estimate = next((f.memory_bytes for f in getattr(backend, "board_footprints", [])
-                                 if f.board == BOARD), 0)
+        estimate = next((f.memory_bytes for b in caps.backends if b.name == "qemu"
+                         for f in b.board_footprints if f.board == BOARD), 0)
         t0 = time.perf_counter()
         for i in range(0, len(names), BATCH):
             await asyncio.gather(*(c.sessions.delete_session(name=n) for n in names[i:i + BATCH]))

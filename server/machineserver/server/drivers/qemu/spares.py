@@ -76,6 +76,7 @@ class SparePool:
         self._ready: dict[LaunchSpec, _Spare] = {}
         self._filling: dict[LaunchSpec, asyncio.Task[None]] = {}
         self._starts: dict[LaunchSpec, collections.deque[float]] = {}  # the last ``demand``
+        self._discarding: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -112,16 +113,19 @@ class SparePool:
         self._want(spec)
         if spare is None:
             return None
-        if self._usable(spare) and await self._answers(spare):
-            spare.taken = True
-            inst = spare.launched.instance
-            inst.on_console, inst.on_exit = on_console, on_exit
-            self.stats.taken += 1
-        else:
-            spare.dead = True
+        spare.taken = True  # claimed: its keeper ends without stopping it
         if spare.keeper is not None:
-            spare.keeper.cancel()  # a spare not taken is stopped by its keeper
-        return spare.launched if spare.taken else None
+            spare.keeper.cancel()
+        if not (self._usable(spare) and await self._answers(spare)):
+            spare.dead = True
+            task = asyncio.get_running_loop().create_task(self._discard(spare))
+            self._discarding.add(task)  # not awaited here: the caller starts its own QEMU
+            task.add_done_callback(self._discarding.discard)
+            return None
+        inst = spare.launched.instance
+        inst.on_console, inst.on_exit = on_console, on_exit
+        self.stats.taken += 1
+        return spare.launched
 
     @staticmethod
     async def _answers(spare: _Spare) -> bool:
@@ -234,7 +238,7 @@ class SparePool:
         keepers = [s.keeper for s in self._ready.values() if s.keeper is not None]
         for task in keepers:
             task.cancel()
-        await asyncio.gather(*keepers, return_exceptions=True)
+        await asyncio.gather(*keepers, *self._discarding, return_exceptions=True)
         self._ready.clear()
 
 
