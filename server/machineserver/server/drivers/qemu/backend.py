@@ -192,7 +192,8 @@ class QemuBackend(Backend):
             return None
         binary = self.binaries[board.arch]
         spec = LaunchSpec(binary, board.backend_machines["qemu"], board.arch)
-        version: str | None = await asyncio.to_thread(self._version, binary)
+        version = self._versions[binary] if binary in self._versions else (
+            await asyncio.to_thread(self._version, binary))  # probed already, usually
         return await self.sizes.footprint(spec, version or "")
 
     async def aclose(self) -> None:

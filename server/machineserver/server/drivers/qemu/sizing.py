@@ -63,20 +63,23 @@ class FootprintMeter:
     def __init__(self, cache_dir: Path | None = None) -> None:
         self._cache_dir = cache_dir
         self._known: dict[str, MemoryFootprint] = {}
+        self._cache_read = False
+        self._plugin: str | None = None  # the plugin QEMUs load ("-": none), once known
         self._measuring: dict[str, asyncio.Task[MemoryFootprint | None]] = {}
 
     async def footprint(self, spec: LaunchSpec, version: str = "") -> MemoryFootprint | None:
         """None when it cannot be measured here (QEMU missing, no smaps_rollup, QEMU
         does not start)."""
-        key = self._key(spec, (await asyncio.to_thread(plugin_status)).path)
+        if self._plugin is None:
+            self._plugin = (await asyncio.to_thread(plugin_status)).path or "-"
+        key = self._key(spec, self._plugin)
         if key is None:
             return None
+        if not self._cache_read:  # what earlier servers on this host measured
+            self._cache_read = True
+            self._known = {**self._read_cache(), **self._known}
         if key in self._known:
             return self._known[key]
-        cached = self._read_cache().get(key)
-        if cached is not None:
-            self._known[key] = cached
-            return cached
         task = self._measuring.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._measure(spec, version))
@@ -92,7 +95,7 @@ class FootprintMeter:
         return found
 
     @staticmethod
-    def _key(spec: LaunchSpec, plugin: str | None) -> str | None:
+    def _key(spec: LaunchSpec, plugin: str) -> str | None:
         path = shutil.which(spec.binary)
         if path is None:
             return None
@@ -100,7 +103,7 @@ class FootprintMeter:
             stat = os.stat(path)
         except OSError:
             return None
-        return f"v{CACHE_VERSION}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{spec.machine}|{plugin or '-'}"
+        return f"v{CACHE_VERSION}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{spec.machine}|{plugin}"
 
     @staticmethod
     async def _measure(spec: LaunchSpec, version: str) -> MemoryFootprint | None:
