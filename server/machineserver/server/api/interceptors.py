@@ -1,20 +1,43 @@
-"""The server's interceptor: request ids, per-call context, the hook chain (where auth,
-audit and metrics plug in) and the error boundary, wrapped once around every handler of
-every service, unary and streaming alike. The chain itself is the core's
-(:mod:`machineserver.server.core.calls`), which the Attach stream and the GDB bridge use
-for each of their commands too."""
+"""The call boundary: request ids, per-call context, the hook chain (where auth, audit and
+metrics plug in) and the error boundary, wrapped once around every method handler of every
+service (ours, health and reflection), unary and streaming alike. The chain itself is the
+core's (:mod:`machineserver.server.core.calls`), which the Attach stream and the GDB bridge
+use for each of their commands too.
+
+The handlers are wrapped when they are registered (:class:`MethodTable`), not by a gRPC
+server interceptor: grpc.aio runs an interceptor chain as coroutines on every call before it
+finds the handler, which costs a unary call about as much as everything this boundary does.
+Per call the boundary reads the metadata once, opens the :class:`CallInfo` (request id:
+the caller's ``x-request-id`` or a new one, returned in trailing metadata), makes it the
+current call (log lines name it through :func:`~machineserver.server.core.calls.add_call_context`),
+runs the hooks' ``before`` (only those that have one), the handler, and the hooks' ``after``
+with the final code: the handler's error's code, CANCELLED for a handler that did not finish,
+or the code the handler set.
+
+A handler may answer with bytes it serialised before (:func:`preserialized`): a cached
+answer is then sent as it is, not serialised again on every call.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, cast
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 from grpc import aio
 
-from machineserver.server.api.errors import code_name, internal_status, status_for
-from machineserver.server.core.calls import CURRENT, CallChain, CallHook, CallInfo
+from machineserver.server.api.errors import internal_status, status_for
+from machineserver.server.core.calls import (
+    CURRENT,
+    AfterOnlyHook,
+    CallChain,
+    CallHook,
+    CallInfo,
+    new_request_id,
+)
 from machineserver.server.core.errors import MachineServerError
 
 log = structlog.get_logger("machineserver.rpc")
@@ -22,62 +45,138 @@ log = structlog.get_logger("machineserver.rpc")
 REQUEST_ID_KEY = "x-request-id"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+M = TypeVar("M", bound=Message)
+
 # grpc's type stubs describe RpcMethodHandler's behaviours as the sync server runs them;
 # under grpc.aio they are coroutine functions (unary responses) or async generators
 # (streams; or coroutines that write with context.write) taking an aio.ServicerContext.
 AioUnaryBehaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 AioStreamBehaviour = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterable[Any] | Awaitable[None]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
 
-__all__ = ["AccessLog", "CallHook", "CallInfo", "ServerInterceptor"]
+__all__ = ["AccessLog", "CallBoundary", "CallHook", "CallInfo", "MethodTable", "Registrar", "preserialized"]
 
 
-class AccessLog:
+class AccessLog(AfterOnlyHook):
     """One structlog line per call: rpc, code, duration, request id."""
 
     quiet_methods = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
-    async def before(self, call: CallInfo) -> None:
-        return None
+    def __init__(self) -> None:
+        # whether info lines are written at all, as logging was configured when the server
+        # was built: below the level, a call costs this hook nothing
+        is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
+        self.enabled = bool(is_enabled_for(logging.INFO)) if callable(is_enabled_for) else True
 
     def after(self, call: CallInfo) -> None:
-        if call.method in self.quiet_methods:
+        if not self.enabled or call.method in self.quiet_methods:
             return
         log.info("rpc", code=call.code, ms=round(call.elapsed_ms, 3), transport=call.transport.value)
 
 
-class ServerInterceptor(aio.ServerInterceptor):
-    def __init__(self, chain: CallChain | Sequence[CallHook] = ()) -> None:
-        if not isinstance(chain, CallChain):
-            hooks, chain = list(chain), CallChain()
-            chain.configure(hooks, code_name)
-        self.chain = chain
-        # Handlers are wrapped once per method (grpc hands back the same handler each
-        # time); per-call data comes from the context.
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+class Preserialized:
+    """A response message already serialised: the boundary's serializers send it as it is."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(details)
-            if handler is None:
-                return handler
-            wrapped = self._wrapped[method] = _wrap(handler, method, self)
-        return wrapped
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def preserialized(data: bytes, response_type: type[M]) -> M:
+    """``data`` (a ``response_type`` message, serialised) as a handler's answer. The type
+    says what the bytes hold; only a handler registered through a :class:`Registrar` may
+    answer this way (its serializer knows the wrapper)."""
+    return cast(M, Preserialized(data))
+
+
+def _serializer(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    def serialize_response(message: Any) -> bytes:
+        if type(message) is Preserialized:
+            return message.data
+        return serialize(message) if serialize is not None else cast(bytes, message)
+
+    return serialize_response
+
+
+class CallBoundary:
+    """Wraps method handlers in the call path (see the module docstring)."""
+
+    def __init__(self, chain: CallChain) -> None:
+        self.chain = chain
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """``handler`` for ``method`` ("/pkg.Service/Method"), inside the boundary, with a
+        serializer that passes :func:`preserialized` answers through."""
+        serializer = _serializer(handler.response_serializer)
+        if handler.unary_unary or handler.stream_unary:
+            inner = cast(AioUnaryBehaviour, handler.unary_unary or handler.stream_unary)
+            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return make(self._unary(method, inner), request_deserializer=handler.request_deserializer,
+                        response_serializer=serializer)
+        inner_stream = cast(AioStreamBehaviour, handler.unary_stream or handler.stream_stream)
+        make_stream = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                       else grpc.stream_stream_rpc_method_handler)
+        return make_stream(self._stream(method, inner_stream), request_deserializer=handler.request_deserializer,
+                           response_serializer=serializer)
+
+    def _unary(self, method: str, inner: AioUnaryBehaviour) -> AioUnaryBehaviour:
+        open_call, chain, end = self._open, self.chain, self._end
+
+        async def unary_result(request_or_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            call = open_call(method, context)
+            finished = False
+            try:
+                if chain.observe_only:
+                    call.hooks_entered = len(chain.hooks)
+                else:
+                    await chain.enter(call)
+                result = await inner(request_or_iterator, context)
+                finished = True
+                return result
+            except Exception as exc:
+                finished = True
+                await self._fail_unless_abort(call, exc, context)
+                raise
+            finally:
+                end(call, context, finished)
+
+        return unary_result
+
+    def _stream(self, method: str, inner: AioStreamBehaviour) -> Callable[..., AsyncIterator[Any]]:
+        open_call, chain, end = self._open, self.chain, self._end
+
+        async def stream_result(request_or_iterator: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            call = open_call(method, context)
+            finished = False
+            try:
+                if chain.observe_only:
+                    call.hooks_entered = len(chain.hooks)
+                else:
+                    await chain.enter(call)
+                result = inner(request_or_iterator, context)
+                if isinstance(result, AsyncIterable):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with context.write and returns a coroutine
+                    await result
+                finished = True
+            except Exception as exc:
+                finished = True
+                await self._fail_unless_abort(call, exc, context)
+                raise
+            finally:
+                end(call, context, finished)
+
+        return stream_result
 
     # ------------------------------------------------------------------ the boundary
 
-    def _open(self, method: str, context: aio.ServicerContext[Any, Any]) -> CallInfo:
-        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        peer = context.peer() if hasattr(context, "peer") else ""
-        call = self.chain.open(method, md, peer=peer)
+    @staticmethod
+    def _open(method: str, context: aio.ServicerContext[Any, Any]) -> CallInfo:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if type(v) is str}
+        call = CallInfo(method, metadata.get(REQUEST_ID_KEY) or new_request_id(), metadata, peer=context.peer())
         CURRENT.set(call)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=call.request_id, rpc=call.rpc)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         return call
 
@@ -87,7 +186,8 @@ class ServerInterceptor(aio.ServerInterceptor):
         if not isinstance(exc, aio.AbortError):
             await self._fail(call, exc, context)
 
-    async def _fail(self, call: CallInfo, exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
+    @staticmethod
+    async def _fail(call: CallInfo, exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
         rid = call.request_id
         if isinstance(exc, MachineServerError):
             code, status = status_for(exc, rid)
@@ -98,63 +198,56 @@ class ServerInterceptor(aio.ServerInterceptor):
         md = ((STATUS_DETAILS_KEY, status.SerializeToString()), (REQUEST_ID_KEY, rid))
         await context.abort(code, status.message, trailing_metadata=md)
 
-    def _end(self, call: CallInfo, context: aio.ServicerContext[Any, Any], *, finished: bool) -> None:
+    def _end(self, call: CallInfo, context: aio.ServicerContext[Any, Any], finished: bool) -> None:
         """The hooks' after(), with the final code: a handler that did not finish (its
         task was cancelled, or the client went away from a stream) ended CANCELLED."""
         if call.code == "OK":
             if not finished:
                 call.code = "CANCELLED"
             else:
-                code = context.code() if hasattr(context, "code") else None
-                if isinstance(code, grpc.StatusCode):
+                code = context.code()
+                if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
                     call.code = code.name
         self.chain.leave(call)
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, ic: ServerInterceptor) -> grpc.RpcMethodHandler[Any, Any]:
-    if handler.unary_unary or handler.stream_unary:
-        inner = cast(AioUnaryBehaviour, handler.unary_unary or handler.stream_unary)
+class MethodTable(grpc.GenericRpcHandler):
+    """Every method's handler by its full name ("/pkg.Service/Method"): one lookup per call."""
 
-        async def unary_result(request_or_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            call = ic._open(method, context)
-            finished = False
-            try:
-                await ic.chain.enter(call)
-                result = await inner(request_or_iterator, context)
-                finished = True
-                return result
-            except Exception as exc:
-                finished = True
-                await ic._fail_unless_abort(call, exc, context)
-                raise
-            finally:
-                ic._end(call, context, finished=finished)
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self._handlers = dict(handlers)
 
-        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-        return make(unary_result, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._handlers.get(handler_call_details.method)
 
-    inner_stream = cast(AioStreamBehaviour, handler.unary_stream or handler.stream_stream)
+    def __contains__(self, method: str) -> bool:
+        return method in self._handlers
 
-    async def stream_result(request_or_iterator: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        call = ic._open(method, context)
-        finished = False
-        try:
-            await ic.chain.enter(call)
-            result = inner_stream(request_or_iterator, context)
-            if isinstance(result, AsyncIterable):
-                async for item in result:
-                    yield item
-            else:  # a handler that writes with context.write and returns a coroutine
-                await result
-            finished = True
-        except Exception as exc:
-            finished = True
-            await ic._fail_unless_abort(call, exc, context)
-            raise
-        finally:
-            ic._end(call, context, finished=finished)
 
-    make_stream = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-    return make_stream(stream_result, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+class Registrar:
+    """Stands in for the server while the generated ``add_*_to_server`` functions register a
+    service: keeps each method's handler, wrapped once in the boundary, for one
+    :class:`MethodTable`. (Every generated module registers its handlers by name through
+    ``add_registered_method_handlers``; one that gave only an opaque generic handler could
+    not be wrapped, and :meth:`table` refuses it rather than serve it outside the chain.)"""
+
+    def __init__(self, boundary: CallBoundary) -> None:
+        self.boundary = boundary
+        self._handlers: dict[str, Handler] = {}
+        self._generic = 0
+        self._named = 0
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: object) -> None:
+        self._generic += 1  # the same handlers come by name (add_registered_method_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, Handler]) -> None:
+        self._named += 1
+        for name, handler in method_handlers.items():
+            method = f"/{service_name}/{name}"
+            self._handlers[method] = self.boundary.wrap(method, handler)
+
+    def table(self) -> MethodTable:
+        if self._generic > self._named:
+            raise RuntimeError("a service registered a generic handler without its methods by name; "
+                               "it cannot be wrapped in the call boundary")
+        return MethodTable(self._handlers)

@@ -1,5 +1,5 @@
-"""Builds the grpc.aio server: every servicer, health (per service), reflection, and the
-interceptor chain."""
+"""Builds the grpc.aio server: every servicer, health (per service) and reflection, each
+method's handler wrapped once in the call boundary (:mod:`.interceptors`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
@@ -18,7 +18,7 @@ from machineserver.server.api.cosim import CoSimServicer
 from machineserver.server.api.coverage import CoverageServicer
 from machineserver.server.api.debug import DebugServicer
 from machineserver.server.api.errors import code_name
-from machineserver.server.api.interceptors import AccessLog, CallHook, ServerInterceptor
+from machineserver.server.api.interceptors import AccessLog, CallBoundary, CallHook, Registrar
 from machineserver.server.api.sessions import SessionServicer
 from machineserver.server.api.telemetry import TelemetryServicer
 from machineserver.server.core.engine import Engine
@@ -38,8 +38,9 @@ from machineserver.v1 import (
 )
 
 # (servicer class, add_to_server, file descriptor, service name); each add_to_server takes
-# its own servicer class, so the list can only say Any for that argument
-SERVICES: list[tuple[type[Servicer], Callable[[Any, aio.Server], None], FileDescriptor, str]] = [
+# its own servicer class, and is handed a Registrar rather than the server, so the list can
+# only say Any for those arguments
+SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor, str]] = [
     (CapabilitiesServicer, capabilities_pb2_grpc.add_CapabilitiesServiceServicer_to_server,
      capabilities_pb2.DESCRIPTOR, "CapabilitiesService"),
     (SessionServicer, session_pb2_grpc.add_SessionServiceServicer_to_server, session_pb2.DESCRIPTOR, "SessionService"),
@@ -63,23 +64,25 @@ async def build_server(
     ``hooks`` join the engine's call chain, which every transport goes through."""
     engine.calls.configure([AccessLog(), *hooks], code_name)
     server = aio.server(
-        interceptors=[ServerInterceptor(engine.calls)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
+    methods = Registrar(CallBoundary(engine.calls))
     for servicer_cls, add, _, _ in SERVICES:
-        add(servicer_cls(engine), server)
+        add(servicer_cls(engine), methods)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, methods)
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]),
+        methods,
     )
+    server.add_generic_rpc_handlers((methods.table(),))
     try:
         if tls is not None:
             creds = grpc.ssl_server_credentials([(tls[1], tls[0])])

@@ -13,7 +13,12 @@ Transports:
 
 The hooks (request-id logging, tracing, metrics, and auth, audit and quota as they come)
 see the same :class:`CallInfo` whatever the transport, so a per-method rule holds for the
-GDB bridge as it does for the RPC, and no transport is a second front door.
+GDB bridge as it does for the RPC, and no transport is a second front door. A hook that
+only observes how calls end derives from :class:`AfterOnlyHook`: its ``before`` is not
+awaited (a chain of such hooks costs a call nothing before it runs).
+
+Log lines name the call they belong to: :func:`add_call_context` (a structlog processor)
+adds the request id and rpc of the current call, so nothing is bound per call.
 
 Codes are the gRPC status code *names* (``"OK"``, ``"INVALID_ARGUMENT"``, ...); which
 error means which code is the API layer's one table, handed in as ``classify``.
@@ -27,9 +32,9 @@ import enum
 import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -98,9 +103,30 @@ class CallHook(Protocol):
     def after(self, call: CallInfo) -> None: ...
 
 
+class AfterOnlyHook:
+    """A hook that only sees how calls end (access log, metrics): the chain does not
+    await its ``before``."""
+
+    async def before(self, call: CallInfo) -> None:
+        return None
+
+    def after(self, call: CallInfo) -> None:
+        return None
+
+
 # the RPC being served in this task (set by the API layer when it opens one): what a
 # transport started from an RPC (a GDB bridge, an Attach stream) inherits its caller from
 CURRENT: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("machineserver_call", default=None)
+
+
+def add_call_context(logger: object, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: a log line written while a call is served carries its
+    ``request_id`` and ``rpc`` (unless the line, or context bound around it, names them)."""
+    call = CURRENT.get()
+    if call is not None:
+        event_dict.setdefault("request_id", call.request_id)
+        event_dict.setdefault("rpc", call.rpc)
+    return event_dict
 
 
 def current_metadata() -> dict[str, str]:
@@ -119,10 +145,17 @@ class CallChain:
     def __init__(self) -> None:
         self.hooks: list[CallHook] = []
         self.classify: Callable[[BaseException], str] = _unclassified
+        self.observe_only = True  # no hook has a before() to await
+        self._entering: list[tuple[CallHook, bool]] = []  # each hook, and whether its before() runs
+        self._leaving: list[CallHook] = []  # the hooks, last first
 
     def configure(self, hooks: Sequence[CallHook], classify: Callable[[BaseException], str]) -> None:
         self.hooks = list(hooks)
         self.classify = classify
+        self._entering = [(h, not isinstance(h, AfterOnlyHook) or type(h).before is not AfterOnlyHook.before)
+                          for h in self.hooks]
+        self._leaving = self.hooks[::-1]
+        self.observe_only = not any(needed for _, needed in self._entering)
 
     def open(self, method: str, metadata: Mapping[str, str] | None = None, *,
              transport: Transport = Transport.RPC, peer: str = "", request_id: str = "") -> CallInfo:
@@ -133,9 +166,10 @@ class CallChain:
     async def enter(self, call: CallInfo) -> None:
         """Run the hooks' before() in order; one that refuses the call (raises) ends the
         chain, and the ones that ran still see after() (from :meth:`leave`)."""
-        for hook in self.hooks:
+        for hook, needed in self._entering:
             call.hooks_entered += 1
-            await hook.before(call)
+            if needed:
+                await hook.before(call)
 
     def fail(self, call: CallInfo, exc: BaseException) -> None:
         """Record how the call ended when it raised."""
@@ -145,7 +179,9 @@ class CallChain:
             call.code = self.classify(exc)
 
     def leave(self, call: CallInfo) -> None:
-        for hook in reversed(self.hooks[: call.hooks_entered]):
+        entered = call.hooks_entered
+        hooks = self._leaving if entered == len(self._leaving) else self._leaving[len(self._leaving) - entered:]
+        for hook in hooks:
             try:
                 hook.after(call)
             except Exception:  # a broken hook must not break the call

@@ -1,5 +1,7 @@
 """structlog set-up: one line per event, JSON in production, console in development, with
-context (request_id, rpc, session_id) bound per request through contextvars."""
+context: the request id and rpc of the call being served (from the call itself, see
+:func:`~machineserver.server.core.calls.add_call_context`) and whatever is bound through
+contextvars (session_id, trace_id, a command's own request id)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import logging
 import sys
 
 import structlog
+
+from machineserver.server.core.calls import add_call_context
 
 
 def configure(fmt: str = "console", level: str = "info") -> None:
@@ -19,6 +23,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_call_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

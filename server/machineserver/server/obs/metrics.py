@@ -36,6 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, start_http_server
 
 from machineserver.server import __version__
+from machineserver.server.core.calls import AfterOnlyHook
 
 if TYPE_CHECKING:
     from machineserver.server.core.calls import CallInfo
@@ -70,7 +71,7 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class ServerMetrics:
+class ServerMetrics(AfterOnlyHook):
     """The instruments, the call hook that feeds them, and the /metrics endpoint."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -115,9 +116,6 @@ class ServerMetrics:
         self._http_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the hook
-
-    async def before(self, call: CallInfo) -> None:
-        return None
 
     def after(self, call: CallInfo) -> None:
         attrs = {"rpc.service": call.service, "rpc.method": call.rpc, "rpc.grpc.status_code": call.code, "transport": call.transport.value}
