@@ -12,10 +12,10 @@ from tests.helpers.server import serving
 
 async def test_unexpected_exception_is_internal_and_server_survives(client: AsyncClient, server: RunningServer,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom() -> list[object]:
+    def boom(*args: object) -> object:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(server.engine.catalog, "specs", boom)
+    monkeypatch.setattr(server.engine.catalog, "support", boom)
     with pytest.raises(errors.Internal) as exc:
         await client.capabilities.get_capabilities()
     assert "secret" not in exc.value.message and "Traceback" not in exc.value.message

@@ -1,71 +1,146 @@
-"""CapabilitiesService."""
+"""CapabilitiesService.
+
+Answers that only change with the catalog are serialised once: GetCapabilities' whole
+answer (per catalog generation), and each board template's message (per template revision,
+in :class:`TemplateMessages`), so a page of ListBoardTemplates is the concatenation of its
+templates' bytes, whatever its size, and only templates not seen since they changed are
+read from the store and converted (a few at a time, giving the event loop back between).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 from grpc import aio
 
 from machineserver.server import __version__
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
+from machineserver.server.api.interceptors import preserialized
+from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices
+from machineserver.server.core.engine import Engine
 from machineserver.server.core.features import served_features
+from machineserver.server.core.models import BoardTemplateRecord
+from machineserver.server.drivers.base import BoardSpec
 from machineserver.v1 import capabilities_pb2 as pb
 from machineserver.v1 import capabilities_pb2_grpc as pb_grpc
 from machineserver.v1 import telemetry_pb2
 
 API_VERSION = "machineserver.v1"
+TEMPLATE_CACHE_BYTES = 32 << 20  # serialised template messages kept (about 20,000 templates)
+_TEMPLATES_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["board_templates"].number
+_TOKEN_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["next_page_token"].number
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(field_number: int, data: bytes) -> bytes:
+    """One length-delimited field (a message or a string) as protobuf's wire format writes
+    it: a repeated field's elements are each one of these, so serialised elements join."""
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
+class TemplateMessages:
+    """Each template's BoardTemplate message, serialised once per revision and framed as
+    an element of ListBoardTemplatesResponse.board_templates; the least recently used go
+    first past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = TEMPLATE_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, name: str, revision: int | None) -> bytes | None:
+        item = self._items.get(name)
+        if item is None or item[0] != revision:
+            return None
+        self._items.move_to_end(name)
+        return item[1]
+
+    def put(self, name: str, revision: int | None, message: pb.BoardTemplate) -> bytes:
+        framed = length_delimited(_TEMPLATES_FIELD, message.SerializeToString())
+        if revision is None:  # gone meanwhile: answer it, keep nothing
+            return framed
+        old = self._items.pop(name, None)
+        if old is not None:
+            self._bytes -= len(old[1])
+        self._items[name] = (revision, framed)
+        self._bytes += len(framed)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            self._bytes -= len(self._items.popitem(last=False)[1][1])
+        return framed
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
-    _cached: tuple[int, pb.GetCapabilitiesResponse] | None = None
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # GetCapabilities' answer, serialised, and the catalog generation it was built for
+        self._answer: tuple[int, bytes] | None = None
+        self._answer_lock = asyncio.Lock()
+        self.templates = TemplateMessages()
 
     async def GetCapabilities(
         self,
         request: pb.GetCapabilitiesRequest,
         context: aio.ServicerContext[pb.GetCapabilitiesRequest, pb.GetCapabilitiesResponse],
     ) -> pb.GetCapabilitiesResponse:
-        # Derived from probes (cached by the registry) and board templates: rebuilt only
-        # when a template changes.
-        generation = self.engine.catalog.generation
-        if self._cached is None or self._cached[0] != generation:
-            caps = self._capabilities()
-            specs = self.engine.catalog.specs()
-            for backend in caps.backends:  # what a session of each board costs in memory
-                footprints = await self.engine.backends.memory_footprints(backend.name, specs)
-                backend.board_footprints.extend(
-                    pb.BoardFootprint(board=board, memory_bytes=f.memory_bytes, basis=f.basis)
-                    for board, f in sorted(footprints.items())
-                )
+        return preserialized(await self._capabilities_answer(), pb.GetCapabilitiesResponse)
+
+    async def _capabilities_answer(self) -> bytes:
+        """Derived from probes (cached by the registry) and board templates: built again
+        only after a template changed (concurrent callers wait for one build), and sent as
+        the bytes serialised then."""
+        answer = self._answer
+        if answer is not None and answer[0] == self.engine.catalog.generation:
+            return answer[1]
+        async with self._answer_lock:
+            answer = self._answer
+            generation = self.engine.catalog.generation
+            if answer is not None and answer[0] == generation:
+                return answer[1]
+            caps = await self._capabilities()
             # telemetry sources are probed once per rebuild (NVML may initialise: off the loop)
             sources = await asyncio.to_thread(self.engine.telemetry.sources)
             caps.telemetry_sources.extend(
                 telemetry_pb2.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in sources
             )
-            self._cached = (generation, caps)
-        return self._cached[1]
+            self._answer = (generation, caps.SerializeToString())
+            return self._answer[1]
 
-    def _capabilities(self) -> pb.GetCapabilitiesResponse:
-        reg = self.engine.backends
-        specs = self.engine.catalog.specs()
+    async def _capabilities(self) -> pb.GetCapabilitiesResponse:
+        reg, catalog = self.engine.backends, self.engine.catalog
+        support = await catalog.support(reg)
         backends = []
-        processors: dict[tuple[str, str], set[str]] = {}
-        models: dict[str, set[str]] = {}
         for info in reg.all_info():
-            runnable = reg.runnable_boards(info.name, specs)
-            backends.append(convert.backend_pb(info, served_features(info.features), runnable))
-            for spec in specs:
-                if spec.name in runnable:
-                    processors.setdefault((spec.cpu, spec.arch.value), set()).add(info.name)
-                    for p in spec.peripherals:
-                        models.setdefault(p.model, set()).add(info.name)
+            runnable = support.boards.get(info.name, [])
+            backend = convert.backend_pb(info, served_features(info.features), runnable)
+            # what a session of each board costs in memory
+            specs = [s for s in (catalog.spec(n) for n in runnable) if s is not None]
+            footprints = await reg.memory_footprints(info.name, specs)
+            backend.board_footprints.extend(
+                pb.BoardFootprint(board=board, memory_bytes=f.memory_bytes, basis=f.basis)
+                for board, f in sorted(footprints.items())
+            )
+            backends.append(backend)
         return pb.GetCapabilitiesResponse(
             server_version=__version__,
             api_version=API_VERSION,
             backends=backends,
             processors=[pb.Processor(name=cpu, arch=arch, backends=sorted(b))
-                        for (cpu, arch), b in sorted(processors.items())],
-            peripheral_models=[pb.PeripheralModel(name=m, backends=sorted(b)) for m, b in sorted(models.items())],
+                        for (cpu, arch), b in sorted(support.processors.items())],
+            peripheral_models=[pb.PeripheralModel(name=m, backends=sorted(b))
+                               for m, b in sorted(support.models.items())],
             buses=[],
             default_backend=reg.default,
         )
@@ -75,14 +150,25 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         request: pb.ListBoardTemplatesRequest,
         context: aio.ServicerContext[pb.ListBoardTemplatesRequest, pb.ListBoardTemplatesResponse],
     ) -> pb.ListBoardTemplatesResponse:
-        reg = self.engine.backends
-        specs = self.engine.catalog.specs()
-        per_backend = {name: reg.runnable_boards(name, specs) for name in reg.names()}
-        page = self.engine.catalog.list(request.page_size, request.page_token, request.filter, per_backend)
-        return pb.ListBoardTemplatesResponse(
-            board_templates=[convert.board_template_pb(rec, spec) for rec, spec in page.items],
-            next_page_token=page.next_page_token,
-        )
+        catalog = self.engine.catalog
+        page = await catalog.select(request.page_size, request.page_token, request.filter, self.engine.backends)
+        found: dict[str, bytes] = {}
+        missing: list[str] = []
+        for name in page.items:
+            framed = self.templates.get(name, catalog.revision(name))
+            if framed is None:
+                missing.append(name)
+            else:
+                found[name] = framed
+        slices = LoopSlices()
+        for start in range(0, len(missing), FETCH_SLICE):
+            for rec, spec, revision in catalog.records(missing[start:start + FETCH_SLICE]):
+                found[rec.id] = self.templates.put(rec.id, revision, convert.board_template_pb(rec, spec))
+            await slices.tick()
+        answer = b"".join(found[n] for n in page.items if n in found)  # a template deleted meanwhile is left out
+        if page.next_page_token:
+            answer += length_delimited(_TOKEN_FIELD, page.next_page_token.encode())
+        return preserialized(answer, pb.ListBoardTemplatesResponse)
 
     async def GetBoardTemplate(
         self,
@@ -98,7 +184,7 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         context: aio.ServicerContext[pb.CreateBoardTemplateRequest, pb.CreateBoardTemplateResponse],
     ) -> pb.CreateBoardTemplateResponse:
         rec, spec = self.engine.catalog.create(request.config, self.principal(context))
-        return pb.CreateBoardTemplateResponse(board_template=convert.board_template_pb(rec, spec))
+        return pb.CreateBoardTemplateResponse(board_template=self._remember(rec, spec))
 
     async def UpdateBoardTemplate(
         self,
@@ -108,7 +194,7 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         rec, spec = self.engine.catalog.update(
             request.name, request.config, request.etag, list(request.update_mask.paths)
         )
-        return pb.UpdateBoardTemplateResponse(board_template=convert.board_template_pb(rec, spec))
+        return pb.UpdateBoardTemplateResponse(board_template=self._remember(rec, spec))
 
     async def DeleteBoardTemplate(
         self,
@@ -117,3 +203,9 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
     ) -> pb.DeleteBoardTemplateResponse:
         self.engine.catalog.delete(request.name)
         return pb.DeleteBoardTemplateResponse()
+
+    def _remember(self, rec: BoardTemplateRecord, spec: BoardSpec) -> pb.BoardTemplate:
+        """A template just written, as its message (kept for lists, under its new revision)."""
+        message = convert.board_template_pb(rec, spec)
+        self.templates.put(rec.id, self.engine.catalog.revision(rec.id), message)
+        return message

@@ -18,6 +18,9 @@ from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import Arch, BoardSpec, MemoryRegion, PeripheralSpec
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+# libyaml's safe loader when PyYAML was built with it: the same YAML, ~8x faster than the
+# pure-Python one (~0.3 ms for a shipped board instead of ~2.3 ms)
+_YamlLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_board_text(text: str, *, field: str = "config") -> dict[str, Any]:
@@ -25,7 +28,7 @@ def parse_board_text(text: str, *, field: str = "config") -> dict[str, Any]:
     better from the JSON parser)."""
     stripped = text.lstrip()
     try:
-        data = json.loads(text) if stripped.startswith("{") else yaml.safe_load(text)
+        data = json.loads(text) if stripped.startswith("{") else yaml.load(text, Loader=_YamlLoader)  # a safe loader
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise InvalidArgument(field, f"not valid YAML or JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -149,6 +152,26 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
         reset_vector=None if reset_vector is None else _int(reset_vector, f"{field}.reset_vector"),
         vector_table=_int(data.get("vector_table", 0), f"{field}.vector_table"),
     )
+
+
+def board_to_dict(board: BoardSpec) -> dict[str, Any]:
+    """The board as the plain data :func:`board_from_dict` reads back into an equal
+    BoardSpec (what the catalog stores next to a template's text, so it is parsed once)."""
+    return {
+        "name": board.name,
+        "description": board.description,
+        "arch": board.arch.value,
+        "cpu": board.cpu,
+        "cpu_mhz": board.cpu_mhz,
+        "memory": [{"name": m.name, "base": m.base, "size": m.size, "kind": m.kind, "writable": m.writable}
+                   for m in board.memory],
+        "peripherals": [{"name": p.name, "model": p.model, "base": p.base, "size": p.size, "irq": p.irq,
+                         "properties": dict(p.properties)} for p in board.peripherals],
+        "console": board.console,
+        "backends": dict(board.backend_machines),
+        "reset_vector": board.reset_vector,
+        "vector_table": board.vector_table,
+    }
 
 
 def shipped_board_texts() -> dict[str, str]:

@@ -49,6 +49,9 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.table("breakpoints").create_index(["session"])
 
 
+# SQLite allows 32766 bound parameters per statement; stay far below it
+MAX_IDS_PER_QUERY = 500
+
 # Index i holds the migration from version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
@@ -139,6 +142,41 @@ class Database:
                 where, list(params), order_by=order_by, limit=limit, offset=offset or None
             )
             return [_decode(r) for r in rows]
+
+    def rows_by_id(self, table: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The rows with these ids (those that exist), by id: one query per
+        :data:`MAX_IDS_PER_QUERY` ids."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+            chunk = list(ids[start:start + MAX_IDS_PER_QUERY])
+            marks = ", ".join("?" * len(chunk))
+            with self._lock:
+                rows = list(self._db.table(table).rows_where(f"id IN ({marks})", chunk))
+            for row in rows:
+                out[row["id"]] = _decode(row)
+        return out
+
+    def pages(self, table: str, page_size: int = 500, where: str | None = None,
+              params: Sequence[Any] = ()) -> Iterator[list[dict[str, Any]]]:
+        """Every row (or those ``where`` selects), in id order, a bounded page at a time:
+        each page is its own query (keyset: ``id > last``), so the lock is held for one
+        page, never for the whole table, and rows written meanwhile are seen or not, but
+        no row is seen twice."""
+        last: str | None = None
+        while True:
+            clauses = [f"({where})"] if where else []
+            args = list(params)
+            if last is not None:
+                clauses.append("id > ?")
+                args.append(last)
+            with self._lock:
+                rows = [_decode(r) for r in self._db.table(table).rows_where(
+                    " AND ".join(clauses) or None, args, order_by="id", limit=page_size)]
+            if rows:
+                yield rows
+            if len(rows) < page_size:
+                return
+            last = rows[-1]["id"]
 
     def count(self, table: str, where: str | None = None, params: Sequence[Any] = ()) -> int:
         with self._lock:
