@@ -47,12 +47,16 @@ class QemuBackend(Backend):
         self._versions: dict[str, str | None] = {}
         self._machines: dict[str, frozenset[str]] = {}
         self._plugins: dict[str, bool] = {}
+        self._paths: dict[Arch, str | None] = {}
         self.spares = SparePool(per_spec=spares_setting() if spares is None else spares)
         self.sizes = FootprintMeter()
 
     # ------------------------------------------------------------------ probing
     def _path(self, arch: Arch) -> str | None:
-        return shutil.which(self.binaries[arch])
+        """The binary's path, looked up once (board_support runs for every template)."""
+        if arch not in self._paths:
+            self._paths[arch] = shutil.which(self.binaries[arch])
+        return self._paths[arch]
 
     def _version(self, binary: str) -> str | None:
         if binary not in self._versions:

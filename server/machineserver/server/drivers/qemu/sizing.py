@@ -65,6 +65,7 @@ class FootprintMeter:
         self._known: dict[str, MemoryFootprint] = {}
         self._cache_read = False
         self._plugin: str | None = None  # the plugin QEMUs load ("-": none), once known
+        self._keys: dict[LaunchSpec, str | None] = {}  # a binary's identity, read once
         self._measuring: dict[str, asyncio.Task[MemoryFootprint | None]] = {}
 
     async def footprint(self, spec: LaunchSpec, version: str = "") -> MemoryFootprint | None:
@@ -72,7 +73,9 @@ class FootprintMeter:
         does not start)."""
         if self._plugin is None:
             self._plugin = (await asyncio.to_thread(plugin_status)).path or "-"
-        key = self._key(spec, self._plugin)
+        if spec not in self._keys:
+            self._keys[spec] = self._key(spec, self._plugin)
+        key = self._keys[spec]
         if key is None:
             return None
         if not self._cache_read:  # what earlier servers on this host measured
