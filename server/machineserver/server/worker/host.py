@@ -162,9 +162,15 @@ class WorkerHost:
             await machine.power_off()
 
     async def close(self) -> None:
+        """Power every hosted machine off, then close the backends (e.g. QEMU's spares)."""
         for mid in list(self.machines):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.drop(mid), 10)
+        for backend in self.backends.values():
+            try:
+                await asyncio.wait_for(backend.aclose(), 10)
+            except Exception as exc:
+                log.warning("driver_close_failed", driver=backend.name, error=str(exc))
 
     def changed_status(self) -> list[tuple[str, Status]]:
         """The machines whose state or counters moved since they were last sent."""
