@@ -32,6 +32,15 @@ async def test_hello_then_crc32_console_and_exit_code(conf: Conf, board: str) ->
 
 
 @pytest.mark.parametrize("board", BOARDS)
+async def test_peripheral_heavy_firmware_gives_the_same_answer(conf: Conf, board: str) -> None:
+    """mmio polls its UART's status register 200000 times: every read answered as the
+    hardware would (nothing received), on every backend."""
+    name = await conf.session(board, "mmio", run=True)
+    await conf.wait_state(name, cpb.SESSION_STATE_EXITED)
+    assert await conf.console(name) == b"mmio=0x656c62a1\n"
+
+
+@pytest.mark.parametrize("board", BOARDS)
 async def test_fault_exits_3_through_the_guest_handler(conf: Conf, board: str) -> None:
     handler = "handle_trap" if board == "sifive_e" else "HardFault_Handler"
     name = await conf.session(board, "fault", power_on=True)

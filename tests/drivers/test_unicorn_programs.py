@@ -39,6 +39,7 @@ RUNS = {
     "crc32": (b"crc32=0x80f45f04\n", 0),
     "systick": (b"ticks=10\n", 0),
     "fault": (b"about to fault\nhardfault\n", 3),  # the guest's own handler ran
+    "mmio": (b"mmio=0x656c62a1\n", 0),  # 200000 UART status polls
 }
 ON_SIFIVE_E = {"systick": ("timer", b"ticks=10\n"), "fault": ("fault", b"about to fault\ntrap mcause=5\n")}
 

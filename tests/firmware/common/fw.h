@@ -13,6 +13,7 @@
 void uart_init(void);
 void uart_putc(char c);
 int uart_getc(void); /* blocks until a byte arrives */
+int uart_rx_ready(void); /* 1 when a byte waits (one status read, no side effect) */
 
 /* Console helpers (common/fw.c). */
 void fw_puts(const char *s); /* no newline added */

@@ -23,3 +23,8 @@ int uart_getc(void)
     }
     return (int)(UART_DR & 0xff);
 }
+
+int uart_rx_ready(void)
+{
+    return (UART_FR & FR_RXFE) ? 0 : 1;
+}

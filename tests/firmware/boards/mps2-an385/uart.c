@@ -29,3 +29,8 @@ int uart_getc(void)
     }
     return (int)(UART_DATA & 0xff);
 }
+
+int uart_rx_ready(void)
+{
+    return (UART_STATE & STATE_RXFULL) ? 1 : 0;
+}

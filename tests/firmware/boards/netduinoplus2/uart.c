@@ -29,3 +29,8 @@ int uart_getc(void)
     }
     return (int)(USART_DR & 0xff);
 }
+
+int uart_rx_ready(void)
+{
+    return (USART_SR & SR_RXNE) ? 1 : 0;
+}

@@ -5,6 +5,7 @@
 #define UART_RXDATA REG32(UART0_BASE + 0x04)
 #define UART_TXCTRL REG32(UART0_BASE + 0x08)
 #define UART_RXCTRL REG32(UART0_BASE + 0x0C)
+#define UART_IP REG32(UART0_BASE + 0x14)
 #define DATA_FULL_EMPTY (1u << 31) /* txdata: FIFO full; rxdata: FIFO empty */
 
 void uart_init(void)
@@ -27,4 +28,9 @@ int uart_getc(void)
         if (!(r & DATA_FULL_EMPTY))
             return (int)(r & 0xff);
     }
+}
+
+int uart_rx_ready(void)
+{
+    return (int)(UART_IP & 2u) ? 1 : 0; /* ip.rxwm: the RX FIFO holds more than rxcnt (0) bytes */
 }
