@@ -1,7 +1,9 @@
 """MachineServer benchmarks: every figure next to a peer measured in the same run.
 
 Sections (pick with --only NAME[,NAME]):
-  control   unary GetCapabilities vs a bare grpc.aio echo server (p50/p99, 16 callers)
+  control   unary GetCapabilities vs a bare grpc.aio echo server (p50/p99, 16 callers);
+            ListBoardTemplates with 3,893 user templates; p99 beside a slow list
+            (scripts/lib/bench_control_plane.py)
   unicorn   crc32 instructions/s through MachineServer vs raw Unicorn with the same
             MMIO hooks; create-to-first-console-byte p50; step round trip over the SDK
   debug     single step over the Attach stream (unicorn) vs gdb-multiarch stepping the
@@ -40,22 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FW = ROOT / "tests" / "firmware"
 VENV_BIN = Path(sys.executable).parent
 CRC32_INSTRUCTIONS = 55_326_126  # lm3s6965evb crc32.elf, counted exactly (Unicorn count= and a QEMU plugin agree)
-
-ECHO_SERVER = r'''
-import asyncio, grpc
-from grpc import aio
-async def main():
-    server = aio.server()
-    async def echo(req, ctx): return req
-    handler = grpc.unary_unary_rpc_method_handler(echo)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-'''
-
 
 def firmware(board: str, prog: str) -> Path:
     for base in (FW / "build", FW / "prebuilt"):
@@ -128,49 +114,6 @@ async def throughput(call: Callable[[], Awaitable[object]], callers: int, second
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(callers)))
     return done / (time.perf_counter() - t)
-
-
-# ---------------------------------------------------------------------- control plane
-
-
-async def bench_control(server: Server) -> None:
-    from grpc import aio
-
-    from machineserver.sdk import AsyncClient
-
-    print("control plane: GetCapabilities vs a bare grpc.aio echo server (separate processes)")
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220 - set-up, not measured
-    try:
-        echo_port = int(echo.stdout.readline())  # type: ignore[union-attr]
-        async with aio.insecure_channel(f"127.0.0.1:{echo_port}") as ch:
-            echo_call = ch.unary_unary("/bench.Echo/Echo")
-
-            async def peer() -> object:
-                return await echo_call(b"")
-
-            async with await AsyncClient.connect(server.target) as client:
-                async def ours() -> object:
-                    return await client.capabilities.get_capabilities()
-
-                for f in (peer, ours):
-                    await latency(f, 200)  # warm up
-                # interleaved rounds, so background noise falls on both alike
-                lat_peer: list[float] = []
-                lat_ours: list[float] = []
-                tps_peer: list[float] = []
-                tps_ours: list[float] = []
-                for _ in range(3):
-                    lat_peer += await latency(peer, 400)
-                    lat_ours += await latency(ours, 400)
-                    tps_peer.append(await throughput(peer, 16, 1.5))
-                    tps_ours.append(await throughput(ours, 16, 1.5))
-                tp_peer, tp_ours = statistics.median(tps_peer), statistics.median(tps_ours)
-        line("unary p50 (cost ratio)", pct(lat_ours, 0.5), pct(lat_peer, 0.5), "ms", "target <= 1.2x")
-        line("unary p99 (cost ratio)", pct(lat_ours, 0.99), pct(lat_peer, 0.99), "ms", "target <= 1.2x")
-        line("throughput, 16 callers (speed ratio)", tp_ours, tp_peer, "call/s", "target >= 0.83x (cost <= 1.2x)")
-    finally:
-        echo.kill()
-        echo.wait()
 
 
 # ---------------------------------------------------------------------- unicorn
@@ -511,19 +454,23 @@ async def bench_coverage(server: Server) -> None:
                  f"target {target}")
 
 
-SECTIONS = {"control": bench_control, "unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_coverage,
+SECTIONS = {"unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_coverage,
             "qemu": bench_qemu}
 
 
 def _more_sections() -> None:
     """Sections in modules of their own (they import this one, so they load after it)."""
+    from bench_control_plane import bench_control_plane
     from bench_isolation import bench_isolation
     from bench_qemu_scale import bench_qemu_scale
+    from bench_scale import bench_scale
     from bench_snapshots import bench_snapshots
 
+    SECTIONS["control"] = bench_control_plane
     SECTIONS["isolation"] = bench_isolation
     SECTIONS["snapshots"] = bench_snapshots
     SECTIONS["qemu_scale"] = bench_qemu_scale
+    SECTIONS["scale"] = bench_scale
 
 
 
