@@ -92,3 +92,55 @@ def test_blobs_are_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert not list((tmp_path / "blobs").glob(".incoming-*"))
     with pytest.raises(ValueError):
         store.path_for("../../etc/passwd")
+
+
+def _row(i: int, kind: str = "even") -> dict[str, object]:
+    return {"id": f"t{i:04d}", "owner": "o", "create_time": float(i), "update_time": float(i),
+            "etag": kind, "data": {"n": i}}
+
+
+def test_pages_visit_every_row_once_in_id_order_a_bounded_page_at_a_time(tmp_path: Path) -> None:
+    d = dbmod.Database(tmp_path / "ms.sqlite3")
+    ids = [f"t{i:04d}" for i in range(1, 1001)]
+    for i in reversed(range(1, 1001)):  # stored out of order: pages go by id, not by insertion
+        d.put("board_templates", _row(i, "even" if i % 2 == 0 else "odd"))
+    pages = list(d.pages("board_templates", 128))
+    assert [len(p) for p in pages] == [128] * 7 + [104]
+    assert [r["id"] for p in pages for r in p] == ids
+    assert pages[0][0]["data"] == {"n": 1}  # decoded like every other read
+    evens = [r["id"] for p in d.pages("board_templates", 100, "etag = ?", ["even"]) for r in p]
+    assert evens == ids[1::2]
+    assert list(d.pages("board_templates", 10, "etag = ?", ["none"])) == []
+    assert [len(p) for p in d.pages("board_templates", 500)] == [500, 500]  # an exact multiple ends cleanly
+
+
+def test_pages_see_rows_written_between_pages_once(tmp_path: Path) -> None:
+    d = dbmod.Database(tmp_path / "ms.sqlite3")
+    for i in range(0, 100, 2):
+        d.put("board_templates", _row(i))
+    seen: list[str] = []
+    for page in d.pages("board_templates", 10):
+        seen += [r["id"] for r in page]
+        last = int(page[-1]["id"][1:])
+        d.put("board_templates", _row(last + 1))  # after this page: the next ones see it
+        d.put("board_templates", _row(last - 1))  # before it: no page shows it
+        d.put("board_templates", _row(last))  # rewritten: not seen twice
+    assert len(seen) == len(set(seen))
+    assert seen == sorted(seen)
+
+
+def test_rows_by_id_reads_only_those_that_exist_in_bounded_queries(tmp_path: Path) -> None:
+    d = dbmod.Database(tmp_path / "ms.sqlite3")
+    for i in range(1200):
+        d.put("board_templates", _row(i))
+    wanted = [f"t{i:04d}" for i in range(0, 1200, 1)] + ["missing"]
+    statements: list[str] = []
+    d._db.conn.set_trace_callback(statements.append)
+    rows = d.rows_by_id("board_templates", wanted)
+    d._db.conn.set_trace_callback(None)
+    assert set(rows) == set(wanted) - {"missing"}
+    assert rows["t0042"]["data"] == {"n": 42}
+    reads = [s for s in statements if "board_templates" in s and " IN (" in s]  # not sqlite-utils' schema looks
+    assert len(reads) == 3  # 1201 ids, at most 500 a query
+    assert all(s.count("'t") <= dbmod.MAX_IDS_PER_QUERY for s in reads)
+    assert d.rows_by_id("board_templates", []) == {}

@@ -86,7 +86,7 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
         # GetCapabilities' answer, serialised, and the catalog generation it was built for
-        self._answer: tuple[int, bytes] | None = None
+        self._answer: tuple[int, pb.GetCapabilitiesResponse] | None = None
         self._answer_lock = asyncio.Lock()
         self.templates = TemplateMessages()
 
@@ -95,15 +95,15 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         request: pb.GetCapabilitiesRequest,
         context: aio.ServicerContext[pb.GetCapabilitiesRequest, pb.GetCapabilitiesResponse],
     ) -> pb.GetCapabilitiesResponse:
-        return preserialized(await self._capabilities_answer(), pb.GetCapabilitiesResponse)
-
-    async def _capabilities_answer(self) -> bytes:
-        """Derived from probes (cached by the registry) and board templates: built again
-        only after a template changed (concurrent callers wait for one build), and sent as
-        the bytes serialised then."""
         answer = self._answer
         if answer is not None and answer[0] == self.engine.catalog.generation:
             return answer[1]
+        return await self._build_answer()
+
+    async def _build_answer(self) -> pb.GetCapabilitiesResponse:
+        """Derived from probes (cached by the registry) and board templates: built again
+        only after a template changed (concurrent callers wait for one build), and sent as
+        the bytes serialised then."""
         async with self._answer_lock:
             answer = self._answer
             generation = self.engine.catalog.generation
@@ -115,7 +115,7 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
             caps.telemetry_sources.extend(
                 telemetry_pb2.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in sources
             )
-            self._answer = (generation, caps.SerializeToString())
+            self._answer = (generation, preserialized(caps.SerializeToString(), pb.GetCapabilitiesResponse))
             return self._answer[1]
 
     async def _capabilities(self) -> pb.GetCapabilitiesResponse:
