@@ -136,3 +136,50 @@ async def test_span_continues_the_callers_trace(obs_client: AsyncClient, spans: 
                 if s.attributes and s.attributes.get("machineserver.request_id") == "rid-traced")
     assert format(span.context.trace_id, "032x") == trace_id
     assert span.parent is not None and format(span.parent.span_id, "016x") == parent
+
+
+def test_rpc_figures_read_as_the_otel_exporter_would_write_them() -> None:
+    """The hook keeps RPC counts and durations itself; a scrape must read exactly what the
+    OTel SDK and its Prometheus exporter give for the same calls (same names, labels,
+    bucket edges: a duration on a bound falls in that bucket)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from machineserver.server import __version__
+    from machineserver.server.obs.metrics import LATENCY_BUCKETS, RpcFigures
+
+    calls = [("svc.A", "Get", "OK", "rpc", s) for s in (0.0, 0.0005, 0.0006, 0.001, 59.9, 60.0, 61.0)]
+    calls += [("svc.A", "Get", "NOT_FOUND", "rpc", 0.002), ("svc.A", "Step", "OK", "attach", 0.25)]
+    ours = CollectorRegistry()
+    figures = RpcFigures()
+    ours.register(figures)
+    theirs = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=theirs)])
+    meter = provider.get_meter("machineserver", __version__)
+    requests = meter.create_counter("machineserver.rpc.requests", unit="1",
+                                    description="RPCs handled, by service, method and status code")
+    duration = meter.create_histogram("machineserver.rpc.duration", unit="s",
+                                      description="RPC duration (a stream: its lifetime)",
+                                      explicit_bucket_boundaries_advisory=LATENCY_BUCKETS)
+    for service, method, code, transport, seconds in calls:
+        figures.observe(service, method, code, transport, seconds)
+        attrs = {"rpc.service": service, "rpc.method": method, "rpc.grpc.status_code": code, "transport": transport}
+        requests.add(1, attrs)
+        duration.record(seconds, attrs)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) if f.name.startswith("machineserver_rpc")
+                for s in f.samples}
+
+    try:
+        expected = samples(theirs)
+        assert expected and samples(ours) == pytest.approx(expected)
+        assert expected[("machineserver_rpc_requests_total", tuple(sorted({
+            "otel_scope_name": "machineserver", "otel_scope_schema_url": "", "otel_scope_version": __version__,
+            "rpc_service": "svc.A", "rpc_method": "Get", "rpc_grpc_status_code": "OK",
+            "transport": "rpc"}.items())))] == 7
+    finally:
+        provider.shutdown()
