@@ -203,17 +203,38 @@ def worker_main(sock: socket.socket, parent: int, enabled: list[str] | None) -> 
 
 async def serve(sock: socket.socket, backends: Mapping[str, drv.Backend]) -> None:
     """Serve one server over ``sock`` until it closes its end."""
-    reader, writer = await asyncio.open_connection(sock=sock)
     loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    calls: dict[int, asyncio.Task[None]] = {}
+    host: WorkerHost | None = None
+
+    def on_message(message: tuple[Any, ...]) -> None:
+        assert host is not None
+        kind = message[0]
+        if kind == "call":
+            _, rid, mid, interface, method, args, kwargs = message
+            start(rid, mid, functools.partial(host.call, mid, interface, method, args, kwargs))
+        elif kind == "create":
+            _, rid, mid, backend, board, options = message
+            start(rid, mid, functools.partial(host.create, mid, backend, board, options))
+        elif kind == "drop":
+            _, rid, mid = message
+            start(rid, mid, functools.partial(host.drop, mid))
+        elif kind == "cancel":
+            task = calls.get(message[1])
+            if task is not None:
+                task.cancel()
+
+    protocol = wire.FrameProtocol(on_message, lambda reason: ended.set())
 
     def emit(message: tuple[Any, ...]) -> None:
-        if not writer.is_closing():
-            writer.write(wire.encode(message))
+        with contextlib.suppress(OSError):
+            protocol.send(message)
 
     host = WorkerHost(backends, emit, loop)
-    calls: dict[int, asyncio.Task[None]] = {}
 
     async def answer(rid: int, mid: str, work: Callable[[], Any]) -> None:
+        assert host is not None
         try:
             result = work()
             if asyncio.iscoroutine(result):
@@ -230,34 +251,21 @@ async def serve(sock: socket.socket, backends: Mapping[str, drv.Backend]) -> Non
         calls[rid] = loop.create_task(answer(rid, mid, work), name=f"call-{rid}")
 
     async def push_status() -> None:
+        assert host is not None
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             changed = host.changed_status()
             if changed:
                 emit(("status", changed))
 
+    transport, _ = await loop.create_unix_connection(lambda: protocol, sock=sock)
     pusher = loop.create_task(push_status())
     try:
-        while (message := await wire.read_message(reader)) is not None:
-            kind = message[0]
-            if kind == "call":
-                _, rid, mid, interface, method, args, kwargs = message
-                start(rid, mid, functools.partial(host.call, mid, interface, method, args, kwargs))
-            elif kind == "create":
-                _, rid, mid, backend, board, options = message
-                start(rid, mid, functools.partial(host.create, mid, backend, board, options))
-            elif kind == "drop":
-                _, rid, mid = message
-                start(rid, mid, functools.partial(host.drop, mid))
-            elif kind == "cancel":
-                task = calls.get(message[1])
-                if task is not None:
-                    task.cancel()
-            await writer.drain()
+        await ended.wait()
     finally:
         pusher.cancel()
         for task in list(calls.values()):
             task.cancel()
         await asyncio.gather(pusher, *calls.values(), return_exceptions=True)
         await host.close()
-        writer.close()
+        transport.close()

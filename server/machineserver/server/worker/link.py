@@ -63,17 +63,15 @@ class WorkerProcess:
 
 
 class WorkerLink:
-    def __init__(self, process: WorkerProcess, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, process: WorkerProcess) -> None:
         self.process = process
         self.pid = process.pid
-        self._reader = reader
-        self._writer = writer
+        self.protocol = wire.FrameProtocol(self._dispatch, self._lost)
         self.machines: dict[str, RemoteMachine] = {}
         self._pending: dict[int, tuple[asyncio.Future[Any], RemoteMachine]] = {}
         self._ids = itertools.count(1)
         self.death = ""  # why the worker is gone, once it is
-        self._reading = asyncio.get_running_loop().create_task(self._read(), name=f"worker-{self.pid}")
+        self._ending: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -121,23 +119,20 @@ class WorkerLink:
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:
-            self._writer.write(wire.encode(message))
+            self.protocol.send(message)
         except (OSError, RuntimeError) as exc:
             raise drv.BackendFailed(f"worker process {self.pid} is unreachable: {exc}") from None
 
     # ------------------------------------------------------------------ answers and events
 
-    async def _read(self) -> None:
-        problem = ""
-        try:
-            while (message := await wire.read_message(self._reader)) is not None:
-                self._dispatch(message)
-        except (wire.WireError, OSError, EOFError, ValueError) as exc:
-            problem = f" ({exc})"
-        except asyncio.CancelledError:
-            return
+    def _lost(self, problem: str) -> None:
+        """The connection ended: find out how the worker did (owned task, awaited at close)."""
+        if self._ending is None:
+            self._ending = asyncio.get_running_loop().create_task(self._end(problem), name=f"worker-{self.pid}-end")
+
+    async def _end(self, problem: str) -> None:
         returncode = await self.process.wait(2.0)
-        self._died(f"worker process {self.pid} {describe_exit(returncode)}{problem}")
+        self._died(f"worker process {self.pid} {describe_exit(returncode)}{' ' + problem if problem else ''}")
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -183,9 +178,10 @@ class WorkerLink:
         after ``grace`` seconds."""
         if not self.death:
             self.death = f"worker process {self.pid} was shut down"
-        self._writer.close()
+        if self.protocol.transport is not None:
+            self.protocol.transport.close()
         if await self.process.wait(grace) is None:
             self.process.kill()
             await self.process.wait()
-        self._reading.cancel()
-        await asyncio.gather(self._reading, return_exceptions=True)
+        if self._ending is not None:
+            await asyncio.gather(self._ending, return_exceptions=True)

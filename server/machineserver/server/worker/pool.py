@@ -87,9 +87,10 @@ class WorkerPool:
             raise drv.BackendFailed(f"cannot start a worker process: {exc}") from None
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours)
+        link = WorkerLink(WorkerProcess(pid))
+        await asyncio.get_running_loop().create_unix_connection(lambda: link.protocol, sock=ours)
         log.info("worker_started", pid=pid)
-        return WorkerLink(WorkerProcess(pid), reader, writer)
+        return link
 
     async def close(self) -> None:
         """Close every worker: each powers its machines off and exits."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,25 +65,60 @@ def encode(message: tuple[Any, ...]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
-    """The next message; None at a clean end of stream."""
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise WireError("the stream ended inside a frame header") from None
-        return None
-    (size,) = HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise WireError(f"frame of {size} bytes is over the limit")
-    try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise WireError("the stream ended inside a frame") from None
-    message = pickle.loads(body)
-    if not isinstance(message, tuple) or not message:
-        raise WireError("a frame that is not a message")
-    return message
+class FrameProtocol(asyncio.Protocol):
+    """Frames in, messages out, with no task in between: each complete frame is decoded
+    and handed to ``on_message`` from the transport's own callback (a loop turn less per
+    message than a reader task). ``on_lost(reason)`` once when the stream ends or breaks."""
+
+    def __init__(self, on_message: Callable[[tuple[Any, ...]], None], on_lost: Callable[[str], None]) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        try:
+            while len(buf) - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(buf, start)
+                if size > MAX_FRAME:
+                    raise WireError(f"frame of {size} bytes is over the limit")
+                end = start + HEADER.size + size
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as view, view[start + HEADER.size:end] as frame:
+                    message = pickle.loads(frame)
+                start = end
+                if not isinstance(message, tuple) or not message:
+                    raise WireError("a frame that is not a message")
+                self._on_message(message)
+        except (WireError, pickle.UnpicklingError, ValueError, EOFError) as exc:
+            self._lose(f"a broken frame ({exc})")
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        finally:
+            del buf[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(f"({exc})" if exc else "")
+
+    def _lose(self, reason: str) -> None:
+        if not self._lost:
+            self._lost = True
+            self._on_lost(reason)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise OSError("the connection is closed")
+        self.transport.write(encode(message))
 
 
 # --------------------------------------------------------------------------- errors
