@@ -21,7 +21,7 @@ answer is then sent as it is, not serialised again on every call.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
@@ -36,6 +36,7 @@ from machineserver.server.core.calls import (
     CallChain,
     CallHook,
     CallInfo,
+    Transport,
     new_request_id,
 )
 from machineserver.server.core.errors import MachineServerError
@@ -72,6 +73,44 @@ class AccessLog(AfterOnlyHook):
         if not self.enabled or call.method in self.quiet_methods:
             return
         log.info("rpc", code=call.code, ms=round(call.elapsed_ms, 3), transport=call.transport.value)
+
+
+class InvocationMetadata(Mapping[str, str]):
+    """A call's metadata (text values; binary ones are left out) as a mapping, built when
+    first read: most calls only need their request id."""
+
+    __slots__ = ("_mapping", "_pairs")
+
+    def __init__(self, pairs: Iterable[tuple[str, str | bytes]] | None) -> None:
+        self._pairs = pairs or ()
+        self._mapping: dict[str, str] | None = None
+
+    def request_id(self) -> str:
+        """The caller's ``x-request-id`` ("" when it gave none)."""
+        if self._mapping is not None:
+            return self._mapping.get(REQUEST_ID_KEY, "")
+        for key, value in self._pairs:
+            if key == REQUEST_ID_KEY and type(value) is str:
+                return value
+        return ""
+
+    def _built(self) -> dict[str, str]:
+        mapping = self._mapping
+        if mapping is None:
+            mapping = self._mapping = {k: v for k, v in self._pairs if type(v) is str}
+        return mapping
+
+    def __getitem__(self, key: str) -> str:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._built()
 
 
 class Preserialized:
@@ -121,10 +160,16 @@ class CallBoundary:
                            response_serializer=serializer)
 
     def _unary(self, method: str, inner: AioUnaryBehaviour) -> AioUnaryBehaviour:
-        open_call, chain, end = self._open, self.chain, self._end
+        chain, fail = self.chain, self._fail_unless_abort
+        leave, ok, current = chain.leave, grpc.StatusCode.OK, CURRENT
 
+        # the hot path, so _open and _end are written out here (each call to a helper
+        # costs a unary call more than its share)
         async def unary_result(request_or_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            call = open_call(method, context)
+            metadata = InvocationMetadata(context.invocation_metadata())
+            call = CallInfo(method, metadata.request_id() or new_request_id(), metadata, Transport.RPC, context.peer)
+            current.set(call)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             finished = False
             try:
                 if chain.observe_only:
@@ -136,10 +181,17 @@ class CallBoundary:
                 return result
             except Exception as exc:
                 finished = True
-                await self._fail_unless_abort(call, exc, context)
+                await fail(call, exc, context)
                 raise
             finally:
-                end(call, context, finished)
+                if call.code == "OK":
+                    if not finished:
+                        call.code = "CANCELLED"
+                    else:
+                        code = context.code()
+                        if code is not None and code is not ok and isinstance(code, grpc.StatusCode):
+                            call.code = code.name
+                leave(call)
 
         return unary_result
 
@@ -174,8 +226,8 @@ class CallBoundary:
 
     @staticmethod
     def _open(method: str, context: aio.ServicerContext[Any, Any]) -> CallInfo:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if type(v) is str}
-        call = CallInfo(method, metadata.get(REQUEST_ID_KEY) or new_request_id(), metadata, peer=context.peer())
+        metadata = InvocationMetadata(context.invocation_metadata())
+        call = CallInfo(method, metadata.request_id() or new_request_id(), metadata, Transport.RPC, context.peer)
         CURRENT.set(call)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         return call
@@ -200,7 +252,8 @@ class CallBoundary:
 
     def _end(self, call: CallInfo, context: aio.ServicerContext[Any, Any], finished: bool) -> None:
         """The hooks' after(), with the final code: a handler that did not finish (its
-        task was cancelled, or the client went away from a stream) ended CANCELLED."""
+        task was cancelled, or the client went away from a stream) ended CANCELLED, one
+        that set a code ended with it."""
         if call.code == "OK":
             if not finished:
                 call.code = "CANCELLED"

@@ -33,7 +33,6 @@ import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -66,16 +65,31 @@ class Transport(enum.StrEnum):
     GDB = "gdb"
 
 
-@dataclass
 class CallInfo:
-    method: str  # "/machineserver.v1.SessionService/CreateSession"
-    request_id: str
-    metadata: Mapping[str, str]
-    transport: Transport = Transport.RPC
-    peer: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    code: str = "OK"  # the final status code's name
-    hooks_entered: int = 0  # how many hooks' before() ran: only those get after()
+    """One command on its way through the chain. ``peer`` may be given as a function that
+    asks the transport: it is asked once, when first read (most calls never read it)."""
+
+    def __init__(self, method: str, request_id: str, metadata: Mapping[str, str],
+                 transport: Transport = Transport.RPC, peer: str | Callable[[], str] = "") -> None:
+        self.method = method  # "/machineserver.v1.SessionService/CreateSession"
+        self.request_id = request_id
+        self.metadata = metadata
+        self.transport = transport
+        self._peer = peer
+        self.started = time.perf_counter()
+        self.code = "OK"  # the final status code's name
+        self.hooks_entered = 0  # how many hooks' before() ran: only those get after()
+
+    def __repr__(self) -> str:
+        return (f"CallInfo({self.method!r}, request_id={self.request_id!r}, transport={self.transport.value}, "
+                f"code={self.code!r})")
+
+    @property
+    def peer(self) -> str:
+        peer = self._peer
+        if not isinstance(peer, str):
+            peer = self._peer = peer()
+        return peer
 
     @property
     def service(self) -> str:
