@@ -171,3 +171,31 @@ async def test_health_and_reflection_pass_through_the_chain(tmp_path: Path) -> N
         assert isinstance(client, AsyncClient)
     assert "/grpc.health.v1.Health/Check" in seen
     assert "/machineserver.v1.CapabilitiesService/GetCapabilities" in seen
+
+
+def test_invocation_metadata_is_read_when_needed() -> None:
+    from machineserver.server.api.interceptors import InvocationMetadata
+
+    md = InvocationMetadata((("user-agent", "grpc-python"), ("trace-bin", b"\x00\x01"), ("x-request-id", "r-9")))
+    assert md.request_id() == "r-9"
+    assert md._mapping is None  # nothing built for that
+    assert dict(md) == {"user-agent": "grpc-python", "x-request-id": "r-9"}  # binary values left out
+    assert "trace-bin" not in md and md.get("user-agent") == "grpc-python" and len(md) == 2
+    assert md.request_id() == "r-9"
+    assert InvocationMetadata(None).request_id() == "" and dict(InvocationMetadata(())) == {}
+    assert InvocationMetadata((("x-request-id", b"bytes"),)).request_id() == ""
+
+
+async def test_hooks_read_the_callers_metadata_and_address(tmp_path: Path) -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    class Recorder(AfterOnlyHook):
+        def after(self, call: CallInfo) -> None:
+            seen.append((call.request_id, call.metadata.get("x-team", ""), call.peer))
+
+    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", workers=0)
+    async with serving(cfg, hooks=[Recorder()]) as (_, client):
+        await client.capabilities.get_capabilities(metadata=[("x-team", "fw"), ("x-request-id", "rid-md")])
+        await client.capabilities.get_capabilities()
+    assert seen[0][:2] == ("rid-md", "fw") and seen[0][2].startswith(("ipv4:127.0.0.1:", "ipv6:"))
+    assert seen[1][0] and seen[1][0] != "rid-md" and seen[1][1] == ""

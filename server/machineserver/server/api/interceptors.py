@@ -7,9 +7,9 @@ use for each of their commands too.
 The handlers are wrapped when they are registered (:class:`MethodTable`), not by a gRPC
 server interceptor: grpc.aio runs an interceptor chain as coroutines on every call before it
 finds the handler, which costs a unary call about as much as everything this boundary does.
-Per call the boundary reads the metadata once, opens the :class:`CallInfo` (request id:
-the caller's ``x-request-id`` or a new one, returned in trailing metadata), makes it the
-current call (log lines name it through :func:`~machineserver.server.core.calls.add_call_context`),
+Per call the boundary opens the :class:`CallInfo` (request id: the caller's
+``x-request-id`` or a new one, returned in trailing metadata; the metadata as a mapping and
+the peer are worked out only if something reads them), makes it the current call (log lines name it through :func:`~machineserver.server.core.calls.add_call_context`),
 runs the hooks' ``before`` (only those that have one), the handler, and the hooks' ``after``
 with the final code: the handler's error's code, CANCELLED for a handler that did not finish,
 or the code the handler set.
