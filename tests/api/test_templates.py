@@ -296,3 +296,28 @@ def test_template_messages_are_framed_as_list_elements_and_bounded() -> None:
         small.put(f"t{i}", 1, pb.BoardTemplate(name=f"t{i}", config="y" * 100))
     assert small.get("t12", 1) is not None
     assert list(itertools.islice(iter(small._items), 1)) != ["t12"]
+
+
+async def test_footprints_are_asked_once_per_template_version_a_few_at_a_time(
+        client: AsyncClient, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from machineserver.server.api import capabilities as caps_mod
+    from machineserver.server.drivers.base import BoardSpec, MemoryFootprint
+
+    await create_many(client, user_configs(150))
+    asked: list[tuple[str, list[str]]] = []
+
+    async def memory_footprints(backend: str, specs: list[BoardSpec]) -> dict[str, MemoryFootprint]:
+        asked.append((backend, [s.name for s in specs]))
+        return {s.name: MemoryFootprint(memory_bytes=1000 + len(s.name), basis="test") for s in specs}
+
+    monkeypatch.setattr(server.engine.backends, "memory_footprints", memory_footprints)
+    caps = await client.capabilities.get_capabilities()
+    unicorn = next(b for b in caps.backends if b.name == "unicorn")
+    assert {f.board: f.memory_bytes for f in unicorn.board_footprints} == {n: 1000 + len(n) for n in unicorn.boards}
+    assert all(len(names) <= caps_mod.FOOTPRINT_SLICE for _, names in asked)
+    assert sorted(n for b, names in asked if b == "unicorn" for n in names) == sorted(unicorn.boards)
+    asked.clear()
+    await client.capabilities.update_board_template(name="u-0001", config=config("u-0001", cpu_mhz=7))
+    caps = await client.capabilities.get_capabilities()
+    assert [names for b, names in asked if b == "unicorn"] == [["u-0001"]]  # only the one that changed
+    assert len(next(b for b in caps.backends if b.name == "unicorn").board_footprints) == len(unicorn.boards)

@@ -22,12 +22,13 @@ from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.features import served_features
 from machineserver.server.core.models import BoardTemplateRecord
-from machineserver.server.drivers.base import BoardSpec
+from machineserver.server.drivers.base import BoardSpec, MemoryFootprint
 from machineserver.v1 import capabilities_pb2 as pb
 from machineserver.v1 import capabilities_pb2_grpc as pb_grpc
 from machineserver.v1 import telemetry_pb2
 
 API_VERSION = "machineserver.v1"
+FOOTPRINT_SLICE = 64  # boards a backend is asked the memory footprints of at once
 TEMPLATE_CACHE_BYTES = 32 << 20  # serialised template messages kept (about 20,000 templates)
 _TEMPLATES_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["board_templates"].number
 _TOKEN_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["next_page_token"].number
@@ -89,6 +90,8 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         self._answer: tuple[int, pb.GetCapabilitiesResponse] | None = None
         self._answer_lock = asyncio.Lock()
         self.templates = TemplateMessages()
+        # (backend, board) -> (template revision, footprint) as the last answer reported it
+        self._footprints: dict[tuple[str, str], tuple[int | None, MemoryFootprint]] = {}
 
     async def GetCapabilities(
         self,
@@ -121,17 +124,31 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
     async def _capabilities(self) -> pb.GetCapabilitiesResponse:
         reg, catalog = self.engine.backends, self.engine.catalog
         support = await catalog.support(reg)
+        slices = LoopSlices()
+        known, self._footprints = self._footprints, {}
         backends = []
         for info in reg.all_info():
             runnable = support.boards.get(info.name, [])
             backend = convert.backend_pb(info, served_features(info.features), runnable)
-            # what a session of each board costs in memory
-            specs = [s for s in (catalog.spec(n) for n in runnable) if s is not None]
-            footprints = await reg.memory_footprints(info.name, specs)
-            backend.board_footprints.extend(
-                pb.BoardFootprint(board=board, memory_bytes=f.memory_bytes, basis=f.basis)
-                for board, f in sorted(footprints.items())
-            )
+            # what a session of each board costs in memory: asked of the backend once per
+            # template revision, a few boards at a time
+            footprints: dict[str, MemoryFootprint] = {}
+            ask: list[BoardSpec] = []
+            for name in runnable:
+                revision, spec = catalog.revision(name), catalog.spec(name)
+                kept = known.get((info.name, name))
+                if kept is not None and kept[0] == revision:
+                    footprints[name] = kept[1]
+                elif spec is not None:
+                    ask.append(spec)
+            for start in range(0, len(ask), FOOTPRINT_SLICE):
+                footprints.update(await reg.memory_footprints(info.name, ask[start:start + FOOTPRINT_SLICE]))
+                await slices.tick()
+            for name, footprint in sorted(footprints.items()):
+                self._footprints[(info.name, name)] = (catalog.revision(name), footprint)
+                backend.board_footprints.append(
+                    pb.BoardFootprint(board=name, memory_bytes=footprint.memory_bytes, basis=footprint.basis))
+                await slices.tick()
             backends.append(backend)
         return pb.GetCapabilitiesResponse(
             server_version=__version__,
