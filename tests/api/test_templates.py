@@ -210,6 +210,8 @@ async def test_records_stored_before_are_parsed_once_and_rewritten(tmp_path: Pat
         with pytest.raises(errors.InvalidArgument) as exc:
             await client.capabilities.get_board_template(name="old-bad")
         assert "x86" in exc.value.message
+        mended = (await client.capabilities.update_board_template(name="old-bad", config=config("old-bad"))).board_template
+        assert mended.arch == "arm-cortex-m" and mended.name in [t.name for t in await walk(client, 50)]
         await client.capabilities.delete_board_template(name="old-bad")
         assert (await client.capabilities.get_board_template(name="old-b")).board_template.arch == "riscv32"
     rows = Database(data / "machineserver.sqlite3").rows_by_id(TABLE, ["old-a", "old-b", "old-bad"])

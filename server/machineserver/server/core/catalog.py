@@ -213,23 +213,22 @@ class BoardCatalog:
         board_id = resource_id(name, COLLECTION, field)
         if board_id in self._builtin:
             return self._builtin[board_id], self._entries[board_id].spec
-        row = self._db.get(TABLE, board_id)
-        if row is None:
-            raise NotFound("board template", board_id)
-        rec = from_row(BoardTemplateRecord, row["data"])
+        rec = self._stored(board_id)
         entry = self._entries.get(board_id)
         if entry is None:  # stored but unreadable at start: its own error, as it reads now
             return rec, self.parse(rec.config)
         return rec, entry.spec
 
+    def _stored(self, board_id: str) -> BoardTemplateRecord:
+        row = self._db.get(TABLE, board_id)
+        if row is None:
+            raise NotFound("board template", board_id)
+        return from_row(BoardTemplateRecord, row["data"])
+
     def spec(self, name: str) -> BoardSpec | None:
         """A template's parsed board, by name (no store access)."""
         entry = self._entries.get(name)
         return entry.spec if entry is not None else None
-
-    def etag(self, name: str) -> str:
-        entry = self._entries.get(name)
-        return entry.etag if entry is not None else ""
 
     def revision(self, name: str) -> int | None:
         """The template's revision (changes whenever it does); None when there is none."""
@@ -355,9 +354,10 @@ class BoardCatalog:
         bad = [p for p in mask if p != "config"]
         if bad:
             raise InvalidArgument("update_mask", f"only 'config' can be updated, not {', '.join(bad)}")
-        rec, _ = self.get(name)
-        if rec.builtin:
-            raise FailedPrecondition(f"board template {rec.id} ships with the server and is read-only")
+        board_id = resource_id(name, COLLECTION)
+        if board_id in self._builtin:
+            raise FailedPrecondition(f"board template {board_id} ships with the server and is read-only")
+        rec = self._stored(board_id)  # not parsed: an unreadable one can be mended
         if etag and etag != rec.etag:
             raise Aborted(f"board template {rec.id} changed since etag {etag}; read it again")
         spec = self.parse(config)
