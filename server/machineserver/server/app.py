@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,9 @@ def _write_port_file(path: str, port: int) -> None:
 
 async def serve(cfg: ServerConfig) -> None:
     running = await start(cfg)
+    # what start-up allocated (modules, the catalog) stays for the process's life: out of
+    # the collector's generations, so a full collection pauses the loop ~1 ms, not ~30 ms
+    gc.freeze()
     host = cfg.listen.rsplit(":", 1)[0]
     log.info("serving", version=__version__, address=f"{host}:{running.port}",
              data_dir=str(cfg.data_dir), backends=running.engine.backends.names(),
