@@ -66,6 +66,7 @@ class Database:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
+        self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}  # prepared upsert statements
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives the process being killed
         # (SIGKILL); only an OS crash may lose the last ones.
@@ -107,9 +108,20 @@ class Database:
     # ------------------------------------------------------------------ records
 
     def put(self, table: str, row: Mapping[str, Any]) -> None:
-        """Insert or replace one row (``data`` given as a mapping is stored as JSON)."""
+        """Insert or replace one row (``data`` given as a mapping is stored as JSON): one
+        upsert statement, prepared once per table and set of columns (sqlite-utils'
+        generic upsert looks the table up on every call: ~0.4 ms; this ~0.05 ms)."""
+        encoded = _encode(row)
+        columns = tuple(encoded)
+        sql = self._upserts.get((table, columns))
+        if sql is None:
+            names = ", ".join(f"[{c}]" for c in columns)
+            updates = ", ".join(f"[{c}] = excluded.[{c}]" for c in columns if c != "id")
+            sql = (f"INSERT INTO [{table}] ({names}) VALUES ({', '.join('?' * len(columns))}) "
+                   f"ON CONFLICT(id) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING"))
+            self._upserts[(table, columns)] = sql
         with self.transaction() as db:
-            db.table(table).upsert(_encode(row), pk="id")
+            db.execute(sql, [encoded[c] for c in columns])
 
     def get(self, table: str, row_id: str) -> dict[str, Any] | None:
         with self._lock:

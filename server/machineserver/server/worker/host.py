@@ -109,12 +109,21 @@ class WorkerHost:
             pids, tids = tuple(footprint.host_process_ids()), tuple(footprint.host_thread_ids())
         return machine.state, machine.counters(), pids, tids
 
-    def create(self, mid: str, backend_name: str, board: drv.BoardSpec, options: drv.MachineOptions) -> Traits:
+    async def create(self, mid: str, backend_name: str, board: drv.BoardSpec, options: drv.MachineOptions) -> Traits:
+        """Make a machine and power it on (one round trip for the server's power-on); a
+        machine that does not power on is not kept."""
         backend = self.backends.get(backend_name)
         if backend is None:
             raise drv.NotSupported(f"this worker has no backend {backend_name!r}")
         machine = backend.create_machine(board, options, _Events(self, mid))
         self.machines[mid] = machine
+        try:
+            await machine.power_on()
+        except BaseException:
+            self.machines.pop(mid, None)
+            with contextlib.suppress(Exception):
+                await machine.power_off()
+            raise
         return self.traits(machine)
 
     @staticmethod
@@ -141,6 +150,9 @@ class WorkerHost:
             raise drv.WrongState(f"machine {mid} is not hosted by this worker", state="gone")
         if not interface:
             if method == "traits":
+                return self.traits(machine)
+            if method == "power_on":  # answers the traits (register names can depend on the target)
+                await machine.power_on()
                 return self.traits(machine)
             if method not in LIFECYCLE:
                 raise drv.BadRequest(f"no lifecycle call {method!r}", field="method")

@@ -114,13 +114,20 @@ class RemoteMachine(drv.Machine):
     # ------------------------------------------------------------------ lifecycle
 
     async def power_on(self) -> None:
+        """One round trip: the worker makes the machine (the first time), powers it on and
+        answers its traits (register names can depend on the target)."""
         if self.link is None:
             link = await self.pool.place()
-            self._take_traits(await link.request("create", self, self.backend, self.board, self.options))
             link.machines[self.mid] = self
             self.link = link
-        await self.call("", "power_on")
-        self._take_traits(await self.call("", "traits"))  # register names can depend on the target
+            try:
+                self._take_traits(await link.request("create", self, self.backend, self.board, self.options))
+            except BaseException:
+                link.machines.pop(self.mid, None)
+                self.link = None
+                raise
+        else:
+            self._take_traits(await self.call("", "power_on"))
 
     def _take_traits(self, traits: Traits) -> None:
         self.traits = traits

@@ -8,7 +8,7 @@ bytes, dicts), which is what lets a worker later run as a Ray actor unchanged.
 
 Server -> worker::
 
-    ("create", rid, mid, backend, board, options)      a machine, OFF; answers its Traits
+    ("create", rid, mid, backend, board, options)      a machine, powered on; answers its Traits
     ("call", rid, mid, interface, method, args, kwargs)  interface "" is the lifecycle
     ("drop", rid, mid)                                 forget a powered-off machine
     ("cancel", rid)                                    cancel a call in progress
