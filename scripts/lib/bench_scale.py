@@ -18,7 +18,6 @@ import statistics
 import time
 
 import psutil
-
 from bench import Server, firmware, line, pct, single
 
 SESSIONS = 200
