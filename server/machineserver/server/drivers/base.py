@@ -302,6 +302,7 @@ class Feature(enum.StrEnum):
     CONSOLE_INPUT = "console_input"
     SNAPSHOTS = "snapshots"
     COVERAGE = "coverage"
+    LOCKSTEP = "lockstep"
 
 
 class Capability(abc.ABC):  # noqa: B024 - a marker base; the interfaces below are abstract
@@ -461,6 +462,78 @@ class Coverage(Capability):
         """Control transfers since start/reset (see :data:`Edges`), or None when the
         backend does not see them."""
         return None
+
+
+@dataclass(frozen=True)
+class BarrierInput:
+    """What a co-simulation hands one node at a barrier, applied before its next quantum
+    runs, in this order: memory ``writes`` (shared-memory updates, doorbell clears), then
+    ``irqs`` (external interrupt lines set pending), then ``console`` bytes offered to the
+    console UART's receiver (see :meth:`LockStep.advance`)."""
+
+    writes: tuple[Segment, ...] = ()
+    irqs: tuple[int, ...] = ()
+    console: bytes = b""
+
+
+@dataclass(frozen=True)
+class QuantumResult:
+    """What one :meth:`LockStep.advance` did."""
+
+    cycles: int  # the node's virtual cycle counter now (see LockStep)
+    stop: StopInfo | None  # stopped before the target (breakpoint, watchpoint, exit, fault)
+    console: bytes  # bytes the console UART transmitted during the quantum
+    accepted: int  # how many of BarrierInput.console the receiver took
+    watched: tuple[bytes, ...]  # the watched ranges' contents at the end, in order
+    idle: bool = False  # ended asleep (WFI) with nothing pending
+
+
+class LockStep(Capability):
+    """Running in lock-step with other machines (co-simulation), deterministically.
+
+    Virtual cycles: a counter that advances by one per executed instruction and, while
+    the CPU sleeps (WFI with nothing pending), by the cycles slept, so that every node of
+    a co-simulation can be brought to the same virtual instant. It is exact (counted, never
+    estimated) and depends only on the program, the machine's state and the inputs given
+    at barriers, never on host timing.
+
+    Between :meth:`begin` and :meth:`end` (or power_off) the machine is driven only by
+    :meth:`advance`: console output is returned in :attr:`QuantumResult.console` instead
+    of being sent as ``MachineEvents.console_output``, and a stop in a quantum is returned
+    in :attr:`QuantumResult.stop`, never sent as an event. Breakpoints, watchpoints,
+    registers, memory and snapshots work as usual while halted between quanta."""
+
+    feature = Feature.LOCKSTEP
+
+    @abc.abstractmethod
+    async def begin(self, watch: Sequence[tuple[int, int]]) -> int:
+        """Enter lock-step. ``watch`` lists (address, size) ranges whose contents each
+        :meth:`advance` returns (shared memory, doorbells). Needs HALTED; returns the
+        virtual cycle counter now."""
+
+    @abc.abstractmethod
+    async def end(self) -> None:
+        """Leave lock-step (HALTED, console output as events again). Idempotent."""
+
+    @abc.abstractmethod
+    async def advance(self, until_cycles: int, inputs: BarrierInput) -> QuantumResult:
+        """Apply ``inputs``, then run until the virtual cycle counter reaches
+        ``until_cycles`` exactly, or a stop comes first (then ``cycles`` is the stop's).
+        Asleep in WFI, the counter jumps to ``until_cycles`` (an interrupt raised by a
+        timer of the machine's own wakes it at the exact cycle). Console bytes: the
+        receiver takes at most one byte per call, and only when its receive register is
+        empty; ``accepted`` says whether it did. Needs HALTED; HALTED (or EXITED/FAULTED)
+        after. Cancellable like :meth:`RunControl.step`."""
+
+    @abc.abstractmethod
+    async def checkpoint(self) -> None:
+        """Remember the whole machine state and cycle counter now (one checkpoint, kept
+        inside the machine; a new one replaces it). Needs HALTED."""
+
+    @abc.abstractmethod
+    async def rollback(self) -> None:
+        """Go back to the last :meth:`checkpoint` (state and cycle counter). WrongState
+        without one."""
 
 
 class HostFootprint(Capability):
