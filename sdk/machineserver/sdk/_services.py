@@ -413,6 +413,7 @@ class StartCoSimulationFields(TypedDict, total=False):
     """Keyword fields of machineserver.v1.StartCoSimulationRequest."""
 
     name: str
+    until_virtual_time_ns: int
 
 
 class PauseCoSimulationFields(TypedDict, total=False):
@@ -426,10 +427,45 @@ class StepCoSimulationFields(TypedDict, total=False):
 
     name: str
     count: int
+    until_virtual_time_ns: int
 
 
 class StreamCoSimulationEventsFields(TypedDict, total=False):
     """Keyword fields of machineserver.v1.StreamCoSimulationEventsRequest."""
+
+    name: str
+    barrier_every: int
+
+
+class CreateCoSimSnapshotFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.CreateCoSimSnapshotRequest."""
+
+    parent: str
+    display_name: str
+
+
+class ListCoSimSnapshotsFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListCoSimSnapshotsRequest."""
+
+    parent: str
+    page_size: int
+    page_token: str
+
+
+class RestoreCoSimSnapshotFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.RestoreCoSimSnapshotRequest."""
+
+    name: str
+
+
+class DeleteCoSimSnapshotFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.DeleteCoSimSnapshotRequest."""
+
+    name: str
+
+
+class ExportCoSimSnapshotFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ExportCoSimSnapshotRequest."""
 
     name: str
 
@@ -694,7 +730,7 @@ class AsyncCoSimService:
 
     SERVICE = 'machineserver.v1.CoSimService'
     # RPC name -> method name
-    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events'}
+    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events', 'CreateCoSimSnapshot': 'create_co_sim_snapshot', 'ListCoSimSnapshots': 'list_co_sim_snapshots', 'RestoreCoSimSnapshot': 'restore_co_sim_snapshot', 'DeleteCoSimSnapshot': 'delete_co_sim_snapshot', 'ExportCoSimSnapshot': 'export_co_sim_snapshot', 'ImportCoSimSnapshot': 'import_co_sim_snapshot'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -722,6 +758,24 @@ class AsyncCoSimService:
 
     def stream_co_simulation_events(self, request: cosim_pb2.StreamCoSimulationEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamCoSimulationEventsFields]) -> AsyncGenerator[cosim_pb2.StreamCoSimulationEventsResponse, None]:
         return self._t.server_stream('/machineserver.v1.CoSimService/StreamCoSimulationEvents', self._t.build(request, fields, cosim_pb2.StreamCoSimulationEventsRequest), cosim_pb2.StreamCoSimulationEventsResponse, timeout, metadata)
+
+    async def create_co_sim_snapshot(self, request: cosim_pb2.CreateCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateCoSimSnapshotFields]) -> cosim_pb2.CreateCoSimSnapshotResponse:
+        return await self._t.unary('/machineserver.v1.CoSimService/CreateCoSimSnapshot', self._t.build(request, fields, cosim_pb2.CreateCoSimSnapshotRequest), cosim_pb2.CreateCoSimSnapshotResponse, timeout, metadata)
+
+    async def list_co_sim_snapshots(self, request: cosim_pb2.ListCoSimSnapshotsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListCoSimSnapshotsFields]) -> cosim_pb2.ListCoSimSnapshotsResponse:
+        return await self._t.unary('/machineserver.v1.CoSimService/ListCoSimSnapshots', self._t.build(request, fields, cosim_pb2.ListCoSimSnapshotsRequest), cosim_pb2.ListCoSimSnapshotsResponse, timeout, metadata)
+
+    async def restore_co_sim_snapshot(self, request: cosim_pb2.RestoreCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[RestoreCoSimSnapshotFields]) -> cosim_pb2.RestoreCoSimSnapshotResponse:
+        return await self._t.unary('/machineserver.v1.CoSimService/RestoreCoSimSnapshot', self._t.build(request, fields, cosim_pb2.RestoreCoSimSnapshotRequest), cosim_pb2.RestoreCoSimSnapshotResponse, timeout, metadata)
+
+    async def delete_co_sim_snapshot(self, request: cosim_pb2.DeleteCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[DeleteCoSimSnapshotFields]) -> cosim_pb2.DeleteCoSimSnapshotResponse:
+        return await self._t.unary('/machineserver.v1.CoSimService/DeleteCoSimSnapshot', self._t.build(request, fields, cosim_pb2.DeleteCoSimSnapshotRequest), cosim_pb2.DeleteCoSimSnapshotResponse, timeout, metadata)
+
+    def export_co_sim_snapshot(self, request: cosim_pb2.ExportCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportCoSimSnapshotFields]) -> AsyncGenerator[cosim_pb2.ExportCoSimSnapshotResponse, None]:
+        return self._t.server_stream('/machineserver.v1.CoSimService/ExportCoSimSnapshot', self._t.build(request, fields, cosim_pb2.ExportCoSimSnapshotRequest), cosim_pb2.ExportCoSimSnapshotResponse, timeout, metadata)
+
+    async def import_co_sim_snapshot(self, requests: AsyncIterable[cosim_pb2.ImportCoSimSnapshotRequest] | Iterable[cosim_pb2.ImportCoSimSnapshotRequest], /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = ()) -> cosim_pb2.ImportCoSimSnapshotResponse:
+        return await self._t.client_stream('/machineserver.v1.CoSimService/ImportCoSimSnapshot', requests, cosim_pb2.ImportCoSimSnapshotRequest, cosim_pb2.ImportCoSimSnapshotResponse, timeout, metadata)
 
 
 class AsyncTelemetryService:
@@ -973,7 +1027,7 @@ class CoSimService:
 
     SERVICE = 'machineserver.v1.CoSimService'
     # RPC name -> method name
-    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events'}
+    METHODS = {'CreateCoSimulation': 'create_co_simulation', 'GetCoSimulation': 'get_co_simulation', 'ListCoSimulations': 'list_co_simulations', 'DeleteCoSimulation': 'delete_co_simulation', 'StartCoSimulation': 'start_co_simulation', 'PauseCoSimulation': 'pause_co_simulation', 'StepCoSimulation': 'step_co_simulation', 'StreamCoSimulationEvents': 'stream_co_simulation_events', 'CreateCoSimSnapshot': 'create_co_sim_snapshot', 'ListCoSimSnapshots': 'list_co_sim_snapshots', 'RestoreCoSimSnapshot': 'restore_co_sim_snapshot', 'DeleteCoSimSnapshot': 'delete_co_sim_snapshot', 'ExportCoSimSnapshot': 'export_co_sim_snapshot', 'ImportCoSimSnapshot': 'import_co_sim_snapshot'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -1001,6 +1055,24 @@ class CoSimService:
 
     def stream_co_simulation_events(self, request: cosim_pb2.StreamCoSimulationEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamCoSimulationEventsFields]) -> Generator[cosim_pb2.StreamCoSimulationEventsResponse, None, None]:
         return self._t.server_stream('/machineserver.v1.CoSimService/StreamCoSimulationEvents', self._t.build(request, fields, cosim_pb2.StreamCoSimulationEventsRequest), cosim_pb2.StreamCoSimulationEventsResponse, timeout, metadata)
+
+    def create_co_sim_snapshot(self, request: cosim_pb2.CreateCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateCoSimSnapshotFields]) -> cosim_pb2.CreateCoSimSnapshotResponse:
+        return self._t.unary('/machineserver.v1.CoSimService/CreateCoSimSnapshot', self._t.build(request, fields, cosim_pb2.CreateCoSimSnapshotRequest), cosim_pb2.CreateCoSimSnapshotResponse, timeout, metadata)
+
+    def list_co_sim_snapshots(self, request: cosim_pb2.ListCoSimSnapshotsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListCoSimSnapshotsFields]) -> cosim_pb2.ListCoSimSnapshotsResponse:
+        return self._t.unary('/machineserver.v1.CoSimService/ListCoSimSnapshots', self._t.build(request, fields, cosim_pb2.ListCoSimSnapshotsRequest), cosim_pb2.ListCoSimSnapshotsResponse, timeout, metadata)
+
+    def restore_co_sim_snapshot(self, request: cosim_pb2.RestoreCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[RestoreCoSimSnapshotFields]) -> cosim_pb2.RestoreCoSimSnapshotResponse:
+        return self._t.unary('/machineserver.v1.CoSimService/RestoreCoSimSnapshot', self._t.build(request, fields, cosim_pb2.RestoreCoSimSnapshotRequest), cosim_pb2.RestoreCoSimSnapshotResponse, timeout, metadata)
+
+    def delete_co_sim_snapshot(self, request: cosim_pb2.DeleteCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[DeleteCoSimSnapshotFields]) -> cosim_pb2.DeleteCoSimSnapshotResponse:
+        return self._t.unary('/machineserver.v1.CoSimService/DeleteCoSimSnapshot', self._t.build(request, fields, cosim_pb2.DeleteCoSimSnapshotRequest), cosim_pb2.DeleteCoSimSnapshotResponse, timeout, metadata)
+
+    def export_co_sim_snapshot(self, request: cosim_pb2.ExportCoSimSnapshotRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportCoSimSnapshotFields]) -> Generator[cosim_pb2.ExportCoSimSnapshotResponse, None, None]:
+        return self._t.server_stream('/machineserver.v1.CoSimService/ExportCoSimSnapshot', self._t.build(request, fields, cosim_pb2.ExportCoSimSnapshotRequest), cosim_pb2.ExportCoSimSnapshotResponse, timeout, metadata)
+
+    def import_co_sim_snapshot(self, requests: Iterable[cosim_pb2.ImportCoSimSnapshotRequest], /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = ()) -> cosim_pb2.ImportCoSimSnapshotResponse:
+        return self._t.client_stream('/machineserver.v1.CoSimService/ImportCoSimSnapshot', requests, cosim_pb2.ImportCoSimSnapshotRequest, cosim_pb2.ImportCoSimSnapshotResponse, timeout, metadata)
 
 
 class TelemetryService:

@@ -119,6 +119,10 @@ class _FeatureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feature.Value
     FEATURE_CONSOLE_INPUT: _Feature.ValueType  # 6
     FEATURE_SNAPSHOTS: _Feature.ValueType  # 7
     FEATURE_COVERAGE: _Feature.ValueType  # 8
+    FEATURE_LOCKSTEP: _Feature.ValueType  # 9
+    """Lock-step with other sessions in a co-simulation (exact virtual cycles, barriers,
+    checkpoints).
+    """
 
 class Feature(_Feature, metaclass=_FeatureEnumTypeWrapper):
     """A feature a backend may support. CapabilitiesService reports, per backend, the
@@ -134,6 +138,10 @@ FEATURE_WATCHPOINTS: Feature.ValueType  # 5
 FEATURE_CONSOLE_INPUT: Feature.ValueType  # 6
 FEATURE_SNAPSHOTS: Feature.ValueType  # 7
 FEATURE_COVERAGE: Feature.ValueType  # 8
+FEATURE_LOCKSTEP: Feature.ValueType  # 9
+"""Lock-step with other sessions in a co-simulation (exact virtual cycles, barriers,
+checkpoints).
+"""
 Global___Feature: _TypeAlias = Feature  # noqa: Y015
 
 @_typing.final

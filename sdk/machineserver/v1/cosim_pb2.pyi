@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from machineserver.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,43 +29,117 @@ class _CoSimStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CoSimState
     DESCRIPTOR: _descriptor.EnumDescriptor
     CO_SIM_STATE_UNSPECIFIED: _CoSimState.ValueType  # 0
     CO_SIM_STATE_PAUSED: _CoSimState.ValueType  # 1
+    """Between runs: at a barrier, or halted at a member's stop."""
     CO_SIM_STATE_RUNNING: _CoSimState.ValueType  # 2
     CO_SIM_STATE_STOPPED: _CoSimState.ValueType  # 3
-    """A member exited, faulted or failed."""
+    """A member exited or faulted; restore a snapshot or delete it."""
+    CO_SIM_STATE_FAILED: _CoSimState.ValueType  # 4
+    """A member's backend failed; the others are paused."""
 
 class CoSimState(_CoSimState, metaclass=_CoSimStateEnumTypeWrapper):
     """The state of a co-simulation."""
 
 CO_SIM_STATE_UNSPECIFIED: CoSimState.ValueType  # 0
 CO_SIM_STATE_PAUSED: CoSimState.ValueType  # 1
+"""Between runs: at a barrier, or halted at a member's stop."""
 CO_SIM_STATE_RUNNING: CoSimState.ValueType  # 2
 CO_SIM_STATE_STOPPED: CoSimState.ValueType  # 3
-"""A member exited, faulted or failed."""
+"""A member exited or faulted; restore a snapshot or delete it."""
+CO_SIM_STATE_FAILED: CoSimState.ValueType  # 4
+"""A member's backend failed; the others are paused."""
 Global___CoSimState: _TypeAlias = CoSimState  # noqa: Y015
+
+class _CoSimEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CoSimEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CoSimEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CO_SIM_EVENT_KIND_UNSPECIFIED: _CoSimEventKind.ValueType  # 0
+    CO_SIM_EVENT_KIND_SUBSCRIBED: _CoSimEventKind.ValueType  # 1
+    """The first event of a stream."""
+    CO_SIM_EVENT_KIND_BARRIER: _CoSimEventKind.ValueType  # 2
+    CO_SIM_EVENT_KIND_SERIAL: _CoSimEventKind.ValueType  # 3
+    """Serial bytes delivered from session to to_session."""
+    CO_SIM_EVENT_KIND_INTERRUPT: _CoSimEventKind.ValueType  # 4
+    """An interrupt raised on to_session by session's doorbell."""
+    CO_SIM_EVENT_KIND_SHARED_MEMORY: _CoSimEventKind.ValueType  # 5
+    """Shared-memory bytes written by session, copied to the other members."""
+    CO_SIM_EVENT_KIND_DROP: _CoSimEventKind.ValueType  # 6
+    """Serial bytes dropped (queue full)."""
+    CO_SIM_EVENT_KIND_STOP: _CoSimEventKind.ValueType  # 7
+    """A member stopped; every member is halted at its virtual time."""
+    CO_SIM_EVENT_KIND_STATE: _CoSimEventKind.ValueType  # 8
+
+class CoSimEventKind(_CoSimEventKind, metaclass=_CoSimEventKindEnumTypeWrapper):
+    """What an event is about."""
+
+CO_SIM_EVENT_KIND_UNSPECIFIED: CoSimEventKind.ValueType  # 0
+CO_SIM_EVENT_KIND_SUBSCRIBED: CoSimEventKind.ValueType  # 1
+"""The first event of a stream."""
+CO_SIM_EVENT_KIND_BARRIER: CoSimEventKind.ValueType  # 2
+CO_SIM_EVENT_KIND_SERIAL: CoSimEventKind.ValueType  # 3
+"""Serial bytes delivered from session to to_session."""
+CO_SIM_EVENT_KIND_INTERRUPT: CoSimEventKind.ValueType  # 4
+"""An interrupt raised on to_session by session's doorbell."""
+CO_SIM_EVENT_KIND_SHARED_MEMORY: CoSimEventKind.ValueType  # 5
+"""Shared-memory bytes written by session, copied to the other members."""
+CO_SIM_EVENT_KIND_DROP: CoSimEventKind.ValueType  # 6
+"""Serial bytes dropped (queue full)."""
+CO_SIM_EVENT_KIND_STOP: CoSimEventKind.ValueType  # 7
+"""A member stopped; every member is halted at its virtual time."""
+CO_SIM_EVENT_KIND_STATE: CoSimEventKind.ValueType  # 8
+Global___CoSimEventKind: _TypeAlias = CoSimEventKind  # noqa: Y015
 
 @_typing.final
 class SharedMemoryLink(_message.Message):
-    """A range of memory kept identical in two or more sessions."""
+    """One region kept identical in several members, each at its own address. Writes a member
+    makes in a quantum reach the others at the next barrier; when two members write the
+    same byte in one quantum, the later member (in the co-simulation's order) wins.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSIONS_FIELD_NUMBER: _builtins.int
-    ADDRESS_FIELD_NUMBER: _builtins.int
+    @_typing.final
+    class Mapping(_message.Message):
+        """Where a member sees the region."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        SESSION_FIELD_NUMBER: _builtins.int
+        ADDRESS_FIELD_NUMBER: _builtins.int
+        session: _builtins.str
+        """"sessions/{session}", a member."""
+        address: _builtins.int
+        def __init__(
+            self,
+            *,
+            session: _builtins.str = ...,
+            address: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "session", b"session"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MAPPINGS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
-    address: _builtins.int
     size: _builtins.int
+    """Bytes, at most 1 MiB."""
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedMemoryLink.Mapping]:
+        """Two or more."""
+
     def __init__(
         self,
         *,
-        sessions: _abc.Iterable[_builtins.str] | None = ...,
-        address: _builtins.int = ...,
+        mappings: _abc.Iterable[Global___SharedMemoryLink.Mapping] | None = ...,
         size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "sessions", b"sessions", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mappings", b"mappings", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -72,30 +147,42 @@ Global___SharedMemoryLink: _TypeAlias = SharedMemoryLink  # noqa: Y015
 
 @_typing.final
 class InterruptRoute(_message.Message):
-    """An interrupt line from one session's output to another's IRQ input."""
+    """A doorbell on one member raising an interrupt on another. The doorbell is a 32-bit
+    word in from_session's RAM, sampled at each barrier: when (value & value_mask) != 0,
+    those bits are cleared and IRQ irq of to_session is set pending at the first barrier at
+    least latency_ns later (taken before the target's next instruction). Writes between
+    two barriers coalesce into one interrupt, as on a level-triggered doorbell register.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_SESSION_FIELD_NUMBER: _builtins.int
-    SOURCE_FIELD_NUMBER: _builtins.int
+    DOORBELL_ADDRESS_FIELD_NUMBER: _builtins.int
+    VALUE_MASK_FIELD_NUMBER: _builtins.int
     TO_SESSION_FIELD_NUMBER: _builtins.int
     IRQ_FIELD_NUMBER: _builtins.int
+    LATENCY_NS_FIELD_NUMBER: _builtins.int
     from_session: _builtins.str
-    source: _builtins.str
-    """A GPIO line or peripheral output of the source board, e.g. "gpio0.3"."""
+    doorbell_address: _builtins.int
+    value_mask: _builtins.int
+    """0 means every bit."""
     to_session: _builtins.str
     irq: _builtins.int
+    """External interrupt line (Cortex-M: 0 .. the NVIC's lines - 1)."""
+    latency_ns: _builtins.int
     def __init__(
         self,
         *,
         from_session: _builtins.str = ...,
-        source: _builtins.str = ...,
+        doorbell_address: _builtins.int = ...,
+        value_mask: _builtins.int = ...,
         to_session: _builtins.str = ...,
         irq: _builtins.int = ...,
+        latency_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_session", b"from_session", "irq", b"irq", "source", b"source", "to_session", b"to_session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doorbell_address", b"doorbell_address", "from_session", b"from_session", "irq", b"irq", "latency_ns", b"latency_ns", "to_session", b"to_session", "value_mask", b"value_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -103,23 +190,32 @@ Global___InterruptRoute: _TypeAlias = InterruptRoute  # noqa: Y015
 
 @_typing.final
 class SerialLink(_message.Message):
-    """A serial (UART) connection between two sessions' consoles."""
+    """The console UARTs of two members, crossed: what one transmits, the other receives.
+    Bytes a member sends in a quantum are queued at the next barrier and delivered one
+    per barrier while the receiver's RX register is empty (backpressure). A queue longer
+    than queue_limit_bytes drops the excess, counted in the link's status and reported as
+    an event.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_A_FIELD_NUMBER: _builtins.int
     SESSION_B_FIELD_NUMBER: _builtins.int
+    QUEUE_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     session_a: _builtins.str
     session_b: _builtins.str
+    queue_limit_bytes: _builtins.int
+    """Default 64 KiB, at most 16 MiB."""
     def __init__(
         self,
         *,
         session_a: _builtins.str = ...,
         session_b: _builtins.str = ...,
+        queue_limit_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_a", b"session_a", "session_b", b"session_b"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_limit_bytes", b"queue_limit_bytes", "session_a", b"session_a", "session_b", b"session_b"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,27 +255,149 @@ Global___CoSimLink: _TypeAlias = CoSimLink  # noqa: Y015
 
 @_typing.final
 class SyncPolicy(_message.Message):
-    """How sessions are kept in step."""
+    """How members are kept in step: one global quantum."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUANTUM_NS_FIELD_NUMBER: _builtins.int
+    QUANTUM_INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     quantum_ns: _builtins.int
-    """Virtual time each session runs before all synchronize, in nanoseconds
-    (default 1 ms).
+    """Virtual time per quantum, ns; default 100 µs when neither is set."""
+    quantum_instructions: _builtins.int
+    """Or instructions per quantum, counted at the first member's clock. At most one of the
+    two.
     """
     def __init__(
         self,
         *,
         quantum_ns: _builtins.int = ...,
+        quantum_instructions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantum_ns", b"quantum_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantum_instructions", b"quantum_instructions", "quantum_ns", b"quantum_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncPolicy: _TypeAlias = SyncPolicy  # noqa: Y015
+
+@_typing.final
+class CoSimStop(_message.Message):
+    """Why and where the co-simulation last halted at a member's stop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PC_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HALT_MS_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """The member that stopped first."""
+    reason: _builtins.str
+    """"breakpoint", "watchpoint", "exit", "fault"."""
+    pc: _builtins.int
+    virtual_time_ns: _builtins.int
+    exit_code: _builtins.int
+    message: _builtins.str
+    halt_ms: _builtins.float
+    """Milliseconds of host time from the stop to every member halted at its instant."""
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        pc: _builtins.int = ...,
+        virtual_time_ns: _builtins.int = ...,
+        exit_code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        halt_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "halt_ms", b"halt_ms", "message", b"message", "pc", b"pc", "reason", b"reason", "session", b"session", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoSimStop: _TypeAlias = CoSimStop  # noqa: Y015
+
+@_typing.final
+class CoSimMember(_message.Message):
+    """A member as the co-simulation sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
+    CYCLES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BOARD_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    virtual_time_ns: _builtins.int
+    """Virtual time reached, ns."""
+    cycles: _builtins.int
+    """Virtual cycles (instructions plus cycles slept) since it joined."""
+    state: _common_pb2.SessionState.ValueType
+    board: _builtins.str
+    backend: _builtins.str
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        virtual_time_ns: _builtins.int = ...,
+        cycles: _builtins.int = ...,
+        state: _common_pb2.SessionState.ValueType = ...,
+        board: _builtins.str = ...,
+        backend: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "board", b"board", "cycles", b"cycles", "session", b"session", "state", b"state", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoSimMember: _TypeAlias = CoSimMember  # noqa: Y015
+
+@_typing.final
+class CoSimLinkStatus(_message.Message):
+    """Counters of one link."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_FIELD_NUMBER: _builtins.int
+    INTERRUPTS_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    BYTES_DROPPED_FIELD_NUMBER: _builtins.int
+    INTERRUPTS_PENDING_FIELD_NUMBER: _builtins.int
+    bytes: _builtins.int
+    """Bytes copied between members (shared memory), delivered (serial)."""
+    interrupts: _builtins.int
+    """Interrupts raised (routes)."""
+    bytes_in_flight: _builtins.int
+    """Serial bytes queued and not yet delivered, both directions."""
+    bytes_dropped: _builtins.int
+    """Serial bytes dropped because the queue was full."""
+    interrupts_pending: _builtins.int
+    """Interrupts waiting for their latency."""
+    def __init__(
+        self,
+        *,
+        bytes: _builtins.int = ...,
+        interrupts: _builtins.int = ...,
+        bytes_in_flight: _builtins.int = ...,
+        bytes_dropped: _builtins.int = ...,
+        interrupts_pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_dropped", b"bytes_dropped", "bytes_in_flight", b"bytes_in_flight", "interrupts", b"interrupts", "interrupts_pending", b"interrupts_pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoSimLinkStatus: _TypeAlias = CoSimLinkStatus  # noqa: Y015
 
 @_typing.final
 class CoSimulation(_message.Message):
@@ -198,16 +416,22 @@ class CoSimulation(_message.Message):
     VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    LINK_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_STOP_FIELD_NUMBER: _builtins.int
+    QUANTUM_NS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"cosimulations/{cosimulation}"."""
     display_name: _builtins.str
     state: Global___CoSimState.ValueType
     state_reason: _builtins.str
     quanta: _builtins.int
-    """Quanta completed."""
+    """Barriers passed."""
     virtual_time_ns: _builtins.int
     """Virtual time reached, ns."""
     owner: _builtins.str
+    quantum_ns: _builtins.int
+    """The quantum in virtual ns (derived from sync)."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -216,6 +440,16 @@ class CoSimulation(_message.Message):
     def sync(self) -> Global___SyncPolicy: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoSimMember]:
+        """One per session, in order."""
+
+    @_builtins.property
+    def link_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoSimLinkStatus]:
+        """One per link, in order."""
+
+    @_builtins.property
+    def last_stop(self) -> Global___CoSimStop: ...
     def __init__(
         self,
         *,
@@ -230,10 +464,14 @@ class CoSimulation(_message.Message):
         virtual_time_ns: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        members: _abc.Iterable[Global___CoSimMember] | None = ...,
+        link_status: _abc.Iterable[Global___CoSimLinkStatus] | None = ...,
+        last_stop: Global___CoSimStop | None = ...,
+        quantum_ns: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "sync", b"sync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_stop", b"last_stop", "sync", b"sync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "links", b"links", "name", b"name", "owner", b"owner", "quanta", b"quanta", "sessions", b"sessions", "state", b"state", "state_reason", b"state_reason", "sync", b"sync", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "last_stop", b"last_stop", "link_status", b"link_status", "links", b"links", "members", b"members", "name", b"name", "owner", b"owner", "quanta", b"quanta", "quantum_ns", b"quantum_ns", "sessions", b"sessions", "state", b"state", "state_reason", b"state_reason", "sync", b"sync", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,7 +487,9 @@ class CreateCoSimulationRequest(_message.Message):
     SYNC_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The members, in order (the order of the exchange at barriers)."""
+
     @_builtins.property
     def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoSimLink]: ...
     @_builtins.property
@@ -416,15 +656,19 @@ class StartCoSimulationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    UNTIL_VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    until_virtual_time_ns: _builtins.int
+    """Pause when this virtual time is reached (a barrier at or after it); 0: no limit."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        until_virtual_time_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "until_virtual_time_ns", b"until_virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,18 +739,24 @@ class StepCoSimulationRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    UNTIL_VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     count: _builtins.int
-    """Quanta to run; 0 means 1."""
+    """Quanta to run (a halted co-simulation first finishes its quantum, which counts as
+    one); 0 means 1 unless until_virtual_time_ns is set.
+    """
+    until_virtual_time_ns: _builtins.int
+    """Or run until this virtual time (the barrier at or after it)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         count: _builtins.int = ...,
+        until_virtual_time_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name", "until_virtual_time_ns", b"until_virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,15 +787,19 @@ class StreamCoSimulationEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    BARRIER_EVERY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    barrier_every: _builtins.int
+    """One barrier event every this many quanta; 0: no barrier events."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        barrier_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["barrier_every", b"barrier_every", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,14 +815,38 @@ class StreamCoSimulationEventsResponse(_message.Message):
     VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    TO_SESSION_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    IRQ_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    COSIMULATION_NOW_FIELD_NUMBER: _builtins.int
     cosimulation: _builtins.str
     state: Global___CoSimState.ValueType
     quanta: _builtins.int
     virtual_time_ns: _builtins.int
     message: _builtins.str
-    """What happened ("quantum", "serial 12 bytes a->b", "stopped: ...")."""
+    """A summary in words ("3 bytes sessions/a -> sessions/b", "stopped: ...")."""
+    kind: Global___CoSimEventKind.ValueType
+    session: _builtins.str
+    """The member it comes from, where it has one."""
+    to_session: _builtins.str
+    """The member it goes to (serial, interrupt)."""
+    data: _builtins.bytes
+    """Serial bytes; shared-memory: the bytes written."""
+    irq: _builtins.int
+    link: _builtins.int
+    """The link's index in CoSimulation.links, or -1."""
+    offset: _builtins.int
+    """Shared memory: offset in the region."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cosimulation_now(self) -> Global___CoSimulation:
+        """SUBSCRIBED: the co-simulation as it is. STOP: as it halted."""
+
     def __init__(
         self,
         *,
@@ -578,11 +856,350 @@ class StreamCoSimulationEventsResponse(_message.Message):
         virtual_time_ns: _builtins.int = ...,
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___CoSimEventKind.ValueType = ...,
+        session: _builtins.str = ...,
+        to_session: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        irq: _builtins.int = ...,
+        link: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        cosimulation_now: Global___CoSimulation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cosimulation_now", b"cosimulation_now", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosimulation", b"cosimulation", "message", b"message", "quanta", b"quanta", "state", b"state", "time", b"time", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosimulation", b"cosimulation", "cosimulation_now", b"cosimulation_now", "data", b"data", "irq", b"irq", "kind", b"kind", "link", b"link", "message", b"message", "offset", b"offset", "quanta", b"quanta", "session", b"session", "state", b"state", "time", b"time", "to_session", b"to_session", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamCoSimulationEventsResponse: _TypeAlias = StreamCoSimulationEventsResponse  # noqa: Y015
+
+@_typing.final
+class CoSimSnapshot(_message.Message):
+    """A saved co-simulation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
+    QUANTA_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"cosimulations/{cosimulation}/snapshots/{snapshot}"."""
+    display_name: _builtins.str
+    virtual_time_ns: _builtins.int
+    quanta: _builtins.int
+    size_bytes: _builtins.int
+    sha256: _builtins.str
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The members' boards and backends, in order ("mps2-an385/unicorn")."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        virtual_time_ns: _builtins.int = ...,
+        quanta: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        shape: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "name", b"name", "quanta", b"quanta", "sha256", b"sha256", "shape", b"shape", "size_bytes", b"size_bytes", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoSimSnapshot: _TypeAlias = CoSimSnapshot  # noqa: Y015
+
+@_typing.final
+class CreateCoSimSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The co-simulation."""
+    display_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCoSimSnapshotRequest: _TypeAlias = CreateCoSimSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class CreateCoSimSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___CoSimSnapshot: ...
+    def __init__(
+        self,
+        *,
+        snapshot: Global___CoSimSnapshot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCoSimSnapshotResponse: _TypeAlias = CreateCoSimSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ListCoSimSnapshotsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCoSimSnapshotsRequest: _TypeAlias = ListCoSimSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ListCoSimSnapshotsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoSimSnapshot]: ...
+    def __init__(
+        self,
+        *,
+        snapshots: _abc.Iterable[Global___CoSimSnapshot] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCoSimSnapshotsResponse: _TypeAlias = ListCoSimSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class RestoreCoSimSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreCoSimSnapshotRequest: _TypeAlias = RestoreCoSimSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class RestoreCoSimSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COSIMULATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cosimulation(self) -> Global___CoSimulation: ...
+    def __init__(
+        self,
+        *,
+        cosimulation: Global___CoSimulation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cosimulation", b"cosimulation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosimulation", b"cosimulation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreCoSimSnapshotResponse: _TypeAlias = RestoreCoSimSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCoSimSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCoSimSnapshotRequest: _TypeAlias = DeleteCoSimSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCoSimSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCoSimSnapshotResponse: _TypeAlias = DeleteCoSimSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ExportCoSimSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCoSimSnapshotRequest: _TypeAlias = ExportCoSimSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ExportCoSimSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def snapshot(self) -> Global___CoSimSnapshot:
+        """First message."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: Global___CoSimSnapshot | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["snapshot", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___ExportCoSimSnapshotResponse: _TypeAlias = ExportCoSimSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class CoSimSnapshotHeader(_message.Message):
+    """The first message of an import."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The co-simulation to import into."""
+    display_name: _builtins.str
+    sha256: _builtins.str
+    """Optional hex sha256 of the artifact, checked at the end."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "parent", b"parent", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoSimSnapshotHeader: _TypeAlias = CoSimSnapshotHeader  # noqa: Y015
+
+@_typing.final
+class ImportCoSimSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___CoSimSnapshotHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___CoSimSnapshotHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___ImportCoSimSnapshotRequest: _TypeAlias = ImportCoSimSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ImportCoSimSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___CoSimSnapshot: ...
+    def __init__(
+        self,
+        *,
+        snapshot: Global___CoSimSnapshot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportCoSimSnapshotResponse: _TypeAlias = ImportCoSimSnapshotResponse  # noqa: Y015

@@ -26,9 +26,27 @@ if _version_not_supported:
 
 
 class CoSimServiceStub:
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     def __init__(self, channel):
@@ -77,70 +95,183 @@ class CoSimServiceStub:
                 request_serializer=machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsRequest.SerializeToString,
                 response_deserializer=machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateCoSimSnapshot = channel.unary_unary(
+                '/machineserver.v1.CoSimService/CreateCoSimSnapshot',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListCoSimSnapshots = channel.unary_unary(
+                '/machineserver.v1.CoSimService/ListCoSimSnapshots',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCoSimSnapshot = channel.unary_unary(
+                '/machineserver.v1.CoSimService/RestoreCoSimSnapshot',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotResponse.FromString,
+                _registered_method=True)
+        self.DeleteCoSimSnapshot = channel.unary_unary(
+                '/machineserver.v1.CoSimService/DeleteCoSimSnapshot',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ExportCoSimSnapshot = channel.unary_stream(
+                '/machineserver.v1.CoSimService/ExportCoSimSnapshot',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ImportCoSimSnapshot = channel.stream_unary(
+                '/machineserver.v1.CoSimService/ImportCoSimSnapshot',
+                request_serializer=machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class CoSimServiceServicer:
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     def CreateCoSimulation(self, request, context):
-        """Creates a co-simulation from powered-on or off sessions and links.
-        INVALID_ARGUMENT: fewer than two sessions, a link naming a session not in it,
-        a bad quantum. NOT_FOUND: a session. FAILED_PRECONDITION: a session already belongs
-        to another co-simulation. UNIMPLEMENTED: a link kind the sessions' backends lack.
+        """Creates a co-simulation of two or more sessions (OFF members are powered on).
+        INVALID_ARGUMENT (naming the field): fewer than two sessions, a session twice, a link
+        naming a session not in it, a shared region outside a member's RAM or overlapping
+        another, a doorbell outside RAM, an IRQ beyond the board's lines, a zero or too large
+        quantum, a serial link to itself. NOT_FOUND: a session. FAILED_PRECONDITION: a session
+        already in another co-simulation, a session whose backend or board cannot keep
+        lock-step (the reason is named; CapabilitiesService lists FEATURE_LOCKSTEP per backend
+        and its board limits), a session that is running, exited, faulted or failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCoSimulation(self, request, context):
-        """Gets a co-simulation. NOT_FOUND.
+        """Gets a co-simulation with each member's virtual time and state and each link's
+        counters. NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCoSimulations(self, request, context):
-        """Lists co-simulations.
+        """Lists co-simulations, oldest first. filter: "state=RUNNING".
+        INVALID_ARGUMENT: bad page_size, page_token or filter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteCoSimulation(self, request, context):
-        """Deletes a co-simulation (its sessions stay, paused). NOT_FOUND.
+        """Deletes a co-simulation and its snapshots; its sessions stay, halted, and are free
+        again. NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartCoSimulation(self, request, context):
-        """Runs all sessions quantum by quantum until paused or a session stops.
-        NOT_FOUND. FAILED_PRECONDITION: already running, or a session exited/faulted.
+        """Runs quantum after quantum in the background until paused, a member stops, or
+        until_virtual_time_ns is reached. Returns at once (RUNNING). NOT_FOUND.
+        FAILED_PRECONDITION: already running, failed, or a member exited or faulted.
+        INVALID_ARGUMENT: until_virtual_time_ns not after the current virtual time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PauseCoSimulation(self, request, context):
-        """Pauses at the end of the current quantum. NOT_FOUND.
+        """Pauses at the next barrier (or where it already halted) and returns. NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StepCoSimulation(self, request, context):
-        """Runs exactly count quanta (default 1) and returns. NOT_FOUND.
-        FAILED_PRECONDITION: running.
+        """Runs count quanta, or until a virtual time, and returns when done or when a member
+        stopped first (the co-simulation then names the stop). A caller that goes away or
+        whose deadline passes leaves it paused at a barrier. NOT_FOUND.
+        FAILED_PRECONDITION: running, failed, or a member exited or faulted.
+        INVALID_ARGUMENT: count above 10^9, or a time not after the current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamCoSimulationEvents(self, request, context):
-        """Streams quantum and link events. NOT_FOUND.
+        """Streams events: a first "subscribed" event with the co-simulation as it is, then
+        barriers (one every barrier_every quanta), link traffic, member stops and state
+        changes, in virtual-time order. NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCoSimSnapshot(self, request, context):
+        """Saves every member and the link state (bytes in flight, pending interrupts, shared
+        memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
+        halted between barriers (step to the next one first), failed, or a member's backend
+        cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCoSimSnapshots(self, request, context):
+        """Lists a co-simulation's snapshots, newest first. NOT_FOUND: the co-simulation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCoSimSnapshot(self, request, context):
+        """Brings every member and the links back to a snapshot; the co-simulation is PAUSED at
+        its virtual time after. NOT_FOUND. FAILED_PRECONDITION: running; members whose boards
+        or backends differ from the snapshot's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCoSimSnapshot(self, request, context):
+        """Deletes a snapshot. NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCoSimSnapshot(self, request, context):
+        """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCoSimSnapshot(self, request_iterator, context):
+        """Imports an exported artifact into a co-simulation of the same shape (members' boards
+        and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
+        co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+        FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
+        RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +320,36 @@ def add_CoSimServiceServicer_to_server(servicer, server):
                     request_deserializer=machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsRequest.FromString,
                     response_serializer=machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsResponse.SerializeToString,
             ),
+            'CreateCoSimSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCoSimSnapshot,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotResponse.SerializeToString,
+            ),
+            'ListCoSimSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCoSimSnapshots,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreCoSimSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCoSimSnapshot,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotResponse.SerializeToString,
+            ),
+            'DeleteCoSimSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCoSimSnapshot,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotResponse.SerializeToString,
+            ),
+            'ExportCoSimSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCoSimSnapshot,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotResponse.SerializeToString,
+            ),
+            'ImportCoSimSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportCoSimSnapshot,
+                    request_deserializer=machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'machineserver.v1.CoSimService', rpc_method_handlers)
@@ -198,9 +359,27 @@ def add_CoSimServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CoSimService:
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     @staticmethod
@@ -409,6 +588,168 @@ class CoSimService:
             '/machineserver.v1.CoSimService/StreamCoSimulationEvents',
             machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsRequest.SerializeToString,
             machineserver_dot_v1_dot_cosim__pb2.StreamCoSimulationEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCoSimSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.CoSimService/CreateCoSimSnapshot',
+            machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.CreateCoSimSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCoSimSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.CoSimService/ListCoSimSnapshots',
+            machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.ListCoSimSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCoSimSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.CoSimService/RestoreCoSimSnapshot',
+            machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.RestoreCoSimSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCoSimSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.CoSimService/DeleteCoSimSnapshot',
+            machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.DeleteCoSimSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCoSimSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/machineserver.v1.CoSimService/ExportCoSimSnapshot',
+            machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.ExportCoSimSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCoSimSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/machineserver.v1.CoSimService/ImportCoSimSnapshot',
+            machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotRequest.SerializeToString,
+            machineserver_dot_v1_dot_cosim__pb2.ImportCoSimSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,9 +27,27 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CoSimServiceStub:
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     @_typing.overload
@@ -37,67 +55,187 @@ class CoSimServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoSimServiceAsyncStub: ...
     CreateCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimulationRequest, _cosim_pb2.CreateCoSimulationResponse]
-    """Creates a co-simulation from powered-on or off sessions and links.
-    INVALID_ARGUMENT: fewer than two sessions, a link naming a session not in it,
-    a bad quantum. NOT_FOUND: a session. FAILED_PRECONDITION: a session already belongs
-    to another co-simulation. UNIMPLEMENTED: a link kind the sessions' backends lack.
+    """Creates a co-simulation of two or more sessions (OFF members are powered on).
+    INVALID_ARGUMENT (naming the field): fewer than two sessions, a session twice, a link
+    naming a session not in it, a shared region outside a member's RAM or overlapping
+    another, a doorbell outside RAM, an IRQ beyond the board's lines, a zero or too large
+    quantum, a serial link to itself. NOT_FOUND: a session. FAILED_PRECONDITION: a session
+    already in another co-simulation, a session whose backend or board cannot keep
+    lock-step (the reason is named; CapabilitiesService lists FEATURE_LOCKSTEP per backend
+    and its board limits), a session that is running, exited, faulted or failed.
     """
     GetCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.GetCoSimulationRequest, _cosim_pb2.GetCoSimulationResponse]
-    """Gets a co-simulation. NOT_FOUND."""
+    """Gets a co-simulation with each member's virtual time and state and each link's
+    counters. NOT_FOUND.
+    """
     ListCoSimulations: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimulationsRequest, _cosim_pb2.ListCoSimulationsResponse]
-    """Lists co-simulations."""
+    """Lists co-simulations, oldest first. filter: "state=RUNNING".
+    INVALID_ARGUMENT: bad page_size, page_token or filter.
+    """
     DeleteCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.DeleteCoSimulationRequest, _cosim_pb2.DeleteCoSimulationResponse]
-    """Deletes a co-simulation (its sessions stay, paused). NOT_FOUND."""
+    """Deletes a co-simulation and its snapshots; its sessions stay, halted, and are free
+    again. NOT_FOUND.
+    """
     StartCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.StartCoSimulationRequest, _cosim_pb2.StartCoSimulationResponse]
-    """Runs all sessions quantum by quantum until paused or a session stops.
-    NOT_FOUND. FAILED_PRECONDITION: already running, or a session exited/faulted.
+    """Runs quantum after quantum in the background until paused, a member stops, or
+    until_virtual_time_ns is reached. Returns at once (RUNNING). NOT_FOUND.
+    FAILED_PRECONDITION: already running, failed, or a member exited or faulted.
+    INVALID_ARGUMENT: until_virtual_time_ns not after the current virtual time.
     """
     PauseCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.PauseCoSimulationRequest, _cosim_pb2.PauseCoSimulationResponse]
-    """Pauses at the end of the current quantum. NOT_FOUND."""
+    """Pauses at the next barrier (or where it already halted) and returns. NOT_FOUND."""
     StepCoSimulation: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.StepCoSimulationRequest, _cosim_pb2.StepCoSimulationResponse]
-    """Runs exactly count quanta (default 1) and returns. NOT_FOUND.
-    FAILED_PRECONDITION: running.
+    """Runs count quanta, or until a virtual time, and returns when done or when a member
+    stopped first (the co-simulation then names the stop). A caller that goes away or
+    whose deadline passes leaves it paused at a barrier. NOT_FOUND.
+    FAILED_PRECONDITION: running, failed, or a member exited or faulted.
+    INVALID_ARGUMENT: count above 10^9, or a time not after the current one.
     """
     StreamCoSimulationEvents: _grpc.UnaryStreamMultiCallable[_cosim_pb2.StreamCoSimulationEventsRequest, _cosim_pb2.StreamCoSimulationEventsResponse]
-    """Streams quantum and link events. NOT_FOUND."""
+    """Streams events: a first "subscribed" event with the co-simulation as it is, then
+    barriers (one every barrier_every quanta), link traffic, member stops and state
+    changes, in virtual-time order. NOT_FOUND.
+    """
+    CreateCoSimSnapshot: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimSnapshotRequest, _cosim_pb2.CreateCoSimSnapshotResponse]
+    """Saves every member and the link state (bytes in flight, pending interrupts, shared
+    memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
+    halted between barriers (step to the next one first), failed, or a member's backend
+    cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+    """
+    ListCoSimSnapshots: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimSnapshotsRequest, _cosim_pb2.ListCoSimSnapshotsResponse]
+    """Lists a co-simulation's snapshots, newest first. NOT_FOUND: the co-simulation."""
+    RestoreCoSimSnapshot: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.RestoreCoSimSnapshotRequest, _cosim_pb2.RestoreCoSimSnapshotResponse]
+    """Brings every member and the links back to a snapshot; the co-simulation is PAUSED at
+    its virtual time after. NOT_FOUND. FAILED_PRECONDITION: running; members whose boards
+    or backends differ from the snapshot's.
+    """
+    DeleteCoSimSnapshot: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.DeleteCoSimSnapshotRequest, _cosim_pb2.DeleteCoSimSnapshotResponse]
+    """Deletes a snapshot. NOT_FOUND."""
+    ExportCoSimSnapshot: _grpc.UnaryStreamMultiCallable[_cosim_pb2.ExportCoSimSnapshotRequest, _cosim_pb2.ExportCoSimSnapshotResponse]
+    """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND."""
+    ImportCoSimSnapshot: _grpc.StreamUnaryMultiCallable[_cosim_pb2.ImportCoSimSnapshotRequest, _cosim_pb2.ImportCoSimSnapshotResponse]
+    """Imports an exported artifact into a co-simulation of the same shape (members' boards
+    and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
+    co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+    FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
+    RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+    """
 
 @_typing.type_check_only
 class CoSimServiceAsyncStub(CoSimServiceStub):
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimulationRequest, _cosim_pb2.CreateCoSimulationResponse]  # type: ignore[assignment]
-    """Creates a co-simulation from powered-on or off sessions and links.
-    INVALID_ARGUMENT: fewer than two sessions, a link naming a session not in it,
-    a bad quantum. NOT_FOUND: a session. FAILED_PRECONDITION: a session already belongs
-    to another co-simulation. UNIMPLEMENTED: a link kind the sessions' backends lack.
+    """Creates a co-simulation of two or more sessions (OFF members are powered on).
+    INVALID_ARGUMENT (naming the field): fewer than two sessions, a session twice, a link
+    naming a session not in it, a shared region outside a member's RAM or overlapping
+    another, a doorbell outside RAM, an IRQ beyond the board's lines, a zero or too large
+    quantum, a serial link to itself. NOT_FOUND: a session. FAILED_PRECONDITION: a session
+    already in another co-simulation, a session whose backend or board cannot keep
+    lock-step (the reason is named; CapabilitiesService lists FEATURE_LOCKSTEP per backend
+    and its board limits), a session that is running, exited, faulted or failed.
     """
     GetCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.GetCoSimulationRequest, _cosim_pb2.GetCoSimulationResponse]  # type: ignore[assignment]
-    """Gets a co-simulation. NOT_FOUND."""
+    """Gets a co-simulation with each member's virtual time and state and each link's
+    counters. NOT_FOUND.
+    """
     ListCoSimulations: _aio.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimulationsRequest, _cosim_pb2.ListCoSimulationsResponse]  # type: ignore[assignment]
-    """Lists co-simulations."""
+    """Lists co-simulations, oldest first. filter: "state=RUNNING".
+    INVALID_ARGUMENT: bad page_size, page_token or filter.
+    """
     DeleteCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.DeleteCoSimulationRequest, _cosim_pb2.DeleteCoSimulationResponse]  # type: ignore[assignment]
-    """Deletes a co-simulation (its sessions stay, paused). NOT_FOUND."""
+    """Deletes a co-simulation and its snapshots; its sessions stay, halted, and are free
+    again. NOT_FOUND.
+    """
     StartCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.StartCoSimulationRequest, _cosim_pb2.StartCoSimulationResponse]  # type: ignore[assignment]
-    """Runs all sessions quantum by quantum until paused or a session stops.
-    NOT_FOUND. FAILED_PRECONDITION: already running, or a session exited/faulted.
+    """Runs quantum after quantum in the background until paused, a member stops, or
+    until_virtual_time_ns is reached. Returns at once (RUNNING). NOT_FOUND.
+    FAILED_PRECONDITION: already running, failed, or a member exited or faulted.
+    INVALID_ARGUMENT: until_virtual_time_ns not after the current virtual time.
     """
     PauseCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.PauseCoSimulationRequest, _cosim_pb2.PauseCoSimulationResponse]  # type: ignore[assignment]
-    """Pauses at the end of the current quantum. NOT_FOUND."""
+    """Pauses at the next barrier (or where it already halted) and returns. NOT_FOUND."""
     StepCoSimulation: _aio.UnaryUnaryMultiCallable[_cosim_pb2.StepCoSimulationRequest, _cosim_pb2.StepCoSimulationResponse]  # type: ignore[assignment]
-    """Runs exactly count quanta (default 1) and returns. NOT_FOUND.
-    FAILED_PRECONDITION: running.
+    """Runs count quanta, or until a virtual time, and returns when done or when a member
+    stopped first (the co-simulation then names the stop). A caller that goes away or
+    whose deadline passes leaves it paused at a barrier. NOT_FOUND.
+    FAILED_PRECONDITION: running, failed, or a member exited or faulted.
+    INVALID_ARGUMENT: count above 10^9, or a time not after the current one.
     """
     StreamCoSimulationEvents: _aio.UnaryStreamMultiCallable[_cosim_pb2.StreamCoSimulationEventsRequest, _cosim_pb2.StreamCoSimulationEventsResponse]  # type: ignore[assignment]
-    """Streams quantum and link events. NOT_FOUND."""
+    """Streams events: a first "subscribed" event with the co-simulation as it is, then
+    barriers (one every barrier_every quanta), link traffic, member stops and state
+    changes, in virtual-time order. NOT_FOUND.
+    """
+    CreateCoSimSnapshot: _aio.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimSnapshotRequest, _cosim_pb2.CreateCoSimSnapshotResponse]  # type: ignore[assignment]
+    """Saves every member and the link state (bytes in flight, pending interrupts, shared
+    memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
+    halted between barriers (step to the next one first), failed, or a member's backend
+    cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+    """
+    ListCoSimSnapshots: _aio.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimSnapshotsRequest, _cosim_pb2.ListCoSimSnapshotsResponse]  # type: ignore[assignment]
+    """Lists a co-simulation's snapshots, newest first. NOT_FOUND: the co-simulation."""
+    RestoreCoSimSnapshot: _aio.UnaryUnaryMultiCallable[_cosim_pb2.RestoreCoSimSnapshotRequest, _cosim_pb2.RestoreCoSimSnapshotResponse]  # type: ignore[assignment]
+    """Brings every member and the links back to a snapshot; the co-simulation is PAUSED at
+    its virtual time after. NOT_FOUND. FAILED_PRECONDITION: running; members whose boards
+    or backends differ from the snapshot's.
+    """
+    DeleteCoSimSnapshot: _aio.UnaryUnaryMultiCallable[_cosim_pb2.DeleteCoSimSnapshotRequest, _cosim_pb2.DeleteCoSimSnapshotResponse]  # type: ignore[assignment]
+    """Deletes a snapshot. NOT_FOUND."""
+    ExportCoSimSnapshot: _aio.UnaryStreamMultiCallable[_cosim_pb2.ExportCoSimSnapshotRequest, _cosim_pb2.ExportCoSimSnapshotResponse]  # type: ignore[assignment]
+    """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND."""
+    ImportCoSimSnapshot: _aio.StreamUnaryMultiCallable[_cosim_pb2.ImportCoSimSnapshotRequest, _cosim_pb2.ImportCoSimSnapshotResponse]  # type: ignore[assignment]
+    """Imports an exported artifact into a co-simulation of the same shape (members' boards
+    and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
+    co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+    FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
+    RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+    """
 
 class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Co-simulation: several sessions wired together (shared memory, interrupt lines,
-    serial links) and run in lock-step quanta of virtual time.
-    Resource names: "cosimulations/{cosimulation}".
+    """Co-simulation: several sessions run as one system in lock-step quanta of virtual time,
+    deterministically, wired by shared memory, interrupt routes and serial links.
+
+    Time. The co-simulation's virtual time advances in quanta (SyncPolicy). Every member
+    runs one quantum, then all meet at a barrier, where link traffic is exchanged in member
+    order: first shared memory, then interrupts, then serial bytes. Nothing depends on host
+    timing: the same co-simulation gives byte-identical consoles and link traffic on every
+    run. A member's virtual time counts its instructions plus the cycles it sleeps (WFI) at
+    its board's clock.
+
+    Stops. A stop on any member (breakpoint, watchpoint, fault, exit) halts every member at
+    that member's virtual instant exactly: the others are re-run from a checkpoint to it.
+    A halt does not move the barriers: continuing runs the rest of the quantum, so a run
+    with breakpoints gives the same system behaviour as one without.
+
+    Members. A session belongs to at most one co-simulation. While it does, its own
+    Run/Continue and Pause act on the whole co-simulation; its Step, Reset, Load, PowerOff,
+    RestoreSnapshot and Delete answer FAILED_PRECONDITION naming the co-simulation.
+
+    Resource names: "cosimulations/{cosimulation}",
+    "cosimulations/{cosimulation}/snapshots/{snapshot}".
     """
 
     @_abc_1.abstractmethod
@@ -106,10 +244,14 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.CreateCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.CreateCoSimulationResponse, _abc.Awaitable[_cosim_pb2.CreateCoSimulationResponse]]:
-        """Creates a co-simulation from powered-on or off sessions and links.
-        INVALID_ARGUMENT: fewer than two sessions, a link naming a session not in it,
-        a bad quantum. NOT_FOUND: a session. FAILED_PRECONDITION: a session already belongs
-        to another co-simulation. UNIMPLEMENTED: a link kind the sessions' backends lack.
+        """Creates a co-simulation of two or more sessions (OFF members are powered on).
+        INVALID_ARGUMENT (naming the field): fewer than two sessions, a session twice, a link
+        naming a session not in it, a shared region outside a member's RAM or overlapping
+        another, a doorbell outside RAM, an IRQ beyond the board's lines, a zero or too large
+        quantum, a serial link to itself. NOT_FOUND: a session. FAILED_PRECONDITION: a session
+        already in another co-simulation, a session whose backend or board cannot keep
+        lock-step (the reason is named; CapabilitiesService lists FEATURE_LOCKSTEP per backend
+        and its board limits), a session that is running, exited, faulted or failed.
         """
 
     @_abc_1.abstractmethod
@@ -118,7 +260,9 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.GetCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.GetCoSimulationResponse, _abc.Awaitable[_cosim_pb2.GetCoSimulationResponse]]:
-        """Gets a co-simulation. NOT_FOUND."""
+        """Gets a co-simulation with each member's virtual time and state and each link's
+        counters. NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListCoSimulations(
@@ -126,7 +270,9 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.ListCoSimulationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.ListCoSimulationsResponse, _abc.Awaitable[_cosim_pb2.ListCoSimulationsResponse]]:
-        """Lists co-simulations."""
+        """Lists co-simulations, oldest first. filter: "state=RUNNING".
+        INVALID_ARGUMENT: bad page_size, page_token or filter.
+        """
 
     @_abc_1.abstractmethod
     def DeleteCoSimulation(
@@ -134,7 +280,9 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.DeleteCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.DeleteCoSimulationResponse, _abc.Awaitable[_cosim_pb2.DeleteCoSimulationResponse]]:
-        """Deletes a co-simulation (its sessions stay, paused). NOT_FOUND."""
+        """Deletes a co-simulation and its snapshots; its sessions stay, halted, and are free
+        again. NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def StartCoSimulation(
@@ -142,8 +290,10 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.StartCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.StartCoSimulationResponse, _abc.Awaitable[_cosim_pb2.StartCoSimulationResponse]]:
-        """Runs all sessions quantum by quantum until paused or a session stops.
-        NOT_FOUND. FAILED_PRECONDITION: already running, or a session exited/faulted.
+        """Runs quantum after quantum in the background until paused, a member stops, or
+        until_virtual_time_ns is reached. Returns at once (RUNNING). NOT_FOUND.
+        FAILED_PRECONDITION: already running, failed, or a member exited or faulted.
+        INVALID_ARGUMENT: until_virtual_time_ns not after the current virtual time.
         """
 
     @_abc_1.abstractmethod
@@ -152,7 +302,7 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.PauseCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.PauseCoSimulationResponse, _abc.Awaitable[_cosim_pb2.PauseCoSimulationResponse]]:
-        """Pauses at the end of the current quantum. NOT_FOUND."""
+        """Pauses at the next barrier (or where it already halted) and returns. NOT_FOUND."""
 
     @_abc_1.abstractmethod
     def StepCoSimulation(
@@ -160,8 +310,11 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.StepCoSimulationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.StepCoSimulationResponse, _abc.Awaitable[_cosim_pb2.StepCoSimulationResponse]]:
-        """Runs exactly count quanta (default 1) and returns. NOT_FOUND.
-        FAILED_PRECONDITION: running.
+        """Runs count quanta, or until a virtual time, and returns when done or when a member
+        stopped first (the co-simulation then names the stop). A caller that goes away or
+        whose deadline passes leaves it paused at a barrier. NOT_FOUND.
+        FAILED_PRECONDITION: running, failed, or a member exited or faulted.
+        INVALID_ARGUMENT: count above 10^9, or a time not after the current one.
         """
 
     @_abc_1.abstractmethod
@@ -170,6 +323,69 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cosim_pb2.StreamCoSimulationEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cosim_pb2.StreamCoSimulationEventsResponse], _abc.AsyncIterator[_cosim_pb2.StreamCoSimulationEventsResponse]]:
-        """Streams quantum and link events. NOT_FOUND."""
+        """Streams events: a first "subscribed" event with the co-simulation as it is, then
+        barriers (one every barrier_every quanta), link traffic, member stops and state
+        changes, in virtual-time order. NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateCoSimSnapshot(
+        self,
+        request: _cosim_pb2.CreateCoSimSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cosim_pb2.CreateCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.CreateCoSimSnapshotResponse]]:
+        """Saves every member and the link state (bytes in flight, pending interrupts, shared
+        memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
+        halted between barriers (step to the next one first), failed, or a member's backend
+        cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCoSimSnapshots(
+        self,
+        request: _cosim_pb2.ListCoSimSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cosim_pb2.ListCoSimSnapshotsResponse, _abc.Awaitable[_cosim_pb2.ListCoSimSnapshotsResponse]]:
+        """Lists a co-simulation's snapshots, newest first. NOT_FOUND: the co-simulation."""
+
+    @_abc_1.abstractmethod
+    def RestoreCoSimSnapshot(
+        self,
+        request: _cosim_pb2.RestoreCoSimSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cosim_pb2.RestoreCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.RestoreCoSimSnapshotResponse]]:
+        """Brings every member and the links back to a snapshot; the co-simulation is PAUSED at
+        its virtual time after. NOT_FOUND. FAILED_PRECONDITION: running; members whose boards
+        or backends differ from the snapshot's.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCoSimSnapshot(
+        self,
+        request: _cosim_pb2.DeleteCoSimSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cosim_pb2.DeleteCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.DeleteCoSimSnapshotResponse]]:
+        """Deletes a snapshot. NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ExportCoSimSnapshot(
+        self,
+        request: _cosim_pb2.ExportCoSimSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cosim_pb2.ExportCoSimSnapshotResponse], _abc.AsyncIterator[_cosim_pb2.ExportCoSimSnapshotResponse]]:
+        """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ImportCoSimSnapshot(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cosim_pb2.ImportCoSimSnapshotRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_cosim_pb2.ImportCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.ImportCoSimSnapshotResponse]]:
+        """Imports an exported artifact into a co-simulation of the same shape (members' boards
+        and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
+        co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+        FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
+        RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
+        """
 
 def add_CoSimServiceServicer_to_server(servicer: CoSimServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,6 +72,7 @@ FEATURE_TO_PB = {
     Feature.CONSOLE_INPUT: common_pb.FEATURE_CONSOLE_INPUT,
     Feature.SNAPSHOTS: common_pb.FEATURE_SNAPSHOTS,
     Feature.COVERAGE: common_pb.FEATURE_COVERAGE,
+    Feature.LOCKSTEP: common_pb.FEATURE_LOCKSTEP,
 }
 FORMAT_FROM_PB = {
     session_pb.PROGRAM_FORMAT_ELF: ImageFormat.ELF,

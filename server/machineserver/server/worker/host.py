@@ -38,7 +38,7 @@ WORKER_NICE = 10  # workers run at this much lower a priority than the server
 INTERFACES: dict[str, type[drv.Capability]] = {
     iface.__name__: iface
     for iface in (drv.RunControl, drv.RegisterAccess, drv.MemoryAccess, drv.Breakpoints, drv.Watchpoints,
-                  drv.ConsoleInput, drv.Snapshots, drv.Coverage, drv.HostFootprint)
+                  drv.ConsoleInput, drv.Snapshots, drv.Coverage, drv.LockStep, drv.HostFootprint)
 }
 LIFECYCLE = frozenset({"power_on", "power_off", "reset", "load", "counters"})
 

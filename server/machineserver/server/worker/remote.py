@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 class RemoteMachine(drv.Machine):
     capabilities = (drv.RunControl, drv.RegisterAccess, drv.MemoryAccess, drv.Breakpoints, drv.Watchpoints,
-                    drv.ConsoleInput, drv.Snapshots, drv.Coverage, drv.HostFootprint)
+                    drv.ConsoleInput, drv.Snapshots, drv.Coverage, drv.LockStep, drv.HostFootprint)
 
     def __init__(self, pool: WorkerPool, backend: str, board: drv.BoardSpec, options: drv.MachineOptions,
                  events: drv.MachineEvents, provided: Sequence[type[drv.Capability]]) -> None:
@@ -52,7 +52,7 @@ class RemoteMachine(drv.Machine):
             drv.MemoryAccess: RemoteMemory(self), drv.Breakpoints: RemoteBreakpoints(self),
             drv.Watchpoints: RemoteWatchpoints(self), drv.ConsoleInput: RemoteConsoleInput(self),
             drv.Snapshots: RemoteSnapshots(self), drv.Coverage: RemoteCoverage(self),
-            drv.HostFootprint: RemoteFootprint(self),
+            drv.LockStep: RemoteLockStep(self), drv.HostFootprint: RemoteFootprint(self),
         }
         self.provide(*(parts[iface] for iface in provided if iface in parts))
 
@@ -266,6 +266,26 @@ class RemoteCoverage(_Part, drv.Coverage):
     async def coverage_edges(self) -> drv.Edges | None:
         edges: drv.Edges | None = await self.machine.call("Coverage", "coverage_edges")
         return edges
+
+
+class RemoteLockStep(_Part, drv.LockStep):
+    async def begin(self, watch: Sequence[tuple[int, int]]) -> int:
+        cycles: int = await self.machine.call("LockStep", "begin", tuple(watch))
+        return cycles
+
+    async def end(self) -> None:
+        await self.machine.call("LockStep", "end")
+
+    async def advance(self, until_cycles: int, inputs: drv.BarrierInput) -> drv.QuantumResult:
+        result: drv.QuantumResult = await self.machine.call(
+            "LockStep", "advance", until_cycles, inputs, cancellable=True)
+        return result
+
+    async def checkpoint(self) -> None:
+        await self.machine.call("LockStep", "checkpoint")
+
+    async def rollback(self) -> None:
+        await self.machine.call("LockStep", "rollback")
 
 
 class RemoteFootprint(_Part, drv.HostFootprint):
