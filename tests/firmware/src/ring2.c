@@ -1,0 +1,3 @@
+/* ring2: node 2 of the token ring (see ring.h). */
+#define NODE 2
+#include "ring.h"
