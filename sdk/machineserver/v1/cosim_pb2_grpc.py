@@ -268,8 +268,8 @@ class CoSimServiceServicer:
 
     def ImportCoSimSnapshot(self, request_iterator, context):
         """Imports an exported artifact into a co-simulation of the same shape (members' boards
-        and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
-        co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+        and backends, in order): metadata first, then chunks. INVALID_ARGUMENT: not a
+        co-simulation snapshot, truncated, a sha256 mismatch, metadata missing or repeated.
         FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
         RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
         """

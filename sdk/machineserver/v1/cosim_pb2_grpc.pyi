@@ -115,8 +115,8 @@ class CoSimServiceStub:
     """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND."""
     ImportCoSimSnapshot: _grpc.StreamUnaryMultiCallable[_cosim_pb2.ImportCoSimSnapshotRequest, _cosim_pb2.ImportCoSimSnapshotResponse]
     """Imports an exported artifact into a co-simulation of the same shape (members' boards
-    and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
-    co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+    and backends, in order): metadata first, then chunks. INVALID_ARGUMENT: not a
+    co-simulation snapshot, truncated, a sha256 mismatch, metadata missing or repeated.
     FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
     RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
     """
@@ -208,8 +208,8 @@ class CoSimServiceAsyncStub(CoSimServiceStub):
     """Streams a snapshot as one artifact: its description, then chunks. NOT_FOUND."""
     ImportCoSimSnapshot: _aio.StreamUnaryMultiCallable[_cosim_pb2.ImportCoSimSnapshotRequest, _cosim_pb2.ImportCoSimSnapshotResponse]  # type: ignore[assignment]
     """Imports an exported artifact into a co-simulation of the same shape (members' boards
-    and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
-    co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+    and backends, in order): metadata first, then chunks. INVALID_ARGUMENT: not a
+    co-simulation snapshot, truncated, a sha256 mismatch, metadata missing or repeated.
     FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
     RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
     """
@@ -382,8 +382,8 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.ImportCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.ImportCoSimSnapshotResponse]]:
         """Imports an exported artifact into a co-simulation of the same shape (members' boards
-        and backends, in order): a header first, then chunks. INVALID_ARGUMENT: not a
-        co-simulation snapshot, truncated, a sha256 mismatch, a header missing or repeated.
+        and backends, in order): metadata first, then chunks. INVALID_ARGUMENT: not a
+        co-simulation snapshot, truncated, a sha256 mismatch, metadata missing or repeated.
         FAILED_PRECONDITION: another shape. NOT_FOUND: the co-simulation.
         RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
         """

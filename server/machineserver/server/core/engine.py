@@ -8,6 +8,7 @@ from pathlib import Path
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
 from machineserver.server.core.catalog import BoardCatalog
+from machineserver.server.core.cosim.manager import CoSimManager
 from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
 from machineserver.server.core.gdbbridges import GdbBridges
@@ -70,14 +71,17 @@ class Engine:
         self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
         self.coverage = CoverageManager(self.db, self.blobs, self.sessions, self.programs)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
+        self.cosim = CoSimManager(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
 
     async def start(self) -> None:
         await self.sessions.start()
         self.debugger.load()
+        self.cosim.load()
         await self.telemetry.start()
 
     async def close(self) -> None:
         await self.gdb.close()
+        await self.cosim.shutdown()
         await self.telemetry.stop()
         await self.sessions.shutdown()
         await self.backends.aclose()

@@ -22,7 +22,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -145,6 +145,19 @@ def driver_errors(live: LiveSession | None = None) -> Iterator[None]:
         raise Unavailable(f"the backend failed: {exc}") from None
 
 
+class Membership(Protocol):
+    """A group a session belongs to that takes over its run control (a co-simulation):
+    the session's Run and Pause act on the group; its other run-control and lifecycle
+    calls are refused, naming the group."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run_member(self, live: LiveSession) -> None: ...
+
+    async def pause_member(self, live: LiveSession) -> None: ...
+
+
 class LiveSession:
     """A session's record plus what exists only while the server runs. Implements the
     driver's MachineEvents (thread-safe: it hops onto the event loop)."""
@@ -170,6 +183,7 @@ class LiveSession:
         # addresses of breakpoints the core set for itself (stepping over a call): a hit
         # there is reported as the end of a step, not as a breakpoint
         self.temporary_breakpoints: set[int] = set()
+        self.membership: Membership | None = None  # the co-simulation it belongs to
         self._loop = manager.loop
 
     # ------------------------------------------------------------------ MachineEvents
@@ -230,6 +244,15 @@ class LiveSession:
 
     def feature(self, feature: Feature) -> None:
         self.manager.require_feature(self.record.backend, self.board, feature)
+
+    def refuse_member(self, action: str) -> None:
+        """FAILED_PRECONDITION when the session belongs to a co-simulation, naming it."""
+        group = self.membership
+        if group is not None:
+            raise FailedPrecondition(
+                f"cannot {action}: session {self.id} belongs to co-simulation {group.name}; "
+                f"control it through the co-simulation, or delete {group.name} first",
+                state=self.state.value, required="not in a co-simulation")
 
 
 class SessionManager:
@@ -412,6 +435,7 @@ class SessionManager:
         return live
 
     async def delete(self, live: LiveSession) -> None:
+        live.refuse_member("delete the session")
         await self.preempt(live, "deleted")
         if live.machine is not None:
             await self._discard_machine(live)
@@ -458,6 +482,7 @@ class SessionManager:
             self.set_state(live, MachineState.HALTED, "powered on")
 
     async def power_off(self, live: LiveSession) -> None:
+        live.refuse_member("power the session off")
         await self.preempt(live, "powered off")
         async with live.lock:
             if live.machine is None:
@@ -483,6 +508,7 @@ class SessionManager:
                 log.warning("power_off_error", session_id=live.id, error=str(exc))
 
     async def reset(self, live: LiveSession, run_after: bool = False) -> None:
+        live.refuse_member("reset the session")
         await self.settled(live)
         async with live.lock:
             machine = live.require_machine("reset")
@@ -497,6 +523,7 @@ class SessionManager:
             await self.run(live)
 
     async def load_program(self, live: LiveSession, program_name: str) -> None:
+        live.refuse_member("load a program")
         prog = self.programs.get(program_name, "program")
         parsed, _ = self.programs.load(prog)
         check_fits(parsed.image, live.board, "program")
@@ -527,6 +554,9 @@ class SessionManager:
     # ------------------------------------------------------------------ run control
 
     async def run(self, live: LiveSession) -> None:
+        if live.membership is not None:
+            await live.membership.run_member(live)
+            return
         await self.settled(live)
         async with live.lock:
             machine = live.require_machine("run")
@@ -554,6 +584,9 @@ class SessionManager:
                 raise asyncio.CancelledError()
 
     async def pause(self, live: LiveSession, reason: str = "paused") -> StopInfo | None:
+        if live.membership is not None:
+            await live.membership.pause_member(live)
+            return live.last_stop
         await self.preempt(live, reason, halts=True)
         async with live.lock:
             machine = live.require_machine("pause")
@@ -573,6 +606,7 @@ class SessionManager:
         first) before this returns."""
         if count < 0 or count > 10**9:
             raise InvalidArgument("count", "must be between 1 and 10^9")
+        live.refuse_member("step")
         await self.settled(live)
         async with live.lock:
             machine = live.require_halted("step")
@@ -728,6 +762,11 @@ class SessionManager:
         if live.state is not MachineState.RUNNING or info.reason in (StopReason.HALT, StopReason.STEP):
             return  # pause() and step() hand their stops back themselves; or powered off
         self._apply_stop(live, info, info.reason.value)
+
+    def record_stop(self, live: LiveSession, info: StopInfo, reason: str) -> None:
+        """A stop that happened outside this manager's run control (a co-simulation's):
+        the record, the stop hooks, the waiters, as for the session's own stops."""
+        self._apply_stop(live, info, reason)
 
     def _apply_stop(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:
         if info.reason is StopReason.BREAKPOINT and info.pc in live.temporary_breakpoints:

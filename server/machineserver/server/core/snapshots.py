@@ -95,6 +95,7 @@ class SnapshotStore:
         return rec
 
     async def restore(self, live: LiveSession, snapshot_name: str) -> None:
+        live.refuse_member("restore a snapshot into the session")
         rec = self.get(snapshot_name, "snapshot")
         if rec.board != live.board.name or rec.backend != live.record.backend:
             raise FailedPrecondition(

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -49,11 +49,19 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.table("breakpoints").create_index(["session"])
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Co-simulation snapshots (id: "{cosimulation}/{snapshot}")."""
+    db.table("cosim_snapshots").create(
+        {"id": str, "owner": str, "cosim": str, "blob": str, "create_time": float, "update_time": float,
+         "data": str}, pk="id")
+    db.table("cosim_snapshots").create_index(["cosim"])
+
+
 # SQLite allows 32766 bound parameters per statement; stay far below it
 MAX_IDS_PER_QUERY = 500
 
 # Index i holds the migration from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 class Database:

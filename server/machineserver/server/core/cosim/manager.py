@@ -1,0 +1,619 @@
+"""CoSimService's core: co-simulations as records and as running systems.
+
+A co-simulation owns its members' run control while it exists (``LiveSession.membership``):
+a member's Run and Pause act on the whole co-simulation, its other run-control and
+lifecycle calls are refused naming it. One run segment (Start, Step, a member's Run) at a
+time runs as a task owned by the manager; Pause asks it to stop at the next barrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from machineserver.server.core.cosim import artifact
+from machineserver.server.core.cosim.coordinator import Coordinator, Halt, Member, ReplayDiverged
+from machineserver.server.core.cosim.links import Exchange, LinkState, Traffic
+from machineserver.server.core.cosim.model import (
+    MAX_MEMBERS,
+    CoSimRecord,
+    CoSimSnapshotRecord,
+    CoSimState,
+    Link,
+    board_hz,
+    check_quantum,
+    link_to_dict,
+    validate_links,
+)
+from machineserver.server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MachineServerError,
+    NotFound,
+    ResourceExhausted,
+)
+from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.models import from_row, now, record_row
+from machineserver.server.core.pubsub import Hub, Subscription
+from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
+from machineserver.server.drivers import base as drv
+from machineserver.server.drivers.base import Feature, MachineState, Snapshots, StopInfo, StopReason
+from machineserver.server.store.blobs import BlobStore, BlobTooLarge
+from machineserver.server.store.db import Database
+
+log = structlog.get_logger("machineserver.cosim")
+
+TABLE = "cosimulations"
+SNAPSHOTS = "cosim_snapshots"
+COLLECTION = "cosimulations"
+MAX_STEP_QUANTA = 10**9
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class CoSimEvent:
+    cosim: str  # id
+    kind: str  # subscribed | barrier | serial | interrupt | shared_memory | drop | stop | state
+    state: CoSimState
+    quanta: int
+    virtual_time_ns: int
+    message: str = ""
+    session: str = ""
+    to_session: str = ""
+    data: bytes = b""
+    irq: int = 0
+    link: int = -1
+    offset: int = 0
+    snapshot: CoSimRecord | None = None  # subscribed, stop: the record as it was
+
+
+@dataclass
+class MemberView:
+    """A member as GetCoSimulation shows it."""
+
+    session: str
+    virtual_time_ns: int
+    cycles: int
+    state: MachineState
+    board: str
+    backend: str
+
+
+@dataclass
+class Runtime:
+    """A co-simulation while the server runs."""
+
+    rec: CoSimRecord
+    lives: list[LiveSession]
+    links: list[Link]
+    coord: Coordinator | None = None  # built when members enter lock-step
+    task: asyncio.Task[None] | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def state(self) -> CoSimState:
+        return CoSimState(self.rec.state)
+
+
+class _Membership:
+    """What a member session's Run and Pause do: act on the co-simulation."""
+
+    def __init__(self, manager: CoSimManager, rt: Runtime) -> None:
+        self._manager = manager
+        self._rt = rt
+
+    @property
+    def name(self) -> str:
+        return self._rt.rec.name
+
+    async def run_member(self, live: LiveSession) -> None:
+        if self._rt.state is not CoSimState.RUNNING:
+            await self._manager.start(self._rt, 0)
+
+    async def pause_member(self, live: LiveSession) -> None:
+        await self._manager.pause(self._rt)
+
+
+class CoSimManager:
+    def __init__(self, db: Database, blobs: BlobStore, sessions: SessionManager, max_snapshot_bytes: int) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.sessions = sessions
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self.events: Hub[CoSimEvent] = Hub(maxlen=4096)
+        self._runtimes: dict[str, Runtime] = {}
+        sessions.delete_hooks.append(self._on_session_delete)
+
+    # ------------------------------------------------------------------ startup/shutdown
+
+    def load(self) -> None:
+        """Stored co-simulations come back: their members' emulator state did not survive
+        the restart, so a co-simulation that had run is FAILED with the reason (restore
+        a snapshot to go on)."""
+        for row in self.db.rows(TABLE):
+            rec = from_row(CoSimRecord, row["data"])
+            lives = [self.sessions.find(s) for s in rec.sessions]
+            present = [live for live in lives if live is not None]
+            if rec.state != CoSimState.FAILED.value:
+                rec.state = CoSimState.FAILED.value
+                rec.state_reason = "the server restarted; the members' emulator state was lost (restore a snapshot)"
+                rec.update_time = now()
+                self._save(rec)
+            rt = Runtime(rec, present, rec.link_specs())
+            self._runtimes[rec.id] = rt
+            for live in present:
+                live.membership = _Membership(self, rt)
+
+    async def shutdown(self) -> None:
+        for rt in list(self._runtimes.values()):
+            if rt.task is not None and not rt.task.done():
+                if rt.coord is not None:
+                    rt.coord.pause_requested = True
+                await asyncio.wait({rt.task}, timeout=STOP_TIMEOUT_S)
+        self.events.close()
+
+    # ------------------------------------------------------------------ records
+
+    def get(self, name: str, field_name: str = "name") -> Runtime:
+        cid = resource_id(name, COLLECTION, field_name)
+        rt = self._runtimes.get(cid)
+        if rt is None:
+            raise NotFound("cosimulation", cid)
+        return rt
+
+    def list_page(self, page_size: int, page_token: str, filter_text: str) -> Page[Runtime]:
+        terms = parse_filter(filter_text, ["state"])
+        if "state" in terms:
+            terms["state"] = terms["state"].lower().removeprefix("co_sim_state_")
+        items = sorted(self._runtimes.values(), key=lambda r: (r.rec.create_time, r.rec.id))
+        items = [r for r in items if match_terms(terms, {"state": lambda r: r.rec.state}, r)]
+        return paginate(items, page_size, page_token, filter_text)
+
+    def members(self, rt: Runtime) -> list[MemberView]:
+        out = []
+        coord = rt.coord
+        for i, live in enumerate(rt.lives):
+            since = 0
+            if coord is not None and i < len(coord.members):
+                m = coord.members[i]
+                since = m.cycles - m.origin
+            hz = board_hz(live.board)
+            out.append(MemberView(live.record.name, since * 10**9 // hz, since, live.state,
+                                  live.board.name, live.record.backend))
+        return out
+
+    def link_state(self, rt: Runtime) -> LinkState:
+        return rt.coord.exchange.state if rt.coord is not None else LinkState.from_dict(rt.rec.link_state)
+
+    def _save(self, rec: CoSimRecord) -> None:
+        rec.update_time = now()
+        self.db.put(TABLE, record_row(rec))
+
+    # ------------------------------------------------------------------ create/delete
+
+    async def create(self, sessions: Sequence[str], links: list[Link], quantum_ns: int, quantum_instructions: int,
+                     display_name: str, owner: str = "") -> Runtime:
+        if len(sessions) < 2:
+            raise InvalidArgument("sessions", "a co-simulation needs two or more sessions")
+        if len(sessions) > MAX_MEMBERS:
+            raise InvalidArgument("sessions", f"at most {MAX_MEMBERS} sessions")
+        lives = [self.sessions.get(name, f"sessions[{i}]") for i, name in enumerate(sessions)]
+        ids = [live.id for live in lives]
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("sessions", "a session appears twice")
+        boards = [live.board for live in lives]
+        hz_ref = board_hz(boards[0])
+        quantum_ref = check_quantum(quantum_ns, quantum_instructions, hz_ref)
+        validate_links(links, boards)
+        for live in lives:
+            if live.membership is not None:
+                raise FailedPrecondition(f"session {live.id} already belongs to co-simulation "
+                                         f"{live.membership.name}", required="not in a co-simulation")
+            self._check_lockstep(live)
+        for live in lives:  # an OFF member is powered on (with its program)
+            if live.state is MachineState.OFF or live.machine is None:
+                await self.sessions.power_on(live)
+            elif live.state is not MachineState.HALTED:
+                raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
+                                         "or off (pause or reset it first)", state=live.state.value,
+                                         required="halted or off")
+        rec = CoSimRecord(id="cosim-" + secrets.token_hex(6), sessions=ids,
+                          links=[link_to_dict(x) for x in links], quantum_ref=quantum_ref, hz_ref=hz_ref,
+                          quantum_spec={"quantum_ns": quantum_ns, "quantum_instructions": quantum_instructions},
+                          display_name=display_name, owner=owner, state_reason="created")
+        rt = Runtime(rec, lives, links)
+        await self._enter(rt, since=None, link_state=None)
+        self._runtimes[rec.id] = rt
+        for live in lives:
+            live.membership = _Membership(self, rt)
+        self._save(rec)
+        self._state_event(rt, "created")
+        log.info("cosim_created", cosim=rec.id, sessions=ids, links=len(links), quantum_ref=quantum_ref)
+        return rt
+
+    def _check_lockstep(self, live: LiveSession) -> None:
+        try:
+            self.sessions.require_feature(live.record.backend, live.board, Feature.LOCKSTEP)
+        except MachineServerError as exc:
+            raise FailedPrecondition(f"session {live.id} cannot keep lock-step: {exc}",
+                                     required="a backend and board with lock-step") from None
+
+    async def _enter(self, rt: Runtime, since: Sequence[int] | None, link_state: LinkState | None,
+                     inputs: Sequence[drv.BarrierInput] | None = None) -> None:
+        """Put the members in lock-step and build the coordinator. ``since``: each
+        member's cycles since time 0 (a restore), else time 0 is now."""
+        exchange = Exchange(rt.links, len(rt.lives), rt.rec.hz_ref, link_state)
+        try:
+            with driver_errors():
+                members = await Coordinator.begin(rt.lives, exchange.watches.ranges)
+        except drv.WrongState as exc:
+            raise FailedPrecondition(f"cannot start lock-step: {exc}") from None
+        except MachineServerError as exc:
+            raise FailedPrecondition(f"cannot start lock-step: {exc}") from None
+        for i, m in enumerate(members):
+            m.origin = m.cycles - (since[i] if since is not None else 0)
+        coord = Coordinator(rt.rec, members, exchange, lambda t, tr: self._traffic(rt, t, tr),
+                            lambda: self._barrier(rt))
+        if since is None:
+            rt.rec.origins = [m.origin for m in members]
+            contents = await self._read_watched(members, exchange.watches.ranges)
+            exchange.prime(contents)
+            coord.inputs = [drv.BarrierInput(tuple(w)) for w in exchange.initial_writes(contents)]
+        elif inputs is not None:
+            coord.inputs = list(inputs)
+        rt.coord = coord
+
+    @staticmethod
+    async def _read_watched(members: list[Member], ranges: list[list[tuple[int, int]]]) -> list[tuple[bytes, ...]]:
+        out = []
+        for m, rs in zip(members, ranges, strict=True):
+            machine = m.live.require_machine("read shared memory")
+            mem = machine.capability(drv.MemoryAccess)
+            with driver_errors(m.live):
+                out.append(tuple([await mem.read_memory(a, n) for a, n in rs]))
+        return out
+
+    async def delete(self, rt: Runtime) -> None:
+        if rt.task is not None and not rt.task.done():
+            await self.pause(rt)
+        if rt.coord is not None:
+            await rt.coord.end()
+        for live in rt.lives:
+            live.membership = None
+            if live.state is MachineState.RUNNING:
+                self.sessions.set_state(live, MachineState.HALTED, f"co-simulation {rt.rec.name} deleted")
+        self._runtimes.pop(rt.rec.id, None)
+        self.db.delete(TABLE, rt.rec.id)
+        for row in self.db.rows(SNAPSHOTS, "cosim = ?", [rt.rec.id]):
+            self._delete_snapshot_row(row["id"], row["blob"])
+        self._publish(rt, "state", "deleted")
+
+    def _on_session_delete(self, live: LiveSession) -> None:
+        """Not reached for a member (Delete is refused); a defensive unlink."""
+        for rt in self._runtimes.values():
+            if live in rt.lives:
+                rt.lives.remove(live)
+
+    # ------------------------------------------------------------------ running
+
+    def _require_runnable(self, rt: Runtime, action: str) -> Coordinator:
+        state = rt.state
+        if state is CoSimState.RUNNING:
+            raise FailedPrecondition(f"cannot {action}: co-simulation {rt.rec.name} is running; pause it first",
+                                     state=state.value, required=CoSimState.PAUSED.value)
+        if state is not CoSimState.PAUSED or rt.coord is None:
+            raise FailedPrecondition(f"cannot {action}: co-simulation {rt.rec.name} is {state.value}: "
+                                     f"{rt.rec.state_reason}", state=state.value, required=CoSimState.PAUSED.value)
+        for live in rt.lives:
+            if live.state is not MachineState.HALTED:
+                raise FailedPrecondition(f"cannot {action}: member {live.id} is {live.state.value}",
+                                         state=live.state.value, required=MachineState.HALTED.value)
+        return rt.coord
+
+    def until_ref(self, rt: Runtime, until_ns: int, field_name: str) -> int:
+        if not until_ns:
+            return 0
+        ref = -(-until_ns * rt.rec.hz_ref // 10**9)
+        if ref <= rt.rec.time_ref:
+            raise InvalidArgument(field_name, f"{until_ns} ns is not after the current virtual time "
+                                  f"{rt.rec.ns(rt.rec.time_ref)} ns")
+        return ref
+
+    async def start(self, rt: Runtime, until_ref: int) -> None:
+        """Run in the background (returns once RUNNING)."""
+        coord = self._require_runnable(rt, "start")
+        self._launch(rt, coord, 0, until_ref)
+
+    async def step(self, rt: Runtime, count: int, until_ref: int) -> None:
+        """Run ``count`` quanta (or to ``until_ref``) and return when done or stopped. A
+        cancelled caller leaves it paused at a barrier."""
+        if count > MAX_STEP_QUANTA:
+            raise InvalidArgument("count", f"at most {MAX_STEP_QUANTA}")
+        coord = self._require_runnable(rt, "step")
+        task = self._launch(rt, coord, count or (0 if until_ref else 1), until_ref)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            coord.pause_requested = True
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+            raise
+
+    async def pause(self, rt: Runtime) -> None:
+        task = rt.task
+        if task is None or task.done() or rt.coord is None:
+            return
+        rt.coord.pause_requested = True
+        await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+
+    def _launch(self, rt: Runtime, coord: Coordinator, max_quanta: int, until_ref: int) -> asyncio.Task[None]:
+        coord.pause_requested = False
+        rt.rec.state, rt.rec.state_reason = CoSimState.RUNNING.value, "running"
+        rt.rec.last_stop = None
+        for live in rt.lives:
+            live.record.last_stop = None
+            self.sessions.set_state(live, MachineState.RUNNING, f"running in co-simulation {rt.rec.name}")
+        self._save(rt.rec)
+        self._state_event(rt, "running")
+        rt.task = asyncio.get_running_loop().create_task(self._segment(rt, coord, max_quanta, until_ref),
+                                                         name=f"cosim-{rt.rec.id}")
+        return rt.task
+
+    async def _segment(self, rt: Runtime, coord: Coordinator, max_quanta: int, until_ref: int) -> None:
+        try:
+            halt = await coord.run(max_quanta, until_ref)
+        except asyncio.CancelledError:
+            await self._settle_members(rt, "halted: the server is stopping")
+            self._end_segment(rt, CoSimState.PAUSED, "halted: the server is stopping")
+            raise
+        except (drv.DriverError, MachineServerError, ReplayDiverged) as exc:
+            await self._failed(rt, exc)
+            return
+        except Exception as exc:  # a bug must not leave members RUNNING forever
+            log.error("cosim_segment_crashed", cosim=rt.rec.id, exc_info=exc)
+            await self._failed(rt, exc)
+            return
+        if halt is not None:
+            await self._halted(rt, halt)
+            return
+        reason = "paused" if coord.pause_requested else "step done" if max_quanta else "reached its time"
+        await self._settle_members(rt, f"halted with co-simulation {rt.rec.name} ({reason})")
+        self._end_segment(rt, CoSimState.PAUSED, reason)
+
+    async def _settle_members(self, rt: Runtime, reason: str) -> None:
+        for live in rt.lives:
+            if live.state is MachineState.RUNNING:
+                self.sessions.record_stop(live, StopInfo(StopReason.HALT, pc=await self._pc(live), message=reason),
+                                          reason)
+
+    @staticmethod
+    async def _pc(live: LiveSession) -> int:
+        machine = live.machine
+        if machine is None:
+            return 0
+        with contextlib.suppress(drv.DriverError):
+            return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+        return 0
+
+    def _end_segment(self, rt: Runtime, state: CoSimState, reason: str) -> None:
+        rt.rec.state, rt.rec.state_reason = state.value, reason
+        self._save(rt.rec)
+        self._state_event(rt, reason)
+
+    async def _halted(self, rt: Runtime, halt: Halt) -> None:
+        first_index, first = halt.stops[0]
+        first_live = rt.lives[first_index]
+        ns = rt.rec.ns(halt.time_ref)
+        for i, stop in halt.stops:
+            self.sessions.record_stop(rt.lives[i], stop, stop.reason.value)
+        what = f"{first.reason.value} on {first_live.record.name} at pc 0x{first.pc:08x}"
+        if first.reason is StopReason.EXIT:
+            what = f"{first_live.record.name} exited with code {first.exit_code}"
+        await self._settle_members(rt, f"halted with co-simulation {rt.rec.name}: {what} at {ns} ns")
+        rt.rec.last_stop = {"session": first_live.record.name, "reason": first.reason.value, "pc": first.pc,
+                            "virtual_time_ns": ns, "exit_code": first.exit_code or 0, "message": first.message,
+                            "halt_ms": halt.halt_ms}
+        final = first.reason in (StopReason.EXIT, StopReason.FAULT) or any(
+            s.reason in (StopReason.EXIT, StopReason.FAULT) for _, s in halt.stops)
+        state = CoSimState.STOPPED if final else CoSimState.PAUSED
+        reason = f"stopped: {what} at {ns} ns"
+        rt.rec.state, rt.rec.state_reason = state.value, reason
+        self._save(rt.rec)
+        self._publish(rt, "stop", reason, session=first_live.record.name, snapshot=True)
+        self._state_event(rt, reason)
+
+    async def _failed(self, rt: Runtime, exc: BaseException) -> None:
+        reason = f"failed: {exc}"
+        for live in rt.lives:
+            if live.state is MachineState.FAILED:
+                reason = f"failed: member {live.record.name} failed: {live.record.state_reason}"
+                break
+        log.warning("cosim_failed", cosim=rt.rec.id, reason=reason)
+        for live in rt.lives:
+            if live.state is MachineState.RUNNING:
+                machine = live.machine
+                if machine is not None and machine.state is MachineState.FAILED:
+                    continue
+                self.sessions.set_state(live, MachineState.HALTED, f"paused: co-simulation {rt.rec.name} {reason}")
+        self._end_segment(rt, CoSimState.FAILED, reason)
+
+    # ------------------------------------------------------------------ events
+
+    def _publish(self, rt: Runtime, kind: str, message: str, *, snapshot: bool = False, **fields: Any) -> None:
+        if self.events.subscriber_count == 0:
+            return
+        rec = rt.rec
+        self.events.publish(CoSimEvent(rec.id, kind, CoSimState(rec.state), rec.quanta, rec.ns(rec.time_ref),
+                                       message, snapshot=_copy(rec) if snapshot else None, **fields))
+
+    def _state_event(self, rt: Runtime, message: str) -> None:
+        self._publish(rt, "state", message)
+
+    def _barrier(self, rt: Runtime) -> None:
+        self._publish(rt, "barrier", "barrier")
+
+    def _traffic(self, rt: Runtime, time_ref: int, traffic: list[Traffic]) -> None:
+        if self.events.subscriber_count == 0:
+            return
+        names = [live.record.name for live in rt.lives]
+        for t in traffic:
+            to = names[t.target] if t.target >= 0 else ""
+            if t.kind == "serial":
+                msg = f"{len(t.data)} bytes {names[t.source]} -> {to}"
+            elif t.kind == "drop":
+                msg = f"{len(t.data)} bytes dropped {names[t.source]} -> {to}: the queue is full"
+            elif t.kind == "interrupt":
+                msg = f"irq {t.irq} {names[t.source]} -> {to}"
+            else:
+                msg = f"{len(t.data)} bytes at +{t.offset} written by {names[t.source]}"
+            self._publish(rt, t.kind, msg, session=names[t.source], to_session=to, data=t.data, irq=t.irq,
+                          link=t.link, offset=t.offset)
+
+    def subscribe(self, rt: Runtime) -> Subscription[CoSimEvent]:
+        cid = rt.rec.id
+        return self.events.subscribe(lambda e: e.cosim == cid)
+
+    def subscribed_event(self, rt: Runtime) -> CoSimEvent:
+        rec = rt.rec
+        return CoSimEvent(rec.id, "subscribed", CoSimState(rec.state), rec.quanta, rec.ns(rec.time_ref),
+                          "subscribed", snapshot=_copy(rec))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _shape(self, rt: Runtime) -> tuple[str, ...]:
+        return tuple(f"{live.board.name}/{live.record.backend}" for live in rt.lives)
+
+    async def snapshot(self, rt: Runtime, display_name: str, owner: str = "") -> CoSimSnapshotRecord:
+        coord = self._require_runnable(rt, "take a snapshot")
+        if coord.mid is not None:
+            raise FailedPrecondition(f"co-simulation {rt.rec.name} is halted between barriers (at "
+                                     f"{rt.rec.ns(rt.rec.time_ref)} ns); step it to the next barrier first",
+                                     required="at a barrier")
+        for live in rt.lives:
+            live.feature(Feature.SNAPSHOTS)
+        blobs = []
+        for live in rt.lives:
+            async with live.lock:
+                machine = live.require_halted("take a snapshot")
+                with driver_errors(live):
+                    blobs.append(await machine.capability(Snapshots).save_state())
+        art = artifact.Artifact(self._shape(rt), rt.rec.time_ref, rt.rec.quanta,
+                                tuple(m.cycles - m.origin for m in coord.members),
+                                coord.exchange.state.to_dict(), tuple(coord.inputs), tuple(blobs))
+        data = artifact.encode(art)
+        if self.max_snapshot_bytes and len(data) > self.max_snapshot_bytes:
+            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} bytes")
+        digest = await asyncio.to_thread(self.blobs.put, data)
+        return self._record_snapshot(rt, digest, len(data), art, display_name, owner)
+
+    def _record_snapshot(self, rt: Runtime, digest: str, size: int, art: artifact.Artifact, display_name: str,
+                         owner: str) -> CoSimSnapshotRecord:
+        rec = CoSimSnapshotRecord(id=f"{rt.rec.id}/snap-{secrets.token_hex(6)}", cosim=rt.rec.id, snapshot="",
+                                  sha256=digest, size_bytes=size, virtual_time_ns=rt.rec.ns(art.time_ref),
+                                  quanta=art.quanta, shape=art.shape, display_name=display_name, owner=owner)
+        rec = CoSimSnapshotRecord(**{**rec.__dict__, "snapshot": rec.id.split("/", 1)[1]})
+        self.db.put(SNAPSHOTS, {**record_row(rec), "cosim": rt.rec.id, "blob": digest})
+        return rec
+
+    def get_snapshot(self, name: str, field_name: str = "name") -> tuple[Runtime, CoSimSnapshotRecord]:
+        prefix, _, snap = name.partition("/snapshots/")
+        rt = self.get(prefix, field_name)
+        if not snap or "/" in snap:
+            raise InvalidArgument(field_name, f"{name!r} is not cosimulations/ID/snapshots/ID")
+        row = self.db.get(SNAPSHOTS, f"{rt.rec.id}/{snap}")
+        if row is None:
+            raise NotFound("cosimulation snapshot", name)
+        data = dict(row["data"])
+        data["shape"] = tuple(data["shape"])
+        return rt, from_row(CoSimSnapshotRecord, data)
+
+    def list_snapshots(self, rt: Runtime, page_size: int, page_token: str) -> Page[CoSimSnapshotRecord]:
+        rows = self.db.rows(SNAPSHOTS, "cosim = ?", [rt.rec.id], order_by="create_time DESC, id")
+        items = [from_row(CoSimSnapshotRecord, {**r["data"], "shape": tuple(r["data"]["shape"])}) for r in rows]
+        return paginate(items, page_size, page_token)
+
+    def delete_snapshot(self, name: str) -> None:
+        _, rec = self.get_snapshot(name)
+        self._delete_snapshot_row(rec.id, rec.sha256)
+
+    def _delete_snapshot_row(self, row_id: str, digest: str) -> None:
+        self.db.delete(SNAPSHOTS, row_id)
+        if self.db.count(SNAPSHOTS, "blob = ?", [digest]) == 0 and self.db.count("snapshots", "blob = ?", [digest]) == 0:
+            self.blobs.delete(digest)
+
+    def export_chunks(self, rec: CoSimSnapshotRecord) -> Iterator[bytes]:
+        return self.blobs.iter_chunks(rec.sha256)
+
+    async def restore(self, name: str) -> Runtime:
+        rt, rec = self.get_snapshot(name)
+        if rt.state is CoSimState.RUNNING:
+            raise FailedPrecondition(f"co-simulation {rt.rec.name} is running; pause it first",
+                                     state=rt.state.value, required="not running")
+        data = await asyncio.to_thread(self.blobs.get, rec.sha256)
+        art = artifact.decode(data)
+        self._check_shape(rt, art.shape)
+        if rt.coord is not None:
+            await rt.coord.end()
+            rt.coord = None
+        for live in rt.lives:
+            if live.machine is None or live.state in (MachineState.OFF, MachineState.FAILED):
+                await self.sessions.power_on(live)
+        for live, blob in zip(rt.lives, art.blobs, strict=True):
+            async with live.lock:
+                machine = live.require_machine("restore a co-simulation snapshot")
+                with driver_errors(live):
+                    await machine.capability(Snapshots).restore_state(blob)
+                live.record.exit_code = None
+                live.record.last_stop = None
+                self.sessions.set_state(live, MachineState.HALTED, f"restored {name}")
+        rt.rec.time_ref, rt.rec.quanta, rt.rec.last_stop = art.time_ref, art.quanta, None
+        await self._enter(rt, art.since_origin, LinkState.from_dict(art.link_state), art.inputs)
+        self._end_segment(rt, CoSimState.PAUSED, f"restored {name}")
+        return rt
+
+    def _check_shape(self, rt: Runtime, shape: Sequence[str]) -> None:
+        mine = self._shape(rt)
+        if tuple(shape) != mine:
+            raise FailedPrecondition(f"the snapshot is of members {', '.join(shape)}; co-simulation {rt.rec.name} "
+                                     f"has {', '.join(mine)}", required="the same members' boards and backends")
+
+    async def import_(self, parent: str, display_name: str, sha256: str, chunks: AsyncIterator[bytes],
+                      owner: str = "") -> CoSimSnapshotRecord:
+        rt = self.get(parent, "header.parent")
+        writer = self.blobs.writer(self.max_snapshot_bytes)
+        try:
+            async for chunk in chunks:
+                writer.write(chunk)
+        except BlobTooLarge:
+            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} "
+                                    "bytes") from None
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.size == 0:
+            writer.abort()
+            raise InvalidArgument("chunk", "the import has no bytes")
+        if sha256 and sha256.lower() != writer.sha256:
+            writer.abort()
+            raise InvalidArgument("header.sha256", f"checksum mismatch: got {writer.sha256}")
+        size = writer.size
+        digest = await asyncio.to_thread(writer.commit)
+        try:
+            art = artifact.decode(await asyncio.to_thread(self.blobs.get, digest))
+            self._check_shape(rt, art.shape)
+        except MachineServerError:
+            if self.db.count(SNAPSHOTS, "blob = ?", [digest]) == 0:
+                self.blobs.delete(digest)
+            raise
+        return self._record_snapshot(rt, digest, size, art, display_name, owner)
+
+
+def _copy(rec: CoSimRecord) -> CoSimRecord:
+    return CoSimRecord(**{**rec.__dict__, "sessions": list(rec.sessions), "links": list(rec.links)})
+
+
