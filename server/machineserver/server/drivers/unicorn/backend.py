@@ -7,6 +7,7 @@ from machineserver.server.drivers.base import (
     Backend,
     BackendInfo,
     BoardSpec,
+    Feature,
     Machine,
     MachineEvents,
     MachineOptions,
@@ -20,6 +21,9 @@ try:
 except ImportError as _exc:  # unicorn missing: probe() says so
     UnicornMachine = None  # type: ignore[assignment,misc]
     _IMPORT_ERROR = str(_exc)
+
+
+RISCV_BOARDS = ("sifive_e",)
 
 
 class UnicornBackend(Backend):
@@ -39,11 +43,14 @@ class UnicornBackend(Backend):
             return BackendInfo(name=self.name, description=self.description, available=False,
                                unavailable_reason=f"cannot load the driver: {_IMPORT_ERROR}")
         from machineserver.server.drivers.unicorn.counter import counter_offset
+        from machineserver.server.drivers.unicorn.lockstep import RISCV_REASON
 
         exact = counter_offset() is not None
         return BackendInfo(
             name=self.name, description=self.description, available=True,
             version=str(unicorn_version), features=features_of(self.machine_class),
+            # the shipped RISC-V boards (any RISC-V board's machine says the same)
+            board_limits={name: {Feature.LOCKSTEP: RISCV_REASON} for name in RISCV_BOARDS},
             details={
                 "instruction_count": "exact in counted slices" if exact else "estimated",
                 "arches": "arm-cortex-m (cortex-m3, cortex-m4), riscv32 (rv32imac)",

@@ -123,7 +123,8 @@ class HookGate:
 
 class ConsoleOutput:
     """Bytes the guest writes to the console, batched: flushed to ``events`` after every
-    slice (or once 4 KiB are waiting), so a chatty guest costs one event per slice."""
+    slice (or once 4 KiB are waiting), so a chatty guest costs one event per slice. In
+    lock-step the flushed bytes go to a sink of the caller's instead (:meth:`divert`)."""
 
     FLUSH_AT = 4096
 
@@ -131,6 +132,14 @@ class ConsoleOutput:
         self._events = events
         self._buf = bytearray()
         self._lock = threading.Lock()
+        self._sink: bytearray | None = None
+
+    def divert(self, sink: bytearray | None) -> None:
+        """From now on flushed bytes are appended to ``sink`` (None: sent as events again).
+        Bytes still waiting go where flushed bytes went until now."""
+        self.flush()
+        with self._lock:
+            self._sink = sink
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -142,6 +151,9 @@ class ConsoleOutput:
     def flush(self) -> None:
         with self._lock:
             data, self._buf = bytes(self._buf), bytearray()
+            if data and self._sink is not None:
+                self._sink += data
+                return
         if data:
             self._events.console_output(data)
 

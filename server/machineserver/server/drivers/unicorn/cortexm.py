@@ -83,6 +83,9 @@ class CortexM:
         self.num_irq = int(props.get("num_irq", 64))
         self.prio_bits = int(props.get("prio_bits", 3))
         self.scs = Scs(board, self.num_irq, self.prio_bits)
+        # lock-step (lockstep.py): the instruction count at which the CPU went to sleep in
+        # WFI, while it still sleeps (the count moves on as soon as anything runs)
+        self.sleep_mark: int | None = None
 
     # ---- engine
     def create_uc(self) -> Engine:
@@ -107,6 +110,7 @@ class CortexM:
     def reset(self, entry: int | None) -> None:
         uc = self.uc
         self.scs.reset()
+        self.sleep_mark = None
         uc.reg_write(UC_ARM_REG_XPSR, 1 << 24)
         uc.reg_write(UC_ARM_REG_CONTROL, 0)
         for r in _GPR:
@@ -152,10 +156,12 @@ class CortexM:
             self.write_reg(n, regs[n])
 
     def get_state(self) -> JsonState:
-        return {"scs": self.scs.get_state()}
+        return {"scs": self.scs.get_state(), "sleep_mark": self.sleep_mark}
 
     def set_state(self, d: JsonState) -> None:
         self.scs.set_state(d["scs"])
+        mark = d.get("sleep_mark")  # absent in snapshots from before lock-step
+        self.sleep_mark = None if mark is None else int(mark)
 
     # ---- timers
     def wants_count(self) -> bool:

@@ -95,12 +95,7 @@ class CortexMExceptions:
         return self.scs.prio[exc] if exc < len(self.scs.prio) else 0
 
     def exec_priority(self) -> int:
-        p = 256
-        a = self.scs.active
-        while a:
-            low = a & -a
-            p = min(p, self._group(self._prio(low.bit_length() - 1)))
-            a ^= low
+        p = self.active_priority()
         uc = self.uc
         basepri = int(uc.reg_read(UC_ARM_REG_BASEPRI)) & 0xFF
         if basepri:
@@ -109,6 +104,16 @@ class CortexMExceptions:
             p = min(p, 0)
         if int(uc.reg_read(UC_ARM_REG_FAULTMASK)) & 1:
             p = min(p, -1)
+        return p
+
+    def active_priority(self) -> int:
+        """The priority of the active exceptions alone (256 in Thread mode with none)."""
+        p = 256
+        a = self.scs.active
+        while a:
+            low = a & -a
+            p = min(p, self._group(self._prio(low.bit_length() - 1)))
+            a ^= low
         return p
 
     def best_pending(self) -> int | None:
@@ -124,6 +129,13 @@ class CortexMExceptions:
             if best_key is None or key < best_key:
                 best, best_key = exc, key
         return best
+
+    def wakes(self) -> bool:
+        """Whether a pending exception wakes the CPU from WFI: one that would preempt the
+        active exceptions, PRIMASK, FAULTMASK and BASEPRI aside (it wakes the CPU even
+        when they keep it from being taken, as on hardware and in QEMU)."""
+        best = self.best_pending()
+        return best is not None and self._group(self._prio(best)) < self.active_priority()
 
     def deliverable(self) -> bool:
         best = self.best_pending()

@@ -12,6 +12,7 @@ Watchpoints         UnicornWatchpoints          watchpoints.py
 ConsoleInput        UnicornConsoleInput         console.py
 Snapshots           UnicornSnapshots            snapshots.py (format: snapshot_format.py)
 Coverage            UnicornCoverage             coverage.py (collector: collector.py)
+LockStep            UnicornLockStep             lockstep.py (Cortex-M boards only)
 HostFootprint       UnicornFootprint            footprint.py
 ==================  ==========================  ===========================================
 
@@ -24,20 +25,24 @@ from __future__ import annotations
 from unicorn.unicorn import UcError
 
 from machineserver.server.drivers.base import (
+    Arch,
     BackendFailed,
     BadImage,
     BadRequest,
     BoardSpec,
     Breakpoints,
+    C,
     ConsoleInput,
     Counters,
     Coverage,
     HostFootprint,
+    LockStep,
     Machine,
     MachineEvents,
     MachineOptions,
     MachineState,
     MemoryAccess,
+    NotSupported,
     ProgramImage,
     RegisterAccess,
     RunControl,
@@ -49,6 +54,7 @@ from machineserver.server.drivers.unicorn.console import UnicornConsoleInput
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext, driver_errors
 from machineserver.server.drivers.unicorn.coverage import UnicornCoverage
 from machineserver.server.drivers.unicorn.footprint import UnicornFootprint
+from machineserver.server.drivers.unicorn.lockstep import RISCV_REASON, UnicornLockStep
 from machineserver.server.drivers.unicorn.memory import UnicornMemory
 from machineserver.server.drivers.unicorn.registers import UnicornRegisters
 from machineserver.server.drivers.unicorn.run_control import UnicornRunControl
@@ -59,7 +65,7 @@ from machineserver.server.drivers.unicorn.watchpoints import UnicornWatchpoints
 
 class UnicornMachine(Machine):
     capabilities = (RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints, ConsoleInput,
-                    Snapshots, Coverage, HostFootprint)
+                    Snapshots, Coverage, HostFootprint, LockStep)
 
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> None:
         super().__init__()
@@ -74,6 +80,19 @@ class UnicornMachine(Machine):
                      self._watchpoints, UnicornConsoleInput(ctx),
                      UnicornSnapshots(ctx, self._slicer, self._run_control), self._coverage,
                      UnicornFootprint(self._run_control))
+        self._lockstep: UnicornLockStep | None = None
+        self._missing: dict[type, str] = {}
+        if board.arch == Arch.ARM_CORTEX_M:
+            self._lockstep = UnicornLockStep(ctx, self._slicer, self._run_control, self._breakpoints)
+            self.provide(self._lockstep)
+        else:
+            self._missing[LockStep] = RISCV_REASON
+
+    def capability(self, iface: type[C]) -> C:
+        reason = self._missing.get(iface)
+        if reason is not None:
+            raise NotSupported(f"board {self.board.name}: {reason}")
+        return super().capability(iface)
 
     @property
     def state(self) -> MachineState:
@@ -123,6 +142,8 @@ class UnicornMachine(Machine):
             return  # FAILED: a worker may still be inside the engine, which is kept
         with ctx.lock:
             inst, ctx.instance = ctx.instance, None
+            if self._lockstep is not None:
+                self._lockstep.forget()
             self._unbind()
             ctx.state = MachineState.OFF
             if inst is not None:

@@ -62,6 +62,11 @@ class Uart(Peripheral):
             self.rx.extend(data)
         self.update_irq()
 
+    def can_receive(self) -> bool:
+        """Whether the receiver takes a byte now (lock-step console links): its receive
+        side is empty."""
+        return not self.rx
+
     def clear_rx(self) -> None:
         with self._rx_lock:
             self.rx.clear()
@@ -147,6 +152,9 @@ class CmsdkUart(Uart):
 
     def regs(self) -> dict[str, int]:
         return {"ctrl": self.ctrl, "bauddiv": self.bauddiv, "intstatus": self.intstatus}
+
+    def can_receive(self) -> bool:
+        return not self.rx and bool(self.ctrl & 0x2)  # as QEMU: RX enabled and empty
 
     def update_irq(self) -> None:
         rx = bool(self.rx) and bool(self.ctrl & 0x8)

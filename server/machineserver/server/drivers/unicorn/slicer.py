@@ -56,6 +56,8 @@ class Advance:
     stop: StopInfo | None  # the machine stopped (breakpoint, watchpoint, exit, fault)
     executed: int  # instructions (exact in a counted slice, estimated otherwise)
     idle: bool  # asleep in WFI with nothing that could wake it but console input
+    # asleep in WFI with nothing to take, left to the caller (``advance(..., sleep=False)``)
+    wfi: bool = False
 
 
 class Slicer:
@@ -77,6 +79,8 @@ class Slicer:
         self._slice_t0 = 0.0
         self._slice_deadline = 0.0
         self._slice_id = 0
+        # lock-step (see lockstep.py): where a slice ends may not depend on host timing
+        self.deterministic = False
         self._stop_pending = False
         self._hit: StopInfo | None = None
         self._fault_addr: int | None = None
@@ -193,7 +197,8 @@ class Slicer:
         if self._stop_pending or self._ctx.halt_request.is_set():
             return True
         now = time.perf_counter()
-        if self._ctx.lock.waiting and not self._ctx.options.icount and now - self._slice_t0 >= MIN_SLICE_S:
+        if self._ctx.lock.waiting and not (self._ctx.options.icount or self.deterministic) \
+                and now - self._slice_t0 >= MIN_SLICE_S:
             return True
         return not self._counted and now >= self._slice_deadline
 
@@ -312,9 +317,11 @@ class Slicer:
         clock.cycles += executed
         return err, executed, wfi
 
-    def advance(self, limit: int | None) -> Advance:
+    def advance(self, limit: int | None, *, sleep: bool = True) -> Advance:
         """One slice plus its bookkeeping. ``limit``: run at most that many instructions,
-        counted (a step); None: an ordinary slice of a run."""
+        counted (a step); None: an ordinary slice of a run. ``sleep=False``: a slice that
+        ends asleep in WFI with nothing to take says so (``Advance.wfi``) and the virtual
+        clock stays where the WFI left it (lock-step sleeps by its own rules)."""
         inst = self._bound()
         core, clock = inst.core, self._ctx.clock
         if self._reset_requested:
@@ -339,10 +346,12 @@ class Slicer:
         if stop is not None and stop.reason == StopReason.WATCHPOINT:
             stop, more = self._complete_watched_access(inst, stop)
             executed += more
-        idle = False
+        idle = asleep = False
         if stop is None:
             core.tick(clock.cycles)
-            if wfi and not core.deliverable():
+            if wfi and not sleep:
+                asleep = not core.deliverable()
+            elif wfi and not core.deliverable():
                 nxt = core.deadline()
                 if nxt is not None and nxt > clock.cycles:
                     clock.cycles = nxt  # sleep until the timer fires
@@ -350,7 +359,7 @@ class Slicer:
                 elif nxt is None:
                     idle = True
             stop = core.deliver()
-        return Advance(stop, executed, idle)
+        return Advance(stop, executed, idle, asleep)
 
     def _complete_watched_access(self, inst: BoardInstance, stop: StopInfo) -> tuple[StopInfo, int]:
         """Complete the access so PC and memory show its effect, as GDB reports it.
