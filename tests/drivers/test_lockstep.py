@@ -14,6 +14,7 @@ a replay; bad inputs are refused before anything is applied.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import AsyncIterator
 
@@ -359,6 +360,21 @@ async def test_rollback_restores_memory_registers_and_the_uart(make: object) -> 
     result = await rig.lock.advance(90_000, BarrierInput())
     assert result.console == b""  # the byte fed after the checkpoint is gone with it
     assert result.watched == (b"keep",)
+
+
+async def test_a_cancelled_quantum_leaves_the_machine_halted_and_usable(make: object) -> None:
+    rig = await _booted(make, "crc32")  # ~55 M instructions: a long quantum
+    task = asyncio.ensure_future(rig.lock.advance(60_000_000, BarrierInput()))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert rig.machine.state is MachineState.HALTED
+    at = rig.machine.counters().instructions
+    assert 0 < at < 60_000_000
+    result = await rig.lock.advance(60_000_000, BarrierInput())  # goes on to the end
+    assert result.stop is not None and result.stop.reason is StopReason.EXIT
+    assert b"crc32=0x80f45f04\n" in result.console
 
 
 # --------------------------------------------------------------------------- refusals
