@@ -255,18 +255,20 @@ Global___CoSimLink: _TypeAlias = CoSimLink  # noqa: Y015
 
 @_typing.final
 class SyncPolicy(_message.Message):
-    """How members are kept in step: one global quantum."""
+    """How members are kept in step: one global quantum. Exactly one of the two is set
+    (neither, or zero: INVALID_ARGUMENT).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUANTUM_NS_FIELD_NUMBER: _builtins.int
     QUANTUM_INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     quantum_ns: _builtins.int
-    """Virtual time per quantum, ns; default 100 µs when neither is set."""
-    quantum_instructions: _builtins.int
-    """Or instructions per quantum, counted at the first member's clock. At most one of the
-    two.
+    """Virtual time per quantum, ns (at least one cycle of the first member's clock, at
+    most one virtual second), e.g. 100000.
     """
+    quantum_instructions: _builtins.int
+    """Or instructions (cycles) per quantum, counted at the first member's clock."""
     def __init__(
         self,
         *,

@@ -85,7 +85,7 @@ class Coordinator:
     a time on the event loop."""
 
     def __init__(self, rec: CoSimRecord, members: list[Member], exchange: Exchange,
-                 on_traffic: Callable[[int, list[Traffic]], None],
+                 on_traffic: Callable[[list[Traffic]], None],
                  on_barrier: Callable[[], None]) -> None:
         self.rec = rec
         self.members = members
@@ -164,11 +164,11 @@ class Coordinator:
         self._publish_console([r.console for r in results])
         merged = [QuantumResult(r.cycles, None, c, a, r.watched, r.idle)
                   for r, c, a in zip(results, console, accepted, strict=True)]
-        self.inputs, traffic = self.exchange.barrier(end, merged, console)
+        self.inputs, traffic = self.exchange.barrier(end, end - self.rec.quantum_ref, merged, console)
         self.rec.time_ref = end
         self.rec.quanta += 1
         if traffic:
-            self._on_traffic(end, traffic)
+            self._on_traffic(traffic)
         self._on_barrier()
         return None
 
@@ -215,6 +215,9 @@ class Coordinator:
         self._publish_console(console)
         if first:
             self.mid = MidQuantum(end, console, [r.accepted for r in results])
+            delivered = self.exchange.deliveries(end - self.rec.quantum_ref, [r.accepted for r in results])
+            if delivered:
+                self._on_traffic(delivered)
         else:
             assert self.mid is not None
             self.mid.console = [a + b for a, b in zip(self.mid.console, console, strict=True)]

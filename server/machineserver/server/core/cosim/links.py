@@ -10,8 +10,9 @@ The order at a barrier at reference time T, every step in member order:
 2. doorbells: a doorbell word with bits of its mask set has those bits cleared (written
    back) and its interrupt scheduled at ``T + latency``; every interrupt whose time has
    come (``<= T``) is set pending on its target;
-3. serial: the byte offered to a receiver at the last barrier is delivered if its UART
-   took it; what each member transmitted in the quantum is queued (beyond the queue's
+3. serial: the byte offered to a receiver at the last barrier is delivered (at that
+   barrier's time: it was in the UART from the quantum's start) if its UART took it
+   (settled early when a halt cuts the quantum); what each member transmitted in the quantum is queued (beyond the queue's
    limit, dropped and counted); then the next byte of each queue is offered.
 
 So a member woken by a doorbell sees every shared-memory write its peer made before
@@ -36,6 +37,7 @@ class Traffic:
     """One item of the link-traffic log (what the event stream carries)."""
 
     kind: str  # "shared_memory" | "interrupt" | "serial" | "drop"
+    time_ref: int  # when: the barrier; for a serial byte, the barrier it was delivered at
     link: int
     source: int
     target: int = -1
@@ -155,19 +157,38 @@ class Exchange:
                     writes[member].append(Segment(address, value))
         return writes
 
-    def barrier(self, time_ref: int, results: list[QuantumResult], console: list[bytes]) -> tuple[
-            list[BarrierInput], list[Traffic]]:
-        """The barrier at ``time_ref`` after every member ran its quantum (``console``:
-        what each transmitted in the whole quantum). Returns the inputs for the next
-        quantum and the traffic, in order."""
-        writes: list[list[Segment]] = [[] for _ in range(self.members)]
-        irqs: list[list[int]] = [[] for _ in range(self.members)]
-        rx: list[bytes] = [b""] * self.members
+    def deliveries(self, start_ref: int, accepted: list[int]) -> list[Traffic]:
+        """Settle the serial bytes offered at the barrier at ``start_ref`` (the quantum's
+        start), now that the quantum's first call says which receivers took theirs: at a
+        halt inside the quantum, or at its end barrier (then a no-op if settled)."""
         traffic: list[Traffic] = []
         st = self.state
         for li, link in enumerate(self.links):
+            if not isinstance(link, Serial):
+                continue
+            queues, offered = st.queues[li], st.offered[li]
+            for d, (src, dst) in enumerate(((link.a, link.b), (link.b, link.a))):
+                if offered[d] and accepted[dst]:
+                    taken = bytes(queues[d][: accepted[dst]])
+                    del queues[d][: len(taken)]
+                    st.counters[li].bytes += len(taken)
+                    traffic.append(Traffic("serial", start_ref, li, src, dst, data=taken))
+                offered[d] = 0
+        return traffic
+
+    def barrier(self, time_ref: int, start_ref: int, results: list[QuantumResult], console: list[bytes]) -> tuple[
+            list[BarrierInput], list[Traffic]]:
+        """The barrier at ``time_ref`` after every member ran its quantum (which began at
+        ``start_ref``; ``console``: what each transmitted in the whole quantum). Returns
+        the inputs for the next quantum and the traffic, in order."""
+        writes: list[list[Segment]] = [[] for _ in range(self.members)]
+        irqs: list[list[int]] = [[] for _ in range(self.members)]
+        rx: list[bytes] = [b""] * self.members
+        traffic: list[Traffic] = self.deliveries(start_ref, [r.accepted for r in results])
+        st = self.state
+        for li, link in enumerate(self.links):
             if isinstance(link, SharedRegion):
-                self._share(li, link, results, writes, traffic)
+                self._share(li, link, time_ref, results, writes, traffic)
         for li, link in enumerate(self.links):
             if isinstance(link, Doorbell):
                 member, index = self.watches.where[(li, -1)]
@@ -183,14 +204,14 @@ class Exchange:
                 assert isinstance(bell, Doorbell)
                 irqs[bell.target].append(bell.irq)
                 st.counters[li].interrupts += 1
-                traffic.append(Traffic("interrupt", li, bell.source, bell.target, irq=bell.irq))
+                traffic.append(Traffic("interrupt", time_ref, li, bell.source, bell.target, irq=bell.irq))
         for li, link in enumerate(self.links):
             if isinstance(link, Serial):
-                self._serial(li, link, results, console, rx, traffic)
+                self._serial(li, link, time_ref, console, rx, traffic)
         inputs = [BarrierInput(tuple(writes[i]), tuple(irqs[i]), rx[i]) for i in range(self.members)]
         return inputs, traffic
 
-    def _share(self, li: int, link: SharedRegion, results: list[QuantumResult],
+    def _share(self, li: int, link: SharedRegion, time_ref: int, results: list[QuantumResult],
                writes: list[list[Segment]], traffic: list[Traffic]) -> None:
         before = self.state.shared[li]
         merged = bytearray(before)
@@ -206,7 +227,7 @@ class Exchange:
             for k in range(start, end):
                 if copy[k] != before[k]:
                     merged[k] = copy[k]
-            traffic.append(Traffic("shared_memory", li, member, data=copy[start:end], offset=start))
+            traffic.append(Traffic("shared_memory", time_ref, li, member, data=copy[start:end], offset=start))
         value = bytes(merged)
         if value == before:
             return
@@ -218,18 +239,12 @@ class Exchange:
                 writes[member].append(Segment(address + start, value[start:end]))
                 self.state.counters[li].bytes += end - start
 
-    def _serial(self, li: int, link: Serial, results: list[QuantumResult], console: list[bytes],
-                rx: list[bytes], traffic: list[Traffic]) -> None:
+    def _serial(self, li: int, link: Serial, time_ref: int, console: list[bytes], rx: list[bytes],
+                traffic: list[Traffic]) -> None:
         st = self.state
         queues, offered = st.queues[li], st.offered[li]
         for d, (src, dst) in enumerate(((link.a, link.b), (link.b, link.a))):
             queue = queues[d]
-            if offered[d] and results[dst].accepted:
-                taken = bytes(queue[: results[dst].accepted])
-                del queue[: len(taken)]
-                st.counters[li].bytes += len(taken)
-                traffic.append(Traffic("serial", li, src, dst, data=taken))
-            offered[d] = 0
             sent = console[src]
             if sent:
                 room = link.queue_limit - len(queue)
@@ -237,7 +252,7 @@ class Exchange:
                     dropped = sent[max(room, 0):]
                     sent = sent[: max(room, 0)]
                     st.counters[li].dropped += len(dropped)
-                    traffic.append(Traffic("drop", li, src, dst, data=dropped))
+                    traffic.append(Traffic("drop", time_ref, li, src, dst, data=dropped))
                 queue += sent
             if queue:
                 rx[dst] = bytes(queue[:1])

@@ -258,7 +258,7 @@ class CoSimManager:
             raise FailedPrecondition(f"cannot start lock-step: {exc}") from None
         for i, m in enumerate(members):
             m.origin = m.cycles - (since[i] if since is not None else 0)
-        coord = Coordinator(rt.rec, members, exchange, lambda t, tr: self._traffic(rt, t, tr),
+        coord = Coordinator(rt.rec, members, exchange, lambda tr: self._traffic(rt, tr),
                             lambda: self._barrier(rt))
         if since is None:
             rt.rec.origins = [m.origin for m in members]
@@ -444,11 +444,13 @@ class CoSimManager:
 
     # ------------------------------------------------------------------ events
 
-    def _publish(self, rt: Runtime, kind: str, message: str, *, snapshot: bool = False, **fields: Any) -> None:
+    def _publish(self, rt: Runtime, kind: str, message: str, *, snapshot: bool = False, time_ref: int = -1,
+                 **fields: Any) -> None:
         if self.events.subscriber_count == 0:
             return
         rec = rt.rec
-        self.events.publish(CoSimEvent(rec.id, kind, CoSimState(rec.state), rec.quanta, rec.ns(rec.time_ref),
+        when = rec.time_ref if time_ref < 0 else time_ref
+        self.events.publish(CoSimEvent(rec.id, kind, CoSimState(rec.state), rec.quanta, rec.ns(when),
                                        message, snapshot=_copy(rec) if snapshot else None, **fields))
 
     def _state_event(self, rt: Runtime, message: str) -> None:
@@ -457,7 +459,7 @@ class CoSimManager:
     def _barrier(self, rt: Runtime) -> None:
         self._publish(rt, "barrier", "barrier")
 
-    def _traffic(self, rt: Runtime, time_ref: int, traffic: list[Traffic]) -> None:
+    def _traffic(self, rt: Runtime, traffic: list[Traffic]) -> None:
         if self.events.subscriber_count == 0:
             return
         names = [live.record.name for live in rt.lives]
@@ -471,8 +473,8 @@ class CoSimManager:
                 msg = f"irq {t.irq} {names[t.source]} -> {to}"
             else:
                 msg = f"{len(t.data)} bytes at +{t.offset} written by {names[t.source]}"
-            self._publish(rt, t.kind, msg, session=names[t.source], to_session=to, data=t.data, irq=t.irq,
-                          link=t.link, offset=t.offset)
+            self._publish(rt, t.kind, msg, time_ref=t.time_ref, session=names[t.source], to_session=to,
+                          data=t.data, irq=t.irq, link=t.link, offset=t.offset)
 
     def subscribe(self, rt: Runtime) -> Subscription[CoSimEvent]:
         cid = rt.rec.id

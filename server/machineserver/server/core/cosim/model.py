@@ -19,7 +19,7 @@ from machineserver.server.drivers.base import BoardSpec
 MAX_MEMBERS = 16
 MAX_LINKS = 64
 MAX_SHARED_BYTES = 1 << 20
-DEFAULT_QUANTUM_NS = 100_000
+DEFAULT_QUANTUM_NS = 100_000  # what the error for a missing quantum suggests
 MAX_QUANTUM_NS = 10**9  # one virtual second
 DEFAULT_SERIAL_QUEUE = 64 << 10
 MAX_SERIAL_QUEUE = 16 << 20
@@ -158,7 +158,10 @@ def check_quantum(quantum_ns: int, quantum_instructions: int, hz_ref: int) -> in
         if quantum_instructions > MAX_QUANTUM_NS:
             raise InvalidArgument("sync.quantum_instructions", f"at most {MAX_QUANTUM_NS}")
         return quantum_instructions
-    ns = quantum_ns or DEFAULT_QUANTUM_NS
+    if not quantum_ns:
+        raise InvalidArgument("sync.quantum_ns", "a quantum is required: quantum_ns (e.g. "
+                              f"{DEFAULT_QUANTUM_NS}) or quantum_instructions; it cannot be zero")
+    ns = quantum_ns
     if ns > MAX_QUANTUM_NS:
         raise InvalidArgument("sync.quantum_ns", f"at most {MAX_QUANTUM_NS} (one virtual second)")
     cycles = ns * hz_ref // 10**9
