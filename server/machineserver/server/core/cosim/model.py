@@ -59,6 +59,8 @@ class Serial:
 
 
 Link = SharedRegion | Doorbell | Serial
+# what CapabilitiesService lists as the bus kinds co-simulation links model
+LINK_KINDS = ("shared-memory", "interrupt", "serial")
 
 
 def link_to_dict(link: Link) -> dict[str, Any]:
