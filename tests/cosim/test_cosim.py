@@ -25,6 +25,8 @@ from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import cosim_pb2 as pb
 from tests.helpers.api import console_text, upload
 from tests.helpers.backends import require_backend
+from tests.helpers.firmware import FIRMWARE, firmware
+from tests.helpers.gdb import gdb_multiarch
 
 BOARD = "mps2-an385"
 OUT, IN, PONG, BELL, IRQ = 0x20200000, 0x20210000, 0x20280000, 0x20220000, 30
@@ -206,7 +208,7 @@ async def test_a_breakpoint_halts_every_member_at_the_same_instant(client: Async
     expected = await consoles(client, straight)
 
     cosim = await pingpong(client)
-    ping, pong = cosim.sessions
+    pong = cosim.sessions[1]
     await client.debug.set_breakpoint(name=pong, location={"symbol": "IRQ30_Handler"})
     hits = 0
     async with traffic_log(client, cosim) as log:
@@ -410,3 +412,59 @@ async def test_mixed_backends_agree_with_unicorn_and_qemu_alone(client: AsyncCli
     reference = results[("unicorn", "unicorn")]
     for backends, outcome in results.items():
         assert outcome == reference, f"{backends} differs from all-Unicorn"
+
+
+# ---------------------------------------------------------------------------- gdb on a member
+
+async def test_gdb_on_a_member_sees_the_cosimulation_halt_and_continues_all(client: AsyncClient,
+                                                                            server_config: ServerConfig) -> None:
+    if server_config.workers == 0:
+        pytest.skip("run once, with the emulation in worker processes")
+    gdb = gdb_multiarch()
+    cosim = await pingpong(client)
+    ping, pong = cosim.sessions
+    port = (await client.debug.start_gdb_server(name=pong)).gdb_server.port
+    proc = await asyncio.create_subprocess_exec(
+        str(gdb), "-q", "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off",
+        "-ex", f"target remote 127.0.0.1:{port}", "-ex", "break IRQ30_Handler", "-ex", "continue",
+        "-ex", "print/x $pc", "-ex", "delete", "-ex", "continue", "-ex", "detach",
+        str(firmware(BOARD, "cosim_pong")), cwd=FIRMWARE, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode(errors="replace")
+    # gdb's continue ran the whole co-simulation to pong's breakpoint, then to ping's exit
+    assert "Breakpoint 1, IRQ30_Handler" in out, out
+    done = (await client.cosim.get_co_simulation(name=cosim.name)).cosimulation
+    assert done.state == pb.CO_SIM_STATE_STOPPED and done.last_stop.session == ping, done
+    assert (await consoles(client, cosim))[0].endswith(b"ping: 100 round trips, pong sum 5050\n")
+    assert {m.virtual_time_ns for m in done.members} == {done.virtual_time_ns}
+
+
+# ---------------------------------------------------------------------------- who can keep lock-step
+
+async def test_capabilities_say_who_keeps_lock_step_and_create_refuses_the_rest(client: AsyncClient) -> None:
+    caps = await client.capabilities.get_capabilities()
+    assert set(caps.buses) == {"shared-memory", "interrupt", "serial"}
+    unicorn = next(b for b in caps.backends if b.name == "unicorn")
+    assert cpb.FEATURE_LOCKSTEP in unicorn.features
+    limit = next(x for x in unicorn.board_limits if x.board == "sifive_e" and x.feature == cpb.FEATURE_LOCKSTEP)
+    assert limit.reason
+    ping = await member(client, "cosim_ping")
+    riscv = (await client.sessions.create_session(board_template="sifive_e")).session.name
+    with pytest.raises(errors.FailedPrecondition, match="cannot keep lock-step") as info:
+        await client.cosim.create_co_simulation(sessions=[ping, riscv], sync={"quantum_instructions": 1000})
+    assert limit.reason in str(info.value)
+    # nothing was taken: the session is free for another co-simulation
+    pong = await member(client, "cosim_pong")
+    await client.cosim.create_co_simulation(sessions=[ping, pong], sync={"quantum_instructions": 1000})
+
+
+async def test_a_qemu_member_needs_icount(client: AsyncClient) -> None:
+    require_backend("qemu", BOARD)
+    ping = await member(client, "cosim_ping")
+    prog = await upload(client, BOARD, "cosim_pong")
+    plain = (await client.sessions.create_session(board_template=BOARD, program=prog, backend="qemu")).session.name
+    with pytest.raises(errors.FailedPrecondition, match="icount"):
+        await client.cosim.create_co_simulation(sessions=[ping, plain], sync={"quantum_instructions": 1000})
+    # refused whole: neither session joined
+    other = await member(client, "cosim_pong")
+    await client.cosim.create_co_simulation(sessions=[ping, other], sync={"quantum_instructions": 1000})

@@ -18,6 +18,7 @@ its traffic is exchanged at the quantum's end as if nothing had stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,9 +104,17 @@ class Coordinator:
         """Put every member in lock-step; their cycle counts now (origins are set by the
         manager)."""
         parts = [live.require_halted("join a co-simulation").capability(LockStep) for live in lives]
-        cycles = await asyncio.gather(*(p.begin(w) for p, w in zip(parts, watches, strict=True)))
+        outcomes = await asyncio.gather(*(p.begin(w) for p, w in zip(parts, watches, strict=True)),
+                                        return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:  # all or none: those that entered leave again
+            for part, outcome in zip(parts, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    with contextlib.suppress(drv.DriverError):
+                        await part.end()
+            raise failure
         return [Member(live, part, board_hz(live.board), 0, c)
-                for live, part, c in zip(lives, parts, cycles, strict=True)]
+                for live, part, c in zip(lives, parts, outcomes, strict=True) if isinstance(c, int)]
 
     @property
     def hz_ref(self) -> int:
