@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from tests.helpers.api import console_text, upload
 from tests.helpers.backends import require_backend
 from tests.helpers.firmware import FIRMWARE, firmware
 from tests.helpers.gdb import gdb_multiarch
+from tests.helpers.server import ServerProcess
 
 BOARD = "mps2-an385"
 OUT, IN, PONG, BELL, IRQ = 0x20200000, 0x20210000, 0x20280000, 0x20220000, 30
@@ -468,3 +470,35 @@ async def test_a_qemu_member_needs_icount(client: AsyncClient) -> None:
     # refused whole: neither session joined
     other = await member(client, "cosim_pong")
     await client.cosim.create_co_simulation(sessions=[ping, other], sync={"quantum_instructions": 1000})
+
+
+# ---------------------------------------------------------------------------- a restart
+
+async def test_after_a_server_kill_the_cosimulation_is_failed_and_a_snapshot_brings_it_back(
+        tmp_path: Path, server_config: ServerConfig) -> None:
+    if server_config.workers == 0:
+        pytest.skip("server processes of their own: once is enough")
+    sp = ServerProcess(tmp_path / "data").start()
+    try:
+        async with await AsyncClient.connect(sp.target, timeout=30) as c:
+            cosim = await pingpong(c)
+            await c.cosim.step_co_simulation(name=cosim.name, count=30)
+            snap = (await c.cosim.create_co_sim_snapshot(parent=cosim.name)).snapshot
+            marks = [len(x) for x in await consoles(c, cosim)]
+            await run_to_end(c, cosim)
+            straight = [x[m:] for x, m in zip(await consoles(c, cosim), marks, strict=True)]
+        sp.stop(signal.SIGKILL)
+        sp.start()
+        async with await AsyncClient.connect(sp.target, timeout=30) as c:
+            back = (await c.cosim.get_co_simulation(name=cosim.name)).cosimulation
+            assert back.state == pb.CO_SIM_STATE_FAILED and "restarted" in back.state_reason, back
+            assert [s.name for s in (await c.cosim.list_co_sim_snapshots(parent=cosim.name)).snapshots] == [snap.name]
+            with pytest.raises(errors.FailedPrecondition, match=cosim.name):
+                await c.debug.step(name=cosim.sessions[0])
+            restored = (await c.cosim.restore_co_sim_snapshot(name=snap.name)).cosimulation
+            assert restored.state == pb.CO_SIM_STATE_PAUSED and restored.quanta == 30
+            marks = [len(x) for x in await consoles(c, cosim)]
+            await run_to_end(c, cosim)
+            assert [x[m:] for x, m in zip(await consoles(c, cosim), marks, strict=True)] == straight
+    finally:
+        sp.stop()

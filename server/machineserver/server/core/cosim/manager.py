@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -54,6 +55,7 @@ SNAPSHOTS = "cosim_snapshots"
 COLLECTION = "cosimulations"
 MAX_STEP_QUANTA = 10**9
 STOP_TIMEOUT_S = 30.0
+SAVE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Runtime:
     links: list[Link]
     coord: Coordinator | None = None  # built when members enter lock-step
     task: asyncio.Task[None] | None = None
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    saved_at: float = 0.0  # monotonic time of the last record write while running
 
     @property
     def state(self) -> CoSimState:
@@ -457,6 +459,11 @@ class CoSimManager:
         self._publish(rt, "state", message)
 
     def _barrier(self, rt: Runtime) -> None:
+        # a long run's progress reaches the record every so often, not at every barrier
+        t = time.monotonic()
+        if t - rt.saved_at >= SAVE_EVERY_S:
+            rt.saved_at = t
+            self._save(rt.rec)
         self._publish(rt, "barrier", "barrier")
 
     def _traffic(self, rt: Runtime, traffic: list[Traffic]) -> None:
