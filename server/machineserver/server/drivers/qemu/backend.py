@@ -21,12 +21,23 @@ from machineserver.server.drivers.base import (
     features_of,
 )
 from machineserver.server.drivers.qemu.launch import LaunchSpec
+from machineserver.server.drivers.qemu.lockstep import LOCKSTEP_BROKEN
 from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
 from machineserver.server.drivers.qemu.plugin import plugin_status
 from machineserver.server.drivers.qemu.sizing import FootprintMeter
 from machineserver.server.drivers.qemu.spares import DEMAND, IDLE_S, WINDOW_S, SparePool
 
 _VERSION = re.compile(r"QEMU emulator version (\S+)")
+
+
+def board_limits() -> dict[str, dict[Feature, str]]:
+    """Per board (QEMU machine name), the features it lacks on QEMU, with the reason."""
+    limits: dict[str, dict[Feature, str]] = {}
+    for board, reason in SNAPSHOT_BROKEN.items():
+        limits.setdefault(board, {})[Feature.SNAPSHOTS] = reason
+    for board, reason in LOCKSTEP_BROKEN.items():
+        limits.setdefault(board, {})[Feature.LOCKSTEP] = reason
+    return limits
 SPARES_ENV = "MS_QEMU_SPARES"
 
 
@@ -134,8 +145,8 @@ class QemuBackend(Backend):
         versions = sorted(set(found.values()))
         coverage = self.coverage_method()
         features = features_of(QemuMachine)
-        if coverage != "tcg-plugin":
-            features -= {Feature.COVERAGE}
+        if coverage != "tcg-plugin":  # no plugin: no coverage, no lock-step deadlines
+            features -= {Feature.COVERAGE, Feature.LOCKSTEP}
         details = {
             "qemu_version": ", ".join(versions),
             "coverage_method": coverage,
@@ -164,9 +175,7 @@ class QemuBackend(Backend):
             available=True,
             version=versions[0],
             features=features,
-            board_limits={
-                board: {Feature.SNAPSHOTS: reason} for board, reason in SNAPSHOT_BROKEN.items()
-            },
+            board_limits=board_limits(),
             details=details,
         )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from machineserver.server.drivers.base import (
@@ -83,12 +84,13 @@ class Executor:
         self._stop_requested = False
 
     # ------------------------------------------------------------------ entry points
-    async def run(self) -> StopInfo:
+    async def run(self, reached: Callable[[], bool] | None = None) -> StopInfo:
         """Run until something stops the program: a breakpoint, watchpoint, exit, fault
-        or a stop request (HALT)."""
+        or a stop request (HALT); ``reached``: lock-step, whether the plugin's deadline has
+        stopped the VM (then a HALT too, never resumed past)."""
         with self.target.process.waiting():
             try:
-                return self._conclude(await self._run())
+                return self._conclude(await self._run(reached))
             except RspClosed:
                 return self._conclude(await self.target.process.death_result())
 
@@ -116,10 +118,10 @@ class Executor:
         return info
 
     # ------------------------------------------------------------------ loops
-    async def _run(self) -> StopInfo:
+    async def _run(self, reached: Callable[[], bool] | None) -> StopInfo:
         while True:
             pc = await self.target.read_pc()
-            if self._stop_requested:
+            if self._stop_requested or (reached is not None and reached()):
                 return StopInfo(StopReason.HALT, pc=pc)
             if pc in self.traps or pc in self.points.breakpoints:
                 # QEMU would stop at once on a breakpoint at the pc: step off it first

@@ -33,12 +33,14 @@ MAGIC = b"MSGATE\x00\x01"
 VERSION = 1
 FLAG_EXACT_STOP = 1
 FLAG_ALWAYS = 2
+FLAG_LOCKSTEP = 4
 SIZE = 4096
 NEVER = (1 << 64) - 1
 # offsets in the control page (see plugin/msplugin.c)
 _VERSION, _FLAGS = 8, 12
 _EXECUTED, _LIMIT, _REQUEST, _APPLIED, _ARMED, _HOLDING, _HOLDS = 16, 24, 32, 40, 48, 52, 56
 _NTRAPS, _PENDING, _PASS, _TRAPS = 64, 72, 80, 128
+_DEADLINE, _VCLOCK, _STOPS, _REACHED, _IDLE = 88, 96, 104, 112, 120
 MAX_TRAPS = (SIZE - _TRAPS) // 8
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -175,6 +177,38 @@ class InstructionGate:
         step that performs the call."""
         if self._page is not None:
             _U64.pack_into(self._page, _PASS, NEVER if site is None else site)
+
+    # ------------------------------------------------------------------ lock-step
+    @property
+    def lockstep_usable(self) -> bool:
+        """The plugin can stop the VM at a virtual-clock deadline (see msplugin.c)."""
+        return self._page is not None and bool(
+            _U32.unpack_from(self._page, _FLAGS)[0] & FLAG_LOCKSTEP)
+
+    def set_deadline(self, ns: int | None) -> None:
+        """Stop the VM when its virtual clock reaches ``ns`` (None: never); applied when
+        the VM next starts running. The VM must be stopped."""
+        if self._page is not None:
+            _U64.pack_into(self._page, _DEADLINE, NEVER if ns is None else ns)
+
+    @property
+    def stops(self) -> int:
+        """VM stops so far (:attr:`vclock` is written before this is bumped)."""
+        return self._u64(_STOPS)
+
+    @property
+    def vclock(self) -> int:
+        """QEMU's virtual clock (ns) at the last VM stop."""
+        return self._u64(_VCLOCK)
+
+    @property
+    def deadlines_reached(self) -> int:
+        return self._u64(_REACHED)
+
+    @property
+    def idle_at_deadline(self) -> bool:
+        """Whether the vCPU slept (WFI, nothing pending) at the last deadline."""
+        return self._page is not None and bool(_U32.unpack_from(self._page, _IDLE)[0])
 
     def release(self) -> None:
         """Let a held vCPU run on."""

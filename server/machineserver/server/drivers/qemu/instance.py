@@ -18,15 +18,19 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import tempfile
+import termios
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import SupportsIndex
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
@@ -133,6 +137,22 @@ def _die_with_parent_prefix() -> list[str]:
     gRPC's threads can deadlock or crash the child."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+class _DeliveringReader(asyncio.StreamReader):
+    """A console connection's reader that hands what arrives to ``deliver`` in the
+    transport's own callback, keeping nothing: once the socket holds no unread byte,
+    everything QEMU wrote to it has been delivered (see :meth:`QemuInstance.console_pending`)."""
+
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._deliver = deliver
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        try:
+            self._deliver(bytes(data))
+        except Exception:  # an events sink must not break the connection
+            log.exception("console_output callback failed")
 
 
 class QemuInstance:
@@ -258,11 +278,29 @@ class QemuInstance:
         self.qmp = qmp
 
     async def _connect_console(self, name: str) -> None:
-        reader, writer = await asyncio.open_unix_connection(os.path.join(self.dir, f"{name}.sock"))
+        loop = asyncio.get_running_loop()
+        reader = _DeliveringReader(lambda data: self.on_console(data))
+        transport, protocol = await loop.create_unix_connection(
+            lambda: asyncio.StreamReaderProtocol(reader), os.path.join(self.dir, f"{name}.sock"))
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self._writers.append(writer)
         if name == "con":
             self._con_writer = writer
-        self._tasks.append(asyncio.create_task(self._pump(reader)))
+
+    def console_pending(self) -> int:
+        """Bytes QEMU wrote to the console connections that are not delivered yet (still
+        in the sockets: the event loop delivers them as it reads them)."""
+        pending = 0
+        for writer in self._writers:
+            sock = writer.get_extra_info("socket")
+            if sock is None or sock.fileno() < 0:
+                continue
+            try:
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except OSError:
+                continue
+            pending += struct.unpack("i", raw)[0]
+        return pending
 
     async def connect_gdb(self, on_gdb: Callable[[RspClient], Awaitable[None]] | None = None) -> None:
         """Connect to the gdbstub; ``on_gdb``: requests to make on it first."""
@@ -274,14 +312,6 @@ class QemuInstance:
             await on_gdb(rsp)
 
     # ------------------------------------------------------------------ tasks
-    async def _pump(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                try:
-                    self.on_console(data)
-                except Exception:  # an events sink must not kill the pump
-                    log.exception("console_output callback failed")
-
     async def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         with contextlib.suppress(asyncio.CancelledError):

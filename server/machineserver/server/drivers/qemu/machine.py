@@ -16,6 +16,7 @@ registers         :mod:`.registers` (:mod:`.regs`: the register map)
 memory            :mod:`.memory`
 snapshots         :mod:`.snapshots` (the migrate stream and our header)
 coverage          :mod:`.coverage` (:mod:`.blocktable`: the plugin's table)
+lock-step         :mod:`.lockstep` (co-simulation: quanta to a virtual-clock deadline)
 console input     :mod:`.console`
 host footprint    :mod:`.footprint`
 ================  =====================================================================
@@ -64,6 +65,7 @@ from machineserver.server.drivers.base import (
     Counters,
     Coverage,
     HostFootprint,
+    LockStep,
     Machine,
     MachineEvents,
     MachineOptions,
@@ -80,6 +82,7 @@ from machineserver.server.drivers.qemu.console import QemuConsole
 from machineserver.server.drivers.qemu.coverage import QemuCoverage
 from machineserver.server.drivers.qemu.footprint import QemuFootprint
 from machineserver.server.drivers.qemu.gdbstub import refused
+from machineserver.server.drivers.qemu.lockstep import QemuLockStep
 from machineserver.server.drivers.qemu.memory import QemuMemory
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.registers import QemuRegisters
@@ -104,7 +107,7 @@ class QemuMachine(Machine):
     :mod:`.spares`); without it every QEMU is started on demand."""
 
     capabilities = (RunControl, RegisterAccess, MemoryAccess, Breakpoints, Watchpoints,
-                    ConsoleInput, Snapshots, Coverage, HostFootprint)
+                    ConsoleInput, Snapshots, Coverage, HostFootprint, LockStep)
 
     def __init__(self, board: BoardSpec, options: MachineOptions, events: MachineEvents, *,
                  binary: str | None = None, extra_args: Sequence[str] = (),
@@ -122,6 +125,8 @@ class QemuMachine(Machine):
         self.coverage = QemuCoverage(enabled=options.extra.get("coverage") == "1")
         self._find_traps = options.extra.get("semihosting_traps", "on") != "off"
         self._image: ProgramImage | None = None
+        snapshots = QemuSnapshots(self.target, self.traps, self._restore)
+        self.lockstep = QemuLockStep(self.target, self.points, self.run_control, snapshots)
         self.provide(
             self.run_control,
             QemuRegisters(self.target),
@@ -129,9 +134,10 @@ class QemuMachine(Machine):
             QemuBreakpoints(self.target, self.points, self.run_control),
             QemuWatchpoints(self.target, self.points, self.run_control),
             QemuConsole(self.target),
-            QemuSnapshots(self.target, self.traps, self._restore),
+            snapshots,
             self.coverage,
             QemuFootprint(self.target.process),
+            self.lockstep,
         )
 
     @property
@@ -157,6 +163,7 @@ class QemuMachine(Machine):
         if target.state is MachineState.OFF and target.process.instance is None:
             return
         target.state, target.end = MachineState.OFF, None  # first: a waiter sees "off"
+        self.lockstep.active, target.console_capture = False, None
         try:
             await self.run_control.abandon()
             await target.process.stop()
@@ -206,6 +213,7 @@ class QemuMachine(Machine):
         """A fresh QEMU (halted, every point in it), replacing any old one."""
         await self.run_control.abandon()
         await self.target.process.start(coverage=await self.coverage.next_table(), incoming=incoming)
+        self.target.vclock_base = 0  # a restore sets its own
         await self.points.insert_all(self.target.stub())
         self.target.state, self.target.end = MachineState.HALTED, None
 

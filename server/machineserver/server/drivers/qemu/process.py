@@ -111,10 +111,10 @@ class QemuProcess:
         spec = self.spec
         launched = None
         if self.spares is not None and not coverage and incoming is None and not spec.extra_args:
-            launched = await self.spares.take(spec, on_console=target.events.console_output,
+            launched = await self.spares.take(spec, on_console=target.console_output,
                                               on_exit=self._on_exit)
         if launched is None:
-            launched = await launch(spec, on_console=target.events.console_output,
+            launched = await launch(spec, on_console=target.console_output,
                                     on_exit=self._on_exit, coverage=coverage, incoming=incoming)
         self.instance, self.gate = launched.instance, launched.gate
         target.regmap = launched.regmap

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from machineserver.server.drivers.base import (
     BadRequest,
@@ -72,6 +72,25 @@ class QemuRunControl(RunControl):
                 self.executor.request_stop()
                 await self._settle_cancelled(job)
                 raise
+
+    async def run_until(self, reached: Callable[[], bool]) -> StopInfo:
+        """Lock-step (:mod:`.lockstep`; the caller holds ``op``, the machine HALTED):
+        run until a stop, or until ``reached()`` says the plugin's deadline stopped the
+        VM (then a HALT). Cancellable like :meth:`step`."""
+        self.executor.prepare()
+        job = asyncio.ensure_future(self._run_until(reached))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            self.executor.request_stop()
+            await self._settle_cancelled(job)
+            raise
+
+    @guarded
+    async def _run_until(self, reached: Callable[[], bool]) -> StopInfo:
+        info = await self.executor.run(reached)
+        await self.target.clock.refresh(self.target.process)
+        return info
 
     # ------------------------------------------------------------------ stepping
     @guarded

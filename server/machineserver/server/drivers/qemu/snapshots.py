@@ -116,6 +116,7 @@ class QemuSnapshots(Snapshots):
                 "pc": self.target.last_pc,
                 "instructions": clock.instructions,
                 "virtual_ns": clock.virtual_ns,
+                "vclock": self.target.virtual_clock_ns(),
                 "traps": sorted(self.traps.sites),
             }, stream)
 
@@ -133,11 +134,13 @@ class QemuSnapshots(Snapshots):
         try:
             traps = frozenset(int(a) for a in header.get("traps", []))
             instructions, virtual_ns = int(header.get("instructions", 0)), int(header.get("virtual_ns", 0))
+            vclock = int(header.get("vclock", virtual_ns))
         except (TypeError, ValueError):
             raise BadRequest("corrupt snapshot header", field="snapshot") from None
         async with self.target.op:
             await self._restart(stream)
             await self.traps.install(self.target.stub(), self.target.process.gate, traps)
             clock.set(instructions, virtual_ns)
+            self.target.vclock_base = vclock
             await self.target.read_pc()
             await clock.refresh(self.target.process)

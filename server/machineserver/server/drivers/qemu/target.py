@@ -120,6 +120,26 @@ class QemuTarget:
         self.process = QemuProcess(self, extra_args, spares)
         self.last_pc = 0
         self.end: StopInfo | None = None
+        # lock-step (see .lockstep): console output is kept here instead of sent as events
+        self.console_capture: bytearray | None = None
+        # QEMU's virtual clock (ns) while the current QEMU has not stopped yet: 0 for a
+        # fresh one, the snapshot's for a restored one
+        self.vclock_base = 0
+
+    def virtual_clock_ns(self) -> int:
+        """QEMU's virtual clock at its last stop (the plugin records it; see gate.py):
+        instructions plus the time warped over while the CPU slept, in ns."""
+        gate = self.process.gate
+        if gate is not None and gate.stops > 0:
+            return gate.vclock
+        return self.vclock_base
+
+    def console_output(self, data: bytes) -> None:
+        """What QEMU's console chardevs deliver: an event, or kept for lock-step."""
+        if self.console_capture is not None:
+            self.console_capture += data
+        else:
+            self.events.console_output(data)
 
     @property
     def arch(self) -> Arch:

@@ -55,6 +55,15 @@
  *                                     (UINT64_MAX: none; the driver clears it)
  *       80     pass       driver      uint64, a trap site not to hold at (the
  *                                     driver steps over it; UINT64_MAX: none)
+ *       88     deadline   driver      uint64, lock-step: stop the VM when the
+ *                                     virtual clock reaches it, ns (UINT64_MAX: none)
+ *       96     vclock     plugin      uint64, the virtual clock (ns) at the last
+ *                                     VM stop
+ *      104     stops      plugin      uint64, VM stops so far (bumped after vclock)
+ *      112     reached    plugin      uint64, deadlines reached so far
+ *      120     idle       plugin      uint32, 1: the vCPU slept (WFI, nothing
+ *                                     pending) when the last deadline was reached
+ *      124     reserved
  *      128     traps[]    driver      uint64 each, the trap sites' addresses
  *
  *    Counting: while armed, each translated block gets a callback at its start
@@ -91,6 +100,25 @@
  *    translates the block again and is caught again. (A gdbstub breakpoint at
  *    the site would do the same, but QEMU 7.2 runs every block on a
  *    breakpoint's page one instruction at a time: 30-70x slower code there.)
+ *
+ *    Lock-step deadlines (flag GATE_LOCKSTEP; with -icount, for co-simulation):
+ *    the plugin owns one QEMU_CLOCK_VIRTUAL timer. A VM change-state handler
+ *    sets it to `deadline` each time the VM starts running (before the vCPU
+ *    runs) and records the virtual clock in `vclock` each time the VM stops.
+ *    Under icount QEMU runs the vCPU exactly up to the earliest timer deadline
+ *    and, when the vCPU sleeps (WFI) with sleep=off, warps the clock straight to
+ *    it; so the timer fires at exactly `deadline`, whether the vCPU runs or
+ *    sleeps. Its callback notes whether the vCPU sleeps (all_cpu_threads_idle,
+ *    read before anything else is queued) and stops the VM with
+ *    vm_stop(RUN_STATE_PAUSED): from the main loop (a warp) that stops the VM
+ *    there and then; from the vCPU thread (icount runs due virtual timers
+ *    there) it stops the current vCPU before it runs another instruction and
+ *    asks the main loop to stop the VM, and the vCPU then waits in queued work
+ *    until it has (with a second item queued, so that it never looks idle
+ *    meanwhile: the main loop warps the clock of an idle, running VM). The gdbstub sends its stop reply
+ *    (T02) as for a ^C. These are QEMU's own functions, not the plugin API
+ *    (exported by Debian's QEMU; looked up with dlsym): without every one of
+ *    them there is no GATE_LOCKSTEP.
  *
  *    Arming: the counting callbacks exist only while armed, so an unarmed gate
  *    costs nothing at run time (translations check for trap sites). Switching
@@ -204,6 +232,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 #define GATE_VERSION 1
 #define GATE_EXACT_STOP 1u
 #define GATE_ALWAYS 2u
+#define GATE_LOCKSTEP 4u
 #define GATE_SIZE 4096
 #define GATE_MAX_TRAPS ((GATE_SIZE - 128) / 8)
 
@@ -222,7 +251,12 @@ struct gate_ctl {
     uint32_t reserved0;
     uint64_t pending;
     uint64_t pass;
-    uint64_t reserved[5];
+    uint64_t deadline;
+    uint64_t vclock;
+    uint64_t stops;
+    uint64_t reached;
+    uint32_t idle;
+    uint32_t reserved1;
     uint64_t traps[GATE_MAX_TRAPS];
 };
 
@@ -232,6 +266,8 @@ _Static_assert(offsetof(struct gate_ctl, holds) == 56, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, ntraps) == 64, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, pending) == 72, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, pass) == 80, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, deadline) == 88, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, idle) == 120, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, traps) == 128, "gate layout");
 _Static_assert(sizeof(struct gate_ctl) == GATE_SIZE, "gate layout");
 
@@ -440,6 +476,135 @@ static void register_callbacks(qemu_plugin_id_t id)
     }
 }
 
+/* ---------------------------------------------------------------- lock-step deadlines */
+/* QEMU's own (include/qemu/timer.h, sysemu/runstate.h, sysemu/cpus.h in 7.2) */
+#define QEMU_CLOCK_VIRTUAL 1
+#define SCALE_NS 1
+#define RUN_STATE_PAUSED 4 /* qapi RunState: debug, inmigrate, internal-error, io-error, paused */
+#define QEMU_TIMER_SIZE 256 /* QEMUTimer is 56 bytes in 7.2; room to spare */
+
+static void (*q_timer_init_full)(void *ts, void *group, int type, int scale, int attributes,
+                                 void (*cb)(void *), void *opaque);
+static void (*q_timer_mod_ns)(void *ts, int64_t expire);
+static void (*q_timer_del)(void *ts);
+static int64_t (*q_clock_get_ns)(int type);
+static void (*q_clock_enable)(int type, bool enabled);
+static bool (*q_all_cpu_threads_idle)(void);
+static int (*q_vm_stop)(int state);
+static void *(*q_add_vm_change_state_handler_prio)(void (*cb)(void *, bool, int), void *opaque,
+                                                   int priority);
+typedef union {
+    int host_int;
+    unsigned long host_ulong;
+    void *host_ptr;
+    uint64_t target_ptr;
+} run_on_cpu_data;
+static bool (*q_in_vcpu_thread)(void);
+static void (*q_async_safe_run_on_cpu)(void *cpu, void (*func)(void *cpu, run_on_cpu_data data),
+                                       run_on_cpu_data data);
+static void **q_cpus; /* QTAILQ head of every CPUState: its first field is the first CPU */
+static void *deadline_timer;
+static bool timer_ready;
+
+static void notify_hold(void);
+static void wait_release(bool releasable);
+
+/* safe work on the vCPU (outside translated code, without the BQL): a hold the driver
+ * answers with a ^C (see "Holding at a count") */
+static void hold_at_deadline(void *cpu, run_on_cpu_data data)
+{
+    (void)cpu;
+    (void)data;
+    notify_hold();
+    wait_release(false);
+}
+
+static void nothing(void *cpu, run_on_cpu_data data)
+{
+    (void)cpu;
+    (void)data;
+}
+
+static void deadline_reached(void *opaque)
+{
+    (void)opaque;
+    /* before anything is queued: a vCPU with work queued never counts as idle */
+    __atomic_store_n(&gate->idle, q_all_cpu_threads_idle() ? 1u : 0u, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&gate->reached, 1, __ATOMIC_RELEASE);
+    if (!q_in_vcpu_thread()) {
+        /* the main loop (a warp): the run state changes at once, the vCPU is paused */
+        q_vm_stop(RUN_STATE_PAUSED);
+        return;
+    }
+    /* the vCPU thread (icount runs due timers there): it holds, at its next safe point
+     * (before any other instruction), until the driver's ^C has stopped the VM. Until
+     * then the vCPU must not look idle, or the main loop would warp the clock to the
+     * next timer first: it holds in a first work item with a second one still queued
+     * (a queue that is not empty: not idle). */
+    run_on_cpu_data none = {.host_ptr = NULL};
+    q_async_safe_run_on_cpu(*q_cpus, hold_at_deadline, none);
+    q_async_safe_run_on_cpu(*q_cpus, nothing, none);
+}
+
+static void run_state_changed(void *opaque, bool running, int state)
+{
+    (void)opaque;
+    (void)state;
+    if (running) {
+        if (!timer_ready) {
+            /* here, not at install: QEMU's main-loop timer lists are set up later */
+            q_timer_init_full(deadline_timer, NULL, QEMU_CLOCK_VIRTUAL, SCALE_NS, 0,
+                              deadline_reached, NULL);
+            timer_ready = true;
+        }
+        uint64_t deadline = __atomic_load_n(&gate->deadline, __ATOMIC_ACQUIRE);
+        /* Changing a virtual timer makes QEMU check for a warp; the run state is already
+         * "running" and the vCPU not resumed yet, so it looks idle and the clock would
+         * jump to the deadline. With the clock disabled there is no warp; the vCPUs'
+         * resume, right after the handlers, enables it again (pause disabled it too). */
+        q_clock_enable(QEMU_CLOCK_VIRTUAL, false);
+        if (deadline == UINT64_MAX) {
+            q_timer_del(deadline_timer);
+        } else {
+            q_timer_mod_ns(deadline_timer, (int64_t)deadline);
+        }
+    } else {
+        __atomic_store_n(&gate->vclock, (uint64_t)q_clock_get_ns(QEMU_CLOCK_VIRTUAL),
+                         __ATOMIC_RELEASE);
+        __atomic_add_fetch(&gate->stops, 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* true when every QEMU function the deadlines need is there (then they are set up) */
+static bool setup_lockstep(void)
+{
+    q_timer_init_full = dlsym(RTLD_DEFAULT, "timer_init_full");
+    q_timer_mod_ns = dlsym(RTLD_DEFAULT, "timer_mod_ns");
+    q_timer_del = dlsym(RTLD_DEFAULT, "timer_del");
+    q_clock_get_ns = dlsym(RTLD_DEFAULT, "qemu_clock_get_ns");
+    q_clock_enable = dlsym(RTLD_DEFAULT, "qemu_clock_enable");
+    q_all_cpu_threads_idle = dlsym(RTLD_DEFAULT, "all_cpu_threads_idle");
+    q_vm_stop = dlsym(RTLD_DEFAULT, "vm_stop");
+    q_add_vm_change_state_handler_prio =
+        dlsym(RTLD_DEFAULT, "qemu_add_vm_change_state_handler_prio");
+    q_in_vcpu_thread = dlsym(RTLD_DEFAULT, "qemu_in_vcpu_thread");
+    q_async_safe_run_on_cpu = dlsym(RTLD_DEFAULT, "async_safe_run_on_cpu");
+    q_cpus = dlsym(RTLD_DEFAULT, "cpus");
+    if (!q_in_vcpu_thread || !q_async_safe_run_on_cpu || !q_cpus || vm_running == NULL ||
+        !q_timer_init_full || !q_timer_mod_ns || !q_timer_del || !q_clock_get_ns ||
+        !q_all_cpu_threads_idle || !q_vm_stop || !q_add_vm_change_state_handler_prio) {
+        return false;
+    }
+    deadline_timer = calloc(1, QEMU_TIMER_SIZE);
+    if (deadline_timer == NULL) {
+        return false;
+    }
+    /* a low priority: at a stop, handlers run from the lowest up, so `vclock` is
+     * written before the gdbstub's handler sends the stop reply */
+    q_add_vm_change_state_handler_prio(run_state_changed, NULL, -1000);
+    return true;
+}
+
 /* ---------------------------------------------------------------- install */
 static void *map_file(const char *path, size_t size, const char *what)
 {
@@ -523,9 +688,17 @@ static int setup_gate(const char *ctl, const char *notify, const char *release)
     g->ntraps = 0;
     g->pending = UINT64_MAX;
     g->pass = UINT64_MAX;
+    g->deadline = UINT64_MAX;
+    g->vclock = 0;
+    g->stops = 0;
+    g->reached = 0;
+    g->idle = 0;
+    gate = g; /* the handlers read it */
+    if (setup_lockstep()) {
+        g->flags |= GATE_LOCKSTEP;
+    }
     __atomic_thread_fence(__ATOMIC_RELEASE);
     memcpy(g->magic, GATE_MAGIC, 8);
-    gate = g;
     return 0;
 }
 

@@ -1,0 +1,331 @@
+"""Lock-step for a QEMU machine (co-simulation): :class:`QemuLockStep`.
+
+* **Virtual cycles** are QEMU's virtual clock in instructions: ``vclock >> shift`` under
+  ``-icount shift=N,sleep=off``. Running, each instruction adds exactly ``2**shift`` ns;
+  asleep (WFI with nothing pending) QEMU warps the clock straight to its next timer
+  deadline. Both are QEMU's own deterministic icount rules: host timing never enters.
+* **A quantum** ends at a virtual-clock deadline the plugin owns (plugin/msplugin.c,
+  "Lock-step deadlines"): a QEMU timer at ``until_cycles << shift``. Icount runs the vCPU
+  exactly up to the earliest timer, and a sleeping vCPU's warp stops at it too, so the VM
+  stops there whether the CPU ran or slept (the plugin notes which: ``idle``). One
+  gdbstub continue per quantum; the deadline stop comes back as a T02 stop reply. The
+  clock at every stop is recorded by the plugin (no extra round trip to read it).
+* **Inputs** (the VM stopped, before the continue): memory writes as gdbstub ``M``
+  packets; IRQs set pending through the NVIC's ISPR registers (QEMU takes debug writes
+  there), so the core takes them before the quantum's first instruction; a console byte
+  only when the UART's receiver is enabled and empty, written to the chardev, and then
+  waited for in the UART's status register (so it is inside the guest UART before the
+  quantum runs, never taken by QEMU at a host-timed moment later).
+* **Console output** is kept (:attr:`.target.QemuTarget.console_capture`) instead of
+  sent as events. QEMU writes a TX byte to the chardev socket synchronously, before the
+  VM stops; after a quantum the socket is read dry (its unread byte count is 0), so each
+  byte lands in the quantum that sent it.
+* **Breakpoints at a quantum's end**: icount ends the quantum before a breakpoint at the
+  next instruction is checked; the next advance reports that breakpoint before running
+  anything (same cycle), and the one after steps over it as a resume does.
+* **Checkpoint/rollback**: a snapshot (QEMU's migration stream, :mod:`.snapshots`) kept
+  in memory; rollback restarts QEMU from it (the virtual clock is in the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from machineserver.server.drivers.base import (
+    Arch,
+    BackendFailed,
+    BadRequest,
+    BarrierInput,
+    BoardSpec,
+    LockStep,
+    MachineState,
+    NotSupported,
+    QuantumResult,
+    StopInfo,
+    StopReason,
+    WrongState,
+)
+from machineserver.server.drivers.qemu.points import PointTable
+from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
+from machineserver.server.drivers.qemu.snapshots import SNAPSHOT_BROKEN, QemuSnapshots
+from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+
+NVIC_ISPR = 0xE000E200
+RX_TIMEOUT = 2.0  # QEMU takes a console byte from its chardev within this, or is stuck
+CONSOLE_TIMEOUT = 2.0  # the console sockets are read dry within this
+_STOPS = (StopReason.BREAKPOINT, StopReason.WATCHPOINT, StopReason.EXIT, StopReason.FAULT)
+
+
+@dataclass(frozen=True)
+class RxRegisters:
+    """Where a UART model says whether its receiver can take a byte and has one."""
+
+    enable_offset: int  # control register
+    enable_mask: int  # every bit set: receiving
+    status_offset: int
+    full_mask: int  # set: the receive register holds a byte
+
+
+# QEMU 7.2's models: CMSDK APB UART (CTRL.RXEN, STATE.RXFULL); STM32F2xx USART
+# (CR1.UE|RE, SR.RXNE; a disabled one drops what it gets)
+RX_REGISTERS = {
+    "uart-cmsdk": RxRegisters(0x08, 0x2, 0x04, 0x2),
+    "uart-stm32": RxRegisters(0x0C, (1 << 13) | (1 << 2), 0x00, 1 << 5),
+}
+
+# QEMU machines that cannot keep lock-step, and why (reported as board limits)
+LOCKSTEP_BROKEN = {
+    **{machine: f"lock-step needs rollback, that is snapshots: {reason}"
+       for machine, reason in SNAPSHOT_BROKEN.items()},
+    "sifive_e": "lock-step inputs need a Cortex-M NVIC (interrupts set pending at a barrier)",
+}
+
+
+def lockstep_refusal(board: BoardSpec, qemu_machine: str) -> str | None:
+    """Why ``board`` cannot keep lock-step on QEMU, or None."""
+    reason = LOCKSTEP_BROKEN.get(qemu_machine)
+    if reason:
+        return reason
+    if board.arch is not Arch.ARM_CORTEX_M:
+        return "lock-step inputs need a Cortex-M NVIC (interrupts set pending at a barrier)"
+    console = board.peripheral(board.console) if board.console else None
+    if console is not None and console.model not in RX_REGISTERS:
+        return f"lock-step console input does not know the {console.model} UART's receiver"
+    return None
+
+
+class QemuLockStep(LockStep):
+    def __init__(self, target: QemuTarget, points: PointTable, run_control: QemuRunControl,
+                 snapshots: QemuSnapshots) -> None:
+        self.target = target
+        self.points = points
+        self.run_control = run_control
+        self.snapshots = snapshots
+        self.active = False
+        self._watch: tuple[tuple[int, int], ...] = ()
+        self._checkpoint: bytes | None = None
+        self._checkpoint_reported: int | None = None
+        # the pc of the breakpoint stop the last advance returned: the next one resumes
+        # over it; any other breakpoint at the pc is reported before running
+        self._reported_break: int | None = None
+        num_irq = 480
+        nvic = next((p for p in target.board.peripherals if p.model == "nvic"), None)
+        if nvic is not None:
+            num_irq = int(nvic.properties.get("num_irq", num_irq))
+        self.num_irq = num_irq
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def shift(self) -> int:
+        assert self.target.clock.shift is not None
+        return self.target.clock.shift
+
+    def cycles(self) -> int:
+        return self.target.virtual_clock_ns() >> self.shift
+
+    def _gate_ready(self) -> None:
+        gate = self.target.process.gate
+        if gate is None or not gate.lockstep_usable:
+            raise NotSupported("lock-step needs our TCG plugin's deadlines, which this QEMU "
+                               "cannot give (no plugin, or QEMU does not export the functions "
+                               "it needs)")
+
+    def _require_active(self) -> None:
+        if not self.active:
+            raise WrongState("the machine is not in lock-step; begin() first",
+                             state=self.target.state.value, required="lockstep")
+
+    async def _console_settled(self) -> None:
+        """Every byte QEMU wrote to the console sockets delivered (and so captured)."""
+        inst = self.target.process.instance
+        if inst is None:
+            return
+        deadline = time.monotonic() + CONSOLE_TIMEOUT
+        while inst.console_pending():
+            if time.monotonic() > deadline:
+                raise await self.target.process.fail("QEMU's console output was not read in time")
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ LockStep
+    @guarded
+    async def begin(self, watch: Sequence[tuple[int, int]]) -> int:
+        async with self.target.op:
+            target = self.target
+            target.require(MachineState.HALTED)
+            if target.clock.shift is None:
+                raise WrongState("lock-step needs deterministic virtual time: this session "
+                                 "was created without icount (MachineOptions.icount)",
+                                 state=target.state.value, required="icount")
+            refusal = lockstep_refusal(target.board, target.qemu_machine)
+            if refusal:
+                raise WrongState(f"{target.board.name} cannot keep lock-step on QEMU: {refusal}",
+                                 state=target.state.value, required="lockstep")
+            ranges = []
+            for address, size in watch:
+                if size <= 0 or target.board.region_at(address, size) is None:
+                    raise BadRequest(f"watched range 0x{address:08x}+{size} is not in the "
+                                     "board's memory", field="watch")
+                ranges.append((address, size))
+            target.process.stub()
+            self._gate_ready()
+            await self._console_settled()
+            self._watch = tuple(ranges)
+            if target.console_capture is None:
+                target.console_capture = bytearray()
+            self.active = True
+            self._reported_break = None
+            return self.cycles()
+
+    async def end(self) -> None:
+        async with self.target.op:
+            if not self.active:
+                return
+            self.active = False
+            capture, self.target.console_capture = self.target.console_capture, None
+            gate = self.target.process.gate
+            if gate is not None:
+                gate.set_deadline(None)
+            if capture:  # nothing is left over normally: each advance takes its own
+                self.target.events.console_output(bytes(capture))
+
+    @guarded
+    async def advance(self, until_cycles: int, inputs: BarrierInput) -> QuantumResult:
+        async with self.target.op:
+            target = self.target
+            self._require_active()
+            target.require(MachineState.HALTED)
+            stub = target.process.stub()
+            self._gate_ready()
+            gate = target.process.gate
+            assert gate is not None
+            now = self.cycles()
+            if until_cycles < now:
+                raise BadRequest(f"until_cycles {until_cycles} is behind the machine's "
+                                 f"{now}", field="until_cycles")
+            for segment in inputs.writes:
+                if target.board.region_at(segment.address, max(1, len(segment.data))) is None:
+                    raise BadRequest(f"write at 0x{segment.address:08x} is not in the board's "
+                                     "memory", field="writes")
+            pending: dict[int, int] = {}
+            for irq in inputs.irqs:
+                if not 0 <= irq < self.num_irq:
+                    raise BadRequest(f"IRQ {irq} is out of range 0..{self.num_irq - 1}",
+                                     field="irqs")
+                pending[irq // 32] = pending.get(irq // 32, 0) | 1 << (irq % 32)
+            for segment in inputs.writes:
+                if segment.data:
+                    await stub.write_memory(segment.address, segment.data)
+            for word, bits in sorted(pending.items()):
+                await stub.write_memory(NVIC_ISPR + 4 * word, bits.to_bytes(4, "little"))
+            accepted = 0
+            if inputs.console and await self._offer(inputs.console[0]):
+                accepted = 1
+            stop = await self._run_quantum(until_cycles, now)
+            if target.process.alive:
+                await self._console_settled()
+            capture = target.console_capture
+            console = bytes(capture) if capture is not None else b""
+            if capture is not None:
+                capture.clear()
+            idle = stop is None and until_cycles > now and gate.idle_at_deadline
+            watched: list[bytes] = []
+            if target.process.alive:
+                for address, size in self._watch:
+                    watched.append(await stub.read_memory(address, size))
+            return QuantumResult(cycles=self.cycles(), stop=stop, console=console,
+                                 accepted=accepted, watched=tuple(watched), idle=idle)
+
+    async def _run_quantum(self, until_cycles: int, now: int) -> StopInfo | None:
+        target = self.target
+        gate = target.process.gate
+        assert gate is not None
+        reported, self._reported_break = self._reported_break, None
+        if self.points.breakpoints:
+            pc = await target.read_pc()
+            if pc in self.points.breakpoints and pc != reported:
+                self._reported_break = pc
+                return StopInfo(StopReason.BREAKPOINT, pc=pc)
+        if until_cycles == now:
+            return None
+        reached_before = gate.deadlines_reached
+        stops_before = gate.stops
+        gate.set_deadline(until_cycles << self.shift)
+        try:
+            info = await self.run_control.run_until(lambda: gate.deadlines_reached > reached_before)
+        finally:
+            gate.set_deadline(None)
+        if info.reason not in (StopReason.EXIT, StopReason.FAULT):
+            # (an exit may be found at a trap site before QEMU runs at all)
+            await self._stop_recorded(stops_before)
+        if info.reason not in _STOPS:
+            if gate.deadlines_reached > reached_before:
+                return None
+            raise BackendFailed(f"lock-step quantum stopped without reaching its end ({info})")
+        if info.reason is StopReason.BREAKPOINT:
+            self._reported_break = info.pc
+        return info
+
+    async def _stop_recorded(self, stops_before: int) -> None:
+        """The plugin records the clock in the VM's stop handlers, just before the
+        gdbstub's (it is registered to run first); wait for it should it come later."""
+        target = self.target
+        gate = target.process.gate
+        deadline = time.monotonic() + RX_TIMEOUT
+        while gate is not None and target.process.alive and gate.stops == stops_before:
+            if time.monotonic() > deadline:
+                raise await target.process.fail("the plugin did not record the VM's stop")
+            await asyncio.sleep(0)
+
+    async def _offer(self, byte: int) -> bool:
+        """Give the console UART one byte when its receiver is enabled and empty; True
+        when it took it (in the UART before this returns)."""
+        target = self.target
+        uart = target.board.peripheral(target.board.console)
+        regs = RX_REGISTERS.get(uart.model) if uart is not None else None
+        if uart is None or regs is None:
+            return False
+        stub = target.stub()
+
+        async def read32(offset: int) -> int:
+            return int.from_bytes(await stub.read_memory(uart.base + offset, 4), "little")
+
+        if (await read32(regs.enable_offset) & regs.enable_mask) != regs.enable_mask:
+            return False
+        if await read32(regs.status_offset) & regs.full_mask:
+            return False
+        inst = target.process.instance
+        assert inst is not None
+        try:
+            await inst.console_write(bytes([byte]))
+        except (OSError, TimeoutError) as exc:
+            raise BackendFailed(f"console write failed: {exc}") from None
+        deadline = time.monotonic() + RX_TIMEOUT
+        while not await read32(regs.status_offset) & regs.full_mask:
+            if time.monotonic() > deadline:
+                raise await target.process.fail(f"QEMU did not take a console byte in {RX_TIMEOUT} s")
+            await asyncio.sleep(0)
+        return True
+
+    # ------------------------------------------------------------------ checkpoints
+    async def checkpoint(self) -> None:
+        self.target.require(MachineState.HALTED)
+        await self._refuse_board()
+        self._checkpoint = await self.snapshots.save_state()
+        self._checkpoint_reported = self._reported_break
+
+    async def rollback(self) -> None:
+        if self._checkpoint is None:
+            raise WrongState("no checkpoint to roll back to", state=self.target.state.value,
+                             required="checkpoint")
+        await self.snapshots.restore_state(self._checkpoint)
+        self._reported_break = self._checkpoint_reported
+
+    async def _refuse_board(self) -> None:
+        reason = SNAPSHOT_BROKEN.get(self.target.qemu_machine)
+        if reason:
+            raise WrongState(f"no checkpoints on {self.target.board.name}: {reason}",
+                             state=self.target.state.value, required="snapshots")
+
