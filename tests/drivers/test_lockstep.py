@@ -44,6 +44,8 @@ from tests.helpers.machines import board
 BOARD = "mps2-an385"
 SHARED = 0x20200000  # the co-simulation firmware's first shared region
 DOORBELL_IRQ = 30
+# co-simulation members run with deterministic virtual time (QEMU refuses lock-step without)
+LOCKSTEP_OPTIONS = MachineOptions(icount=True)
 
 # --------------------------------------------------------------------------- a WFI sleeper
 # Thumb code, hand-assembled: enable IRQ 30 in the NVIC, then sleep in WFI forever; the
@@ -96,7 +98,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[object]:
 
     def factory() -> LockRig:
         events = Recorder()
-        rig = LockRig(name, BOARD, backend.create_machine(board(BOARD), MachineOptions(), events), events)
+        rig = LockRig(name, BOARD, backend.create_machine(board(BOARD), LOCKSTEP_OPTIONS, events), events)
         made.append(rig)
         return rig
 
