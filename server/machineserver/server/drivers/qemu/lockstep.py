@@ -213,7 +213,7 @@ class QemuLockStep(LockStep):
             for irq in inputs.irqs:
                 if not 0 <= irq < self.num_irq:
                     raise BadRequest(f"IRQ {irq} is out of range 0..{self.num_irq - 1}",
-                                     field="irqs")
+                                     field="irq")
                 pending[irq // 32] = pending.get(irq // 32, 0) | 1 << (irq % 32)
             for segment in inputs.writes:
                 if segment.data:

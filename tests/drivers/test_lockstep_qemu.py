@@ -1,0 +1,129 @@
+"""QEMU specifics of LockStep (drivers/qemu/lockstep.py): icount required, boards that
+cannot keep lock-step refused (and reported as board limits), quanta that end exactly on
+the target cycle whatever their size, console output captured per quantum, and rollback
+through QEMU snapshots. The backend-independent contract is tests/drivers/test_lockstep.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from machineserver.server.drivers.base import (
+    BarrierInput,
+    Feature,
+    LockStep,
+    QuantumResult,
+    StopReason,
+    WrongState,
+)
+from machineserver.server.drivers.qemu import QemuBackend
+from tests.drivers.qemu_helpers import MachineFactory, boot
+
+BOARD = "mps2-an385"
+
+
+async def _quanta(lock: LockStep, start: int, quantum: int, limit: int = 400_000) -> list[QuantumResult]:
+    out: list[QuantumResult] = []
+    cycles = start
+    while cycles < limit:
+        result = await lock.advance(cycles + quantum, BarrierInput())
+        out.append(result)
+        if result.stop is not None:
+            return out
+        assert result.cycles == cycles + quantum
+        cycles = result.cycles
+    return out
+
+
+async def test_lockstep_needs_icount(machines: MachineFactory) -> None:
+    m, _, _ = await boot(machines, BOARD, "hello")
+    with pytest.raises(WrongState, match="icount"):
+        await m.machine.capability(LockStep).begin(())
+
+
+async def test_a_board_without_snapshots_is_refused_and_reported(machines: MachineFactory) -> None:
+    info = QemuBackend(spares=0).probe()
+    if not info.available:
+        pytest.skip(info.unavailable_reason)
+    assert Feature.LOCKSTEP in info.features
+    reason = info.board_limits["lm3s6965evb"][Feature.LOCKSTEP]
+    assert "snapshot" in reason
+    assert Feature.LOCKSTEP not in info.board_limits.get(BOARD, {})
+    m, _, _ = await boot(machines, "lm3s6965evb", "hello", icount=True)
+    with pytest.raises(WrongState, match="lm3s6965evb"):
+        await m.machine.capability(LockStep).begin(())
+
+
+@pytest.mark.parametrize("quantum", [1, 7, 50, 1_000, 100_000])
+async def test_quanta_of_any_size_end_exactly_and_agree(machines: MachineFactory, quantum: int) -> None:
+    """The exit comes at the same cycle, with the same output, whatever the quantum; each
+    quantum ends on its target; nothing goes out as an event."""
+    m, ev, _ = await boot(machines, BOARD, "hello", icount=True)
+    lock = m.machine.capability(LockStep)
+    assert await lock.begin(()) == 0
+    results = await _quanta(lock, 0, quantum)
+    last = results[-1]
+    assert last.stop is not None and last.stop.reason is StopReason.EXIT
+    assert (last.cycles, last.stop.pc) == (273, 0x130)
+    assert b"".join(r.console for r in results) == b"Hello from mps2-an385!\n"
+    assert ev.stops == [] and bytes(ev.console) == b""
+    # QEMU's own instruction count agrees: no idle time in this program
+    assert m.machine.counters().instructions == 273
+
+
+async def test_sleeping_quanta_jump_to_the_target_deterministically_beside_a_hog(
+        machines: MachineFactory) -> None:
+    """systick sleeps in WFI between SysTick interrupts: asleep, a quantum's clock jumps to
+    its end (idle); the SysTick wakes it at its own cycle. The same quanta give the same
+    results with the host busy (a CPU hog on every core)."""
+    import multiprocessing
+    import os
+
+    runs = []
+    for hog in (False, True):
+        hogs = []
+        if hog:
+            ctx = multiprocessing.get_context("spawn")
+            hogs = [ctx.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 2)]
+            for p in hogs:
+                p.start()
+        try:
+            m, _, _ = await boot(machines, BOARD, "systick", icount=True)
+            lock = m.machine.capability(LockStep)
+            start = await lock.begin(())
+            results = await _quanta(lock, start, 5_000)
+            await m.power_off()
+        finally:
+            for p in hogs:
+                p.kill()
+                p.join()
+        runs.append([(r.cycles, r.idle, r.console, r.stop) for r in results])
+        assert any(r.idle for r in results)
+        last = results[-1]
+        assert last.stop is not None and last.stop.reason is StopReason.EXIT
+    assert runs[0] == runs[1]
+
+
+def _spin() -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pass
+
+
+async def test_rollback_replays_the_same_quanta(machines: MachineFactory) -> None:
+    m, _, _ = await boot(machines, BOARD, "hello", icount=True)
+    lock = m.machine.capability(LockStep)
+    await lock.begin(())
+    first = await lock.advance(60, BarrierInput())
+    t0 = time.perf_counter()
+    await lock.checkpoint()
+    saved_ms = (time.perf_counter() - t0) * 1e3
+    straight = await _quanta(lock, first.cycles, 25)
+    t0 = time.perf_counter()
+    await lock.rollback()
+    restored_ms = (time.perf_counter() - t0) * 1e3
+    replay = await _quanta(lock, first.cycles, 25)
+    assert replay == straight
+    assert straight[-1].stop is not None and straight[-1].cycles == 273
+    print(f"checkpoint {saved_ms:.1f} ms, rollback {restored_ms:.1f} ms")
