@@ -44,7 +44,7 @@ async def test_sdk_refuses_unknown_fields_locally(client: AsyncClient) -> None:
         await client.sessions.get_session(nam="sessions/x")
 
 
-async def test_coverage_refusals_and_cosim_unimplemented_with_reasons(client: AsyncClient) -> None:
+async def test_coverage_and_cosim_refusals_with_reasons(client: AsyncClient) -> None:
     from machineserver.server.drivers.base import Feature, features_of
     from machineserver.server.drivers.unicorn.backend import UnicornMachine
 
@@ -61,11 +61,9 @@ async def test_coverage_refusals_and_cosim_unimplemented_with_reasons(client: As
     with pytest.raises(errors.FailedPrecondition):  # nothing collected
         async for _ in client.coverage.export_coverage(name=s.name, format="COVERAGE_FORMAT_LCOV"):
             pass
-    with pytest.raises(errors.Unimplemented) as exc:
+    with pytest.raises(errors.InvalidArgument) as bad:
         await client.cosim.create_co_simulation(sessions=[s.name])
-    assert "co-simulation" in exc.value.message
-    caps = await client.capabilities.get_capabilities()
-    assert list(caps.buses) == []
+    assert "two or more sessions" in bad.value.message
 
 
 async def test_a_refusing_hook_ends_the_chain_and_earlier_hooks_see_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
