@@ -12,6 +12,9 @@ and friendly verbs cover the common path::
     msctl telemetry watch [--count N] [--json]    live host CPU, memory, temperatures, GPUs
     msctl coverage export SESSION --format lcov -o cov.info
     msctl debug SESSION                           interactive debugger (break, c, s, n, si, regs, x, bt, disas)
+    msctl cosim create -f topology.yaml           co-simulation: member sessions + links from one file
+    msctl cosim run NAME [--until-ns T]           run it, every member's console prefixed, until it stops
+    msctl cosim console|status|list|step|pause|delete|snapshot|restore
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machineserver.cli import debugger, rpc, watch
+from machineserver.cli import cosim, debugger, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2, coverage_pb2
 
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_session_list)
     telemetry_group = sub.choices["telemetry"]
     watch.add_parser(next(a for a in telemetry_group._actions if isinstance(a, argparse._SubParsersAction)))
+    cosim_group = sub.choices["cosim"]
+    cosim.add_verbs(next(a for a in cosim_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 
