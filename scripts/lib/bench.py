@@ -19,6 +19,8 @@ Sections (pick with --only NAME[,NAME]):
             emulation in worker processes vs in the server's process (bench_isolation.py)
   snapshots Unicorn save/restore through the SDK vs GetSession (workers and in-process),
             vs QEMU's snapshots, driver vs raw Unicorn; sizes per board (bench_snapshots.py)
+  cosim     2 Unicorn nodes in lock-step (1k/10k/100k quanta) vs 1 alone with icount;
+            mixed Unicorn/QEMU; the exact cross-node halt (bench_cosim.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
 """
 
@@ -461,6 +463,7 @@ SECTIONS = {"unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_co
 def _more_sections() -> None:
     """Sections in modules of their own (they import this one, so they load after it)."""
     from bench_control_plane import bench_control_plane
+    from bench_cosim import bench_cosim
     from bench_isolation import bench_isolation
     from bench_qemu_scale import bench_qemu_scale
     from bench_scale import bench_scale
@@ -471,6 +474,7 @@ def _more_sections() -> None:
     SECTIONS["snapshots"] = bench_snapshots
     SECTIONS["qemu_scale"] = bench_qemu_scale
     SECTIONS["scale"] = bench_scale
+    SECTIONS["cosim"] = bench_cosim
 
 
 
