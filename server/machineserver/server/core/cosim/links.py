@@ -103,17 +103,20 @@ class Watches:
 
 
 def _changed_span(old: bytes, new: bytes) -> tuple[int, int] | None:
-    """The smallest [start, end) holding every byte that differs; None when equal."""
+    """The smallest [start, end) holding every byte that differs; None when equal. Two
+    big-integer operations, not a Python loop: the set bits of ``old ^ new`` (read little
+    endian) are the changed bytes' bits."""
     if old == new:
         return None
-    n = len(new)
-    start = 0
-    while start < n and old[start] == new[start]:
-        start += 1
-    end = n
-    while end > start and old[end - 1] == new[end - 1]:
-        end -= 1
-    return start, end
+    diff = int.from_bytes(old, "little") ^ int.from_bytes(new, "little")
+    return ((diff & -diff).bit_length() - 1) // 8, (diff.bit_length() + 7) // 8
+
+
+def _merge(into: bytearray, before: bytes, copy: bytes, start: int, end: int) -> None:
+    """Write into ``into`` the bytes of ``copy[start:end]`` that differ from ``before``."""
+    for k in range(start, end):
+        if copy[k] != before[k]:
+            into[k] = copy[k]
 
 
 def _time_due(latency_ns: int, hz_ref: int) -> int:
@@ -214,25 +217,30 @@ class Exchange:
     def _share(self, li: int, link: SharedRegion, time_ref: int, results: list[QuantumResult],
                writes: list[list[Segment]], traffic: list[Traffic]) -> None:
         before = self.state.shared[li]
-        merged = bytearray(before)
         copies: list[bytes] = []
+        writers: list[tuple[int, int, int]] = []  # (mapping index, start, end) of each copy that changed
         for mi, (member, _) in enumerate(link.mappings):
             _, index = self.watches.where[(li, mi)]
             copy = results[member].watched[index]
             copies.append(copy)
             span = _changed_span(before, copy)
-            if span is None:
-                continue
-            start, end = span
-            for k in range(start, end):
-                if copy[k] != before[k]:
-                    merged[k] = copy[k]
-            traffic.append(Traffic("shared_memory", time_ref, li, member, data=copy[start:end], offset=start))
-        value = bytes(merged)
-        if value == before:
+            if span is not None:
+                writers.append((mi, *span))
+                traffic.append(Traffic("shared_memory", time_ref, li, member, data=copy[span[0]:span[1]],
+                                       offset=span[0]))
+        if not writers:
             return
+        if len(writers) == 1:  # one writer (the common case): its copy is the value
+            value = copies[writers[0][0]]
+        else:
+            merged = bytearray(before)
+            for mi, start, end in writers:
+                _merge(merged, before, copies[mi], start, end)
+            value = bytes(merged)
         self.state.shared[li] = value
         for mi, (member, address) in enumerate(link.mappings):
+            if len(writers) == 1 and mi == writers[0][0]:
+                continue
             span = _changed_span(copies[mi], value)
             if span is not None:
                 start, end = span
