@@ -9,7 +9,9 @@ raises interrupts every few quanta. For information at 10k: the same pair withou
 (lock-step alone), and with a second region (both directions, as the ring firmware).
 
 1. aggregate instructions/s of two Unicorn nodes in lock-step (emulation in worker
-   processes, the default) at quanta of 1k, 10k and 100k instructions, against ONE node
+   processes, the default; created off, so CreateCoSimulation puts both in one worker and
+   the quantum loop runs there; for information, the same with the nodes in two workers and
+   the loop in the server) at quanta of 1k, 10k and 100k instructions, against ONE node
    alone run for the same virtual time with exact counting (session option icount=true,
    as lock-step counts; StepSession count=N). For information, the same against the
    node alone in the default uncounted mode (run to its exit; the instruction count is
@@ -52,9 +54,10 @@ HALT_HITS = 10
 BLOCK_INSTRUCTIONS = 3_000  # about, per cosim_spin block (to space the breakpoint hits)
 
 
-async def _node(c: Any, program: str, backend: str = "unicorn", *, icount: bool = True) -> str:
+async def _node(c: Any, program: str, backend: str = "unicorn", *, icount: bool = True,
+                power_on: bool = True) -> str:
     s = (await c.sessions.create_session(board_template=BOARD, program=program, backend=backend,
-                                         options={"icount": icount}, power_on=True)).session
+                                         options={"icount": icount}, power_on=power_on)).session
     return str(s.name)
 
 
@@ -74,8 +77,13 @@ def _links(a: str, b: str, topology: str) -> list[dict[str, Any]]:
 
 
 async def _pair(c: Any, program: str, quantum: int, backends: tuple[str, str] = ("unicorn", "unicorn"),
-                mark_every: int = 0, topology: str = ONE_WAY) -> tuple[str, list[str]]:
-    nodes = [await _node(c, program, b) for b in backends]
+                mark_every: int = 0, topology: str = ONE_WAY, spread: bool = False) -> tuple[str, list[str]]:
+    """Created off, CreateCoSimulation powers the nodes on in one worker process, where the
+    quantum loop runs with no round trip per quantum (a node powered on before, the one
+    with the mark, takes the other to its worker). ``spread``: each powered on before, in
+    a worker of its own (the least loaded), so the loop runs in the server with a round
+    trip to each worker per quantum."""
+    nodes = [await _node(c, program, b, power_on=spread) for b in backends]
     if mark_every:
         await _set_mark(c, nodes[1], mark_every)
     cosim = (await c.cosim.create_co_simulation(sessions=nodes, links=_links(*nodes, topology),
@@ -88,6 +96,7 @@ async def _pair(c: Any, program: str, quantum: int, backends: tuple[str, str] = 
 async def _set_mark(c: Any, name: str, every: int) -> None:
     """Run to main (the startup code has initialised .data), set spin_mark_every, and put
     a breakpoint on spin_mark()."""
+    await c.sessions.power_on_session(name=name)
     bp = (await c.debug.set_breakpoint(name=name, location={"symbol": "main"})).breakpoint
     stop = (await c.debug.continue_(name=name, wait=True, timeout=60)).stop
     assert stop.pc == bp.address, stop
@@ -142,10 +151,11 @@ async def _uncounted_round(c: Any, program: str) -> float:
 
 
 async def _throughput(c: Any, program: str, quantum: int, quanta: int, backends: tuple[str, str],
-                      alone_backend: str, uncounted: bool, topology: str = ONE_WAY) -> dict[str, float]:
+                      alone_backend: str, uncounted: bool, topology: str = ONE_WAY,
+                      spread: bool = False) -> dict[str, float]:
     """Interleaved rounds: the pair for ``quanta`` quanta, the node alone (icount) for the
     same virtual time, and (``uncounted``) the node alone run to exit without icount."""
-    cosim, nodes = await _pair(c, program, quantum, backends, topology=topology)
+    cosim, nodes = await _pair(c, program, quantum, backends, topology=topology, spread=spread)
     alone = await _node(c, program, alone_backend, icount=True)
     n = quantum * quanta
     ours, peer, free, per_q = [], [], [], []
@@ -226,6 +236,11 @@ async def bench_cosim(server: Server) -> None:
             r = await _throughput(c, prog, 10_000, QUANTA[10_000], ("unicorn", "unicorn"), "unicorn",
                                   uncounted=False, topology=topology)
             line(f"  10k, {topology}", r["ours"] / 1e6, r["peer"] / 1e6, "MIPS",
+                 f"information; {r['ms_per_quantum']:.2f} ms per quantum")
+        for quantum in (10_000, 100_000):  # the loop in the server, a round trip per member per quantum
+            r = await _throughput(c, prog, quantum, QUANTA[quantum], ("unicorn", "unicorn"), "unicorn",
+                                  uncounted=False, spread=True)
+            line(f"  {quantum // 1000}k, nodes in two workers", r["ours"] / 1e6, r["peer"] / 1e6, "MIPS",
                  f"information; {r['ms_per_quantum']:.2f} ms per quantum")
     inproc = Server(extra=["--workers", "0"])  # what the worker round trips cost
     try:

@@ -1,4 +1,4 @@
-"""The barrier's rules (core/cosim/links.py), on made-up quantum results: the documented
+"""The barrier's rules (lockstep/links.py), on made-up quantum results: the documented
 ordering of shared memory, doorbells and serial bytes, conflicts, coalescing, latency,
 backpressure and counted drops."""
 
@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import struct
 
-from machineserver.server.core.cosim.links import Exchange, LinkState
-from machineserver.server.core.cosim.model import Doorbell, Link, Serial, SharedRegion
 from machineserver.server.drivers.base import QuantumResult, Segment
+from machineserver.server.lockstep.links import Doorbell, Exchange, Link, LinkState, Serial, SharedRegion
 
 HZ = 25_000_000
 ZERO = bytes(8)

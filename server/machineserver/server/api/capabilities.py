@@ -19,11 +19,11 @@ from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.interceptors import preserialized
 from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices
-from machineserver.server.core.cosim.model import LINK_KINDS
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.features import served_features
 from machineserver.server.core.models import BoardTemplateRecord
 from machineserver.server.drivers.base import BoardSpec, Feature, MemoryFootprint
+from machineserver.server.lockstep.links import LINK_KINDS
 from machineserver.v1 import capabilities_pb2 as pb
 from machineserver.v1 import capabilities_pb2_grpc as pb_grpc
 from machineserver.v1 import telemetry_pb2

@@ -16,13 +16,10 @@ from machineserver.server.core.cosim.model import (
     CoSimRecord,
     CoSimSnapshotRecord,
     CoSimState,
-    Doorbell,
-    Link,
-    Serial,
-    SharedRegion,
 )
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.listing import resource_id
+from machineserver.server.lockstep.links import Doorbell, Link, Serial, SharedRegion
 from machineserver.v1 import cosim_pb2 as pb
 from machineserver.v1 import cosim_pb2_grpc as pb_grpc
 

@@ -71,6 +71,7 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.store.console_files import ConsoleStore
 from machineserver.server.store.db import Database
+from machineserver.server.worker.remote import RemoteMachine
 
 log = structlog.get_logger(__name__)
 
@@ -454,7 +455,9 @@ class SessionManager:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def power_on(self, live: LiveSession) -> None:
+    async def power_on(self, live: LiveSession, near: LiveSession | None = None) -> None:
+        """``near``: a session whose machine this one works with (a co-simulation's
+        member): run in the same worker process where possible."""
         async with live.lock:
             if live.machine is not None and live.state in POWERED:
                 return
@@ -466,6 +469,8 @@ class SessionManager:
                 extra={"coverage": "1"} if live.record.coverage else {},
             )
             machine = backend.create_machine(live.board, options, live)
+            if near is not None and isinstance(machine, RemoteMachine) and isinstance(near.machine, RemoteMachine):
+                machine.near = near.machine
             with driver_errors():
                 await machine.power_on()
             live.machine = machine

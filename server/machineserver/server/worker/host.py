@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,12 +28,14 @@ import structlog
 
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.discovery import discover_backends
+from machineserver.server.lockstep.runner import Halt, Runner, RunState, Topology
 from machineserver.server.worker import wire
 from machineserver.server.worker.wire import Status, Traits
 
 log = structlog.get_logger("machineserver.worker")
 
 STATUS_INTERVAL = 0.05  # seconds between status pushes for running machines
+PROGRESS_INTERVAL = 0.05  # seconds between a co-simulation segment's progress events
 WORKER_NICE = 10  # workers run at this much lower a priority than the server
 
 INTERFACES: dict[str, type[drv.Capability]] = {
@@ -76,6 +79,7 @@ class WorkerHost:
         self._loop = loop
         self.machines: dict[str, drv.Machine] = {}
         self._pushed: dict[str, Status] = {}
+        self._runners: dict[str, Runner] = {}  # co-simulation segments running here, by first member
         self._loop_thread = threading.get_ident()  # made on the loop's thread
 
     # ------------------------------------------------------------------ from drivers
@@ -167,6 +171,39 @@ class WorkerHost:
             result = await result
         return result
 
+    async def run_lockstep(self, mid: str, mids: list[str], topology: Topology, state: RunState, max_quanta: int,
+                           until_ref: int, labels: list[str]) -> tuple[RunState, Halt | None]:
+        """A co-simulation segment over machines all hosted here (the first is ``mid``):
+        console bytes go out as each member's console events, traffic and progress as
+        lock-step events of the first; answers the state after it and the halt, if any."""
+        parts = []
+        for m in mids:
+            machine = self.machines.get(m)
+            if machine is None:
+                raise drv.WrongState(f"machine {m} is not hosted by this worker", state="gone")
+            parts.append(machine.capability(drv.LockStep))
+        progress = [0.0]
+
+        def on_barrier(time_ref: int, quanta: int) -> None:
+            now = time.monotonic()
+            if now - progress[0] >= PROGRESS_INTERVAL:
+                progress[0] = now
+                self.event(mid, "lockstep", ("barrier", time_ref, quanta))
+
+        runner = Runner(topology, state, parts, labels, lambda i, data: self.event(mids[i], "console", data),
+                        lambda traffic: self.event(mid, "lockstep", ("traffic", traffic)), on_barrier)
+        self._runners[mid] = runner
+        try:
+            halt = await runner.run(max_quanta, until_ref)
+        finally:
+            self._runners.pop(mid, None)
+        return runner.state, halt
+
+    def pause_lockstep(self, mid: str) -> None:
+        runner = self._runners.get(mid)
+        if runner is not None:
+            runner.pause_requested = True
+
     async def drop(self, mid: str) -> None:
         machine = self.machines.pop(mid, None)
         self._pushed.pop(mid, None)
@@ -232,6 +269,13 @@ async def serve(sock: socket.socket, backends: Mapping[str, drv.Backend]) -> Non
         elif kind == "drop":
             _, rid, mid = message
             start(rid, mid, functools.partial(host.drop, mid))
+        elif kind == "lockstep":
+            _, rid, mid, mids, topology, state, max_quanta, until_ref, labels = message
+            start(rid, mid, functools.partial(host.run_lockstep, mid, mids, topology, state, max_quanta,
+                                              until_ref, labels))
+        elif kind == "lockstep_pause":
+            _, rid, mid = message
+            start(rid, mid, functools.partial(host.pause_lockstep, mid))
         elif kind == "cancel":
             task = calls.get(message[1])
             if task is not None:

@@ -63,12 +63,16 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [link.pid for link in self.links if link.alive]
 
-    async def place(self) -> WorkerLink:
-        """The worker for a new machine: the least loaded live one with room, or a new one
-        while there are fewer than ``size`` (or all are full)."""
+    async def place(self, near: WorkerLink | None = None) -> WorkerLink:
+        """The worker for a new machine: ``near`` when it is alive and has room (machines
+        that work together, e.g. a co-simulation's members); otherwise the least loaded
+        live one with room, or a new one while there are fewer than ``size`` (or all are
+        full)."""
         async with self._lock:
             if self._closed:
                 raise drv.BackendFailed("the server is shutting down")
+            if near is not None and near.alive and len(near.machines) < self.max_machines:
+                return near
             self.links = [link for link in self.links if link.alive]
             open_links = [link for link in self.links if len(link.machines) < self.max_machines]
             if len(self.links) < self.size or not open_links:

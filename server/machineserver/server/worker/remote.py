@@ -14,7 +14,7 @@ power_off; the core makes a new machine for the next power_on.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from machineserver.server.drivers import base as drv
@@ -47,6 +47,9 @@ class RemoteMachine(drv.Machine):
         # session's registers are answered without a round trip to a worker that may be busy
         self.registers: dict[str, int] | None = None
         self.footprint: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        # who hears this machine's lock-step events (a co-simulation segment running in its worker)
+        self.on_lockstep: Callable[[Any], None] | None = None
+        self.near: RemoteMachine | None = None  # power on in this machine's worker if it can
         parts: dict[type[drv.Capability], drv.Capability] = {
             drv.RunControl: RemoteRunControl(self), drv.RegisterAccess: RemoteRegisters(self),
             drv.MemoryAccess: RemoteMemory(self), drv.Breakpoints: RemoteBreakpoints(self),
@@ -78,6 +81,10 @@ class RemoteMachine(drv.Machine):
         self.footprint = (pids, tids)
 
     def on_event(self, kind: str, payload: Any, status: Status | None) -> None:
+        if kind == "lockstep":
+            if self.on_lockstep is not None:
+                self.on_lockstep(payload)
+            return
         if kind != "console":
             self.registers = None
         if status is not None:
@@ -117,7 +124,7 @@ class RemoteMachine(drv.Machine):
         """One round trip: the worker makes the machine (the first time), powers it on and
         answers its traits (register names can depend on the target)."""
         if self.link is None:
-            link = await self.pool.place()
+            link = await self.pool.place(self.near.link if self.near is not None else None)
             link.machines[self.mid] = self
             self.link = link
             try:

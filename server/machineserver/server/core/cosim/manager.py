@@ -19,17 +19,14 @@ from typing import Any
 import structlog
 
 from machineserver.server.core.cosim import artifact
-from machineserver.server.core.cosim.coordinator import Coordinator, Halt, Member, ReplayDiverged
-from machineserver.server.core.cosim.links import Exchange, LinkState, Traffic
+from machineserver.server.core.cosim.coordinator import Coordinator
 from machineserver.server.core.cosim.model import (
     MAX_MEMBERS,
     CoSimRecord,
     CoSimSnapshotRecord,
     CoSimState,
-    Link,
     board_hz,
     check_quantum,
-    link_to_dict,
     validate_links,
 )
 from machineserver.server.core.errors import (
@@ -42,9 +39,11 @@ from machineserver.server.core.errors import (
 from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.pubsub import Hub, Subscription
-from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
+from machineserver.server.core.sessions import POWERED, LiveSession, SessionManager, driver_errors
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import Feature, MachineState, Snapshots, StopInfo, StopReason
+from machineserver.server.lockstep.links import Exchange, Link, LinkState, Traffic, link_to_dict
+from machineserver.server.lockstep.runner import Halt, ReplayDiverged, RunState, Topology, enter
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
 
@@ -156,7 +155,7 @@ class CoSimManager:
         for rt in list(self._runtimes.values()):
             if rt.task is not None and not rt.task.done():
                 if rt.coord is not None:
-                    rt.coord.pause_requested = True
+                    await rt.coord.request_pause()
                 await asyncio.wait({rt.task}, timeout=STOP_TIMEOUT_S)
         self.events.close()
 
@@ -180,18 +179,20 @@ class CoSimManager:
     def members(self, rt: Runtime) -> list[MemberView]:
         out = []
         coord = rt.coord
+        running = rt.state is CoSimState.RUNNING
         for i, live in enumerate(rt.lives):
-            since = 0
-            if coord is not None and i < len(coord.members):
-                m = coord.members[i]
-                since = m.cycles - m.origin
             hz = board_hz(live.board)
+            since = 0
+            if running:  # every member is at the co-simulation's time at each barrier
+                since = rt.rec.time_ref * hz // rt.rec.hz_ref
+            elif coord is not None and i < len(coord.state.cycles):
+                since = coord.state.cycles[i] - coord.state.origins[i]
             out.append(MemberView(live.record.name, since * 10**9 // hz, since, live.state,
                                   live.board.name, live.record.backend))
         return out
 
     def link_state(self, rt: Runtime) -> LinkState:
-        return rt.coord.exchange.state if rt.coord is not None else LinkState.from_dict(rt.rec.link_state)
+        return rt.coord.state.links if rt.coord is not None else LinkState.from_dict(rt.rec.link_state)
 
     def _save(self, rec: CoSimRecord) -> None:
         rec.update_time = now()
@@ -218,9 +219,10 @@ class CoSimManager:
                 raise FailedPrecondition(f"session {live.id} already belongs to co-simulation "
                                          f"{live.membership.name}", required="not in a co-simulation")
             self._check_lockstep(live)
-        for live in lives:  # an OFF member is powered on (with its program)
+        for live in lives:  # an OFF member is powered on (with its program), beside the others
             if live.state is MachineState.OFF or live.machine is None:
-                await self.sessions.power_on(live)
+                near = next((x for x in lives if x.machine is not None and x.state in POWERED), None)
+                await self.sessions.power_on(live, near)
             elif live.state is not MachineState.HALTED:
                 raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
                                          "or off (pause or reset it first)", state=live.state.value,
@@ -250,34 +252,35 @@ class CoSimManager:
                      inputs: Sequence[drv.BarrierInput] | None = None) -> None:
         """Put the members in lock-step and build the coordinator. ``since``: each
         member's cycles since time 0 (a restore), else time 0 is now."""
-        exchange = Exchange(rt.links, len(rt.lives), rt.rec.hz_ref, link_state)
+        topology = Topology(tuple(rt.links), tuple(board_hz(live.board) for live in rt.lives),
+                            rt.rec.quantum_ref, rt.rec.hz_ref)
+        watches = topology.watches()
+        parts = [live.require_halted("join a co-simulation").capability(drv.LockStep) for live in rt.lives]
         try:
             with driver_errors():
-                members = await Coordinator.begin(rt.lives, exchange.watches.ranges)
-        except drv.WrongState as exc:
-            raise FailedPrecondition(f"cannot start lock-step: {exc}") from None
+                cycles = await enter(parts, watches)
         except MachineServerError as exc:
             raise FailedPrecondition(f"cannot start lock-step: {exc}") from None
-        for i, m in enumerate(members):
-            m.origin = m.cycles - (since[i] if since is not None else 0)
-        coord = Coordinator(rt.rec, members, exchange, lambda tr: self._traffic(rt, tr),
-                            lambda: self._barrier(rt))
+        origins = [c - (since[i] if since is not None else 0) for i, c in enumerate(cycles)]
+        state = RunState(rt.rec.time_ref, rt.rec.quanta, origins, list(cycles),
+                         [drv.BarrierInput()] * len(cycles), link_state or LinkState())
         if since is None:
-            rt.rec.origins = [m.origin for m in members]
-            contents = await self._read_watched(members, exchange.watches.ranges)
+            rt.rec.origins = origins
+            exchange = Exchange(rt.links, len(rt.lives), rt.rec.hz_ref, state.links)
+            contents = await self._read_watched(rt.lives, watches)
             exchange.prime(contents)
-            coord.inputs = [drv.BarrierInput(tuple(w)) for w in exchange.initial_writes(contents)]
+            state.inputs = [drv.BarrierInput(tuple(w)) for w in exchange.initial_writes(contents)]
         elif inputs is not None:
-            coord.inputs = list(inputs)
-        rt.coord = coord
+            state.inputs = list(inputs)
+        rt.coord = Coordinator(rt.lives, topology, state, lambda tr: self._traffic(rt, tr),
+                               lambda t, q: self._barrier(rt, t, q))
 
     @staticmethod
-    async def _read_watched(members: list[Member], ranges: list[list[tuple[int, int]]]) -> list[tuple[bytes, ...]]:
+    async def _read_watched(lives: Sequence[LiveSession], ranges: list[list[tuple[int, int]]]) -> list[tuple[bytes, ...]]:
         out = []
-        for m, rs in zip(members, ranges, strict=True):
-            machine = m.live.require_machine("read shared memory")
-            mem = machine.capability(drv.MemoryAccess)
-            with driver_errors(m.live):
+        for live, rs in zip(lives, ranges, strict=True):
+            mem = live.require_machine("read shared memory").capability(drv.MemoryAccess)
+            with driver_errors(live):
                 out.append(tuple([await mem.read_memory(a, n) for a, n in rs]))
         return out
 
@@ -342,7 +345,7 @@ class CoSimManager:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            coord.pause_requested = True
+            await coord.request_pause()
             await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
             raise
 
@@ -350,11 +353,10 @@ class CoSimManager:
         task = rt.task
         if task is None or task.done() or rt.coord is None:
             return
-        rt.coord.pause_requested = True
+        await rt.coord.request_pause()
         await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
 
     def _launch(self, rt: Runtime, coord: Coordinator, max_quanta: int, until_ref: int) -> asyncio.Task[None]:
-        coord.pause_requested = False
         rt.rec.state, rt.rec.state_reason = CoSimState.RUNNING.value, "running"
         rt.rec.last_stop = None
         for live in rt.lives:
@@ -369,6 +371,7 @@ class CoSimManager:
     async def _segment(self, rt: Runtime, coord: Coordinator, max_quanta: int, until_ref: int) -> None:
         try:
             halt = await coord.run(max_quanta, until_ref)
+            rt.rec.time_ref, rt.rec.quanta = coord.state.time_ref, coord.state.quanta
         except asyncio.CancelledError:
             await self._settle_members(rt, "halted: the server is stopping")
             self._end_segment(rt, CoSimState.PAUSED, "halted: the server is stopping")
@@ -458,8 +461,9 @@ class CoSimManager:
     def _state_event(self, rt: Runtime, message: str) -> None:
         self._publish(rt, "state", message)
 
-    def _barrier(self, rt: Runtime) -> None:
+    def _barrier(self, rt: Runtime, time_ref: int, quanta: int) -> None:
         # a long run's progress reaches the record every so often, not at every barrier
+        rt.rec.time_ref, rt.rec.quanta = time_ref, quanta
         t = time.monotonic()
         if t - rt.saved_at >= SAVE_EVERY_S:
             rt.saved_at = t
@@ -499,7 +503,7 @@ class CoSimManager:
 
     async def snapshot(self, rt: Runtime, display_name: str, owner: str = "") -> CoSimSnapshotRecord:
         coord = self._require_runnable(rt, "take a snapshot")
-        if coord.mid is not None:
+        if coord.state.mid is not None:
             raise FailedPrecondition(f"co-simulation {rt.rec.name} is halted between barriers (at "
                                      f"{rt.rec.ns(rt.rec.time_ref)} ns); step it to the next barrier first",
                                      required="at a barrier")
@@ -512,8 +516,8 @@ class CoSimManager:
                 with driver_errors(live):
                     blobs.append(await machine.capability(Snapshots).save_state())
         art = artifact.Artifact(self._shape(rt), rt.rec.time_ref, rt.rec.quanta,
-                                tuple(m.cycles - m.origin for m in coord.members),
-                                coord.exchange.state.to_dict(), tuple(coord.inputs), tuple(blobs))
+                                tuple(c - o for c, o in zip(coord.state.cycles, coord.state.origins, strict=True)),
+                                coord.state.links.to_dict(), tuple(coord.state.inputs), tuple(blobs))
         data = artifact.encode(art)
         if self.max_snapshot_bytes and len(data) > self.max_snapshot_bytes:
             raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} bytes")
@@ -571,7 +575,8 @@ class CoSimManager:
             rt.coord = None
         for live in rt.lives:
             if live.machine is None or live.state in (MachineState.OFF, MachineState.FAILED):
-                await self.sessions.power_on(live)
+                near = next((x for x in rt.lives if x.machine is not None and x.state in POWERED), None)
+                await self.sessions.power_on(live, near)
         for live, blob in zip(rt.lives, art.blobs, strict=True):
             async with live.lock:
                 machine = live.require_machine("restore a co-simulation snapshot")

@@ -15,6 +15,7 @@ from typing import Any
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.models import now
 from machineserver.server.drivers.base import BoardSpec
+from machineserver.server.lockstep.links import Doorbell, Link, SharedRegion, link_from_dict
 
 MAX_MEMBERS = 16
 MAX_LINKS = 64
@@ -31,55 +32,6 @@ class CoSimState(enum.StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"  # a member exited or faulted
     FAILED = "failed"  # a member's backend failed
-
-
-@dataclass(frozen=True)
-class SharedRegion:
-    """One region in several members: (member index, address) each."""
-
-    mappings: tuple[tuple[int, int], ...]
-    size: int
-
-
-@dataclass(frozen=True)
-class Doorbell:
-    source: int
-    address: int
-    mask: int
-    target: int
-    irq: int
-    latency_ns: int
-
-
-@dataclass(frozen=True)
-class Serial:
-    a: int
-    b: int
-    queue_limit: int
-
-
-Link = SharedRegion | Doorbell | Serial
-# what CapabilitiesService lists as the bus kinds co-simulation links model
-LINK_KINDS = ("shared-memory", "interrupt", "serial")
-
-
-def link_to_dict(link: Link) -> dict[str, Any]:
-    if isinstance(link, SharedRegion):
-        return {"kind": "shared_memory", "mappings": [list(m) for m in link.mappings], "size": link.size}
-    if isinstance(link, Doorbell):
-        return {"kind": "interrupt", "source": link.source, "address": link.address, "mask": link.mask,
-                "target": link.target, "irq": link.irq, "latency_ns": link.latency_ns}
-    return {"kind": "serial", "a": link.a, "b": link.b, "queue_limit": link.queue_limit}
-
-
-def link_from_dict(data: dict[str, Any]) -> Link:
-    kind = data["kind"]
-    if kind == "shared_memory":
-        return SharedRegion(tuple((int(i), int(a)) for i, a in data["mappings"]), int(data["size"]))
-    if kind == "interrupt":
-        return Doorbell(data["source"], data["address"], data["mask"], data["target"], data["irq"],
-                        data["latency_ns"])
-    return Serial(data["a"], data["b"], data["queue_limit"])
 
 
 @dataclass
