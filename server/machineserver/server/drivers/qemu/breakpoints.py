@@ -44,6 +44,9 @@ class QemuBreakpoints(Breakpoints):
         async with self.target.op:
             if address in self.points.breakpoints:
                 return
+            if self.points.held:
+                await self._held_changed(address=address, hardware=hardware)
+                return
             async with self.run_control.halted_for_edit():
                 if self.target.process.alive:
                     try:
@@ -61,10 +64,34 @@ class QemuBreakpoints(Breakpoints):
         async with self.target.op:
             if address not in self.points.breakpoints:
                 return
+            if self.points.held:
+                await self._held_changed(address=address, hardware=None)
+                return
             async with self.run_control.halted_for_edit():
                 hardware = self.points.breakpoints.pop(address)
                 if self.target.process.alive:
                     await self.points.remove_breakpoint(self.target.stub(), address, hardware)
+
+
+    async def _held_changed(self, *, address: int, hardware: bool | None) -> None:
+        """Lock-step (halted between quanta): the gate holds the breakpoints; set
+        (``hardware`` given) or clear the one at ``address`` there."""
+        if hardware is None:
+            self.points.breakpoints.pop(address, None)
+        else:
+            self.points.breakpoints[address] = hardware
+        await held_changed(self.target, self.points)
+
+
+async def held_changed(target: QemuTarget, points: PointTable) -> None:
+    """Put the table into the gate again after an edit in lock-step."""
+    gate = target.process.gate
+    if target.process.alive and gate is not None:
+        try:
+            await points.hold_in(gate)
+        except (RuntimeError, ValueError) as exc:
+            raise BadRequest(f"the lock-step gate cannot take the points: {exc}",
+                             field="address") from None
 
 
 class QemuWatchpoints(Watchpoints):
@@ -85,6 +112,10 @@ class QemuWatchpoints(Watchpoints):
         async with self.target.op:
             if key in self.points.watchpoints:
                 return
+            if self.points.held:
+                self.points.watchpoints.add(key)
+                await held_changed(self.target, self.points)
+                return
             async with self.run_control.halted_for_edit():
                 if self.target.process.alive:
                     try:
@@ -101,6 +132,10 @@ class QemuWatchpoints(Watchpoints):
         key = (address, size, kind)
         async with self.target.op:
             if key not in self.points.watchpoints:
+                return
+            if self.points.held:
+                self.points.watchpoints.discard(key)
+                await held_changed(self.target, self.points)
                 return
             async with self.run_control.halted_for_edit():
                 self.points.watchpoints.discard(key)

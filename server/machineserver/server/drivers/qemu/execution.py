@@ -36,6 +36,7 @@ from machineserver.server.drivers.base import (
     StopInfo,
     StopReason,
 )
+from machineserver.server.drivers.qemu.gate import WATCH_WRITE
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP, STEP_TIMEOUT, StopDecoder
@@ -59,6 +60,9 @@ class Executor:
         self._interrupt_sent = False
         self._interrupt_sent_event = asyncio.Event()
         self._fine_blocks = True  # HMP "singlestep on" works on this QEMU
+        # lock-step: whether the quantum's end is reached (single steps, which run with
+        # QEMU's timers off, check it before each step: they never pass the end)
+        self._reached: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ stopping early
     def request_stop(self) -> None:
@@ -88,11 +92,14 @@ class Executor:
         """Run until something stops the program: a breakpoint, watchpoint, exit, fault
         or a stop request (HALT); ``reached``: lock-step, whether the plugin's deadline has
         stopped the VM (then a HALT too, never resumed past)."""
+        self._reached = reached
         with self.target.process.waiting():
             try:
                 return self._conclude(await self._run(reached))
             except RspClosed:
                 return self._conclude(await self.target.process.death_result())
+            finally:
+                self._reached = None
 
     async def advance(self, count: int) -> StopInfo:
         """Execute ``count`` instructions (>= 1), or fewer if something stops the program
@@ -131,6 +138,9 @@ class Executor:
                 continue
             reply = await self._resume(b"c", hold_after=self._gate_holds())
             site = self.traps.pending()
+            hit = await self._watch_hit()
+            if hit is not None:
+                return hit
             if site is not None and self._plain(reply, SIGINT):
                 info, _ = await self._approach(site, None)
             else:
@@ -189,15 +199,39 @@ class Executor:
         stop to report, if any, and the steps made."""
         start = pc = await self.target.read_pc()
         steps = 0
+        if pc in self.points.breakpoints and (self._reached is None or not self._reached()):
+            return StopInfo(StopReason.BREAKPOINT, pc=pc), steps  # held before it ran
         while start <= pc < site and (budget is None or steps < budget) and not self._stop_requested:
+            if self._reached is not None and self._reached():
+                break
             reply = await self._single()
             steps += 1
+            hit = await self._watch_hit()
+            if hit is not None:
+                return hit, steps
             if not self._plain(reply, SIGTRAP):
                 return await self._settle(reply, StopReason.STEP), steps
             pc = await self.target.read_pc()
+            if self._reached is not None and self._reached():
+                break  # a breakpoint here is reported by the next quantum, before it runs
             if pc in self.points.breakpoints and (budget is None or steps < budget):
                 return StopInfo(StopReason.BREAKPOINT, pc=pc), steps
         return None, steps
+
+    async def _watch_hit(self) -> StopInfo | None:
+        """Lock-step: the watchpoint the plugin saw hit (after the access), if any."""
+        gate = self.target.process.gate
+        if not self.points.held or gate is None:
+            return None
+        hit = gate.take_hit()
+        if hit is None:
+            return None
+        address, _, access = hit
+        pc = await self.target.read_pc()
+        data = await self.target.stub().read_memory(address, self.points.watch_size(address))
+        return StopInfo(StopReason.WATCHPOINT, pc=pc, watch_address=address,
+                        watch_value=int.from_bytes(data, "little"),
+                        watch_access="write" if access & WATCH_WRITE else "read")
 
     async def _step_from(self, pc: int) -> StopInfo | None:
         """One instruction from ``pc`` (a semihosting trap there is handled: an exit
@@ -209,7 +243,19 @@ class Executor:
                 return exit_info
             reply = await self.traps.perform(pc, self._single)
         else:
-            reply = await self._single()
+            gate = self.target.process.gate
+            held = self.points.held and gate is not None and pc in gate.break_sites
+            if held:
+                assert gate is not None
+                gate.pass_trap(pc)  # the step runs the instruction at a held breakpoint
+            try:
+                reply = await self._single()
+            finally:
+                if held and gate is not None:
+                    gate.pass_trap(None)
+        hit = await self._watch_hit()
+        if hit is not None:
+            return hit
         if self._plain(reply, SIGTRAP):
             return None
         return await self._settle(reply, StopReason.STEP)

@@ -40,8 +40,16 @@ NEVER = (1 << 64) - 1
 _VERSION, _FLAGS = 8, 12
 _EXECUTED, _LIMIT, _REQUEST, _APPLIED, _ARMED, _HOLDING, _HOLDS = 16, 24, 32, 40, 48, 52, 56
 _NTRAPS, _PENDING, _PASS, _TRAPS = 64, 72, 80, 128
-_DEADLINE, _VCLOCK, _STOPS, _REACHED, _IDLE = 88, 96, 104, 112, 120
-MAX_TRAPS = (SIZE - _TRAPS) // 8
+_DEADLINE, _VCLOCK, _STOPS, _REACHED, _IDLE, _NBREAKS = 88, 96, 104, 112, 120, 124
+_TAIL = 3840  # lock-step inputs and watchpoints
+_IRQS, _COMMANDS, _COMMAND_ERROR, _NWATCH = _TAIL, _TAIL + 64, _TAIL + 72, _TAIL + 76
+_HIT_ADDRESS, _HIT_PC, _HIT_ACCESS, _HIT, _WATCH = (_TAIL + 80, _TAIL + 88, _TAIL + 96,
+                                                    _TAIL + 100, _TAIL + 104)
+IRQ_LINES = 16 * 32
+MAX_WATCH = 8
+WATCH_WRITE, WATCH_READ = 1, 2
+MAX_TRAPS = (_TAIL - _TRAPS) // 8  # trap and breakpoint sites together
+COMMAND_TIMEOUT = 2.0
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -59,15 +67,21 @@ class InstructionGate:
         self.ctl_path = os.path.join(directory, "gate.ctl")
         self.notify_path = os.path.join(directory, "gate.notify")
         self.release_path = os.path.join(directory, "gate.release")
+        self.command_path = os.path.join(directory, "gate.command")
         os.mkfifo(self.notify_path, 0o600)
         os.mkfifo(self.release_path, 0o600)
+        os.mkfifo(self.command_path, 0o600)
+        self._command_fd = -1
+        self._traps: list[int] = []
+        self._breaks: list[int] = []
         self._page: mmap.mmap | None = None
         self._last: dict[int, int] = {}
         self._notify_fd = -1
         self._release_fd = -1
 
     def plugin_options(self) -> dict[str, str]:
-        options = {"gate": self.ctl_path, "notify": self.notify_path, "release": self.release_path}
+        options = {"gate": self.ctl_path, "notify": self.notify_path, "release": self.release_path,
+                   "command": self.command_path}
         if self.always:
             options["always"] = "on"
         return options
@@ -91,15 +105,16 @@ class InstructionGate:
         self._page = page
         self._notify_fd = os.open(self.notify_path, os.O_RDWR | os.O_NONBLOCK)
         self._release_fd = os.open(self.release_path, os.O_RDWR | os.O_NONBLOCK)
+        self._command_fd = os.open(self.command_path, os.O_RDWR | os.O_NONBLOCK)
 
     def close(self) -> None:
         if self._page is not None:
             self._page.close()
             self._page = None
-        for fd in (self._notify_fd, self._release_fd):
+        for fd in (self._notify_fd, self._release_fd, self._command_fd):
             if fd >= 0:
                 os.close(fd)
-        self._notify_fd = self._release_fd = -1
+        self._notify_fd = self._release_fd = self._command_fd = -1
 
     # ------------------------------------------------------------------ state
     def _u64(self, offset: int) -> int:
@@ -155,14 +170,20 @@ class InstructionGate:
     def set_traps(self, sites: Iterable[int]) -> None:
         """The semihosting trap sites the plugin holds the vCPU before (see
         msplugin.c). At most :data:`MAX_TRAPS`. The VM must be stopped."""
-        assert self._page is not None
         addresses = sorted(sites)
-        if len(addresses) > MAX_TRAPS:
+        if len(addresses) + len(self._breaks) > MAX_TRAPS:
             raise ValueError(f"{len(addresses)} trap sites; the gate holds {MAX_TRAPS}")
+        self._traps = addresses
+        self._write_sites()
+
+    def _write_sites(self) -> None:
+        assert self._page is not None
         _U32.pack_into(self._page, _NTRAPS, 0)
-        for i, address in enumerate(addresses):
+        _U32.pack_into(self._page, _NBREAKS, 0)
+        for i, address in enumerate(self._traps + self._breaks):
             _U64.pack_into(self._page, _TRAPS + 8 * i, address)
-        _U32.pack_into(self._page, _NTRAPS, len(addresses))
+        _U32.pack_into(self._page, _NTRAPS, len(self._traps))
+        _U32.pack_into(self._page, _NBREAKS, len(self._breaks))
 
     def take_pending_trap(self) -> int | None:
         """The trap site of the last trap hold, if one came since the last call."""
@@ -209,6 +230,76 @@ class InstructionGate:
     def idle_at_deadline(self) -> bool:
         """Whether the vCPU slept (WFI, nothing pending) at the last deadline."""
         return self._page is not None and bool(_U32.unpack_from(self._page, _IDLE)[0])
+
+    # ------------------------------------------------------------------ barrier commands
+    @property
+    def break_sites(self) -> tuple[int, ...]:
+        return tuple(self._breaks)
+
+    def set_break_sites(self, sites: Iterable[int]) -> bool:
+        """Breakpoints the plugin holds the vCPU before, like trap sites but whatever the
+        instruction (lock-step: a gdbstub breakpoint's debug stop lets QEMU warp the
+        virtual clock). The VM must be stopped; :meth:`command` ``f`` flushes the
+        translations made before. False when the list did not change."""
+        addresses = sorted(set(sites))
+        if addresses == self._breaks:
+            return False
+        if len(addresses) + len(self._traps) > MAX_TRAPS:
+            raise ValueError(f"{len(addresses)} breakpoints; the gate holds "
+                             f"{MAX_TRAPS - len(self._traps)} besides the trap sites")
+        self._breaks = addresses
+        self._write_sites()
+        return True
+
+    def set_watches(self, watches: Iterable[tuple[int, int, int]]) -> None:
+        """Lock-step watchpoints (address, size, WATCH_WRITE|WATCH_READ bits), checked by
+        the plugin after each access; flush (``f``) after a change."""
+        assert self._page is not None
+        items = list(watches)[:MAX_WATCH]
+        _U32.pack_into(self._page, _NWATCH, 0)
+        for i, (address, size, access) in enumerate(items):
+            struct.pack_into("<QII", self._page, _WATCH + 16 * i, address, size, access)
+        _U32.pack_into(self._page, _NWATCH, len(items))
+
+    def take_hit(self) -> tuple[int, int, int] | None:
+        """The lock-step watchpoint hit since the last call: (watched address, pc of the
+        accessing instruction, WATCH_WRITE or WATCH_READ), or None."""
+        if self._page is None or not _U32.unpack_from(self._page, _HIT)[0]:
+            return None
+        hit = (self._u64(_HIT_ADDRESS), self._u64(_HIT_PC),
+               int(_U32.unpack_from(self._page, _HIT_ACCESS)[0]))
+        _U32.pack_into(self._page, _HIT, 0)
+        return hit
+
+    def set_irqs(self, lines: Iterable[int]) -> bool:
+        """Mark external interrupt lines for :meth:`command` ``i``; False when none."""
+        assert self._page is not None
+        words = [0] * (IRQ_LINES // 32)
+        for line in lines:
+            words[line // 32] |= 1 << (line % 32)
+        for i, bits in enumerate(words):
+            _U32.pack_into(self._page, _IRQS + 4 * i, bits)
+        return any(words)
+
+    async def command(self, codes: bytes) -> None:
+        """Have QEMU's main loop carry out barrier commands (the VM stopped): ``i`` set the
+        marked interrupts pending, ``f`` flush the translations. Waits until it has.
+        RuntimeError when QEMU does not answer in time or has no NVIC."""
+        assert self._page is not None
+        target = self._u64(_COMMANDS) + len(codes)
+        _U32.pack_into(self._page, _COMMAND_ERROR, 0)
+        os.write(self._command_fd, codes)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMMAND_TIMEOUT
+        spins = 0
+        while self._u64(_COMMANDS) < target:
+            if loop.time() > deadline:
+                raise RuntimeError(f"QEMU did not carry out the barrier commands {codes!r} "
+                                   f"within {COMMAND_TIMEOUT} s")
+            spins += 1
+            await asyncio.sleep(0 if spins < 200 else 0.0005)
+        if _U32.unpack_from(self._page, _COMMAND_ERROR)[0]:
+            raise RuntimeError("QEMU's machine has no NVIC to set interrupts pending in")
 
     def release(self) -> None:
         """Let a held vCPU run on."""

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from machineserver.server.drivers.base import (
     BadRequest,
     BarrierInput,
     BoardSpec,
+    DriverError,
     LockStep,
     MachineState,
     NotSupported,
@@ -48,12 +50,17 @@ from machineserver.server.drivers.base import (
     StopReason,
     WrongState,
 )
+from machineserver.server.drivers.qemu.launch import SSTEP_LIKE_RUNNING
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.runcontrol import QemuRunControl
 from machineserver.server.drivers.qemu.snapshots import SNAPSHOT_BROKEN, QemuSnapshots
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+from machineserver.server.rsp import RspError
 
-NVIC_ISPR = 0xE000E200
+# single steps with QEMU's timers off, interrupts taken (ENABLE|NOTIMER): a step that
+# ran with timers on would stop like a breakpoint, and QEMU warps the virtual clock of a
+# VM whose vCPU stopped for the debugger but that has not stopped yet
+SSTEP_TIMERS_OFF = b"Qqemu.sstep=0x5"
 RX_TIMEOUT = 2.0  # QEMU takes a console byte from its chardev within this, or is stuck
 CONSOLE_TIMEOUT = 2.0  # the console sockets are read dry within this
 _STOPS = (StopReason.BREAKPOINT, StopReason.WATCHPOINT, StopReason.EXIT, StopReason.FAULT)
@@ -111,6 +118,7 @@ class QemuLockStep(LockStep):
         # the pc of the breakpoint stop the last advance returned: the next one resumes
         # over it; any other breakpoint at the pc is reported before running
         self._reported_break: int | None = None
+        self._deadline_idle = False  # the last quantum ended at its deadline, asleep
         num_irq = 480
         nvic = next((p for p in target.board.peripherals if p.model == "nvic"), None)
         if nvic is not None:
@@ -169,15 +177,37 @@ class QemuLockStep(LockStep):
                     raise BadRequest(f"watched range 0x{address:08x}+{size} is not in the "
                                      "board's memory", field="watch")
                 ranges.append((address, size))
-            target.process.stub()
+            stub = target.process.stub()
             self._gate_ready()
             await self._console_settled()
+            gate = target.process.gate
+            assert gate is not None
+            await self.points.remove_all(stub)
+            self.points.held = True
+            try:
+                await self._hold_points()
+            except BaseException:
+                self.points.held = False
+                await self.points.insert_all(stub, gate)
+                raise
             self._watch = tuple(ranges)
             if target.console_capture is None:
                 target.console_capture = bytearray()
             self.active = True
             self._reported_break = None
             return self.cycles()
+
+    async def _hold_points(self) -> None:
+        """This QEMU ready for quanta: breakpoints and watchpoints in the plugin's gate,
+        single steps with QEMU's timers off (interrupts still taken)."""
+        target = self.target
+        gate = target.process.gate
+        assert gate is not None
+        try:
+            await self.points.hold_in(gate)
+        except (RuntimeError, ValueError) as exc:
+            raise await target.process.fail(f"lock-step: {exc}") from None
+        await target.stub().request_ok(SSTEP_TIMERS_OFF)
 
     async def end(self) -> None:
         async with self.target.op:
@@ -186,8 +216,17 @@ class QemuLockStep(LockStep):
             self.active = False
             capture, self.target.console_capture = self.target.console_capture, None
             gate = self.target.process.gate
+            self.points.held = False
             if gate is not None:
                 gate.set_deadline(None)
+            if gate is not None and self.target.process.alive:
+                with contextlib.suppress(DriverError, RspError, RuntimeError, OSError):
+                    gate.set_break_sites(())
+                    gate.set_watches(())
+                    await gate.command(b"f")
+                    stub = self.target.stub()
+                    await stub.request_ok(SSTEP_LIKE_RUNNING)
+                    await self.points.insert_all(stub, gate)
             if capture:  # nothing is left over normally: each advance takes its own
                 self.target.events.console_output(bytes(capture))
 
@@ -218,8 +257,13 @@ class QemuLockStep(LockStep):
             for segment in inputs.writes:
                 if segment.data:
                     await stub.write_memory(segment.address, segment.data)
-            for word, bits in sorted(pending.items()):
-                await stub.write_memory(NVIC_ISPR + 4 * word, bits.to_bytes(4, "little"))
+            if gate.set_irqs(inputs.irqs):
+                # the gdbstub's writes never reach the NVIC (QEMU 7.2 debug writes skip
+                # MMIO): the plugin sets them pending from QEMU's main loop
+                try:
+                    await gate.command(b"i")
+                except RuntimeError as exc:
+                    raise await target.process.fail(f"lock-step interrupts: {exc}") from None
             accepted = 0
             if inputs.console and await self._offer(inputs.console[0]):
                 accepted = 1
@@ -230,7 +274,7 @@ class QemuLockStep(LockStep):
             console = bytes(capture) if capture is not None else b""
             if capture is not None:
                 capture.clear()
-            idle = stop is None and until_cycles > now and gate.idle_at_deadline
+            idle = stop is None and self._deadline_idle
             watched: list[bytes] = []
             if target.process.alive:
                 for address, size in self._watch:
@@ -248,25 +292,43 @@ class QemuLockStep(LockStep):
             if pc in self.points.breakpoints and pc != reported:
                 self._reported_break = pc
                 return StopInfo(StopReason.BREAKPOINT, pc=pc)
+        self._deadline_idle = False
         if until_cycles == now:
             return None
         reached_before = gate.deadlines_reached
         stops_before = gate.stops
+
+        def reached() -> bool:
+            return gate.deadlines_reached > reached_before or self.cycles() >= until_cycles
+
         gate.set_deadline(until_cycles << self.shift)
+        fine = self.points.watched()
         try:
-            info = await self.run_control.run_until(lambda: gate.deadlines_reached > reached_before)
+            if fine:  # one instruction per block: a watchpoint's hold comes right after it
+                await self._one_instruction_blocks(True)
+            info = await self.run_control.run_until(reached)
         finally:
             gate.set_deadline(None)
+            if fine and target.process.alive:
+                await self._one_instruction_blocks(False)
         if info.reason not in (StopReason.EXIT, StopReason.FAULT):
             # (an exit may be found at a trap site before QEMU runs at all)
             await self._stop_recorded(stops_before)
         if info.reason not in _STOPS:
-            if gate.deadlines_reached > reached_before:
+            if reached():
+                self._deadline_idle = (gate.deadlines_reached > reached_before
+                                       and gate.idle_at_deadline)
                 return None
             raise BackendFailed(f"lock-step quantum stopped without reaching its end ({info})")
         if info.reason is StopReason.BREAKPOINT:
             self._reported_break = info.pc
         return info
+
+    async def _one_instruction_blocks(self, on: bool) -> None:
+        out = await self.target.process.hmp("singlestep on" if on else "singlestep off")
+        if out.strip():
+            raise await self.target.process.fail(f"lock-step watchpoints need QEMU's HMP "
+                                                 f"singlestep: {out.strip()}")
 
     async def _stop_recorded(self, stops_before: int) -> None:
         """The plugin records the clock in the VM's stop handlers, just before the
@@ -322,6 +384,9 @@ class QemuLockStep(LockStep):
                              required="checkpoint")
         await self.snapshots.restore_state(self._checkpoint)
         self._reported_break = self._checkpoint_reported
+        if self.active:  # a fresh QEMU: the points went into its gate (points.held)
+            async with self.target.op:
+                await self.target.stub().request_ok(SSTEP_TIMERS_OFF)
 
     async def _refuse_board(self) -> None:
         reason = SNAPSHOT_BROKEN.get(self.target.qemu_machine)

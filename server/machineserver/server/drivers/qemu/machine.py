@@ -164,6 +164,7 @@ class QemuMachine(Machine):
             return
         target.state, target.end = MachineState.OFF, None  # first: a waiter sees "off"
         self.lockstep.active, target.console_capture = False, None
+        self.points.held = False
         try:
             await self.run_control.abandon()
             await target.process.stop()
@@ -214,7 +215,7 @@ class QemuMachine(Machine):
         await self.run_control.abandon()
         await self.target.process.start(coverage=await self.coverage.next_table(), incoming=incoming)
         self.target.vclock_base = 0  # a restore sets its own
-        await self.points.insert_all(self.target.stub())
+        await self.points.insert_all(self.target.stub(), self.target.process.gate)
         self.target.state, self.target.end = MachineState.HALTED, None
 
     async def _restore(self, stream: bytes) -> None:

@@ -10,19 +10,27 @@ in QEMU: clearing a user breakpoint at the same address leaves the hidden one.
 from __future__ import annotations
 
 from machineserver.server.drivers.base import Arch, WatchKind
+from machineserver.server.drivers.qemu.gate import WATCH_READ, WATCH_WRITE, InstructionGate
 from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
 from machineserver.server.rsp import RspClient
 
 # gdbstub Z/z types
 SOFTWARE, HARDWARE = 0, 1
 WATCH_TYPE = {WatchKind.WRITE: 2, WatchKind.READ: 3, WatchKind.ACCESS: 4}
+WATCH_BITS = {WatchKind.WRITE: WATCH_WRITE, WatchKind.READ: WATCH_READ,
+              WatchKind.ACCESS: WATCH_WRITE | WATCH_READ}
 
 
 class PointTable:
+    """``held``: lock-step (see :mod:`.lockstep`): the points live in the plugin's gate
+    (breakpoint sites held like trap sites, watchpoints checked after each access), not
+    in the gdbstub, whose debug stops let QEMU warp its virtual clock."""
+
     def __init__(self, arch: Arch) -> None:
         self.arch = arch
         self.breakpoints: dict[int, bool] = {}  # address -> hardware
         self.watchpoints: set[tuple[int, int, WatchKind]] = set()
+        self.held = False
 
     def clear(self) -> None:
         self.breakpoints.clear()
@@ -69,8 +77,27 @@ class PointTable:
             with refusals_ignored():
                 await stub.remove_point(WATCH_TYPE[kind], addr, size)
 
-    async def insert_all(self, stub: RspClient) -> None:
-        """Everything into a fresh QEMU."""
+    async def insert_all(self, stub: RspClient, gate: InstructionGate | None) -> None:
+        """Everything into a fresh QEMU (into its gate while held)."""
+        if self.held and gate is not None:
+            await self.hold_in(gate, flush=False)
+            return
         for addr, hardware in self.breakpoints.items():
             await self.insert_breakpoint(stub, addr, hardware)
         await self.insert_watchpoints(stub)
+
+    async def remove_all(self, stub: RspClient) -> None:
+        for addr, hardware in self.breakpoints.items():
+            await self.remove_breakpoint(stub, addr, hardware)
+        await self.remove_watchpoints(stub)
+
+    async def hold_in(self, gate: InstructionGate, *, flush: bool = True) -> None:
+        """The table as the gate's breakpoint sites and watchpoints; translations made
+        before are flushed (``flush``: QEMU may have translated since they changed)."""
+        gate.set_break_sites(self.breakpoints)
+        gate.set_watches((addr, size, WATCH_BITS[kind]) for addr, size, kind in self.watchpoints)
+        if flush:
+            await gate.command(b"f")
+
+    def watched(self) -> bool:
+        return bool(self.watchpoints)

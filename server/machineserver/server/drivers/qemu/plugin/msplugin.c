@@ -184,6 +184,19 @@ void qemu_plugin_register_vcpu_insn_exec_inline(struct qemu_plugin_insn *insn,
 void qemu_plugin_register_vcpu_resume_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_simple_cb_t cb);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
 void qemu_plugin_reset(qemu_plugin_id_t id, qemu_plugin_simple_cb_t cb);
+enum qemu_plugin_mem_rw {
+    QEMU_PLUGIN_MEM_R = 1,
+    QEMU_PLUGIN_MEM_W,
+    QEMU_PLUGIN_MEM_RW,
+};
+typedef void (*qemu_plugin_vcpu_mem_cb_t)(unsigned int vcpu_index, uint32_t info, uint64_t vaddr,
+                                          void *userdata);
+void qemu_plugin_register_vcpu_mem_cb(struct qemu_plugin_insn *insn, qemu_plugin_vcpu_mem_cb_t cb,
+                                      enum qemu_plugin_cb_flags flags, enum qemu_plugin_mem_rw rw,
+                                      void *userdata);
+unsigned int qemu_plugin_mem_size_shift(uint32_t info);
+bool qemu_plugin_mem_is_store(uint32_t info);
+void qemu_plugin_register_vcpu_init_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_simple_cb_t cb);
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
 uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
@@ -234,7 +247,12 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 #define GATE_ALWAYS 2u
 #define GATE_LOCKSTEP 4u
 #define GATE_SIZE 4096
-#define GATE_MAX_TRAPS ((GATE_SIZE - 128) / 8)
+#define GATE_TAIL 3840 /* lock-step inputs and watchpoints, after the sites */
+#define GATE_MAX_TRAPS ((GATE_TAIL - 128) / 8)
+#define GATE_IRQ_WORDS 16 /* 512 external interrupt lines */
+#define GATE_MAX_WATCH 8
+#define WATCH_WRITE 1u
+#define WATCH_READ 2u
 
 struct gate_ctl {
     char magic[8];
@@ -256,8 +274,21 @@ struct gate_ctl {
     uint64_t stops;
     uint64_t reached;
     uint32_t idle;
-    uint32_t reserved1;
-    uint64_t traps[GATE_MAX_TRAPS];
+    uint32_t nbreaks;
+    uint64_t traps[GATE_MAX_TRAPS]; /* ntraps trap sites, then nbreaks breakpoint sites */
+    uint32_t irqs[GATE_IRQ_WORDS];
+    uint64_t commands;
+    uint32_t command_error;
+    uint32_t nwatch;
+    uint64_t hit_address;
+    uint64_t hit_pc;
+    uint32_t hit_access;
+    uint32_t hit;
+    struct {
+        uint64_t address;
+        uint32_t size;
+        uint32_t access;
+    } watch[GATE_MAX_WATCH];
 };
 
 _Static_assert(offsetof(struct gate_ctl, executed) == 16, "gate layout");
@@ -269,7 +300,12 @@ _Static_assert(offsetof(struct gate_ctl, pass) == 80, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, deadline) == 88, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, idle) == 120, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, traps) == 128, "gate layout");
-_Static_assert(sizeof(struct gate_ctl) == GATE_SIZE, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, irqs) == GATE_TAIL, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, commands) == GATE_TAIL + 64, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, nwatch) == GATE_TAIL + 76, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, hit_address) == GATE_TAIL + 80, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, watch) == GATE_TAIL + 104, "gate layout");
+_Static_assert(sizeof(struct gate_ctl) <= GATE_SIZE, "gate layout");
 
 static qemu_plugin_id_t plugin_id;
 static struct gate_ctl *gate;
@@ -341,6 +377,56 @@ static bool is_trap(uint64_t vaddr)
     return false;
 }
 
+/* a breakpoint site held like a trap site, whatever the instruction (lock-step) */
+static bool is_break(uint64_t vaddr)
+{
+    uint32_t first = __atomic_load_n(&gate->ntraps, __ATOMIC_ACQUIRE);
+    uint32_t n = __atomic_load_n(&gate->nbreaks, __ATOMIC_ACQUIRE);
+    if (first > GATE_MAX_TRAPS) {
+        first = GATE_MAX_TRAPS;
+    }
+    if (n > GATE_MAX_TRAPS - first) {
+        n = GATE_MAX_TRAPS - first;
+    }
+    for (uint32_t i = first; i < first + n; i++) {
+        if (gate->traps[i] == vaddr) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void register_callbacks(qemu_plugin_id_t id);
+
+/* lock-step watchpoints: after each memory access of an instruction (the translations
+ * are one instruction each while any is set, so the hold comes right after it) */
+static void watch_access(unsigned int vcpu_index, uint32_t info, uint64_t vaddr, void *userdata)
+{
+    (void)vcpu_index;
+    if (__atomic_load_n(&gate->hit, __ATOMIC_ACQUIRE) || hold_wanted) {
+        return;
+    }
+    uint64_t size = 1ull << (qemu_plugin_mem_size_shift(info) & 0xf);
+    uint32_t access = qemu_plugin_mem_is_store(info) ? WATCH_WRITE : WATCH_READ;
+    uint32_t n = __atomic_load_n(&gate->nwatch, __ATOMIC_ACQUIRE);
+    if (n > GATE_MAX_WATCH) {
+        n = GATE_MAX_WATCH;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t start = gate->watch[i].address;
+        if ((gate->watch[i].access & access) && vaddr < start + gate->watch[i].size &&
+            start < vaddr + size) {
+            gate->hit_address = start;
+            gate->hit_pc = (uintptr_t)userdata;
+            gate->hit_access = access;
+            __atomic_store_n(&gate->hit, 1, __ATOMIC_RELEASE);
+            hold_wanted = true;
+            qemu_plugin_reset(plugin_id, register_callbacks); /* hold after this block */
+            return;
+        }
+    }
+}
+
 /* the trap instructions: Thumb bkpt 0xab; RISC-V ebreak (its slli/srai neighbours
  * were checked by the driver's scan) */
 static bool is_trap_instruction(const struct qemu_plugin_insn *insn)
@@ -365,13 +451,19 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     if (gate == NULL || n == 0) {
         return;
     }
+    uint64_t pass = __atomic_load_n(&gate->pass, __ATOMIC_ACQUIRE);
+    bool watching = __atomic_load_n(&gate->nwatch, __ATOMIC_ACQUIRE) != 0;
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t vaddr = qemu_plugin_insn_vaddr(insn);
-        if (vaddr != __atomic_load_n(&gate->pass, __ATOMIC_ACQUIRE) && is_trap(vaddr) &&
-            is_trap_instruction(insn)) {
+        if (vaddr != pass &&
+            ((is_trap(vaddr) && is_trap_instruction(insn)) || is_break(vaddr))) {
             hold_before_trap(vaddr); /* this block will not run */
             return;
+        }
+        if (watching) {
+            qemu_plugin_register_vcpu_mem_cb(insn, watch_access, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_RW, (void *)(uintptr_t)vaddr);
         }
     }
     if (counting) {
@@ -503,6 +595,11 @@ static bool (*q_in_vcpu_thread)(void);
 static void (*q_async_safe_run_on_cpu)(void *cpu, void (*func)(void *cpu, run_on_cpu_data data),
                                        run_on_cpu_data data);
 static void **q_cpus; /* QTAILQ head of every CPUState: its first field is the first CPU */
+static void (*q_set_fd_handler)(int fd, void (*read)(void *), void (*write)(void *), void *opaque);
+static void *(*q_object_resolve_path_type)(const char *path, const char *type, bool *ambiguous);
+static void (*q_nvic_set_pending)(void *nvic, int irq, bool secure);
+static void (*q_tb_flush)(void *cpu);
+static int command_fd = -1;
 static void *deadline_timer;
 static bool timer_ready;
 
@@ -544,6 +641,58 @@ static void deadline_reached(void *opaque)
     run_on_cpu_data none = {.host_ptr = NULL};
     q_async_safe_run_on_cpu(*q_cpus, hold_at_deadline, none);
     q_async_safe_run_on_cpu(*q_cpus, nothing, none);
+}
+
+/* Barrier commands (lock-step), in the main loop with the VM stopped: the driver fills
+ * the page, writes one byte per command to the command FIFO and waits for `commands`
+ * to count it. 'i': set the external interrupts in `irqs` pending in the NVIC (as a
+ * rising edge on their lines would), so that the vCPU takes them before it runs an
+ * instruction; `command_error` 1 when there is no NVIC. 'f': flush the translations
+ * (the breakpoint sites or watchpoints changed; the vCPU does it before it runs). */
+static void apply_irqs(void)
+{
+    void *nvic = NULL;
+    for (int w = 0; w < GATE_IRQ_WORDS; w++) {
+        uint32_t bits = __atomic_exchange_n(&gate->irqs[w], 0, __ATOMIC_ACQ_REL);
+        for (int b = 0; bits != 0 && b < 32; b++) {
+            if (!(bits & (1u << b))) {
+                continue;
+            }
+            bits &= ~(1u << b);
+            if (nvic == NULL) {
+                nvic = q_object_resolve_path_type("", "armv7m_nvic", NULL);
+            }
+            if (nvic == NULL) {
+                __atomic_store_n(&gate->command_error, 1, __ATOMIC_RELEASE);
+                return;
+            }
+            q_nvic_set_pending(nvic, 16 + w * 32 + b, false);
+        }
+    }
+}
+
+static void on_command(void *opaque)
+{
+    (void)opaque;
+    char buf[64];
+    ssize_t got = read(command_fd, buf, sizeof(buf));
+    for (ssize_t i = 0; i < got; i++) {
+        if (buf[i] == 'i') {
+            apply_irqs();
+        } else if (buf[i] == 'f') {
+            q_tb_flush(*q_cpus);
+        }
+        __atomic_add_fetch(&gate->commands, 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* the main loop's handlers exist once the machine is being made (not at install) */
+static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    (void)id;
+    if (vcpu_index == 0 && command_fd >= 0) {
+        q_set_fd_handler(command_fd, on_command, NULL, NULL);
+    }
 }
 
 static void run_state_changed(void *opaque, bool running, int state)
@@ -590,6 +739,14 @@ static bool setup_lockstep(void)
     q_in_vcpu_thread = dlsym(RTLD_DEFAULT, "qemu_in_vcpu_thread");
     q_async_safe_run_on_cpu = dlsym(RTLD_DEFAULT, "async_safe_run_on_cpu");
     q_cpus = dlsym(RTLD_DEFAULT, "cpus");
+    q_set_fd_handler = dlsym(RTLD_DEFAULT, "qemu_set_fd_handler");
+    q_object_resolve_path_type = dlsym(RTLD_DEFAULT, "object_resolve_path_type");
+    q_nvic_set_pending = dlsym(RTLD_DEFAULT, "armv7m_nvic_set_pending");
+    q_tb_flush = dlsym(RTLD_DEFAULT, "tb_flush");
+    if (command_fd < 0 || !q_set_fd_handler || !q_object_resolve_path_type ||
+        !q_nvic_set_pending || !q_tb_flush) {
+        return false;
+    }
     if (!q_in_vcpu_thread || !q_async_safe_run_on_cpu || !q_cpus || vm_running == NULL ||
         !q_timer_init_full || !q_timer_mod_ns || !q_timer_del || !q_clock_get_ns ||
         !q_all_cpu_threads_idle || !q_vm_stop || !q_add_vm_change_state_handler_prio) {
@@ -659,7 +816,8 @@ static int setup_table(const char *out, unsigned long n_entries)
     return 0;
 }
 
-static int setup_gate(const char *ctl, const char *notify, const char *release)
+static int setup_gate(const char *ctl, const char *notify, const char *release,
+                      const char *command)
 {
     struct gate_ctl *g = map_file(ctl, GATE_SIZE, "gate control page");
     if (g == NULL) {
@@ -668,6 +826,9 @@ static int setup_gate(const char *ctl, const char *notify, const char *release)
     notify_fd = open_fifo(notify, "notify");
     release_fd = open_fifo(release, "release");
     if (notify_fd < 0 || release_fd < 0) {
+        return -1;
+    }
+    if (command != NULL && (command_fd = open_fifo(command, "command")) < 0) {
         return -1;
     }
     vm_running = (bool (*)(void))dlsym(RTLD_DEFAULT, "runstate_is_running");
@@ -693,6 +854,12 @@ static int setup_gate(const char *ctl, const char *notify, const char *release)
     g->stops = 0;
     g->reached = 0;
     g->idle = 0;
+    g->nbreaks = 0;
+    memset(g->irqs, 0, sizeof(g->irqs));
+    g->commands = 0;
+    g->command_error = 0;
+    g->nwatch = 0;
+    g->hit = 0;
     gate = g; /* the handlers read it */
     if (setup_lockstep()) {
         g->flags |= GATE_LOCKSTEP;
@@ -712,7 +879,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
                                            int argc, char **argv)
 {
     (void)info;
-    const char *out = NULL, *ctl = NULL, *notify = NULL, *release = NULL, *v;
+    const char *out = NULL, *ctl = NULL, *notify = NULL, *release = NULL, *command = NULL, *v;
     unsigned long n_entries = MS_DEFAULT_ENTRIES;
     for (int i = 0; i < argc; i++) {
         if ((v = arg_value(argv[i], "out")) != NULL) {
@@ -730,6 +897,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             notify = v;
         } else if ((v = arg_value(argv[i], "release")) != NULL) {
             release = v;
+        } else if ((v = arg_value(argv[i], "command")) != NULL) {
+            command = v;
         } else if ((v = arg_value(argv[i], "always")) != NULL) {
             gate_always = strcmp(v, "on") == 0;
         } else {
@@ -742,10 +911,13 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         return -1;
     }
     if ((out != NULL && setup_table(out, n_entries) != 0) ||
-        (ctl != NULL && setup_gate(ctl, notify, release) != 0)) {
+        (ctl != NULL && setup_gate(ctl, notify, release, command) != 0)) {
         return -1;
     }
     plugin_id = id;
+    if (gate != NULL && (gate->flags & GATE_LOCKSTEP)) {
+        qemu_plugin_register_vcpu_init_cb(id, vcpu_init);
+    }
     register_callbacks(id);
     return 0;
 }
