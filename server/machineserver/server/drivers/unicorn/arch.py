@@ -112,6 +112,10 @@ class CoreHost(Protocol):
     def hook_stop(self, info: StopInfo) -> None:
         """End the current slice with this stop (the first one of a slice wins)."""
 
+    def end_slice_here(self) -> None:
+        """From a code hook, before its instruction runs: an interrupt is deliverable, end
+        the slice here so that it is taken before this instruction (no stop reported)."""
+
     def semihost(self, op: int, arg: int, pc: int) -> int | None:
         """Run a semihosting call; its result for r0/a0, or None when it stopped the
         machine (exit, bad pointer)."""

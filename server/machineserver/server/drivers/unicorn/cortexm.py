@@ -2,13 +2,28 @@
 reset, timers). The System Control Space (NVIC, SCB, SysTick) is a Python model in
 :mod:`.cortexm_scs`; exception entry, return and faults are done in Python by
 :mod:`.cortexm_exceptions` (its docstring says how, and why that way).
+
+Unmasking instructions. ``cpsie i|f`` and ``msr primask|basepri|basepri_max|faultmask, rN``
+touch no memory, and a Python hook on every instruction would cost ~100x. So their sites
+are found in the loaded image (:func:`unmask_sites`: every halfword-aligned encoding of
+them, confirmed by capstone), and the instruction *after* each one gets a single-address
+code hook (free elsewhere) that ends the slice there when an interrupt is deliverable
+(:meth:`CortexM.watch_unmasking`): the interrupt is then taken right after the unmasking
+instruction, as on hardware. Not covered: such instructions in code written to RAM at run
+time (e.g. functions copied from flash by the startup code, or the image's RAM segments
+at other addresses than they run at); there an unmasked interrupt is taken at the end of
+the slice. A breakpoint on the instruction after the unmasking one stops first (the
+interrupt is then taken when the machine goes on).
 """
 
 from __future__ import annotations
 
+import re
 import struct
-from functools import partial
+from collections.abc import Iterable
+from functools import cache, partial
 
+import capstone
 from unicorn import unicorn_const as ucc
 from unicorn.arm_const import (
     UC_ARM_REG_BASEPRI,
@@ -40,7 +55,7 @@ from unicorn.arm_const import (
 from unicorn.unicorn import UcError
 from unicorn.unicorn_const import UC_ARCH_ARM, UC_MODE_MCLASS, UC_MODE_THUMB
 
-from machineserver.server.drivers.base import BoardSpec, StopInfo
+from machineserver.server.drivers.base import BoardSpec, Segment, StopInfo
 from machineserver.server.drivers.unicorn.arch import CoreHost, Engine, JsonState, new_engine
 from machineserver.server.drivers.unicorn.cortexm_exceptions import CortexMExceptions
 from machineserver.server.drivers.unicorn.cortexm_scs import SCS_BASE, SCS_SIZE, Scs
@@ -64,6 +79,32 @@ REGISTER_NAMES = tuple(REGS)
 RESTORE_ORDER = ("xpsr", "control", "msp", "psp", *[f"r{i}" for i in range(13)], "lr",
                  "primask", "basepri", "faultmask", "pc")
 
+# Thumb encodings that can unmask an interrupt (little-endian bytes): CPSIE with I or F
+# (0xB661..0xB667, A ignored); MSR (register) to PRIMASK, BASEPRI, BASEPRI_MAX or FAULTMASK
+# (0xF38n, then 0x8810..0x8813)
+_UNMASK = re.compile(rb"[\x61\x62\x63\x65\x66\x67]\xb6|[\x80-\x8f]\xf3[\x10-\x13]\x88", re.DOTALL)
+
+
+@cache
+def _thumb() -> capstone.Cs:
+    return capstone.Cs(capstone.CS_ARCH_ARM, capstone.CS_MODE_THUMB | capstone.CS_MODE_MCLASS)
+
+
+def unmask_sites(segments: Iterable[Segment]) -> list[int]:
+    """The address of the instruction after every CPSIE/MSR that can unmask an interrupt
+    in these segments (halfword-aligned matches that capstone decodes as such; data that
+    happens to match costs a hook on an address that is never run, nothing more)."""
+    sites: set[int] = set()
+    for seg in segments:
+        for match in _UNMASK.finditer(seg.data):
+            address = seg.address + match.start()
+            if address & 1:
+                continue
+            insn = next(_thumb().disasm(match.group(), address, 1), None)
+            if insn is not None and insn.mnemonic in ("cpsie", "msr") and insn.size == len(match.group()):
+                sites.add(address + insn.size)
+    return sorted(sites)
+
 
 class CortexM:
     """The Cortex-M core (an :class:`~.arch.ArchCore`): registers, reset, the SCS model
@@ -86,6 +127,7 @@ class CortexM:
         # lock-step (lockstep.py): the instruction count at which the CPU went to sleep in
         # WFI, while it still sleeps (the count moves on as soon as anything runs)
         self.sleep_mark: int | None = None
+        self._unmask_hooks: dict[int, int] = {}  # address after a CPSIE/MSR -> hook handle
 
     # ---- engine
     def create_uc(self) -> Engine:
@@ -184,6 +226,23 @@ class CortexM:
             return False
 
     # ---- exceptions
+    def watch_unmasking(self, segments: Iterable[Segment]) -> None:
+        """Hook the instruction after every unmasking CPSIE/MSR of the loaded image (the
+        image changed: the previous image's hooks go)."""
+        uc = self.uc
+        for address, handle in self._unmask_hooks.items():
+            uc.hook_del(handle)
+            uc.ctl_remove_cache(address, address + 4)
+        self._unmask_hooks = {}
+        for address in unmask_sites(segments):
+            self._unmask_hooks[address] = uc.hook_add(ucc.UC_HOOK_CODE, self._after_unmask, None,
+                                                      address, address)
+            uc.ctl_remove_cache(address, address + 4)  # blocks translated before: hooked now
+
+    def _after_unmask(self, uc: Engine, address: int, size: int, _ud: object) -> None:
+        if self.exceptions.deliverable():
+            self.host.end_slice_here()
+
     def deliverable(self) -> bool:
         return self.exceptions.deliverable()
 

@@ -17,9 +17,12 @@ How exceptions work here (measured on Unicorn 2.1.4, the cheapest correct way fo
   mode), sets CONTROL.SPSEL for a PSP return, and continues at the stacked PC; then
   it checks for a pending exception (tail-chaining done as return + entry).
 * Pending/enabled/active state, priorities (IPR/SHPR, AIRCR.PRIGROUP, PRIMASK,
-  BASEPRI, FAULTMASK) and preemption are computed by the model; only the interrupt
-  check runs between slices, never per instruction. An MMIO write that makes an
-  exception deliverable is taken at the end of the current slice.
+  BASEPRI, FAULTMASK) and preemption are computed by the model; the interrupt check
+  runs between slices, never per instruction. An instruction that makes an exception
+  deliverable (an MMIO write to the NVIC/SCB, CPSIE, MSR PRIMASK/BASEPRI) ends its slice
+  right after itself, so the exception is taken before the next instruction (see
+  :mod:`.slicer` and :mod:`.cortexm`); an exception return takes a pending exception it
+  unmasks at once (tail-chaining, above).
 * Faults: an unmapped access or fetch ends the slice with a UcError; the model sets
   CFSR/BFAR and takes BusFault/UsageFault when enabled in SHCSR and allowed by
   priority, else HardFault with HFSR.FORCED. A fault at priority <= -1 (in HardFault

@@ -12,6 +12,11 @@ an instruction runs. After a stop from a code, memory, MMIO or interrupt hook, o
 after ``count`` is exhausted, ``executed = counter - 1`` (the instruction that was
 about to run did not complete: its PC is the stop PC). After WFI (the CPU halts,
 PC past the WFI) ``executed = counter``.
+
+The limit ``count`` itself is the next field (``uc_struct.emu_count``, checked by the same
+calibration): :meth:`EmuCounter.stop_after_current` lowers it to the counter, so the
+counting hook of the *next* instruction ends the emulation, exactly after the current
+one (the slicer uses that to take an interrupt an MMIO write made deliverable).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def _calibrate() -> int | None:
     for n in (1000, 4321, 77):
         uc.emu_start(1, 0xFFFFFFFF, count=n)
         blob = ctypes.string_at(h, _SCAN)
-        offs = {o for o in range(0, _SCAN - 8, 8) if struct.unpack_from("<Q", blob, o)[0] == n + 1}
+        # the counter (n + 1), followed by the limit (n)
+        offs = {o for o in range(0, _SCAN - 16, 8) if struct.unpack_from("<QQ", blob, o) == (n + 1, n)}
         found = offs if found is None else found & offs
     return min(found) if found else None
 
@@ -75,3 +81,12 @@ class EmuCounter:
         if not self.available:
             return 0
         return int(ctypes.c_uint64.from_address(self._addr).value)
+
+    def stop_after_current(self) -> bool:
+        """Inside a counted ``emu_start``, from a hook or MMIO callback of the instruction
+        running now: end the emulation right after it (the next instruction's counting
+        hook stops it, before that instruction runs). False when the counter is unknown."""
+        if not self.available:
+            return False
+        ctypes.c_uint64.from_address(self._addr + 8).value = self.read()
+        return True

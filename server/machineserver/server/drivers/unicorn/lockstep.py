@@ -15,7 +15,10 @@ at which it went to sleep, so anything run meanwhile ends the sleep) and its clo
 to ``until``, or to the SysTick deadline when that comes first; it wakes when a pending
 exception would preempt the active ones (PRIMASK and BASEPRI keep it from being taken,
 not from waking the CPU). A pending interrupt made deliverable by the guest itself (an
-NVIC write, ``cpsie``) is taken at the end of the slice it happened in, as in a run.
+NVIC write, ``cpsie``, ``msr primask/basepri``, an exception return) is taken right after
+that instruction, as in a run and in QEMU (:mod:`.slicer`), so where a slice or a quantum
+ends never decides when it is taken: a replay to an earlier cycle after a rollback goes
+through the same states as the original quantum.
 
 Checkpoints keep registers, core peripherals, UARTs, the clock, and the RAM pages that
 differ from the previous checkpoint (a :class:`~.snapshot_pages.PageTracker` of its own:

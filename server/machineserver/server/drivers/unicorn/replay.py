@@ -1,6 +1,7 @@
 """Which memory address the instruction at pc is about to access, so that an MMIO access
 interrupted by a stop (and re-executed by Unicorn in the next slice) is recognised as a
-replay and has its side effect once, not twice."""
+replay and has its side effect once, not twice; and how long that instruction is, so that
+the slicer can complete it on its own (:meth:`~.slicer.Slicer.mmio_write`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def _disassembler(arch: str) -> capstone.Cs:
         md = capstone.Cs(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV32 | capstone.CS_MODE_RISCVC)
     md.detail = True
     return md
+
+
+def instruction_size(arch: str, code: bytes, pc: int) -> int | None:
+    """The length in bytes of the instruction at ``pc`` (``code``: its bytes and maybe
+    more); None when it does not decode."""
+    insn = next(_disassembler(arch).disasm(code, pc, 1), None)
+    return None if insn is None else int(insn.size)
 
 
 def memory_operand_address(arch: str, code: bytes, pc: int, read_reg: Callable[[str], int | None]) -> int | None:

@@ -18,6 +18,24 @@ count is an *estimate* (host time x a nominal rate), like QEMU without ``-icount
 instructions a counted slice ran before an early stop is read from Unicorn's own counter
 (see :mod:`.counter`). Virtual cycles = instructions + cycles skipped while the CPU sleeps
 in WFI.
+
+Interrupts the guest makes deliverable. An interrupt is taken between slices (and on an
+exception return, inside the interrupt hook), so the instruction that makes a pending
+interrupt deliverable ends its slice, and the interrupt is taken right after it, as on
+hardware and in QEMU (never up to a slice later: where slices end must not decide when
+an interrupt is taken, or a co-simulation's replay to an earlier cycle would differ):
+
+* an MMIO write (NVIC ISER/ISPR/STIR, ICSR PENDSVSET/PENDSTSET, a priority, a peripheral
+  raising its line) after which :meth:`ArchCore.deliverable` holds ends the slice right
+  after its instruction (:meth:`mmio_write`): in a counted slice through Unicorn's own
+  instruction limit (:meth:`.counter.EmuCounter.stop_after_current`: exact, nothing
+  replayed); in an uncounted one by a stop inside the access, which Unicorn answers by
+  restarting the instruction: its access is answered from ``_replay`` (no second side
+  effect) and the slicer completes that one instruction on its own (:meth:`_finish_access`);
+* a CPS/MSR that clears PRIMASK/FAULTMASK or lowers BASEPRI: a code hook on the
+  instruction after each such instruction of the loaded image ends the slice there when
+  an interrupt is deliverable (:meth:`.cortexm.CortexM.watch_unmasking`;
+  :meth:`end_slice_here`).
 """
 
 from __future__ import annotations
@@ -26,15 +44,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 from unicorn import unicorn_const as ucc
 from unicorn.unicorn import UcError
 
-from machineserver.server.drivers.base import Arch, StopInfo, StopReason
+from machineserver.server.drivers.base import Arch, ProgramImage, StopInfo, StopReason
 from machineserver.server.drivers.unicorn.arch import Engine
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext
-from machineserver.server.drivers.unicorn.replay import memory_operand_address
+from machineserver.server.drivers.unicorn.cortexm import CortexM
+from machineserver.server.drivers.unicorn.replay import instruction_size, memory_operand_address
 from machineserver.server.drivers.unicorn.semihosting import semihost_call
 from machineserver.server.drivers.unicorn.watchdog import WATCHDOG
 
@@ -88,6 +108,11 @@ class Slicer:
         # MMIO replay protection (see mmio_read)
         self._last_access: tuple[AccessKey, int | None] | None = None
         self._replay: tuple[AccessKey, int | None] | None = None
+        # an uncounted slice was stopped inside an MMIO write that made an interrupt
+        # deliverable: its instruction is completed after the slice (_finish_access)
+        self._finish_pending = False
+        # the image whose CPS/MSR sites are hooked (see CortexM.watch_unmasking)
+        self._unmask_image: ProgramImage | None = None
 
     # ------------------------------------------------------------------ binding
     def bind(self, inst: BoardInstance) -> None:
@@ -95,6 +120,7 @@ class Slicer:
         self._inst = inst
         self._tb_counted = None
         self._reset_requested = False
+        self._unmask_image = None
         self.forget_replay()
         inst.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
 
@@ -135,6 +161,10 @@ class Slicer:
         if self._hit is None:
             self._hit = info
         self._bound().uc.emu_stop()
+
+    def end_slice_here(self) -> None:
+        if self._in_slice:
+            self._bound().uc.emu_stop()  # from a code hook: before this instruction runs
 
     def guard(self, action: Callable[[], object]) -> None:
         self._guarded(action, None)
@@ -187,7 +217,49 @@ class Slicer:
                 return replay[1]  # the interrupted access again: its effect happened already
             result = self._guarded(fn, default)
             self._last_access = (key, result)
+            if key[2] is not None and self._in_slice and self._hit is None:
+                self._guarded(partial(self._interrupt_after_write, key, result), None)
             return result
+
+    def _interrupt_after_write(self, key: AccessKey, result: int | None) -> None:
+        """After a write's side effect (in a slice): when an interrupt is deliverable now,
+        end the slice right after this instruction, so the interrupt is taken there."""
+        inst = self._bound()
+        if not inst.core.deliverable():
+            return
+        if self._counted and inst.counter.stop_after_current():
+            return  # the next instruction's counting hook ends the slice: nothing replayed
+        # Unicorn restarts an instruction stopped inside its access: its access will be
+        # answered from _replay, and _finish_access completes it after the slice
+        self._replay = (key, result)
+        self._finish_pending = True
+        inst.uc.emu_stop()
+
+    def _finish_access(self, inst: BoardInstance, counted: bool) -> UcError | None:
+        """Run the one instruction a stop inside its MMIO write left unfinished (its access
+        answered from ``_replay``), outside the slice: an uncounted slice ends right after
+        it as a counted one does. Blocks cached before end nowhere: the instruction's own
+        are dropped, translated for this one run (ending at the next instruction), and
+        dropped again so no later slice ends there."""
+        core, uc = inst.core, inst.uc
+        pc = core.pc()
+        try:
+            if counted:  # counted blocks stop at count=1 (no counter: counts are inexact)
+                uc.emu_start(core.start_address(), UNTIL, count=1)
+                return None
+            try:
+                code = bytes(uc.mem_read(pc, 4))
+            except UcError:
+                code = bytes(uc.mem_read(pc, 2))
+            size = instruction_size(self._replay_arch, code, pc)
+            if size is None:
+                return None  # replayed at the next slice's start instead
+            uc.ctl_remove_cache(pc, pc + size)
+            uc.emu_start(core.start_address(), pc + size)
+            uc.ctl_remove_cache(pc, pc + size)
+            return None
+        except UcError as exc:
+            return exc
 
     def _slice_over(self) -> bool:
         """Whether the slice should end at this access: the watchdog or run control asked;
@@ -271,6 +343,7 @@ class Slicer:
         self._slice_deadline = self._slice_t0 + SLICE_TIMEOUT_US / 1e6
         self._slice_id += 1
         self._stop_pending = False
+        self._finish_pending = False
         self._last_access = None
         self._in_slice = True
         if not counted:
@@ -295,6 +368,10 @@ class Slicer:
                 self._in_slice = False
             if self._stop_pending and err is None and self._hit is None:
                 self._check_replay()
+        if self._finish_pending:
+            self._finish_pending = False
+            if err is None and self._hit is None:
+                err = self._finish_access(inst, counted)
         pc = core.pc()
         if self._ctx.collector is not None:
             self._ctx.collector.slice_ended(pc)  # exact coverage counts: pc has not run
@@ -326,6 +403,10 @@ class Slicer:
         core, clock = inst.core, self._ctx.clock
         if self._reset_requested:
             self.reset_board()
+        image = self._ctx.image
+        if image is not self._unmask_image and isinstance(core, CortexM):
+            core.watch_unmasking(image.segments if image is not None else ())
+            self._unmask_image = image
         core.tick(clock.cycles)
         stop = core.deliver()
         if stop is not None:
