@@ -36,7 +36,7 @@ from machineserver.server.lockstep.links import Exchange, Link, LinkState, Traff
 # a periodic checkpoint once the run since the last one took this many times what a
 # checkpoint costs (a replay then costs at most about that much)
 CHECKPOINT_RATIO = 20
-MIN_CHECKPOINT_INTERVAL_S = 0.05
+MIN_CHECKPOINT_INTERVAL_S = 0.02
 NO_INPUT = BarrierInput()
 
 
