@@ -6,7 +6,9 @@ It checks what a co-simulation coordinator relies on: the cycle counter lands ex
 ``until_cycles``; a stop ends the quantum early with the stop's cycles (a breakpoint
 before its instruction runs); console output comes back in the result and never as an
 event; the receiver takes one console byte per barrier, only when empty; an interrupt
-raised at a barrier is taken before the quantum's first instruction and wakes a WFI; a
+raised at a barrier is taken before the quantum's first instruction and wakes a WFI; one
+the guest unmasks (cpsie, msr basepri, an NVIC write) is taken right after that
+instruction, at one cycle for any quantum; a
 sleeping CPU's clock jumps to the target, or to its own timer's deadline; watched ranges
 read after the quantum; the same calls give the same results, also after a rollback and
 a replay; bad inputs are refused before anything is applied.
@@ -37,6 +39,9 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.unicorn import UnicornBackend
 from tests.drivers.test_contract import BACKENDS, Rig
+from tests.drivers.test_unicorn_irq_timing import HANDLER as IRQ_HANDLER
+from tests.drivers.test_unicorn_irq_timing import MARK as IRQ_MARK
+from tests.drivers.test_unicorn_irq_timing import program as irq_program
 from tests.helpers.backends import no_qemu_left_behind, require_backend
 from tests.helpers.events import Recorder
 from tests.helpers.machines import board
@@ -427,3 +432,27 @@ async def test_unicorn_riscv_boards_have_no_lockstep_and_say_why() -> None:
     assert "PLIC" in info.board_limits["sifive_e"][Feature.LOCKSTEP]
     assert Feature.LOCKSTEP not in info.board_limits.get(BOARD, {})
     assert board(BOARD).name == BOARD
+
+
+# --------------------------------------------------------------------------- interrupts the guest unmasks
+
+
+@pytest.mark.parametrize("unmask", ["cpsie", "msr_basepri", "nvic_ispr"])
+async def test_an_interrupt_the_guest_unmasks_is_taken_right_after_at_one_cycle(make: object, unmask: str) -> None:
+    """IRQ 30 pending while masked, then ``cpsie i`` / ``msr basepri`` / an NVIC ISPR write
+    mid-quantum: the handler's first instruction is reached right after that instruction,
+    at the same cycle for any quantum (and on every backend: mixed co-simulations agree)."""
+    prog = irq_program(unmask)
+    outcomes = set()
+    for quantum in (1_000, 10_000, 100_000):
+        rig = await _booted(make, prog.image, watch=((IRQ_MARK, 8),))
+        await rig.bp.set_breakpoint(IRQ_HANDLER)
+        results = await _run(rig, quantum)
+        hit = results[-1]
+        assert hit.stop is not None and (hit.stop.reason, hit.stop.pc) == (StopReason.BREAKPOINT, IRQ_HANDLER)
+        outcomes.add(hit.cycles)
+        await rig.bp.clear_breakpoint(IRQ_HANDLER)
+        after = await rig.lock.advance(hit.cycles + 1_000, BarrierInput())
+        assert after.watched == (struct.pack("<II", 0, 1),)  # r2 = 0: before the next instruction
+        await rig.machine.power_off()
+    assert outcomes == {prog.handler_at_instructions}
