@@ -97,6 +97,7 @@ UNMASKS = ("cpsie", "msr_primask", "msr_basepri", "nvic_ispr")
 class Program:
     image: ProgramImage
     unmask_at: int  # address of the unmasking instruction
+    resume_at: int  # the next one: where the handler returns to
     handler_at_instructions: int  # instructions retired when the handler's first one is reached
 
 
@@ -128,7 +129,7 @@ def program(unmask: str) -> Program:
     code.op(*{"cpsie": (0xB662,), "msr_primask": (0xF384, 0x8810),  # msr primask, r4 (0)
               "msr_basepri": (0xF384, 0x8811),  # msr basepri, r4 (0)
               "nvic_ispr": (0x6001,)}[unmask])  # str r1, [r0]: pending, deliverable
-    code.op(0x2201)  # movs r2, #1: must not run before the handler
+    resume_at = code.op(0x2201)  # movs r2, #1: must not run before the handler
     spin = code.op(0x3201)  # adds r2, #1
     code.op(0xE000 | ((spin - code.here - 4) // 2) & 0x7FF)  # b spin
 
@@ -146,7 +147,7 @@ def program(unmask: str) -> Program:
     image = ProgramImage((Segment(0, struct.pack(f"<{len(vectors)}I", *vectors)),
                           Segment(RESET, code.assemble()), Segment(HANDLER, handler.assemble())),
                          entry=RESET)
-    return Program(image, unmask_at, before + 1)
+    return Program(image, unmask_at, resume_at, before + 1)
 
 
 async def machine(prog: Program, *, icount: bool) -> tuple[Machine, Parts, Recorder]:
@@ -159,6 +160,11 @@ async def machine(prog: Program, *, icount: bool) -> tuple[Machine, Parts, Recor
 
 async def reg(parts: Parts, name: str) -> int:
     return (await parts.regs.read_registers([name]))[name]
+
+
+async def stacked_pc(parts: Parts) -> int:
+    """The return address in the exception frame (in a handler, before it pushed anything)."""
+    return await word(parts, await reg(parts, "sp") + 24)
 
 
 async def word(parts: Parts, address: int) -> int:
@@ -196,6 +202,7 @@ async def test_a_run_takes_the_interrupt_right_after_the_unmasking_instruction(u
             stop = await rec.wait_stop()
             assert (stop.reason, stop.pc) == (StopReason.BREAKPOINT, HANDLER)
             assert await reg(parts, "r2") == 0  # the next instruction has not run
+            assert await stacked_pc(parts) == prog.resume_at  # the unmasking one has retired
             if icount:
                 assert m.counters().exact
                 assert m.counters().instructions == prog.handler_at_instructions
@@ -263,7 +270,7 @@ async def test_an_exception_return_takes_a_pending_interrupt_it_unmasks() -> Non
     image = ProgramImage((Segment(0, struct.pack(f"<{len(vectors)}I", *vectors)),
                           Segment(RESET, code.assemble()), Segment(0x300, high.assemble()),
                           Segment(HANDLER, handler.assemble())), entry=RESET)
-    m, parts, rec = await machine(Program(image, 0, 0), icount=True)
+    m, parts, rec = await machine(Program(image, 0, 0, 0), icount=True)
     try:
         await parts.bp.set_breakpoint(HANDLER)
         await parts.run.run()
@@ -300,6 +307,7 @@ async def test_lockstep_takes_it_at_the_same_cycle_for_any_quantum(unmask: str) 
                 cycles = result.cycles
             assert (result.stop.reason, result.stop.pc) == (StopReason.BREAKPOINT, HANDLER)
             assert result.cycles == prog.handler_at_instructions
+            assert await stacked_pc(parts) == prog.resume_at
             outcomes.add(result.cycles)
             result = await lock.advance(200_000, BarrierInput())
             assert result.watched == (struct.pack("<II", 0, 1),)

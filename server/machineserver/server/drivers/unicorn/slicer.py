@@ -241,25 +241,49 @@ class Slicer:
         it as a counted one does. Blocks cached before end nowhere: the instruction's own
         are dropped, translated for this one run (ending at the next instruction), and
         dropped again so no later slice ends there."""
-        core, uc = inst.core, inst.uc
+        core, uc, gate = inst.core, inst.uc, self._ctx.gate
         pc = core.pc()
+        replay = self._replay
+        code = self._code_at(inst, pc)
+        if replay is None or self._accessed_by(inst, code, pc) != replay[0][0]:
+            self._replay = None  # not stopped inside that access after all: nothing to finish
+            return None
+        size = instruction_size(self._replay_arch, code, pc)
+        if size is None:
+            return None  # replayed at the next slice's start instead
+        gate.quiet = True  # its breakpoint, if any, was passed already
         try:
             if counted:  # counted blocks stop at count=1 (no counter: counts are inexact)
                 uc.emu_start(core.start_address(), UNTIL, count=1)
-                return None
-            try:
-                code = bytes(uc.mem_read(pc, 4))
-            except UcError:
-                code = bytes(uc.mem_read(pc, 2))
-            size = instruction_size(self._replay_arch, code, pc)
-            if size is None:
-                return None  # replayed at the next slice's start instead
-            uc.ctl_remove_cache(pc, pc + size)
-            uc.emu_start(core.start_address(), pc + size)
-            uc.ctl_remove_cache(pc, pc + size)
+            else:
+                uc.ctl_remove_cache(pc, pc + size)
+                uc.emu_start(core.start_address(), pc + size)
+                uc.ctl_remove_cache(pc, pc + size)
             return None
         except UcError as exc:
             return exc
+        finally:
+            gate.quiet = False
+            self._replay = None
+
+    @staticmethod
+    def _code_at(inst: BoardInstance, pc: int) -> bytes:
+        for size in (4, 2):
+            try:
+                return bytes(inst.uc.mem_read(pc, size))
+            except UcError:
+                continue
+        return b""
+
+    def _accessed_by(self, inst: BoardInstance, code: bytes, pc: int) -> int | None:
+        """The memory address the instruction at pc (``code``) is about to access."""
+        core = inst.core
+
+        def reg(name: str) -> int | None:
+            resolved = core.resolve(name)
+            return None if resolved is None else core.read_reg(resolved)
+
+        return memory_operand_address(self._replay_arch, code, pc, reg)
 
     def _slice_over(self) -> bool:
         """Whether the slice should end at this access: the watchdog or run control asked;
@@ -318,12 +342,7 @@ class Slicer:
             code = bytes(inst.uc.mem_read(pc, 4))
         except UcError:
             return
-
-        def reg(name: str) -> int | None:
-            resolved = inst.core.resolve(name)
-            return None if resolved is None else inst.core.read_reg(resolved)
-
-        if memory_operand_address(self._replay_arch, code, pc, reg) == last[0][0]:
+        if self._accessed_by(inst, code, pc) == last[0][0]:
             self._replay = last
 
     def _on_unmapped(self, uc: Engine, access: int, address: int, size: int, value: int,
