@@ -600,6 +600,11 @@ static void *(*q_object_resolve_path_type)(const char *path, const char *type, b
 static void (*q_nvic_set_pending)(void *nvic, int irq, bool secure);
 static void (*q_tb_flush)(void *cpu);
 static int command_fd = -1;
+static bool *q_qtest_allowed;
+static void (*q_icount_start_warp_timer)(void);
+static void (*q_main_loop_poll_add_notifier)(void *notifier);
+static void *poll_notifier; /* QEMU's Notifier: the callback first, then a list entry */
+static bool warp_guard; /* a lock-step quantum runs: QEMU warps only through us */
 static void *deadline_timer;
 static bool timer_ready;
 
@@ -686,12 +691,33 @@ static void on_command(void *opaque)
     }
 }
 
+/* The warp guard (lock-step quanta). QEMU 7.2 warps the virtual clock of an idle vCPU
+ * (WFI, sleep=off) to the next timer whenever a virtual timer is changed while the
+ * vCPU looks idle, also inside a timer's callback: a SysTick's ptimer re-arms itself
+ * before it raises its interrupt, so a sleeping CPU's clock jumps a whole period more
+ * (or to the quantum's deadline, when that comes first: results that depend on the
+ * quantum). During a quantum QEMU's own warps are off (its qtest switch, which makes
+ * icount_start_warp_timer return) and the main loop warps once per iteration, after
+ * its poll and before it runs the timers: to the earliest deadline, when the vCPU is
+ * idle then. */
+static void guarded_warp(void *notifier, void *data)
+{
+    (void)notifier;
+    (void)data;
+    if (warp_guard && vm_running() && q_all_cpu_threads_idle()) {
+        *q_qtest_allowed = false;
+        q_icount_start_warp_timer();
+        *q_qtest_allowed = true;
+    }
+}
+
 /* the main loop's handlers exist once the machine is being made (not at install) */
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     (void)id;
     if (vcpu_index == 0 && command_fd >= 0) {
         q_set_fd_handler(command_fd, on_command, NULL, NULL);
+        q_main_loop_poll_add_notifier(poll_notifier);
     }
 }
 
@@ -717,7 +743,15 @@ static void run_state_changed(void *opaque, bool running, int state)
         } else {
             q_timer_mod_ns(deadline_timer, (int64_t)deadline);
         }
+        warp_guard = deadline != UINT64_MAX && !*q_qtest_allowed;
+        if (warp_guard) {
+            *q_qtest_allowed = true;
+        }
     } else {
+        if (warp_guard) {
+            *q_qtest_allowed = false;
+            warp_guard = false;
+        }
         __atomic_store_n(&gate->vclock, (uint64_t)q_clock_get_ns(QEMU_CLOCK_VIRTUAL),
                          __ATOMIC_RELEASE);
         __atomic_add_fetch(&gate->stops, 1, __ATOMIC_RELEASE);
@@ -743,6 +777,15 @@ static bool setup_lockstep(void)
     q_object_resolve_path_type = dlsym(RTLD_DEFAULT, "object_resolve_path_type");
     q_nvic_set_pending = dlsym(RTLD_DEFAULT, "armv7m_nvic_set_pending");
     q_tb_flush = dlsym(RTLD_DEFAULT, "tb_flush");
+    q_qtest_allowed = dlsym(RTLD_DEFAULT, "qtest_allowed");
+    q_icount_start_warp_timer = dlsym(RTLD_DEFAULT, "icount_start_warp_timer");
+    q_main_loop_poll_add_notifier = dlsym(RTLD_DEFAULT, "main_loop_poll_add_notifier");
+    poll_notifier = calloc(1, 64);
+    if (poll_notifier == NULL || !q_qtest_allowed || !q_icount_start_warp_timer ||
+        !q_main_loop_poll_add_notifier) {
+        return false;
+    }
+    *(void (**)(void *, void *))poll_notifier = guarded_warp;
     if (command_fd < 0 || !q_set_fd_handler || !q_object_resolve_path_type ||
         !q_nvic_set_pending || !q_tb_flush) {
         return false;
