@@ -13,6 +13,7 @@ from machineserver.server.drivers.base import (
     BarrierInput,
     Feature,
     LockStep,
+    MemoryAccess,
     QuantumResult,
     StopReason,
     WrongState,
@@ -127,3 +128,38 @@ async def test_rollback_replays_the_same_quanta(machines: MachineFactory) -> Non
     assert replay == straight
     assert straight[-1].stop is not None and straight[-1].cycles == 273
     print(f"checkpoint {saved_ms:.1f} ms, rollback {restored_ms:.1f} ms")
+
+
+async def test_an_irq_raised_at_a_barrier_is_pending_in_the_nvic_before_anything_runs(
+        machines: MachineFactory) -> None:
+    """QEMU 7.2's gdbstub writes skip MMIO (an ISPR write through it is lost): the plugin
+    sets the line pending from QEMU's main loop, at the barrier itself."""
+    from tests.drivers.test_lockstep import DOORBELL_IRQ, sleeper_image
+
+    m, _, _ = await boot(machines, BOARD, "hello", icount=True)
+    await m.machine.load(sleeper_image())
+    lock = m.machine.capability(LockStep)
+    mem = m.machine.capability(MemoryAccess)
+    await lock.begin(())
+    ispr = 0xE000E200
+    assert await mem.read_memory(ispr, 4) == bytes(4)
+    result = await lock.advance(0, BarrierInput(irqs=(DOORBELL_IRQ, 5)))
+    assert result.cycles == 0  # nothing ran: the bits are pending, not yet taken
+    assert int.from_bytes(await mem.read_memory(ispr, 4), "little") == (1 << DOORBELL_IRQ) | (1 << 5)
+
+
+@pytest.mark.parametrize("quantum", [3_001, 1_000_000])
+async def test_a_systick_sleeper_exits_at_one_cycle_whatever_the_quantum(
+        machines: MachineFactory, quantum: int) -> None:
+    """QEMU 7.2 warped a sleeping CPU's clock when SysTick's timer re-armed itself before
+    raising its interrupt (a tick cost two periods in one long quantum, one when the
+    quantum's deadline came first). SysTick counts QEMU's 25 MHz clock here and an
+    instruction is 32 ns (shift 5): 10 ticks of 10000 are 125000 cycles, plus the code."""
+    m, _, _ = await boot(machines, BOARD, "systick", icount=True)
+    lock = m.machine.capability(LockStep)
+    await lock.begin(())
+    results = await _quanta(lock, 0, quantum, limit=2_000_000)
+    last = results[-1]
+    assert last.stop is not None and last.stop.reason is StopReason.EXIT
+    assert last.cycles == 125_198
+    assert b"".join(r.console for r in results) == b"ticks=10\n"

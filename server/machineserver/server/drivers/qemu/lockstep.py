@@ -11,18 +11,31 @@
   gdbstub continue per quantum; the deadline stop comes back as a T02 stop reply. The
   clock at every stop is recorded by the plugin (no extra round trip to read it).
 * **Inputs** (the VM stopped, before the continue): memory writes as gdbstub ``M``
-  packets; IRQs set pending through the NVIC's ISPR registers (QEMU takes debug writes
-  there), so the core takes them before the quantum's first instruction; a console byte
+  packets; IRQs set pending by the plugin from QEMU's main loop (a barrier command:
+  ``armv7m_nvic_set_pending``, as a rising edge on the line would; QEMU 7.2's gdbstub
+  writes skip MMIO, so an ISPR write through it never reaches the NVIC), so the core
+  takes them before the quantum's first instruction and a WFI wakes; a console byte
   only when the UART's receiver is enabled and empty, written to the chardev, and then
   waited for in the UART's status register (so it is inside the guest UART before the
   quantum runs, never taken by QEMU at a host-timed moment later).
+* **Exact stops**: no gdbstub debug stop ends a quantum. Between a vCPU's debug stop
+  and the VM's, QEMU sees an idle vCPU and warps the virtual clock to the next timer
+  (the quantum's deadline, or a device timer fired early). So while in lock-step the
+  breakpoints are held by the plugin before their block (like semihosting trap sites,
+  then single steps up to the site), watchpoints are checked by the plugin after each
+  access (one-instruction blocks while any is set, so the hold comes right after the
+  accessing instruction), and single steps run with QEMU's timers off
+  (``Qqemu.sstep=0x5``, interrupts still taken) and never past the quantum's end.
+  During a quantum the plugin also keeps QEMU from warping inside a timer's callback
+  (its "warp guard", see msplugin.c): SysTick re-arms itself before it raises its
+  interrupt, which made a sleeper's clock jump a whole period more.
 * **Console output** is kept (:attr:`.target.QemuTarget.console_capture`) instead of
   sent as events. QEMU writes a TX byte to the chardev socket synchronously, before the
   VM stops; after a quantum the socket is read dry (its unread byte count is 0), so each
   byte lands in the quantum that sent it.
-* **Breakpoints at a quantum's end**: icount ends the quantum before a breakpoint at the
-  next instruction is checked; the next advance reports that breakpoint before running
-  anything (same cycle), and the one after steps over it as a resume does.
+* **Breakpoints at a quantum's end**: a quantum that ends at a breakpoint's instruction
+  does not report it; the next advance reports that breakpoint before running anything
+  (same cycle), and the one after steps over it as a resume does.
 * **Checkpoint/rollback**: a snapshot (QEMU's migration stream, :mod:`.snapshots`) kept
   in memory; rollback restarts QEMU from it (the virtual clock is in the stream).
 """

@@ -63,8 +63,15 @@
  *      112     reached    plugin      uint64, deadlines reached so far
  *      120     idle       plugin      uint32, 1: the vCPU slept (WFI, nothing
  *                                     pending) when the last deadline was reached
- *      124     reserved
- *      128     traps[]    driver      uint64 each, the trap sites' addresses
+ *      124     nbreaks    driver      uint32, breakpoint sites after the trap sites
+ *      128     traps[]    driver      uint64 each, the trap sites' addresses, then
+ *                                     the breakpoint sites' (lock-step)
+ *     3840     irqs[16]   driver      uint32 each, interrupt lines to set pending
+ *     3904     commands   plugin      uint64, barrier commands carried out
+ *     3912     command_error plugin   uint32, 1: no NVIC for the interrupts
+ *     3916     nwatch     driver      uint32, lock-step watchpoints in use (<= 8)
+ *     3920     hit_*      plugin      watched address, pc, access; hit (uint32 at 3940)
+ *     3944     watch[8]   driver      address (uint64), size, access bits (uint32)
  *
  *    Counting: while armed, each translated block gets a callback at its start
  *    (which counts its first instruction and checks the limit) and an inline
@@ -119,6 +126,14 @@
  *    (T02) as for a ^C. These are QEMU's own functions, not the plugin API
  *    (exported by Debian's QEMU; looked up with dlsym): without every one of
  *    them there is no GATE_LOCKSTEP.
+ *
+ *    Lock-step barriers and stops (also GATE_LOCKSTEP): a command FIFO (command=,
+ *    read in QEMU's main loop) carries barrier commands: set the interrupts marked in
+ *    `irqs` pending in the NVIC, or flush the translations. `nbreaks` breakpoint sites
+ *    follow the trap sites in traps[] and are held like them whatever the instruction;
+ *    `nwatch` watchpoints are checked after each memory access (a hit is recorded in
+ *    hit_* and held after its block). See the comments at apply_irqs, watch_access and
+ *    guarded_warp.
  *
  *    Arming: the counting callbacks exist only while armed, so an unarmed gate
  *    costs nothing at run time (translations check for trap sites). Switching
