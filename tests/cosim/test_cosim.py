@@ -171,8 +171,9 @@ def _hog(stop: Any) -> None:
 
 @contextlib.contextmanager
 def cpu_hog() -> Iterator[None]:
-    stop = multiprocessing.Event()
-    procs = [multiprocessing.Process(target=_hog, args=(stop,)) for _ in range(os.cpu_count() or 2)]
+    spawn = multiprocessing.get_context("spawn")  # not a fork of a process with gRPC's threads
+    stop = spawn.Event()
+    procs = [spawn.Process(target=_hog, args=(stop,)) for _ in range(os.cpu_count() or 2)]
     for p in procs:
         p.start()
     try:

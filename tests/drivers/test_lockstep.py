@@ -291,10 +291,12 @@ async def test_irq_at_a_barrier_wakes_wfi_before_the_first_instruction(make: obj
         assert (quiet.cycles, quiet.idle, quiet.watched) == (until, True, (struct.pack("<I", 2),))
     if counters.exact:
         assert rig.machine.counters().instructions == counters.instructions
-    # an interrupt raised but disabled in the NVIC is pending (ISPR), not taken
-    await rig.regs.write_register("primask", 1)
-    masked = await rig.lock.advance(60_000, BarrierInput(irqs=(DOORBELL_IRQ,)))
-    assert masked.watched == (struct.pack("<I", 2),)  # PRIMASK: not taken
+    # an interrupt raised while PRIMASK is set is pending, not taken -- where the backend's
+    # debug interface can set PRIMASK (QEMU 7.2's gdbstub has no primask register)
+    if "primask" in rig.regs.register_names():
+        await rig.regs.write_register("primask", 1)
+        masked = await rig.lock.advance(60_000, BarrierInput(irqs=(DOORBELL_IRQ,)))
+        assert masked.watched == (struct.pack("<I", 2),)  # PRIMASK: not taken
 
 
 async def test_barrier_writes_land_before_the_quantum_and_watched_ranges_follow(make: object) -> None:
