@@ -25,6 +25,15 @@ differ from the previous checkpoint (a :class:`~.snapshot_pages.PageTracker` of 
 pages are compared in place, copied raw, never packed; a rollback writes back only the
 pages that differ).
 
+Cost per quantum (a co-simulation's speed when one worker hosts every member and calls
+their ``advance`` one after another). A quantum of up to :data:`INLINE_CYCLES` runs on the
+caller's event loop (~0.2 ms at most, the bound on how long it blocks that loop, also with
+emulation in the server's process); a longer one runs on the machine's
+:class:`~.quantum_thread.QuantumThread`, started once and kept (no thread per quantum).
+Inputs, the quantum and the result are done in one hold of the machine's lock, and the
+watched ranges are copied from the board's memory as the engine sees it
+(:attr:`~.context.BoardInstance.ram`), not read through the engine.
+
 RISC-V boards have no lock-step: there is no PLIC model, so an interrupt line cannot be
 raised on them (:data:`RISCV_REASON`).
 """
@@ -33,11 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
-
-from unicorn.unicorn import UcError
 
 from machineserver.server.drivers.base import (
     BackendFailed,
@@ -54,7 +61,8 @@ from machineserver.server.drivers.unicorn.arch import JsonState
 from machineserver.server.drivers.unicorn.breakpoints import UnicornBreakpoints
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext, driver_errors
 from machineserver.server.drivers.unicorn.cortexm import CortexM
-from machineserver.server.drivers.unicorn.run_control import JOIN_TIMEOUT_S, UnicornRunControl, Worker
+from machineserver.server.drivers.unicorn.quantum_thread import QuantumThread, settle
+from machineserver.server.drivers.unicorn.run_control import JOIN_TIMEOUT_S, UnicornRunControl
 from machineserver.server.drivers.unicorn.slicer import SLICE_COUNT, Slicer
 from machineserver.server.drivers.unicorn.snapshot_format import Pages
 from machineserver.server.drivers.unicorn.snapshot_pages import Changes, PageTracker
@@ -97,7 +105,9 @@ class UnicornLockStep(LockStep):
         self._slicer = slicer
         self._run_control = run_control
         self._breakpoints = breakpoints
-        self._watch: tuple[tuple[int, int], ...] = ()
+        # the watched ranges as (index in board.memory and BoardInstance.ram, offset, size)
+        self._watch: tuple[tuple[int, int, int], ...] = ()
+        self._thread = QuantumThread(f"lockstep-{ctx.board.name}")
         self._active = False
         self._console = bytearray()
         # the pc of the breakpoint the last quantum stopped at: the next one steps off it
@@ -112,6 +122,7 @@ class UnicornLockStep(LockStep):
             self._active = False
             self._ctx.console.divert(None)
         self._resume_at = None
+        self._thread.close()
 
     def forget(self) -> None:
         """The machine's state is gone (power_off): so is the checkpoint."""
@@ -124,10 +135,11 @@ class UnicornLockStep(LockStep):
         ctx.require(MachineState.HALTED)
         ranges = []
         for address, size in watch:
-            if size <= 0 or ctx.board.region_at(address, size) is None:
+            region = ctx.board.region_at(address, size) if size > 0 else None
+            if region is None:
                 raise BadRequest(f"watched range 0x{address:x}+{size} is not in the memory of board "
                                  f"{ctx.board.name}", field="watch")
-            ranges.append((address, size))
+            ranges.append((ctx.board.memory.index(region), address - region.base, size))
         await self._run_control.halt()  # a run that ended by itself: join its worker
         self._watch = tuple(ranges)
         if not self._active:
@@ -151,16 +163,19 @@ class UnicornLockStep(LockStep):
             raise BadRequest(f"until_cycles {until_cycles} is before the machine's cycle counter "
                              f"({now})", field="until_cycles")
         self._check_inputs(inputs)
-        await self._run_control.halt()
+        await self._run_control.halt()  # a run that ended by itself: join its worker
         ctx.halt_request.clear()
-        accepted = await ctx.locked("apply barrier inputs", lambda inst: self._apply(inst, inputs))
+        inst = ctx.instance
+        assert inst is not None  # HALTED
+        with ctx.lock, driver_errors("apply barrier inputs"):  # free: nothing runs
+            accepted = self._apply(inst, inputs)
         ctx.state = MachineState.RUNNING
         self._slicer.deterministic = True
-        outcome: list[tuple[StopInfo | None, bool] | BaseException] = []
+        outcome: list[QuantumResult | BaseException] = []
 
         def body() -> None:
             try:
-                outcome.append(self._quantum(until_cycles))
+                outcome.append(self._quantum(until_cycles, accepted))
             except Exception as exc:  # handed to the caller
                 outcome.append(exc)
 
@@ -168,15 +183,7 @@ class UnicornLockStep(LockStep):
             if until_cycles - now <= INLINE_CYCLES:
                 body()
             else:
-                worker = Worker(body, f"unicorn-{ctx.board.name}-lockstep")
-                try:
-                    await worker.wait(None)
-                except asyncio.CancelledError:
-                    ctx.halt_request.set()
-                    if not await worker.settle(JOIN_TIMEOUT_S):
-                        ctx.state = MachineState.FAILED
-                        ctx.events.failed("the unicorn lock-step worker did not stop")
-                    raise
+                await self._on_thread(body)
         finally:
             self._slicer.deterministic = False
             if ctx.state == MachineState.RUNNING:
@@ -187,9 +194,27 @@ class UnicornLockStep(LockStep):
                 "the unicorn lock-step quantum did not end"
             ctx.events.failed(reason)
             raise BackendFailed(reason)
-        stop, idle = outcome[0]
-        return await ctx.locked("read the watched ranges",
-                                lambda inst: self._result(inst, stop, idle, accepted))
+        return outcome[0]
+
+    async def _on_thread(self, body: Callable[[], None]) -> None:
+        """``body()`` on the machine's quantum thread. Cancelled: the quantum is asked to
+        halt and awaited (the machine is left HALTED and usable); one that does not end
+        within JOIN_TIMEOUT_S leaves the machine FAILED and its thread abandoned."""
+        ctx = self._ctx
+        try:
+            done = self._thread.submit(body)
+        except RuntimeError as exc:  # no thread can be started
+            raise BackendFailed(f"cannot start the unicorn lock-step thread: {exc}") from None
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            ctx.halt_request.set()
+            if not await settle(done, JOIN_TIMEOUT_S):
+                ctx.state = MachineState.FAILED
+                ctx.events.failed("the unicorn lock-step worker did not stop")
+                self._thread.close()  # it ends when (if) the quantum returns
+                self._thread = QuantumThread(f"lockstep-{ctx.board.name}")
+            raise
 
     # ------------------------------------------------------------------ inputs
     def _check_inputs(self, inputs: BarrierInput) -> None:
@@ -225,9 +250,9 @@ class UnicornLockStep(LockStep):
         return 1
 
     # ------------------------------------------------------------------ the quantum
-    def _quantum(self, until: int) -> tuple[StopInfo | None, bool]:
-        """Run to ``until`` exactly or a stop (lock held per slice, as a run does);
-        (the stop, ended asleep). The machine's state is published here."""
+    def _quantum(self, until: int, accepted: int) -> QuantumResult:
+        """Run to ``until`` exactly or a stop, and read the result, in one hold of the
+        lock. The machine's state is published here."""
         ctx = self._ctx
         try:
             with ctx.lock, driver_errors("run a lock-step quantum"):
@@ -239,7 +264,7 @@ class UnicornLockStep(LockStep):
                              else MachineState.FAULTED if stop is not None and stop.reason == StopReason.FAULT
                              else MachineState.HALTED)
                 self._resume_at = stop.pc if stop is not None and stop.reason == StopReason.BREAKPOINT else None
-                return stop, idle
+                return self._result(ctx.instance, stop, idle, accepted)
         finally:
             ctx.gate.skip_at = None
 
@@ -281,18 +306,16 @@ class UnicornLockStep(LockStep):
         asleep = stop is None and core.sleep_mark is not None and core.sleep_mark == clock.instructions
         return stop, asleep and not exceptions.wakes()
 
-    def _result(self, inst: BoardInstance, stop: StopInfo | None, idle: bool, accepted: int) -> QuantumResult:
+    def _result(self, inst: BoardInstance | None, stop: StopInfo | None, idle: bool,
+                accepted: int) -> QuantumResult:
         ctx = self._ctx
+        assert inst is not None
         ctx.console.flush()
         console, self._console[:] = bytes(self._console), b""
-        watched = []
-        for address, size in self._watch:
-            try:
-                watched.append(bytes(inst.uc.mem_read(address, size)))
-            except UcError as exc:
-                raise BackendFailed(f"cannot read watched range 0x{address:x}+{size}: {exc}") from None
+        ram = inst.ram
+        watched = tuple(bytes(ram[index][offset:offset + size]) for index, offset, size in self._watch)
         return QuantumResult(cycles=ctx.clock.cycles, stop=stop, console=console, accepted=accepted,
-                             watched=tuple(watched), idle=idle)
+                             watched=watched, idle=idle)
 
     # ------------------------------------------------------------------ checkpoints
     async def checkpoint(self) -> None:
