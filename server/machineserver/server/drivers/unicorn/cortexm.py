@@ -59,6 +59,7 @@ from machineserver.server.drivers.base import BoardSpec, Segment, StopInfo
 from machineserver.server.drivers.unicorn.arch import CoreHost, Engine, JsonState, new_engine
 from machineserver.server.drivers.unicorn.cortexm_exceptions import CortexMExceptions
 from machineserver.server.drivers.unicorn.cortexm_scs import SCS_BASE, SCS_SIZE, Scs
+from machineserver.server.drivers.unicorn.regbatch import RegReader
 
 CPUS = {"cortex-m3": UC_CPU_ARM_CORTEX_M3, "cortex-m4": UC_CPU_ARM_CORTEX_M4,
         "cortex-m4f": UC_CPU_ARM_CORTEX_M4}
@@ -116,6 +117,7 @@ class CortexM:
     uc: Engine  # set by create_uc
     host: CoreHost  # set by attach
     exceptions: CortexMExceptions  # set by attach
+    _reg: RegReader  # set by create_uc
 
     def __init__(self, board: BoardSpec) -> None:
         self.board = board
@@ -134,6 +136,7 @@ class CortexM:
         uc = new_engine(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
         uc.ctl_set_cpu_model(CPUS[self.board.cpu])
         self.uc = uc
+        self._reg = RegReader(uc)
         return uc
 
     def attach(self, uc: Engine, host: CoreHost) -> None:
@@ -171,7 +174,7 @@ class CortexM:
         uc.reg_write(UC_ARM_REG_PC, pc | 1)
 
     def pc(self) -> int:
-        return int(self.uc.reg_read(UC_ARM_REG_PC)) & ~1
+        return self._reg(UC_ARM_REG_PC) & ~1
 
     def start_address(self) -> int:
         return self.pc() | 1

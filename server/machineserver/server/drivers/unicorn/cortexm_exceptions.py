@@ -29,6 +29,9 @@ How exceptions work here (measured on Unicorn 2.1.4, the cheapest correct way fo
   or NMI, or FAULTMASK set) is a lockup: the machine goes FAULTED. An exception whose
   vector is 0 or unmapped, or a frame that cannot be stacked, is FAULTED too.
 * FPU (M4): floating-point context is never stacked (EXC_RETURN bit 4 is always 1).
+* Cost: entry and return read and write their registers in one batch each
+  (:class:`~.regbatch.RegBatch`: one native call instead of ~15 binding calls), so an
+  interrupt raised at every co-simulation barrier stays cheap.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from machineserver.server.drivers.unicorn.cortexm_scs import (
     USAGEFAULT,
     Scs,
 )
+from machineserver.server.drivers.unicorn.regbatch import RegBatch, RegReader
 
 
 class CortexMExceptions:
@@ -77,12 +81,28 @@ class CortexMExceptions:
         self.uc = uc
         self.scs = scs
         self.host = host
+        self._reg = RegReader(uc)
+        self._masks = RegBatch(uc, (UC_ARM_REG_BASEPRI, UC_ARM_REG_PRIMASK, UC_ARM_REG_FAULTMASK))
+        self._entry_in = RegBatch(uc, (UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_R2, UC_ARM_REG_R3,
+                                       UC_ARM_REG_R12, UC_ARM_REG_LR, UC_ARM_REG_XPSR, UC_ARM_REG_SP,
+                                       UC_ARM_REG_CONTROL, UC_ARM_REG_PC))
+        # the stack first (on the bank in use), then the mode: as the hardware does
+        self._entry_out = RegBatch(uc, (UC_ARM_REG_SP, UC_ARM_REG_XPSR, UC_ARM_REG_LR, UC_ARM_REG_PC))
+        self._entry_out_psp = RegBatch(uc, (UC_ARM_REG_SP, UC_ARM_REG_CONTROL, UC_ARM_REG_XPSR,
+                                            UC_ARM_REG_LR, UC_ARM_REG_PC))
+        self._return_in = RegBatch(uc, (UC_ARM_REG_PC, UC_ARM_REG_XPSR, UC_ARM_REG_SP, UC_ARM_REG_PSP,
+                                        UC_ARM_REG_CONTROL))
+        restore = (UC_ARM_REG_SP, UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_R2, UC_ARM_REG_R3,
+                   UC_ARM_REG_R12, UC_ARM_REG_LR, UC_ARM_REG_PC)
+        # the mode first (xPSR, then CONTROL.SPSEL for a PSP return), then that bank's SP
+        self._return_out = RegBatch(uc, (UC_ARM_REG_XPSR, *restore))
+        self._return_out_psp = RegBatch(uc, (UC_ARM_REG_XPSR, UC_ARM_REG_CONTROL, *restore))
 
     def _pc(self) -> int:
-        return int(self.uc.reg_read(UC_ARM_REG_PC)) & ~1
+        return self._reg(UC_ARM_REG_PC) & ~1
 
     def ipsr(self) -> int:
-        return int(self.uc.reg_read(UC_ARM_REG_XPSR)) & 0x1FF
+        return self._reg(UC_ARM_REG_XPSR) & 0x1FF
 
     # ---- priorities
     def _group(self, p: int) -> int:
@@ -99,13 +119,13 @@ class CortexMExceptions:
 
     def exec_priority(self) -> int:
         p = self.active_priority()
-        uc = self.uc
-        basepri = int(uc.reg_read(UC_ARM_REG_BASEPRI)) & 0xFF
+        basepri, primask, faultmask = self._masks.read()
+        basepri &= 0xFF
         if basepri:
             p = min(p, self._group(basepri))
-        if int(uc.reg_read(UC_ARM_REG_PRIMASK)) & 1:
+        if primask & 1:
             p = min(p, 0)
-        if int(uc.reg_read(UC_ARM_REG_FAULTMASK)) & 1:
+        if faultmask & 1:
             p = min(p, -1)
         return p
 
@@ -168,14 +188,12 @@ class CortexMExceptions:
     def enter(self, exc: int, return_pc: int | None = None) -> StopInfo | None:
         uc = self.uc
         vec = self._vector(exc)
-        pc = self._pc() if return_pc is None else return_pc
+        r = self._entry_in.read()  # r0-r3, r12, lr, xpsr, sp, control, pc
+        pc = (r[9] & ~1) if return_pc is None else return_pc
         if vec is None:
             return self._fault_stop(
                 pc, None, f"exception {exc} taken but its vector is empty "
                 f"(no handler in the vector table at 0x{self.scs.vtor:08x})")
-        r = [int(uc.reg_read(x)) & 0xFFFFFFFF for x in (
-            UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_R2, UC_ARM_REG_R3, UC_ARM_REG_R12,
-            UC_ARM_REG_LR, UC_ARM_REG_XPSR, UC_ARM_REG_SP, UC_ARM_REG_CONTROL)]
         xpsr, sp, control = r[6], r[7], r[8]
         thread = (xpsr & 0x1FF) == 0
         use_psp = thread and bool(control & 2)
@@ -190,24 +208,24 @@ class CortexMExceptions:
         except UcError:
             return self._fault_stop(pc, frame, f"stacking error entering exception {exc} "
                                                f"(sp=0x{sp:08x})")
-        uc.reg_write(UC_ARM_REG_SP, frame)
-        if use_psp:
-            uc.reg_write(UC_ARM_REG_CONTROL, control & ~2)  # now on MSP
-        uc.reg_write(UC_ARM_REG_XPSR, (xpsr & 0xF8000000) | (1 << 24) | exc)
+        new_xpsr = (xpsr & 0xF8000000) | (1 << 24) | exc
         exc_return = 0xFFFFFFF1 if not thread else (0xFFFFFFFD if use_psp else 0xFFFFFFF9)
-        uc.reg_write(UC_ARM_REG_LR, exc_return)
-        uc.reg_write(UC_ARM_REG_PC, vec | 1)
+        if use_psp:  # the frame is on the PSP; the handler runs on the MSP
+            self._entry_out_psp.write((frame, control & ~2, new_xpsr, exc_return, vec | 1))
+        else:
+            self._entry_out.write((frame, new_xpsr, exc_return, vec | 1))
         self.scs.pending &= ~(1 << exc)
         self.scs.active |= 1 << exc
         return None
 
     def exception_return(self) -> StopInfo | None:
         uc = self.uc
-        exc_return = (int(uc.reg_read(UC_ARM_REG_PC)) | 1) & 0xFFFFFFFF
-        exc = self.ipsr()
+        pc_now, xpsr_now, sp, psp, control = self._return_in.read()
+        exc_return = pc_now | 1
+        exc = xpsr_now & 0x1FF
         self.scs.active &= ~(1 << exc)
         to_psp = bool(exc_return & 4) and bool(exc_return & 8)
-        frame = int(uc.reg_read(UC_ARM_REG_PSP if to_psp else UC_ARM_REG_SP)) & 0xFFFFFFFF
+        frame = psp if to_psp else sp
         try:
             r0, r1, r2, r3, r12, lr, pc, xpsr = struct.unpack("<8I", bytes(uc.mem_read(frame, 32)))
         except UcError:
@@ -215,14 +233,11 @@ class CortexMExceptions:
         new_sp = frame + 32 + (4 if xpsr & (1 << 9) else 0)
         if not exc_return & 8:
             xpsr = (xpsr & ~0x1FF) | (xpsr & 0x1FF or exc)  # return to Handler mode
-        uc.reg_write(UC_ARM_REG_XPSR, xpsr & ~(1 << 9))
+        restored = (new_sp, r0, r1, r2, r3, r12, lr, pc | 1)
         if to_psp:
-            uc.reg_write(UC_ARM_REG_CONTROL, int(uc.reg_read(UC_ARM_REG_CONTROL)) | 2)
-        uc.reg_write(UC_ARM_REG_SP, new_sp)
-        for reg, v in zip((UC_ARM_REG_R0, UC_ARM_REG_R1, UC_ARM_REG_R2, UC_ARM_REG_R3,
-                           UC_ARM_REG_R12, UC_ARM_REG_LR), (r0, r1, r2, r3, r12, lr), strict=True):
-            uc.reg_write(reg, v)
-        uc.reg_write(UC_ARM_REG_PC, pc | 1)
+            self._return_out_psp.write((xpsr & ~(1 << 9), control | 2, *restored))
+        else:
+            self._return_out.write((xpsr & ~(1 << 9), *restored))
         return self.deliver()
 
     # ---- faults

@@ -395,17 +395,19 @@ class Slicer:
         if self._ctx.collector is not None:
             self._ctx.collector.slice_ended(pc)  # exact coverage counts: pc has not run
         clean = err is None and self._hit is None
-        wfi = clean and core.halted_on_wfi(pc)
         if counted and inst.counter.available:
             c = inst.counter.read()
             # PC just past a WFI can also be an exception return to there: only a
             # halt leaves the count short of n with the next instruction uncounted
-            wfi = wfi and c - 1 < n
+            # (a slice that ran its n reads no code: the common case costs nothing)
+            wfi = clean and c - 1 < n and core.halted_on_wfi(pc)
             executed = c if wfi else max(c - 1, 0)
         elif counted:
+            wfi = clean and core.halted_on_wfi(pc)
             executed = n if clean and not wfi else 0
             clock.exact = False
         else:
+            wfi = clean and core.halted_on_wfi(pc)
             executed = int((time.perf_counter() - self._slice_t0) * NOMINAL_IPS)
             clock.exact = False
         executed += self._extra
