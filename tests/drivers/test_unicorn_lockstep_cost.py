@@ -8,15 +8,30 @@ cancelled quantum on the kept thread leaves the machine usable. Real firmware
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 
 import pytest
+from unicorn.arm_const import UC_ARM_REG_PC, UC_ARM_REG_R0, UC_ARM_REG_R7, UC_ARM_REG_SP, UC_ARM_REG_XPSR
 
-from machineserver.server.drivers.base import BarrierInput, LockStep, MachineState, Segment, StopReason
+from machineserver.server.drivers.base import (
+    BarrierInput,
+    LockStep,
+    MachineOptions,
+    MachineState,
+    ProgramImage,
+    Segment,
+    StopReason,
+)
 from machineserver.server.drivers.unicorn import lockstep as lockstep_module
 from machineserver.server.drivers.unicorn import quantum_thread
+from machineserver.server.drivers.unicorn.cortexm import CortexM
+from machineserver.server.drivers.unicorn.machine import UnicornMachine
+from machineserver.server.drivers.unicorn.regbatch import RegBatch, RegReader
 from tests.drivers.unicorn_helpers import start
+from tests.helpers.events import Recorder
+from tests.helpers.machines import Parts, board
 
 BOARD = "mps2-an385"
 OUT, BELL = 0x20200000, 0x20220000
@@ -162,3 +177,95 @@ async def test_a_cancelled_long_quantum_on_the_kept_thread_leaves_the_machine_us
         assert b"crc32=0x80f45f04\n" in result.console
     finally:
         await m.power_off()
+
+
+# --------------------------------------------------------------------------- registers in batches
+# Exception entry and return on the process stack (an RTOS thread): thread mode on the PSP,
+# IRQ 30 raised at a barrier while it sleeps in WFI; the handler (on the MSP) records sp,
+# CONTROL, PSP and LR at 0x20000000 and clobbers r0-r2 and r12. Assembled with
+# arm-none-eabi-as from:
+#   0x100: mov.w r0, #0x20002000 ; msr psp, r0 ; movs r0, #2 ; msr control, r0 ; isb
+#          ldr r0, =0xE000E100 ; mov.w r1, #1<<30 ; str r1, [r0]      (enable IRQ 30)
+#          movs r0..r3, #0x11/#0x22/#0x33/#0x44 ; mov.w r4, #0x0C0C0C0C ; mov r12, r4 ; cpsie i
+#   0x12a: wfi ; b 0x12a
+#   0x180: mov.w r0, #0x20000000 ; mov r1, sp ; str r1, [r0] ; mrs r1, control ; str r1, [r0, #4]
+#          mrs r1, psp ; str r1, [r0, #8] ; str.w lr, [r0, #12] ; movs r2, #0x99 ; mov r12, r2 ; bx lr
+PSP_RESET = bytes.fromhex("4ff0202080f30988022080f31488bff36f8f07484ff08041016011202221332244234ff00c34a4466"
+                          "2b630bffde7000000e100e0")
+PSP_HANDLER = bytes.fromhex("4ff0005069460160eff314814160eff309818160c0f80ce099229446704700bf")
+MSP_TOP, PSP_TOP, RECORD = 0x20001000, 0x20002000, 0x20000000
+
+
+def psp_image() -> ProgramImage:
+    vectors = [0] * (16 + 32)
+    vectors[0], vectors[1], vectors[16 + 30] = MSP_TOP, 0x101, 0x181
+    table = struct.pack(f"<{len(vectors)}I", *vectors)
+    return ProgramImage((Segment(0, table), Segment(0x100, PSP_RESET), Segment(0x180, PSP_HANDLER)), entry=0x100)
+
+
+async def test_an_interrupt_on_the_process_stack_enters_on_msp_and_returns_to_psp() -> None:
+    m = UnicornMachine(board(BOARD), lockstep_options(), Recorder())
+    await m.power_on()
+    try:
+        await m.load(psp_image())
+        p = Parts(m)
+        lock = m.capability(LockStep)
+        await lock.begin([(RECORD, 16)])
+        asleep = await lock.advance(1_000, BarrierInput())
+        assert asleep.idle and asleep.watched == (bytes(16),)
+        before = await p.regs.read_registers(["pc", "sp", "psp", "msp", "control"])
+        assert (before["sp"], before["psp"], before["msp"], before["control"]) == (PSP_TOP, PSP_TOP, MSP_TOP, 2)
+        woke = await lock.advance(2_000, BarrierInput(irqs=(30,)))
+        assert woke.idle and woke.stop is None
+        sp, control, psp, lr = struct_words(woke.watched[0])
+        assert (sp, control & 2, psp, lr) == (MSP_TOP, 0, PSP_TOP - 32, 0xFFFFFFFD)  # in the handler
+        after = await p.regs.read_registers(["r0", "r1", "r2", "r3", "r12", "sp", "psp", "msp", "control",
+                                             "xpsr", "pc"])
+        assert (after["r0"], after["r1"], after["r2"], after["r3"], after["r12"]) == \
+            (0x11, 0x22, 0x33, 0x44, 0x0C0C0C0C)  # unstacked: the handler's r0-r2/r12 are gone
+        assert (after["sp"], after["psp"], after["msp"], after["control"]) == (PSP_TOP, PSP_TOP, MSP_TOP, 2)
+        assert after["xpsr"] & 0x1FF == 0 and after["pc"] == before["pc"]
+        frame = struct_words(await p.mem.read_memory(PSP_TOP - 32, 32))
+        assert frame[:5] == (0x11, 0x22, 0x33, 0x44, 0x0C0C0C0C) and frame[7] & (1 << 24)
+    finally:
+        await m.power_off()
+
+
+def struct_words(data: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(data) // 4}I", data)
+
+
+def lockstep_options() -> MachineOptions:
+    return MachineOptions(icount=True)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-batch", "binding-calls"])
+def test_register_batches_read_and_write_what_the_binding_does(native: bool) -> None:
+    uc = CortexM(board(BOARD)).create_uc()
+    engine = uc if native else _BindingOnly(uc)
+    regs = (UC_ARM_REG_R0, UC_ARM_REG_R7, UC_ARM_REG_SP, UC_ARM_REG_XPSR, UC_ARM_REG_PC)
+    for reg, value in zip(regs, (0xDEADBEEF, 7, 0x20000FF8, 0x01000000, 0x201), strict=True):
+        uc.reg_write(reg, value)
+    batch = RegBatch(engine, regs)
+    assert batch.read() == [int(uc.reg_read(r)) & 0xFFFFFFFF for r in regs] == \
+        [0xDEADBEEF, 7, 0x20000FF8, 0x01000000, 0x200]  # pc: no Thumb bit
+    batch.write((0x12345678, 0xFFFFFFFF + 1 + 9, 0x20000F00, 0x01000000, 0x301))  # masked to 32 bits
+    assert [int(uc.reg_read(r)) & 0xFFFFFFFF for r in regs] == [0x12345678, 9, 0x20000F00, 0x01000000, 0x300]
+    read_one = RegReader(engine)
+    assert read_one(UC_ARM_REG_R0) == 0x12345678 and read_one(UC_ARM_REG_PC) == 0x300
+    assert batch.read()[0] == 0x12345678  # the arrays are reused: the next read is fresh
+    uc.reg_write(UC_ARM_REG_R0, 5)
+    assert batch.read()[0] == 5
+
+
+class _BindingOnly:
+    """An engine with the public register calls only (another binding's shape)."""
+
+    def __init__(self, uc) -> None:
+        self._uc = uc
+
+    def reg_read(self, reg: int) -> int:
+        return int(self._uc.reg_read(reg))
+
+    def reg_write(self, reg: int, value: int) -> None:
+        self._uc.reg_write(reg, value)
