@@ -68,6 +68,9 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     behind the test's back."""
     load = {"cpu": 0.0}
     monkeypatch.setattr(telemetry, "sample_host", lambda meter=None: fake_sample(load["cpu"]))
+    # the server's own sampler merges the host's extra sources (thermal zones, NVML, ...)
+    # into psutil's sample: those would replace the fake GPU
+    monkeypatch.setattr(telemetry.HostSampler, "__call__", lambda self, meter=None: fake_sample(load["cpu"]))
     return load
 
 
