@@ -503,3 +503,31 @@ async def test_after_a_server_kill_the_cosimulation_is_failed_and_a_snapshot_bri
             assert [x[m:] for x, m in zip(await consoles(c, cosim), marks, strict=True)] == straight
     finally:
         sp.stop()
+
+
+# ---------------------------------------------------------------------------- where the loop runs
+
+async def test_members_in_two_workers_run_the_loop_in_the_server_with_the_same_result(
+        server: RunningServer, client: AsyncClient, server_config: ServerConfig) -> None:
+    if server_config.workers == 0:
+        pytest.skip("about worker processes")
+    prog = {p: await upload(client, BOARD, p) for p in ("cosim_ping", "cosim_pong")}
+    apart = []
+    for p in ("cosim_ping", "cosim_pong"):  # powered on before: each in a worker of its own
+        apart.append((await client.sessions.create_session(board_template=BOARD, program=prog[p],
+                                                           power_on=True)).session.name)
+    links = {server.engine.sessions.get(s).machine.link for s in apart}  # type: ignore[union-attr]
+    assert len(links) == 2, "the pool placed both in one worker"
+    ping, pong = apart
+    cosim = (await client.cosim.create_co_simulation(
+        sessions=apart, links=[shared(ping, OUT, pong, PONG), bell(ping, pong), bell(pong, ping)],
+        sync={"quantum_instructions": QUANTUM})).cosimulation
+    done = await run_to_end(client, cosim)
+    assert done.link_status[1].interrupts == 100
+
+    together = await pingpong(client)  # created off: powered on in one worker, the loop runs there
+    links = {server.engine.sessions.get(s).machine.link for s in together.sessions}  # type: ignore[union-attr]
+    assert len(links) == 1
+    again = await run_to_end(client, together)
+    assert await consoles(client, together) == await consoles(client, cosim)
+    assert (again.virtual_time_ns, again.quanta) == (done.virtual_time_ns, done.quanta)
