@@ -22,6 +22,11 @@ for ``run()`` and :meth:`Executor.advance` for ``step(count)``.
   QEMU again; the stop comes back as a HALT. The stream stays in sync: a request that
   was sent is always answered before the executor returns.
 * **Deaths** while waiting are delivered here (see :meth:`.process.QemuProcess.death_result`).
+* **The pc at a stop** comes from the plugin's record of the VM's stop
+  (:attr:`.gate.InstructionGate.stop_pc`, made before the stop reply) when it keeps one:
+  no register read per stop. A lock-step quantum (``run`` with ``reached``) and no
+  breakpoints reads no pc before it resumes either: a semihosting trap at the pc is held
+  by the plugin before it runs, like one reached later.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Executor:
         self._interrupt_sent = False
         self._interrupt_sent_event = asyncio.Event()
         self._fine_blocks = True  # HMP "singlestep on" works on this QEMU
+        self._stops_at_resume: int | None = None  # the gate's VM stops before the last resume
         # lock-step: whether the quantum's end is reached (single steps, which run with
         # QEMU's timers off, check it before each step: they never pass the end)
         self._reached: Callable[[], bool] | None = None
@@ -126,10 +132,16 @@ class Executor:
 
     # ------------------------------------------------------------------ loops
     async def _run(self, reached: Callable[[], bool] | None) -> StopInfo:
+        # a quantum without breakpoints resumes without looking at the pc first (a trap
+        # there is held by the plugin before it runs)
+        fast = (reached is not None and not self.points.breakpoints
+                and (not self.traps.sites or self.traps.gate is not None))
+        first = True
         while True:
-            pc = await self.target.read_pc()
             if self._stop_requested or (reached is not None and reached()):
-                return StopInfo(StopReason.HALT, pc=pc)
+                return StopInfo(StopReason.HALT, pc=await self._stop_pc())
+            pc = -1 if first and fast else await self._stop_pc()
+            first = False
             if pc in self.traps or pc in self.points.breakpoints:
                 # QEMU would stop at once on a breakpoint at the pc: step off it first
                 info = await self._step_from(pc)
@@ -268,10 +280,26 @@ class Executor:
         if reply.watch is not None and self.points.watchpoints:
             outcome = await self.decoder.watchpoint(reply, self._unstoppable_single)
             return outcome if isinstance(outcome, StopInfo) else await self._settle(outcome, default)
-        pc = await self.target.read_pc()
+        pc = await self._stop_pc()
         if reply.signal == SIGTRAP and pc in self.traps and pc not in self.points.breakpoints:
             return None  # a hidden breakpoint: the loop takes the trap there
         return self.decoder.plain(reply, pc, default)
+
+    async def _stop_pc(self) -> int:
+        """The pc now: the plugin's record of the VM's last stop when that stop came
+        after the last resume (nothing has run or changed the pc since: the caller has
+        just had its stop reply), else read through the gdbstub."""
+        gate = self.target.process.gate
+        if (gate is not None and self._stops_at_resume is not None and gate.stop_records
+                and gate.stops > self._stops_at_resume):
+            pc = gate.stop_pc
+            self.target.last_pc = pc
+            return pc
+        return await self.target.read_pc()
+
+    def _resuming(self) -> None:
+        gate = self.target.process.gate
+        self._stops_at_resume = gate.stops if gate is not None else None
 
     # ------------------------------------------------------------------ resuming QEMU
     async def _resume(self, packet: bytes, *, hold_after: int | None = None) -> StopReply:
@@ -279,6 +307,7 @@ class Executor:
         before resuming (a hold is answered with ^C)."""
         stub = self.target.stub()
         gate = self.target.process.gate
+        self._resuming()
         await stub.send_continue(packet)
         self._in_flight, self._interrupt_sent = True, False
         self._interrupt_sent_event.clear()
@@ -322,6 +351,7 @@ class Executor:
         interrupts the step too; not so for the step that completes a watched access
         (stopped before the access, it would be reported again on the next resume)."""
         stub = self.target.stub()
+        self._resuming()
         await stub.send_continue(b"s")
         self._in_flight, self._interrupt_sent = stoppable, False
         self._interrupt_sent_event.clear()

@@ -15,6 +15,12 @@ Files, all in the QEMU's private directory: the control page the plugin creates 
 maps (``gate.ctl``), a FIFO the plugin writes one byte to at each hold (``gate.notify``)
 and one it reads releases from (``gate.release``). Both ends open the FIFOs read-write
 and non-blocking: neither side ever blocks on, or sees EOF for want of, its peer.
+``gate.watched``: the plugin's copies of the lock-step watched ranges, made at every VM
+stop (:meth:`InstructionGate.set_copied_ranges`, :meth:`InstructionGate.copies`).
+
+At every VM stop (with ``-icount``) the plugin also records QEMU's instruction count
+and the pc (:attr:`InstructionGate.stop_icount`, :attr:`InstructionGate.stop_pc`), so a
+stop needs no QMP ``query-replay`` and no gdbstub register read.
 
 Single vCPU: the count is the sum over all vCPUs, and a hold holds the one that
 reached the limit.
@@ -34,6 +40,8 @@ VERSION = 1
 FLAG_EXACT_STOP = 1
 FLAG_ALWAYS = 2
 FLAG_LOCKSTEP = 4
+FLAG_STOP_RECORD = 8
+FLAG_WATCH_COPY = 16
 SIZE = 4096
 NEVER = (1 << 64) - 1
 # offsets in the control page (see plugin/msplugin.c)
@@ -45,6 +53,7 @@ _TAIL = 3840  # lock-step inputs and watchpoints
 _IRQS, _COMMANDS, _COMMAND_ERROR, _NWATCH = _TAIL, _TAIL + 64, _TAIL + 72, _TAIL + 76
 _HIT_ADDRESS, _HIT_PC, _HIT_ACCESS, _HIT, _WATCH = (_TAIL + 80, _TAIL + 88, _TAIL + 96,
                                                     _TAIL + 100, _TAIL + 104)
+_STOP_ICOUNT, _STOP_PC = _TAIL + 232, _TAIL + 240
 IRQ_LINES = 16 * 32
 MAX_WATCH = 8
 WATCH_WRITE, WATCH_READ = 1, 2
@@ -52,6 +61,13 @@ MAX_TRAPS = (_TAIL - _TRAPS) // 8  # trap and breakpoint sites together
 COMMAND_TIMEOUT = 2.0
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+# the watched copies file (see msplugin.c, "Watched copies")
+WATCH_MAGIC = b"MSWATCH\x01"
+WATCH_HEADER = 4096
+WATCH_DATA = 1 << 20
+WATCH_RANGES = 16
+_W_NRANGES, _W_CAPACITY, _W_COPIED, _W_FAILED, _W_RANGES = 8, 12, 16, 24, 64
+_W_RANGE = struct.Struct("<QII")
 
 
 class InstructionGate:
@@ -68,6 +84,7 @@ class InstructionGate:
         self.notify_path = os.path.join(directory, "gate.notify")
         self.release_path = os.path.join(directory, "gate.release")
         self.command_path = os.path.join(directory, "gate.command")
+        self.watched_path = os.path.join(directory, "gate.watched")
         os.mkfifo(self.notify_path, 0o600)
         os.mkfifo(self.release_path, 0o600)
         os.mkfifo(self.command_path, 0o600)
@@ -75,13 +92,15 @@ class InstructionGate:
         self._traps: list[int] = []
         self._breaks: list[int] = []
         self._page: mmap.mmap | None = None
+        self._watched: mmap.mmap | None = None
+        self._copied_ranges: tuple[tuple[int, int], ...] = ()
         self._last: dict[int, int] = {}
         self._notify_fd = -1
         self._release_fd = -1
 
     def plugin_options(self) -> dict[str, str]:
         options = {"gate": self.ctl_path, "notify": self.notify_path, "release": self.release_path,
-                   "command": self.command_path}
+                   "command": self.command_path, "watched": self.watched_path}
         if self.always:
             options["always"] = "on"
         return options
@@ -103,14 +122,35 @@ class InstructionGate:
             page.close()
             return
         self._page = page
+        if self._flag(FLAG_WATCH_COPY):
+            self._watched = self._map_watched()
         self._notify_fd = os.open(self.notify_path, os.O_RDWR | os.O_NONBLOCK)
         self._release_fd = os.open(self.release_path, os.O_RDWR | os.O_NONBLOCK)
         self._command_fd = os.open(self.command_path, os.O_RDWR | os.O_NONBLOCK)
+
+    def _map_watched(self) -> mmap.mmap | None:
+        try:
+            fd = os.open(self.watched_path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < WATCH_HEADER + WATCH_DATA:
+                return None
+            page = mmap.mmap(fd, WATCH_HEADER + WATCH_DATA)
+        finally:
+            os.close(fd)
+        if page[:8] != WATCH_MAGIC:
+            page.close()
+            return None
+        return page
 
     def close(self) -> None:
         if self._page is not None:
             self._page.close()
             self._page = None
+        if self._watched is not None:
+            self._watched.close()
+            self._watched = None
         for fd in (self._notify_fd, self._release_fd, self._command_fd):
             if fd >= 0:
                 os.close(fd)
@@ -123,6 +163,9 @@ class InstructionGate:
         value = int(_U64.unpack_from(self._page, offset)[0])
         self._last[offset] = value
         return value
+
+    def _flag(self, bit: int) -> bool:
+        return self._page is not None and bool(_U32.unpack_from(self._page, _FLAGS)[0] & bit)
 
     @property
     def usable(self) -> bool:
@@ -225,6 +268,63 @@ class InstructionGate:
     @property
     def deadlines_reached(self) -> int:
         return self._u64(_REACHED)
+
+    @property
+    def stop_records(self) -> bool:
+        """The plugin records the instruction count and the pc at every VM stop."""
+        return self._flag(FLAG_STOP_RECORD)
+
+    @property
+    def stop_icount(self) -> int:
+        """QEMU's instruction count at the last VM stop (what ``query-replay`` says)."""
+        return self._u64(_STOP_ICOUNT)
+
+    @property
+    def stop_pc(self) -> int:
+        """The pc at the last VM stop."""
+        return self._u64(_STOP_PC)
+
+    def set_copied_ranges(self, ranges: Iterable[tuple[int, int]]) -> bool:
+        """Have the plugin copy these (address, size) memory ranges at every VM stop
+        (empty: none). False, and none copied, when the plugin cannot (no copies file) or
+        they do not fit (:data:`WATCH_RANGES` ranges, :data:`WATCH_DATA` bytes). The VM
+        must be stopped."""
+        wanted = tuple(ranges)
+        page = self._watched
+        if page is None:
+            return False
+        if wanted == self._copied_ranges:
+            return True
+        fits = (len(wanted) <= WATCH_RANGES
+                and sum(size for _, size in wanted) <= WATCH_DATA)
+        _U32.pack_into(page, _W_NRANGES, 0)
+        self._copied_ranges = ()
+        if not fits:
+            return False
+        offset = 0
+        for i, (address, size) in enumerate(wanted):
+            _W_RANGE.pack_into(page, _W_RANGES + _W_RANGE.size * i, address, size, offset)
+            offset += size
+        _U32.pack_into(page, _W_NRANGES, len(wanted))
+        self._copied_ranges = wanted
+        return True
+
+    def copies(self, stops: int) -> list[bytes] | None:
+        """The copied ranges' contents made at the VM stop that brought :attr:`stops` to
+        ``stops`` (in :meth:`set_copied_ranges` order), or None when there are none of
+        that stop (none asked for, or the plugin could not read a range)."""
+        page = self._watched
+        if page is None or not self._copied_ranges:
+            return None
+        if (_U64.unpack_from(page, _W_COPIED)[0] != stops
+                or _U32.unpack_from(page, _W_FAILED)[0]):
+            return None
+        out = []
+        offset = WATCH_HEADER
+        for _, size in self._copied_ranges:
+            out.append(page[offset:offset + size])
+            offset += size
+        return out
 
     @property
     def idle_at_deadline(self) -> bool:

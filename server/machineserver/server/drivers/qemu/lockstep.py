@@ -29,6 +29,14 @@
   During a quantum the plugin also keeps QEMU from warping inside a timer's callback
   (its "warp guard", see msplugin.c): SysTick re-arms itself before it raises its
   interrupt, which made a sleeper's clock jump a whole period more.
+* **Watched ranges** are copied by the plugin at every VM stop into a file the driver
+  maps (:meth:`.gate.InstructionGate.set_copied_ranges`): the ranges at the quantum's
+  end are the copies made at its last stop, read without a gdbstub round trip (``m``
+  packets when no stop ran this quantum, or the plugin cannot copy them).
+* **Cost per quantum** (no inputs, no breakpoints): one gdbstub continue and its stop
+  reply. The deadline stop needs no ^C (the plugin stops the VM itself), the pc and the
+  instruction count at the stop come from the plugin's records (no ``p``, no QMP), the
+  watched ranges from its copies.
 * **Console output** is kept (:attr:`.target.QemuTarget.console_capture`) instead of
   sent as events. QEMU writes a TX byte to the chardev socket synchronously, before the
   VM stops; after a quantum the socket is read dry (its unread byte count is 0), so each
@@ -234,6 +242,7 @@ class QemuLockStep(LockStep):
                 gate.set_deadline(None)
             if gate is not None and self.target.process.alive:
                 with contextlib.suppress(DriverError, RspError, RuntimeError, OSError):
+                    gate.set_copied_ranges(())
                     gate.set_break_sites(())
                     gate.set_watches(())
                     await gate.command(b"f")
@@ -253,6 +262,7 @@ class QemuLockStep(LockStep):
             self._gate_ready()
             gate = target.process.gate
             assert gate is not None
+            copied = gate.set_copied_ranges(self._watch)
             now = self.cycles()
             if until_cycles < now:
                 raise BadRequest(f"until_cycles {until_cycles} is behind the machine's "
@@ -280,6 +290,7 @@ class QemuLockStep(LockStep):
             accepted = 0
             if inputs.console and await self._offer(inputs.console[0]):
                 accepted = 1
+            stops_before = gate.stops  # the copies must be of a stop after the inputs
             stop = await self._run_quantum(until_cycles, now)
             if target.process.alive:
                 await self._console_settled()
@@ -290,8 +301,13 @@ class QemuLockStep(LockStep):
             idle = stop is None and self._deadline_idle
             watched: list[bytes] = []
             if target.process.alive:
-                for address, size in self._watch:
-                    watched.append(await stub.read_memory(address, size))
+                stops = gate.stops
+                copies = gate.copies(stops) if copied and stops > stops_before else None
+                if copies is not None:
+                    watched = copies
+                else:
+                    for address, size in self._watch:
+                        watched.append(await stub.read_memory(address, size))
             return QuantumResult(cycles=self.cycles(), stop=stop, console=console,
                                  accepted=accepted, watched=tuple(watched), idle=idle)
 

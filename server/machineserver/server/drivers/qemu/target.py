@@ -62,10 +62,11 @@ def icount_shift(board: BoardSpec, options: MachineOptions) -> int:
 
 
 class RunClock:
-    """Instructions and virtual time. With icount, instructions = QEMU's icount (QMP
-    ``query-replay``) and virtual time = icount << shift; without, instructions are not
-    counted (0) and virtual time is the wall time spent running (QEMU's virtual clock
-    runs at host speed). Refreshed at every stop: ``counters()`` is synchronous."""
+    """Instructions and virtual time. With icount, instructions = QEMU's icount (the
+    plugin's record of it at the last VM stop, or QMP ``query-replay``) and virtual time
+    = icount << shift; without, instructions are not counted (0) and virtual time is the
+    wall time spent running (QEMU's virtual clock runs at host speed). Refreshed at every
+    stop: ``counters()`` is synchronous."""
 
     def __init__(self, shift: int | None) -> None:
         self.shift = shift
@@ -92,7 +93,14 @@ class RunClock:
                         exact=self.shift is not None)
 
     async def refresh(self, process: QemuProcess) -> None:
+        """Read the count of a stopped QEMU: the plugin's record of its last VM stop when
+        it keeps one (no round trip; nothing counts while the VM is stopped), else QMP."""
         if self.shift is None or not process.alive:
+            return
+        gate = process.gate
+        if gate is not None and gate.stop_records and gate.stops > 0:
+            self.instructions = gate.stop_icount
+            self.virtual_ns = self.instructions << self.shift
             return
         info = await process.qmp("query-replay")
         if isinstance(info, dict):

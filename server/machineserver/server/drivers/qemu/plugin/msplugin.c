@@ -4,6 +4,7 @@
  *
  *   qemu-system-arm ... -plugin file=msplugin.so[,out=BLOCKS][,entries=N]
  *                                  [,gate=CTL,notify=FIFO,release=FIFO][,always=on]
+ *                                  [,command=FIFO][,watched=FILE]
  *
  * 1. Coverage (out=BLOCKS): a table of translated blocks with execution counts
  *    in a memory-mapped file, readable at any time by another process.
@@ -72,6 +73,9 @@
  *     3916     nwatch     driver      uint32, lock-step watchpoints in use (<= 8)
  *     3920     hit_*      plugin      watched address, pc, access; hit (uint32 at 3940)
  *     3944     watch[8]   driver      address (uint64), size, access bits (uint32)
+ *     4072     stop_icount plugin     uint64, QEMU's instruction count (icount) at the
+ *                                     last VM stop (flag GATE_STOP_RECORD)
+ *     4080     stop_pc    plugin      uint64, the pc at the last VM stop (same flag)
  *
  *    Counting: while armed, each translated block gets a callback at its start
  *    (which counts its first instruction and checks the limit) and an inline
@@ -119,13 +123,36 @@
  *    read before anything else is queued) and stops the VM with
  *    vm_stop(RUN_STATE_PAUSED): from the main loop (a warp) that stops the VM
  *    there and then; from the vCPU thread (icount runs due virtual timers
- *    there) it stops the current vCPU before it runs another instruction and
- *    asks the main loop to stop the VM, and the vCPU then waits in queued work
- *    until it has (with a second item queued, so that it never looks idle
- *    meanwhile: the main loop warps the clock of an idle, running VM). The gdbstub sends its stop reply
- *    (T02) as for a ^C. These are QEMU's own functions, not the plugin API
+ *    there) it asks the main loop to stop the VM (a vmstop request), and the
+ *    vCPU waits in queued work, before it runs another instruction, until the
+ *    VM is stopping (with a second item queued, so that it never looks idle
+ *    meanwhile: the main loop warps the clock of an idle, running VM). Either
+ *    way the driver sends nothing: the gdbstub sends its stop reply (T02) as
+ *    for a ^C. These are QEMU's own functions, not the plugin API
  *    (exported by Debian's QEMU; looked up with dlsym): without every one of
  *    them there is no GATE_LOCKSTEP.
+ *
+ *    Stop records (flag GATE_STOP_RECORD; with -icount): at every VM stop,
+ *    before the gdbstub's stop reply, the plugin records QEMU's instruction
+ *    count (what QMP query-replay reports) and the pc (read as the gdbstub reads
+ *    it), so the driver needs no round trip for either after a stop.
+ *
+ *    Watched copies (watched=FILE; flag GATE_WATCH_COPY): at every VM stop,
+ *    before the stop reply, the plugin copies the guest memory ranges the driver
+ *    lists in FILE (lock-step's watched ranges) into FILE, read as the gdbstub's
+ *    `m` reads them (cpu_memory_rw_debug), so the driver reads shared memory
+ *    instead of sending `m` packets. FILE (little-endian):
+ *
+ *      offset  field      written by  meaning
+ *        0     magic[8]   plugin      "MSWATCH\1"
+ *        8     nranges    driver      uint32, ranges in use (<= 16; 0: none)
+ *       12     capacity   plugin      uint32, data bytes after the header
+ *       16     copied     plugin      uint64, the `stops` count the copies are of
+ *                                     (written after the data, before `stops`)
+ *       24     failed     plugin      uint32, 1: a range could not be read then
+ *       64     ranges[16] driver      address (uint64), size and offset (uint32
+ *                                     each; offset into the data)
+ *     4096     data       plugin      the copies
  *
  *    Lock-step barriers and stops (also GATE_LOCKSTEP): a command FIFO (command=,
  *    read in QEMU's main loop) carries barrier commands: set the interrupts marked in
@@ -163,6 +190,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---------------------------------------------------------------- QEMU 7.2 plugin API */
@@ -261,6 +290,8 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 #define GATE_EXACT_STOP 1u
 #define GATE_ALWAYS 2u
 #define GATE_LOCKSTEP 4u
+#define GATE_STOP_RECORD 8u /* stop_icount and stop_pc are recorded at every VM stop */
+#define GATE_WATCH_COPY 16u /* the watched ranges are copied at every VM stop */
 #define GATE_SIZE 4096
 #define GATE_TAIL 3840 /* lock-step inputs and watchpoints, after the sites */
 #define GATE_MAX_TRAPS ((GATE_TAIL - 128) / 8)
@@ -304,6 +335,8 @@ struct gate_ctl {
         uint32_t size;
         uint32_t access;
     } watch[GATE_MAX_WATCH];
+    uint64_t stop_icount;
+    uint64_t stop_pc;
 };
 
 _Static_assert(offsetof(struct gate_ctl, executed) == 16, "gate layout");
@@ -320,6 +353,8 @@ _Static_assert(offsetof(struct gate_ctl, commands) == GATE_TAIL + 64, "gate layo
 _Static_assert(offsetof(struct gate_ctl, nwatch) == GATE_TAIL + 76, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, hit_address) == GATE_TAIL + 80, "gate layout");
 _Static_assert(offsetof(struct gate_ctl, watch) == GATE_TAIL + 104, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, stop_icount) == GATE_TAIL + 232, "gate layout");
+_Static_assert(offsetof(struct gate_ctl, stop_pc) == GATE_TAIL + 240, "gate layout");
 _Static_assert(sizeof(struct gate_ctl) <= GATE_SIZE, "gate layout");
 
 static qemu_plugin_id_t plugin_id;
@@ -505,12 +540,37 @@ static void notify_hold(void)
     }
 }
 
+/* the calling thread's sleeps end within a few us of their time (Linux's default
+ * slack for a normal thread is 50 us): holds look for the VM's stop every 20 us */
+static void fine_timer_slack(void)
+{
+    static __thread bool done;
+    if (!done) {
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+        done = true;
+    }
+}
+
+/* the wait between two looks at the run state in a hold: 20 us for the first 2 ms
+ * (the driver's ^C or our own stop request arrives within that), then 1 ms */
+static struct timespec hold_interval(unsigned *looks)
+{
+    struct timespec ts = {0, *looks < 100 ? 20000L : 1000000L};
+    if (*looks < 100) {
+        (*looks)++;
+    }
+    return ts;
+}
+
 /* wait for 'g' on the release FIFO (when `releasable`) or a VM that stops */
 static void wait_release(bool releasable)
 {
+    unsigned looks = 0;
+    fine_timer_slack();
     for (;;) {
         struct pollfd pfd = {.fd = release_fd, .events = POLLIN};
-        if (poll(&pfd, 1, 1) > 0) {
+        struct timespec interval = hold_interval(&looks);
+        if (ppoll(&pfd, 1, &interval, NULL) > 0) {
             char buf[64];
             ssize_t got = read(release_fd, buf, sizeof(buf));
             if (releasable && got > 0 && memchr(buf, 'g', (size_t)got) != NULL) {
@@ -598,6 +658,8 @@ static int64_t (*q_clock_get_ns)(int type);
 static void (*q_clock_enable)(int type, bool enabled);
 static bool (*q_all_cpu_threads_idle)(void);
 static int (*q_vm_stop)(int state);
+static void (*q_vmstop_request_prepare)(void);
+static void (*q_vmstop_request)(int state);
 static void *(*q_add_vm_change_state_handler_prio)(void (*cb)(void *, bool, int), void *opaque,
                                                    int priority);
 typedef union {
@@ -623,17 +685,53 @@ static bool warp_guard; /* a lock-step quantum runs: QEMU warps only through us 
 static void *deadline_timer;
 static bool timer_ready;
 
-static void notify_hold(void);
-static void wait_release(bool releasable);
+/* stop records: QEMU's icount_get_raw, and its gdbstub's register reader for the pc */
+typedef struct {
+    uint8_t *data;
+    unsigned len;
+} byte_array; /* glib's GByteArray */
+static int64_t (*q_icount_get_raw)(void);
+static int (*q_gdb_read_register)(void *cpu, byte_array *buf, int n);
+static byte_array *(*q_byte_array_new)(void);
+static byte_array *(*q_byte_array_set_size)(byte_array *array, unsigned length);
+static byte_array *pc_buffer;
+static int pc_register; /* the gdbstub's number of the pc */
 
-/* safe work on the vCPU (outside translated code, without the BQL): a hold the driver
- * answers with a ^C (see "Holding at a count") */
+/* watched copies (see the top of this file) */
+#define WATCH_FILE_MAGIC "MSWATCH\1"
+#define WATCH_FILE_HEADER 4096
+#define WATCH_FILE_DATA (1u << 20)
+#define WATCH_FILE_RANGES 16
+struct watch_file {
+    char magic[8];
+    uint32_t nranges;
+    uint32_t capacity;
+    uint64_t copied;
+    uint32_t failed;
+    uint32_t reserved[9];
+    struct {
+        uint64_t address;
+        uint32_t size;
+        uint32_t offset;
+    } ranges[WATCH_FILE_RANGES];
+};
+_Static_assert(offsetof(struct watch_file, ranges) == 64, "watch file layout");
+_Static_assert(sizeof(struct watch_file) <= WATCH_FILE_HEADER, "watch file layout");
+static struct watch_file *watched;
+static int (*q_memory_rw_debug)(void *cpu, uint64_t addr, void *buf, size_t len, bool is_write);
+
+/* safe work on the vCPU (outside translated code, without the BQL): hold until the
+ * main loop has carried out the stop deadline_reached asked for */
 static void hold_at_deadline(void *cpu, run_on_cpu_data data)
 {
     (void)cpu;
     (void)data;
-    notify_hold();
-    wait_release(false);
+    unsigned looks = 0;
+    fine_timer_slack();
+    while (vm_running()) {
+        struct timespec interval = hold_interval(&looks);
+        nanosleep(&interval, NULL);
+    }
 }
 
 static void nothing(void *cpu, run_on_cpu_data data)
@@ -653,11 +751,17 @@ static void deadline_reached(void *opaque)
         q_vm_stop(RUN_STATE_PAUSED);
         return;
     }
-    /* the vCPU thread (icount runs due timers there): it holds, at its next safe point
-     * (before any other instruction), until the driver's ^C has stopped the VM. Until
-     * then the vCPU must not look idle, or the main loop would warp the clock to the
-     * next timer first: it holds in a first work item with a second one still queued
-     * (a queue that is not empty: not idle). */
+    /* the vCPU thread (icount runs due timers there): ask the main loop to stop the
+     * VM (QEMU's vmstop request, as vm_stop makes from a vCPU, but without marking
+     * this vCPU stopped: the main loop's pause then waits for it, so the stop reply
+     * comes only once the hold below is over, never while it still waits for a VM
+     * that has been resumed again). The vCPU holds, at its next safe point (before any
+     * other instruction), until the run state says the VM is stopping. Until then the
+     * vCPU must not look idle, or the main loop would warp the clock to the next
+     * timer first: it holds in a first work item with a second one still queued (a
+     * queue that is not empty: not idle). */
+    q_vmstop_request_prepare();
+    q_vmstop_request(RUN_STATE_PAUSED);
     run_on_cpu_data none = {.host_ptr = NULL};
     q_async_safe_run_on_cpu(*q_cpus, hold_at_deadline, none);
     q_async_safe_run_on_cpu(*q_cpus, nothing, none);
@@ -736,6 +840,40 @@ static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     }
 }
 
+/* at a VM stop (main loop, every vCPU paused), before `stops` is bumped: the stop
+ * records and the watched copies */
+static void record_stop(void)
+{
+    void *cpu = *q_cpus;
+    if ((gate->flags & GATE_STOP_RECORD) && cpu != NULL) {
+        gate->stop_icount = (uint64_t)q_icount_get_raw();
+        q_byte_array_set_size(pc_buffer, 0);
+        uint32_t pc = 0;
+        if (q_gdb_read_register(cpu, pc_buffer, pc_register) >= 4 && pc_buffer->len >= 4) {
+            memcpy(&pc, pc_buffer->data, 4); /* little-endian hosts and targets */
+        }
+        gate->stop_pc = pc;
+    }
+    if (watched == NULL || cpu == NULL) {
+        return;
+    }
+    uint32_t n = __atomic_load_n(&watched->nranges, __ATOMIC_ACQUIRE);
+    if (n == 0) {
+        return;
+    }
+    uint32_t failed = n > WATCH_FILE_RANGES;
+    char *data = (char *)watched + WATCH_FILE_HEADER;
+    for (uint32_t i = 0; i < n && !failed; i++) {
+        uint64_t size = watched->ranges[i].size, offset = watched->ranges[i].offset;
+        if (offset + size > WATCH_FILE_DATA ||
+            q_memory_rw_debug(cpu, watched->ranges[i].address, data + offset, size, false) != 0) {
+            failed = 1;
+        }
+    }
+    watched->failed = failed;
+    __atomic_store_n(&watched->copied, gate->stops + 1, __ATOMIC_RELEASE);
+}
+
 static void run_state_changed(void *opaque, bool running, int state)
 {
     (void)opaque;
@@ -767,9 +905,34 @@ static void run_state_changed(void *opaque, bool running, int state)
             *q_qtest_allowed = false;
             warp_guard = false;
         }
+        record_stop();
         __atomic_store_n(&gate->vclock, (uint64_t)q_clock_get_ns(QEMU_CLOCK_VIRTUAL),
                          __ATOMIC_RELEASE);
         __atomic_add_fetch(&gate->stops, 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* the stop records, with -icount (always=on) and QEMU's functions for them */
+static void setup_stop_records(void)
+{
+    q_icount_get_raw = dlsym(RTLD_DEFAULT, "icount_get_raw");
+    q_byte_array_new = dlsym(RTLD_DEFAULT, "g_byte_array_new");
+    q_byte_array_set_size = dlsym(RTLD_DEFAULT, "g_byte_array_set_size");
+    q_gdb_read_register = dlsym(RTLD_DEFAULT, "arm_cpu_gdb_read_register");
+    pc_register = 15;
+    if (q_gdb_read_register == NULL) {
+        q_gdb_read_register = dlsym(RTLD_DEFAULT, "riscv_cpu_gdb_read_register");
+        pc_register = 32;
+    }
+    if (gate_always && q_icount_get_raw && q_byte_array_new && q_byte_array_set_size &&
+        q_gdb_read_register && (pc_buffer = q_byte_array_new()) != NULL) {
+        gate->flags |= GATE_STOP_RECORD;
+    }
+    q_memory_rw_debug = dlsym(RTLD_DEFAULT, "cpu_memory_rw_debug");
+    if (watched != NULL && q_memory_rw_debug != NULL) {
+        gate->flags |= GATE_WATCH_COPY;
+    } else {
+        watched = NULL;
     }
 }
 
@@ -783,6 +946,8 @@ static bool setup_lockstep(void)
     q_clock_enable = dlsym(RTLD_DEFAULT, "qemu_clock_enable");
     q_all_cpu_threads_idle = dlsym(RTLD_DEFAULT, "all_cpu_threads_idle");
     q_vm_stop = dlsym(RTLD_DEFAULT, "vm_stop");
+    q_vmstop_request_prepare = dlsym(RTLD_DEFAULT, "qemu_system_vmstop_request_prepare");
+    q_vmstop_request = dlsym(RTLD_DEFAULT, "qemu_system_vmstop_request");
     q_add_vm_change_state_handler_prio =
         dlsym(RTLD_DEFAULT, "qemu_add_vm_change_state_handler_prio");
     q_in_vcpu_thread = dlsym(RTLD_DEFAULT, "qemu_in_vcpu_thread");
@@ -807,13 +972,15 @@ static bool setup_lockstep(void)
     }
     if (!q_in_vcpu_thread || !q_async_safe_run_on_cpu || !q_cpus || vm_running == NULL ||
         !q_timer_init_full || !q_timer_mod_ns || !q_timer_del || !q_clock_get_ns ||
-        !q_all_cpu_threads_idle || !q_vm_stop || !q_add_vm_change_state_handler_prio) {
+        !q_all_cpu_threads_idle || !q_vm_stop || !q_add_vm_change_state_handler_prio ||
+        !q_vmstop_request_prepare || !q_vmstop_request) {
         return false;
     }
     deadline_timer = calloc(1, QEMU_TIMER_SIZE);
     if (deadline_timer == NULL) {
         return false;
     }
+    setup_stop_records();
     /* a low priority: at a stop, handlers run from the lowest up, so `vclock` is
      * written before the gdbstub's handler sends the stop reply */
     q_add_vm_change_state_handler_prio(run_state_changed, NULL, -1000);
@@ -875,11 +1042,25 @@ static int setup_table(const char *out, unsigned long n_entries)
 }
 
 static int setup_gate(const char *ctl, const char *notify, const char *release,
-                      const char *command)
+                      const char *command, const char *watch_path)
 {
     struct gate_ctl *g = map_file(ctl, GATE_SIZE, "gate control page");
     if (g == NULL) {
         return -1;
+    }
+    if (watch_path != NULL) {
+        struct watch_file *w = map_file(watch_path, WATCH_FILE_HEADER + WATCH_FILE_DATA,
+                                        "watched copies file");
+        if (w == NULL) {
+            return -1;
+        }
+        w->nranges = 0;
+        w->capacity = WATCH_FILE_DATA;
+        w->copied = 0;
+        w->failed = 0;
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(w->magic, WATCH_FILE_MAGIC, 8);
+        watched = w;
     }
     notify_fd = open_fifo(notify, "notify");
     release_fd = open_fifo(release, "release");
@@ -918,6 +1099,8 @@ static int setup_gate(const char *ctl, const char *notify, const char *release,
     g->command_error = 0;
     g->nwatch = 0;
     g->hit = 0;
+    g->stop_icount = 0;
+    g->stop_pc = 0;
     gate = g; /* the handlers read it */
     if (setup_lockstep()) {
         g->flags |= GATE_LOCKSTEP;
@@ -938,6 +1121,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 {
     (void)info;
     const char *out = NULL, *ctl = NULL, *notify = NULL, *release = NULL, *command = NULL, *v;
+    const char *watch_path = NULL;
     unsigned long n_entries = MS_DEFAULT_ENTRIES;
     for (int i = 0; i < argc; i++) {
         if ((v = arg_value(argv[i], "out")) != NULL) {
@@ -957,6 +1141,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             release = v;
         } else if ((v = arg_value(argv[i], "command")) != NULL) {
             command = v;
+        } else if ((v = arg_value(argv[i], "watched")) != NULL) {
+            watch_path = v;
         } else if ((v = arg_value(argv[i], "always")) != NULL) {
             gate_always = strcmp(v, "on") == 0;
         } else {
@@ -969,7 +1155,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         return -1;
     }
     if ((out != NULL && setup_table(out, n_entries) != 0) ||
-        (ctl != NULL && setup_gate(ctl, notify, release, command) != 0)) {
+        (ctl != NULL && setup_gate(ctl, notify, release, command, watch_path) != 0)) {
         return -1;
     }
     plugin_id = id;
