@@ -15,11 +15,12 @@ from machineserver.server.drivers.base import (
     LockStep,
     MemoryAccess,
     QuantumResult,
+    Segment,
     StopReason,
     WrongState,
 )
 from machineserver.server.drivers.qemu import QemuBackend
-from tests.drivers.qemu_helpers import MachineFactory, boot
+from tests.drivers.qemu_helpers import MachineFactory, Qm, boot, usable_gate
 
 BOARD = "mps2-an385"
 
@@ -163,3 +164,67 @@ async def test_a_systick_sleeper_exits_at_one_cycle_whatever_the_quantum(
     assert last.stop is not None and last.stop.reason is StopReason.EXIT
     assert last.cycles == 125_198
     assert b"".join(r.console for r in results) == b"ticks=10\n"
+
+
+def _count_round_trips(m: Qm) -> list[bytes]:
+    """Record every packet this machine's gdbstub client sends (its first bytes) and
+    every QMP command (as b"qmp:<name>") from now on."""
+    sent: list[bytes] = []
+    stub = m.process.stub()
+    send = stub._send
+
+    async def counted_send(payload: bytes) -> None:
+        sent.append(payload[:1])
+        await send(payload)
+
+    stub._send = counted_send  # type: ignore[method-assign]
+    qmp = m.process.qmp
+
+    async def counted_qmp(command: str, *args: object, **kwargs: object) -> object:
+        sent.append(b"qmp:" + command.encode())
+        return await qmp(command, *args, **kwargs)
+
+    m.process.qmp = counted_qmp  # type: ignore[method-assign]
+    return sent
+
+
+async def test_a_quantum_is_one_continue_and_its_records_agree_with_the_gdbstub(
+        machines: MachineFactory) -> None:
+    """A quantum's cost, in round trips (never timed): with no inputs and no breakpoints
+    it is one gdbstub continue: the plugin stops the VM at the deadline itself (no ^C),
+    records the pc and QEMU's instruction count at the stop (no p, no QMP query-replay)
+    and copies the watched ranges (no m). What the records and copies say is what the
+    gdbstub and QMP say; a barrier write into a watched range shows in the copies."""
+    m, _, _ = await boot(machines, BOARD, "cosim_spin", icount=True)
+    usable_gate(m)
+    lock = m.machine.capability(LockStep)
+    mem = m.machine.capability(MemoryAccess)
+    watch = ((0x20200000, 4096), (0x20220000, 4))
+    cycles = await lock.begin(watch)
+    sent = _count_round_trips(m)
+    results = []
+    for _ in range(20):
+        result = await lock.advance(cycles + 10_000, BarrierInput())
+        assert result.stop is None and result.cycles == cycles + 10_000
+        cycles = result.cycles
+        results.append(result)
+    assert sent == [b"c"] * 20
+    # the program publishes its progress every ~3,000 instructions: each quantum's copy differs
+    assert len({r.watched[0][:8] for r in results}) == 20
+    sent.clear()
+    assert result.watched == (await mem.read_memory(*watch[0]), await mem.read_memory(*watch[1]))
+    replay = await m.process.qmp("query-replay")
+    assert isinstance(replay, dict) and replay["icount"] == m.counters().instructions == cycles
+    assert m.machine.target.last_pc == int.from_bytes(await m.process.stub().read_register(15), "little")
+
+    sent.clear()
+    marker = b"\x5a\xa5\x01\x02"
+    result = await lock.advance(cycles + 10_000, BarrierInput(writes=(Segment(0x20200F00, marker),)))
+    assert result.stop is None and result.watched[0][0xF00:0xF04] == marker
+    assert sent == [b"M", b"c"]
+    # a quantum that runs nothing (until = now) stops nowhere: its watched ranges are read
+    sent.clear()
+    await mem.write_memory(0x20200F00, b"\x11\x22\x33\x44")
+    result = await lock.advance(result.cycles, BarrierInput())
+    assert result.watched[0][0xF00:0xF04] == b"\x11\x22\x33\x44"
+    assert b"m" in sent and b"c" not in sent
