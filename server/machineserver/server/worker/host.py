@@ -28,6 +28,7 @@ import structlog
 
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.discovery import discover_backends
+from machineserver.server.lockstep.links import Traffic
 from machineserver.server.lockstep.runner import Halt, Runner, RunState, Topology
 from machineserver.server.worker import wire
 from machineserver.server.worker.wire import Status, Traits
@@ -35,7 +36,7 @@ from machineserver.server.worker.wire import Status, Traits
 log = structlog.get_logger("machineserver.worker")
 
 STATUS_INTERVAL = 0.05  # seconds between status pushes for running machines
-PROGRESS_INTERVAL = 0.05  # seconds between a co-simulation segment's progress events
+PROGRESS_INTERVAL = 0.02  # seconds between a co-simulation segment's batches of console, traffic, progress
 WORKER_NICE = 10  # workers run at this much lower a priority than the server
 
 INTERFACES: dict[str, type[drv.Capability]] = {
@@ -175,28 +176,46 @@ class WorkerHost:
                            until_ref: int, labels: list[str]) -> tuple[RunState, Halt | None]:
         """A co-simulation segment over machines all hosted here (the first is ``mid``):
         console bytes go out as each member's console events, traffic and progress as
-        lock-step events of the first; answers the state after it and the halt, if any."""
+        lock-step events of the first, gathered and sent every ``PROGRESS_INTERVAL`` (a
+        frame per barrier would wake the server at every quantum) and at the end, before
+        the answer: the state after the segment and the halt, if any."""
         parts = []
         for m in mids:
             machine = self.machines.get(m)
             if machine is None:
                 raise drv.WrongState(f"machine {m} is not hosted by this worker", state="gone")
             parts.append(machine.capability(drv.LockStep))
-        progress = [0.0]
+        console = [bytearray() for _ in mids]
+        traffic: list[Traffic] = []
+        sent = [time.monotonic()]
+        barrier: list[tuple[int, int]] = []
+
+        def flush() -> None:
+            for m, data in zip(mids, console, strict=True):
+                if data:
+                    self.event(m, "console", bytes(data))
+                    data.clear()
+            if traffic:
+                self.event(mid, "lockstep", ("traffic", list(traffic)))
+                traffic.clear()
+            if barrier:
+                self.event(mid, "lockstep", ("barrier", *barrier[-1]))
+                barrier.clear()
+            sent[0] = time.monotonic()
 
         def on_barrier(time_ref: int, quanta: int) -> None:
-            now = time.monotonic()
-            if now - progress[0] >= PROGRESS_INTERVAL:
-                progress[0] = now
-                self.event(mid, "lockstep", ("barrier", time_ref, quanta))
+            barrier[:] = [(time_ref, quanta)]
+            if time.monotonic() - sent[0] >= PROGRESS_INTERVAL:
+                flush()
 
-        runner = Runner(topology, state, parts, labels, lambda i, data: self.event(mids[i], "console", data),
-                        lambda traffic: self.event(mid, "lockstep", ("traffic", traffic)), on_barrier)
+        runner = Runner(topology, state, parts, labels, lambda i, data: console[i].extend(data), traffic.extend,
+                        on_barrier)
         self._runners[mid] = runner
         try:
             halt = await runner.run(max_quanta, until_ref)
         finally:
             self._runners.pop(mid, None)
+            flush()
         return runner.state, halt
 
     def pause_lockstep(self, mid: str) -> None:
