@@ -59,6 +59,7 @@ MAX_WATCH = 8
 WATCH_WRITE, WATCH_READ = 1, 2
 MAX_TRAPS = (_TAIL - _TRAPS) // 8  # trap and breakpoint sites together
 COMMAND_TIMEOUT = 2.0
+COMMAND_SPINS = 20  # passes of the event loop before waiting on the notify FIFO
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # the watched copies file (see msplugin.c, "Watched copies")
@@ -383,21 +384,39 @@ class InstructionGate:
 
     async def command(self, codes: bytes) -> None:
         """Have QEMU's main loop carry out barrier commands (the VM stopped): ``i`` set the
-        marked interrupts pending, ``f`` flush the translations. Waits until it has.
+        marked interrupts pending, ``f`` flush the translations. Waits until it has (woken
+        through the notify FIFO, no polling).
         RuntimeError when QEMU does not answer in time or has no NVIC."""
         assert self._page is not None
         target = self._u64(_COMMANDS) + len(codes)
         _U32.pack_into(self._page, _COMMAND_ERROR, 0)
+        self._drain()
         os.write(self._command_fd, codes)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COMMAND_TIMEOUT
-        spins = 0
+        # QEMU's main loop usually answers within a few passes of ours; else wait for the
+        # byte the plugin writes to the notify FIFO once it has carried them out
+        for _ in range(COMMAND_SPINS):
+            if self._u64(_COMMANDS) >= target:
+                break
+            await asyncio.sleep(0)
         while self._u64(_COMMANDS) < target:
-            if loop.time() > deadline:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable(fut: asyncio.Future[None] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(self._notify_fd, readable)
+            try:
+                if self._u64(_COMMANDS) < target:
+                    await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+            except TimeoutError:
                 raise RuntimeError(f"QEMU did not carry out the barrier commands {codes!r} "
-                                   f"within {COMMAND_TIMEOUT} s")
-            spins += 1
-            await asyncio.sleep(0 if spins < 200 else 0.0005)
+                                   f"within {COMMAND_TIMEOUT} s") from None
+            finally:
+                loop.remove_reader(self._notify_fd)
+            self._drain()
         if _U32.unpack_from(self._page, _COMMAND_ERROR)[0]:
             raise RuntimeError("QEMU's machine has no NVIC to set interrupts pending in")
 

@@ -769,7 +769,8 @@ static void deadline_reached(void *opaque)
 
 /* Barrier commands (lock-step), in the main loop with the VM stopped: the driver fills
  * the page, writes one byte per command to the command FIFO and waits for `commands`
- * to count it. 'i': set the external interrupts in `irqs` pending in the NVIC (as a
+ * to count it (woken by a byte on the notify FIFO: no hold comes while the VM is
+ * stopped, and the driver tells the two apart by the counters). 'i': set the external interrupts in `irqs` pending in the NVIC (as a
  * rising edge on their lines would), so that the vCPU takes them before it runs an
  * instruction; `command_error` 1 when there is no NVIC. 'f': flush the translations
  * (the breakpoint sites or watchpoints changed; the vCPU does it before it runs). */
@@ -807,6 +808,13 @@ static void on_command(void *opaque)
             q_tb_flush(*q_cpus);
         }
         __atomic_add_fetch(&gate->commands, 1, __ATOMIC_RELEASE);
+    }
+    /* tell the driver (it waits on the notify FIFO; it reads `commands`, not the byte) */
+    if (got > 0 && notify_fd >= 0) {
+        char byte = 'c';
+        if (write(notify_fd, &byte, 1) < 0 && errno != EAGAIN) {
+            fprintf(stderr, "msplugin: cannot notify the driver: %s\n", strerror(errno));
+        }
     }
 }
 
