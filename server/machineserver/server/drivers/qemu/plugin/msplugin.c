@@ -908,11 +908,18 @@ static void run_state_changed(void *opaque, bool running, int state)
         if (warp_guard) {
             *q_qtest_allowed = true;
         }
-    } else {
-        if (warp_guard) {
-            *q_qtest_allowed = false;
-            warp_guard = false;
-        }
+    } else if (warp_guard) {
+        *q_qtest_allowed = false;
+        warp_guard = false;
+    }
+}
+
+/* at a VM stop, before the gdbstub's handler sends the stop reply */
+static void vm_stopped(void *opaque, bool running, int state)
+{
+    (void)opaque;
+    (void)state;
+    if (!running) {
         record_stop();
         __atomic_store_n(&gate->vclock, (uint64_t)q_clock_get_ns(QEMU_CLOCK_VIRTUAL),
                          __ATOMIC_RELEASE);
@@ -989,9 +996,12 @@ static bool setup_lockstep(void)
         return false;
     }
     setup_stop_records();
-    /* a low priority: at a stop, handlers run from the lowest up, so `vclock` is
-     * written before the gdbstub's handler sends the stop reply */
+    /* QEMU runs these handlers from the lowest priority up when the VM starts (the
+     * deadline is set before any device's handler, as ever) and from the highest
+     * down when it stops: the stop records, `vclock` and `stops` are written before
+     * the gdbstub's handler (priority 0) sends the stop reply */
     q_add_vm_change_state_handler_prio(run_state_changed, NULL, -1000);
+    q_add_vm_change_state_handler_prio(vm_stopped, NULL, 1000);
     return true;
 }
 
