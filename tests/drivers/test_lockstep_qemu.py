@@ -100,7 +100,8 @@ async def test_sleeping_quanta_jump_to_the_target_deterministically_beside_a_hog
             for p in hogs:
                 p.kill()
                 p.join()
-        runs.append([(r.cycles, r.idle, r.console, r.stop) for r in results])
+        # idle is a hint, not part of the deterministic result (see QuantumResult.idle)
+        runs.append([(r.cycles, r.console, r.stop) for r in results])
         assert any(r.idle for r in results)
         last = results[-1]
         assert last.stop is not None and last.stop.reason is StopReason.EXIT

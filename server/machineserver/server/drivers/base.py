@@ -485,7 +485,10 @@ class QuantumResult:
     console: bytes  # bytes the console UART transmitted during the quantum
     accepted: int  # how many of BarrierInput.console the receiver took
     watched: tuple[bytes, ...]  # the watched ranges' contents at the end, in order
-    idle: bool = False  # ended asleep (WFI) with nothing pending
+    # ended asleep (WFI) with nothing pending: a hint for tools, not part of the
+    # deterministic result (QEMU reads it from its idle check when the deadline fires,
+    # which can depend on host timing); nothing in a co-simulation depends on it
+    idle: bool = False
 
 
 class LockStep(Capability):
