@@ -175,10 +175,11 @@ class WorkerHost:
     async def run_lockstep(self, mid: str, mids: list[str], topology: Topology, state: RunState, max_quanta: int,
                            until_ref: int, labels: list[str]) -> tuple[RunState, Halt | None]:
         """A co-simulation segment over machines all hosted here (the first is ``mid``):
-        console bytes go out as each member's console events, traffic and progress as
-        lock-step events of the first, gathered and sent every ``PROGRESS_INTERVAL`` (a
-        frame per barrier would wake the server at every quantum) and at the end, before
-        the answer: the state after the segment and the halt, if any."""
+        console bytes go out as each member's console events at the barrier they were
+        written by; traffic and progress as lock-step events of the first, gathered and
+        sent every ``PROGRESS_INTERVAL`` (a frame per barrier would wake the server at
+        every quantum) and at the end, before the answer: the state after the segment and
+        the halt, if any."""
         parts = []
         for m in mids:
             machine = self.machines.get(m)
@@ -203,13 +204,17 @@ class WorkerHost:
                 barrier.clear()
             sent[0] = time.monotonic()
 
+        def on_console(i: int, data: bytes) -> None:
+            console[i].extend(data)
+
         def on_barrier(time_ref: int, quanta: int) -> None:
             barrier[:] = [(time_ref, quanta)]
-            if time.monotonic() - sent[0] >= PROGRESS_INTERVAL:
+            # console output goes at its barrier (a console view interleaves members' lines
+            # in the order they were written); the rest every PROGRESS_INTERVAL
+            if any(console) or time.monotonic() - sent[0] >= PROGRESS_INTERVAL:
                 flush()
 
-        runner = Runner(topology, state, parts, labels, lambda i, data: console[i].extend(data), traffic.extend,
-                        on_barrier)
+        runner = Runner(topology, state, parts, labels, on_console, traffic.extend, on_barrier)
         self._runners[mid] = runner
         try:
             halt = await runner.run(max_quanta, until_ref)

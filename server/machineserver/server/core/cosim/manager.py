@@ -55,6 +55,7 @@ COLLECTION = "cosimulations"
 MAX_STEP_QUANTA = 10**9
 STOP_TIMEOUT_S = 30.0
 SAVE_EVERY_S = 1.0
+FAILURE_EVENT_WAIT_S = 1.0  # how long a co-simulation's failure waits for the member's own reason
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,13 @@ class CoSimManager:
 
     async def _failed(self, rt: Runtime, exc: BaseException) -> None:
         reason = f"failed: {exc}"
+        if isinstance(exc, drv.BackendFailed):
+            # a member's backend died: its own failure event (which says how: the signal, the
+            # exit status) may come a moment after the error of the call that found it
+            deadline = time.monotonic() + FAILURE_EVENT_WAIT_S
+            while (not any(live.state is MachineState.FAILED for live in rt.lives)
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.01)
         for live in rt.lives:
             if live.state is MachineState.FAILED:
                 reason = f"failed: member {live.record.name} failed: {live.record.state_reason}"
