@@ -438,10 +438,15 @@ class CoSimManager:
         if isinstance(exc, drv.BackendFailed):
             # a member's backend died: its own failure event (which says how: the signal, the
             # exit status) may come a moment after the error of the call that found it
-            deadline = time.monotonic() + FAILURE_EVENT_WAIT_S
-            while (not any(live.state is MachineState.FAILED for live in rt.lives)
-                   and time.monotonic() < deadline):
-                await asyncio.sleep(0.01)
+            ids = {live.id for live in rt.lives}
+            if not any(live.state is MachineState.FAILED for live in rt.lives):
+                sub = self.sessions.events.subscribe(
+                    lambda ev: ev.session in ids and ev.state is MachineState.FAILED)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(sub.get(), FAILURE_EVENT_WAIT_S)
+                finally:
+                    sub.close()
         for live in rt.lives:
             if live.state is MachineState.FAILED:
                 reason = f"failed: member {live.record.name} failed: {live.record.state_reason}"
