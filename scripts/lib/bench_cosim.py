@@ -9,9 +9,10 @@ raises interrupts every few quanta. For information at 10k: the same pair withou
 (lock-step alone), and with a second region (both directions, as the ring firmware).
 
 1. aggregate instructions/s of two Unicorn nodes in lock-step (emulation in worker
-   processes, the default; created off, so CreateCoSimulation puts both in one worker and
-   the quantum loop runs there; for information, the same with the nodes in two workers and
-   the loop in the server) at quanta of 1k, 10k and 100k instructions, against ONE node
+   processes, the default; created off, so CreateCoSimulation places them: in one worker,
+   where the quantum loop then runs, for quanta under 50k instructions, in a worker each
+   from 50k; for information, the same with the nodes in two workers whatever the quantum)
+   at quanta of 1k, 10k and 100k instructions, against ONE node
    alone run for the same virtual time with exact counting (session option icount=true,
    as lock-step counts; StepSession count=N). For information, the same against the
    node alone in the default uncounted mode (run to its exit; the instruction count is
@@ -78,9 +79,9 @@ def _links(a: str, b: str, topology: str) -> list[dict[str, Any]]:
 
 async def _pair(c: Any, program: str, quantum: int, backends: tuple[str, str] = ("unicorn", "unicorn"),
                 mark_every: int = 0, topology: str = ONE_WAY, spread: bool = False) -> tuple[str, list[str]]:
-    """Created off, CreateCoSimulation powers the nodes on in one worker process, where the
-    quantum loop runs with no round trip per quantum (a node powered on before, the one
-    with the mark, takes the other to its worker). ``spread``: each powered on before, in
+    """Created off, CreateCoSimulation powers the nodes on where it runs them best (one
+    worker, where the quantum loop then runs with no round trip per quantum, for quanta
+    under 50k instructions; a worker each from 50k). ``spread``: each powered on before, in
     a worker of its own (the least loaded), so the loop runs in the server with a round
     trip to each worker per quantum."""
     nodes = [await _node(c, program, b, power_on=spread) for b in backends]
