@@ -28,8 +28,8 @@ from machineserver.server.drivers.qemu.gate import InstructionGate
 from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
 from machineserver.server.drivers.qemu.instance import QemuInstance, _short_tmpdir
 from machineserver.server.drivers.qemu.plugin import plugin_args, plugin_status
-from machineserver.server.drivers.qemu.regs import RegisterMap, fetch_register_map
 from machineserver.server.rsp import RspClient, RspError
+from machineserver.server.rsp.targetdesc import RegisterMap, fetch_register_map
 
 # what the gdbstub handshake claims as the client's register architecture
 XML_REGISTERS: dict[Arch, str | None] = {Arch.ARM_CORTEX_M: "arm", Arch.RISCV32: None}

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from machineserver.server.drivers.base import Arch, BadRequest, RegisterAccess
 from machineserver.server.drivers.qemu.gdbstub import refused
-from machineserver.server.drivers.qemu.regs import ARM_CORE, Reg, RegisterMap
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 from machineserver.server.rsp import RspError
+from machineserver.server.rsp.targetdesc import ARM_CORE, Reg, RegisterMap
 
 
 class QemuRegisters(RegisterAccess):

@@ -31,7 +31,6 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.qemu.gdbstub import unusable_reason
 from machineserver.server.drivers.qemu.process import QemuProcess
-from machineserver.server.drivers.qemu.regs import RegisterMap
 from machineserver.server.rsp import (
     CodecError,
     RspClient,
@@ -41,6 +40,7 @@ from machineserver.server.rsp import (
     RspStateError,
     RspTimeout,
 )
+from machineserver.server.rsp.targetdesc import RegisterMap
 
 if TYPE_CHECKING:
     from machineserver.server.drivers.qemu.spares import SparePool

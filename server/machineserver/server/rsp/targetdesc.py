@@ -1,6 +1,10 @@
-"""Register maps for QEMU's gdbstub, built from the target description it serves
-(``qXfer:features:read:target.xml`` and the files it includes), so register numbers are
-never hard-coded.
+"""Register maps for a gdbstub (QEMU's, OpenOCD's, any GDB server's), built from the
+target description it serves (``qXfer:features:read:target.xml`` and the files it
+includes), so register numbers are never hard-coded.
+
+Architectures are named by the server's board arch strings (``"arm-cortex-m"``,
+``"riscv32"``: the values of ``drivers.base.Arch``, which is a ``str`` enum); this module,
+like the rest of :mod:`machineserver.server.rsp`, imports nothing from the server.
 
 Names are the ones the Unicorn backend uses: Cortex-M ``r0``-``r12``, ``sp``, ``lr``,
 ``pc``, ``xpsr`` (plus ``msp``, ``psp``, ``primask``, ``basepri``, ``faultmask``,
@@ -16,9 +20,10 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from machineserver.server.drivers.base import Arch
+ARM_CORTEX_M = "arm-cortex-m"
+RISCV32 = "riscv32"
 
 RV_ABI = ["zero", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2",
           "a3", "a4", "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9",
@@ -42,17 +47,19 @@ class Reg:
 
 @dataclass
 class RegisterMap:
-    arch: Arch
+    arch: str  # ARM_CORTEX_M or RISCV32
     regs: dict[str, Reg]
     g_layout: list[Reg]  # registers in 'g' order (zero-size ones left out)
     g_size: int
+    architecture: str = ""  # the description's <architecture> ("arm", "riscv:rv32"), if any
+    features: tuple[str, ...] = field(default_factory=tuple)  # its <feature name=...>s, in order
 
     def names(self) -> list[str]:
         return list(self.regs)
 
     def resolve(self, name: str) -> Reg | None:
         n = name.strip().lower()
-        aliases = ARM_ALIASES if self.arch is Arch.ARM_CORTEX_M else RV_ALIASES
+        aliases = ARM_ALIASES if self.arch == ARM_CORTEX_M else RV_ALIASES
         n = aliases.get(n, n)
         return self.regs.get(n)
 
@@ -72,14 +79,17 @@ _INCLUDE = re.compile(rb'<xi:include href="([^"]+)"/>')
 
 
 async def fetch_register_map(
-    arch: Arch, read_xfer: Callable[[str, str], Awaitable[bytes]]
+    arch: str, read_xfer: Callable[[str, str], Awaitable[bytes]]
 ) -> RegisterMap:
-    """Read target.xml (and its includes) through ``read_xfer(object, annex)``."""
+    """Read target.xml (and its includes) through ``read_xfer(object, annex)`` and map
+    its registers for ``arch`` (ARM_CORTEX_M or RISCV32)."""
     top = await read_xfer("features", "target.xml")
     docs = [top]
     for href in _INCLUDE.findall(top):
         docs.append(await read_xfer("features", href.decode()))
     raw: list[tuple[str, int, int, str]] = []  # name, regnum, bits, feature
+    architecture = ""
+    feature_names: list[str] = []
     number = 0
     for doc in docs:
         text = _INCLUDE.sub(b"", doc)
@@ -88,22 +98,29 @@ async def fetch_register_map(
             root = ET.fromstring(text)
         except ET.ParseError:
             continue
+        arch_element = root.find("architecture")
+        if arch_element is not None and arch_element.text and not architecture:
+            architecture = arch_element.text.strip()
         features = [root] if root.tag == "feature" else list(root.iter("feature"))
         for feat in features:
+            feature_names.append(feat.attrib.get("name", ""))
             for reg in feat.iter("reg"):
                 if "regnum" in reg.attrib:
                     number = int(reg.attrib["regnum"])
                 raw.append((reg.attrib["name"], number, int(reg.attrib.get("bitsize", "32")),
                             feat.attrib.get("name", "")))
                 number += 1
-    return _build(arch, raw)
+    regmap = _build(arch, raw)
+    regmap.architecture = architecture
+    regmap.features = tuple(feature_names)
+    return regmap
 
 
-def _build(arch: Arch, raw: list[tuple[str, int, int, str]]) -> RegisterMap:
+def _build(arch: str, raw: list[tuple[str, int, int, str]]) -> RegisterMap:
     core_feature = raw[0][3] if raw else ""
     regs: dict[str, Reg] = {}
     g_layout: list[Reg] = []
-    if arch is Arch.ARM_CORTEX_M:
+    if arch == ARM_CORTEX_M:
         wanted = set(ARM_CORE) | set(ARM_SYSTEM)
         order = list(ARM_CORE) + list(ARM_SYSTEM)
         canon = {n: n for n in wanted}
