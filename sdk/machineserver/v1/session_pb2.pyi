@@ -79,25 +79,63 @@ class SessionOptions(_message.Message):
 
     ICOUNT_FIELD_NUMBER: _builtins.int
     COVERAGE_FIELD_NUMBER: _builtins.int
+    REMOTE_FIELD_NUMBER: _builtins.int
     icount: _builtins.bool
     """Deterministic virtual time (QEMU -icount) where the backend has a choice."""
     coverage: _builtins.bool
     """Collect code coverage: the backend is started ready for it (QEMU loads its
     block-counting plugin); CoverageService.StartCoverage then begins collecting.
     """
+    @_builtins.property
+    def remote(self) -> Global___RemoteTarget:
+        """The GDB server a "gdbremote" session drives (required there, refused elsewhere)."""
+
     def __init__(
         self,
         *,
         icount: _builtins.bool = ...,
         coverage: _builtins.bool = ...,
+        remote: Global___RemoteTarget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remote", b"remote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "icount", b"icount"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "icount", b"icount", "remote", b"remote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionOptions: _TypeAlias = SessionOptions  # noqa: Y015
+
+@_typing.final
+class RemoteTarget(_message.Message):
+    """A target behind the GDB remote protocol: a board behind OpenOCD, pyOCD or a J-Link GDB
+    server, a simulator's gdbstub (Renode, SkyEye, a QEMU started with -gdb), or another
+    MachineServer's GDB bridge. Endpoints must match the server's gdbremote_allow patterns
+    (by default TCP to this host only); others answer INVALID_ARGUMENT naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CONSOLE_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """"HOST:PORT" (TCP) or "unix:/path/to/socket"."""
+    console: _builtins.str
+    """Optional console: "tcp:HOST:PORT", "unix:/path", or "serial:/dev/ttyX" (a serial
+    device or pty the driver reads and writes).
+    """
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        console: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "console", b"console"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoteTarget: _TypeAlias = RemoteTarget  # noqa: Y015
 
 @_typing.final
 class Session(_message.Message):
@@ -107,6 +145,26 @@ class Session(_message.Message):
 
     @_typing.final
     class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class BackendDetailsEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -141,6 +199,7 @@ class Session(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     BOARD_CONFIG_FIELD_NUMBER: _builtins.int
+    BACKEND_DETAILS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"sessions/{session}"."""
     display_name: _builtins.str
@@ -171,6 +230,13 @@ class Session(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def backend_details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the backend found out about this session's machine at power on (e.g. a gdbremote
+        target's qSupported, register set, breakpoint and watchpoint support, reset command),
+        and which of the backend's features it lacks, with the reason.
+        """
+
     def __init__(
         self,
         *,
@@ -190,10 +256,11 @@ class Session(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
         board_config: _builtins.str = ...,
+        backend_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "create_time", b"create_time", "exit_code", b"exit_code", "last_stop", b"last_stop", "limits", b"limits", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "backend", b"backend", "board", b"board", "board_config", b"board_config", "create_time", b"create_time", "display_name", b"display_name", "exit_code", b"exit_code", "labels", b"labels", "last_stop", b"last_stop", "limits", b"limits", "name", b"name", "options", b"options", "owner", b"owner", "program", b"program", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "backend", b"backend", "backend_details", b"backend_details", "board", b"board", "board_config", b"board_config", "create_time", b"create_time", "display_name", b"display_name", "exit_code", b"exit_code", "labels", b"labels", "last_stop", b"last_stop", "limits", b"limits", "name", b"name", "options", b"options", "owner", b"owner", "program", b"program", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

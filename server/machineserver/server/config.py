@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from machineserver.server.core.engine import Limits
+from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
 
 ENV_PREFIX = "MACHINESERVER_"
 
@@ -34,6 +35,10 @@ class ServerConfig:
     # worker processes that run the emulation: -1 one per core (the default), 0 none (every
     # machine in the server's own process), N exactly N
     workers: int = -1
+    # the endpoints gdbremote sessions may reach (fnmatch patterns over "tcp:HOST:PORT",
+    # "unix:/path", "serial:/dev/x"): by default TCP to this host only; a unix socket or a
+    # serial device must be allowed explicitly
+    gdbremote_allow: tuple[str, ...] = DEFAULT_REMOTE_ALLOW
     limits: Limits = field(default_factory=Limits)
 
 
@@ -42,6 +47,9 @@ _LIMITS = {f.name for f in fields(Limits)}
 
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
+    if name == "gdbremote_allow":
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(s.strip() for s in items if s.strip())
     if name == "backends":
         if value in (None, "", "all"):
             return None
@@ -95,6 +103,9 @@ def load(argv: list[str] | None = None) -> ServerConfig:
                         help="worker processes for emulation (-1: one per core, the default; 0: in-process)")
     parser.add_argument("--metrics-listen", dest="metrics_listen",
                         help="host:port for Prometheus /metrics (default off; port 0 picks a free one)")
+    parser.add_argument("--gdbremote-allow", dest="gdbremote_allow",
+                        help="comma-separated patterns of the endpoints gdbremote sessions may reach, over "
+                             "tcp:HOST:PORT, unix:/path, serial:/dev/x (default: TCP to this host only)")
     args = parser.parse_args(argv)
     cfg = ServerConfig()
     path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")

@@ -169,11 +169,15 @@ def session_record_pb(rec: SessionRecord) -> session_pb.Session:
         limits=session_pb.ResourceLimits(
             max_instructions=rec.max_instructions, max_console_bytes=rec.max_console_bytes
         ),
-        options=session_pb.SessionOptions(icount=rec.icount, coverage=rec.coverage),
+        options=session_pb.SessionOptions(
+            icount=rec.icount, coverage=rec.coverage,
+            remote=session_pb.RemoteTarget(address=rec.remote_target, console=rec.remote_console)
+            if rec.remote_target else None),
         create_time=timestamp(rec.create_time),
         update_time=timestamp(rec.update_time),
         owner=rec.owner,
         board_config=rec.board_config,
+        backend_details=rec.backend_details,
     )
     stop = stop_from_dict(rec.last_stop)
     if stop is not None:

@@ -37,6 +37,8 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
             max_console_bytes=request.limits.max_console_bytes,
             icount=request.options.icount,
             coverage=request.options.coverage,
+            remote_target=request.options.remote.address,
+            remote_console=request.options.remote.console,
             program=request.program,
             power_on=request.power_on,
             run=request.run,

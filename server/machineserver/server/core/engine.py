@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
 from machineserver.server.core.gdbbridges import GdbBridges
 from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
 from machineserver.server.core.sessions import SessionManager
 from machineserver.server.core.snapshots import SnapshotStore
 from machineserver.server.core.telemetry import Telemetry
@@ -35,7 +37,7 @@ class Engine:
     """Everything below the API layer. Create inside a running event loop."""
 
     def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits,
-                 workers: WorkerPool | None = None) -> None:
+                 workers: WorkerPool | None = None, remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW) -> None:
         """Takes the data directory's lock first (DataDirLocked when another server holds
         it), then opens the records and blobs in it. With ``workers``, every backend's
         machines run in those worker processes (the engine does not close a pool it was
@@ -48,12 +50,12 @@ class Engine:
         self.lock = DataDirLock(data_dir)
         self.lock.acquire()
         try:
-            self._open(data_dir, backends, limits)
+            self._open(data_dir, backends, limits, remote_allow)
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits) -> None:
+    def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits, remote_allow: Sequence[str]) -> None:
         self.db = Database(data_dir / "machineserver.sqlite3")
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
@@ -63,7 +65,7 @@ class Engine:
         self.sessions = SessionManager(
             self.db, self.catalog, backends, self.programs,
             max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
-            console_dir=data_dir / "console",
+            console_dir=data_dir / "console", remote_allow=remote_allow,
         )
         self.debugger = Debugger(self.sessions)
         self.stepper = LineStepper(self.debugger)

@@ -58,6 +58,9 @@ class SessionRecord:
     max_console_bytes: int = 0
     icount: bool = False
     coverage: bool = False  # started ready for coverage collection
+    remote_target: str = ""  # gdbremote: the GDB server (normal form, see core/remote_targets.py)
+    remote_console: str = ""  # gdbremote: the console endpoint, "" for none
+    backend_details: dict[str, str] = field(default_factory=dict)  # what the machine said at power on
     program: str = ""  # program id
     state: str = MachineState.OFF.value
     state_reason: str = ""

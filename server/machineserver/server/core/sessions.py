@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +59,7 @@ from machineserver.server.core.models import (
 )
 from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.pubsub import Hub
+from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW, check_allowed, normal_form
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import (
     BoardSpec,
@@ -104,6 +105,8 @@ class CreateParams:
     max_console_bytes: int = 0
     icount: bool = False
     coverage: bool = False
+    remote_target: str = ""
+    remote_console: str = ""
     program: str = ""
     power_on: bool = False
     run: bool = False
@@ -267,13 +270,16 @@ class SessionManager:
         max_sessions: int = 256,
         console_retain: int = 1 << 20,
         console_dir: Path | None = None,
+        remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW,
     ) -> None:
-        """``console_dir``: where consoles are kept across restarts (None: memory only)."""
+        """``console_dir``: where consoles are kept across restarts (None: memory only);
+        ``remote_allow``: the endpoints gdbremote sessions may reach (core/remote_targets.py)."""
         self.db = db
         self.catalog = catalog
         self.backends = backends
         self.programs = programs
         self.max_sessions = max_sessions
+        self.remote_allow = tuple(remote_allow)
         self.console_retain = console_retain
         self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
@@ -402,6 +408,7 @@ class SessionManager:
         why_not = backend.board_support(board)
         if why_not:
             raise FailedPrecondition(f"backend {backend_name} cannot run board {board.name}: {why_not}")
+        remote_target, remote_console = self._remote_endpoints(backend, p)
         program_id = ""
         if p.program:
             prog = self.programs.get(p.program, "program")
@@ -419,6 +426,8 @@ class SessionManager:
             max_console_bytes=p.max_console_bytes,
             icount=p.icount,
             coverage=p.coverage,
+            remote_target=remote_target,
+            remote_console=remote_console,
             program=program_id,
             owner=p.owner,
         )
@@ -434,6 +443,26 @@ class SessionManager:
         if p.run:
             await self.run(live)
         return live
+
+    def _remote_endpoints(self, backend: drv.Backend, p: CreateParams) -> tuple[str, str]:
+        """A remote-target backend's endpoints, checked against the allow-list; refused
+        for the other backends."""
+        where = "options.remote.address"
+        if not backend.remote_target:
+            if p.remote_target or p.remote_console:
+                raise InvalidArgument(where, f"backend {backend.name} runs its own machines; a remote "
+                                      "target is for the gdbremote backend")
+            return "", ""
+        if not p.remote_target:
+            raise InvalidArgument(where, f"backend {backend.name} needs the GDB server to drive "
+                                  "(HOST:PORT or unix:/path)")
+        target = normal_form(p.remote_target, where)
+        check_allowed(target, self.remote_allow, where)
+        console = ""
+        if p.remote_console:
+            console = normal_form(p.remote_console, "options.remote.console", console=True)
+            check_allowed(console, self.remote_allow, "options.remote.console")
+        return target, console
 
     async def delete(self, live: LiveSession) -> None:
         live.refuse_member("delete the session")
@@ -464,10 +493,11 @@ class SessionManager:
             if live.machine is not None:  # FAILED: clean up what is left first
                 await self._discard_machine(live)
             backend = self.backends.get(live.record.backend)
-            options = MachineOptions(
-                icount=live.record.icount,
-                extra={"coverage": "1"} if live.record.coverage else {},
-            )
+            extra = {"coverage": "1"} if live.record.coverage else {}
+            if live.record.remote_target:
+                extra[drv.REMOTE_TARGET] = live.record.remote_target
+                extra[drv.REMOTE_CONSOLE] = live.record.remote_console
+            options = MachineOptions(icount=live.record.icount, extra=extra)
             machine = backend.create_machine(live.board, options, live)
             if near is not None and isinstance(machine, RemoteMachine) and isinstance(near.machine, RemoteMachine):
                 machine.near = near.machine
@@ -484,6 +514,10 @@ class SessionManager:
                 raise
             live.record.exit_code = None
             live.record.last_stop = None
+            live.record.backend_details = {
+                **machine.details(),
+                **{f"lacks {iface.feature.value if iface.feature else iface.__name__}": why
+                   for iface, why in machine.lacking().items()}}
             self.set_state(live, MachineState.HALTED, "powered on")
 
     async def power_off(self, live: LiveSession) -> None:

@@ -210,6 +210,10 @@ class WatchKind(enum.StrEnum):
     ACCESS = "access"
 
 
+REMOTE_TARGET = "gdbremote.target"  # MachineOptions.extra: "HOST:PORT" or "unix:/path"
+REMOTE_CONSOLE = "gdbremote.console"  # MachineOptions.extra: "", "tcp:HOST:PORT", "unix:/path", "serial:/dev/x"
+
+
 @dataclass(frozen=True)
 class MachineOptions:
     icount: bool = False  # deterministic virtual time where the backend has a choice
@@ -567,6 +571,7 @@ class Machine(abc.ABC):
 
     def __init__(self) -> None:
         self._parts: dict[type[Capability], Capability] = {}
+        self._lacking: dict[type[Capability], str] = {}
 
     def provide(self, *parts: Capability) -> None:
         """Register this machine's parts (each must implement a declared capability)."""
@@ -578,10 +583,28 @@ class Machine(abc.ABC):
             for iface in declared:
                 self._parts[iface] = part
 
+    def lack(self, iface: type[Capability], reason: str) -> None:
+        """Record that this machine does not have ``iface`` although its class declares it
+        (e.g. a remote target that refuses watchpoints), and why: :meth:`capability` then
+        raises NotSupported with the reason."""
+        self._parts.pop(iface, None)
+        self._lacking[iface] = reason
+
+    def lacking(self) -> Mapping[type[Capability], str]:
+        """The declared capabilities this machine lacks, with the reasons."""
+        return dict(self._lacking)
+
+    def details(self) -> Mapping[str, str]:
+        """What the machine found out about itself (e.g. a remote target's abilities), shown
+        with its session; empty unless a driver has something to say."""
+        return {}
+
     def capability(self, iface: type[C]) -> C:
         """This machine's part for ``iface``; NotSupported when it has none."""
         part = self._parts.get(iface)
         if part is None:
+            if iface in self._lacking:
+                raise NotSupported(self._lacking[iface])
             what = iface.feature.value.replace("_", " ") if iface.feature else iface.__name__
             raise NotSupported(f"this backend's machines have no {what}")
         assert isinstance(part, iface)
@@ -662,6 +685,10 @@ class Backend(abc.ABC):
     name: str
     description: str
     machine_class: type[Machine]
+    # whether its machines drive a target named per session, given to create_machine as
+    # MachineOptions.extra[REMOTE_TARGET] (and REMOTE_CONSOLE); the core requires one for
+    # such a backend and refuses one for the others
+    remote_target: bool = False
 
     @abc.abstractmethod
     def probe(self) -> BackendInfo:

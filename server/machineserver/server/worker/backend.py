@@ -18,6 +18,7 @@ class IsolatedBackend(drv.Backend):
         self.name = inner.name
         self.description = inner.description
         self.machine_class = inner.machine_class
+        self.remote_target = inner.remote_target
 
     def probe(self) -> drv.BackendInfo:
         info = self.inner.probe()

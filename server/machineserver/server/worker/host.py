@@ -146,7 +146,9 @@ class WorkerHost:
             with contextlib.suppress(drv.DriverError):
                 coverage_method = coverage.method
             coverage_exact = coverage.exact_counts
-        return Traits(names, registers, memory_while_running, coverage_method, coverage_exact, os.getpid())
+        lacking = tuple((iface.__name__, why) for iface, why in machine.lacking().items())
+        return Traits(names, registers, memory_while_running, coverage_method, coverage_exact, os.getpid(),
+                      lacking, tuple(machine.details().items()))
 
     async def call(self, mid: str, interface: str, method: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any] | None = None) -> Any:

@@ -14,7 +14,7 @@ power_off; the core makes a new machine for the next power_on.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from machineserver.server.drivers import base as drv
@@ -67,6 +67,9 @@ class RemoteMachine(drv.Machine):
 
     def counters(self) -> drv.Counters:
         return self._counters
+
+    def details(self) -> Mapping[str, str]:
+        return dict(self.traits.details) if self.traits is not None else {}
 
     async def current_counters(self) -> drv.Counters:
         if self.link is not None:
@@ -138,6 +141,10 @@ class RemoteMachine(drv.Machine):
 
     def _take_traits(self, traits: Traits) -> None:
         self.traits = traits
+        by_name = {iface.__name__: iface for iface in self.capabilities}
+        for name, why in traits.lacking:
+            if name in by_name:
+                self.lack(by_name[name], why)
         if self.has(drv.MemoryAccess):
             self.capability(drv.MemoryAccess).access_while_running = traits.memory_while_running
         if self.has(drv.Coverage):

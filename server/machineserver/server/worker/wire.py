@@ -56,6 +56,8 @@ class Traits:
     coverage_method: str
     coverage_exact: bool
     worker_pid: int
+    lacking: tuple[tuple[str, str], ...] = ()  # (interface name, why the machine lacks it)
+    details: tuple[tuple[str, str], ...] = ()  # Machine.details()
 
 
 def encode(message: tuple[Any, ...]) -> bytes:
