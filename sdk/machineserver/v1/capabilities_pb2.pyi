@@ -57,6 +57,7 @@ class Backend(_message.Message):
     BOARD_LIMITS_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     BOARD_FOOTPRINTS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FEATURES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Driver name, e.g. "unicorn", "qemu"."""
     description: _builtins.str
@@ -88,6 +89,12 @@ class Backend(_message.Message):
         Boards the backend cannot say for are left out.
         """
 
+    @_builtins.property
+    def partial_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartialFeature]:
+        """Features it has only in part, and what is missing (e.g. gdbremote snapshots: registers
+        and RAM, no peripheral state).
+        """
+
     def __init__(
         self,
         *,
@@ -101,14 +108,40 @@ class Backend(_message.Message):
         board_limits: _abc.Iterable[Global___BoardLimit] | None = ...,
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         board_footprints: _abc.Iterable[Global___BoardFootprint] | None = ...,
+        partial_features: _abc.Iterable[Global___PartialFeature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "board_footprints", b"board_footprints", "board_limits", b"board_limits", "boards", b"boards", "description", b"description", "details", b"details", "features", b"features", "name", b"name", "unavailable_reason", b"unavailable_reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "board_footprints", b"board_footprints", "board_limits", b"board_limits", "boards", b"boards", "description", b"description", "details", b"details", "features", b"features", "name", b"name", "partial_features", b"partial_features", "unavailable_reason", b"unavailable_reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
+
+@_typing.final
+class PartialFeature(_message.Message):
+    """A feature a backend has only in part."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    feature: _common_pb2.Feature.ValueType
+    note: _builtins.str
+    """What it does and does not do."""
+    def __init__(
+        self,
+        *,
+        feature: _common_pb2.Feature.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartialFeature: _TypeAlias = PartialFeature  # noqa: Y015
 
 @_typing.final
 class BoardFootprint(_message.Message):

@@ -279,4 +279,6 @@ def backend_pb(info: BackendInfo, features: frozenset[Feature], boards: list[str
             for f, reason in sorted(limits.items())
         ],
         details=dict(info.details),
+        partial_features=[caps_pb.PartialFeature(feature=FEATURE_TO_PB[f], note=note)
+                          for f, note in sorted(info.partial.items())],
     )

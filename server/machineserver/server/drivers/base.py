@@ -664,6 +664,8 @@ class BackendInfo:
     # with the reason (e.g. QEMU 7.2 aborts restoring lm3s6965evb snapshots)
     board_limits: Mapping[str, Mapping[Feature, str]] = field(default_factory=dict)
     details: Mapping[str, str] = field(default_factory=dict)
+    # features it has only in part, and what is missing (e.g. snapshots without peripherals)
+    partial: Mapping[Feature, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
