@@ -1,0 +1,46 @@
+"""The ``gdbremote`` backend: any GDB remote target as a session (see :mod:`.machine`)."""
+
+from __future__ import annotations
+
+from machineserver.server.drivers.base import (
+    Arch,
+    Backend,
+    BackendInfo,
+    BoardSpec,
+    Feature,
+    Machine,
+    MachineEvents,
+    MachineOptions,
+)
+from machineserver.server.drivers.gdbremote.machine import NO_COVERAGE, GdbRemoteMachine
+
+TESTED_WITH = ("QEMU 7.2 gdbstub (qemu-system-arm -gdb), here; not tested here: MachineServer's own "
+               "GDB bridge, OpenOCD, pyOCD, J-Link GDB server, Renode, SkyEye (none of the last five "
+               "can be installed on this machine)")
+
+
+class GdbRemoteBackend(Backend):
+    name = "gdbremote"
+    description = ("any GDB remote serial protocol target (OpenOCD, pyOCD, J-Link, Renode, SkyEye, "
+                   "a QEMU started elsewhere) named by the session's gdbremote.target option")
+    machine_class = GdbRemoteMachine
+
+    def probe(self) -> BackendInfo:
+        features = frozenset({Feature.RUN_CONTROL, Feature.REGISTERS, Feature.MEMORY, Feature.BREAKPOINTS,
+                              Feature.WATCHPOINTS, Feature.CONSOLE_INPUT, Feature.SNAPSHOTS})
+        return BackendInfo(
+            name=self.name, description=self.description, available=True, version="rsp",
+            features=features,
+            details={"tested_with": TESTED_WITH,
+                     "snapshots": "soft: registers and RAM, no peripheral state",
+                     "coverage": f"unavailable: {NO_COVERAGE}",
+                     "per_session": "what a session's target really has is probed at power-on and "
+                                    "shown in its details; a feature it lacks answers UNIMPLEMENTED"})
+
+    def board_support(self, board: BoardSpec) -> str | None:
+        if board.arch not in (Arch.ARM_CORTEX_M, Arch.RISCV32):
+            return f"gdbremote drives arm-cortex-m and riscv32 targets, not {board.arch}"
+        return None
+
+    def create_machine(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> Machine:
+        return GdbRemoteMachine(board, options, events)
