@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -61,7 +62,6 @@ def qemu(tmp_path: Path, program: str) -> Iterator[tuple[str, str, subprocess.Po
                 break
             if proc.poll() is not None:
                 raise AssertionError(f"QEMU ended: {proc.stderr.read() if proc.stderr else b''!r}")
-            import time
             time.sleep(0.01)
         yield f"unix:{gdb}", f"unix:{con}", proc
     finally:
@@ -149,7 +149,7 @@ async def test_console_input_and_pause(tmp_path: Path) -> None:
 
 
 async def test_soft_snapshot_round_trip(tmp_path: Path) -> None:
-    async with remote(tmp_path, "hello", console=False) as (m, events, path, _):
+    async with remote(tmp_path, "hello", console=False) as (m, _, _, _):
         with pytest.raises(NotSupported, match="no console endpoint"):
             m.capability(ConsoleInput)
         await m.capability(RunControl).step(5)
