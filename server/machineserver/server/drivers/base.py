@@ -22,7 +22,9 @@ The contract (``tests/drivers/test_contract.py`` checks it against every driver)
 * each stop is reported exactly once (see :class:`RunControl`);
 * clearing a breakpoint or watchpoint that is not set is a no-op;
 * watchpoint sizes are ``WATCH_SIZES`` everywhere;
-* registers and memory stay readable after the program exits or faults.
+* registers and memory stay readable after the program exits or faults (where the machine
+  outlives its program: a remote target that goes away on exit, e.g. a QEMU whose
+  semihosting exit ends it, answers WrongState saying so).
 """
 
 from __future__ import annotations

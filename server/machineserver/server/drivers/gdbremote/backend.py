@@ -22,8 +22,9 @@ TESTED_WITH = ("QEMU 7.2 gdbstub (qemu-system-arm -gdb), here; not tested here: 
 class GdbRemoteBackend(Backend):
     name = "gdbremote"
     description = ("any GDB remote serial protocol target (OpenOCD, pyOCD, J-Link, Renode, SkyEye, "
-                   "a QEMU started elsewhere) named by the session's gdbremote.target option")
+                   "a QEMU started elsewhere) named by the session's options.remote")
     machine_class = GdbRemoteMachine
+    remote_target = True  # the core requires the session's target and checks it against its allow-list
 
     def probe(self) -> BackendInfo:
         features = frozenset({Feature.RUN_CONTROL, Feature.REGISTERS, Feature.MEMORY, Feature.BREAKPOINTS,
@@ -35,7 +36,9 @@ class GdbRemoteBackend(Backend):
                      "snapshots": "soft: registers and RAM, no peripheral state",
                      "coverage": f"unavailable: {NO_COVERAGE}",
                      "per_session": "what a session's target really has is probed at power-on and "
-                                    "shown in its details; a feature it lacks answers UNIMPLEMENTED"})
+                                    "shown in its details; a feature it lacks answers UNIMPLEMENTED"},
+            partial={Feature.SNAPSHOTS: "soft: registers and the board's RAM through the GDB protocol; "
+                                        "no peripheral state (it is neither saved nor restored)"})
 
     def board_support(self, board: BoardSpec) -> str | None:
         if board.arch not in (Arch.ARM_CORTEX_M, Arch.RISCV32):

@@ -28,6 +28,8 @@ import asyncio
 import contextlib
 
 from machineserver.server.drivers.base import (
+    REMOTE_CONSOLE,
+    REMOTE_TARGET,
     Arch,
     BackendFailed,
     BadImage,
@@ -61,8 +63,8 @@ from machineserver.server.rsp import RspClient, RspError
 from machineserver.server.rsp.codec import gdb_crc32
 from machineserver.server.rsp.targetdesc import fetch_register_map
 
-TARGET_KEY = "gdbremote.target"
-CONSOLE_KEY = "gdbremote.console"
+TARGET_KEY = REMOTE_TARGET  # "HOST:PORT", "tcp:HOST:PORT" (the core's normal form) or "unix:/path"
+CONSOLE_KEY = REMOTE_CONSOLE
 XML_REGISTERS = {Arch.ARM_CORTEX_M: "arm", Arch.RISCV32: None}
 ARCH_WORDS = {Arch.ARM_CORTEX_M: "arm", Arch.RISCV32: "riscv"}
 # monitor commands that reset and halt, in the order tried: OpenOCD, QEMU, pyOCD/J-Link
@@ -122,7 +124,7 @@ class GdbRemoteMachine(Machine):
         xml = XML_REGISTERS[self.board.arch]
         if self.target.startswith("unix:"):
             return await RspClient.connect_unix(self.target[5:], xml_registers=xml)
-        host, _, port = self.target.rpartition(":")
+        host, _, port = self.target.removeprefix("tcp:").rpartition(":")
         if not host or not port.isdigit():
             raise BadRequest(f"{TARGET_KEY} {self.target!r} is not HOST:PORT or unix:/path", field="extra")
         return await RspClient.connect_tcp(host.strip("[]"), int(port), xml_registers=xml)
