@@ -1,19 +1,23 @@
 """The backend conformance suite's helpers: which backends and boards it runs on, the
 registers every backend must have, and ``Conf``, one backend seen through the SDK.
 (Whether a backend can run here, and the QEMU children a test leaves behind, are in
-tests/helpers/backends.py.)"""
+tests/helpers/backends.py.) For ``gdbremote``, ``Conf.session`` starts a QEMU serving its
+gdbstub for each session (tests/helpers/remote_targets.py) and names it in
+``options.remote``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers import api
 from tests.helpers.backends import require_backend
 from tests.helpers.firmware import elf_symbol
+from tests.helpers.remote_targets import RemoteQemu, RemoteTargets
 
-BACKENDS = ("unicorn", "qemu")
+BACKENDS = ("unicorn", "qemu", "gdbremote")
 # the boards every behaviour runs on: two Cortex-M3 and one RV32
 BOARDS = ("lm3s6965evb", "mps2-an385", "sifive_e")
 # the registers both backends must have (and agree on in the differential test)
@@ -29,16 +33,28 @@ class Conf:
 
     client: AsyncClient
     backend: str
+    # gdbremote: where each session's QEMU comes from, and which session has which
+    targets: RemoteTargets | None = None
+
+    def __post_init__(self) -> None:
+        self.remotes: dict[str, RemoteQemu] = {}
 
     async def upload(self, board: str, program: str) -> str:
         return await api.upload(self.client, board, program)
 
-    async def session(self, board: str, program: str | None = None, **kw: object) -> str:
-        require_backend(self.backend, board)
+    async def session(self, board: str, program: str | None = None, **kw: Any) -> str:
+        require_backend("qemu" if self.backend == "gdbremote" else self.backend, board)
         prog = await self.upload(board, program) if program else ""
+        qemu = None
+        if self.backend == "gdbremote":
+            assert self.targets is not None, "a gdbremote Conf needs its RemoteTargets"
+            qemu = await self.targets.start(board)
+            kw["options"] = {**kw.get("options", {}), **qemu.options()}
         s = (await self.client.sessions.create_session(
-            board_template=board, program=prog, backend=self.backend, **kw)).session  # type: ignore[arg-type]
+            board_template=board, program=prog, backend=self.backend, **kw)).session
         assert s.backend == self.backend
+        if qemu is not None:
+            self.remotes[str(s.name)] = qemu
         return str(s.name)
 
     async def halted_at(self, board: str, program: str, symbol: str = "main") -> str:
