@@ -275,3 +275,20 @@ async def test_a_target_that_naks_everything() -> None:
         with pytest.raises(BackendFailed):
             await asyncio.wait_for(m.power_on(), 20)
         assert m.state is MachineState.OFF
+
+
+async def test_resuming_from_a_breakpoint_steps_over_it(tmp_path: Path) -> None:
+    """As gdb does: a continue or a step from a breakpoint of ours takes it out, steps,
+    and puts it back, instead of stopping on it again at once."""
+    async with remote(tmp_path, "hello") as (m, events, path, _):
+        main = elf_address(path, "main")
+        await m.capability(Breakpoints).set_breakpoint(main)
+        await m.capability(RunControl).run()
+        assert (await events.next_stop()).pc == main
+        step = await m.capability(RunControl).step(1)
+        assert step.reason is StopReason.STEP and step.pc != main
+        # back at main (a register write), still a breakpoint there: continue runs past it
+        await m.capability(RegisterAccess).write_register("pc", main)
+        await m.capability(RunControl).run()
+        stop = await events.next_stop()
+        assert stop.reason is StopReason.EXIT and stop.exit_code == 0, stop

@@ -99,7 +99,9 @@ def cmd_session_create(client: Client, args: argparse.Namespace) -> int:
         board_template=args.board or "", board_config=Path(args.board_config).read_text() if args.board_config else "",
         backend=args.backend or "", display_name=args.display_name or "", labels=labels, program=program,
         power_on=args.power_on, run=args.run, session_id=args.id or "",
-        options={"coverage": args.coverage},
+        options={"coverage": args.coverage,
+                 **({"remote": {"address": args.remote, "console": args.remote_console or ""}}
+                    if args.remote else {})},
     )
     if args.json:
         rpc.print_message(resp, True)
@@ -239,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-on", action="store_true")
     p.add_argument("--run", action="store_true", help="power on and run")
     p.add_argument("--coverage", action="store_true", help="start the machine ready to collect coverage")
+    p.add_argument("--remote", metavar="ADDRESS",
+                   help="with --backend gdbremote: the GDB server to drive, HOST:PORT or unix:/path")
+    p.add_argument("--remote-console", metavar="ENDPOINT",
+                   help="with --remote: the target's console, tcp:HOST:PORT, unix:/path or serial:/dev/ttyX")
     p.set_defaults(handler=cmd_session_create)
     p = ssub.add_parser("list", help="sessions as a table")
     p.add_argument("--filter")

@@ -184,3 +184,21 @@ def guarded(
             raise self.link.unusable(exc) from None
 
     return wrapper
+
+
+async def insert_breakpoint(link: RemoteLink, stub: RspClient, address: int, hardware: bool) -> bool:
+    """Insert one; returns whether it went in as a hardware breakpoint."""
+    low = None
+    if link.arch is Arch.RISCV32:
+        with refusals_ignored():
+            low = await stub.read_memory(address, 2)
+    kind = link.breakpoint_kind(address, low)
+    if not hardware:
+        try:
+            await stub.insert_point(SOFTWARE, address, kind)
+            return False
+        except RspError as exc:
+            if not refused(exc):
+                raise
+    await stub.insert_point(HARDWARE, address, kind)
+    return True

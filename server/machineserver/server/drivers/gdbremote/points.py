@@ -19,6 +19,7 @@ from machineserver.server.drivers.gdbremote.link import (
     WATCH_TYPE,
     RemoteLink,
     guarded,
+    insert_breakpoint,
     refusals_ignored,
     refused,
 )
@@ -30,24 +31,6 @@ from machineserver.server.rsp import RspClient, RspError
 def connected(link: RemoteLink) -> bool:
     return link.client is not None and not link.client.closed and link.state not in (
         MachineState.OFF, MachineState.FAILED)
-
-
-async def insert_breakpoint(link: RemoteLink, stub: RspClient, address: int, hardware: bool) -> bool:
-    """Insert one; returns whether it went in as a hardware breakpoint."""
-    low = None
-    if link.arch is Arch.RISCV32:
-        with refusals_ignored():
-            low = await stub.read_memory(address, 2)
-    kind = link.breakpoint_kind(address, low)
-    if not hardware:
-        try:
-            await stub.insert_point(SOFTWARE, address, kind)
-            return False
-        except RspError as exc:
-            if not refused(exc):
-                raise
-    await stub.insert_point(HARDWARE, address, kind)
-    return True
 
 
 async def insert_all(link: RemoteLink, stub: RspClient) -> None:

@@ -26,10 +26,13 @@ from machineserver.server.drivers.base import (
     StopReason,
 )
 from machineserver.server.drivers.gdbremote.link import (
+    HARDWARE,
     REQUEST_TIMEOUT,
+    SOFTWARE,
     WATCH_TYPE,
     RemoteLink,
     guarded,
+    insert_breakpoint,
     refusals_ignored,
 )
 from machineserver.server.rsp import RspError, State, StopReply
@@ -54,7 +57,34 @@ class RemoteRunControl(RunControl):
     async def run(self) -> None:
         async with self.link.op:
             self.link.require(MachineState.HALTED, action="run")
+            _, stop = await self._step_off_breakpoint()
+            if stop is not None and stop.reason is not StopReason.STEP:
+                self.link.events.stopped(stop)  # the instruction stepped over stopped it (a watchpoint, an exit)
+                return
             await self._resume()
+
+    async def _step_off_breakpoint(self) -> tuple[bool, StopInfo | None]:
+        """Resuming from a breakpoint of ours (as gdb does): take it out, step once, put it
+        back, so the target does not stop at once on the breakpoint it stopped at. Returns
+        whether it stepped, and the stop that step ended with (STEP, or what it met: a
+        watchpoint, an exit, a fault)."""
+        link = self.link
+        pc = await link.read_pc()
+        hardware = link.points.breakpoints.get(pc)
+        if hardware is None:
+            return False, None
+        stub = link.stub()
+        with refusals_ignored():
+            await stub.remove_point(HARDWARE if hardware else SOFTWARE, pc, link.breakpoint_kind(pc, None))
+        try:
+            reply = await self._one_step()
+        finally:
+            if stub.state is State.IDLE:
+                link.points.breakpoints[pc] = await insert_breakpoint(link, stub, pc, hardware)
+        info = await self.decode(reply, StopReason.STEP)
+        if info is None:
+            raise link.fail(link.failure)
+        return True, info
 
     async def _resume(self) -> None:
         await self.link.stub().send_continue(b"c", timeout=REQUEST_TIMEOUT)
@@ -137,7 +167,10 @@ class RemoteRunControl(RunControl):
             raise BadRequest("count must be at least 1", field="count")
         async with self.link.op:
             self.link.require(MachineState.HALTED, action="step")
-            for done in range(1, count + 1):
+            stepped, first = await self._step_off_breakpoint()  # the first step, over a breakpoint of ours
+            if first is not None and (first.reason is not StopReason.STEP or count == 1):
+                return first
+            for done in range(2 if stepped else 1, count + 1):
                 reply = await self._one_step()
                 last = done == count
                 info = await self.decode(reply, StopReason.STEP)
