@@ -21,6 +21,7 @@ Sections (pick with --only NAME[,NAME]):
             vs QEMU's snapshots, driver vs raw Unicorn; sizes per board (bench_snapshots.py)
   cosim     2 Unicorn nodes in lock-step (1k/10k/100k quanta) vs 1 alone with icount;
             mixed Unicorn/QEMU; the exact cross-node halt (bench_cosim.py)
+  gdbremote single step and 64-byte read over gdbremote vs gdb-multiarch, same QEMU (bench_gdbremote.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
 """
 
@@ -464,6 +465,7 @@ def _more_sections() -> None:
     """Sections in modules of their own (they import this one, so they load after it)."""
     from bench_control_plane import bench_control_plane
     from bench_cosim import bench_cosim
+    from bench_gdbremote import bench_gdbremote
     from bench_isolation import bench_isolation
     from bench_qemu_scale import bench_qemu_scale
     from bench_scale import bench_scale
@@ -475,6 +477,7 @@ def _more_sections() -> None:
     SECTIONS["qemu_scale"] = bench_qemu_scale
     SECTIONS["scale"] = bench_scale
     SECTIONS["cosim"] = bench_cosim
+    SECTIONS["gdbremote"] = bench_gdbremote
 
 
 
