@@ -228,6 +228,8 @@ class LiveSession:
         machine = self.require_machine(action)
         if self.state is not MachineState.HALTED:
             hint = "pause it first" if self.state is MachineState.RUNNING else "reset it first"
+            if self.state is MachineState.EXITED and self.record.remote_target:
+                hint = "the remote target ended with the program: power it off and on again to reconnect"
             raise FailedPrecondition(
                 f"cannot {action}: session {self.id} is {self.state.value}; {hint}",
                 state=self.state.value,
@@ -361,9 +363,12 @@ class SessionManager:
 
     def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
         self.backends.get(backend_name)  # NotFound for an unknown backend
-        if feature not in self.backends.info(backend_name).features:
+        info = self.backends.info(backend_name)
+        if feature not in info.features:
+            why = info.unsupported.get(feature)
             raise Unimplemented(
                 feature.value, f"backend {backend_name} does not support {feature.value.replace('_', ' ')}"
+                + (f": {why}" if why else "")
             )
         reason = self.backends.info(backend_name).board_limits.get(board.name, {}).get(feature)
         if reason:
@@ -409,6 +414,11 @@ class SessionManager:
         if why_not:
             raise FailedPrecondition(f"backend {backend_name} cannot run board {board.name}: {why_not}")
         remote_target, remote_console = self._remote_endpoints(backend, p)
+        refused = self.backends.info(backend_name).refused_options
+        for option, asked in (("icount", p.icount), ("coverage", p.coverage)):
+            if asked and option in refused:
+                raise Unimplemented(option, f"backend {backend_name} cannot honour options.{option}: "
+                                            f"{refused[option]}")
         program_id = ""
         if p.program:
             prog = self.programs.get(p.program, "program")
@@ -572,13 +582,14 @@ class SessionManager:
                     f"cannot load a program: session {live.id} is running; pause it first",
                     state=live.state.value, required="not running",
                 )
-            live.record.program = prog.id
             if live.machine is not None and live.state in POWERED:
-                await self._load_into(live, prog.id)
+                await self._load_into(live, prog.id)  # the record names it only once it is in
+                live.record.program = prog.id
                 live.record.exit_code = None
                 live.record.last_stop = None
                 self.set_state(live, MachineState.HALTED, f"loaded {prog.name}")
             else:
+                live.record.program = prog.id
                 live.record.update_time = now()
                 self._save(live.record)
 
@@ -798,8 +809,11 @@ class SessionManager:
     # ------------------------------------------------------------------ events from machines
 
     def _on_stop(self, live: LiveSession, info: StopInfo) -> None:
-        if live.state is not MachineState.RUNNING or info.reason in (StopReason.HALT, StopReason.STEP):
-            return  # pause() and step() hand their stops back themselves; or powered off
+        # pause() and step() hand their stops back themselves, never as events (the driver
+        # contract); a HALT event is a halt from elsewhere (a remote target halted by another
+        # debugger): it stops the session like a breakpoint would
+        if live.state is not MachineState.RUNNING or info.reason is StopReason.STEP:
+            return
         self._apply_stop(live, info, info.reason.value)
 
     def record_stop(self, live: LiveSession, info: StopInfo, reason: str) -> None:

@@ -668,6 +668,11 @@ class BackendInfo:
     details: Mapping[str, str] = field(default_factory=dict)
     # features it has only in part, and what is missing (e.g. snapshots without peripherals)
     partial: Mapping[Feature, str] = field(default_factory=dict)
+    # why it lacks a feature it does not have at all (shown with UNIMPLEMENTED)
+    unsupported: Mapping[Feature, str] = field(default_factory=dict)
+    # session options (MachineOptions: "icount", "coverage") it cannot honour, and why: a
+    # session asking for one is refused at creation
+    refused_options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

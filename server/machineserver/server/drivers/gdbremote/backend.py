@@ -14,9 +14,10 @@ from machineserver.server.drivers.base import (
 )
 from machineserver.server.drivers.gdbremote.machine import NO_COVERAGE, GdbRemoteMachine
 
-TESTED_WITH = ("QEMU 7.2 gdbstub (qemu-system-arm -gdb), here; not tested here: MachineServer's own "
-               "GDB bridge, OpenOCD, pyOCD, J-Link GDB server, Renode, SkyEye (none of the last five "
-               "can be installed on this machine)")
+TESTED_WITH = ("QEMU 7.2 gdbstubs (qemu-system-arm and qemu-system-riscv32 -gdb: the conformance suite) "
+               "and MachineServer's own GDB bridge (a session of another server), here; not tested "
+               "here: OpenOCD, pyOCD, J-Link GDB server, Renode, SkyEye (none can be installed on this "
+               "machine)")
 
 
 class GdbRemoteBackend(Backend):
@@ -37,6 +38,12 @@ class GdbRemoteBackend(Backend):
                      "coverage": f"unavailable: {NO_COVERAGE}",
                      "per_session": "what a session's target really has is probed at power-on and "
                                     "shown in its details; a feature it lacks answers UNIMPLEMENTED"},
+            unsupported={Feature.COVERAGE: NO_COVERAGE,
+                         Feature.LOCKSTEP: "a GDB remote target has no exact virtual clock to hold at a "
+                                           "barrier, nor a checkpoint to roll back to"},
+            refused_options={"icount": "a GDB remote target counts no instructions (only single steps "
+                                       "are counted, and not exactly)",
+                             "coverage": NO_COVERAGE},
             partial={Feature.SNAPSHOTS: "soft: registers and the board's RAM through the GDB protocol; "
                                         "no peripheral state (it is neither saved nor restored)"})
 

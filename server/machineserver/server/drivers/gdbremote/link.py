@@ -108,10 +108,11 @@ class RemoteLink:
 
     def require_inspectable(self, action: str) -> None:
         self.require(*INSPECTABLE, action=action)
-        if self.state is MachineState.EXITED and (self.client is None or self.client.closed):
-            raise WrongState(f"cannot {action}: the remote ended with the program and closed "
-                             "the connection; power on again to reconnect",
-                             state=self.state.value, required="halted")
+        if self.state is MachineState.EXITED:
+            # a 'W' stop reply: the remote's program (and, for a QEMU, the remote itself) has
+            # ended; the stub closes the connection or soon will
+            raise WrongState(f"cannot {action}: the remote ended with the program (it answered "
+                             "'W'); power on again to reconnect", state=self.state.value, required="halted")
 
     def fail(self, reason: str) -> BackendFailed:
         """FAILED with ``reason``, reported once; returns the error for the caller."""

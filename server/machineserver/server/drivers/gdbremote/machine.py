@@ -207,8 +207,7 @@ class GdbRemoteMachine(Machine):
                            f"{self.board.arch.value}")
         try:
             async with self.link.op:
-                self.link.require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED,
-                                  action="load a program")
+                self.link.require_inspectable("load a program")
                 stub = self.link.stub()
                 await self._monitor_reset(stub)
                 for seg in image.segments:
@@ -237,8 +236,7 @@ class GdbRemoteMachine(Machine):
             async with self.link.op:
                 if self.link.state is MachineState.RUNNING:
                     raise BadRequest("pause the machine before a reset")
-                self.link.require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED,
-                                  action="reset")
+                self.link.require_inspectable("reset")
                 stub = self.link.stub()
                 await self._monitor_reset(stub)
                 await self._core_reset(stub, getattr(self, "_entry", None))

@@ -30,9 +30,17 @@ class RemoteMemory(MemoryAccess):
         bad = exc.address if exc.address is not None else address
         return BadRequest(f"the remote refused access at 0x{bad:08x}: {exc}", field="address")
 
+    def _check_board(self, address: int, size: int) -> None:
+        """The contract's rule: the board's memory only (a remote stub may answer for
+        addresses where nothing is, e.g. QEMU's gdbstub reads unmapped space as zeros)."""
+        check_range(address, size)
+        if size and self.link.board.region_at(address, size) is None:
+            raise BadRequest(f"0x{address:08x}+{size} is not in the memory of board {self.link.board.name}",
+                             field="address")
+
     @guarded
     async def read_memory(self, address: int, size: int) -> bytes:
-        check_range(address, size)
+        self._check_board(address, size)
         async with self.link.op:
             self.link.require_inspectable("read memory")
             if size == 0:
@@ -46,7 +54,7 @@ class RemoteMemory(MemoryAccess):
 
     @guarded
     async def write_memory(self, address: int, data: bytes) -> None:
-        check_range(address, len(data))
+        self._check_board(address, len(data))
         async with self.link.op:
             self.link.require_inspectable("write memory")
             if not data:
