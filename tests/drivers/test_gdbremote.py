@@ -292,3 +292,50 @@ async def test_resuming_from_a_breakpoint_steps_over_it(tmp_path: Path) -> None:
         await m.capability(RunControl).run()
         stop = await events.next_stop()
         assert stop.reason is StopReason.EXIT and stop.exit_code == 0, stop
+
+
+@contextlib.contextmanager
+def qemu_with_pty(tmp_path: Path, program: str) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+    """A QEMU whose UART0 is a pseudo-terminal (``-serial pty``): the console endpoint a
+    serial device on a real board would be."""
+    binary = shutil.which("qemu-system-arm")
+    if binary is None:
+        pytest.skip("qemu-system-arm is not installed")
+    gdb = str(tmp_path / "gdb.sock")
+    proc = subprocess.Popen(
+        [binary, "-M", BOARD, "-display", "none", "-monitor", "none", "-S",
+         "-gdb", f"unix:{gdb},server=on,wait=off", "-serial", "pty",
+         "-semihosting-config", "enable=on,target=native", "-kernel", str(firmware(BOARD, program))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()  # "char device redirected to /dev/pts/N (label serial0)"
+        pty = line.split("redirected to ", 1)[1].split()[0] if "redirected to " in line else ""
+        assert pty.startswith("/dev/"), line
+        for _ in range(500):
+            if Path(gdb).exists():
+                break
+            time.sleep(0.01)
+        yield f"unix:{gdb}", f"serial:{pty}", proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+async def test_a_serial_console_on_a_pty(tmp_path: Path) -> None:
+    with qemu_with_pty(tmp_path, "echo") as (target, console, _):
+        events = Recorder()
+        m = GdbRemoteBackend().create_machine(
+            board(BOARD), MachineOptions(extra={"gdbremote.target": target, "gdbremote.console": console}), events)
+        try:
+            await m.power_on()
+            await m.load(elf_image(firmware(BOARD, "echo")))
+            await m.capability(RunControl).run()
+            await events.wait_console(b"echo ready\n")
+            await m.capability(ConsoleInput).console_input(b"pty")
+            await events.wait_console(b"pty")
+            await m.capability(ConsoleInput).console_input(b"q")
+            stop = await events.next_stop()
+            assert (stop.reason, stop.exit_code) == (StopReason.EXIT, 0)
+        finally:
+            await m.power_off()
