@@ -531,3 +531,29 @@ async def test_members_in_two_workers_run_the_loop_in_the_server_with_the_same_r
     again = await run_to_end(client, together)
     assert await consoles(client, together) == await consoles(client, cosim)
     assert (again.virtual_time_ns, again.quanta) == (done.virtual_time_ns, done.quanta)
+
+
+async def test_a_snapshot_at_a_halt_inside_a_quantum_continues_the_same(client: AsyncClient) -> None:
+    """Taken where a breakpoint halted every member mid-quantum: the rest of the quantum
+    runs after a restore as after a continue; the same consoles to the end."""
+    cosim = await pingpong(client)
+    pong = cosim.sessions[1]
+    # a line a few instructions into pong's handler: reached just after a barrier
+    bp = (await client.debug.set_breakpoint(name=pong, location={"file_line": "cosim_pong.c:20"})).breakpoint
+    for _ in range(5):
+        halted = (await client.cosim.step_co_simulation(name=cosim.name, until_virtual_time_ns=ONE_SECOND,
+                                                        timeout=60)).cosimulation
+        assert halted.last_stop.reason == "breakpoint"
+    assert halted.virtual_time_ns % halted.quantum_ns != 0  # inside a quantum
+    await client.debug.clear_breakpoint(name=pong, id=bp.id)
+    snap = (await client.cosim.create_co_sim_snapshot(parent=cosim.name)).snapshot
+    assert snap.virtual_time_ns == halted.virtual_time_ns
+    marks = [len(c) for c in await consoles(client, cosim)]
+    first = await run_to_end(client, cosim)
+    after_first = [c[m:] for c, m in zip(await consoles(client, cosim), marks, strict=True)]
+    restored = (await client.cosim.restore_co_sim_snapshot(name=snap.name)).cosimulation
+    assert restored.virtual_time_ns == halted.virtual_time_ns
+    marks = [len(c) for c in await consoles(client, cosim)]
+    second = await run_to_end(client, cosim)
+    assert [c[m:] for c, m in zip(await consoles(client, cosim), marks, strict=True)] == after_first
+    assert (second.virtual_time_ns, second.quanta) == (first.virtual_time_ns, first.quanta)

@@ -228,8 +228,9 @@ class CoSimServiceServicer:
 
     def CreateCoSimSnapshot(self, request, context):
         """Saves every member and the link state (bytes in flight, pending interrupts, shared
-        memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
-        halted between barriers (step to the next one first), failed, or a member's backend
+        memory) as one unit: at the current barrier, or at the instant a member's stop halted
+        them inside a quantum (the rest of that quantum then runs after a restore, as after a
+        continue). NOT_FOUND. FAILED_PRECONDITION: running, failed, or a member's backend
         cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

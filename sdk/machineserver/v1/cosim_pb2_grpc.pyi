@@ -98,8 +98,9 @@ class CoSimServiceStub:
     """
     CreateCoSimSnapshot: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimSnapshotRequest, _cosim_pb2.CreateCoSimSnapshotResponse]
     """Saves every member and the link state (bytes in flight, pending interrupts, shared
-    memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
-    halted between barriers (step to the next one first), failed, or a member's backend
+    memory) as one unit: at the current barrier, or at the instant a member's stop halted
+    them inside a quantum (the rest of that quantum then runs after a restore, as after a
+    continue). NOT_FOUND. FAILED_PRECONDITION: running, failed, or a member's backend
     cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
     """
     ListCoSimSnapshots: _grpc.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimSnapshotsRequest, _cosim_pb2.ListCoSimSnapshotsResponse]
@@ -191,8 +192,9 @@ class CoSimServiceAsyncStub(CoSimServiceStub):
     """
     CreateCoSimSnapshot: _aio.UnaryUnaryMultiCallable[_cosim_pb2.CreateCoSimSnapshotRequest, _cosim_pb2.CreateCoSimSnapshotResponse]  # type: ignore[assignment]
     """Saves every member and the link state (bytes in flight, pending interrupts, shared
-    memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
-    halted between barriers (step to the next one first), failed, or a member's backend
+    memory) as one unit: at the current barrier, or at the instant a member's stop halted
+    them inside a quantum (the rest of that quantum then runs after a restore, as after a
+    continue). NOT_FOUND. FAILED_PRECONDITION: running, failed, or a member's backend
     cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
     """
     ListCoSimSnapshots: _aio.UnaryUnaryMultiCallable[_cosim_pb2.ListCoSimSnapshotsRequest, _cosim_pb2.ListCoSimSnapshotsResponse]  # type: ignore[assignment]
@@ -335,8 +337,9 @@ class CoSimServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cosim_pb2.CreateCoSimSnapshotResponse, _abc.Awaitable[_cosim_pb2.CreateCoSimSnapshotResponse]]:
         """Saves every member and the link state (bytes in flight, pending interrupts, shared
-        memory) at the current barrier, as one unit. NOT_FOUND. FAILED_PRECONDITION: running,
-        halted between barriers (step to the next one first), failed, or a member's backend
+        memory) as one unit: at the current barrier, or at the instant a member's stop halted
+        them inside a quantum (the rest of that quantum then runs after a restore, as after a
+        continue). NOT_FOUND. FAILED_PRECONDITION: running, failed, or a member's backend
         cannot save its state. RESOURCE_EXHAUSTED: larger than the server's snapshot limit.
         """
 

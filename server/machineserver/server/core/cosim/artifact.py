@@ -5,8 +5,9 @@ Layout: ``MAGIC``, a 4-byte little-endian manifest length, the manifest (JSON, U
 then each member's state blob, in member order, each as an 8-byte length and the bytes.
 The manifest names the shape (each member's board and backend), the virtual time, the
 quanta, each member's cycles since the co-simulation's time 0, the link state, the
-inputs waiting for the next quantum, and each blob's sha256. Parsing checks all of it:
-an artifact is client data on import.
+inputs waiting for the next quantum, the quantum a halt cut (its barrier's time, what the
+members transmitted in it so far, which serial bytes they took), if any, and each blob's
+sha256. Parsing checks all of it: an artifact is client data on import.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import BarrierInput, Segment
+from machineserver.server.lockstep.runner import MidQuantum
 
 MAGIC = b"MSCOSIM\x01"
 FORMAT_VERSION = 1
@@ -37,6 +39,7 @@ class Artifact:
     link_state: dict[str, Any]
     inputs: tuple[BarrierInput, ...]
     blobs: tuple[bytes, ...]
+    mid: MidQuantum | None = None  # taken at a halt inside a quantum
 
 
 def _inputs_to_json(inp: BarrierInput) -> dict[str, Any]:
@@ -59,6 +62,9 @@ def encode(art: Artifact) -> bytes:
         "link_state": art.link_state,
         "inputs": [_inputs_to_json(i) for i in art.inputs],
         "blob_sha256": [hashlib.sha256(b).hexdigest() for b in art.blobs],
+        "mid": None if art.mid is None else {
+            "end": art.mid.end, "accepted": list(art.mid.accepted),
+            "console": [base64.b64encode(c).decode() for c in art.mid.console]},
     }
     head = json.dumps(manifest, separators=(",", ":")).encode()
     parts = [MAGIC, _U32.pack(len(head)), head]
@@ -92,12 +98,18 @@ def decode(data: bytes) -> Artifact:
         since = tuple(int(c) for c in manifest["since_origin"])
         time_ref, quanta = int(manifest["time_ref"]), int(manifest["quanta"])
         link_state = dict(manifest["link_state"])
+        raw_mid = manifest.get("mid")
+        mid = None if raw_mid is None else MidQuantum(
+            int(raw_mid["end"]), [base64.b64decode(c) for c in raw_mid["console"]],
+            [int(a) for a in raw_mid["accepted"]])
     except InvalidArgument:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _bad(f"unreadable manifest ({exc.__class__.__name__})") from None
     if not (len(shape) == len(digests) == len(inputs) == len(since)) or len(shape) < 2:
         raise _bad("the manifest's member lists disagree")
+    if mid is not None and not (len(mid.console) == len(mid.accepted) == len(shape) and mid.end > time_ref):
+        raise _bad("the cut quantum's lists disagree with the members, or it ends in the past")
     blobs: list[bytes] = []
     for i, digest in enumerate(digests):
         if pos + 8 > len(data):
@@ -113,4 +125,4 @@ def decode(data: bytes) -> Artifact:
         blobs.append(blob)
     if pos != len(data):
         raise _bad("trailing bytes after the last member's state")
-    return Artifact(shape, time_ref, quanta, since, link_state, inputs, tuple(blobs))
+    return Artifact(shape, time_ref, quanta, since, link_state, inputs, tuple(blobs), mid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -43,7 +44,7 @@ from machineserver.server.core.sessions import POWERED, LiveSession, SessionMana
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import Feature, MachineState, Snapshots, StopInfo, StopReason
 from machineserver.server.lockstep.links import Exchange, Link, LinkState, Traffic, link_to_dict
-from machineserver.server.lockstep.runner import Halt, ReplayDiverged, RunState, Topology, enter
+from machineserver.server.lockstep.runner import Halt, MidQuantum, ReplayDiverged, RunState, Topology, enter
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
 
@@ -262,7 +263,7 @@ class CoSimManager:
                                      required="a backend and board with lock-step") from None
 
     async def _enter(self, rt: Runtime, since: Sequence[int] | None, link_state: LinkState | None,
-                     inputs: Sequence[drv.BarrierInput] | None = None) -> None:
+                     inputs: Sequence[drv.BarrierInput] | None = None, mid: MidQuantum | None = None) -> None:
         """Put the members in lock-step and build the coordinator. ``since``: each
         member's cycles since time 0 (a restore), else time 0 is now."""
         topology = Topology(tuple(rt.links), tuple(board_hz(live.board) for live in rt.lives),
@@ -285,6 +286,7 @@ class CoSimManager:
             state.inputs = [drv.BarrierInput(tuple(w)) for w in exchange.initial_writes(contents)]
         elif inputs is not None:
             state.inputs = list(inputs)
+            state.mid = mid
         rt.coord = Coordinator(rt.lives, topology, state, lambda tr: self._traffic(rt, tr),
                                lambda t, q: self._barrier(rt, t, q))
 
@@ -528,10 +530,6 @@ class CoSimManager:
 
     async def snapshot(self, rt: Runtime, display_name: str, owner: str = "") -> CoSimSnapshotRecord:
         coord = self._require_runnable(rt, "take a snapshot")
-        if coord.state.mid is not None:
-            raise FailedPrecondition(f"co-simulation {rt.rec.name} is halted between barriers (at "
-                                     f"{rt.rec.ns(rt.rec.time_ref)} ns); step it to the next barrier first",
-                                     required="at a barrier")
         for live in rt.lives:
             live.feature(Feature.SNAPSHOTS)
         blobs = []
@@ -542,7 +540,8 @@ class CoSimManager:
                     blobs.append(await machine.capability(Snapshots).save_state())
         art = artifact.Artifact(self._shape(rt), rt.rec.time_ref, rt.rec.quanta,
                                 tuple(c - o for c, o in zip(coord.state.cycles, coord.state.origins, strict=True)),
-                                coord.state.links.to_dict(), tuple(coord.state.inputs), tuple(blobs))
+                                coord.state.links.to_dict(), tuple(coord.state.inputs), tuple(blobs),
+                                copy.deepcopy(coord.state.mid))
         data = artifact.encode(art)
         if self.max_snapshot_bytes and len(data) > self.max_snapshot_bytes:
             raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} bytes")
@@ -610,7 +609,7 @@ class CoSimManager:
                 live.record.last_stop = None
                 self.sessions.set_state(live, MachineState.HALTED, f"restored {name}")
         rt.rec.time_ref, rt.rec.quanta, rt.rec.last_stop = art.time_ref, art.quanta, None
-        await self._enter(rt, art.since_origin, LinkState.from_dict(art.link_state), art.inputs)
+        await self._enter(rt, art.since_origin, LinkState.from_dict(art.link_state), art.inputs, art.mid)
         self._end_segment(rt, CoSimState.PAUSED, f"restored {name}")
         return rt
 
