@@ -17,6 +17,7 @@ a replay; bad inputs are refused before anything is applied.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 from collections.abc import AsyncIterator
 
@@ -267,7 +268,8 @@ async def test_console_input_one_byte_per_barrier_when_rx_is_empty(make: object)
 async def test_irq_at_a_barrier_wakes_wfi_before_the_first_instruction(make: object) -> None:
     rig = await _booted(make, sleeper_image(), watch=((COUNTER, 4),))
     asleep = await rig.lock.advance(1_000, BarrierInput())
-    assert (asleep.cycles, asleep.stop, asleep.idle) == (1_000, None, True)  # the clock jumped
+    assert (asleep.cycles, asleep.stop) == (1_000, None)  # the clock jumped
+    assert asleep.idle or not _idle_is_exact(rig)
     assert asleep.watched == (bytes(4),)
     assert await rig.pc() == WFI_AT + 2
     # the handler's first instruction is a breakpoint: taken at the barrier's cycle
@@ -276,19 +278,21 @@ async def test_irq_at_a_barrier_wakes_wfi_before_the_first_instruction(make: obj
     assert hit.stop is not None and hit.stop.reason is StopReason.BREAKPOINT
     assert (hit.stop.pc, hit.cycles) == (HANDLER, 1_000)  # exception entry costs nothing
     woke = await rig.lock.advance(2_000, BarrierInput())
-    assert (woke.cycles, woke.stop, woke.idle) == (2_000, None, True)
+    assert (woke.cycles, woke.stop) == (2_000, None)
+    assert woke.idle or not _idle_is_exact(rig)
     assert woke.watched == (struct.pack("<I", 1),)
     await rig.bp.clear_breakpoint(HANDLER)
     # asleep again, woken again: one call of the handler per raise
     again = await rig.lock.advance(3_000, BarrierInput(irqs=(DOORBELL_IRQ,)))
-    assert again.watched == (struct.pack("<I", 2),) and again.idle
+    assert again.watched == (struct.pack("<I", 2),) and (again.idle or not _idle_is_exact(rig))
     counters = rig.machine.counters()
     if counters.exact:
         assert counters.instructions == SETUP_INSNS + 2 * HANDLER_INSNS
     # no interrupt: the sleeper sleeps through whole quanta, running nothing
     for until in (4_000, 50_000, 50_001):
         quiet = await rig.lock.advance(until, BarrierInput())
-        assert (quiet.cycles, quiet.idle, quiet.watched) == (until, True, (struct.pack("<I", 2),))
+        assert (quiet.cycles, quiet.watched) == (until, (struct.pack("<I", 2),))
+        assert quiet.idle or not _idle_is_exact(rig)
     if counters.exact:
         assert rig.machine.counters().instructions == counters.instructions
     # an interrupt raised while PRIMASK is set is pending, not taken -- where the backend's
@@ -327,8 +331,16 @@ async def test_systick_wakes_the_sleeper_at_its_exact_cycle(make: object) -> Non
 # --------------------------------------------------------------------------- determinism
 
 
+def _idle_is_exact(rig: LockRig) -> bool:
+    """Whether the backend's QuantumResult.idle is exact (Unicorn's is; QEMU reads its idle
+    check when the deadline fires, which can depend on host timing: a hint there)."""
+    return rig.backend == "unicorn"
+
+
 async def _script(rig: LockRig, plan: list[tuple[int, BarrierInput]]) -> list[QuantumResult]:
-    return [await rig.lock.advance(until, inputs) for until, inputs in plan]
+    """The results of ``plan``'s calls, without ``idle``: a hint, not part of the
+    deterministic result (see QuantumResult.idle)."""
+    return [dataclasses.replace(await rig.lock.advance(until, inputs), idle=False) for until, inputs in plan]
 
 
 async def test_same_calls_same_results_and_rollback_replays_them(make: object) -> None:
