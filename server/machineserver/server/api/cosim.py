@@ -10,7 +10,8 @@ from grpc import aio
 
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer, split_upload
-from machineserver.server.core.cosim.manager import CoSimEvent, Runtime
+from machineserver.server.core.cosim.events import CoSimEvent
+from machineserver.server.core.cosim.manager import Runtime
 from machineserver.server.core.cosim.model import (
     DEFAULT_SERIAL_QUEUE,
     CoSimRecord,
@@ -220,9 +221,9 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         cosim = self.engine.cosim
         rt = cosim.get(request.name)
         every = request.barrier_every
-        sub = cosim.subscribe(rt)
+        sub = cosim.events.subscribe(rt)
         try:
-            yield self._event_pb(rt, cosim.subscribed_event(rt))
+            yield self._event_pb(rt, cosim.events.subscribed_event(rt))
             async for ev in sub:
                 if ev.kind == "barrier" and (not every or ev.quanta % every):
                     continue
@@ -238,7 +239,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         context: aio.ServicerContext[pb.CreateCoSimSnapshotRequest, pb.CreateCoSimSnapshotResponse],
     ) -> pb.CreateCoSimSnapshotResponse:
         cosim = self.engine.cosim
-        rec = await cosim.snapshot(cosim.get(request.parent, "parent"), request.display_name,
+        rec = await cosim.snapshots.create(cosim.get(request.parent, "parent"), request.display_name,
                                    owner=self.principal(context))
         return pb.CreateCoSimSnapshotResponse(snapshot=self._snapshot_pb(rec))
 
@@ -248,7 +249,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         context: aio.ServicerContext[pb.ListCoSimSnapshotsRequest, pb.ListCoSimSnapshotsResponse],
     ) -> pb.ListCoSimSnapshotsResponse:
         cosim = self.engine.cosim
-        page = cosim.list_snapshots(cosim.get(request.parent, "parent"), request.page_size, request.page_token)
+        page = cosim.snapshots.list_page(cosim.get(request.parent, "parent"), request.page_size, request.page_token)
         return pb.ListCoSimSnapshotsResponse(snapshots=[self._snapshot_pb(r) for r in page.items],
                                              next_page_token=page.next_page_token)
 
@@ -257,7 +258,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         request: pb.RestoreCoSimSnapshotRequest,
         context: aio.ServicerContext[pb.RestoreCoSimSnapshotRequest, pb.RestoreCoSimSnapshotResponse],
     ) -> pb.RestoreCoSimSnapshotResponse:
-        rt = await self.engine.cosim.restore(request.name)
+        rt = await self.engine.cosim.snapshots.restore(request.name)
         return pb.RestoreCoSimSnapshotResponse(cosimulation=self._pb(rt))
 
     async def DeleteCoSimSnapshot(
@@ -265,7 +266,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         request: pb.DeleteCoSimSnapshotRequest,
         context: aio.ServicerContext[pb.DeleteCoSimSnapshotRequest, pb.DeleteCoSimSnapshotResponse],
     ) -> pb.DeleteCoSimSnapshotResponse:
-        self.engine.cosim.delete_snapshot(request.name)
+        self.engine.cosim.snapshots.delete(request.name)
         return pb.DeleteCoSimSnapshotResponse()
 
     async def ExportCoSimSnapshot(
@@ -273,9 +274,9 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         request: pb.ExportCoSimSnapshotRequest,
         context: aio.ServicerContext[pb.ExportCoSimSnapshotRequest, pb.ExportCoSimSnapshotResponse],
     ) -> AsyncIterator[pb.ExportCoSimSnapshotResponse]:
-        _, rec = self.engine.cosim.get_snapshot(request.name)
+        _, rec = self.engine.cosim.snapshots.get(request.name)
         yield pb.ExportCoSimSnapshotResponse(snapshot=self._snapshot_pb(rec))
-        for chunk in self.engine.cosim.export_chunks(rec):
+        for chunk in self.engine.cosim.snapshots.export_chunks(rec):
             yield pb.ExportCoSimSnapshotResponse(chunk=chunk)
             await asyncio.sleep(0)
 
@@ -285,6 +286,6 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         context: aio.ServicerContext[pb.ImportCoSimSnapshotRequest, pb.ImportCoSimSnapshotResponse],
     ) -> pb.ImportCoSimSnapshotResponse:
         meta, chunks = await split_upload(request_iterator)
-        rec = await self.engine.cosim.import_(meta.parent, meta.display_name, meta.sha256, chunks,
+        rec = await self.engine.cosim.snapshots.import_(meta.parent, meta.display_name, meta.sha256, chunks,
                                               owner=self.principal(context))
         return pb.ImportCoSimSnapshotResponse(snapshot=self._snapshot_pb(rec))

@@ -10,42 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
-from machineserver.server.core.cosim import artifact
-from machineserver.server.core.cosim.coordinator import Coordinator
+from machineserver.server.core.cosim.coordinator import Coordinator, placement
+from machineserver.server.core.cosim.events import CoSimEvents
 from machineserver.server.core.cosim.model import (
     MAX_MEMBERS,
     CoSimRecord,
-    CoSimSnapshotRecord,
     CoSimState,
     board_hz,
     check_quantum,
     validate_links,
 )
+from machineserver.server.core.cosim.snapshots import CoSimSnapshots
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     MachineServerError,
     NotFound,
-    ResourceExhausted,
 )
 from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
 from machineserver.server.core.models import from_row, now, record_row
-from machineserver.server.core.pubsub import Hub, Subscription
-from machineserver.server.core.sessions import POWERED, LiveSession, SessionManager, driver_errors
+from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
 from machineserver.server.drivers import base as drv
-from machineserver.server.drivers.base import Feature, MachineState, Snapshots, StopInfo, StopReason
-from machineserver.server.lockstep.links import Exchange, Link, LinkState, Traffic, link_to_dict
+from machineserver.server.drivers.base import Feature, MachineState, StopInfo, StopReason
+from machineserver.server.lockstep.links import Exchange, Link, LinkState, link_to_dict
 from machineserver.server.lockstep.runner import Halt, MidQuantum, ReplayDiverged, RunState, Topology, enter
-from machineserver.server.store.blobs import BlobStore, BlobTooLarge
+from machineserver.server.store.blobs import BlobStore
 from machineserver.server.store.db import Database
 
 log = structlog.get_logger("machineserver.cosim")
@@ -56,25 +52,7 @@ COLLECTION = "cosimulations"
 MAX_STEP_QUANTA = 10**9
 STOP_TIMEOUT_S = 30.0
 SAVE_EVERY_S = 1.0
-SPREAD_FROM_CYCLES = 50_000  # quanta at least this long put OFF members in workers of their own
 FAILURE_EVENT_WAIT_S = 1.0  # how long a co-simulation's failure waits for the member's own reason
-
-
-@dataclass(frozen=True)
-class CoSimEvent:
-    cosim: str  # id
-    kind: str  # subscribed | barrier | serial | interrupt | shared_memory | drop | stop | state
-    state: CoSimState
-    quanta: int
-    virtual_time_ns: int
-    message: str = ""
-    session: str = ""
-    to_session: str = ""
-    data: bytes = b""
-    irq: int = 0
-    link: int = -1
-    offset: int = 0
-    snapshot: CoSimRecord | None = None  # subscribed, stop: the record as it was
 
 
 @dataclass
@@ -130,7 +108,8 @@ class CoSimManager:
         self.blobs = blobs
         self.sessions = sessions
         self.max_snapshot_bytes = max_snapshot_bytes
-        self.events: Hub[CoSimEvent] = Hub(maxlen=4096)
+        self.events = CoSimEvents()
+        self.snapshots = CoSimSnapshots(self, db, blobs, max_snapshot_bytes)
         self._runtimes: dict[str, Runtime] = {}
         sessions.delete_hooks.append(self._on_session_delete)
 
@@ -224,7 +203,7 @@ class CoSimManager:
             self._check_lockstep(live)
         for live in lives:  # an OFF member is powered on (with its program); see _placement
             if live.state is MachineState.OFF or live.machine is None:
-                await self.sessions.power_on(live, self._placement(lives, quantum_ref))
+                await self.sessions.power_on(live, placement(lives, quantum_ref))
             elif live.state is not MachineState.HALTED:
                 raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
                                          "or off (pause or reset it first)", state=live.state.value,
@@ -234,26 +213,14 @@ class CoSimManager:
                           quantum_spec={"quantum_ns": quantum_ns, "quantum_instructions": quantum_instructions},
                           display_name=display_name, owner=owner, state_reason="created")
         rt = Runtime(rec, lives, links)
-        await self._enter(rt, since=None, link_state=None)
+        await self.enter_lockstep(rt, since=None, link_state=None)
         self._runtimes[rec.id] = rt
         for live in lives:
             live.membership = _Membership(self, rt)
         self._save(rec)
-        self._state_event(rt, "created")
+        self.events.state(rt, "created")
         log.info("cosim_created", cosim=rec.id, sessions=ids, links=len(links), quantum_ref=quantum_ref)
         return rt
-
-    @staticmethod
-    def _placement(lives: Sequence[LiveSession], quantum_ref: int) -> LiveSession | None:
-        """Where a member being powered on should run: beside the members already on (one
-        worker hosts them all, the quantum loop runs there with no round trip per quantum)
-        for short quanta; in a worker of its own (None: the least loaded) for long ones,
-        where members computing in parallel processes gains more than a round trip per
-        quantum costs (scripts/bench: at 100k-instruction quanta two workers give 0.98x of
-        one node alone against 0.80x in one; at 10k, 0.24x against 0.41x)."""
-        if quantum_ref >= SPREAD_FROM_CYCLES:
-            return None
-        return next((x for x in lives if x.machine is not None and x.state in POWERED), None)
 
     def _check_lockstep(self, live: LiveSession) -> None:
         try:
@@ -262,7 +229,7 @@ class CoSimManager:
             raise FailedPrecondition(f"session {live.id} cannot keep lock-step: {exc}",
                                      required="a backend and board with lock-step") from None
 
-    async def _enter(self, rt: Runtime, since: Sequence[int] | None, link_state: LinkState | None,
+    async def enter_lockstep(self, rt: Runtime, since: Sequence[int] | None, link_state: LinkState | None,
                      inputs: Sequence[drv.BarrierInput] | None = None, mid: MidQuantum | None = None) -> None:
         """Put the members in lock-step and build the coordinator. ``since``: each
         member's cycles since time 0 (a restore), else time 0 is now."""
@@ -281,23 +248,14 @@ class CoSimManager:
         if since is None:
             rt.rec.origins = origins
             exchange = Exchange(rt.links, len(rt.lives), rt.rec.hz_ref, state.links)
-            contents = await self._read_watched(rt.lives, watches)
+            contents = await _read_watched(rt.lives, watches)
             exchange.prime(contents)
             state.inputs = [drv.BarrierInput(tuple(w)) for w in exchange.initial_writes(contents)]
         elif inputs is not None:
             state.inputs = list(inputs)
             state.mid = mid
-        rt.coord = Coordinator(rt.lives, topology, state, lambda tr: self._traffic(rt, tr),
+        rt.coord = Coordinator(rt.lives, topology, state, lambda tr: self.events.traffic(rt, tr),
                                lambda t, q: self._barrier(rt, t, q))
-
-    @staticmethod
-    async def _read_watched(lives: Sequence[LiveSession], ranges: list[list[tuple[int, int]]]) -> list[tuple[bytes, ...]]:
-        out = []
-        for live, rs in zip(lives, ranges, strict=True):
-            mem = live.require_machine("read shared memory").capability(drv.MemoryAccess)
-            with driver_errors(live):
-                out.append(tuple([await mem.read_memory(a, n) for a, n in rs]))
-        return out
 
     async def delete(self, rt: Runtime) -> None:
         if rt.task is not None and not rt.task.done():
@@ -310,9 +268,8 @@ class CoSimManager:
                 self.sessions.set_state(live, MachineState.HALTED, f"co-simulation {rt.rec.name} deleted")
         self._runtimes.pop(rt.rec.id, None)
         self.db.delete(TABLE, rt.rec.id)
-        for row in self.db.rows(SNAPSHOTS, "cosim = ?", [rt.rec.id]):
-            self._delete_snapshot_row(row["id"], row["blob"])
-        self._publish(rt, "state", "deleted")
+        self.snapshots.delete_all(rt)
+        self.events.publish(rt, "state", "deleted")
 
     def _on_session_delete(self, live: LiveSession) -> None:
         """Not reached for a member (Delete is refused); a defensive unlink."""
@@ -322,7 +279,7 @@ class CoSimManager:
 
     # ------------------------------------------------------------------ running
 
-    def _require_runnable(self, rt: Runtime, action: str) -> Coordinator:
+    def require_runnable(self, rt: Runtime, action: str) -> Coordinator:
         state = rt.state
         if state is CoSimState.RUNNING:
             raise FailedPrecondition(f"cannot {action}: co-simulation {rt.rec.name} is running; pause it first",
@@ -347,7 +304,7 @@ class CoSimManager:
 
     async def start(self, rt: Runtime, until_ref: int) -> None:
         """Run in the background (returns once RUNNING)."""
-        coord = self._require_runnable(rt, "start")
+        coord = self.require_runnable(rt, "start")
         self._launch(rt, coord, 0, until_ref)
 
     async def step(self, rt: Runtime, count: int, until_ref: int) -> None:
@@ -355,7 +312,7 @@ class CoSimManager:
         cancelled caller leaves it paused at a barrier."""
         if count > MAX_STEP_QUANTA:
             raise InvalidArgument("count", f"at most {MAX_STEP_QUANTA}")
-        coord = self._require_runnable(rt, "step")
+        coord = self.require_runnable(rt, "step")
         task = self._launch(rt, coord, count or (0 if until_ref else 1), until_ref)
         try:
             await asyncio.shield(task)
@@ -378,7 +335,7 @@ class CoSimManager:
             live.record.last_stop = None
             self.sessions.set_state(live, MachineState.RUNNING, f"running in co-simulation {rt.rec.name}")
         self._save(rt.rec)
-        self._state_event(rt, "running")
+        self.events.state(rt, "running")
         rt.task = asyncio.get_running_loop().create_task(self._segment(rt, coord, max_quanta, until_ref),
                                                          name=f"cosim-{rt.rec.id}")
         return rt.task
@@ -389,7 +346,7 @@ class CoSimManager:
             rt.rec.time_ref, rt.rec.quanta = coord.state.time_ref, coord.state.quanta
         except asyncio.CancelledError:
             await self._settle_members(rt, "halted: the server is stopping")
-            self._end_segment(rt, CoSimState.PAUSED, "halted: the server is stopping")
+            self.end_segment(rt, CoSimState.PAUSED, "halted: the server is stopping")
             raise
         except (drv.DriverError, MachineServerError, ReplayDiverged) as exc:
             await self._failed(rt, exc)
@@ -403,27 +360,18 @@ class CoSimManager:
             return
         reason = "paused" if coord.pause_requested else "step done" if max_quanta else "reached its time"
         await self._settle_members(rt, f"halted with co-simulation {rt.rec.name} ({reason})")
-        self._end_segment(rt, CoSimState.PAUSED, reason)
+        self.end_segment(rt, CoSimState.PAUSED, reason)
 
     async def _settle_members(self, rt: Runtime, reason: str) -> None:
         for live in rt.lives:
             if live.state is MachineState.RUNNING:
-                self.sessions.record_stop(live, StopInfo(StopReason.HALT, pc=await self._pc(live), message=reason),
+                self.sessions.record_stop(live, StopInfo(StopReason.HALT, pc=await _pc(live), message=reason),
                                           reason)
 
-    @staticmethod
-    async def _pc(live: LiveSession) -> int:
-        machine = live.machine
-        if machine is None:
-            return 0
-        with contextlib.suppress(drv.DriverError):
-            return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
-        return 0
-
-    def _end_segment(self, rt: Runtime, state: CoSimState, reason: str) -> None:
+    def end_segment(self, rt: Runtime, state: CoSimState, reason: str) -> None:
         rt.rec.state, rt.rec.state_reason = state.value, reason
         self._save(rt.rec)
-        self._state_event(rt, reason)
+        self.events.state(rt, reason)
 
     async def _halted(self, rt: Runtime, halt: Halt) -> None:
         first_index, first = halt.stops[0]
@@ -444,8 +392,8 @@ class CoSimManager:
         reason = f"stopped: {what} at {ns} ns"
         rt.rec.state, rt.rec.state_reason = state.value, reason
         self._save(rt.rec)
-        self._publish(rt, "stop", reason, session=first_live.record.name, snapshot=True)
-        self._state_event(rt, reason)
+        self.events.publish(rt, "stop", reason, session=first_live.record.name, snapshot=True)
+        self.events.state(rt, reason)
 
     async def _failed(self, rt: Runtime, exc: BaseException) -> None:
         reason = f"failed: {exc}"
@@ -472,21 +420,7 @@ class CoSimManager:
                 if machine is not None and machine.state is MachineState.FAILED:
                     continue
                 self.sessions.set_state(live, MachineState.HALTED, f"paused: co-simulation {rt.rec.name} {reason}")
-        self._end_segment(rt, CoSimState.FAILED, reason)
-
-    # ------------------------------------------------------------------ events
-
-    def _publish(self, rt: Runtime, kind: str, message: str, *, snapshot: bool = False, time_ref: int = -1,
-                 **fields: Any) -> None:
-        if self.events.subscriber_count == 0:
-            return
-        rec = rt.rec
-        when = rec.time_ref if time_ref < 0 else time_ref
-        self.events.publish(CoSimEvent(rec.id, kind, CoSimState(rec.state), rec.quanta, rec.ns(when),
-                                       message, snapshot=_copy(rec) if snapshot else None, **fields))
-
-    def _state_event(self, rt: Runtime, message: str) -> None:
-        self._publish(rt, "state", message)
+        self.end_segment(rt, CoSimState.FAILED, reason)
 
     def _barrier(self, rt: Runtime, time_ref: int, quanta: int) -> None:
         # a long run's progress reaches the record every so often, not at every barrier
@@ -495,162 +429,22 @@ class CoSimManager:
         if t - rt.saved_at >= SAVE_EVERY_S:
             rt.saved_at = t
             self._save(rt.rec)
-        self._publish(rt, "barrier", "barrier")
-
-    def _traffic(self, rt: Runtime, traffic: list[Traffic]) -> None:
-        if self.events.subscriber_count == 0:
-            return
-        names = [live.record.name for live in rt.lives]
-        for t in traffic:
-            to = names[t.target] if t.target >= 0 else ""
-            if t.kind == "serial":
-                msg = f"{len(t.data)} bytes {names[t.source]} -> {to}"
-            elif t.kind == "drop":
-                msg = f"{len(t.data)} bytes dropped {names[t.source]} -> {to}: the queue is full"
-            elif t.kind == "interrupt":
-                msg = f"irq {t.irq} {names[t.source]} -> {to}"
-            else:
-                msg = f"{len(t.data)} bytes at +{t.offset} written by {names[t.source]}"
-            self._publish(rt, t.kind, msg, time_ref=t.time_ref, session=names[t.source], to_session=to,
-                          data=t.data, irq=t.irq, link=t.link, offset=t.offset)
-
-    def subscribe(self, rt: Runtime) -> Subscription[CoSimEvent]:
-        cid = rt.rec.id
-        return self.events.subscribe(lambda e: e.cosim == cid)
-
-    def subscribed_event(self, rt: Runtime) -> CoSimEvent:
-        rec = rt.rec
-        return CoSimEvent(rec.id, "subscribed", CoSimState(rec.state), rec.quanta, rec.ns(rec.time_ref),
-                          "subscribed", snapshot=_copy(rec))
-
-    # ------------------------------------------------------------------ snapshots
-
-    def _shape(self, rt: Runtime) -> tuple[str, ...]:
-        return tuple(f"{live.board.name}/{live.record.backend}" for live in rt.lives)
-
-    async def snapshot(self, rt: Runtime, display_name: str, owner: str = "") -> CoSimSnapshotRecord:
-        coord = self._require_runnable(rt, "take a snapshot")
-        for live in rt.lives:
-            live.feature(Feature.SNAPSHOTS)
-        blobs = []
-        for live in rt.lives:
-            async with live.lock:
-                machine = live.require_halted("take a snapshot")
-                with driver_errors(live):
-                    blobs.append(await machine.capability(Snapshots).save_state())
-        art = artifact.Artifact(self._shape(rt), rt.rec.time_ref, rt.rec.quanta,
-                                tuple(c - o for c, o in zip(coord.state.cycles, coord.state.origins, strict=True)),
-                                coord.state.links.to_dict(), tuple(coord.state.inputs), tuple(blobs),
-                                copy.deepcopy(coord.state.mid))
-        data = artifact.encode(art)
-        if self.max_snapshot_bytes and len(data) > self.max_snapshot_bytes:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} bytes")
-        digest = await asyncio.to_thread(self.blobs.put, data)
-        return self._record_snapshot(rt, digest, len(data), art, display_name, owner)
-
-    def _record_snapshot(self, rt: Runtime, digest: str, size: int, art: artifact.Artifact, display_name: str,
-                         owner: str) -> CoSimSnapshotRecord:
-        rec = CoSimSnapshotRecord(id=f"{rt.rec.id}/snap-{secrets.token_hex(6)}", cosim=rt.rec.id, snapshot="",
-                                  sha256=digest, size_bytes=size, virtual_time_ns=rt.rec.ns(art.time_ref),
-                                  quanta=art.quanta, shape=art.shape, display_name=display_name, owner=owner)
-        rec = CoSimSnapshotRecord(**{**rec.__dict__, "snapshot": rec.id.split("/", 1)[1]})
-        self.db.put(SNAPSHOTS, {**record_row(rec), "cosim": rt.rec.id, "blob": digest})
-        return rec
-
-    def get_snapshot(self, name: str, field_name: str = "name") -> tuple[Runtime, CoSimSnapshotRecord]:
-        prefix, _, snap = name.partition("/snapshots/")
-        rt = self.get(prefix, field_name)
-        if not snap or "/" in snap:
-            raise InvalidArgument(field_name, f"{name!r} is not cosimulations/ID/snapshots/ID")
-        row = self.db.get(SNAPSHOTS, f"{rt.rec.id}/{snap}")
-        if row is None:
-            raise NotFound("cosimulation snapshot", name)
-        data = dict(row["data"])
-        data["shape"] = tuple(data["shape"])
-        return rt, from_row(CoSimSnapshotRecord, data)
-
-    def list_snapshots(self, rt: Runtime, page_size: int, page_token: str) -> Page[CoSimSnapshotRecord]:
-        rows = self.db.rows(SNAPSHOTS, "cosim = ?", [rt.rec.id], order_by="create_time DESC, id")
-        items = [from_row(CoSimSnapshotRecord, {**r["data"], "shape": tuple(r["data"]["shape"])}) for r in rows]
-        return paginate(items, page_size, page_token)
-
-    def delete_snapshot(self, name: str) -> None:
-        _, rec = self.get_snapshot(name)
-        self._delete_snapshot_row(rec.id, rec.sha256)
-
-    def _delete_snapshot_row(self, row_id: str, digest: str) -> None:
-        self.db.delete(SNAPSHOTS, row_id)
-        if self.db.count(SNAPSHOTS, "blob = ?", [digest]) == 0 and self.db.count("snapshots", "blob = ?", [digest]) == 0:
-            self.blobs.delete(digest)
-
-    def export_chunks(self, rec: CoSimSnapshotRecord) -> Iterator[bytes]:
-        return self.blobs.iter_chunks(rec.sha256)
-
-    async def restore(self, name: str) -> Runtime:
-        rt, rec = self.get_snapshot(name)
-        if rt.state is CoSimState.RUNNING:
-            raise FailedPrecondition(f"co-simulation {rt.rec.name} is running; pause it first",
-                                     state=rt.state.value, required="not running")
-        data = await asyncio.to_thread(self.blobs.get, rec.sha256)
-        art = artifact.decode(data)
-        self._check_shape(rt, art.shape)
-        if rt.coord is not None:
-            await rt.coord.end()
-            rt.coord = None
-        for live in rt.lives:
-            if live.machine is None or live.state in (MachineState.OFF, MachineState.FAILED):
-                await self.sessions.power_on(live, self._placement(rt.lives, rt.rec.quantum_ref))
-        for live, blob in zip(rt.lives, art.blobs, strict=True):
-            async with live.lock:
-                machine = live.require_machine("restore a co-simulation snapshot")
-                with driver_errors(live):
-                    await machine.capability(Snapshots).restore_state(blob)
-                live.record.exit_code = None
-                live.record.last_stop = None
-                self.sessions.set_state(live, MachineState.HALTED, f"restored {name}")
-        rt.rec.time_ref, rt.rec.quanta, rt.rec.last_stop = art.time_ref, art.quanta, None
-        await self._enter(rt, art.since_origin, LinkState.from_dict(art.link_state), art.inputs, art.mid)
-        self._end_segment(rt, CoSimState.PAUSED, f"restored {name}")
-        return rt
-
-    def _check_shape(self, rt: Runtime, shape: Sequence[str]) -> None:
-        mine = self._shape(rt)
-        if tuple(shape) != mine:
-            raise FailedPrecondition(f"the snapshot is of members {', '.join(shape)}; co-simulation {rt.rec.name} "
-                                     f"has {', '.join(mine)}", required="the same members' boards and backends")
-
-    async def import_(self, parent: str, display_name: str, sha256: str, chunks: AsyncIterator[bytes],
-                      owner: str = "") -> CoSimSnapshotRecord:
-        rt = self.get(parent, "header.parent")
-        writer = self.blobs.writer(self.max_snapshot_bytes)
-        try:
-            async for chunk in chunks:
-                writer.write(chunk)
-        except BlobTooLarge:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_snapshot_bytes} "
-                                    "bytes") from None
-        except BaseException:
-            writer.abort()
-            raise
-        if writer.size == 0:
-            writer.abort()
-            raise InvalidArgument("chunk", "the import has no bytes")
-        if sha256 and sha256.lower() != writer.sha256:
-            writer.abort()
-            raise InvalidArgument("header.sha256", f"checksum mismatch: got {writer.sha256}")
-        size = writer.size
-        digest = await asyncio.to_thread(writer.commit)
-        try:
-            art = artifact.decode(await asyncio.to_thread(self.blobs.get, digest))
-            self._check_shape(rt, art.shape)
-        except MachineServerError:
-            if self.db.count(SNAPSHOTS, "blob = ?", [digest]) == 0:
-                self.blobs.delete(digest)
-            raise
-        return self._record_snapshot(rt, digest, size, art, display_name, owner)
+        self.events.publish(rt, "barrier", "barrier")
 
 
-def _copy(rec: CoSimRecord) -> CoSimRecord:
-    return CoSimRecord(**{**rec.__dict__, "sessions": list(rec.sessions), "links": list(rec.links)})
+async def _read_watched(lives: Sequence[LiveSession], ranges: list[list[tuple[int, int]]]) -> list[tuple[bytes, ...]]:
+    out = []
+    for live, rs in zip(lives, ranges, strict=True):
+        mem = live.require_machine("read shared memory").capability(drv.MemoryAccess)
+        with driver_errors(live):
+            out.append(tuple([await mem.read_memory(a, n) for a, n in rs]))
+    return out
 
 
+async def _pc(live: LiveSession) -> int:
+    machine = live.machine
+    if machine is None:
+        return 0
+    with contextlib.suppress(drv.DriverError):
+        return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+    return 0
