@@ -47,7 +47,6 @@ from machineserver.server.store.db import Database
 log = structlog.get_logger("machineserver.cosim")
 
 TABLE = "cosimulations"
-SNAPSHOTS = "cosim_snapshots"
 COLLECTION = "cosimulations"
 MAX_STEP_QUANTA = 10**9
 STOP_TIMEOUT_S = 30.0
