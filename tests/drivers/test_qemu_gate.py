@@ -52,7 +52,7 @@ async def test_a_held_vcpu_goes_on_when_released(machines: MachineFactory, icoun
     gate.release()  # a barrier passed: run on, to the program's exit trap...
     await gate.wait_hold(holds + 1)  # ...where the plugin holds before it
     (site,) = m.machine.traps.sites
-    assert gate.take_pending_trap() == site
+    assert gate.sites.take_pending_trap() == site
     stub.interrupt()
     reply = await stub.wait_stop(HOLD_WAIT_S)
     assert reply.signal == SIGINT and not gate.holding

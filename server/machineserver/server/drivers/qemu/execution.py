@@ -23,7 +23,7 @@ for ``run()`` and :meth:`Executor.advance` for ``step(count)``.
   was sent is always answered before the executor returns.
 * **Deaths** while waiting are delivered here (see :meth:`.process.QemuProcess.death_result`).
 * **The pc at a stop** comes from the plugin's record of the VM's stop
-  (:attr:`.gate.InstructionGate.stop_pc`, made before the stop reply) when it keeps one:
+  (:attr:`.gate.StopRecords.pc`, made before the stop reply) when it keeps one:
   no register read per stop. A lock-step quantum (``run`` with ``reached``) and no
   breakpoints reads no pc before it resumes either: a semihosting trap at the pc is held
   by the plugin before it runs, like one reached later.
@@ -41,7 +41,7 @@ from machineserver.server.drivers.base import (
     StopInfo,
     StopReason,
 )
-from machineserver.server.drivers.qemu.gate import WATCH_WRITE
+from machineserver.server.drivers.qemu.gate_channel import WATCH_WRITE
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.stops import SIGINT, SIGTRAP, STEP_TIMEOUT, StopDecoder
@@ -235,7 +235,7 @@ class Executor:
         gate = self.target.process.gate
         if not self.points.held or gate is None:
             return None
-        hit = gate.take_hit()
+        hit = gate.lockstep.take_hit()
         if hit is None:
             return None
         address, _, access = hit
@@ -256,15 +256,15 @@ class Executor:
             reply = await self.traps.perform(pc, self._single)
         else:
             gate = self.target.process.gate
-            held = self.points.held and gate is not None and pc in gate.break_sites
+            held = self.points.held and gate is not None and pc in gate.sites.break_sites
             if held:
                 assert gate is not None
-                gate.pass_trap(pc)  # the step runs the instruction at a held breakpoint
+                gate.sites.pass_trap(pc)  # the step runs the instruction at a held breakpoint
             try:
                 reply = await self._single()
             finally:
                 if held and gate is not None:
-                    gate.pass_trap(None)
+                    gate.sites.pass_trap(None)
         hit = await self._watch_hit()
         if hit is not None:
             return hit
@@ -290,16 +290,16 @@ class Executor:
         after the last resume (nothing has run or changed the pc since: the caller has
         just had its stop reply), else read through the gdbstub."""
         gate = self.target.process.gate
-        if (gate is not None and self._stops_at_resume is not None and gate.stop_records
-                and gate.stops > self._stops_at_resume):
-            pc = gate.stop_pc
+        if (gate is not None and self._stops_at_resume is not None and gate.stop_records.recorded
+                and gate.stop_records.stops > self._stops_at_resume):
+            pc = gate.stop_records.pc
             self.target.last_pc = pc
             return pc
         return await self.target.read_pc()
 
     def _resuming(self) -> None:
         gate = self.target.process.gate
-        self._stops_at_resume = gate.stops if gate is not None else None
+        self._stops_at_resume = gate.stop_records.stops if gate is not None else None
 
     # ------------------------------------------------------------------ resuming QEMU
     async def _resume(self, packet: bytes, *, hold_after: int | None = None) -> StopReply:

@@ -30,7 +30,7 @@
   (its "warp guard", see msplugin.c): SysTick re-arms itself before it raises its
   interrupt, which made a sleeper's clock jump a whole period more.
 * **Watched ranges** are copied by the plugin at every VM stop into a file the driver
-  maps (:meth:`.gate.InstructionGate.set_copied_ranges`): the ranges at the quantum's
+  maps (:meth:`.gate_copies.WatchedCopies.set_ranges`): the ranges at the quantum's
   end are the copies made at its last stop, read without a gdbstub round trip (``m``
   packets when no stop ran this quantum, or the plugin cannot copy them).
 * **Cost per quantum** (no inputs, no breakpoints): one gdbstub continue and its stop
@@ -157,7 +157,7 @@ class QemuLockStep(LockStep):
 
     def _gate_ready(self) -> None:
         gate = self.target.process.gate
-        if gate is None or not gate.lockstep_usable:
+        if gate is None or not gate.lockstep.usable:
             raise NotSupported("lock-step needs our TCG plugin's deadlines, which this QEMU "
                                "cannot give (no plugin, or QEMU does not export the functions "
                                "it needs)")
@@ -239,13 +239,13 @@ class QemuLockStep(LockStep):
             gate = self.target.process.gate
             self.points.held = False
             if gate is not None:
-                gate.set_deadline(None)
+                gate.lockstep.set_deadline(None)
             if gate is not None and self.target.process.alive:
                 with contextlib.suppress(DriverError, RspError, RuntimeError, OSError):
-                    gate.set_copied_ranges(())
-                    gate.set_break_sites(())
-                    gate.set_watches(())
-                    await gate.command(b"f")
+                    gate.copies.set_ranges(())
+                    gate.sites.set_break_sites(())
+                    gate.lockstep.set_watches(())
+                    await gate.commands.run(b"f")
                     stub = self.target.stub()
                     await stub.request_ok(SSTEP_LIKE_RUNNING)
                     await self.points.insert_all(stub, gate)
@@ -262,7 +262,7 @@ class QemuLockStep(LockStep):
             self._gate_ready()
             gate = target.process.gate
             assert gate is not None
-            copied = gate.set_copied_ranges(self._watch)
+            copied = gate.copies.set_ranges(self._watch)
             now = self.cycles()
             if until_cycles < now:
                 raise BadRequest(f"until_cycles {until_cycles} is behind the machine's "
@@ -280,17 +280,17 @@ class QemuLockStep(LockStep):
             for segment in inputs.writes:
                 if segment.data:
                     await stub.write_memory(segment.address, segment.data)
-            if gate.set_irqs(inputs.irqs):
+            if gate.commands.set_irqs(inputs.irqs):
                 # the gdbstub's writes never reach the NVIC (QEMU 7.2 debug writes skip
                 # MMIO): the plugin sets them pending from QEMU's main loop
                 try:
-                    await gate.command(b"i")
+                    await gate.commands.run(b"i")
                 except RuntimeError as exc:
                     raise await target.process.fail(f"lock-step interrupts: {exc}") from None
             accepted = 0
             if inputs.console and await self._offer(inputs.console[0]):
                 accepted = 1
-            stops_before = gate.stops  # the copies must be of a stop after the inputs
+            stops_before = gate.stop_records.stops  # the copies must be of a stop after the inputs
             stop = await self._run_quantum(until_cycles, now)
             if target.process.alive:
                 await self._console_settled()
@@ -301,8 +301,8 @@ class QemuLockStep(LockStep):
             idle = stop is None and self._deadline_idle
             watched: list[bytes] = []
             if target.process.alive:
-                stops = gate.stops
-                copies = gate.copies(stops) if copied and stops > stops_before else None
+                stops = gate.stop_records.stops
+                copies = gate.copies.of_stop(stops) if copied and stops > stops_before else None
                 if copies is not None:
                     watched = copies
                 else:
@@ -324,20 +324,20 @@ class QemuLockStep(LockStep):
         self._deadline_idle = False
         if until_cycles == now:
             return None
-        reached_before = gate.deadlines_reached
-        stops_before = gate.stops
+        reached_before = gate.lockstep.deadlines_reached
+        stops_before = gate.stop_records.stops
 
         def reached() -> bool:
-            return gate.deadlines_reached > reached_before or self.cycles() >= until_cycles
+            return gate.lockstep.deadlines_reached > reached_before or self.cycles() >= until_cycles
 
-        gate.set_deadline(until_cycles << self.shift)
+        gate.lockstep.set_deadline(until_cycles << self.shift)
         fine = self.points.watched()
         try:
             if fine:  # one instruction per block: a watchpoint's hold comes right after it
                 await self._one_instruction_blocks(True)
             info = await self.run_control.run_until(reached)
         finally:
-            gate.set_deadline(None)
+            gate.lockstep.set_deadline(None)
             if fine and target.process.alive:
                 await self._one_instruction_blocks(False)
         if info.reason not in (StopReason.EXIT, StopReason.FAULT):
@@ -345,8 +345,8 @@ class QemuLockStep(LockStep):
             await self._stop_recorded(stops_before)
         if info.reason not in _STOPS:
             if reached():
-                self._deadline_idle = (gate.deadlines_reached > reached_before
-                                       and gate.idle_at_deadline)
+                self._deadline_idle = (gate.lockstep.deadlines_reached > reached_before
+                                       and gate.lockstep.idle_at_deadline)
                 return None
             raise BackendFailed(f"lock-step quantum stopped without reaching its end ({info})")
         if info.reason is StopReason.BREAKPOINT:
@@ -365,7 +365,7 @@ class QemuLockStep(LockStep):
         target = self.target
         gate = target.process.gate
         deadline = time.monotonic() + RX_TIMEOUT
-        while gate is not None and target.process.alive and gate.stops == stops_before:
+        while gate is not None and target.process.alive and gate.stop_records.stops == stops_before:
             if time.monotonic() > deadline:
                 raise await target.process.fail("the plugin did not record the VM's stop")
             await asyncio.sleep(0)

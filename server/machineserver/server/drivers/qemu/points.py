@@ -10,7 +10,8 @@ in QEMU: clearing a user breakpoint at the same address leaves the hidden one.
 from __future__ import annotations
 
 from machineserver.server.drivers.base import Arch, WatchKind
-from machineserver.server.drivers.qemu.gate import WATCH_READ, WATCH_WRITE, InstructionGate
+from machineserver.server.drivers.qemu.gate import InstructionGate
+from machineserver.server.drivers.qemu.gate_channel import WATCH_READ, WATCH_WRITE
 from machineserver.server.drivers.qemu.gdbstub import refusals_ignored
 from machineserver.server.rsp import RspClient
 
@@ -94,10 +95,10 @@ class PointTable:
     async def hold_in(self, gate: InstructionGate, *, flush: bool = True) -> None:
         """The table as the gate's breakpoint sites and watchpoints; translations made
         before are flushed (``flush``: QEMU may have translated since they changed)."""
-        gate.set_break_sites(self.breakpoints)
-        gate.set_watches((addr, size, WATCH_BITS[kind]) for addr, size, kind in self.watchpoints)
+        gate.sites.set_break_sites(self.breakpoints)
+        gate.lockstep.set_watches((addr, size, WATCH_BITS[kind]) for addr, size, kind in self.watchpoints)
         if flush:
-            await gate.command(b"f")
+            await gate.commands.run(b"f")
 
     def watched(self) -> bool:
         return bool(self.watchpoints)

@@ -41,7 +41,8 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 
 from machineserver.server.drivers.base import Arch, ProgramImage
-from machineserver.server.drivers.qemu.gate import MAX_TRAPS, InstructionGate
+from machineserver.server.drivers.qemu.gate import InstructionGate
+from machineserver.server.drivers.qemu.gate_channel import MAX_TRAPS
 from machineserver.server.drivers.qemu.points import PointTable
 from machineserver.server.rsp import RspClient, StopReply
 
@@ -130,11 +131,11 @@ class TrapSites:
         self._breakpoints_in = None
         self.sites, self.gate = frozenset(sites), None
         if gate is not None and gate.usable and len(self.sites) <= MAX_TRAPS:
-            gate.set_traps(self.sites)
+            gate.sites.set_traps(self.sites)
             self.gate = gate
             return
         if gate is not None and gate.usable:
-            gate.set_traps(())
+            gate.sites.set_traps(())
         for site in self.sites:
             await self.points.insert_breakpoint(stub, site, False)
         self._breakpoints_in = stub
@@ -152,12 +153,12 @@ class TrapSites:
         """Let QEMU perform the call at ``pc``: one ``step`` that the gate lets through."""
         if self.gate is None:
             return await step()  # a single step passes a breakpoint at the pc
-        self.gate.pass_trap(pc)
+        self.gate.sites.pass_trap(pc)
         try:
             return await step()
         finally:
-            self.gate.pass_trap(None)
+            self.gate.sites.pass_trap(None)
 
     def pending(self) -> int | None:
         """The site the gate last held the vCPU before (once)."""
-        return self.gate.take_pending_trap() if self.gate is not None else None
+        return self.gate.sites.take_pending_trap() if self.gate is not None else None

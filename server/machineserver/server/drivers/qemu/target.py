@@ -98,8 +98,8 @@ class RunClock:
         if self.shift is None or not process.alive:
             return
         gate = process.gate
-        if gate is not None and gate.stop_records and gate.stops > 0:
-            self.instructions = gate.stop_icount
+        if gate is not None and gate.stop_records.recorded and gate.stop_records.stops > 0:
+            self.instructions = gate.stop_records.icount
             self.virtual_ns = self.instructions << self.shift
             return
         info = await process.qmp("query-replay")
@@ -138,8 +138,8 @@ class QemuTarget:
         """QEMU's virtual clock at its last stop (the plugin records it; see gate.py):
         instructions plus the time warped over while the CPU slept, in ns."""
         gate = self.process.gate
-        if gate is not None and gate.stops > 0:
-            return gate.vclock
+        if gate is not None and gate.stop_records.stops > 0:
+            return gate.stop_records.vclock
         return self.vclock_base
 
     def console_output(self, data: bytes) -> None:
