@@ -152,7 +152,7 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         if not request.wait:
             await self.engine.sessions.run(live)
             return pb.ContinueResponse(state=self._state(live))
-        stop = await self.engine.sessions.run_until_stop(live, _time_left(context))
+        stop = await self.engine.sessions.ops.run_until_stop(live, _time_left(context))
         return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
 
     async def Halt(

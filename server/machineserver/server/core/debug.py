@@ -300,14 +300,14 @@ class Debugger:
     # ------------------------------------------------------------------ registers and memory
 
     async def read_registers(self, live: LiveSession, names: list[str]) -> dict[str, int]:
-        await self.sessions.settled(live)
+        await self.sessions.ops.settled(live)
         machine = live.require_inspectable("read registers")
         live.feature(Feature.REGISTERS)
         with driver_errors(live):
             return await machine.capability(RegisterAccess).read_registers(names or None)
 
     async def write_register(self, live: LiveSession, name: str, value: int) -> int:
-        await self.sessions.settled(live)
+        await self.sessions.ops.settled(live)
         machine = live.require_inspectable("write a register")
         live.feature(Feature.REGISTERS)
         if not name:
@@ -320,14 +320,14 @@ class Debugger:
             return (await registers.read_registers([name]))[name]
 
     async def read_memory(self, live: LiveSession, address: int, size: int) -> bytes:
-        await self.sessions.settled(live)
+        await self.sessions.ops.settled(live)
         memory = self._memory(live, "read memory")
         _check_range(address, size)
         with driver_errors(live):
             return await memory.read_memory(address, size)
 
     async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
-        await self.sessions.settled(live)
+        await self.sessions.ops.settled(live)
         memory = self._memory(live, "write memory")
         _check_range(address, len(data), "data")
         with driver_errors(live):
@@ -537,12 +537,12 @@ class LineStepper:
             await self.sessions.run(live)
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             try:
-                stop = await self.sessions.wait_for_stop(live, remaining)
+                stop = await self.sessions.ops.wait_for_stop(live, remaining)
             except DeadlineExceeded:
                 await self.sessions.pause(live, "halted: the step did not end in time")
                 raise
             except asyncio.CancelledError:  # the caller went away: never leave it running
-                await self.sessions.halt_for_gone_caller(live, "halted: the step's caller went away")
+                await self.sessions.ops.halt_for_gone_caller(live, "halted: the step's caller went away")
                 raise
         finally:
             live.temporary_breakpoints.discard(address)

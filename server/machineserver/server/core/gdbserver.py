@@ -575,7 +575,7 @@ class _Connection:
             info = await self.sessions.step(live, 1)
             return await self.stop_reply(info, stepping=True)
         await self.sessions.run(live)
-        waiter = asyncio.create_task(self.sessions.wait_for_stop(live, None))
+        waiter = asyncio.create_task(self.sessions.ops.wait_for_stop(live, None))
         interrupted = False
         try:
             while True:

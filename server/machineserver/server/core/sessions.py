@@ -145,7 +145,7 @@ def driver_errors(live: LiveSession | None = None) -> Iterator[None]:
         raise Unimplemented("backend", str(exc)) from None
     except drv.BackendFailed as exc:
         if live is not None:
-            live.manager._mark_failed(live, str(exc))
+            live.manager.stops.mark_failed(live, str(exc))
         raise Unavailable(f"the backend failed: {exc}") from None
 
 
@@ -196,10 +196,10 @@ class LiveSession:
         self._loop.call_soon_threadsafe(self.console.append, bytes(data))
 
     def stopped(self, info: StopInfo) -> None:
-        self._loop.call_soon_threadsafe(self.manager._on_stop, self, info)
+        self._loop.call_soon_threadsafe(self.manager.stops.on_stop, self, info)
 
     def failed(self, reason: str) -> None:
-        self._loop.call_soon_threadsafe(self.manager._mark_failed, self, reason)
+        self._loop.call_soon_threadsafe(self.manager.stops.mark_failed, self, reason)
 
     # ------------------------------------------------------------------ helpers
 
@@ -286,7 +286,9 @@ class SessionManager:
         self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
         self._sessions: dict[str, LiveSession] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # background work (see _background)
+        self._tasks: set[asyncio.Task[None]] = set()  # background work (see background)
+        self.ops = Operations(self)
+        self.stops = Stops(self)
         self.loop = asyncio.get_running_loop()
         # Other core parts (the debugger) hook in here rather than being imported.
         self.power_on_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
@@ -413,7 +415,7 @@ class SessionManager:
         why_not = backend.board_support(board)
         if why_not:
             raise FailedPrecondition(f"backend {backend_name} cannot run board {board.name}: {why_not}")
-        remote_target, remote_console = self._remote_endpoints(backend, p)
+        remote_target, remote_console = _remote_endpoints(backend, p, self.remote_allow)
         refused = self.backends.info(backend_name).refused_options
         for option, asked in (("icount", p.icount), ("coverage", p.coverage)):
             if asked and option in refused:
@@ -454,32 +456,12 @@ class SessionManager:
             await self.run(live)
         return live
 
-    def _remote_endpoints(self, backend: drv.Backend, p: CreateParams) -> tuple[str, str]:
-        """A remote-target backend's endpoints, checked against the allow-list; refused
-        for the other backends."""
-        where = "options.remote.address"
-        if not backend.remote_target:
-            if p.remote_target or p.remote_console:
-                raise InvalidArgument(where, f"backend {backend.name} runs its own machines; a remote "
-                                      "target is for the gdbremote backend")
-            return "", ""
-        if not p.remote_target:
-            raise InvalidArgument(where, f"backend {backend.name} needs the GDB server to drive "
-                                  "(HOST:PORT or unix:/path)")
-        target = normal_form(p.remote_target, where)
-        check_allowed(target, self.remote_allow, where)
-        console = ""
-        if p.remote_console:
-            console = normal_form(p.remote_console, "options.remote.console", console=True)
-            check_allowed(console, self.remote_allow, "options.remote.console")
-        return target, console
-
     async def delete(self, live: LiveSession) -> None:
         live.refuse_member("delete the session")
-        await self.preempt(live, "deleted")
+        await self.ops.preempt(live, "deleted")
         if live.machine is not None:
-            await self._discard_machine(live)
-            self._wake_waiters(live, FailedPrecondition(f"session {live.id} was deleted", state="off"))
+            await self.discard_machine(live)
+            self.stops.wake_waiters(live, FailedPrecondition(f"session {live.id} was deleted", state="off"))
         self._sessions.pop(live.id, None)
         self.db.delete(TABLE, live.id)
         await live.console.discard()
@@ -501,7 +483,7 @@ class SessionManager:
             if live.machine is not None and live.state in POWERED:
                 return
             if live.machine is not None:  # FAILED: clean up what is left first
-                await self._discard_machine(live)
+                await self.discard_machine(live)
             backend = self.backends.get(live.record.backend)
             extra = {"coverage": "1"} if live.record.coverage else {}
             if live.record.remote_target:
@@ -520,7 +502,7 @@ class SessionManager:
                 for hook in self.power_on_hooks:
                     await hook(live)
             except BaseException:
-                await self._discard_machine(live)
+                await self.discard_machine(live)
                 raise
             live.record.exit_code = None
             live.record.last_stop = None
@@ -532,7 +514,7 @@ class SessionManager:
 
     async def power_off(self, live: LiveSession) -> None:
         live.refuse_member("power the session off")
-        await self.preempt(live, "powered off")
+        await self.ops.preempt(live, "powered off")
         async with live.lock:
             if live.machine is None:
                 if live.state is not MachineState.OFF:
@@ -541,11 +523,11 @@ class SessionManager:
             await self._power_off(live, "powered off")
 
     async def _power_off(self, live: LiveSession, reason: str) -> None:
-        await self._discard_machine(live)
-        self._wake_waiters(live, FailedPrecondition(f"session {live.id} was {reason}", state="off"))
+        await self.discard_machine(live)
+        self.stops.wake_waiters(live, FailedPrecondition(f"session {live.id} was {reason}", state="off"))
         self.set_state(live, MachineState.OFF, reason)
 
-    async def _discard_machine(self, live: LiveSession) -> None:
+    async def discard_machine(self, live: LiveSession) -> None:
         machine, live.machine = live.machine, None
         if live.limit_task is not None:
             live.limit_task.cancel()
@@ -558,7 +540,7 @@ class SessionManager:
 
     async def reset(self, live: LiveSession, run_after: bool = False) -> None:
         live.refuse_member("reset the session")
-        await self.settled(live)
+        await self.ops.settled(live)
         async with live.lock:
             machine = live.require_machine("reset")
             with driver_errors(live):
@@ -607,7 +589,7 @@ class SessionManager:
         if live.membership is not None:
             await live.membership.run_member(live)
             return
-        await self.settled(live)
+        await self.ops.settled(live)
         async with live.lock:
             machine = live.require_machine("run")
             if live.state is MachineState.RUNNING:
@@ -637,7 +619,7 @@ class SessionManager:
         if live.membership is not None:
             await live.membership.pause_member(live)
             return live.last_stop
-        await self.preempt(live, reason, halts=True)
+        await self.ops.preempt(live, reason, halts=True)
         async with live.lock:
             machine = live.require_machine("pause")
             if live.state is not MachineState.RUNNING:
@@ -646,7 +628,7 @@ class SessionManager:
             with driver_errors(live):
                 info: StopInfo = await machine.capability(drv.RunControl).pause()
             if live.state is MachineState.RUNNING:  # a stop event may have come first
-                self._apply_stop(live, info, reason)
+                self.stops.apply(live, info, reason)
             return live.last_stop
 
     async def step(self, live: LiveSession, count: int, timeout: float | None = None) -> StopInfo:
@@ -657,7 +639,7 @@ class SessionManager:
         if count < 0 or count > 10**9:
             raise InvalidArgument("count", "must be between 1 and 10^9")
         live.refuse_member("step")
-        await self.settled(live)
+        await self.ops.settled(live)
         async with live.lock:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
@@ -666,133 +648,9 @@ class SessionManager:
                 with driver_errors(live):
                     info = await run_control.step(count or 1)
             else:
-                info = await self._operation(live, run_control.step(count), "step", timeout)
-            self._apply_stop(live, info, "step", quiet=info.reason is StopReason.STEP)
+                info = await self.ops.run(live, run_control.step(count), "step", timeout)
+            self.stops.apply(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
-
-    async def settled(self, live: LiveSession) -> None:
-        """Wait for an operation that is being stopped (its caller went away, or it was
-        preempted) to be stopped: a call that comes right after finds the machine halted,
-        not still stepping. An operation that goes on is not waited for."""
-        op = live.operation
-        if op is not None and not op.done() and (op.cancelling() or live.preempted_by):
-            await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
-
-    async def _operation(self, live: LiveSession, driver_call: Coroutine[Any, Any, StopInfo],
-                         what: str, timeout: float | None = None) -> StopInfo:
-        """Run a driver call that may take long as a task of its own (``live.operation``);
-        the caller holds the session lock. A cancelled caller cancels the call with it
-        (drivers stop and leave the machine halted) and the record follows the machine's
-        state; a preempted call (:meth:`preempt`) hands its caller the halt."""
-        op: asyncio.Task[StopInfo] = asyncio.ensure_future(driver_call)
-        live.operation, live.preempted_by = op, ""
-        caller = asyncio.current_task()
-        timer = None
-        if timeout is not None:
-            reason = f"halted: the {what} did not finish before its deadline"
-            timer = self.loop.call_later(
-                timeout, lambda: op.done() or self._preempt_now(live, op, reason, "deadline"))
-        try:
-            with driver_errors(live):
-                info = await op
-            return info
-        except asyncio.CancelledError:
-            if not op.done():
-                op.cancel()
-            await finish_uninterrupted(op, OPERATION_STOP_SECONDS)
-            preempted = live.preempted_by
-            if preempted and caller is not None and caller.cancelling() == 0:
-                if live.preempt_outcome == "halt":
-                    return await self._halted_after(live, preempted)
-                if live.preempt_outcome == "deadline":
-                    self._follow_machine(live, preempted)
-                    raise DeadlineExceeded(f"the {what} did not finish in time; session {live.id} was "
-                                           "halted") from None
-                raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
-                                         state=live.state.value) from None
-            self._follow_machine(live, f"{what} cancelled by its caller")
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            live.operation, live.preempted_by = None, ""
-
-    async def preempt(self, live: LiveSession, reason: str, *, halts: bool = False) -> None:
-        """Stop a long operation in progress, so that Pause and PowerOff never wait behind
-        a step of 10^9 instructions. Its caller gets the halt (``halts``: a pause) or
-        FAILED_PRECONDITION saying why (a power-off, a delete)."""
-        op = live.operation
-        if op is None or op.done():
-            return
-        self._preempt_now(live, op, reason, "halt" if halts else "gone")
-        await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
-
-    @staticmethod
-    def _preempt_now(live: LiveSession, op: asyncio.Task[StopInfo], reason: str, outcome: str) -> None:
-        live.preempted_by, live.preempt_outcome = reason, outcome
-        op.cancel()
-
-    async def _halted_after(self, live: LiveSession, reason: str) -> StopInfo:
-        """The stop a preempted operation's caller gets: where the machine halted."""
-        machine = live.machine
-        if machine is not None and machine.state is MachineState.HALTED:
-            pc = 0
-            with contextlib.suppress(drv.DriverError):
-                pc = (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
-            return StopInfo(StopReason.HALT, pc=pc, message=reason)
-        self._follow_machine(live, reason)
-        raise FailedPrecondition(f"session {live.id} was {reason}", state=live.state.value)
-
-    def _follow_machine(self, live: LiveSession, reason: str) -> None:
-        """After an interrupted operation: the record takes the machine's state."""
-        machine = live.machine
-        if machine is None:
-            return
-        state = machine.state
-        if state is MachineState.FAILED:
-            self._mark_failed(live, reason)
-        elif state in POWERED and state is not live.state:
-            self.set_state(live, state, reason)
-
-    async def wait_for_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
-        if live.state is not MachineState.RUNNING:
-            stop = live.last_stop
-            if stop is None:
-                raise FailedPrecondition(f"session {live.id} is {live.state.value} and has not stopped")
-            return stop
-        fut: asyncio.Future[StopInfo] = self.loop.create_future()
-        live.stop_waiters.append(fut)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"session {live.id} is still running") from None
-        finally:
-            if fut in live.stop_waiters:
-                live.stop_waiters.remove(fut)
-
-    async def run_until_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
-        """Run and wait for the next stop. If the caller goes away or its time is up
-        first, the session is halted before this ends: a continue never outlives the
-        call that waits for it."""
-        try:
-            await self.run(live)
-            return await self.wait_for_stop(live, timeout)
-        except DeadlineExceeded:
-            await self.pause(live, "halted: the continue's deadline passed")
-            raise DeadlineExceeded(f"session {live.id} did not stop in time; it was halted") from None
-        except asyncio.CancelledError:
-            await self.halt_for_gone_caller(live, "halted: the continue's caller went away")
-            raise
-
-    async def halt_for_gone_caller(self, live: LiveSession, reason: str) -> None:
-        """Pause a session whose waiting caller was cancelled; the pause itself is not cut
-        short by further cancellations of that caller (a half-done pause would leave the
-        machine running with nobody waiting)."""
-        pause = asyncio.ensure_future(self.pause(live, reason))
-        await finish_uninterrupted(pause, OPERATION_STOP_SECONDS)
-        if pause.done() and not pause.cancelled():
-            with contextlib.suppress(MachineServerError):
-                pause.result()
 
     async def _watch_limit(self, live: LiveSession) -> None:
         limit = live.record.max_instructions
@@ -806,72 +664,7 @@ class SessionManager:
                 return
             await asyncio.sleep(0.005)
 
-    # ------------------------------------------------------------------ events from machines
-
-    def _on_stop(self, live: LiveSession, info: StopInfo) -> None:
-        # pause() and step() hand their stops back themselves, never as events (the driver
-        # contract); a HALT event is a halt from elsewhere (a remote target halted by another
-        # debugger): it stops the session like a breakpoint would
-        if live.state is not MachineState.RUNNING or info.reason is StopReason.STEP:
-            return
-        self._apply_stop(live, info, info.reason.value)
-
-    def record_stop(self, live: LiveSession, info: StopInfo, reason: str) -> None:
-        """A stop that happened outside this manager's run control (a co-simulation's):
-        the record, the stop hooks, the waiters, as for the session's own stops."""
-        self._apply_stop(live, info, reason)
-
-    def _apply_stop(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:
-        if info.reason is StopReason.BREAKPOINT and info.pc in live.temporary_breakpoints:
-            info = StopInfo(StopReason.STEP, pc=info.pc)
-            reason = "step"
-        if info.reason is StopReason.EXIT:
-            state = MachineState.EXITED
-            live.record.exit_code = info.exit_code
-            reason = f"exited with code {info.exit_code}"
-        elif info.reason is StopReason.FAULT:
-            state = MachineState.FAULTED
-            reason = f"fault at pc 0x{info.pc:08x}: {info.message}" if info.message else "fault"
-        else:
-            state = MachineState.HALTED
-            if info.reason is StopReason.BREAKPOINT:
-                reason = f"breakpoint at 0x{info.pc:08x}"
-            elif info.reason is StopReason.WATCHPOINT and info.watch_address is not None:
-                reason = f"watchpoint at 0x{info.watch_address:08x}"
-        live.record.last_stop = stop_to_dict(info)
-        for hook in self.stop_hooks:
-            hook(live, info)
-        if quiet and state is live.state:
-            return  # a plain step: no state change worth an event or a write
-        self.set_state(live, state, reason, stop=info)
-        self._wake_waiters(live, info)
-
-    def _wake_waiters(self, live: LiveSession, outcome: StopInfo | MachineServerError) -> None:
-        waiters, live.stop_waiters = live.stop_waiters, []
-        for fut in waiters:
-            if fut.done():
-                continue
-            if isinstance(outcome, MachineServerError):
-                fut.set_exception(outcome)
-            else:
-                fut.set_result(outcome)
-
-    def _mark_failed(self, live: LiveSession, reason: str) -> None:
-        """The backend died: FAILED with the reason; whatever is left of the machine (a
-        stuck emulator process) is freed now, not when the session is deleted."""
-        if live.state in (MachineState.FAILED, MachineState.OFF):
-            return
-        log.warning("session_failed", session_id=live.id, reason=reason)
-        self.set_state(live, MachineState.FAILED, reason)
-        self._wake_waiters(live, Unavailable(f"session {live.id} failed: {reason}"))
-        self._background(self._free_failed(live), f"free-{live.id}")
-
-    async def _free_failed(self, live: LiveSession) -> None:
-        async with live.lock:
-            if live.state is MachineState.FAILED and live.machine is not None:
-                await self._discard_machine(live)
-
-    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Work that outlives the call that started it, owned by the manager: errors are
         logged, and shutdown waits for it."""
         task = self.loop.create_task(work, name=name)
@@ -917,3 +710,227 @@ class SessionManager:
         self.db.put(TABLE, record_row(rec, board=rec.board, backend=rec.backend, state=rec.state))
 
 
+class Operations:
+    """A session's long operations (a step of many instructions runs as a task of its own,
+    ``live.operation``) and waiting for stops: how Pause and PowerOff preempt them, how a
+    caller that goes away or runs out of time stops them, and how a waiting continue never
+    outlives its caller."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.m = manager
+
+    async def settled(self, live: LiveSession) -> None:
+        """Wait for an operation that is being stopped (its caller went away, or it was
+        preempted) to be stopped: a call that comes right after finds the machine halted,
+        not still stepping. An operation that goes on is not waited for."""
+        op = live.operation
+        if op is not None and not op.done() and (op.cancelling() or live.preempted_by):
+            await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+
+    async def run(self, live: LiveSession, driver_call: Coroutine[Any, Any, StopInfo],
+                         what: str, timeout: float | None = None) -> StopInfo:
+        """Run a driver call that may take long as a task of its own (``live.operation``);
+        the caller holds the session lock. A cancelled caller cancels the call with it
+        (drivers stop and leave the machine halted) and the record follows the machine's
+        state; a preempted call (:meth:`preempt`) hands its caller the halt."""
+        op: asyncio.Task[StopInfo] = asyncio.ensure_future(driver_call)
+        live.operation, live.preempted_by = op, ""
+        caller = asyncio.current_task()
+        timer = None
+        if timeout is not None:
+            reason = f"halted: the {what} did not finish before its deadline"
+            timer = self.m.loop.call_later(
+                timeout, lambda: op.done() or self._preempt_now(live, op, reason, "deadline"))
+        try:
+            with driver_errors(live):
+                info = await op
+            return info
+        except asyncio.CancelledError:
+            if not op.done():
+                op.cancel()
+            await finish_uninterrupted(op, OPERATION_STOP_SECONDS)
+            preempted = live.preempted_by
+            if preempted and caller is not None and caller.cancelling() == 0:
+                if live.preempt_outcome == "halt":
+                    return await self._halted_after(live, preempted)
+                if live.preempt_outcome == "deadline":
+                    self.follow_machine(live, preempted)
+                    raise DeadlineExceeded(f"the {what} did not finish in time; session {live.id} was "
+                                           "halted") from None
+                raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
+                                         state=live.state.value) from None
+            self.follow_machine(live, f"{what} cancelled by its caller")
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            live.operation, live.preempted_by = None, ""
+
+    async def preempt(self, live: LiveSession, reason: str, *, halts: bool = False) -> None:
+        """Stop a long operation in progress, so that Pause and PowerOff never wait behind
+        a step of 10^9 instructions. Its caller gets the halt (``halts``: a pause) or
+        FAILED_PRECONDITION saying why (a power-off, a delete)."""
+        op = live.operation
+        if op is None or op.done():
+            return
+        self._preempt_now(live, op, reason, "halt" if halts else "gone")
+        await asyncio.wait({op}, timeout=OPERATION_STOP_SECONDS)
+
+    @staticmethod
+    def _preempt_now(live: LiveSession, op: asyncio.Task[StopInfo], reason: str, outcome: str) -> None:
+        live.preempted_by, live.preempt_outcome = reason, outcome
+        op.cancel()
+
+    async def _halted_after(self, live: LiveSession, reason: str) -> StopInfo:
+        """The stop a preempted operation's caller gets: where the machine halted."""
+        machine = live.machine
+        if machine is not None and machine.state is MachineState.HALTED:
+            pc = 0
+            with contextlib.suppress(drv.DriverError):
+                pc = (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+            return StopInfo(StopReason.HALT, pc=pc, message=reason)
+        self.follow_machine(live, reason)
+        raise FailedPrecondition(f"session {live.id} was {reason}", state=live.state.value)
+
+    def follow_machine(self, live: LiveSession, reason: str) -> None:
+        """After an interrupted operation: the record takes the machine's state."""
+        machine = live.machine
+        if machine is None:
+            return
+        state = machine.state
+        if state is MachineState.FAILED:
+            self.m.stops.mark_failed(live, reason)
+        elif state in POWERED and state is not live.state:
+            self.m.set_state(live, state, reason)
+
+    async def wait_for_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
+        if live.state is not MachineState.RUNNING:
+            stop = live.last_stop
+            if stop is None:
+                raise FailedPrecondition(f"session {live.id} is {live.state.value} and has not stopped")
+            return stop
+        fut: asyncio.Future[StopInfo] = self.m.loop.create_future()
+        live.stop_waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"session {live.id} is still running") from None
+        finally:
+            if fut in live.stop_waiters:
+                live.stop_waiters.remove(fut)
+
+    async def run_until_stop(self, live: LiveSession, timeout: float | None) -> StopInfo:
+        """Run and wait for the next stop. If the caller goes away or its time is up
+        first, the session is halted before this ends: a continue never outlives the
+        call that waits for it."""
+        try:
+            await self.m.run(live)
+            return await self.wait_for_stop(live, timeout)
+        except DeadlineExceeded:
+            await self.m.pause(live, "halted: the continue's deadline passed")
+            raise DeadlineExceeded(f"session {live.id} did not stop in time; it was halted") from None
+        except asyncio.CancelledError:
+            await self.halt_for_gone_caller(live, "halted: the continue's caller went away")
+            raise
+
+    async def halt_for_gone_caller(self, live: LiveSession, reason: str) -> None:
+        """Pause a session whose waiting caller was cancelled; the pause itself is not cut
+        short by further cancellations of that caller (a half-done pause would leave the
+        machine running with nobody waiting)."""
+        pause = asyncio.ensure_future(self.m.pause(live, reason))
+        await finish_uninterrupted(pause, OPERATION_STOP_SECONDS)
+        if pause.done() and not pause.cancelled():
+            with contextlib.suppress(MachineServerError):
+                pause.result()
+
+
+class Stops:
+    """What machines report (stops, failures) and stops from elsewhere (a co-simulation's),
+    turned into the session's record, its stop hooks and its waiters."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.m = manager
+
+    def on_stop(self, live: LiveSession, info: StopInfo) -> None:
+        # pause() and step() hand their stops back themselves, never as events (the driver
+        # contract); a HALT event is a halt from elsewhere (a remote target halted by another
+        # debugger): it stops the session like a breakpoint would
+        if live.state is not MachineState.RUNNING or info.reason is StopReason.STEP:
+            return
+        self.apply(live, info, info.reason.value)
+
+    def record(self, live: LiveSession, info: StopInfo, reason: str) -> None:
+        """A stop that happened outside the manager's run control (a co-simulation's):
+        the record, the stop hooks, the waiters, as for the session's own stops."""
+        self.apply(live, info, reason)
+
+    def apply(self, live: LiveSession, info: StopInfo, reason: str, *, quiet: bool = False) -> None:
+        if info.reason is StopReason.BREAKPOINT and info.pc in live.temporary_breakpoints:
+            info = StopInfo(StopReason.STEP, pc=info.pc)
+            reason = "step"
+        if info.reason is StopReason.EXIT:
+            state = MachineState.EXITED
+            live.record.exit_code = info.exit_code
+            reason = f"exited with code {info.exit_code}"
+        elif info.reason is StopReason.FAULT:
+            state = MachineState.FAULTED
+            reason = f"fault at pc 0x{info.pc:08x}: {info.message}" if info.message else "fault"
+        else:
+            state = MachineState.HALTED
+            if info.reason is StopReason.BREAKPOINT:
+                reason = f"breakpoint at 0x{info.pc:08x}"
+            elif info.reason is StopReason.WATCHPOINT and info.watch_address is not None:
+                reason = f"watchpoint at 0x{info.watch_address:08x}"
+        live.record.last_stop = stop_to_dict(info)
+        for hook in self.m.stop_hooks:
+            hook(live, info)
+        if quiet and state is live.state:
+            return  # a plain step: no state change worth an event or a write
+        self.m.set_state(live, state, reason, stop=info)
+        self.wake_waiters(live, info)
+
+    def wake_waiters(self, live: LiveSession, outcome: StopInfo | MachineServerError) -> None:
+        waiters, live.stop_waiters = live.stop_waiters, []
+        for fut in waiters:
+            if fut.done():
+                continue
+            if isinstance(outcome, MachineServerError):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
+
+    def mark_failed(self, live: LiveSession, reason: str) -> None:
+        """The backend died: FAILED with the reason; whatever is left of the machine (a
+        stuck emulator process) is freed now, not when the session is deleted."""
+        if live.state in (MachineState.FAILED, MachineState.OFF):
+            return
+        log.warning("session_failed", session_id=live.id, reason=reason)
+        self.m.set_state(live, MachineState.FAILED, reason)
+        self.wake_waiters(live, Unavailable(f"session {live.id} failed: {reason}"))
+        self.m.background(self._free_failed(live), f"free-{live.id}")
+
+    async def _free_failed(self, live: LiveSession) -> None:
+        async with live.lock:
+            if live.state is MachineState.FAILED and live.machine is not None:
+                await self.m.discard_machine(live)
+
+
+def _remote_endpoints(backend: drv.Backend, p: CreateParams, allow: Sequence[str]) -> tuple[str, str]:
+    """A remote-target backend's endpoints, checked against the allow-list; refused
+    for the other backends."""
+    where = "options.remote.address"
+    if not backend.remote_target:
+        if p.remote_target or p.remote_console:
+            raise InvalidArgument(where, f"backend {backend.name} runs its own machines; a remote "
+                                  "target is for the gdbremote backend")
+        return "", ""
+    if not p.remote_target:
+        raise InvalidArgument(where, f"backend {backend.name} needs the GDB server to drive "
+                              "(HOST:PORT or unix:/path)")
+    target = normal_form(p.remote_target, where)
+    check_allowed(target, allow, where)
+    console = ""
+    if p.remote_console:
+        console = normal_form(p.remote_console, "options.remote.console", console=True)
+        check_allowed(console, allow, "options.remote.console")
+    return target, console

@@ -364,7 +364,7 @@ class CoSimManager:
     async def _settle_members(self, rt: Runtime, reason: str) -> None:
         for live in rt.lives:
             if live.state is MachineState.RUNNING:
-                self.sessions.record_stop(live, StopInfo(StopReason.HALT, pc=await _pc(live), message=reason),
+                self.sessions.stops.record(live, StopInfo(StopReason.HALT, pc=await _pc(live), message=reason),
                                           reason)
 
     def end_segment(self, rt: Runtime, state: CoSimState, reason: str) -> None:
@@ -377,7 +377,7 @@ class CoSimManager:
         first_live = rt.lives[first_index]
         ns = rt.rec.ns(halt.time_ref)
         for i, stop in halt.stops:
-            self.sessions.record_stop(rt.lives[i], stop, stop.reason.value)
+            self.sessions.stops.record(rt.lives[i], stop, stop.reason.value)
         what = f"{first.reason.value} on {first_live.record.name} at pc 0x{first.pc:08x}"
         if first.reason is StopReason.EXIT:
             what = f"{first_live.record.name} exited with code {first.exit_code}"
