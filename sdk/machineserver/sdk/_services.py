@@ -364,6 +364,7 @@ class ExportCoverageFields(TypedDict, total=False):
     name: str
     format: coverage_pb2.CoverageFormat.ValueType | str
     source_root: str
+    sources: bytes
 
 
 class MergeCoverageFields(TypedDict, total=False):

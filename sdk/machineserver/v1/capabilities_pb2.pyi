@@ -373,6 +373,7 @@ class BoardTemplate(_message.Message):
     BUILTIN_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"boardTemplates/{board}"."""
     description: _builtins.str
@@ -389,6 +390,8 @@ class BoardTemplate(_message.Message):
     etag: _builtins.str
     """Changes on every update; pass it back in UpdateBoardTemplate to detect races."""
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     @_builtins.property
     def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRegion]: ...
     @_builtins.property
@@ -413,10 +416,11 @@ class BoardTemplate(_message.Message):
         builtin: _builtins.bool = ...,
         etag: _builtins.str = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "backend_machines", b"backend_machines", "builtin", b"builtin", "config", b"config", "console", b"console", "cpu", b"cpu", "cpu_mhz", b"cpu_mhz", "description", b"description", "etag", b"etag", "memory", b"memory", "name", b"name", "owner", b"owner", "peripherals", b"peripherals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "backend_machines", b"backend_machines", "builtin", b"builtin", "config", b"config", "console", b"console", "cpu", b"cpu", "cpu_mhz", b"cpu_mhz", "description", b"description", "etag", b"etag", "memory", b"memory", "name", b"name", "owner", b"owner", "peripherals", b"peripherals", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -418,6 +418,7 @@ class CoSimulation(_message.Message):
     VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     LINK_STATUS_FIELD_NUMBER: _builtins.int
     LAST_STOP_FIELD_NUMBER: _builtins.int
@@ -432,6 +433,8 @@ class CoSimulation(_message.Message):
     virtual_time_ns: _builtins.int
     """Virtual time reached, ns."""
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     quantum_ns: _builtins.int
     """The quantum in virtual ns (derived from sync)."""
     @_builtins.property
@@ -466,6 +469,7 @@ class CoSimulation(_message.Message):
         virtual_time_ns: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
         members: _abc.Iterable[Global___CoSimMember] | None = ...,
         link_status: _abc.Iterable[Global___CoSimLinkStatus] | None = ...,
         last_stop: Global___CoSimStop | None = ...,
@@ -473,7 +477,7 @@ class CoSimulation(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_stop", b"last_stop", "sync", b"sync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "last_stop", b"last_stop", "link_status", b"link_status", "links", b"links", "members", b"members", "name", b"name", "owner", b"owner", "quanta", b"quanta", "quantum_ns", b"quantum_ns", "sessions", b"sessions", "state", b"state", "state_reason", b"state_reason", "sync", b"sync", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "last_stop", b"last_stop", "link_status", b"link_status", "links", b"links", "members", b"members", "name", b"name", "owner", b"owner", "quanta", b"quanta", "quantum_ns", b"quantum_ns", "sessions", b"sessions", "state", b"state", "state_reason", b"state_reason", "sync", b"sync", "tenant", b"tenant", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmachineserver/v1/coverage.proto\x12\x10machineserver.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x0e\x43overageCounts\x12\x11\n\tlines_hit\x18\x01 \x01(\r\x12\x13\n\x0blines_total\x18\x02 \x01(\r\x12\x15\n\rfunctions_hit\x18\x03 \x01(\r\x12\x17\n\x0f\x66unctions_total\x18\x04 \x01(\r\x12\x14\n\x0c\x62ranches_hit\x18\x05 \x01(\r\x12\x16\n\x0e\x62ranches_total\x18\x06 \x01(\r\x12\x14\n\x0cline_percent\x18\x07 \x01(\x01\x12\x18\n\x10\x66unction_percent\x18\x08 \x01(\x01\x12\x16\n\x0e\x62ranch_percent\x18\t \x01(\x01\"N\n\x0c\x46ileCoverage\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x30\n\x06\x63ounts\x18\x02 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\"\xb3\x01\n\x0e\x43overageReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\x10\n\x08sessions\x18\x03 \x03(\t\x12\x30\n\x06totals\x18\x04 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x06 \x01(\t\"$\n\x14StartCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15StartCoverageResponse\"#\n\x13StopCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x14StopCoverageResponse\x12\x30\n\x06report\x18\x01 \x01(\x0b\x32 .machineserver.v1.CoverageReport\"$\n\x14ResetCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ResetCoverageResponse\")\n\x19GetCoverageSummaryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"}\n\x1aGetCoverageSummaryResponse\x12-\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1e.machineserver.v1.FileCoverage\x12\x30\n\x06totals\x18\x02 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\"l\n\x15\x45xportCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x06\x66ormat\x18\x02 \x01(\x0e\x32 .machineserver.v1.CoverageFormat\x12\x13\n\x0bsource_root\x18\x03 \x01(\t\"=\n\x16\x45xportCoverageResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"%\n\x14MergeCoverageRequest\x12\r\n\x05names\x18\x01 \x03(\t\"I\n\x15MergeCoverageResponse\x12\x30\n\x06report\x18\x01 \x01(\x0b\x32 .machineserver.v1.CoverageReport\"S\n\x1aListCoverageReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"i\n\x1bListCoverageReportsResponse\x12\x31\n\x07reports\x18\x01 \x03(\x0b\x32 .machineserver.v1.CoverageReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9e\x01\n\x0e\x43overageFormat\x12\x1f\n\x1b\x43OVERAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OVERAGE_FORMAT_LCOV\x10\x01\x12\x18\n\x14\x43OVERAGE_FORMAT_HTML\x10\x02\x12\x1d\n\x19\x43OVERAGE_FORMAT_COBERTURA\x10\x03\x12\x18\n\x14\x43OVERAGE_FORMAT_JSON\x10\x04\x32\xe2\x05\n\x0f\x43overageService\x12`\n\rStartCoverage\x12&.machineserver.v1.StartCoverageRequest\x1a\'.machineserver.v1.StartCoverageResponse\x12]\n\x0cStopCoverage\x12%.machineserver.v1.StopCoverageRequest\x1a&.machineserver.v1.StopCoverageResponse\x12`\n\rResetCoverage\x12&.machineserver.v1.ResetCoverageRequest\x1a\'.machineserver.v1.ResetCoverageResponse\x12o\n\x12GetCoverageSummary\x12+.machineserver.v1.GetCoverageSummaryRequest\x1a,.machineserver.v1.GetCoverageSummaryResponse\x12\x65\n\x0e\x45xportCoverage\x12\'.machineserver.v1.ExportCoverageRequest\x1a(.machineserver.v1.ExportCoverageResponse0\x01\x12`\n\rMergeCoverage\x12&.machineserver.v1.MergeCoverageRequest\x1a\'.machineserver.v1.MergeCoverageResponse\x12r\n\x13ListCoverageReports\x12,.machineserver.v1.ListCoverageReportsRequest\x1a-.machineserver.v1.ListCoverageReportsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmachineserver/v1/coverage.proto\x12\x10machineserver.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x0e\x43overageCounts\x12\x11\n\tlines_hit\x18\x01 \x01(\r\x12\x13\n\x0blines_total\x18\x02 \x01(\r\x12\x15\n\rfunctions_hit\x18\x03 \x01(\r\x12\x17\n\x0f\x66unctions_total\x18\x04 \x01(\r\x12\x14\n\x0c\x62ranches_hit\x18\x05 \x01(\r\x12\x16\n\x0e\x62ranches_total\x18\x06 \x01(\r\x12\x14\n\x0cline_percent\x18\x07 \x01(\x01\x12\x18\n\x10\x66unction_percent\x18\x08 \x01(\x01\x12\x16\n\x0e\x62ranch_percent\x18\t \x01(\x01\"N\n\x0c\x46ileCoverage\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x30\n\x06\x63ounts\x18\x02 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\"\xc3\x01\n\x0e\x43overageReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\x10\n\x08sessions\x18\x03 \x03(\t\x12\x30\n\x06totals\x18\x04 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"$\n\x14StartCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15StartCoverageResponse\"#\n\x13StopCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x14StopCoverageResponse\x12\x30\n\x06report\x18\x01 \x01(\x0b\x32 .machineserver.v1.CoverageReport\"$\n\x14ResetCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ResetCoverageResponse\")\n\x19GetCoverageSummaryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"}\n\x1aGetCoverageSummaryResponse\x12-\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1e.machineserver.v1.FileCoverage\x12\x30\n\x06totals\x18\x02 \x01(\x0b\x32 .machineserver.v1.CoverageCounts\"}\n\x15\x45xportCoverageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x06\x66ormat\x18\x02 \x01(\x0e\x32 .machineserver.v1.CoverageFormat\x12\x13\n\x0bsource_root\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x01(\x0c\"=\n\x16\x45xportCoverageResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"%\n\x14MergeCoverageRequest\x12\r\n\x05names\x18\x01 \x03(\t\"I\n\x15MergeCoverageResponse\x12\x30\n\x06report\x18\x01 \x01(\x0b\x32 .machineserver.v1.CoverageReport\"S\n\x1aListCoverageReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"i\n\x1bListCoverageReportsResponse\x12\x31\n\x07reports\x18\x01 \x03(\x0b\x32 .machineserver.v1.CoverageReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9e\x01\n\x0e\x43overageFormat\x12\x1f\n\x1b\x43OVERAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OVERAGE_FORMAT_LCOV\x10\x01\x12\x18\n\x14\x43OVERAGE_FORMAT_HTML\x10\x02\x12\x1d\n\x19\x43OVERAGE_FORMAT_COBERTURA\x10\x03\x12\x18\n\x14\x43OVERAGE_FORMAT_JSON\x10\x04\x32\xe2\x05\n\x0f\x43overageService\x12`\n\rStartCoverage\x12&.machineserver.v1.StartCoverageRequest\x1a\'.machineserver.v1.StartCoverageResponse\x12]\n\x0cStopCoverage\x12%.machineserver.v1.StopCoverageRequest\x1a&.machineserver.v1.StopCoverageResponse\x12`\n\rResetCoverage\x12&.machineserver.v1.ResetCoverageRequest\x1a\'.machineserver.v1.ResetCoverageResponse\x12o\n\x12GetCoverageSummary\x12+.machineserver.v1.GetCoverageSummaryRequest\x1a,.machineserver.v1.GetCoverageSummaryResponse\x12\x65\n\x0e\x45xportCoverage\x12\'.machineserver.v1.ExportCoverageRequest\x1a(.machineserver.v1.ExportCoverageResponse0\x01\x12`\n\rMergeCoverage\x12&.machineserver.v1.MergeCoverageRequest\x1a\'.machineserver.v1.MergeCoverageResponse\x12r\n\x13ListCoverageReports\x12,.machineserver.v1.ListCoverageReportsRequest\x1a-.machineserver.v1.ListCoverageReportsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'machineserver.v1.coverage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COVERAGEFORMAT']._serialized_start=1460
-  _globals['_COVERAGEFORMAT']._serialized_end=1618
+  _globals['_COVERAGEFORMAT']._serialized_start=1493
+  _globals['_COVERAGEFORMAT']._serialized_end=1651
   _globals['_COVERAGECOUNTS']._serialized_start=87
   _globals['_COVERAGECOUNTS']._serialized_end=309
   _globals['_FILECOVERAGE']._serialized_start=311
   _globals['_FILECOVERAGE']._serialized_end=389
   _globals['_COVERAGEREPORT']._serialized_start=392
-  _globals['_COVERAGEREPORT']._serialized_end=571
-  _globals['_STARTCOVERAGEREQUEST']._serialized_start=573
-  _globals['_STARTCOVERAGEREQUEST']._serialized_end=609
-  _globals['_STARTCOVERAGERESPONSE']._serialized_start=611
-  _globals['_STARTCOVERAGERESPONSE']._serialized_end=634
-  _globals['_STOPCOVERAGEREQUEST']._serialized_start=636
-  _globals['_STOPCOVERAGEREQUEST']._serialized_end=671
-  _globals['_STOPCOVERAGERESPONSE']._serialized_start=673
-  _globals['_STOPCOVERAGERESPONSE']._serialized_end=745
-  _globals['_RESETCOVERAGEREQUEST']._serialized_start=747
-  _globals['_RESETCOVERAGEREQUEST']._serialized_end=783
-  _globals['_RESETCOVERAGERESPONSE']._serialized_start=785
-  _globals['_RESETCOVERAGERESPONSE']._serialized_end=808
-  _globals['_GETCOVERAGESUMMARYREQUEST']._serialized_start=810
-  _globals['_GETCOVERAGESUMMARYREQUEST']._serialized_end=851
-  _globals['_GETCOVERAGESUMMARYRESPONSE']._serialized_start=853
-  _globals['_GETCOVERAGESUMMARYRESPONSE']._serialized_end=978
-  _globals['_EXPORTCOVERAGEREQUEST']._serialized_start=980
-  _globals['_EXPORTCOVERAGEREQUEST']._serialized_end=1088
-  _globals['_EXPORTCOVERAGERESPONSE']._serialized_start=1090
-  _globals['_EXPORTCOVERAGERESPONSE']._serialized_end=1151
-  _globals['_MERGECOVERAGEREQUEST']._serialized_start=1153
-  _globals['_MERGECOVERAGEREQUEST']._serialized_end=1190
-  _globals['_MERGECOVERAGERESPONSE']._serialized_start=1192
-  _globals['_MERGECOVERAGERESPONSE']._serialized_end=1265
-  _globals['_LISTCOVERAGEREPORTSREQUEST']._serialized_start=1267
-  _globals['_LISTCOVERAGEREPORTSREQUEST']._serialized_end=1350
-  _globals['_LISTCOVERAGEREPORTSRESPONSE']._serialized_start=1352
-  _globals['_LISTCOVERAGEREPORTSRESPONSE']._serialized_end=1457
-  _globals['_COVERAGESERVICE']._serialized_start=1621
-  _globals['_COVERAGESERVICE']._serialized_end=2359
+  _globals['_COVERAGEREPORT']._serialized_end=587
+  _globals['_STARTCOVERAGEREQUEST']._serialized_start=589
+  _globals['_STARTCOVERAGEREQUEST']._serialized_end=625
+  _globals['_STARTCOVERAGERESPONSE']._serialized_start=627
+  _globals['_STARTCOVERAGERESPONSE']._serialized_end=650
+  _globals['_STOPCOVERAGEREQUEST']._serialized_start=652
+  _globals['_STOPCOVERAGEREQUEST']._serialized_end=687
+  _globals['_STOPCOVERAGERESPONSE']._serialized_start=689
+  _globals['_STOPCOVERAGERESPONSE']._serialized_end=761
+  _globals['_RESETCOVERAGEREQUEST']._serialized_start=763
+  _globals['_RESETCOVERAGEREQUEST']._serialized_end=799
+  _globals['_RESETCOVERAGERESPONSE']._serialized_start=801
+  _globals['_RESETCOVERAGERESPONSE']._serialized_end=824
+  _globals['_GETCOVERAGESUMMARYREQUEST']._serialized_start=826
+  _globals['_GETCOVERAGESUMMARYREQUEST']._serialized_end=867
+  _globals['_GETCOVERAGESUMMARYRESPONSE']._serialized_start=869
+  _globals['_GETCOVERAGESUMMARYRESPONSE']._serialized_end=994
+  _globals['_EXPORTCOVERAGEREQUEST']._serialized_start=996
+  _globals['_EXPORTCOVERAGEREQUEST']._serialized_end=1121
+  _globals['_EXPORTCOVERAGERESPONSE']._serialized_start=1123
+  _globals['_EXPORTCOVERAGERESPONSE']._serialized_end=1184
+  _globals['_MERGECOVERAGEREQUEST']._serialized_start=1186
+  _globals['_MERGECOVERAGEREQUEST']._serialized_end=1223
+  _globals['_MERGECOVERAGERESPONSE']._serialized_start=1225
+  _globals['_MERGECOVERAGERESPONSE']._serialized_end=1298
+  _globals['_LISTCOVERAGEREPORTSREQUEST']._serialized_start=1300
+  _globals['_LISTCOVERAGEREPORTSREQUEST']._serialized_end=1383
+  _globals['_LISTCOVERAGEREPORTSRESPONSE']._serialized_start=1385
+  _globals['_LISTCOVERAGEREPORTSRESPONSE']._serialized_end=1490
+  _globals['_COVERAGESERVICE']._serialized_start=1654
+  _globals['_COVERAGESERVICE']._serialized_end=2392
 # @@protoc_insertion_point(module_scope)

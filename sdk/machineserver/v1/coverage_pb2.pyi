@@ -132,10 +132,13 @@ class CoverageReport(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"coverageReports/{id}"."""
     program: _builtins.str
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sessions whose runs it covers."""
@@ -153,10 +156,11 @@ class CoverageReport(_message.Message):
         totals: Global___CoverageCounts | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "owner", b"owner", "program", b"program", "sessions", b"sessions", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "owner", b"owner", "program", b"program", "sessions", b"sessions", "tenant", b"tenant", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,21 +324,30 @@ class ExportCoverageRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     SOURCE_ROOT_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"sessions/{session}" or "coverageReports/{id}"."""
     format: Global___CoverageFormat.ValueType
     source_root: _builtins.str
-    """Prefix for source paths in the report (so they resolve on the client's machine)."""
+    """Prefix for source paths in the report (so they resolve on the client's machine). Only
+    the report's text uses it: the server never reads files under it.
+    """
+    sources: _builtins.bytes
+    """HTML: a source bundle (tar, tar.gz or zip, as UploadProgramRequest.sources_chunk) to
+    show; without it the program's uploaded sources are used, and without either the report
+    says the sources were not provided.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         format: Global___CoverageFormat.ValueType = ...,
         source_root: _builtins.str = ...,
+        sources: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "source_root", b"source_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "source_root", b"source_root", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

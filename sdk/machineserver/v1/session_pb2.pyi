@@ -198,6 +198,7 @@ class Session(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     BOARD_CONFIG_FIELD_NUMBER: _builtins.int
     BACKEND_DETAILS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -214,6 +215,8 @@ class Session(_message.Message):
     exit_code: _builtins.int
     """Set when the firmware exited."""
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     board_config: _builtins.str
     """The board config used (YAML), for inline boards and for reproducibility."""
     @_builtins.property
@@ -255,12 +258,13 @@ class Session(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
         board_config: _builtins.str = ...,
         backend_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "create_time", b"create_time", "exit_code", b"exit_code", "last_stop", b"last_stop", "limits", b"limits", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "backend", b"backend", "backend_details", b"backend_details", "board", b"board", "board_config", b"board_config", "create_time", b"create_time", "display_name", b"display_name", "exit_code", b"exit_code", "labels", b"labels", "last_stop", b"last_stop", "limits", b"limits", "name", b"name", "options", b"options", "owner", b"owner", "program", b"program", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "backend", b"backend", "backend_details", b"backend_details", "board", b"board", "board_config", b"board_config", "create_time", b"create_time", "display_name", b"display_name", "exit_code", b"exit_code", "labels", b"labels", "last_stop", b"last_stop", "limits", b"limits", "name", b"name", "options", b"options", "owner", b"owner", "program", b"program", "state", b"state", "state_reason", b"state_reason", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -710,6 +714,8 @@ class Program(_message.Message):
     HAS_DEBUG_INFO_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    SOURCE_FILES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"programs/{program}"."""
     display_name: _builtins.str
@@ -727,12 +733,21 @@ class Program(_message.Message):
     """The ELF has symbols / DWARF line info."""
     has_debug_info: _builtins.bool
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant the program belongs to."""
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProgramSegment]:
         """Loadable segments, as (address, size)."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def source_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Source files uploaded with the program (UploadProgramRequest.sources_chunk), as paths
+        inside the bundle. Coverage HTML shows these; the server never reads a source file that
+        a program's debug info names from its own disk.
+        """
+
     def __init__(
         self,
         *,
@@ -749,10 +764,12 @@ class Program(_message.Message):
         has_debug_info: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        source_files: _abc.Iterable[_builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_entry_point", b"_entry_point", "create_time", b"create_time", "entry_point", b"entry_point"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entry_point", b"_entry_point", "arch", b"arch", "create_time", b"create_time", "display_name", b"display_name", "entry_point", b"entry_point", "format", b"format", "has_debug_info", b"has_debug_info", "has_symbols", b"has_symbols", "load_address", b"load_address", "name", b"name", "owner", b"owner", "segments", b"segments", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entry_point", b"_entry_point", "arch", b"arch", "create_time", b"create_time", "display_name", b"display_name", "entry_point", b"entry_point", "format", b"format", "has_debug_info", b"has_debug_info", "has_symbols", b"has_symbols", "load_address", b"load_address", "name", b"name", "owner", b"owner", "segments", b"segments", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_files", b"source_files", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__entry_point: _TypeAlias = _typing.Literal["entry_point"]  # noqa: Y015
     _WhichOneofArgType__entry_point: _TypeAlias = _typing.Literal["_entry_point", b"_entry_point"]  # noqa: Y015
@@ -823,7 +840,14 @@ class UploadProgramRequest(_message.Message):
 
     METADATA_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SOURCES_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """The program's bytes, in order."""
+    sources_chunk: _builtins.bytes
+    """A source bundle, in order after the program's chunks: a tar, tar.gz or zip archive of
+    the program's source files under the paths its debug info names (relative paths, or
+    absolute ones with the leading "/" dropped). Bounded: see the server's limits.
+    """
     @_builtins.property
     def metadata(self) -> Global___ProgramMetadata: ...
     def __init__(
@@ -831,12 +855,13 @@ class UploadProgramRequest(_message.Message):
         *,
         metadata: Global___ProgramMetadata | None = ...,
         chunk: _builtins.bytes = ...,
+        sources_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata", "sources_chunk", b"sources_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "metadata", b"metadata", "sources_chunk", b"sources_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["metadata", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["metadata", "chunk", "sources_chunk"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1244,6 +1269,7 @@ class Snapshot(_message.Message):
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"snapshots/{snapshot}"."""
     display_name: _builtins.str
@@ -1258,6 +1284,8 @@ class Snapshot(_message.Message):
     instructions: _builtins.int
     """Instructions executed when saved."""
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1274,10 +1302,11 @@ class Snapshot(_message.Message):
         instructions: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "board", b"board", "create_time", b"create_time", "display_name", b"display_name", "instructions", b"instructions", "name", b"name", "owner", b"owner", "program", b"program", "session", b"session", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "board", b"board", "create_time", b"create_time", "display_name", b"display_name", "instructions", b"instructions", "name", b"name", "owner", b"owner", "program", b"program", "session", b"session", "sha256", b"sha256", "size_bytes", b"size_bytes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

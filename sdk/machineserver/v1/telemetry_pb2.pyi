@@ -371,6 +371,7 @@ class AlertRule(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"alertRules/{rule}"."""
     display_name: _builtins.str
@@ -381,6 +382,8 @@ class AlertRule(_message.Message):
     comparison: Global___Comparison.ValueType
     threshold: _builtins.float
     owner: _builtins.str
+    tenant: _builtins.str
+    """The tenant it belongs to (the creator's)."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -396,10 +399,11 @@ class AlertRule(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         owner: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "create_time", b"create_time", "display_name", b"display_name", "duration", b"duration", "metric", b"metric", "name", b"name", "owner", b"owner", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "create_time", b"create_time", "display_name", b"display_name", "duration", b"duration", "metric", b"metric", "name", b"name", "owner", b"owner", "tenant", b"tenant", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,9 +33,12 @@ import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
+
+if TYPE_CHECKING:
+    from machineserver.server.core.identity import Identity
 
 log = structlog.get_logger("machineserver.calls")
 
@@ -79,6 +82,12 @@ class CallInfo:
         self.started = time.perf_counter()
         self.code = "OK"  # the final status code's name
         self.hooks_entered = 0  # how many hooks' before() ran: only those get after()
+        # who is calling (set by the auth hook; None: auth is off, the caller is the local
+        # admin: identity.current() says so)
+        self.identity: Identity | None = None
+        # what the audit log records beside the call (resource, address, length), filled in
+        # by the core as it serves the command
+        self.audit: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return (f"CallInfo({self.method!r}, request_id={self.request_id!r}, transport={self.transport.value}, "

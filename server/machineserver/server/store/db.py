@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -57,11 +57,38 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.table("cosim_snapshots").create_index(["cosim"])
 
 
+# the tables whose rows belong to a tenant (issue 14: every record has its real owner)
+TENANT_TABLES = ("sessions", "programs", "snapshots", "board_templates", "coverage_reports", "alert_rules",
+                 "cosimulations", "cosim_snapshots")
+
+
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Tenants, API keys and the audit log's columns. Rows from before tenants belong to
+    the "default" tenant (the one every caller had while auth was off)."""
+    for table in TENANT_TABLES:
+        db.execute(f"ALTER TABLE [{table}] ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'")
+        db.table(table).create_index(["tenant"])
+    db.table("api_keys").create(
+        {"id": str, "secret_hash": str, "tenant": str, "create_time": float, "update_time": float,
+         "expire_time": float, "revoke_time": float, "data": str}, pk="id")
+    db.table("api_keys").create_index(["secret_hash"], unique=True)
+    # the audit log (append-only; "id" is the sequence): who, tenant, method, resource,
+    # outcome, request id, time; debug writes' address and length
+    db.table("audit_events").drop()
+    db.table("audit_events").create(
+        {"id": int, "time": float, "principal": str, "tenant": str, "method": str, "resource": str,
+         "code": str, "request_id": str, "transport": str, "address": int, "length": int, "peer": str,
+         "data": str},
+        pk="id", not_null={"time", "principal", "tenant", "method", "code"})
+    db.table("audit_events").create_index(["tenant", "id"])
+    db.table("audit_events").create_index(["time"])
+
+
 # SQLite allows 32766 bound parameters per statement; stay far below it
 MAX_IDS_PER_QUERY = 500
 
 # Index i holds the migration from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 class Database:
