@@ -20,7 +20,7 @@ from google.protobuf.descriptor import (
     ServiceDescriptor,
 )
 
-MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry"]
+MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry", "access", "audit"]
 PACKAGE = "machineserver.v1"
 # attribute name on the client for each service
 ATTRS = {
@@ -30,6 +30,8 @@ ATTRS = {
     "CoverageService": "coverage",
     "CoSimService": "cosim",
     "TelemetryService": "telemetry",
+    "AccessService": "access",
+    "AuditService": "audit",
 }
 # keyword-only options every wrapper takes: a request field of the same name could not be
 # passed as a keyword field

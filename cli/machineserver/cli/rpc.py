@@ -25,6 +25,8 @@ GROUPS = {
     "CoverageService": "coverage",
     "CoSimService": "cosim",
     "TelemetryService": "telemetry",
+    "AccessService": "access",
+    "AuditService": "audit",
 }
 # service -> SDK client attribute
 CLIENT_ATTRS = {
@@ -34,6 +36,8 @@ CLIENT_ATTRS = {
     "CoverageService": "coverage",
     "CoSimService": "cosim",
     "TelemetryService": "telemetry",
+    "AccessService": "access",
+    "AuditService": "audit",
 }
 CHUNK = 64 * 1024
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Mapping
 from typing import TypedDict, Unpack
 
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from machineserver.sdk._transport import DEFAULT, AsyncTransport, MetadataValue, SyncTransport, Timeout
+from machineserver.v1 import access_pb2
+from machineserver.v1 import audit_pb2
 from machineserver.v1 import capabilities_pb2
 from machineserver.v1 import cosim_pb2
 from machineserver.v1 import coverage_pb2
@@ -517,6 +519,56 @@ class StreamAlertsFields(TypedDict, total=False):
     """Keyword fields of machineserver.v1.StreamAlertsRequest."""
 
 
+class GetCallerIdentityFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.GetCallerIdentityRequest."""
+
+
+class CreateApiKeyFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.CreateApiKeyRequest."""
+
+    display_name: str
+    tenant: str
+    roles: Iterable[access_pb2.Role.ValueType | str]
+    ttl: duration_pb2.Duration | Mapping[str, object] | str
+
+
+class ListApiKeysFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListApiKeysRequest."""
+
+    page_size: int
+    page_token: str
+    filter: str
+
+
+class RevokeApiKeyFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.RevokeApiKeyRequest."""
+
+    name: str
+
+
+class GetQuotaUsageFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.GetQuotaUsageRequest."""
+
+    tenant: str
+
+
+class ListAuditEventsFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListAuditEventsRequest."""
+
+    page_size: int
+    page_token: str
+    filter: str
+    start_time: timestamp_pb2.Timestamp | Mapping[str, object] | str
+    end_time: timestamp_pb2.Timestamp | Mapping[str, object] | str
+
+
+class StreamAuditEventsFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.StreamAuditEventsRequest."""
+
+    filter: str
+    after_sequence: int
+
+
 # ---------------------------------------------------------------- async services
 
 
@@ -812,6 +864,49 @@ class AsyncTelemetryService:
 
     def stream_alerts(self, request: telemetry_pb2.StreamAlertsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamAlertsFields]) -> AsyncGenerator[telemetry_pb2.StreamAlertsResponse, None]:
         return self._t.server_stream('/machineserver.v1.TelemetryService/StreamAlerts', self._t.build(request, fields, telemetry_pb2.StreamAlertsRequest), telemetry_pb2.StreamAlertsResponse, timeout, metadata)
+
+
+class AsyncAccessService:
+    """machineserver.v1.AccessService."""
+
+    SERVICE = 'machineserver.v1.AccessService'
+    # RPC name -> method name
+    METHODS = {'GetCallerIdentity': 'get_caller_identity', 'CreateApiKey': 'create_api_key', 'ListApiKeys': 'list_api_keys', 'RevokeApiKey': 'revoke_api_key', 'GetQuotaUsage': 'get_quota_usage'}
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def get_caller_identity(self, request: access_pb2.GetCallerIdentityRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetCallerIdentityFields]) -> access_pb2.GetCallerIdentityResponse:
+        return await self._t.unary('/machineserver.v1.AccessService/GetCallerIdentity', self._t.build(request, fields, access_pb2.GetCallerIdentityRequest), access_pb2.GetCallerIdentityResponse, timeout, metadata)
+
+    async def create_api_key(self, request: access_pb2.CreateApiKeyRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateApiKeyFields]) -> access_pb2.CreateApiKeyResponse:
+        return await self._t.unary('/machineserver.v1.AccessService/CreateApiKey', self._t.build(request, fields, access_pb2.CreateApiKeyRequest), access_pb2.CreateApiKeyResponse, timeout, metadata)
+
+    async def list_api_keys(self, request: access_pb2.ListApiKeysRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListApiKeysFields]) -> access_pb2.ListApiKeysResponse:
+        return await self._t.unary('/machineserver.v1.AccessService/ListApiKeys', self._t.build(request, fields, access_pb2.ListApiKeysRequest), access_pb2.ListApiKeysResponse, timeout, metadata)
+
+    async def revoke_api_key(self, request: access_pb2.RevokeApiKeyRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[RevokeApiKeyFields]) -> access_pb2.RevokeApiKeyResponse:
+        return await self._t.unary('/machineserver.v1.AccessService/RevokeApiKey', self._t.build(request, fields, access_pb2.RevokeApiKeyRequest), access_pb2.RevokeApiKeyResponse, timeout, metadata)
+
+    async def get_quota_usage(self, request: access_pb2.GetQuotaUsageRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetQuotaUsageFields]) -> access_pb2.GetQuotaUsageResponse:
+        return await self._t.unary('/machineserver.v1.AccessService/GetQuotaUsage', self._t.build(request, fields, access_pb2.GetQuotaUsageRequest), access_pb2.GetQuotaUsageResponse, timeout, metadata)
+
+
+class AsyncAuditService:
+    """machineserver.v1.AuditService."""
+
+    SERVICE = 'machineserver.v1.AuditService'
+    # RPC name -> method name
+    METHODS = {'ListAuditEvents': 'list_audit_events', 'StreamAuditEvents': 'stream_audit_events'}
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def list_audit_events(self, request: audit_pb2.ListAuditEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListAuditEventsFields]) -> audit_pb2.ListAuditEventsResponse:
+        return await self._t.unary('/machineserver.v1.AuditService/ListAuditEvents', self._t.build(request, fields, audit_pb2.ListAuditEventsRequest), audit_pb2.ListAuditEventsResponse, timeout, metadata)
+
+    def stream_audit_events(self, request: audit_pb2.StreamAuditEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamAuditEventsFields]) -> AsyncGenerator[audit_pb2.StreamAuditEventsResponse, None]:
+        return self._t.server_stream('/machineserver.v1.AuditService/StreamAuditEvents', self._t.build(request, fields, audit_pb2.StreamAuditEventsRequest), audit_pb2.StreamAuditEventsResponse, timeout, metadata)
 
 
 # ---------------------------------------------------------------- sync services
@@ -1111,6 +1206,49 @@ class TelemetryService:
         return self._t.server_stream('/machineserver.v1.TelemetryService/StreamAlerts', self._t.build(request, fields, telemetry_pb2.StreamAlertsRequest), telemetry_pb2.StreamAlertsResponse, timeout, metadata)
 
 
+class AccessService:
+    """machineserver.v1.AccessService."""
+
+    SERVICE = 'machineserver.v1.AccessService'
+    # RPC name -> method name
+    METHODS = {'GetCallerIdentity': 'get_caller_identity', 'CreateApiKey': 'create_api_key', 'ListApiKeys': 'list_api_keys', 'RevokeApiKey': 'revoke_api_key', 'GetQuotaUsage': 'get_quota_usage'}
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def get_caller_identity(self, request: access_pb2.GetCallerIdentityRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetCallerIdentityFields]) -> access_pb2.GetCallerIdentityResponse:
+        return self._t.unary('/machineserver.v1.AccessService/GetCallerIdentity', self._t.build(request, fields, access_pb2.GetCallerIdentityRequest), access_pb2.GetCallerIdentityResponse, timeout, metadata)
+
+    def create_api_key(self, request: access_pb2.CreateApiKeyRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateApiKeyFields]) -> access_pb2.CreateApiKeyResponse:
+        return self._t.unary('/machineserver.v1.AccessService/CreateApiKey', self._t.build(request, fields, access_pb2.CreateApiKeyRequest), access_pb2.CreateApiKeyResponse, timeout, metadata)
+
+    def list_api_keys(self, request: access_pb2.ListApiKeysRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListApiKeysFields]) -> access_pb2.ListApiKeysResponse:
+        return self._t.unary('/machineserver.v1.AccessService/ListApiKeys', self._t.build(request, fields, access_pb2.ListApiKeysRequest), access_pb2.ListApiKeysResponse, timeout, metadata)
+
+    def revoke_api_key(self, request: access_pb2.RevokeApiKeyRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[RevokeApiKeyFields]) -> access_pb2.RevokeApiKeyResponse:
+        return self._t.unary('/machineserver.v1.AccessService/RevokeApiKey', self._t.build(request, fields, access_pb2.RevokeApiKeyRequest), access_pb2.RevokeApiKeyResponse, timeout, metadata)
+
+    def get_quota_usage(self, request: access_pb2.GetQuotaUsageRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetQuotaUsageFields]) -> access_pb2.GetQuotaUsageResponse:
+        return self._t.unary('/machineserver.v1.AccessService/GetQuotaUsage', self._t.build(request, fields, access_pb2.GetQuotaUsageRequest), access_pb2.GetQuotaUsageResponse, timeout, metadata)
+
+
+class AuditService:
+    """machineserver.v1.AuditService."""
+
+    SERVICE = 'machineserver.v1.AuditService'
+    # RPC name -> method name
+    METHODS = {'ListAuditEvents': 'list_audit_events', 'StreamAuditEvents': 'stream_audit_events'}
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def list_audit_events(self, request: audit_pb2.ListAuditEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListAuditEventsFields]) -> audit_pb2.ListAuditEventsResponse:
+        return self._t.unary('/machineserver.v1.AuditService/ListAuditEvents', self._t.build(request, fields, audit_pb2.ListAuditEventsRequest), audit_pb2.ListAuditEventsResponse, timeout, metadata)
+
+    def stream_audit_events(self, request: audit_pb2.StreamAuditEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamAuditEventsFields]) -> Generator[audit_pb2.StreamAuditEventsResponse, None, None]:
+        return self._t.server_stream('/machineserver.v1.AuditService/StreamAuditEvents', self._t.build(request, fields, audit_pb2.StreamAuditEventsRequest), audit_pb2.StreamAuditEventsResponse, timeout, metadata)
+
+
 # client attribute -> (async class, sync class)
 SERVICES = {
     'capabilities': (AsyncCapabilitiesService, CapabilitiesService),
@@ -1119,4 +1257,6 @@ SERVICES = {
     'coverage': (AsyncCoverageService, CoverageService),
     'cosim': (AsyncCoSimService, CoSimService),
     'telemetry': (AsyncTelemetryService, TelemetryService),
+    'access': (AsyncAccessService, AccessService),
+    'audit': (AsyncAuditService, AuditService),
 }

@@ -2,8 +2,10 @@
 
 Every RPC is a method on a service attribute (``client.sessions.create_session(...)``,
 generated from the protos, typed); a few helpers cover the common path (uploading a
-file, reading the console). Options are keyword-only: default deadline, API key, TLS,
-extra call metadata, retries of idempotent reads (gRPC service config).
+file, reading the console). Options are keyword-only: default deadline, credentials
+(``api_key=`` or ``bearer_token=`` (a JWT), sent with every call; ``tls=True`` or
+``root_certificates=`` for TLS, plus ``private_key=``/``certificate_chain=`` for a client
+certificate: mTLS), extra call metadata, retries of idempotent reads (gRPC service config).
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from grpc import aio
 
 from machineserver.sdk._services import (
     SERVICES,
+    AccessService,
+    AsyncAccessService,
+    AsyncAuditService,
     AsyncCapabilitiesService,
     AsyncCoSimService,
     AsyncCoverageService,
     AsyncDebugService,
     AsyncSessionService,
     AsyncTelemetryService,
+    AuditService,
     CapabilitiesService,
     CoSimService,
     CoverageService,
@@ -42,6 +48,8 @@ from machineserver.sdk._transport import (
     channel_options,
 )
 from machineserver.v1 import (
+    access_pb2,
+    audit_pb2,
     capabilities_pb2,
     cosim_pb2,
     coverage_pb2,
@@ -66,34 +74,43 @@ def retry_methods() -> list[tuple[str, str]]:
 
 def service_descriptors() -> list[ServiceDescriptor]:
     """Every machineserver.v1 service, from the generated modules."""
-    mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2)
+    mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2, access_pb2, audit_pb2)
     return [svc for mod in mods for svc in mod.DESCRIPTOR.services_by_name.values()]
 
 
 def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes | None,
                  certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None:
+    if not tls and root_certificates is None and certificate_chain is None:
         return None
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("a TLS client certificate needs both private_key and certificate_chain")
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
 def _connection(
-    *, timeout: float | None, api_key: str | None, tls: bool, root_certificates: bytes | None,
-    private_key: bytes | None, certificate_chain: bytes | None, metadata: Iterable[tuple[str, MetadataValue]],
-    retries: bool, channel_args: Mapping[str, ChannelArgValue] | None,
+    *, timeout: float | None, api_key: str | None, bearer_token: str | None, tls: bool,
+    root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None,
+    metadata: Iterable[tuple[str, MetadataValue]], retries: bool,
+    channel_args: Mapping[str, ChannelArgValue] | None,
 ) -> tuple[list[tuple[str, ChannelArgValue]], grpc.ChannelCredentials | None, CallOptions]:
     """Channel options, credentials and call defaults: what both clients connect with."""
     opts = channel_options(retry_methods() if retries else [], channel_args)
     creds = _credentials(tls, root_certificates, private_key, certificate_chain)
-    return opts, creds, CallOptions(timeout, _call_metadata(api_key, metadata))
+    return opts, creds, CallOptions(timeout, _call_metadata(api_key, bearer_token, metadata))
 
 
-def _call_metadata(api_key: str | None, metadata: Iterable[tuple[str, MetadataValue]]) -> Metadata:
-    """Metadata sent with every call: keys as text, values as given (bytes stay bytes,
-    for "-bin" keys), plus the API key as a bearer token."""
+def _call_metadata(api_key: str | None, bearer_token: str | None,
+                   metadata: Iterable[tuple[str, MetadataValue]]) -> Metadata:
+    """Metadata sent with every call (unary and streaming): keys as text, values as given
+    (bytes stay bytes, for "-bin" keys), plus the credentials: an API key as
+    ``authorization: ApiKey <secret>``, a JWT as ``authorization: Bearer <token>``."""
+    if api_key and bearer_token:
+        raise ValueError("pass either api_key or bearer_token, not both")
     md: Metadata = tuple((str(k), v if isinstance(v, bytes) else str(v)) for k, v in metadata)
     if api_key:
-        md += (("authorization", f"Bearer {api_key}"),)
+        md += (("authorization", f"ApiKey {api_key}"),)
+    elif bearer_token:
+        md += (("authorization", f"Bearer {bearer_token}"),)
     return md
 
 
@@ -137,6 +154,8 @@ class AsyncClient:
     coverage: AsyncCoverageService
     cosim: AsyncCoSimService
     telemetry: AsyncTelemetryService
+    access: AsyncAccessService
+    audit: AsyncAuditService
 
     def __init__(self, channel: aio.Channel, options: CallOptions) -> None:
         self.channel = channel
@@ -151,6 +170,7 @@ class AsyncClient:
         *,
         timeout: float | None = 30.0,
         api_key: str | None = None,
+        bearer_token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
@@ -160,7 +180,8 @@ class AsyncClient:
         channel_args: Mapping[str, ChannelArgValue] | None = None,
     ) -> AsyncClient:
         opts, creds, call_options = _connection(
-            timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            timeout=timeout, api_key=api_key, bearer_token=bearer_token, tls=tls,
+            root_certificates=root_certificates,
             private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
             retries=retries, channel_args=channel_args)
         channel = aio.secure_channel(target, creds, opts) if creds else aio.insecure_channel(target, opts)
@@ -200,6 +221,8 @@ class Client:
     coverage: CoverageService
     cosim: CoSimService
     telemetry: TelemetryService
+    access: AccessService
+    audit: AuditService
 
     def __init__(self, channel: grpc.Channel, options: CallOptions) -> None:
         self.channel = channel
@@ -214,6 +237,7 @@ class Client:
         *,
         timeout: float | None = 30.0,
         api_key: str | None = None,
+        bearer_token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
@@ -223,7 +247,8 @@ class Client:
         channel_args: Mapping[str, ChannelArgValue] | None = None,
     ) -> Client:
         opts, creds, call_options = _connection(
-            timeout=timeout, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            timeout=timeout, api_key=api_key, bearer_token=bearer_token, tls=tls,
+            root_certificates=root_certificates,
             private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
             retries=retries, channel_args=channel_args)
         channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
