@@ -26,6 +26,8 @@ CODE_TABLE: dict[type[core.MachineServerError], grpc.StatusCode] = {
     core.Unavailable: grpc.StatusCode.UNAVAILABLE,
     core.Aborted: grpc.StatusCode.ABORTED,
     core.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    core.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    core.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 
@@ -74,6 +76,12 @@ def status_for(exc: core.MachineServerError, request_id: str = "") -> tuple[grpc
     metadata = {"request_id": request_id} if request_id else {}
     if isinstance(exc, core.Unimplemented):
         metadata["feature"] = exc.feature
+    elif isinstance(exc, core.PermissionDenied):
+        metadata["method"] = exc.method
+        if exc.required_role:
+            metadata["required_role"] = exc.required_role
+    elif isinstance(exc, core.Unauthenticated):
+        metadata["why"] = exc.reason
     details.append(_pack(error_details_pb2.ErrorInfo(
         reason=code.name, domain=DOMAIN, metadata=metadata
     )))

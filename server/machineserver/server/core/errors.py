@@ -11,6 +11,8 @@ MachineServerError
  +-- Unavailable          a backend died or is not installed          UNAVAILABLE
  +-- Aborted              a concurrent change won (e.g. etag mismatch) ABORTED
  +-- DeadlineExceeded     a backend did not answer in time            DEADLINE_EXCEEDED
+ +-- Unauthenticated      no credentials, or ones that do not hold    UNAUTHENTICATED
+ +-- PermissionDenied     the caller lacks the role a method needs    PERMISSION_DENIED
 """
 
 from __future__ import annotations
@@ -74,3 +76,22 @@ class Aborted(MachineServerError):
 
 class DeadlineExceeded(MachineServerError):
     pass
+
+
+class Unauthenticated(MachineServerError):
+    """The call carries no credentials, or ones that do not hold (``reason`` says which:
+    unknown key, expired token, wrong issuer, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"unauthenticated: {reason}")
+        self.reason = reason
+
+
+class PermissionDenied(MachineServerError):
+    """The caller is known but may not call ``method``: it lacks ``required_role`` (or a
+    configured allowlist rule refuses the method: ``required_role`` is then empty)."""
+
+    def __init__(self, method: str, required_role: str, message: str) -> None:
+        super().__init__(message)
+        self.method = method
+        self.required_role = required_role
