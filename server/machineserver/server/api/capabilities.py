@@ -18,9 +18,10 @@ from machineserver.server import __version__
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.interceptors import preserialized
-from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices
+from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices, page_token_after
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.features import served_features
+from machineserver.server.core.listing import MAX_PAGE_BYTES
 from machineserver.server.core.models import BoardTemplateRecord
 from machineserver.server.drivers.base import BoardSpec, Feature, MemoryFootprint
 from machineserver.server.lockstep.links import LINK_KINDS
@@ -183,9 +184,22 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
             for rec, spec, revision in catalog.records(missing[start:start + FETCH_SLICE]):
                 found[rec.id] = self.templates.put(rec.id, revision, convert.board_template_pb(rec, spec))
             await slices.tick()
-        answer = b"".join(found[n] for n in page.items if n in found)  # a template deleted meanwhile is left out
-        if page.next_page_token:
-            answer += length_delimited(_TOKEN_FIELD, page.next_page_token.encode())
+        # a template deleted meanwhile is left out; the page stops before MAX_PAGE_BYTES
+        parts: list[bytes] = []
+        size, token, last = 0, page.next_page_token, ""
+        for name in page.items:
+            framed = found.get(name)
+            if framed is None:
+                continue
+            if parts and size + len(framed) > MAX_PAGE_BYTES:
+                token = page_token_after(last, request.filter)
+                break
+            parts.append(framed)
+            last = name
+            size += len(framed)
+        answer = b"".join(parts)
+        if token:
+            answer += length_delimited(_TOKEN_FIELD, token.encode())
         return preserialized(answer, pb.ListBoardTemplatesResponse)
 
     async def GetBoardTemplate(
@@ -201,7 +215,7 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         request: pb.CreateBoardTemplateRequest,
         context: aio.ServicerContext[pb.CreateBoardTemplateRequest, pb.CreateBoardTemplateResponse],
     ) -> pb.CreateBoardTemplateResponse:
-        rec, spec = self.engine.catalog.create(request.config, self.principal(context))
+        rec, spec = self.engine.catalog.create(request.config)
         return pb.CreateBoardTemplateResponse(board_template=self._remember(rec, spec))
 
     async def UpdateBoardTemplate(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import bisect
 import builtins
 import hashlib
@@ -53,7 +52,9 @@ from machineserver.server.core.listing import (
     Page,
     match_terms,
     parse_filter,
+    read_page_token,
     resource_id,
+    token_str,
 )
 from machineserver.server.core.models import BoardTemplateRecord, from_row, now, record_row
 from machineserver.server.drivers.base import BoardSpec
@@ -121,7 +122,8 @@ class BoardSupport:
     models: dict[str, set[str]] = field(default_factory=dict)
 
 
-def _page_token(after: str, filter_text: str) -> str:
+def page_token_after(after: str, filter_text: str) -> str:
+    """The token of the page that starts after the template named ``after``."""
     raw = json.dumps({"a": after, "f": _fingerprint(filter_text)}).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
@@ -134,11 +136,8 @@ def _page_after(page_token: str, filter_text: str) -> str:
     """The last name the previous page returned ("" for the first page)."""
     if not page_token:
         return ""
-    try:
-        data = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-        after, fp = str(data["a"]), str(data["f"])
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise InvalidArgument("page_token", "not a page token from this server") from None
+    data = read_page_token(page_token)
+    after, fp = token_str(data, "a"), token_str(data, "f")
     if fp != _fingerprint(filter_text):
         raise InvalidArgument("page_token", "the token belongs to a different query")
     return after
@@ -281,7 +280,7 @@ class BoardCatalog:
                 pos = bisect.bisect_right(self._names, name)  # the names may have changed meanwhile
         more = len(chosen) > limit
         chosen = chosen[:limit]
-        return Page(chosen, _page_token(chosen[-1], filter_text) if more and chosen else "")
+        return Page(chosen, page_token_after(chosen[-1], filter_text) if more and chosen else "")
 
     def records(self, names: Sequence[str]) -> builtins.list[tuple[BoardTemplateRecord, BoardSpec, int]]:
         """The templates' records, boards and revisions, in the order given (one query to
