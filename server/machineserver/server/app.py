@@ -69,7 +69,7 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
     if workers is None and cfg.workers != 0:
         workers = own_pool = WorkerPool(max(0, cfg.workers), backends=cfg.backends)
     try:
-        engine = Engine(Path(cfg.data_dir), backends, cfg.limits, workers, cfg.gdbremote_allow)
+        engine = Engine(Path(cfg.data_dir), backends, cfg.limits, workers, cfg.gdbremote_allow, quotas=cfg.quotas)
     except BaseException:
         if own_pool is not None:
             await own_pool.close()

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from machineserver.server.core.engine import Limits
+from machineserver.server.core.quotas import QuotaConfig
+from machineserver.server.core.quotas import parse_config as parse_quotas
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
 
 ENV_PREFIX = "MACHINESERVER_"
@@ -40,6 +42,8 @@ class ServerConfig:
     # serial device must be allowed explicitly
     gdbremote_allow: tuple[str, ...] = DEFAULT_REMOTE_ALLOW
     limits: Limits = field(default_factory=Limits)
+    # per-tenant quotas (core/quotas.py): {default: {LIMIT: N}, tenants: {T: {LIMIT: N}}}, 0 = unlimited
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
 
 
 _SCALARS = {f.name for f in fields(ServerConfig)} - {"limits"}
@@ -77,6 +81,8 @@ def _apply(cfg: ServerConfig, values: dict[str, Any], source: str) -> ServerConf
                 if k not in _LIMITS:
                     raise ValueError(f"{source}: unknown limit {k!r}")
                 limits[k] = _coerce(k, v, getattr(cfg.limits, k))
+        elif key == "quotas":
+            top[key] = parse_quotas(value, source)
         elif key in _SCALARS:
             top[key] = _coerce(key, value, getattr(cfg, key))
         elif key in _LIMITS:

@@ -82,6 +82,8 @@ def status_for(exc: core.MachineServerError, request_id: str = "") -> tuple[grpc
             metadata["required_role"] = exc.required_role
     elif isinstance(exc, core.Unauthenticated):
         metadata["why"] = exc.reason
+    elif isinstance(exc, core.QuotaExceeded):
+        metadata["quota"] = exc.limit
     details.append(_pack(error_details_pb2.ErrorInfo(
         reason=code.name, domain=DOMAIN, metadata=metadata
     )))

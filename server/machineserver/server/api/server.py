@@ -22,6 +22,7 @@ from machineserver.server.api.interceptors import AccessLog, CallBoundary, CallH
 from machineserver.server.api.sessions import SessionServicer
 from machineserver.server.api.telemetry import TelemetryServicer
 from machineserver.server.core.engine import Engine
+from machineserver.server.core.quotas import StreamQuota
 from machineserver.v1 import (
     capabilities_pb2,
     capabilities_pb2_grpc,
@@ -54,6 +55,14 @@ SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor,
 
 SERVICE_NAMES = [file.services_by_name[name].full_name for _, _, file, name in SERVICES]
 
+
+def streaming_methods() -> frozenset[str]:
+    """The full names of our server-streaming and bidirectional methods (what the
+    concurrent_streams quota counts), from the service descriptors."""
+    return frozenset(f"/{service.full_name}/{method.name}"
+                     for service in (file.services_by_name[name] for _, _, file, name in SERVICES)
+                     for method in service.methods if method.server_streaming)
+
 MAX_MESSAGE_BYTES = 8 << 20
 
 
@@ -62,7 +71,7 @@ async def build_server(
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
     """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM.
     ``hooks`` join the engine's call chain, which every transport goes through."""
-    engine.calls.configure([AccessLog(), *hooks], code_name)
+    engine.calls.configure([AccessLog(), *hooks, StreamQuota(engine.quotas, streaming_methods())], code_name)
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -14,6 +14,7 @@ from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
 from machineserver.server.core.gdbbridges import GdbBridges
 from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.quotas import QuotaConfig, Quotas
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
 from machineserver.server.core.sessions import SessionManager
 from machineserver.server.core.snapshots import SnapshotStore
@@ -37,11 +38,12 @@ class Engine:
     """Everything below the API layer. Create inside a running event loop."""
 
     def __init__(self, data_dir: Path, backends: BackendRegistry, limits: Limits,
-                 workers: WorkerPool | None = None, remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW) -> None:
+                 workers: WorkerPool | None = None, remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW,
+                 quotas: QuotaConfig | None = None) -> None:
         """Takes the data directory's lock first (DataDirLocked when another server holds
         it), then opens the records and blobs in it. With ``workers``, every backend's
         machines run in those worker processes (the engine does not close a pool it was
-        given)."""
+        given). ``quotas``: the per-tenant quotas (default: none)."""
         self.data_dir = data_dir
         self.workers = workers
         self.own_workers = False  # whether close() closes the pool too
@@ -50,23 +52,26 @@ class Engine:
         self.lock = DataDirLock(data_dir)
         self.lock.acquire()
         try:
-            self._open(data_dir, backends, limits, remote_allow)
+            self._open(data_dir, backends, limits, remote_allow, quotas or QuotaConfig())
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits, remote_allow: Sequence[str]) -> None:
+    def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits, remote_allow: Sequence[str],
+              quotas: QuotaConfig) -> None:
         self.db = Database(data_dir / "machineserver.sqlite3")
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
         self.calls = CallChain()  # the hooks every command passes through (api configures them)
         self.catalog = BoardCatalog(self.db)
-        self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes)
+        self.quotas = Quotas(quotas, self.db)
+        self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes, quotas=self.quotas)
         self.sessions = SessionManager(
             self.db, self.catalog, backends, self.programs,
             max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
-            console_dir=data_dir / "console", remote_allow=remote_allow,
+            console_dir=data_dir / "console", remote_allow=remote_allow, quotas=self.quotas,
         )
+        self.quotas.attach(self.sessions)
         self.debugger = Debugger(self.sessions)
         self.stepper = LineStepper(self.debugger)
         self.gdb = GdbBridges(self.sessions, self.debugger, self.calls)
@@ -80,8 +85,10 @@ class Engine:
         self.debugger.load()
         self.cosim.load()
         await self.telemetry.start()
+        await self.quotas.start()
 
     async def close(self) -> None:
+        await self.quotas.stop()
         await self.gdb.close()
         await self.cosim.shutdown()
         await self.telemetry.stop()

@@ -7,6 +7,7 @@ MachineServerError
  +-- AlreadyExists        a resource with that name exists            ALREADY_EXISTS
  +-- FailedPrecondition   the resource is not in the state needed     FAILED_PRECONDITION
  +-- ResourceExhausted    a quota or size limit                       RESOURCE_EXHAUSTED
+ |    +-- QuotaExceeded    a tenant's quota (core/quotas.py)           RESOURCE_EXHAUSTED
  +-- Unimplemented        the backend (or server) lacks the feature   UNIMPLEMENTED
  +-- Unavailable          a backend died or is not installed          UNAVAILABLE
  +-- Aborted              a concurrent change won (e.g. etag mismatch) ABORTED
@@ -58,6 +59,18 @@ class ResourceExhausted(MachineServerError):
     def __init__(self, subject: str, message: str) -> None:
         super().__init__(message)
         self.subject = subject
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant hit one of its quotas: the subject is ``tenant:T`` and the message names
+    the limit (``live_sessions: 5 of 5 in use``)."""
+
+    def __init__(self, limit: str, tenant: str, used: int, maximum: int, detail: str = "") -> None:
+        super().__init__(f"tenant:{tenant}", f"{limit}: {used} of {maximum} in use" + (f"; {detail}" if detail else ""))
+        self.limit = limit
+        self.tenant = tenant
+        self.used = used
+        self.maximum = maximum
 
 
 class Unimplemented(MachineServerError):

@@ -25,6 +25,7 @@ from machineserver.server.core.listing import (
     resource_id,
 )
 from machineserver.server.core.models import ProgramRecord, from_row, record_row
+from machineserver.server.core.quotas import QuotaConfig, Quotas
 from machineserver.server.core.symbols import SymbolTable
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
@@ -48,8 +49,9 @@ class UploadResult:
 
 
 class ProgramStore:
-    def __init__(self, db: Database, blobs: BlobStore, max_bytes: int) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, max_bytes: int, *, quotas: Quotas | None = None) -> None:
         self._db = db
+        self.quotas = quotas if quotas is not None else Quotas(QuotaConfig(), db)  # per tenant (core/quotas.py)
         self._blobs = blobs
         self._max_bytes = max_bytes
         self._cache: OrderedDict[str, tuple[ParsedImage, SymbolTable | None]] = OrderedDict()
@@ -64,9 +66,11 @@ class ProgramStore:
         try:
             async for chunk in chunks:
                 writer.write(chunk)
+            self.quotas.admit_program_bytes(writer.size)
         except BlobTooLarge:
             raise ResourceExhausted(
-                "program_size", f"the program is larger than the limit of {self._max_bytes} bytes"
+                "limits.max_program_bytes",
+                f"the program is larger than the server's limits.max_program_bytes ({self._max_bytes} bytes)",
             ) from None
         except BaseException:
             writer.abort()

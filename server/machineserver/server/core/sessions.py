@@ -58,6 +58,7 @@ from machineserver.server.core.models import (
     stop_to_dict,
 )
 from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.quotas import QuotaConfig, Quotas
 from machineserver.server.core.pubsub import Hub
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW, check_allowed, normal_form
 from machineserver.server.drivers import base as drv
@@ -273,6 +274,7 @@ class SessionManager:
         console_retain: int = 1 << 20,
         console_dir: Path | None = None,
         remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW,
+        quotas: Quotas | None = None,
     ) -> None:
         """``console_dir``: where consoles are kept across restarts (None: memory only);
         ``remote_allow``: the endpoints gdbremote sessions may reach (core/remote_targets.py)."""
@@ -282,6 +284,7 @@ class SessionManager:
         self.programs = programs
         self.max_sessions = max_sessions
         self.remote_allow = tuple(remote_allow)
+        self.quotas = quotas if quotas is not None else Quotas(QuotaConfig(), db)  # per tenant (core/quotas.py)
         self.console_retain = console_retain
         self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
@@ -391,6 +394,7 @@ class SessionManager:
             raise ResourceExhausted(
                 "sessions", f"the server holds its limit of {self.max_sessions} sessions; delete some"
             )
+        self.quotas.admit_session()
         for key, value in p.labels.items():
             if not key or len(key) > 63 or not set(key) <= LABEL_CHARS or len(value) > 255:
                 raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 255 chars")
@@ -596,6 +600,7 @@ class SessionManager:
                 return
             live.require_halted("run")
             live.feature(Feature.RUN_CONTROL)
+            self.quotas.admit_run([live])
             self.set_state(live, MachineState.RUNNING, "running")
             # a run() is short: a cancelled caller does not cut it in half (the machine would
             # run with the record saying otherwise); the cancellation goes on after it
@@ -643,6 +648,7 @@ class SessionManager:
         async with live.lock:
             machine = live.require_halted("step")
             live.feature(Feature.RUN_CONTROL)
+            self.quotas.admit_step(live)
             run_control = machine.capability(drv.RunControl)
             if count <= SHORT_STEP:  # over in microseconds: no operation task (a debugger's stepi)
                 with driver_errors(live):

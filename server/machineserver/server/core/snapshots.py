@@ -75,7 +75,9 @@ class SnapshotStore:
             if was_running and live.state is MachineState.HALTED:
                 await self._sessions.run(live)
         if self._max_bytes and len(blob) > self._max_bytes:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self._max_bytes} bytes")
+            raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
+                                    f"limits.max_snapshot_bytes ({self._max_bytes} bytes)")
+        self._sessions.quotas.admit_snapshot_bytes(len(blob))
         digest = await asyncio.to_thread(self._blobs.put, blob)
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
@@ -150,8 +152,10 @@ class SnapshotStore:
         try:
             async for chunk in chunks:
                 writer.write(chunk)
+            self._sessions.quotas.admit_snapshot_bytes(writer.size)
         except BlobTooLarge:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self._max_bytes} bytes") from None
+            raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
+                                    f"limits.max_snapshot_bytes ({self._max_bytes} bytes)") from None
         except BaseException:
             writer.abort()
             raise

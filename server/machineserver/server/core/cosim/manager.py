@@ -328,6 +328,7 @@ class CoSimManager:
         await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
 
     def _launch(self, rt: Runtime, coord: Coordinator, max_quanta: int, until_ref: int) -> asyncio.Task[None]:
+        self.sessions.quotas.admit_run(rt.lives)  # the members' tenant's running sessions and instructions
         rt.rec.state, rt.rec.state_reason = CoSimState.RUNNING.value, "running"
         rt.rec.last_stop = None
         for live in rt.lives:

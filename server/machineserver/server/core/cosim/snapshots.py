@@ -61,7 +61,9 @@ class CoSimSnapshots:
                                 copy.deepcopy(coord.state.mid))
         data = artifact.encode(art)
         if self.max_bytes and len(data) > self.max_bytes:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_bytes} bytes")
+            raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
+                                    f"limits.max_snapshot_bytes ({self.max_bytes} bytes)")
+        self.m.sessions.quotas.admit_snapshot_bytes(len(data))
         digest = await asyncio.to_thread(self.blobs.put, data)
         return self._record(rt, digest, len(data), art, display_name, owner)
 
@@ -143,9 +145,10 @@ class CoSimSnapshots:
         try:
             async for chunk in chunks:
                 writer.write(chunk)
+            self.m.sessions.quotas.admit_snapshot_bytes(writer.size)
         except BlobTooLarge:
-            raise ResourceExhausted("snapshot_size", f"the snapshot is larger than {self.max_bytes} "
-                                    "bytes") from None
+            raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
+                                    f"limits.max_snapshot_bytes ({self.max_bytes} bytes)") from None
         except BaseException:
             writer.abort()
             raise
