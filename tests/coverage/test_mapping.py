@@ -187,5 +187,5 @@ def test_nothing_to_cover_is_100_percent_and_reads_as_a_dash() -> None:
     empty = Counts(lines_hit=1, lines_total=2)
     assert (empty.line_percent, empty.function_percent, empty.branch_percent) == (50.0, 100.0, 100.0)
     assert percent_text(0, 0) == "-" and percent_text(1, 3) == "33.3%"
-    page = _simple_html(CoverageResult("p", [], [FileResult("a.c", {1: 1, 2: 0})]), "")
+    page = _simple_html(CoverageResult("p", [], [FileResult("a.c", {1: 1, 2: 0})]), {"a.c": "files/0.html"}, {})
     assert "1/2 (50.0%)" in page and "0/0 (-)" in page and "(0.0%)" not in page

@@ -5,6 +5,7 @@ Cobertura XML (GitLab, Jenkins) and JSON."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import html
 import io
@@ -15,6 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -213,6 +215,19 @@ def cobertura(result: CoverageResult, source_root: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- HTML
+#
+# Source text comes only from ``sources`` (path as the line table names it -> bytes, or
+# None: not provided), which the caller takes from a client's source bundle or a
+# configured source root (core.sources). Nothing here reads a path a program or a client
+# names: genhtml reads copies written under our own temporary folder.
+
+NOT_PROVIDED = "source not provided"
+NOT_PROVIDED_HELP = (
+    "source not provided: upload the program with its sources (UploadProgramRequest."
+    "sources_chunk, msctl program upload --sources) or give them with the export "
+    "(ExportCoverageRequest.sources, msctl coverage export --sources)"
+)
+Sources = Mapping[str, bytes | None]
 
 
 def _tar_dir(directory: Path, extra: dict[str, str]) -> bytes:
@@ -225,20 +240,79 @@ def _tar_dir(directory: Path, extra: dict[str, str]) -> bytes:
             info.mtime = int(time.time())
             tar.addfile(info, io.BytesIO(data))
         for path in sorted(directory.rglob("*")):
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():
                 tar.add(path, arcname=f"coverage-html/{path.relative_to(directory)}", recursive=False)
     return buf.getvalue()
 
 
-def _simple_html(result: CoverageResult, source_root: str) -> str:
+def _safe_relative(path: str, index: int, taken: set[str]) -> str:
+    """A relative path under our temporary folder for a line-table path: components kept
+    where they are plain names ("..", empty and over-long ones replaced), unique."""
+    parts = []
+    for part in path.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        parts.append("__up__" if part == ".." else part[:120])
+    rel = "/".join(parts) or f"file{index}"
+    if rel in taken:
+        rel = f"dup{index}/{rel}"
+    taken.add(rel)
+    return rel
+
+
+def _placeholder(f: FileResult) -> str:
+    """What a page shows for a file whose source was not provided: the message on every
+    line (genhtml needs the lines its counts are on)."""
+    last = max([*f.lines, *(fn.line for fn in f.functions), *(b.line for b in f.branches), 1])
+    return "\n".join(f"/* {NOT_PROVIDED} */" for _ in range(last)) + "\n"
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _file_page(f: FileResult, source: bytes | None) -> str:
+    c = f.counts
+    branches: dict[int, list[str]] = {}
+    for b in sorted(f.branches, key=lambda b: b.address):
+        taken = "-" if b.taken is None else str(b.taken)
+        not_taken = "-" if b.not_taken is None else str(b.not_taken)
+        branches.setdefault(b.line, []).append(f"[{taken}/{not_taken}]")
+    head = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(f.path)}</title></head><body>"
+        f"<h1>{html.escape(f.path)}</h1>"
+        f"<p>Lines {c.lines_hit}/{c.lines_total} ({percent_text(c.lines_hit, c.lines_total)}), functions "
+        f"{c.functions_hit}/{c.functions_total}, branches {c.branches_hit}/{c.branches_total}. "
+        "<a href='../index.html'>index</a></p>"
+    )
+    rows = []
+    if source is None:
+        head += f"<p class='missing'><b>{html.escape(NOT_PROVIDED_HELP)}</b></p>"
+        head += "<table border='1'><tr><th>Line</th><th>Count</th><th>Branches</th></tr>"
+        for line, count in sorted(f.lines.items()):
+            rows.append(f"<tr><td>{line}</td><td>{count}</td><td>{' '.join(branches.get(line, []))}</td></tr>")
+    else:
+        head += "<table border='0'><tr><th>Line</th><th>Count</th><th>Branches</th><th>Source</th></tr>"
+        for n, text in enumerate(_decode(source).splitlines(), start=1):
+            hits = f.lines.get(n)
+            rows.append(
+                f"<tr><td>{n}</td><td>{'' if hits is None else hits}</td>"
+                f"<td>{' '.join(branches.get(n, []))}</td><td><pre>{html.escape(text)}</pre></td></tr>"
+            )
+    return head + "".join(rows) + "</table></body></html>\n"
+
+
+def _simple_html(result: CoverageResult, pages: dict[str, str], sources: Sources) -> str:
     t = result.totals
     rows = []
     for f in result.files:
         c = f.counts
         unhit = ", ".join(str(n) for n, cnt in sorted(f.lines.items()) if not cnt) or "-"
         fns = ", ".join(f"{html.escape(fn.name)}: {fn.count}" for fn in f.functions) or "-"
+        note = "" if sources.get(f.path) is not None else f" ({NOT_PROVIDED})"
         rows.append(
-            f"<tr><td>{html.escape(source_path(f.path, source_root))}</td>"
+            f"<tr><td><a href='{html.escape(pages[f.path])}'>{html.escape(f.path)}</a>{note}</td>"
             f"<td>{c.lines_hit}/{c.lines_total} ({percent_text(c.lines_hit, c.lines_total)})</td>"
             f"<td>{c.functions_hit}/{c.functions_total} ({percent_text(c.functions_hit, c.functions_total)})</td>"
             f"<td>{c.branches_hit}/{c.branches_total} ({percent_text(c.branches_hit, c.branches_total)})</td>"
@@ -256,33 +330,63 @@ def _simple_html(result: CoverageResult, source_root: str) -> str:
     )
 
 
-def _missing_sources(result: CoverageResult, source_root: str) -> list[str]:
-    """Files genhtml could not read (relative paths resolve against the server's working
-    directory, as genhtml's do)."""
-    return [f.path for f in result.files if not Path(source_path(f.path, source_root)).is_file()]
+def _readme_sources(result: CoverageResult, sources: Sources) -> str:
+    missing = [f.path for f in result.files if sources.get(f.path) is None]
+    if not missing:
+        return "Source text: from the sources the client provided.\n"
+    return (f"Source text: {NOT_PROVIDED_HELP}.\nFiles shown with line counts only ({NOT_PROVIDED}):\n"
+            + "".join(f"  {p}\n" for p in missing))
 
 
-async def html_archive(result: CoverageResult, source_root: str = "") -> tuple[bytes, str]:
+def _write_builtin(result: CoverageResult, sources: Sources, out: Path) -> None:
+    (out / "files").mkdir(parents=True)
+    pages: dict[str, str] = {}
+    for i, f in enumerate(result.files):
+        pages[f.path] = f"files/{i}.html"
+        (out / pages[f.path]).write_text(_file_page(f, sources.get(f.path)))
+    (out / "index.html").write_text(_simple_html(result, pages, sources))
+
+
+def _write_sources(result: CoverageResult, sources: Sources, root: Path) -> CoverageResult:
+    """The sources (or placeholders) written under ``root``, and the result with its paths
+    pointing at them."""
+    taken: set[str] = set()
+    files = []
+    for i, f in enumerate(result.files):
+        rel = _safe_relative(f.path, i, taken)
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = sources.get(f.path)
+        if source is None:
+            target.write_text(_placeholder(f))
+        else:
+            target.write_bytes(source)
+        files.append(dataclasses.replace(f, path=str(target)))
+    return dataclasses.replace(result, files=files)
+
+
+async def html_archive(result: CoverageResult, sources: Sources | None = None) -> tuple[bytes, str]:
     """A .tar.gz of an HTML report (folder ``coverage-html/``, with a README.txt saying
-    which generator made it) and the generator's name."""
+    which generator made it and where the source text came from) and the generator's
+    name. ``sources``: path -> text, None where not provided (see the section comment)."""
+    sources = sources or {}
     genhtml = shutil.which("genhtml")
     with tempfile.TemporaryDirectory(prefix="ms-cov-") as tmp:
         work = Path(tmp)
-        if genhtml is None:
-            readme = "Generated by MachineServer's built-in HTML writer (genhtml is not installed).\n\n"
-            (work / "out").mkdir()
-            (work / "out" / "index.html").write_text(_simple_html(result, source_root))
-            return _tar_dir(work / "out", {"README.txt": readme + APPROXIMATIONS}), "builtin"
-        info = work / "coverage.info"
-        info.write_text(lcov(result, source_root))
         out = work / "out"
+        if genhtml is None:
+            readme = "Generated by MachineServer's built-in HTML writer (genhtml is not installed).\n"
+            await asyncio.to_thread(_write_builtin, result, sources, out)
+            extra = {"README.txt": readme + _readme_sources(result, sources) + "\n" + APPROXIMATIONS}
+            return await asyncio.to_thread(_tar_dir, out, extra), "builtin"
+        src_root = work / "src"
+        staged = await asyncio.to_thread(_write_sources, result, sources, src_root)
+        info = work / "coverage.info"
+        info.write_text(lcov(staged))
         args = [genhtml, "--quiet", "--branch-coverage", "--function-coverage", "-o", str(out),
-                "--title", f"programs/{result.program}", str(info)]
-        missing = await asyncio.to_thread(_missing_sources, result, source_root)
-        if missing:
-            args.insert(1, "--no-source")
+                "--prefix", str(src_root), "--title", f"programs/{result.program}", str(info)]
         proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(work),
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), GENHTML_TIMEOUT_S)
@@ -293,8 +397,6 @@ async def html_archive(result: CoverageResult, source_root: str = "") -> tuple[b
         if proc.returncode != 0:
             raise Unavailable(f"genhtml failed: {err.decode(errors='replace').strip()[-500:]}")
         readme = "Generated by genhtml (lcov) from MachineServer's LCOV tracefile.\n"
-        if missing:
-            readme += ("Source files were not found on the server (give source_root), so pages "
-                       "show counts without source text: " + ", ".join(missing) + "\n")
-        archive = await asyncio.to_thread(_tar_dir, out, {"README.txt": readme + "\n" + APPROXIMATIONS})
+        extra = {"README.txt": readme + _readme_sources(result, sources) + "\n" + APPROXIMATIONS}
+        archive = await asyncio.to_thread(_tar_dir, out, extra)
         return archive, "genhtml"
