@@ -75,6 +75,7 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
             await own_pool.close()
         raise
     engine.own_workers = own_pool is not None
+    engine.coverage.source_roots = cfg.coverage_source_roots
     if own_pool is not None:
         own_pool.prewarm()
     await engine.start()

@@ -41,6 +41,10 @@ class ServerConfig:
     # "unix:/path", "serial:/dev/x"): by default TCP to this host only; a unix socket or a
     # serial device must be allowed explicitly
     gdbremote_allow: tuple[str, ...] = DEFAULT_REMOTE_ALLOW
+    # folders whose files a coverage HTML export may show when a program's debug info names
+    # them (read only if their real path lies inside one); empty: the server reads none
+    # and HTML shows only sources the client sent
+    coverage_source_roots: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     # per-tenant quotas (core/quotas.py): {default: {LIMIT: N}, tenants: {T: {LIMIT: N}}}, 0 = unlimited
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
@@ -51,7 +55,7 @@ _LIMITS = {f.name for f in fields(Limits)}
 
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
-    if name == "gdbremote_allow":
+    if name in ("gdbremote_allow", "coverage_source_roots"):
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(s.strip() for s in items if s.strip())
     if name == "backends":

@@ -220,6 +220,7 @@ def program_pb(rec: ProgramRecord) -> session_pb.Program:
         segments=[session_pb.ProgramSegment(address=a, size=s) for a, s in rec.segments],
         has_symbols=rec.has_symbols,
         has_debug_info=rec.has_debug_info,
+        source_files=rec.source_files,
         create_time=timestamp(rec.create_time),
         owner=rec.owner,
     )

@@ -98,7 +98,8 @@ class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
         elif fmt is export.ExportFormat.COBERTURA:
             data = export.cobertura(result, root).encode()
         else:
-            data, _generator = await export.html_archive(result, root)
+            texts = await self.engine.coverage.html_sources(result, request.sources)
+            data, _generator = await export.html_archive(result, texts)
         content_type = export.CONTENT_TYPES[fmt]
         for off in range(0, max(len(data), 1), CHUNK_SIZE):
             yield pb.ExportCoverageResponse(

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from machineserver.server.api.errors import internal_status, status_for
+from machineserver.server.api.validation import Validator, validator_for
 from machineserver.server.core.calls import (
     CURRENT,
     AfterOnlyHook,
@@ -148,16 +149,17 @@ class CallBoundary:
         """``handler`` for ``method`` ("/pkg.Service/Method"), inside the boundary, with a
         serializer that passes :func:`preserialized` answers through."""
         serializer = _serializer(handler.response_serializer)
+        check = validator_for(method)  # every request message's size limits (api/validation.py)
         if handler.unary_unary or handler.stream_unary:
             inner = cast(AioUnaryBehaviour, handler.unary_unary or handler.stream_unary)
             make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-            return make(self._unary(method, inner), request_deserializer=handler.request_deserializer,
-                        response_serializer=serializer)
+            return make(self._unary(method, _checked(inner, check, handler.request_streaming)),
+                        request_deserializer=handler.request_deserializer, response_serializer=serializer)
         inner_stream = cast(AioStreamBehaviour, handler.unary_stream or handler.stream_stream)
         make_stream = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                        else grpc.stream_stream_rpc_method_handler)
-        return make_stream(self._stream(method, inner_stream), request_deserializer=handler.request_deserializer,
-                           response_serializer=serializer)
+        return make_stream(self._stream(method, _checked(inner_stream, check, handler.request_streaming)),
+                           request_deserializer=handler.request_deserializer, response_serializer=serializer)
 
     def _unary(self, method: str, inner: AioUnaryBehaviour) -> AioUnaryBehaviour:
         chain, fail = self.chain, self._fail_unless_abort
@@ -262,6 +264,33 @@ class CallBoundary:
                 if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
                     call.code = code.name
         self.chain.leave(call)
+
+
+B = TypeVar("B", AioUnaryBehaviour, AioStreamBehaviour)
+
+
+def _checked(inner: B, check: Validator | None, request_streaming: bool) -> B:
+    """``inner`` with every request message it receives checked against the size limits
+    first (a unary request before the handler runs; each message of a client stream as the
+    handler reads it): a field over its limit ends the call INVALID_ARGUMENT naming it."""
+    if check is None:
+        return inner
+    if not request_streaming:
+        def unary_request(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            check(request)
+            return inner(request, context)
+
+        return cast(B, unary_request)
+
+    async def checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            check(request)
+            yield request
+
+    def stream_request(requests: AsyncIterable[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+        return inner(checked_stream(requests), context)
+
+    return cast(B, stream_request)
 
 
 class MethodTable(grpc.GenericRpcHandler):

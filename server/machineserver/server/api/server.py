@@ -12,6 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from machineserver.server.api.audit import AuditServicer
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer
@@ -21,9 +22,12 @@ from machineserver.server.api.errors import code_name
 from machineserver.server.api.interceptors import AccessLog, CallBoundary, CallHook, Registrar
 from machineserver.server.api.sessions import SessionServicer
 from machineserver.server.api.telemetry import TelemetryServicer
+from machineserver.server.core.audit import AuditHook
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.quotas import StreamQuota
 from machineserver.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     capabilities_pb2,
     capabilities_pb2_grpc,
     cosim_pb2,
@@ -51,6 +55,7 @@ SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor,
     (CoSimServicer, cosim_pb2_grpc.add_CoSimServiceServicer_to_server, cosim_pb2.DESCRIPTOR, "CoSimService"),
     (TelemetryServicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server, telemetry_pb2.DESCRIPTOR,
      "TelemetryService"),
+    (AuditServicer, audit_pb2_grpc.add_AuditServiceServicer_to_server, audit_pb2.DESCRIPTOR, "AuditService"),
 ]
 
 SERVICE_NAMES = [file.services_by_name[name].full_name for _, _, file, name in SERVICES]
@@ -71,7 +76,9 @@ async def build_server(
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
     """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM.
     ``hooks`` join the engine's call chain, which every transport goes through."""
-    engine.calls.configure([AccessLog(), *hooks, StreamQuota(engine.quotas, streaming_methods())], code_name)
+    # the audit hook before any hook that may refuse a call (auth): a refused call is audited too
+    engine.calls.configure([AccessLog(), AuditHook(engine.audit), *hooks,
+                            StreamQuota(engine.quotas, streaming_methods())], code_name)
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

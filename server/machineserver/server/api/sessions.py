@@ -9,11 +9,54 @@ from grpc import aio
 
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer, split_upload
+from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.images import ImageFormat
 from machineserver.server.core.programs import UploadMetadata
 from machineserver.server.core.sessions import CreateParams, LiveSession
 from machineserver.v1 import session_pb2 as pb
 from machineserver.v1 import session_pb2_grpc as pb_grpc
+
+
+class ProgramUpload:
+    """An UploadProgram stream in its parts: the metadata, the program's chunks, then the
+    source bundle's chunks (sources_chunk), in that order."""
+
+    def __init__(self, requests: AsyncIterator[pb.UploadProgramRequest]) -> None:
+        self._requests = requests.__aiter__()
+        self._first_source: bytes | None = None
+
+    async def metadata(self) -> pb.ProgramMetadata:
+        try:
+            first = await self._requests.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgument("metadata", "the stream is empty; send the metadata first") from None
+        if first.WhichOneof("content") != "metadata":
+            raise InvalidArgument("metadata", "the first message must carry the metadata")
+        return first.metadata
+
+    async def program(self) -> AsyncIterator[bytes]:
+        async for req in self._requests:
+            kind = req.WhichOneof("content")
+            if kind == "chunk":
+                yield req.chunk
+            elif kind == "sources_chunk":
+                self._first_source = req.sources_chunk
+                return
+            else:
+                raise InvalidArgument("metadata", "metadata may only come first")
+
+    async def sources(self) -> AsyncIterator[bytes]:
+        if self._first_source is None:
+            return
+        yield self._first_source
+        async for req in self._requests:
+            kind = req.WhichOneof("content")
+            if kind == "sources_chunk":
+                yield req.sources_chunk
+            elif kind == "chunk":
+                raise InvalidArgument("chunk", "the program's chunks must all come before sources_chunk")
+            else:
+                raise InvalidArgument("metadata", "metadata may only come first")
 
 
 class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
@@ -125,13 +168,14 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.UploadProgramRequest],
         context: aio.ServicerContext[pb.UploadProgramRequest, pb.UploadProgramResponse],
     ) -> pb.UploadProgramResponse:
-        meta, chunks = await split_upload(request_iterator)
+        parts = ProgramUpload(request_iterator)
+        meta = await parts.metadata()
         fmt: ImageFormat | None = None
         if meta.format:
             fmt = convert.enum_value(convert.FORMAT_FROM_PB, meta.format, "metadata.format")
         result = await self.engine.programs.upload(
-            UploadMetadata(meta.display_name, fmt, meta.load_address, meta.sha256), chunks,
-            owner=self.principal(context),
+            UploadMetadata(meta.display_name, fmt, meta.load_address, meta.sha256), parts.program(),
+            owner=self.principal(context), sources=parts.sources(),
         )
         return pb.UploadProgramResponse(program=convert.program_pb(result.program), deduplicated=result.deduplicated)
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
+from machineserver.server.core import limits
 from machineserver.server.core.errors import InvalidArgument
+from machineserver.server.core.limits import DEFAULT_BOUNDS, BoardBounds
 from machineserver.server.drivers.base import Arch, BoardSpec, MemoryRegion, PeripheralSpec
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -23,14 +25,70 @@ _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _YamlLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse_board_text(text: str, *, field: str = "config") -> dict[str, Any]:
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def _check_yaml_shape(text: str, field: str, bounds: BoardBounds) -> None:
+    """Before anything is built from the YAML: its nesting (at most max_config_depth) and
+    its values with aliases expanded (at most max_config_nodes: a "billion laughs" of
+    aliases to aliases is refused here, not expanded later), from the parser's events."""
+    depth = nodes = 0
+    open_nodes: list[tuple[str | None, int]] = []  # per open collection: its anchor, nodes before it
+    sizes: dict[str, int] = {}  # anchor -> the values it stands for
+    for event in yaml.parse(text, Loader=_YamlLoader):
+        if isinstance(event, _OPEN):
+            depth += 1
+            if depth > bounds.max_config_depth:
+                raise InvalidArgument(field, f"nested deeper than {bounds.max_config_depth} levels")
+            open_nodes.append((event.anchor, nodes))
+            nodes += 1
+        elif isinstance(event, _CLOSE):
+            depth -= 1
+            anchor, before = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = nodes - before
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            nodes += sizes.get(event.anchor or "", 1)
+        if nodes > bounds.max_config_nodes:
+            raise InvalidArgument(field, f"more than {bounds.max_config_nodes} values (aliases expanded)")
+
+
+def _check_depth(data: Any, field: str, max_depth: int) -> None:
+    """At most ``max_depth`` levels of mappings and lists (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise InvalidArgument(field, f"nested deeper than {max_depth} levels")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values() if isinstance(v, dict | list)]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value if isinstance(v, dict | list)]
+
+
+def parse_board_text(text: str, *, field: str = "config", bounds: BoardBounds = DEFAULT_BOUNDS) -> dict[str, Any]:
     """Parse a board config given as YAML or JSON (JSON is YAML, but its errors read
-    better from the JSON parser)."""
+    better from the JSON parser). Its size, nesting and (YAML) aliases are bounded by
+    ``bounds`` before the parser builds anything."""
+    if len(text) > bounds.max_config_bytes or len(text.encode("utf-8", "surrogatepass")) > bounds.max_config_bytes:
+        raise InvalidArgument(field, f"at most {bounds.max_config_bytes} bytes")
     stripped = text.lstrip()
     try:
-        data = json.loads(text) if stripped.startswith("{") else yaml.load(text, Loader=_YamlLoader)  # a safe loader
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InvalidArgument(field, f"not valid YAML or JSON: {exc}") from None
+        if stripped.startswith("{"):
+            data = json.loads(text)
+            _check_depth(data, field, bounds.max_config_depth)
+        else:
+            _check_yaml_shape(text, field, bounds)
+            data = yaml.load(text, Loader=_YamlLoader)  # a safe loader
+    except RecursionError:
+        raise InvalidArgument(field, f"nested deeper than {bounds.max_config_depth} levels") from None
+    except (ValueError, yaml.YAMLError) as exc:  # ValueError: JSON's, or a number YAML cannot build
+        raise InvalidArgument(field, f"not valid YAML or JSON: {str(exc)[:300]}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(field, "a board config must be a mapping")
     return data
@@ -68,8 +126,10 @@ def check_board_name(name: str, field: str = "name") -> str:
     return name
 
 
-def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardSpec:
-    """Check a board config and build its BoardSpec; InvalidArgument names the field."""
+def board_from_dict(data: Mapping[str, Any], *, field: str = "config", bounds: BoardBounds | None = None) -> BoardSpec:
+    """Check a board config and build its BoardSpec; InvalidArgument names the field.
+    ``bounds``: what a client's board may ask for (memory, interrupts; checked for boards
+    clients give, not for the ones already stored)."""
     name = check_board_name(_str(data, "name", field), f"{field}.name")
     arch_text = _str(data, "arch", field)
     try:
@@ -85,6 +145,8 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
     memory_data = data.get("memory")
     if not isinstance(memory_data, list) or not memory_data:
         raise InvalidArgument(f"{field}.memory", "must be a non-empty list of regions")
+    if len(memory_data) > limits.MAX_MEMORY_REGIONS:
+        raise InvalidArgument(f"{field}.memory", f"at most {limits.MAX_MEMORY_REGIONS} regions")
     memory: list[MemoryRegion] = []
     for i, item in enumerate(memory_data):
         f = f"{field}.memory[{i}]"
@@ -111,8 +173,11 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
         if base_b < end_a:
             raise InvalidArgument(f"{field}.memory", f"regions {name_a} and {name_b} overlap")
 
+    peripheral_data = data.get("peripherals") or []
+    if not isinstance(peripheral_data, list) or len(peripheral_data) > limits.MAX_PERIPHERALS:
+        raise InvalidArgument(f"{field}.peripherals", f"must be a list of at most {limits.MAX_PERIPHERALS} peripherals")
     peripherals: list[PeripheralSpec] = []
-    for i, item in enumerate(data.get("peripherals") or []):
+    for i, item in enumerate(peripheral_data):
         f = f"{field}.peripherals[{i}]"
         if not isinstance(item, dict):
             raise InvalidArgument(f, "must be a mapping")
@@ -126,8 +191,8 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
                 model=_str(item, "model", f),
                 base=_int(item.get("base"), f"{f}.base"),
                 size=_int(item.get("size", 0x1000), f"{f}.size"),
-                irq=None if irq is None else _int(irq, f"{f}.irq"),
-                properties=dict(props),
+                irq=None if irq is None else _irq(irq, f"{f}.irq"),
+                properties=_properties(_str(item, "model", f), props, f"{f}.properties"),
             )
         )
     console = _str(data, "console", field, required=False)
@@ -139,9 +204,14 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
     ):
         raise InvalidArgument(f"{field}.backends", "must map backend names to machine names")
     reset_vector = data.get("reset_vector")
+    description = _str(data, "description", field, required=False)
+    if len(description.encode("utf-8", "surrogatepass")) > limits.MAX_DESCRIPTION_BYTES:
+        raise InvalidArgument(f"{field}.description", f"at most {limits.MAX_DESCRIPTION_BYTES} bytes")
+    if bounds is not None:
+        _check_bounds(memory, peripherals, field, bounds)
     return BoardSpec(
         name=name,
-        description=_str(data, "description", field, required=False),
+        description=description,
         arch=arch,
         cpu=_str(data, "cpu", field),
         cpu_mhz=float(cpu_mhz),
@@ -152,6 +222,50 @@ def board_from_dict(data: Mapping[str, Any], *, field: str = "config") -> BoardS
         reset_vector=None if reset_vector is None else _int(reset_vector, f"{field}.reset_vector"),
         vector_table=_int(data.get("vector_table", 0), f"{field}.vector_table"),
     )
+
+
+def _irq(value: Any, field: str) -> int:
+    irq = _int(value, field)
+    if not 0 <= irq < 1024:
+        raise InvalidArgument(field, f"must be an interrupt number from 0 to 1023, got {irq}")
+    return irq
+
+
+# per peripheral model, the integer properties the emulation sizes things by: (low, high)
+_INT_PROPERTIES: dict[str, dict[str, tuple[int, int]]] = {
+    "nvic": {"num_irq": (1, limits.MAX_IRQS), "prio_bits": (1, 8)},
+    "uart-cmsdk": {"tx_irq": (0, 1023)},
+    "clint": {"timebase_hz": (1, 10**10)},
+}
+
+
+def _properties(model: str, props: dict[str, Any], field: str) -> dict[str, Any]:
+    """A peripheral's properties; the ones the emulation sizes things by must be integers
+    in their range (an NVIC of 2^40 interrupts, or of -100, is refused here)."""
+    checked = dict(props)
+    for key, (low, high) in _INT_PROPERTIES.get(model, {}).items():
+        if key in checked:
+            value = _int(checked[key], f"{field}.{key}")
+            if not low <= value <= high:
+                raise InvalidArgument(f"{field}.{key}", f"must be from {low} to {high}, got {value}")
+            checked[key] = value
+    return checked
+
+
+def _check_bounds(memory: list[MemoryRegion], peripherals: list[PeripheralSpec], field: str,
+                  bounds: BoardBounds) -> None:
+    total = sum(m.size for m in memory)
+    if total > bounds.max_board_memory_bytes:
+        raise InvalidArgument(f"{field}.memory", f"{total} bytes of memory in all; the server allows at most "
+                                                 f"{bounds.max_board_memory_bytes} (limits.max_board_memory_bytes)")
+    for i, p in enumerate(peripherals):
+        num_irq = p.properties.get("num_irq") if p.model == "nvic" else None
+        if isinstance(num_irq, int) and num_irq > bounds.max_irqs:
+            raise InvalidArgument(f"{field}.peripherals[{i}].properties.num_irq",
+                                  f"at most {bounds.max_irqs} (limits.max_irqs), got {num_irq}")
+        if p.irq is not None and p.irq >= bounds.max_irqs:
+            raise InvalidArgument(f"{field}.peripherals[{i}].irq",
+                                  f"must be below {bounds.max_irqs} (limits.max_irqs), got {p.irq}")
 
 
 def board_to_dict(board: BoardSpec) -> dict[str, Any]:

@@ -182,9 +182,15 @@ class CallChain:
 
     def open(self, method: str, metadata: Mapping[str, str] | None = None, *,
              transport: Transport = Transport.RPC, peer: str = "", request_id: str = "") -> CallInfo:
+        """A command within the current call (an Attach command within its stream, a GDB
+        packet within the bridge's connection): it runs as the same identity unless a hook
+        says otherwise."""
         md = dict(metadata or {})
-        return CallInfo(method, request_id or md.get("x-request-id") or new_request_id(), md,
-                        transport, peer)
+        call = CallInfo(method, request_id or md.get("x-request-id") or new_request_id(), md, transport, peer)
+        parent = CURRENT.get()
+        if parent is not None:
+            call.identity = parent.identity
+        return call
 
     async def enter(self, call: CallInfo) -> None:
         """Run the hooks' before() in order; one that refuses the call (raises) ends the
@@ -212,7 +218,9 @@ class CallChain:
 
     async def run(self, call: CallInfo, operation: Callable[[], Awaitable[T]]) -> T:
         """The whole path for one command: hooks, the operation, the code, the hooks' end
-        (log lines in between carry the command's request id and rpc)."""
+        (log lines in between carry the command's request id and rpc). While it runs the
+        command is the current call (:data:`CURRENT`)."""
+        token = CURRENT.set(call)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, rpc=call.rpc):
             try:
                 await self.enter(call)
@@ -222,3 +230,10 @@ class CallChain:
                 raise
             finally:
                 self.leave(call)
+                CURRENT.reset(token)
+
+    def record(self, call: CallInfo) -> None:
+        """An event that is not a command (a GDB bridge connection opening or closing):
+        nothing to refuse or run, so only the hooks' after() see it (the audit log)."""
+        call.hooks_entered = len(self.hooks)
+        self.leave(call)

@@ -45,6 +45,7 @@ from machineserver.server.core.errors import (
     MachineServerError,
     NotFound,
 )
+from machineserver.server.core.limits import DEFAULT_BOUNDS, BoardBounds
 from machineserver.server.core.listing import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -150,8 +151,11 @@ def _page_limit(page_size: int) -> int:
 
 
 class BoardCatalog:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, bounds: BoardBounds = DEFAULT_BOUNDS) -> None:
+        """``bounds``: what a board a client gives may ask for (templates created or
+        updated, inline boards of sessions); stored and shipped boards are read as they are."""
         self._db = db
+        self.bounds = bounds
         self.generation = 0  # bumped on every change, for caches of derived answers
         self._builtin: dict[str, BoardTemplateRecord] = {}
         self._entries: dict[str, _Entry] = {}
@@ -337,12 +341,18 @@ class BoardCatalog:
     def parse(config: str, field: str = "config") -> BoardSpec:
         return board_data.board_from_dict(board_data.parse_board_text(config, field=field), field=field)
 
+    def parse_input(self, config: str, field: str = "config") -> BoardSpec:
+        """A board a client gives (a template's config, a session's inline board), within
+        the server's bounds (memory, interrupts, size, nesting)."""
+        data = board_data.parse_board_text(config, field=field, bounds=self.bounds)
+        return board_data.board_from_dict(data, field=field, bounds=self.bounds)
+
     # ------------------------------------------------------------------ writes
 
     def create(self, config: str, owner: str = "") -> tuple[BoardTemplateRecord, BoardSpec]:
         if not config.strip():
             raise InvalidArgument("config", "is required")
-        spec = self.parse(config)
+        spec = self.parse_input(config)
         if spec.name in self._builtin or spec.name in self._entries or self._db.get(TABLE, spec.name) is not None:
             raise AlreadyExists("board template", spec.name)
         rec = BoardTemplateRecord(id=spec.name, config=config, etag=_etag(config), owner=owner)
@@ -359,7 +369,7 @@ class BoardCatalog:
         rec = self._stored(board_id)  # not parsed: an unreadable one can be mended
         if etag and etag != rec.etag:
             raise Aborted(f"board template {rec.id} changed since etag {etag}; read it again")
-        spec = self.parse(config)
+        spec = self.parse_input(config)
         if spec.name != rec.id:
             raise InvalidArgument("config.name", f"cannot rename {rec.id} to {spec.name}; create a new template")
         rec.config, rec.etag, rec.update_time = config, _etag(config), now()

@@ -16,6 +16,7 @@ dropped when one source has none (a QEMU session: then branches are derived from
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import io
 import secrets
@@ -26,6 +27,7 @@ import structlog
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from machineserver.server.core import sources
 from machineserver.server.core.coverage_analysis import ProgramAnalysis
 from machineserver.server.core.coverage_mapping import Counts, CoverageResult, compute
 from machineserver.server.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -126,6 +128,9 @@ class CoverageManager:
         self._programs = programs
         self._state: dict[str, SessionCoverage] = {}
         self._analyses: dict[tuple[str, str], ProgramAnalysis] = {}
+        # folders of the server's disk whose files an HTML export may show (config
+        # coverage_source_roots); nothing outside them is ever read
+        self.source_roots: tuple[str, ...] = ()
         sessions.power_on_hooks.append(self._on_power_on)
         sessions.delete_hooks.append(self._on_delete)
 
@@ -347,3 +352,37 @@ class CoverageManager:
             merged.halted_at.extend(got.halted_at)
             sessions.extend(s for s in src.sessions if s not in sessions)
         return self._store(first.program, sessions, merged, owner, arch)
+
+    # ------------------------------------------------------------------ export sources
+
+    async def html_sources(self, result: CoverageResult, bundle_bytes: bytes = b"",
+                           field_name: str = "sources") -> dict[str, bytes | None]:
+        """Source text for an HTML export, per path of ``result``: from ``bundle_bytes``
+        (the export request's bundle) when given, else from the bundle uploaded with the
+        program; a path neither holds is read only from inside a configured source root.
+        None: not provided. InvalidArgument(``field_name``) for a bad bundle."""
+        bundle = await self._bundle(result.program, bundle_bytes, field_name)
+        roots = self.source_roots
+
+        def find() -> dict[str, bytes | None]:
+            out: dict[str, bytes | None] = {}
+            for f in result.files:
+                text = bundle.text_for(f.path)
+                if text is None and roots:
+                    text = sources.read_under_roots(f.path, roots)
+                out[f.path] = text
+            return out
+
+        return await asyncio.to_thread(find)
+
+    async def _bundle(self, program_id: str, bundle_bytes: bytes, field_name: str) -> sources.SourceBundle:
+        if bundle_bytes:
+            return await asyncio.to_thread(sources.read_bundle, bundle_bytes, sources.DEFAULT_LIMITS, field_name)
+        try:
+            prog = self._programs.get(program_id, "program")
+        except NotFound:
+            return sources.SourceBundle()
+        if not prog.sources_sha256 or not self._blobs.exists(prog.sources_sha256):
+            return sources.SourceBundle()
+        data = await asyncio.to_thread(self._blobs.get, prog.sources_sha256)
+        return await asyncio.to_thread(sources.read_bundle, data, sources.DEFAULT_LIMITS, "program sources")

@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 
 import capstone
 
+from machineserver.server.core import audit
 from machineserver.server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -229,11 +230,14 @@ class Debugger:
         address = self.resolve(live, loc)
         if address < 0 or address >= 1 << 32:
             raise InvalidArgument("location.address", "must be a 32-bit address")
+        audit.note(address=address, **({"length": size} if size else {}))  # a watchpoint's size
         st = self.state(live)
         for bp in st.breakpoints.values():
             if bp.address == address and bp.kind == kind and bp.size == size:
+                audit.note(resource=f"{live.record.name}/breakpoints/{bp.id}")
                 return bp  # idempotent
         bp = Breakpoint(st.next_id, kind, address, size, loc, self.position(live, address), client=client)
+        audit.note(resource=f"{live.record.name}/breakpoints/{bp.id}")
         if live.machine is not None and live.state.value != "off":
             await self._apply(live, bp)
         st.breakpoints[bp.id] = bp
@@ -247,6 +251,8 @@ class Debugger:
         bp = st.breakpoints.get(bp_id)
         if bp is None:
             raise NotFound("breakpoint", str(bp_id))
+        audit.note(resource=f"{live.record.name}/breakpoints/{bp.id}", address=bp.address,
+                   **({"length": bp.size} if bp.size else {}))
         if live.machine is not None and live.state.value != "off":
             await self._remove(live, bp)
         del st.breakpoints[bp_id]
@@ -316,6 +322,9 @@ class Debugger:
             raise InvalidArgument("value", f"0x{value:x} does not fit the 32-bit register {name}")
         with driver_errors(live):
             registers = machine.capability(RegisterAccess)
+            names = list(registers.register_names())
+            audit.note(resource=f"{live.record.name}/registers/{name}", register=name, length=4,
+                       **({"address": names.index(name)} if name in names else {}))
             await registers.write_register(name, value)
             return (await registers.read_registers([name]))[name]
 
@@ -328,6 +337,7 @@ class Debugger:
 
     async def write_memory(self, live: LiveSession, address: int, data: bytes) -> int:
         await self.sessions.ops.settled(live)
+        audit.note(resource=live.record.name, address=address, length=len(data))
         memory = self._memory(live, "write memory")
         _check_range(address, len(data), "data")
         with driver_errors(live):

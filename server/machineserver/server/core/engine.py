@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from machineserver.server.core.audit import AuditTrail
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
 from machineserver.server.core.catalog import BoardCatalog
@@ -32,6 +33,7 @@ class Limits:
     max_snapshot_bytes: int = 512 << 20
     console_retain_bytes: int = 1 << 20
     max_telemetry_subscribers: int = 1000
+    audit_retention_days: float = 0.0  # the server prunes audit entries older than this (0: keeps all)
 
 
 class Engine:
@@ -60,6 +62,7 @@ class Engine:
     def _open(self, data_dir: Path, backends: BackendRegistry, limits: Limits, remote_allow: Sequence[str],
               quotas: QuotaConfig) -> None:
         self.db = Database(data_dir / "machineserver.sqlite3")
+        self.audit = AuditTrail(self.db, retention_days=limits.audit_retention_days)  # the store's write hook
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
         self.calls = CallChain()  # the hooks every command passes through (api configures them)
@@ -81,6 +84,7 @@ class Engine:
         self.cosim = CoSimManager(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
 
     async def start(self) -> None:
+        await self.audit.start()
         await self.sessions.start()
         self.debugger.load()
         self.cosim.load()
@@ -96,5 +100,6 @@ class Engine:
         await self.backends.aclose()
         if self.workers is not None and self.own_workers:
             await self.workers.close()
+        await self.audit.stop()
         self.db.close()
         self.lock.release()

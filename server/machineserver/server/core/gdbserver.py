@@ -51,7 +51,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from machineserver.server.core.calls import CallChain, Transport
+from machineserver.server.core import audit
+from machineserver.server.core.calls import CURRENT, CallChain, Transport
 from machineserver.server.core.debug import Breakpoint, BreakpointKind, Debugger, Location
 from machineserver.server.core.errors import MachineServerError, Unimplemented
 from machineserver.server.core.sessions import LiveSession, SessionManager
@@ -219,6 +220,7 @@ class GdbServer:
         self.calls = calls or CallChain()
         self.caller = dict(caller or {})
         self.caller.pop("x-request-id", None)  # each packet gets its own
+        self.opener = CURRENT.get()  # the call that started the bridge: its connections run as its caller
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._one_at_a_time = asyncio.Lock()
@@ -254,6 +256,7 @@ class GdbServer:
         log.info("gdbserver_stopped", session_id=self.live.id)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        CURRENT.set(self.opener)  # this connection's task: packets are commands within the bridge's call
         conn = _Connection(self, reader, writer)
         conn.task = asyncio.current_task()
         self._conns.add(conn)
@@ -264,6 +267,7 @@ class GdbServer:
                 await asyncio.wait_for(self._one_at_a_time.acquire(), WAIT_FOR_PREVIOUS_CLIENT)
             except TimeoutError:
                 conn.log.warning("gdb_refused", reason="another gdb client is attached to this session")
+                conn.event(audit.GDB_CONNECT, "UNAVAILABLE")
                 writer.close()
                 return
             try:
@@ -299,6 +303,14 @@ class _Connection:
         self.closing = True
         self.writer.close()
 
+    def event(self, method: str, code: str = "OK") -> None:
+        """A connection event (gdb/connect, gdb/disconnect) for the audit log."""
+        calls = self.server.calls
+        call = calls.open(method, self.server.caller, transport=Transport.GDB, peer=self.peer)
+        call.code = code
+        call.audit.update(resource=self.live.record.name, client=self.client_id)
+        calls.record(call)
+
     # ------------------------------------------------------------------ I/O
 
     async def _read_loop(self) -> None:
@@ -333,6 +345,7 @@ class _Connection:
 
     async def serve(self) -> None:
         self.log.info("gdb_connected")
+        self.event(audit.GDB_CONNECT)
         reader_task = asyncio.create_task(self._read_loop())
         try:
             while not self.closing:
@@ -369,6 +382,7 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
             self.log.info("gdb_disconnected")
+            self.event(audit.GDB_DISCONNECT)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -631,6 +645,7 @@ class _Connection:
             raw = bytes.fromhex(data.decode())
         except ValueError:
             raise ProtocolError("G: bad hex") from None
+        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
         current = await self._read_values()
         for i, name in enumerate(layout.names):
             chunk = raw[i * 4 : i * 4 + 4]
@@ -639,6 +654,8 @@ class _Connection:
             value = int.from_bytes(chunk, "little")
             if value != current[i]:
                 await self.debugger.write_register(self.live, name, value)
+        # G writes them all: the entry says so (write_register named each one it wrote)
+        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
         return b"OK"
 
     def _regnum(self, text: bytes) -> str:
@@ -663,7 +680,10 @@ class _Connection:
             raw = bytes.fromhex(value.decode())
         except ValueError:
             raise ProtocolError("P: bad hex") from None
+        audit.note(resource=f"{self.live.record.name}/registers/{name}", register=name, address=int(num, 16),
+                   length=len(raw))
         await self.debugger.write_register(self.live, name, int.from_bytes(raw[:4], "little"))
+        audit.note(address=int(num, 16), length=len(raw))  # gdb's numbering, whatever the machine's
         return b"OK"
 
     # ------------------------------------------------------------------ memory
@@ -688,6 +708,7 @@ class _Connection:
         if not sep:
             raise ProtocolError("missing ':'")
         address, length = self._addr_len(head)
+        audit.note(resource=self.live.record.name, address=address, length=length)
         if binary:
             data = unescape_binary(payload)
         else:
@@ -711,6 +732,7 @@ class _Connection:
             typ, address, size = int(typ_s), int(addr_s, 16), int(kind_s, 16)
         except ValueError:
             raise ProtocolError("bad Z/z packet") from None
+        audit.note(resource=self.live.record.name, address=address, length=size)
         kind = _POINT_KINDS.get(typ)
         if kind is None:
             return b""

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from machineserver.server.core.calls import CURRENT
 from machineserver.server.core.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -197,4 +198,7 @@ def resource_id(name: str, collection: str, field: str = "name") -> str:
     ident = name[len(prefix):] if name.startswith(prefix) else name
     if not ident or "/" in ident or len(ident) > 128:
         raise InvalidArgument(field, f"{name!r} is not a {collection} resource name ({collection}/ID)")
+    call = CURRENT.get()
+    if call is not None and "target" not in call.audit:  # what the call acts on (the audit log's resource)
+        call.audit["target"] = prefix + ident
     return ident

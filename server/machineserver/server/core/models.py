@@ -88,6 +88,8 @@ class ProgramRecord:
     segments: list[tuple[int, int]] = field(default_factory=list)
     has_symbols: bool = False
     has_debug_info: bool = False
+    sources_sha256: str = ""  # the source bundle uploaded with it (a blob), "" when none
+    source_files: list[str] = field(default_factory=list)  # the bundle's paths
     owner: str = ""
     create_time: float = field(default_factory=now)
 

@@ -3,12 +3,14 @@ deduplication by content, and parsed images/symbol tables cached for loading."""
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from machineserver.server.core import sources
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -58,8 +60,12 @@ class ProgramStore:
         self._records: dict[str, ProgramRecord] = {}  # programs never change once stored
 
     async def upload(
-        self, meta: UploadMetadata, chunks: AsyncIterator[bytes], owner: str = ""
+        self, meta: UploadMetadata, chunks: AsyncIterator[bytes], owner: str = "",
+        sources: AsyncIterator[bytes] | None = None,
     ) -> UploadResult:
+        """``sources``: the chunks of a source bundle sent after the program's (see
+        core.sources): checked (INVALID_ARGUMENT naming sources_chunk), stored as a blob
+        of the program's; the same program with other sources is another program."""
         if meta.sha256 and (len(meta.sha256) != 64 or not all(c in "0123456789abcdef" for c in meta.sha256.lower())):
             raise InvalidArgument("metadata.sha256", "must be 64 hex digits")
         writer = self._blobs.writer(self._max_bytes)
@@ -98,8 +104,16 @@ class ProgramStore:
             if not self._blob_referenced(digest):
                 self._blobs.delete(digest)
             raise
+        try:
+            bundle = None if sources is None else await self._store_sources(sources)
+        except BaseException:
+            if not self._blob_referenced(digest):
+                self._blobs.delete(digest)
+            raise
         load_address = meta.load_address if fmt is ImageFormat.BIN else 0
         program_id = hashlib.sha256(f"{digest}:{fmt.value}:{load_address}".encode()).hexdigest()[:16]
+        if bundle is not None:
+            program_id = hashlib.sha256(f"{program_id}:sources:{bundle[0]}".encode()).hexdigest()[:16]
         existing = self._db.get(TABLE, program_id)
         if existing is not None:
             return UploadResult(from_row(ProgramRecord, existing["data"]), deduplicated=True)
@@ -116,6 +130,8 @@ class ProgramStore:
             segments=[(s.address, len(s.data)) for s in image.segments],
             has_symbols=parsed.has_symbols,
             has_debug_info=parsed.has_debug_info,
+            sources_sha256=bundle[0] if bundle else "",
+            source_files=bundle[1] if bundle else [],
             owner=owner,
         )
         self._db.put(TABLE, record_row(rec, sha256=digest, blob=digest, format=rec.format))
@@ -123,6 +139,36 @@ class ProgramStore:
 
     def _blob_referenced(self, digest: str) -> bool:
         return self._db.count(TABLE, "blob = ?", [digest]) > 0
+
+    async def _store_sources(self, chunks: AsyncIterator[bytes]) -> tuple[str, builtins.list[str]] | None:
+        """A source bundle read (bounded) and stored: (its blob, its paths); None when empty."""
+        writer = self._blobs.writer(self._max_bytes)
+        parts: builtins.list[bytes] = []
+        try:
+            async for chunk in chunks:
+                writer.write(chunk)
+                parts.append(chunk)
+        except BlobTooLarge:
+            raise ResourceExhausted(
+                "limits.max_program_bytes",
+                f"the source bundle is larger than the server's limits.max_program_bytes ({self._max_bytes} bytes)",
+            ) from None
+        except BaseException:
+            writer.abort()
+            raise
+        if writer.size == 0:
+            writer.abort()
+            return None
+        try:
+            bundle = await asyncio.to_thread(sources.read_bundle, b"".join(parts), sources.DEFAULT_LIMITS,
+                                             "sources_chunk")
+        except BaseException:
+            writer.abort()
+            raise
+        return await asyncio.to_thread(writer.commit), bundle.names()
+
+    def _sources_referenced(self, digest: str) -> bool:
+        return self._db.count(TABLE, "json_extract(data, '$.sources_sha256') = ?", [digest]) > 0
 
     def get(self, name: str, field: str = "name") -> ProgramRecord:
         pid = resource_id(name, COLLECTION, field)
@@ -152,6 +198,8 @@ class ProgramStore:
         self._records.pop(rec.id, None)
         if not self._blob_referenced(rec.sha256):
             self._blobs.delete(rec.sha256)
+        if rec.sources_sha256 and not self._sources_referenced(rec.sources_sha256):
+            self._blobs.delete(rec.sources_sha256)
 
     def load(self, rec: ProgramRecord) -> tuple[ParsedImage, SymbolTable | None]:
         """The parsed image and (for ELF) its symbol table, cached."""

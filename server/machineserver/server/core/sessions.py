@@ -41,6 +41,7 @@ from machineserver.server.core.errors import (
     Unimplemented,
 )
 from machineserver.server.core.images import check_fits
+from machineserver.server.core.limits import MAX_CONSOLE_BYTES
 from machineserver.server.core.listing import (
     FieldGetters,
     Page,
@@ -275,9 +276,11 @@ class SessionManager:
         console_dir: Path | None = None,
         remote_allow: Sequence[str] = DEFAULT_REMOTE_ALLOW,
         quotas: Quotas | None = None,
+        max_console_bytes: int = MAX_CONSOLE_BYTES,
     ) -> None:
         """``console_dir``: where consoles are kept across restarts (None: memory only);
-        ``remote_allow``: the endpoints gdbremote sessions may reach (core/remote_targets.py)."""
+        ``remote_allow``: the endpoints gdbremote sessions may reach (core/remote_targets.py);
+        ``max_console_bytes``: the most console a session may ask to keep."""
         self.db = db
         self.catalog = catalog
         self.backends = backends
@@ -286,6 +289,7 @@ class SessionManager:
         self.remote_allow = tuple(remote_allow)
         self.quotas = quotas if quotas is not None else Quotas(QuotaConfig(), db)  # per tenant (core/quotas.py)
         self.console_retain = console_retain
+        self.max_console_bytes = max_console_bytes
         self.console_store = ConsoleStore(console_dir) if console_dir is not None else None
         self.events: Hub[SessionEvent] = Hub(maxlen=4096)
         self._sessions: dict[str, LiveSession] = {}
@@ -400,6 +404,9 @@ class SessionManager:
                 raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 255 chars")
         if p.max_console_bytes < 0 or p.max_instructions < 0:
             raise InvalidArgument("limits", "limits must not be negative")
+        if p.max_console_bytes > self.max_console_bytes:
+            raise InvalidArgument("limits.max_console_bytes", f"at most {self.max_console_bytes} "
+                                                              "(the server's limits.max_console_bytes)")
         if p.session_id:
             sid = resource_id(p.session_id, COLLECTION, "session_id")
             if not set(sid) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") or len(sid) > 63:
@@ -412,7 +419,7 @@ class SessionManager:
             template, board = self.catalog.get(p.board_template, "board_template")
             config_text = template.config
         else:
-            board = self.catalog.parse(p.board_config, "board_config")
+            board = self.catalog.parse_input(p.board_config, "board_config")
             config_text = p.board_config
         backend_name = p.backend or self.backends.default
         backend = self.backends.get(backend_name)
@@ -455,10 +462,26 @@ class SessionManager:
         self._publish(live, MachineState.OFF, "created")
         log.info("session_created", session_id=sid, board=board.name, backend=backend_name)
         if p.power_on or p.run:
-            await self.power_on(live)
-        if p.run:
-            await self.run(live)
+            try:
+                await self.power_on(live)
+                if p.run:
+                    await self.run(live)
+            except BaseException:
+                await self._undo_create(live)
+                raise
         return live
+
+    async def _undo_create(self, live: LiveSession) -> None:
+        """A create whose power-on or run failed (or whose caller went away meanwhile)
+        leaves nothing behind: no record, no live session, no console, no machine. Streams
+        following it see it end as deleted."""
+        undo = asyncio.ensure_future(self.delete(live))
+        cancelled = await finish_uninterrupted(undo, OPERATION_STOP_SECONDS)
+        if undo.done() and not undo.cancelled() and undo.exception() is not None:
+            log.error("create_undo_failed", session_id=live.id, exc_info=undo.exception())
+        log.info("session_create_undone", session_id=live.id)
+        if cancelled:
+            raise asyncio.CancelledError()
 
     async def delete(self, live: LiveSession) -> None:
         live.refuse_member("delete the session")

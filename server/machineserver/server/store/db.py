@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import sqlite_utils
 
@@ -84,6 +84,13 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.table("audit_events").create_index(["time"])
 
 
+# A write hook: called in every write transaction just before it commits, with the open
+# connection, the table written and the row's id ("" when the transaction names none); it may
+# write rows of its own there (the audit log's entry for the change, in the same
+# transaction). What it returns, if anything, is called once the transaction is over, with
+# whether it committed.
+WriteHook: TypeAlias = Callable[[sqlite_utils.Database, str, str], Callable[[bool], None] | None]
+
 # SQLite allows 32766 bound parameters per statement; stay far below it
 MAX_IDS_PER_QUERY = 500
 
@@ -102,6 +109,7 @@ class Database:
         self._db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}  # prepared upsert statements
+        self.write_hook: WriteHook | None = None  # see WriteHook (set by the audit trail)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives the process being killed
         # (SIGKILL); only an OS crash may lose the last ones.
@@ -130,15 +138,27 @@ class Database:
                     self._db.execute(f"PRAGMA user_version={target + 1}")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
+    def transaction(self, table: str = "", row_id: str = "") -> Iterator[sqlite_utils.Database]:
+        """One write transaction (what it writes: ``table``, ``row_id``, for the write
+        hook). The write hook runs last inside it, so what the hook writes commits or rolls
+        back with the change."""
+        finished: Callable[[bool], None] | None = None
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                hook = self.write_hook
+                if hook is not None:
+                    finished = hook(self._db, table, row_id)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.conn.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if finished is not None:
+                    finished(False)
                 raise
-            self._db.execute("COMMIT")
+        if finished is not None:
+            finished(True)
 
     # ------------------------------------------------------------------ records
 
@@ -155,7 +175,7 @@ class Database:
             sql = (f"INSERT INTO [{table}] ({names}) VALUES ({', '.join('?' * len(columns))}) "
                    f"ON CONFLICT(id) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING"))
             self._upserts[(table, columns)] = sql
-        with self.transaction() as db:
+        with self.transaction(table, str(encoded.get("id", ""))) as db:
             db.execute(sql, [encoded[c] for c in columns])
 
     def get(self, table: str, row_id: str) -> dict[str, Any] | None:
@@ -164,13 +184,13 @@ class Database:
         return _decode(rows[0]) if rows else None
 
     def delete(self, table: str, row_id: str) -> bool:
-        with self.transaction() as db:
+        with self.transaction(table, row_id) as db:
             cursor = db.execute(f"DELETE FROM [{table}] WHERE id = ?", [row_id])
             return cursor.rowcount > 0
 
     def delete_where(self, table: str, where: str, params: Sequence[Any] = ()) -> int:
         """Delete the rows a condition matches (one transaction); how many went."""
-        with self.transaction() as db:
+        with self.transaction(table) as db:
             cursor = db.execute(f"DELETE FROM [{table}] WHERE {where}", list(params))
             return int(cursor.rowcount)
 
@@ -232,7 +252,7 @@ class Database:
 
     def append(self, table: str, row: Mapping[str, Any]) -> int:
         """Insert a row into an append-only table (integer id); returns the id."""
-        with self.transaction() as db:
+        with self.transaction(table) as db:
             t = db.table(table)
             t.insert(_encode(row))
             if t.last_pk is None:  # set by every insert
