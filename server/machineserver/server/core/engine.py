@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from machineserver.server.core import limits as bounds
 from machineserver.server.core.audit import AuditTrail
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
@@ -34,6 +35,17 @@ class Limits:
     console_retain_bytes: int = 1 << 20
     max_telemetry_subscribers: int = 1000
     audit_retention_days: float = 0.0  # the server prunes audit entries older than this (0: keeps all)
+    # what a client's configs may make the server allocate (core/limits.py)
+    max_board_memory_bytes: int = bounds.MAX_BOARD_MEMORY_BYTES
+    max_irqs: int = bounds.MAX_IRQS
+    max_config_depth: int = bounds.MAX_CONFIG_DEPTH
+    max_config_nodes: int = bounds.MAX_CONFIG_NODES
+    max_config_bytes: int = bounds.MAX_CONFIG_BYTES
+    max_console_bytes: int = bounds.MAX_CONSOLE_BYTES  # a session's limits.max_console_bytes
+
+    def board_bounds(self) -> bounds.BoardBounds:
+        return bounds.BoardBounds(self.max_board_memory_bytes, self.max_irqs, self.max_config_depth,
+                                  self.max_config_nodes, self.max_config_bytes)
 
 
 class Engine:
@@ -66,12 +78,13 @@ class Engine:
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
         self.calls = CallChain()  # the hooks every command passes through (api configures them)
-        self.catalog = BoardCatalog(self.db)
+        self.catalog = BoardCatalog(self.db, limits.board_bounds())
         self.quotas = Quotas(quotas, self.db)
         self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes, quotas=self.quotas)
         self.sessions = SessionManager(
             self.db, self.catalog, backends, self.programs,
             max_sessions=limits.max_sessions, console_retain=limits.console_retain_bytes,
+            max_console_bytes=limits.max_console_bytes,
             console_dir=data_dir / "console", remote_allow=remote_allow, quotas=self.quotas,
         )
         self.quotas.attach(self.sessions)
