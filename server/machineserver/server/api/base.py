@@ -1,27 +1,23 @@
-"""What every servicer shares: the engine, the caller's identity, and chunked streams."""
+"""What every servicer shares: the engine and chunked streams."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol, TypeVar
-
-from grpc import aio
+from typing import Literal, Protocol, TypeVar
 
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.errors import InvalidArgument
 
-ANONYMOUS = "anonymous"
 CHUNK_SIZE = 64 * 1024
 
 
 class Servicer:
+    """A service's handlers. Who is calling is the core's business (core/identity.py and
+    core/tenancy.py: records get their owner and tenant there, and lookups their tenant
+    check), so no handler passes an owner."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    @staticmethod
-    def principal(context: aio.ServicerContext[Any, Any]) -> str:
-        """The caller, recorded as the owner of what it creates (auth comes later)."""
-        return ANONYMOUS
 
 
 MetadataT = TypeVar("MetadataT", covariant=True)

@@ -176,6 +176,7 @@ def session_record_pb(rec: SessionRecord) -> session_pb.Session:
         create_time=timestamp(rec.create_time),
         update_time=timestamp(rec.update_time),
         owner=rec.owner,
+        tenant=rec.tenant,
         board_config=rec.board_config,
         backend_details=rec.backend_details,
     )
@@ -223,6 +224,7 @@ def program_pb(rec: ProgramRecord) -> session_pb.Program:
         source_files=rec.source_files,
         create_time=timestamp(rec.create_time),
         owner=rec.owner,
+        tenant=rec.tenant,
     )
     if rec.entry_point is not None:
         msg.entry_point = rec.entry_point
@@ -242,6 +244,7 @@ def snapshot_pb(rec: SnapshotRecord) -> session_pb.Snapshot:
         instructions=rec.instructions,
         create_time=timestamp(rec.create_time),
         owner=rec.owner,
+        tenant=rec.tenant,
     )
 
 
@@ -262,6 +265,7 @@ def board_template_pb(rec: BoardTemplateRecord, spec: BoardSpec) -> caps_pb.Boar
         builtin=rec.builtin,
         etag=rec.etag,
         owner=rec.owner,
+        tenant=rec.tenant,
     )
 
 

@@ -127,6 +127,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
                                quantum_instructions=spec.get("quantum_instructions", 0)),
             state=STATE_TO_PB[CoSimState(rec.state)], state_reason=rec.state_reason, quanta=rec.quanta,
             virtual_time_ns=rec.ns(rec.time_ref), create_time=convert.timestamp(rec.create_time), owner=rec.owner,
+            tenant=rec.tenant,
             members=members, link_status=status, last_stop=_stop_pb(rec.last_stop),
             quantum_ns=rec.ns(rec.quantum_ref))
 
@@ -146,7 +147,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         links = _links_from_pb(list(request.links), index)
         rt = await self.engine.cosim.create(
             list(request.sessions), links, request.sync.quantum_ns, request.sync.quantum_instructions,
-            request.display_name, owner=self.principal(context))
+            request.display_name)
         return pb.CreateCoSimulationResponse(cosimulation=self._pb(rt))
 
     async def GetCoSimulation(
@@ -239,8 +240,7 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         context: aio.ServicerContext[pb.CreateCoSimSnapshotRequest, pb.CreateCoSimSnapshotResponse],
     ) -> pb.CreateCoSimSnapshotResponse:
         cosim = self.engine.cosim
-        rec = await cosim.snapshots.create(cosim.get(request.parent, "parent"), request.display_name,
-                                   owner=self.principal(context))
+        rec = await cosim.snapshots.create(cosim.get(request.parent, "parent"), request.display_name)
         return pb.CreateCoSimSnapshotResponse(snapshot=self._snapshot_pb(rec))
 
     async def ListCoSimSnapshots(
@@ -286,6 +286,5 @@ class CoSimServicer(Servicer, pb_grpc.CoSimServiceServicer):
         context: aio.ServicerContext[pb.ImportCoSimSnapshotRequest, pb.ImportCoSimSnapshotResponse],
     ) -> pb.ImportCoSimSnapshotResponse:
         meta, chunks = await split_upload(request_iterator)
-        rec = await self.engine.cosim.snapshots.import_(meta.parent, meta.display_name, meta.sha256, chunks,
-                                              owner=self.principal(context))
+        rec = await self.engine.cosim.snapshots.import_(meta.parent, meta.display_name, meta.sha256, chunks)
         return pb.ImportCoSimSnapshotResponse(snapshot=self._snapshot_pb(rec))

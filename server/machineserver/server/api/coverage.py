@@ -41,6 +41,7 @@ def report_pb(rec: CoverageReportRecord) -> pb.CoverageReport:
         totals=counts_pb(Counts.from_dict(rec.totals)),
         create_time=convert.timestamp(rec.create_time),
         owner=rec.owner,
+        tenant=rec.tenant,
     )
 
 
@@ -59,7 +60,7 @@ class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
         context: aio.ServicerContext[pb.StopCoverageRequest, pb.StopCoverageResponse],
     ) -> pb.StopCoverageResponse:
         live = self.engine.sessions.get(request.name)
-        rec = await self.engine.coverage.stop(live, owner=self.principal(context))
+        rec = await self.engine.coverage.stop(live)
         return pb.StopCoverageResponse(report=report_pb(rec))
 
     async def ResetCoverage(
@@ -111,7 +112,7 @@ class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
         request: pb.MergeCoverageRequest,
         context: aio.ServicerContext[pb.MergeCoverageRequest, pb.MergeCoverageResponse],
     ) -> pb.MergeCoverageResponse:
-        rec = await self.engine.coverage.merge(list(request.names), owner=self.principal(context))
+        rec = await self.engine.coverage.merge(list(request.names))
         return pb.MergeCoverageResponse(report=report_pb(rec))
 
     async def ListCoverageReports(

@@ -86,7 +86,6 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
             power_on=request.power_on,
             run=request.run,
             session_id=request.session_id,
-            owner=self.principal(context),
         ))
         return pb.CreateSessionResponse(session=self._session(live))
 
@@ -175,7 +174,7 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
             fmt = convert.enum_value(convert.FORMAT_FROM_PB, meta.format, "metadata.format")
         result = await self.engine.programs.upload(
             UploadMetadata(meta.display_name, fmt, meta.load_address, meta.sha256), parts.program(),
-            owner=self.principal(context), sources=parts.sources(),
+            sources=parts.sources(),
         )
         return pb.UploadProgramResponse(program=convert.program_pb(result.program), deduplicated=result.deduplicated)
 
@@ -200,7 +199,7 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         context: aio.ServicerContext[pb.DeleteProgramRequest, pb.DeleteProgramResponse],
     ) -> pb.DeleteProgramResponse:
         prog = self.engine.programs.get(request.name)
-        users = [s.record.name for s in self.engine.sessions.all() if s.record.program == prog.id]
+        users = [s.record.name for s in self.engine.sessions.visible() if s.record.program == prog.id]
         self.engine.programs.delete(request.name, users, request.force)
         return pb.DeleteProgramResponse()
 
@@ -241,12 +240,12 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         sessions = self.engine.sessions
         only = sessions.get(request.name) if request.name else None
         only_id = only.id if only is not None else None
-        sub = sessions.events.subscribe(None if only_id is None else (lambda ev: ev.session == only_id))
+        sub = sessions.subscribe_events(only)
         try:
             # Subscribed first, then the state read with no await in between: every change
             # after this state is in the subscription's queue.
             matched = [only] if only is not None else sorted(
-                sessions.all(), key=lambda live: (live.record.create_time, live.id))
+                sessions.visible(), key=lambda live: (live.record.create_time, live.id))
             yield pb.StreamSessionEventsResponse(subscribed=pb.SessionEventsSubscribed(
                 sessions=[self._session(live) for live in matched]))
             async for ev in sub:
@@ -267,7 +266,7 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         context: aio.ServicerContext[pb.CreateSnapshotRequest, pb.CreateSnapshotResponse],
     ) -> pb.CreateSnapshotResponse:
         live = self.engine.sessions.get(request.name)
-        rec = await self.engine.snapshots.create(live, request.display_name, self.principal(context))
+        rec = await self.engine.snapshots.create(live, request.display_name)
         return pb.CreateSnapshotResponse(snapshot=convert.snapshot_pb(rec))
 
     async def ListSnapshots(
@@ -322,7 +321,6 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         rec = await self.engine.snapshots.import_(
             display_name=meta.display_name, board=meta.board, backend=meta.backend,
             sha256=meta.sha256, instructions=meta.instructions, chunks=chunks,
-            owner=self.principal(context),
         )
         return pb.ImportSnapshotResponse(snapshot=convert.snapshot_pb(rec))
 

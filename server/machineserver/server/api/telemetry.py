@@ -59,7 +59,8 @@ def rule_pb(r: AlertRuleRecord) -> pb.AlertRule:
     d.FromNanoseconds(int(r.duration_s * 1e9))
     return pb.AlertRule(name=r.name, display_name=r.display_name, metric=r.metric,
                         comparison=COMPARISON_TO_PB[r.comparison], threshold=r.threshold, duration=d,
-                        create_time=convert.timestamp(r.create_time), owner=r.owner)
+                        create_time=convert.timestamp(r.create_time), owner=r.owner,
+                        tenant=r.tenant)
 
 
 class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
@@ -127,7 +128,6 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         rule = self.engine.telemetry.create_rule(AlertRuleRecord(
             id="", metric=r.metric, comparison=COMPARISON_FROM_PB.get(r.comparison, ""),
             threshold=r.threshold, duration_s=_seconds(r.duration), display_name=r.display_name,
-            owner=self.principal(context),
         ))
         return pb.CreateAlertRuleResponse(rule=rule_pb(rule))
 
@@ -153,11 +153,11 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         context: aio.ServicerContext[pb.StreamAlertsRequest, pb.StreamAlertsResponse],
     ) -> AsyncIterator[pb.StreamAlertsResponse]:
         telemetry = self.engine.telemetry
-        sub = telemetry.alerts.subscribe()
+        sub = telemetry.subscribe_alerts()
         try:
             # Subscribed first, then what fires now, with no await in between: every change
             # after this list is in the subscription's queue.
-            firing = [alert_pb(ev) for ev in telemetry.firing_alerts()]
+            firing = [alert_pb(ev) for ev in telemetry.visible_firing()]
             yield pb.StreamAlertsResponse(subscribed=pb.AlertsSubscribed(firing=firing))
             async for ev in sub:
                 a = alert_pb(ev)

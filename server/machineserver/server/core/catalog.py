@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 
 from machineserver.server.core import boards as board_data
+from machineserver.server.core import tenancy
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.errors import (
     Aborted,
@@ -65,7 +66,7 @@ log = structlog.get_logger("machineserver.catalog")
 
 TABLE = "board_templates"
 COLLECTION = "boardTemplates"
-FILTER_KEYS = ("arch", "builtin", "backend", "cpu")
+FILTER_KEYS = ("arch", "builtin", "backend", "cpu", tenancy.FILTER_KEY)
 # the version of board_data.board_to_dict's output a stored ``spec`` was written with: a
 # record with another (or none) is parsed from its text again when the server starts
 SPEC_FORMAT = 1
@@ -103,6 +104,7 @@ class _Entry:
     etag: str
     builtin: bool
     revision: int  # the catalog's generation when the template last changed (0: at start)
+    tenant: str = ""  # the tenant a user's template belongs to ("" for the shipped ones: everyone's)
 
 
 _GETTERS: FieldGetters[_Entry] = {
@@ -130,7 +132,10 @@ def page_token_after(after: str, filter_text: str) -> str:
 
 
 def _fingerprint(filter_text: str) -> str:
-    return hashlib.sha256(filter_text.encode()).hexdigest()[:8]
+    """Over the filter and the caller's tenant scope: a token from one tenant's List is
+    refused in another's."""
+    key = tenancy.list_scope({}).token_key(filter_text)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def _page_after(page_token: str, filter_text: str) -> str:
@@ -163,7 +168,7 @@ class BoardCatalog:
             spec = board_data.board_from_dict(board_data.parse_board_text(text), field=f"{stem}.yaml")
             etag = _etag(text)
             self._builtin[spec.name] = BoardTemplateRecord(
-                id=spec.name, config=text, builtin=True, etag=etag, create_time=0, update_time=0)
+                id=spec.name, config=text, builtin=True, etag=etag, create_time=0, update_time=0, tenant="")
             self._entries[spec.name] = _Entry(spec, etag, True, 0)
         # which backends run each template (by name), for the registry it was asked for
         self._runs_on: dict[str, frozenset[str]] = {}
@@ -192,7 +197,7 @@ class BoardCatalog:
                         log.warning("board_template_unreadable", board=board_id, error=str(exc))
                         continue
                     reparsed.append(row)
-                self._entries[board_id] = _Entry(spec, str(data.get("etag", "")), False, 0)
+                self._entries[board_id] = _Entry(spec, str(data.get("etag", "")), False, 0, str(row["tenant"]))
         for row in reparsed:
             rec = from_row(BoardTemplateRecord, row["data"])
             self._store(rec, self._entries[rec.id].spec)
@@ -223,8 +228,10 @@ class BoardCatalog:
         return rec, entry.spec
 
     def _stored(self, board_id: str) -> BoardTemplateRecord:
+        """A user's template a caller names: NotFound when there is none or the caller's
+        tenant does not see it (the same answer)."""
         row = self._db.get(TABLE, board_id)
-        if row is None:
+        if row is None or not tenancy.visible(str(row["tenant"])):
             raise NotFound("board template", board_id)
         return from_row(BoardTemplateRecord, row["data"])
 
@@ -267,6 +274,10 @@ class BoardCatalog:
         """One page of template names, in name order; ``backend=NAME`` in the filter keeps
         the templates that backend runs. From memory: the store is not read."""
         terms = parse_filter(filter_text, FILTER_KEYS)
+        # the shipped templates are everyone's (but not those of a tenant=T filter); a
+        # user's are its tenant's
+        shipped = tenancy.FILTER_KEY not in terms
+        scope = tenancy.list_scope(terms)
         limit = _page_limit(page_size)
         after = _page_after(page_token, filter_text)
         backend = terms.pop("backend", None)
@@ -277,7 +288,7 @@ class BoardCatalog:
             name = self._names[pos]
             pos += 1
             entry = self._entries[name]
-            if match_terms(terms, _GETTERS, entry) and (
+            if (shipped if entry.builtin else scope.admits(entry.tenant)) and match_terms(terms, _GETTERS, entry) and (
                     backend is None or backend in self._backends_running(name, entry.spec, backends)):
                 chosen.append(name)
             if await slices.tick():
@@ -349,13 +360,17 @@ class BoardCatalog:
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, config: str, owner: str = "") -> tuple[BoardTemplateRecord, BoardSpec]:
+    def create(self, config: str) -> tuple[BoardTemplateRecord, BoardSpec]:
+        """A user's template, of the caller's tenant. Template names are one namespace
+        across tenants (sessions name templates by name): a name another tenant holds is
+        ALREADY_EXISTS too."""
         if not config.strip():
             raise InvalidArgument("config", "is required")
         spec = self.parse_input(config)
         if spec.name in self._builtin or spec.name in self._entries or self._db.get(TABLE, spec.name) is not None:
             raise AlreadyExists("board template", spec.name)
-        rec = BoardTemplateRecord(id=spec.name, config=config, etag=_etag(config), owner=owner)
+        owner, tenant = tenancy.stamp()
+        rec = BoardTemplateRecord(id=spec.name, config=config, etag=_etag(config), owner=owner, tenant=tenant)
         self._save(rec, spec)
         return rec, spec
 
@@ -393,6 +408,7 @@ class BoardCatalog:
         board_id = resource_id(name, COLLECTION)
         if board_id in self._builtin:
             raise FailedPrecondition(f"board template {board_id} ships with the server and cannot be deleted")
+        self._stored(board_id)  # NotFound: none, or another tenant's
         if not self._db.delete(TABLE, board_id):
             raise NotFound("board template", board_id)
         if self._entries.pop(board_id, None) is not None:
@@ -406,5 +422,5 @@ class BoardCatalog:
         if rec.id not in self._entries:
             bisect.insort(self._names, rec.id)
         self.generation += 1
-        self._entries[rec.id] = _Entry(spec, rec.etag, False, self.generation)
+        self._entries[rec.id] = _Entry(spec, rec.etag, False, self.generation, rec.tenant)
         self._runs_on.pop(rec.id, None)

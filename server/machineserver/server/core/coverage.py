@@ -27,10 +27,11 @@ import structlog
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from machineserver.server.core import sources
+from machineserver.server.core import sources, tenancy
 from machineserver.server.core.coverage_analysis import ProgramAnalysis
 from machineserver.server.core.coverage_mapping import Counts, CoverageResult, compute
 from machineserver.server.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from machineserver.server.core.identity import DEFAULT_TENANT
 from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.programs import ProgramStore
@@ -68,6 +69,7 @@ class CoverageReportRecord:
     halted_at: list[int] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)  # Counts as a dict
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
     update_time: float = field(default_factory=now)
 
@@ -154,7 +156,7 @@ class CoverageManager:
     # ------------------------------------------------------------------ collection
 
     def _analysis_for(self, program_id: str, arch: Arch | None, field_name: str = "name") -> ProgramAnalysis:
-        prog = self._programs.get(program_id, field_name)
+        prog = self._programs.by_id(program_id, field_name)  # a session's or report's own program
         key = (prog.id, arch.value if arch else "")
         hit = self._analyses.get(key)
         if hit is not None:
@@ -212,7 +214,7 @@ class CoverageManager:
             return []
         return [pc & ~1]
 
-    async def stop(self, live: LiveSession, owner: str = "") -> CoverageReportRecord:
+    async def stop(self, live: LiveSession) -> CoverageReportRecord:
         st = self._started(live, "stop coverage")
         async with live.lock:
             machine = live.require_machine("stop coverage")
@@ -222,7 +224,7 @@ class CoverageManager:
         st.collecting = False
         st.last = collected
         program = st.program or live.record.program
-        return self._store(program, [live.id], collected, owner, live.board.arch)
+        return self._store(program, [live.id], collected, live.board.arch)
 
     async def reset(self, live: LiveSession) -> None:
         st = self._state.get(live.id)
@@ -242,13 +244,14 @@ class CoverageManager:
     # ------------------------------------------------------------------ reports
 
     def _store(
-        self, program: str, sessions: list[str], collected: Collection, owner: str, arch: Arch | None,
+        self, program: str, sessions: list[str], collected: Collection, arch: Arch | None,
     ) -> CoverageReportRecord:
         edges = collected.edges
         files = compute(self._analysis_for(program, arch), collected.blocks, edges, collected.halted_at)
         totals = Counts()
         for f in files:
             totals = totals + f.counts
+        owner, tenant = tenancy.stamp()
         rec = CoverageReportRecord(
             id="cov-" + secrets.token_hex(6),
             program=program,
@@ -258,20 +261,27 @@ class CoverageManager:
             halted_at=sorted(collected.halted_at),
             totals=totals.to_dict(),
             owner=owner,
+            tenant=tenant,
         )
         self._db.put(TABLE, record_row(rec, program=program))
         log.info("coverage_report_stored", report=rec.id, program=program, blocks=len(collected.blocks))
         return rec
 
     def get(self, name: str, field_name: str = "name") -> CoverageReportRecord:
+        """The report a caller names: NotFound when there is none or the caller's tenant
+        does not see it (the same answer)."""
         rid = resource_id(name, COLLECTION, field_name)
         row = self._db.get(TABLE, rid)
         if row is None:
             raise NotFound("coverage report", rid)
-        return from_row(CoverageReportRecord, row["data"])
+        rec = from_row(CoverageReportRecord, row["data"])
+        if not tenancy.visible(rec.tenant):
+            raise NotFound("coverage report", rid)
+        return rec
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[CoverageReportRecord]:
-        terms = parse_filter(filter_text, ["program", "session"])
+        terms = parse_filter(filter_text, ["program", "session", tenancy.FILTER_KEY])
+        scope = tenancy.list_scope(terms)
         if "program" in terms:
             terms["program"] = terms["program"].removeprefix("programs/")
         if "session" in terms:
@@ -280,9 +290,10 @@ class CoverageManager:
             "program": lambda r: r.program,
             "session": lambda r: terms["session"] if terms.get("session") in r.sessions else "",
         }
-        rows = self._db.rows(TABLE, order_by="create_time DESC, id")
+        where, params = scope.where()
+        rows = self._db.rows(TABLE, where, params, order_by="create_time DESC, id")
         items = [r for r in (from_row(CoverageReportRecord, x["data"]) for x in rows) if match_terms(terms, getters, r)]
-        return paginate(items, page_size, page_token, filter_text)
+        return paginate(items, page_size, page_token, scope.token_key(filter_text))
 
     async def source(self, name: str, field_name: str = "name") -> tuple[Source, Arch | None]:
         """Blocks named by "sessions/{id}" (live, or its last stopped collection) or by
@@ -311,7 +322,7 @@ class CoverageManager:
     def _arch_of(self, program_id: str) -> Arch | None:
         """The architecture of a stored report's program (for its branch sites): from the
         ELF header."""
-        prog = self._programs.get(program_id, "program")
+        prog = self._programs.by_id(program_id, "program")
         try:
             machine = ELFFile(io.BytesIO(self._blobs.get(prog.sha256))).header["e_machine"]
         except (ELFError, ValueError, KeyError):
@@ -326,7 +337,7 @@ class CoverageManager:
         files = compute(self._analysis_for(src.program, arch, field_name), got.blocks, got.edges, got.halted_at)
         return CoverageResult(src.program, src.sessions, files, name=src.name)
 
-    async def merge(self, names: builtins.list[str], owner: str = "") -> CoverageReportRecord:
+    async def merge(self, names: builtins.list[str]) -> CoverageReportRecord:
         if not names:
             raise InvalidArgument("names", "name at least one session or coverage report")
         sources: builtins.list[Source] = []
@@ -336,9 +347,9 @@ class CoverageManager:
             sources.append(src)
             arch = arch or a
         first = sources[0]
-        sha = self._programs.get(first.program, "names").sha256
+        sha = self._programs.by_id(first.program, "names").sha256
         for src in sources[1:]:
-            if src.program != first.program and self._programs.get(src.program, "names").sha256 != sha:
+            if src.program != first.program and self._programs.by_id(src.program, "names").sha256 != sha:
                 raise FailedPrecondition(
                     f"{src.name} covers program {src.program}, {first.name} covers {first.program}; "
                     "only reports of the same program merge"
@@ -351,7 +362,7 @@ class CoverageManager:
             merged.edges = None if got.edges is None or merged.edges is None else merge_edges(merged.edges, got.edges)
             merged.halted_at.extend(got.halted_at)
             sessions.extend(s for s in src.sessions if s not in sessions)
-        return self._store(first.program, sessions, merged, owner, arch)
+        return self._store(first.program, sessions, merged, arch)
 
     # ------------------------------------------------------------------ export sources
 

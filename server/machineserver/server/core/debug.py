@@ -167,7 +167,7 @@ class Debugger:
             if required:
                 raise FailedPrecondition(f"session {live.id} has no program loaded")
             return None
-        prog = self.sessions.programs.get(live.record.program, "program")
+        prog = self.sessions.programs.by_id(live.record.program, "program")
         _, symbols = self.sessions.programs.load(prog)
         if symbols is None and required:
             raise FailedPrecondition(f"program {prog.name} ({prog.format}) has no symbols; upload the ELF")

@@ -7,6 +7,7 @@ import time
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from machineserver.server.core.identity import DEFAULT_TENANT
 from machineserver.server.drivers.base import MachineState, StopInfo, StopReason
 
 
@@ -67,6 +68,7 @@ class SessionRecord:
     exit_code: int | None = None
     last_stop: dict[str, Any] | None = None
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
     update_time: float = field(default_factory=now)
 
@@ -91,6 +93,7 @@ class ProgramRecord:
     sources_sha256: str = ""  # the source bundle uploaded with it (a blob), "" when none
     source_files: list[str] = field(default_factory=list)  # the bundle's paths
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
 
     @property
@@ -110,6 +113,7 @@ class SnapshotRecord:
     display_name: str = ""
     instructions: int = 0
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
 
     @property
@@ -124,6 +128,7 @@ class BoardTemplateRecord:
     builtin: bool = False
     etag: str = ""
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
     update_time: float = field(default_factory=now)
 
@@ -141,6 +146,7 @@ def record_row(rec: StoredRecord, **index_columns: Any) -> dict[str, Any]:
         "owner": data.get("owner", ""),
         "create_time": data.get("create_time", 0.0),
         "update_time": data.get("update_time", data.get("create_time", 0.0)),
+        **({"tenant": data["tenant"]} if "tenant" in data else {}),
         **index_columns,
         "data": data,
     }

@@ -1,5 +1,10 @@
 """Programs: chunked uploads into the blob store, format detection and parsing,
-deduplication by content, and parsed images/symbol tables cached for loading."""
+deduplication by content, and parsed images/symbol tables cached for loading.
+
+A program belongs to the tenant that uploaded it. Deduplication is per tenant: the same
+bytes uploaded by another tenant make that tenant's own record (a different id), so an
+upload never hands out, or reveals, another tenant's program. The blob store below stays
+content-addressed (one copy of the bytes)."""
 
 from __future__ import annotations
 
@@ -10,13 +15,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from machineserver.server.core import sources
+from machineserver.server.core import sources, tenancy
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
+from machineserver.server.core.identity import DEFAULT_TENANT
 from machineserver.server.core.images import ImageFormat, ParsedImage, detect_format, parse_image
 from machineserver.server.core.listing import (
     FieldGetters,
@@ -60,7 +66,7 @@ class ProgramStore:
         self._records: dict[str, ProgramRecord] = {}  # programs never change once stored
 
     async def upload(
-        self, meta: UploadMetadata, chunks: AsyncIterator[bytes], owner: str = "",
+        self, meta: UploadMetadata, chunks: AsyncIterator[bytes],
         sources: AsyncIterator[bytes] | None = None,
     ) -> UploadResult:
         """``sources``: the chunks of a source bundle sent after the program's (see
@@ -111,7 +117,8 @@ class ProgramStore:
                 self._blobs.delete(digest)
             raise
         load_address = meta.load_address if fmt is ImageFormat.BIN else 0
-        program_id = hashlib.sha256(f"{digest}:{fmt.value}:{load_address}".encode()).hexdigest()[:16]
+        owner, tenant = tenancy.stamp()
+        program_id = _program_id(tenant, digest, fmt, load_address)
         if bundle is not None:
             program_id = hashlib.sha256(f"{program_id}:sources:{bundle[0]}".encode()).hexdigest()[:16]
         existing = self._db.get(TABLE, program_id)
@@ -133,6 +140,7 @@ class ProgramStore:
             sources_sha256=bundle[0] if bundle else "",
             source_files=bundle[1] if bundle else [],
             owner=owner,
+            tenant=tenant,
         )
         self._db.put(TABLE, record_row(rec, sha256=digest, blob=digest, format=rec.format))
         return UploadResult(rec, deduplicated=False)
@@ -171,7 +179,17 @@ class ProgramStore:
         return self._db.count(TABLE, "json_extract(data, '$.sources_sha256') = ?", [digest]) > 0
 
     def get(self, name: str, field: str = "name") -> ProgramRecord:
+        """The program a caller names: NotFound when there is none or the caller's tenant
+        does not see it (the same answer)."""
         pid = resource_id(name, COLLECTION, field)
+        rec = self.by_id(pid, field)
+        if not tenancy.visible(rec.tenant):
+            raise NotFound("program", pid)
+        return rec
+
+    def by_id(self, pid: str, field: str = "name") -> ProgramRecord:
+        """A program a record refers to (a session's, a report's), by id, for the server's
+        own work: no tenant check (never for a name a caller gave)."""
         rec = self._records.get(pid)
         if rec is None:
             row = self._db.get(TABLE, pid)
@@ -181,11 +199,13 @@ class ProgramStore:
         return rec
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[ProgramRecord]:
-        terms = parse_filter(filter_text, ["format", "arch", "sha256"])
+        terms = parse_filter(filter_text, ["format", "arch", "sha256", tenancy.FILTER_KEY])
+        scope = tenancy.list_scope(terms)
         getters: FieldGetters[ProgramRecord] = {"format": lambda p: p.format, "arch": lambda p: p.arch, "sha256": lambda p: p.sha256}
-        rows = self._db.rows(TABLE, order_by="create_time DESC, id")
+        where, params = scope.where()
+        rows = self._db.rows(TABLE, where, params, order_by="create_time DESC, id")
         items = [p for p in (from_row(ProgramRecord, r["data"]) for r in rows) if match_terms(terms, getters, p)]
-        return paginate(items, page_size, page_token, filter_text)
+        return paginate(items, page_size, page_token, scope.token_key(filter_text))
 
     def delete(self, name: str, in_use_by: builtins.list[str], force: bool) -> None:
         rec = self.get(name)
@@ -215,3 +235,13 @@ class ProgramStore:
         while len(self._cache) > 64:
             self._cache.popitem(last=False)
         return parsed, symbols
+
+
+def _program_id(tenant: str, digest: str, fmt: ImageFormat, load_address: int) -> str:
+    """A program's id: the same for the same bytes, format and load address within a
+    tenant (deduplication), different across tenants. The default tenant's ids are those
+    of the server before tenants (records stored then keep theirs)."""
+    key = f"{digest}:{fmt.value}:{load_address}"
+    if tenant != DEFAULT_TENANT:
+        key = f"{tenant}\x00{key}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

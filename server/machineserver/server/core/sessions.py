@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from machineserver.server.core import identity, tenancy
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.console import ConsoleChunk, ConsoleLog
@@ -59,8 +60,8 @@ from machineserver.server.core.models import (
     stop_to_dict,
 )
 from machineserver.server.core.programs import ProgramStore
+from machineserver.server.core.pubsub import Hub, Subscription
 from machineserver.server.core.quotas import QuotaConfig, Quotas
-from machineserver.server.core.pubsub import Hub
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW, check_allowed, normal_form
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import (
@@ -94,6 +95,7 @@ class SessionEvent:
     reason: str
     stop: StopInfo | None = None
     time: float = field(default_factory=now)
+    tenant: str = ""  # the session's (who may see the event)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,6 @@ class CreateParams:
     power_on: bool = False
     run: bool = False
     session_id: str = ""
-    owner: str = ""
 
 
 async def finish_uninterrupted(task: asyncio.Future[Any], timeout: float) -> bool:
@@ -340,23 +341,48 @@ class SessionManager:
     # ------------------------------------------------------------------ lookups
 
     def get(self, name: str, field: str = "name") -> LiveSession:
+        """The session a caller names: NotFound when there is none or the caller's tenant
+        does not see it (the same answer: ids do not leak across tenants). Every lookup on
+        behalf of a caller goes through here."""
         sid = resource_id(name, COLLECTION, field)
         live = self._sessions.get(sid)
-        if live is None:
+        if live is None or not tenancy.visible(live.record.tenant):
             raise NotFound("session", sid)
         return live
 
     def find(self, session_id: str) -> LiveSession | None:
+        """A session by id for the server's own work (no tenant check: never for a
+        name a caller gave)."""
         return self._sessions.get(session_id)
 
     def contains(self, live: LiveSession) -> bool:
         return self._sessions.get(live.id) is live
 
     def all(self) -> list[LiveSession]:
+        """Every session, of every tenant (the server's own work: metrics, shutdown)."""
         return list(self._sessions.values())
 
+    def visible(self) -> list[LiveSession]:
+        """The sessions the current caller sees."""
+        who = identity.current()
+        return [s for s in self._sessions.values() if who.sees(s.record.tenant)]
+
+    def subscribe_events(self, only: LiveSession | None = None) -> Subscription[SessionEvent]:
+        """Session events for the current caller: one session's (``only``, looked up with
+        :meth:`get`), or those of every session its tenant sees (the identity is taken
+        now: the filter runs where events are published)."""
+        if only is not None:
+            only_id = only.id
+            return self.events.subscribe(lambda ev: ev.session == only_id)
+        who = identity.current()
+        if who.is_admin:
+            return self.events.subscribe(None)
+        return self.events.subscribe(lambda ev: who.sees(ev.tenant))
+
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[SessionRecord]:
-        terms = parse_filter(filter_text, ["state", "backend", "board", "display_name", "labels."])
+        terms = parse_filter(filter_text, ["state", "backend", "board", "display_name", "labels.",
+                                           tenancy.FILTER_KEY])
+        scope = tenancy.list_scope(terms)
         if "state" in terms:
             terms["state"] = terms["state"].upper().removeprefix("SESSION_STATE_").lower()
         getters: FieldGetters[SessionRecord] = {
@@ -366,9 +392,10 @@ class SessionManager:
             "display_name": lambda r: r.display_name,
             "labels.": lambda r: r.labels,
         }
-        recs = sorted((s.record for s in self._sessions.values()), key=lambda r: (r.create_time, r.id))
+        recs = sorted((s.record for s in self._sessions.values() if scope.admits(s.record.tenant)),
+                      key=lambda r: (r.create_time, r.id))
         items = [r for r in recs if match_terms(terms, getters, r)]
-        return paginate(items, page_size, page_token, filter_text)
+        return paginate(items, page_size, page_token, scope.token_key(filter_text))
 
     def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
         self.backends.get(backend_name)  # NotFound for an unknown backend
@@ -438,6 +465,7 @@ class SessionManager:
             parsed, _ = self.programs.load(prog)
             check_fits(parsed.image, board, "program")
             program_id = prog.id
+        owner, tenant = tenancy.stamp()
         rec = SessionRecord(
             id=sid,
             board=board.name,
@@ -452,7 +480,8 @@ class SessionManager:
             remote_target=remote_target,
             remote_console=remote_console,
             program=program_id,
-            owner=p.owner,
+            owner=owner,
+            tenant=tenant,
         )
         self._save(rec)
         if self.console_store is not None:
@@ -604,7 +633,7 @@ class SessionManager:
 
     async def _load_into(self, live: LiveSession, program_id: str) -> None:
         assert live.machine is not None
-        prog = self.programs.get(program_id, "program")
+        prog = self.programs.by_id(program_id, "program")  # the session's own: no tenant check
         parsed, _ = self.programs.load(prog)
         check_fits(parsed.image, live.board, "program")
         with driver_errors(live):
@@ -733,7 +762,7 @@ class SessionManager:
         self._publish(live, previous, reason, stop)
 
     def _publish(self, live: LiveSession, previous: MachineState, reason: str, stop: StopInfo | None = None) -> None:
-        self.events.publish(SessionEvent(live.id, live.state, previous, reason, stop))
+        self.events.publish(SessionEvent(live.id, live.state, previous, reason, stop, tenant=live.record.tenant))
 
     def _save(self, rec: SessionRecord) -> None:
         self.db.put(TABLE, record_row(rec, board=rec.board, backend=rec.backend, state=rec.state))

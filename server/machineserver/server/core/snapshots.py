@@ -11,6 +11,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
+from machineserver.server.core import tenancy
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -44,22 +45,29 @@ class SnapshotStore:
         self._max_bytes = max_bytes
 
     def get(self, name: str, field: str = "name") -> SnapshotRecord:
+        """The snapshot a caller names: NotFound when there is none or the caller's tenant
+        does not see it (the same answer)."""
         sid = resource_id(name, COLLECTION, field)
         row = self._db.get(TABLE, sid)
         if row is None:
             raise NotFound("snapshot", sid)
-        return from_row(SnapshotRecord, row["data"])
+        rec = from_row(SnapshotRecord, row["data"])
+        if not tenancy.visible(rec.tenant):
+            raise NotFound("snapshot", sid)
+        return rec
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[SnapshotRecord]:
-        terms = parse_filter(filter_text, ["session", "board", "backend"])
+        terms = parse_filter(filter_text, ["session", "board", "backend", tenancy.FILTER_KEY])
+        scope = tenancy.list_scope(terms)
         if "session" in terms:
             terms["session"] = terms["session"].removeprefix("sessions/")
         getters: FieldGetters[SnapshotRecord] = {"session": lambda r: r.session, "board": lambda r: r.board, "backend": lambda r: r.backend}
-        rows = self._db.rows(TABLE, order_by="create_time DESC, id")
+        where, params = scope.where()
+        rows = self._db.rows(TABLE, where, params, order_by="create_time DESC, id")
         items = [r for r in (from_row(SnapshotRecord, x["data"]) for x in rows) if match_terms(terms, getters, r)]
-        return paginate(items, page_size, page_token, filter_text)
+        return paginate(items, page_size, page_token, scope.token_key(filter_text))
 
-    async def create(self, live: LiveSession, display_name: str, owner: str = "") -> SnapshotRecord:
+    async def create(self, live: LiveSession, display_name: str) -> SnapshotRecord:
         live.require_machine("take a snapshot")
         live.feature(Feature.SNAPSHOTS)
         was_running = live.state is MachineState.RUNNING
@@ -79,6 +87,7 @@ class SnapshotStore:
                                     f"limits.max_snapshot_bytes ({self._max_bytes} bytes)")
         self._sessions.quotas.admit_snapshot_bytes(len(blob))
         digest = await asyncio.to_thread(self._blobs.put, blob)
+        owner, tenant = tenancy.stamp()
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
             session=live.id,
@@ -90,6 +99,7 @@ class SnapshotStore:
             display_name=display_name,
             instructions=instructions,
             owner=owner,
+            tenant=tenant,
         )
         self._save(rec)
         if not self._blobs.exists(digest):  # deleted with its last other record meanwhile
@@ -141,7 +151,6 @@ class SnapshotStore:
         sha256: str,
         instructions: int,
         chunks: AsyncIterator[bytes],
-        owner: str = "",
     ) -> SnapshotRecord:
         if not board:
             raise InvalidArgument("metadata.board", "is required")
@@ -167,6 +176,7 @@ class SnapshotStore:
             raise InvalidArgument("metadata.sha256", f"checksum mismatch: got {writer.sha256}")
         size = writer.size
         digest = await asyncio.to_thread(writer.commit)
+        owner, tenant = tenancy.stamp()
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
             session="",
@@ -177,6 +187,7 @@ class SnapshotStore:
             display_name=display_name,
             instructions=instructions,
             owner=owner,
+            tenant=tenant,
         )
         self._save(rec)
         return rec

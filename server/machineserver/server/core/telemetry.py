@@ -31,7 +31,9 @@ from typing import Any
 
 import psutil
 
+from machineserver.server.core import identity, tenancy
 from machineserver.server.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from machineserver.server.core.identity import DEFAULT_TENANT
 from machineserver.server.core.listing import Page, paginate, resource_id
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.pubsub import Hub, Subscription
@@ -326,6 +328,7 @@ class AlertRuleRecord:
     duration_s: float
     display_name: str = ""
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
 
     @property
@@ -350,6 +353,7 @@ class AlertEvent:
     threshold: float
     time: float
     message: str
+    tenant: str = DEFAULT_TENANT  # the rule's: who may see the alert
 
 
 class Telemetry:
@@ -380,8 +384,20 @@ class Telemetry:
         return len(self._firing)
 
     def firing_alerts(self) -> list[AlertEvent]:
-        """The alerts firing now (the event that started each), oldest first."""
+        """The alerts firing now (the event that started each), oldest first: of every
+        tenant (the server's own view; a caller's is :meth:`visible_firing`)."""
         return list(self._firing.values())
+
+    def visible_firing(self) -> list[AlertEvent]:
+        """The alerts firing now of the rules the current caller sees."""
+        who = identity.current()
+        return [ev for ev in self._firing.values() if who.sees(ev.tenant)]
+
+    def subscribe_alerts(self) -> Subscription[AlertEvent]:
+        """Alerts of the rules the current caller sees (the identity is taken now: the
+        filter runs where alerts are published)."""
+        who = identity.current()
+        return self.alerts.subscribe(None if who.is_admin else (lambda ev: who.sees(ev.tenant)))
 
     def dropped_total(self) -> int:
         """Samples dropped for slow host status subscribers still connected."""
@@ -459,20 +475,29 @@ class Telemetry:
         if rule.duration_s < 0 or rule.duration_s > 86400:
             raise InvalidArgument("rule.duration", "must be between 0 and 24 h")
         rule.id = rule.id or "rule-" + secrets.token_hex(5)
+        rule.owner, rule.tenant = tenancy.stamp()
         self._db.put("alert_rules", record_row(rule))
         self._ensure_evaluator()
         return rule
 
     def rules(self) -> list[AlertRuleRecord]:
+        """Every tenant's rules (what the evaluator checks)."""
         return [from_row(AlertRuleRecord, r["data"]) for r in self._db.rows("alert_rules")]
 
     def list_rules(self, page_size: int, page_token: str) -> Page[AlertRuleRecord]:
-        return paginate(self.rules(), page_size, page_token)
+        """The rules the current caller sees (admins: every tenant's)."""
+        scope = tenancy.list_scope({})
+        where, params = scope.where()
+        rules = [from_row(AlertRuleRecord, r["data"]) for r in self._db.rows("alert_rules", where, params)]
+        return paginate(rules, page_size, page_token, scope.token_key(""))
 
     def delete_rule(self, name: str) -> None:
+        """NotFound when there is no such rule or the caller's tenant does not see it."""
         rid = resource_id(name, "alertRules")
-        if not self._db.delete("alert_rules", rid):
+        row = self._db.get("alert_rules", rid)
+        if row is None or not tenancy.visible(from_row(AlertRuleRecord, row["data"]).tenant):
             raise NotFound("alert rule", rid)
+        self._db.delete("alert_rules", rid)
         self._since.pop(rid, None)
         self._firing.pop(rid, None)
 
@@ -522,7 +547,7 @@ class Telemetry:
     def _emit(self, rule: AlertRuleRecord, firing: bool, value: float, t: float) -> AlertEvent:
         verb = "firing" if firing else "resolved"
         msg = f"{rule.metric} {rule.comparison} {rule.threshold} for {rule.duration_s:g}s: {verb} (value {value:g})"
-        event = AlertEvent(rule.name, firing, rule.metric, value, rule.threshold, t, msg)
+        event = AlertEvent(rule.name, firing, rule.metric, value, rule.threshold, t, msg, rule.tenant)
         self._db.append("alert_events", {"rule": rule.id, "state": verb, "time": t,
                                          "data": {"value": value, "message": msg}})
         self.alerts.publish(event)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from machineserver.server.core import tenancy
 from machineserver.server.core.cosim.coordinator import Coordinator, placement
 from machineserver.server.core.cosim.events import CoSimEvents
 from machineserver.server.core.cosim.model import (
@@ -143,19 +144,23 @@ class CoSimManager:
     # ------------------------------------------------------------------ records
 
     def get(self, name: str, field_name: str = "name") -> Runtime:
+        """The co-simulation a caller names (and through it its snapshots): NotFound when
+        there is none or the caller's tenant does not see it (the same answer)."""
         cid = resource_id(name, COLLECTION, field_name)
         rt = self._runtimes.get(cid)
-        if rt is None:
+        if rt is None or not tenancy.visible(rt.rec.tenant):
             raise NotFound("cosimulation", cid)
         return rt
 
     def list_page(self, page_size: int, page_token: str, filter_text: str) -> Page[Runtime]:
-        terms = parse_filter(filter_text, ["state"])
+        terms = parse_filter(filter_text, ["state", tenancy.FILTER_KEY])
+        scope = tenancy.list_scope(terms)
         if "state" in terms:
             terms["state"] = terms["state"].lower().removeprefix("co_sim_state_")
-        items = sorted(self._runtimes.values(), key=lambda r: (r.rec.create_time, r.rec.id))
+        items = sorted((r for r in self._runtimes.values() if scope.admits(r.rec.tenant)),
+                       key=lambda r: (r.rec.create_time, r.rec.id))
         items = [r for r in items if match_terms(terms, {"state": lambda r: r.rec.state}, r)]
-        return paginate(items, page_size, page_token, filter_text)
+        return paginate(items, page_size, page_token, scope.token_key(filter_text))
 
     def members(self, rt: Runtime) -> list[MemberView]:
         out = []
@@ -182,7 +187,7 @@ class CoSimManager:
     # ------------------------------------------------------------------ create/delete
 
     async def create(self, sessions: Sequence[str], links: list[Link], quantum_ns: int, quantum_instructions: int,
-                     display_name: str, owner: str = "") -> Runtime:
+                     display_name: str) -> Runtime:
         if len(sessions) < 2:
             raise InvalidArgument("sessions", "a co-simulation needs two or more sessions")
         if len(sessions) > MAX_MEMBERS:
@@ -207,10 +212,11 @@ class CoSimManager:
                 raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
                                          "or off (pause or reset it first)", state=live.state.value,
                                          required="halted or off")
+        owner, tenant = tenancy.stamp()
         rec = CoSimRecord(id="cosim-" + secrets.token_hex(6), sessions=ids,
                           links=[link_to_dict(x) for x in links], quantum_ref=quantum_ref, hz_ref=hz_ref,
                           quantum_spec={"quantum_ns": quantum_ns, "quantum_instructions": quantum_instructions},
-                          display_name=display_name, owner=owner, state_reason="created")
+                          display_name=display_name, owner=owner, tenant=tenant, state_reason="created")
         rt = Runtime(rec, lives, links)
         await self.enter_lockstep(rt, since=None, link_state=None)
         self._runtimes[rec.id] = rt

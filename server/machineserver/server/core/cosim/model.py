@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from machineserver.server.core.errors import InvalidArgument
+from machineserver.server.core.identity import DEFAULT_TENANT
 from machineserver.server.core.models import now
 from machineserver.server.drivers.base import BoardSpec
 from machineserver.server.lockstep.links import Doorbell, Link, SharedRegion, link_from_dict
@@ -53,6 +54,7 @@ class CoSimRecord:
     last_stop: dict[str, Any] | None = None
     link_state: dict[str, Any] = field(default_factory=dict)  # links.LinkState.to_dict()
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
     update_time: float = field(default_factory=now)
 
@@ -79,6 +81,7 @@ class CoSimSnapshotRecord:
     shape: tuple[str, ...]
     display_name: str = ""
     owner: str = ""
+    tenant: str = DEFAULT_TENANT
     create_time: float = field(default_factory=now)
 
     @property

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from machineserver.server.core import tenancy
 from machineserver.server.core.cosim import artifact
 from machineserver.server.core.cosim.coordinator import placement
 from machineserver.server.core.cosim.model import CoSimSnapshotRecord, CoSimState
@@ -45,7 +46,7 @@ class CoSimSnapshots:
     def _shape(self, rt: Runtime) -> tuple[str, ...]:
         return tuple(f"{live.board.name}/{live.record.backend}" for live in rt.lives)
 
-    async def create(self, rt: Runtime, display_name: str, owner: str = "") -> CoSimSnapshotRecord:
+    async def create(self, rt: Runtime, display_name: str) -> CoSimSnapshotRecord:
         coord = self.m.require_runnable(rt, "take a snapshot")
         for live in rt.lives:
             live.feature(Feature.SNAPSHOTS)
@@ -65,13 +66,17 @@ class CoSimSnapshots:
                                     f"limits.max_snapshot_bytes ({self.max_bytes} bytes)")
         self.m.sessions.quotas.admit_snapshot_bytes(len(data))
         digest = await asyncio.to_thread(self.blobs.put, data)
-        return self._record(rt, digest, len(data), art, display_name, owner)
+        return self._record(rt, digest, len(data), art, display_name)
 
-    def _record(self, rt: Runtime, digest: str, size: int, art: artifact.Artifact, display_name: str,
-                         owner: str) -> CoSimSnapshotRecord:
+    def _record(self, rt: Runtime, digest: str, size: int, art: artifact.Artifact,
+                display_name: str) -> CoSimSnapshotRecord:
+        """The record of a snapshot of ``rt``: it belongs to the co-simulation's tenant (it
+        is reached through it); its owner is whoever took or imported it."""
+        owner, _ = tenancy.stamp()
         rec = CoSimSnapshotRecord(id=f"{rt.rec.id}/snap-{secrets.token_hex(6)}", cosim=rt.rec.id, snapshot="",
                                   sha256=digest, size_bytes=size, virtual_time_ns=rt.rec.ns(art.time_ref),
-                                  quanta=art.quanta, shape=art.shape, display_name=display_name, owner=owner)
+                                  quanta=art.quanta, shape=art.shape, display_name=display_name, owner=owner,
+                                  tenant=rt.rec.tenant)
         rec = CoSimSnapshotRecord(**{**rec.__dict__, "snapshot": rec.id.split("/", 1)[1]})
         self.db.put(TABLE, {**record_row(rec), "cosim": rt.rec.id, "blob": digest})
         return rec
@@ -91,7 +96,7 @@ class CoSimSnapshots:
     def list_page(self, rt: Runtime, page_size: int, page_token: str) -> Page[CoSimSnapshotRecord]:
         rows = self.db.rows(TABLE, "cosim = ?", [rt.rec.id], order_by="create_time DESC, id")
         items = [from_row(CoSimSnapshotRecord, {**r["data"], "shape": tuple(r["data"]["shape"])}) for r in rows]
-        return paginate(items, page_size, page_token)
+        return paginate(items, page_size, page_token, tenancy.list_scope({}).token_key(rt.rec.id))
 
     def delete(self, name: str) -> None:
         _, rec = self.get(name)
@@ -138,8 +143,8 @@ class CoSimSnapshots:
             raise FailedPrecondition(f"the snapshot is of members {', '.join(shape)}; co-simulation {rt.rec.name} "
                                      f"has {', '.join(mine)}", required="the same members' boards and backends")
 
-    async def import_(self, parent: str, display_name: str, sha256: str, chunks: AsyncIterator[bytes],
-                      owner: str = "") -> CoSimSnapshotRecord:
+    async def import_(self, parent: str, display_name: str, sha256: str,
+                      chunks: AsyncIterator[bytes]) -> CoSimSnapshotRecord:
         rt = self.m.get(parent, "metadata.parent")
         writer = self.blobs.writer(self.max_bytes)
         try:
@@ -167,7 +172,7 @@ class CoSimSnapshots:
             if self.db.count(TABLE, "blob = ?", [digest]) == 0:
                 self.blobs.delete(digest)
             raise
-        return self._record(rt, digest, size, art, display_name, owner)
+        return self._record(rt, digest, size, art, display_name)
 
     def delete_all(self, rt: Runtime) -> None:
         for row in self.db.rows(TABLE, "cosim = ?", [rt.rec.id]):
