@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import io
+import itertools
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
@@ -17,6 +18,10 @@ from machineserver.server.drivers.base import Arch, BoardSpec, ProgramImage, Seg
 
 EM_ARM = "EM_ARM"
 EM_RISCV = "EM_RISCV"
+ADDRESS_SPACE = 1 << 32
+# the most memory one loadable segment may claim (its zero-filled .bss included): more than
+# any board's memory region, small enough that a crafted p_memsz cannot exhaust the host
+MAX_SEGMENT_BYTES = 256 << 20
 
 
 class ImageFormat(enum.StrEnum):
@@ -72,6 +77,14 @@ def _parse_elf(data: bytes) -> ParsedImage:
             filesz, memsz, addr = seg["p_filesz"], seg["p_memsz"], seg["p_paddr"]
             if seg["p_offset"] + filesz > len(data):
                 raise InvalidArgument("chunk", "the ELF is truncated: a segment runs past the end")
+            if memsz > MAX_SEGMENT_BYTES:
+                raise InvalidArgument("chunk", f"a segment claims {memsz} bytes of memory: more than the limit "
+                                               f"of {MAX_SEGMENT_BYTES} bytes per segment")
+            if filesz > memsz:
+                raise InvalidArgument("chunk", f"a segment has more bytes in the file ({filesz}) than in memory "
+                                               f"({memsz})")
+            if addr + filesz > ADDRESS_SPACE or seg["p_vaddr"] + memsz > ADDRESS_SPACE:
+                raise InvalidArgument("chunk", f"segment 0x{addr:x} ({memsz} bytes) does not fit in 32 bits")
             body = seg.data()[:filesz]
             if body:
                 segments.append(Segment(addr, body))
@@ -79,6 +92,7 @@ def _parse_elf(data: bytes) -> ParsedImage:
                 segments.append(Segment(seg["p_vaddr"] + filesz, bytes(memsz - filesz)))
         if not segments:
             raise InvalidArgument("chunk", "the ELF has no loadable segments")
+        _refuse_overlaps(segments)
         symtab = elf.get_section_by_name(".symtab")
         return ParsedImage(
             ProgramImage(segments=tuple(segments), entry=elf["e_entry"], arch=arch),
@@ -89,6 +103,16 @@ def _parse_elf(data: bytes) -> ParsedImage:
         raise InvalidArgument("chunk", f"not a valid ELF file: {exc}") from None
     except (ValueError, KeyError, IndexError) as exc:
         raise InvalidArgument("chunk", f"malformed ELF file: {exc}") from None
+
+
+def _refuse_overlaps(segments: list[Segment]) -> None:
+    """Two loadable segments that claim the same bytes: which one wins is anyone's guess."""
+    ordered = sorted(segments, key=lambda s: s.address)
+    for before, after in itertools.pairwise(ordered):
+        if after.address < before.address + len(before.data):
+            raise InvalidArgument(
+                "chunk", f"the ELF's segments overlap: 0x{before.address:08x}-0x{before.address + len(before.data):08x} "
+                         f"and 0x{after.address:08x}-0x{after.address + len(after.data):08x}")
 
 
 def _parse_ihex(data: bytes) -> ParsedImage:
