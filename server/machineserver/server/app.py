@@ -17,9 +17,11 @@ from grpc_health.v1 import health
 from opentelemetry.trace import TracerProvider
 
 from machineserver.server import __version__
+from machineserver.server.api.auth import AuthHook, required_roles
 from machineserver.server.api.interceptors import CallHook
-from machineserver.server.api.server import build_server, mark_not_serving
-from machineserver.server.config import ServerConfig, load
+from machineserver.server.api.server import SERVICES, build_server, mark_not_serving
+from machineserver.server.config import ServerConfig, check_exposure, load
+from machineserver.server.core.apikeys import read_bootstrap_secret
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.engine import Engine
 from machineserver.server.obs.logging import configure
@@ -56,6 +58,33 @@ def _read_tls(cfg: ServerConfig) -> tuple[bytes, bytes] | None:
     return Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes()
 
 
+def _read_client_ca(cfg: ServerConfig) -> bytes | None:
+    return Path(cfg.tls_client_ca_file).read_bytes() if cfg.tls_client_ca_file else None
+
+
+def _auth_hooks(cfg: ServerConfig, engine: Engine) -> list[CallHook]:
+    """The auth hook when authentication is on (none when off: a call then costs nothing
+    for it, and every caller is the local admin of a loopback-only server)."""
+    auth = cfg.auth
+    if not auth.enabled:
+        return []
+    if auth.bootstrap_admin_key_file:
+        path = Path(auth.bootstrap_admin_key_file)
+        secret, made = read_bootstrap_secret(path)
+        key = engine.apikeys.ensure(secret)
+        if made:
+            log.warning("bootstrap_admin_key_created", file=str(path), key=key.name,
+                        note="an admin API key of tenant 'default': read it from the file, keep the file private")
+        elif key.revoke_time is not None:
+            log.warning("bootstrap_admin_key_revoked", file=str(path), key=key.name)
+    hook = AuthHook(auth, engine.apikeys,
+                    required_roles(file.services_by_name[name] for _, _, file, name in SERVICES))
+    if hook.jwt is not None and auth.jwt is not None and auth.jwt.jwks_file:
+        hook.jwt.source.load_file()  # a bad JWKS file stops the start, not the first call
+    log.info("auth_on", jwt=bool(auth.jwt), mtls=bool(cfg.tls_client_ca_file), rules=len(auth.rules))
+    return [hook]
+
+
 async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = None,
                 hooks: Sequence[CallHook] = (), workers: WorkerPool | None = None) -> RunningServer:
     """Start a server (inside a running loop); tests use this with listen 127.0.0.1:0.
@@ -63,7 +92,10 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
     ``hooks`` run after the built-in ones (tracing, metrics) on every call. ``workers``:
     a worker pool to share (tests); otherwise the server makes its own from
     ``cfg.workers`` and closes it when it stops."""
+    for warning in check_exposure(cfg):  # refuses (ValueError) to expose an unprotected server
+        log.warning("insecure", message=warning)
     tls = _read_tls(cfg)
+    client_ca = _read_client_ca(cfg)
     backends = BackendRegistry.discover(cfg.default_backend, cfg.backends)
     own_pool: WorkerPool | None = None
     if workers is None and cfg.workers != 0:
@@ -75,6 +107,7 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
             await own_pool.close()
         raise
     engine.own_workers = own_pool is not None
+    engine.gdb.bind_allow = cfg.gdb_bridge_bind_allow
     engine.coverage.source_roots = cfg.coverage_source_roots
     if own_pool is not None:
         own_pool.prewarm()
@@ -84,10 +117,13 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
         metrics_port = 0
         if cfg.metrics_listen:
             metrics = ServerMetrics(engine)
-            metrics_port = metrics.serve(cfg.metrics_listen)
-        chain: list[CallHook] = [*([TracingHook(tracer_provider)] if tracing_configured(tracer_provider) else []),
+            metrics_port = metrics.serve(cfg.metrics_listen,
+                                         allow_nonloopback=cfg.metrics_allow_nonloopback or cfg.insecure)
+        # authentication first: the first hook with a before() (tracing, quotas see the caller)
+        chain: list[CallHook] = [*_auth_hooks(cfg, engine),
+                                 *([TracingHook(tracer_provider)] if tracing_configured(tracer_provider) else []),
                                  *([metrics] if metrics else []), *hooks]
-        server, port, health_servicer = await build_server(engine, cfg.listen, chain, tls=tls)
+        server, port, health_servicer = await build_server(engine, cfg.listen, chain, tls=tls, client_ca=client_ca)
         await server.start()
     except BaseException:
         if metrics is not None:

@@ -1,5 +1,11 @@
 """Server configuration: defaults, then a YAML file, then MACHINESERVER_* environment
-variables, then command-line flags (each overriding the one before)."""
+variables, then command-line flags (each overriding the one before).
+
+Secure by default (:func:`check_exposure`, run when the server starts): without
+authentication the server listens on loopback only; a ``listen`` beyond loopback needs
+``auth.enabled`` and TLS, or ``--insecure`` (served with a loud warning). The metrics port
+binds beyond loopback only with ``metrics_allow_nonloopback`` (or ``--insecure``), GDB
+bridges only on the addresses ``gdb_bridge_bind_allow`` lists."""
 
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from machineserver.server.api.auth import AuthSettings
+from machineserver.server.api.auth import parse_settings as parse_auth
 from machineserver.server.core.engine import Limits
+from machineserver.server.core.netpolicy import check_networks, is_loopback, listen_host
 from machineserver.server.core.quotas import QuotaConfig
 from machineserver.server.core.quotas import parse_config as parse_quotas
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
@@ -31,9 +40,16 @@ class ServerConfig:
     port_file: str = ""  # write the bound port here once serving (for scripts and tests)
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, serve TLS instead of plaintext
     tls_key_file: str = ""
+    # PEM CA certificates: with TLS, every client must present a certificate one of them
+    # signed (mTLS); its common name maps to an identity through auth.mtls_identities
+    tls_client_ca_file: str = ""
+    # serve beyond loopback without authentication and TLS (logged as a warning at start)
+    insecure: bool = False
     # host:port of the Prometheus /metrics endpoint ("" = off; port 0 picks a free one,
     # RunningServer.metrics_port says which), e.g. "127.0.0.1:9464"
     metrics_listen: str = ""
+    # /metrics has neither authentication nor TLS: beyond loopback only when set (or --insecure)
+    metrics_allow_nonloopback: bool = False
     # worker processes that run the emulation: -1 one per core (the default), 0 none (every
     # machine in the server's own process), N exactly N
     workers: int = -1
@@ -41,6 +57,9 @@ class ServerConfig:
     # "unix:/path", "serial:/dev/x"): by default TCP to this host only; a unix socket or a
     # serial device must be allowed explicitly
     gdbremote_allow: tuple[str, ...] = DEFAULT_REMOTE_ALLOW
+    # where StartGdbServer may bind beyond loopback: addresses or networks ("10.0.0.0/8"),
+    # "0.0.0.0" / "::" for every interface, "any"; empty (the default): loopback only
+    gdb_bridge_bind_allow: tuple[str, ...] = ()
     # folders whose files a coverage HTML export may show when a program's debug info names
     # them (read only if their real path lies inside one); empty: the server reads none
     # and HTML shows only sources the client sent
@@ -48,6 +67,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     # per-tenant quotas (core/quotas.py): {default: {LIMIT: N}, tenants: {T: {LIMIT: N}}}, 0 = unlimited
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    # who may call and what (api/auth.py): API keys, JWT, mTLS identities, rules; off by default
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 _SCALARS = {f.name for f in fields(ServerConfig)} - {"limits"}
@@ -55,6 +76,9 @@ _LIMITS = {f.name for f in fields(Limits)}
 
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
+    if name == "gdb_bridge_bind_allow":
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return check_networks(tuple(str(s).strip() for s in items if str(s).strip()), name)
     if name in ("gdbremote_allow", "coverage_source_roots"):
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(s.strip() for s in items if s.strip())
@@ -85,6 +109,8 @@ def _apply(cfg: ServerConfig, values: dict[str, Any], source: str) -> ServerConf
                 if k not in _LIMITS:
                     raise ValueError(f"{source}: unknown limit {k!r}")
                 limits[k] = _coerce(k, v, getattr(cfg.limits, k))
+        elif key == "auth":
+            top[key] = parse_auth(value, source)
         elif key == "quotas":
             top[key] = parse_quotas(value, source)
         elif key in _SCALARS:
@@ -116,6 +142,12 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--gdbremote-allow", dest="gdbremote_allow",
                         help="comma-separated patterns of the endpoints gdbremote sessions may reach, over "
                              "tcp:HOST:PORT, unix:/path, serial:/dev/x (default: TCP to this host only)")
+    parser.add_argument("--tls-client-ca-file", dest="tls_client_ca_file",
+                        help="PEM CA certificates: clients must present a certificate they signed (mTLS)")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow --listen beyond loopback without authentication and TLS (unsafe)")
+    parser.add_argument("--gdb-bridge-bind-allow", dest="gdb_bridge_bind_allow",
+                        help="comma-separated addresses or networks GDB bridges may bind beyond loopback")
     args = parser.parse_args(argv)
     cfg = ServerConfig()
     path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
@@ -132,3 +164,43 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     cfg = _apply(cfg, env, "environment")
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     return _apply(cfg, flags, "flags")
+
+
+def check_exposure(cfg: ServerConfig) -> list[str]:
+    """Refuses (ValueError, saying what to configure) a config that would expose the
+    server unprotected; returns the warnings to log for one that does so on purpose
+    (``insecure``)."""
+    warnings: list[str] = []
+    auth = cfg.auth
+    tls = bool(cfg.tls_cert_file and cfg.tls_key_file)
+    if cfg.tls_client_ca_file and not tls:
+        raise ValueError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file")
+    if not auth.enabled:
+        given = [name for name, value in (("auth.jwt", auth.jwt), ("auth.mtls_identities", auth.mtls_identities),
+                                          ("auth.bootstrap_admin_key_file", auth.bootstrap_admin_key_file),
+                                          ("auth.rules", auth.rules)) if value]
+        if given:
+            raise ValueError(f"{given[0]} is set but authentication is off: set auth.enabled: true")
+    elif auth.mtls_identities and not cfg.tls_client_ca_file:
+        raise ValueError("auth.mtls_identities needs tls_client_ca_file (the CA of the client certificates)")
+    host = listen_host(cfg.listen)
+    if not is_loopback(host):
+        if cfg.insecure:
+            if not (auth.enabled and tls):
+                warnings.append(f"INSECURE: serving {cfg.listen} beyond loopback without "
+                                f"{'authentication' if not auth.enabled else 'TLS'} (--insecure): anyone who "
+                                "reaches this port can drive, read and delete every session")
+        elif not auth.enabled or not tls:
+            missing = " and ".join(m for m, ok in (("authentication (auth.enabled)", auth.enabled),
+                                                  ("TLS (tls_cert_file, tls_key_file)", tls)) if not ok)
+            raise ValueError(f"refusing to listen on {cfg.listen}: beyond loopback the server needs {missing}; "
+                             "listen on 127.0.0.1, configure them, or pass --insecure to serve unprotected")
+    if cfg.metrics_listen:
+        metrics_host = cfg.metrics_listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        if not is_loopback(metrics_host):
+            if not (cfg.metrics_allow_nonloopback or cfg.insecure):
+                raise ValueError(f"refusing to serve metrics on {cfg.metrics_listen}: /metrics has no "
+                                 "authentication; set metrics_allow_nonloopback: true to serve it beyond loopback")
+            if not cfg.metrics_allow_nonloopback:
+                warnings.append(f"INSECURE: serving /metrics on {cfg.metrics_listen} beyond loopback (--insecure)")
+    return warnings

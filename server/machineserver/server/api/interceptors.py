@@ -177,6 +177,7 @@ class CallBoundary:
                 if chain.observe_only:
                     call.hooks_entered = len(chain.hooks)
                 else:
+                    call.auth_context = context.auth_context  # the peer's certificate, for the auth hook
                     await chain.enter(call)
                 result = await inner(request_or_iterator, context)
                 finished = True
@@ -207,6 +208,7 @@ class CallBoundary:
                 if chain.observe_only:
                     call.hooks_entered = len(chain.hooks)
                 else:
+                    call.auth_context = context.auth_context  # the peer's certificate, for the auth hook
                     await chain.enter(call)
                 result = inner(request_or_iterator, context)
                 if isinstance(result, AsyncIterable):

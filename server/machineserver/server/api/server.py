@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from machineserver.server.api.audit import AuditServicer
+from machineserver.server.api.access import AccessServicer
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer
@@ -26,6 +27,8 @@ from machineserver.server.core.audit import AuditHook
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.quotas import StreamQuota
 from machineserver.v1 import (
+    access_pb2,
+    access_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     capabilities_pb2,
@@ -55,6 +58,7 @@ SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor,
     (CoSimServicer, cosim_pb2_grpc.add_CoSimServiceServicer_to_server, cosim_pb2.DESCRIPTOR, "CoSimService"),
     (TelemetryServicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server, telemetry_pb2.DESCRIPTOR,
      "TelemetryService"),
+    (AccessServicer, access_pb2_grpc.add_AccessServiceServicer_to_server, access_pb2.DESCRIPTOR, "AccessService"),
     (AuditServicer, audit_pb2_grpc.add_AuditServiceServicer_to_server, audit_pb2.DESCRIPTOR, "AuditService"),
 ]
 
@@ -72,9 +76,11 @@ MAX_MESSAGE_BYTES = 8 << 20
 
 
 async def build_server(
-    engine: Engine, listen: str, hooks: Sequence[CallHook] = (), tls: tuple[bytes, bytes] | None = None
+    engine: Engine, listen: str, hooks: Sequence[CallHook] = (), tls: tuple[bytes, bytes] | None = None,
+    client_ca: bytes | None = None,
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
-    """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM.
+    """The server, bound to ``listen``; ``tls`` is (certificate chain, private key) in PEM;
+    ``client_ca`` (PEM, with ``tls``): clients must present a certificate it signed (mTLS).
     ``hooks`` join the engine's call chain, which every transport goes through."""
     # the audit hook before any hook that may refuse a call (auth): a refused call is audited too
     engine.calls.configure([AccessLog(), AuditHook(engine.audit), *hooks,
@@ -101,7 +107,8 @@ async def build_server(
     server.add_generic_rpc_handlers((methods.table(),))
     try:
         if tls is not None:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])], root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
             port = server.add_secure_port(listen, creds)
         else:
             port = server.add_insecure_port(listen)

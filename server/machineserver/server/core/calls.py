@@ -32,7 +32,7 @@ import enum
 import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
@@ -71,6 +71,11 @@ class Transport(enum.StrEnum):
 class CallInfo:
     """One command on its way through the chain. ``peer`` may be given as a function that
     asks the transport: it is asked once, when first read (most calls never read it)."""
+
+    # the TLS facts of the peer (grpc's auth_context(): x509_common_name, x509_subject,
+    # ...), as the transport's function; set by the API boundary only when some hook has a
+    # before() (the auth hook reads it for client certificates), None otherwise
+    auth_context: Callable[[], Mapping[str, Iterable[bytes]]] | None = None
 
     def __init__(self, method: str, request_id: str, metadata: Mapping[str, str],
                  transport: Transport = Transport.RPC, peer: str | Callable[[], str] = "") -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from machineserver.server.core import limits as bounds
 from machineserver.server.core.audit import AuditTrail
+from machineserver.server.core.apikeys import ApiKeyStore
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
 from machineserver.server.core.catalog import BoardCatalog
@@ -78,6 +79,7 @@ class Engine:
         self.blobs = BlobStore(data_dir / "blobs")
         self.backends = backends
         self.calls = CallChain()  # the hooks every command passes through (api configures them)
+        self.apikeys = ApiKeyStore(self.db)  # who may call (API keys, stored hashed)
         self.catalog = BoardCatalog(self.db, limits.board_bounds())
         self.quotas = Quotas(quotas, self.db)
         self.programs = ProgramStore(self.db, self.blobs, limits.max_program_bytes, quotas=self.quotas)

@@ -96,7 +96,7 @@ class Unauthenticated(MachineServerError):
     unknown key, expired token, wrong issuer, ...)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(f"unauthenticated: {reason}")
+        super().__init__(reason)
         self.reason = reason
 
 

@@ -1,5 +1,9 @@
 """The GDB servers of all sessions: at most one per session, started and stopped through
-the API, stopped when their session is deleted and at shutdown."""
+the API, stopped when their session is deleted and at shutdown.
+
+A bridge binds loopback unless the server config lists more (``gdb_bridge_bind_allow``:
+addresses or networks, "0.0.0.0"/"::" for every interface): RSP has no authentication,
+so whoever reaches a bridge acts on the session as the identity that started it."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from machineserver.server.core.calls import CallChain, current_metadata
 from machineserver.server.core.debug import Debugger
 from machineserver.server.core.errors import InvalidArgument, Unavailable
 from machineserver.server.core.gdbserver import GdbServer
+from machineserver.server.core.netpolicy import bind_allowed
 from machineserver.server.core.sessions import LiveSession, SessionManager
 from machineserver.server.drivers.base import Feature
 
@@ -30,6 +35,8 @@ class GdbBridges:
         self._calls = calls
         self._servers: dict[str, tuple[GdbServer, str, int]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # where bridges may listen beyond loopback (the server config's gdb_bridge_bind_allow)
+        self.bind_allow: tuple[str, ...] = ()
         sessions.delete_hooks.append(self._on_delete)
 
     def get(self, live: LiveSession) -> GdbEndpoint | None:
@@ -48,6 +55,9 @@ class GdbBridges:
                 ipaddress.ip_address(host)
             except ValueError:
                 raise InvalidArgument("bind_address", f"{host!r} is not an IP address") from None
+        if not bind_allowed(host, self.bind_allow):
+            raise InvalidArgument("bind_address", f"{host} is not a loopback address, and this server's "
+                                  "gdb_bridge_bind_allow does not allow it (a bridge has no authentication)")
         if not 0 <= port <= 65535:
             raise InvalidArgument("port", "must be between 0 and 65535")
         running = self.get(live)

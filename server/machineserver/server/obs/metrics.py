@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 
 from machineserver.server import __version__
 from machineserver.server.core.calls import AfterOnlyHook
+from machineserver.server.core.netpolicy import is_loopback
 
 if TYPE_CHECKING:
     from machineserver.server.core.calls import CallInfo
@@ -252,9 +253,13 @@ class ServerMetrics(AfterOnlyHook):
 
     # ------------------------------------------------------------------ endpoint
 
-    def serve(self, listen: str) -> int:
-        """Serve /metrics on ``listen`` ("host:port"); the bound port."""
+    def serve(self, listen: str, *, allow_nonloopback: bool = False) -> int:
+        """Serve /metrics on ``listen`` ("host:port"); the bound port. /metrics has no
+        authentication: beyond loopback only with ``allow_nonloopback``."""
         host, port = split_listen(listen)
+        if not allow_nonloopback and not is_loopback(host):
+            raise ValueError(f"refusing to serve metrics on {listen}: beyond loopback only with "
+                             "metrics_allow_nonloopback (/metrics has no authentication)")
         try:
             self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
