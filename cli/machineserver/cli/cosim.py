@@ -389,7 +389,14 @@ class ConsoleView:
 
 
 async def _connect_async(args: argparse.Namespace) -> AsyncClient:
-    return await AsyncClient.connect(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls)
+    """An async client with msctl's global options (target, deadline, credentials, TLS)."""
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return await AsyncClient.connect(
+        args.target, timeout=args.timeout, api_key=args.api_key or None, bearer_token=args.token or None,
+        tls=args.tls or bool(args.tls_ca), root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
+        certificate_chain=read(args.tls_cert))
 
 
 async def follow(args: argparse.Namespace, name: str, *, start: bool, until_ns: int = 0) -> pb.CoSimulation:

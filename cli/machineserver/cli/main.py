@@ -15,6 +15,12 @@ and friendly verbs cover the common path::
     msctl cosim create -f topology.yaml           co-simulation: member sessions + links from one file
     msctl cosim run NAME [--until-ns T]           run it, every member's console prefixed, until it stops
     msctl cosim console|status|list|step|pause|delete|snapshot|restore
+    msctl whoami                                  who the server takes you for (principal, tenant, roles)
+    msctl apikey create --name N --role operator [--tenant T] [--ttl 90d]   prints the secret once
+    msctl apikey list|revoke                      API keys (admin)
+
+Credentials: --api-key (env MSCTL_API_KEY) or --token (a JWT, env MSCTL_TOKEN); TLS with
+--tls (system roots) or --tls-ca CA.pem, plus --tls-cert/--tls-key for a client certificate.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machineserver.cli import cosim, debugger, rpc, watch
+from machineserver.cli import access, cosim, debugger, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2, coverage_pb2
 
@@ -191,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of unary calls, seconds")
     parser.add_argument("--api-key", default=os.environ.get("MSCTL_API_KEY"), help="API key (env MSCTL_API_KEY)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--token", default=os.environ.get("MSCTL_TOKEN"),
+                        help="a JWT bearer token (env MSCTL_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    parser.add_argument("--tls-ca", default=os.environ.get("MSCTL_TLS_CA"),
+                        help="PEM CA certificates to check the server with (implies --tls; env MSCTL_TLS_CA)")
+    parser.add_argument("--tls-cert", default=os.environ.get("MSCTL_TLS_CERT"),
+                        help="PEM client certificate chain for mTLS (with --tls-key; env MSCTL_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("MSCTL_TLS_KEY"),
+                        help="PEM private key of --tls-cert (env MSCTL_TLS_KEY)")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND")
 
     sub.add_parser("serve", help="start a MachineServer (flags as `machineserver --help`)", add_help=False)
@@ -214,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=100)
     p.set_defaults(handler=cmd_program_list)
 
+    access.add_verbs(sub)
     rpc.add_rpc_commands(sub)
     cov_group = sub.choices["coverage"]
     csub = next(a for a in cov_group._actions if isinstance(a, argparse._SubParsersAction))
@@ -272,6 +287,17 @@ def _debug_session_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tup
     return argv[:i], argv[i + 1]
 
 
+def connect(args: argparse.Namespace) -> Client:
+    """A client with the global options' target, deadline, credentials and TLS."""
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return Client.connect(args.target, timeout=args.timeout, api_key=args.api_key or None,
+                          bearer_token=args.token or None, tls=args.tls or bool(args.tls_ca),
+                          root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
+                          certificate_chain=read(args.tls_cert))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
@@ -280,14 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     interactive = _debug_session_argv(parser, argv)
     if interactive is not None:
         opts = parser.parse_args(interactive[0])
-        with Client.connect(opts.target, timeout=opts.timeout, api_key=opts.api_key, tls=opts.tls) as client:
+        with connect(opts) as client:
             return debugger.run(client, interactive[1])
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "group_parser", None) or parser).print_help()
         return 2
-    client = Client.connect(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls)
+    try:
+        client = connect(args)
+    except (OSError, ValueError) as exc:
+        print(f"msctl: {exc}", file=sys.stderr)
+        return 2
     try:
         return handler(client, args)
     except errors.MachineServerError as exc:
