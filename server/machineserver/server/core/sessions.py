@@ -427,8 +427,8 @@ class SessionManager:
             )
         self.quotas.admit_session()
         for key, value in p.labels.items():
-            if not key or len(key) > 63 or not set(key) <= LABEL_CHARS or len(value) > 255:
-                raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 255 chars")
+            if not key or len(key) > 63 or not set(key) <= LABEL_CHARS or len(value) > 256:
+                raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 256 chars")
         if p.max_console_bytes < 0 or p.max_instructions < 0:
             raise InvalidArgument("limits", "limits must not be negative")
         if p.max_console_bytes > self.max_console_bytes:
