@@ -16,7 +16,10 @@ The limits (each per tenant; 0 = unlimited):
   tenant's sessions in a sliding hour. Each powered session's instruction counter is
   sampled (as telemetry reads it, on every backend) by :class:`InstructionMeter`; a
   tenant over its budget has its running sessions paused with the reason, and Run,
-  Continue and Step are refused until the window has room again.
+  Continue and Step are refused until the window has room again. A backend that does
+  not count instructions (QEMU without icount: its count stays 0) is charged its
+  virtual time at the board's clock, one instruction per cycle; QEMU with icount reads
+  its count at stops, so a long run of one is charged when it stops.
 
 A limit that is hit raises :class:`~machineserver.server.core.errors.QuotaExceeded`:
 RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure whose subject is ``tenant:T`` and whose
@@ -141,29 +144,32 @@ class InstructionMeter:
     Each session's last reading is kept with the machine it came from: a new machine (a
     power-on) counts from zero, a counter that went back (a reset) counts from zero
     again, and a restore (which sets the counter to the snapshot's) is not execution:
-    :meth:`rebase` takes the new reading as the base. Spending is kept in one-second
-    buckets per tenant."""
+    :meth:`rebase` takes the new reading as the base. A machine whose instruction count
+    stays 0 (its backend does not count) is charged its virtual time at ``mhz``.
+    Spending is kept in one-second buckets per tenant."""
 
     def __init__(self, window: float = WINDOW_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
         self.clock = clock
-        self._last: dict[str, tuple[Machine, int]] = {}  # session id -> (machine, instructions)
+        self._last: dict[str, tuple[Machine, int, int]] = {}  # session id -> (machine, instructions, ns)
         self._spent: dict[str, deque[list[int]]] = {}  # tenant -> [second, instructions]
 
-    def observe(self, session_id: str, tenant: str, machine: Machine) -> None:
+    def observe(self, session_id: str, tenant: str, machine: Machine, mhz: float) -> None:
         """Charge ``tenant`` what the session executed since its last reading."""
-        count = machine.counters().instructions
+        counters = machine.counters()
+        count, ns = counters.instructions, counters.virtual_time_ns
         last = self._last.get(session_id)
-        if last is None or last[0] is not machine or count < last[1]:
-            spent = count
-        else:
-            spent = count - last[1]
-        self._last[session_id] = (machine, count)
+        base_count, base_ns = 0, 0
+        if last is not None and last[0] is machine and count >= last[1] and ns >= last[2]:
+            base_count, base_ns = last[1], last[2]
+        self._last[session_id] = (machine, count, ns)
+        spent = count - base_count if count else int((ns - base_ns) * mhz / 1000)
         if spent > 0:
             self.charge(tenant, spent)
 
     def rebase(self, session_id: str, machine: Machine) -> None:
-        self._last[session_id] = (machine, machine.counters().instructions)
+        counters = machine.counters()
+        self._last[session_id] = (machine, counters.instructions, counters.virtual_time_ns)
 
     def forget_except(self, session_ids: Iterable[str]) -> None:
         keep = set(session_ids)
@@ -323,7 +329,7 @@ class Quotas:
             if event.reason.startswith("restored "):
                 self.meter.rebase(live.id, live.machine)
             else:
-                self.meter.observe(live.id, tenant_of(live), live.machine)
+                self.meter.observe(live.id, tenant_of(live), live.machine, live.board.cpu_mhz)
         return False  # never queued: this subscription only watches
 
     def sample(self) -> None:
@@ -335,7 +341,7 @@ class Quotas:
         for live in lives:
             machine = live.machine
             if machine is not None:
-                self.meter.observe(live.id, tenant_of(live), machine)
+                self.meter.observe(live.id, tenant_of(live), machine, live.board.cpu_mhz)
         self.meter.forget_except(live.id for live in lives if live.machine is not None)
 
     def over_budget(self) -> dict[str, tuple[int, int]]:
