@@ -11,6 +11,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,7 @@ async def test_api_key_expires(auth_server: AuthServer) -> None:
 
 
 async def test_bad_and_missing_credentials(auth_server: AuthServer) -> None:
-    cases = [({}, "no credentials"), ({"api_key": "msk_not-a-key"}, "unknown API key"),
+    cases: list[tuple[dict[str, Any], str]] = [({}, "no credentials"), ({"api_key": "msk_not-a-key"}, "unknown API key"),
              ({"metadata": [("authorization", "Basic dXNlcg==")]}, "scheme"),
              ({"bearer_token": "not.a.jwt"}, "not a valid JWT")]
     for options, reason in cases:
@@ -151,7 +152,7 @@ def jwks_url(tokens: Tokens) -> Iterator[tuple[str, list[int]]]:
     body = tokens.jwks_file.read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             fetches.append(1)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
