@@ -11,10 +11,13 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
+import structlog
+
 from machineserver.server.core import tenancy
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
+    MachineServerError,
     NotFound,
     ResourceExhausted,
 )
@@ -28,11 +31,22 @@ from machineserver.server.core.listing import (
 )
 from machineserver.server.core.models import SnapshotRecord, from_row, record_row
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
-from machineserver.server.drivers.base import Feature, MachineState, Snapshots
+from machineserver.server.drivers.base import (
+    Backend,
+    BadRequest,
+    BoardSpec,
+    DriverError,
+    Feature,
+    MachineState,
+    Snapshots,
+)
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
 
+log = structlog.get_logger(__name__)
+
 TABLE = "snapshots"
+COSIM_TABLE = "cosim_snapshots"  # co-simulation snapshots share blobs with these
 COLLECTION = "snapshots"
 READ_INLINE = 256 * 1024  # blobs up to this size are read on the event loop
 
@@ -125,8 +139,17 @@ class SnapshotStore:
             blob = await asyncio.to_thread(self._blobs.get, rec.sha256)
         async with live.lock:
             machine = live.require_machine("restore a snapshot")
-            with driver_errors(live):
-                await machine.capability(Snapshots).restore_state(blob)
+            try:
+                with driver_errors(live):
+                    await machine.capability(Snapshots).restore_state(blob)
+            except (MachineServerError, DriverError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a blob its backend cannot take, however it fails
+                log.warning("snapshot_restore_failed", snapshot=rec.id, session=live.id, error=repr(exc))
+                raise FailedPrecondition(
+                    f"snapshot {rec.id} cannot be restored into session {live.id}: {exc.__class__.__name__}",
+                    state="unrestorable snapshot", required="a snapshot this backend restores",
+                ) from None
             if rec.program:
                 live.record.program = rec.program
             live.record.exit_code = None
@@ -156,7 +179,12 @@ class SnapshotStore:
             raise InvalidArgument("metadata.board", "is required")
         if not backend:
             raise InvalidArgument("metadata.backend", "is required")
-        self._sessions.backends.get(backend, "metadata.backend")
+        driver = self._sessions.backends.get(backend, "metadata.backend")
+        _, spec = self._sessions.catalog.get(board, "metadata.board")
+        reason = driver.board_support(spec)
+        if reason is not None:
+            raise InvalidArgument("metadata.board", f"backend {backend} cannot run board {spec.name}: {reason}")
+        board = spec.name
         writer = self._blobs.writer(self._max_bytes)
         try:
             async for chunk in chunks:
@@ -176,6 +204,7 @@ class SnapshotStore:
             raise InvalidArgument("metadata.sha256", f"checksum mismatch: got {writer.sha256}")
         size = writer.size
         digest = await asyncio.to_thread(writer.commit)
+        await self._check_import(digest, driver, spec)
         owner, tenant = tenancy.stamp()
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
@@ -191,6 +220,25 @@ class SnapshotStore:
         )
         self._save(rec)
         return rec
+
+    async def _check_import(self, digest: str, driver: Backend, board: BoardSpec) -> None:
+        """An imported blob checked whole by its backend (format, version, board, bounded
+        decompression, field types) before it is recorded; removed and INVALID_ARGUMENT
+        (chunk) naming why when it is not a snapshot a restore could take."""
+        def check() -> None:
+            driver.check_snapshot(self._blobs.get(digest), board)
+
+        try:
+            await asyncio.to_thread(check)
+        except Exception as exc:
+            if self._db.count(TABLE, "blob = ?", [digest]) == 0 and self._db.count(
+                    COSIM_TABLE, "blob = ?", [digest]) == 0:
+                self._blobs.delete(digest)
+            if isinstance(exc, BadRequest):
+                raise InvalidArgument("chunk", f"not a {driver.name} snapshot of board {board.name}: {exc}") from None
+            log.warning("snapshot_check_failed", backend=driver.name, board=board.name, error=repr(exc))
+            raise InvalidArgument("chunk", f"not a {driver.name} snapshot of board {board.name}: "
+                                  f"unreadable ({exc.__class__.__name__})") from None
 
     def _save(self, rec: SnapshotRecord) -> None:
         self._db.put(TABLE, record_row(rec, session=rec.session, board=rec.board, blob=rec.sha256))

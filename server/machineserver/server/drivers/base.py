@@ -713,6 +713,13 @@ class Backend(abc.ABC):
     ) -> Machine:
         """A new machine, OFF. Cheap: resources are taken at power_on."""
 
+    def check_snapshot(self, blob: bytes, board: BoardSpec) -> None:  # noqa: B027 - optional hook
+        """Whether ``blob`` is a whole, well-formed snapshot of this backend for a machine of
+        ``board`` (format, version, board, sizes, field types), so that an import refuses
+        what a restore could not take: BadRequest(field="snapshot") naming why. Bounded:
+        allocates no more than the blob's size plus one page or segment at a time. Pure;
+        may run on any thread. The default checks nothing (restore still refuses)."""
+
     async def memory_footprint(self, board: BoardSpec) -> MemoryFootprint | None:
         """What one more halted machine of ``board`` costs in memory; None when the backend
         cannot say. May take a moment the first time (a backend may measure it); cached by

@@ -34,6 +34,9 @@ class IsolatedBackend(drv.Backend):
                        events: drv.MachineEvents) -> drv.Machine:
         return RemoteMachine(self.pool, self.name, board, options, events, self.machine_class.capabilities)
 
+    def check_snapshot(self, blob: bytes, board: drv.BoardSpec) -> None:
+        self.inner.check_snapshot(blob, board)
+
     async def memory_footprint(self, board: drv.BoardSpec) -> drv.MemoryFootprint | None:
         return await self.inner.memory_footprint(board)
 

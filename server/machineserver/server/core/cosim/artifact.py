@@ -21,6 +21,7 @@ from typing import Any
 
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.drivers.base import BarrierInput, Segment
+from machineserver.server.lockstep.links import LinkState
 from machineserver.server.lockstep.runner import MidQuantum
 
 MAGIC = b"MSCOSIM\x01"
@@ -98,13 +99,14 @@ def decode(data: bytes) -> Artifact:
         since = tuple(int(c) for c in manifest["since_origin"])
         time_ref, quanta = int(manifest["time_ref"]), int(manifest["quanta"])
         link_state = dict(manifest["link_state"])
+        LinkState.from_dict(link_state)  # readable now, not first at restore
         raw_mid = manifest.get("mid")
         mid = None if raw_mid is None else MidQuantum(
             int(raw_mid["end"]), [base64.b64decode(c) for c in raw_mid["console"]],
             [int(a) for a in raw_mid["accepted"]])
     except InvalidArgument:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise _bad(f"unreadable manifest ({exc.__class__.__name__})") from None
     if not (len(shape) == len(digests) == len(inputs) == len(since)) or len(shape) < 2:
         raise _bad("the manifest's member lists disagree")

@@ -25,7 +25,7 @@ from machineserver.server.core.errors import (
 from machineserver.server.core.listing import Page, paginate
 from machineserver.server.core.models import from_row, record_row
 from machineserver.server.core.sessions import driver_errors
-from machineserver.server.drivers.base import Feature, MachineState, Snapshots
+from machineserver.server.drivers.base import BadRequest, DriverError, Feature, MachineState, Snapshots
 from machineserver.server.lockstep.links import LinkState
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
 from machineserver.server.store.db import Database
@@ -127,8 +127,16 @@ class CoSimSnapshots:
         for live, blob in zip(rt.lives, art.blobs, strict=True):
             async with live.lock:
                 machine = live.require_machine("restore a co-simulation snapshot")
-                with driver_errors(live):
-                    await machine.capability(Snapshots).restore_state(blob)
+                try:
+                    with driver_errors(live):
+                        await machine.capability(Snapshots).restore_state(blob)
+                except (MachineServerError, DriverError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a member state its backend cannot take, however it fails
+                    raise FailedPrecondition(
+                        f"{name} cannot be restored into {live.record.name}: {exc.__class__.__name__}",
+                        state="unrestorable snapshot", required="a snapshot these backends restore",
+                    ) from None
                 live.record.exit_code = None
                 live.record.last_stop = None
                 self.m.sessions.set_state(live, MachineState.HALTED, f"restored {name}")
@@ -168,11 +176,26 @@ class CoSimSnapshots:
         try:
             art = artifact.decode(await asyncio.to_thread(self.blobs.get, digest))
             self._check_shape(rt, art.shape)
+            await asyncio.to_thread(self._check_members, rt, art)
         except MachineServerError:
-            if self.db.count(TABLE, "blob = ?", [digest]) == 0:
+            if self.db.count(TABLE, "blob = ?", [digest]) == 0 and self.db.count("snapshots", "blob = ?", [digest]) == 0:
                 self.blobs.delete(digest)
             raise
         return self._record(rt, digest, size, art, display_name)
+
+    def _check_members(self, rt: Runtime, art: artifact.Artifact) -> None:
+        """Each member's state checked whole by its backend for its board (as a session
+        snapshot's import is): INVALID_ARGUMENT naming the member and why."""
+        for i, (live, blob) in enumerate(zip(rt.lives, art.blobs, strict=True)):
+            where = f"member {i} ({live.board.name} on {live.record.backend})"
+            driver = self.m.sessions.backends.get(live.record.backend, "metadata.parent")
+            try:
+                driver.check_snapshot(blob, live.board)
+            except BadRequest as exc:
+                raise InvalidArgument("chunk", f"not a co-simulation snapshot: {where}: {exc}") from None
+            except Exception as exc:
+                raise InvalidArgument("chunk", f"not a co-simulation snapshot: {where}: unreadable "
+                                      f"({exc.__class__.__name__})") from None
 
     def delete_all(self, rt: Runtime) -> None:
         for row in self.db.rows(TABLE, "cosim = ?", [rt.rec.id]):

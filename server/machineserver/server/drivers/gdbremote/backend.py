@@ -13,6 +13,7 @@ from machineserver.server.drivers.base import (
     MachineOptions,
 )
 from machineserver.server.drivers.gdbremote.machine import NO_COVERAGE, GdbRemoteMachine
+from machineserver.server.drivers.gdbremote.snapshots import parse_snapshot
 
 TESTED_WITH = ("QEMU 7.2 gdbstubs (qemu-system-arm and qemu-system-riscv32 -gdb: the conformance suite) "
                "and MachineServer's own GDB bridge (a session of another server), here; not tested "
@@ -54,3 +55,6 @@ class GdbRemoteBackend(Backend):
 
     def create_machine(self, board: BoardSpec, options: MachineOptions, events: MachineEvents) -> Machine:
         return GdbRemoteMachine(board, options, events)
+
+    def check_snapshot(self, blob: bytes, board: BoardSpec) -> None:
+        parse_snapshot(blob, board)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
-from machineserver.server.drivers.base import BadRequest, MachineState, Snapshots
+from machineserver.server.drivers.base import BadRequest, BoardSpec, MachineState, Snapshots
 from machineserver.server.drivers.gdbremote.link import RemoteLink, guarded, refused
 from machineserver.server.drivers.gdbremote.memory import write_memory
 from machineserver.server.drivers.gdbremote.registers import RemoteRegisters
@@ -22,13 +23,65 @@ MAGIC = b"MSGDBREMOTE-SNAP1\n"
 NOT_HELD = "peripheral state (timers, UARTs, interrupt controller), caches, flash"
 
 
+MAX_HEADER = 1 << 20
+MAX_REGISTERS = 512
+
+
+def writable_ram(board: BoardSpec) -> list[tuple[str, int, int]]:
+    return [(r.name, r.base, r.size) for r in board.memory if r.kind == "ram" and r.writable]
+
+
+def parse_snapshot(blob: bytes, board: BoardSpec) -> tuple[dict[str, Any], list[tuple[int, bytes]]]:
+    """(header, [(base, bytes)] per region) of a soft snapshot of ``board``: the header's
+    board, registers (names to integers) and regions (exactly the board's writable RAM)
+    checked, and the blob exactly as long as they say. BadRequest(field="snapshot")."""
+    def bad(why: str) -> BadRequest:
+        return BadRequest(f"not a gdbremote soft snapshot of board {board.name}: {why}", field="snapshot")
+
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise bad("no header")
+    (n,) = struct.unpack_from(">I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    if n > MAX_HEADER or start + n > len(blob):
+        raise bad(f"a header of {n} bytes in a blob of {len(blob)}")
+    try:
+        header = json.loads(blob[start : start + n])
+    except (ValueError, RecursionError):
+        raise bad("an unreadable header") from None
+    if not isinstance(header, dict):
+        raise bad("an unreadable header")
+    if header.get("board") != board.name:
+        raise BadRequest(f"the snapshot is of board {str(header.get('board'))[:64]!r}, not {board.name!r}",
+                         field="snapshot")
+    registers = header.get("registers")
+    if (not isinstance(registers, dict) or len(registers) > MAX_REGISTERS
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 128
+                   for v in registers.values())):
+        raise bad("registers that are not names with unsigned integers")
+    raw = header.get("regions")
+    try:
+        declared = [(str(r["name"]), r["base"], r["size"]) for r in raw]  # type: ignore[union-attr]
+    except (TypeError, KeyError):
+        raise bad("regions that are not objects with name, base and size") from None
+    if declared != writable_ram(board):
+        raise bad("regions other than the board's writable RAM")
+    pos = start + n
+    regions = []
+    for _, base, size in declared:
+        regions.append((base, blob[pos : pos + size]))
+        pos += size
+    if pos != len(blob):
+        raise bad(f"{len(blob)} bytes where the header says {pos}")
+    return header, regions
+
+
 class RemoteSnapshots(Snapshots):
     def __init__(self, link: RemoteLink, registers: RemoteRegisters) -> None:
         self.link = link
         self.registers = registers
 
     def _regions(self) -> list[tuple[str, int, int]]:
-        return [(r.name, r.base, r.size) for r in self.link.board.memory if r.kind == "ram" and r.writable]
+        return writable_ram(self.link.board)
 
     async def save_state(self) -> bytes:
         regs = await self.registers.read_registers()
@@ -46,34 +99,10 @@ class RemoteSnapshots(Snapshots):
         head = json.dumps(header, sort_keys=True).encode()
         return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs)
 
-    def _parse(self, blob: bytes) -> tuple[dict[str, object], list[tuple[int, bytes]]]:
-        bad = BadRequest("not a gdbremote soft snapshot", field="snapshot")
-        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
-            raise bad
-        (n,) = struct.unpack_from(">I", blob, len(MAGIC))
-        start = len(MAGIC) + 4
-        try:
-            header = json.loads(blob[start : start + n])
-        except ValueError:
-            raise bad from None
-        if header.get("board") != self.link.board.name:
-            raise BadRequest(f"the snapshot is of board {header.get('board')!r}, not {self.link.board.name!r}",
-                             field="snapshot")
-        pos = start + n
-        regions = []
-        for region in header["regions"]:
-            size = int(region["size"])
-            regions.append((int(region["base"]), blob[pos : pos + size]))
-            pos += size
-        if pos != len(blob):
-            raise bad
-        return header, regions
-
     @guarded
     async def restore_state(self, blob: bytes) -> None:
-        header, regions = self._parse(blob)
+        header, regions = parse_snapshot(blob, self.link.board)
         registers = header["registers"]
-        assert isinstance(registers, dict)
         async with self.link.op:
             self.link.require(MachineState.HALTED, MachineState.EXITED, MachineState.FAULTED,
                               action="restore a snapshot")

@@ -20,6 +20,7 @@ from machineserver.server.drivers.base import (
     MemoryFootprint,
     features_of,
 )
+from machineserver.server.drivers.qemu import snapshots
 from machineserver.server.drivers.qemu.launch import LaunchSpec
 from machineserver.server.drivers.qemu.lockstep import LOCKSTEP_BROKEN
 from machineserver.server.drivers.qemu.machine import BINARIES, SNAPSHOT_BROKEN, QemuMachine
@@ -192,6 +193,9 @@ class QemuBackend(Backend):
         if names and machine not in names:
             return f"{binary} has no machine {machine!r}"
         return None
+
+    def check_snapshot(self, blob: bytes, board: BoardSpec) -> None:
+        snapshots.check_blob(blob, board)
 
     def create_machine(
         self, board: BoardSpec, options: MachineOptions, events: MachineEvents

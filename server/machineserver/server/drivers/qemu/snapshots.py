@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from machineserver.server.drivers.base import BackendFailed, BadRequest, NotSupported, Snapshots
+from machineserver.server.drivers.base import BackendFailed, BadRequest, BoardSpec, NotSupported, Snapshots
 from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
 
@@ -34,6 +34,9 @@ SNAPSHOT_BROKEN = {
     "(assertion in hw/sd/sd.c sd_ocr_powerup)",
 }
 MAGIC = b"MSQEMU1\n"
+MAX_HEADER = 1 << 20  # the header is a few hundred bytes and the trap sites
+MAX_TRAPS = 65536
+MIGRATION_MAGIC = b"QEVM\x00\x00\x00\x03"  # QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION
 SAVE_TIMEOUT = 30.0
 # section name, instance id, version, then the state's length and its 100-byte buffer
 _GLOBALSTATE_DEBUG = re.compile(rb"(\x0bglobalstate.{8})\x00\x00\x00\x06debug\x00", re.DOTALL)
@@ -59,13 +62,55 @@ def decode(blob: bytes) -> tuple[dict[str, Any], bytes]:
         raise BadRequest("not a QEMU snapshot of this backend", field="snapshot")
     off = len(MAGIC)
     size = int.from_bytes(blob[off : off + 4], "little")
+    if size > MAX_HEADER or off + 4 + size > len(blob):
+        raise BadRequest(f"corrupt snapshot: a header of {size} bytes in a blob of {len(blob)}",
+                         field="snapshot")
     try:
         header = json.loads(blob[off + 4 : off + 4 + size])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest("corrupt snapshot header", field="snapshot") from None
     if not isinstance(header, dict):
         raise BadRequest("corrupt snapshot header", field="snapshot")
     return header, blob[off + 4 + size :]
+
+
+def _typed(header: dict[str, Any], key: str, kinds: tuple[type, ...], required: bool = True) -> Any:
+    if key not in header:
+        if required:
+            raise BadRequest(f"corrupt snapshot header: no {key}", field="snapshot")
+        return None
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise BadRequest(f"corrupt snapshot header: {key} is a {type(value).__name__}", field="snapshot")
+    if isinstance(value, int) and not -(1 << 64) < value < (1 << 64):
+        raise BadRequest(f"corrupt snapshot header: {key} is out of range", field="snapshot")
+    return value
+
+
+def check_blob(blob: bytes, board: BoardSpec) -> dict[str, Any]:
+    """The header of a QEMU snapshot blob checked for ``board`` (see Backend.check_snapshot):
+    its machine and board, every field's type, a bounded trap list and a migration stream
+    that starts as QEMU's do. BadRequest(field="snapshot") naming why."""
+    machine = board.backend_machines.get("qemu", "")
+    reason = SNAPSHOT_BROKEN.get(machine)
+    if reason:
+        raise BadRequest(f"snapshots are not supported on {board.name}: {reason}", field="snapshot")
+    header, stream = decode(blob)
+    if _typed(header, "machine", (str,)) != machine or _typed(header, "board", (str,)) != board.name:
+        raise BadRequest(f"the snapshot is of board {str(header.get('board'))[:64]!r} "
+                         f"({str(header.get('machine'))[:64]}), not {board.name} ({machine})", field="snapshot")
+    shift = header.get("icount_shift")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 10):
+        raise BadRequest("corrupt snapshot header: icount_shift", field="snapshot")
+    for key in ("instructions", "virtual_ns", "vclock", "pc"):
+        _typed(header, key, (int,), required=key == "instructions")
+    traps = _typed(header, "traps", (list,), required=False) or []
+    if len(traps) > MAX_TRAPS or any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < 1 << 64
+                                     for a in traps):
+        raise BadRequest(f"corrupt snapshot header: traps are not up to {MAX_TRAPS} addresses", field="snapshot")
+    if not stream.startswith(MIGRATION_MAGIC):
+        raise BadRequest("corrupt snapshot: the migration stream is not QEMU's (version 3)", field="snapshot")
+    return header
 
 
 class QemuSnapshots(Snapshots):
@@ -123,6 +168,7 @@ class QemuSnapshots(Snapshots):
     @guarded
     async def restore_state(self, blob: bytes) -> None:
         self._check_board()
+        check_blob(blob, self.target.board)
         header, stream = decode(blob)
         machine = self.target.qemu_machine
         if header.get("machine") != machine:

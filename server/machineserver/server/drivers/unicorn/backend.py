@@ -86,3 +86,8 @@ class UnicornBackend(Backend):
     def create_machine(self, board: BoardSpec, options: MachineOptions,
                        events: MachineEvents) -> Machine:
         return UnicornMachine(board, options, events)
+
+    def check_snapshot(self, blob: bytes, board: BoardSpec) -> None:
+        from machineserver.server.drivers.unicorn.snapshot_format_check import check_blob  # needs unicorn
+
+        check_blob(blob, board)

@@ -26,7 +26,8 @@ Decoding never trusts a size it has not checked against the blob and the board: 
 header is bounded, every page number must lie in its region, a stored page is at most one
 codec byte more than a page, and packed data is only unpacked (to exactly the size the
 board allows) when it is written into a machine. Version 1 (one zlib stream of header,
-whole regions and image) is still read, with its decompression bounded by the board.
+whole regions and image) is still read, inflated piece by piece against the sizes its
+header declares and the board allows (never as a whole).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ PAGE = 4096
 RAW, ZLIB = 0, 1  # codec bytes of packed data
 ZLIB_LEVEL = 1
 MAX_HEADER = 4 << 20  # registers and peripheral state are a few KiB
+U64 = 1 << 64
 
 Region = tuple[str, int, int]  # (name, base, size)
 Pages = dict[int, bytes]  # page number in its region -> packed page; all-zero pages absent
@@ -184,7 +186,7 @@ def decode(blob: bytes, board: BoardSpec) -> MachineSnapshot:
     """The snapshot in ``blob`` for a machine of ``board``: BadRequest(field="snapshot")
     for anything that is not a complete Unicorn machine snapshot of a version this reads,
     or not one of this board. Allocates no more than the blob's size plus what the board
-    bounds (version 1)."""
+    bounds (version 1, inflated piece by piece)."""
     blob = bytes(blob)
     version = version_of(blob)
     if version is None:
@@ -210,10 +212,10 @@ def _decode_v2(blob: bytes, board: BoardSpec) -> MachineSnapshot:
         raise ValueError(f"a header of {hlen} bytes in a blob of {len(blob)}")
     header = json.loads(blob[pos:pos + hlen])
     pos += hlen
-    if int(header["page_size"]) != PAGE:
+    if header["page_size"] != PAGE:
         raise ValueError(f"page size {header['page_size']}")
     regions = _regions(header, board)
-    counts = [int(c) for c in header["pages"]]
+    counts = [strict_int(c, "a page count") for c in header["pages"]]
     if len(counts) != len(regions):
         raise ValueError("a page count per region expected")
     for count, (name, _, size) in zip(counts, regions, strict=True):
@@ -252,7 +254,8 @@ def _regions(header: Any, board: BoardSpec) -> tuple[Region, ...]:
     if str(header["board"]) != board.name or str(header["arch"]) != board.arch.value:
         raise BadRequest(f"the snapshot is of board {header['board']} ({header['arch']}), this "
                          f"machine is {board.name}", field="snapshot")
-    regions = tuple((str(name), int(base), int(size)) for name, base, size in header["regions"])
+    regions = tuple((str(name), strict_int(base, "a region's base"), strict_int(size, "a region's size"))
+                    for name, base, size in header["regions"])
     if regions != board_regions(board):
         raise BadRequest("the snapshot's memory map differs from the board's", field="snapshot")
     return regions
@@ -263,7 +266,9 @@ def _image_v2(img: Any, blob: bytes, pos: int) -> tuple[PackedImage | None, int]
         return None, pos
     segments = []
     for address, length, stored in img["segments"]:
-        address, length, stored = int(address), int(length), int(stored)
+        address, length, stored = (strict_int(address, "an image segment's address"),
+                                   strict_int(length, "an image segment's length"),
+                                   strict_int(stored, "an image segment's stored length"))
         if length < 0 or not 1 <= stored <= length + 1 or pos + stored > len(blob):
             raise ValueError(f"image segment at 0x{address:08x} claims {stored} bytes for {length}")
         segments.append(PackedSegment(address, length, blob[pos:pos + stored]))
@@ -273,59 +278,109 @@ def _image_v2(img: Any, blob: bytes, pos: int) -> tuple[PackedImage | None, int]
 
 def _image(img: Any, segments: tuple[PackedSegment, ...]) -> PackedImage:
     entry = img["entry"]
-    return PackedImage(segments, None if entry is None else int(entry),
+    return PackedImage(segments, None if entry is None else strict_int(entry, "the image's entry"),
                        Arch(img["arch"]) if img["arch"] else None)
+
+
+def strict_int(value: Any, what: str, low: int = 0, high: int = U64) -> int:
+    """``value`` when it is an int (not a bool, a float or a string) in [low, high)."""
+    if type(value) is not int or not low <= value < high:
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not an integer in [{low}, {high})")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not an object")
+    return value
 
 
 def _snapshot(header: Any, regions: tuple[Region, ...], pages: tuple[Pages, ...],
               image: PackedImage | None) -> MachineSnapshot:
+    exact = header["exact"]
+    if not isinstance(exact, bool):
+        raise ValueError("exact is not a boolean")
     return MachineSnapshot(
         board=str(header["board"]), arch=str(header["arch"]),
-        regs={str(k): int(v) for k, v in header["regs"].items()},
-        core=dict(header["core"]),
-        uarts={str(k): dict(v) for k, v in header["uarts"].items()},
-        instructions=int(header["instructions"]), cycles=int(header["cycles"]),
-        exact=bool(header["exact"]), regions=regions, pages=pages, image=image)
+        regs={str(k): strict_int(v, f"register {str(k)[:20]}") for k, v in _dict(header["regs"], "regs").items()},
+        core=dict(_dict(header["core"], "core")),
+        uarts={str(k): dict(_dict(v, f"uart {str(k)[:20]}")) for k, v in _dict(header["uarts"], "uarts").items()},
+        instructions=strict_int(header["instructions"], "instructions"),
+        cycles=strict_int(header["cycles"], "cycles"),
+        exact=exact, regions=regions, pages=pages, image=image)
+
+
+class _Inflated:
+    """A zlib stream read in exact pieces, never inflating much more than asked for."""
+
+    STEP = 64 * 1024
+
+    def __init__(self, data: bytes) -> None:
+        self._z = zlib.decompressobj()
+        self._pending = data
+        self._buf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            if self._z.eof:
+                raise ValueError("less data than the header declares")
+            try:
+                out = self._z.decompress(self._pending, max(n - len(self._buf), self.STEP))
+            except zlib.error as exc:
+                raise ValueError(f"bad zlib data ({exc})") from None
+            self._pending = self._z.unconsumed_tail
+            if not out and not self._pending and not self._z.eof:
+                raise ValueError("truncated zlib data")
+            self._buf += out
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def end(self) -> None:
+        if self._buf:
+            raise ValueError("more data than the header declares")
+        if not self._z.eof:
+            try:
+                extra = self._z.decompress(self._pending, 1)
+            except zlib.error as exc:
+                raise ValueError(f"bad zlib data ({exc})") from None
+            if extra or not self._z.eof:
+                raise ValueError("more data than the header declares, or a truncated stream")
+        if self._z.unused_data:
+            raise ValueError("bytes after the zlib stream")
 
 
 def _decode_v1(blob: bytes, board: BoardSpec) -> MachineSnapshot:
-    """Version 1: zlib(header length u32 | header JSON | every region | image data)."""
-    memory = sum(r.size for r in board.memory)
-    limit = 4 + MAX_HEADER + 2 * memory  # regions, and an image that fits in them
-    inflater = zlib.decompressobj()
-    try:
-        payload = inflater.decompress(blob[len(MAGIC) + 2:], limit + 1)
-    except zlib.error as exc:
-        raise ValueError(f"bad zlib data ({exc})") from None
-    if len(payload) > limit or not inflater.eof:
-        raise ValueError("more (or less) data than the board can hold")
-    (hlen,) = struct.unpack_from("<I", payload, 0)
+    """Version 1: zlib(header length u32 | header JSON | every region | image data).
+    Inflated piece by piece against the sizes the header declares (and the board
+    allows), never as a whole: all-zero pages are dropped and the others packed as they
+    come, so a stream that inflates far beyond its size costs no more than its pages."""
+    stream = _Inflated(blob[len(MAGIC) + 2:])
+    (hlen,) = struct.unpack("<I", stream.read(4))
     if hlen > MAX_HEADER:
         raise ValueError(f"a header of {hlen} bytes")
-    header = json.loads(payload[4:4 + hlen])
-    pos = 4 + hlen
+    header = json.loads(stream.read(hlen))
     regions = _regions(header, board)
     pages: list[Pages] = []
     zero = bytes(PAGE)
     for _, _, size in regions:
         region_pages: Pages = {}
         for n in range(page_count(size)):
-            chunk = payload[pos + n * PAGE:pos + min((n + 1) * PAGE, size)]
+            chunk = stream.read(min(PAGE, size - n * PAGE))
             if not zero.startswith(chunk):
-                region_pages[n] = bytes((RAW,)) + chunk
-        pos += size
+                region_pages[n] = pack(chunk)
         pages.append(region_pages)
     image = None
     img = header["image"]
     if img is not None:
         segments = []
         for address, length in img["segments"]:
-            data = payload[pos:pos + int(length)]
-            segments.append(PackedSegment(int(address), len(data), bytes((RAW,)) + data))
-            pos += int(length)
+            address, length = strict_int(address, "an image segment's address"), strict_int(length, "its length")
+            if length and board.region_at(address, length) is None:
+                raise ValueError(f"an image segment at 0x{address:08x} of {length} bytes outside the board's memory")
+            segments.append(PackedSegment(address, length, pack(stream.read(length))))
         image = _image(img, tuple(segments))
-    if pos != len(payload):
-        raise ValueError(f"{len(payload) - pos:+d} bytes of memory against the header")
+    stream.end()
     return _snapshot(header, regions, tuple(pages), image)
 
 

@@ -33,6 +33,7 @@ from machineserver.server.drivers.unicorn.arch import JsonState
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext, driver_errors
 from machineserver.server.drivers.unicorn.run_control import UnicornRunControl
 from machineserver.server.drivers.unicorn.slicer import Slicer
+from machineserver.server.drivers.unicorn.snapshot_format_check import check_state
 from machineserver.server.drivers.unicorn.snapshot_pages import (
     Changes,
     Collected,
@@ -160,6 +161,10 @@ class UnicornSnapshots(Snapshots):
             snap = fmt.decode(blob, board)
         else:
             snap = await asyncio.to_thread(fmt.decode, blob, board)
+        try:  # a blob stored before imports were checked whole: its state is checked here
+            check_state(snap, board)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"corrupt snapshot: {exc}", field="snapshot") from None
         async with self._serial:
             inst = ctx.instance
             if inst is not None:
