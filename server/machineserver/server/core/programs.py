@@ -106,7 +106,7 @@ class ProgramStore:
             if fmt is ImageFormat.BIN and meta.format is ImageFormat.BIN and meta.load_address < 0:
                 raise InvalidArgument("metadata.load_address", "must not be negative")
             parsed = parse_image(data, fmt, meta.load_address)
-        except InvalidArgument:
+        except BaseException:  # whatever went wrong, the upload leaves no blob behind
             if not self._blob_referenced(digest):
                 self._blobs.delete(digest)
             raise

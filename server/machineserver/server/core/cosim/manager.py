@@ -205,20 +205,30 @@ class CoSimManager:
                 raise FailedPrecondition(f"session {live.id} already belongs to co-simulation "
                                          f"{live.membership.name}", required="not in a co-simulation")
             self._check_lockstep(live)
-        for live in lives:  # an OFF member is powered on (with its program); see _placement
-            if live.state is MachineState.OFF or live.machine is None:
-                await self.sessions.power_on(live, placement(lives, quantum_ref))
-            elif live.state is not MachineState.HALTED:
-                raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
-                                         "or off (pause or reset it first)", state=live.state.value,
-                                         required="halted or off")
-        owner, tenant = tenancy.stamp()
-        rec = CoSimRecord(id="cosim-" + secrets.token_hex(6), sessions=ids,
-                          links=[link_to_dict(x) for x in links], quantum_ref=quantum_ref, hz_ref=hz_ref,
-                          quantum_spec={"quantum_ns": quantum_ns, "quantum_instructions": quantum_instructions},
-                          display_name=display_name, owner=owner, tenant=tenant, state_reason="created")
-        rt = Runtime(rec, lives, links)
-        await self.enter_lockstep(rt, since=None, link_state=None)
+        powered: list[LiveSession] = []  # the members this create powered on: off again if it fails
+        try:
+            for live in lives:  # an OFF member is powered on (with its program); see _placement
+                if live.state is MachineState.OFF or live.machine is None:
+                    await self.sessions.power_on(live, placement(lives, quantum_ref))
+                    powered.append(live)
+                elif live.state is not MachineState.HALTED:
+                    raise FailedPrecondition(f"session {live.id} is {live.state.value}; a member must be halted "
+                                             "or off (pause or reset it first)", state=live.state.value,
+                                             required="halted or off")
+            owner, tenant = tenancy.stamp()
+            rec = CoSimRecord(id="cosim-" + secrets.token_hex(6), sessions=ids,
+                              links=[link_to_dict(x) for x in links], quantum_ref=quantum_ref, hz_ref=hz_ref,
+                              quantum_spec={"quantum_ns": quantum_ns, "quantum_instructions": quantum_instructions},
+                              display_name=display_name, owner=owner, tenant=tenant, state_reason="created")
+            rt = Runtime(rec, lives, links)
+            await self.enter_lockstep(rt, since=None, link_state=None)
+        except BaseException:
+            for live in powered:
+                try:
+                    await self.sessions.power_off(live)
+                except Exception as exc:  # the create's own error is the answer
+                    log.warning("cosim_create_undo_failed", session_id=live.id, error=str(exc))
+            raise
         self._runtimes[rec.id] = rt
         for live in lives:
             live.membership = _Membership(self, rt)
