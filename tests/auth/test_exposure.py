@@ -59,7 +59,7 @@ def test_exposure_rules(tmp_path: Path) -> None:
     assert check_exposure(dataclasses.replace(base, metrics_listen="0.0.0.0:0", metrics_allow_nonloopback=True)) == []
     with pytest.raises(ValueError, match="needs TLS"):
         check_exposure(dataclasses.replace(base, tls_client_ca_file=str(pki.ca_file)))
-    with pytest.raises(ValueError, match="auth.enabled"):
+    with pytest.raises(ValueError, match=r"auth\.enabled"):
         check_exposure(dataclasses.replace(base, auth=dataclasses.replace(authed.auth, enabled=False)))
 
 
