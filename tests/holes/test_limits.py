@@ -350,3 +350,15 @@ async def test_bounds_come_from_the_server_config(tmp_path: Path) -> None:
         s = (await client.sessions.create_session(board_template="lm3s6965evb",
                                                   limits=spb.ResourceLimits(max_console_bytes=1 << 20))).session
         assert s.limits.max_console_bytes == 1 << 20
+
+
+def test_the_readme_documents_the_limits() -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("### Size limits"):text.index("## What is where")]
+    undocumented = [name for name in FIELD_LIMITS
+                    if f"`{name}`" not in section and name not in ("from_session", "to_session", "session_a",
+                                                                  "session_b", "description", "data", "paths")]
+    assert not undocumented
+    for setting in ("max_board_memory_bytes", "max_irqs", "max_config_depth", "max_config_nodes",
+                    "max_config_bytes", "max_console_bytes"):
+        assert f"`{setting}`" in section and hasattr(Limits(), setting)
