@@ -17,11 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from machineserver.sdk import AsyncClient, errors
+from machineserver.server.api.auth import parse_settings
 from machineserver.server.api.server import MAX_MESSAGE_BYTES
 from machineserver.server.app import RunningServer
 from machineserver.server.config import ServerConfig
-from machineserver.server.core.calls import AfterOnlyHook, CallInfo
-from machineserver.server.core.identity import Identity, Role
 from machineserver.server.core.quotas import QuotaConfig, TenantQuotas
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as spb
@@ -278,32 +277,38 @@ async def test_usage_numbers(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- tenants
 
 
-class TenantFromMetadata(AfterOnlyHook):
-    """Stands in for the auth hook: the caller's tenant from an ``x-test-tenant`` header."""
-
-    async def before(self, call: CallInfo) -> None:
-        tenant = call.metadata.get("x-test-tenant", "default")
-        call.identity = Identity(f"test:{tenant}", tenant, frozenset({Role.OPERATOR}))
-
-
 async def test_one_tenants_quota_does_not_affect_another(tmp_path: Path) -> None:
+    """With authentication on, API keys of two tenants: each tenant's sessions count
+    against its own quota only (tenant "big" has an override), and GetQuotaUsage reports
+    each tenant's own numbers."""
     quotas = QuotaConfig(TenantQuotas(live_sessions=1), {"big": TenantQuotas(live_sessions=3)})
-    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", quotas=quotas)
-    async with serving(cfg, hooks=[TenantFromMetadata()]) as (running, client):
-        a, big = [("x-test-tenant", "a")], [("x-test-tenant", "big")]
-        await client.sessions.create_session(board_template=BOARD, metadata=a)
-        with pytest.raises(errors.ResourceExhausted) as exc:
-            await client.sessions.create_session(board_template=BOARD, metadata=a)
-        assert violation(exc.value) == "tenant:a | live_sessions: 1 of 1 in use"
-        for _ in range(3):  # a's sessions do not count against big, which has its own limit
-            await client.sessions.create_session(board_template=BOARD, metadata=big)
-        with pytest.raises(errors.ResourceExhausted) as exc:
-            await client.sessions.create_session(board_template=BOARD, metadata=big)
-        assert violation(exc.value) == "tenant:big | live_sessions: 3 of 3 in use"
-        await client.sessions.create_session(board_template=BOARD, metadata=[("x-test-tenant", "c")])
-        assert usage(running, "a")["live_sessions"] == (1, 1)
-        assert usage(running, "big")["live_sessions"] == (3, 3)
-        assert usage(running, "c")["live_sessions"] == (1, 1)
+    auth = parse_settings({"enabled": True, "bootstrap_admin_key_file": str(tmp_path / "admin.key")}, "test")
+    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", quotas=quotas,
+                       auth=auth)
+    async with serving(cfg) as (running, _):
+        target = f"127.0.0.1:{running.port}"
+        admin_secret = (tmp_path / "admin.key").read_text().strip()
+        keys = {}
+        async with await AsyncClient.connect(target, timeout=20, api_key=admin_secret) as admin:
+            for tenant in ("a", "big"):
+                keys[tenant] = (await admin.access.create_api_key(
+                    display_name=f"op-{tenant}", tenant=tenant, roles=["ROLE_OPERATOR"])).secret
+        async with await AsyncClient.connect(target, timeout=20, api_key=keys["a"]) as a, \
+                await AsyncClient.connect(target, timeout=20, api_key=keys["big"]) as big:
+            await a.sessions.create_session(board_template=BOARD)
+            with pytest.raises(errors.ResourceExhausted) as exc:
+                await a.sessions.create_session(board_template=BOARD)
+            assert violation(exc.value) == "tenant:a | live_sessions: 1 of 1 in use"
+            for _ in range(3):  # a's session does not count against big, which has its own limit
+                await big.sessions.create_session(board_template=BOARD)
+            with pytest.raises(errors.ResourceExhausted) as exc:
+                await big.sessions.create_session(board_template=BOARD)
+            assert violation(exc.value) == "tenant:big | live_sessions: 3 of 3 in use"
+            for client, tenant, used, maximum in ((a, "a", 1, 1), (big, "big", 3, 3)):
+                reply = await client.access.get_quota_usage()
+                assert reply.tenant == tenant
+                assert {q.limit: (q.used, q.maximum) for q in reply.quotas}["live_sessions"] == (used, maximum)
+        assert usage(running, "default")["live_sessions"] == (0, 1)
 
 
 # ---------------------------------------------------------------------------- size limits

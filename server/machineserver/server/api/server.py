@@ -83,8 +83,8 @@ async def build_server(
     ``client_ca`` (PEM, with ``tls``): clients must present a certificate it signed (mTLS).
     ``hooks`` join the engine's call chain, which every transport goes through."""
     # the audit hook before any hook that may refuse a call (auth): a refused call is audited too
-    engine.calls.configure([AccessLog(), AuditHook(engine.audit), *hooks,
-                            StreamQuota(engine.quotas, streaming_methods())], code_name)
+    streams = [StreamQuota(engine.quotas, streaming_methods())] if engine.quotas.config.limits_streams else []
+    engine.calls.configure([AccessLog(), AuditHook(engine.audit), *hooks, *streams], code_name)
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -11,7 +11,8 @@ The limits (each per tenant; 0 = unlimited):
   records (the ``tenant`` column and each record's ``size_bytes``); checked at upload,
   create and import, before anything is stored;
 * ``concurrent_streams``: server-streaming and bidirectional calls open at once (counted
-  by :class:`StreamQuota`, a hook of the call chain);
+  by :class:`StreamQuota`, a hook of the call chain, registered only while some tenant
+  has this limit: otherwise nothing counts them and usage reports 0);
 * ``instructions_per_hour``: a virtual-CPU budget, the instructions executed by the
   tenant's sessions in a sliding hour. Each powered session's instruction counter is
   sampled (as telemetry reads it, on every backend) by :class:`InstructionMeter`; a
@@ -91,6 +92,12 @@ class QuotaConfig:
 
     def of(self, tenant: str) -> TenantQuotas:
         return self.tenants.get(tenant, self.default)
+
+    @property
+    def limits_streams(self) -> bool:
+        """Whether any tenant has a concurrent_streams limit (only then are streams counted:
+        the counting hook has a before(), which costs every call a little)."""
+        return any(q.concurrent_streams for q in (self.default, *self.tenants.values()))
 
     @property
     def budgets_instructions(self) -> bool:
