@@ -318,26 +318,32 @@ class _Inflated:
     def __init__(self, data: bytes) -> None:
         self._z = zlib.decompressobj()
         self._pending = data
-        self._buf = bytearray()
+        self._buf = b""
+        self._off = 0  # what of _buf was read
 
     def read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            if self._z.eof:
-                raise ValueError("less data than the header declares")
-            try:
-                out = self._z.decompress(self._pending, max(n - len(self._buf), self.STEP))
-            except zlib.error as exc:
-                raise ValueError(f"bad zlib data ({exc})") from None
-            self._pending = self._z.unconsumed_tail
-            if not out and not self._pending and not self._z.eof:
-                raise ValueError("truncated zlib data")
-            self._buf += out
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        if len(self._buf) - self._off < n:
+            parts = [self._buf[self._off:]]
+            have = len(parts[0])
+            while have < n:
+                if self._z.eof:
+                    raise ValueError("less data than the header declares")
+                try:
+                    out = self._z.decompress(self._pending, max(n - have, self.STEP))
+                except zlib.error as exc:
+                    raise ValueError(f"bad zlib data ({exc})") from None
+                self._pending = self._z.unconsumed_tail
+                if not out and not self._pending and not self._z.eof:
+                    raise ValueError("truncated zlib data")
+                parts.append(out)
+                have += len(out)
+            self._buf, self._off = b"".join(parts), 0
+        data = self._buf[self._off:self._off + n]
+        self._off += n
         return data
 
     def end(self) -> None:
-        if self._buf:
+        if self._off < len(self._buf):
             raise ValueError("more data than the header declares")
         if not self._z.eof:
             try:
