@@ -116,6 +116,17 @@ async def settle(pid: int, limit: tuple[int, int, int], timeout: float = 20) -> 
         await asyncio.sleep(0.2)
 
 
+async def vanish_round(server: ServerProcess, sessions: list[str]) -> None:
+    """One vanishing client process; then until the server has seen its connections go
+    (its fds back to where they were: the next round's controllers must find control
+    free, which they can only once the server knows the holders are gone)."""
+    before = footprint(server.pid)
+    roles = await asyncio.to_thread(vanish, server.target, sessions, PER_PROCESS)
+    # control held by the previous round's vanished clients was given back
+    assert roles == ["ATTACH_ROLE_CONTROLLER"] * SESSIONS, roles
+    await settle(server.pid, (before[0], 10**6, 10**6))
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     sp = ServerProcess(tmp_path / "data").start()
@@ -151,14 +162,11 @@ async def test_vanishing_clients_leave_nothing_behind_and_free_control(server: S
             await console_until(client, name, b"echo ready\n")
         # warm-up: the same shape once, so lazily made pools and caches are in the baseline
         for _ in range(2):
-            roles = await asyncio.to_thread(vanish, server.target, sessions, PER_PROCESS)
-            assert roles == ["ATTACH_ROLE_CONTROLLER"] * SESSIONS, roles
+            await vanish_round(server, sessions)
         baseline = await settle(server.pid, (0, 0, 0), timeout=3)
         rounds = max(1, CLIENTS // PER_PROCESS)
         for _ in range(rounds):
-            roles = await asyncio.to_thread(vanish, server.target, sessions, PER_PROCESS)
-            # control held by the previous round's vanished clients was given back
-            assert roles == ["ATTACH_ROLE_CONTROLLER"] * SESSIONS, roles
+            await vanish_round(server, sessions)
         # slack: a few fds/threads come and go with the server's own work (telemetry, console files)
         limit = (baseline[0] + 8, baseline[1] + 3, baseline[2])
         after = await settle(server.pid, limit)
