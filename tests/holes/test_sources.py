@@ -9,6 +9,7 @@ bomb, too many members, traversal names) are INVALID_ARGUMENT.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from machineserver.sdk import AsyncClient, errors
+from machineserver.sdk import AsyncClient, Client, errors
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
 from machineserver.server.core import coverage_export, sources
@@ -28,7 +29,8 @@ from machineserver.server.core.errors import InvalidArgument
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as spb
 from tests.helpers.firmware import FIRMWARE
-from tests.helpers.tools import require_tool
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import VENV_BIN, require_tool
 
 BOARD = "mps2-an385"
 SECRET_TOKEN = "MS-SECRET-7f3a9c-do-not-leak"
@@ -321,3 +323,41 @@ async def test_builtin_writer_shows_sources_and_says_when_missing(
     assert PASSWD_MARK not in everything and SECRET_TOKEN not in everything
     passwd_page = next(t for n, t in archive.items() if n.startswith("coverage-html/files/") and "/etc/passwd" in t)
     assert "source not provided" in passwd_page and "<td>1</td><td>1</td>" in passwd_page
+
+
+def test_msctl_sends_sources(server_process: ServerProcess, probe_elf: bytes, tmp_path: Path) -> None:
+    """msctl program upload --sources FOLDER and coverage export --sources ARCHIVE."""
+    elf = tmp_path / "probe.elf"
+    elf.write_bytes(probe_elf)
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "probe_main.c").write_text("\n" * 6 + f"/* {PROBE_MARKER}-cli */\n")
+    (tree / "src" / "probe.o").write_bytes(b"\0ELF not a source")
+    env = dict(os.environ, MSCTL_TARGET=server_process.target)
+
+    def msctl(*args: str) -> str:
+        done = subprocess.run([str(VENV_BIN / "msctl"), *args], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    program = json.loads(msctl("--json", "program", "upload", str(elf), "--sources", str(tree)))["program"]
+    assert program["source_files"] == ["src/probe_main.c"]
+    with Client.connect(server_process.target, timeout=30) as client:
+        s = client.sessions.create_session(board_template=BOARD, program=program["name"], backend="unicorn",
+                                           power_on=True, options={"coverage": True}).session
+        client.coverage.start_coverage(name=s.name)
+        client.debug.continue_(name=s.name, wait=True, timeout=60)
+        report = client.coverage.stop_coverage(name=s.name).report.name
+    out = tmp_path / "report.tar.gz"
+    msctl("coverage", "export", report, "--format", "html", "-o", str(out))
+    assert PROBE_MARKER + "-cli" in _tar_text(out.read_bytes())
+    (tmp_path / "other.zip").write_bytes(zip_of({"src/probe_main.c": ("\n" * 6 + "/* OTHER-TEXT */\n").encode()}))
+    msctl("coverage", "export", report, "--format", "html", "--sources", str(tmp_path / "other.zip"), "-o", str(out))
+    text = _tar_text(out.read_bytes())
+    assert "OTHER-TEXT" in text and PROBE_MARKER + "-cli" not in text
+
+
+def _tar_text(data: bytes) -> str:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return "\n".join(f.read().decode(errors="replace") for m in tar.getmembers()
+                         if (f := tar.extractfile(m)) is not None)

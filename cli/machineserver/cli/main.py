@@ -33,6 +33,7 @@ from pathlib import Path
 
 from machineserver.cli import access, cosim, debugger, rpc, watch
 from machineserver.sdk import Client, errors
+from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -74,7 +75,8 @@ def _upload(client: Client, path: str, fmt: str, load_address: int) -> str:
 
 
 def cmd_program_upload(client: Client, args: argparse.Namespace) -> int:
-    resp = client.upload_program(args.file, format=args.format, load_address=args.load_address)
+    resp = client.upload_program(args.file, format=args.format, load_address=args.load_address,
+                                 sources=args.sources)
     if args.json:
         rpc.print_message(resp, True)
     else:
@@ -152,8 +154,9 @@ def cmd_coverage_export(client: Client, args: argparse.Namespace) -> int:
     name = args.name if "/" in args.name else f"sessions/{args.name}"
     out = open(args.output, "wb") if args.output != "-" else sys.stdout.buffer
     try:
+        bundle = source_bundle(args.sources) if args.sources else b""
         for msg in client.coverage.export_coverage(name=name, format=COVERAGE_FORMATS[args.format],
-                                                   source_root=args.source_root or ""):
+                                                   source_root=args.source_root or "", sources=bundle):
             out.write(msg.chunk)
     finally:
         if out is not sys.stdout.buffer:
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--format", default="", choices=["", "elf", "bin", "ihex", "hex"])
     p.add_argument("--load-address", type=lambda s: int(s, 0), default=0, help="for BIN")
+    p.add_argument("--sources", help="its source files for coverage HTML: a folder (its source files are sent "
+                   "as a tar.gz) or a .tar.gz/.tar/.zip; the server never reads sources from its own disk")
     p.set_defaults(handler=cmd_program_upload)
     p = psub.add_parser("list", help="programs as a table")
     p.add_argument("--page-size", type=int, default=100)
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a session (sessions/ID or ID) or coverageReports/ID")
     p.add_argument("--format", default="lcov", choices=sorted(COVERAGE_FORMATS))
     p.add_argument("--source-root", help="prefix for source paths, so they resolve where you read the report")
+    p.add_argument("--sources", help="html: the source files to show (a folder or an archive), instead of those "
+                   "uploaded with the program")
     p.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     p.set_defaults(handler=cmd_coverage_export)
     p = csub.add_parser("summary", help="line/function/branch coverage per file, as a table")

@@ -47,6 +47,7 @@ from machineserver.sdk._transport import (
     SyncTransport,
     channel_options,
 )
+from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import (
     access_pb2,
     audit_pb2,
@@ -115,13 +116,15 @@ def _call_metadata(api_key: str | None, bearer_token: str | None,
 
 
 def _program_chunks(data: bytes, display_name: str, fmt: session_pb2.ProgramFormat.ValueType,
-                    load_address: int) -> Iterator[session_pb2.UploadProgramRequest]:
+                    load_address: int, bundle: bytes = b"") -> Iterator[session_pb2.UploadProgramRequest]:
     yield session_pb2.UploadProgramRequest(metadata=session_pb2.ProgramMetadata(
         display_name=display_name, format=fmt, load_address=load_address,
         sha256=hashlib.sha256(data).hexdigest(),
     ))
     for i in range(0, len(data), CHUNK):
         yield session_pb2.UploadProgramRequest(chunk=data[i:i + CHUNK])
+    for i in range(0, len(bundle), CHUNK):  # the source bundle, after the program
+        yield session_pb2.UploadProgramRequest(sources_chunk=bundle[i:i + CHUNK])
 
 
 def _read_program(source: str | os.PathLike[str] | bytes, display_name: str) -> tuple[bytes, str]:
@@ -199,11 +202,16 @@ class AsyncClient:
     # ------------------------------------------------------------------ helpers
 
     async def upload_program(self, source: str | os.PathLike[str] | bytes, *, display_name: str = "",
-                             format: str = "", load_address: int = 0) -> session_pb2.UploadProgramResponse:
-        """Upload an ELF, BIN (with load_address) or Intel HEX from a path or bytes."""
+                             format: str = "", load_address: int = 0,
+                             sources: str | os.PathLike[str] | bytes | None = None,
+                             ) -> session_pb2.UploadProgramResponse:
+        """Upload an ELF, BIN (with load_address) or Intel HEX from a path or bytes;
+        ``sources``: its source files for coverage HTML (a folder, an archive's path or
+        bytes: see :func:`machineserver.sdk.sources.source_bundle`)."""
         data, name = _read_program(source, display_name)
+        bundle = b"" if sources is None else source_bundle(sources)
         return await self.sessions.upload_program(
-            _program_chunks(data, name, _program_format(format), load_address)
+            _program_chunks(data, name, _program_format(format), load_address, bundle)
         )
 
     async def console(self, session: str, *, offset: int = 0, follow: bool = True) -> AsyncGenerator[bytes, None]:
@@ -264,9 +272,12 @@ class Client:
         self.close()
 
     def upload_program(self, source: str | os.PathLike[str] | bytes, *, display_name: str = "",
-                       format: str = "", load_address: int = 0) -> session_pb2.UploadProgramResponse:
+                       format: str = "", load_address: int = 0,
+                       sources: str | os.PathLike[str] | bytes | None = None) -> session_pb2.UploadProgramResponse:
         data, name = _read_program(source, display_name)
-        return self.sessions.upload_program(_program_chunks(data, name, _program_format(format), load_address))
+        bundle = b"" if sources is None else source_bundle(sources)
+        return self.sessions.upload_program(_program_chunks(data, name, _program_format(format), load_address,
+                                                            bundle))
 
     def console(self, session: str, *, offset: int = 0, follow: bool = True) -> Generator[bytes, None, None]:
         for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
