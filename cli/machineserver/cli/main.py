@@ -15,6 +15,7 @@ and friendly verbs cover the common path::
     msctl cosim create -f topology.yaml           co-simulation: member sessions + links from one file
     msctl cosim run NAME [--until-ns T]           run it, every member's console prefixed, until it stops
     msctl cosim console|status|list|step|pause|delete|snapshot|restore
+    msctl audit list|watch [--filter F] [--since 2h]   the audit log as a table (admin)
     msctl whoami                                  who the server takes you for (principal, tenant, roles)
     msctl apikey create --name N --role operator [--tenant T] [--ttl 90d]   prints the secret once
     msctl apikey list|revoke                      API keys (admin)
@@ -31,7 +32,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machineserver.cli import access, cosim, debugger, rpc, watch
+from machineserver.cli import access, audit, cosim, debugger, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_parser(next(a for a in telemetry_group._actions if isinstance(a, argparse._SubParsersAction)))
     cosim_group = sub.choices["cosim"]
     cosim.add_verbs(next(a for a in cosim_group._actions if isinstance(a, argparse._SubParsersAction)))
+    audit_group = sub.choices["audit"]
+    audit.add_verbs(next(a for a in audit_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 

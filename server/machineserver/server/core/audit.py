@@ -157,7 +157,7 @@ def note(**fields: object) -> None:
         call.audit.update(fields)
 
 
-_KNOWN_KEYS = frozenset({"resource", "address", "length", "target", "sequence"})
+_KNOWN_KEYS = frozenset({"resource", "address", "length", "target", "written", "sequence"})
 
 
 @dataclass
@@ -189,11 +189,12 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def entry_for(call: CallInfo, code: str, written: str = "") -> AuditEntry:
-    """The entry for a call (``written``: the resource of the record it wrote, if any)."""
+def entry_for(call: CallInfo, code: str) -> AuditEntry:
+    """The entry for a call: its resource is the one the core named, else the record it
+    wrote (``written``), else the one it resolved (``target``)."""
     who = identity.of_call(call)
     facts = call.audit
-    resource = facts.get("resource") or written or facts.get("target") or ""
+    resource = facts.get("resource") or facts.get("written") or facts.get("target") or ""
     extra = {k: v for k, v in facts.items() if k not in _KNOWN_KEYS and isinstance(v, str | int | float | bool)}
     return AuditEntry(0, time.time(), who.principal, who.tenant, call.method, str(resource), code, call.request_id,
                       call.transport.value, _int_or_none(facts.get("address")), _int_or_none(facts.get("length")),
@@ -344,7 +345,10 @@ class AuditTrail:
         call = CURRENT.get()
         if call is None or "sequence" in call.audit or kind_of(call.method) is not Kind.WRITE:
             return None
-        entry = entry_for(call, "OK", row_resource(table, row_id))
+        written = row_resource(table, row_id)
+        if written:
+            call.audit.setdefault("written", written)
+        entry = entry_for(call, "OK")
         call.audit["sequence"] = self._insert(conn, entry)
 
         def finished(committed: bool) -> None:
@@ -352,6 +356,8 @@ class AuditTrail:
                 self._publish(entry)
             else:
                 call.audit.pop("sequence", None)
+                if call.audit.get("written") == written:
+                    call.audit.pop("written", None)
 
         return finished
 
