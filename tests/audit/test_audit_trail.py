@@ -166,3 +166,16 @@ def test_the_method_table_covers_every_rpc_and_nothing_changes_the_log() -> None
         assert kind_of(f"/machineserver.v1.DebugService/{name}") is Kind.WRITE
     assert kind_of(audit.GDB_CONNECT) is kind_of(audit.GDB_DISCONNECT) is Kind.WRITE
     assert kind_of("/machineserver.v1.NewService/DoSomething") is Kind.WRITE
+
+
+def test_a_reader_who_is_not_an_admin_sees_only_its_tenant(trail: AuditTrail) -> None:
+    for tenant in ("a", "b", "a"):
+        call = CallInfo(CREATE_RULE, f"rid-{tenant}", {})
+        call.identity = Identity(f"apikey:{tenant}", tenant, frozenset({Role.OPERATOR}))
+        trail.write(call)
+    scoped = audit.AuditQuery.parse("tenant=b", visible_tenant="a")  # asking for another tenant: nothing
+    assert trail.entries(scoped) == []
+    own = audit.AuditQuery.parse("", visible_tenant="a")
+    assert [e.tenant for e in trail.entries(own)] == ["a", "a"]
+    assert [own.matches(e) for e in entries(trail)] == [True, False, True]
+    assert len(trail.entries(audit.AuditQuery.parse(""))) == 3
