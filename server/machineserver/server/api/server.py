@@ -12,8 +12,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from machineserver.server.api.audit import AuditServicer
 from machineserver.server.api.access import AccessServicer
+from machineserver.server.api.audit import AuditServicer
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
 from machineserver.server.api.cosim import CoSimServicer

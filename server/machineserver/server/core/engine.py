@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from machineserver.server.core import limits as bounds
-from machineserver.server.core.audit import AuditTrail
 from machineserver.server.core.apikeys import ApiKeyStore
+from machineserver.server.core.audit import AuditTrail
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
 from machineserver.server.core.catalog import BoardCatalog
