@@ -211,6 +211,13 @@ async def test_board_templates_belong_to_their_tenant(tenants: Tenants) -> None:
     assert [t.name for t in (await admin.capabilities.list_board_templates(
         filter="tenant=a")).board_templates] == [mine.name]
     await b.capabilities.get_board_template(name=f"boardTemplates/{BOARD}")
+    # GetCapabilities names the boards each backend runs: the shipped ones and the caller's own
+    for client, sees_it in ((a, True), (b, False), (admin, True), (b, False)):
+        caps = await client.capabilities.get_capabilities()
+        unicorn = next(x for x in caps.backends if x.name == "unicorn")
+        assert BOARD in unicorn.boards and ("board-of-a" in unicorn.boards) == sees_it
+        if not sees_it:
+            assert all(f.board != "board-of-a" for x in caps.backends for f in x.board_footprints)
     s = (await a.sessions.create_session(board_template=mine.name, backend="unicorn")).session
     assert s.board == "board-of-a"
 

@@ -18,6 +18,7 @@ from machineserver.server import __version__
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.interceptors import preserialized
+from machineserver.server.core import tenancy
 from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices, page_token_after
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.features import served_features
@@ -32,6 +33,7 @@ from machineserver.v1 import telemetry_pb2
 API_VERSION = "machineserver.v1"
 FOOTPRINT_SLICE = 64  # boards a backend is asked the memory footprints of at once
 TEMPLATE_CACHE_BYTES = 32 << 20  # serialised template messages kept (about 20,000 templates)
+MAX_CACHED_SCOPES = 256  # GetCapabilities answers kept, one per tenant scope
 _TEMPLATES_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["board_templates"].number
 _TOKEN_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["next_page_token"].number
 
@@ -88,8 +90,9 @@ class TemplateMessages:
 class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
-        # GetCapabilities' answer, serialised, and the catalog generation it was built for
-        self._answer: tuple[int, pb.GetCapabilitiesResponse] | None = None
+        # GetCapabilities' answer per tenant scope (it names the boards the caller sees: the
+        # shipped ones and its tenant's), serialised, with the catalog generation it was built for
+        self._answers: dict[str, tuple[int, pb.GetCapabilitiesResponse]] = {}
         self._answer_lock = asyncio.Lock()
         self.templates = TemplateMessages()
         # (backend, board) -> (template revision, footprint) as the last answer reported it
@@ -100,17 +103,18 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         request: pb.GetCapabilitiesRequest,
         context: aio.ServicerContext[pb.GetCapabilitiesRequest, pb.GetCapabilitiesResponse],
     ) -> pb.GetCapabilitiesResponse:
-        answer = self._answer
+        scope = tenancy.caller_scope()
+        answer = self._answers.get(scope)
         if answer is not None and answer[0] == self.engine.catalog.generation:
             return answer[1]
-        return await self._build_answer()
+        return await self._build_answer(scope)
 
-    async def _build_answer(self) -> pb.GetCapabilitiesResponse:
+    async def _build_answer(self, scope: str) -> pb.GetCapabilitiesResponse:
         """Derived from probes (cached by the registry) and board templates: built again
         only after a template changed (concurrent callers wait for one build), and sent as
         the bytes serialised then."""
         async with self._answer_lock:
-            answer = self._answer
+            answer = self._answers.get(scope)
             generation = self.engine.catalog.generation
             if answer is not None and answer[0] == generation:
                 return answer[1]
@@ -120,17 +124,20 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
             caps.telemetry_sources.extend(
                 telemetry_pb2.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in sources
             )
-            self._answer = (generation, preserialized(caps.SerializeToString(), pb.GetCapabilitiesResponse))
-            return self._answer[1]
+            if len(self._answers) >= MAX_CACHED_SCOPES:
+                self._answers.clear()
+            self._answers[scope] = (generation, preserialized(caps.SerializeToString(), pb.GetCapabilitiesResponse))
+            return self._answers[scope][1]
 
     async def _capabilities(self) -> pb.GetCapabilitiesResponse:
         reg, catalog = self.engine.backends, self.engine.catalog
         support = await catalog.support(reg)
         slices = LoopSlices()
-        known, self._footprints = self._footprints, {}
+        # every scope's answer shares the footprints; those of templates gone are dropped
+        known = self._footprints = {k: v for k, v in self._footprints.items() if catalog.revision(k[1]) is not None}
         backends = []
         for info in reg.all_info():
-            runnable = support.boards.get(info.name, [])
+            runnable = [n for n in support.boards.get(info.name, []) if catalog.shown(n)]  # the caller's
             backend = convert.backend_pb(info, served_features(info.features), runnable)
             # what a session of each board costs in memory: asked of the backend once per
             # template revision, a few boards at a time

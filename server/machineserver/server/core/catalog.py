@@ -240,6 +240,11 @@ class BoardCatalog:
         entry = self._entries.get(name)
         return entry.spec if entry is not None else None
 
+    def shown(self, name: str) -> bool:
+        """Whether the current caller sees the template (the shipped ones: everyone)."""
+        entry = self._entries.get(name)
+        return entry is not None and (entry.builtin or tenancy.visible(entry.tenant))
+
     def revision(self, name: str) -> int | None:
         """The template's revision (changes whenever it does); None when there is none."""
         entry = self._entries.get(name)

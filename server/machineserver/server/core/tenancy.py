@@ -36,6 +36,13 @@ def visible(tenant: str) -> bool:
     return identity.current().sees(tenant)
 
 
+def caller_scope() -> str:
+    """What the current caller sees, as a key for answers cached per scope: "*" for an
+    admin (every tenant), else its tenant."""
+    who = identity.current()
+    return "*" if who.is_admin else who.tenant
+
+
 @dataclass(frozen=True)
 class ListScope:
     """The tenants one List reads: ``tenant`` None is every tenant (an admin);
