@@ -390,7 +390,7 @@ class CoverageManager:
         if bundle_bytes:
             return await asyncio.to_thread(sources.read_bundle, bundle_bytes, sources.DEFAULT_LIMITS, field_name)
         try:
-            prog = self._programs.get(program_id, "program")
+            prog = self._programs.by_id(program_id, "program")  # the report's or session's own
         except NotFound:
             return sources.SourceBundle()
         if not prog.sources_sha256 or not self._blobs.exists(prog.sources_sha256):
