@@ -7,7 +7,8 @@ when power-on fails"), through a real server:
   file, the id free again;
 - UploadProgram that fails (too large, bad checksum, not an image): no blob, no
   half-written file;
-- CreateSnapshot over the server's snapshot limit: no record, no blob;
+- CreateSnapshot over the server's snapshot limit, or whose caller goes away while its
+  blob is written: no record, no blob;
 - CreateCoSimulation whose second member cannot power on: the member it powered on is
   off again, no co-simulation, the members free to join another.
 """
@@ -15,6 +16,8 @@ when power-on fails"), through a real server:
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -155,3 +158,35 @@ async def test_failed_cosim_create_powers_off_what_it_powered_on(client: AsyncCl
         await client.sessions.load_program(name=s.name, program=prog2)
     made = await client.cosim.create_co_simulation(sessions=[first.name, second.name], sync=sync)
     assert made.cosimulation.name
+
+
+async def test_create_snapshot_whose_caller_goes_away_while_the_blob_is_written_leaves_no_blob(
+        server: RunningServer, client: AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    prog = await upload(client, "mps2-an385", "hello")
+    s = (await client.sessions.create_session(board_template="mps2-an385", program=prog, power_on=True)).session
+    blobs_dir = server.engine.data_dir / "blobs"
+    kept = files_under(blobs_dir)
+    store = server.engine.blobs
+    real_put = store.put
+    entered, written = threading.Event(), threading.Event()
+
+    def slow_put(data: bytes) -> str:  # the write outlasts the caller's deadline
+        entered.set()
+        time.sleep(1.5)
+        digest = real_put(data)
+        written.set()
+        return digest
+
+    monkeypatch.setattr(store, "put", slow_put)
+    with pytest.raises(errors.DeadlineExceeded):
+        await client.sessions.create_snapshot(name=s.name, timeout=0.5)
+    assert entered.is_set()
+    await until(written.is_set, timeout=30, what="the snapshot's blob written")
+    await until(lambda: files_under(blobs_dir) == kept and not any(
+        p.name.startswith(".incoming-") for p in blobs_dir.iterdir()), timeout=30,
+        what="the abandoned snapshot's blob removed")
+    assert not (await client.sessions.list_snapshots()).snapshots
+    # and a snapshot with a caller that waits is stored as before
+    monkeypatch.setattr(store, "put", real_put)
+    snap = (await client.sessions.create_snapshot(name=s.name)).snapshot
+    assert len(files_under(blobs_dir)) == len(kept) + 1 and snap.size_bytes > 0

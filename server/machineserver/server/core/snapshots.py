@@ -30,7 +30,12 @@ from machineserver.server.core.listing import (
     resource_id,
 )
 from machineserver.server.core.models import SnapshotRecord, from_row, record_row
-from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
+from machineserver.server.core.sessions import (
+    LiveSession,
+    SessionManager,
+    driver_errors,
+    finish_uninterrupted,
+)
 from machineserver.server.drivers.base import (
     Backend,
     BadRequest,
@@ -47,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 TABLE = "snapshots"
 COSIM_TABLE = "cosim_snapshots"  # co-simulation snapshots share blobs with these
+BLOB_WRITE_S = 120.0  # how long a snapshot's blob write may take before a gone caller stops waiting
 COLLECTION = "snapshots"
 READ_INLINE = 256 * 1024  # blobs up to this size are read on the event loop
 
@@ -100,7 +106,7 @@ class SnapshotStore:
             raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
                                     f"limits.max_snapshot_bytes ({self._max_bytes} bytes)")
         self._sessions.quotas.admit_snapshot_bytes(len(blob))
-        digest = await asyncio.to_thread(self._blobs.put, blob)
+        digest = await self._put_blob(blob)
         owner, tenant = tenancy.stamp()
         rec = SnapshotRecord(
             id="snap-" + secrets.token_hex(6),
@@ -115,7 +121,11 @@ class SnapshotStore:
             owner=owner,
             tenant=tenant,
         )
-        self._save(rec)
+        try:
+            self._save(rec)
+        except BaseException:
+            self._drop_unreferenced(digest)
+            raise
         if not self._blobs.exists(digest):  # deleted with its last other record meanwhile
             await asyncio.to_thread(self._blobs.put, blob)
         return rec
@@ -239,6 +249,21 @@ class SnapshotStore:
             log.warning("snapshot_check_failed", backend=driver.name, board=board.name, error=repr(exc))
             raise InvalidArgument("chunk", f"not a {driver.name} snapshot of board {board.name}: "
                                   f"unreadable ({exc.__class__.__name__})") from None
+
+    async def _put_blob(self, blob: bytes) -> str:
+        """Store a new snapshot's blob; a caller that goes away meanwhile leaves none behind
+        (the write finishes, then the blob goes unless a record holds it)."""
+        put = asyncio.ensure_future(asyncio.to_thread(self._blobs.put, blob))
+        if await finish_uninterrupted(put, BLOB_WRITE_S):
+            if put.done() and not put.cancelled() and put.exception() is None:
+                self._drop_unreferenced(put.result())
+            raise asyncio.CancelledError()
+        return await put
+
+    def _drop_unreferenced(self, digest: str) -> None:
+        if self._db.count(TABLE, "blob = ?", [digest]) == 0 and self._db.count(
+                COSIM_TABLE, "blob = ?", [digest]) == 0:
+            self._blobs.delete(digest)
 
     def _save(self, rec: SnapshotRecord) -> None:
         self._db.put(TABLE, record_row(rec, session=rec.session, board=rec.board, blob=rec.sha256))
