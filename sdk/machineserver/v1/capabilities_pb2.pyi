@@ -587,7 +587,10 @@ class CreateBoardTemplateRequest(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     config: _builtins.str
-    """The board config, YAML or JSON; its "name" field names the template."""
+    """The board config, YAML or JSON; its "name" field names the template. At most 256 KiB,
+    its description at most 16 KiB, its memory, interrupts and nesting within the server's
+    limits (README, "Size limits").
+    """
     def __init__(
         self,
         *,

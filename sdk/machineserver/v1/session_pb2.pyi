@@ -309,12 +309,15 @@ class CreateSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     board_template: _builtins.str
     """Exactly one of board_template ("lm3s6965evb" or "boardTemplates/lm3s6965evb") and
-    board_config (YAML or JSON).
+    board_config (YAML or JSON, at most 256 KiB; its memory, interrupts and nesting within
+    the server's limits: README, "Size limits"). Every field of every request has a size
+    limit (INVALID_ARGUMENT naming the field).
     """
     board_config: _builtins.str
     backend: _builtins.str
     """Backend name; empty: the server's default backend."""
     display_name: _builtins.str
+    """At most 256 bytes (UTF-8)."""
     program: _builtins.str
     """A program to load ("programs/{program}")."""
     power_on: _builtins.bool
@@ -324,9 +327,13 @@ class CreateSessionRequest(_message.Message):
     session_id: _builtins.str
     """Optional session id (the part after "sessions/"); generated when empty."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 labels; keys 1-63 of a-z 0-9 - _ . /, values at most 256 bytes."""
+
     @_builtins.property
-    def limits(self) -> Global___ResourceLimits: ...
+    def limits(self) -> Global___ResourceLimits:
+        """max_console_bytes at most the server's limits.max_console_bytes (64 MiB by default)."""
+
     @_builtins.property
     def options(self) -> Global___SessionOptions: ...
     def __init__(
