@@ -190,3 +190,30 @@ async def test_create_snapshot_whose_caller_goes_away_while_the_blob_is_written_
     monkeypatch.setattr(store, "put", real_put)
     snap = (await client.sessions.create_snapshot(name=s.name)).snapshot
     assert len(files_under(blobs_dir)) == len(kept) + 1 and snap.size_bytes > 0
+
+
+async def test_cosim_snapshot_whose_caller_goes_away_leaves_no_blob(
+        server: RunningServer, client: AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    prog = await upload(client, "mps2-an385", "hello")
+    members = [(await client.sessions.create_session(board_template="mps2-an385", program=prog)).session.name
+               for _ in range(2)]
+    cosim = (await client.cosim.create_co_simulation(
+        sessions=members, sync=cosim_pb2.SyncPolicy(quantum_ns=100_000))).cosimulation
+    blobs_dir = server.engine.data_dir / "blobs"
+    kept = files_under(blobs_dir)
+    store = server.engine.blobs
+    real_put = store.put
+    written = threading.Event()
+
+    def slow_put(data: bytes) -> str:
+        time.sleep(1.5)
+        digest = real_put(data)
+        written.set()
+        return digest
+
+    monkeypatch.setattr(store, "put", slow_put)
+    with pytest.raises(errors.DeadlineExceeded):
+        await client.cosim.create_co_sim_snapshot(parent=cosim.name, timeout=0.5)
+    await until(written.is_set, timeout=30, what="the co-simulation snapshot's blob written")
+    await until(lambda: files_under(blobs_dir) == kept, timeout=30, what="the abandoned blob removed")
+    assert not (await client.cosim.list_co_sim_snapshots(parent=cosim.name)).snapshots

@@ -53,6 +53,25 @@ log = structlog.get_logger(__name__)
 TABLE = "snapshots"
 COSIM_TABLE = "cosim_snapshots"  # co-simulation snapshots share blobs with these
 BLOB_WRITE_S = 120.0  # how long a snapshot's blob write may take before a gone caller stops waiting
+
+
+def drop_unreferenced(blobs: BlobStore, db: Database, digest: str) -> None:
+    """Remove a snapshot blob no record (of a session or a co-simulation) holds."""
+    if db.count(TABLE, "blob = ?", [digest]) == 0 and db.count(COSIM_TABLE, "blob = ?", [digest]) == 0:
+        blobs.delete(digest)
+
+
+async def put_new_blob(blobs: BlobStore, db: Database, data: bytes) -> str:
+    """Store a new snapshot's blob; a caller that goes away meanwhile leaves none behind
+    (the write finishes, then the blob goes unless a record holds it)."""
+    put = asyncio.ensure_future(asyncio.to_thread(blobs.put, data))
+    if await finish_uninterrupted(put, BLOB_WRITE_S):
+        if put.done() and not put.cancelled() and put.exception() is None:
+            drop_unreferenced(blobs, db, put.result())
+        raise asyncio.CancelledError()
+    return await put
+
+
 COLLECTION = "snapshots"
 READ_INLINE = 256 * 1024  # blobs up to this size are read on the event loop
 
@@ -251,19 +270,10 @@ class SnapshotStore:
                                   f"unreadable ({exc.__class__.__name__})") from None
 
     async def _put_blob(self, blob: bytes) -> str:
-        """Store a new snapshot's blob; a caller that goes away meanwhile leaves none behind
-        (the write finishes, then the blob goes unless a record holds it)."""
-        put = asyncio.ensure_future(asyncio.to_thread(self._blobs.put, blob))
-        if await finish_uninterrupted(put, BLOB_WRITE_S):
-            if put.done() and not put.cancelled() and put.exception() is None:
-                self._drop_unreferenced(put.result())
-            raise asyncio.CancelledError()
-        return await put
+        return await put_new_blob(self._blobs, self._db, blob)
 
     def _drop_unreferenced(self, digest: str) -> None:
-        if self._db.count(TABLE, "blob = ?", [digest]) == 0 and self._db.count(
-                COSIM_TABLE, "blob = ?", [digest]) == 0:
-            self._blobs.delete(digest)
+        drop_unreferenced(self._blobs, self._db, digest)
 
     def _save(self, rec: SnapshotRecord) -> None:
         self._db.put(TABLE, record_row(rec, session=rec.session, board=rec.board, blob=rec.sha256))

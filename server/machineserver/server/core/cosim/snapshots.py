@@ -25,6 +25,7 @@ from machineserver.server.core.errors import (
 from machineserver.server.core.listing import Page, paginate
 from machineserver.server.core.models import from_row, record_row
 from machineserver.server.core.sessions import driver_errors
+from machineserver.server.core.snapshots import drop_unreferenced, put_new_blob
 from machineserver.server.drivers.base import BadRequest, DriverError, Feature, MachineState, Snapshots
 from machineserver.server.lockstep.links import LinkState
 from machineserver.server.store.blobs import BlobStore, BlobTooLarge
@@ -65,8 +66,12 @@ class CoSimSnapshots:
             raise ResourceExhausted("limits.max_snapshot_bytes", f"the snapshot is larger than the server's "
                                     f"limits.max_snapshot_bytes ({self.max_bytes} bytes)")
         self.m.sessions.quotas.admit_snapshot_bytes(len(data))
-        digest = await asyncio.to_thread(self.blobs.put, data)
-        return self._record(rt, digest, len(data), art, display_name)
+        digest = await put_new_blob(self.blobs, self.db, data)  # a caller gone meanwhile leaves no blob
+        try:
+            return self._record(rt, digest, len(data), art, display_name)
+        except BaseException:
+            drop_unreferenced(self.blobs, self.db, digest)
+            raise
 
     def _record(self, rt: Runtime, digest: str, size: int, art: artifact.Artifact,
                 display_name: str) -> CoSimSnapshotRecord:
