@@ -249,17 +249,3 @@ def validator_for(method: str) -> Validator | None:
     plan = plan_for(found.input_type)
     return Validator(plan) if plan.floor < 1 << 62 else None
 
-
-def limits_table() -> list[tuple[str, str]]:
-    """(field, limit) rows of the documented table, defaults last."""
-    rows: list[tuple[str, str]] = []
-    for name, limit in FIELD_LIMITS.items():
-        parts = []
-        if limit.bytes:
-            parts.append(f"{limit.bytes} B")
-        if limit.count:
-            parts.append(f"{limit.count} elements")
-        if limit.key_bytes:
-            parts.append(f"keys {limit.key_bytes} B")
-        rows.append((name, ", ".join(parts)))
-    return rows
