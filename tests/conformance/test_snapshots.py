@@ -9,6 +9,7 @@ import pytest
 from machineserver.sdk import errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import session_pb2 as pb
+from tests.helpers.backends import require_backend
 from tests.helpers.conformance import Conf
 
 
@@ -76,15 +77,14 @@ async def test_snapshots_on_lm3s_work_or_say_why(conf: Conf) -> None:
         await conf.client.sessions.create_snapshot(name=name)
     assert reason in exc.value.message and board in exc.value.message
     assert exc.value.feature == "snapshots"
-    # restoring (an imported snapshot claiming this board and backend) is refused the same way
+    # a blob claiming this board and backend is refused at import, with the same reason
     def chunks():  # type: ignore[no-untyped-def]
         yield pb.ImportSnapshotRequest(metadata=pb.SnapshotMetadata(board=board, backend=conf.backend))
         yield pb.ImportSnapshotRequest(chunk=b"MSQEMU1\n" + bytes(64))
 
-    snap = (await conf.client.sessions.import_snapshot(chunks())).snapshot
-    with pytest.raises(errors.Unimplemented) as exc:
-        await conf.client.sessions.restore_snapshot(name=name, snapshot=snap.name)
-    assert reason in exc.value.message
+    with pytest.raises(errors.InvalidArgument) as bad:
+        await conf.client.sessions.import_snapshot(chunks())
+    assert reason in bad.value.message and board in bad.value.message
     # nothing broke: the session still runs to its end
     assert (await conf.state(name)).state == cpb.SESSION_STATE_HALTED  # type: ignore[attr-defined]
     await conf.run_to_exit(name)
@@ -92,15 +92,24 @@ async def test_snapshots_on_lm3s_work_or_say_why(conf: Conf) -> None:
 
 
 async def test_snapshot_of_another_backend_is_refused(conf: Conf) -> None:
-    """A snapshot only restores into a session of the backend that took it."""
+    """A snapshot only restores into a session of the backend that took it; a blob that is
+    not the named backend's format is refused at import."""
     other = "qemu" if conf.backend == "unicorn" else "unicorn"
+    require_backend(other, "mps2-an385")
+    prog = await conf.upload("mps2-an385", "hello")
+    taker = (await conf.client.sessions.create_session(
+        board_template="mps2-an385", program=prog, backend=other, power_on=True)).session
+    snap = (await conf.client.sessions.create_snapshot(name=taker.name)).snapshot
+    assert snap.backend == other
+    name = await conf.session("mps2-an385", "hello", power_on=True)
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        await conf.client.sessions.restore_snapshot(name=name, snapshot=snap.name)
+    assert other in exc.value.message
 
     def chunks():  # type: ignore[no-untyped-def]
         yield pb.ImportSnapshotRequest(metadata=pb.SnapshotMetadata(board="mps2-an385", backend=other))
         yield pb.ImportSnapshotRequest(chunk=b"whatever")
 
-    snap = (await conf.client.sessions.import_snapshot(chunks())).snapshot
-    name = await conf.session("mps2-an385", "hello", power_on=True)
-    with pytest.raises(errors.FailedPrecondition) as exc:
-        await conf.client.sessions.restore_snapshot(name=name, snapshot=snap.name)
-    assert other in exc.value.message
+    with pytest.raises(errors.InvalidArgument) as bad:
+        await conf.client.sessions.import_snapshot(chunks())
+    assert "chunk" in str(bad.value)
