@@ -51,7 +51,10 @@ async def test_entries_name_the_caller_and_refusals_are_recorded(secured: AuthSe
         assert (by_rid["by-operator"].code, by_rid["by-operator"].resource) == ("OK", rule)
         assert (by_rid["by-viewer"].principal, by_rid["by-viewer"].tenant) == ("apikey:watcher", "team-b")
         assert by_rid["by-viewer"].code == "PERMISSION_DENIED"
-        assert (by_rid["by-nobody"].principal, by_rid["by-nobody"].code) == ("anonymous", "UNAUTHENTICATED")
+        # a refused caller is recorded as unauthenticated, never as the local admin
+        nobody_entry = by_rid["by-nobody"]
+        assert (nobody_entry.principal, nobody_entry.tenant, nobody_entry.code) == ("unauthenticated", "",
+                                                                                   "UNAUTHENTICATED")
         # the admin's own key creations are there too, and filters by tenant work
         keys = (await admin.audit.list_audit_events(filter="method=CreateApiKey")).events
         assert [e.principal for e in keys] == ["apikey:bootstrap-admin"] * 2

@@ -79,6 +79,9 @@ ROLE_EXCEPTIONS: dict[str, Role | None] = {
 ROLE_NAMES = {r.name.lower(): r for r in Role}
 # a caller of an open method: no tenant, no role
 NOBODY = Identity(ANONYMOUS, "", frozenset(), AuthMethod.NONE)
+# a caller whose credentials were missing or refused: what the audit log records for it
+# (never the local admin that an unset identity would read as)
+UNAUTHENTICATED = Identity("unauthenticated", "", frozenset(), AuthMethod.NONE)
 MAX_CACHED_TOKENS = 1024
 MAX_CREDENTIAL_CHARS = 8192
 
@@ -516,6 +519,7 @@ class AuthHook:
             return
         who = call.identity
         if who is None:
+            call.identity = UNAUTHENTICATED  # until the credentials are proved
             who = call.identity = await self.authenticate(call)
         elif isinstance(who, Caller):  # inherited: what the caller proved must still hold
             self._still_valid(who)
