@@ -453,6 +453,7 @@ class GetCapabilitiesResponse(_message.Message):
     BUSES_FIELD_NUMBER: _builtins.int
     DEFAULT_BACKEND_FIELD_NUMBER: _builtins.int
     TELEMETRY_SOURCES_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     api_version: _builtins.str
     """The API package, "machineserver.v1"."""
@@ -472,6 +473,10 @@ class GetCapabilitiesResponse(_message.Message):
     def telemetry_sources(self) -> _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.TelemetrySource]:
         """Host telemetry sources (psutil, nvml, tegrastats) and whether each works here."""
 
+    @_builtins.property
+    def cluster(self) -> _common_pb2.ClusterStatus:
+        """The nodes jobs run on, their resources and GPUs."""
+
     def __init__(
         self,
         *,
@@ -483,10 +488,11 @@ class GetCapabilitiesResponse(_message.Message):
         buses: _abc.Iterable[_builtins.str] | None = ...,
         default_backend: _builtins.str = ...,
         telemetry_sources: _abc.Iterable[_telemetry_pb2.TelemetrySource] | None = ...,
+        cluster: _common_pb2.ClusterStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "backends", b"backends", "buses", b"buses", "default_backend", b"default_backend", "peripheral_models", b"peripheral_models", "processors", b"processors", "server_version", b"server_version", "telemetry_sources", b"telemetry_sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "backends", b"backends", "buses", b"buses", "cluster", b"cluster", "default_backend", b"default_backend", "peripheral_models", b"peripheral_models", "processors", b"processors", "server_version", b"server_version", "telemetry_sources", b"telemetry_sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from machineserver.v1 import common_pb2 as machineserver_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n machineserver/v1/telemetry.proto\x12\x10machineserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dmachineserver/v1/common.proto\"F\n\x07\x43puCore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rusage_percent\x18\x02 \x01(\x01\x12\x15\n\rfrequency_mhz\x18\x03 \x01(\x01\"G\n\x0bMemoryUsage\x12\x12\n\nused_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07percent\x18\x03 \x01(\x01\".\n\x0bTemperature\x12\x0e\n\x06sensor\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x65lsius\x18\x02 \x01(\x01\"A\n\tPowerRail\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncurrent_mw\x18\x02 \x01(\x01\x12\x12\n\naverage_mw\x18\x03 \x01(\x01\"\xdb\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13temperature_celsius\x18\x06 \x01(\x01\x12\x10\n\x08power_mw\x18\x07 \x01(\x01\x12\x1a\n\x12graphics_clock_mhz\x18\x08 \x01(\x01\x12\x18\n\x10memory_clock_mhz\x18\t \x01(\x01\":\n\x0fTelemetrySource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa6\x03\n\nHostStatus\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04\x63pus\x18\x02 \x03(\x0b\x32\x19.machineserver.v1.CpuCore\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12-\n\x06memory\x18\x04 \x01(\x0b\x32\x1d.machineserver.v1.MemoryUsage\x12+\n\x04swap\x18\x05 \x01(\x0b\x32\x1d.machineserver.v1.MemoryUsage\x12\x33\n\x0ctemperatures\x18\x06 \x03(\x0b\x32\x1d.machineserver.v1.Temperature\x12\x30\n\x0bpower_rails\x18\x07 \x03(\x0b\x32\x1b.machineserver.v1.PowerRail\x12#\n\x04gpus\x18\x08 \x03(\x0b\x32\x15.machineserver.v1.Gpu\x12\x32\n\x07sources\x18\t \x03(\x0b\x32!.machineserver.v1.TelemetrySource\x12\x14\n\x0cload_average\x18\n \x03(\x01\"\xb2\x02\n\x0eSessionMetrics\x12\x0f\n\x07session\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.machineserver.v1.SessionState\x12\x14\n\x0cinstructions\x18\x03 \x01(\x04\x12\x17\n\x0fvirtual_time_ns\x18\x04 \x01(\x04\x12\x0c\n\x04mips\x18\x05 \x01(\x01\x12\x18\n\x10host_cpu_percent\x18\x06 \x01(\x01\x12\x19\n\x11host_memory_bytes\x18\x07 \x01(\x04\x12\x15\n\rconsole_bytes\x18\x08 \x01(\x04\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhost_usage_note\x18\n \x01(\t\x12\x14\n\x0c\x63ounts_exact\x18\x0b \x01(\x08\"\x81\x02\n\tAlertRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x30\n\ncomparison\x18\x04 \x01(\x0e\x32\x1c.machineserver.v1.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\"\x16\n\x14GetHostStatusRequest\"E\n\x15GetHostStatusResponse\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.machineserver.v1.HostStatus\"F\n\x17StreamHostStatusRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"Y\n\x18StreamHostStatusResponse\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.machineserver.v1.HostStatus\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"(\n\x18GetSessionMetricsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x19GetSessionMetricsResponse\x12\x31\n\x07metrics\x18\x01 \x01(\x0b\x32 .machineserver.v1.SessionMetrics\"X\n\x1bStreamSessionMetricsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x1cStreamSessionMetricsResponse\x12\x31\n\x07metrics\x18\x01 \x01(\x0b\x32 .machineserver.v1.SessionMetrics\"C\n\x16\x43reateAlertRuleRequest\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.machineserver.v1.AlertRule\"D\n\x17\x43reateAlertRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.machineserver.v1.AlertRule\">\n\x15ListAlertRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x16ListAlertRulesResponse\x12*\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.machineserver.v1.AlertRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x44\x65leteAlertRuleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteAlertRuleResponse\"\x15\n\x13StreamAlertsRequest\"\xaf\x01\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.machineserver.v1.AlertState\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x07 \x01(\t\";\n\x10\x41lertsSubscribed\x12\'\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x17.machineserver.v1.Alert\"\xf6\x01\n\x14StreamAlertsResponse\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.machineserver.v1.AlertState\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x36\n\nsubscribed\x18\x08 \x01(\x0b\x32\".machineserver.v1.AlertsSubscribed*\x94\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x01\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x02\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x03\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x04*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\xde\x06\n\x10TelemetryService\x12`\n\rGetHostStatus\x12&.machineserver.v1.GetHostStatusRequest\x1a\'.machineserver.v1.GetHostStatusResponse\x12k\n\x10StreamHostStatus\x12).machineserver.v1.StreamHostStatusRequest\x1a*.machineserver.v1.StreamHostStatusResponse0\x01\x12l\n\x11GetSessionMetrics\x12*.machineserver.v1.GetSessionMetricsRequest\x1a+.machineserver.v1.GetSessionMetricsResponse\x12w\n\x14StreamSessionMetrics\x12-.machineserver.v1.StreamSessionMetricsRequest\x1a..machineserver.v1.StreamSessionMetricsResponse0\x01\x12\x66\n\x0f\x43reateAlertRule\x12(.machineserver.v1.CreateAlertRuleRequest\x1a).machineserver.v1.CreateAlertRuleResponse\x12\x63\n\x0eListAlertRules\x12\'.machineserver.v1.ListAlertRulesRequest\x1a(.machineserver.v1.ListAlertRulesResponse\x12\x66\n\x0f\x44\x65leteAlertRule\x12(.machineserver.v1.DeleteAlertRuleRequest\x1a).machineserver.v1.DeleteAlertRuleResponse\x12_\n\x0cStreamAlerts\x12%.machineserver.v1.StreamAlertsRequest\x1a&.machineserver.v1.StreamAlertsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n machineserver/v1/telemetry.proto\x12\x10machineserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dmachineserver/v1/common.proto\"F\n\x07\x43puCore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rusage_percent\x18\x02 \x01(\x01\x12\x15\n\rfrequency_mhz\x18\x03 \x01(\x01\"G\n\x0bMemoryUsage\x12\x12\n\nused_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07percent\x18\x03 \x01(\x01\".\n\x0bTemperature\x12\x0e\n\x06sensor\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x65lsius\x18\x02 \x01(\x01\"A\n\tPowerRail\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncurrent_mw\x18\x02 \x01(\x01\x12\x12\n\naverage_mw\x18\x03 \x01(\x01\"\xdb\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13temperature_celsius\x18\x06 \x01(\x01\x12\x10\n\x08power_mw\x18\x07 \x01(\x01\x12\x1a\n\x12graphics_clock_mhz\x18\x08 \x01(\x01\x12\x18\n\x10memory_clock_mhz\x18\t \x01(\x01\":\n\x0fTelemetrySource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa6\x03\n\nHostStatus\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04\x63pus\x18\x02 \x03(\x0b\x32\x19.machineserver.v1.CpuCore\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12-\n\x06memory\x18\x04 \x01(\x0b\x32\x1d.machineserver.v1.MemoryUsage\x12+\n\x04swap\x18\x05 \x01(\x0b\x32\x1d.machineserver.v1.MemoryUsage\x12\x33\n\x0ctemperatures\x18\x06 \x03(\x0b\x32\x1d.machineserver.v1.Temperature\x12\x30\n\x0bpower_rails\x18\x07 \x03(\x0b\x32\x1b.machineserver.v1.PowerRail\x12#\n\x04gpus\x18\x08 \x03(\x0b\x32\x15.machineserver.v1.Gpu\x12\x32\n\x07sources\x18\t \x03(\x0b\x32!.machineserver.v1.TelemetrySource\x12\x14\n\x0cload_average\x18\n \x03(\x01\"\xb2\x02\n\x0eSessionMetrics\x12\x0f\n\x07session\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.machineserver.v1.SessionState\x12\x14\n\x0cinstructions\x18\x03 \x01(\x04\x12\x17\n\x0fvirtual_time_ns\x18\x04 \x01(\x04\x12\x0c\n\x04mips\x18\x05 \x01(\x01\x12\x18\n\x10host_cpu_percent\x18\x06 \x01(\x01\x12\x19\n\x11host_memory_bytes\x18\x07 \x01(\x04\x12\x15\n\rconsole_bytes\x18\x08 \x01(\x04\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhost_usage_note\x18\n \x01(\t\x12\x14\n\x0c\x63ounts_exact\x18\x0b \x01(\x08\"\x81\x02\n\tAlertRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x30\n\ncomparison\x18\x04 \x01(\x0e\x32\x1c.machineserver.v1.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\"\x16\n\x14GetHostStatusRequest\"w\n\x15GetHostStatusResponse\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.machineserver.v1.HostStatus\x12\x30\n\x07\x63luster\x18\x02 \x01(\x0b\x32\x1f.machineserver.v1.ClusterStatus\"F\n\x17StreamHostStatusRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"Y\n\x18StreamHostStatusResponse\x12,\n\x06status\x18\x01 \x01(\x0b\x32\x1c.machineserver.v1.HostStatus\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"(\n\x18GetSessionMetricsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x19GetSessionMetricsResponse\x12\x31\n\x07metrics\x18\x01 \x01(\x0b\x32 .machineserver.v1.SessionMetrics\"X\n\x1bStreamSessionMetricsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x1cStreamSessionMetricsResponse\x12\x31\n\x07metrics\x18\x01 \x01(\x0b\x32 .machineserver.v1.SessionMetrics\"C\n\x16\x43reateAlertRuleRequest\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.machineserver.v1.AlertRule\"D\n\x17\x43reateAlertRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.machineserver.v1.AlertRule\">\n\x15ListAlertRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x16ListAlertRulesResponse\x12*\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.machineserver.v1.AlertRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x44\x65leteAlertRuleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteAlertRuleResponse\"\x15\n\x13StreamAlertsRequest\"\xaf\x01\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.machineserver.v1.AlertState\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x07 \x01(\t\";\n\x10\x41lertsSubscribed\x12\'\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x17.machineserver.v1.Alert\"\xf6\x01\n\x14StreamAlertsResponse\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.machineserver.v1.AlertState\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x36\n\nsubscribed\x18\x08 \x01(\x0b\x32\".machineserver.v1.AlertsSubscribed*\x94\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPARISON_GREATER\x10\x01\x12\x1f\n\x1b\x43OMPARISON_GREATER_OR_EQUAL\x10\x02\x12\x13\n\x0f\x43OMPARISON_LESS\x10\x03\x12\x1c\n\x18\x43OMPARISON_LESS_OR_EQUAL\x10\x04*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\xde\x06\n\x10TelemetryService\x12`\n\rGetHostStatus\x12&.machineserver.v1.GetHostStatusRequest\x1a\'.machineserver.v1.GetHostStatusResponse\x12k\n\x10StreamHostStatus\x12).machineserver.v1.StreamHostStatusRequest\x1a*.machineserver.v1.StreamHostStatusResponse0\x01\x12l\n\x11GetSessionMetrics\x12*.machineserver.v1.GetSessionMetricsRequest\x1a+.machineserver.v1.GetSessionMetricsResponse\x12w\n\x14StreamSessionMetrics\x12-.machineserver.v1.StreamSessionMetricsRequest\x1a..machineserver.v1.StreamSessionMetricsResponse0\x01\x12\x66\n\x0f\x43reateAlertRule\x12(.machineserver.v1.CreateAlertRuleRequest\x1a).machineserver.v1.CreateAlertRuleResponse\x12\x63\n\x0eListAlertRules\x12\'.machineserver.v1.ListAlertRulesRequest\x1a(.machineserver.v1.ListAlertRulesResponse\x12\x66\n\x0f\x44\x65leteAlertRule\x12(.machineserver.v1.DeleteAlertRuleRequest\x1a).machineserver.v1.DeleteAlertRuleResponse\x12_\n\x0cStreamAlerts\x12%.machineserver.v1.StreamAlertsRequest\x1a&.machineserver.v1.StreamAlertsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'machineserver.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPARISON']._serialized_start=3116
-  _globals['_COMPARISON']._serialized_end=3264
-  _globals['_ALERTSTATE']._serialized_start=3266
-  _globals['_ALERTSTATE']._serialized_end=3357
+  _globals['_COMPARISON']._serialized_start=3166
+  _globals['_COMPARISON']._serialized_end=3314
+  _globals['_ALERTSTATE']._serialized_start=3316
+  _globals['_ALERTSTATE']._serialized_end=3407
   _globals['_CPUCORE']._serialized_start=150
   _globals['_CPUCORE']._serialized_end=220
   _globals['_MEMORYUSAGE']._serialized_start=222
@@ -59,39 +59,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHOSTSTATUSREQUEST']._serialized_start=1686
   _globals['_GETHOSTSTATUSREQUEST']._serialized_end=1708
   _globals['_GETHOSTSTATUSRESPONSE']._serialized_start=1710
-  _globals['_GETHOSTSTATUSRESPONSE']._serialized_end=1779
-  _globals['_STREAMHOSTSTATUSREQUEST']._serialized_start=1781
-  _globals['_STREAMHOSTSTATUSREQUEST']._serialized_end=1851
-  _globals['_STREAMHOSTSTATUSRESPONSE']._serialized_start=1853
-  _globals['_STREAMHOSTSTATUSRESPONSE']._serialized_end=1942
-  _globals['_GETSESSIONMETRICSREQUEST']._serialized_start=1944
-  _globals['_GETSESSIONMETRICSREQUEST']._serialized_end=1984
-  _globals['_GETSESSIONMETRICSRESPONSE']._serialized_start=1986
-  _globals['_GETSESSIONMETRICSRESPONSE']._serialized_end=2064
-  _globals['_STREAMSESSIONMETRICSREQUEST']._serialized_start=2066
-  _globals['_STREAMSESSIONMETRICSREQUEST']._serialized_end=2154
-  _globals['_STREAMSESSIONMETRICSRESPONSE']._serialized_start=2156
-  _globals['_STREAMSESSIONMETRICSRESPONSE']._serialized_end=2237
-  _globals['_CREATEALERTRULEREQUEST']._serialized_start=2239
-  _globals['_CREATEALERTRULEREQUEST']._serialized_end=2306
-  _globals['_CREATEALERTRULERESPONSE']._serialized_start=2308
-  _globals['_CREATEALERTRULERESPONSE']._serialized_end=2376
-  _globals['_LISTALERTRULESREQUEST']._serialized_start=2378
-  _globals['_LISTALERTRULESREQUEST']._serialized_end=2440
-  _globals['_LISTALERTRULESRESPONSE']._serialized_start=2442
-  _globals['_LISTALERTRULESRESPONSE']._serialized_end=2535
-  _globals['_DELETEALERTRULEREQUEST']._serialized_start=2537
-  _globals['_DELETEALERTRULEREQUEST']._serialized_end=2575
-  _globals['_DELETEALERTRULERESPONSE']._serialized_start=2577
-  _globals['_DELETEALERTRULERESPONSE']._serialized_end=2602
-  _globals['_STREAMALERTSREQUEST']._serialized_start=2604
-  _globals['_STREAMALERTSREQUEST']._serialized_end=2625
-  _globals['_ALERT']._serialized_start=2628
-  _globals['_ALERT']._serialized_end=2803
-  _globals['_ALERTSSUBSCRIBED']._serialized_start=2805
-  _globals['_ALERTSSUBSCRIBED']._serialized_end=2864
-  _globals['_STREAMALERTSRESPONSE']._serialized_start=2867
-  _globals['_STREAMALERTSRESPONSE']._serialized_end=3113
-  _globals['_TELEMETRYSERVICE']._serialized_start=3360
-  _globals['_TELEMETRYSERVICE']._serialized_end=4222
+  _globals['_GETHOSTSTATUSRESPONSE']._serialized_end=1829
+  _globals['_STREAMHOSTSTATUSREQUEST']._serialized_start=1831
+  _globals['_STREAMHOSTSTATUSREQUEST']._serialized_end=1901
+  _globals['_STREAMHOSTSTATUSRESPONSE']._serialized_start=1903
+  _globals['_STREAMHOSTSTATUSRESPONSE']._serialized_end=1992
+  _globals['_GETSESSIONMETRICSREQUEST']._serialized_start=1994
+  _globals['_GETSESSIONMETRICSREQUEST']._serialized_end=2034
+  _globals['_GETSESSIONMETRICSRESPONSE']._serialized_start=2036
+  _globals['_GETSESSIONMETRICSRESPONSE']._serialized_end=2114
+  _globals['_STREAMSESSIONMETRICSREQUEST']._serialized_start=2116
+  _globals['_STREAMSESSIONMETRICSREQUEST']._serialized_end=2204
+  _globals['_STREAMSESSIONMETRICSRESPONSE']._serialized_start=2206
+  _globals['_STREAMSESSIONMETRICSRESPONSE']._serialized_end=2287
+  _globals['_CREATEALERTRULEREQUEST']._serialized_start=2289
+  _globals['_CREATEALERTRULEREQUEST']._serialized_end=2356
+  _globals['_CREATEALERTRULERESPONSE']._serialized_start=2358
+  _globals['_CREATEALERTRULERESPONSE']._serialized_end=2426
+  _globals['_LISTALERTRULESREQUEST']._serialized_start=2428
+  _globals['_LISTALERTRULESREQUEST']._serialized_end=2490
+  _globals['_LISTALERTRULESRESPONSE']._serialized_start=2492
+  _globals['_LISTALERTRULESRESPONSE']._serialized_end=2585
+  _globals['_DELETEALERTRULEREQUEST']._serialized_start=2587
+  _globals['_DELETEALERTRULEREQUEST']._serialized_end=2625
+  _globals['_DELETEALERTRULERESPONSE']._serialized_start=2627
+  _globals['_DELETEALERTRULERESPONSE']._serialized_end=2652
+  _globals['_STREAMALERTSREQUEST']._serialized_start=2654
+  _globals['_STREAMALERTSREQUEST']._serialized_end=2675
+  _globals['_ALERT']._serialized_start=2678
+  _globals['_ALERT']._serialized_end=2853
+  _globals['_ALERTSSUBSCRIBED']._serialized_start=2855
+  _globals['_ALERTSSUBSCRIBED']._serialized_end=2914
+  _globals['_STREAMALERTSRESPONSE']._serialized_start=2917
+  _globals['_STREAMALERTSRESPONSE']._serialized_end=3163
+  _globals['_TELEMETRYSERVICE']._serialized_start=3410
+  _globals['_TELEMETRYSERVICE']._serialized_end=4272
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,2 @@
+"""Regression jobs (JobService): a matrix of runs executed by a run engine, the server's own
+workers (``local``) or a Ray cluster (``ray``)."""
