@@ -20,7 +20,7 @@ from google.protobuf.descriptor import (
     ServiceDescriptor,
 )
 
-MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry", "access", "audit"]
+MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry", "access", "audit", "job"]
 PACKAGE = "machineserver.v1"
 # attribute name on the client for each service
 ATTRS = {
@@ -32,6 +32,7 @@ ATTRS = {
     "TelemetryService": "telemetry",
     "AccessService": "access",
     "AuditService": "audit",
+    "JobService": "jobs",
 }
 # keyword-only options every wrapper takes: a request field of the same name could not be
 # passed as a keyword field

@@ -27,6 +27,7 @@ GROUPS = {
     "TelemetryService": "telemetry",
     "AccessService": "access",
     "AuditService": "audit",
+    "JobService": "job",
 }
 # service -> SDK client attribute
 CLIENT_ATTRS = {
@@ -38,6 +39,7 @@ CLIENT_ATTRS = {
     "TelemetryService": "telemetry",
     "AccessService": "access",
     "AuditService": "audit",
+    "JobService": "jobs",
 }
 CHUNK = 64 * 1024
 

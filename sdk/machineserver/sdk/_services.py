@@ -16,6 +16,7 @@ from machineserver.v1 import capabilities_pb2
 from machineserver.v1 import cosim_pb2
 from machineserver.v1 import coverage_pb2
 from machineserver.v1 import debug_pb2
+from machineserver.v1 import job_pb2
 from machineserver.v1 import session_pb2
 from machineserver.v1 import telemetry_pb2
 
@@ -569,6 +570,57 @@ class StreamAuditEventsFields(TypedDict, total=False):
     after_sequence: int
 
 
+class CreateJobFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.CreateJobRequest."""
+
+    display_name: str
+    matrix: job_pb2.JobMatrix | Mapping[str, object]
+    criteria: job_pb2.RunCriteria | Mapping[str, object]
+    resources: job_pb2.RunResources | Mapping[str, object]
+    labels: Mapping[str, str]
+
+
+class GetJobFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.GetJobRequest."""
+
+    name: str
+
+
+class ListJobsFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListJobsRequest."""
+
+    page_size: int
+    page_token: str
+    filter: str
+
+
+class CancelJobFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.CancelJobRequest."""
+
+    name: str
+
+
+class WatchJobFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.WatchJobRequest."""
+
+    name: str
+
+
+class ListJobRunsFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListJobRunsRequest."""
+
+    parent: str
+    page_size: int
+    page_token: str
+    filter: str
+
+
+class ExportJobJunitFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ExportJobJunitRequest."""
+
+    name: str
+
+
 # ---------------------------------------------------------------- async services
 
 
@@ -907,6 +959,38 @@ class AsyncAuditService:
 
     def stream_audit_events(self, request: audit_pb2.StreamAuditEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamAuditEventsFields]) -> AsyncGenerator[audit_pb2.StreamAuditEventsResponse, None]:
         return self._t.server_stream('/machineserver.v1.AuditService/StreamAuditEvents', self._t.build(request, fields, audit_pb2.StreamAuditEventsRequest), audit_pb2.StreamAuditEventsResponse, timeout, metadata)
+
+
+class AsyncJobService:
+    """machineserver.v1.JobService."""
+
+    SERVICE = 'machineserver.v1.JobService'
+    # RPC name -> method name
+    METHODS = {'CreateJob': 'create_job', 'GetJob': 'get_job', 'ListJobs': 'list_jobs', 'CancelJob': 'cancel_job', 'WatchJob': 'watch_job', 'ListJobRuns': 'list_job_runs', 'ExportJobJunit': 'export_job_junit'}
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def create_job(self, request: job_pb2.CreateJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateJobFields]) -> job_pb2.CreateJobResponse:
+        return await self._t.unary('/machineserver.v1.JobService/CreateJob', self._t.build(request, fields, job_pb2.CreateJobRequest), job_pb2.CreateJobResponse, timeout, metadata)
+
+    async def get_job(self, request: job_pb2.GetJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetJobFields]) -> job_pb2.GetJobResponse:
+        return await self._t.unary('/machineserver.v1.JobService/GetJob', self._t.build(request, fields, job_pb2.GetJobRequest), job_pb2.GetJobResponse, timeout, metadata)
+
+    async def list_jobs(self, request: job_pb2.ListJobsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListJobsFields]) -> job_pb2.ListJobsResponse:
+        return await self._t.unary('/machineserver.v1.JobService/ListJobs', self._t.build(request, fields, job_pb2.ListJobsRequest), job_pb2.ListJobsResponse, timeout, metadata)
+
+    async def cancel_job(self, request: job_pb2.CancelJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CancelJobFields]) -> job_pb2.CancelJobResponse:
+        return await self._t.unary('/machineserver.v1.JobService/CancelJob', self._t.build(request, fields, job_pb2.CancelJobRequest), job_pb2.CancelJobResponse, timeout, metadata)
+
+    def watch_job(self, request: job_pb2.WatchJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[WatchJobFields]) -> AsyncGenerator[job_pb2.WatchJobResponse, None]:
+        return self._t.server_stream('/machineserver.v1.JobService/WatchJob', self._t.build(request, fields, job_pb2.WatchJobRequest), job_pb2.WatchJobResponse, timeout, metadata)
+
+    async def list_job_runs(self, request: job_pb2.ListJobRunsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListJobRunsFields]) -> job_pb2.ListJobRunsResponse:
+        return await self._t.unary('/machineserver.v1.JobService/ListJobRuns', self._t.build(request, fields, job_pb2.ListJobRunsRequest), job_pb2.ListJobRunsResponse, timeout, metadata)
+
+    def export_job_junit(self, request: job_pb2.ExportJobJunitRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportJobJunitFields]) -> AsyncGenerator[job_pb2.ExportJobJunitResponse, None]:
+        return self._t.server_stream('/machineserver.v1.JobService/ExportJobJunit', self._t.build(request, fields, job_pb2.ExportJobJunitRequest), job_pb2.ExportJobJunitResponse, timeout, metadata)
 
 
 # ---------------------------------------------------------------- sync services
@@ -1249,6 +1333,38 @@ class AuditService:
         return self._t.server_stream('/machineserver.v1.AuditService/StreamAuditEvents', self._t.build(request, fields, audit_pb2.StreamAuditEventsRequest), audit_pb2.StreamAuditEventsResponse, timeout, metadata)
 
 
+class JobService:
+    """machineserver.v1.JobService."""
+
+    SERVICE = 'machineserver.v1.JobService'
+    # RPC name -> method name
+    METHODS = {'CreateJob': 'create_job', 'GetJob': 'get_job', 'ListJobs': 'list_jobs', 'CancelJob': 'cancel_job', 'WatchJob': 'watch_job', 'ListJobRuns': 'list_job_runs', 'ExportJobJunit': 'export_job_junit'}
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def create_job(self, request: job_pb2.CreateJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateJobFields]) -> job_pb2.CreateJobResponse:
+        return self._t.unary('/machineserver.v1.JobService/CreateJob', self._t.build(request, fields, job_pb2.CreateJobRequest), job_pb2.CreateJobResponse, timeout, metadata)
+
+    def get_job(self, request: job_pb2.GetJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetJobFields]) -> job_pb2.GetJobResponse:
+        return self._t.unary('/machineserver.v1.JobService/GetJob', self._t.build(request, fields, job_pb2.GetJobRequest), job_pb2.GetJobResponse, timeout, metadata)
+
+    def list_jobs(self, request: job_pb2.ListJobsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListJobsFields]) -> job_pb2.ListJobsResponse:
+        return self._t.unary('/machineserver.v1.JobService/ListJobs', self._t.build(request, fields, job_pb2.ListJobsRequest), job_pb2.ListJobsResponse, timeout, metadata)
+
+    def cancel_job(self, request: job_pb2.CancelJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CancelJobFields]) -> job_pb2.CancelJobResponse:
+        return self._t.unary('/machineserver.v1.JobService/CancelJob', self._t.build(request, fields, job_pb2.CancelJobRequest), job_pb2.CancelJobResponse, timeout, metadata)
+
+    def watch_job(self, request: job_pb2.WatchJobRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[WatchJobFields]) -> Generator[job_pb2.WatchJobResponse, None, None]:
+        return self._t.server_stream('/machineserver.v1.JobService/WatchJob', self._t.build(request, fields, job_pb2.WatchJobRequest), job_pb2.WatchJobResponse, timeout, metadata)
+
+    def list_job_runs(self, request: job_pb2.ListJobRunsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListJobRunsFields]) -> job_pb2.ListJobRunsResponse:
+        return self._t.unary('/machineserver.v1.JobService/ListJobRuns', self._t.build(request, fields, job_pb2.ListJobRunsRequest), job_pb2.ListJobRunsResponse, timeout, metadata)
+
+    def export_job_junit(self, request: job_pb2.ExportJobJunitRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportJobJunitFields]) -> Generator[job_pb2.ExportJobJunitResponse, None, None]:
+        return self._t.server_stream('/machineserver.v1.JobService/ExportJobJunit', self._t.build(request, fields, job_pb2.ExportJobJunitRequest), job_pb2.ExportJobJunitResponse, timeout, metadata)
+
+
 # client attribute -> (async class, sync class)
 SERVICES = {
     'capabilities': (AsyncCapabilitiesService, CapabilitiesService),
@@ -1259,4 +1375,5 @@ SERVICES = {
     'telemetry': (AsyncTelemetryService, TelemetryService),
     'access': (AsyncAccessService, AccessService),
     'audit': (AsyncAuditService, AuditService),
+    'jobs': (AsyncJobService, JobService),
 }

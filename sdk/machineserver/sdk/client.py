@@ -28,6 +28,7 @@ from machineserver.sdk._services import (
     AsyncCoSimService,
     AsyncCoverageService,
     AsyncDebugService,
+    AsyncJobService,
     AsyncSessionService,
     AsyncTelemetryService,
     AuditService,
@@ -35,6 +36,7 @@ from machineserver.sdk._services import (
     CoSimService,
     CoverageService,
     DebugService,
+    JobService,
     SessionService,
     TelemetryService,
 )
@@ -55,6 +57,7 @@ from machineserver.v1 import (
     cosim_pb2,
     coverage_pb2,
     debug_pb2,
+    job_pb2,
     session_pb2,
     telemetry_pb2,
 )
@@ -75,7 +78,8 @@ def retry_methods() -> list[tuple[str, str]]:
 
 def service_descriptors() -> list[ServiceDescriptor]:
     """Every machineserver.v1 service, from the generated modules."""
-    mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2, access_pb2, audit_pb2)
+    mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2, access_pb2, audit_pb2,
+            job_pb2)
     return [svc for mod in mods for svc in mod.DESCRIPTOR.services_by_name.values()]
 
 
@@ -159,6 +163,7 @@ class AsyncClient:
     telemetry: AsyncTelemetryService
     access: AsyncAccessService
     audit: AsyncAuditService
+    jobs: AsyncJobService
 
     def __init__(self, channel: aio.Channel, options: CallOptions) -> None:
         self.channel = channel
@@ -231,6 +236,7 @@ class Client:
     telemetry: TelemetryService
     access: AccessService
     audit: AuditService
+    jobs: JobService
 
     def __init__(self, channel: grpc.Channel, options: CallOptions) -> None:
         self.channel = channel
