@@ -64,6 +64,11 @@ class ServerConfig:
     # them (read only if their real path lies inside one); empty: the server reads none
     # and HTML shows only sources the client sent
     coverage_source_roots: tuple[str, ...] = ()
+    # the Ray cluster jobs run on with the ray engine: "" starts an embedded local Ray runtime
+    # on first use; "HOST:PORT" (or "auto") joins one set up with `ray start --head`
+    ray_address: str = ""
+    # CPUs the embedded Ray runtime offers (0: one per core); unused when joining a cluster
+    ray_num_cpus: int = 0
     limits: Limits = field(default_factory=Limits)
     # per-tenant quotas (core/quotas.py): {default: {LIMIT: N}, tenants: {T: {LIMIT: N}}}, 0 = unlimited
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
@@ -148,6 +153,9 @@ def load(argv: list[str] | None = None) -> ServerConfig:
                         help="allow --listen beyond loopback without authentication and TLS (unsafe)")
     parser.add_argument("--gdb-bridge-bind-allow", dest="gdb_bridge_bind_allow",
                         help="comma-separated addresses or networks GDB bridges may bind beyond loopback")
+    parser.add_argument("--ray-address", dest="ray_address",
+                        help="join this Ray cluster (HOST:PORT of `ray start --head`) for jobs; "
+                             "default: an embedded local Ray runtime started on first use")
     args = parser.parse_args(argv)
     cfg = ServerConfig()
     path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
