@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amachineserver/v1/job.proto\x12\x10machineserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\nJobVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rconsole_input\x18\x02 \x01(\x0c\x12\x35\n\x0ememory_patches\x18\x03 \x03(\x0b\x32\x1d.machineserver.v1.MemoryPatch\x12\x10\n\x08snapshot\x18\x04 \x01(\t\",\n\x0bMemoryPatch\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x90\x02\n\x0bRunCriteria\x12\x12\n\npass_regex\x18\x01 \x01(\t\x12\x12\n\nfail_regex\x18\x02 \x01(\t\x12\x1f\n\x12\x65xpected_exit_code\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10max_instructions\x18\x04 \x01(\x04\x12\x33\n\x10max_virtual_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0chost_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x63overage\x18\x07 \x01(\x08\x12\x0f\n\x07retries\x18\x08 \x01(\rB\x15\n\x13_expected_exit_code\"\xab\x01\n\x0cRunResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\x01\x12:\n\x06\x63ustom\x18\x04 \x03(\x0b\x32*.machineserver.v1.RunResources.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\tJobMatrix\x12\x10\n\x08programs\x18\x01 \x03(\t\x12\x0e\n\x06\x62oards\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\x12.\n\x08variants\x18\x04 \x03(\x0b\x32\x1c.machineserver.v1.JobVariant\"\x90\x01\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06passed\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x0f\n\x07\x65rrored\x18\x06 \x01(\r\x12\x11\n\tcancelled\x18\x07 \x01(\r\x12\x0f\n\x07retries\x18\x08 \x01(\r\"\x9b\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12+\n\x06matrix\x18\x03 \x01(\x0b\x32\x1b.machineserver.v1.JobMatrix\x12/\n\x08\x63riteria\x18\x04 \x01(\x0b\x32\x1d.machineserver.v1.RunCriteria\x12\x31\n\tresources\x18\x05 \x01(\x0b\x32\x1e.machineserver.v1.RunResources\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.machineserver.v1.JobState\x12+\n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x1b.machineserver.v1.JobCounts\x12\x17\n\x0f\x63overage_report\x18\x08 \x01(\t\x12\x31\n\x06labels\x18\t \x03(\x0b\x32!.machineserver.v1.Job.LabelsEntry\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x03\n\x06JobRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\r\n\x05\x62oard\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12-\n\x07verdict\x18\x06 \x01(\x0e\x32\x1c.machineserver.v1.RunVerdict\x12\x14\n\x0c\x63onsole_tail\x18\x07 \x01(\x0c\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cinstructions\x18\t \x01(\x04\x12/\n\x0cvirtual_time\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\thost_time\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04node\x18\x0c \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\r\x12.\n\nstart_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\xa8\x02\n\x10\x43reateJobRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12+\n\x06matrix\x18\x02 \x01(\x0b\x32\x1b.machineserver.v1.JobMatrix\x12/\n\x08\x63riteria\x18\x03 \x01(\x0b\x32\x1d.machineserver.v1.RunCriteria\x12\x31\n\tresources\x18\x04 \x01(\x0b\x32\x1e.machineserver.v1.RunResources\x12>\n\x06labels\x18\x05 \x03(\x0b\x32..machineserver.v1.CreateJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11\x43reateJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x0eGetJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.machineserver.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x10WatchJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\x12%\n\x03run\x18\x02 \x01(\x0b\x32\x18.machineserver.v1.JobRun\"[\n\x12ListJobRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"V\n\x13ListJobRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.machineserver.v1.JobRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x45xportJobJunitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x16\x45xportJobJunitResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c*i\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x12\n\x0eJOB_STATE_DONE\x10\x02\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x03*\xbe\x01\n\nRunVerdict\x12\x1b\n\x17RUN_VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_VERDICT_QUEUED\x10\x01\x12\x17\n\x13RUN_VERDICT_RUNNING\x10\x02\x12\x16\n\x12RUN_VERDICT_PASSED\x10\x03\x12\x16\n\x12RUN_VERDICT_FAILED\x10\x04\x12\x17\n\x13RUN_VERDICT_ERRORED\x10\x05\x12\x19\n\x15RUN_VERDICT_CANCELLED\x10\x06\x32\xf0\x04\n\nJobService\x12T\n\tCreateJob\x12\".machineserver.v1.CreateJobRequest\x1a#.machineserver.v1.CreateJobResponse\x12K\n\x06GetJob\x12\x1f.machineserver.v1.GetJobRequest\x1a .machineserver.v1.GetJobResponse\x12Q\n\x08ListJobs\x12!.machineserver.v1.ListJobsRequest\x1a\".machineserver.v1.ListJobsResponse\x12T\n\tCancelJob\x12\".machineserver.v1.CancelJobRequest\x1a#.machineserver.v1.CancelJobResponse\x12S\n\x08WatchJob\x12!.machineserver.v1.WatchJobRequest\x1a\".machineserver.v1.WatchJobResponse0\x01\x12Z\n\x0bListJobRuns\x12$.machineserver.v1.ListJobRunsRequest\x1a%.machineserver.v1.ListJobRunsResponse\x12\x65\n\x0e\x45xportJobJunit\x12\'.machineserver.v1.ExportJobJunitRequest\x1a(.machineserver.v1.ExportJobJunitResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amachineserver/v1/job.proto\x12\x10machineserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\nJobVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rconsole_input\x18\x02 \x01(\x0c\x12\x35\n\x0ememory_patches\x18\x03 \x03(\x0b\x32\x1d.machineserver.v1.MemoryPatch\x12\x10\n\x08snapshot\x18\x04 \x01(\t\",\n\x0bMemoryPatch\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x90\x02\n\x0bRunCriteria\x12\x12\n\npass_regex\x18\x01 \x01(\t\x12\x12\n\nfail_regex\x18\x02 \x01(\t\x12\x1f\n\x12\x65xpected_exit_code\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10max_instructions\x18\x04 \x01(\x04\x12\x33\n\x10max_virtual_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0chost_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x63overage\x18\x07 \x01(\x08\x12\x0f\n\x07retries\x18\x08 \x01(\rB\x15\n\x13_expected_exit_code\"\xab\x01\n\x0cRunResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\x01\x12:\n\x06\x63ustom\x18\x04 \x03(\x0b\x32*.machineserver.v1.RunResources.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\tJobMatrix\x12\x10\n\x08programs\x18\x01 \x03(\t\x12\x0e\n\x06\x62oards\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\t\x12.\n\x08variants\x18\x04 \x03(\x0b\x32\x1c.machineserver.v1.JobVariant\"\x90\x01\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06passed\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x0f\n\x07\x65rrored\x18\x06 \x01(\r\x12\x11\n\tcancelled\x18\x07 \x01(\r\x12\x0f\n\x07retries\x18\x08 \x01(\r\"\x9b\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12+\n\x06matrix\x18\x03 \x01(\x0b\x32\x1b.machineserver.v1.JobMatrix\x12/\n\x08\x63riteria\x18\x04 \x01(\x0b\x32\x1d.machineserver.v1.RunCriteria\x12\x31\n\tresources\x18\x05 \x01(\x0b\x32\x1e.machineserver.v1.RunResources\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.machineserver.v1.JobState\x12+\n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x1b.machineserver.v1.JobCounts\x12\x17\n\x0f\x63overage_report\x18\x08 \x01(\t\x12\x31\n\x06labels\x18\t \x03(\x0b\x32!.machineserver.v1.Job.LabelsEntry\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe7\x03\n\x06JobRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\r\n\x05\x62oard\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12-\n\x07verdict\x18\x06 \x01(\x0e\x32\x1c.machineserver.v1.RunVerdict\x12\x14\n\x0c\x63onsole_tail\x18\x07 \x01(\x0c\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cinstructions\x18\t \x01(\x04\x12/\n\x0cvirtual_time\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\thost_time\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04node\x18\x0c \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\r\x12.\n\nstart_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63overage_report\x18\x11 \x01(\tB\x0c\n\n_exit_code\"\xa8\x02\n\x10\x43reateJobRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12+\n\x06matrix\x18\x02 \x01(\x0b\x32\x1b.machineserver.v1.JobMatrix\x12/\n\x08\x63riteria\x18\x03 \x01(\x0b\x32\x1d.machineserver.v1.RunCriteria\x12\x31\n\tresources\x18\x04 \x01(\x0b\x32\x1e.machineserver.v1.RunResources\x12>\n\x06labels\x18\x05 \x03(\x0b\x32..machineserver.v1.CreateJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11\x43reateJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x0eGetJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.machineserver.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x10WatchJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.machineserver.v1.Job\x12%\n\x03run\x18\x02 \x01(\x0b\x32\x18.machineserver.v1.JobRun\"[\n\x12ListJobRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"V\n\x13ListJobRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.machineserver.v1.JobRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x45xportJobJunitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x16\x45xportJobJunitResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c*i\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x12\n\x0eJOB_STATE_DONE\x10\x02\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x03*\xbe\x01\n\nRunVerdict\x12\x1b\n\x17RUN_VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_VERDICT_QUEUED\x10\x01\x12\x17\n\x13RUN_VERDICT_RUNNING\x10\x02\x12\x16\n\x12RUN_VERDICT_PASSED\x10\x03\x12\x16\n\x12RUN_VERDICT_FAILED\x10\x04\x12\x17\n\x13RUN_VERDICT_ERRORED\x10\x05\x12\x19\n\x15RUN_VERDICT_CANCELLED\x10\x06\x32\xf0\x04\n\nJobService\x12T\n\tCreateJob\x12\".machineserver.v1.CreateJobRequest\x1a#.machineserver.v1.CreateJobResponse\x12K\n\x06GetJob\x12\x1f.machineserver.v1.GetJobRequest\x1a .machineserver.v1.GetJobResponse\x12Q\n\x08ListJobs\x12!.machineserver.v1.ListJobsRequest\x1a\".machineserver.v1.ListJobsResponse\x12T\n\tCancelJob\x12\".machineserver.v1.CancelJobRequest\x1a#.machineserver.v1.CancelJobResponse\x12S\n\x08WatchJob\x12!.machineserver.v1.WatchJobRequest\x1a\".machineserver.v1.WatchJobResponse0\x01\x12Z\n\x0bListJobRuns\x12$.machineserver.v1.ListJobRunsRequest\x1a%.machineserver.v1.ListJobRunsResponse\x12\x65\n\x0e\x45xportJobJunit\x12\'.machineserver.v1.ExportJobJunitRequest\x1a(.machineserver.v1.ExportJobJunitResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=3076
-  _globals['_JOBSTATE']._serialized_end=3181
-  _globals['_RUNVERDICT']._serialized_start=3184
-  _globals['_RUNVERDICT']._serialized_end=3374
+  _globals['_JOBSTATE']._serialized_start=3101
+  _globals['_JOBSTATE']._serialized_end=3206
+  _globals['_RUNVERDICT']._serialized_start=3209
+  _globals['_RUNVERDICT']._serialized_end=3399
   _globals['_JOBVARIANT']._serialized_start=113
   _globals['_JOBVARIANT']._serialized_end=235
   _globals['_MEMORYPATCH']._serialized_start=237
@@ -62,37 +62,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_LABELSENTRY']._serialized_start=1487
   _globals['_JOB_LABELSENTRY']._serialized_end=1532
   _globals['_JOBRUN']._serialized_start=1535
-  _globals['_JOBRUN']._serialized_end=1997
-  _globals['_CREATEJOBREQUEST']._serialized_start=2000
-  _globals['_CREATEJOBREQUEST']._serialized_end=2296
+  _globals['_JOBRUN']._serialized_end=2022
+  _globals['_CREATEJOBREQUEST']._serialized_start=2025
+  _globals['_CREATEJOBREQUEST']._serialized_end=2321
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=1487
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=1532
-  _globals['_CREATEJOBRESPONSE']._serialized_start=2298
-  _globals['_CREATEJOBRESPONSE']._serialized_end=2353
-  _globals['_GETJOBREQUEST']._serialized_start=2355
-  _globals['_GETJOBREQUEST']._serialized_end=2384
-  _globals['_GETJOBRESPONSE']._serialized_start=2386
-  _globals['_GETJOBRESPONSE']._serialized_end=2438
-  _globals['_LISTJOBSREQUEST']._serialized_start=2440
-  _globals['_LISTJOBSREQUEST']._serialized_end=2512
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2514
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2594
-  _globals['_CANCELJOBREQUEST']._serialized_start=2596
-  _globals['_CANCELJOBREQUEST']._serialized_end=2628
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2630
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2685
-  _globals['_WATCHJOBREQUEST']._serialized_start=2687
-  _globals['_WATCHJOBREQUEST']._serialized_end=2718
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2720
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2813
-  _globals['_LISTJOBRUNSREQUEST']._serialized_start=2815
-  _globals['_LISTJOBRUNSREQUEST']._serialized_end=2906
-  _globals['_LISTJOBRUNSRESPONSE']._serialized_start=2908
-  _globals['_LISTJOBRUNSRESPONSE']._serialized_end=2994
-  _globals['_EXPORTJOBJUNITREQUEST']._serialized_start=2996
-  _globals['_EXPORTJOBJUNITREQUEST']._serialized_end=3033
-  _globals['_EXPORTJOBJUNITRESPONSE']._serialized_start=3035
-  _globals['_EXPORTJOBJUNITRESPONSE']._serialized_end=3074
-  _globals['_JOBSERVICE']._serialized_start=3377
-  _globals['_JOBSERVICE']._serialized_end=4001
+  _globals['_CREATEJOBRESPONSE']._serialized_start=2323
+  _globals['_CREATEJOBRESPONSE']._serialized_end=2378
+  _globals['_GETJOBREQUEST']._serialized_start=2380
+  _globals['_GETJOBREQUEST']._serialized_end=2409
+  _globals['_GETJOBRESPONSE']._serialized_start=2411
+  _globals['_GETJOBRESPONSE']._serialized_end=2463
+  _globals['_LISTJOBSREQUEST']._serialized_start=2465
+  _globals['_LISTJOBSREQUEST']._serialized_end=2537
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2539
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2619
+  _globals['_CANCELJOBREQUEST']._serialized_start=2621
+  _globals['_CANCELJOBREQUEST']._serialized_end=2653
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2655
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2710
+  _globals['_WATCHJOBREQUEST']._serialized_start=2712
+  _globals['_WATCHJOBREQUEST']._serialized_end=2743
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2745
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2838
+  _globals['_LISTJOBRUNSREQUEST']._serialized_start=2840
+  _globals['_LISTJOBRUNSREQUEST']._serialized_end=2931
+  _globals['_LISTJOBRUNSRESPONSE']._serialized_start=2933
+  _globals['_LISTJOBRUNSRESPONSE']._serialized_end=3019
+  _globals['_EXPORTJOBJUNITREQUEST']._serialized_start=3021
+  _globals['_EXPORTJOBJUNITREQUEST']._serialized_end=3058
+  _globals['_EXPORTJOBJUNITRESPONSE']._serialized_start=3060
+  _globals['_EXPORTJOBJUNITRESPONSE']._serialized_end=3099
+  _globals['_JOBSERVICE']._serialized_start=3402
+  _globals['_JOBSERVICE']._serialized_end=4026
 # @@protoc_insertion_point(module_scope)

@@ -455,6 +455,7 @@ class JobRun(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    COVERAGE_REPORT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"jobs/{job}/runs/{n}"."""
     program: _builtins.str
@@ -472,6 +473,10 @@ class JobRun(_message.Message):
     """Why the run failed or errored, in words ("fail regex matched: PANIC", "worker died: ...")."""
     attempts: _builtins.int
     """Attempts made (1 + retries used)."""
+    coverage_report: _builtins.str
+    """"coverageReports/{id}": this run's own coverage (criteria.coverage), a report like any
+    other; the job's coverage_report merges them.
+    """
     @_builtins.property
     def virtual_time(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -499,10 +504,11 @@ class JobRun(_message.Message):
         attempts: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        coverage_report: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "exit_code", b"exit_code", "host_time", b"host_time", "start_time", b"start_time", "virtual_time", b"virtual_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempts", b"attempts", "backend", b"backend", "board", b"board", "console_tail", b"console_tail", "end_time", b"end_time", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "host_time", b"host_time", "instructions", b"instructions", "name", b"name", "node", b"node", "program", b"program", "start_time", b"start_time", "variant", b"variant", "verdict", b"verdict", "virtual_time", b"virtual_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempts", b"attempts", "backend", b"backend", "board", b"board", "console_tail", b"console_tail", "coverage_report", b"coverage_report", "end_time", b"end_time", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "host_time", b"host_time", "instructions", b"instructions", "name", b"name", "node", b"node", "program", b"program", "start_time", b"start_time", "variant", b"variant", "verdict", b"verdict", "virtual_time", b"virtual_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
