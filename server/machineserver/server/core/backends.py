@@ -8,8 +8,8 @@ from collections.abc import Iterable
 
 import structlog
 
-from machineserver.server.core.errors import InvalidArgument, Unavailable
-from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec, MemoryFootprint
+from machineserver.server.core.errors import InvalidArgument, Unavailable, Unimplemented
+from machineserver.server.drivers.base import Backend, BackendInfo, BoardSpec, Feature, MemoryFootprint
 from machineserver.server.drivers.discovery import ENTRY_POINT_GROUP, discover_backends
 from machineserver.server.worker.backend import IsolatedBackend
 from machineserver.server.worker.pool import WorkerPool
@@ -59,6 +59,25 @@ class BackendRegistry:
         if not info.available:
             raise Unavailable(f"backend {name} is not available here: {info.unavailable_reason}")
         return backend
+
+    def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
+        """UNIMPLEMENTED with the reason when the backend lacks ``feature``, in general or on
+        ``board``; NOT_FOUND for an unknown backend."""
+        self.get(backend_name)  # NotFound for an unknown backend
+        info = self.info(backend_name)
+        if feature not in info.features:
+            why = info.unsupported.get(feature)
+            raise Unimplemented(
+                feature.value, f"backend {backend_name} does not support {feature.value.replace('_', ' ')}"
+                + (f": {why}" if why else "")
+            )
+        reason = self.info(backend_name).board_limits.get(board.name, {}).get(feature)
+        if reason:
+            raise Unimplemented(
+                feature.value,
+                f"backend {backend_name} does not support {feature.value.replace('_', ' ')} "
+                f"on board {board.name}: {reason}",
+            )
 
     def runnable_boards(self, name: str, boards: Iterable[BoardSpec]) -> list[str]:
         backend = self._backends[name]

@@ -252,7 +252,7 @@ class LiveSession:
         return machine
 
     def feature(self, feature: Feature) -> None:
-        self.manager.require_feature(self.record.backend, self.board, feature)
+        self.manager.backends.require_feature(self.record.backend, self.board, feature)
 
     def refuse_member(self, action: str) -> None:
         """FAILED_PRECONDITION when the session belongs to a co-simulation, naming it."""
@@ -396,23 +396,6 @@ class SessionManager:
                       key=lambda r: (r.create_time, r.id))
         items = [r for r in recs if match_terms(terms, getters, r)]
         return paginate(items, page_size, page_token, scope.token_key(filter_text))
-
-    def require_feature(self, backend_name: str, board: BoardSpec, feature: Feature) -> None:
-        self.backends.get(backend_name)  # NotFound for an unknown backend
-        info = self.backends.info(backend_name)
-        if feature not in info.features:
-            why = info.unsupported.get(feature)
-            raise Unimplemented(
-                feature.value, f"backend {backend_name} does not support {feature.value.replace('_', ' ')}"
-                + (f": {why}" if why else "")
-            )
-        reason = self.backends.info(backend_name).board_limits.get(board.name, {}).get(feature)
-        if reason:
-            raise Unimplemented(
-                feature.value,
-                f"backend {backend_name} does not support {feature.value.replace('_', ' ')} "
-                f"on board {board.name}: {reason}",
-            )
 
     # ------------------------------------------------------------------ create/delete
 
@@ -668,7 +651,7 @@ class SessionManager:
                     self.set_state(live, MachineState.HALTED, "run failed")
                 raise
             if live.record.max_instructions:
-                live.limit_task = asyncio.create_task(self._watch_limit(live))
+                live.limit_task = asyncio.create_task(self.ops.watch_limit(live))
             if cancelled:
                 raise asyncio.CancelledError()
 
@@ -709,18 +692,6 @@ class SessionManager:
                 info = await self.ops.run(live, run_control.step(count), "step", timeout)
             self.stops.apply(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
-
-    async def _watch_limit(self, live: LiveSession) -> None:
-        limit = live.record.max_instructions
-        while live.state is MachineState.RUNNING and (machine := live.machine) is not None:
-            try:
-                instructions = (await machine.current_counters()).instructions
-            except drv.DriverError:
-                return  # the machine went away under us: nothing left to limit
-            if instructions >= limit:
-                await self.pause(live, f"instruction limit of {limit} reached")
-                return
-            await asyncio.sleep(0.005)
 
     def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Work that outlives the call that started it, owned by the manager: errors are
@@ -900,6 +871,20 @@ class Operations:
         if pause.done() and not pause.cancelled():
             with contextlib.suppress(MachineServerError):
                 pause.result()
+
+    async def watch_limit(self, live: LiveSession) -> None:
+        """Pause a running session once it has executed its max_instructions."""
+        limit = live.record.max_instructions
+        while live.state is MachineState.RUNNING and (machine := live.machine) is not None:
+            try:
+                instructions = (await machine.current_counters()).instructions
+            except drv.DriverError:
+                return  # the machine went away under us: nothing left to limit
+            if instructions >= limit:
+                await self.m.pause(live, f"instruction limit of {limit} reached")
+                return
+            await asyncio.sleep(0.005)
+
 
 
 class Stops:

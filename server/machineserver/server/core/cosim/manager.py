@@ -239,7 +239,7 @@ class CoSimManager:
 
     def _check_lockstep(self, live: LiveSession) -> None:
         try:
-            self.sessions.require_feature(live.record.backend, live.board, Feature.LOCKSTEP)
+            self.sessions.backends.require_feature(live.record.backend, live.board, Feature.LOCKSTEP)
         except MachineServerError as exc:
             raise FailedPrecondition(f"session {live.id} cannot keep lock-step: {exc}",
                                      required="a backend and board with lock-step") from None
