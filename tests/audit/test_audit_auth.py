@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from machineserver.sdk import errors
-from machineserver.server.app import start
 from machineserver.server.rsp.client import RspClient
 from machineserver.v1 import audit_pb2 as apb
-from tests.auth.conftest import AuthServer, Tokens, auth_config
+from tests.auth.conftest import AuthServer, Tokens, serving_with_auth
 from tests.helpers.api import upload
 
 T = "/machineserver.v1.TelemetryService/"
@@ -23,13 +22,8 @@ RULE = {"metric": "cpu.percent", "comparison": "COMPARISON_GREATER", "threshold"
 
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[AuthServer]:
-    tokens = Tokens(tmp_path)
-    cfg = auth_config(tmp_path, tokens)
-    running = await start(cfg)
-    try:
-        yield AuthServer(running, cfg, (tmp_path / "admin.key").read_text().strip(), tokens)
-    finally:
-        await running.stop(0.5)
+    async with serving_with_auth(tmp_path, Tokens(tmp_path)) as server:
+        yield server
 
 
 async def test_entries_name_the_caller_and_refusals_are_recorded(secured: AuthServer) -> None:

@@ -4,6 +4,7 @@ file, and (for mTLS) a CA with server and client certificates made here."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -127,14 +128,21 @@ def tokens(tmp_path: Path) -> Tokens:
     return Tokens(tmp_path)
 
 
-@pytest.fixture
-async def auth_server(tmp_path: Path, tokens: Tokens) -> AsyncIterator[AuthServer]:
+@contextlib.asynccontextmanager
+async def serving_with_auth(tmp_path: Path, tokens: Tokens) -> AsyncIterator[AuthServer]:
+    """A server with auth on (API keys, JWT) and its bootstrap admin key."""
     cfg = auth_config(tmp_path, tokens)
     running = await start(cfg)
     try:
         yield AuthServer(running, cfg, (tmp_path / "admin.key").read_text().strip(), tokens)
     finally:
         await running.stop(0.5)
+
+
+@pytest.fixture
+async def auth_server(tmp_path: Path, tokens: Tokens) -> AsyncIterator[AuthServer]:
+    async with serving_with_auth(tmp_path, tokens) as server:
+        yield server
 
 
 def with_rules(cfg: ServerConfig, rules: list[dict[str, Any]], tmp_path: Path, tokens: Tokens) -> ServerConfig:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
 
 from machineserver.sdk import AsyncClient
 from machineserver.v1 import common_pb2 as cpb
@@ -161,3 +163,15 @@ async def wait_progress(client: AsyncClient, session: str, virtual_ns: int = 1_0
         return await asyncio.wait_for(watch(), timeout)
     except TimeoutError:
         raise AssertionError(f"{session} did not run {virtual_ns} ns of virtual time in {timeout} s") from None
+
+
+def bad_request_field(exc: aio.AioRpcError) -> str:
+    """The field a BadRequest detail of an INVALID_ARGUMENT names."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
+            for detail in status_pb2.Status.FromString(value).details:
+                br = error_details_pb2.BadRequest()
+                if detail.Unpack(br):
+                    return str(br.field_violations[0].field)
+    raise AssertionError(f"no BadRequest in {exc!r}")

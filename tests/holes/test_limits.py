@@ -26,7 +26,6 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from machineserver.sdk import AsyncClient, errors
@@ -40,6 +39,7 @@ from machineserver.server.core.listing import MAX_PAGE_BYTES
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as dpb
 from machineserver.v1 import session_pb2 as spb
+from tests.helpers.api import bad_request_field
 from tests.helpers.server import serving
 
 TEXTS = boards.shipped_board_texts()
@@ -135,16 +135,6 @@ async def call_raw(channel: aio.Channel, method: MethodDescriptor, msg: Message)
     else:
         await channel.unary_unary(path, ser, de)(msg, timeout=20)
 
-
-def bad_request_field(exc: aio.AioRpcError) -> str:
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)
-            for detail in status_pb2.Status.FromString(value).details:
-                br = error_details_pb2.BadRequest()
-                if detail.Unpack(br):
-                    return str(br.field_violations[0].field)
-    raise AssertionError(f"no BadRequest in {exc!r}")
 
 
 async def test_a_field_over_its_limit_is_invalid_argument_naming_it_on_every_rpc(

@@ -16,7 +16,6 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from machineserver.sdk import AsyncClient, errors
@@ -25,6 +24,7 @@ from machineserver.server.app import RunningServer
 from machineserver.server.core import listing
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.v1 import cosim_pb2
+from tests.helpers.api import bad_request_field
 
 
 def _b64(raw: bytes) -> str:
@@ -71,16 +71,6 @@ def list_methods() -> list[MethodDescriptor]:
 def _serialize(msg: Message) -> bytes:
     return msg.SerializeToString()
 
-
-def bad_request_field(exc: aio.AioRpcError) -> str:
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            assert isinstance(value, bytes)
-            for detail in status_pb2.Status.FromString(value).details:
-                br = error_details_pb2.BadRequest()
-                if detail.Unpack(br):
-                    return str(br.field_violations[0].field)
-    raise AssertionError(f"no BadRequest in {exc!r}")
 
 
 async def _parent(client: AsyncClient) -> str:
