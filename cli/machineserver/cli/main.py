@@ -15,6 +15,8 @@ and friendly verbs cover the common path::
     msctl cosim create -f topology.yaml           co-simulation: member sessions + links from one file
     msctl cosim run NAME [--until-ns T]           run it, every member's console prefixed, until it stops
     msctl cosim console|status|list|step|pause|delete|snapshot|restore
+    msctl job run suite.yaml [-o report.xml]      a regression job from a suite file, with a live progress bar
+    msctl job watch|results|junit|list|get|cancel JOB   follow it, its runs as a table, its JUnit XML, ...
     msctl audit list|watch [--filter F] [--since 2h]   the audit log as a table (admin)
     msctl whoami                                  who the server takes you for (principal, tenant, roles)
     msctl apikey create --name N --role operator [--tenant T] [--ttl 90d]   prints the secret once
@@ -32,7 +34,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machineserver.cli import access, audit, cosim, debugger, rpc, watch
+from machineserver.cli import access, audit, cosim, debugger, jobs, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     cosim.add_verbs(next(a for a in cosim_group._actions if isinstance(a, argparse._SubParsersAction)))
     audit_group = sub.choices["audit"]
     audit.add_verbs(next(a for a in audit_group._actions if isinstance(a, argparse._SubParsersAction)))
+    job_group = sub.choices["job"]
+    jobs.add_verbs(next(a for a in job_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 
