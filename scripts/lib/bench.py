@@ -22,6 +22,8 @@ Sections (pick with --only NAME[,NAME]):
   cosim     2 Unicorn nodes in lock-step (1k/10k/100k quanta) vs 1 alone with icount;
             mixed Unicorn/QEMU; the exact cross-node halt (bench_cosim.py)
   gdbremote single step and 64-byte read over gdbremote vs gdb-multiarch, same QEMU (bench_gdbremote.py)
+  trust     unary calls with auth on (API key) vs off vs a bare echo server; a write with its audit rows
+            (bench_trust.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
 """
 
@@ -470,6 +472,7 @@ def _more_sections() -> None:
     from bench_qemu_scale import bench_qemu_scale
     from bench_scale import bench_scale
     from bench_snapshots import bench_snapshots
+    from bench_trust import bench_trust
 
     SECTIONS["control"] = bench_control_plane
     SECTIONS["isolation"] = bench_isolation
@@ -478,6 +481,7 @@ def _more_sections() -> None:
     SECTIONS["scale"] = bench_scale
     SECTIONS["cosim"] = bench_cosim
     SECTIONS["gdbremote"] = bench_gdbremote
+    SECTIONS["trust"] = bench_trust
 
 
 
