@@ -109,6 +109,9 @@ async def start(cfg: ServerConfig, *, tracer_provider: TracerProvider | None = N
     engine.own_workers = own_pool is not None
     engine.gdb.bind_allow = cfg.gdb_bridge_bind_allow
     engine.coverage.source_roots = cfg.coverage_source_roots
+    engine.configure_jobs(cfg.job_engine, cfg.job_concurrency, ray_address=cfg.ray_address,
+                          ray_num_cpus=cfg.ray_num_cpus, default_backend=cfg.default_backend,
+                          enabled_backends=cfg.backends)
     if own_pool is not None:
         own_pool.prewarm()
     await engine.start()

@@ -69,6 +69,10 @@ class ServerConfig:
     ray_address: str = ""
     # CPUs the embedded Ray runtime offers (0: one per core); unused when joining a cluster
     ray_num_cpus: int = 0
+    # where a job's runs execute: "local" (this server's backends and workers) or "ray"
+    job_engine: str = "local"
+    # runs at once with the local engine (0: the worker pool's size, else one per core)
+    job_concurrency: int = 0
     limits: Limits = field(default_factory=Limits)
     # per-tenant quotas (core/quotas.py): {default: {LIMIT: N}, tenants: {T: {LIMIT: N}}}, 0 = unlimited
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
@@ -153,6 +157,8 @@ def load(argv: list[str] | None = None) -> ServerConfig:
                         help="allow --listen beyond loopback without authentication and TLS (unsafe)")
     parser.add_argument("--gdb-bridge-bind-allow", dest="gdb_bridge_bind_allow",
                         help="comma-separated addresses or networks GDB bridges may bind beyond loopback")
+    parser.add_argument("--job-engine", dest="job_engine", choices=["local", "ray"],
+                        help="where jobs' runs execute: local (this server's workers, the default) or ray")
     parser.add_argument("--ray-address", dest="ray_address",
                         help="join this Ray cluster (HOST:PORT of `ray start --head`) for jobs; "
                              "default: an embedded local Ray runtime started on first use")
@@ -181,6 +187,8 @@ def check_exposure(cfg: ServerConfig) -> list[str]:
     warnings: list[str] = []
     auth = cfg.auth
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)
+    if cfg.job_engine not in ("local", "ray"):
+        raise ValueError(f"job_engine: {cfg.job_engine!r} is not an engine (local, ray)")
     if cfg.tls_client_ca_file and not tls:
         raise ValueError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file")
     if not auth.enabled:

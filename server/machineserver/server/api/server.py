@@ -21,6 +21,7 @@ from machineserver.server.api.coverage import CoverageServicer
 from machineserver.server.api.debug import DebugServicer
 from machineserver.server.api.errors import code_name
 from machineserver.server.api.interceptors import AccessLog, CallBoundary, CallHook, Registrar
+from machineserver.server.api.jobs import JobServicer
 from machineserver.server.api.sessions import SessionServicer
 from machineserver.server.api.telemetry import TelemetryServicer
 from machineserver.server.core.audit import AuditHook
@@ -39,6 +40,8 @@ from machineserver.v1 import (
     coverage_pb2_grpc,
     debug_pb2,
     debug_pb2_grpc,
+    job_pb2,
+    job_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     telemetry_pb2,
@@ -60,6 +63,7 @@ SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor,
      "TelemetryService"),
     (AccessServicer, access_pb2_grpc.add_AccessServiceServicer_to_server, access_pb2.DESCRIPTOR, "AccessService"),
     (AuditServicer, audit_pb2_grpc.add_AuditServiceServicer_to_server, audit_pb2.DESCRIPTOR, "AuditService"),
+    (JobServicer, job_pb2_grpc.add_JobServiceServicer_to_server, job_pb2.DESCRIPTOR, "JobService"),
 ]
 
 SERVICE_NAMES = [file.services_by_name[name].full_name for _, _, file, name in SERVICES]

@@ -105,6 +105,8 @@ METHOD_KINDS: Mapping[str, Kind] = {
                steps=("Step", "StepLine"),
                writes=("SetBreakpoint", "ClearBreakpoint", "WriteRegister", "WriteMemory", "Continue", "Halt",
                        "StartGdbServer", "StopGdbServer")),
+    **_service("JobService", reads=("GetJob", "ListJobs", "WatchJob", "ListJobRuns", "ExportJobJunit"),
+               writes=("CreateJob", "CancelJob")),
     **_service("SessionService",
                reads=("GetSession", "ListSessions", "ListPrograms", "GetProgram", "StreamConsole",
                       "StreamSessionEvents", "ListSnapshots", "GetSnapshot", "ExportSnapshot"),

@@ -243,15 +243,22 @@ class CoverageManager:
 
     # ------------------------------------------------------------------ reports
 
+    def save_collection(self, program: str, sessions: list[str], collected: Collection, *, owner: str,
+                        tenant: str) -> CoverageReportRecord:
+        """A report of blocks collected elsewhere (a job's runs, a job's merge: ``sessions``
+        names them), owned as given (the job's owner, not whoever is calling)."""
+        return self._store(program, sessions, collected, self._arch_of(program), owned=(owner, tenant))
+
     def _store(
         self, program: str, sessions: list[str], collected: Collection, arch: Arch | None,
+        owned: tuple[str, str] | None = None,
     ) -> CoverageReportRecord:
         edges = collected.edges
         files = compute(self._analysis_for(program, arch), collected.blocks, edges, collected.halted_at)
         totals = Counts()
         for f in files:
             totals = totals + f.counts
-        owner, tenant = tenancy.stamp()
+        owner, tenant = owned or tenancy.stamp()
         rec = CoverageReportRecord(
             id="cov-" + secrets.token_hex(6),
             program=program,

@@ -16,6 +16,8 @@ from machineserver.server.core.cosim.manager import CoSimManager
 from machineserver.server.core.coverage import CoverageManager
 from machineserver.server.core.debug import Debugger, LineStepper
 from machineserver.server.core.gdbbridges import GdbBridges
+from machineserver.server.core.jobs.local import LocalEngine
+from machineserver.server.core.jobs.manager import JobManager
 from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.quotas import QuotaConfig, Quotas
 from machineserver.server.core.remote_targets import DEFAULT_REMOTE_ALLOW
@@ -97,6 +99,9 @@ class Engine:
         self.coverage = CoverageManager(self.db, self.blobs, self.sessions, self.programs)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
         self.cosim = CoSimManager(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
+        # regression jobs; their runs on this server's backends until configure_jobs says otherwise
+        self.jobs = JobManager(self.db, self.blobs, self.programs, self.catalog, backends, self.snapshots,
+                               self.coverage, LocalEngine(backends, self.workers.size if self.workers else 0))
 
     async def start(self) -> None:
         await self.audit.start()
@@ -105,8 +110,23 @@ class Engine:
         self.cosim.load()
         await self.telemetry.start()
         await self.quotas.start()
+        await self.jobs.start()
+
+    def configure_jobs(self, engine: str = "local", concurrency: int = 0, *, ray_address: str = "",
+                       ray_num_cpus: int = 0, default_backend: str = "unicorn",
+                       enabled_backends: Sequence[str] | None = None) -> None:
+        """Where jobs' runs execute (before start): "local" (``concurrency`` at once; 0: the
+        worker pool's size, else one per core) or "ray" (core/jobs/ray_engine.py)."""
+        if engine == "ray":
+            from machineserver.server.core.jobs.ray_engine import RayEngine  # ray is imported only when used
+
+            self.jobs.use_engine(RayEngine(address=ray_address, num_cpus=ray_num_cpus, default_backend=default_backend,
+                                           backends=None if enabled_backends is None else list(enabled_backends)))
+        elif concurrency:
+            self.jobs.use_engine(LocalEngine(self.backends, concurrency))
 
     async def close(self) -> None:
+        await self.jobs.close()
         await self.quotas.stop()
         await self.gdb.close()
         await self.cosim.shutdown()

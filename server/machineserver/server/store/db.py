@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -84,6 +84,18 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.table("audit_events").create_index(["time"])
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Regression jobs (issue 15): a job's record, and one row per run of its matrix (id
+    "{job}/{n}"), updated as verdicts come."""
+    common = {"id": str, "owner": str, "tenant": str, "create_time": float, "update_time": float, "data": str}
+    db.table("jobs").create({**common, "state": int}, pk="id", not_null={"tenant"}, defaults={"tenant": "default"})
+    db.table("jobs").create_index(["tenant"])
+    db.table("job_runs").create(
+        {"id": str, "job": str, "idx": int, "verdict": int, "tenant": str, "create_time": float,
+         "update_time": float, "data": str}, pk="id", not_null={"tenant"}, defaults={"tenant": "default"})
+    db.table("job_runs").create_index(["job", "idx"])
+
+
 # A write hook: called in every write transaction just before it commits, with the open
 # connection, the table written and the row's id ("" when the transaction names none); it may
 # write rows of its own there (the audit log's entry for the change, in the same
@@ -95,7 +107,8 @@ WriteHook: TypeAlias = Callable[[sqlite_utils.Database, str, str], Callable[[boo
 MAX_IDS_PER_QUERY = 500
 
 # Index i holds the migration from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                                  _migration_5]
 
 
 class Database:
