@@ -339,11 +339,11 @@ class RayEngine:
                    on_start: Callable[[RunSpec, str], None] | None) -> RunResult:
         state = self._jobs.setdefault(spec.job_id, _JobState())
         if state.cancelled:
-            return RunResult(Verdict.CANCELLED, failure_reason="the job was cancelled")
+            return RunResult(Verdict.CANCELLED, failure_reason="the job was cancelled", node="")
         shape = _shape(spec.resources)
         missing = self._infeasible(shape)
         if missing:
-            return RunResult(Verdict.ERRORED, failure_reason=missing)
+            return RunResult(Verdict.ERRORED, failure_reason=missing, node="")
         try:
             host = await asyncio.wait_for(self._acquire(shape, state), HOST_START_TIMEOUT_S)
         except TimeoutError:
@@ -352,7 +352,7 @@ class RayEngine:
         except _HostLost as exc:
             return RunResult(Verdict.ERRORED, retryable=True, failure_reason=str(exc))
         if host is None:
-            return RunResult(Verdict.CANCELLED, failure_reason="the job was cancelled")
+            return RunResult(Verdict.CANCELLED, failure_reason="the job was cancelled", node="")
         state.running[spec.key] = host
         started = time.monotonic()
         try:
@@ -483,14 +483,20 @@ class RayEngine:
         async with self._room:
             self._room.notify_all()
 
-    async def worker_pids(self) -> dict[int, list[int]]:
-        """Each live host's actor pid -> its emulator worker pids (tests kill them)."""
-        hosts = [h for hs in self._idle.values() for h in hs]
-        hosts += [h for state in self._jobs.values() for h in state.running.values()]
+    async def worker_pids(self, job_id: str = "") -> dict[int, list[int]]:
+        """Each live host's actor pid -> its emulator worker pids: the hosts running the
+        job's runs, or every host (tests and benches kill them)."""
+        if job_id:
+            state = self._jobs.get(job_id)
+            hosts = list(state.running.values()) if state is not None else []
+        else:
+            hosts = [h for hs in self._idle.values() for h in hs]
+            hosts += [h for state in self._jobs.values() for h in state.running.values()]
         out: dict[int, list[int]] = {}
         for host in hosts:
-            with contextlib.suppress(*LOST):
-                out[host.pid] = list(await asyncio.wrap_future(host.handle.worker_pids.remote().future()))
+            with contextlib.suppress(TimeoutError, *LOST):
+                asked = asyncio.wrap_future(host.handle.worker_pids.remote().future())
+                out[host.pid] = list(await asyncio.wait_for(asked, 5.0))
         return out
 
     # ------------------------------------------------------------------ cancel and close
