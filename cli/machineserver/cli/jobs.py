@@ -332,6 +332,19 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=max(probe.width, 240), no_color=True, highlight=False)
 
 
+def print_table(out: Console, table: Table) -> None:
+    """A table; not to a terminal: without the trailing blanks rich pads lines with."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    with out.capture() as captured:
+        out.print(table)
+    lines = [line.rstrip() for line in captured.get().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    print("\n".join(line for i, line in enumerate(lines) if line or 0 < i), flush=True)
+
+
 def verdict_label(verdict: int) -> str:
     return VERDICTS.get(verdict, ("UNSPECIFIED", ""))[0]
 
@@ -436,13 +449,15 @@ def follow(client: Client, name: str, *, cancel_on_interrupt: bool = False, quie
     if job is None or job.state == pb.JOB_STATE_RUNNING:  # the stream ended early: ask for the last word
         job = client.jobs.get_job(name=name).job
     if not quiet:
-        out.print(f"{job.name} {state_label(job.state)} in {time.monotonic() - started:.1f} s: "
-                  f"{counts_text(job.counts)}")
+        took = (job.end_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9 if job.HasField("end_time") \
+            else time.monotonic() - started
+        out.print(f"{job.name} {state_label(job.state)} after {took:.1f} s: {counts_text(job.counts)}", highlight=False)
         if job.coverage_report:
-            out.print(f"coverage: {job.coverage_report}  (msctl coverage export {job.coverage_report} --format lcov)")
+            out.print(f"coverage: {job.coverage_report}  (msctl coverage export {job.coverage_report} --format lcov)",
+                      highlight=False)
         bad = list(all_runs(client, name, "verdict=FAILED")) + list(all_runs(client, name, "verdict=ERRORED"))
         if bad:
-            out.print(runs_table(bad, programs, title="runs that did not pass"))
+            print_table(out, runs_table(bad, programs, title="runs that did not pass"))
     return job
 
 
@@ -473,7 +488,8 @@ def _follow_live(client: Client, name: str, out: Console, programs: ProgramNames
             progress.update(task, total=c.total, completed=done, counts=summary)
             if msg.HasField("run") and msg.run.verdict in (pb.RUN_VERDICT_FAILED, pb.RUN_VERDICT_ERRORED):
                 label, style = VERDICTS[msg.run.verdict]
-                progress.console.print(f"[{style}]{label}[/] {_run_label(msg.run, programs)}  {msg.run.failure_reason}")
+                progress.console.print(f"[{style}]{label}[/] {_run_label(msg.run, programs)}  {msg.run.failure_reason}",
+                                       highlight=False)
     return job
 
 
@@ -554,8 +570,7 @@ def cmd_results(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         rpc.print_message(pb.ListJobRunsResponse(runs=runs), True)
         return 0
-    out = _console()
-    out.print(runs_table(runs, ProgramNames(client)))
+    print_table(_console(), runs_table(runs, ProgramNames(client)))
     return 0
 
 
@@ -578,7 +593,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         c = j.counts
         table.add_row(j.name, j.display_name, state_label(j.state), str(c.total), str(c.passed), str(c.failed),
                       str(c.errored), j.engine, j.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
-    _console().print(table)
+    print_table(_console(), table)
     return 0
 
 
