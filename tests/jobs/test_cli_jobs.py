@@ -23,9 +23,9 @@ from pathlib import Path
 import junitparser
 import pytest
 
-from tests.helpers.firmware import firmware
+from tests.helpers.firmware import ROOT, firmware
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import VENV_BIN, require_tool
 
 BOARD = "lm3s6965evb"
 
@@ -291,3 +291,43 @@ def test_a_suite_the_server_refuses_exits_2_naming_the_problem(server_process: S
     error = r.stderr[r.stderr.index("msctl: "):]
     assert error.startswith(expected[0]) and expected[1] in error and "Traceback" not in error, r.stderr
     assert msctl(server_process, "--json", "job", "list").stdout.count("jobs/") == 0
+
+
+def readme_yaml(title: str) -> str:
+    """The README's YAML block that starts with ``# title`` (its walk-through's suites),
+    its program paths made absolute (they are relative to the repository root there)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith(f"# {title}\n")]
+    return block.replace("tests/firmware/prebuilt/", f"{ROOT}/tests/firmware/prebuilt/")
+
+
+def test_the_readme_suite_runs_as_written(server_process: ServerProcess, tmp_path: Path) -> None:
+    require_tool("qemu-system-arm", "the README's suite runs on unicorn and qemu")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(readme_yaml("suite.yaml"))
+    report = tmp_path / "report.xml"
+    run = msctl(server_process, "job", "run", str(suite), "-o", str(report))
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    assert "4/4 done: 0 queued, 0 running, 4 passed, 0 failed, 0 errored" in run.stdout
+    name = job_of(run.stderr)
+    rows = table_rows(msctl(server_process, "job", "results", name).stdout)[1:]
+    assert sorted((r[1], r[3], r[5]) for r in rows) == [
+        ("crc32.elf", "qemu", "PASSED"), ("crc32.elf", "unicorn", "PASSED"),
+        ("hello.elf", "qemu", "PASSED"), ("hello.elf", "unicorn", "PASSED")]
+    assert table_rows(msctl(server_process, "job", "results", name, "--filter", "verdict=FAILED").stdout) == \
+        [table_rows(msctl(server_process, "job", "results", name).stdout)[0]]
+    xml = junitparser.JUnitXml.fromfile(str(report))
+    assert sum(1 for s in (list(xml) if isinstance(xml, junitparser.JUnitXml) else [xml]) for _ in s) == 4
+
+
+def test_the_readme_coverage_suite_exports(server_process: ServerProcess, tmp_path: Path) -> None:
+    suite = tmp_path / "coverage.yaml"
+    suite.write_text(readme_yaml("coverage.yaml"))
+    run = msctl(server_process, "job", "run", str(suite))
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    report = next(x.split()[1] for x in run.stdout.splitlines() if x.startswith("coverage: "))
+    out = tmp_path / "job.info"
+    export = msctl(server_process, "coverage", "export", report, "--format", "lcov", "-o", str(out))
+    assert export.returncode == 0, export.stderr
+    assert "crc32.c" in out.read_text()

@@ -404,6 +404,14 @@ def all_runs(client: Client, name: str, filter_text: str = "") -> Iterator[pb.Jo
             return
 
 
+def short_node(node: str) -> str:
+    """A Ray node id (56 hex digits) cut to its first 12, as Ray's own tools show it."""
+    head, sep, rest = node.partition(" ")
+    if len(head) > 16 and all(c in "0123456789abcdef" for c in head):
+        head = head[:12]
+    return head + sep + rest
+
+
 def runs_table(runs: list[pb.JobRun], programs: ProgramNames, title: str | None = None) -> Table:
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
     for header, justify in (("RUN", "right"), ("PROGRAM", "left"), ("BOARD", "left"), ("BACKEND", "left"),
@@ -417,7 +425,7 @@ def runs_table(runs: list[pb.JobRun], programs: ProgramNames, title: str | None 
         table.add_row(r.name.rsplit("/", 1)[-1], programs(r.program), r.board, r.backend, r.variant,
                       f"[{style}]{label}[/]" if style else label,
                       str(r.exit_code) if r.HasField("exit_code") else "", f"{r.instructions:,}",
-                      _seconds(r.host_time), r.node, r.failure_reason + attempts)
+                      _seconds(r.host_time), short_node(r.node), r.failure_reason + attempts)
     return table
 
 
