@@ -30,6 +30,9 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
+from machineserver.sdk import AsyncClient
+from machineserver.server.app import start
+from machineserver.server.config import ServerConfig
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.boards import board_from_dict, parse_board_text, shipped_board_texts
 from machineserver.server.core.images import ImageFormat, parse_image
@@ -45,6 +48,8 @@ from machineserver.server.core.jobs.model import (
 from machineserver.server.core.jobs.ray_engine import RayEngine
 from machineserver.server.core.jobs.runner import RunEvents
 from machineserver.server.drivers import base as drv
+from machineserver.v1 import job_pb2 as jpb
+from tests.helpers.api import duration, upload
 from tests.helpers.firmware import firmware
 
 BOARD = "lm3s6965evb"
@@ -261,7 +266,130 @@ async def fork(engine: RayEngine) -> dict[str, Any]:
             "consoles": sorted({r["console"] for r in rows}), "reasons": sorted({r["reason"] for r in rows})}
 
 
-SCENARIOS = {"fifty", "kill_worker", "resources", "cancel", "fork"}
+# --------------------------------------------------------------------------- through the API
+
+
+async def wait_job(client: AsyncClient, name: str, timeout: float = 240) -> jpb.Job:
+    async def watch() -> jpb.Job:
+        last = None
+        async for msg in client.jobs.watch_job(name=name, timeout=timeout):
+            last = msg.job
+        assert last is not None
+        return last
+
+    return await asyncio.wait_for(watch(), timeout)
+
+
+async def runs_of(client: AsyncClient, job: str) -> list[jpb.JobRun]:
+    out: list[jpb.JobRun] = []
+    token = ""
+    while True:
+        resp = await client.jobs.list_job_runs(parent=job, page_size=100, page_token=token)
+        out.extend(resp.runs)
+        token = resp.next_page_token
+        if not token:
+            return out
+
+
+async def create(client: AsyncClient, programs: list[str], variants: int, crit: jpb.RunCriteria,
+                 resources: jpb.RunResources | None = None) -> jpb.Job:
+    matrix = jpb.JobMatrix(programs=programs, boards=[BOARD], backends=["unicorn"],
+                           variants=[jpb.JobVariant(name=f"v{i}") for i in range(variants)])
+    return (await client.jobs.create_job(jpb.CreateJobRequest(matrix=matrix, criteria=crit,
+                                                               resources=resources))).job
+
+
+async def api(temp_dir: str, address: str, nodes: dict[str, str]) -> dict[str, Any]:
+    """A MachineServer with job_engine ray joined to the cluster (ray_address), driven through
+    the SDK: a 50-run job on both nodes, a worker killed mid-job, custom labels, cancel, and
+    the cluster in GetCapabilities and GetHostStatus."""
+    out: dict[str, Any] = {}
+    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=Path(temp_dir) / "server", log_level="warning",
+                                       job_engine="ray", ray_address=address, backends=("unicorn",), workers=0))
+    try:
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
+            hello, fault, mmio, echo = [await upload(client, BOARD, p) for p in ("hello", "fault", "mmio", "echo")]
+            crit = jpb.RunCriteria(pass_regex="Hello from", expected_exit_code=0, retries=1, host_timeout=duration(60))
+            job = await create(client, [hello, fault], 25, crit)
+            done = await wait_job(client, job.name)
+            runs = await runs_of(client, job.name)
+            out["fifty"] = {
+                "engine": job.engine, "state": jpb.JobState.Name(done.state), "total": done.counts.total,
+                "passed": done.counts.passed, "failed": done.counts.failed,
+                "wrong": [r.name for r in runs if r.verdict != (jpb.RUN_VERDICT_PASSED if r.program == hello
+                                                                else jpb.RUN_VERDICT_FAILED)],
+                "nodes": sorted({nodes.get(r.node, r.node) for r in runs})}
+            caps = await client.capabilities.get_capabilities()
+            host = await client.telemetry.get_host_status()
+            out["capabilities_cluster"] = {
+                "engine": caps.cluster.engine, "address": caps.cluster.address,
+                "nodes": sorted((nodes.get(n.node_id, n.node_id), n.alive, n.is_head, dict(n.resources))
+                                for n in caps.cluster.nodes),
+                "backends": len(caps.backends)}
+            out["host_status_cluster"] = {
+                "engine": host.cluster.engine,
+                "nodes": sorted((nodes.get(n.node_id, n.node_id), n.alive, set(n.available) == set(n.resources))
+                                for n in host.cluster.nodes)}
+
+            # a run's emulator worker killed mid-job: the job completes, the retry visible
+            run_engine = running.engine.jobs.run_engine
+            assert isinstance(run_engine, RayEngine)
+            crit = jpb.RunCriteria(pass_regex="mmio=0x656c62a1", expected_exit_code=0, retries=2,
+                                   host_timeout=duration(60))
+            job = await create(client, [mmio], 8, crit)
+            job_id = job.name.rsplit("/", 1)[-1]
+            killed = 0
+            deadline = time.monotonic() + 60
+            while not killed and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                for workers in (await run_engine.worker_pids(job_id)).values():
+                    if workers:
+                        os.kill(workers[0], signal.SIGKILL)
+                        killed = workers[0]
+                        break
+            done = await wait_job(client, job.name)
+            runs = await runs_of(client, job.name)
+            out["kill_worker"] = {
+                "killed": killed, "state": jpb.JobState.Name(done.state), "passed": done.counts.passed,
+                "retries": done.counts.retries, "attempts": sorted(r.attempts for r in runs),
+                "verdicts": sorted({jpb.RunVerdict.Name(r.verdict) for r in runs})}
+
+            # custom labels through the API
+            job = await create(client, [hello], 4, jpb.RunCriteria(pass_regex="Hello from", expected_exit_code=0,
+                                                                 host_timeout=duration(60)),
+                               jpb.RunResources(cpus=1, custom={"board-farm=stm32": 1}))
+            await wait_job(client, job.name)
+            runs = await runs_of(client, job.name)
+            out["labels"] = {"nodes": sorted({nodes.get(r.node, r.node) for r in runs}),
+                             "verdicts": sorted({jpb.RunVerdict.Name(r.verdict) for r in runs})}
+
+            # cancel: runs that wait forever
+            job = await create(client, [echo], 4, jpb.RunCriteria(pass_regex="bye", host_timeout=duration(120)))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                got = (await client.jobs.get_job(name=job.name)).job
+                if got.counts.running >= 2:
+                    break
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            pids = await run_engine.worker_pids(job_id=job.name.rsplit("/", 1)[-1])
+            t = time.monotonic()
+            await client.jobs.cancel_job(name=job.name)
+            done = await wait_job(client, job.name, 60)
+            took = time.monotonic() - t
+            runs = await runs_of(client, job.name)
+            await asyncio.sleep(1.0)
+            out["cancel"] = {"state": jpb.JobState.Name(done.state), "cancel_s": took, "pids": len(pids),
+                             "verdicts": sorted({jpb.RunVerdict.Name(r.verdict) for r in runs}),
+                             "processes_gone": all(not _is_live(a) and all(not _is_live(w) for w in ws)
+                                                   for a, ws in pids.items())}
+    finally:
+        await running.stop(1.0)
+    out["ray_initialized_after_stop"] = ray.is_initialized()
+    return out
+
+
+SCENARIOS = {"fifty", "kill_worker", "resources", "cancel", "fork", "api"}
 
 
 def ray_pids(temp_dir: str) -> list[int]:
@@ -303,8 +431,16 @@ async def main(temp_dir: str, wanted: list[str]) -> dict[str, Any]:
                 out[name] = await cancel(engine)
             elif name == "fork":
                 out[name] = await fork(engine)
-            out[name]["took_s"] = time.monotonic() - t
+            if name in out:
+                out[name]["took_s"] = time.monotonic() - t
         out["cluster_pids"] = sorted(set(out["cluster_pids"]) | set(ray_pids(temp_dir)))
+        await engine.aclose()  # the server's engine joins the cluster on its own
+        engine = None
+        if "api" in wanted:
+            t = time.monotonic()
+            out["api"] = await api(temp_dir, cluster.address, nodes)
+            out["api"]["took_s"] = time.monotonic() - t
+            out["cluster_pids"] = sorted(set(out["cluster_pids"]) | set(ray_pids(temp_dir)))
     finally:
         if engine is not None:
             await engine.aclose()

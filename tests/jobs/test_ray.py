@@ -84,7 +84,7 @@ def cluster_run(scenarios: str, timeout: float = 400) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, Any]]:
     """One cluster for the whole module (it takes seconds to start): every scenario's result."""
-    yield cluster_run("fifty,resources,fork,kill_worker,cancel")
+    yield cluster_run("fifty,resources,fork,kill_worker,cancel,api")
 
 
 def test_nodes_listed_with_resources(cluster: dict[str, Any]) -> None:
@@ -143,3 +143,40 @@ def test_cancel_reaches_running_work(cluster: dict[str, Any]) -> None:
     assert cancel["runs"] == 6 and cancel["verdicts"] == ["CANCELLED"] * 6
     assert cancel["processes_gone"] and all(cancel["processes_gone"].values())  # hosts and emulators stopped
     assert cancel["cancel_s"] < 60
+
+
+# --------------------------------------------------------------------------- through the API
+
+
+def test_api_fifty_run_job_on_ray(cluster: dict[str, Any]) -> None:
+    """A MachineServer with job_engine ray and ray_address of the cluster, over gRPC."""
+    fifty = cluster["api"]["fifty"]
+    assert fifty["engine"] == "ray" and fifty["state"] == "JOB_STATE_DONE"
+    assert (fifty["total"], fifty["passed"], fifty["failed"], fifty["wrong"]) == (50, 25, 25, [])
+    assert fifty["nodes"] == ["a", "stm32"]  # JobRun.node: both nodes ran runs
+
+
+def test_api_cluster_in_capabilities_and_host_status(cluster: dict[str, Any]) -> None:
+    caps = cluster["api"]["capabilities_cluster"]
+    assert caps["engine"] == "ray" and caps["address"].startswith("127.0.0.1:") and caps["backends"] == 1
+    (a, a_alive, a_head, a_res), (b, b_alive, b_head, b_res) = caps["nodes"]
+    assert (a, a_alive, a_head, b, b_alive, b_head) == ("a", True, True, "stm32", True, False)
+    assert a_res["node-a"] == 100 and b_res["board-farm=stm32"] == 100 and a_res["CPU"] == b_res["CPU"] == 1
+    assert cluster["api"]["host_status_cluster"] == {"engine": "ray", "nodes": [["a", True, True],
+                                                                               ["stm32", True, True]]}
+
+
+def test_api_killed_worker_retried_visibly(cluster: dict[str, Any]) -> None:
+    kill = cluster["api"]["kill_worker"]
+    assert kill["killed"] and kill["state"] == "JOB_STATE_DONE"
+    assert kill["passed"] == 8 and kill["verdicts"] == ["RUN_VERDICT_PASSED"]
+    assert kill["retries"] >= 1 and max(kill["attempts"]) == 2
+
+
+def test_api_labels_and_cancel(cluster: dict[str, Any]) -> None:
+    api = cluster["api"]
+    assert api["labels"] == {"nodes": ["stm32"], "verdicts": ["RUN_VERDICT_PASSED"]}
+    cancel = api["cancel"]
+    assert cancel["state"] == "JOB_STATE_CANCELLED" and cancel["verdicts"] == ["RUN_VERDICT_CANCELLED"]
+    assert cancel["pids"] >= 1 and cancel["processes_gone"] is True
+    assert api["ray_initialized_after_stop"] is False  # the server's engine shut its Ray connection

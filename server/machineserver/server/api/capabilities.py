@@ -17,7 +17,8 @@ from grpc import aio
 from machineserver.server import __version__
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
-from machineserver.server.api.interceptors import preserialized
+from machineserver.server.api.interceptors import Preserialized, preserialized
+from machineserver.server.api.telemetry import cluster_status
 from machineserver.server.core import tenancy
 from machineserver.server.core.catalog import FETCH_SLICE, LoopSlices, page_token_after
 from machineserver.server.core.engine import Engine
@@ -36,6 +37,7 @@ TEMPLATE_CACHE_BYTES = 32 << 20  # serialised template messages kept (about 20,0
 MAX_CACHED_SCOPES = 256  # GetCapabilities answers kept, one per tenant scope
 _TEMPLATES_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["board_templates"].number
 _TOKEN_FIELD = pb.ListBoardTemplatesResponse.DESCRIPTOR.fields_by_name["next_page_token"].number
+_CLUSTER_FIELD = pb.GetCapabilitiesResponse.DESCRIPTOR.fields_by_name["cluster"].number
 
 
 def _varint(value: int) -> bytes:
@@ -106,8 +108,14 @@ class CapabilitiesServicer(Servicer, pb_grpc.CapabilitiesServiceServicer):
         scope = tenancy.caller_scope()
         answer = self._answers.get(scope)
         if answer is not None and answer[0] == self.engine.catalog.generation:
-            return answer[1]
-        return await self._build_answer(scope)
+            built = answer[1]
+        else:
+            built = await self._build_answer(scope)
+        # the cluster changes by itself (nodes come and go, resources are used): asked on
+        # every call and appended to the cached bytes (a field appended to a message merges)
+        cluster = (await cluster_status(self.engine)).SerializeToString()
+        data = built.data if isinstance(built, Preserialized) else built.SerializeToString()
+        return preserialized(data + length_delimited(_CLUSTER_FIELD, cluster), pb.GetCapabilitiesResponse)
 
     async def _build_answer(self, scope: str) -> pb.GetCapabilitiesResponse:
         """Derived from probes (cached by the registry) and board templates: built again

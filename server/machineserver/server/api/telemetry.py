@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from google.protobuf import duration_pb2
 from grpc import aio
@@ -13,6 +14,7 @@ from machineserver.server.api.base import Servicer
 from machineserver.server.core.engine import Engine
 from machineserver.server.core.sessions import LiveSession
 from machineserver.server.core.telemetry import AlertEvent, AlertRuleRecord, HostSample, check_interval
+from machineserver.v1 import common_pb2
 from machineserver.v1 import telemetry_pb2 as pb
 from machineserver.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -46,6 +48,31 @@ def host_pb(s: HostSample) -> pb.HostStatus:
         sources=[pb.TelemetrySource(name=x.name, ok=x.ok, error=x.error) for x in s.sources],
         load_average=list(s.load_average),
     )
+
+
+def _floats(value: object) -> dict[str, float]:
+    return {str(k): float(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+def cluster_node_pb(node: Mapping[str, object]) -> common_pb2.ClusterNode:
+    gpus = node.get("gpus", 0)
+    return common_pb2.ClusterNode(
+        node_id=str(node.get("node_id", "")), address=str(node.get("address", "")), alive=bool(node.get("alive")),
+        resources=_floats(node.get("resources")), available=_floats(node.get("available")),
+        gpus=int(gpus) if isinstance(gpus, int | float) else 0, is_head=bool(node.get("is_head")))
+
+
+async def cluster_status(engine: Engine) -> common_pb2.ClusterStatus:
+    """The engine jobs run on and its nodes (a Ray cluster's: asked of Ray off the loop;
+    none until the Ray engine has started)."""
+    run_engine = engine.jobs.run_engine
+    address = getattr(run_engine, "cluster_address", None)
+
+    def ask() -> tuple[str, list[Mapping[str, object]]]:
+        return (str(address()) if callable(address) else ""), engine.jobs.nodes()
+
+    where, nodes = await asyncio.to_thread(ask) if run_engine.name == "ray" else ask()
+    return common_pb2.ClusterStatus(engine=run_engine.name, address=where, nodes=[cluster_node_pb(n) for n in nodes])
 
 
 def alert_pb(ev: AlertEvent) -> pb.Alert:
@@ -90,7 +117,8 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         request: pb.GetHostStatusRequest,
         context: aio.ServicerContext[pb.GetHostStatusRequest, pb.GetHostStatusResponse],
     ) -> pb.GetHostStatusResponse:
-        return pb.GetHostStatusResponse(status=host_pb(await self.engine.telemetry.host_status()))
+        return pb.GetHostStatusResponse(status=host_pb(await self.engine.telemetry.host_status()),
+                                        cluster=await cluster_status(self.engine))
 
     async def StreamHostStatus(
         self,
