@@ -22,6 +22,8 @@ Sections (pick with --only NAME[,NAME]):
   cosim     2 Unicorn nodes in lock-step (1k/10k/100k quanta) vs 1 alone with icount;
             mixed Unicorn/QEMU; the exact cross-node halt (bench_cosim.py)
   gdbremote single step and 64-byte read over gdbremote vs gdb-multiarch, same QEMU (bench_gdbremote.py)
+  jobs      200 crc32 runs on Ray (2 local workers) vs one by one in-process; per-run overhead;
+            a run forked from a snapshot vs a cold boot of boot_heavy (bench_jobs.py)
   trust     unary calls with auth on (API key) vs off vs a bare echo server; a write with its audit rows
             (bench_trust.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
@@ -469,6 +471,7 @@ def _more_sections() -> None:
     from bench_cosim import bench_cosim
     from bench_gdbremote import bench_gdbremote
     from bench_isolation import bench_isolation
+    from bench_jobs import bench_jobs
     from bench_qemu_scale import bench_qemu_scale
     from bench_scale import bench_scale
     from bench_snapshots import bench_snapshots
@@ -482,6 +485,7 @@ def _more_sections() -> None:
     SECTIONS["cosim"] = bench_cosim
     SECTIONS["gdbremote"] = bench_gdbremote
     SECTIONS["trust"] = bench_trust
+    SECTIONS["jobs"] = bench_jobs
 
 
 

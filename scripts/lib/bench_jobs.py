@@ -1,0 +1,165 @@
+"""Jobs: runs on the Ray engine against the same runs in-process, measured in this run.
+
+* 200 short runs (crc32 to its exit on Unicorn, lm3s6965evb): the Ray engine with an
+  embedded runtime of 2 CPUs (2 hosts, each with its emulator worker) against the same 200
+  runs one after another in this process (the runner on in-process drivers). Target >= 1.7x
+  on 2 cores. The runtime's start and the hosts' first start are shown apart (warm figures).
+* Per-run overhead: one tiny run (hello) at a time through Ray against the same run bare.
+* Start latency of a run forked from a snapshot against a cold boot, for boot_heavy (a
+  ~1 M-instruction boot, then "ready"; 'g' answers with the boot's checksum): a run's time
+  to its verdict (the runner's host time: machine made, booted or restored, answer, exit),
+  in-process and through Ray. Target >= 5x.
+
+Ray's embedded runtime is started by this section and shut down at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import statistics
+import time
+from dataclasses import replace
+
+from bench import Server, firmware, line, single
+
+from machineserver.server.core.backends import BackendRegistry
+from machineserver.server.core.boards import board_from_dict, parse_board_text, shipped_board_texts
+from machineserver.server.core.images import ImageFormat, parse_image
+from machineserver.server.core.jobs.model import Criteria, ProgramRef, RunResult, RunSpec, Variant, Verdict
+from machineserver.server.core.jobs.runner import RunEvents, execute_run
+from machineserver.server.drivers import base as drv
+
+BOARD = "lm3s6965evb"
+SHORT_RUNS = 200
+OVERHEAD_RUNS = 30
+START_RUNS = 20
+
+
+class Blobs:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def add(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.data[sha] = data
+        return sha
+
+    def read(self, sha256: str) -> bytes:
+        return self.data[sha256]
+
+
+def specs(blobs: Blobs, job: str, program: str, n: int, criteria: Criteria,
+          variant: Variant | None = None) -> list[RunSpec]:
+    ref = ProgramRef(blobs.add(firmware(BOARD, program).read_bytes()), "elf", program_id=f"programs/{program}")
+    yaml = shipped_board_texts()[BOARD]
+    return [RunSpec(job, i, 1, ref, BOARD, yaml, "unicorn", variant or Variant(), criteria) for i in range(n)]
+
+
+async def in_process(backends: BackendRegistry, runs: list[RunSpec], blobs: Blobs) -> list[RunResult]:
+    out = []
+    for spec in runs:
+        out.append(await execute_run(spec, backends, blobs))
+    return out
+
+
+async def on_ray(engine: object, runs: list[RunSpec], blobs: Blobs) -> list[RunResult]:
+    out: list[RunResult] = []
+    async for _, result in engine.execute(runs, blobs):  # type: ignore[attr-defined]
+        out.append(result)
+    return out
+
+
+def check(results: list[RunResult], what: str) -> None:
+    bad = [r for r in results if r.verdict is not Verdict.PASSED]
+    if bad:
+        raise SystemExit(f"bench jobs: {what}: {len(bad)} runs did not pass: {bad[0].failure_reason}")
+
+
+async def snapshot_at_ready(blobs: Blobs) -> str:
+    """boot_heavy booted to "ready" and paused: the snapshot's hash."""
+    backends = BackendRegistry.discover("unicorn", ["unicorn"])
+    board = board_from_dict(parse_board_text(shipped_board_texts()[BOARD]))
+    events = RunEvents(asyncio.get_running_loop())
+    machine = backends.get("unicorn").create_machine(board, drv.MachineOptions(), events)
+    await machine.power_on()
+    await machine.load(parse_image(firmware(BOARD, "boot_heavy").read_bytes(), ImageFormat.ELF, 0).image)
+    await machine.capability(drv.RunControl).run()
+
+    async def ready() -> None:
+        while b"ready\n" not in events.console:
+            events.changed.clear()
+            await events.changed.wait()
+
+    await asyncio.wait_for(ready(), 30)
+    await machine.capability(drv.RunControl).pause()
+    blob = await machine.capability(drv.Snapshots).save_state()
+    await machine.power_off()
+    await backends.aclose()
+    return blobs.add(blob)
+
+
+async def bench_jobs(server: Server) -> None:
+    from machineserver.server.core.jobs.ray_engine import RayEngine
+
+    print("jobs (Ray engine, embedded runtime with 2 CPUs, vs in-process; Unicorn, lm3s6965evb)")
+    blobs = Blobs()
+    local = BackendRegistry.discover("unicorn", ["unicorn"])
+    crc = Criteria(pass_regex=r"crc32=0x80f45f04", expected_exit_code=0, host_timeout_s=120)
+    hello = Criteria(pass_regex=r"Hello from", expected_exit_code=0)
+    boot = Criteria(pass_regex=r"result=091c8e7c", expected_exit_code=0)
+    engine = RayEngine(num_cpus=2, default_backend="unicorn", backends=["unicorn"])
+    try:
+        t = time.perf_counter()
+        await engine.start()
+        single("Ray runtime start (embedded, first job)", (time.perf_counter() - t) * 1000, "ms", "once per server")
+        t = time.perf_counter()
+        check(await on_ray(engine, specs(blobs, "warm", "hello", 2, hello), blobs), "warm-up")
+        single("2 hosts started (actors + emulator workers)", (time.perf_counter() - t) * 1000, "ms", "once")
+
+        # (a) 200 short runs
+        runs = specs(blobs, "short", "crc32", SHORT_RUNS, crc)
+        t = time.perf_counter()
+        check(await on_ray(engine, runs, blobs), "ray")
+        ray_s = time.perf_counter() - t
+        t = time.perf_counter()
+        check(await in_process(local, runs, blobs), "in-process")
+        seq_s = time.perf_counter() - t
+        line(f"{SHORT_RUNS} crc32 runs: Ray, 2 workers vs one by one in-process", ray_s, seq_s, "s",
+             "speed, target >= 1.7x on 2 cores", speed=True)
+
+        # (b) per-run overhead
+        tiny = specs(blobs, "tiny", "hello", OVERHEAD_RUNS, hello)
+        ray_ms, bare_ms = [], []
+        for spec in tiny:
+            t = time.perf_counter()
+            check(await on_ray(engine, [spec], blobs), "ray tiny")
+            ray_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            check(await in_process(local, [spec], blobs), "bare tiny")
+            bare_ms.append((time.perf_counter() - t) * 1000)
+        ray_p50, bare_p50 = statistics.median(ray_ms), statistics.median(bare_ms)
+        line("one hello run, Ray vs bare in-process (p50)", ray_p50, bare_p50, "ms", "cost")
+        single("per-run overhead of Ray (p50 difference)", ray_p50 - bare_p50, "ms", "lower is better")
+
+        # (c) start latency: forked from a snapshot vs a cold boot
+        snap = await snapshot_at_ready(blobs)
+        cold = specs(blobs, "cold", "boot_heavy", START_RUNS, boot, Variant(console_input=b"g"))
+        forked = [replace(s, job_id="fork", variant=Variant(name="fork", console_input=b"g", snapshot_sha256=snap))
+                  for s in cold]
+        for where, run in (("in-process", lambda r: in_process(local, r, blobs)),
+                           ("Ray", lambda r: on_ray(engine, r, blobs))):
+            cold_ms, fork_ms = [], []
+            for c, f in zip(cold, forked, strict=True):
+                (rc,) = await run([c])
+                (rf,) = await run([f])
+                check([rc, rf], f"start latency ({where})")
+                cold_ms.append(rc.host_s * 1000)
+                fork_ms.append(rf.host_s * 1000)
+            line(f"boot_heavy to its verdict, forked vs cold boot ({where}, p50)", statistics.median(fork_ms),
+                 statistics.median(cold_ms), "ms", "speed, target >= 5x", speed=True)
+        single("snapshot blob put in Ray's object store", float(engine.blob_puts), "puts",
+               f"program + snapshot blobs, each once for {2 * START_RUNS} runs")
+    finally:
+        await engine.aclose()
+        await local.aclose()
