@@ -25,7 +25,6 @@ from machineserver.sdk.errors import MachineServerError as CallError
 from machineserver.server.app import RunningServer, start
 from machineserver.server.config import ServerConfig
 from machineserver.v1 import job_pb2 as jpb
-from machineserver.v1 import session_pb2 as spb
 from tests.helpers.api import console_until, duration, until, upload
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
@@ -280,15 +279,15 @@ async def test_junit_read_back(served: tuple[RunningServer, AsyncClient], tmp_pa
 
 def _halfwords(blocks: list[list[int]]) -> dict[int, int]:
     out: dict[int, int] = {}
-    for start, size, count in blocks:
-        for a in range(start, start + max(size, 2), 2):
+    for first, size, count in blocks:
+        for a in range(first, first + max(size, 2), 2):
             out[a] = out.get(a, 0) + count
     return out
 
 
 async def test_merged_coverage_equals_the_union_of_the_runs(served: tuple[RunningServer, AsyncClient],
                                                             tmp_path: Path) -> None:
-    running, client = served
+    _, client = served
     cov = await upload(client, BOARD, "coverage")
     job = await create(client, [cov], [BOARD], ["unicorn", "qemu"],
                        [jpb.JobVariant(name="a"), jpb.JobVariant(name="b")],
