@@ -158,6 +158,8 @@ def _resource_kind(svc: ServiceDescriptor, method: MethodDescriptor) -> str:
         return "alert_rule"
     if svc.name == "CoverageService" and method.name == "MergeCoverage":
         return ""
+    if svc.name == "JobService":
+        return "job"
     return "session"
 
 
@@ -174,7 +176,9 @@ async def test_another_tenants_resources_are_not_found(auth_server: AuthServer, 
         rule = (await alice.telemetry.create_alert_rule(rule={
             "display_name": "hot", "metric": "cpu.percent", "comparison": "COMPARISON_GREATER",
             "threshold": 99})).rule.name
-    names = {"session": session, "program": program, "snapshot": snapshot, "alert_rule": rule}
+        job = (await alice.jobs.create_job(matrix={"programs": [program], "boards": ["lm3s6965evb"]},
+                                           criteria={"max_instructions": 1000})).job.name
+    names = {"session": session, "program": program, "snapshot": snapshot, "alert_rule": rule, "job": job}
     metadata = (("authorization", f"ApiKey {other_key}"),)
     wrong, checked, unaddressed = [], 0, []
     for svc, method in served_methods():
@@ -204,7 +208,7 @@ async def test_another_tenants_resources_are_not_found(auth_server: AuthServer, 
     # the control: the owner reaches the same resources with the same requests
     owner = (("authorization", f"ApiKey {owner_key}"),)
     for svc, method in served_methods():
-        if method.name in ("GetSession", "GetProgram", "GetSnapshot", "ReadRegisters", "GetSessionMetrics"):
+        if method.name in ("GetSession", "GetProgram", "GetSnapshot", "ReadRegisters", "GetSessionMetrics", "GetJob"):
             def named(request: Message, name: str = names[_resource_kind(svc, method)]) -> None:
                 request.name = name  # type: ignore[attr-defined]
 
@@ -216,4 +220,5 @@ async def test_another_tenants_resources_are_not_found(auth_server: AuthServer, 
         assert not (await bob.sessions.list_programs()).programs
         assert not (await bob.sessions.list_snapshots()).snapshots
         assert not (await bob.telemetry.list_alert_rules()).rules
+        assert not (await bob.jobs.list_jobs()).jobs
     await asyncio.sleep(0)
