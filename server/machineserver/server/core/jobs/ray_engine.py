@@ -258,11 +258,13 @@ class RayEngine:
         from ray._private import state
 
         try:
+            listed = _ray_nodes()
             available = state.available_resources_per_node()  # type: ignore[no-untyped-call]
-        except Exception:
-            available = {}
+        except Exception as exc:  # the cluster is unreachable: no nodes to show, never a failed call
+            log.warning("ray_nodes_unavailable", error=str(exc))
+            return []
         out: list[Mapping[str, object]] = []
-        for node in _ray_nodes():
+        for node in listed:
             total = {k: float(v) for k, v in node.get("Resources", {}).items() if not k.startswith("node:")}
             free = available.get(node["NodeID"], {}) if node.get("Alive") else {}
             out.append({
