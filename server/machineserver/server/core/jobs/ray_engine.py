@@ -56,6 +56,7 @@ __all__ = ["RayEngine", "RunHost", "ray_options"]
 
 HOST_START_TIMEOUT_S = 300.0  # a host waits this long for a node with room, then the run is retried
 GUARD_SLACK_S = 30.0  # on top of a run's host-time guard: past it the host is presumed stuck
+NODES_TTL_S = 1.0  # how long the cluster's node list is trusted for placement checks
 BLOB_CACHE_BYTES = 512 << 20  # blob references kept between executes (oldest dropped first)
 
 # Ray errors that mean the process, worker or node under a run went away: the run may succeed elsewhere
@@ -213,6 +214,8 @@ class RayEngine:
         self._jobs: dict[str, _JobState] = {}
         self._blob_refs: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # sha -> (ref, size)
         self._notices: set[asyncio.Task[None]] = set()
+        self._totals: list[dict[str, float]] = []
+        self._totals_at = -math.inf
         self._closed = False
 
     # ------------------------------------------------------------------ the runtime
@@ -399,20 +402,25 @@ class RayEngine:
 
     # ------------------------------------------------------------------ hosts
 
+    def _alive_totals(self) -> list[dict[str, float]]:
+        """Each live node's total resources (asked of Ray at most once a NODES_TTL_S)."""
+        now = time.monotonic()
+        if now - self._totals_at > NODES_TTL_S:
+            self._totals = [{k: float(v) for k, v in node.get("Resources", {}).items()}
+                            for node in _ray_nodes() if node.get("Alive")]
+            self._totals_at = now
+        return self._totals
+
     def _infeasible(self, shape: Shape) -> str:
         demand = _demand(shape)
-        if any(_fits(self._totals(node), demand) for node in _ray_nodes() if node.get("Alive")):
+        if any(_fits(total, demand) for total in self._alive_totals()):
             return ""
         asked = ", ".join(f"{k}={v:g}" for k, v in sorted(demand.items()))
         return f"no node of the Ray cluster offers the run's resources ({asked})"
 
-    @staticmethod
-    def _totals(node: Mapping[str, Any]) -> dict[str, float]:
-        return {k: float(v) for k, v in node.get("Resources", {}).items()}
-
     def _capacity(self, shape: Shape) -> int:
         demand = _demand(shape)
-        return sum(_fits(self._totals(node), demand) for node in _ray_nodes() if node.get("Alive"))
+        return sum(_fits(total, demand) for total in self._alive_totals())
 
     async def _acquire(self, shape: Shape, state: _JobState) -> _Host | None:
         """An idle host of this shape, or a new one when there is room (None: the job was
