@@ -58,6 +58,7 @@ HOST_START_TIMEOUT_S = 300.0  # a host waits this long for a node with room, the
 GUARD_SLACK_S = 30.0  # on top of a run's host-time guard: past it the host is presumed stuck
 NODES_TTL_S = 1.0  # how long the cluster's node list is trusted for placement checks
 BLOB_CACHE_BYTES = 512 << 20  # blob references kept between executes (oldest dropped first)
+HOST_BLOB_BYTES = 256 << 20  # blob bytes a host keeps between its runs
 
 # Ray errors that mean the process, worker or node under a run went away: the run may succeed elsewhere
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -128,6 +129,7 @@ class RunHost:
         self.backends = BackendRegistry.discover(default_backend, enabled_backends).isolated(self.pool)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.runs = 0
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
 
     async def hello(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "pid": os.getpid()}
@@ -144,7 +146,7 @@ class RunHost:
         self.runs += 1
         data: dict[str, bytes] = {}
         for sha, ref in blob_refs.items():
-            data[sha] = await ref
+            data[sha] = await self._blob(sha, ref)
         started = time.monotonic()
         try:
             result = await execute_run(spec, self.backends, _Blobs(data))
@@ -158,6 +160,17 @@ class RunHost:
                 reason = f"{reason} ({broken})"
             result = replace(result, retryable=True, failure_reason=reason)
         return replace(result, node=self.node_id), broken
+
+    async def _blob(self, sha: str, ref: Any) -> bytes:
+        """A blob's bytes, fetched from the object store once per host (kept while they fit)."""
+        data = self._blobs.get(sha)
+        if data is None:
+            data = bytes(await ref)
+            self._blobs[sha] = data
+            while sum(len(b) for b in self._blobs.values()) > HOST_BLOB_BYTES and len(self._blobs) > 1:
+                self._blobs.popitem(last=False)
+        self._blobs.move_to_end(sha)
+        return data
 
     def _broken(self) -> str:
         """Why the emulator is unusable: a worker process of ours died."""
