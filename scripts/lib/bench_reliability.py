@@ -50,6 +50,7 @@ def run_tests(pattern: str) -> list[dict[str, object]]:
         for key, value in LONG_FORM.items():
             env.setdefault(key, value)
         command = [str(VENV_BIN / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=0",
+                   "--tb=short", "--show-capture=no",  # a failure's traceback, not the server's log lines
                    "tests/reliability", "--ignore", "tests/reliability/test_load.py", *(["-k", pattern] if pattern else [])]
         print(f"  pytest tests/reliability, {', '.join(f'{k}={env[k]}' for k in LONG_FORM)}", flush=True)
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
