@@ -2,6 +2,7 @@
 of its own (``unshare -n`` with ``lo`` up): every Ray process it starts talks over loopback.
 
     python -m tests.jobs.ray_cluster TEMP_DIR SCENARIO[,SCENARIO...]
+    python -m tests.jobs.ray_cluster TEMP_DIR embedded      (no cluster: the server's own runtime)
 
 It starts a real two-node Ray cluster (``ray.cluster_utils.Cluster``: a head node with the
 custom resource ``node-a`` and a second node with ``board-farm=stm32``, one CPU each), joins
@@ -389,7 +390,37 @@ async def api(temp_dir: str, address: str, nodes: dict[str, str]) -> dict[str, A
     return out
 
 
-SCENARIOS = {"fifty", "kill_worker", "resources", "cancel", "fork", "api"}
+async def embedded(temp_dir: str) -> dict[str, Any]:
+    """job_engine ray with no address: the server starts a local Ray runtime of its own on
+    the first job (ray_num_cpus 2) and shuts it down when it stops (every process gone)."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=Path(temp_dir) / "embedded", log_level="warning",
+                                       job_engine="ray", ray_num_cpus=2, backends=("unicorn",), workers=0))
+    try:
+        async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
+            idle = (await client.capabilities.get_capabilities()).cluster
+            hello = await upload(client, BOARD, "hello")
+            job = await create(client, [hello], 6, jpb.RunCriteria(pass_regex="Hello from", expected_exit_code=0,
+                                                                   host_timeout=duration(60)))
+            done = await wait_job(client, job.name)
+            runs = await runs_of(client, job.name)
+            cluster = (await client.capabilities.get_capabilities()).cluster
+            spawned = {p.pid for p in me.children(recursive=True)} - before
+    finally:
+        await running.stop(1.0)
+    procs = []
+    for pid in spawned:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    await asyncio.to_thread(psutil.wait_procs, procs, 15)
+    return {"reasons": sorted({r.failure_reason for r in runs}),"nodes_before_first_job": len(idle.nodes), "engine": idle.engine,
+            "state": jpb.JobState.Name(done.state), "passed": done.counts.passed,
+            "nodes": [(n.is_head, n.resources["CPU"]) for n in cluster.nodes], "spawned": len(spawned),
+            "left": [pid for pid in spawned if _is_live(pid)], "ray_initialized_after_stop": ray.is_initialized()}
+
+
+SCENARIOS = {"fifty", "kill_worker", "resources", "cancel", "fork", "api", "embedded"}
 
 
 def ray_pids(temp_dir: str) -> list[int]:
@@ -403,6 +434,8 @@ def ray_pids(temp_dir: str) -> list[int]:
 
 
 async def main(temp_dir: str, wanted: list[str]) -> dict[str, Any]:
+    if wanted == ["embedded"]:  # a process of its own: no cluster here, as in a real server
+        return {"embedded": await embedded(temp_dir), "cluster_pids": [], "ray_initialized_after": ray.is_initialized()}
     out: dict[str, Any] = {}
     t = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={

@@ -62,7 +62,7 @@ def cluster_run(scenarios: str, timeout: float = 400) -> dict[str, Any]:
     try:
         assert child.returncode == 0, err.decode(errors="replace")[-5000:]
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        assert result["cluster_pids"], "the child saw no Ray process of its cluster"
+        assert result["cluster_pids"] or scenarios == "embedded", "the child saw no Ray process of its cluster"
         deadline = time.monotonic() + 15
         while leftovers(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -180,3 +180,14 @@ def test_api_labels_and_cancel(cluster: dict[str, Any]) -> None:
     assert cancel["state"] == "JOB_STATE_CANCELLED" and cancel["verdicts"] == ["RUN_VERDICT_CANCELLED"]
     assert cancel["pids"] >= 1 and cancel["processes_gone"] is True
     assert api["ray_initialized_after_stop"] is False  # the server's engine shut its Ray connection
+
+
+def test_embedded_runtime_started_on_first_job_and_stopped_with_the_server() -> None:
+    """job_engine ray without an address, in a process with no other Ray: the server starts
+    its own runtime on the first job and every process of it is gone once it stops."""
+    emb = cluster_run("embedded")["embedded"]
+    assert emb["engine"] == "ray" and emb["nodes_before_first_job"] == 0  # nothing started before a job
+    assert emb["state"] == "JOB_STATE_DONE" and emb["passed"] == 6, emb["reasons"]
+    assert emb["nodes"] == [[True, 2.0]]  # one local node with ray_num_cpus
+    assert emb["spawned"] > 0 and emb["left"] == []  # every Ray process it started is gone
+    assert emb["ray_initialized_after_stop"] is False

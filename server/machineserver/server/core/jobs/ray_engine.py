@@ -249,7 +249,9 @@ class RayEngine:
         common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False,
                                   "configure_logging": True, "include_dashboard": False}
         if self.embedded:
-            ray.init(address="local", num_cpus=self.num_cpus or None, **common)
+            # a runtime for this machine alone: its node on loopback (the host's name may not
+            # resolve to an address here, e.g. in a network namespace)
+            ray.init(address="local", num_cpus=self.num_cpus or None, _node_ip_address="127.0.0.1", **common)
         else:
             ray.init(address=self.address, **common)
         self._owns_ray = True
@@ -303,7 +305,14 @@ class RayEngine:
         going (their hosts are killed)."""
         if not specs:
             return
-        await self.start()
+        try:
+            await self.start()
+        except Exception as exc:  # each run says why (the next job tries again)
+            log.exception("ray_start_failed", address=self.address)
+            reason = f"the Ray runtime could not {'start' if self.embedded else 'be joined'}: {_first_line(exc)}"
+            for spec in specs:
+                yield spec, RunResult(Verdict.ERRORED, failure_reason=reason, node="")
+            return
         refs = await self._ship(specs, blobs)
         done: asyncio.Queue[tuple[RunSpec, RunResult]] = asyncio.Queue()
         tasks = [asyncio.create_task(self._one(spec, refs, on_start, done), name=f"ray-run-{spec.key}")
