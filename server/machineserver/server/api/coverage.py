@@ -100,7 +100,7 @@ class CoverageServicer(Servicer, pb_grpc.CoverageServiceServicer):
             data = export.cobertura(result, root).encode()
         else:
             texts = await self.engine.coverage.html_sources(result, request.sources)
-            data, _generator = await export.html_archive(result, texts)
+            data, _generator = await export.html_archive(result, texts, scratch=self.engine.scratch_dir)
         content_type = export.CONTENT_TYPES[fmt]
         for off in range(0, max(len(data), 1), CHUNK_SIZE):
             yield pb.ExportCoverageResponse(

@@ -365,13 +365,16 @@ def _write_sources(result: CoverageResult, sources: Sources, root: Path) -> Cove
     return dataclasses.replace(result, files=files)
 
 
-async def html_archive(result: CoverageResult, sources: Sources | None = None) -> tuple[bytes, str]:
+async def html_archive(result: CoverageResult, sources: Sources | None = None,
+                       scratch: Path | None = None) -> tuple[bytes, str]:
     """A .tar.gz of an HTML report (folder ``coverage-html/``, with a README.txt saying
     which generator made it and where the source text came from) and the generator's
-    name. ``sources``: path -> text, None where not provided (see the section comment)."""
+    name. ``sources``: path -> text, None where not provided (see the section comment).
+    ``scratch``: an existing folder for the work folder (the server's, in its data
+    directory: a server writes nothing outside it); None: the system's temporary folder."""
     sources = sources or {}
     genhtml = shutil.which("genhtml")
-    with tempfile.TemporaryDirectory(prefix="ms-cov-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ms-cov-", dir=scratch) as tmp:
         work = Path(tmp)
         out = work / "out"
         if genhtml is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class Engine:
         machines run in those worker processes (the engine does not close a pool it was
         given). ``quotas``: the per-tenant quotas (default: none)."""
         self.data_dir = data_dir
+        # scratch files of the server's own (an HTML report's work folder): inside the data
+        # directory, so a server writes nothing outside it; emptied at start
+        self.scratch_dir = data_dir / "tmp"
         self.workers = workers
         self.own_workers = False  # whether close() closes the pool too
         if workers is not None:
@@ -104,6 +108,8 @@ class Engine:
                                self.coverage, LocalEngine(backends, self.workers.size if self.workers else 0))
 
     async def start(self) -> None:
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)  # what a killed server left
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
         await self.audit.start()
         await self.sessions.start()
         self.debugger.load()
