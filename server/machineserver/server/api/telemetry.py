@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 
 from google.protobuf import duration_pb2
@@ -62,9 +63,25 @@ def cluster_node_pb(node: Mapping[str, object]) -> common_pb2.ClusterNode:
         gpus=int(gpus) if isinstance(gpus, int | float) else 0, is_head=bool(node.get("is_head")))
 
 
+CLUSTER_STATUS_SECONDS = 1.0  # how long an answer about the cluster is reused
+_cluster_answers: weakref.WeakKeyDictionary[Engine, tuple[float, common_pb2.ClusterStatus]] = \
+    weakref.WeakKeyDictionary()
+
+
 async def cluster_status(engine: Engine) -> common_pb2.ClusterStatus:
     """The engine jobs run on and its nodes (a Ray cluster's: asked of Ray off the loop;
-    none until the Ray engine has started)."""
+    none until the Ray engine has started), asked at most once a second: GetCapabilities
+    and GetHostStatus carry it, and neither should cost a cluster query per call."""
+    cached = _cluster_answers.get(engine)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < CLUSTER_STATUS_SECONDS:
+        return cached[1]
+    status = await _ask_cluster(engine)
+    _cluster_answers[engine] = (now, status)
+    return status
+
+
+async def _ask_cluster(engine: Engine) -> common_pb2.ClusterStatus:
     run_engine = engine.jobs.run_engine
     address = getattr(run_engine, "cluster_address", None)
 
