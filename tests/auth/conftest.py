@@ -97,7 +97,7 @@ def auth_config(tmp_path: Path, tokens: Tokens, **auth: Any) -> ServerConfig:
                 "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(tokens.jwks_file),
                         "leeway_seconds": 5},
                 **auth}
-    return ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", workers=0,
+    return ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", workers=0, job_engine="local",
                         auth=parse_settings(settings, "test"))
 
 

@@ -391,12 +391,13 @@ async def api(temp_dir: str, address: str, nodes: dict[str, str]) -> dict[str, A
 
 
 async def embedded(temp_dir: str) -> dict[str, Any]:
-    """job_engine ray with no address: the server starts a local Ray runtime of its own on
-    the first job (ray_num_cpus 2) and shuts it down when it stops (every process gone)."""
+    """The default job engine (ray, no address): the server starts a local Ray runtime of
+    its own on the first job (ray_num_cpus 2) and shuts it down when it stops (every
+    process gone)."""
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=Path(temp_dir) / "embedded", log_level="warning",
-                                       job_engine="ray", ray_num_cpus=2, backends=("unicorn",), workers=0))
+                                       ray_num_cpus=2, backends=("unicorn",), workers=0))
     try:
         async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
             idle = (await client.capabilities.get_capabilities()).cluster

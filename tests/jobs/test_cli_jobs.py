@@ -18,6 +18,7 @@ import struct
 import subprocess
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import junitparser
@@ -29,6 +30,17 @@ from tests.helpers.tools import VENV_BIN, require_tool
 
 BOARD = "lm3s6965evb"
 
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server process whose jobs run on its own workers (the default, embedded Ray, is
+    covered by tests/jobs/test_ray.py::test_embedded_runtime_started_on_first_job_and_stopped_with_the_server;
+    here msctl is the subject)."""
+    sp = ServerProcess(tmp_path / "data", "--job-engine", "local").start()
+    try:
+        yield sp
+    finally:
+        sp.stop()
 
 def msctl(sp: ServerProcess, *args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, MSCTL_TARGET=sp.target)

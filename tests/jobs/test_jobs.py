@@ -38,7 +38,7 @@ V = jpb.RunVerdict
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, AsyncClient]]:
     running = await start(ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning",
-                                       workers=2))
+                                       workers=2, job_engine="local"))
     try:
         async with await AsyncClient.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
             yield running, client
@@ -399,7 +399,7 @@ async def test_another_tenants_job_is_not_found(tmp_path: Path) -> None:
 def test_killed_server_resumes_its_jobs(tmp_path: Path) -> None:
     """SIGKILL mid-job: after the restart the job completes; the runs that were running
     ran again (their retry), none is lost."""
-    sp = ServerProcess(tmp_path / "data", "--workers", "2").start()
+    sp = ServerProcess(tmp_path / "data", "--workers", "2", "--job-engine", "local").start()
     try:
         with Client.connect(sp.target, timeout=60) as c:
             echo = c.upload_program(firmware(BOARD, "echo")).program.name
@@ -414,7 +414,7 @@ def test_killed_server_resumes_its_jobs(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "no run started"
                 time.sleep(0.05)
         sp.stop(signal.SIGKILL)
-        sp = ServerProcess(tmp_path / "data", "--workers", "2").start()
+        sp = ServerProcess(tmp_path / "data", "--workers", "2", "--job-engine", "local").start()
         with Client.connect(sp.target, timeout=60) as c:
             deadline = time.monotonic() + 120
             while (got := c.jobs.get_job(name=job.name).job).state == jpb.JOB_STATE_RUNNING:

@@ -384,7 +384,8 @@ class FuzzServer:
     def start(self) -> FuzzServer:
         self.thread.start()
         # workers=0: every machine in this process, so the file audit sees all of it
-        cfg = ServerConfig(listen="127.0.0.1:0", data_dir=self.data_dir, log_level="error", workers=0)
+        cfg = ServerConfig(listen="127.0.0.1:0", data_dir=self.data_dir, log_level="error", workers=0,
+                           job_engine="local")  # jobs: the manager is the subject, not Ray
         self.running = asyncio.run_coroutine_threadsafe(start(cfg), self.loop).result(60)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}", options=CLIENT_OPTIONS)
         return self

@@ -39,7 +39,7 @@ KEYS = {  # client name -> (display name, tenant, role)
 def server_config(data_dir: Path, *, auth: bool = True) -> ServerConfig:
     settings = parse_settings({"enabled": True, "bootstrap_admin_key_file": str(data_dir.parent / "admin.key")},
                               "test") if auth else None
-    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=data_dir, log_level="warning")
+    cfg = ServerConfig(listen="127.0.0.1:0", data_dir=data_dir, log_level="warning", job_engine="local")
     return cfg if settings is None else dataclasses.replace(cfg, auth=settings)
 
 

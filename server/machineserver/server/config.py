@@ -69,8 +69,10 @@ class ServerConfig:
     ray_address: str = ""
     # CPUs the embedded Ray runtime offers (0: one per core); unused when joining a cluster
     ray_num_cpus: int = 0
-    # where a job's runs execute: "local" (this server's backends and workers) or "ray"
-    job_engine: str = "local"
+    # where a job's runs execute: "ray" (the default: an embedded Ray runtime started on the
+    # first job, or the cluster at ray_address) or "local" (this server's own backends and
+    # workers, no Ray processes at all)
+    job_engine: str = "ray"
     # runs at once with the local engine (0: the worker pool's size, else one per core)
     job_concurrency: int = 0
     limits: Limits = field(default_factory=Limits)
@@ -158,7 +160,8 @@ def load(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--gdb-bridge-bind-allow", dest="gdb_bridge_bind_allow",
                         help="comma-separated addresses or networks GDB bridges may bind beyond loopback")
     parser.add_argument("--job-engine", dest="job_engine", choices=["local", "ray"],
-                        help="where jobs' runs execute: local (this server's workers, the default) or ray")
+                        help="where jobs' runs execute: ray (the default: embedded on first use, or --ray-address) "
+                             "or local (this server's own workers, no Ray)")
     parser.add_argument("--ray-address", dest="ray_address",
                         help="join this Ray cluster (HOST:PORT of `ray start --head`) for jobs; "
                              "default: an embedded local Ray runtime started on first use")
