@@ -8,6 +8,7 @@ List with no token still answers afterwards, and real tokens still walk the page
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,10 +22,11 @@ from grpc import aio
 from machineserver.sdk import AsyncClient, errors
 from machineserver.server.api.server import SERVICE_NAMES
 from machineserver.server.app import RunningServer
+from machineserver.server.config import ServerConfig
 from machineserver.server.core import listing
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.v1 import cosim_pb2
-from tests.helpers.api import bad_request_field
+from tests.helpers.api import bad_request_field, upload
 
 
 def _b64(raw: bytes) -> str:
@@ -73,12 +75,22 @@ def _serialize(msg: Message) -> bytes:
 
 
 
-async def _parent(client: AsyncClient) -> str:
-    """A co-simulation, for the List RPCs that take a parent."""
+@pytest.fixture
+def server_config(tmp_path: Path) -> ServerConfig:
+    """Jobs on the server's own workers: the job made for ListJobRuns needs no Ray here."""
+    return ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data", log_level="warning", job_engine="local")
+
+
+async def _parents(client: AsyncClient) -> dict[str, str]:
+    """The parent each List RPC that takes one needs: a co-simulation, a job."""
     members = [(await client.sessions.create_session(board_template="lm3s6965evb")).session.name
                for _ in range(2)]
     created = await client.cosim.create_co_simulation(sessions=members, sync=cosim_pb2.SyncPolicy(quantum_ns=100_000))
-    return str(created.cosimulation.name)
+    program = await upload(client, "lm3s6965evb", "hello")
+    job = (await client.jobs.create_job(matrix={"programs": [program], "boards": ["lm3s6965evb"],
+                                                "backends": ["unicorn"]},
+                                        criteria={"pass_regex": "Hello", "host_timeout": "30s"})).job
+    return {"ListCoSimSnapshots": str(created.cosimulation.name), "ListJobRuns": str(job.name)}
 
 
 async def test_forged_page_tokens_are_invalid_argument_on_every_list_rpc(
@@ -88,13 +100,13 @@ async def test_forged_page_tokens_are_invalid_argument_on_every_list_rpc(
     # the seven of the probe, and any List RPC added since
     assert {"ListSessions", "ListPrograms", "ListSnapshots", "ListCoverageReports", "ListCoSimulations",
             "ListCoSimSnapshots", "ListAlertRules", "ListBoardTemplates"} <= names
-    parent = await _parent(client)
+    parents = await _parents(client)
     async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         for method in methods:
             path = f"/{method.containing_service.full_name}/{method.name}"
             request_cls = GetMessageClass(method.input_type)
             call = channel.unary_unary(path, _serialize, GetMessageClass(method.output_type).FromString)
-            base: dict[str, Any] = {"parent": parent} if "parent" in method.input_type.fields_by_name else {}
+            base: dict[str, Any] = {"parent": parents[method.name]} if "parent" in method.input_type.fields_by_name else {}
             for token in FORGED:
                 with pytest.raises(aio.AioRpcError) as exc:
                     await call(request_cls(page_token=token, **base), timeout=20)
