@@ -205,10 +205,7 @@ def _create(spec: RunSpec, backends: BackendRegistry, events: RunEvents) -> tupl
         if why_not:
             raise _Errored(f"backend {spec.backend} cannot run board {board.name}: {why_not}", False)
         extra = {"coverage": "1"} if spec.criteria.coverage else {}
-        # counted instructions where the backend can count them: a run's count is exact and
-        # its verdict reproducible (without icount, Unicorn's and QEMU's counts are estimates)
-        icount = "icount" not in backends.info(spec.backend).refused_options
-        machine = backend.create_machine(board, MachineOptions(icount=icount, extra=extra), events)
+        machine = backend.create_machine(board, MachineOptions(extra=extra), events)
     except MachineServerError as exc:
         raise _Errored(str(exc), False) from None
     except drv.DriverError as exc:
