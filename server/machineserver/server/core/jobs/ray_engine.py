@@ -59,6 +59,7 @@ GUARD_SLACK_S = 30.0  # on top of a run's host-time guard: past it the host is p
 NODES_TTL_S = 1.0  # how long the cluster's node list is trusted for placement checks
 BLOB_CACHE_BYTES = 512 << 20  # blob references kept between executes (oldest dropped first)
 HOST_BLOB_BYTES = 256 << 20  # blob bytes a host keeps between its runs
+EMBEDDED_START_ATTEMPTS = 3  # tries at starting the embedded runtime (Ray's own start can time out under load)
 
 # Ray errors that mean the process, worker or node under a run went away: the run may succeed elsewhere
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -250,8 +251,21 @@ class RayEngine:
                                   "configure_logging": True, "include_dashboard": False}
         if self.embedded:
             # a runtime for this machine alone: its node on loopback (the host's name may not
-            # resolve to an address here, e.g. in a network namespace)
-            ray.init(address="local", num_cpus=self.num_cpus or None, _node_ip_address="127.0.0.1", **common)
+            # resolve to an address here, e.g. in a network namespace). On a loaded machine
+            # Ray's own wait for its GCS can time out: what it started is shut down and the
+            # start tried again, a few times, before the runs are told it failed.
+            for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+                try:
+                    ray.init(address="local", num_cpus=self.num_cpus or None, _node_ip_address="127.0.0.1",
+                             **common)
+                    break
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
+                    if attempt == EMBEDDED_START_ATTEMPTS:
+                        raise
+                    log.warning("ray_start_retry", attempt=attempt, error=_first_line(exc))
+                    time.sleep(attempt)
         else:
             ray.init(address=self.address, **common)
         self._owns_ray = True
