@@ -278,6 +278,120 @@ class GdbServer:
             self._conns.discard(conn)
 
 
+class _TargetAccess:
+    """A connection's register and memory packets (g G p P m M X), in gdb's register
+    numbering (the layout its target.xml describes), on the connection's session."""
+
+    def __init__(self, live: LiveSession, debugger: Debugger) -> None:
+        self.live = live
+        self.debugger = debugger
+        self.layout: RegisterLayout | None = None
+
+    # ------------------------------------------------------------------ registers
+
+    def registers(self) -> RegisterLayout:
+        if self.layout is None:
+            machine = self.live.machine
+            offered = None
+            if machine is not None and machine.has(RegisterAccess):
+                offered = list(machine.capability(RegisterAccess).register_names())
+            self.layout = build_layout(self.live.board.arch, offered)
+        return self.layout
+
+    async def read_values(self) -> list[int | None]:
+        layout = self.registers()
+        regs = await self.debugger.read_registers(self.live, list(layout.names))
+        return [regs.get(n) for n in layout.names]
+
+    async def read_all_registers(self) -> bytes:
+        values = await self.read_values()
+        return b"".join(b"xxxxxxxx" if v is None else _le32(v) for v in values)
+
+    async def write_all_registers(self, data: bytes) -> bytes:
+        layout = self.registers()
+        try:
+            raw = bytes.fromhex(data.decode())
+        except ValueError:
+            raise ProtocolError("G: bad hex") from None
+        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
+        current = await self.read_values()
+        for i, name in enumerate(layout.names):
+            chunk = raw[i * 4 : i * 4 + 4]
+            if len(chunk) < 4:
+                break
+            value = int.from_bytes(chunk, "little")
+            if value != current[i]:
+                await self.debugger.write_register(self.live, name, value)
+        # G writes them all: the entry says so (write_register named each one it wrote)
+        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
+        return b"OK"
+
+    def _regnum(self, text: bytes) -> str:
+        try:
+            n = int(text, 16)
+        except ValueError:
+            raise ProtocolError("bad register number") from None
+        names = self.registers().names
+        if not 0 <= n < len(names):
+            raise ProtocolError(f"no register {n}")
+        return names[n]
+
+    async def read_register(self, args: bytes) -> bytes:
+        name = self._regnum(args)
+        regs = await self.debugger.read_registers(self.live, [name])
+        return _le32(regs[name])
+
+    async def write_register(self, args: bytes) -> bytes:
+        num, _, value = args.partition(b"=")
+        name = self._regnum(num)
+        try:
+            raw = bytes.fromhex(value.decode())
+        except ValueError:
+            raise ProtocolError("P: bad hex") from None
+        audit.note(resource=f"{self.live.record.name}/registers/{name}", register=name, address=int(num, 16),
+                   length=len(raw))
+        await self.debugger.write_register(self.live, name, int.from_bytes(raw[:4], "little"))
+        audit.note(address=int(num, 16), length=len(raw))  # gdb's numbering, whatever the machine's
+        return b"OK"
+
+    # ------------------------------------------------------------------ memory
+
+    @staticmethod
+    def _addr_len(text: bytes) -> tuple[int, int]:
+        try:
+            a, n = text.split(b",", 1)
+            return int(a, 16), int(n, 16)
+        except ValueError:
+            raise ProtocolError("bad address,length") from None
+
+    async def read_memory(self, args: bytes) -> bytes:
+        address, length = self._addr_len(args)
+        if length == 0:
+            return b""
+        data = await self.debugger.read_memory(self.live, address, min(length, MAX_MEMORY_READ))
+        return data.hex().encode()
+
+    async def write_memory(self, args: bytes, *, binary: bool) -> bytes:
+        head, sep, payload = args.partition(b":")
+        if not sep:
+            raise ProtocolError("missing ':'")
+        address, length = self._addr_len(head)
+        audit.note(resource=self.live.record.name, address=address, length=length)
+        if binary:
+            data = unescape_binary(payload)
+        else:
+            try:
+                data = bytes.fromhex(payload.decode())
+            except ValueError:
+                raise ProtocolError("M: bad hex") from None
+        if len(data) != length:
+            raise ProtocolError(f"length {length} but {len(data)} bytes of data")
+        if length == 0:
+            return b"OK"  # gdb probes X support this way
+        await self.debugger.write_memory(self.live, address, data)
+        return b"OK"
+
+
 class _Connection:
     def __init__(self, server: GdbServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -293,7 +407,7 @@ class _Connection:
         self.acks = Acks()  # ack mode until QStartNoAckMode; resends the last reply on '-'
         self.events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.deferred: collections.deque[tuple[str, bytes]] = collections.deque()
-        self.layout: RegisterLayout | None = None
+        self.target = _TargetAccess(self.live, self.debugger)  # register and memory packets
         self.features: set[str] = set()
         self.points: dict[tuple[int, int, int], int] = {}  # (type, addr, size) -> our bp id
         self.closing = False
@@ -404,19 +518,19 @@ class _Connection:
         if c == b"?":
             return await self.stop_status()
         if c == b"g":
-            return await self.read_all_registers()
+            return await self.target.read_all_registers()
         if c == b"G":
-            return await self.write_all_registers(pkt[1:])
+            return await self.target.write_all_registers(pkt[1:])
         if c == b"p":
-            return await self.read_register(pkt[1:])
+            return await self.target.read_register(pkt[1:])
         if c == b"P":
-            return await self.write_register(pkt[1:])
+            return await self.target.write_register(pkt[1:])
         if c == b"m":
-            return await self.read_memory(pkt[1:])
+            return await self.target.read_memory(pkt[1:])
         if c == b"M":
-            return await self.write_memory(pkt[1:], binary=False)
+            return await self.target.write_memory(pkt[1:], binary=False)
         if c == b"X":
-            return await self.write_memory(pkt[1:], binary=True)
+            return await self.target.write_memory(pkt[1:], binary=True)
         if c in (b"Z", b"z"):
             return await self.point(pkt)
         if c in (b"c", b"C"):
@@ -490,15 +604,6 @@ class _Connection:
 
     # ------------------------------------------------------------------ target description
 
-    def registers(self) -> RegisterLayout:
-        if self.layout is None:
-            machine = self.live.machine
-            offered = None
-            if machine is not None and machine.has(RegisterAccess):
-                offered = list(machine.capability(RegisterAccess).register_names())
-            self.layout = build_layout(self.live.board.arch, offered)
-        return self.layout
-
     def xfer(self, args: bytes, expected_annex: str) -> bytes:
         """qXfer reads: the target description (annex target.xml) or the thread list."""
         try:
@@ -510,7 +615,7 @@ class _Connection:
         if annex.decode(errors="replace") != expected_annex:
             return b"E00"
         if expected_annex == "target.xml":
-            xml = self.registers().xml
+            xml = self.target.registers().xml
         else:
             xml = b'<?xml version="1.0"?>\n<threads>\n  <thread id="%x" core="0" name="%s"/>\n</threads>\n' % (
                 THREAD_ID, self.live.board.name.encode())
@@ -548,9 +653,9 @@ class _Connection:
     async def expedite(self, pc: int) -> dict[int, bytes]:
         """Every register (number -> value), so gdb needs no ``g`` after a stop (one round
         trip less per step); just the pc when the registers cannot be read."""
-        layout = self.registers()
+        layout = self.target.registers()
         try:
-            values = await self._read_values()
+            values = await self.target.read_values()
         except MachineServerError:
             return {layout.pc: _u32(pc)}
         return {i: _u32(v) for i, v in enumerate(values) if v is not None}
@@ -627,101 +732,6 @@ class _Connection:
             if not waiter.done():
                 waiter.cancel()
         return await self.stop_reply(info, interrupted=interrupted)
-
-    # ------------------------------------------------------------------ registers
-
-    async def _read_values(self) -> list[int | None]:
-        layout = self.registers()
-        regs = await self.debugger.read_registers(self.live, list(layout.names))
-        return [regs.get(n) for n in layout.names]
-
-    async def read_all_registers(self) -> bytes:
-        values = await self._read_values()
-        return b"".join(b"xxxxxxxx" if v is None else _le32(v) for v in values)
-
-    async def write_all_registers(self, data: bytes) -> bytes:
-        layout = self.registers()
-        try:
-            raw = bytes.fromhex(data.decode())
-        except ValueError:
-            raise ProtocolError("G: bad hex") from None
-        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
-        current = await self._read_values()
-        for i, name in enumerate(layout.names):
-            chunk = raw[i * 4 : i * 4 + 4]
-            if len(chunk) < 4:
-                break
-            value = int.from_bytes(chunk, "little")
-            if value != current[i]:
-                await self.debugger.write_register(self.live, name, value)
-        # G writes them all: the entry says so (write_register named each one it wrote)
-        audit.note(resource=f"{self.live.record.name}/registers", address=0, length=len(raw))
-        return b"OK"
-
-    def _regnum(self, text: bytes) -> str:
-        try:
-            n = int(text, 16)
-        except ValueError:
-            raise ProtocolError("bad register number") from None
-        names = self.registers().names
-        if not 0 <= n < len(names):
-            raise ProtocolError(f"no register {n}")
-        return names[n]
-
-    async def read_register(self, args: bytes) -> bytes:
-        name = self._regnum(args)
-        regs = await self.debugger.read_registers(self.live, [name])
-        return _le32(regs[name])
-
-    async def write_register(self, args: bytes) -> bytes:
-        num, _, value = args.partition(b"=")
-        name = self._regnum(num)
-        try:
-            raw = bytes.fromhex(value.decode())
-        except ValueError:
-            raise ProtocolError("P: bad hex") from None
-        audit.note(resource=f"{self.live.record.name}/registers/{name}", register=name, address=int(num, 16),
-                   length=len(raw))
-        await self.debugger.write_register(self.live, name, int.from_bytes(raw[:4], "little"))
-        audit.note(address=int(num, 16), length=len(raw))  # gdb's numbering, whatever the machine's
-        return b"OK"
-
-    # ------------------------------------------------------------------ memory
-
-    @staticmethod
-    def _addr_len(text: bytes) -> tuple[int, int]:
-        try:
-            a, n = text.split(b",", 1)
-            return int(a, 16), int(n, 16)
-        except ValueError:
-            raise ProtocolError("bad address,length") from None
-
-    async def read_memory(self, args: bytes) -> bytes:
-        address, length = self._addr_len(args)
-        if length == 0:
-            return b""
-        data = await self.debugger.read_memory(self.live, address, min(length, MAX_MEMORY_READ))
-        return data.hex().encode()
-
-    async def write_memory(self, args: bytes, *, binary: bool) -> bytes:
-        head, sep, payload = args.partition(b":")
-        if not sep:
-            raise ProtocolError("missing ':'")
-        address, length = self._addr_len(head)
-        audit.note(resource=self.live.record.name, address=address, length=length)
-        if binary:
-            data = unescape_binary(payload)
-        else:
-            try:
-                data = bytes.fromhex(payload.decode())
-            except ValueError:
-                raise ProtocolError("M: bad hex") from None
-        if len(data) != length:
-            raise ProtocolError(f"length {length} but {len(data)} bytes of data")
-        if length == 0:
-            return b"OK"  # gdb probes X support this way
-        await self.debugger.write_memory(self.live, address, data)
-        return b"OK"
 
     # ------------------------------------------------------------------ breakpoints and watchpoints
 
