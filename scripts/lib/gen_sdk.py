@@ -20,7 +20,7 @@ from google.protobuf.descriptor import (
     ServiceDescriptor,
 )
 
-MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry", "access", "audit", "job"]
+MODULES = ["capabilities", "session", "debug", "coverage", "cosim", "telemetry", "access", "audit", "job", "capsule"]
 PACKAGE = "machineserver.v1"
 # attribute name on the client for each service
 ATTRS = {
@@ -33,6 +33,7 @@ ATTRS = {
     "AccessService": "access",
     "AuditService": "audit",
     "JobService": "jobs",
+    "CapsuleService": "capsules",
 }
 # keyword-only options every wrapper takes: a request field of the same name could not be
 # passed as a keyword field

@@ -13,6 +13,8 @@ from machineserver.sdk._transport import DEFAULT, AsyncTransport, MetadataValue,
 from machineserver.v1 import access_pb2
 from machineserver.v1 import audit_pb2
 from machineserver.v1 import capabilities_pb2
+from machineserver.v1 import capsule_pb2
+from machineserver.v1 import common_pb2
 from machineserver.v1 import cosim_pb2
 from machineserver.v1 import coverage_pb2
 from machineserver.v1 import debug_pb2
@@ -173,6 +175,15 @@ class WriteConsoleFields(TypedDict, total=False):
     data: bytes
 
 
+class ExpectConsoleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ExpectConsoleRequest."""
+
+    name: str
+    pattern: str
+    offset: int
+    budget: common_pb2.Budget | Mapping[str, object]
+
+
 class StreamSessionEventsFields(TypedDict, total=False):
     """Keyword fields of machineserver.v1.StreamSessionEventsRequest."""
 
@@ -298,6 +309,7 @@ class ContinueFields(TypedDict, total=False):
 
     name: str
     wait: bool
+    budget: common_pb2.Budget | Mapping[str, object]
 
 
 class HaltFields(TypedDict, total=False):
@@ -621,6 +633,49 @@ class ExportJobJunitFields(TypedDict, total=False):
     name: str
 
 
+class CreateCapsuleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.CreateCapsuleRequest."""
+
+    name: str
+    trigger: capsule_pb2.CapsuleTrigger.ValueType | str
+    reason: str
+    test_id: str
+
+
+class GetCapsuleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.GetCapsuleRequest."""
+
+    name: str
+
+
+class ListCapsulesFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ListCapsulesRequest."""
+
+    page_size: int
+    page_token: str
+    filter: str
+
+
+class DeleteCapsuleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.DeleteCapsuleRequest."""
+
+    name: str
+
+
+class ExportCapsuleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.ExportCapsuleRequest."""
+
+    name: str
+
+
+class OpenCapsuleFields(TypedDict, total=False):
+    """Keyword fields of machineserver.v1.OpenCapsuleRequest."""
+
+    name: str
+    session_id: str
+    display_name: str
+
+
 # ---------------------------------------------------------------- async services
 
 
@@ -658,7 +713,7 @@ class AsyncSessionService:
 
     SERVICE = 'machineserver.v1.SessionService'
     # RPC name -> method name
-    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
+    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'ExpectConsole': 'expect_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
 
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
@@ -710,6 +765,9 @@ class AsyncSessionService:
 
     async def write_console(self, request: session_pb2.WriteConsoleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[WriteConsoleFields]) -> session_pb2.WriteConsoleResponse:
         return await self._t.unary('/machineserver.v1.SessionService/WriteConsole', self._t.build(request, fields, session_pb2.WriteConsoleRequest), session_pb2.WriteConsoleResponse, timeout, metadata)
+
+    async def expect_console(self, request: session_pb2.ExpectConsoleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExpectConsoleFields]) -> session_pb2.ExpectConsoleResponse:
+        return await self._t.unary('/machineserver.v1.SessionService/ExpectConsole', self._t.build(request, fields, session_pb2.ExpectConsoleRequest), session_pb2.ExpectConsoleResponse, timeout, metadata)
 
     def stream_session_events(self, request: session_pb2.StreamSessionEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamSessionEventsFields]) -> AsyncGenerator[session_pb2.StreamSessionEventsResponse, None]:
         return self._t.server_stream('/machineserver.v1.SessionService/StreamSessionEvents', self._t.build(request, fields, session_pb2.StreamSessionEventsRequest), session_pb2.StreamSessionEventsResponse, timeout, metadata)
@@ -993,6 +1051,38 @@ class AsyncJobService:
         return self._t.server_stream('/machineserver.v1.JobService/ExportJobJunit', self._t.build(request, fields, job_pb2.ExportJobJunitRequest), job_pb2.ExportJobJunitResponse, timeout, metadata)
 
 
+class AsyncCapsuleService:
+    """machineserver.v1.CapsuleService."""
+
+    SERVICE = 'machineserver.v1.CapsuleService'
+    # RPC name -> method name
+    METHODS = {'CreateCapsule': 'create_capsule', 'GetCapsule': 'get_capsule', 'ListCapsules': 'list_capsules', 'DeleteCapsule': 'delete_capsule', 'ExportCapsule': 'export_capsule', 'ImportCapsule': 'import_capsule', 'OpenCapsule': 'open_capsule'}
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def create_capsule(self, request: capsule_pb2.CreateCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateCapsuleFields]) -> capsule_pb2.CreateCapsuleResponse:
+        return await self._t.unary('/machineserver.v1.CapsuleService/CreateCapsule', self._t.build(request, fields, capsule_pb2.CreateCapsuleRequest), capsule_pb2.CreateCapsuleResponse, timeout, metadata)
+
+    async def get_capsule(self, request: capsule_pb2.GetCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetCapsuleFields]) -> capsule_pb2.GetCapsuleResponse:
+        return await self._t.unary('/machineserver.v1.CapsuleService/GetCapsule', self._t.build(request, fields, capsule_pb2.GetCapsuleRequest), capsule_pb2.GetCapsuleResponse, timeout, metadata)
+
+    async def list_capsules(self, request: capsule_pb2.ListCapsulesRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListCapsulesFields]) -> capsule_pb2.ListCapsulesResponse:
+        return await self._t.unary('/machineserver.v1.CapsuleService/ListCapsules', self._t.build(request, fields, capsule_pb2.ListCapsulesRequest), capsule_pb2.ListCapsulesResponse, timeout, metadata)
+
+    async def delete_capsule(self, request: capsule_pb2.DeleteCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[DeleteCapsuleFields]) -> capsule_pb2.DeleteCapsuleResponse:
+        return await self._t.unary('/machineserver.v1.CapsuleService/DeleteCapsule', self._t.build(request, fields, capsule_pb2.DeleteCapsuleRequest), capsule_pb2.DeleteCapsuleResponse, timeout, metadata)
+
+    def export_capsule(self, request: capsule_pb2.ExportCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportCapsuleFields]) -> AsyncGenerator[capsule_pb2.ExportCapsuleResponse, None]:
+        return self._t.server_stream('/machineserver.v1.CapsuleService/ExportCapsule', self._t.build(request, fields, capsule_pb2.ExportCapsuleRequest), capsule_pb2.ExportCapsuleResponse, timeout, metadata)
+
+    async def import_capsule(self, requests: AsyncIterable[capsule_pb2.ImportCapsuleRequest] | Iterable[capsule_pb2.ImportCapsuleRequest], /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = ()) -> capsule_pb2.ImportCapsuleResponse:
+        return await self._t.client_stream('/machineserver.v1.CapsuleService/ImportCapsule', requests, capsule_pb2.ImportCapsuleRequest, capsule_pb2.ImportCapsuleResponse, timeout, metadata)
+
+    async def open_capsule(self, request: capsule_pb2.OpenCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[OpenCapsuleFields]) -> capsule_pb2.OpenCapsuleResponse:
+        return await self._t.unary('/machineserver.v1.CapsuleService/OpenCapsule', self._t.build(request, fields, capsule_pb2.OpenCapsuleRequest), capsule_pb2.OpenCapsuleResponse, timeout, metadata)
+
+
 # ---------------------------------------------------------------- sync services
 
 
@@ -1030,7 +1120,7 @@ class SessionService:
 
     SERVICE = 'machineserver.v1.SessionService'
     # RPC name -> method name
-    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
+    METHODS = {'CreateSession': 'create_session', 'GetSession': 'get_session', 'ListSessions': 'list_sessions', 'DeleteSession': 'delete_session', 'PowerOnSession': 'power_on_session', 'PowerOffSession': 'power_off_session', 'ResetSession': 'reset_session', 'RunSession': 'run_session', 'PauseSession': 'pause_session', 'UploadProgram': 'upload_program', 'ListPrograms': 'list_programs', 'GetProgram': 'get_program', 'DeleteProgram': 'delete_program', 'LoadProgram': 'load_program', 'StreamConsole': 'stream_console', 'WriteConsole': 'write_console', 'ExpectConsole': 'expect_console', 'StreamSessionEvents': 'stream_session_events', 'CreateSnapshot': 'create_snapshot', 'ListSnapshots': 'list_snapshots', 'GetSnapshot': 'get_snapshot', 'RestoreSnapshot': 'restore_snapshot', 'DeleteSnapshot': 'delete_snapshot', 'ExportSnapshot': 'export_snapshot', 'ImportSnapshot': 'import_snapshot'}
 
     def __init__(self, transport: SyncTransport) -> None:
         self._t = transport
@@ -1082,6 +1172,9 @@ class SessionService:
 
     def write_console(self, request: session_pb2.WriteConsoleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[WriteConsoleFields]) -> session_pb2.WriteConsoleResponse:
         return self._t.unary('/machineserver.v1.SessionService/WriteConsole', self._t.build(request, fields, session_pb2.WriteConsoleRequest), session_pb2.WriteConsoleResponse, timeout, metadata)
+
+    def expect_console(self, request: session_pb2.ExpectConsoleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExpectConsoleFields]) -> session_pb2.ExpectConsoleResponse:
+        return self._t.unary('/machineserver.v1.SessionService/ExpectConsole', self._t.build(request, fields, session_pb2.ExpectConsoleRequest), session_pb2.ExpectConsoleResponse, timeout, metadata)
 
     def stream_session_events(self, request: session_pb2.StreamSessionEventsRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[StreamSessionEventsFields]) -> Generator[session_pb2.StreamSessionEventsResponse, None, None]:
         return self._t.server_stream('/machineserver.v1.SessionService/StreamSessionEvents', self._t.build(request, fields, session_pb2.StreamSessionEventsRequest), session_pb2.StreamSessionEventsResponse, timeout, metadata)
@@ -1365,6 +1458,38 @@ class JobService:
         return self._t.server_stream('/machineserver.v1.JobService/ExportJobJunit', self._t.build(request, fields, job_pb2.ExportJobJunitRequest), job_pb2.ExportJobJunitResponse, timeout, metadata)
 
 
+class CapsuleService:
+    """machineserver.v1.CapsuleService."""
+
+    SERVICE = 'machineserver.v1.CapsuleService'
+    # RPC name -> method name
+    METHODS = {'CreateCapsule': 'create_capsule', 'GetCapsule': 'get_capsule', 'ListCapsules': 'list_capsules', 'DeleteCapsule': 'delete_capsule', 'ExportCapsule': 'export_capsule', 'ImportCapsule': 'import_capsule', 'OpenCapsule': 'open_capsule'}
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def create_capsule(self, request: capsule_pb2.CreateCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[CreateCapsuleFields]) -> capsule_pb2.CreateCapsuleResponse:
+        return self._t.unary('/machineserver.v1.CapsuleService/CreateCapsule', self._t.build(request, fields, capsule_pb2.CreateCapsuleRequest), capsule_pb2.CreateCapsuleResponse, timeout, metadata)
+
+    def get_capsule(self, request: capsule_pb2.GetCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[GetCapsuleFields]) -> capsule_pb2.GetCapsuleResponse:
+        return self._t.unary('/machineserver.v1.CapsuleService/GetCapsule', self._t.build(request, fields, capsule_pb2.GetCapsuleRequest), capsule_pb2.GetCapsuleResponse, timeout, metadata)
+
+    def list_capsules(self, request: capsule_pb2.ListCapsulesRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ListCapsulesFields]) -> capsule_pb2.ListCapsulesResponse:
+        return self._t.unary('/machineserver.v1.CapsuleService/ListCapsules', self._t.build(request, fields, capsule_pb2.ListCapsulesRequest), capsule_pb2.ListCapsulesResponse, timeout, metadata)
+
+    def delete_capsule(self, request: capsule_pb2.DeleteCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[DeleteCapsuleFields]) -> capsule_pb2.DeleteCapsuleResponse:
+        return self._t.unary('/machineserver.v1.CapsuleService/DeleteCapsule', self._t.build(request, fields, capsule_pb2.DeleteCapsuleRequest), capsule_pb2.DeleteCapsuleResponse, timeout, metadata)
+
+    def export_capsule(self, request: capsule_pb2.ExportCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[ExportCapsuleFields]) -> Generator[capsule_pb2.ExportCapsuleResponse, None, None]:
+        return self._t.server_stream('/machineserver.v1.CapsuleService/ExportCapsule', self._t.build(request, fields, capsule_pb2.ExportCapsuleRequest), capsule_pb2.ExportCapsuleResponse, timeout, metadata)
+
+    def import_capsule(self, requests: Iterable[capsule_pb2.ImportCapsuleRequest], /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = ()) -> capsule_pb2.ImportCapsuleResponse:
+        return self._t.client_stream('/machineserver.v1.CapsuleService/ImportCapsule', requests, capsule_pb2.ImportCapsuleRequest, capsule_pb2.ImportCapsuleResponse, timeout, metadata)
+
+    def open_capsule(self, request: capsule_pb2.OpenCapsuleRequest | None = None, /, *, timeout: Timeout = DEFAULT, metadata: Iterable[tuple[str, MetadataValue]] = (), **fields: Unpack[OpenCapsuleFields]) -> capsule_pb2.OpenCapsuleResponse:
+        return self._t.unary('/machineserver.v1.CapsuleService/OpenCapsule', self._t.build(request, fields, capsule_pb2.OpenCapsuleRequest), capsule_pb2.OpenCapsuleResponse, timeout, metadata)
+
+
 # client attribute -> (async class, sync class)
 SERVICES = {
     'capabilities': (AsyncCapabilitiesService, CapabilitiesService),
@@ -1376,4 +1501,5 @@ SERVICES = {
     'access': (AsyncAccessService, AccessService),
     'audit': (AsyncAuditService, AuditService),
     'jobs': (AsyncJobService, JobService),
+    'capsules': (AsyncCapsuleService, CapsuleService),
 }

@@ -25,6 +25,7 @@ from machineserver.sdk._services import (
     AsyncAccessService,
     AsyncAuditService,
     AsyncCapabilitiesService,
+    AsyncCapsuleService,
     AsyncCoSimService,
     AsyncCoverageService,
     AsyncDebugService,
@@ -33,6 +34,7 @@ from machineserver.sdk._services import (
     AsyncTelemetryService,
     AuditService,
     CapabilitiesService,
+    CapsuleService,
     CoSimService,
     CoverageService,
     DebugService,
@@ -54,6 +56,7 @@ from machineserver.v1 import (
     access_pb2,
     audit_pb2,
     capabilities_pb2,
+    capsule_pb2,
     cosim_pb2,
     coverage_pb2,
     debug_pb2,
@@ -79,7 +82,7 @@ def retry_methods() -> list[tuple[str, str]]:
 def service_descriptors() -> list[ServiceDescriptor]:
     """Every machineserver.v1 service, from the generated modules."""
     mods = (capabilities_pb2, session_pb2, debug_pb2, coverage_pb2, cosim_pb2, telemetry_pb2, access_pb2, audit_pb2,
-            job_pb2)
+            job_pb2, capsule_pb2)
     return [svc for mod in mods for svc in mod.DESCRIPTOR.services_by_name.values()]
 
 
@@ -164,6 +167,7 @@ class AsyncClient:
     access: AsyncAccessService
     audit: AsyncAuditService
     jobs: AsyncJobService
+    capsules: AsyncCapsuleService
 
     def __init__(self, channel: aio.Channel, options: CallOptions) -> None:
         self.channel = channel
@@ -237,6 +241,7 @@ class Client:
     access: AccessService
     audit: AuditService
     jobs: JobService
+    capsules: CapsuleService
 
     def __init__(self, channel: grpc.Channel, options: CallOptions) -> None:
         self.channel = channel

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmachineserver/v1/common.proto\x12\x10machineserver.v1\">\n\x0eSourceLocation\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\r\"\xbb\x02\n\tStopEvent\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.machineserver.v1.StopReason\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x16\n\texit_code\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rfault_address\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rwatch_address\x18\x06 \x01(\x04\x12\x13\n\x0bwatch_value\x18\x07 \x01(\x04\x12/\n\nwatch_kind\x18\x08 \x01(\x0e\x32\x1b.machineserver.v1.WatchKind\x12\x32\n\x08location\x18\t \x01(\x0b\x32 .machineserver.v1.SourceLocationB\x0c\n\n_exit_codeB\x10\n\x0e_fault_address\":\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04\x12\x11\n\tsize_bits\x18\x03 \x01(\r\"\xc3\x02\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12?\n\tresources\x18\x04 \x03(\x0b\x32,.machineserver.v1.ClusterNode.ResourcesEntry\x12?\n\tavailable\x18\x05 \x03(\x0b\x32,.machineserver.v1.ClusterNode.AvailableEntry\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\x0f\n\x07is_head\x18\x07 \x01(\x08\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0e\x41vailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\rClusterStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x05nodes\x18\x03 \x03(\x0b\x32\x1d.machineserver.v1.ClusterNode*\xc8\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATE_OFF\x10\x01\x12\x18\n\x14SESSION_STATE_HALTED\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x18\n\x14SESSION_STATE_EXITED\x10\x04\x12\x19\n\x15SESSION_STATE_FAULTED\x10\x05\x12\x18\n\x14SESSION_STATE_FAILED\x10\x06*\xba\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_BREAKPOINT\x10\x01\x12\x1a\n\x16STOP_REASON_WATCHPOINT\x10\x02\x12\x14\n\x10STOP_REASON_STEP\x10\x03\x12\x14\n\x10STOP_REASON_HALT\x10\x04\x12\x14\n\x10STOP_REASON_EXIT\x10\x05\x12\x15\n\x11STOP_REASON_FAULT\x10\x06*i\n\tWatchKind\x12\x1a\n\x16WATCH_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fWATCH_KIND_READ\x10\x01\x12\x14\n\x10WATCH_KIND_WRITE\x10\x02\x12\x15\n\x11WATCH_KIND_ACCESS\x10\x03*\xf6\x01\n\x07\x46\x65\x61ture\x12\x17\n\x13\x46\x45\x41TURE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x45\x41TURE_RUN_CONTROL\x10\x01\x12\x15\n\x11\x46\x45\x41TURE_REGISTERS\x10\x02\x12\x12\n\x0e\x46\x45\x41TURE_MEMORY\x10\x03\x12\x17\n\x13\x46\x45\x41TURE_BREAKPOINTS\x10\x04\x12\x17\n\x13\x46\x45\x41TURE_WATCHPOINTS\x10\x05\x12\x19\n\x15\x46\x45\x41TURE_CONSOLE_INPUT\x10\x06\x12\x15\n\x11\x46\x45\x41TURE_SNAPSHOTS\x10\x07\x12\x14\n\x10\x46\x45\x41TURE_COVERAGE\x10\x08\x12\x14\n\x10\x46\x45\x41TURE_LOCKSTEP\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmachineserver/v1/common.proto\x12\x10machineserver.v1\x1a\x1egoogle/protobuf/duration.proto\">\n\x0eSourceLocation\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\r\"\xbb\x02\n\tStopEvent\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.machineserver.v1.StopReason\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x16\n\texit_code\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rfault_address\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rwatch_address\x18\x06 \x01(\x04\x12\x13\n\x0bwatch_value\x18\x07 \x01(\x04\x12/\n\nwatch_kind\x18\x08 \x01(\x0e\x32\x1b.machineserver.v1.WatchKind\x12\x32\n\x08location\x18\t \x01(\x0b\x32 .machineserver.v1.SourceLocationB\x0c\n\n_exit_codeB\x10\n\x0e_fault_address\":\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04\x12\x11\n\tsize_bits\x18\x03 \x01(\r\"\xc3\x02\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12?\n\tresources\x18\x04 \x03(\x0b\x32,.machineserver.v1.ClusterNode.ResourcesEntry\x12?\n\tavailable\x18\x05 \x03(\x0b\x32,.machineserver.v1.ClusterNode.AvailableEntry\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\x0f\n\x07is_head\x18\x07 \x01(\x08\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0e\x41vailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\rClusterStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x05nodes\x18\x03 \x03(\x0b\x32\x1d.machineserver.v1.ClusterNode\"\xa3\x01\n\x06\x42udget\x12\x16\n\x0cinstructions\x18\x01 \x01(\x04H\x00\x12\x19\n\x0fvirtual_time_ns\x18\x02 \x01(\x04H\x00\x12.\n\thost_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12-\n\nhost_guard\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05limit*\xc8\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATE_OFF\x10\x01\x12\x18\n\x14SESSION_STATE_HALTED\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x18\n\x14SESSION_STATE_EXITED\x10\x04\x12\x19\n\x15SESSION_STATE_FAULTED\x10\x05\x12\x18\n\x14SESSION_STATE_FAILED\x10\x06*\xba\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_BREAKPOINT\x10\x01\x12\x1a\n\x16STOP_REASON_WATCHPOINT\x10\x02\x12\x14\n\x10STOP_REASON_STEP\x10\x03\x12\x14\n\x10STOP_REASON_HALT\x10\x04\x12\x14\n\x10STOP_REASON_EXIT\x10\x05\x12\x15\n\x11STOP_REASON_FAULT\x10\x06*i\n\tWatchKind\x12\x1a\n\x16WATCH_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fWATCH_KIND_READ\x10\x01\x12\x14\n\x10WATCH_KIND_WRITE\x10\x02\x12\x15\n\x11WATCH_KIND_ACCESS\x10\x03*\xf6\x01\n\x07\x46\x65\x61ture\x12\x17\n\x13\x46\x45\x41TURE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x45\x41TURE_RUN_CONTROL\x10\x01\x12\x15\n\x11\x46\x45\x41TURE_REGISTERS\x10\x02\x12\x12\n\x0e\x46\x45\x41TURE_MEMORY\x10\x03\x12\x17\n\x13\x46\x45\x41TURE_BREAKPOINTS\x10\x04\x12\x17\n\x13\x46\x45\x41TURE_WATCHPOINTS\x10\x05\x12\x19\n\x15\x46\x45\x41TURE_CONSOLE_INPUT\x10\x06\x12\x15\n\x11\x46\x45\x41TURE_SNAPSHOTS\x10\x07\x12\x14\n\x10\x46\x45\x41TURE_COVERAGE\x10\x08\x12\x14\n\x10\x46\x45\x41TURE_LOCKSTEP\x10\t*\x9f\x01\n\x0bWaitOutcome\x12\x1c\n\x18WAIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14WAIT_OUTCOME_MATCHED\x10\x01\x12!\n\x1dWAIT_OUTCOME_BUDGET_EXHAUSTED\x10\x02\x12\x1b\n\x17WAIT_OUTCOME_HOST_GUARD\x10\x03\x12\x18\n\x14WAIT_OUTCOME_STOPPED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERNODE_RESOURCESENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERNODE_AVAILABLEENTRY']._loaded_options = None
   _globals['_CLUSTERNODE_AVAILABLEENTRY']._serialized_options = b'8\001'
-  _globals['_SESSIONSTATE']._serialized_start=916
-  _globals['_SESSIONSTATE']._serialized_end=1116
-  _globals['_STOPREASON']._serialized_start=1119
-  _globals['_STOPREASON']._serialized_end=1305
-  _globals['_WATCHKIND']._serialized_start=1307
-  _globals['_WATCHKIND']._serialized_end=1412
-  _globals['_FEATURE']._serialized_start=1415
-  _globals['_FEATURE']._serialized_end=1661
-  _globals['_SOURCELOCATION']._serialized_start=51
-  _globals['_SOURCELOCATION']._serialized_end=113
-  _globals['_STOPEVENT']._serialized_start=116
-  _globals['_STOPEVENT']._serialized_end=431
-  _globals['_REGISTER']._serialized_start=433
-  _globals['_REGISTER']._serialized_end=491
-  _globals['_CLUSTERNODE']._serialized_start=494
-  _globals['_CLUSTERNODE']._serialized_end=817
-  _globals['_CLUSTERNODE_RESOURCESENTRY']._serialized_start=719
-  _globals['_CLUSTERNODE_RESOURCESENTRY']._serialized_end=767
-  _globals['_CLUSTERNODE_AVAILABLEENTRY']._serialized_start=769
-  _globals['_CLUSTERNODE_AVAILABLEENTRY']._serialized_end=817
-  _globals['_CLUSTERSTATUS']._serialized_start=819
-  _globals['_CLUSTERSTATUS']._serialized_end=913
+  _globals['_SESSIONSTATE']._serialized_start=1114
+  _globals['_SESSIONSTATE']._serialized_end=1314
+  _globals['_STOPREASON']._serialized_start=1317
+  _globals['_STOPREASON']._serialized_end=1503
+  _globals['_WATCHKIND']._serialized_start=1505
+  _globals['_WATCHKIND']._serialized_end=1610
+  _globals['_FEATURE']._serialized_start=1613
+  _globals['_FEATURE']._serialized_end=1859
+  _globals['_WAITOUTCOME']._serialized_start=1862
+  _globals['_WAITOUTCOME']._serialized_end=2021
+  _globals['_SOURCELOCATION']._serialized_start=83
+  _globals['_SOURCELOCATION']._serialized_end=145
+  _globals['_STOPEVENT']._serialized_start=148
+  _globals['_STOPEVENT']._serialized_end=463
+  _globals['_REGISTER']._serialized_start=465
+  _globals['_REGISTER']._serialized_end=523
+  _globals['_CLUSTERNODE']._serialized_start=526
+  _globals['_CLUSTERNODE']._serialized_end=849
+  _globals['_CLUSTERNODE_RESOURCESENTRY']._serialized_start=751
+  _globals['_CLUSTERNODE_RESOURCESENTRY']._serialized_end=799
+  _globals['_CLUSTERNODE_AVAILABLEENTRY']._serialized_start=801
+  _globals['_CLUSTERNODE_AVAILABLEENTRY']._serialized_end=849
+  _globals['_CLUSTERSTATUS']._serialized_start=851
+  _globals['_CLUSTERSTATUS']._serialized_end=945
+  _globals['_BUDGET']._serialized_start=948
+  _globals['_BUDGET']._serialized_end=1111
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -145,6 +146,44 @@ FEATURE_LOCKSTEP: Feature.ValueType  # 9
 checkpoints).
 """
 Global___Feature: _TypeAlias = Feature  # noqa: Y015
+
+class _WaitOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAIT_OUTCOME_UNSPECIFIED: _WaitOutcome.ValueType  # 0
+    WAIT_OUTCOME_MATCHED: _WaitOutcome.ValueType  # 1
+    """What was waited for happened (the console matched; the machine stopped)."""
+    WAIT_OUTCOME_BUDGET_EXHAUSTED: _WaitOutcome.ValueType  # 2
+    """The budget ran out first (the machine is paused where it was for Continue; it keeps
+    running for ExpectConsole).
+    """
+    WAIT_OUTCOME_HOST_GUARD: _WaitOutcome.ValueType  # 3
+    """The host-time guard of an instructions or virtual-time budget fired first."""
+    WAIT_OUTCOME_STOPPED: _WaitOutcome.ValueType  # 4
+    """The machine stopped (exited, faulted, hit a breakpoint, was halted or powered off)
+    before the console matched.
+    """
+
+class WaitOutcome(_WaitOutcome, metaclass=_WaitOutcomeEnumTypeWrapper):
+    """How a wait with a Budget ended."""
+
+WAIT_OUTCOME_UNSPECIFIED: WaitOutcome.ValueType  # 0
+WAIT_OUTCOME_MATCHED: WaitOutcome.ValueType  # 1
+"""What was waited for happened (the console matched; the machine stopped)."""
+WAIT_OUTCOME_BUDGET_EXHAUSTED: WaitOutcome.ValueType  # 2
+"""The budget ran out first (the machine is paused where it was for Continue; it keeps
+running for ExpectConsole).
+"""
+WAIT_OUTCOME_HOST_GUARD: WaitOutcome.ValueType  # 3
+"""The host-time guard of an instructions or virtual-time budget fired first."""
+WAIT_OUTCOME_STOPPED: WaitOutcome.ValueType  # 4
+"""The machine stopped (exited, faulted, hit a breakpoint, was halted or powered off)
+before the console matched.
+"""
+Global___WaitOutcome: _TypeAlias = WaitOutcome  # noqa: Y015
 
 @_typing.final
 class SourceLocation(_message.Message):
@@ -379,3 +418,50 @@ class ClusterStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStatus: _TypeAlias = ClusterStatus  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    """How long a wait may last. Counted in the simulated machine's own time (instructions or
+    virtual time), a budget does not depend on how loaded the host is, so a test that waits
+    on one does not flake on a busy CI machine; host_time is wall-clock time. Unset: the
+    call's default (ExpectConsole and Continue: 10 s of host time).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
+    HOST_TIME_FIELD_NUMBER: _builtins.int
+    HOST_GUARD_FIELD_NUMBER: _builtins.int
+    instructions: _builtins.int
+    """Instructions the machine may execute (at most 10^12)."""
+    virtual_time_ns: _builtins.int
+    """Virtual nanoseconds the machine may advance (at most 10^13, about 2.8 hours)."""
+    @_builtins.property
+    def host_time(self) -> _duration_pb2.Duration:
+        """Host (wall-clock) time, at most 1 hour."""
+
+    @_builtins.property
+    def host_guard(self) -> _duration_pb2.Duration:
+        """The host-time guard on top of an instructions or virtual-time budget, so a machine that
+        stopped advancing (an idle WFI loop without icount) cannot hang the wait; default 60 s,
+        at most 1 hour. Ignored with host_time.
+        """
+
+    def __init__(
+        self,
+        *,
+        instructions: _builtins.int = ...,
+        virtual_time_ns: _builtins.int = ...,
+        host_time: _duration_pb2.Duration | None = ...,
+        host_guard: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host_guard", b"host_guard", "host_time", b"host_time", "instructions", b"instructions", "limit", b"limit", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_guard", b"host_guard", "host_time", b"host_time", "instructions", b"instructions", "limit", b"limit", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_limit: _TypeAlias = _typing.Literal["instructions", "virtual_time_ns", "host_time"]  # noqa: Y015
+    _WhichOneofArgType_limit: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_limit) -> _WhichOneofReturnType_limit | None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015

@@ -644,17 +644,26 @@ class ContinueRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     wait: _builtins.bool
+    @_builtins.property
+    def budget(self) -> _common_pb2.Budget:
+        """With wait: how long to wait for a stop (instructions, virtual time or host time); when
+        it runs out first the machine is halted where it is and outcome says so. Unset: until a
+        stop or the call's deadline, as before.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         wait: _builtins.bool = ...,
+        budget: _common_pb2.Budget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "name", b"name", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -666,7 +675,12 @@ class ContinueResponse(_message.Message):
 
     STOP_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     state: _common_pb2.SessionState.ValueType
+    outcome: _common_pb2.WaitOutcome.ValueType
+    """With a budget: MATCHED (it stopped by itself), BUDGET_EXHAUSTED or HOST_GUARD (halted
+    by the server; stop is that halt).
+    """
     @_builtins.property
     def stop(self) -> _common_pb2.StopEvent:
         """Set when wait was true and the session stopped."""
@@ -676,10 +690,11 @@ class ContinueResponse(_message.Message):
         *,
         stop: _common_pb2.StopEvent | None = ...,
         state: _common_pb2.SessionState.ValueType = ...,
+        outcome: _common_pb2.WaitOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "state", b"state", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

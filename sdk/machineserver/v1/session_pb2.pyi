@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -80,6 +81,7 @@ class SessionOptions(_message.Message):
     ICOUNT_FIELD_NUMBER: _builtins.int
     COVERAGE_FIELD_NUMBER: _builtins.int
     REMOTE_FIELD_NUMBER: _builtins.int
+    CAPSULES_FIELD_NUMBER: _builtins.int
     icount: _builtins.bool
     """Deterministic virtual time (QEMU -icount) where the backend has a choice."""
     coverage: _builtins.bool
@@ -90,20 +92,59 @@ class SessionOptions(_message.Message):
     def remote(self) -> Global___RemoteTarget:
         """The GDB server a "gdbremote" session drives (required there, refused elsewhere)."""
 
+    @_builtins.property
+    def capsules(self) -> Global___CapsulePolicy:
+        """When the server captures a failure capsule of this session by itself."""
+
     def __init__(
         self,
         *,
         icount: _builtins.bool = ...,
         coverage: _builtins.bool = ...,
         remote: Global___RemoteTarget | None = ...,
+        capsules: Global___CapsulePolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["remote", b"remote"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capsules", b"capsules", "remote", b"remote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "icount", b"icount", "remote", b"remote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capsules", b"capsules", "coverage", b"coverage", "icount", b"icount", "remote", b"remote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionOptions: _TypeAlias = SessionOptions  # noqa: Y015
+
+@_typing.final
+class CapsulePolicy(_message.Message):
+    """Triggers that capture a failure capsule (CapsuleService) without being asked. A capsule
+    holds the trace tail only while coverage is collected (the trace comes from the coverage
+    hooks): set options.coverage and start coverage to have one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ON_FAULT_FIELD_NUMBER: _builtins.int
+    ASSERT_SYMBOLS_FIELD_NUMBER: _builtins.int
+    on_fault: _builtins.bool
+    """Capture when the machine faults (it stays FAULTED, at the fault)."""
+    @_builtins.property
+    def assert_symbols(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Capture when execution reaches one of these functions, e.g. "__assert_func" or
+        "abort" (at most 16 names; names the program's symbols lack are ignored). The machine is
+        left halted on the function's first instruction.
+        """
+
+    def __init__(
+        self,
+        *,
+        on_fault: _builtins.bool = ...,
+        assert_symbols: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assert_symbols", b"assert_symbols", "on_fault", b"on_fault"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapsulePolicy: _TypeAlias = CapsulePolicy  # noqa: Y015
 
 @_typing.final
 class RemoteTarget(_message.Message):
@@ -1651,3 +1692,102 @@ class ImportSnapshotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportSnapshotResponse: _TypeAlias = ImportSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ExpectConsoleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session."""
+    pattern: _builtins.str
+    """A regular expression (Python re syntax, at most 4 KiB), searched in the console bytes
+    decoded as UTF-8 (invalid bytes replaced).
+    """
+    offset: _builtins.int
+    """The console offset (as StreamConsole counts bytes since power on) to search from;
+    offsets already dropped from the retained log start at the oldest retained byte.
+    """
+    @_builtins.property
+    def budget(self) -> _common_pb2.Budget: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pattern: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        budget: _common_pb2.Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "name", b"name", "offset", b"offset", "pattern", b"pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpectConsoleRequest: _TypeAlias = ExpectConsoleRequest  # noqa: Y015
+
+@_typing.final
+class ExpectConsoleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    MATCH_START_FIELD_NUMBER: _builtins.int
+    MATCH_END_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    CONSOLE_TAIL_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TIME_NS_FIELD_NUMBER: _builtins.int
+    HOST_TIME_FIELD_NUMBER: _builtins.int
+    outcome: _common_pb2.WaitOutcome.ValueType
+    match: _builtins.str
+    """MATCHED: the matched text, its start and end offsets."""
+    match_start: _builtins.int
+    match_end: _builtins.int
+    end_offset: _builtins.int
+    """The console's end offset when the wait ended (where the next expect may start)."""
+    console_tail: _builtins.str
+    """The console's last bytes (at most 4 KiB) when the wait ended: for failure messages."""
+    state: _common_pb2.SessionState.ValueType
+    instructions: _builtins.int
+    """What the wait used, measured on the machine's counters."""
+    virtual_time_ns: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The pattern's groups, in order ("" for a group that did not take part)."""
+
+    @_builtins.property
+    def stop(self) -> _common_pb2.StopEvent:
+        """STOPPED: the stop. Also the session's state when the wait ended."""
+
+    @_builtins.property
+    def host_time(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        outcome: _common_pb2.WaitOutcome.ValueType = ...,
+        match: _builtins.str = ...,
+        match_start: _builtins.int = ...,
+        match_end: _builtins.int = ...,
+        groups: _abc.Iterable[_builtins.str] | None = ...,
+        end_offset: _builtins.int = ...,
+        console_tail: _builtins.str = ...,
+        stop: _common_pb2.StopEvent | None = ...,
+        state: _common_pb2.SessionState.ValueType = ...,
+        instructions: _builtins.int = ...,
+        virtual_time_ns: _builtins.int = ...,
+        host_time: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host_time", b"host_time", "stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["console_tail", b"console_tail", "end_offset", b"end_offset", "groups", b"groups", "host_time", b"host_time", "instructions", b"instructions", "match", b"match", "match_end", b"match_end", "match_start", b"match_start", "outcome", b"outcome", "state", b"state", "stop", b"stop", "virtual_time_ns", b"virtual_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpectConsoleResponse: _TypeAlias = ExpectConsoleResponse  # noqa: Y015

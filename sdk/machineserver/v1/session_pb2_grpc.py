@@ -118,6 +118,11 @@ class SessionServiceStub:
                 request_serializer=machineserver_dot_v1_dot_session__pb2.WriteConsoleRequest.SerializeToString,
                 response_deserializer=machineserver_dot_v1_dot_session__pb2.WriteConsoleResponse.FromString,
                 _registered_method=True)
+        self.ExpectConsole = channel.unary_unary(
+                '/machineserver.v1.SessionService/ExpectConsole',
+                request_serializer=machineserver_dot_v1_dot_session__pb2.ExpectConsoleRequest.SerializeToString,
+                response_deserializer=machineserver_dot_v1_dot_session__pb2.ExpectConsoleResponse.FromString,
+                _registered_method=True)
         self.StreamSessionEvents = channel.unary_stream(
                 '/machineserver.v1.SessionService/StreamSessionEvents',
                 request_serializer=machineserver_dot_v1_dot_session__pb2.StreamSessionEventsRequest.SerializeToString,
@@ -305,6 +310,18 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpectConsole(self, request, context):
+        """Waits until the console output from `offset` on matches `pattern`, the machine stops
+        (exit, fault, breakpoint, halt), or the budget runs out; it does not change the run
+        state (a halted machine stays halted: the outcome is then STOPPED unless the console
+        already matches). Like pexpect's expect, but the timeout may be counted in instructions
+        or virtual time. INVALID_ARGUMENT: a pattern that does not compile (Python re syntax),
+        over 4 KiB, or a budget over its limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamSessionEvents(self, request, context):
         """Streams session events (state changes, stops) for one session, or for all when
         name is empty. The first message always has only `subscribed` set: the stream is
@@ -457,6 +474,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.WriteConsole,
                     request_deserializer=machineserver_dot_v1_dot_session__pb2.WriteConsoleRequest.FromString,
                     response_serializer=machineserver_dot_v1_dot_session__pb2.WriteConsoleResponse.SerializeToString,
+            ),
+            'ExpectConsole': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpectConsole,
+                    request_deserializer=machineserver_dot_v1_dot_session__pb2.ExpectConsoleRequest.FromString,
+                    response_serializer=machineserver_dot_v1_dot_session__pb2.ExpectConsoleResponse.SerializeToString,
             ),
             'StreamSessionEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamSessionEvents,
@@ -935,6 +957,33 @@ class SessionService:
             '/machineserver.v1.SessionService/WriteConsole',
             machineserver_dot_v1_dot_session__pb2.WriteConsoleRequest.SerializeToString,
             machineserver_dot_v1_dot_session__pb2.WriteConsoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpectConsole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machineserver.v1.SessionService/ExpectConsole',
+            machineserver_dot_v1_dot_session__pb2.ExpectConsoleRequest.SerializeToString,
+            machineserver_dot_v1_dot_session__pb2.ExpectConsoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,14 @@ class SessionServiceStub:
     NOT_FOUND. FAILED_PRECONDITION: powered off. UNIMPLEMENTED: no console input.
     INVALID_ARGUMENT: empty or larger than 64 KiB.
     """
+    ExpectConsole: _grpc.UnaryUnaryMultiCallable[_session_pb2.ExpectConsoleRequest, _session_pb2.ExpectConsoleResponse]
+    """Waits until the console output from `offset` on matches `pattern`, the machine stops
+    (exit, fault, breakpoint, halt), or the budget runs out; it does not change the run
+    state (a halted machine stays halted: the outcome is then STOPPED unless the console
+    already matches). Like pexpect's expect, but the timeout may be counted in instructions
+    or virtual time. INVALID_ARGUMENT: a pattern that does not compile (Python re syntax),
+    over 4 KiB, or a budget over its limits.
+    """
     StreamSessionEvents: _grpc.UnaryStreamMultiCallable[_session_pb2.StreamSessionEventsRequest, _session_pb2.StreamSessionEventsResponse]
     """Streams session events (state changes, stops) for one session, or for all when
     name is empty. The first message always has only `subscribed` set: the stream is
@@ -223,6 +231,14 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Sends bytes to the session's console input (the board's UART RX).
     NOT_FOUND. FAILED_PRECONDITION: powered off. UNIMPLEMENTED: no console input.
     INVALID_ARGUMENT: empty or larger than 64 KiB.
+    """
+    ExpectConsole: _aio.UnaryUnaryMultiCallable[_session_pb2.ExpectConsoleRequest, _session_pb2.ExpectConsoleResponse]  # type: ignore[assignment]
+    """Waits until the console output from `offset` on matches `pattern`, the machine stops
+    (exit, fault, breakpoint, halt), or the budget runs out; it does not change the run
+    state (a halted machine stays halted: the outcome is then STOPPED unless the console
+    already matches). Like pexpect's expect, but the timeout may be counted in instructions
+    or virtual time. INVALID_ARGUMENT: a pattern that does not compile (Python re syntax),
+    over 4 KiB, or a budget over its limits.
     """
     StreamSessionEvents: _aio.UnaryStreamMultiCallable[_session_pb2.StreamSessionEventsRequest, _session_pb2.StreamSessionEventsResponse]  # type: ignore[assignment]
     """Streams session events (state changes, stops) for one session, or for all when
@@ -432,6 +448,20 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends bytes to the session's console input (the board's UART RX).
         NOT_FOUND. FAILED_PRECONDITION: powered off. UNIMPLEMENTED: no console input.
         INVALID_ARGUMENT: empty or larger than 64 KiB.
+        """
+
+    @_abc_1.abstractmethod
+    def ExpectConsole(
+        self,
+        request: _session_pb2.ExpectConsoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ExpectConsoleResponse, _abc.Awaitable[_session_pb2.ExpectConsoleResponse]]:
+        """Waits until the console output from `offset` on matches `pattern`, the machine stops
+        (exit, fault, breakpoint, halt), or the budget runs out; it does not change the run
+        state (a halted machine stays halted: the outcome is then STOPPED unless the console
+        already matches). Like pexpect's expect, but the timeout may be counted in instructions
+        or virtual time. INVALID_ARGUMENT: a pattern that does not compile (Python re syntax),
+        over 4 KiB, or a budget over its limits.
         """
 
     @_abc_1.abstractmethod

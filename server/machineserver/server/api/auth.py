@@ -75,6 +75,8 @@ ROLE_EXCEPTIONS: dict[str, Role | None] = {
     "CapabilitiesService/DeleteBoardTemplate": Role.ADMIN,
     # observing a session; each command on the stream is checked as the RPC it mirrors
     "DebugService/Attach": Role.VIEWER,
+    # waits on the console; changes nothing
+    "SessionService/ExpectConsole": Role.VIEWER,
 }
 ROLE_NAMES = {r.name.lower(): r for r in Role}
 # a caller of an open method: no tenant, no role

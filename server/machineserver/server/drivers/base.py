@@ -439,6 +439,9 @@ class Snapshots(Capability):
         that is not one of this backend's, or of another board: BadRequest(field="snapshot")."""
 
 
+TRACE_TAIL_MAX = 4096  # blocks a coverage hook keeps for the trace tail
+
+
 class Coverage(Capability):
     """Collection between :meth:`coverage_start` and :meth:`coverage_stop`; reset clears
     what was collected. Counts are exact execution counts where ``exact_counts`` is True."""
@@ -467,6 +470,13 @@ class Coverage(Capability):
     async def coverage_edges(self) -> Edges | None:
         """Control transfers since start/reset (see :data:`Edges`), or None when the
         backend does not see them."""
+        return None
+
+    async def coverage_trace(self, count: int) -> list[int] | None:
+        """The trace tail: start addresses of the last ``count`` (at most
+        :data:`TRACE_TAIL_MAX`) blocks entered while collecting, oldest first (a block entered
+        again appears again); None when the backend keeps no trace. Kept by the same hooks
+        that count blocks, in a fixed ring, so it costs one store per block entered."""
         return None
 
 
