@@ -28,6 +28,7 @@ GROUPS = {
     "AccessService": "access",
     "AuditService": "audit",
     "JobService": "job",
+    "CapsuleService": "capsule",
 }
 # service -> SDK client attribute
 CLIENT_ATTRS = {
@@ -40,6 +41,7 @@ CLIENT_ATTRS = {
     "AccessService": "access",
     "AuditService": "audit",
     "JobService": "jobs",
+    "CapsuleService": "capsules",
 }
 CHUNK = 64 * 1024
 
