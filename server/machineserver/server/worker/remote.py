@@ -169,8 +169,8 @@ class RemoteMachine(drv.Machine):
 
 
 # calls that change nothing in the machine (the register cache survives them)
-READS = frozenset({"read_registers", "read_memory", "coverage_blocks", "coverage_edges", "counters", "traits",
-                   "save_state"})
+READS = frozenset({"read_registers", "read_memory", "coverage_blocks", "coverage_edges", "coverage_trace",
+                   "counters", "traits", "save_state"})
 HALTED_STATES = frozenset({drv.MachineState.HALTED, drv.MachineState.EXITED, drv.MachineState.FAULTED})
 
 
@@ -280,6 +280,10 @@ class RemoteCoverage(_Part, drv.Coverage):
     async def coverage_edges(self) -> drv.Edges | None:
         edges: drv.Edges | None = await self.machine.call("Coverage", "coverage_edges")
         return edges
+
+    async def coverage_trace(self, count: int) -> list[int] | None:
+        trace: list[int] | None = await self.machine.call("Coverage", "coverage_trace", int(count))
+        return trace
 
 
 class RemoteLockStep(_Part, drv.LockStep):

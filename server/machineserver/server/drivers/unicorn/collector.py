@@ -60,6 +60,18 @@ range goes through Unicorn's main loop, which stops there *before* the hook: it 
 for an entry that ran nothing, so that block counts one too few (and the transition is
 missed). Chained transitions (every one after the first) go through the hook first.
 
+The trace tail (:meth:`Collector.trace`): in counting mode the native block callback also
+keeps the start of each block entered in a ring of the last ``TRACE_TAIL_MAX`` entries (one
+store per block: no measurable cost next to the counting, see scripts/bench's coverage
+section). An entry that ran nothing (a slice that stopped at the block's start, see
+above) is taken back at :meth:`Collector.slice_ended`, so a breakpoint at a block's start
+does not put that block in the trace twice. First-hit mode sees translations, not
+entries: it keeps no trace, unless the machine asks for the **Python fallback**
+(``MachineOptions.extra["coverage_trace"] = "python"``), a Python ``UC_HOOK_BLOCK``
+callback that feeds the same ring (a deque) with the same rule at slice ends; it costs
+what a Python block hook costs (~150x on a tight loop), so it is for hosts without a C
+compiler that need the trace, never the default.
+
 All table access happens on the emulating thread or between slices under the
 machine's lock, never concurrently.
 """
@@ -72,6 +84,7 @@ import functools
 import itertools
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +93,7 @@ from typing import Any
 from unicorn import unicorn_const as ucc
 
 from machineserver.server.drivers import native
-from machineserver.server.drivers.base import Blocks, Edges, merge_blocks
+from machineserver.server.drivers.base import TRACE_TAIL_MAX, Blocks, Edges, merge_blocks
 from machineserver.server.drivers.unicorn.arch import Engine, native_handle
 
 SOURCE = Path(__file__).resolve().parent / "native" / "ucblocks.c"
@@ -117,6 +130,7 @@ def _load(path: Path) -> Any:
         ("ucb_dump_blocks", u64, [vp, ctypes.POINTER(u64), u64]),
         ("ucb_dump_edges", u64, [vp, ctypes.POINTER(u64), u64]),
         ("ucb_dump_cuts", u64, [vp, ctypes.POINTER(u64), u64]),
+        ("ucb_trace", u64, [vp, ctypes.POINTER(u64), u64]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -165,9 +179,11 @@ def _triples(lib: Any, table: int, count: Callable[[int], int], dump: Callable[.
 
 
 class Collector:
-    """One machine's coverage table; survives power cycles (attach to each new Uc)."""
+    """One machine's coverage table; survives power cycles (attach to each new Uc).
+    ``python_trace``: keep the trace tail with a Python block hook where the native
+    counter does not (first-hit mode, no C compiler): see the module docstring."""
 
-    def __init__(self, first_hit: bool = False) -> None:
+    def __init__(self, first_hit: bool = False, python_trace: bool = False) -> None:
         st = native_status()
         self._lib = st.lib
         self.counting = st.lib is not None and not first_hit
@@ -183,37 +199,54 @@ class Collector:
             self._py_blocks: Blocks = {}
             self._py_edges: Edges = {}
             self.method = f"python-edge-generated (first hit, count 0; {st.reason})"
-        self._hook: tuple[Engine, int] | None = None  # (uc, hook handle)
+        # the Python fallback's trace ring and the block its hook saw last (None: none, or
+        # the next block does not follow it)
+        self._py_trace: deque[int] | None = None
+        self._py_last: int | None = None
+        if python_trace and not self.counting:
+            self._py_trace = deque(maxlen=TRACE_TAIL_MAX)
+            self.method += "; trace tail by a Python block hook"
+        self._hook: tuple[Engine, list[int]] | None = None  # (uc, hook handles)
 
     @property
     def attached(self) -> bool:
         return self._hook is not None
 
+    @property
+    def keeps_trace(self) -> bool:
+        """Whether :meth:`trace` has a trace to give (counting mode, or the Python fallback)."""
+        return self.counting or self._py_trace is not None
+
     def attach(self, uc: Engine) -> None:
         if self._hook is not None and self._hook[0] is uc:
             return
+        handles = []
         if self._t is not None:
             lib = self._lib
             fn = lib.ucb_block if self.counting else lib.ucb_edge
             htype = ucc.UC_HOOK_BLOCK if self.counting else ucc.UC_HOOK_EDGE_GENERATED
             address = ctypes.cast(fn, ctypes.c_void_p).value
             assert address is not None  # a symbol of a loaded library
-            h = _uc_hook_add(uc, htype, address, self._t)
+            handles.append(_uc_hook_add(uc, htype, address, self._t))
             lib.ucb_forget_last(self._t)
         else:
-            h = uc.hook_add(ucc.UC_HOOK_EDGE_GENERATED, self._py_edge)
-        self._hook = (uc, h)
+            handles.append(uc.hook_add(ucc.UC_HOOK_EDGE_GENERATED, self._py_edge))
+        if self._py_trace is not None:
+            self._py_last = None
+            handles.append(uc.hook_add(ucc.UC_HOOK_BLOCK, self._py_block))
+        self._hook = (uc, handles)
 
     def detach(self) -> None:
-        """Remove the hook. The caller detaches before it releases the engine (a released
+        """Remove the hooks. The caller detaches before it releases the engine (a released
         engine's hooks are gone with it: then this only forgets)."""
         hook, self._hook = self._hook, None
         if hook is None:
             return
-        uc, h = hook
+        uc, handles = hook
         if native_handle(uc) is not None:
-            with contextlib.suppress(Exception):
-                uc.hook_del(h)
+            for h in handles:
+                with contextlib.suppress(Exception):
+                    uc.hook_del(h)
 
     def _py_edge(self, uc: Any, cur: Any, prev: Any, _ud: Any) -> None:
         try:
@@ -227,23 +260,50 @@ class Collector:
         except Exception:  # never let an exception reach Unicorn
             pass
 
+    def _py_block(self, uc: Any, address: int, size: int, _ud: Any) -> None:
+        trace = self._py_trace
+        if trace is not None:
+            trace.append(address)
+            self._py_last = address
+
     def clear(self) -> None:
         if self._t is not None:
             self._lib.ucb_clear(self._t)
         else:
             self._py_blocks.clear()
             self._py_edges.clear()
+        if self._py_trace is not None:
+            self._py_trace.clear()
+            self._py_last = None
 
     def forget_last(self) -> None:
         """The next block does not follow the last one (reset, restore, PC written)."""
         if self._t is not None:
             self._lib.ucb_forget_last(self._t)
+        self._py_last = None
 
     def slice_ended(self, pc: int) -> None:
         """An emulation slice ended with the machine at ``pc`` (not executed): see the
         module docstring. The run engine calls it after every ``emu_start``."""
-        if self._t is not None and self.counting and self._hook is not None:
+        if self._hook is None:
+            return
+        if self._t is not None and self.counting:
             self._lib.ucb_stop(self._t, pc)
+        trace, last, self._py_last = self._py_trace, self._py_last, None
+        if trace is not None and last == pc and trace and trace[-1] == pc:
+            trace.pop()  # that entry ran nothing
+
+    def trace(self, count: int) -> list[int] | None:
+        """The start addresses of the last ``count`` (<= ``TRACE_TAIL_MAX``) blocks entered,
+        oldest first; None when this collector keeps no trace (first-hit mode)."""
+        count = max(0, min(count, TRACE_TAIL_MAX))
+        if self._py_trace is not None:
+            return list(self._py_trace)[-count:] if count else []
+        if not self.counting:
+            return None
+        buf = (ctypes.c_uint64 * max(count, 1))()
+        got = int(self._lib.ucb_trace(self._t, buf, count))
+        return [int(buf[i]) for i in range(got)]
 
     @property
     def overflowed(self) -> bool:

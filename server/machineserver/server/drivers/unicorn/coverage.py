@@ -11,11 +11,16 @@ What it reports (counting mode): blocks whose per-address counts are exact execu
 counts (split where a slice stopped inside a block, see :mod:`.collector`), and edges
 ``(last instruction of the block left, start of the block entered) -> count``, so a
 conditional branch's taken and not-taken counts are the counts of its two edges.
+
+The trace tail (``coverage_trace``): the starts of the last blocks entered while collecting,
+kept by the native block callback in counting mode (None in first-hit mode, unless
+``MachineOptions.extra["coverage_trace"] = "python"`` asks for the slow Python fallback; see
+:mod:`.collector`). Start and reset empty it; stop freezes it with the rest.
 """
 
 from __future__ import annotations
 
-from machineserver.server.drivers.base import Arch, Blocks, Coverage, Edges
+from machineserver.server.drivers.base import TRACE_TAIL_MAX, Arch, Blocks, Coverage, Edges
 from machineserver.server.drivers.unicorn.collector import Collector, edges_by_branch, split_at_cuts
 from machineserver.server.drivers.unicorn.context import BoardInstance, MachineContext
 
@@ -25,12 +30,14 @@ class UnicornCoverage(Coverage):
         self._ctx = ctx
         self._active = ctx.options.extra.get("coverage") == "1"
         self._frozen: tuple[Blocks, Edges] | None = None  # what coverage_stop kept
+        self._frozen_trace: list[int] | None = None  # the trace tail coverage_stop kept
         self._last_insn: dict[tuple[int, int], int] = {}  # (block, size) -> last instruction
 
     def _collector(self) -> Collector:
         if self._ctx.collector is None:
-            first_hit = self._ctx.options.extra.get("coverage_mode") == "first-hit"
-            self._ctx.collector = Collector(first_hit=first_hit)
+            extra = self._ctx.options.extra
+            self._ctx.collector = Collector(first_hit=extra.get("coverage_mode") == "first-hit",
+                                            python_trace=extra.get("coverage_trace") == "python")
         return self._ctx.collector
 
     @property
@@ -79,6 +86,7 @@ class UnicornCoverage(Coverage):
                 inst.uc.ctl_flush_tb()  # first-hit: what runs next must be translated again
             self._active = True
             self._frozen = None
+            self._frozen_trace = None
 
         await self._ctx.locked_any("start coverage", start)
 
@@ -86,6 +94,8 @@ class UnicornCoverage(Coverage):
         def stop(inst: BoardInstance | None) -> None:
             if self._frozen is None:
                 self._frozen = self._collected(inst) if self._active else ({}, {})
+                trace = self._collector().trace(TRACE_TAIL_MAX) if self._active else []
+                self._frozen_trace = trace if trace is not None else []
             self._active = False
             collector = self._ctx.collector
             if collector is not None and collector.attached:
@@ -104,6 +114,7 @@ class UnicornCoverage(Coverage):
                 inst.uc.ctl_flush_tb()
             if self._frozen is not None:
                 self._frozen = ({}, {})
+                self._frozen_trace = []
 
         await self._ctx.locked_any("reset coverage", reset)
 
@@ -130,3 +141,16 @@ class UnicornCoverage(Coverage):
         block, count 0 (taken, count unknown), in first-hit mode."""
         _, edges = await self._reported()
         return edges
+
+    async def coverage_trace(self, count: int) -> list[int] | None:
+        """Starts of the last ``count`` (at most TRACE_TAIL_MAX) blocks entered since
+        coverage_start/reset, oldest first (frozen at coverage_stop); None in first-hit
+        mode without the Python fallback."""
+        count = max(0, min(count, TRACE_TAIL_MAX))
+        if not self._collector().keeps_trace:
+            return None
+        if self._frozen_trace is not None:
+            return self._frozen_trace[-count:] if count else []
+        if not self._active:
+            return []
+        return await self._ctx.locked_any("read the trace", lambda _inst: self._collector().trace(count))

@@ -2,7 +2,7 @@
  * msplugin: the QEMU TCG plugin that every QEMU of MachineServer's QEMU driver
  * loads. Two independent parts, each enabled by its arguments:
  *
- *   qemu-system-arm ... -plugin file=msplugin.so[,out=BLOCKS][,entries=N]
+ *   qemu-system-arm ... -plugin file=msplugin.so[,out=BLOCKS][,entries=N][,trace=RING]
  *                                  [,gate=CTL,notify=FIFO,release=FIFO][,always=on]
  *                                  [,command=FIFO][,watched=FILE]
  *
@@ -32,6 +32,20 @@
  *    exit-request check (QEMU emits that first), so a block left before it runs (a
  *    pause, a gate hold) is not counted; one left in its middle (a fault, a
  *    watchpoint hit, an MMIO access under icount) is counted whole.
+ *
+ *    The trace tail (trace=RING, with out=): the start address of every block
+ *    executed, in a ring of the last TRACE_CAPACITY in a memory-mapped file. A
+ *    callback at each block's start (it sits where the inline add does, so the
+ *    same blocks are recorded as counted) stores the address and then bumps
+ *    `written` with release semantics: the slot of entry n is ring[n % capacity].
+ *
+ *      header (64 bytes, little-endian):
+ *        char     magic[8]    "MSTRACE\1"
+ *        uint32   version     1
+ *        uint32   capacity    TRACE_CAPACITY (4096; a power of two)
+ *        uint64   written     entries written so far
+ *        uint64   reserved[5]
+ *      uint64     ring[capacity]
  *
  * 2. The instruction gate (gate=CTL): counts executed instructions and holds
  *    the vCPU at a count, for counted runs ("step 10^9 instructions" as one
@@ -278,6 +292,24 @@ struct ms_entry {
 _Static_assert(sizeof(struct ms_header) == 64, "header layout");
 _Static_assert(sizeof(struct ms_entry) == 24, "entry layout");
 
+/* the trace tail ring (trace=RING) */
+#define TRACE_MAGIC "MSTRACE\1"
+#define TRACE_VERSION 1
+#define TRACE_CAPACITY 4096u
+
+struct trace_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t capacity;
+    uint64_t written;
+    uint64_t reserved[5];
+};
+
+_Static_assert(sizeof(struct trace_header) == 64, "trace header layout");
+
+static struct trace_header *trace_hdr;
+static uint64_t *trace_ring;
+
 static struct ms_header *hdr;
 static struct ms_entry *entries;
 static uint32_t capacity;
@@ -413,6 +445,15 @@ static void add_table_entry(struct qemu_plugin_tb *tb, size_t n)
     qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &e->count, 1);
 }
 
+/* at every execution of a block (one vCPU: no other writer) */
+static void trace_block(unsigned int vcpu_index, void *userdata)
+{
+    (void)vcpu_index;
+    uint64_t n = trace_hdr->written;
+    trace_ring[n & (TRACE_CAPACITY - 1)] = (uintptr_t)userdata;
+    __atomic_store_n(&trace_hdr->written, n + 1, __ATOMIC_RELEASE);
+}
+
 static bool is_trap(uint64_t vaddr)
 {
     uint32_t n = __atomic_load_n(&gate->ntraps, __ATOMIC_ACQUIRE);
@@ -497,6 +538,10 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     size_t n = qemu_plugin_tb_n_insns(tb);
     if (hdr != NULL) {
         add_table_entry(tb, n);
+    }
+    if (trace_hdr != NULL) {
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, trace_block, QEMU_PLUGIN_CB_NO_REGS,
+                                             (void *)(uintptr_t)qemu_plugin_tb_vaddr(tb));
     }
     if (gate == NULL || n == 0) {
         return;
@@ -1059,6 +1104,23 @@ static int setup_table(const char *out, unsigned long n_entries)
     return 0;
 }
 
+static int setup_trace(const char *path)
+{
+    struct trace_header *t = map_file(path, sizeof(*t) + TRACE_CAPACITY * sizeof(uint64_t),
+                                      "trace ring");
+    if (t == NULL) {
+        return -1;
+    }
+    trace_ring = (uint64_t *)(t + 1);
+    t->version = TRACE_VERSION;
+    t->capacity = TRACE_CAPACITY;
+    t->written = 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(t->magic, TRACE_MAGIC, 8);
+    trace_hdr = t;
+    return 0;
+}
+
 static int setup_gate(const char *ctl, const char *notify, const char *release,
                       const char *command, const char *watch_path)
 {
@@ -1139,7 +1201,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 {
     (void)info;
     const char *out = NULL, *ctl = NULL, *notify = NULL, *release = NULL, *command = NULL, *v;
-    const char *watch_path = NULL;
+    const char *watch_path = NULL, *trace_path = NULL;
     unsigned long n_entries = MS_DEFAULT_ENTRIES;
     for (int i = 0; i < argc; i++) {
         if ((v = arg_value(argv[i], "out")) != NULL) {
@@ -1159,6 +1221,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             release = v;
         } else if ((v = arg_value(argv[i], "command")) != NULL) {
             command = v;
+        } else if ((v = arg_value(argv[i], "trace")) != NULL) {
+            trace_path = v;
         } else if ((v = arg_value(argv[i], "watched")) != NULL) {
             watch_path = v;
         } else if ((v = arg_value(argv[i], "always")) != NULL) {
@@ -1172,7 +1236,12 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(stderr, "msplugin: gate= needs notify= and release=\n");
         return -1;
     }
+    if (trace_path != NULL && out == NULL) {
+        fprintf(stderr, "msplugin: trace= needs out=\n");
+        return -1;
+    }
     if ((out != NULL && setup_table(out, n_entries) != 0) ||
+        (trace_path != NULL && setup_trace(trace_path) != 0) ||
         (ctl != NULL && setup_gate(ctl, notify, release, command, watch_path) != 0)) {
         return -1;
     }

@@ -23,6 +23,12 @@
  * ucb_edge   (UC_HOOK_EDGE_GENERATED): first-hit mode, called once per translated
  *            block; records the block (count 0) and the edge that caused it (count 0).
  *
+ * The trace tail: ucb_block also stores each entry's block start in a ring of the last
+ * UCB_TRACE_MAX entries (one store and one masked add per block). ucb_stop takes back
+ * an entry that ran nothing (the slice stopped at the block's start: it is entered
+ * again, and recorded again, when the machine goes on); ucb_trace copies the ring out,
+ * oldest first. First-hit mode keeps no trace (no per-entry hook).
+ *
  * All table access happens on the emulating thread or while it is parked between
  * slices (the machine's lock): no locking here.
  */
@@ -48,6 +54,8 @@ typedef struct {
     ucb_pair_t *slots; uint64_t mask; uint64_t used;
 } ucb_pairs_t;
 
+#define UCB_TRACE_MAX 4096u /* a power of two; drivers.base.TRACE_TAIL_MAX */
+
 typedef struct {
     ucb_block_t *blocks; uint64_t bmask; uint64_t bused;
     ucb_pairs_t edges;
@@ -56,6 +64,9 @@ typedef struct {
     ucb_block_t *last_slot;  /* its entry (NULL after the table grew) */
     uint32_t edges_on;
     uint32_t oom;            /* an allocation failed: some entries are missing */
+    uint32_t trace_head;     /* the ring's next slot */
+    uint32_t trace_len;      /* entries held (<= UCB_TRACE_MAX) */
+    uint64_t trace[UCB_TRACE_MAX];  /* block starts, the last entered at trace_head - 1 */
 } ucb_table_t;
 
 static inline uint64_t mix(uint64_t x) {
@@ -95,6 +106,7 @@ void ucb_clear(ucb_table_t *t) {
     memset(t->cuts.slots, 0, (t->cuts.mask + 1) * sizeof *t->cuts.slots);
     t->bused = t->edges.used = t->cuts.used = 0;
     t->last = 0; t->last_slot = NULL; t->oom = 0;
+    t->trace_head = t->trace_len = 0;
 }
 
 void ucb_forget_last(ucb_table_t *t) { t->last = 0; t->last_slot = NULL; }
@@ -183,6 +195,9 @@ void ucb_block(void *uc, uint64_t address, uint32_t size, void *user_data) {
     uint64_t key = address + 1;
     ucb_block_t *prev = t->last_slot;
     ucb_block_t *b = add_block(t, key, size, 1);
+    t->trace[t->trace_head] = address;
+    t->trace_head = (t->trace_head + 1) & (UCB_TRACE_MAX - 1);
+    t->trace_len += t->trace_len < UCB_TRACE_MAX;
     if (t->edges_on && t->last) {
         if (t->last_slot != prev) prev = NULL;  /* the table grew: stale pointer */
         count_edge(t, prev, t->last, key);
@@ -200,6 +215,14 @@ void ucb_stop(ucb_table_t *t, uint64_t pc) {
     ucb_block_t *b = bslot(t->blocks, t->bmask, last);
     if (b->key != last) return;  /* lost to an allocation failure */
     uint64_t start = last - 1;
+    if (pc == start && t->trace_len) {
+        /* the entry ran nothing: not in the trace (it is recorded when it runs) */
+        uint32_t prev = (t->trace_head - 1) & (UCB_TRACE_MAX - 1);
+        if (t->trace[prev] == start) {
+            t->trace_head = prev;
+            t->trace_len--;
+        }
+    }
     if (pc >= start && pc < start + b->size) {
         int grew = 0;
         ucb_pair_t *c = add_pair(t, &t->cuts, last, pc + 1, &grew);
@@ -263,4 +286,12 @@ uint64_t ucb_dump_edges(ucb_table_t *t, uint64_t *out, uint64_t max) {
 
 uint64_t ucb_dump_cuts(ucb_table_t *t, uint64_t *out, uint64_t max) {
     return dump_pairs(&t->cuts, out, max);
+}
+
+/* the last min(max, held) block starts of the trace ring, oldest first */
+uint64_t ucb_trace(ucb_table_t *t, uint64_t *out, uint64_t max) {
+    uint64_t n = t->trace_len < max ? t->trace_len : max;
+    uint32_t first = (t->trace_head - (uint32_t)n) & (UCB_TRACE_MAX - 1);
+    for (uint64_t i = 0; i < n; i++) out[i] = t->trace[(first + i) & (UCB_TRACE_MAX - 1)];
+    return n;
 }
