@@ -21,6 +21,9 @@ and friendly verbs cover the common path::
     msctl whoami                                  who the server takes you for (principal, tenant, roles)
     msctl apikey create --name N --role operator [--tenant T] [--ttl 90d]   prints the secret once
     msctl apikey list|revoke                      API keys (admin)
+    msctl capsule show FILE [--json]              a failure capsule, read here: trigger, pc, registers, console, trace
+    msctl capsule open FILE [--session-id ID]     import it: a session halted at the failure instant
+    msctl capsule list|get|export NAME -o FILE|create SESSION [--reason R]|delete NAME
 
 Credentials: --api-key (env MSCTL_API_KEY) or --token (a JWT, env MSCTL_TOKEN); TLS with
 --tls (system roots) or --tls-ca CA.pem, plus --tls-cert/--tls-key for a client certificate.
@@ -34,7 +37,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machineserver.cli import access, audit, cosim, debugger, jobs, rpc, watch
+from machineserver.cli import access, audit, capsule, cosim, debugger, jobs, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
@@ -283,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_verbs(next(a for a in audit_group._actions if isinstance(a, argparse._SubParsersAction)))
     job_group = sub.choices["job"]
     jobs.add_verbs(next(a for a in job_group._actions if isinstance(a, argparse._SubParsersAction)))
+    capsule_group = sub.choices["capsule"]
+    capsule.add_verbs(next(a for a in capsule_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 
