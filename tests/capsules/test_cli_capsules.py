@@ -7,6 +7,7 @@ new session that is HALTED at the same pc with the same registers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -91,6 +92,7 @@ def layout_archive(path: Path, elf: Path, *, parts: dict[str, bytes] | None = No
         "coverage.info": LCOV.encode(),
         "telemetry.json": json.dumps(content["telemetry"]).encode(),
     }
+    sums_of = dict(files)  # parts given by the caller are as damaged as they look: sums of the originals
     files.update(parts or {})
     names = {"snapshot": "snapshot.bin", "registers": "registers.json", "backtrace": "backtrace.json",
              "console": "console.txt", "trace": "trace.json", "coverage": "coverage.info",
@@ -108,6 +110,7 @@ def layout_archive(path: Path, elf: Path, *, parts: dict[str, bytes] | None = No
                     "file": "program.bin"},
         "parts": {part: member for part, member in names.items() if member in files},
         "missing": {"gdb": "not captured here"},
+        "sha256": {member: hashlib.sha256(data).hexdigest() for member, data in sums_of.items()},
     }
     doc.update(manifest or {})
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -165,7 +168,7 @@ def test_show_json_is_the_whole_capsule(tmp_path: Path, elf: Path) -> None:
     assert doc["telemetry"]["cpu_percent"] == {"min": 12.0, "mean": 26.0, "max": 40.0}
     assert doc["telemetry"]["session"] == {"instructions": 4321, "faults": 1}
     assert doc["snapshot_bytes"] == 2048 and doc["program_bytes"] == elf.stat().st_size
-    assert doc["missing"] == {"gdb": "not captured here"}
+    assert doc["missing"] == {"gdb": "not captured here"} and doc["damaged"] == {}
     # the global flag works the same
     again = msctl("--json", "capsule", "show", str(tmp_path / "c.zip"))
     assert json.loads(again.stdout) == doc
@@ -182,6 +185,17 @@ def test_show_lists_absent_and_damaged_parts_and_shows_the_rest(tmp_path: Path, 
     assert doc["missing"]["registers"].startswith("unreadable: registers.json: not an object of register name")
     assert "coverage" not in doc and doc["registers"] == {}
     assert len(doc["trace"]) == 2  # what could be read is still shown
+
+
+def test_show_flags_a_part_that_does_not_match_its_sha256_and_still_shows_it(tmp_path: Path, elf: Path) -> None:
+    layout_archive(tmp_path / "c.zip", elf, parts={"console.txt": b"edited afterwards\n"})
+    result = msctl("capsule", "show", str(tmp_path / "c.zip"))
+    assert result.returncode == 0, result.stderr
+    assert "Damaged\n  console: console.txt does not match its sha256 in the manifest (tampered or damaged)" \
+        in result.stdout
+    assert "| edited afterwards" in result.stdout
+    doc = json.loads(msctl("capsule", "show", str(tmp_path / "c.zip"), "--json").stdout)
+    assert list(doc["damaged"]) == ["console"]
 
 
 def test_show_bounds_what_it_decompresses(tmp_path: Path, elf: Path) -> None:
@@ -266,57 +280,87 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
-def test_capture_export_show_open_gives_a_halted_session_at_the_same_pc(
-        tmp_path: Path, server_process: ServerProcess, backend: str) -> None:
-    sp = server_process
+def _registers(session: str, target: str) -> dict[str, int]:
+    out = _ok(msctl("--json", "debug", "read-registers", session, target=target))
+    return {r["name"]: int(r.get("value", 0)) for r in json.loads(out)["registers"]}
+
+
+def capture_at_main(sp: ServerProcess, folder: Path, backend: str) -> tuple[str, Path, dict[str, int], int]:
+    """A session of hello stopped at main, captured by ``msctl capsule create`` and
+    exported: (capsule name, archive, the session's registers, main's address)."""
     elf = firmware(BOARD, "hello")
     target = sp.target
     _ok(msctl("session", "create", "--board", BOARD, "--backend", backend, "--program", str(elf), "--id", "s1",
               "--power-on", target=target))
     _ok(msctl("debug", "set-breakpoint", "s1", "--location", '{"symbol": "main"}', target=target))
     _ok(msctl("debug", "continue", "s1", "--wait", target=target))
-    regs = {r["name"]: int(r.get("value", 0)) for r in
-            json.loads(_ok(msctl("--json", "debug", "read-registers", "s1", target=target)))["registers"]}
+    regs = _registers("s1", target)
     main = elf_address(elf, "main")
     assert regs["pc"] == main
-
     created = _ok(msctl("capsule", "create", "s1", "--reason", "checked by hand", target=target))
     name = created.split()[0]
     assert name.startswith("capsules/") and f"pc={main:#010x}" in created
+    archive = folder / "capsule.zip"
+    exported = _ok(msctl("capsule", "export", name, "-o", str(archive), target=target))
+    assert f"{archive.stat().st_size} bytes" in exported
+    return name, archive, regs, main
+
+
+def rewrite(src: Path, dst: Path, *, manifest: dict[str, Any] | None = None,
+            members: dict[str, bytes] | None = None, resum: bool = True) -> Path:
+    """A copy of an archive with manifest fields and members replaced; the manifest's
+    sha256 of a replaced member updated (resum) or left as it was (a tampered copy)."""
+    with zipfile.ZipFile(src) as zf:
+        files = {info.filename: zf.read(info) for info in zf.infolist()}
+    doc = json.loads(files.pop("manifest.json"))
+    doc.update(manifest or {})
+    for member, data in (members or {}).items():
+        files[member] = data
+        if resum:
+            doc["sha256"][member] = hashlib.sha256(data).hexdigest()
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", json.dumps(doc))
+        for member, data in files.items():
+            zf.writestr(member, data)
+    return dst
+
+
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
+def test_capture_export_show_open_gives_a_halted_session_at_the_same_pc(
+        tmp_path: Path, server_process: ServerProcess, backend: str) -> None:
+    target = server_process.target
+    name, archive, regs, main = capture_at_main(server_process, tmp_path, backend)
     listed = _ok(msctl("capsule", "list", target=target))
     assert name in listed and "EXPLICIT" in listed and "checked by hand" in listed
     got = _ok(msctl("capsule", "get", name, target=target))
     assert "checked by hand" in got and f"{main:#010x}" in got and backend in got
-
-    archive = tmp_path / "capsule.zip"
-    exported = _ok(msctl("capsule", "export", name, "-o", str(archive), target=target))
-    assert archive.stat().st_size < 1_000_000 and f"{archive.stat().st_size} bytes" in exported
+    assert archive.stat().st_size < 1_000_000
 
     # the server's own archive, read here with no server
     doc = json.loads(_ok(msctl("capsule", "show", str(archive), "--json")))
-    assert doc["pc"] == main and doc["pc_symbol"] == "main"
+    assert doc["pc"] == main and doc["pc_symbol"] == "main" and doc["damaged"] == {}
     assert doc["manifest"]["capsule"]["trigger"] == "explicit" and doc["manifest"]["backend"] == backend
-    assert {k: v for k, v in doc["registers"].items() if k in regs} == {k: v for k, v in regs.items()
-                                                                       if k in doc["registers"]}
+    assert doc["manifest"]["capsule"]["reason"] == "checked by hand"
     assert doc["registers"]["pc"] == main
+    common = set(doc["registers"]) & set(regs)
+    assert {"r0", "sp", "lr", "pc"} <= common
+    assert {k: doc["registers"][k] for k in common} == {k: regs[k] for k in common}
+    assert "hello" in doc["console_tail"].lower() or doc["console_tail"] == "" or "console" in doc["missing"]
     shown = _ok(msctl("capsule", "show", str(archive)))
-    assert f"{main:#010x}  main" in shown and "EXPLICIT" in shown
+    assert f"pc        {main:#010x}  main" in shown and "EXPLICIT" in shown
 
     opened = _ok(msctl("capsule", "open", str(archive), "--session-id", "reopened", target=target))
     assert "sessions/reopened  HALTED" in opened and f"pc        {main:#010x}" in opened
     assert "differs" not in opened and "msctl debug reopened" in opened
     session = json.loads(_ok(msctl("--json", "session", "get-session", "reopened", target=target)))["session"]
     assert session["state"] == "SESSION_STATE_HALTED" and session["backend"] == backend
-    again = {r["name"]: int(r.get("value", 0)) for r in
-             json.loads(_ok(msctl("--json", "debug", "read-registers", "reopened", target=target)))["registers"]}
-    assert again == regs
+    assert _registers("reopened", target) == regs
 
     assert f"deleted {name}" in _ok(msctl("capsule", "delete", name, target=target))
     assert "NOT_FOUND" in one_line_error(msctl("capsule", "get", name, target=target))
 
 
-def test_server_verbs_refuse_in_one_line(tmp_path: Path, server_process: ServerProcess, elf: Path) -> None:
+def test_server_verbs_refuse_in_one_line(tmp_path: Path, server_process: ServerProcess) -> None:
     target = server_process.target
     assert "NOT_FOUND" in one_line_error(msctl("capsule", "get", "nope", target=target))
     assert "NOT_FOUND" in one_line_error(msctl("capsule", "export", "nope", "-o", str(tmp_path / "o.zip"),
@@ -327,8 +371,18 @@ def test_server_verbs_refuse_in_one_line(tmp_path: Path, server_process: ServerP
     (tmp_path / "junk.zip").write_bytes(b"junk")
     assert "not a zip archive" in one_line_error(msctl("capsule", "open", str(tmp_path / "junk.zip"),
                                                        target=target))
-    # a capsule whose snapshot the server cannot restore: refused by the server, in one line
-    layout_archive(tmp_path / "foreign.zip", elf, manifest={"snapshot_format": "unicorn-state-999",
-                                                            "backend_version": "unicorn 99.0"})
-    line = one_line_error(msctl("capsule", "open", str(tmp_path / "foreign.zip"), target=target))
-    assert "INVALID_ARGUMENT" in line or "FAILED_PRECONDITION" in line
+    _, archive, _, _ = capture_at_main(server_process, tmp_path, "unicorn")
+    # a tampered member: the server refuses it, naming the member
+    tampered = rewrite(archive, tmp_path / "tampered.zip", members={"console.txt": b"not what was captured\n"},
+                       resum=False)
+    line = one_line_error(msctl("capsule", "open", str(tampered), target=target))
+    assert "INVALID_ARGUMENT" in line and "console.txt" in line and "sha256" in line
+    # a snapshot written by a Unicorn driver format this server does not have: refused with both versions
+    with zipfile.ZipFile(archive) as zf:
+        snapshot = bytearray(zf.read("snapshot.bin"))
+    assert snapshot.startswith(b"MSUCSNAP")
+    snapshot[8:10] = (999).to_bytes(2, "little")
+    foreign = rewrite(archive, tmp_path / "foreign.zip", members={"snapshot.bin": bytes(snapshot)},
+                      manifest={"snapshot_format": "unicorn-snapshot/999", "backend_version": "unicorn 9.9.9"})
+    line = one_line_error(msctl("capsule", "open", str(foreign), target=target))
+    assert "FAILED_PRECONDITION" in line and "unicorn-snapshot/999" in line, line

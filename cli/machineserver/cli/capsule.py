@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,8 @@ class CapsuleArchive:
     program: bytes = b""
     snapshot_bytes: int = 0
     missing: dict[str, str] = field(default_factory=dict)
+    # parts whose bytes differ from the manifest's sha256 (shown all the same)
+    damaged: dict[str, str] = field(default_factory=dict)
 
     @property
     def capsule(self) -> dict[str, Any]:
@@ -107,8 +110,11 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
     """A member's bytes, never more than ``limit`` decompressed (whatever its header says)."""
     if info.file_size > limit:
         raise CapsuleFileError(f"{info.filename}: {info.file_size} bytes, over the {limit} byte limit")
-    with zf.open(info) as f:
-        data = f.read(limit + 1)
+    try:
+        with zf.open(info) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, RuntimeError, zlib.error) as exc:
+        raise CapsuleFileError(f"{info.filename}: unreadable ({exc})") from None
     if len(data) > limit:
         raise CapsuleFileError(f"{info.filename}: over the {limit} byte limit (its header says {info.file_size})")
     return data
@@ -117,7 +123,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
 def _json_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
     try:
         return json.loads(_read_member(zf, info, MAX_JSON_BYTES))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CapsuleFileError(f"{info.filename}: not valid JSON ({exc})") from None
 
 
@@ -179,6 +185,24 @@ def read_archive(path: Path) -> CapsuleArchive:
         raise CapsuleFileError(f"{path}: damaged archive ({exc})") from None
 
 
+def _parse_part(archive: CapsuleArchive, part: str, member: str, blob: bytes) -> None:
+    if part == "snapshot":
+        archive.snapshot_bytes = len(blob)
+    elif part == "program":
+        archive.program = blob
+    elif part in JSON_PARTS:
+        try:
+            value = json.loads(blob)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CapsuleFileError(f"{member}: not valid JSON ({exc})") from None
+        problem = _check_part(part, value)
+        if problem:
+            raise CapsuleFileError(f"{member}: {problem}")
+        archive.parts[part] = value
+    else:
+        archive.parts[part] = blob.decode("utf-8", "replace")
+
+
 def _read_zip(path: Path, data: bytes, zf: zipfile.ZipFile) -> CapsuleArchive:
     infos = zf.infolist()
     if len(infos) > MAX_MEMBERS:
@@ -196,23 +220,22 @@ def _read_zip(path: Path, data: bytes, zf: zipfile.ZipFile) -> CapsuleArchive:
     for part, member in listed.items():
         if member not in members and part not in archive.missing:
             archive.missing[part] = f"listed in the manifest as {member}, absent from the archive"
+    raw_sums = manifest.get("sha256")
+    sums: dict[str, Any] = raw_sums if isinstance(raw_sums, dict) else {}
     for part, default in DEFAULT_MEMBERS.items():
         info = members.get(listed.get(part, default))
         if info is None:
             continue
         try:
-            if part == "snapshot":
-                archive.snapshot_bytes = info.file_size
-            elif part == "program":
-                archive.program = _read_member(zf, info, MAX_PART_BYTES)
-            elif part in JSON_PARTS:
-                value = _json_member(zf, info)
-                problem = _check_part(part, value)
-                if problem:
-                    raise CapsuleFileError(f"{info.filename}: {problem}")
-                archive.parts[part] = value
-            else:
-                archive.parts[part] = _read_member(zf, info, MAX_PART_BYTES).decode("utf-8", "replace")
+            blob = _read_member(zf, info, MAX_JSON_BYTES if part in JSON_PARTS else MAX_PART_BYTES)
+        except CapsuleFileError as exc:
+            archive.missing[part] = f"unreadable: {exc}"
+            continue
+        expected = sums.get(info.filename)
+        if isinstance(expected, str) and hashlib.sha256(blob).hexdigest() != expected:
+            archive.damaged[part] = f"{info.filename} does not match its sha256 in the manifest (tampered or damaged)"
+        try:
+            _parse_part(archive, part, info.filename, blob)
         except CapsuleFileError as exc:
             archive.missing[part] = f"unreadable: {exc}"
     return archive
@@ -335,7 +358,7 @@ def summary(archive: CapsuleArchive, trace_count: int = 0) -> dict[str, Any]:
         "registers": archive.parts.get("registers", {}), "backtrace": backtrace,
         "console_tail": archive.parts.get("console", ""),
         "trace": trace[-trace_count:] if trace_count else trace,
-        "missing": archive.missing,
+        "missing": archive.missing, "damaged": archive.damaged,
     }
     if "coverage" in archive.parts:
         out["coverage"] = coverage_summary(archive.parts["coverage"])
@@ -424,6 +447,10 @@ def render(s: dict[str, Any], out: Console, console_lines: int) -> None:
         for block in s["trace"]:
             _say(out, f"  {_hex(block['address'])}  {block.get('symbol') or ''}".rstrip())
     _render_coverage_and_telemetry(s, out)
+    if s["damaged"]:
+        _heading(out, "Damaged")
+        for part, why in sorted(s["damaged"].items()):
+            _say(out, f"  {part}: {why}", "red")
     if s["missing"]:
         _heading(out, "Missing")
         for part, why in sorted(s["missing"].items()):
