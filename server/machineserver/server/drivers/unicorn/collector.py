@@ -204,7 +204,7 @@ class Collector:
         self._py_trace: deque[int] | None = None
         self._py_last: int | None = None
         if python_trace and not self.counting:
-            self._py_trace = deque(maxlen=TRACE_TAIL_MAX)
+            self._py_trace = deque(maxlen=TRACE_TAIL_MAX + 1)  # + 1: as the native ring's
             self.method += "; trace tail by a Python block hook"
         self._hook: tuple[Engine, list[int]] | None = None  # (uc, hook handles)
 

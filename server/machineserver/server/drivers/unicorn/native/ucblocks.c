@@ -54,7 +54,10 @@ typedef struct {
     ucb_pair_t *slots; uint64_t mask; uint64_t used;
 } ucb_pairs_t;
 
-#define UCB_TRACE_MAX 4096u /* a power of two; drivers.base.TRACE_TAIL_MAX */
+#define UCB_TRACE_MAX 4096u /* drivers.base.TRACE_TAIL_MAX */
+/* one slot more than is ever reported: an entry taken back at a slice end (ucb_stop)
+ * leaves UCB_TRACE_MAX behind it once the ring has filled */
+#define UCB_TRACE_SLOTS (UCB_TRACE_MAX + 1)
 
 typedef struct {
     ucb_block_t *blocks; uint64_t bmask; uint64_t bused;
@@ -65,8 +68,8 @@ typedef struct {
     uint32_t edges_on;
     uint32_t oom;            /* an allocation failed: some entries are missing */
     uint32_t trace_head;     /* the ring's next slot */
-    uint32_t trace_len;      /* entries held (<= UCB_TRACE_MAX) */
-    uint64_t trace[UCB_TRACE_MAX];  /* block starts, the last entered at trace_head - 1 */
+    uint32_t trace_len;      /* entries held (<= UCB_TRACE_SLOTS) */
+    uint64_t trace[UCB_TRACE_SLOTS];  /* block starts, the last entered before trace_head */
 } ucb_table_t;
 
 static inline uint64_t mix(uint64_t x) {
@@ -196,8 +199,8 @@ void ucb_block(void *uc, uint64_t address, uint32_t size, void *user_data) {
     ucb_block_t *prev = t->last_slot;
     ucb_block_t *b = add_block(t, key, size, 1);
     t->trace[t->trace_head] = address;
-    t->trace_head = (t->trace_head + 1) & (UCB_TRACE_MAX - 1);
-    t->trace_len += t->trace_len < UCB_TRACE_MAX;
+    if (++t->trace_head == UCB_TRACE_SLOTS) t->trace_head = 0;
+    t->trace_len += t->trace_len < UCB_TRACE_SLOTS;
     if (t->edges_on && t->last) {
         if (t->last_slot != prev) prev = NULL;  /* the table grew: stale pointer */
         count_edge(t, prev, t->last, key);
@@ -217,7 +220,7 @@ void ucb_stop(ucb_table_t *t, uint64_t pc) {
     uint64_t start = last - 1;
     if (pc == start && t->trace_len) {
         /* the entry ran nothing: not in the trace (it is recorded when it runs) */
-        uint32_t prev = (t->trace_head - 1) & (UCB_TRACE_MAX - 1);
+        uint32_t prev = t->trace_head ? t->trace_head - 1 : UCB_TRACE_SLOTS - 1;
         if (t->trace[prev] == start) {
             t->trace_head = prev;
             t->trace_len--;
@@ -290,8 +293,12 @@ uint64_t ucb_dump_cuts(ucb_table_t *t, uint64_t *out, uint64_t max) {
 
 /* the last min(max, held) block starts of the trace ring, oldest first */
 uint64_t ucb_trace(ucb_table_t *t, uint64_t *out, uint64_t max) {
+    if (max > UCB_TRACE_MAX) max = UCB_TRACE_MAX;
     uint64_t n = t->trace_len < max ? t->trace_len : max;
-    uint32_t first = (t->trace_head - (uint32_t)n) & (UCB_TRACE_MAX - 1);
-    for (uint64_t i = 0; i < n; i++) out[i] = t->trace[(first + i) & (UCB_TRACE_MAX - 1)];
+    uint64_t at = (t->trace_head + UCB_TRACE_SLOTS - n) % UCB_TRACE_SLOTS;
+    for (uint64_t i = 0; i < n; i++) {
+        out[i] = t->trace[at];
+        if (++at == UCB_TRACE_SLOTS) at = 0;
+    }
     return n;
 }
