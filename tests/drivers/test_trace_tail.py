@@ -201,6 +201,17 @@ async def test_qemu_trace_spans_a_restart(make: Make) -> None:
     assert both.count(three.start) == 6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_coverage_trace_off_keeps_counts_and_no_trace(make: Make, backend: str) -> None:
+    path = firmware(BOARD, "coverage")
+    three = elf_function(path, "called_three_times")
+    p, rec = await make(backend, "coverage", coverage_trace="off")
+    await p.cov.coverage_start()
+    assert (await run_to_stop(p, rec)).reason == StopReason.EXIT
+    assert await p.cov.coverage_trace(10) is None
+    assert (await p.cov.coverage_blocks())[three.start][1] == 3
+
+
 async def test_unicorn_first_hit_and_qemu_without_coverage_keep_no_trace(make: Make) -> None:
     p, rec = await make("unicorn", "coverage", coverage_mode="first-hit")
     await p.cov.coverage_start()

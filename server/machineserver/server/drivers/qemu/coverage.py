@@ -19,7 +19,8 @@ The trace tail (``coverage_trace``): each QEMU also gets a ring file (``trace-N.
 per block: see scripts/bench's coverage section for its cost). Like the totals, the trace
 spans restarts (the last ring's tail is kept when the next QEMU starts), starts again at
 ``coverage_start``/``coverage_reset`` and is frozen by ``coverage_stop``. Machines without
-coverage keep no trace (None).
+coverage keep no trace (None), nor those created with ``extra["coverage_trace"] = "off"``
+(no ring, no callback).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ __all__ = ["QemuCoverage", "plugin_status"]
 
 
 class QemuCoverage(Coverage):
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool, trace: bool = True) -> None:
         self.enabled = enabled
+        self.traced = enabled and trace  # each QEMU gets a trace ring
         self._dir: str | None = None  # this machine's tables, until power_off
         self._table: str | None = None  # the running QEMU's table
         self._generation = 0
@@ -91,6 +93,8 @@ class QemuCoverage(Coverage):
             self._dir = tempfile.mkdtemp(prefix="ms-cov-", dir=base if "," not in base else "/tmp")
         self._generation += 1
         self._table = os.path.join(self._dir, f"blocks-{self._generation}.bin")
+        if not self.traced:
+            return {"out": self._table}
         self._ring = os.path.join(self._dir, f"trace-{self._generation}.bin")
         return {"out": self._table, "trace": self._ring}
 
@@ -195,7 +199,7 @@ class QemuCoverage(Coverage):
         """Starts of the last ``count`` (at most TRACE_TAIL_MAX) blocks executed since
         coverage_start/reset (since power-on before any), oldest first; frozen at
         coverage_stop. None for a machine without coverage (no ring)."""
-        if not self.enabled:
+        if not self.traced:
             return None
         count = max(0, min(count, TRACE_TAIL_MAX))
         trace = self._frozen_trace if self._frozen_trace is not None else await self._trace()

@@ -15,7 +15,7 @@ semihosting       :mod:`.semihosting` (trap sites: exits caught before QEMU ends
 registers         :mod:`.registers` (:mod:`.regs`: the register map)
 memory            :mod:`.memory`
 snapshots         :mod:`.snapshots` (the migrate stream and our header)
-coverage          :mod:`.coverage` (:mod:`.blocktable`: the plugin's table)
+coverage          :mod:`.coverage` (:mod:`.blocktable`: the plugin's table; :mod:`.tracering`: its trace ring)
 lock-step         :mod:`.lockstep` (co-simulation: quanta to a virtual-clock deadline)
 console input     :mod:`.console`
 host footprint    :mod:`.footprint`
@@ -122,7 +122,8 @@ class QemuMachine(Machine):
         self.points = PointTable(board.arch)
         self.traps = TrapSites(board.arch, self.points)
         self.run_control = QemuRunControl(self.target, self.points, self.traps)
-        self.coverage = QemuCoverage(enabled=options.extra.get("coverage") == "1")
+        self.coverage = QemuCoverage(enabled=options.extra.get("coverage") == "1",
+                                     trace=options.extra.get("coverage_trace") != "off")
         self._find_traps = options.extra.get("semihosting_traps", "on") != "off"
         self._image: ProgramImage | None = None
         snapshots = QemuSnapshots(self.target, self.traps, self._restore)

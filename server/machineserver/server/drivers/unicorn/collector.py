@@ -70,7 +70,8 @@ entries: it keeps no trace, unless the machine asks for the **Python fallback**
 (``MachineOptions.extra["coverage_trace"] = "python"``), a Python ``UC_HOOK_BLOCK``
 callback that feeds the same ring (a deque) with the same rule at slice ends; it costs
 what a Python block hook costs (~150x on a tight loop), so it is for hosts without a C
-compiler that need the trace, never the default.
+compiler that need the trace, never the default. ``coverage_trace = "off"`` keeps no
+trace (the native callback without the ring's store).
 
 All table access happens on the emulating thread or between slices under the
 machine's lock, never concurrently.
@@ -181,12 +182,14 @@ def _triples(lib: Any, table: int, count: Callable[[int], int], dump: Callable[.
 class Collector:
     """One machine's coverage table; survives power cycles (attach to each new Uc).
     ``python_trace``: keep the trace tail with a Python block hook where the native
-    counter does not (first-hit mode, no C compiler): see the module docstring."""
+    counter does not (first-hit mode, no C compiler): see the module docstring.
+    ``trace`` False: keep no trace at all."""
 
-    def __init__(self, first_hit: bool = False, python_trace: bool = False) -> None:
+    def __init__(self, first_hit: bool = False, python_trace: bool = False, trace: bool = True) -> None:
         st = native_status()
         self._lib = st.lib
         self.counting = st.lib is not None and not first_hit
+        self._traced = trace and self.counting  # the native ring is kept
         if st.lib is not None:
             self._t = st.lib.ucb_new()
             if not self._t:
@@ -203,7 +206,7 @@ class Collector:
         # the next block does not follow it)
         self._py_trace: deque[int] | None = None
         self._py_last: int | None = None
-        if python_trace and not self.counting:
+        if trace and python_trace and not self.counting:
             self._py_trace = deque(maxlen=TRACE_TAIL_MAX + 1)  # + 1: as the native ring's
             self.method += "; trace tail by a Python block hook"
         self._hook: tuple[Engine, list[int]] | None = None  # (uc, hook handles)
@@ -215,7 +218,7 @@ class Collector:
     @property
     def keeps_trace(self) -> bool:
         """Whether :meth:`trace` has a trace to give (counting mode, or the Python fallback)."""
-        return self.counting or self._py_trace is not None
+        return self._traced or self._py_trace is not None
 
     def attach(self, uc: Engine) -> None:
         if self._hook is not None and self._hook[0] is uc:
@@ -223,7 +226,7 @@ class Collector:
         handles = []
         if self._t is not None:
             lib = self._lib
-            fn = lib.ucb_block if self.counting else lib.ucb_edge
+            fn = (lib.ucb_block if self._traced else lib.ucb_block_untraced) if self.counting else lib.ucb_edge
             htype = ucc.UC_HOOK_BLOCK if self.counting else ucc.UC_HOOK_EDGE_GENERATED
             address = ctypes.cast(fn, ctypes.c_void_p).value
             assert address is not None  # a symbol of a loaded library
@@ -299,7 +302,7 @@ class Collector:
         count = max(0, min(count, TRACE_TAIL_MAX))
         if self._py_trace is not None:
             return list(self._py_trace)[-count:] if count else []
-        if not self.counting:
+        if not self._traced:
             return None
         buf = (ctypes.c_uint64 * max(count, 1))()
         got = int(self._lib.ucb_trace(self._t, buf, count))

@@ -14,8 +14,8 @@ conditional branch's taken and not-taken counts are the counts of its two edges.
 
 The trace tail (``coverage_trace``): the starts of the last blocks entered while collecting,
 kept by the native block callback in counting mode (None in first-hit mode, unless
-``MachineOptions.extra["coverage_trace"] = "python"`` asks for the slow Python fallback; see
-:mod:`.collector`). Start and reset empty it; stop freezes it with the rest.
+``MachineOptions.extra["coverage_trace"] = "python"`` asks for the slow Python fallback;
+``"off"``: none; see :mod:`.collector`). Start and reset empty it; stop freezes it with the rest.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class UnicornCoverage(Coverage):
         if self._ctx.collector is None:
             extra = self._ctx.options.extra
             self._ctx.collector = Collector(first_hit=extra.get("coverage_mode") == "first-hit",
-                                            python_trace=extra.get("coverage_trace") == "python")
+                                            python_trace=extra.get("coverage_trace") == "python",
+                                            trace=extra.get("coverage_trace") != "off")
         return self._ctx.collector
 
     @property

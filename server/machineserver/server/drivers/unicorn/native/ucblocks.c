@@ -23,7 +23,7 @@
  * ucb_edge   (UC_HOOK_EDGE_GENERATED): first-hit mode, called once per translated
  *            block; records the block (count 0) and the edge that caused it (count 0).
  *
- * The trace tail: ucb_block also stores each entry's block start in a ring of the last
+ * The trace tail: ucb_block (not ucb_block_untraced) also stores each entry's block start in a ring of the last
  * UCB_TRACE_MAX entries (one store and one masked add per block). ucb_stop takes back
  * an entry that ran nothing (the slice stopped at the block's start: it is entered
  * again, and recorded again, when the machine goes on); ucb_trace copies the ring out,
@@ -191,22 +191,33 @@ static inline void count_edge(ucb_table_t *t, ucb_block_t *from, uint64_t src, u
     if (from) { from->succ = dst; from->succ_edge = (uint64_t)(e - t->edges.slots); }
 }
 
-/* uc_cb_hookcode_t */
-void ucb_block(void *uc, uint64_t address, uint32_t size, void *user_data) {
-    (void)uc;
-    ucb_table_t *t = user_data;
+static inline void block_entered(ucb_table_t *t, uint64_t address, uint32_t size, int trace) {
     uint64_t key = address + 1;
     ucb_block_t *prev = t->last_slot;
     ucb_block_t *b = add_block(t, key, size, 1);
-    t->trace[t->trace_head] = address;
-    if (++t->trace_head == UCB_TRACE_SLOTS) t->trace_head = 0;
-    t->trace_len += t->trace_len < UCB_TRACE_SLOTS;
+    if (trace) {
+        t->trace[t->trace_head] = address;
+        if (++t->trace_head == UCB_TRACE_SLOTS) t->trace_head = 0;
+        t->trace_len += t->trace_len < UCB_TRACE_SLOTS;
+    }
     if (t->edges_on && t->last) {
         if (t->last_slot != prev) prev = NULL;  /* the table grew: stale pointer */
         count_edge(t, prev, t->last, key);
     }
     t->last = key;
     t->last_slot = b;
+}
+
+/* uc_cb_hookcode_t: counts and the trace ring */
+void ucb_block(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    (void)uc;
+    block_entered(user_data, address, size, 1);
+}
+
+/* uc_cb_hookcode_t: counts only (no trace: MachineOptions.extra coverage_trace=off) */
+void ucb_block_untraced(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    (void)uc;
+    block_entered(user_data, address, size, 0);
 }
 
 /* after every slice: the machine stopped at pc, which has not run (see the top) */
