@@ -172,7 +172,10 @@ def session_record_pb(rec: SessionRecord) -> session_pb.Session:
         options=session_pb.SessionOptions(
             icount=rec.icount, coverage=rec.coverage,
             remote=session_pb.RemoteTarget(address=rec.remote_target, console=rec.remote_console)
-            if rec.remote_target else None),
+            if rec.remote_target else None,
+            capsules=session_pb.CapsulePolicy(on_fault=bool(rec.capsule_policy.get("on_fault")),
+                                              assert_symbols=rec.capsule_policy.get("assert_symbols", []))
+            if rec.capsule_policy else None),
         create_time=timestamp(rec.create_time),
         update_time=timestamp(rec.update_time),
         owner=rec.owner,

@@ -16,6 +16,7 @@ from machineserver.server.api.access import AccessServicer
 from machineserver.server.api.audit import AuditServicer
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.capabilities import CapabilitiesServicer
+from machineserver.server.api.capsules import CapsuleServicer
 from machineserver.server.api.cosim import CoSimServicer
 from machineserver.server.api.coverage import CoverageServicer
 from machineserver.server.api.debug import DebugServicer
@@ -34,6 +35,8 @@ from machineserver.v1 import (
     audit_pb2_grpc,
     capabilities_pb2,
     capabilities_pb2_grpc,
+    capsule_pb2,
+    capsule_pb2_grpc,
     cosim_pb2,
     cosim_pb2_grpc,
     coverage_pb2,
@@ -64,6 +67,8 @@ SERVICES: list[tuple[type[Servicer], Callable[[Any, Any], None], FileDescriptor,
     (AccessServicer, access_pb2_grpc.add_AccessServiceServicer_to_server, access_pb2.DESCRIPTOR, "AccessService"),
     (AuditServicer, audit_pb2_grpc.add_AuditServiceServicer_to_server, audit_pb2.DESCRIPTOR, "AuditService"),
     (JobServicer, job_pb2_grpc.add_JobServiceServicer_to_server, job_pb2.DESCRIPTOR, "JobService"),
+    (CapsuleServicer, capsule_pb2_grpc.add_CapsuleServiceServicer_to_server, capsule_pb2.DESCRIPTOR,
+     "CapsuleService"),
 ]
 
 SERVICE_NAMES = [file.services_by_name[name].full_name for _, _, file, name in SERVICES]

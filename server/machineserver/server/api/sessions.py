@@ -86,6 +86,8 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
             power_on=request.power_on,
             run=request.run,
             session_id=request.session_id,
+            capsule_on_fault=request.options.capsules.on_fault,
+            capsule_assert_symbols=tuple(request.options.capsules.assert_symbols),
         ))
         return pb.CreateSessionResponse(session=self._session(live))
 

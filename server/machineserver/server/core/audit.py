@@ -88,6 +88,8 @@ METHOD_KINDS: Mapping[str, Kind] = {
     **_service("AccessService", reads=("GetCallerIdentity", "ListApiKeys", "GetQuotaUsage"),
                writes=("CreateApiKey", "RevokeApiKey")),
     **_service("AuditService", reads=("ListAuditEvents", "StreamAuditEvents")),
+    **_service("CapsuleService", reads=("GetCapsule", "ListCapsules", "ExportCapsule"),
+               writes=("CreateCapsule", "DeleteCapsule", "ImportCapsule", "OpenCapsule")),
     **_service("CapabilitiesService", reads=("GetCapabilities", "ListBoardTemplates", "GetBoardTemplate"),
                writes=("CreateBoardTemplate", "UpdateBoardTemplate", "DeleteBoardTemplate")),
     **_service("CoSimService",
@@ -142,6 +144,7 @@ _ROW_RESOURCES: Mapping[str, Callable[[str], str]] = {
     "cosim_snapshots": lambda i: "cosimulations/{}/snapshots/{}".format(*i.split("/", 1)) if "/" in i else "",
     "breakpoints": lambda i: "sessions/{}/breakpoints/{}".format(*i.split("/", 1)) if "/" in i else "",
     "api_keys": lambda i: f"apiKeys/{i}",
+    "capsules": lambda i: f"capsules/{i}",
 }
 
 

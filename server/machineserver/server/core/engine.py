@@ -12,6 +12,7 @@ from machineserver.server.core.apikeys import ApiKeyStore
 from machineserver.server.core.audit import AuditTrail
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.calls import CallChain
+from machineserver.server.core.capsules import CapsuleManager, CapsuleSettings
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.cosim.manager import CoSimManager
 from machineserver.server.core.coverage import CoverageManager
@@ -46,6 +47,11 @@ class Limits:
     max_config_nodes: int = bounds.MAX_CONFIG_NODES
     max_config_bytes: int = bounds.MAX_CONFIG_BYTES
     max_console_bytes: int = bounds.MAX_CONSOLE_BYTES  # a session's limits.max_console_bytes
+    # failure capsules (core/capsules): the largest archive, and pruning by age (every tenant)
+    # and by count (per tenant: each keeps its newest N); 0 keeps them whatever their age or count
+    capsule_max_bytes: int = 64 << 20
+    capsule_max_age_s: float = 0.0
+    capsule_max_count: int = 200
 
     def board_bounds(self) -> bounds.BoardBounds:
         return bounds.BoardBounds(self.max_board_memory_bytes, self.max_irqs, self.max_config_depth,
@@ -102,6 +108,9 @@ class Engine:
         self.snapshots = SnapshotStore(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
         self.coverage = CoverageManager(self.db, self.blobs, self.sessions, self.programs)
         self.telemetry = Telemetry(self.db, max_subscribers=limits.max_telemetry_subscribers)
+        self.capsules = CapsuleManager(self.db, self.blobs, self.sessions, self.stepper, self.coverage, self.telemetry,
+                                       CapsuleSettings(limits.capsule_max_bytes, limits.capsule_max_age_s,
+                                                       limits.capsule_max_count))
         self.cosim = CoSimManager(self.db, self.blobs, self.sessions, limits.max_snapshot_bytes)
         # regression jobs; their runs on this server's backends until configure_jobs says otherwise
         self.jobs = JobManager(self.db, self.blobs, self.programs, self.catalog, backends, self.snapshots,
@@ -115,6 +124,7 @@ class Engine:
         self.debugger.load()
         self.cosim.load()
         await self.telemetry.start()
+        await self.capsules.start()
         await self.quotas.start()
         await self.jobs.start()
 

@@ -59,6 +59,8 @@ class SessionRecord:
     max_console_bytes: int = 0
     icount: bool = False
     coverage: bool = False  # started ready for coverage collection
+    # when the server captures a failure capsule itself (core/capsules): on_fault, assert_symbols
+    capsule_policy: dict[str, Any] = field(default_factory=dict)
     remote_target: str = ""  # gdbremote: the GDB server (normal form, see core/remote_targets.py)
     remote_console: str = ""  # gdbremote: the console endpoint, "" for none
     backend_details: dict[str, str] = field(default_factory=dict)  # what the machine said at power on

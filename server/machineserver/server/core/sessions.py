@@ -115,6 +115,8 @@ class CreateParams:
     power_on: bool = False
     run: bool = False
     session_id: str = ""
+    capsule_on_fault: bool = False  # options.capsules (core/capsules)
+    capsule_assert_symbols: tuple[str, ...] = ()
 
 
 async def finish_uninterrupted(task: asyncio.Future[Any], timeout: float) -> bool:
@@ -300,6 +302,8 @@ class SessionManager:
         self.loop = asyncio.get_running_loop()
         # Other core parts (the debugger) hook in here rather than being imported.
         self.power_on_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
+        # after a LoadProgram put a program into a powered machine
+        self.program_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
         self.stop_hooks: list[Callable[[LiveSession, StopInfo], None]] = []
         self.delete_hooks: list[Callable[[LiveSession], None]] = []
 
@@ -414,6 +418,9 @@ class SessionManager:
                 raise InvalidArgument(f"labels[{key}]", "label keys are 1-63 of a-z 0-9 - _ . /; values up to 256 chars")
         if p.max_console_bytes < 0 or p.max_instructions < 0:
             raise InvalidArgument("limits", "limits must not be negative")
+        symbols = p.capsule_assert_symbols
+        if len(symbols) > 16 or any(not s or len(s) > 256 for s in symbols):
+            raise InvalidArgument("options.capsules.assert_symbols", "at most 16 names of 1-256 characters")
         if p.max_console_bytes > self.max_console_bytes:
             raise InvalidArgument("limits.max_console_bytes", f"at most {self.max_console_bytes} "
                                                               "(the server's limits.max_console_bytes)")
@@ -463,9 +470,12 @@ class SessionManager:
             remote_target=remote_target,
             remote_console=remote_console,
             program=program_id,
+            capsule_policy={"on_fault": True} if p.capsule_on_fault else {},
             owner=owner,
             tenant=tenant,
         )
+        if symbols:
+            rec.capsule_policy["assert_symbols"] = list(symbols)
         self._save(rec)
         if self.console_store is not None:
             self.console_store.remove(sid)  # never another session's leftovers
@@ -606,6 +616,8 @@ class SessionManager:
             if live.machine is not None and live.state in POWERED:
                 await self._load_into(live, prog.id)  # the record names it only once it is in
                 live.record.program = prog.id
+                for hook in self.program_hooks:
+                    await hook(live)
                 live.record.exit_code = None
                 live.record.last_stop = None
                 self.set_state(live, MachineState.HALTED, f"loaded {prog.name}")

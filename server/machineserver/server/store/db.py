@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -96,6 +96,17 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.table("job_runs").create_index(["job", "idx"])
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Failure capsules (issue 16): a record per capsule; the archive is a blob."""
+    db.table("capsules").create(
+        {"id": str, "owner": str, "tenant": str, "session": str, "trigger": str, "blob": str,
+         "create_time": float, "update_time": float, "data": str},
+        pk="id", not_null={"tenant"}, defaults={"tenant": "default"})
+    db.table("capsules").create_index(["tenant", "create_time"])
+    db.table("capsules").create_index(["session"])
+    db.table("capsules").create_index(["blob"])
+
+
 # A write hook: called in every write transaction just before it commits, with the open
 # connection, the table written and the row's id ("" when the transaction names none); it may
 # write rows of its own there (the audit log's entry for the change, in the same
@@ -108,7 +119,7 @@ MAX_IDS_PER_QUERY = 500
 
 # Index i holds the migration from version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                                  _migration_5]
+                                                                  _migration_5, _migration_6]
 
 
 class Database:
