@@ -422,14 +422,17 @@ class Machine:
     def wait_exit(self, timeout: Timeout = DEFAULT_TIMEOUT) -> int:
         """Let the machine run until it exits; its exit code. MachineStopped if it stops
         otherwise (fault, breakpoint) or the timeout runs out."""
-        s = self.session
-        if s.state == common_pb2.SESSION_STATE_EXITED:
-            return s.exit_code
-        if s.state == common_pb2.SESSION_STATE_FAULTED:
-            raise MachineStopped(f"{self.name} {describe_stop(s.last_stop, s.state)} instead of exiting",
-                                 s.last_stop)
-        resp = self.client.debug.continue_(name=self.name, wait=True, budget=budget_of(timeout),
-                                           timeout=deadline_of(timeout))
+        ended = self._exit_code()
+        if ended is not None:
+            return ended
+        try:
+            resp = self.client.debug.continue_(name=self.name, wait=True, budget=budget_of(timeout),
+                                               timeout=deadline_of(timeout))
+        except errors.FailedPrecondition:
+            ended = self._exit_code()  # it ended between the look and the continue
+            if ended is None:
+                raise
+            return ended
         if resp.stop.reason == common_pb2.STOP_REASON_EXIT and resp.outcome in (
                 common_pb2.WAIT_OUTCOME_UNSPECIFIED, common_pb2.WAIT_OUTCOME_MATCHED):
             return resp.stop.exit_code
@@ -438,6 +441,17 @@ class Machine:
             f"{self.name} did not exit within {timeout}: " + (f"{why}; it " if why else "it ")
             + describe_stop(resp.stop, resp.state) + f"\n--- console tail ---\n{_tail(self.console.text)}",
             resp.stop)
+
+    def _exit_code(self) -> int | None:
+        """The exit code of an exited machine; None while it can still run; MachineStopped
+        for a faulted one."""
+        s = self.session
+        if s.state == common_pb2.SESSION_STATE_EXITED:
+            return s.exit_code
+        if s.state == common_pb2.SESSION_STATE_FAULTED:
+            raise MachineStopped(f"{self.name} {describe_stop(s.last_stop, s.state)} instead of exiting",
+                                 s.last_stop)
+        return None
 
     def run_until(self, where: str | int, timeout: Timeout = DEFAULT_TIMEOUT) -> common_pb2.StopEvent:
         """Run to a symbol ("main"), a source line ("main.c:42") or an address; the stop.

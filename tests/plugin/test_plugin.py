@@ -1,0 +1,233 @@
+"""The machineserver pytest plugin, run as users run it: pytest in a subprocess on a test
+file of its own (pytester), the plugin loaded by its entry point, against real firmware on
+real backends."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+from junitparser import JUnitXml, Properties, Property
+
+from machineserver.sdk import Client
+from tests.helpers.firmware import firmware
+from tests.helpers.server import ServerProcess
+from tests.helpers.tools import require_tool
+
+BOARD = "mps2-an385"
+INNER_TIMEOUT = 240
+
+
+def run_inner(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
+    pytester.makepyfile(test_inner=source)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args,
+                                         timeout=INNER_TIMEOUT)
+
+
+def properties(xml: Path) -> dict[str, dict[str, list[str]]]:
+    """Per test case name: property name -> values, read back with junitparser."""
+    got: dict[str, dict[str, list[str]]] = {}
+    for suite in JUnitXml.fromfile(str(xml)):
+        for case in suite:
+            props: dict[str, list[str]] = {}
+            for group in case.iterchildren(Properties):
+                for p in group.iterchildren(Property):
+                    props.setdefault(p.name, []).append(p.value)
+            got[case.name] = props
+    return got
+
+
+def test_plugin_costs_nothing_when_unused(pytester: pytest.Pytester) -> None:
+    """Loaded by the entry point in every run, the plugin imports no server and starts
+    nothing unless a test uses its fixtures."""
+    result = run_inner(pytester, """
+import sys, threading
+
+def test_plain():
+    assert "machineserver.pytest_plugin" in sys.modules
+    assert not [m for m in sys.modules if m.startswith("machineserver.server")]
+    assert not [t for t in threading.enumerate() if t.name == "machineserver-embedded"]
+""", "--strict-markers")
+    result.assert_outcomes(passed=1)
+
+
+def test_markers_and_backends_run_each_test_per_backend(pytester: pytest.Pytester) -> None:
+    hello = firmware(BOARD, "hello")
+    result = run_inner(pytester, f"""
+import pytest
+from machineserver.testing import Virtual
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.program({str(hello)!r})
+def test_hello(machine):
+    m = machine.console.expect(r"Hello from (\\S+)!", timeout=Virtual(ms=50))
+    assert m.group(1) == "{BOARD}"
+    assert machine.wait_exit(timeout=Virtual(ms=50)) == 0
+    print("BACKEND", machine.backend, machine.session.backend)
+
+@pytest.mark.backend("qemu")
+def test_qemu_only(machine):
+    machine.load({str(hello)!r})
+    assert machine.wait_exit() == 0
+    assert machine.session.backend == "qemu"
+
+def test_no_board(machine):
+    machine.load({str(hello)!r})
+""", "--strict-markers", "--ms-backends", "unicorn,qemu", "--ms-board", "", "-v", "-s", "-rA")
+    result.assert_outcomes(passed=3, failed=1)
+    out = result.stdout.str()
+    for line in ("test_hello[unicorn] PASSED", "test_hello[qemu] PASSED", "test_qemu_only[qemu] PASSED"):
+        assert line in out
+    assert "test_qemu_only[unicorn]" not in out
+    assert "BACKEND unicorn unicorn" in out and "BACKEND qemu qemu" in out
+    assert "no board for the machine: add @pytest.mark.board" in out
+
+
+def test_indirect_parametrisation_and_a_second_machine(pytester: pytest.Pytester) -> None:
+    hello = firmware(BOARD, "hello")
+    lm3s = firmware("lm3s6965evb", "hello")
+    result = run_inner(pytester, f"""
+import pytest
+
+@pytest.mark.parametrize("machine", [{{"board": "{BOARD}", "program": {str(hello)!r}}}], indirect=True)
+def test_two(machine):
+    other = machine(board="lm3s6965evb", program={str(lm3s)!r})
+    assert machine.wait_exit() == 0 and other.wait_exit() == 0
+    assert machine.console.text == "Hello from {BOARD}!\\n"
+    assert other.console.text == "Hello from lm3s6965evb!\\n"
+    assert machine.name != other.name
+""")
+    result.assert_outcomes(passed=1)
+
+
+def test_failed_test_leaves_a_capsule_and_junit_properties(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    echo = firmware(BOARD, "echo")
+    capsules = tmp_path / "capsules"
+    xml = tmp_path / "junit.xml"
+    result = run_inner(pytester, f"""
+import pytest
+from machineserver.testing import Virtual
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.backend("unicorn")
+def test_waits_for_a_greeting(machine):
+    machine.load({str(echo)!r})
+    machine.console.expect(r"echo ready", timeout=Virtual(ms=50))
+    machine.console.expect(r"welcome", timeout=Virtual(ms=20))
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.backend("unicorn")
+def test_passes(machine):
+    machine.load({str(echo)!r})
+    machine.console.expect(r"echo ready", timeout=Virtual(ms=50))
+""", "--ms-capsules", str(capsules), f"--junitxml={xml}")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    # the failure says what was expected, why the wait ended and what the console held
+    assert "console never matched 'welcome' within Virtual(20 ms): the timeout ran out" in out
+    assert "--- console tail" in out and "echo ready" in out
+    files = sorted(capsules.glob("*.capsule"))
+    assert [f.name for f in files] == ["test_inner.py_test_waits_for_a_greeting_unicorn.capsule"]
+    assert files[0].stat().st_size < 1_000_000
+    with zipfile.ZipFile(files[0]) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    assert manifest["capsule"]["trigger"] == "test_failure"
+    assert manifest["capsule"]["test_id"] == "test_inner.py::test_waits_for_a_greeting[unicorn]"
+    assert "console never matched 'welcome'" in manifest["capsule"]["reason"]
+    assert manifest["backend"] == "unicorn" and manifest["board"] == BOARD
+    assert "1 failure capsule(s) written" in out and str(files[0]) in out
+    props = properties(xml)
+    failed, passed = props["test_waits_for_a_greeting[unicorn]"], props["test_passes[unicorn]"]
+    assert failed["ms_capsule"] == [str(files[0])]
+    assert "ms_capsule" not in passed
+    for p in (failed, passed):
+        assert p["ms_backend"] == ["unicorn"] and p["ms_board"] == [BOARD]
+        assert re.fullmatch(r"sessions/[\w-]+", p["ms_session"][0])
+        assert int(p["ms_instructions"][0]) > 0
+    assert failed["ms_session"] != passed["ms_session"]
+
+
+def test_no_capsules_option(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    echo = firmware(BOARD, "echo")
+    result = run_inner(pytester, f"""
+import pytest
+
+@pytest.mark.board("{BOARD}")
+def test_fails(machine):
+    machine.load({str(echo)!r})
+    assert False, "deliberately"
+""", "--ms-capsules", str(tmp_path / "c"), "--ms-no-capsules")
+    result.assert_outcomes(failed=1)
+    assert not (tmp_path / "c").exists()
+
+
+def test_xdist_workers_share_a_server_and_coverage_merges_into_one_report(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    lcov = require_tool("lcov")
+    cov = firmware(BOARD, "coverage")
+    crc = firmware(BOARD, "crc32")
+    xml = tmp_path / "junit.xml"
+    info = tmp_path / "cov.info"
+    seen = tmp_path / "seen"
+    result = run_inner(pytester, f"""
+import os
+import pytest
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.backend("unicorn")
+@pytest.mark.parametrize("n", range(4))
+def test_coverage_program(machine, ms_target, n):
+    machine.load({str(cov)!r} if n % 2 == 0 else {str(crc)!r})
+    assert machine.wait_exit() == 0
+    with open({str(seen)!r}, "a") as f:
+        f.write(f"{{os.environ.get('PYTEST_XDIST_WORKER')}} {{ms_target}}\\n")
+""", "-n", "2", "--ms-coverage", f"lcov:{info}", f"--junitxml={xml}")
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str()
+    workers = set(re.findall(r"(gw\d+) (127\.0\.0\.1:\d+)", seen.read_text()))
+    assert {w for w, _ in workers} == {"gw0", "gw1"}  # both workers ran machines...
+    assert len({t for _, t in workers}) == 1  # ...on the one server the controller started
+    sessions = [p["ms_session"][0] for p in properties(xml).values()]
+    assert len(set(sessions)) == 4
+    # one LCOV tracefile for the whole run, readable by the real lcov
+    text = info.read_text()
+    assert text.count("end_of_record") >= 2
+    assert re.search(r"^SF:.*coverage\.c$", text, re.M) and re.search(r"^SF:.*crc32\.c$", text, re.M)
+    summary = subprocess.run([str(lcov), "--summary", str(info)], capture_output=True, text=True, timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    lines = re.search(r"lines\.*: [\d.]+% \((\d+) of (\d+) lines?\)", summary.stdout + summary.stderr)
+    assert lines and int(lines.group(1)) > 0
+    assert f"coverage written, lcov: {info}" in out
+
+
+def test_remote_target(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    hello = firmware(BOARD, "hello")
+    server = ServerProcess(tmp_path / "data").start()
+    try:
+        result = run_inner(pytester, f"""
+import pytest
+
+@pytest.mark.board("{BOARD}")
+def test_on_the_remote_server(machine, ms_target):
+    assert ms_target == "{server.target}"
+    machine.load({str(hello)!r})
+    assert machine.wait_exit() == 0
+""", "--ms-target", server.target, "-p", "no:xdist")
+        result.assert_outcomes(passed=1)
+        with Client.connect(server.target, timeout=20) as c:
+            assert [p.display_name for p in c.sessions.list_programs().programs] == ["hello.elf"]
+            assert not c.sessions.list_sessions().sessions  # the test's session was deleted after it
+    finally:
+        server.stop()
+
+
+def test_bad_coverage_option_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = run_inner(pytester, "def test_x():\n    pass\n", "--ms-coverage", "gcov:x")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--ms-coverage 'gcov:x': use FORMAT:PATH" in result.stderr.str()
+
+
