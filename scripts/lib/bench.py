@@ -8,7 +8,9 @@ Sections (pick with --only NAME[,NAME]):
             MMIO hooks; create-to-first-console-byte p50; step round trip over the SDK
   debug     single step over the Attach stream (unicorn) vs gdb-multiarch stepping the
             same firmware through our GDB bridge, and through QEMU's own gdbstub
-  coverage  crc32 with coverage collection on vs off, same backend (unicorn, qemu)
+  coverage  crc32 with coverage collection on vs off, same backend (unicorn, qemu); the trace
+            tail's ring on vs off with coverage on (driver level: crc32 on unicorn, cosim_spin
+            alone, ~400 M instructions, on qemu)
   qemu      crc32 through the QEMU backend vs the same QEMU command line by hand (with
             the board's warm spare, and on a server without spares); create-to-first-
             console-byte p50; our RSP client vs gdb-multiarch (pygdbmi) stepping on the
@@ -459,6 +461,59 @@ async def bench_coverage(server: Server) -> None:
                 on.append(await timed_run(c, board, prog, backend, True) * 1000)
             line(f"{backend}: coverage on vs off (cost)", statistics.median(on), statistics.median(off), "ms",
                  f"target {target}")
+    await bench_trace_ring()
+
+
+async def traced_run_ms(backend_name: str, board_name: str, program: str, trace: bool) -> float:
+    """Milliseconds from run to the exit of a driver-level machine collecting coverage, with
+    the trace tail's ring (the default) or without it (extra coverage_trace=off)."""
+    import threading
+
+    from machineserver.server.core.boards import load_shipped_boards
+    from machineserver.server.core.images import ImageFormat, parse_image
+    from machineserver.server.drivers.base import MachineOptions, RunControl, StopInfo
+    from machineserver.server.drivers.qemu import QemuBackend
+    from machineserver.server.drivers.unicorn import UnicornBackend
+
+    stopped = threading.Event()
+
+    class Events:
+        def console_output(self, data: bytes) -> None:
+            pass
+
+        def stopped(self, info: StopInfo) -> None:
+            stopped.set()
+
+        def failed(self, reason: str) -> None:
+            stopped.set()
+
+    backend = QemuBackend() if backend_name == "qemu" else UnicornBackend()
+    extra = {"coverage": "1"} if trace else {"coverage": "1", "coverage_trace": "off"}
+    m = backend.create_machine(load_shipped_boards()[board_name], MachineOptions(extra=extra), Events())
+    try:
+        await m.power_on()
+        await m.load(parse_image(firmware(board_name, program).read_bytes(), ImageFormat.ELF).image)
+        t = time.perf_counter()
+        await m.capability(RunControl).run()
+        await asyncio.to_thread(stopped.wait, 300)
+        return (time.perf_counter() - t) * 1000
+    finally:
+        await m.power_off()
+        await backend.aclose()
+
+
+async def bench_trace_ring() -> None:
+    print("trace tail ring cost (run -> exit with coverage on, ring on vs off, median of 5)")
+    for backend, program, target in (("unicorn", "crc32", "<= 1.1x"), ("qemu", "cosim_spin", "<= 1.5x")):
+        if backend == "qemu" and not shutil.which("qemu-system-arm"):
+            print("  qemu: skipped (qemu-system-arm not installed)")
+            continue
+        on, off = [], []
+        for _ in range(5):
+            off.append(await traced_run_ms(backend, "mps2-an385", program, False))
+            on.append(await traced_run_ms(backend, "mps2-an385", program, True))
+        line(f"{backend}: trace ring on vs off, coverage on ({program})", statistics.median(on),
+             statistics.median(off), "ms", f"target {target}")
 
 
 SECTIONS = {"unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_coverage,
