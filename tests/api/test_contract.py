@@ -22,7 +22,7 @@ def test_buf_lint_is_clean() -> None:
 
 def test_every_service_is_served() -> None:
     assert sorted(SERVICE_NAMES) == sorted(s.full_name for s in service_descriptors())
-    assert len(SERVICE_NAMES) == 9  # AccessService, AuditService and JobService included
+    assert len(SERVICE_NAMES) == 10  # AccessService, AuditService, JobService and CapsuleService included
 
 
 def test_every_rpc_has_an_sdk_wrapper_async_and_sync() -> None:

@@ -111,7 +111,7 @@ METHOD_KINDS: Mapping[str, Kind] = {
                writes=("CreateJob", "CancelJob")),
     **_service("SessionService",
                reads=("GetSession", "ListSessions", "ListPrograms", "GetProgram", "StreamConsole",
-                      "StreamSessionEvents", "ListSnapshots", "GetSnapshot", "ExportSnapshot"),
+                      "StreamSessionEvents", "ListSnapshots", "GetSnapshot", "ExportSnapshot", "ExpectConsole"),
                writes=("CreateSession", "DeleteSession", "PowerOnSession", "PowerOffSession", "ResetSession",
                        "RunSession", "PauseSession", "UploadProgram", "DeleteProgram", "LoadProgram",
                        "WriteConsole", "CreateSnapshot", "RestoreSnapshot", "DeleteSnapshot", "ImportSnapshot")),
