@@ -290,6 +290,7 @@ class MachineSpec:
     board: str
     backend: str = ""
     program: Path | None = None
+    run: bool = True  # start the program loaded on first use (False: halted at its entry)
     icount: bool = False
     coverage: bool = False
     on_fault: bool = False
@@ -360,7 +361,7 @@ class Machine:
         program a marker gave) on first use."""
         if not self._name:
             if self.spec.program is not None:
-                self.load(self.spec.program)
+                self.load(self.spec.program, run=self.spec.run)
             else:
                 self._create(None, power_on=True)
         return self._name

@@ -231,3 +231,32 @@ def test_bad_coverage_option_is_a_usage_error(pytester: pytest.Pytester) -> None
     assert "--ms-coverage 'gcov:x': use FORMAT:PATH" in result.stderr.str()
 
 
+
+
+def test_capsules_the_server_took_are_exported(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """An assert symbol's hit (the server's own trigger) during a passing test: its capsule is
+    exported next to the failure capsules, and named in the JUnit properties."""
+    fault = firmware(BOARD, "fault")
+    capsules = tmp_path / "capsules"
+    xml = tmp_path / "junit.xml"
+    result = run_inner(pytester, f"""
+import pytest
+from machineserver.testing import Virtual
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.backend("unicorn", "qemu")
+@pytest.mark.machine_options(assert_symbols=["HardFault_Handler"])
+def test_fault_handler_runs(machine):
+    machine.load({str(fault)!r})
+    machine.console.expect(r"about to fault", timeout=Virtual(ms=50))
+    assert machine.wait_exit() == 3
+""", "--ms-capsules", str(capsules), f"--junitxml={xml}")
+    result.assert_outcomes(passed=2)
+    for backend in ("unicorn", "qemu"):
+        files = list(capsules.glob(f"test_inner.py_test_fault_handler_runs_{backend}-assert-*.capsule"))
+        assert len(files) == 1, sorted(capsules.iterdir())
+        with zipfile.ZipFile(files[0]) as z:
+            manifest = json.loads(z.read("manifest.json"))
+        assert manifest["capsule"]["trigger"] == "assert" and manifest["backend"] == backend
+        assert "HardFault_Handler" in manifest["capsule"]["reason"]
+        assert properties(xml)[f"test_fault_handler_runs[{backend}]"]["ms_capsule"] == [str(files[0])]

@@ -47,7 +47,7 @@ RUN = pytest.StashKey[Run]()
 MARKERS = (
     "board(name): the board template a `machine` runs on (e.g. \"mps2-an385\")",
     "backend(*names): the backends a `machine` test runs on (each one; with --ms-backends, those of them)",
-    "program(path): the program a `machine` loads and runs on first use (relative to the test's folder)",
+    "program(path, run=True): the program a `machine` loads (and runs) on first use (relative to the test's folder)",
     "machine_options(icount=False, on_fault=False, assert_symbols=()): session options of a `machine`",
 )
 

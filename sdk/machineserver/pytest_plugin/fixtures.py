@@ -14,7 +14,7 @@ from machineserver.sdk import errors
 from machineserver.testing import Machine, MachineSpec, sanitise
 from machineserver.v1 import capsule_pb2
 
-SPEC_KEYS = ("board", "backend", "program", "icount", "on_fault", "assert_symbols", "display_name")
+SPEC_KEYS = ("board", "backend", "program", "run", "icount", "on_fault", "assert_symbols", "display_name")
 
 
 def failure_reason(call: pytest.CallInfo[None]) -> str:
@@ -46,6 +46,8 @@ class MachineFactory:
             got["backend"] = str(m.args[0])
         if (m := node.get_closest_marker("program")) is not None and m.args:
             got["program"] = m.args[0]
+            if "run" in m.kwargs:
+                got["run"] = bool(m.kwargs["run"])
         if (m := node.get_closest_marker("machine_options")) is not None:
             got.update(m.kwargs)
         return got
@@ -73,8 +75,11 @@ class MachineFactory:
         program = spec.get("program")
         machine_spec = MachineSpec(
             board=board, backend=str(spec.get("backend") or ""),
-            program=self._program_path(program) if program else None,
-            icount=bool(spec.get("icount", False)), coverage=bool(self._run.settings.coverage),
+            program=self._program_path(program) if program else None, run=bool(spec.get("run", True)),
+            icount=bool(spec.get("icount", False)),
+            # collected for the merged report, and for capsules: their trace tail and coverage
+            # delta come from the coverage hooks
+            coverage=bool(self._run.settings.coverage) or self._run.settings.capsule_dir is not None,
             on_fault=bool(spec.get("on_fault", False)),
             assert_symbols=tuple(str(s) for s in spec.get("assert_symbols", ())))
         m = Machine(self._run.client(), machine_spec, programs=self._run.programs(),
@@ -140,6 +145,8 @@ class MachineFactory:
             self._property("ms_capsule", path)
 
     def _store_coverage(self, i: int, m: Machine) -> None:
+        if not self._run.settings.coverage:
+            return  # collected for capsules only: it goes with the session
         got = m.stop_coverage()
         if got is not None:
             self._run.record_coverage(*got)
