@@ -160,6 +160,8 @@ def _resource_kind(svc: ServiceDescriptor, method: MethodDescriptor) -> str:
         return ""
     if svc.name == "JobService":
         return "job"
+    if svc.name == "CapsuleService" and method.name != "CreateCapsule":
+        return "capsule"
     return "session"
 
 
@@ -173,12 +175,14 @@ async def test_another_tenants_resources_are_not_found(auth_server: AuthServer, 
         session = (await alice.sessions.create_session(board_template="lm3s6965evb", program=program,
                                                        power_on=True)).session.name
         snapshot = (await alice.sessions.create_snapshot(name=session)).snapshot.name
+        capsule = (await alice.capsules.create_capsule(name=session)).capsule.name
         rule = (await alice.telemetry.create_alert_rule(rule={
             "display_name": "hot", "metric": "cpu.percent", "comparison": "COMPARISON_GREATER",
             "threshold": 99})).rule.name
         job = (await alice.jobs.create_job(matrix={"programs": [program], "boards": ["lm3s6965evb"]},
                                            criteria={"max_instructions": 1000})).job.name
-    names = {"session": session, "program": program, "snapshot": snapshot, "alert_rule": rule, "job": job}
+    names = {"session": session, "program": program, "snapshot": snapshot, "alert_rule": rule, "job": job,
+             "capsule": capsule}
     metadata = (("authorization", f"ApiKey {other_key}"),)
     wrong, checked, unaddressed = [], 0, []
     for svc, method in served_methods():
@@ -221,4 +225,6 @@ async def test_another_tenants_resources_are_not_found(auth_server: AuthServer, 
         assert not (await bob.sessions.list_snapshots()).snapshots
         assert not (await bob.telemetry.list_alert_rules()).rules
         assert not (await bob.jobs.list_jobs()).jobs
+        assert not (await bob.capsules.list_capsules()).capsules
+        assert not (await bob.capsules.list_capsules(filter=f"session={session}")).capsules
     await asyncio.sleep(0)
