@@ -160,9 +160,25 @@ async def test_assert_capsule_halts_on_the_assert_function(client: AsyncClient, 
     frames = json.loads(files["backtrace.json"])
     assert [f["function"] for f in frames[:2]] == ["__assert_func", "check_balance"]
     assert files["console.txt"].endswith(b"checking\n")
+    assert cap.size_bytes < 1 << 20, cap.size_bytes  # "small": under 1 MB on the boards here
     # left halted at the instant: the session is still there, not yet past the assert
     assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_HALTED
-    assert (await registers(client, s.name))["pc"] == assert_func
+    regs = await registers(client, s.name)
+    assert regs["pc"] == assert_func and json.loads(files["registers.json"]) == regs
+    sram = (await client.debug.read_memory(name=s.name, address=RAM, size=8192)).data
+
+    # export -> import -> open: the same pc, registers and memory, and it runs on from there
+    opened = (await client.capsules.open_capsule(name=(await import_bytes(client, data)).name)).session
+    assert opened.state == cpb.SESSION_STATE_HALTED and opened.backend == backend and opened.name != s.name
+    assert await registers(client, opened.name) == regs
+    assert (await client.debug.read_memory(name=opened.name, address=RAM, size=8192)).data == sram
+    bt = (await client.debug.backtrace(name=opened.name)).frames
+    assert [f.location.function for f in bt[:2]] == ["__assert_func", "check_balance"]
+    await client.sessions.run_session(name=opened.name)
+    done = await wait_state(client, opened.name, cpb.SESSION_STATE_EXITED)
+    assert done.exit_code == 4
+    tail = b"".join([m.data async for m in client.sessions.stream_console(name=opened.name, follow=False)])
+    assert tail.endswith(b"assertion failed: left >= 0\n")
 
 
 async def test_explicit_capsule_of_a_running_machine_with_coverage(client: AsyncClient) -> None:

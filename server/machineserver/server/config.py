@@ -120,6 +120,11 @@ def _apply(cfg: ServerConfig, values: dict[str, Any], source: str) -> ServerConf
                 if k not in _LIMITS:
                     raise ValueError(f"{source}: unknown limit {k!r}")
                 limits[k] = _coerce(k, v, getattr(cfg.limits, k))
+        elif key == "capsules" and isinstance(value, dict):  # capsules: {max_age_s, max_count, max_bytes}
+            for k, v in value.items():
+                if f"capsule_{k}" not in _LIMITS:
+                    raise ValueError(f"{source}: unknown capsules setting {k!r}")
+                limits[f"capsule_{k}"] = _coerce(k, v, getattr(cfg.limits, f"capsule_{k}"))
         elif key == "auth":
             top[key] = parse_auth(value, source)
         elif key == "quotas":
