@@ -17,6 +17,7 @@ from grpc import aio
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer
 from machineserver.server.api.errors import code_for
+from machineserver.server.api.waits import OUTCOME_TO_PB, budget_from_pb
 from machineserver.server.core.calls import CURRENT, CallInfo, Transport, new_request_id
 from machineserver.server.core.debug import StepMode
 from machineserver.server.core.errors import (
@@ -25,6 +26,7 @@ from machineserver.server.core.errors import (
     MachineServerError,
 )
 from machineserver.server.core.sessions import LiveSession
+from machineserver.server.core.waits import Waits
 from machineserver.server.drivers.base import StopInfo
 from machineserver.v1 import common_pb2 as common_pb
 from machineserver.v1 import debug_pb2 as pb
@@ -155,6 +157,11 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         if not request.wait:
             await self.engine.sessions.run(live)
             return pb.ContinueResponse(state=self._state(live))
+        if request.HasField("budget"):
+            budget = budget_from_pb(request.budget)
+            result = await Waits(self.engine.sessions).continue_(live, budget, _time_left(context))
+            return pb.ContinueResponse(stop=self._stop(live, result.stop), state=self._state(live),
+                                       outcome=OUTCOME_TO_PB[result.outcome])
         stop = await self.engine.sessions.ops.run_until_stop(live, _time_left(context))
         return pb.ContinueResponse(stop=self._stop(live, stop), state=self._state(live))
 

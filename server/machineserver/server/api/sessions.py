@@ -9,10 +9,12 @@ from grpc import aio
 
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer, split_upload
+from machineserver.server.api.waits import OUTCOME_TO_PB, budget_from_pb, call_time_left, host_time_pb
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.images import ImageFormat
 from machineserver.server.core.programs import UploadMetadata
 from machineserver.server.core.sessions import CreateParams, LiveSession
+from machineserver.server.core.waits import Waits
 from machineserver.v1 import session_pb2 as pb
 from machineserver.v1 import session_pb2_grpc as pb_grpc
 
@@ -233,6 +235,27 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         live = self.engine.sessions.get(request.name)
         n = await self.engine.sessions.write_console(live, request.data)
         return pb.WriteConsoleResponse(bytes_written=n)
+
+    async def ExpectConsole(
+        self,
+        request: pb.ExpectConsoleRequest,
+        context: aio.ServicerContext[pb.ExpectConsoleRequest, pb.ExpectConsoleResponse],
+    ) -> pb.ExpectConsoleResponse:
+        live = self.engine.sessions.get(request.name)
+        budget = budget_from_pb(request.budget)
+        result = await Waits(self.engine.sessions).expect_console(
+            live, request.pattern, request.offset, budget, call_time_left(context))
+        found = result.match
+        stop = result.stop
+        return pb.ExpectConsoleResponse(
+            outcome=OUTCOME_TO_PB[result.outcome],
+            match=found.text if found else "", match_start=found.start if found else 0,
+            match_end=found.end if found else 0, groups=list(found.groups) if found else [],
+            end_offset=result.end_offset, console_tail=result.console_tail,
+            stop=convert.stop_pb(stop, self.engine.debugger.position(live, stop.pc) if stop else None),
+            state=convert.STATE_TO_PB[result.state], instructions=result.used.instructions,
+            virtual_time_ns=result.used.virtual_ns, host_time=host_time_pb(result.used),
+        )
 
     async def StreamSessionEvents(
         self,
