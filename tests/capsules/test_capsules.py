@@ -146,8 +146,9 @@ async def test_assert_capsule_halts_on_the_assert_function(client: AsyncClient, 
     prog = await upload(client, BOARD, "assert")
     s = (await client.sessions.create_session(
         board_template=BOARD, backend=backend, program=prog, power_on=True,
-        options={"capsules": {"assert_symbols": ["__assert_func", "no_such_symbol"]}})).session
+        options={"coverage": True, "capsules": {"assert_symbols": ["__assert_func", "no_such_symbol"]}})).session
     assert list(s.options.capsules.assert_symbols) == ["__assert_func", "no_such_symbol"]
+    await client.coverage.start_coverage(name=s.name)
     await client.sessions.run_session(name=s.name)
     halted = await wait_state(client, s.name, cpb.SESSION_STATE_HALTED)
     assert_func = elf_symbol_value(firmware(BOARD, "assert"), "__assert_func") & ~1
@@ -160,6 +161,13 @@ async def test_assert_capsule_halts_on_the_assert_function(client: AsyncClient, 
     frames = json.loads(files["backtrace.json"])
     assert [f["function"] for f in frames[:2]] == ["__assert_func", "check_balance"]
     assert files["console.txt"].endswith(b"checking\n")
+    # the trace tail (coverage on): the last blocks before the assert, symbolised, oldest first
+    assert not {"trace", "coverage", "backtrace", "snapshot", "registers"} & set(cap.missing), cap.missing
+    trace = json.loads(files["trace.json"])
+    assert 0 < len(trace) <= 256
+    assert trace[-1]["symbol"].split("+")[0] in ("check_balance", "__assert_func"), trace[-4:]
+    assert any(t["symbol"].startswith("main+") for t in trace)
+    assert b"SF:src/assert.c" in files["coverage.info"]
     assert cap.size_bytes < 1 << 20, cap.size_bytes  # "small": under 1 MB on the boards here
     # left halted at the instant: the session is still there, not yet past the assert
     assert (await client.sessions.get_session(name=s.name)).session.state == cpb.SESSION_STATE_HALTED
@@ -197,11 +205,9 @@ async def test_explicit_capsule_of_a_running_machine_with_coverage(client: Async
     files = members(data)
     assert "coverage" not in cap.missing, cap.missing
     assert files["coverage.info"].startswith(b"TN:") and b"SF:src/echo.c" in files["coverage.info"]
-    if "trace" not in cap.missing:  # the backend keeps a trace tail (drivers' Coverage.coverage_trace)
-        trace = json.loads(files["trace.json"])
-        assert 0 < len(trace) <= 256 and all(t["symbol"] for t in trace[-4:])
-    else:
-        assert "trace.json" not in files
+    assert "trace" not in cap.missing, cap.missing
+    trace = json.loads(files["trace.json"])
+    assert len(trace) == 256 and all(t["symbol"] for t in trace)  # echo waits in a loop: a full tail
     got = (await client.capsules.get_capsule(name=cap.name)).capsule
     assert got == cap
     await client.capsules.delete_capsule(name=cap.name)
