@@ -154,3 +154,31 @@ async def test_bad_inputs_name_the_field(client: AsyncClient) -> None:
         await client.debug.continue_(name=name, wait=True, budget={"instructions": 0})
     with pytest.raises(errors.NotFound):
         await client.sessions.expect_console(name="sessions/nope", pattern="x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_host_guard_ends_a_counted_wait_on_a_sleeping_machine(client: AsyncClient, backend: str) -> None:
+    # cosim_ping alone prints "ping ready" and sleeps in WFI with nothing to wake it
+    name = await running(client, backend, "cosim_ping", board="mps2-an385")
+    await client.sessions.expect_console(name=name, pattern="ping ready", budget={"instructions": 50_000_000})
+    r = await client.sessions.expect_console(
+        name=name, pattern="never printed", budget=cpb.Budget(instructions=10**9, host_guard=duration(0.5)))
+    assert r.outcome == cpb.WAIT_OUTCOME_HOST_GUARD and r.state == cpb.SESSION_STATE_RUNNING
+    c = await client.debug.continue_(name=name, wait=True,
+                                     budget=cpb.Budget(instructions=10**9, host_guard=duration(0.5)))
+    assert c.outcome == cpb.WAIT_OUTCOME_HOST_GUARD
+    assert c.state == cpb.SESSION_STATE_HALTED and c.stop.reason == cpb.STOP_REASON_HALT
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_calls_deadline_ends_the_wait(client: AsyncClient, backend: str) -> None:
+    name = await running(client, backend, "echo")
+    with pytest.raises(errors.DeadlineExceeded):
+        await client.sessions.expect_console(name=name, pattern="never printed",
+                                             budget={"instructions": 10**12}, timeout=1.0)
+    # an expect leaves the machine as it found it: running
+    assert (await client.sessions.get_session(name=name)).session.state == cpb.SESSION_STATE_RUNNING
+    with pytest.raises(errors.DeadlineExceeded):
+        await client.debug.continue_(name=name, wait=True, budget={"instructions": 10**12}, timeout=1.0)
+    # a continue never outlives its call: halted
+    assert (await client.sessions.get_session(name=name)).session.state == cpb.SESSION_STATE_HALTED

@@ -258,8 +258,9 @@ class _Meter:
     the guard of a counted budget) and the call's deadline, whichever comes first."""
 
     def __init__(self, budget: Budget, time_left: float | None) -> None:
-        # instructions the wait stepped itself: exact where the counters do not count
-        # (QEMU without icount counts no instructions)
+        # instructions the wait stepped itself, by the counters; by the steps' counts where
+        # the counters count none (QEMU without icount). Not the steps' counts everywhere: a
+        # step of a sleeping machine (WFI, nothing to wake it) may end early as a STEP
         self.stepped = 0
         self.baseline = Counters(0, 0)  # the counters when the wait began to count
         self.began = time.monotonic()
@@ -419,7 +420,11 @@ class Waits:
                 return _Ending(stop_or_match, await _halt_stop(live, f"halted: the host guard of {budget.guard_s:g} s fired"))
             stop = stop_or_match
             if stop.reason is StopReason.STEP:
-                meter.stepped += chunk  # a step that ends as a STEP ran its whole count
+                after = await _counters(live)
+                if after.instructions or counters.instructions:
+                    meter.stepped += max(0, after.instructions - counters.instructions)
+                else:  # a backend that counts no instructions (QEMU without icount): the step's count
+                    meter.stepped += chunk
             else:
                 await settle_console(live.console)
                 if matcher is not None and (found := matcher.search()) is not None:
