@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
+from machineserver.server.core.console import ConsoleLog
+from machineserver.server.core.waits import ConsoleMatcher, compile_pattern
 from machineserver.v1 import common_pb2 as cpb
 from tests.helpers.api import duration, upload
 from tests.helpers.backends import require_backend
@@ -182,3 +184,25 @@ async def test_the_calls_deadline_ends_the_wait(client: AsyncClient, backend: st
         await client.debug.continue_(name=name, wait=True, budget={"instructions": 10**12}, timeout=1.0)
     # a continue never outlives its call: halted
     assert (await client.sessions.get_session(name=name)).session.state == cpb.SESSION_STATE_HALTED
+
+
+def test_matcher_offsets_are_console_bytes_and_invalid_utf8_is_replaced() -> None:
+    log = ConsoleLog(retain=64)
+    log.append(b"ab\xffc\xc3\xa9d")  # a, b, an invalid byte, c, e-acute (2 bytes), d
+    m = ConsoleMatcher(compile_pattern("\ufffdc(\u00e9)d"), log, 0).search()
+    assert m is not None and m.groups == ("\u00e9",)
+    assert (m.start, m.end) == (2, 7)
+    # a multi-byte character split across two outputs still decodes as one
+    log.append(b"x\xc3")
+    tail = ConsoleMatcher(compile_pattern("x\u00e9"), log, 7)
+    assert tail.search() is None
+    log.append(b"\xa9")
+    m2 = tail.search()
+    assert m2 is not None and (m2.start, m2.end) == (7, 10)
+    # bytes the retained log dropped are skipped: the search starts at the oldest kept
+    log.append(b"-" * 100)
+    late = ConsoleMatcher(compile_pattern("a"), log, 0)
+    assert late.search() is None
+    log.append(b"za")
+    m3 = late.search()
+    assert m3 is not None and m3.start == log.end - 1

@@ -22,8 +22,12 @@ top of the first two. How each is measured:
 
   Virtual-time chunks are estimated from the board's clock (at most half of what is left,
   so the counters are read often enough as the budget nears its end); instruction chunks
-  are exactly what is left (at most 10^9). A co-simulation member cannot be stepped on its
-  own: a wait on one watches its counters every 5 ms while it runs (less exact).
+  are what is left (at most 10^9), and what a chunk executed is read from the counters
+  (Unicorn ends a step of a machine asleep in WFI early; QEMU without icount counts no
+  instructions: there the step's count is taken). A co-simulation member cannot be
+  stepped on its own: a wait on one watches its counters every 5 ms while it runs (less
+  exact). ExpectConsole is a viewer's call (api/auth.py): with a counted budget it steps
+  the machine through the same session lock and step quota as Step, and leaves it running.
 * The host guard ends a counted wait whose machine stopped advancing (a WFI with nothing to
   wake it): outcome HOST_GUARD, the machine halted (Continue) or running again (Expect).
 * The call's own deadline ends the wait as before: DEADLINE_EXCEEDED, after the machine was
@@ -198,6 +202,7 @@ class ConsoleMatcher:
         self._regex = regex
         self._console = console
         self._next = console.read(offset, 0).offset  # the next byte to decode (dropped bytes skipped)
+        self._searched = False  # searched once: later searches only when the text grew
         self._restart(self._next)
 
     def _restart(self, offset: int) -> None:
@@ -223,7 +228,7 @@ class ConsoleMatcher:
                 break
             self._add(chunk)
             grew = True
-        if not grew and getattr(self, "_searched", False):
+        if not grew and self._searched:
             return None
         self._searched = True
         m = self._regex.search(self._search)
