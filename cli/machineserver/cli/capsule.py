@@ -27,6 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -319,13 +320,21 @@ def _numbers(samples: list[Any], key: str) -> list[float]:
             and not isinstance(s.get(key), bool)]
 
 
+def _when(value: object) -> object:
+    """A sample's time as RFC 3339 (UTC) when it is seconds since the epoch; else as given."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**33:
+        spec = "milliseconds" if value % 1 else "seconds"
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+    return value
+
+
 def telemetry_summary(telemetry: dict[str, Any]) -> dict[str, Any]:
     """The host samples' count, time span, CPU (min/mean/max) and peak memory, and the
     session's metrics at the instant."""
     host = telemetry.get("host")
     samples = host if isinstance(host, list) else []
     out: dict[str, Any] = {"host_samples": len(samples)}
-    times = [s.get("time") for s in samples if isinstance(s, dict) and s.get("time") is not None]
+    times = [_when(s.get("time")) for s in samples if isinstance(s, dict) and s.get("time") is not None]
     if times:
         out["from"], out["to"] = times[0], times[-1]
     cpu = _numbers(samples, "cpu_percent")
