@@ -69,19 +69,21 @@ def test_hello(machine):
     assert machine.wait_exit(timeout=Virtual(ms=50)) == 0
     print("BACKEND", machine.backend, machine.session.backend)
 
+@pytest.mark.board("{BOARD}")
 @pytest.mark.backend("qemu")
 def test_qemu_only(machine):
     machine.load({str(hello)!r})
     assert machine.wait_exit() == 0
     assert machine.session.backend == "qemu"
 
+@pytest.mark.backend("unicorn")
 def test_no_board(machine):
     machine.load({str(hello)!r})
-""", "--strict-markers", "--ms-backends", "unicorn,qemu", "--ms-board", "", "-v", "-s", "-rA")
-    result.assert_outcomes(passed=3, failed=1)
+""", "--strict-markers", "--ms-backends", "unicorn,qemu", "-v", "-s", "-rA")
+    result.assert_outcomes(passed=3, errors=1)
     out = result.stdout.str()
-    for line in ("test_hello[unicorn] PASSED", "test_hello[qemu] PASSED", "test_qemu_only[qemu] PASSED"):
-        assert line in out
+    for test in ("test_hello[unicorn]", "test_hello[qemu]", "test_qemu_only[qemu]"):
+        assert f"PASSED test_inner.py::{test}" in out
     assert "test_qemu_only[unicorn]" not in out
     assert "BACKEND unicorn unicorn" in out and "BACKEND qemu qemu" in out
     assert "no board for the machine: add @pytest.mark.board" in out
@@ -139,7 +141,7 @@ def test_passes(machine):
     assert manifest["capsule"]["test_id"] == "test_inner.py::test_waits_for_a_greeting[unicorn]"
     assert "console never matched 'welcome'" in manifest["capsule"]["reason"]
     assert manifest["backend"] == "unicorn" and manifest["board"] == BOARD
-    assert "1 failure capsule(s) written" in out and str(files[0]) in out
+    assert "1 capsule(s) written" in out and str(files[0]) in out
     props = properties(xml)
     failed, passed = props["test_waits_for_a_greeting[unicorn]"], props["test_passes[unicorn]"]
     assert failed["ms_capsule"] == [str(files[0])]
@@ -236,7 +238,7 @@ def test_bad_coverage_option_is_a_usage_error(pytester: pytest.Pytester) -> None
 def test_capsules_the_server_took_are_exported(pytester: pytest.Pytester, tmp_path: Path) -> None:
     """An assert symbol's hit (the server's own trigger) during a passing test: its capsule is
     exported next to the failure capsules, and named in the JUnit properties."""
-    fault = firmware(BOARD, "fault")
+    program = firmware(BOARD, "assert")
     capsules = tmp_path / "capsules"
     xml = tmp_path / "junit.xml"
     result = run_inner(pytester, f"""
@@ -245,18 +247,19 @@ from machineserver.testing import Virtual
 
 @pytest.mark.board("{BOARD}")
 @pytest.mark.backend("unicorn", "qemu")
-@pytest.mark.machine_options(assert_symbols=["HardFault_Handler"])
-def test_fault_handler_runs(machine):
-    machine.load({str(fault)!r})
-    machine.console.expect(r"about to fault", timeout=Virtual(ms=50))
-    assert machine.wait_exit() == 3
+@pytest.mark.machine_options(assert_symbols=["__assert_func"])
+def test_assert_fails(machine):
+    machine.load({str(program)!r})
+    machine.console.expect(r"checking", timeout=Virtual(ms=50))
+    assert machine.wait_exit() == 4  # past the assert: the capsule was taken on the way
+    assert machine.console.text.endswith("assertion failed: left >= 0\\n")
 """, "--ms-capsules", str(capsules), f"--junitxml={xml}")
     result.assert_outcomes(passed=2)
     for backend in ("unicorn", "qemu"):
-        files = list(capsules.glob(f"test_inner.py_test_fault_handler_runs_{backend}-assert-*.capsule"))
+        files = list(capsules.glob(f"test_inner.py_test_assert_fails_{backend}-assert-*.capsule"))
         assert len(files) == 1, sorted(capsules.iterdir())
         with zipfile.ZipFile(files[0]) as z:
             manifest = json.loads(z.read("manifest.json"))
         assert manifest["capsule"]["trigger"] == "assert" and manifest["backend"] == backend
-        assert "HardFault_Handler" in manifest["capsule"]["reason"]
-        assert properties(xml)[f"test_fault_handler_runs[{backend}]"]["ms_capsule"] == [str(files[0])]
+        assert manifest["capsule"]["reason"] == "reached __assert_func"
+        assert properties(xml)[f"test_assert_fails[{backend}]"]["ms_capsule"] == [str(files[0])]

@@ -153,7 +153,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     terminalreporter.section("machineserver")
     if run.capsules:
-        terminalreporter.write_line(f"{len(run.capsules)} failure capsule(s) written (open one: msctl capsule open FILE):")
+        terminalreporter.write_line(f"{len(run.capsules)} capsule(s) written (open one: msctl capsule open FILE):")
         for path in run.capsules:
             terminalreporter.write_line(f"  {path}")
     for line in run.coverage_files:
