@@ -359,6 +359,9 @@ def test_capture_export_show_open_gives_a_halted_session_at_the_same_pc(
     session = json.loads(_ok(msctl("--json", "session", "get-session", "reopened", target=target)))["session"]
     assert session["state"] == "SESSION_STATE_HALTED" and session["backend"] == backend
     assert _registers("reopened", target) == regs
+    # a capsule already stored opens by name, no file
+    again = _ok(msctl("capsule", "open", name, "--session-id", "reopened2", target=target))
+    assert "sessions/reopened2  HALTED" in again and f"pc        {main:#010x}" in again
 
     assert f"deleted {name}" in _ok(msctl("capsule", "delete", name, target=target))
     assert "NOT_FOUND" in one_line_error(msctl("capsule", "get", name, target=target))
@@ -375,7 +378,10 @@ def test_server_verbs_refuse_in_one_line(tmp_path: Path, server_process: ServerP
     (tmp_path / "junk.zip").write_bytes(b"junk")
     assert "not a zip archive" in one_line_error(msctl("capsule", "open", str(tmp_path / "junk.zip"),
                                                        target=target))
-    _, archive, _, _ = capture_at_main(server_process, tmp_path, "unicorn")
+    name, archive, _, _ = capture_at_main(server_process, tmp_path, "unicorn")
+    line = one_line_error(msctl("capsule", "export", name, "-o", str(tmp_path / "no" / "such" / "c.zip"),
+                                target=target))
+    assert "No such file or directory" in line
     # a tampered member: the server refuses it, naming the member
     tampered = rewrite(archive, tmp_path / "tampered.zip", members={"console.txt": b"not what was captured\n"},
                        resum=False)
