@@ -359,9 +359,10 @@ def test_capture_export_show_open_gives_a_halted_session_at_the_same_pc(
     session = json.loads(_ok(msctl("--json", "session", "get-session", "reopened", target=target)))["session"]
     assert session["state"] == "SESSION_STATE_HALTED" and session["backend"] == backend
     assert _registers("reopened", target) == regs
-    # a capsule already stored opens by name, no file
-    again = _ok(msctl("capsule", "open", name, "--session-id", "reopened2", target=target))
-    assert "sessions/reopened2  HALTED" in again and f"pc        {main:#010x}" in again
+    # a capsule already stored opens by name, no file (and --json says the same as JSON)
+    again = json.loads(_ok(msctl("--json", "capsule", "open", name, "--session-id", "reopened2", target=target)))
+    assert again["session"]["name"] == "sessions/reopened2" and again["session"]["state"] == "SESSION_STATE_HALTED"
+    assert again["pc"] == main and again["capsule"]["name"] == name
 
     assert f"deleted {name}" in _ok(msctl("capsule", "delete", name, target=target))
     assert "NOT_FOUND" in one_line_error(msctl("capsule", "get", name, target=target))
