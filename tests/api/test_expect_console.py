@@ -7,13 +7,17 @@ instructions: 1,000 instructions never reach it, 5 million always do)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from machineserver.sdk import AsyncClient, errors
+from machineserver.server.app import RunningServer
 from machineserver.server.core.console import ConsoleLog
 from machineserver.server.core.waits import ConsoleMatcher, compile_pattern
 from machineserver.v1 import common_pb2 as cpb
-from tests.helpers.api import duration, upload
+from machineserver.v1 import session_pb2 as spb
+from tests.helpers.api import duration, until, upload
 from tests.helpers.backends import require_backend
 from tests.helpers.firmware import elf_symbol
 
@@ -39,6 +43,20 @@ async def halted_at_main(client: AsyncClient, backend: str, program: str) -> str
     assert stop.reason == cpb.STOP_REASON_BREAKPOINT and stop.pc == elf_symbol(BOARD, program, "main")
     await client.debug.clear_breakpoint(name=name, id=bp.id)
     return str(name)
+
+
+async def expecting(server: RunningServer, client: AsyncClient, name: str,
+                    budget: dict[str, object]) -> asyncio.Future[spb.ExpectConsoleResponse]:
+    """An ExpectConsole of text that never comes, started and in progress: stepping the
+    machine (a counted budget) or subscribed to its events (host time)."""
+    live = server.engine.sessions.get(name)
+    hub = server.engine.sessions.events
+    before = hub.subscriber_count
+    wait = asyncio.ensure_future(client.sessions.expect_console(name=name, pattern="never printed", budget=budget))
+    counted = "host_time" not in budget
+    await until(lambda: live.operation is not None if counted else hub.subscriber_count > before,
+                what="the expect waits")
+    return wait
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,3 +224,37 @@ def test_matcher_offsets_are_console_bytes_and_invalid_utf8_is_replaced() -> Non
     log.append(b"za")
     m3 = late.search()
     assert m3 is not None and m3.start == log.end - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("budget", [{"instructions": 10**9}, {"host_time": "20s"}], ids=["driven", "watched"])
+async def test_a_breakpoint_ends_the_wait_as_stopped(server: RunningServer, client: AsyncClient, backend: str,
+                                                    budget: dict[str, object]) -> None:
+    name = await running(client, backend, "echo")
+    await client.sessions.expect_console(name=name, pattern="echo ready", budget={"instructions": 50_000_000})
+    # echo polls its UART inside uart_getc: the breakpoint is hit once a byte comes and it
+    # calls uart_getc again
+    await client.debug.set_breakpoint(name=name, location={"symbol": "uart_getc"})
+    wait = await expecting(server, client, name, budget)
+    await client.sessions.write_console(name=name, data=b"x")
+    r = await asyncio.wait_for(wait, 20)
+    assert r.outcome == cpb.WAIT_OUTCOME_STOPPED
+    assert r.stop.reason == cpb.STOP_REASON_BREAKPOINT and r.stop.location.function == "uart_getc"
+    assert r.state == cpb.SESSION_STATE_HALTED
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("budget", [{"instructions": 10**12}, {"host_time": "20s"}], ids=["driven", "watched"])
+async def test_power_off_ends_the_wait_as_stopped(server: RunningServer, client: AsyncClient, backend: str,
+                                                  budget: dict[str, object]) -> None:
+    name = await running(client, backend, "echo")
+    wait = await expecting(server, client, name, budget)
+    await client.sessions.power_off_session(name=name)
+    r = await asyncio.wait_for(wait, 20)
+    assert r.outcome == cpb.WAIT_OUTCOME_STOPPED and r.state == cpb.SESSION_STATE_OFF
+
+
+async def test_continue_refuses_a_budget_without_wait(client: AsyncClient) -> None:
+    name = await halted_at_main(client, "unicorn", "echo")
+    with pytest.raises(errors.InvalidArgument, match="budget"):
+        await client.debug.continue_(name=name, wait=False, budget={"instructions": 5})

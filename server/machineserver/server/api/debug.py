@@ -155,6 +155,8 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
     ) -> pb.ContinueResponse:
         live = self.engine.sessions.get(request.name)
         if not request.wait:
+            if request.HasField("budget"):
+                raise InvalidArgument("budget", "a budget needs wait: a continue that does not wait counts nothing")
             await self.engine.sessions.run(live)
             return pb.ContinueResponse(state=self._state(live))
         if request.HasField("budget"):

@@ -330,7 +330,12 @@ class Waits:
             return _Ending(WaitOutcome.STOPPED, live.last_stop)
         if not budget.counted or live.membership is not None:
             return await self._watch(live, budget, meter, matcher, halt_at_end=False)
-        stop = await self.m.pause(live, "paused: a console wait with a counted budget drives it")
+        try:
+            stop = await self.m.pause(live, "paused: a console wait with a counted budget drives it")
+        except FailedPrecondition:
+            if live.state in (MachineState.HALTED, MachineState.RUNNING):
+                raise
+            return _Ending(WaitOutcome.STOPPED, live.last_stop)  # powered off meanwhile
         state: MachineState = live.state  # read afresh after the await
         if state is not MachineState.HALTED or stop is None or stop.reason is not StopReason.HALT:
             await settle_console(live.console)  # it stopped by itself first
@@ -423,6 +428,8 @@ class Waits:
                 return _Ending(WaitOutcome.MATCHED, match=stop_or_match)
             if isinstance(stop_or_match, WaitOutcome):  # the guard
                 return _Ending(stop_or_match, await _halt_stop(live, f"halted: the host guard of {budget.guard_s:g} s fired"))
+            if stop_or_match is None:
+                return _Ending(WaitOutcome.STOPPED, live.last_stop)
             stop = stop_or_match
             if stop.reason is StopReason.STEP:
                 after = await _counters(live)
@@ -437,7 +444,9 @@ class Waits:
                 return _Ending(WaitOutcome.STOPPED if matcher is not None else WaitOutcome.MATCHED, stop)
 
     async def _step_or_match(self, step: asyncio.Future[StopInfo], matcher: ConsoleMatcher | None,
-                             meter: _Meter, live: LiveSession) -> StopInfo | ConsoleMatch | WaitOutcome:
+                             meter: _Meter, live: LiveSession) -> StopInfo | ConsoleMatch | WaitOutcome | None:
+        """What ended the step: its stop, the console's match, the host limit, or None
+        (the machine went away under it)."""
         while True:
             if matcher is not None and (found := matcher.search()) is not None:
                 return found
@@ -445,9 +454,13 @@ class Waits:
                 try:
                     return step.result()
                 except MachineServerError:
-                    if live.state is MachineState.HALTED or live.last_stop is None:
+                    # taken from under the wait (powered off, deleted, the backend failed):
+                    # a continue fails as Step does; an expect ends STOPPED, once what took
+                    # it (holding the session lock) is done
+                    if matcher is None:
                         raise
-                    return live.last_stop  # powered off, failed, ...: stopped
+                    await _after_lock_holder(live)
+                    return None
             if (ended := meter.expired()) is not None:
                 return ended
             waiters: set[asyncio.Future[Any]] = {step}
@@ -506,6 +519,20 @@ class Waits:
                         w.cancel()
         finally:
             events.close()
+
+
+async def _after_lock_holder(live: LiveSession) -> None:
+    """Let a call that preempted the wait's step (a power-off, a delete) take the session
+    lock and finish, so the state read next is the one it leaves (bounded)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+    async def through() -> None:
+        async with live.lock:
+            pass
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(through(), OPERATION_STOP_SECONDS)
 
 
 async def _console_grows(console: ConsoleLog) -> None:
