@@ -264,3 +264,30 @@ def test_assert_fails(machine):
         assert manifest["capsule"]["trigger"] == "assert" and manifest["backend"] == backend
         assert manifest["capsule"]["reason"] == "reached __assert_func"
         assert properties(xml)[f"test_assert_fails[{backend}]"]["ms_capsule"] == [str(files[0])]
+
+
+def test_remote_target_with_an_api_key(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """A server with authentication on: the plugin's calls carry --ms-api-key; without it
+    they are refused (UNAUTHENTICATED), and the test says so."""
+    hello = firmware(BOARD, "hello")
+    key_file = tmp_path / "admin.key"
+    config = tmp_path / "server.yaml"
+    config.write_text(f"auth:\n  enabled: true\n  bootstrap_admin_key_file: {key_file}\n")
+    server = ServerProcess(tmp_path / "data", "--config", str(config)).start()
+    try:
+        source = f"""
+import pytest
+
+@pytest.mark.board("{BOARD}")
+def test_hello(machine):
+    machine.load({str(hello)!r})
+    assert machine.wait_exit() == 0
+"""
+        secret = key_file.read_text().strip()
+        result = run_inner(pytester, source, "--ms-target", server.target, "--ms-api-key", secret)
+        result.assert_outcomes(passed=1)
+        refused = run_inner(pytester, source, "--ms-target", server.target)
+        refused.assert_outcomes(failed=1)
+        assert "UNAUTHENTICATED" in refused.stdout.str()
+    finally:
+        server.stop()
