@@ -9,6 +9,7 @@ import re
 import subprocess
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from junitparser import JUnitXml, Properties, Property
@@ -291,3 +292,30 @@ def test_hello(machine):
         assert "UNAUTHENTICATED" in refused.stdout.str()
     finally:
         server.stop()
+
+
+def test_coverage_in_every_format(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """--ms-coverage repeated: one merged report per format (two tests of one program)."""
+    program = firmware(BOARD, "coverage")
+    out = tmp_path / "out"
+    result = run_inner(pytester, f"""
+import pytest
+
+@pytest.mark.board("{BOARD}")
+@pytest.mark.backend("unicorn", "qemu")
+def test_coverage_program(machine):
+    machine.load({str(program)!r})
+    assert machine.wait_exit() == 0
+""", "--ms-coverage", f"lcov:{out}/cov.info", "--ms-coverage", f"cobertura:{out}/cov.xml",
+        "--ms-coverage", f"json:{out}/cov.json", "--ms-coverage", f"html:{out}/html")
+    result.assert_outcomes(passed=2)
+    info = (out / "cov.info").read_text()
+    assert info.count("SF:") == len(set(re.findall(r"^SF:(.*)$", info, re.M)))  # merged: each file once
+    assert re.search(r"^SF:.*coverage\.c$", info, re.M)
+    xml = ElementTree.parse(out / "cov.xml").getroot()
+    assert xml.tag == "coverage" and float(xml.get("line-rate", "0")) > 0
+    assert json.loads((out / "cov.json").read_text())
+    assert any(p.name == "index.html" for p in (out / "html").rglob("*.html"))
+    summary = result.stdout.str()
+    for fmt in ("lcov", "cobertura", "json", "html"):
+        assert f"coverage written, {fmt}: {out}" in summary
