@@ -170,6 +170,10 @@ async def test_bad_inputs_name_the_field(client: AsyncClient) -> None:
         with pytest.raises(errors.InvalidArgument) as info:
             await client.sessions.expect_console(name=name, **fields)
         assert field in str(info.value), (fields, str(info.value))
+    # at the limit: accepted
+    at_limit = await client.sessions.expect_console(name=name, pattern="x" * 4096,
+                                                    budget=cpb.Budget(host_time=duration(0.1)))
+    assert at_limit.outcome in (cpb.WAIT_OUTCOME_STOPPED, cpb.WAIT_OUTCOME_BUDGET_EXHAUSTED)
     with pytest.raises(errors.InvalidArgument, match=r"budget\.instructions"):
         await client.debug.continue_(name=name, wait=True, budget={"instructions": 0})
     with pytest.raises(errors.NotFound):
