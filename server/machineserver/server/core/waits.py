@@ -46,7 +46,6 @@ import asyncio
 import codecs
 import contextlib
 import enum
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +59,7 @@ from machineserver.server.core.errors import (
     InvalidArgument,
     MachineServerError,
 )
+from machineserver.server.core.patterns import ClientPattern, PatternTooSlow
 from machineserver.server.core.sessions import (
     OPERATION_STOP_SECONDS,
     LiveSession,
@@ -78,6 +78,10 @@ MAX_HOST_SECONDS = 3600.0
 DEFAULT_HOST_SECONDS = 10.0  # an unset budget
 DEFAULT_GUARD_SECONDS = 60.0
 TAIL_BYTES = 4096  # console_tail
+# the text one search sees at most (characters): a chatty console is searched in a window that
+# keeps its last half after each trim, so every search stays bounded (a match longer than
+# half the window can be missed)
+SEARCH_WINDOW_CHARS = 2 << 20
 STEP_CHUNK = 10**9  # the most instructions one step is asked for (SessionManager.step's limit)
 MIN_VIRTUAL_CHUNK = 1024  # instructions: the smallest chunk of a virtual-time budget
 POLL_SECONDS = 0.005  # a co-simulation member's counters, while it runs
@@ -146,15 +150,10 @@ def make_budget(*, instructions: int | None = None, virtual_ns: int | None = Non
     return Budget(guard_s=guard)
 
 
-def compile_pattern(pattern: str, field: str = "pattern") -> re.Pattern[str]:
+def compile_pattern(pattern: str, field: str = "pattern") -> ClientPattern:
     if not pattern:
         raise InvalidArgument(field, "must not be empty")
-    if len(pattern.encode("utf-8", "surrogatepass")) > MAX_PATTERN_BYTES:
-        raise InvalidArgument(field, f"at most {MAX_PATTERN_BYTES} bytes")
-    try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise InvalidArgument(field, f"does not compile as a Python regular expression: {exc}") from None
+    return ClientPattern(pattern, field, MAX_PATTERN_BYTES)
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ class ContinueResult:
 class ConsoleMatcher:
     """The console from an offset, decoded incrementally, searched with a pattern."""
 
-    def __init__(self, regex: re.Pattern[str], console: ConsoleLog, offset: int) -> None:
+    def __init__(self, regex: ClientPattern, console: ConsoleLog, offset: int) -> None:
         if offset > console.end:
             raise InvalidArgument("offset", f"{offset} is past the end of the console ({console.end})")
         self._regex = regex
@@ -218,6 +217,10 @@ class ConsoleMatcher:
         self._text += piece
         self._search += piece.translate(_REPLACE_ESCAPES)
         self._next = chunk.offset + len(chunk.data)
+        if len(self._search) > SEARCH_WINDOW_CHARS:  # keep each search bounded: drop the oldest text
+            cut = len(self._search) - SEARCH_WINDOW_CHARS // 2
+            self._base += len(self._text[:cut].encode("utf-8", "surrogateescape"))
+            self._text, self._search = self._text[cut:], self._search[cut:]
 
     def search(self) -> ConsoleMatch | None:
         """Read what the console has gained, and search everything since the offset."""
@@ -231,7 +234,10 @@ class ConsoleMatcher:
         if not grew and self._searched:
             return None
         self._searched = True
-        m = self._regex.search(self._search)
+        try:
+            m = self._regex.search(self._search)
+        except PatternTooSlow as exc:
+            raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
         if m is None:
             return None
         return ConsoleMatch(

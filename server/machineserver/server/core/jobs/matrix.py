@@ -9,7 +9,6 @@ expansion leaves it out of the other combinations, and refuses it when it matche
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,7 +16,15 @@ from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
 from machineserver.server.core.errors import InvalidArgument, MachineServerError
 from machineserver.server.core.images import check_fits
-from machineserver.server.core.jobs.model import Criteria, MemoryPatch, ProgramRef, Resources, Variant
+from machineserver.server.core.jobs.model import (
+    MAX_REGEX_BYTES,
+    Criteria,
+    MemoryPatch,
+    ProgramRef,
+    Resources,
+    Variant,
+)
+from machineserver.server.core.patterns import ClientPattern
 from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.snapshots import SnapshotStore
 from machineserver.server.drivers.base import Feature
@@ -26,7 +33,6 @@ MAX_RUNS = 10_000  # runs in one job
 MAX_RETRIES = 5
 MAX_HOST_TIMEOUT_S = 3600.0
 DEFAULT_HOST_TIMEOUT_S = 60.0
-MAX_REGEX_BYTES = 1024
 MAX_PATCH_BYTES = 64 * 1024
 MAX_INPUT_BYTES = 64 * 1024
 MAX_NAME_BYTES = 64
@@ -80,12 +86,7 @@ class Plan:
 
 
 def _check_regex(text: str, where: str) -> None:
-    if len(text.encode()) > MAX_REGEX_BYTES:
-        raise InvalidArgument(where, f"at most {MAX_REGEX_BYTES} bytes")
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise InvalidArgument(where, f"not a valid regex: {exc}") from None
+    ClientPattern(text, where, MAX_REGEX_BYTES)
 
 
 def check_criteria(req: JobRequest) -> Criteria:

@@ -108,6 +108,7 @@ class RunResult:
     retryable: bool = False  # ERRORED by the engine or node (not by the program): retry it
 
 
+MAX_REGEX_BYTES = 1024  # a job's pass or fail regex
 CONSOLE_TAIL_BYTES = 4096
 
 

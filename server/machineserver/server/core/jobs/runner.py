@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Mapping
 
@@ -41,12 +40,14 @@ from machineserver.server.core.errors import MachineServerError
 from machineserver.server.core.images import ImageFormat, check_fits, parse_image
 from machineserver.server.core.jobs.model import (
     CONSOLE_TAIL_BYTES,
+    MAX_REGEX_BYTES,
     BlobSource,
     Criteria,
     RunResult,
     RunSpec,
     Verdict,
 )
+from machineserver.server.core.patterns import ClientPattern, PatternTooSlow
 from machineserver.server.drivers import base as drv
 from machineserver.server.drivers.base import (
     Blocks,
@@ -108,12 +109,21 @@ class Judge:
 
     def __init__(self, criteria: Criteria) -> None:
         self.criteria = criteria
-        self.pass_re = re.compile(criteria.pass_regex) if criteria.pass_regex else None
-        self.fail_re = re.compile(criteria.fail_regex) if criteria.fail_regex else None
+        self.pass_re = ClientPattern(criteria.pass_regex, "criteria.pass_regex", MAX_REGEX_BYTES) \
+            if criteria.pass_regex else None
+        self.fail_re = ClientPattern(criteria.fail_regex, "criteria.fail_regex", MAX_REGEX_BYTES) \
+            if criteria.fail_regex else None
         self.passed_seen = False
 
     def on_console(self, text: str) -> tuple[Verdict, str] | None:
-        """A verdict the console gives now (None: keep running)."""
+        """A verdict the console gives now (None: keep running). A regex whose search runs
+        too long (PatternTooSlow) makes the run ERRORED, not retried: the job is bad."""
+        try:
+            return self._on_console(text)
+        except PatternTooSlow as exc:
+            raise _Errored(str(exc), False) from None
+
+    def _on_console(self, text: str) -> tuple[Verdict, str] | None:
         if self.fail_re is not None and (m := self.fail_re.search(text)):
             return Verdict.FAILED, f"fail regex matched: {m.group(0)[:200]!r}"
         if self.pass_re is not None and not self.passed_seen and self.pass_re.search(text):
