@@ -71,6 +71,9 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     # the server's own sampler merges the host's extra sources (thermal zones, NVML, ...)
     # into psutil's sample: those would replace the fake GPU
     monkeypatch.setattr(telemetry.HostSampler, "__call__", lambda self, meter=None: fake_sample(load["cpu"]))
+    # the tests evaluate the rules themselves: the server's own evaluator would race them with
+    # a sample taken (in a thread, a real psutil sample under the fake) before the load changed
+    monkeypatch.setattr(telemetry.Telemetry, "_ensure_evaluator", lambda self: None)
     return load
 
 
