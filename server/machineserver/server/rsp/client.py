@@ -604,6 +604,7 @@ class RspClient(RspProtocol):
         super().__init__(reader, writer, **options)
         self.features: dict[str, str] = {}
         self.packet_size = 4096
+        self.writes = 0  # register and memory writes sent (a snapshot cache's "unchanged since")
 
     # ------------------------------------------------------------------ connecting
 
@@ -715,6 +716,7 @@ class RspClient(RspProtocol):
         return self._decode_hex(b"p", await self._checked(b"p%x" % number, b"p"))
 
     async def write_register(self, number: int, value: bytes) -> None:
+        self.writes += 1
         await self.request_ok(b"P%x=%s" % (number, to_hex(value)))
 
     # ------------------------------------------------------------------ memory
@@ -734,6 +736,7 @@ class RspClient(RspProtocol):
         return bytes(out)
 
     async def write_memory(self, address: int, data: bytes) -> None:
+        self.writes += 1
         step = self._chunk()
         for off in range(0, len(data), step):
             chunk = data[off : off + step]
@@ -743,6 +746,7 @@ class RspClient(RspProtocol):
 
     async def write_memory_binary(self, address: int, data: bytes) -> None:
         """``X`` with escaped binary data (half the bytes on the wire of ``M``)."""
+        self.writes += 1
         step = max(16, (self.packet_size - 64) // 2)  # worst case: every byte escaped
         for off in range(0, len(data), step):
             chunk = data[off : off + step]

@@ -24,9 +24,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from machineserver.server.drivers.base import BackendFailed, BadRequest, BoardSpec, NotSupported, Snapshots
+from machineserver.server.drivers.base import (
+    BackendFailed,
+    BadRequest,
+    BoardSpec,
+    NotSupported,
+    Snapshots,
+    WrongState,
+)
 from machineserver.server.drivers.qemu.semihosting import TrapSites
 from machineserver.server.drivers.qemu.target import QemuTarget, guarded
+from machineserver.server.rsp.client import RspClient
 
 # QEMU machines whose snapshot restore is broken in the QEMU versions we know of
 SNAPSHOT_BROKEN = {
@@ -39,15 +47,17 @@ MAX_TRAPS = 65536
 MIGRATION_MAGIC = b"QEVM\x00\x00\x00\x03"  # QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION
 SAVE_TIMEOUT = 30.0
 # section name, instance id, version, then the state's length and its 100-byte buffer
-_GLOBALSTATE_DEBUG = re.compile(rb"(\x0bglobalstate.{8})\x00\x00\x00\x06debug\x00", re.DOTALL)
+_GLOBALSTATE_DEBUG = re.compile(rb"(\x0bglobalstate.{8})\x00\x00\x00\x06debug\x00.", re.DOTALL)
 
 
 def patch_runstate(stream: bytes) -> bytes:
     """The migration stream carries the source's run state; a VM stopped by the gdbstub
     is in "debug", and QEMU 7.2 aborts loading that ("invalid runstate transition:
-    'inmigrate' -> 'debug'"). Rewrite it to "paused" (same length: the field is a
-    100-byte NUL-padded buffer behind its length)."""
-    return _GLOBALSTATE_DEBUG.sub(lambda m: m.group(1) + b"\x00\x00\x00\x07paused", stream,
+    'inmigrate' -> 'debug'"). Rewrite it to "paused" (the stream keeps its length: the field is a
+    100-byte buffer behind its length). The buffer is not always NUL past the name (an
+    earlier, longer run state's bytes can remain: "debug\\0nch"), so "paused" gets its own
+    NUL, written over the byte after "debug"'s."""
+    return _GLOBALSTATE_DEBUG.sub(lambda m: m.group(1) + b"\x00\x00\x00\x07paused\x00", stream,
                                   count=1)
 
 
@@ -122,6 +132,8 @@ class QemuSnapshots(Snapshots):
         self.target = target
         self.traps = traps
         self._restart = restart
+        # the last stream saved, with the gdbstub connection and its write count then
+        self._last: tuple[RspClient, int, bytes] | None = None
 
     def _check_board(self) -> None:
         reason = SNAPSHOT_BROKEN.get(self.target.qemu_machine)
@@ -133,26 +145,7 @@ class QemuSnapshots(Snapshots):
         self._check_board()
         async with self.target.op:
             self.target.require_inspectable()
-            inst = self.target.process.instance
-            assert inst is not None
-            path = os.path.join(inst.dir, "snapshot.bin")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            await self.target.process.qmp("migrate", {"uri": f"exec:cat > {path}"})
-            deadline = time.monotonic() + SAVE_TIMEOUT
-            while True:
-                info = await self.target.process.qmp("query-migrate")
-                status = info.get("status") if isinstance(info, dict) else None
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    err = info.get("error-desc", "") if isinstance(info, dict) else ""
-                    raise BackendFailed(f"snapshot failed: {status} {err}".strip())
-                if time.monotonic() > deadline:
-                    raise await self.target.process.fail(f"snapshot did not finish in {SAVE_TIMEOUT} s")
-                await asyncio.sleep(0.002)
-            stream = patch_runstate(await asyncio.to_thread(Path(path).read_bytes))
-            os.unlink(path)
+            stream = await self._stream()
             clock = self.target.clock
             return encode({
                 "machine": self.target.qemu_machine,
@@ -164,6 +157,45 @@ class QemuSnapshots(Snapshots):
                 "vclock": self.target.virtual_clock_ns(),
                 "traps": sorted(self.traps.sites),
             }, stream)
+
+    async def _stream(self) -> bytes:
+        """The VM's migration stream. After a migration QEMU leaves a stopped VM in its
+        "postmigrate" run state and refuses to migrate it again until it has run ("Can't
+        migrate the vm that was paused due to previous migration"): a second save with
+        nothing run or written in between gets the first one's stream (the same state); with
+        a write in between (a debugger's memory or register write) it is refused, and the
+        machine stays as it is."""
+        stub = self.target.stub()
+        status = await self.target.process.qmp("query-status")
+        if isinstance(status, dict) and status.get("status") == "postmigrate":
+            last = self._last
+            if last is not None and last[0] is stub and last[1] == stub.writes:
+                return last[2]
+            raise WrongState("QEMU cannot snapshot this machine again before it has run: it was written "
+                             "since its last snapshot (QEMU's postmigrate state); step or continue it first",
+                             state="postmigrate", required="run since the last snapshot")
+        inst = self.target.process.instance
+        assert inst is not None
+        path = os.path.join(inst.dir, "snapshot.bin")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        await self.target.process.qmp("migrate", {"uri": f"exec:cat > {path}"})
+        deadline = time.monotonic() + SAVE_TIMEOUT
+        while True:
+            info = await self.target.process.qmp("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                err = info.get("error-desc", "") if isinstance(info, dict) else ""
+                raise BackendFailed(f"snapshot failed: {status} {err}".strip())
+            if time.monotonic() > deadline:
+                raise await self.target.process.fail(f"snapshot did not finish in {SAVE_TIMEOUT} s")
+            await asyncio.sleep(0.002)
+        stream = patch_runstate(await asyncio.to_thread(Path(path).read_bytes))
+        os.unlink(path)
+        self._last = (stub, stub.writes, stream)
+        return stream
 
     @guarded
     async def restore_state(self, blob: bytes) -> None:
