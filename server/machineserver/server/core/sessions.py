@@ -305,6 +305,9 @@ class SessionManager:
         # after a LoadProgram put a program into a powered machine
         self.program_hooks: list[Callable[[LiveSession], Awaitable[None]]] = []
         self.stop_hooks: list[Callable[[LiveSession, StopInfo], None]] = []
+        # "is there a breakpoint at this pc?" for the parts that set them (the debugger, the
+        # capsules' assert symbols): a long step cancelled as it reached one still reports it
+        self.breakpoint_probes: list[Callable[[LiveSession, int], bool]] = []
         self.delete_hooks: list[Callable[[LiveSession], None]] = []
 
     # ------------------------------------------------------------------ startup/shutdown
@@ -701,9 +704,35 @@ class SessionManager:
                 with driver_errors(live):
                     info = await run_control.step(count or 1)
             else:
-                info = await self.ops.run(live, run_control.step(count), "step", timeout)
+                start_pc = await self._halted_pc(live)
+                try:
+                    info = await self.ops.run(live, run_control.step(count), "step", timeout)
+                except asyncio.CancelledError:
+                    await self._breakpoint_reached(live, start_pc)
+                    raise
             self.stops.apply(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
+
+    async def _halted_pc(self, live: LiveSession) -> int | None:
+        machine = live.machine
+        if machine is None or machine.state is not MachineState.HALTED or not machine.has(drv.RegisterAccess):
+            return None
+        with contextlib.suppress(drv.DriverError):
+            return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+        return None
+
+    async def _breakpoint_reached(self, live: LiveSession, start_pc: int | None) -> None:
+        """A long step cancelled by its caller (a wait whose console matched, a caller that
+        went away) just as it reached a breakpoint: the driver reports the cancellation's halt,
+        or the step's own stop is dropped with it. Halted on a breakpoint's address it did not
+        start from, the machine is at that breakpoint: the stop is reported as one (its hooks
+        fire, and the caller's caller does not run past it unknowing)."""
+        if not self.breakpoint_probes:
+            return
+        pc = await self._halted_pc(live)
+        if pc is None or pc == start_pc or not any(probe(live, pc) for probe in self.breakpoint_probes):
+            return
+        self.stops.apply(live, StopInfo(StopReason.BREAKPOINT, pc=pc), "breakpoint")
 
     def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Work that outlives the call that started it, owned by the manager: errors are

@@ -363,6 +363,9 @@ class Waits:
         going away: the machine was running before the wait)."""
         if live.state is not MachineState.HALTED or not self.m.contains(live):
             return
+        stop = live.last_stop
+        if stop is not None and stop.reason not in (StopReason.HALT, StopReason.STEP):
+            return  # it stopped by itself as the wait ended (a breakpoint its last step reached)
         run = asyncio.ensure_future(self.m.run(live))
         cancelled = await finish_uninterrupted(run, OPERATION_STOP_SECONDS)
         if run.done() and not run.cancelled() and (exc := run.exception()) is not None:

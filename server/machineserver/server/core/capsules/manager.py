@@ -146,6 +146,7 @@ class CapsuleManager:
         self._telemetry = telemetry
         self.settings = settings
         self._armed: dict[str, dict[int, str]] = {}  # session id -> assert address -> symbol
+        sessions.breakpoint_probes.append(lambda live, pc: (pc & ~1) in self._armed.get(live.id, {}))
         sessions.power_on_hooks.append(self._arm)
         sessions.program_hooks.append(self._arm)
         sessions.stop_hooks.append(self._on_stop)
