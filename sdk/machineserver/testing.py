@@ -458,6 +458,8 @@ class Machine:
         for a faulted one."""
         s = self.session
         if s.state == common_pb2.SESSION_STATE_EXITED:
+            if not s.HasField("exit_code"):
+                raise MachineStopped(f"{self.name} exited, but the server does not know its exit code", s.last_stop)
             return s.exit_code
         if s.state == common_pb2.SESSION_STATE_FAULTED:
             raise MachineStopped(f"{self.name} {describe_stop(s.last_stop, s.state)} instead of exiting",

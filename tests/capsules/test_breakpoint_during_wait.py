@@ -17,7 +17,7 @@ from machineserver.sdk import AsyncClient
 from machineserver.v1 import capsule_pb2 as pb
 from machineserver.v1 import common_pb2 as cpb
 from tests.capsules.test_capsules import capsules_of, eventually
-from tests.helpers.api import upload
+from tests.helpers.api import upload, wait_state
 from tests.helpers.backends import require_backend
 from tests.helpers.firmware import elf_symbol
 
@@ -38,8 +38,9 @@ async def test_an_assert_reached_while_an_expect_drives_the_machine(client: Asyn
             options={"capsules": {"assert_symbols": ["__assert_func"]}})).session.name
         r = await client.sessions.expect_console(name=name, pattern="checking", budget=cpb.Budget(**budget))  # type: ignore[arg-type]
         assert r.outcome in (cpb.WAIT_OUTCOME_MATCHED, cpb.WAIT_OUTCOME_STOPPED), r
-        s = (await client.sessions.get_session(name=name)).session
-        assert s.state == cpb.SESSION_STATE_HALTED, (s.state, s.state_reason)
+        # the console may match before the step that reaches the assert (it then runs on
+        # to it): either way it must come to rest there, never run past it to the exit
+        s = await wait_state(client, name, cpb.SESSION_STATE_HALTED)
         assert s.last_stop.reason == cpb.STOP_REASON_BREAKPOINT and s.last_stop.pc == assert_func
         caps = await eventually(lambda session=name: capsules_of(client, session))
         assert [c.trigger for c in caps] == [pb.CAPSULE_TRIGGER_ASSERT] and caps[0].pc == assert_func

@@ -119,6 +119,13 @@ class CreateParams:
     capsule_assert_symbols: tuple[str, ...] = ()
 
 
+def _stop_of(op: asyncio.Future[StopInfo]) -> StopInfo | None:
+    """The stop an operation returned, if it finished with one (not cancelled, no error)."""
+    if not op.done() or op.cancelled() or op.exception() is not None:
+        return None
+    return op.result()
+
+
 async def finish_uninterrupted(task: asyncio.Future[Any], timeout: float) -> bool:
     """Wait (bounded) for ``task`` to end, whatever cancellations reach the waiter meanwhile.
     For work that must not be cut in half: starting a run, stopping an operation, pausing
@@ -732,6 +739,9 @@ class SessionManager:
         pc = await self._halted_pc(live)
         if pc is None or pc == start_pc or not any(probe(live, pc) for probe in self.breakpoint_probes):
             return
+        last = live.last_stop
+        if last is not None and last.reason is StopReason.BREAKPOINT and last.pc == pc:
+            return  # the step's own stop said so (reported already)
         self.stops.apply(live, StopInfo(StopReason.BREAKPOINT, pc=pc), "breakpoint")
 
     def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
@@ -829,7 +839,13 @@ class Operations:
                                            "halted") from None
                 raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
                                          state=live.state.value) from None
-            self.follow_machine(live, f"{what} cancelled by its caller")
+            reached = _stop_of(op)
+            if reached is not None and reached.reason is not StopReason.STEP:
+                # it ended by itself (an exit, a fault, a breakpoint) before the cancellation
+                # took: report that stop (an exit's code with it), not just the state
+                self.m.stops.apply(live, reached, what)
+            else:
+                self.follow_machine(live, f"{what} cancelled by its caller")
             raise
         finally:
             if timer is not None:

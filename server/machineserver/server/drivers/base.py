@@ -197,6 +197,20 @@ class StopInfo:
     watch_access: str = ""  # "read" | "write"
 
 
+# stops a machine comes to by itself (not a step's end, not a halt it was asked for)
+SELF_STOPS = frozenset({StopReason.BREAKPOINT, StopReason.WATCHPOINT, StopReason.EXIT, StopReason.FAULT})
+
+
+def kept_stop(finished: object) -> StopInfo | None:
+    """Contract for a long step (or pause) cancelled after the machine had already stopped
+    by itself: the driver returns that stop instead of raising CancelledError, so a
+    breakpoint hit or an exit code is never lost with the cancellation. ``finished`` is the
+    step's own result where it has one; this is the stop to return, or None (raise)."""
+    if isinstance(finished, StopInfo) and finished.reason in SELF_STOPS:
+        return finished
+    return None
+
+
 @dataclass(frozen=True)
 class Counters:
     instructions: int

@@ -93,6 +93,9 @@ class WorkerLink:
         try:
             return await fut  # (not shielded: a shield costs a loop turn per call)
         except asyncio.CancelledError:
+            if cancellable and fut.done() and not fut.cancelled() and fut.exception() is None and (
+                    kept := drv.kept_stop(fut.result())) is not None:
+                return kept  # answered before the cancellation reached us: a stop of its own, kept
             if fut.cancelled() and not self.death:
                 # the answer is still owed: wait for it on a future of its own
                 answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -100,6 +103,9 @@ class WorkerLink:
                 if cancellable:
                     self._send(("cancel", rid))
                 await self._settle(answer)
+                if cancellable and answer.done() and not answer.cancelled() and answer.exception() is None and (
+                        kept := drv.kept_stop(answer.result())) is not None:
+                    return kept  # the driver's step had stopped by itself first (base.kept_stop)
             raise
         finally:
             self._pending.pop(rid, None)

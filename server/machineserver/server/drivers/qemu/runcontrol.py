@@ -24,6 +24,7 @@ from machineserver.server.drivers.base import (
     StopInfo,
     StopReason,
     WrongState,
+    kept_stop,
 )
 from machineserver.server.drivers.qemu.execution import STOP_TIMEOUT, Executor
 from machineserver.server.drivers.qemu.points import PointTable
@@ -71,6 +72,9 @@ class QemuRunControl(RunControl):
             except asyncio.CancelledError:
                 self.executor.request_stop()
                 await self._settle_cancelled(job)
+                if job.done() and not job.cancelled() and job.exception() is None and (
+                        kept := kept_stop(job.result())) is not None:
+                    return kept  # it had stopped by itself first: that stop is not lost
                 raise
 
     async def run_until(self, reached: Callable[[], bool]) -> StopInfo:

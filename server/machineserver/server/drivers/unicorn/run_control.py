@@ -34,6 +34,7 @@ from machineserver.server.drivers.base import (
     StopInfo,
     StopReason,
     WrongState,
+    kept_stop,
 )
 from machineserver.server.drivers.unicorn.breakpoints import UnicornBreakpoints
 from machineserver.server.drivers.unicorn.context import MachineContext
@@ -264,6 +265,8 @@ class UnicornRunControl(RunControl):
         except asyncio.CancelledError:
             with contextlib.suppress(BackendFailed):  # FAILED then; the caller was cancelled
                 await self.halt()
+            if result and (kept := kept_stop(result[0])) is not None:
+                return kept  # it had stopped by itself first: that stop is not lost
             raise
         await self.halt()  # joins
         if not result:
