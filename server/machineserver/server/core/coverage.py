@@ -32,7 +32,7 @@ from machineserver.server.core.coverage_analysis import ProgramAnalysis
 from machineserver.server.core.coverage_mapping import Counts, CoverageResult, compute
 from machineserver.server.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from machineserver.server.core.identity import DEFAULT_TENANT
-from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter, resource_id
+from machineserver.server.core.listing import Page, match_terms, paginate, parse_filter
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.programs import ProgramStore
 from machineserver.server.core.sessions import LiveSession, SessionManager, driver_errors
@@ -277,14 +277,7 @@ class CoverageManager:
     def get(self, name: str, field_name: str = "name") -> CoverageReportRecord:
         """The report a caller names: NotFound when there is none or the caller's tenant
         does not see it (the same answer)."""
-        rid = resource_id(name, COLLECTION, field_name)
-        row = self._db.get(TABLE, rid)
-        if row is None:
-            raise NotFound("coverage report", rid)
-        rec = from_row(CoverageReportRecord, row["data"])
-        if not tenancy.visible(rec.tenant):
-            raise NotFound("coverage report", rid)
-        return rec
+        return tenancy.fetch_visible(self._db, TABLE, CoverageReportRecord, name, COLLECTION, "coverage report", field_name)
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[CoverageReportRecord]:
         terms = parse_filter(filter_text, ["program", "session", tenancy.FILTER_KEY])

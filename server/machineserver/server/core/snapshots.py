@@ -18,7 +18,6 @@ from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     MachineServerError,
-    NotFound,
     ResourceExhausted,
 )
 from machineserver.server.core.listing import (
@@ -27,7 +26,6 @@ from machineserver.server.core.listing import (
     match_terms,
     paginate,
     parse_filter,
-    resource_id,
 )
 from machineserver.server.core.models import SnapshotRecord, from_row, record_row
 from machineserver.server.core.sessions import (
@@ -86,14 +84,7 @@ class SnapshotStore:
     def get(self, name: str, field: str = "name") -> SnapshotRecord:
         """The snapshot a caller names: NotFound when there is none or the caller's tenant
         does not see it (the same answer)."""
-        sid = resource_id(name, COLLECTION, field)
-        row = self._db.get(TABLE, sid)
-        if row is None:
-            raise NotFound("snapshot", sid)
-        rec = from_row(SnapshotRecord, row["data"])
-        if not tenancy.visible(rec.tenant):
-            raise NotFound("snapshot", sid)
-        return rec
+        return tenancy.fetch_visible(self._db, TABLE, SnapshotRecord, name, COLLECTION, "snapshot", field)
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[SnapshotRecord]:
         terms = parse_filter(filter_text, ["session", "board", "backend", tenancy.FILTER_KEY])

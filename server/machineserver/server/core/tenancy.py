@@ -18,9 +18,22 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from machineserver.server.core import identity
+from machineserver.server.core.errors import NotFound
+from machineserver.server.core.listing import resource_id
+from machineserver.server.core.models import StoredRecord, from_row
+
+if TYPE_CHECKING:
+    from machineserver.server.store.db import Database
+
+
+class _Owned(StoredRecord, Protocol):
+    tenant: str
+
+
+T = TypeVar("T", bound=_Owned)
 
 FILTER_KEY = "tenant"  # the filter term an admin narrows a List with
 
@@ -34,6 +47,21 @@ def stamp() -> tuple[str, str]:
 def visible(tenant: str) -> bool:
     """Whether the current caller sees records of ``tenant``."""
     return identity.current().sees(tenant)
+
+
+def fetch_visible(db: Database, table: str, cls: type[T], name: str, collection: str, kind: str,
+                  field: str = "name") -> T:
+    """The record a caller names (``"snapshots/ID"`` or ``"ID"``), read from ``table``:
+    NotFound ("snapshot ID") when there is none or the caller's tenant does not see it, the
+    same answer, so ids do not leak across tenants."""
+    rid = resource_id(name, collection, field)
+    row = db.get(table, rid)
+    if row is None:
+        raise NotFound(kind, rid)
+    rec = from_row(cls, row["data"])
+    if not visible(rec.tenant):
+        raise NotFound(kind, rid)
+    return rec
 
 
 def caller_scope() -> str:

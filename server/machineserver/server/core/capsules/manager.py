@@ -42,7 +42,6 @@ from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     MachineServerError,
-    NotFound,
     ResourceExhausted,
 )
 from machineserver.server.core.images import ImageFormat
@@ -52,7 +51,6 @@ from machineserver.server.core.listing import (
     match_terms,
     paginate,
     parse_filter,
-    resource_id,
 )
 from machineserver.server.core.models import from_row, now, record_row
 from machineserver.server.core.programs import UploadMetadata
@@ -161,14 +159,7 @@ class CapsuleManager:
     # ------------------------------------------------------------------ records
 
     def get(self, name: str, field_name: str = "name") -> CapsuleRecord:
-        cid = resource_id(name, COLLECTION, field_name)
-        row = self._db.get(TABLE, cid)
-        if row is None:
-            raise NotFound("capsule", cid)
-        rec = from_row(CapsuleRecord, row["data"])
-        if not tenancy.visible(rec.tenant):
-            raise NotFound("capsule", cid)
-        return rec
+        return tenancy.fetch_visible(self._db, TABLE, CapsuleRecord, name, COLLECTION, "capsule", field_name)
 
     def list(self, page_size: int, page_token: str, filter_text: str) -> Page[CapsuleRecord]:
         terms = parse_filter(filter_text, ["session", "trigger", tenancy.FILTER_KEY])
