@@ -131,11 +131,9 @@ class Debugger:
         sessions.power_on_hooks.append(self._reapply)
         sessions.stop_hooks.append(self._count_hit)
         sessions.delete_hooks.append(self.forget)
-        sessions.breakpoint_probes.append(self._breakpoint_at)
-
-    def _breakpoint_at(self, live: LiveSession, pc: int) -> bool:
-        st = self._state.get(live.id)
-        return st is not None and any(bp.address == pc and bp.kind.watch is None for bp in st.breakpoints.values())
+        sessions.breakpoint_probes.append(
+            lambda live, pc: any(bp.address == pc and bp.kind.watch is None
+                                 for bp in self._state.get(live.id, DebugState()).breakpoints.values()))
 
     def state(self, live: LiveSession) -> DebugState:
         return self._state.setdefault(live.id, DebugState())

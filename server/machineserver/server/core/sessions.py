@@ -711,38 +711,14 @@ class SessionManager:
                 with driver_errors(live):
                     info = await run_control.step(count or 1)
             else:
-                start_pc = await self._halted_pc(live)
+                start_pc = await self.ops.halted_pc(live)
                 try:
                     info = await self.ops.run(live, run_control.step(count), "step", timeout)
                 except asyncio.CancelledError:
-                    await self._breakpoint_reached(live, start_pc)
+                    await self.ops.breakpoint_reached(live, start_pc)
                     raise
             self.stops.apply(live, info, "step", quiet=info.reason is StopReason.STEP)
             return info
-
-    async def _halted_pc(self, live: LiveSession) -> int | None:
-        machine = live.machine
-        if machine is None or machine.state is not MachineState.HALTED or not machine.has(drv.RegisterAccess):
-            return None
-        with contextlib.suppress(drv.DriverError):
-            return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
-        return None
-
-    async def _breakpoint_reached(self, live: LiveSession, start_pc: int | None) -> None:
-        """A long step cancelled by its caller (a wait whose console matched, a caller that
-        went away) just as it reached a breakpoint: the driver reports the cancellation's halt,
-        or the step's own stop is dropped with it. Halted on a breakpoint's address it did not
-        start from, the machine is at that breakpoint: the stop is reported as one (its hooks
-        fire, and the caller's caller does not run past it unknowing)."""
-        if not self.breakpoint_probes:
-            return
-        pc = await self._halted_pc(live)
-        if pc is None or pc == start_pc or not any(probe(live, pc) for probe in self.breakpoint_probes):
-            return
-        last = live.last_stop
-        if last is not None and last.reason is StopReason.BREAKPOINT and last.pc == pc:
-            return  # the step's own stop said so (reported already)
-        self.stops.apply(live, StopInfo(StopReason.BREAKPOINT, pc=pc), "breakpoint")
 
     def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Work that outlives the call that started it, owned by the manager: errors are
@@ -851,6 +827,31 @@ class Operations:
             if timer is not None:
                 timer.cancel()
             live.operation, live.preempted_by = None, ""
+
+    async def halted_pc(self, live: LiveSession) -> int | None:
+        """The pc of a HALTED machine; None otherwise (or when it cannot be read)."""
+        machine = live.machine
+        if machine is None or machine.state is not MachineState.HALTED or not machine.has(drv.RegisterAccess):
+            return None
+        with contextlib.suppress(drv.DriverError):
+            return (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
+        return None
+
+    async def breakpoint_reached(self, live: LiveSession, start_pc: int | None) -> None:
+        """A long step cancelled by its caller (a wait whose console matched, a caller that
+        went away) just as it reached a breakpoint: the driver reports the cancellation's halt,
+        or the step's own stop is dropped with it. Halted on a breakpoint's address it did not
+        start from, the machine is at that breakpoint: the stop is reported as one (its hooks
+        fire, and the caller's caller does not run past it unknowing)."""
+        if not self.m.breakpoint_probes:
+            return
+        pc = await self.halted_pc(live)
+        if pc is None or pc == start_pc or not any(probe(live, pc) for probe in self.m.breakpoint_probes):
+            return
+        last = live.last_stop
+        if last is not None and last.reason is StopReason.BREAKPOINT and last.pc == pc:
+            return  # the step's own stop said so (reported already)
+        self.m.stops.apply(live, StopInfo(StopReason.BREAKPOINT, pc=pc), "breakpoint")
 
     async def preempt(self, live: LiveSession, reason: str, *, halts: bool = False) -> None:
         """Stop a long operation in progress, so that Pause and PowerOff never wait behind
