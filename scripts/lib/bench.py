@@ -28,6 +28,8 @@ Sections (pick with --only NAME[,NAME]):
             a run forked from a snapshot vs a cold boot of boot_heavy (bench_jobs.py)
   trust     unary calls with auth on (API key) vs off vs a bare echo server; a write with its audit rows
             (bench_trust.py)
+  capsules  a failure capsule vs the snapshot alone of the same halted session (time, bytes), unicorn
+            and qemu; ExpectConsole with a virtual budget vs StreamConsole (bench_capsules.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
 """
 
@@ -522,6 +524,7 @@ SECTIONS = {"unicorn": bench_unicorn, "debug": bench_debug, "coverage": bench_co
 
 def _more_sections() -> None:
     """Sections in modules of their own (they import this one, so they load after it)."""
+    from bench_capsules import bench_capsules
     from bench_control_plane import bench_control_plane
     from bench_cosim import bench_cosim
     from bench_gdbremote import bench_gdbremote
@@ -541,6 +544,7 @@ def _more_sections() -> None:
     SECTIONS["gdbremote"] = bench_gdbremote
     SECTIONS["trust"] = bench_trust
     SECTIONS["jobs"] = bench_jobs
+    SECTIONS["capsules"] = bench_capsules
 
 
 
