@@ -1,19 +1,25 @@
-"""The MachineServer client: ``await AsyncClient.connect(...)`` or ``Client.connect(...)``.
+"""The MachineServer client: ``async with AsyncClient.connect(...) as ms`` (or
+``ms = await AsyncClient.connect(...)``) and ``with Client.connect(...) as ms``.
 
 Every RPC is a method on a service attribute (``client.sessions.create_session(...)``,
 generated from the protos, typed); a few helpers cover the common path (uploading a
-file, reading the console). Options are keyword-only: default deadline, credentials
-(``api_key=`` or ``bearer_token=`` (a JWT), sent with every call; ``tls=True`` or
-``root_certificates=`` for TLS, plus ``private_key=``/``certificate_chain=`` for a client
-certificate: mTLS), extra call metadata, retries of idempotent reads (gRPC service config).
+file, reading the console). The connect options are one :class:`ConnectOptions` (default
+deadline, credentials: ``api_key`` or ``bearer_token`` (a JWT), sent with every call;
+``tls`` or ``root_certificates`` for TLS, plus ``private_key``/``certificate_chain`` for a
+client certificate: mTLS; extra call metadata; retries of idempotent reads (gRPC service
+config); channel arguments), given as ``options=`` or as the same keywords, not both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncGenerator, Generator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -86,40 +92,112 @@ def service_descriptors() -> list[ServiceDescriptor]:
     return [svc for mod in mods for svc in mod.DESCRIPTOR.services_by_name.values()]
 
 
-def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes | None,
-                 certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None and certificate_chain is None:
-        return None
-    if (private_key is None) != (certificate_chain is None):
-        raise ValueError("a TLS client certificate needs both private_key and certificate_chain")
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+@dataclass(frozen=True, kw_only=True)
+class ConnectOptions:
+    """How a client connects: what ``AsyncClient.connect`` and ``Client.connect`` share.
+
+    Checked when made (an API key and a bearer token together, half a client certificate:
+    ValueError); ``metadata`` is kept as a tuple and ``channel_args`` as a read-only copy,
+    so one options object serves any number of connections."""
+
+    timeout: float | None = 30.0  # default deadline of unary calls, s; None: none
+    api_key: str | None = None  # sent as "authorization: ApiKey <key>"
+    bearer_token: str | None = None  # a JWT, sent as "authorization: Bearer <token>"
+    tls: bool = False  # TLS with the system's root certificates
+    root_certificates: bytes | None = None  # PEM; implies TLS
+    private_key: bytes | None = None  # PEM client key (mTLS), with certificate_chain
+    certificate_chain: bytes | None = None  # PEM client certificate (mTLS), with private_key
+    metadata: Iterable[tuple[str, MetadataValue]] = ()  # extra metadata on every call
+    retries: bool = True  # retry idempotent reads on UNAVAILABLE
+    channel_args: Mapping[str, ChannelArgValue] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", tuple(self.metadata))
+        if self.channel_args is not None:
+            object.__setattr__(self, "channel_args", MappingProxyType(dict(self.channel_args)))
+        if self.api_key and self.bearer_token:
+            raise ValueError("pass either api_key or bearer_token, not both")
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("a TLS client certificate needs both private_key and certificate_chain")
+
+    def channel_options(self) -> list[tuple[str, ChannelArgValue]]:
+        return channel_options(retry_methods() if self.retries else [], self.channel_args)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls and self.root_certificates is None and self.certificate_chain is None:
+            return None
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def call_options(self) -> CallOptions:
+        """Call defaults: the deadline, and metadata sent with every call (unary and
+        streaming): keys as text, values as given (bytes stay bytes, for "-bin" keys),
+        plus the credentials."""
+        md: Metadata = tuple((str(k), v if isinstance(v, bytes) else str(v)) for k, v in self.metadata)
+        if self.api_key:
+            md += (("authorization", f"ApiKey {self.api_key}"),)
+        elif self.bearer_token:
+            md += (("authorization", f"Bearer {self.bearer_token}"),)
+        return CallOptions(self.timeout, md)
 
 
-def _connection(
-    *, timeout: float | None, api_key: str | None, bearer_token: str | None, tls: bool,
-    root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None,
-    metadata: Iterable[tuple[str, MetadataValue]], retries: bool,
-    channel_args: Mapping[str, ChannelArgValue] | None,
-) -> tuple[list[tuple[str, ChannelArgValue]], grpc.ChannelCredentials | None, CallOptions]:
-    """Channel options, credentials and call defaults: what both clients connect with."""
-    opts = channel_options(retry_methods() if retries else [], channel_args)
-    creds = _credentials(tls, root_certificates, private_key, certificate_chain)
-    return opts, creds, CallOptions(timeout, _call_metadata(api_key, bearer_token, metadata))
+class ConnectKeywords(TypedDict, total=False):
+    """:class:`ConnectOptions`' fields as ``connect(...)`` keywords (the same names and
+    types; tests keep the two in step)."""
+
+    timeout: float | None
+    api_key: str | None
+    bearer_token: str | None
+    tls: bool
+    root_certificates: bytes | None
+    private_key: bytes | None
+    certificate_chain: bytes | None
+    metadata: Iterable[tuple[str, MetadataValue]]
+    retries: bool
+    channel_args: Mapping[str, ChannelArgValue] | None
 
 
-def _call_metadata(api_key: str | None, bearer_token: str | None,
-                   metadata: Iterable[tuple[str, MetadataValue]]) -> Metadata:
-    """Metadata sent with every call (unary and streaming): keys as text, values as given
-    (bytes stay bytes, for "-bin" keys), plus the credentials: an API key as
-    ``authorization: ApiKey <secret>``, a JWT as ``authorization: Bearer <token>``."""
-    if api_key and bearer_token:
-        raise ValueError("pass either api_key or bearer_token, not both")
-    md: Metadata = tuple((str(k), v if isinstance(v, bytes) else str(v)) for k, v in metadata)
-    if api_key:
-        md += (("authorization", f"ApiKey {api_key}"),)
-    elif bearer_token:
-        md += (("authorization", f"Bearer {bearer_token}"),)
-    return md
+def connect_options(options: ConnectOptions | None, keywords: ConnectKeywords) -> ConnectOptions:
+    """The options a connect call gave: ``options=`` or keywords (then the rest default),
+    never both, so no keyword is dropped or overrides silently."""
+    if options is None:
+        return ConnectOptions(**keywords)
+    if not isinstance(options, ConnectOptions):
+        raise TypeError(f"options must be a ConnectOptions, not {type(options).__name__}")
+    if keywords:
+        raise TypeError("connect() takes options= or keyword options, not both; "
+                        f"got options= and {', '.join(f'{k}=' for k in sorted(keywords))} "
+                        "(dataclasses.replace(options, ...) makes a changed copy)")
+    return options
+
+
+ASYNC_CLIENT = TypeVar("ASYNC_CLIENT", bound="AsyncClient")
+
+
+class AsyncConnection(Generic[ASYNC_CLIENT]):
+    """What ``AsyncClient.connect(...)`` returns: await it for the client
+    (``ms = await AsyncClient.connect(...)``, closed by ``await ms.close()`` or
+    ``async with ms``), or enter it (``async with AsyncClient.connect(...) as ms``),
+    which closes the client on leaving. The channel opens on the first await or enter;
+    later ones give the same client."""
+
+    def __init__(self, open_client: Callable[[], ASYNC_CLIENT]) -> None:
+        self._open_client = open_client
+        self._client: ASYNC_CLIENT | None = None
+
+    async def _open(self) -> ASYNC_CLIENT:
+        if self._client is None:
+            self._client = self._open_client()
+        return self._client
+
+    def __await__(self) -> Generator[Any, None, ASYNC_CLIENT]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> ASYNC_CLIENT:
+        return await self._open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
 
 
 def _program_chunks(data: bytes, display_name: str, fmt: session_pb2.ProgramFormat.ValueType,
@@ -176,28 +254,18 @@ class AsyncClient:
             setattr(self, attr, async_cls(self._transport))
 
     @classmethod
-    async def connect(
-        cls,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = 30.0,
-        api_key: str | None = None,
-        bearer_token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        metadata: Iterable[tuple[str, MetadataValue]] = (),
-        retries: bool = True,
-        channel_args: Mapping[str, ChannelArgValue] | None = None,
-    ) -> AsyncClient:
-        opts, creds, call_options = _connection(
-            timeout=timeout, api_key=api_key, bearer_token=bearer_token, tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
-            retries=retries, channel_args=channel_args)
+    def connect(cls, target: str = "127.0.0.1:50051", *, options: ConnectOptions | None = None,
+                **keywords: Unpack[ConnectKeywords]) -> AsyncConnection[Self]:
+        """A client of ``target``: ``async with AsyncClient.connect(...) as ms`` or
+        ``ms = await AsyncClient.connect(...)``. Options: ``options=ConnectOptions(...)`` or
+        its fields as keywords, not both (TypeError); checked here, before any await."""
+        return AsyncConnection(partial(cls._open, target, connect_options(options, keywords)))
+
+    @classmethod
+    def _open(cls, target: str, options: ConnectOptions) -> Self:
+        opts, creds = options.channel_options(), options.credentials()
         channel = aio.secure_channel(target, creds, opts) if creds else aio.insecure_channel(target, opts)
-        return cls(channel, call_options)
+        return cls(channel, options.call_options())
 
     async def close(self) -> None:
         await self.channel.close()
@@ -250,28 +318,14 @@ class Client:
             setattr(self, attr, sync_cls(self._transport))
 
     @classmethod
-    def connect(
-        cls,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = 30.0,
-        api_key: str | None = None,
-        bearer_token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        metadata: Iterable[tuple[str, MetadataValue]] = (),
-        retries: bool = True,
-        channel_args: Mapping[str, ChannelArgValue] | None = None,
-    ) -> Client:
-        opts, creds, call_options = _connection(
-            timeout=timeout, api_key=api_key, bearer_token=bearer_token, tls=tls,
-            root_certificates=root_certificates,
-            private_key=private_key, certificate_chain=certificate_chain, metadata=metadata,
-            retries=retries, channel_args=channel_args)
+    def connect(cls, target: str = "127.0.0.1:50051", *, options: ConnectOptions | None = None,
+                **keywords: Unpack[ConnectKeywords]) -> Self:
+        """A client of ``target`` (``with Client.connect(...) as ms`` closes it). Options:
+        ``options=ConnectOptions(...)`` or its fields as keywords, not both (TypeError)."""
+        chosen = connect_options(options, keywords)
+        opts, creds = chosen.channel_options(), chosen.credentials()
         channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
-        return cls(channel, call_options)
+        return cls(channel, chosen.call_options())
 
     def close(self) -> None:
         self.channel.close()
