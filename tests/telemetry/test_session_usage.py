@@ -119,7 +119,7 @@ async def test_session_metrics_carry_host_fields(client: AsyncClient) -> None:
 async def test_busy_firmware_shows_real_host_usage(client: AsyncClient, backend: str) -> None:
     """echo waits for input in a busy loop polling the UART: the session burns a host
     core on either backend, and the session metrics say so (QEMU: its process's CPU and
-    RSS; Unicorn: its thread's CPU in its worker process, memory 0 with the note that says
+    RSS; Unicorn: its thread's CPU in its worker process, memory that worker's RSS with the note that says
     why)."""
     require_backend(backend)
     prog = await upload(client, "lm3s6965evb", "echo")
@@ -142,9 +142,9 @@ async def test_busy_firmware_shows_real_host_usage(client: AsyncClient, backend:
         assert all(m.host_memory_bytes > 8 << 20 for m in measured), [m.host_memory_bytes for m in measured]
         assert all(m.host_usage_note == "" for m in measured)
     else:
-        assert all(m.host_memory_bytes == 0 for m in measured)
+        assert all(m.host_memory_bytes > 8 << 20 for m in measured), [m.host_memory_bytes for m in measured]
         # its thread runs in a worker process, beside that worker's other machines
-        assert all("shared with the other machines of worker process" in m.host_usage_note
+        assert all("shared with the other machines it runs" in m.host_usage_note
                    for m in measured), measured[0].host_usage_note
     await client.sessions.power_off_session(name=s.name)
     off = (await client.telemetry.get_session_metrics(name=s.name)).metrics

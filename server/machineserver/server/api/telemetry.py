@@ -152,7 +152,8 @@ class TelemetryServicer(Servicer, pb_grpc.TelemetryServiceServicer):
         context: aio.ServicerContext[pb.GetSessionMetricsRequest, pb.GetSessionMetricsResponse],
     ) -> pb.GetSessionMetricsResponse:
         live = self.engine.sessions.get(request.name)
-        return pb.GetSessionMetricsResponse(metrics=self._metrics(live, self.engine.telemetry.session_metrics(live, None)))
+        metrics = await self.engine.telemetry.current_session_metrics(live)
+        return pb.GetSessionMetricsResponse(metrics=self._metrics(live, metrics))
 
     async def StreamSessionMetrics(
         self,

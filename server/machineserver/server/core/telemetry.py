@@ -12,8 +12,14 @@ exists.
 Session metrics add the host CPU and memory a session uses, from machines that implement
 the driver interface ``HostFootprint``: ``host_process_ids()`` (a backend running its own
 processes, e.g. QEMU: CPU % and RSS of those processes) or ``host_thread_ids()`` (an
-in-process backend's worker threads, native ids: their CPU % of one core; memory is not
-attributable to a thread and reads 0). Otherwise both read 0, with a note saying why.
+in-process backend's worker threads, native ids: their CPU % of one core; memory: the RSS
+of the worker process the threads run in, which its other machines share, or 0 in the
+server's own process). Otherwise both read 0, with a note saying why.
+
+A one-shot request for a session's metrics (GetSessionMetrics) is rated over a window of
+samples the server keeps per session (:class:`SessionWindow`): its MIPS and host CPU are
+over the last second or two, not since some previous caller's request, and a first request
+on a running session waits a moment for a second sample rather than answer 0.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,12 +54,13 @@ from machineserver.server.core.telemetry_sources import (
     Usage,
     default_sources,
 )
-from machineserver.server.drivers.base import HostFootprint, Machine
+from machineserver.server.drivers.base import HostFootprint, Machine, MachineState
 from machineserver.server.store.db import Database
 
 __all__ = [
     "ALERT_METRICS", "AlertEvent", "AlertRuleRecord", "CpuCore", "CpuMeter", "GpuSample", "HostSample", "HostSampler",
-    "HostUsage", "HostUsageProbe", "SourceStatus", "Telemetry", "Usage", "check_interval", "sample_host",
+    "HostUsage", "HostUsageProbe", "SessionTick", "SessionWindow", "SourceStatus", "Telemetry", "Usage",
+    "check_interval", "sample_host",
 ]
 
 MIN_INTERVAL = 0.01
@@ -223,6 +231,7 @@ class HostUsage:
     cpu_percent: float
     memory_bytes: int
     note: str = ""
+    cpu_seconds: float | None = None  # the CPU time measured in total, when something was measured
 
 
 class HostUsageProbe:
@@ -278,16 +287,75 @@ class HostUsageProbe:
             del self._procs[gone]
         if not pids:
             return HostUsage(0.0, 0, "no host process running")
-        return HostUsage(self._delta(cpu, lifetime), int(rss))
+        return HostUsage(self._delta(cpu, lifetime), int(rss), cpu_seconds=cpu)
 
     def _threads(self, pid: int, tids: set[int]) -> HostUsage:
         if not tids:
             self._prev = None
             return HostUsage(0.0, 0, "no worker thread running")
-        cpu = sum(t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id in tids)
-        where = ("the server process (in-process backend)" if pid == os.getpid()
-                 else f"the other machines of worker process {pid}")
-        return HostUsage(self._delta(cpu, None), 0, f"memory is shared with {where}")
+        process = psutil.Process(pid)
+        with process.oneshot():
+            cpu = sum(t.user_time + t.system_time for t in process.threads() if t.id in tids)
+            rss = 0 if pid == os.getpid() else int(process.memory_info().rss)
+        if not rss:
+            return HostUsage(self._delta(cpu, None), 0,
+                             "memory is shared with the server process (in-process backend)", cpu)
+        return HostUsage(self._delta(cpu, None), rss,
+                         f"memory is the RSS of worker process {pid}, shared with the other machines it runs", cpu)
+
+
+@dataclass(frozen=True)
+class SessionTick:
+    """One sample of a session, taken by the server."""
+
+    t: float  # monotonic
+    instructions: int
+    cpu_seconds: float | None  # host CPU time of its processes or threads; None when not measured
+
+
+class SessionWindow:
+    """The recent samples of one session that one-shot metrics are rated over: from the
+    oldest sample at most ``span`` seconds old (and at least ``settle / 2`` before now) to now.
+    With no such sample (a first request, or the first after a quiet spell) a caller takes
+    one and waits ``settle`` (:meth:`rate_base` says so by returning None). A count that
+    goes backwards (a reset, a new machine) starts the window afresh."""
+
+    def __init__(self, span: float = 2.0, settle: float = 0.25) -> None:
+        self.span = span
+        self.settle = settle
+        self.ticks: deque[SessionTick] = deque()
+
+    def add(self, tick: SessionTick) -> None:
+        if self.ticks and tick.instructions < self.ticks[-1].instructions:
+            self.ticks.clear()
+        self.ticks.append(tick)
+        while len(self.ticks) > 1 and tick.t - self.ticks[1].t >= self.span:
+            self.ticks.popleft()  # the oldest kept is the last one at least ``span`` old
+
+    def rate_base(self, t: float) -> SessionTick | None:
+        """The sample to rate from at monotonic time ``t``, or None when none is usable."""
+        for tick in self.ticks:
+            if self.settle / 2 <= t - tick.t <= self.span:  # half: a sleep may end a little early
+                return tick
+        return None
+
+    @staticmethod
+    def mips(base: SessionTick, now: SessionTick) -> float:
+        if now.t <= base.t:
+            return 0.0
+        return max(0, now.instructions - base.instructions) / (now.t - base.t) / 1e6
+
+    @staticmethod
+    def cpu_percent(base: SessionTick, now: SessionTick) -> float | None:
+        """Host CPU % of one core between the samples; None when either did not measure it."""
+        if base.cpu_seconds is None or now.cpu_seconds is None or now.t <= base.t:
+            return None
+        return max(0.0, now.cpu_seconds - base.cpu_seconds) / (now.t - base.t) * 100.0
+
+
+def _tick(m: dict[str, float | int | str]) -> SessionTick:
+    cpu = m.get("cpu_seconds")
+    return SessionTick(float(m["t"]), int(m["instructions"]), None if cpu is None else float(cpu))
 
 
 class _Sampler:
@@ -363,6 +431,7 @@ class Telemetry:
         self.host = HostSampler() if sample is None else None
         self._sample: Callable[[], HostSample] = sample or self.host or sample_host
         self._probes: dict[str, HostUsageProbe] = {}
+        self._windows: dict[str, SessionWindow] = {}
         self._samplers: dict[float, _Sampler] = {}
         self.max_subscribers = max_subscribers
         self.alerts: Hub[AlertEvent] = Hub(maxlen=256)
@@ -441,7 +510,9 @@ class Telemetry:
                 del self._probes[gone]
             probe = self._probes.setdefault(live.id, HostUsageProbe())
         usage = probe.measure(live.machine)
+        measured: dict[str, float | int | str] = {} if usage.cpu_seconds is None else {"cpu_seconds": usage.cpu_seconds}
         return {
+            **measured,
             "instructions": instructions,
             "virtual_time_ns": counters.virtual_time_ns if counters else 0,
             "counts_exact": int(counters.exact) if counters else 1,
@@ -452,6 +523,29 @@ class Telemetry:
             "host_note": usage.note,
             "t": t,
         }
+
+    async def current_session_metrics(self, live: LiveSession) -> dict[str, float | int | str]:
+        """A session's metrics with its current MIPS and host CPU, rated over this session's
+        :class:`SessionWindow` (a running session with no usable sample yet is sampled
+        twice, ``settle`` apart, so even a first request has a rate)."""
+        for gone in [sid for sid in self._windows if live.manager.find(sid) is None]:
+            del self._windows[gone]
+        window = self._windows.setdefault(live.id, SessionWindow())
+        probe = self._probes.setdefault(live.id, HostUsageProbe())
+        if window.rate_base(time.monotonic()) is None and live.state == MachineState.RUNNING:
+            first = await asyncio.to_thread(self.session_metrics, live, None, probe)
+            window.add(_tick(first))
+            await asyncio.sleep(window.settle)
+        m = await asyncio.to_thread(self.session_metrics, live, None, probe)
+        now = _tick(m)
+        base = window.rate_base(now.t)
+        window.add(now)
+        if base is not None:
+            m["mips"] = SessionWindow.mips(base, now)
+            cpu = SessionWindow.cpu_percent(base, now)
+            if cpu is not None:
+                m["host_cpu_percent"] = cpu
+        return m
 
     async def stream_session(self, live: LiveSession, interval: float) -> AsyncIterator[dict[str, float | int | str]]:
         interval = check_interval(interval)
