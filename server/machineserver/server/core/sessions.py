@@ -690,6 +690,11 @@ class SessionManager:
             with driver_errors(live):
                 info: StopInfo = await machine.capability(drv.RunControl).pause()
             if live.state is MachineState.RUNNING:  # a stop event may have come first
+                if info.reason is StopReason.HALT and any(probe(live, info.pc) for probe in self.breakpoint_probes):
+                    # halted on a breakpoint's address: it reached the breakpoint as the pause
+                    # came (the hit's own event, arriving after, would be dropped: not RUNNING)
+                    info = StopInfo(StopReason.BREAKPOINT, pc=info.pc)
+                    reason = "breakpoint"
                 self.stops.apply(live, info, reason)
             return live.last_stop
 
