@@ -37,6 +37,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from google.rpc import error_details_pb2
+
 from machineserver.cli import access, audit, capsule, cosim, debugger, jobs, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
@@ -108,7 +110,7 @@ def cmd_session_create(client: Client, args: argparse.Namespace) -> int:
     program = ""
     if args.program:
         program = args.program if args.program.startswith("programs/") else _upload(client, args.program, args.format, args.load_address)
-    labels = dict(item.split("=", 1) for item in args.label or [])
+    labels = dict(args.label or [])
     resp = client.sessions.create_session(
         board_template=args.board or "", board_config=Path(args.board_config).read_text() if args.board_config else "",
         backend=args.backend or "", display_name=args.display_name or "", labels=labels, program=program,
@@ -139,12 +141,9 @@ def cmd_session_list(client: Client, args: argparse.Namespace) -> int:
 def cmd_console(client: Client, args: argparse.Namespace) -> int:
     name = args.session if args.session.startswith("sessions/") else f"sessions/{args.session}"
     out = sys.stdout.buffer
-    try:
-        for data in client.console(name, offset=args.offset, follow=not args.no_follow):
-            out.write(data)
-            out.flush()
-    except KeyboardInterrupt:
-        return 130
+    for data in client.console(name, offset=args.offset, follow=not args.no_follow):  # Ctrl-C: main says so, 130
+        out.write(data)
+        out.flush()
     return 0
 
 
@@ -265,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-address", type=lambda s: int(s, 0), default=0)
     p.add_argument("--display-name")
     p.add_argument("--id", help="session id (default: generated)")
-    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", type=_key_value)
     p.add_argument("--power-on", action="store_true")
     p.add_argument("--run", action="store_true", help="power on and run")
     p.add_argument("--coverage", action="store_true", help="start the machine ready to collect coverage")
@@ -289,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     capsule_group = sub.choices["capsule"]
     capsule.add_verbs(next(a for a in capsule_group._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _debug_session_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], str] | None:
@@ -317,25 +323,33 @@ def connect(args: argparse.Namespace) -> Client:
                           certificate_chain=read(args.tls_cert))
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        return cmd_serve(argv[1:])
-    parser = build_parser()
-    interactive = _debug_session_argv(parser, argv)
-    if interactive is not None:
-        opts = parser.parse_args(interactive[0])
-        with connect(opts) as client:
-            return debugger.run(client, interactive[1])
-    args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        (getattr(args, "group_parser", None) or parser).print_help()
-        return 2
+def _known_boards(client: Client, exc: errors.MachineServerError) -> str | None:
+    """For a board template the server does not know: the ones it does, in one line
+    (as the server lists backends for a backend typo); None for any other error."""
+    info = exc.detail(error_details_pb2.ResourceInfo)
+    if not isinstance(exc, errors.NotFound) or info is None or info.resource_type != "board template":
+        return None
+    try:
+        templates = client.capabilities.list_board_templates(page_size=1000).board_templates
+    except errors.MachineServerError:
+        return None  # the caller may not list them; the error itself still stands
+    return ", ".join(sorted(t.name.removeprefix("boardTemplates/") for t in templates))
+
+
+def _os_error(exc: OSError) -> str:
+    """``path: No such file or directory``: an OSError in one line."""
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _run_with_client(args: argparse.Namespace, handler: Handler) -> int:
+    """Connect, run ``handler``, and turn what goes wrong into one line on stderr and
+    an exit status: 1 for an error the server answers, 2 for a mistake in the input."""
     try:
         client = connect(args)
     except (OSError, ValueError) as exc:
-        print(f"msctl: {exc}", file=sys.stderr)
+        print(f"msctl: {_os_error(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 2
     try:
         return handler(client, args)
@@ -343,11 +357,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msctl: {exc}", file=sys.stderr)
         for field, why in exc.field_violations:
             print(f"  field {field}: {why}", file=sys.stderr)
+        if (boards := _known_boards(client, exc)) is not None:
+            print(f"  known boards: {boards}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 0
+    except rpc.UsageError as exc:
+        print(f"msctl: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file named on the command line: missing, unreadable, a folder
+        print(f"msctl: {_os_error(exc)}", file=sys.stderr)
+        return 2
     finally:
         client.close()
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
+    parser = build_parser()
+    interactive = _debug_session_argv(parser, argv)
+    if interactive is not None:
+        session = interactive[1]
+        return _run_with_client(parser.parse_args(interactive[0]), lambda client, _: debugger.run(client, session))
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 2
+    return _run_with_client(args, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """msctl's entry point: the exit status. Ctrl-C in any command (streams included)
+    ends it with one line and 130, the shell's status for SIGINT."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("msctl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,17 +4,19 @@ with flags from the request's fields (JSON in, JSON out)."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Set
 from pathlib import Path
+from typing import IO
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from machineserver.sdk import Client
+from machineserver.sdk import Client, errors
 from machineserver.sdk.client import service_descriptors
 
 # service -> CLI group
@@ -44,6 +46,10 @@ CLIENT_ATTRS = {
     "CapsuleService": "capsules",
 }
 CHUNK = 64 * 1024
+
+
+class UsageError(Exception):
+    """A mistake in what the user gave msctl (a flag's JSON, a file): one line, exit 2."""
 
 
 def kebab(name: str) -> str:
@@ -94,7 +100,10 @@ def _scalar_type(field: FieldDescriptor) -> Callable[[str], object]:
 def _bytes_arg(text: str) -> bytes:
     """Bytes from "@path" (a file), "hex:0a0b", or the text itself (UTF-8)."""
     if text.startswith("@"):
-        return Path(text[1:]).read_bytes()
+        try:
+            return Path(text[1:]).read_bytes()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {exc.strerror or exc}") from None
     if text.startswith("hex:"):
         return bytes.fromhex(text[4:])
     return text.encode()
@@ -127,10 +136,43 @@ def add_request_flags(parser: argparse.ArgumentParser, desc: Descriptor, skip: S
                         help="the whole request as JSON (flags override its fields)")
 
 
+def _unknown_field(value: object, desc: Descriptor, path: str = "") -> str | None:
+    """The first key of parsed JSON ``value`` that is no field of ``desc`` (nested
+    messages included), said in one line; None when every key is a field."""
+    if not isinstance(value, dict) or desc.full_name.startswith("google.protobuf."):
+        return None  # well-known types have JSON forms of their own
+    fields = {f.json_name: f for f in desc.fields} | {f.name: f for f in desc.fields}
+    for key, item in value.items():
+        field = fields.get(key)
+        if field is None:
+            known = ", ".join(f.name for f in desc.fields)
+            return f"unknown field {path + key!r} in {desc.name} (its fields: {known})"
+        if field.message_type is not None and not _is_map(field):
+            for sub in item if field.is_repeated and isinstance(item, list) else [item]:
+                if (found := _unknown_field(sub, field.message_type, f"{path}{key}.")) is not None:
+                    return found
+    return None
+
+
+def parse_json(text: str, msg: Message, desc: Descriptor, flag: str) -> None:
+    """Parse flag ``flag``'s JSON ``text`` into ``msg`` (of type ``desc``); a UsageError naming the flag and
+    the problem (not JSON, an unknown field, a value of the wrong kind) otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: not valid JSON ({exc})") from None
+    if (unknown := _unknown_field(value, desc)) is not None:
+        raise UsageError(f"{flag}: {unknown}")
+    try:
+        json_format.ParseDict(value, msg)
+    except json_format.ParseError as exc:
+        raise UsageError(f"{flag}: {str(exc).splitlines()[0]}") from None
+
+
 def build_request(desc: Descriptor, args: argparse.Namespace) -> Message:
     msg = GetMessageClass(desc)()
     if getattr(args, "request_json", None):
-        json_format.Parse(args.request_json, msg)
+        parse_json(args.request_json, msg, desc, "--request-json")
     for field in desc.fields:
         value = getattr(args, f"f_{field.name}", None)
         if field.name == "name" and value is None:
@@ -145,11 +187,12 @@ def build_request(desc: Descriptor, args: argparse.Namespace) -> Message:
                     raise SystemExit(f"msctl: --{field.name.replace('_', '-')} wants KEY=VALUE, got {item!r}")
                 target[key] = val
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            flag = "--" + field.name.replace("_", "-")
             if isinstance(value, list):
                 for v in value:
-                    json_format.Parse(v, getattr(msg, field.name).add())
+                    parse_json(v, getattr(msg, field.name).add(), _message_type(field), flag)
             else:
-                json_format.Parse(value, getattr(msg, field.name))
+                parse_json(value, getattr(msg, field.name), _message_type(field), flag)
         elif field.is_repeated:
             getattr(msg, field.name).extend(value)
         else:
@@ -162,24 +205,36 @@ def print_message(msg: Message, as_json: bool) -> None:
     print(text, flush=True)
 
 
-def _upload_requests(method: MethodDescriptor, args: argparse.Namespace) -> Iterator[Message]:
-    """Client streams of metadata + chunks (UploadProgram, ImportSnapshot) from --file."""
+def _upload_requests(method: MethodDescriptor, args: argparse.Namespace, file: IO[bytes]) -> Iterator[Message]:
+    """Client streams of metadata + chunks (UploadProgram, ImportSnapshot) from --file,
+    opened by the caller (so a missing file is an error before the call starts)."""
     req_cls = GetMessageClass(method.input_type)
     meta_field = method.input_type.fields_by_name["metadata"]
     meta = build_request(_message_type(meta_field), args)
     yield req_cls(metadata=meta)
-    path = Path(args.file)
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            yield req_cls(chunk=chunk)
+    while chunk := file.read(CHUNK):
+        yield req_cls(chunk=chunk)
 
 
-def _json_lines(method: MethodDescriptor) -> Iterator[Message]:
-    """A bidirectional stream's requests as JSON lines on stdin."""
-    cls = GetMessageClass(method.input_type)
-    for line in sys.stdin:
-        if line.strip():
-            yield json_format.Parse(line, cls())
+class JsonLines:
+    """A bidirectional stream's requests as JSON lines on stdin. A bad line ends the
+    requests; gRPC then cancels the call, and ``mistake`` says what was wrong with it."""
+
+    def __init__(self, method: MethodDescriptor) -> None:
+        self._desc = method.input_type
+        self._cls = GetMessageClass(method.input_type)
+        self.mistake: UsageError | None = None
+
+    def __iter__(self) -> Iterator[Message]:
+        for number, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                msg = self._cls()
+                try:
+                    parse_json(line, msg, self._desc, f"stdin line {number}")
+                except UsageError as exc:
+                    self.mistake = exc
+                    raise
+                yield msg
 
 
 def add_rpc_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -211,14 +266,25 @@ RpcWrapper = Callable[[Message | Iterator[Message]], Message | Iterator[Message]
 def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, args: argparse.Namespace) -> int:
     stub = getattr(client, CLIENT_ATTRS[svc.name])
     call: RpcWrapper = getattr(stub, stub.METHODS[method.name])
-    if method.client_streaming:
-        requests = _upload_requests(method, args) if "metadata" in method.input_type.fields_by_name else _json_lines(method)
-        result = call(requests)
+    if method.client_streaming and "metadata" in method.input_type.fields_by_name:
+        with Path(args.file).open("rb") as file:
+            _print_result(call(_upload_requests(method, args, file)), args)
+    elif method.client_streaming:
+        lines = JsonLines(method)
+        try:
+            _print_result(call(iter(lines)), args)
+        except errors.MachineServerError:
+            if lines.mistake is not None:  # the call failed because a line was wrong
+                raise lines.mistake from None
+            raise
     else:
-        result = call(build_request(method.input_type, args))
+        _print_result(call(build_request(method.input_type, args)), args)
+    return 0
+
+
+def _print_result(result: Message | Iterator[Message], args: argparse.Namespace) -> None:
     if isinstance(result, Message):
         print_message(result, args.json)
     else:  # a server stream
         for msg in result:
             print_message(msg, True)
-    return 0
