@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import VENV_BIN
@@ -123,6 +125,8 @@ def test_ctrl_c_ends_a_following_console_with_130(server_process: ServerProcess)
     assert line == "msctl: interrupted"
 
 
-def test_ctrl_c_ends_a_stream_rpc_with_130(server_process: ServerProcess) -> None:
-    r = interrupted(server_process, "telemetry", "stream-host-status", first_output=True)
-    said_once(r, 130, "interrupted")
+@pytest.mark.parametrize(("argv", "prints_at_once"), [
+    (["telemetry", "stream-host-status"], True), (["telemetry", "watch"], True), (["audit", "watch"], False),
+])
+def test_ctrl_c_ends_a_stream_with_130(server_process: ServerProcess, argv: list[str], prints_at_once: bool) -> None:
+    said_once(interrupted(server_process, *argv, first_output=prints_at_once), 130, "interrupted")

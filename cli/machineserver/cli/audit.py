@@ -129,9 +129,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     stream = client.audit.stream_audit_events(filter=args.filter or "", after_sequence=after, timeout=None)
     try:
         return _print_live(itertools.chain(since, (m.event for m in stream)), args.json, args.count)
-    except KeyboardInterrupt:
-        return 0
-    finally:
+    finally:  # Ctrl-C goes on to msctl's main: "interrupted", exit 130
         stream.close()  # cancels the call
 
 

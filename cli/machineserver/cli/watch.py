@@ -68,19 +68,17 @@ def watch(client: Client, args: argparse.Namespace, out: TextIO | None = None) -
     interval.FromNanoseconds(int(args.interval * 1e9))
     tty = out.isatty() and not args.json
     shown = 0
-    try:
-        for msg in client.telemetry.stream_host_status(pb.StreamHostStatusRequest(interval=interval), timeout=None):
-            if args.json:
-                rpc.print_message(msg, True)
-            else:
-                frame = render(msg, shutil.get_terminal_size().columns)
-                out.write(CLEAR + frame + "\n" if tty else ("\n" if shown else "") + frame + "\n")
-                out.flush()
-            shown += 1
-            if args.count and shown >= args.count:
-                break
-    except KeyboardInterrupt:
-        return 130
+    # Ctrl-C: msctl's main says "interrupted" and exits 130
+    for msg in client.telemetry.stream_host_status(pb.StreamHostStatusRequest(interval=interval), timeout=None):
+        if args.json:
+            rpc.print_message(msg, True)
+        else:
+            frame = render(msg, shutil.get_terminal_size().columns)
+            out.write(CLEAR + frame + "\n" if tty else ("\n" if shown else "") + frame + "\n")
+            out.flush()
+        shown += 1
+        if args.count and shown >= args.count:
+            break
     return 0
 
 
