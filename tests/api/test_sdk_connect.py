@@ -23,7 +23,7 @@ from machineserver.sdk.client import ConnectKeywords
 from machineserver.server.app import RunningServer
 from tests.helpers.firmware import ROOT
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import mypy_errors
 
 API = "machineserver.v1"
 
@@ -197,14 +197,6 @@ async def mistakes() -> None:
 
 
 def test_user_code_connecting_is_typed_under_mypy_strict(tmp_path: Path) -> None:
-    source = tmp_path / "user_code.py"
-    source.write_text(USER_CODE)
-    result = subprocess.run(
-        [str(VENV_BIN / "mypy"), "--strict", "--config-file", str(ROOT / "pyproject.toml"),
-         "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context", str(source)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    got = {(int(m[1]), m[2]) for m in re.finditer(r"user_code\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)}
-    expected = {(n, m[1]) for n, line in enumerate(USER_CODE.splitlines(), 1) if (m := re.search(r"# E: ([a-z-]+)$", line))}
+    got, expected, output = mypy_errors(USER_CODE, tmp_path)
     assert len(expected) == 5
-    assert got == expected, result.stdout + result.stderr
+    assert got == expected, output

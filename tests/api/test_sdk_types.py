@@ -5,8 +5,6 @@ read from sync and aio calls alike)."""
 
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -14,8 +12,7 @@ import pytest
 
 from machineserver.sdk import AsyncClient, Client, errors
 from machineserver.sdk.errors import from_rpc_error
-from tests.helpers.firmware import ROOT
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import mypy_errors
 
 # Code a user writes. Lines marked "# E: CODE" must be refused by mypy with that error
 # code; every other line must type-check under --strict.
@@ -80,17 +77,9 @@ def mistakes(c: Client) -> None:
 
 
 def test_user_code_is_typed_under_mypy_strict(tmp_path: Path) -> None:
-    source = tmp_path / "user_code.py"
-    source.write_text(USER_CODE)
-    result = subprocess.run(
-        [str(VENV_BIN / "mypy"), "--strict", "--config-file", str(ROOT / "pyproject.toml"),
-         "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context", str(source)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    got = {(int(m[1]), m[2]) for m in re.finditer(r"user_code\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)}
-    expected = {(n, m[1]) for n, line in enumerate(USER_CODE.splitlines(), 1) if (m := re.search(r"# E: ([a-z-]+)$", line))}
+    got, expected, output = mypy_errors(USER_CODE, tmp_path)
     assert len(expected) == 10
-    assert got == expected, result.stdout + result.stderr
+    assert got == expected, output
 
 
 def test_a_bare_rpc_error_is_unknown() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -88,3 +89,20 @@ def skip_is_for_a_missing_tool(reason: str) -> bool:
     built with them, firmware or the QEMU plugin, not being there): such a skip must not
     pass a scripts/test run."""
     return bool(_NAMED.search(reason)) or "not built" in reason or "cannot be built" in reason
+
+
+def mypy_errors(source: str, folder: Path) -> tuple[set[tuple[int, str]], set[tuple[int, str]], str]:
+    """Type-check ``source`` (user code) with ``mypy --strict`` under the project's config:
+    (the errors mypy reports, the errors the source marks with ``# E: code`` comments, mypy's
+    output), each as a set of (line, error code)."""
+    root = Path(__file__).resolve().parents[2]
+    path = folder / "user_code.py"
+    path.write_text(source)
+    result = subprocess.run(
+        [str(VENV_BIN / "mypy"), "--strict", "--config-file", str(root / "pyproject.toml"),
+         "--cache-dir", str(folder / "cache"), "--no-error-summary", "--hide-error-context", str(path)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    got = {(int(m[1]), m[2]) for m in re.finditer(r"user_code\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)}
+    expected = {(n, m[1]) for n, line in enumerate(source.splitlines(), 1) if (m := re.search(r"# E: ([a-z-]+)$", line))}
+    return got, expected, result.stdout + result.stderr
