@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import psutil
 import ray
 import ray.exceptions
 import structlog
@@ -262,6 +263,7 @@ class RayEngine:
                 except Exception as exc:
                     with contextlib.suppress(Exception):
                         ray.shutdown()
+                    _kill_orphaned_ray_processes()
                     if attempt == EMBEDDED_START_ATTEMPTS:
                         raise
                     log.warning("ray_start_retry", attempt=attempt, error=_first_line(exc))
@@ -582,3 +584,16 @@ class _HostLost(Exception):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _kill_orphaned_ray_processes() -> None:
+    """After a failed start of the embedded runtime: Ray's processes this process started
+    (its GCS server, raylet and their helpers) that ``ray.shutdown()`` did not stop, because a
+    start that failed midway leaves no node object to stop them. A hung GCS left behind made
+    every later try wait out its 30 s again (three tries failed in a clean-clone CI run)."""
+    ray_root = os.path.dirname(ray.__file__) + os.sep  # its binaries and scripts live there
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(child.cmdline())
+            if ray_root in cmdline or cmdline.startswith("ray::"):
+                child.kill()
