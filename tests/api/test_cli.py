@@ -89,7 +89,7 @@ def test_attach_from_stdin_json_lines(server_process: ServerProcess) -> None:
         json.dumps({"command": {"tag": 1, "set_breakpoint": {"location": {"symbol": "main"}}}}),
         json.dumps({"command": {"tag": 2, "continue": {}}}),
     ])
-    r = msctl(server_process, "debug", "attach", stdin=lines + "\n", timeout=30)
+    r = msctl(server_process, "debug", "attach", "--json", stdin=lines + "\n", timeout=30)
     msgs = [json.loads(x) for x in r.stdout.splitlines()]
     assert msgs[0]["opened"]["role"] == "ATTACH_ROLE_CONTROLLER"
     assert {m["result"]["tag"] for m in msgs if "result" in m} >= {"1", "2"}

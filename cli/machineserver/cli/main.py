@@ -39,7 +39,7 @@ from pathlib import Path
 
 from google.rpc import error_details_pb2
 
-from machineserver.cli import access, audit, capsule, cosim, debugger, jobs, rpc, watch
+from machineserver.cli import access, audit, capsule, cosim, debugger, jobs, output, rpc, watch
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
@@ -202,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default=os.environ.get("MSCTL_TARGET", DEFAULT_TARGET),
                         help=f"server address (env MSCTL_TARGET, default {DEFAULT_TARGET})")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable JSON output, one line per message (same as -o json; "
+                        "before or after the subcommand)")
+    parser.add_argument("-o", "--output", dest="output_format", choices=output.FORMATS,
+                        help="output format: table (for people, the default), json or yaml; "
+                        "before or after the subcommand")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of unary calls, seconds")
     parser.add_argument("--api-key", default=os.environ.get("MSCTL_API_KEY"), help="API key (env MSCTL_API_KEY)")
     parser.add_argument("--token", default=os.environ.get("MSCTL_TOKEN"),
@@ -372,6 +377,16 @@ def _run_with_client(args: argparse.Namespace, handler: Handler) -> int:
         client.close()
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse argv, with the output format (``--json``, ``-o FORMAT``) taken from anywhere
+    in it: ``args.output_format`` (table, json or yaml) and ``args.json``."""
+    rest, chosen = output.split_output_flags(argv)
+    args = parser.parse_args(rest)
+    args.output_format = chosen or output.DEFAULT_FORMAT
+    args.json = args.output_format == "json"
+    return args
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         return cmd_serve(argv[1:])
@@ -379,8 +394,8 @@ def _main(argv: list[str]) -> int:
     interactive = _debug_session_argv(parser, argv)
     if interactive is not None:
         session = interactive[1]
-        return _run_with_client(parser.parse_args(interactive[0]), lambda client, _: debugger.run(client, session))
-    args = parser.parse_args(argv)
+        return _run_with_client(parse_args(parser, interactive[0]), lambda client, _: debugger.run(client, session))
+    args = parse_args(parser, argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "group_parser", None) or parser).print_help()

@@ -16,6 +16,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from machineserver.cli import output
 from machineserver.sdk import Client, errors
 from machineserver.sdk.client import service_descriptors
 
@@ -205,6 +206,14 @@ def print_message(msg: Message, as_json: bool) -> None:
     print(text, flush=True)
 
 
+def add_stream_flags(parser: argparse.ArgumentParser) -> None:
+    """``--count N`` and ``--timeout S`` for a command that prints a server stream."""
+    parser.add_argument("--count", dest="stream_count", type=int, metavar="N",
+                        help="stop after N messages")
+    parser.add_argument("--timeout", dest="stream_timeout", type=float, metavar="SECONDS",
+                        help="stop after this many seconds (a normal end, exit 0)")
+
+
 def _upload_requests(method: MethodDescriptor, args: argparse.Namespace, file: IO[bytes]) -> Iterator[Message]:
     """Client streams of metadata + chunks (UploadProgram, ImportSnapshot) from --file,
     opened by the caller (so a missing file is an error before the call starts)."""
@@ -255,12 +264,14 @@ def _add_method(gsub: argparse._SubParsersAction[argparse.ArgumentParser], svc: 
         add_request_flags(p, _message_type(method.input_type.fields_by_name["metadata"]))
     elif not method.client_streaming:
         add_request_flags(p, method.input_type)
+    if method.server_streaming:
+        add_stream_flags(p)
     p.set_defaults(handler=lambda client, args: run_rpc(client, svc, method, args))
 
 
 # an SDK wrapper looked up by RPC name: a request (or a stream of them) in, a response
-# (or a stream of them) out
-RpcWrapper = Callable[[Message | Iterator[Message]], Message | Iterator[Message]]
+# (or a stream of them) out; keyword ``timeout`` is the call's deadline
+RpcWrapper = Callable[..., Message | Iterator[Message]]
 
 
 def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, args: argparse.Namespace) -> int:
@@ -277,6 +288,8 @@ def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, ar
             if lines.mistake is not None:  # the call failed because a line was wrong
                 raise lines.mistake from None
             raise
+    elif getattr(args, "stream_timeout", None) is not None:
+        _print_result(call(build_request(method.input_type, args), timeout=args.stream_timeout), args)
     else:
         _print_result(call(build_request(method.input_type, args)), args)
     return 0
@@ -284,7 +297,6 @@ def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, ar
 
 def _print_result(result: Message | Iterator[Message], args: argparse.Namespace) -> None:
     if isinstance(result, Message):
-        print_message(result, args.json)
+        output.emit(result, args)
     else:  # a server stream
-        for msg in result:
-            print_message(msg, True)
+        output.emit_stream(result, args)
