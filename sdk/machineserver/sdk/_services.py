@@ -324,6 +324,7 @@ class StartGdbServerFields(TypedDict, total=False):
     name: str
     bind_address: str
     port: int
+    halt_on_detach: bool
 
 
 class StopGdbServerFields(TypedDict, total=False):

@@ -1040,21 +1040,28 @@ class StartGdbServerRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     BIND_ADDRESS_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    HALT_ON_DETACH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     bind_address: _builtins.str
     """Default "127.0.0.1"."""
     port: _builtins.int
     """0: the server picks a free port."""
+    halt_on_detach: _builtins.bool
+    """When gdb detaches ("detach", or gdb quitting), leave the machine halted. By
+    default it resumes, as gdbserver does: a debugger that goes away does not stop the
+    firmware it looked at. Killing ("kill") never resumes.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         bind_address: _builtins.str = ...,
         port: _builtins.int = ...,
+        halt_on_detach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_address", b"bind_address", "name", b"name", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_address", b"bind_address", "halt_on_detach", b"halt_on_detach", "name", b"name", "port", b"port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1070,11 +1077,14 @@ class GdbServer(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
+    HALT_ON_DETACH_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     address: _builtins.str
     port: _builtins.int
     clients: _builtins.int
     """Number of gdb clients connected."""
+    halt_on_detach: _builtins.bool
+    """The machine stays halted when gdb detaches (see StartGdbServerRequest)."""
     def __init__(
         self,
         *,
@@ -1082,10 +1092,11 @@ class GdbServer(_message.Message):
         address: _builtins.str = ...,
         port: _builtins.int = ...,
         clients: _builtins.int = ...,
+        halt_on_detach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clients", b"clients", "port", b"port", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clients", b"clients", "halt_on_detach", b"halt_on_detach", "port", b"port", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,31 @@ PROGRAM_FORMAT_BIN: ProgramFormat.ValueType  # 2
 PROGRAM_FORMAT_IHEX: ProgramFormat.ValueType  # 3
 Global___ProgramFormat: _TypeAlias = ProgramFormat  # noqa: Y015
 
+class _ConsoleMarkKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsoleMarkKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConsoleMarkKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSOLE_MARK_KIND_UNSPECIFIED: _ConsoleMarkKind.ValueType  # 0
+    CONSOLE_MARK_KIND_RESET: _ConsoleMarkKind.ValueType  # 1
+    """The machine was reset (ResetSession, a job's retry, the firmware's own reset request)."""
+    CONSOLE_MARK_KIND_POWER_ON: _ConsoleMarkKind.ValueType  # 2
+    """The machine was powered on (from OFF) and starts from its reset vector."""
+    CONSOLE_MARK_KIND_SNAPSHOT_RESTORED: _ConsoleMarkKind.ValueType  # 3
+    """A snapshot was restored: what follows continues from the snapshot's instant."""
+
+class ConsoleMarkKind(_ConsoleMarkKind, metaclass=_ConsoleMarkKindEnumTypeWrapper): ...
+
+CONSOLE_MARK_KIND_UNSPECIFIED: ConsoleMarkKind.ValueType  # 0
+CONSOLE_MARK_KIND_RESET: ConsoleMarkKind.ValueType  # 1
+"""The machine was reset (ResetSession, a job's retry, the firmware's own reset request)."""
+CONSOLE_MARK_KIND_POWER_ON: ConsoleMarkKind.ValueType  # 2
+"""The machine was powered on (from OFF) and starts from its reset vector."""
+CONSOLE_MARK_KIND_SNAPSHOT_RESTORED: ConsoleMarkKind.ValueType  # 3
+"""A snapshot was restored: what follows continues from the snapshot's instant."""
+Global___ConsoleMarkKind: _TypeAlias = ConsoleMarkKind  # noqa: Y015
+
 @_typing.final
 class ResourceLimits(_message.Message):
     """Limits a session runs under."""
@@ -1141,6 +1166,7 @@ class StreamConsoleResponse(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    MARKS_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Offset of data[0] in the session's console output."""
     data: _builtins.bytes
@@ -1148,20 +1174,64 @@ class StreamConsoleResponse(_message.Message):
     """Bytes before offset that were dropped from the retained log (the client asked
     for an offset older than what is kept).
     """
+    @_builtins.property
+    def marks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsoleMark]:
+        """What happened to the machine between console bytes, in offset order: a reset, a
+        power-on, a snapshot restored. A mark at offset N came after byte N-1 and before
+        byte N; a message may carry marks and no data (the machine reset and said nothing
+        since). The console's bytes themselves are never changed.
+        """
+
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         dropped_bytes: _builtins.int = ...,
+        marks: _abc.Iterable[Global___ConsoleMark] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped_bytes", b"dropped_bytes", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped_bytes", b"dropped_bytes", "marks", b"marks", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamConsoleResponse: _TypeAlias = StreamConsoleResponse  # noqa: Y015
+
+@_typing.final
+class ConsoleMark(_message.Message):
+    """An event recorded in a session's console log, between two bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Console offset the event came at: the number of console bytes written before it."""
+    kind: Global___ConsoleMarkKind.ValueType
+    detail: _builtins.str
+    """Said for people, e.g. "ResetSession by alice" or "restored snapshots/s1"."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (server clock)."""
+
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        kind: Global___ConsoleMarkKind.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "offset", b"offset", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleMark: _TypeAlias = ConsoleMark  # noqa: Y015
 
 @_typing.final
 class WriteConsoleRequest(_message.Message):
