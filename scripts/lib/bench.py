@@ -28,6 +28,8 @@ Sections (pick with --only NAME[,NAME]):
             a run forked from a snapshot vs a cold boot of boot_heavy (bench_jobs.py)
   trust     unary calls with auth on (API key) vs off vs a bare echo server; a write with its audit rows
             (bench_trust.py)
+  counts    exact instruction counting: raw Unicorn with no hook vs the native counting block hook,
+            crc32 (tight loop) and mmio (UART polling) (bench_counts.py)
   capsules  a failure capsule vs the snapshot alone of the same halted session (time, bytes), unicorn
             and qemu; ExpectConsole with a virtual budget vs StreamConsole (bench_capsules.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.
@@ -527,6 +529,7 @@ def _more_sections() -> None:
     from bench_capsules import bench_capsules
     from bench_control_plane import bench_control_plane
     from bench_cosim import bench_cosim
+    from bench_counts import bench_counts
     from bench_gdbremote import bench_gdbremote
     from bench_isolation import bench_isolation
     from bench_jobs import bench_jobs
@@ -545,6 +548,7 @@ def _more_sections() -> None:
     SECTIONS["trust"] = bench_trust
     SECTIONS["jobs"] = bench_jobs
     SECTIONS["capsules"] = bench_capsules
+    SECTIONS["counts"] = bench_counts
 
 
 

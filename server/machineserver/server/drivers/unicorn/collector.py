@@ -13,7 +13,9 @@ native ``UC_HOOK_BLOCK`` + edge counts (used)  ~2.0-2.3x    exact counts, exact 
 ``UC_HOOK_EDGE_GENERATED`` (translation)       ~1.0x        first hit only, edges approx.
 ============================================  ===========  ==============================
 
-* **counting** (the default): a C callback (``native/ucblocks.c``) on ``UC_HOOK_BLOCK``,
+* **counting** (the default): a C callback (``native/ucblocks.c``) on ``UC_HOOK_BLOCK``
+  (the engine's exact instruction counter's own hook, :mod:`.blockcount`, which feeds the
+  table: one block hook for both; a hook of its own only where there is no counter),
   passed to ``uc_hook_add`` by address, counts every entry into a translated block in an
   open-addressing hash table (start -> size, count) and every transition (previous block
   -> this block) in a second one. A per-block "last successor" cache (the successor and
@@ -89,13 +91,16 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unicorn import unicorn_const as ucc
 
 from machineserver.server.drivers import native
 from machineserver.server.drivers.base import TRACE_TAIL_MAX, Blocks, Edges, merge_blocks
 from machineserver.server.drivers.unicorn.arch import Engine, native_handle
+
+if TYPE_CHECKING:
+    from machineserver.server.drivers.unicorn.blockcount import BlockCounter
 
 SOURCE = Path(__file__).resolve().parent / "native" / "ucblocks.c"
 
@@ -158,7 +163,8 @@ def native_status() -> NativeStatus:
         return _native_cached()
 
 
-def _uc_hook_add(uc: Engine, htype: int, fn_addr: int, user_data: int) -> int:
+def add_native_hook(uc: Engine, htype: int, fn_addr: int, user_data: int) -> int:
+    """``uc_hook_add`` of a C function (by address) over the whole address space."""
     from unicorn.unicorn_py3.unicorn import uclib
 
     handle = native_handle(uc)
@@ -210,6 +216,7 @@ class Collector:
             self._py_trace = deque(maxlen=TRACE_TAIL_MAX + 1)  # + 1: as the native ring's
             self.method += "; trace tail by a Python block hook"
         self._hook: tuple[Engine, list[int]] | None = None  # (uc, hook handles)
+        self._feeder: BlockCounter | None = None  # the engine's block counter feeding the table
 
     @property
     def attached(self) -> bool:
@@ -220,17 +227,23 @@ class Collector:
         """Whether :meth:`trace` has a trace to give (counting mode, or the Python fallback)."""
         return self._traced or self._py_trace is not None
 
-    def attach(self, uc: Engine) -> None:
+    def attach(self, uc: Engine, blocks: BlockCounter | None = None) -> None:
+        """Collect on ``uc``. In counting mode with the engine's block counter
+        (``blocks``, :mod:`.blockcount`), its hook feeds the table: no second block hook."""
         if self._hook is not None and self._hook[0] is uc:
             return
         handles = []
-        if self._t is not None:
+        if self._t is not None and self.counting and blocks is not None:
+            blocks.set_coverage(self._t, self._traced)
+            self._feeder = blocks
+            self._lib.ucb_forget_last(self._t)
+        elif self._t is not None:
             lib = self._lib
             fn = (lib.ucb_block if self._traced else lib.ucb_block_untraced) if self.counting else lib.ucb_edge
             htype = ucc.UC_HOOK_BLOCK if self.counting else ucc.UC_HOOK_EDGE_GENERATED
             address = ctypes.cast(fn, ctypes.c_void_p).value
             assert address is not None  # a symbol of a loaded library
-            handles.append(_uc_hook_add(uc, htype, address, self._t))
+            handles.append(add_native_hook(uc, htype, address, self._t))
             lib.ucb_forget_last(self._t)
         else:
             handles.append(uc.hook_add(ucc.UC_HOOK_EDGE_GENERATED, self._py_edge))
@@ -243,6 +256,9 @@ class Collector:
         """Remove the hooks. The caller detaches before it releases the engine (a released
         engine's hooks are gone with it: then this only forgets)."""
         hook, self._hook = self._hook, None
+        feeder, self._feeder = self._feeder, None
+        if feeder is not None:
+            feeder.set_coverage(None, False)
         if hook is None:
             return
         uc, handles = hook

@@ -38,6 +38,7 @@ from machineserver.server.drivers.base import (
     WrongState,
 )
 from machineserver.server.drivers.unicorn.arch import ArchCore, CoreHost, Engine, release_engine
+from machineserver.server.drivers.unicorn.blockcount import BlockCounter
 from machineserver.server.drivers.unicorn.collector import Collector
 from machineserver.server.drivers.unicorn.cortexm import CortexM
 from machineserver.server.drivers.unicorn.counter import EmuCounter
@@ -241,11 +242,13 @@ class BoardInstance:
     """One power-on of a board: the engine, the arch core, the UART models (by
     peripheral name), the MMIO pages (base, length) they are mapped on, and the bytes of
     each of the board's memory regions (``ram``, in ``board.memory`` order: see
-    :func:`map_ram`)."""
+    :func:`map_ram`). ``blocks``: the exact instruction counter (a native block hook, see
+    :mod:`.blockcount`), None without a C compiler."""
 
     uc: Engine
     core: ArchCore
     counter: EmuCounter
+    blocks: BlockCounter | None = None
     uarts: dict[str, Uart] = field(default_factory=dict)
     mmio: tuple[tuple[int, int], ...] = ()
     ram: tuple[memoryview, ...] = ()
@@ -269,7 +272,8 @@ class BoardInstance:
                 uarts[spec.name] = model
                 mmio.append(_map_uart(uc, spec, model, host))
             core.attach(uc, host)
-            return cls(uc, core, EmuCounter(uc), uarts, tuple(mmio), ram)
+            blocks = BlockCounter.attach(uc, thumb=board.arch == Arch.ARM_CORTEX_M)
+            return cls(uc, core, EmuCounter(uc), blocks, uarts, tuple(mmio), ram)
         except BaseException:
             release_engine(uc)
             raise

@@ -49,7 +49,7 @@ class UnicornCoverage(Coverage):
     def attach(self, inst: BoardInstance) -> None:
         """A new engine (power_on; the lock is held): collect on it if collecting."""
         if self._active:
-            self._collector().attach(inst.uc)
+            self._collector().attach(inst.uc, inst.blocks)
             inst.uc.ctl_flush_tb()
 
     def detach(self) -> None:
@@ -81,7 +81,7 @@ class UnicornCoverage(Coverage):
             collector.clear()
             self._last_insn.clear()
             if inst is not None and not collector.attached:
-                collector.attach(inst.uc)
+                collector.attach(inst.uc, inst.blocks)
                 inst.uc.ctl_flush_tb()
             elif inst is not None and not collector.counting:
                 inst.uc.ctl_flush_tb()  # first-hit: what runs next must be translated again

@@ -9,15 +9,18 @@ effect within about one slice.
 
 Virtual time. Unicorn's ``count=`` makes every instruction call a native counting hook,
 which costs ~6x in speed on 2.1.4 (measured: ~1.6 G instr/s without, ~0.24 G with). So a
-slice is *counted* (exact) only when something depends on time: a stepping request, an
-armed timer (SysTick enabled, CLINT mtimecmp set), or ``MachineOptions.icount``; then the
-slice ends exactly at the next timer deadline and SysTick/mtime readings are exact.
-Otherwise a slice runs uncounted, ended by the watchdog after 10 ms, and its instruction
-count is an *estimate* (host time x a nominal rate), like QEMU without ``-icount``.
-``counters()`` is exact whenever every slice so far was counted. The number of
-instructions a counted slice ran before an early stop is read from Unicorn's own counter
-(see :mod:`.counter`). Virtual cycles = instructions + cycles skipped while the CPU sleeps
-in WFI.
+slice is *counted* (it ends after a given number of instructions) only when something
+depends on time: a stepping request, an armed timer (SysTick enabled, CLINT mtimecmp set),
+or ``MachineOptions.icount``; then the slice ends exactly at the next timer deadline and
+SysTick/mtime readings are exact. Otherwise a slice runs uncounted, ended by the watchdog
+after 10 ms. Either way, the instructions a slice executed are counted exactly by the
+native block counter (:mod:`.blockcount`, a C block hook on every engine: ~1.6x on a
+tight CRC loop, ~1.04x on a UART-polling one; scripts/bench ``counts``), which also takes
+the watchdog's stop (a flag its hook acts on, so every stop is synchronous). Without a C
+compiler there is no block counter: a counted slice then reads Unicorn's own counter
+(:mod:`.counter`) and an uncounted one is *estimated* (host time x a nominal rate), and
+``counters().exact`` turns False. Virtual cycles = instructions + cycles skipped while the
+CPU sleeps in WFI.
 
 Interrupts the guest makes deliverable. An interrupt is taken between slices (and on an
 exception return, inside the interrupt hook), so the instruction that makes a pending
@@ -96,6 +99,7 @@ class Slicer:
         self._in_slice = False
         self._counted = False
         self._slice_cycles = 0
+        self._slice_insns0 = 0  # the block counter's reading at the slice's start
         self._slice_t0 = 0.0
         self._slice_deadline = 0.0
         self._slice_id = 0
@@ -152,9 +156,12 @@ class Slicer:
         clock = self._ctx.clock
         if not self._in_slice:
             return clock.cycles
-        counter = self._bound().counter
+        inst = self._bound()
+        counter = inst.counter
         if self._counted and counter.available:
             return self._slice_cycles + max(counter.read() - 1, 0)
+        if inst.blocks is not None:  # the blocks entered so far, in full
+            return self._slice_cycles + inst.blocks.instructions - self._slice_insns0
         return self._slice_cycles + int((time.perf_counter() - self._slice_t0) * NOMINAL_IPS)
 
     def hook_stop(self, info: StopInfo) -> None:
@@ -324,8 +331,12 @@ class Slicer:
             return False
         try:
             if self._in_slice and self._slice_id == slice_id and not self._counted:
-                self._stop_pending = True
-                self._bound().uc.emu_stop()
+                blocks = self._bound().blocks
+                if blocks is not None:
+                    blocks.want_stop()  # the next block entry stops, synchronously (exact counts)
+                else:
+                    self._stop_pending = True
+                    self._bound().uc.emu_stop()
         finally:
             self._mmio_lock.release()
         return True
@@ -364,6 +375,10 @@ class Slicer:
         self._stop_pending = False
         self._finish_pending = False
         self._last_access = None
+        blocks = inst.blocks
+        if blocks is not None:
+            blocks.forget()
+            self._slice_insns0 = blocks.instructions
         self._in_slice = True
         if not counted:
             WATCHDOG.arm(self._slice_deadline, self, self._slice_id)
@@ -387,15 +402,28 @@ class Slicer:
                 self._in_slice = False
             if self._stop_pending and err is None and self._hit is None:
                 self._check_replay()
+        if blocks is not None:
+            blocks.slice_ended(core.pc())
         if self._finish_pending:
             self._finish_pending = False
             if err is None and self._hit is None:
                 err = self._finish_access(inst, counted)
+                if blocks is not None:
+                    blocks.slice_ended(core.pc())
         pc = core.pc()
         if self._ctx.collector is not None:
             self._ctx.collector.slice_ended(pc)  # exact coverage counts: pc has not run
         clean = err is None and self._hit is None
-        if counted and inst.counter.available:
+        if blocks is not None:
+            executed = blocks.instructions - self._slice_insns0
+            if counted and inst.counter.available:
+                # only a halt leaves Unicorn's count short of n (see below)
+                wfi = clean and inst.counter.read() - 1 < n and core.halted_on_wfi(pc)
+            else:
+                wfi = clean and core.halted_on_wfi(pc)
+            if blocks.undecoded:
+                clock.exact = False
+        elif counted and inst.counter.available:
             c = inst.counter.read()
             # PC just past a WFI can also be an exception return to there: only a
             # halt leaves the count short of n with the next instruction uncounted

@@ -313,3 +313,114 @@ uint64_t ucb_trace(ucb_table_t *t, uint64_t *out, uint64_t max) {
     }
     return n;
 }
+
+/* ---------------------------------------------------------------------------------
+ * ucb_count: the exact instruction counter of a machine (see ../blockcount.py).
+ *
+ * One UC_HOOK_BLOCK callback per engine, always on. Each entry into a translated
+ * block adds the block's instruction count, decoded once from guest code (read with
+ * the engine's own uc_mem_read, passed in as a pointer) and kept in a small
+ * direct-mapped cache keyed by (start, size); the cache is dropped at every slice end
+ * (a generation number), so code written between slices is decoded again. Thumb: a
+ * halfword whose top five bits are 0b11101, 0b11110 or 0b11111 starts a 32-bit
+ * instruction; RISC-V: low two bits 0b11 is 32-bit, anything else a 16-bit one.
+ *
+ * Slice ends (ucbc_stop, with the pc the machine stopped at, not executed): a pc inside
+ * the block entered last means that entry ran [start, pc) only, so the instructions
+ * from pc to the block's end are taken back. Every stop must be synchronous for that
+ * to be exact (a stop requested from another thread between a block's hook and its
+ * start would leave a block that looped to itself indistinguishable from one that ran
+ * nothing), so the watchdog does not call uc_emu_stop: it sets stop_wanted, and the
+ * next block entry's hook stops the engine itself, before that block runs anything.
+ *
+ * When coverage collects in counting mode its table rides on this hook (cov): one
+ * block hook serves both.
+ */
+typedef int (*ucb_mem_read_t)(void *uc, uint64_t address, void *bytes, uint64_t size);
+typedef int (*ucb_emu_stop_t)(void *uc);
+
+#define UCBC_CACHE 1024u
+
+typedef struct { uint64_t start; uint16_t size; uint16_t n; uint32_t gen; } ucbc_entry_t;
+
+typedef struct {
+    uint64_t insns;          /* instructions executed, all slices */
+    uint64_t cur_start;      /* the block entered last in this slice */
+    uint32_t cur_size;
+    uint32_t cur_n;          /* its instructions, 0: none entered since the last stop */
+    uint32_t gen;            /* cache generation (0 is never valid) */
+    uint32_t thumb;
+    volatile uint32_t stop_wanted;  /* set by the watchdog thread */
+    uint32_t undecoded;      /* blocks whose code could not be read (counted as size / 2) */
+    ucb_mem_read_t mem_read;
+    ucb_emu_stop_t emu_stop;
+    ucb_table_t *cov;        /* coverage table fed by this hook, NULL: none */
+    uint32_t cov_traced;
+    uint32_t pad;
+    ucbc_entry_t cache[UCBC_CACHE];
+} ucbc_t;
+
+ucbc_t *ucbc_new(uint32_t thumb, void *mem_read, void *emu_stop) {
+    ucbc_t *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->thumb = thumb; c->gen = 1;
+    c->mem_read = (ucb_mem_read_t)mem_read;
+    c->emu_stop = (ucb_emu_stop_t)emu_stop;
+    return c;
+}
+
+void ucbc_free(ucbc_t *c) { free(c); }
+
+static uint32_t decode_count(const uint8_t *code, uint64_t len, uint32_t thumb) {
+    uint32_t n = 0;
+    for (uint64_t pos = 0; pos < len; n++) {
+        uint32_t h = code[pos] | (pos + 1 < len ? (uint32_t)code[pos + 1] << 8 : 0u);
+        int wide = thumb ? (h >> 11) >= 0x1D : (h & 3) == 3;
+        pos += wide ? 4 : 2;
+    }
+    return n;
+}
+
+/* instructions starting in [start, start + len) */
+static uint32_t insns_in(ucbc_t *c, void *uc, uint64_t start, uint64_t len) {
+    uint8_t buf[4096];
+    if (len == 0) return 0;
+    if (len <= sizeof buf && c->mem_read(uc, start, buf, len) == 0)
+        return decode_count(buf, len, c->thumb);
+    c->undecoded++;
+    return (uint32_t)((len + 1) / 2);
+}
+
+void ucbc_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    ucbc_t *c = user_data;
+    if (__builtin_expect(c->stop_wanted, 0)) {
+        c->stop_wanted = 0;
+        c->emu_stop(uc);  /* this entry runs nothing: ucbc_stop sees pc == its start */
+    }
+    ucbc_entry_t *e = &c->cache[((address >> 1) ^ (address >> 11)) & (UCBC_CACHE - 1)];
+    uint32_t n;
+    if (__builtin_expect(e->start == address && e->size == size && e->gen == c->gen, 1)) {
+        n = e->n;
+    } else {
+        n = insns_in(c, uc, address, size);
+        e->start = address; e->size = (uint16_t)size; e->n = (uint16_t)n; e->gen = c->gen;
+    }
+    c->insns += n;
+    c->cur_start = address; c->cur_size = size; c->cur_n = n;
+    if (c->cov) block_entered(c->cov, address, size, (int)c->cov_traced);
+}
+
+/* after every emu_start: the machine stopped at pc, which has not run */
+void ucbc_stop(ucbc_t *c, void *uc, uint64_t pc) {
+    if (c->cur_n && pc >= c->cur_start && pc < c->cur_start + c->cur_size)
+        c->insns -= c->cur_n - insns_in(c, uc, c->cur_start, pc - c->cur_start);
+    c->cur_n = 0;
+    c->stop_wanted = 0;
+    if (++c->gen == 0) c->gen = 1;
+}
+
+void ucbc_want_stop(ucbc_t *c) { c->stop_wanted = 1; }
+void ucbc_forget(ucbc_t *c) { c->cur_n = 0; c->stop_wanted = 0; }
+uint64_t ucbc_insns(ucbc_t *c) { return c->insns; }
+uint32_t ucbc_undecoded(ucbc_t *c) { return c->undecoded; }
+void ucbc_set_coverage(ucbc_t *c, ucb_table_t *t, uint32_t traced) { c->cov = t; c->cov_traced = traced; }
