@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: msctl completes in the shell; see complete.py)
 """msctl: the MachineServer command line.
 
 Every RPC is a command (``msctl session create-session --board-template lm3s6965evb``),
@@ -37,9 +38,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import argcomplete
 from google.rpc import error_details_pb2
 
-from machineserver.cli import access, audit, capsule, cosim, debugger, jobs, output, rpc, watch
+from machineserver.cli import (
+    access,
+    audit,
+    capsule,
+    complete,
+    cosim,
+    debugger,
+    jobs,
+    output,
+    rpc,
+    watch,
+)
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
 from machineserver.v1 import common_pb2, coverage_pb2
@@ -244,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_program_list)
 
     access.add_verbs(sub)
-    rpc.add_rpc_commands(sub)
+    rpc.add_rpc_commands(sub, session_completer=complete.session_names)
     cov_group = sub.choices["coverage"]
     csub = next(a for a in cov_group._actions if isinstance(a, argparse._SubParsersAction))
     p = csub.add_parser("export", help="write a coverage report: lcov, html (.tar.gz), cobertura, json")
@@ -292,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_verbs(next(a for a in job_group._actions if isinstance(a, argparse._SubParsersAction)))
     capsule_group = sub.choices["capsule"]
     capsule.add_verbs(next(a for a in capsule_group._actions if isinstance(a, argparse._SubParsersAction)))
+    rpc.describe_interactive_debugger(sub.choices["debug"], debugger.HELP)
+    complete.complete_commands_and_sessions(sub.choices["debug"])
+    complete.complete_sessions(sub.choices["console"], "session")
     return parser
 
 
@@ -391,6 +407,7 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         return cmd_serve(argv[1:])
     parser = build_parser()
+    argcomplete.autocomplete(parser)  # a shell's completion request (_ARGCOMPLETE set) ends here
     interactive = _debug_session_argv(parser, argv)
     if interactive is not None:
         session = interactive[1]
