@@ -1,17 +1,28 @@
 """``msctl debug SESSION``: an interactive debugger prompt over the Attach stream, with
 the session's console bytes and stop events interleaved. Reads commands from stdin, so a
-script can pipe them in (no prompt is printed when stdin is not a terminal)."""
+script can pipe them in (no prompt is printed when stdin is not a terminal).
+
+On a terminal it keeps gdb's habits: line editing and a history kept across runs
+(readline, ``~/.msctl_history``), an empty line repeats the last step-like command,
+Ctrl-C while the target runs (``c``, ``next``, ``finish``, ``si N``) halts it and comes
+back to the prompt saying where it stopped, Ctrl-C at the prompt says "Quit", and
+Ctrl-D or ``quit`` detaches."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import re
 import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import TextIO
 
-from machineserver.sdk import Client
+from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as pb
 
@@ -29,12 +40,45 @@ HELP = """commands:
   bt                   backtrace
   disas [LOC] [N]      disassembly (default: at pc)
   info                 session state and breakpoints
-  quit|q               detach"""
+  help [COMMAND]       this list, or one command's usage
+  quit|q  (or Ctrl-D)  detach
+on a terminal: Ctrl-C halts a running target, an empty line repeats a step"""
+
+# what a command that needs an argument says without one (gdb's "Argument required
+# (...)."), then its usage and an example
+USAGE: dict[str, tuple[str, str]] = {
+    "break": ("a location", "break LOC    e.g. break main, break hello.c:12, break 0x00000120"),
+    "watch": ("an address or a symbol to watch", "watch LOC [SIZE]    e.g. watch counter, watch 0x20000000 4"),
+    "rwatch": ("an address or a symbol to watch", "rwatch LOC [SIZE]    e.g. rwatch counter"),
+    "awatch": ("an address or a symbol to watch", "awatch LOC [SIZE]    e.g. awatch counter"),
+    "delete": ("a breakpoint id; 'info' lists them", "delete ID    e.g. delete 1"),
+    "x": ("starting display address", "x ADDR [WORDS]    32-bit words in hex, e.g. x 0x20000000 8, x counter"),
+}
+ALIASES = {"b": "break", "d": "delete", "c": "continue", "s": "step", "n": "next", "si": "stepi", "q": "quit"}
+# commands that let the target run: Ctrl-C halts it; an empty line repeats them (gdb)
+RUNNING_COMMANDS = frozenset({"continue", "step", "next", "finish", "stepi"})
+HISTORY_FILE = "~/.msctl_history"
+HISTORY_LENGTH = 1000
+
+
+class ArgumentRequired(ValueError):
+    """A command given without the argument it needs; the message says which and how."""
+
+    def __init__(self, command: str) -> None:
+        what, usage = USAGE[command]
+        super().__init__(f"Argument required ({what}).\nusage: {usage}")
+
+
+def _number(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"{what} wants a number (decimal or 0x hex), got {text!r}") from None
 
 
 def _location(text: str) -> pb.CodeLocation:
     if text.lower().startswith("0x") or text.isdigit():
-        return pb.CodeLocation(address=int(text, 0))
+        return pb.CodeLocation(address=_number(text, "the address"))
     if ":" in text:
         return pb.CodeLocation(file_line=text)
     return pb.CodeLocation(symbol=text)
@@ -92,7 +136,7 @@ class DebugPrompt:
                     self._opened.set()
                 elif kind == "result":
                     q = self._results.get(msg.result.tag)
-                    if q is not None:
+                    if q is not None:  # None: a command given up on (Ctrl-C)
                         q.put(msg.result)
                 elif kind == "stopped":
                     # steps and halts are printed from their command's answer
@@ -108,7 +152,8 @@ class DebugPrompt:
             self._closed.set()
 
     def call(self, command: pb.DebugCommand) -> pb.DebugCommandResult:
-        """Send one command on the Attach stream (tagged here) and wait for its result."""
+        """Send one command on the Attach stream (tagged here) and wait for its result.
+        Interrupted (Ctrl-C), it stops waiting: a late result is dropped."""
         self._tag += 1
         tag = self._tag
         q: queue.Queue[pb.DebugCommandResult] = queue.Queue()
@@ -116,18 +161,18 @@ class DebugPrompt:
         cmd = pb.DebugCommand()
         cmd.CopyFrom(command)
         cmd.tag = tag
-        self._requests.put(pb.AttachRequest(command=cmd))
-        while True:
-            try:
-                result = q.get(timeout=0.2)
-                break
-            except queue.Empty:
-                if self._closed.is_set():
-                    raise ConnectionError("the debug stream closed") from None
-        del self._results[tag]
-        return result
+        try:
+            self._requests.put(pb.AttachRequest(command=cmd))
+            while True:
+                try:
+                    return q.get(timeout=0.2)
+                except queue.Empty:
+                    if self._closed.is_set():
+                        raise ConnectionError("the debug stream closed") from None
+        finally:
+            del self._results[tag]
 
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ the prompt
 
     def run(self, lines: TextIO) -> int:
         pump = threading.Thread(target=self._pump, daemon=True)
@@ -137,52 +182,99 @@ class DebugPrompt:
             return 1
         self._print(f"attached to {self.session} as {self.role}; 'help' lists commands\n")
         interactive = lines.isatty()
+        history = _History.open() if interactive else None
+        last_step: list[str] = []  # what an empty line repeats
         try:
             while not self._closed.is_set():
-                if interactive:
-                    self._print("(msctl) ")
-                line = lines.readline()
-                if not line:
-                    break
-                words = shlex.split(line)
-                if not words:
+                try:
+                    line = read_line(lines, interactive)
+                except KeyboardInterrupt:  # at the prompt: gdb says Quit and asks again
+                    self._print("\nQuit\n")
                     continue
-                if words[0] in ("quit", "q", "exit"):
+                if line is None:  # end of input (Ctrl-D)
+                    if interactive:
+                        self._print("quit\n")
                     break
                 try:
-                    self.dispatch(words)
-                except (ValueError, IndexError) as exc:
+                    words = shlex.split(line)
+                except ValueError as exc:
                     self._print(f"error: {exc}\n")
+                    continue
+                if not words:
+                    if not interactive or not last_step:
+                        continue
+                    words = last_step
+                name = ALIASES.get(words[0], words[0])
+                if name in ("quit", "exit"):
+                    break
+                if interactive and name in RUNNING_COMMANDS:
+                    last_step = words
+                self._run_one(name, words, interactive)
         except ConnectionError as exc:
             self._print(f"msctl: {exc}\n")
             return 1
         finally:
+            if history is not None:
+                history.save()
             self._requests.put(None)
             pump.join(5)
         return 0
 
+    def _run_one(self, name: str, words: list[str], interactive: bool) -> None:
+        """One command; its mistakes and the server's refusals are printed, not raised.
+        On a terminal, Ctrl-C during a command that runs the target halts it."""
+        try:
+            self.dispatch([name, *words[1:]])
+        except (ValueError, IndexError) as exc:
+            self._print(f"error: {exc}\n")
+        except errors.MachineServerError as exc:
+            self._print(f"error: {exc}\n")
+        except KeyboardInterrupt:
+            if not interactive:
+                raise  # a script: msctl's main says "interrupted", as before
+            if name in RUNNING_COMMANDS:
+                self._halt_after_interrupt()
+            else:
+                self._print("\nQuit\n")
+
+    def _halt_after_interrupt(self) -> None:
+        """Ctrl-C while the target runs: halt it (a unary Halt: the Attach stream may
+        still be busy with the step) and say where it stopped, as gdb does."""
+        self._print("\nProgram received signal SIGINT, Interrupt.\n")
+        try:
+            stop = self.client.debug.halt(name=self.session).stop
+        except KeyboardInterrupt:
+            self._print("Quit\n")
+            return
+        except errors.MachineServerError as exc:
+            self._print(f"error: could not halt the target: {exc}\n")
+            return
+        self._print(describe_stop(stop) + "\n")
+
     def dispatch(self, words: list[str]) -> None:
-        name, args = words[0], words[1:]
+        name, args = ALIASES.get(words[0], words[0]), words[1:]
         handler = self._commands().get(name)
         if handler is None:
             self._print(f"unknown command {name!r}; 'help' lists commands\n")
             return
+        if name in USAGE and not args:
+            raise ArgumentRequired(name)
         handler(args)
 
     def _commands(self) -> dict[str, Callable[[list[str]], object]]:
         step_line = self._step_line
         return {
-            "help": lambda a: self._print(HELP + "\n"),
-            "break": self._break, "b": self._break,
+            "help": self._help,
+            "break": self._break,
             "watch": lambda a: self._watch(a, pb.BREAKPOINT_KIND_WATCH_WRITE),
             "rwatch": lambda a: self._watch(a, pb.BREAKPOINT_KIND_WATCH_READ),
             "awatch": lambda a: self._watch(a, pb.BREAKPOINT_KIND_WATCH_ACCESS),
-            "delete": self._delete, "d": self._delete,
-            "continue": self._continue, "c": self._continue,
-            "step": step_line(pb.STEP_MODE_INTO), "s": step_line(pb.STEP_MODE_INTO),
-            "next": step_line(pb.STEP_MODE_OVER), "n": step_line(pb.STEP_MODE_OVER),
+            "delete": self._delete,
+            "continue": self._continue,
+            "step": step_line(pb.STEP_MODE_INTO),
+            "next": step_line(pb.STEP_MODE_OVER),
             "finish": step_line(pb.STEP_MODE_OUT),
-            "stepi": self._stepi, "si": self._stepi,
+            "stepi": self._stepi,
             "halt": lambda a: self._show(self.call(pb.DebugCommand(halt=pb.HaltRequest()))),
             "regs": self._regs,
             "x": self._examine,
@@ -190,6 +282,15 @@ class DebugPrompt:
             "disas": self._disas,
             "info": self._info,
         }
+
+    def _help(self, args: list[str]) -> None:
+        name = ALIASES.get(args[0], args[0]) if args else ""
+        if name in USAGE:
+            self._print(f"usage: {USAGE[name][1]}\n")
+            return
+        # a command's line: its names are in the first column (23 characters)
+        lines = [line for line in HELP.splitlines()[1:] if name and name in re.split(r"[\s|\[\]]+", line[:23])]
+        self._print(("\n".join(lines) if lines else HELP) + "\n")
 
     def _step_line(self, mode: pb.StepMode.ValueType) -> Callable[[list[str]], object]:
         return lambda args: self._show(self.call(pb.DebugCommand(step_line=pb.StepLineRequest(mode=mode))))
@@ -214,7 +315,7 @@ class DebugPrompt:
             self._show(r)
 
     def _watch(self, args: list[str], kind: pb.BreakpointKind.ValueType) -> None:
-        size = int(args[1], 0) if len(args) > 1 else 4
+        size = _number(args[1], "SIZE") if len(args) > 1 else 4
         r = self.call(pb.DebugCommand(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]), kind=kind,
                                                                              size=size)))
         if not r.code:
@@ -223,7 +324,7 @@ class DebugPrompt:
             self._show(r)
 
     def _delete(self, args: list[str]) -> None:
-        self._show(self.call(pb.DebugCommand(clear_breakpoint=pb.ClearBreakpointRequest(id=int(args[0])))))
+        self._show(self.call(pb.DebugCommand(clear_breakpoint=pb.ClearBreakpointRequest(id=_number(args[0], "ID")))))
 
     def _continue(self, args: list[str]) -> None:
         """Like gdb: returns at the next stop (printed by the stream reader)."""
@@ -239,7 +340,8 @@ class DebugPrompt:
                 return
 
     def _stepi(self, args: list[str]) -> None:
-        self._show(self.call(pb.DebugCommand(step=pb.StepRequest(count=int(args[0], 0) if args else 1))))
+        count = _number(args[0], "N") if args else 1
+        self._show(self.call(pb.DebugCommand(step=pb.StepRequest(count=count))))
 
     def _regs(self, args: list[str]) -> None:
         r = self.call(pb.DebugCommand(read_registers=pb.ReadRegistersRequest(names=args)))
@@ -252,7 +354,7 @@ class DebugPrompt:
 
     def _examine(self, args: list[str]) -> None:
         address = self._address(args[0])
-        words = int(args[1], 0) if len(args) > 1 else 4
+        words = _number(args[1], "WORDS") if len(args) > 1 else 4
         r = self.call(pb.DebugCommand(read_memory=pb.ReadMemoryRequest(address=address, size=4 * words)))
         if r.code:
             self._show(r)
@@ -264,7 +366,7 @@ class DebugPrompt:
 
     def _address(self, text: str) -> int:
         if text.lower().startswith("0x") or text.isdigit():
-            return int(text, 0)
+            return _number(text, "the address")
         r = self.call(pb.DebugCommand(resolve_symbol=pb.ResolveSymbolRequest(symbol=text)))
         if r.code:
             raise ValueError(r.message)
@@ -281,7 +383,7 @@ class DebugPrompt:
             self._print(f"#{f.level}  0x{f.pc:08x} in {src}\n")
 
     def _disas(self, args: list[str]) -> None:
-        req = pb.DisassembleRequest(count=int(args[1], 0) if len(args) > 1 else 8)
+        req = pb.DisassembleRequest(count=_number(args[1], "N") if len(args) > 1 else 8)
         if args:
             req.location.CopyFrom(_location(args[0]))
         r = self.call(pb.DebugCommand(disassemble=req))
@@ -298,6 +400,42 @@ class DebugPrompt:
         for bp in self.client.debug.list_breakpoints(name=self.session).breakpoints:
             kind = pb.BreakpointKind.Name(bp.kind).removeprefix("BREAKPOINT_KIND_").lower()
             self._print(f"  {bp.id}: {kind} 0x{bp.address:08x} hits {bp.hit_count}\n")
+
+
+class _History:
+    """readline's history, kept across runs in ``~/.msctl_history`` (bounded); a file
+    that cannot be read or written is no history, never an error."""
+
+    def __init__(self, readline: ModuleType, path: Path) -> None:
+        self.readline = readline
+        self.path = path
+
+    @classmethod
+    def open(cls) -> _History | None:
+        try:
+            import readline  # only a terminal wants it (and some Pythons lack it)
+        except ImportError:
+            return None
+        history = cls(readline, Path(os.path.expanduser(HISTORY_FILE)))
+        readline.set_history_length(HISTORY_LENGTH)
+        with contextlib.suppress(OSError):
+            readline.read_history_file(history.path)
+        return history
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):
+            self.readline.write_history_file(self.path)
+
+
+def read_line(lines: TextIO, interactive: bool) -> str | None:
+    """The next command line, None at the end of input (Ctrl-D on a terminal)."""
+    if interactive:
+        try:
+            return input("(msctl) ")  # readline's line editing and history
+        except EOFError:
+            return None
+    line = lines.readline()
+    return line or None
 
 
 def run(client: Client, session: str) -> int:
