@@ -7,7 +7,7 @@ import argparse
 import datetime
 from typing import Any
 
-from machineserver.cli import rpc
+from machineserver.cli import output, render
 from machineserver.sdk import Client
 from machineserver.v1 import access_pb2
 
@@ -38,8 +38,8 @@ def _duration(text: str) -> str:
 
 def cmd_whoami(client: Client, args: argparse.Namespace) -> int:
     resp = client.access.get_caller_identity()
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
     who = resp.identity
     method = access_pb2.AuthMethod.Name(who.auth_method).removeprefix("AUTH_METHOD_").lower()
@@ -54,8 +54,8 @@ def cmd_apikey_create(client: Client, args: argparse.Namespace) -> int:
     if args.ttl:
         fields["ttl"] = args.ttl
     resp = client.access.create_api_key(**fields)
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
     key = resp.api_key
     print(f"created {key.name} ({key.principal}, tenant {key.tenant}, roles {_roles(key.roles)}, "
@@ -70,24 +70,23 @@ def cmd_apikey_list(client: Client, args: argparse.Namespace) -> int:
     if not args.all:
         terms.append("revoked=false")
     resp = client.access.list_api_keys(page_size=args.page_size, filter=" AND ".join(terms))
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
-    rows = [[k.name, k.display_name, k.tenant, _roles(k.roles), k.secret_prefix + "...",
-             _time(k.create_time, "create_time", k), _time(k.expire_time, "expire_time", k),
-             _time(k.revoke_time, "revoke_time", k)] for k in resp.api_keys]
-    headers = ["NAME", "DISPLAY NAME", "TENANT", "ROLES", "SECRET", "CREATED", "EXPIRES", "REVOKED"]
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+    table = render.new_table("NAME", "DISPLAY NAME", "TENANT", "ROLES", "SECRET", "CREATED", "EXPIRES", "REVOKED")
+    for k in resp.api_keys:
+        render.add_row(table, k.name, k.display_name, k.tenant, _roles(k.roles), k.secret_prefix + "...",
+                       _time(k.create_time, "create_time", k), _time(k.expire_time, "expire_time", k),
+                       _time(k.revoke_time, "revoke_time", k))
+    render.print_table(table)
     return 0
 
 
 def cmd_apikey_revoke(client: Client, args: argparse.Namespace) -> int:
     name = args.name if args.name.startswith("apiKeys/") else f"apiKeys/{args.name}"
     resp = client.access.revoke_api_key(name=name)
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         print(f"revoked {resp.api_key.name} ({resp.api_key.principal}); calls with it now fail UNAUTHENTICATED")
     return 0

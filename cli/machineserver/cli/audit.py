@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf import timestamp_pb2
 
-from machineserver.cli import rpc
+from machineserver.cli import output
 from machineserver.sdk import Client
 from machineserver.v1 import audit_pb2 as pb
 
@@ -91,25 +91,28 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.until:
         request.end_time.CopyFrom(_timestamp(args.until))
     events = _pages(client, request, args.limit)
-    if args.json:
+    if output.machine_readable(args):
+        args.streaming = True  # yaml: one document per entry
         for e in events:
-            rpc.print_message(e, True)
+            output.emit(e, args)
         return 0
     rows = [row(e) for e in events]
     print(format_table(rows, HEADERS) if rows else "no audit entries match")
     return 0
 
 
-def _print_live(events: Iterable[pb.AuditEvent], as_json: bool, count: int) -> int:
+def _print_live(events: Iterable[pb.AuditEvent], args: argparse.Namespace, count: int) -> int:
     """Rows as they come: the header first, each row in the header's widths (or wider)."""
     widths = [len(h) for h in HEADERS]
     widths[1], widths[4], widths[5], widths[10] = 23, 36, 28, 14
+    as_json = output.machine_readable(args)
+    args.streaming = True  # yaml: one document per entry
     if not as_json:
         print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)).rstrip(), flush=True)
     seen = 0
     for e in events:
         if as_json:
-            rpc.print_message(e, True)
+            output.emit(e, args)
         else:
             print("  ".join(c.ljust(w) for c, w in zip(row(e), widths, strict=True)).rstrip(), flush=True)
         seen += 1
@@ -128,7 +131,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
         after = since[-1].sequence if since else 0
     stream = client.audit.stream_audit_events(filter=args.filter or "", after_sequence=after, timeout=None)
     try:
-        return _print_live(itertools.chain(since, (m.event for m in stream)), args.json, args.count)
+        return _print_live(itertools.chain(since, (m.event for m in stream)), args, args.count)
     finally:  # Ctrl-C goes on to msctl's main: "interrupted", exit 130
         stream.close()  # cancels the call
 

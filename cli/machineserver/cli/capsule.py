@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from machineserver.cli import rpc
+from machineserver.cli import output
 from machineserver.cli.jobs import print_table
 from machineserver.sdk import Client
 from machineserver.v1 import capsule_pb2 as pb
@@ -529,8 +529,8 @@ def describe(c: pb.Capsule) -> None:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     resp = client.capsules.list_capsules(page_size=args.page_size, filter=args.filter or "")
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for header in ("NAME", "TRIGGER", "SESSION", "BOARD", "BACKEND", "PC", "BYTES", "CREATED", "REASON"):
@@ -546,8 +546,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     resp = client.capsules.get_capsule(name=capsule_name(args.capsule))
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         describe(resp.capsule)
     return 0
@@ -556,8 +556,8 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
 def cmd_create(client: Client, args: argparse.Namespace) -> int:
     resp = client.capsules.create_capsule(name=session_name(args.session), trigger=TRIGGERS[args.trigger],
                                           reason=args.reason or "", test_id=args.test_id or "")
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         c = resp.capsule
         print(f"{c.name}  pc={c.pc:#010x}  {c.size_bytes} bytes")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from machineserver.cli import rpc
+from machineserver.cli import output
 from machineserver.sdk import AsyncClient, Client, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import cosim_pb2 as pb
@@ -341,8 +341,8 @@ def render(c: pb.CoSimulation) -> None:
 
 
 def _emit(c: pb.CoSimulation, args: argparse.Namespace, message: Any = None) -> None:
-    if args.json:
-        rpc.print_message(message if message is not None else c, True)
+    if output.machine_readable(args):
+        output.emit(message if message is not None else c, args)
     else:
         render(c)
 
@@ -535,8 +535,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         paused = client.cosim.pause_co_simulation(name=name).cosimulation
         print(f"\n{_summary(paused)}", file=sys.stderr)
         return 130
-    if args.json:
-        rpc.print_message(final, True)
+    if output.machine_readable(args):
+        output.emit(final, args)
     else:
         print(_summary(final))
     return exit_status(client, final)
@@ -567,8 +567,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     resp = client.cosim.list_co_simulations(page_size=args.page_size, filter=args.filter or "")
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
     table([[c.name, c.display_name, state_name(c.state), ns_text(c.virtual_time_ns), f"{c.quanta:,}",
             " ".join(short(s) for s in c.sessions),
@@ -611,8 +611,8 @@ def cmd_delete(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
     resp = client.cosim.create_co_sim_snapshot(parent=resolve(client, args.name), display_name=args.display_name or "")
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         s = resp.snapshot
         print(f"{s.name}  at {ns_text(s.virtual_time_ns)}, {s.quanta:,} quanta, {s.size_bytes:,} bytes  "

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from machineserver.cli import rpc
+from machineserver.cli import output
 from machineserver.sdk import Client, errors
 from machineserver.v1 import job_pb2 as pb
 
@@ -530,8 +530,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     except errors.MachineServerError as exc:
         _print_error(exc)
         return EXIT_ERROR
-    if args.json and not args.wait:
-        rpc.print_message(job, True)
+    if output.machine_readable(args) and not args.wait:
+        output.emit(job, args)
         return EXIT_PASSED
     err.print(f"{job.name}: {job.counts.total} runs ({job.display_name}, engine {job.engine or 'local'})",
               highlight=False)
@@ -552,8 +552,8 @@ def _follow_to_end(client: Client, name: str, args: argparse.Namespace) -> int:
     except errors.MachineServerError as exc:
         _print_error(exc)
         return EXIT_ERROR
-    if args.json:
-        rpc.print_message(job, True)
+    if output.machine_readable(args):
+        output.emit(job, args)
     return exit_status(job)
 
 
@@ -575,8 +575,8 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 def cmd_results(client: Client, args: argparse.Namespace) -> int:
     name = job_name(args.job)
     runs = list(all_runs(client, name, args.filter or ""))
-    if args.json:
-        rpc.print_message(pb.ListJobRunsResponse(runs=runs), True)
+    if output.machine_readable(args):
+        output.emit(pb.ListJobRunsResponse(runs=runs), args)
         return 0
     print_table(_console(), runs_table(runs, ProgramNames(client)))
     return 0
@@ -591,8 +591,8 @@ def cmd_junit(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     resp = client.jobs.list_jobs(page_size=args.page_size, filter=args.filter or "")
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
         return 0
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for header in ("NAME", "DISPLAY NAME", "STATE", "RUNS", "PASSED", "FAILED", "ERRORED", "ENGINE", "CREATED"):
@@ -622,8 +622,8 @@ def _describe(job: pb.Job) -> None:
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     resp = client.jobs.get_job(name=job_name(args.job))
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         _describe(resp.job)
     return 0
@@ -631,8 +631,8 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     resp = client.jobs.cancel_job(name=job_name(args.job))
-    if args.json:
-        rpc.print_message(resp, True)
+    if output.machine_readable(args):
+        output.emit(resp, args)
     else:
         print(f"{resp.job.name} {state_label(resp.job.state)}: {counts_text(resp.job.counts)}")
     return 0

@@ -6,6 +6,7 @@ and friendly verbs cover the common path::
 
     msctl serve                                   start a server (same flags as machineserver)
     msctl caps                                    backends and boards, as a table
+    msctl boards                                  board templates: arch, cpu, memory, backends
     msctl program upload fw.elf                   upload a program
     msctl session create --board lm3s6965evb --program fw.elf --run
     msctl session list                            sessions, as a table
@@ -55,38 +56,25 @@ from machineserver.cli import (
 )
 from machineserver.sdk import Client, errors
 from machineserver.sdk.sources import source_bundle
-from machineserver.v1 import common_pb2, coverage_pb2
+from machineserver.v1 import coverage_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # what a command's parser stores as `handler`: runs the command, returns the exit status
 Handler = Callable[[Client, argparse.Namespace], int]
 
 
-def _state_name(value: common_pb2.SessionState.ValueType) -> str:
-    return common_pb2.SessionState.Name(value).removeprefix("SESSION_STATE_")
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-
-
 # ---------------------------------------------------------------------- friendly verbs
 
 
 def cmd_caps(client: Client, args: argparse.Namespace) -> int:
-    caps = client.capabilities.get_capabilities()
-    if args.json:
-        rpc.print_message(caps, True)
-        return 0
-    print(f"MachineServer {caps.server_version} ({caps.api_version}), default backend: {caps.default_backend}")
-    rows = []
-    for b in caps.backends:
-        feats = ",".join(common_pb2.Feature.Name(f).removeprefix("FEATURE_").lower() for f in b.features)
-        status = "yes" if b.available else f"no: {b.unavailable_reason}"
-        rows.append([b.name, status, b.version, " ".join(b.boards), feats])
-    _table(rows, ["BACKEND", "AVAILABLE", "VERSION", "BOARDS", "FEATURES"])
+    output.emit(client.capabilities.get_capabilities(), args)  # a table of backends (render.show_caps)
+    return 0
+
+
+def cmd_boards(client: Client, args: argparse.Namespace) -> int:
+    """Board templates in a short table: name, arch, cpu, MHz, memory, backends."""
+    templates = client.capabilities.list_board_templates(page_size=args.page_size)
+    output.emit(templates, args)
     return 0
 
 
@@ -98,24 +86,12 @@ def _upload(client: Client, path: str, fmt: str, load_address: int) -> str:
 def cmd_program_upload(client: Client, args: argparse.Namespace) -> int:
     resp = client.upload_program(args.file, format=args.format, load_address=args.load_address,
                                  sources=args.sources)
-    if args.json:
-        rpc.print_message(resp, True)
-    else:
-        note = " (already stored)" if resp.deduplicated else ""
-        print(f"{resp.program.name}  {resp.program.format and Path(args.file).name}  sha256={resp.program.sha256[:16]}{note}")
+    output.emit(resp, args)
     return 0
 
 
 def cmd_program_list(client: Client, args: argparse.Namespace) -> int:
-    resp = client.sessions.list_programs(page_size=args.page_size)
-    if args.json:
-        rpc.print_message(resp, True)
-        return 0
-    from machineserver.v1 import session_pb2
-
-    rows = [[p.name, p.display_name, session_pb2.ProgramFormat.Name(p.format).removeprefix("PROGRAM_FORMAT_"),
-             str(p.size_bytes), p.arch, p.sha256[:16]] for p in resp.programs]
-    _table(rows, ["NAME", "FILE", "FORMAT", "BYTES", "ARCH", "SHA256"])
+    output.emit(client.sessions.list_programs(page_size=args.page_size), args)
     return 0
 
 
@@ -132,22 +108,12 @@ def cmd_session_create(client: Client, args: argparse.Namespace) -> int:
                  **({"remote": {"address": args.remote, "console": args.remote_console or ""}}
                     if args.remote else {})},
     )
-    if args.json:
-        rpc.print_message(resp, True)
-    else:
-        s = resp.session
-        print(f"{s.name}  board={s.board} backend={s.backend} state={_state_name(s.state)}")
+    output.emit(resp, args)
     return 0
 
 
 def cmd_session_list(client: Client, args: argparse.Namespace) -> int:
-    resp = client.sessions.list_sessions(page_size=args.page_size, filter=args.filter or "")
-    if args.json:
-        rpc.print_message(resp, True)
-        return 0
-    rows = [[s.name, s.display_name, s.board, s.backend, _state_name(s.state), s.program, s.state_reason]
-            for s in resp.sessions]
-    _table(rows, ["NAME", "DISPLAY NAME", "BOARD", "BACKEND", "STATE", "PROGRAM", "REASON"])
+    output.emit(client.sessions.list_sessions(page_size=args.page_size, filter=args.filter or ""), args)
     return 0
 
 
@@ -184,17 +150,7 @@ def cmd_coverage_export(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_coverage_summary(client: Client, args: argparse.Namespace) -> int:
     name = args.name if "/" in args.name else f"sessions/{args.name}"
-    resp = client.coverage.get_coverage_summary(name=name)
-    if args.json:
-        rpc.print_message(resp, True)
-        return 0
-    rows = [[f.path, f"{f.counts.line_percent:.1f}% ({f.counts.lines_hit}/{f.counts.lines_total})",
-             f"{f.counts.function_percent:.1f}% ({f.counts.functions_hit}/{f.counts.functions_total})",
-             f"{f.counts.branch_percent:.1f}% ({f.counts.branches_hit}/{f.counts.branches_total})"]
-            for f in resp.files]
-    t = resp.totals
-    rows.append(["TOTAL", f"{t.line_percent:.1f}%", f"{t.function_percent:.1f}%", f"{t.branch_percent:.1f}%"])
-    _table(rows, ["FILE", "LINES", "FUNCTIONS", "BRANCHES"])
+    output.emit(client.coverage.get_coverage_summary(name=name), args)
     return 0
 
 
@@ -237,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="start a MachineServer (flags as `machineserver --help`)", add_help=False)
     p = sub.add_parser("caps", help="backends, their availability and boards")
     p.set_defaults(handler=cmd_caps)
+    p = sub.add_parser("boards", help="board templates in a short table (arch, cpu, memory, backends)")
+    p.add_argument("--page-size", type=int, default=1000)
+    p.set_defaults(handler=cmd_boards)
     p = sub.add_parser("console", help="follow a session's console output")
     p.add_argument("session")
     p.add_argument("--offset", type=int, default=0)

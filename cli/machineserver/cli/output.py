@@ -23,12 +23,12 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from machineserver.cli import render
 from machineserver.sdk import errors
 
 FORMATS = ("table", "json", "yaml")
 DEFAULT_FORMAT = "table"
-# a renderer: prints one response message for people
-Renderer = Callable[[Message, argparse.Namespace], None]
+Renderer = render.Renderer
 HUMAN: dict[str, Renderer] = {}
 
 
@@ -89,8 +89,14 @@ def emit(msg: Message, args: argparse.Namespace) -> None:
 
 
 def generic(msg: Message, args: argparse.Namespace) -> None:
-    """A message without a renderer of its own: its fields as indented JSON."""
-    print(json_format.MessageToJson(msg, indent=2, preserving_proto_field_name=True), flush=True)
+    """A message without a renderer of its own: a list as a table, an empty answer as one
+    line saying what happened, anything else as indented ``key: value`` lines."""
+    render.generic(msg, args)
+
+
+def machine_readable(args: argparse.Namespace) -> bool:
+    """Whether the chosen format is for programs (json, yaml) rather than people."""
+    return output_format(args) != "table"
 
 
 def emit_stream(stream: Iterator[Message], args: argparse.Namespace) -> None:
@@ -116,3 +122,6 @@ def emit_stream(stream: Iterator[Message], args: argparse.Namespace) -> None:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+
+
+render.register(human)
