@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -20,6 +21,8 @@ from machineserver.v1 import coverage_pb2, proto_comments, telemetry_pb2
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import VENV_BIN
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MSCTL = str(VENV_BIN / "msctl")
 
@@ -52,6 +55,34 @@ def test_generated_comments_module_has_the_proto_comments() -> None:
         "Watchpoints: bytes watched (1, 2, 4 or 8; default 4)."
     assert comments["machineserver.v1.DebugService"].startswith("Debugging a session: breakpoints and watchpoints")
     assert comments["machineserver.v1.DebugService.SetBreakpoint"].startswith("Sets a breakpoint or watchpoint")
+
+
+def test_check_gen_catches_drift_of_the_comments_module(tmp_path: Path) -> None:
+    """scripts/check-gen, on a copy of the generator and its output: passes as committed,
+    fails when proto_comments.py was edited by hand or a proto comment changed."""
+    copy = tmp_path / "repo"
+    for part in ("scripts/gen-protos", "scripts/check-gen", "scripts/lib/gen_comments.py", "scripts/lib/gen_sdk.py",
+                 "sdk/machineserver/sdk/_services.py"):
+        (copy / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / part, copy / part)
+    shutil.copytree(ROOT / "protos", copy / "protos")
+    shutil.copytree(ROOT / "sdk/machineserver/v1", copy / "sdk/machineserver/v1",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHON=str(VENV_BIN / "python"))
+
+    def check_gen() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(copy / "scripts/check-gen")], capture_output=True, text=True, env=env, timeout=300)
+
+    assert check_gen().returncode == 0
+    comments = copy / "sdk/machineserver/v1/proto_comments.py"
+    comments.write_text(comments.read_text().replace("Where a breakpoint goes", "Where it goes"))
+    drift = check_gen()
+    assert drift.returncode == 1 and "proto_comments.py" in drift.stderr
+    assert check_gen().returncode == 0  # check-gen regenerated it
+    proto = copy / "protos/machineserver/v1/debug.proto"
+    proto.write_text(proto.read_text().replace("// A function or variable name", "// A function name"))
+    drift = check_gen()
+    assert drift.returncode == 1 and "'A function name, e.g. \"main\".'" in drift.stderr
 
 
 def test_every_commented_request_field_gives_its_flag_help() -> None:
