@@ -47,6 +47,7 @@ from machineserver.cli import (
     audit,
     capsule,
     complete,
+    console,
     cosim,
     debugger,
     jobs,
@@ -118,12 +119,7 @@ def cmd_session_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_console(client: Client, args: argparse.Namespace) -> int:
-    name = args.session if args.session.startswith("sessions/") else f"sessions/{args.session}"
-    out = sys.stdout.buffer
-    for data in client.console(name, offset=args.offset, follow=not args.no_follow):  # Ctrl-C: main says so, 130
-        out.write(data)
-        out.flush()
-    return 0
+    return console.run(client, args)  # Ctrl-C: main says so, 130
 
 
 COVERAGE_FORMATS: dict[str, coverage_pb2.CoverageFormat.ValueType] = {
@@ -196,10 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("boards", help="board templates in a short table (arch, cpu, memory, backends)")
     p.add_argument("--page-size", type=int, default=1000)
     p.set_defaults(handler=cmd_boards)
-    p = sub.add_parser("console", help="follow a session's console output")
-    p.add_argument("session")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--no-follow", action="store_true", help="print what is there and stop")
+    p = sub.add_parser("console", help="follow a session's console output until it exits, faults or fails",
+                       description="Print a session's console, following it until the session exits, faults "
+                       "or fails.", epilog=console.EXIT_HELP)
+    console.add_flags(p)
     p.set_defaults(handler=cmd_console)
 
     prog = sub.add_parser("program", help="upload and list programs")

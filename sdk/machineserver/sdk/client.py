@@ -292,9 +292,11 @@ class AsyncClient:
         )
 
     async def console(self, session: str, *, offset: int = 0, follow: bool = True) -> AsyncGenerator[bytes, None]:
-        """The session's console bytes from offset, following new output."""
+        """The session's console bytes from offset, following new output. (The stream's
+        marks, e.g. resets, are left out: ``sessions.stream_console`` has them.)"""
         async for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
-            yield msg.data
+            if msg.data:
+                yield msg.data
 
 
 class Client:
@@ -346,4 +348,5 @@ class Client:
 
     def console(self, session: str, *, offset: int = 0, follow: bool = True) -> Generator[bytes, None, None]:
         for msg in self.sessions.stream_console(name=session, offset=offset, follow=follow):
-            yield msg.data
+            if msg.data:
+                yield msg.data

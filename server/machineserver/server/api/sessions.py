@@ -10,6 +10,8 @@ from grpc import aio
 from machineserver.server.api import convert
 from machineserver.server.api.base import Servicer, split_upload
 from machineserver.server.api.waits import OUTCOME_TO_PB, budget_from_pb, call_time_left, host_time_pb
+from machineserver.server.core import identity
+from machineserver.server.core.console import ConsoleMark, MarkKind
 from machineserver.server.core.errors import InvalidArgument
 from machineserver.server.core.images import ImageFormat
 from machineserver.server.core.programs import UploadMetadata
@@ -142,7 +144,9 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         context: aio.ServicerContext[pb.ResetSessionRequest, pb.ResetSessionResponse],
     ) -> pb.ResetSessionResponse:
         live = self.engine.sessions.get(request.name)
-        await self.engine.sessions.reset(live, request.run_after_reset)
+        who = identity.current().principal
+        cause = "ResetSession" if who == identity.LOCAL_ADMIN.principal else f"ResetSession by {who}"
+        await self.engine.sessions.reset(live, request.run_after_reset, cause)
         return pb.ResetSessionResponse(session=self._session(live))
 
     async def RunSession(
@@ -225,7 +229,8 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
     ) -> AsyncIterator[pb.StreamConsoleResponse]:
         live = self.engine.sessions.get(request.name)
         async for chunk in self.engine.sessions.console_stream(live, request.offset, request.follow):
-            yield pb.StreamConsoleResponse(offset=chunk.offset, data=chunk.data, dropped_bytes=chunk.dropped)
+            yield pb.StreamConsoleResponse(offset=chunk.offset, data=chunk.data, dropped_bytes=chunk.dropped,
+                                           marks=[_mark_pb(m) for m in chunk.marks])
 
     async def WriteConsole(
         self,
@@ -349,3 +354,14 @@ class SessionServicer(Servicer, pb_grpc.SessionServiceServicer):
         )
         return pb.ImportSnapshotResponse(snapshot=convert.snapshot_pb(rec))
 
+
+MARK_KIND_TO_PB = {
+    MarkKind.RESET: pb.CONSOLE_MARK_KIND_RESET,
+    MarkKind.POWER_ON: pb.CONSOLE_MARK_KIND_POWER_ON,
+    MarkKind.SNAPSHOT_RESTORED: pb.CONSOLE_MARK_KIND_SNAPSHOT_RESTORED,
+}
+
+
+def _mark_pb(mark: ConsoleMark) -> pb.ConsoleMark:
+    return pb.ConsoleMark(offset=mark.offset, kind=MARK_KIND_TO_PB[mark.kind], time=convert.timestamp(mark.time),
+                          detail=mark.detail)

@@ -813,7 +813,7 @@ class _Connection:
             )
             return b"OK"
         if words[0] == "reset" and (len(words) == 1 or words[1:] in (["halt"], ["init"])):
-            await self.sessions.reset(self.live)
+            await self.sessions.reset(self.live, cause="gdb monitor reset")
             self.console(f"session {self.live.id} reset, halted\n")
             return b"OK"
         if words == ["halt"]:

@@ -29,7 +29,7 @@ import structlog
 from machineserver.server.core import identity, tenancy
 from machineserver.server.core.backends import BackendRegistry
 from machineserver.server.core.catalog import BoardCatalog
-from machineserver.server.core.console import ConsoleChunk, ConsoleLog
+from machineserver.server.core.console import ConsoleChunk, ConsoleLog, MarkKind
 from machineserver.server.core.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -563,6 +563,7 @@ class SessionManager:
             except BaseException:
                 await self.discard_machine(live)
                 raise
+            live.console.mark(MarkKind.POWER_ON, "powered on")
             live.record.exit_code = None
             live.record.last_stop = None
             live.record.backend_details = {
@@ -597,13 +598,15 @@ class SessionManager:
             except drv.DriverError as exc:
                 log.warning("power_off_error", session_id=live.id, error=str(exc))
 
-    async def reset(self, live: LiveSession, run_after: bool = False) -> None:
+    async def reset(self, live: LiveSession, run_after: bool = False, cause: str = "reset") -> None:
+        """``cause``: who asked, for the console's reset mark (e.g. "ResetSession")."""
         live.refuse_member("reset the session")
         await self.ops.settled(live)
         async with live.lock:
             machine = live.require_machine("reset")
             with driver_errors(live):
                 await machine.reset()
+                live.console.mark(MarkKind.RESET, cause)
                 if live.record.program:
                     await self._load_into(live, live.record.program)
             live.record.exit_code = None
@@ -752,7 +755,7 @@ class SessionManager:
         return len(data)
 
     def console_stream(self, live: LiveSession, offset: int, follow: bool) -> AsyncIterator[ConsoleChunk]:
-        return live.console.follow(offset, follow)
+        return live.console.follow(offset, follow, marks=True)
 
     # ------------------------------------------------------------------ records and events
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import structlog
 
 from machineserver.server.core import tenancy
+from machineserver.server.core.console import MarkKind
 from machineserver.server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -170,6 +171,7 @@ class SnapshotStore:
                     f"snapshot {rec.id} cannot be restored into session {live.id}: {exc.__class__.__name__}",
                     state="unrestorable snapshot", required="a snapshot this backend restores",
                 ) from None
+            live.console.mark(MarkKind.SNAPSHOT_RESTORED, f"restored {rec.name}")
             if rec.program:
                 live.record.program = rec.program
             live.record.exit_code = None
