@@ -504,8 +504,6 @@ def run_rpc(client: Client, svc: ServiceDescriptor, method: MethodDescriptor, ar
     stub = getattr(client, CLIENT_ATTRS[svc.name])
     call: RpcWrapper = getattr(stub, stub.METHODS[method.name])
     args.rpc_method = method.name  # for output: an empty answer says what this RPC did
-    args.rpc_method = method.name  # for output: an empty answer says what this RPC did
-    args.rpc_method = method.name  # for output: an empty answer says what this RPC did
     if method.client_streaming and "metadata" in method.input_type.fields_by_name:
         with Path(args.file).open("rb") as file:
             _print_result(call(_upload_requests(method, args, file)), args)
