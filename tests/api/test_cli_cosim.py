@@ -52,8 +52,9 @@ links:
     return path
 
 
-def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+def one_line_error(r: subprocess.CompletedProcess[str], status: int = 1) -> str:
+    """The one line of stderr; ``status`` 2 for a problem in the topology file."""
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("msctl: ") and "Traceback" not in r.stderr, r.stderr
     return r.stderr
 
@@ -174,12 +175,12 @@ def test_a_member_exiting_non_zero_fails_the_run(server_process: ServerProcess, 
 
 
 def test_bad_inputs_are_one_line_naming_the_problem(server_process: ServerProcess, tmp_path: Path) -> None:
-    missing = one_line_error(msctl(server_process, "cosim", "create", "-f", str(tmp_path / "nope.yaml")))
+    missing = one_line_error(msctl(server_process, "cosim", "create", "-f", str(tmp_path / "nope.yaml")), 2)
     assert "nope.yaml: cannot read: No such file or directory" in missing
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("nodes:\n  - name: ping\n    board: [unclosed\n")
-    assert "bad.yaml: bad YAML: line 4, column 1:" in one_line_error(msctl(server_process, "cosim", "create", "-f", str(bad)))
+    assert "bad.yaml: bad YAML: line 4, column 1:" in one_line_error(msctl(server_process, "cosim", "create", "-f", str(bad)), 2)
 
     cases = {
         "to: pong, irq: 30}": ("to: pongg, irq: 30}", "links[1].interrupt.to: unknown node 'pongg' (nodes: ping, pong)"),
@@ -190,21 +191,21 @@ def test_bad_inputs_are_one_line_naming_the_problem(server_process: ServerProces
     }
     for old, (new, expected) in cases.items():
         topo = pingpong_yaml(tmp_path, **{old: new})
-        assert expected in one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo))), (new, expected)
+        assert expected in one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)), 2), (new, expected)
 
     # the server's INVALID_ARGUMENT, its field named as the topology file has it
     topo = pingpong_yaml(tmp_path, **{"to: pong, irq: 30}": "to: pong, irq: 32}"})
-    err = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)))
+    err = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)), 2)
     assert err.startswith("msctl: INVALID_ARGUMENT: ") and "pingpong.yaml: links[1].interrupt.irq: " in err, err
     assert "32 external interrupt lines" in err
     topo = pingpong_yaml(tmp_path, **{"ping: 0x20200000,": "ping: 0x40000000,"})
-    err = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)))
+    err = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)), 2)
     assert "links[0].shared_memory.mappings.ping: " in err, err
     # nothing half made is left behind: the same file goes in once fixed
     assert msctl(server_process, "session", "list").stdout.count("sessions/") == 0
     assert msctl(server_process, "cosim", "create", "-f", str(pingpong_yaml(tmp_path))).returncode == 0
     # an id already taken: one line naming the node, and the node made before it removed
-    taken = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)))
+    taken = one_line_error(msctl(server_process, "cosim", "create", "-f", str(topo)), 2)
     assert "nodes[0] (ping): ALREADY_EXISTS" in taken, taken
     assert "NOT_FOUND" in one_line_error(msctl(server_process, "cosim", "status", "nothing-by-that-name"))
 

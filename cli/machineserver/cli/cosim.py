@@ -57,6 +57,9 @@ class TopologyError(Exception):
     """A topology file that cannot be used; the message names the file and the place."""
 
 
+EXIT_INPUT, EXIT_INTERRUPTED = 2, 130  # a mistake in the topology file; Ctrl-C
+
+
 # ---------------------------------------------------------------------- topology files
 
 
@@ -145,6 +148,9 @@ class _Parser:
                 raise TopologyError(f"{where}.program: no such file: {program} (looked for {file})")
             program = str(file)
         options = _mapping(d.get("options") or {}, f"{where}.options", ("icount", "coverage"))
+        for key, value in options.items():
+            if not isinstance(value, bool):
+                raise TopologyError(f"{where}.options.{key}: wants true or false, got {value!r}")
         backend = str(d.get("backend") or "")
         return Node(str(d["name"]), str(d["board"]), backend, program, {k: bool(v) for k, v in options.items()})
 
@@ -185,6 +191,9 @@ def load_topology(path_text: str) -> Topology:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError(f"{path_text}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"{path_text}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                            f"{exc.start}): is it the topology YAML?") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -199,6 +208,8 @@ def load_topology(path_text: str) -> Topology:
 
 
 def _topology(path: Path, raw: object) -> Topology:
+    if raw is None:
+        raise TopologyError("the file is empty (it wants nodes, links and a quantum)")
     top = _mapping(raw, "the file", ("name", "quantum_ns", "quantum_instructions", "nodes", "links"), ("nodes",))
     nodes_raw = top["nodes"]
     if not isinstance(nodes_raw, list) or len(nodes_raw) < 2:
@@ -532,14 +543,23 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     try:
         final = asyncio.run(follow(args, name, start=True, until_ns=args.until_ns))
     except KeyboardInterrupt:
-        paused = client.cosim.pause_co_simulation(name=name).cosimulation
-        print(f"\n{_summary(paused)}", file=sys.stderr)
-        return 130
+        return _interrupted(client, name)
     if output.machine_readable(args):
         output.emit(final, args)
     else:
         print(_summary(final))
     return exit_status(client, final)
+
+
+def _interrupted(client: Client, name: str) -> int:
+    """Ctrl-C while it runs: pause it, say so in one line (where it paused), 130."""
+    try:
+        paused = client.cosim.pause_co_simulation(name=name).cosimulation
+    except errors.MachineServerError as exc:  # it ended meanwhile, or the server went away
+        print(f"msctl: interrupted ({exc})", file=sys.stderr)
+    else:
+        print(f"\nmsctl: interrupted; paused it: {_summary(paused).removeprefix('-- ')}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def cmd_console(client: Client, args: argparse.Namespace) -> int:
@@ -555,7 +575,8 @@ def cmd_console(client: Client, args: argparse.Namespace) -> int:
     try:
         asyncio.run(follow(args, name, start=False))
     except KeyboardInterrupt:
-        return 130
+        print("msctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -584,9 +605,7 @@ def cmd_step(client: Client, args: argparse.Namespace) -> int:
         resp = client.cosim.step_co_simulation(name=name, count=args.count, until_virtual_time_ns=args.until_ns,
                                                timeout=None)
     except KeyboardInterrupt:
-        paused = client.cosim.pause_co_simulation(name=name).cosimulation
-        print(f"\n{_summary(paused)}", file=sys.stderr)
-        return 130
+        return _interrupted(client, name)
     _emit(resp.cosimulation, args, resp)
     return 0
 
@@ -633,13 +652,16 @@ Handler = Callable[[Client, argparse.Namespace], int]
 
 
 def one_line_errors(handler: Handler) -> Handler:
-    """Errors as one line on stderr and exit 1: a topology problem, or the server's
-    status (whose message names the field of an INVALID_ARGUMENT)."""
+    """Errors as one line on stderr: a problem in the topology file (named at its
+    place, also when the server found it) exits 2, another refusal of the server 1."""
 
     def run(client: Client, args: argparse.Namespace) -> int:
         try:
             return handler(client, args)
-        except (TopologyError, errors.MachineServerError) as exc:
+        except TopologyError as exc:
+            print(f"msctl: {exc}", file=sys.stderr)
+            return EXIT_INPUT
+        except errors.MachineServerError as exc:
             print(f"msctl: {exc}", file=sys.stderr)
             return 1
 

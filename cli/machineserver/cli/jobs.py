@@ -267,6 +267,9 @@ def load_suite(path_text: str) -> Suite:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise SuiteError(f"{path_text}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path_text}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}): is it the suite YAML?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -279,6 +282,8 @@ def load_suite(path_text: str) -> Suite:
 
 
 def _suite(path: Path, raw: object) -> Suite:
+    if raw is None:
+        raise SuiteError("the file is empty (it wants programs and boards)")
     d = _mapping(raw, "suite", SUITE_KEYS, ("programs", "boards"))
     parser = _SuiteParser(path)
     if not isinstance(d["programs"], list):
@@ -445,14 +450,18 @@ def follow(client: Client, name: str, *, cancel_on_interrupt: bool = False, quie
             job = _follow_live(client, name, out, programs)
         else:
             job = _follow_lines(client, name, out, programs, quiet)
-    except KeyboardInterrupt:
-        err = _console(stderr=True)
-        if cancel_on_interrupt:
+    except KeyboardInterrupt:  # one line (plain: rich would wrap it), then 130
+        if not cancel_on_interrupt:
+            print(f"msctl: interrupted: {name} goes on running on the server; follow it with "
+                  f"`msctl job watch {name}`, stop it with `msctl job cancel {name}`", file=sys.stderr)
+            raise
+        try:
             cancelled = client.jobs.cancel_job(name=name).job
-            err.print(f"interrupted: cancelled {name} ({state_label(cancelled.state)}, {counts_text(cancelled.counts)})")
+        except errors.MachineServerError as exc:
+            print(f"msctl: interrupted: could not cancel {name}: {exc}", file=sys.stderr)
         else:
-            err.print(f"interrupted: {name} goes on running on the server; follow it with "
-                      f"`msctl job watch {name}`, stop it with `msctl job cancel {name}`")
+            print(f"msctl: interrupted: cancelled {name} ({state_label(cancelled.state)}, "
+                  f"{counts_text(cancelled.counts)})", file=sys.stderr)
         raise
     if job is None or job.state == pb.JOB_STATE_RUNNING:  # the stream ended early: ask for the last word
         job = client.jobs.get_job(name=name).job
