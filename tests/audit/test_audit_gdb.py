@@ -20,7 +20,9 @@ async def test_gdb_connection_and_writes_are_audited(client: AsyncClient) -> Non
     gdb = gdb_multiarch()
     prog = await upload(client, "lm3s6965evb", "hello")
     name = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, power_on=True)).session.name
-    bridge = (await client.debug.start_gdb_server(name=name, metadata=[("x-request-id", "audit-bridge")])).gdb_server
+    # halt_on_detach: the firmware does not run after the detach (it would overwrite the memory checked below)
+    bridge = (await client.debug.start_gdb_server(name=name, halt_on_detach=True,
+                                                  metadata=[("x-request-id", "audit-bridge")])).gdb_server
     elf = firmware("lm3s6965evb", "hello")
     out = await asyncio.to_thread(subprocess.run, [
         str(gdb), "-q", "-batch", "-nx", "-ex", "set confirm off", "-ex", f"target remote 127.0.0.1:{bridge.port}",

@@ -26,18 +26,19 @@ def gdb_multiarch() -> Path:
 
 @pytest.fixture
 async def gdb_target(server: RunningServer, client: AsyncClient) -> AsyncIterator[Attach]:
-    """attach(board, program, backend) -> Target: a powered-on, halted session with a
-    GdbServer listening on 127.0.0.1:<free port>."""
+    """attach(board, program, backend, halt_on_detach=False) -> Target: a powered-on,
+    halted session with a GdbServer listening on 127.0.0.1:<free port> (with
+    halt_on_detach: a detach leaves the session halted; by default it resumes)."""
     started: list[GdbServer] = []
 
-    async def attach(board: str, program: str, backend: str) -> Target:
+    async def attach(board: str, program: str, backend: str, halt_on_detach: bool = False) -> Target:
         require_backend(backend, board)
         elf = firmware(board, program)
         prog = (await client.upload_program(elf)).program.name
         s = (await client.sessions.create_session(
             board_template=board, program=prog, power_on=True, backend=backend)).session
         live = server.engine.sessions.get(s.name)
-        gs = GdbServer(server.engine.sessions, server.engine.debugger, live)
+        gs = GdbServer(server.engine.sessions, server.engine.debugger, live, halt_on_detach=halt_on_detach)
         started.append(gs)
         host, port = await gs.start("127.0.0.1", 0)
         assert host == "127.0.0.1" and port > 0

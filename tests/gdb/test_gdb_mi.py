@@ -44,6 +44,8 @@ async def test_interrupt_and_breakpoints_while_attached(gdb_target: Attach, clie
         await asyncio.to_thread(mi.cmd, "-target-detach")
         await wait_for_clients(t.gdbserver, 0)
         assert not (await client.debug.list_breakpoints(name=t.name)).breakpoints
-        assert (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_HALTED
+        # the detach resumed the halted session (echo then waits for input, running)
+        assert (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_RUNNING
+        await client.sessions.pause_session(name=t.name)
     finally:
         await asyncio.to_thread(mi.exit)

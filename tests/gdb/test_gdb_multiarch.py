@@ -28,7 +28,9 @@ def reg_value(out: str, name: str) -> int:
 
 @pytest.mark.parametrize("backend", ["unicorn", "qemu"])
 async def test_cortex_m_session(gdb_target: Attach, client: AsyncClient, backend: str) -> None:
-    t = await gdb_target("mps2-an385", "systick", backend)
+    # halt_on_detach: the session stays halted between the gdb runs below (tests/gdb/test_detach.py
+    # checks the default, a detach that resumes)
+    t = await gdb_target("mps2-an385", "systick", backend, halt_on_detach=True)
     main = symbol(t.elf, "main")
     ticks = symbol(t.elf, "ticks")
     out = await run_gdb(
@@ -59,7 +61,7 @@ async def test_cortex_m_session(gdb_target: Attach, client: AsyncClient, backend
     assert "[Inferior 1 (Remote target) detached]" in out, out
     assert "Remote communication error" not in out and "Remote failure" not in out, out
 
-    # detach left the session as it was (halted) and removed gdb's points
+    # detach (halt_on_detach) left the session as it was (halted) and removed gdb's points
     await wait_for_clients(t.gdbserver, 0)
     s = (await client.sessions.get_session(name=t.name)).session
     assert s.state == cpb.SESSION_STATE_HALTED

@@ -158,12 +158,12 @@ async def test_acks_checksums_and_no_ack_mode(gdb_target: Attach, client: AsyncC
         assert reply == b"OK" and "monitor reset" in text
         reply, text = await rsp.monitor("frobnicate")
         assert reply.startswith(b"E") and "unknown monitor command" in text
-        # detach: OK, points removed, session as it was, connection closed
+        # detach: OK, points removed, the halted session resumed (to hello's exit), connection closed
         assert await rsp.request(b"D") == b"OK"
         assert await asyncio.wait_for(rsp.reader.read(), 10) == b""
         await wait_for_clients(t.gdbserver, 0)
         assert not (await client.debug.list_breakpoints(name=t.name)).breakpoints
-        assert (await client.sessions.get_session(name=t.name)).session.state == cpb.SESSION_STATE_HALTED
+        await wait_state(client, t.name, cpb.SESSION_STATE_EXITED)
     finally:
         await rsp.close()
 

@@ -249,7 +249,8 @@ async def test_gdb_multiarch_through_the_bridge_of_a_remote_session(remote: Conf
     """gdb -> our GDB bridge -> our RSP client -> QEMU's gdbstub: break, continue, read,
     step; the session sees where gdb left it."""
     name = await remote.session(board, "crc32", power_on=True)
-    gs = (await remote.client.debug.start_gdb_server(name=name)).gdb_server
+    # halt_on_detach: the session stays where gdb left it (by default a detach resumes it)
+    gs = (await remote.client.debug.start_gdb_server(name=name, halt_on_detach=True)).gdb_server
     main = elf_symbol(board, "crc32", "main")
     out = await _gdb(gs.port, str(firmware(board, "crc32")),
                      "break main", "continue", "print/x $pc", "stepi", "stepi", "print/x $pc",

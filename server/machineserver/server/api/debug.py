@@ -218,9 +218,10 @@ class DebugServicer(Servicer, pb_grpc.DebugServiceServicer):
         context: aio.ServicerContext[pb.StartGdbServerRequest, pb.StartGdbServerResponse],
     ) -> pb.StartGdbServerResponse:
         live = self.engine.sessions.get(request.name)
-        ep = await self.engine.gdb.start(live, request.bind_address, request.port)
+        ep = await self.engine.gdb.start(live, request.bind_address, request.port, request.halt_on_detach)
         return pb.StartGdbServerResponse(gdb_server=pb.GdbServer(
-            session=ep.session, address=ep.address, port=ep.port, clients=ep.clients))
+            session=ep.session, address=ep.address, port=ep.port, clients=ep.clients,
+            halt_on_detach=ep.halt_on_detach))
 
     async def StopGdbServer(
         self,

@@ -26,6 +26,7 @@ class GdbEndpoint:
     address: str
     port: int
     clients: int
+    halt_on_detach: bool = False
 
 
 class GdbBridges:
@@ -44,9 +45,12 @@ class GdbBridges:
         if entry is None:
             return None
         server, host, port = entry
-        return GdbEndpoint(live.record.name, host, port, server.clients)
+        return GdbEndpoint(live.record.name, host, port, server.clients, server.halt_on_detach)
 
-    async def start(self, live: LiveSession, bind_address: str, port: int) -> GdbEndpoint:
+    async def start(self, live: LiveSession, bind_address: str, port: int,
+                    halt_on_detach: bool = False) -> GdbEndpoint:
+        """``halt_on_detach``: a gdb that detaches leaves the machine halted (default: it
+        resumes). On a session whose bridge runs already: that bridge, with this setting."""
         for feature in (Feature.RUN_CONTROL, Feature.REGISTERS, Feature.MEMORY):
             live.feature(feature)
         host = bind_address or "127.0.0.1"
@@ -60,16 +64,20 @@ class GdbBridges:
                                   "gdb_bridge_bind_allow does not allow it (a bridge has no authentication)")
         if not 0 <= port <= 65535:
             raise InvalidArgument("port", "must be between 0 and 65535")
-        running = self.get(live)
-        if running is not None:
+        entry = self._servers.get(live.id)
+        if entry is not None:
+            entry[0].halt_on_detach = halt_on_detach
+            running = self.get(live)
+            assert running is not None
             return running
-        server = GdbServer(self._sessions, self._debugger, live, self._calls, current_metadata())
+        server = GdbServer(self._sessions, self._debugger, live, self._calls, current_metadata(),
+                           halt_on_detach=halt_on_detach)
         try:
             host, bound = await server.start(host, port)
         except OSError as exc:
             raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._servers[live.id] = (server, host, bound)
-        return GdbEndpoint(live.record.name, host, bound, 0)
+        return GdbEndpoint(live.record.name, host, bound, 0, halt_on_detach)
 
     async def stop(self, live: LiveSession) -> None:
         entry = self._servers.pop(live.id, None)

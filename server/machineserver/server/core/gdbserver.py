@@ -18,8 +18,13 @@ What it answers (one thread, all-stop)::
     running     c s C S vCont? vCont;c|s|C|S, stop replies T05 (swbreak/hwbreak/watch/
                 rwatch/awatch) expediting every register (gdb needs no ``g`` after a
                 stop), T02 after ^C, W<code> on exit, T0b on a fault
-    leaving     D (detach: the session stays as it is), k / vKill (same: never deletes);
-                a client that just disconnects leaves a running session running
+    leaving     D (detach): gdb's points removed, then a HALTED session resumes, as
+                gdbserver does (a debugger that goes away does not stop the firmware it
+                looked at), unless the bridge has ``halt_on_detach``, or another gdb client
+                is waiting to take over (one client at a time: the last one to detach
+                decides); an EXITED or FAULTED session stays as it is. k / vKill never
+                resume and never delete; a client that just disconnects leaves the
+                session as it is (running or halted)
     else        the empty reply
 
 Register numbering (the target description's ``regnum``):
@@ -211,8 +216,11 @@ class GdbServer:
     ``await stop()``; ``clients`` is the number of connected gdb clients."""
 
     def __init__(self, sessions: SessionManager, debugger: Debugger, live: LiveSession,
-                 calls: CallChain | None = None, caller: Mapping[str, str] | None = None) -> None:
+                 calls: CallChain | None = None, caller: Mapping[str, str] | None = None, *,
+                 halt_on_detach: bool = False) -> None:
+        """``halt_on_detach``: a detach leaves the machine halted (default: it resumes)."""
         self.sessions = sessions
+        self.halt_on_detach = halt_on_detach
         self.debugger = debugger
         self.live = live
         # every packet that reads or changes the target goes through the engine's call
@@ -545,9 +553,10 @@ class _Connection:
             return b"OK"  # thread alive
         if c == b"D":
             await self._remove_points()
+            resumed = await self._resume_after_detach()
             self.send(b"OK")
             self.closing = True
-            self.log.info("gdb_detached")
+            self.log.info("gdb_detached", resumed=resumed)
             return None
         if c == b"k":
             await self._remove_points()
@@ -793,6 +802,25 @@ class _Connection:
                 await self.sessions.run(self.live)  # only a stop of our own making
         except MachineServerError as exc:
             self.log.warning("gdb_breakpoints_not_removed", error=str(exc))
+
+    async def _resume_after_detach(self) -> bool:
+        """Run a HALTED session again after a detach (see the module docstring), as a
+        Continue through the call chain (its rules and audit apply); True when it did."""
+        live = self.live
+        if (self.server.halt_on_detach or self.server.clients > 1 or not self.sessions.contains(live)
+                or live.state is not MachineState.HALTED):
+            return False
+        call = self.server.calls.open(_DEBUG + "Continue", self.server.caller, transport=Transport.GDB, peer=self.peer)
+
+        async def resume() -> None:
+            await self.sessions.run(live)
+
+        try:
+            await self.server.calls.run(call, resume)
+        except MachineServerError as exc:
+            self.log.warning("gdb_detach_not_resumed", error=str(exc))
+            return False
+        return True
 
     # ------------------------------------------------------------------ monitor commands
 
