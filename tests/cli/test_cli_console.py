@@ -134,3 +134,21 @@ def test_ctrl_c_while_following_is_130(server_process: ServerProcess) -> None:
             proc.wait()
     assert proc.returncode == 130, err
     assert err.strip() == "msctl: interrupted" and "Traceback" not in err
+
+
+def test_deleting_the_session_ends_the_follow_with_125(server_process: ServerProcess) -> None:
+    create(server_process, "d", "echo", "--run")  # says "echo ready" and waits: it would not end alone
+    env = dict(os.environ, MSCTL_TARGET=server_process.target)
+    proc = subprocess.Popen([str(VENV_BIN / "msctl"), "console", "d", "--raw"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "echo ready\n"  # following (state watched, console open)
+        ok(msctl(server_process, "session", "delete-session", "d"))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 125, (out, err)
+    assert "deleted" in err and "Traceback" not in err
