@@ -111,6 +111,17 @@ def session_with(server_process: ServerProcess, sid: str, program: str) -> Clien
     return client
 
 
+def wait_running(client: Client, session: str) -> None:
+    deadline = time.monotonic() + 30
+    while client.sessions.get_session(name=session).session.state != common_pb2.SESSION_STATE_RUNNING:
+        assert time.monotonic() < deadline, "the session never ran"
+        time.sleep(0.05)
+
+
+def instructions(client: Client, session: str) -> int:
+    return client.telemetry.get_session_metrics(name=session).metrics.instructions
+
+
 def prompts(screen: str) -> int:
     return screen.count(PROMPT)
 
@@ -164,10 +175,7 @@ def test_debug_in_a_terminal(server_process: ServerProcess, pane: Pane, pane_env
 
         # c runs for ever (echo waits for input); Ctrl-C halts the target, back to the prompt
         pane.line("c")
-        deadline = time.monotonic() + 30
-        while client.sessions.get_session(name="sessions/tty").session.state != common_pb2.SESSION_STATE_RUNNING:
-            assert time.monotonic() < deadline, "the session never ran"
-            time.sleep(0.05)
+        wait_running(client, "sessions/tty")
         before = prompts(pane.screen())
         pane.send("C-c")
         screen = pane.wait_for(lambda s: prompts(s) > before, "the prompt after Ctrl-C during c")
@@ -179,6 +187,24 @@ def test_debug_in_a_terminal(server_process: ServerProcess, pane: Pane, pane_env
         # still attached and in control: a step works after the interrupt
         pane.line("si")
         pane.wait_for(lambda s: re.search(r"\[step\] 0x[0-9a-f]{8}", s) is not None, "a step after Ctrl-C")
+
+        # a long step (the Attach stream busy with it) is halted by Ctrl-C too
+        # (the session stays HALTED while it steps: the instruction count says the step runs)
+        counted = instructions(client, "sessions/tty")
+        pane.line("si 1000000000")
+        deadline = time.monotonic() + 30
+        while instructions(client, "sessions/tty") == counted:
+            assert time.monotonic() < deadline, "the step never ran"
+            time.sleep(0.05)
+        before = prompts(pane.screen())
+        pane.send("C-c")
+        screen = pane.wait_for(lambda s: prompts(s) > before, "the prompt after Ctrl-C during si")
+        tail = screen[screen.rindex("Program received signal SIGINT"):]
+        assert re.search(r"\[halt\] 0x[0-9a-f]{8}", tail), tail
+        assert client.sessions.get_session(name="sessions/tty").session.state == common_pb2.SESSION_STATE_HALTED
+        assert instructions(client, "sessions/tty") - counted < 10**9  # cut short, not run to its end
+        pane.line("regs pc")
+        pane.wait_for(lambda s: re.search(r"^\s+pc 0x[0-9a-f]{8}\s*$", s, re.M) is not None, "pc after the halted si")
 
         pane.line("quit")
         screen = pane.wait_text("rc=0")

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TextIO
 
+from machineserver.cli import rpc
 from machineserver.sdk import Client, errors
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import debug_pb2 as pb
@@ -74,14 +75,6 @@ def _number(text: str, what: str) -> int:
         return int(text, 0)
     except ValueError:
         raise ValueError(f"{what} wants a number (decimal or 0x hex), got {text!r}") from None
-
-
-def _location(text: str) -> pb.CodeLocation:
-    if text.lower().startswith("0x") or text.isdigit():
-        return pb.CodeLocation(address=_number(text, "the address"))
-    if ":" in text:
-        return pb.CodeLocation(file_line=text)
-    return pb.CodeLocation(symbol=text)
 
 
 def _where(stop: cpb.StopEvent) -> str:
@@ -225,7 +218,7 @@ class DebugPrompt:
         On a terminal, Ctrl-C during a command that runs the target halts it."""
         try:
             self.dispatch([name, *words[1:]])
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, rpc.UsageError) as exc:
             self._print(f"error: {exc}\n")
         except errors.MachineServerError as exc:
             self._print(f"error: {exc}\n")
@@ -306,7 +299,8 @@ class DebugPrompt:
         return result
 
     def _break(self, args: list[str]) -> None:
-        r = self.call(pb.DebugCommand(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]))))
+        request = pb.SetBreakpointRequest(location=rpc.parse_location(args[0]))
+        r = self.call(pb.DebugCommand(set_breakpoint=request))
         if not r.code:
             bp = r.set_breakpoint.breakpoint
             src = f" ({bp.source.function} {bp.source.file}:{bp.source.line})" if bp.source.function else ""
@@ -316,8 +310,8 @@ class DebugPrompt:
 
     def _watch(self, args: list[str], kind: pb.BreakpointKind.ValueType) -> None:
         size = _number(args[1], "SIZE") if len(args) > 1 else 4
-        r = self.call(pb.DebugCommand(set_breakpoint=pb.SetBreakpointRequest(location=_location(args[0]), kind=kind,
-                                                                             size=size)))
+        request = pb.SetBreakpointRequest(location=rpc.parse_location(args[0]), kind=kind, size=size)
+        r = self.call(pb.DebugCommand(set_breakpoint=request))
         if not r.code:
             self._print(f"watchpoint {r.set_breakpoint.breakpoint.id} at 0x{r.set_breakpoint.breakpoint.address:08x}\n")
         else:
@@ -385,7 +379,7 @@ class DebugPrompt:
     def _disas(self, args: list[str]) -> None:
         req = pb.DisassembleRequest(count=_number(args[1], "N") if len(args) > 1 else 8)
         if args:
-            req.location.CopyFrom(_location(args[0]))
+            req.location.CopyFrom(rpc.parse_location(args[0]))
         r = self.call(pb.DebugCommand(disassemble=req))
         if r.code:
             self._show(r)
