@@ -245,6 +245,8 @@ def test_telemetry_watch_refreshes_and_ctrl_c_ends_it(pane: Pane) -> None:
     screen = pane.wait_for(lambda s: first not in s and re.search(r"^cpu0\s+\[", s, re.M) is not None,
                            "a refreshed frame", visible=True)
     assert len(re.findall(r"^host ", screen, re.M)) == 1, screen
+    # drawn over in place: the scrollback keeps no old frames either
+    assert len(re.findall(r"^host ", pane.screen(), re.M)) == 1, pane.screen()
     pane.send("C-c")
     screen = pane.wait_text("rc=130")
     assert "msctl: interrupted" in screen

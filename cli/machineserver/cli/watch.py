@@ -1,9 +1,11 @@
 """``msctl telemetry watch``: a live view of the host, redrawn from StreamHostStatus.
 
 Per-core bars, memory and swap, temperatures, GPUs, power rails and the status of each
-source. On a terminal each frame replaces the last (ANSI: cursor home, clear); piped, the
-frames follow one another, each starting with a ``host`` line. ``--json`` prints the
-stream's messages, one JSON object a line.
+source. On a terminal each frame is drawn over the last (ANSI: the screen cleared once,
+then cursor home, each line and the rest of the screen cleared after it: no flicker, and
+the terminal's scrollback keeps no old frames); piped, the frames follow one another, each
+starting with a ``host`` line. ``--json`` prints the
+stream's messages, one JSON object a line (``-o yaml``: one YAML document each).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import TextIO
 
 from google.protobuf import duration_pb2
 
-from machineserver.cli import rpc
+from machineserver.cli import output
 from machineserver.sdk import Client
 from machineserver.v1 import telemetry_pb2 as pb
 
-CLEAR = "\x1b[H\x1b[2J"
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+HOME = "\x1b[H"
+CLEAR_LINE_END = "\x1b[K"
+CLEAR_BELOW = "\x1b[J"
 GIB = 1 << 30
 
 
@@ -62,19 +67,26 @@ def render(msg: pb.StreamHostStatusResponse, columns: int = 80) -> str:
     return "\n".join(lines)
 
 
+def redraw(frame: str, first: bool) -> str:
+    """What draws ``frame`` over the previous one on a terminal (the first clears it)."""
+    lines = "".join(line + CLEAR_LINE_END + "\n" for line in frame.splitlines())
+    return (CLEAR if first else HOME) + lines + CLEAR_BELOW
+
+
 def watch(client: Client, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     interval = duration_pb2.Duration()
     interval.FromNanoseconds(int(args.interval * 1e9))
-    tty = out.isatty() and not args.json
+    machine_readable = output.machine_readable(args)
+    args.streaming = True  # YAML: a document per message
     shown = 0
     # Ctrl-C: msctl's main says "interrupted" and exits 130
     for msg in client.telemetry.stream_host_status(pb.StreamHostStatusRequest(interval=interval), timeout=None):
-        if args.json:
-            rpc.print_message(msg, True)
+        if machine_readable:
+            output.emit(msg, args)
         else:
             frame = render(msg, shutil.get_terminal_size().columns)
-            out.write(CLEAR + frame + "\n" if tty else ("\n" if shown else "") + frame + "\n")
+            out.write(redraw(frame, first=not shown) if out.isatty() else ("\n" if shown else "") + frame + "\n")
             out.flush()
         shown += 1
         if args.count and shown >= args.count:
