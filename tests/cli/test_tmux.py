@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from machineserver.sdk import Client
-from machineserver.v1 import common_pb2
+from machineserver.v1 import common_pb2, job_pb2
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import VENV_BIN
@@ -77,6 +77,16 @@ class Pane:
     def kill(self) -> None:
         assert TMUX is not None
         subprocess.run([TMUX, "-S", str(self.socket), "kill-server"], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server whose jobs run on its own workers (not embedded Ray: msctl is the subject)."""
+    sp = ServerProcess(tmp_path / "data", "--job-engine", "local").start()
+    try:
+        yield sp
+    finally:
+        sp.stop()
 
 
 @pytest.fixture
@@ -230,6 +240,13 @@ def test_ctrl_d_detaches_and_an_empty_line_repeats_a_step(server_process: Server
         pane.send("C-d")
         screen = pane.wait_text("rc=0")
         assert "Traceback" not in screen
+
+        # a history file that cannot be written is no history, not an error
+        pane.line("HOME=/nonexistent/home msctl debug rep; echo rc=$?")
+        pane.wait_for(lambda s: prompts(s) == 4, "the prompt of the second run")
+        pane.line("quit")
+        screen = pane.wait_for(lambda s: s.count("rc=0") == 2, "the second rc=0")
+        assert "Traceback" not in screen
     finally:
         client.close()
 
@@ -251,3 +268,22 @@ def test_telemetry_watch_refreshes_and_ctrl_c_ends_it(pane: Pane) -> None:
     screen = pane.wait_text("rc=130")
     assert "msctl: interrupted" in screen
     assert "Traceback" not in screen
+
+
+def test_ctrl_c_during_job_watch_cancels_with_130(server_process: ServerProcess, pane: Pane, tmp_path: Path) -> None:
+    # echo waits for input for ever: its run goes on until cancelled
+    (tmp_path / "echo.elf").write_bytes(firmware("lm3s6965evb", "echo").read_bytes())
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("programs: [echo.elf]\nboards: [lm3s6965evb]\ncriteria: {pass_regex: bye, host_timeout: 120s}\n")
+    with Client.connect(server_process.target, timeout=30) as client:
+        pane.line(f"msctl job run {suite} --no-wait")
+        screen = pane.wait_for(lambda s: re.search(r"^jobs/\S+$", s, re.M) is not None, "the job's name")
+        name = re.findall(r"^(jobs/\S+)$", screen, re.M)[-1]
+        pane.line(f"msctl job watch {name} --cancel-on-interrupt; echo rc=$?")
+        # the live progress bar: msctl follows the job
+        pane.wait_for(lambda s: "running" in s and "━" in s, "the progress bar")
+        pane.send("C-c")
+        screen = pane.wait_text("rc=130")
+        assert f"msctl: interrupted: cancelled {name} (CANCELLED" in screen, screen
+        assert "Traceback" not in screen
+        assert client.jobs.get_job(name=name).job.state == job_pb2.JOB_STATE_CANCELLED
