@@ -218,6 +218,8 @@ class DebugPrompt:
         On a terminal, Ctrl-C during a command that runs the target halts it."""
         try:
             self.dispatch([name, *words[1:]])
+        except ArgumentRequired as exc:  # says it all, as gdb does
+            self._print(f"{exc}\n")
         except (ValueError, IndexError, rpc.UsageError) as exc:
             self._print(f"error: {exc}\n")
         except errors.MachineServerError as exc:
