@@ -393,12 +393,25 @@ def print_message(msg: Message, as_json: bool) -> None:
     print(text, flush=True)
 
 
+def _at_least(kind: Callable[[str], int | float], low: float, *, inclusive: bool) -> Callable[[str], int | float]:
+    """An argparse ``type=``: text to ``kind``, refused below ``low`` (or at it)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {low:g}, got {text}")
+        return value
+    return parse
+
+
 def add_stream_flags(parser: argparse.ArgumentParser) -> None:
     """``--count N`` and ``--timeout S`` for a command that prints a server stream."""
-    parser.add_argument("--count", dest="stream_count", type=int, metavar="N",
+    parser.add_argument("--count", dest="stream_count", type=_at_least(int, 0, inclusive=True), metavar="N",
                         help="stop after N messages")
-    parser.add_argument("--timeout", dest="stream_timeout", type=float, metavar="SECONDS",
-                        help="stop after this many seconds (a normal end, exit 0)")
+    parser.add_argument("--timeout", dest="stream_timeout", type=_at_least(float, 0, inclusive=False),
+                        metavar="SECONDS", help="stop after this many seconds (a normal end, exit 0)")
 
 
 def _upload_requests(method: MethodDescriptor, args: argparse.Namespace, file: IO[bytes]) -> Iterator[Message]:
