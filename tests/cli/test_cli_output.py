@@ -58,7 +58,8 @@ def test_debug_answers_for_people(server_process: ServerProcess) -> None:
     assert re.fullmatch(r"0x[0-9a-f]{8} <main>:  \w+.*", listing[0]), listing
     assert re.fullmatch(r"0x[0-9a-f]{8} <main\+\d+>:  \w+.*", listing[1]), listing
     # an empty answer: one line saying what happened
-    assert msctl(server_process, "coverage", "start-coverage", name) == f"coverage started on {name}\n"
+    bare = name.removeprefix("sessions/")  # a bare ID is said as the resource name
+    assert msctl(server_process, "coverage", "start-coverage", bare) == f"coverage started on {name}\n"
 
 
 def test_sessions_without_board_yaml(server_process: ServerProcess) -> None:

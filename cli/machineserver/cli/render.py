@@ -257,8 +257,20 @@ DONE = {
 }
 
 
+# groups whose RPCs name a session unless they name a program, snapshot or report
+SESSION_GROUPS = ("session", "debug", "coverage")
+NOT_SESSIONS = ("Program", "Snapshot", "Report")
+
+
 def request_name(args: argparse.Namespace) -> str:
-    return str(getattr(args, "f_name", None) or getattr(args, "pos_name", None) or "")
+    """The request's resource name as the server says it: a bare session ID given to a
+    session's RPC becomes ``sessions/ID``."""
+    name = str(getattr(args, "f_name", None) or getattr(args, "pos_name", None) or "")
+    method = str(getattr(args, "rpc_method", "") or "")
+    if name and "/" not in name and getattr(args, "group", None) in SESSION_GROUPS \
+            and not any(word in method for word in NOT_SESSIONS):
+        return f"sessions/{name}"
+    return name
 
 
 def done_line(args: argparse.Namespace) -> str:
