@@ -472,7 +472,7 @@ def add_rpc_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     for svc in service_descriptors():
         about = comment(svc.full_name)
         group = subparsers.add_parser(
-            GROUPS[svc.name], help=_help(comment(svc.full_name, sentences=1, limit=100) or f"{svc.full_name} RPCs"),
+            GROUPS[svc.name], help=_help(comment(svc.full_name, sentences=1, limit=80), f"[{svc.full_name}]"),
             description=textwrap.fill(about, 88) if about else None,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         group.set_defaults(group_parser=group)
