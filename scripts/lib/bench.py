@@ -29,7 +29,9 @@ Sections (pick with --only NAME[,NAME]):
   trust     unary calls with auth on (API key) vs off vs a bare echo server; a write with its audit rows
             (bench_trust.py)
   counts    exact instruction counting: raw Unicorn with no hook vs the native counting block hook,
-            crc32 (tight loop) and mmio (UART polling) (bench_counts.py)
+            crc32 (tight loop) and mmio (UART polling); bare QEMU vs QEMU with our plugin's
+            instruction total (count=block, as the driver loads it; count=insn too), crc32 and
+            hello (bench_counts.py)
   capsules  a failure capsule vs the snapshot alone of the same halted session (time, bytes), unicorn
             and qemu; ExpectConsole with a virtual budget vs StreamConsole (bench_capsules.py)
 Shared 2-core machines are noisy: read the ratios, not the absolute numbers.

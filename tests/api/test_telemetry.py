@@ -15,6 +15,7 @@ from machineserver.server.core import telemetry
 from machineserver.v1 import common_pb2 as cpb
 from machineserver.v1 import telemetry_pb2 as tpb
 from tests.helpers.api import alert_stream, duration, upload, wait_state
+from tests.helpers.backends import require_backend, require_qemu_plugin
 
 
 async def test_host_status_matches_psutil(client: AsyncClient) -> None:
@@ -165,15 +166,22 @@ async def test_duration_holds_before_firing() -> None:
     assert sub._items and sub._items[0].firing
 
 
-async def test_counts_say_whether_they_are_exact(client: AsyncClient) -> None:
+@pytest.mark.parametrize("backend", ["unicorn", "qemu"])
+async def test_counts_say_whether_they_are_exact(client: AsyncClient, backend: str) -> None:
+    """The default count is exact on both backends (Unicorn: its native block hook; QEMU:
+    its plugin's per-block total), and the same as icount's."""
+    require_backend(backend)
+    if backend == "qemu":
+        require_qemu_plugin()
     prog = await upload(client, "lm3s6965evb", "hello")
-    fast = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True)).session
+    fast = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
+                                                 backend=backend)).session
     exact = (await client.sessions.create_session(board_template="lm3s6965evb", program=prog, run=True,
-                                                  options={"icount": True})).session
+                                                  backend=backend, options={"icount": True})).session
     for s in (fast, exact):
         await wait_state(client, s.name, cpb.SESSION_STATE_EXITED)
     a = (await client.telemetry.get_session_metrics(name=fast.name)).metrics
     b = (await client.telemetry.get_session_metrics(name=exact.name)).metrics
-    assert b.counts_exact and not a.counts_exact
-    # hello is a few hundred instructions: the exact count says so (the estimate is far off)
-    assert 100 < b.instructions < 100_000
+    assert a.counts_exact and b.counts_exact
+    # hello is a few hundred instructions: both counts say so, the same
+    assert 100 < b.instructions < 100_000 and a.instructions == b.instructions

@@ -146,7 +146,7 @@ class QemuMachine(Machine):
         return self.target.state
 
     def counters(self) -> Counters:
-        return self.target.clock.counters()
+        return self.target.clock.counters(self.target.process)
 
     # ------------------------------------------------------------------ lifecycle
     @guarded

@@ -1,8 +1,10 @@
 """Our TCG plugin (plugin/msplugin.c): how it is built and how a QEMU loads it.
 
 Every QEMU this driver starts loads it when it can be built (a host C compiler is
-needed): its instruction gate (see :mod:`.gate`) costs nothing until armed, and its
-coverage table (see :mod:`.blocktable`) is added only for machines that ask for coverage.
+needed): its instruction gate (see :mod:`.gate`) costs nothing until armed, its
+instruction total (each translated block adds its size: the machine's instruction count
+without ``-icount``) costs ~0 % (scripts/bench counts), and its coverage table (see
+:mod:`.blocktable`) is added only for machines that ask for coverage.
 
 * **Build**: Debian's QEMU 7.2 loads plugins (``-plugin``) but ships no ``qemu-plugin.h``;
   msplugin.c declares the few API functions it uses. It is compiled on first use with

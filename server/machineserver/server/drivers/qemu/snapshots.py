@@ -147,13 +147,14 @@ class QemuSnapshots(Snapshots):
             self.target.require_inspectable()
             stream = await self._stream()
             clock = self.target.clock
+            counted = clock.counters(self.target.process)
             return encode({
                 "machine": self.target.qemu_machine,
                 "board": self.target.board.name,
                 "icount_shift": clock.shift,
                 "pc": self.target.last_pc,
-                "instructions": clock.instructions,
-                "virtual_ns": clock.virtual_ns,
+                "instructions": counted.instructions,
+                "virtual_ns": counted.virtual_time_ns,
                 "vclock": self.target.virtual_clock_ns(),
                 "traps": sorted(self.traps.sites),
             }, stream)
@@ -218,7 +219,7 @@ class QemuSnapshots(Snapshots):
         async with self.target.op:
             await self._restart(stream)
             await self.traps.install(self.target.stub(), self.target.process.gate, traps)
-            clock.set(instructions, virtual_ns)
+            clock.set(instructions, virtual_ns, self.target.process.gate)
             self.target.vclock_base = vclock
             await self.target.read_pc()
             await clock.refresh(self.target.process)

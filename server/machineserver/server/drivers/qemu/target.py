@@ -43,6 +43,7 @@ from machineserver.server.rsp import (
 from machineserver.server.rsp.targetdesc import RegisterMap
 
 if TYPE_CHECKING:
+    from machineserver.server.drivers.qemu.gate import InstructionGate
     from machineserver.server.drivers.qemu.spares import SparePool
 
 # states in which the CPU is stopped and its registers and memory can be inspected
@@ -62,17 +63,34 @@ def icount_shift(board: BoardSpec, options: MachineOptions) -> int:
 
 
 class RunClock:
-    """Instructions and virtual time. With icount, instructions = QEMU's icount (the
-    plugin's record of it at the last VM stop, or QMP ``query-replay``) and virtual time
-    = icount << shift; without, instructions are not counted (0) and virtual time is the
-    wall time spent running (QEMU's virtual clock runs at host speed). Refreshed at every
-    stop: ``counters()`` is synchronous."""
+    """Instructions and virtual time, readable at any moment (``counters()`` is
+    synchronous: it reads the plugin's shared page, no round trip), also while QEMU runs.
+
+    * **Instructions**: the plugin's ``total`` (:attr:`.gate.InstructionGate.total`: each
+      translated block adds its size when it starts), so the count moves while QEMU runs.
+      With icount, each stop sets it to QEMU's own icount (the plugin's record of it at the
+      VM stop, or QMP ``query-replay``), and while running the plugin's count since that
+      stop is added. Without the plugin (no C compiler) and without icount nothing counts:
+      0, and ``exact`` False.
+    * **Virtual time**: with icount, icount << shift; without, the wall time spent running
+      (QEMU's virtual clock runs at host speed).
+    * **exact**: with icount, always; without, when the plugin counts. A block that an
+      exception leaves mid-way (a memory fault taken by a handler, a watchpoint hit)
+      counts whole there: the instructions after the faulting one in that block, a few,
+      at most 512. Every stop the driver makes (a pause, breakpoint, step, counted run,
+      semihosting trap, exit) is at a block boundary and counts exactly.
+
+    The count is ``base`` plus what the current QEMU's plugin has counted since ``mark``;
+    a new QEMU (power on, restore, restart) is folded in when first seen."""
 
     def __init__(self, shift: int | None) -> None:
         self.shift = shift
-        self.instructions = 0
+        self.instructions = 0  # the base: the count at the mark
         self.virtual_ns = 0
         self._running_since: float | None = None
+        self._gate: InstructionGate | None = None  # the gate the mark is of
+        self._mark = 0  # its total at the mark
+        self._counting = True  # the last QEMU seen had the plugin's count
 
     def started(self) -> None:
         self._running_since = time.monotonic()
@@ -82,30 +100,51 @@ class RunClock:
             self.virtual_ns += int((time.monotonic() - self._running_since) * 1e9)
         self._running_since = None
 
-    def set(self, instructions: int, virtual_ns: int) -> None:
+    def set(self, instructions: int, virtual_ns: int, gate: InstructionGate | None = None) -> None:
+        """The count now is ``instructions``; ``gate``: the current QEMU's (None: a QEMU
+        started after this call counts from its start)."""
         self.instructions, self.virtual_ns = instructions, virtual_ns
+        self._gate, self._mark = gate, (gate.total or 0) if gate is not None else 0
 
-    def counters(self) -> Counters:
+    def _since_mark(self, gate: InstructionGate | None) -> int | None:
+        """What the plugin counted since the mark (a new gate: folds the old one in);
+        None when nothing counts."""
+        if gate is not self._gate:
+            if self._gate is not None:
+                self.instructions += max(0, (self._gate.total or 0) - self._mark)
+            self._gate, self._mark = gate, 0
+        if gate is not None:
+            self._counting = gate.counts_total
+        total = gate.total if gate is not None else None
+        return None if total is None else max(0, total - self._mark)
+
+    def counters(self, process: QemuProcess) -> Counters:
+        """The counts now, of ``process``'s current QEMU and those before it."""
+        gate = process.gate
+        if gate is None and process.instance is not None:
+            self._counting = False  # a QEMU without the plugin
         virtual = self.virtual_ns
         if self.shift is None and self._running_since is not None:
             virtual += int((time.monotonic() - self._running_since) * 1e9)
-        return Counters(instructions=self.instructions, virtual_time_ns=virtual,
-                        exact=self.shift is not None)
+        counted = self._since_mark(gate)
+        exact = self.shift is not None or self._counting
+        return Counters(instructions=self.instructions + (counted or 0), virtual_time_ns=virtual,
+                        exact=exact)
 
     async def refresh(self, process: QemuProcess) -> None:
-        """Read the count of a stopped QEMU: the plugin's record of its last VM stop when
-        it keeps one (no round trip; nothing counts while the VM is stopped), else QMP."""
+        """At a stop: with icount, the count of the stopped QEMU (the plugin's record of its
+        last VM stop when it keeps one: no round trip; nothing counts while the VM is
+        stopped), else QMP. Without icount the plugin's total is the count already."""
         if self.shift is None or not process.alive:
             return
         gate = process.gate
         if gate is not None and gate.stop_records.recorded and gate.stop_records.stops > 0:
-            self.instructions = gate.stop_records.icount
-            self.virtual_ns = self.instructions << self.shift
+            self.set(gate.stop_records.icount, gate.stop_records.icount << self.shift, gate)
             return
         info = await process.qmp("query-replay")
         if isinstance(info, dict):
-            self.instructions = int(info.get("icount", 0))
-            self.virtual_ns = self.instructions << self.shift
+            icount = int(info.get("icount", 0))
+            self.set(icount, icount << self.shift, gate)
 
 
 class QemuTarget:
