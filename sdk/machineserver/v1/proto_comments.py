@@ -449,7 +449,7 @@ COMMENTS: dict[str, str] = {
     'machineserver.v1.SessionEventsSubscribed': 'The first message of StreamSessionEvents: the subscription is in place, and every change after the state below arrives as an event.',
     'machineserver.v1.SessionEventsSubscribed.sessions': 'The sessions the request matched (one, or every session when name was empty, oldest first), as they are now.',
     'machineserver.v1.SessionMetrics': 'Execution metrics of one session.',
-    'machineserver.v1.SessionMetrics.counts_exact': 'instructions and virtual_time_ns are counted exactly (session option icount) rather than estimated from host time (the fast default on both backends).',
+    'machineserver.v1.SessionMetrics.counts_exact': "instructions are counted, not estimated: true by default on both backends (Unicorn counts in a native block hook; QEMU's plugin adds each translated block's size as it starts, so a block an exception leaves mid-way counts whole there). false when nothing counts (a QEMU without its plugin: instructions 0). virtual_time_ns is cycles at the board clock on Unicorn; on QEMU, instructions at the board clock with the session option icount, else the host time spent running.",
     'machineserver.v1.SessionMetrics.host_cpu_percent': 'Host CPU used by the session (its process, or its worker thread in process).',
     'machineserver.v1.SessionMetrics.host_usage_note': 'Why host_cpu_percent / host_memory_bytes are 0, when they are.',
     'machineserver.v1.SessionMetrics.mips': 'Million instructions per host second over the last interval.',

@@ -329,8 +329,12 @@ class SessionMetrics(_message.Message):
     host_usage_note: _builtins.str
     """Why host_cpu_percent / host_memory_bytes are 0, when they are."""
     counts_exact: _builtins.bool
-    """instructions and virtual_time_ns are counted exactly (session option icount) rather
-    than estimated from host time (the fast default on both backends).
+    """instructions are counted, not estimated: true by default on both backends (Unicorn
+    counts in a native block hook; QEMU's plugin adds each translated block's size as it
+    starts, so a block an exception leaves mid-way counts whole there). false when
+    nothing counts (a QEMU without its plugin: instructions 0). virtual_time_ns is
+    cycles at the board clock on Unicorn; on QEMU, instructions at the board clock with
+    the session option icount, else the host time spent running.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...

@@ -215,8 +215,8 @@ def kept_stop(finished: object) -> StopInfo | None:
 class Counters:
     instructions: int
     virtual_time_ns: int
-    # False when the backend estimates rather than counts (e.g. Unicorn or QEMU without
-    # icount: exact counting costs speed there)
+    # False when the backend does not count instructions (estimates them, or reports 0:
+    # e.g. a QEMU without its TCG plugin and without icount)
     exact: bool = True
 
 
