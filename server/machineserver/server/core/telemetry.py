@@ -14,7 +14,8 @@ the driver interface ``HostFootprint``: ``host_process_ids()`` (a backend runnin
 processes, e.g. QEMU: CPU % and RSS of those processes) or ``host_thread_ids()`` (an
 in-process backend's worker threads, native ids: their CPU % of one core; memory: the RSS
 of the worker process the threads run in, which its other machines share, or 0 in the
-server's own process). Otherwise both read 0, with a note saying why.
+server's own process; a halted machine in a worker process runs no thread: CPU 0, memory
+the worker's RSS still). Otherwise both read 0, with a note saying why.
 
 A one-shot request for a session's metrics (GetSessionMetrics) is rated over a window of
 samples the server keeps per session (:class:`SessionWindow`): its MIPS and host CPU are
@@ -259,6 +260,9 @@ class HostUsageProbe:
             tids = {int(t) for t in footprint.host_thread_ids()}
             if tids:
                 return self._threads(footprint.host_thread_process(), tids)
+            worker = footprint.host_thread_process()
+            if worker > 0 and worker != os.getpid():
+                return self._idle_worker(worker)
         except (psutil.Error, OSError) as exc:
             return HostUsage(0.0, 0, f"host usage unavailable: {exc}")
         return HostUsage(0.0, 0, "no host process or thread is running for this session now")
@@ -288,6 +292,14 @@ class HostUsageProbe:
         if not pids:
             return HostUsage(0.0, 0, "no host process running")
         return HostUsage(self._delta(cpu, lifetime), int(rss), cpu_seconds=cpu)
+
+    def _idle_worker(self, pid: int) -> HostUsage:
+        """A machine in a worker process with no thread running for it (halted): no CPU,
+        its memory still there (the worker's RSS)."""
+        self._prev = None
+        rss = int(psutil.Process(pid).memory_info().rss)
+        return HostUsage(0.0, rss, f"memory is the RSS of worker process {pid}, shared with the other "
+                                   "machines it runs; no thread runs for this session now")
 
     def _threads(self, pid: int, tids: set[int]) -> HostUsage:
         if not tids:
