@@ -100,3 +100,17 @@ def test_boards_table(server_process: ServerProcess) -> None:
     assert lm3s.split()[1:4] == ["arm-cortex-m", "cortex-m3", "12"]
     assert "ram 64.0 KiB@0x20000000" in lm3s and "unicorn" in lm3s and "qemu" in lm3s
     assert "config" not in lm3s.lower()
+
+
+def test_metrics_say_when_counts_are_not_exact() -> None:
+    """The issue: an estimate left anywhere is labelled as one in the CLI."""
+    from machineserver.cli.render import metrics_line
+    from machineserver.v1 import telemetry_pb2
+
+    exact = metrics_line(telemetry_pb2.SessionMetrics(session="sessions/a", instructions=1200, mips=3.5,
+                                                      counts_exact=True))
+    assert "instructions 1,200" in exact and "estimated" not in exact and "not counted" not in exact
+    estimate = metrics_line(telemetry_pb2.SessionMetrics(session="sessions/a", instructions=1200, mips=3.5))
+    assert "instructions 1,200 (estimated)" in estimate and "3.50 MIPS (estimated)" in estimate
+    nothing = metrics_line(telemetry_pb2.SessionMetrics(session="sessions/a"))
+    assert "instructions 0 (not counted)" in nothing

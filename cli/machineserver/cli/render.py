@@ -608,7 +608,9 @@ def show_session_event(msg: Message, args: argparse.Namespace) -> None:
 
 def metrics_line(m: telemetry_pb2.SessionMetrics) -> str:
     """A session's metrics in a line; counts not counted exactly say so."""
-    est = "" if m.counts_exact else " (estimated)"
+    # not exact: an estimate from host time (Unicorn without its native counter), or
+    # nothing counted at all (QEMU without its plugin reports 0)
+    est = "" if m.counts_exact else " (not counted)" if m.instructions == 0 else " (estimated)"
     parts = [local_time(m.time) if m.HasField("time") else "", m.session, state_label(m.state),
              f"instructions {m.instructions:,}{est}", f"virtual time {ns_text(m.virtual_time_ns)}{est}",
              f"{m.mips:.2f} MIPS{est}", f"host cpu {m.host_cpu_percent:.1f}%",
