@@ -473,8 +473,27 @@ def session_lines(s: session_pb2.Session) -> Iterator[str]:
         yield f"  last stop: {stop_text(s.last_stop)}"
 
 
+def session_details(s: session_pb2.Session) -> Iterator[str]:
+    """What get-session adds to :func:`session_lines`: who, when, labels, options,
+    limits and the backend's details (still never the board config: -o yaml has it)."""
+    if s.owner or s.tenant:
+        yield f"  owner: {s.owner or '-'}  tenant: {s.tenant or '-'}"
+    if s.HasField("create_time"):
+        yield f"  created: {local_time(s.create_time)}"
+    if s.labels:
+        yield "  labels: " + ", ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+    for key in ("options", "limits"):
+        if s.HasField(key) and (inline := inline_message(getattr(s, key))):
+            yield f"  {key}: {inline}"
+    if s.backend_details:
+        yield "  backend details:"
+        yield from (f"    {k}: {v}" for k, v in sorted(s.backend_details.items()))
+
+
 def show_session(msg: Message, args: argparse.Namespace) -> None:
     lines = list(session_lines(field_value(msg, "session")))
+    if isinstance(msg, session_pb2.GetSessionResponse):
+        lines.extend(session_details(msg.session))
     if msg.DESCRIPTOR.fields_by_name.get("stop") is not None and msg.HasField("stop"):
         lines.append(f"  stopped: {stop_text(field_value(msg, 'stop'))}")
     print("\n".join(lines), flush=True)
@@ -565,7 +584,7 @@ def show_gdb_server(msg: Message, args: argparse.Namespace) -> None:
     g = msg.gdb_server
     halt = ", halts the target on detach" if g.halt_on_detach else ""
     where = f"{g.address}:{g.port}" if g.port else g.address
-    print(f"gdb server for {g.session} on {where}{halt}  (gdb: target extended-remote {where})", flush=True)
+    print(f"gdb server for {g.session} on {where}{halt}  (gdb: target remote {where})", flush=True)
 
 
 # ---------------------------------------------------------------------- streams
