@@ -146,10 +146,11 @@ def test_a_wrong_key_or_type_in_a_suite_is_named(server_process: ServerProcess, 
 
 
 def interrupt_when(sp: ServerProcess, args: list[str], ready: Callable[[], bool],
-                   first_line: bool = False) -> subprocess.CompletedProcess[str]:
+                   first_line: bool = False, said: str | None = None) -> subprocess.CompletedProcess[str]:
     """msctl ``args`` sent SIGINT (Ctrl-C) once ``ready()`` holds (polled, with a
-    deadline) and, with ``first_line``, once it printed a line; SIGINT's default
-    disposition restored in the child, since a shell may start tests with it ignored."""
+    deadline) and, with ``first_line``, once it printed a line (with ``said``, once a line
+    of its stderr held that text: the lines up to it are not in the result); SIGINT's
+    default disposition restored in the child, since a shell may start tests with it ignored."""
     env = dict(os.environ, MSCTL_TARGET=sp.target)
     proc = subprocess.Popen([str(VENV_BIN / "msctl"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -157,6 +158,12 @@ def interrupt_when(sp: ServerProcess, args: list[str], ready: Callable[[], bool]
         deadline = time.monotonic() + 60
         if first_line:
             assert proc.stdout is not None and proc.stdout.readline(), "no output before Ctrl-C"
+        while said is not None:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert line, f"msctl ended before it said {said!r}"
+            if said in line:
+                break
         while not ready():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "never ready for Ctrl-C"
@@ -205,7 +212,10 @@ def test_ctrl_c_during_job_run_exits_130_and_says_how_to_follow(server_process: 
     shows when it follows)"""
     path = suite(tmp_path)
     with Client.connect(server_process.target, timeout=30) as client:
-        r = interrupt_when(server_process, ["job", "run", str(path)], lambda: bool(running_jobs(client)))
+        # once msctl has the job's name (its "jobs/ID: N runs" line): before that, a Ctrl-C
+        # during CreateJob leaves it nothing to name
+        r = interrupt_when(server_process, ["job", "run", str(path)], lambda: bool(running_jobs(client)),
+                           said="jobs/")
         line = said_once(r, 130, "msctl: interrupted")
         (name,) = running_jobs(client)  # left running, as the line says
         assert f"msctl job cancel {name}" in line and f"msctl job watch {name}" in line, line

@@ -41,7 +41,7 @@ from rich.table import Table
 from rich.text import Text
 
 from machineserver.cli import output
-from machineserver.cli.jobs import print_table
+from machineserver.cli.render import print_table
 from machineserver.sdk import Client
 from machineserver.v1 import capsule_pb2 as pb
 from machineserver.v1 import common_pb2
@@ -540,7 +540,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         cells = (c.name, trigger_label(c.trigger), c.session, c.board, c.backend, f"{c.pc:#010x}",
                  str(c.size_bytes), f"{c.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}", reason)
         table.add_row(*(Text(printable(cell)) for cell in cells))
-    print_table(_console(), table)
+    print_table(table, _console())
     return 0
 
 

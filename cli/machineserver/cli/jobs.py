@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from machineserver.cli import output
+from machineserver.cli import output, render
 from machineserver.sdk import Client, errors
 from machineserver.v1 import job_pb2 as pb
 
@@ -337,19 +337,6 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=max(probe.width, 240), no_color=True, highlight=False)
 
 
-def print_table(out: Console, table: Table) -> None:
-    """A table; not to a terminal: without the trailing blanks rich pads lines with."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    with out.capture() as captured:
-        out.print(table)
-    lines = [line.rstrip() for line in captured.get().splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    print("\n".join(line for i, line in enumerate(lines) if line or 0 < i), flush=True)
-
-
 def verdict_label(verdict: int) -> str:
     return VERDICTS.get(verdict, ("UNSPECIFIED", ""))[0]
 
@@ -474,7 +461,7 @@ def follow(client: Client, name: str, *, cancel_on_interrupt: bool = False, quie
                       highlight=False)
         bad = list(all_runs(client, name, "verdict=FAILED")) + list(all_runs(client, name, "verdict=ERRORED"))
         if bad:
-            print_table(out, runs_table(bad, programs, title="runs that did not pass"))
+            render.print_table(runs_table(bad, programs, title="runs that did not pass"), out)
     return job
 
 
@@ -587,7 +574,7 @@ def cmd_results(client: Client, args: argparse.Namespace) -> int:
     if output.machine_readable(args):
         output.emit(pb.ListJobRunsResponse(runs=runs), args)
         return 0
-    print_table(_console(), runs_table(runs, ProgramNames(client)))
+    render.print_table(runs_table(runs, ProgramNames(client)), _console())
     return 0
 
 
@@ -610,7 +597,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         c = j.counts
         table.add_row(j.name, j.display_name, state_label(j.state), str(c.total), str(c.passed), str(c.failed),
                       str(c.errored), j.engine, j.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
-    print_table(_console(), table)
+    render.print_table(table, _console())
     return 0
 
 

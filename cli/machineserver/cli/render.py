@@ -56,9 +56,10 @@ def console() -> Console:
     return Console(width=PIPE_WIDTH, no_color=True, highlight=False, soft_wrap=True, emoji=False)
 
 
-def print_table(table: Table) -> None:
-    """A table to stdout; not to a terminal: lines without the blanks rich pads cells with."""
-    out = console()
+def print_table(table: Table, out: Console | None = None) -> None:
+    """A table to ``out`` (default: :func:`console`, stdout); not to a terminal: lines
+    without the blanks rich pads cells with, and no blank lines before or after."""
+    out = out or console()
     if out.is_terminal:
         out.print(table)
         return
@@ -67,7 +68,9 @@ def print_table(table: Table) -> None:
     lines = [line.rstrip() for line in captured.get().splitlines()]
     while lines and not lines[-1]:
         lines.pop()
-    print("\n".join(lines), flush=True)
+    while lines and not lines[0]:
+        lines.pop(0)
+    print("\n".join(lines), file=out.file, flush=True)
 
 
 def new_table(*headers: str) -> Table:
