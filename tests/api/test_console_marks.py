@@ -108,3 +108,28 @@ async def test_the_log_keeps_a_bounded_number_of_marks_and_none_older_than_its_b
     assert [(m.offset, m.kind) for c in chunks for m in c.marks] == [(10, MarkKind.POWER_ON)]
     # without marks=True (e.g. the debug Attach stream) a follower never sees them
     assert all(not c.marks for c in [c async for c in log.follow(0, False)])
+
+
+# Thumb: r0 = AIRCR, r1 = VECTKEY | SYSRESETREQ, store, then spin; the literals after
+RESET_REQUEST_CODE = bytes.fromhex("0148" "0249" "0160" "fee7") + (0xE000ED0C).to_bytes(4, "little") \
+    + (0x05FA0004).to_bytes(4, "little")
+
+
+async def test_the_firmwares_own_reset_is_marked(client: AsyncClient) -> None:
+    """A reset the firmware asks for (AIRCR.SYSRESETREQ) is a RESET mark too, where it
+    came: the machine runs on from its reset vector (Unicorn; see the README for QEMU)."""
+    prog = await upload(client, "lm3s6965evb", "echo")
+    s = (await client.sessions.create_session(board_template="lm3s6965evb", backend="unicorn", program=prog,
+                                              run=True)).session
+    await console_until(client, s.name, READY)
+    await client.sessions.pause_session(name=s.name)
+    code = 0x20008000  # SRAM the echo firmware leaves alone
+    await client.debug.write_memory(name=s.name, address=code, data=RESET_REQUEST_CODE)
+    await client.debug.write_register(name=s.name, register="pc", value=code)
+    await client.sessions.run_session(name=s.name)
+    await console_until(client, s.name, READY * 2)  # it booted again
+    msgs = await everything(client, s.name)
+    assert data_of(msgs) == READY * 2
+    assert marks_of(msgs) == [(0, pb.CONSOLE_MARK_KIND_POWER_ON, "powered on"),
+                              (len(READY), pb.CONSOLE_MARK_KIND_RESET,
+                               "the firmware's reset request (AIRCR.SYSRESETREQ)")]

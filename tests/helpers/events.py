@@ -25,6 +25,7 @@ class Recorder:
         self.console = bytearray()
         self.stops: list[StopInfo] = []
         self.failures: list[str] = []
+        self.guest_resets: list[str] = []
         self._cond = threading.Condition()
         self._returned = 0  # stops next_stop() has handed out
 
@@ -41,6 +42,11 @@ class Recorder:
     def failed(self, reason: str) -> None:
         with self._cond:
             self.failures.append(reason)
+            self._cond.notify_all()
+
+    def reset_by_guest(self, detail: str) -> None:
+        with self._cond:
+            self.guest_resets.append(detail)
             self._cond.notify_all()
 
     def _wait(self, pred: Callable[[], object], timeout: float) -> bool:

@@ -213,6 +213,10 @@ class LiveSession:
     def failed(self, reason: str) -> None:
         self._loop.call_soon_threadsafe(self.manager.stops.mark_failed, self, reason)
 
+    def reset_by_guest(self, detail: str) -> None:
+        # after the console bytes the driver sent before it (the same loop, in order)
+        self._loop.call_soon_threadsafe(self.console.mark, MarkKind.RESET, detail)
+
     # ------------------------------------------------------------------ helpers
 
     @property

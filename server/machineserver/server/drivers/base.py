@@ -246,6 +246,11 @@ class MachineEvents(Protocol):
 
     def failed(self, reason: str) -> None: ...
 
+    def reset_by_guest(self, detail: str) -> None:
+        """The firmware reset the machine itself (e.g. Cortex-M AIRCR.SYSRESETREQ) and it
+        runs on from its reset vector: not a stop. ``detail`` says how, for people."""
+        ...
+
 
 # --------------------------------------------------------------------------- coverage data
 

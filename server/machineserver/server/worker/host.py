@@ -71,6 +71,9 @@ class _Events:
     def failed(self, reason: str) -> None:
         self._host.event(self._mid, "failed", reason)
 
+    def reset_by_guest(self, detail: str) -> None:
+        self._host.event(self._mid, "reset_by_guest", detail)
+
 
 class WorkerHost:
     def __init__(self, backends: Mapping[str, drv.Backend], emit: Callable[[tuple[Any, ...]], None],

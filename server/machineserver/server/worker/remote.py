@@ -98,6 +98,8 @@ class RemoteMachine(drv.Machine):
             self.events.stopped(payload)
         elif kind == "failed":
             self.events.failed(payload)
+        elif kind == "reset_by_guest":
+            self.events.reset_by_guest(payload)
 
     def on_worker_death(self, reason: str) -> None:
         self.link = None

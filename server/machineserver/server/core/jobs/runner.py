@@ -85,6 +85,9 @@ class RunEvents:
     def failed(self, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._failed, reason)
 
+    def reset_by_guest(self, detail: str) -> None:
+        """A run's console is its bytes only (the verdict's regexes read them): no marks."""
+
     def _append(self, data: bytes) -> None:
         self.console += data
         if len(self.console) > CONSOLE_KEEP_BYTES:

@@ -452,6 +452,7 @@ class Slicer:
         core, clock = inst.core, self._ctx.clock
         if self._reset_requested:
             self.reset_board()
+            self._ctx.events.reset_by_guest("the firmware's reset request (AIRCR.SYSRESETREQ)")
         image = self._ctx.image
         if image is not self._unmask_image and isinstance(core, CortexM):
             core.watch_unmasking(image.segments if image is not None else ())
