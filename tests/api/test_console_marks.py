@@ -117,7 +117,7 @@ RESET_REQUEST_CODE = bytes.fromhex("0148" "0249" "0160" "fee7") + (0xE000ED0C).t
 
 async def test_the_firmwares_own_reset_is_marked(client: AsyncClient) -> None:
     """A reset the firmware asks for (AIRCR.SYSRESETREQ) is a RESET mark too, where it
-    came: the machine runs on from its reset vector (Unicorn; see the README for QEMU)."""
+    came: the machine runs on from its reset vector (Unicorn; QEMU's are not reported yet)."""
     prog = await upload(client, "lm3s6965evb", "echo")
     s = (await client.sessions.create_session(board_template="lm3s6965evb", backend="unicorn", program=prog,
                                               run=True)).session
