@@ -262,6 +262,9 @@ def test_completion_of_commands_and_session_names(server_process: ServerProcess,
     assert words == ["beta"]
     words, _ = complete(target, "msctl coverage start-coverage --name ", tmp_path)
     assert sorted(words) == ["alpha", "beta"]
+    for verb in ("export", "summary"):  # the friendly coverage verbs too
+        words, _ = complete(target, f"msctl coverage {verb} a", tmp_path)
+        assert words == ["alpha"], verb
     # the target comes from the command line too
     words, _ = complete("127.0.0.1:1", f"msctl --target {target} console al", tmp_path)
     assert words == ["alpha"]

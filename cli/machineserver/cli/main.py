@@ -223,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "uploaded with the program")
     p.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     p.set_defaults(handler=cmd_coverage_export)
+    complete.complete_sessions(p, "name")
     p = csub.add_parser("summary", help="line/function/branch coverage per file, as a table")
-    p.add_argument("name")
+    p.add_argument("name", help="a session (sessions/ID or ID) or coverageReports/ID")
     p.set_defaults(handler=cmd_coverage_summary)
+    complete.complete_sessions(p, "name")
     session_group = sub.choices["session"]
     ssub = next(a for a in session_group._actions if isinstance(a, argparse._SubParsersAction))
     p = ssub.add_parser("create", help="create a session (uploads --program if it is a file)")
