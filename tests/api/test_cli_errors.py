@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import VENV_BIN, sigint_default
 
 
 def msctl(sp: ServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -86,8 +86,8 @@ def interrupted(sp: ServerProcess, *args: str, first_output: bool) -> subprocess
     (``first_output``) or once its stream is open; SIGINT's default disposition restored
     in the child, since a shell may start tests with it ignored."""
     env = dict(os.environ, MSCTL_TARGET=sp.target)
-    proc = subprocess.Popen([str(VENV_BIN / "msctl"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(sigint_default([str(VENV_BIN / "msctl"), *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         if first_output:

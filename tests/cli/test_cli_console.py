@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import VENV_BIN, sigint_default
 
 EXIT_FAULTED = 139
 EXIT_TIMEOUT = 124
@@ -120,9 +120,8 @@ def test_a_reset_is_a_line_of_its_own_and_raw_omits_it(server_process: ServerPro
 def test_ctrl_c_while_following_is_130(server_process: ServerProcess) -> None:
     create(server_process, "e", "echo", "--run")
     env = dict(os.environ, MSCTL_TARGET=server_process.target)
-    proc = subprocess.Popen([str(VENV_BIN / "msctl"), "console", "e", "--raw"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(sigint_default([str(VENV_BIN / "msctl"), "console", "e", "--raw"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "echo ready\n"

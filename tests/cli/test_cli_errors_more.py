@@ -18,7 +18,7 @@ from machineserver.sdk import Client
 from machineserver.v1 import cosim_pb2, job_pb2
 from tests.helpers.firmware import firmware
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import VENV_BIN
+from tests.helpers.tools import VENV_BIN, sigint_default
 
 COSIM_BOARD = "mps2-an385"
 JOB_BOARD = "lm3s6965evb"
@@ -152,16 +152,18 @@ def interrupt_when(sp: ServerProcess, args: list[str], ready: Callable[[], bool]
     of its stderr held that text: the lines up to it are not in the result); SIGINT's
     default disposition restored in the child, since a shell may start tests with it ignored."""
     env = dict(os.environ, MSCTL_TARGET=sp.target)
-    proc = subprocess.Popen([str(VENV_BIN / "msctl"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(sigint_default([str(VENV_BIN / "msctl"), *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         if first_line:
             assert proc.stdout is not None and proc.stdout.readline(), "no output before Ctrl-C"
+        heard: list[str] = []
         while said is not None:
             assert proc.stderr is not None
             line = proc.stderr.readline()
-            assert line, f"msctl ended before it said {said!r}"
+            assert line, f"msctl ended ({proc.wait()}) before it said {said!r}: {heard}, {proc.communicate()}"
+            heard.append(line)
             if said in line:
                 break
         while not ready():

@@ -107,3 +107,17 @@ def mypy_errors(source: str, folder: Path) -> tuple[set[tuple[int, str]], set[tu
     got = {(int(m[1]), m[2]) for m in re.finditer(r"user_code\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)}
     expected = {(n, m[1]) for n, line in enumerate(source.splitlines(), 1) if (m := re.search(r"# E: ([a-z-]+)$", line))}
     return got, expected, result.stdout + result.stderr
+
+
+# Starts argv[1:] with SIGINT at its default disposition, whatever this process has (a
+# shell starts background jobs, CI's included, with SIGINT ignored, and an ignored signal
+# stays ignored across exec, so the program would never see Ctrl-C). A handler set to
+# SIG_DFL before exec does the job without a preexec_fn: Python code run between fork and
+# exec in a process with gRPC's threads can crash the child before it execs.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def sigint_default(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGINT's default disposition (for tests that send Ctrl-C)."""
+    return [sys.executable, "-c", _SIGINT_DEFAULT, *argv]
