@@ -828,6 +828,10 @@ class Operations:
                 raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
                                          state=live.state.value) from None
             reached = _stop_of(op)
+            if reached is None or reached.reason is StopReason.STEP:
+                # the machine may have ended by itself as the cancellation came, the step
+                # never saying so: ask it for that stop, so the exit code is not lost
+                reached = await self._stop_reached(live) or reached
             if reached is not None and reached.reason is not StopReason.STEP:
                 # it ended by itself (an exit, a fault, a breakpoint) before the cancellation
                 # took: report that stop (an exit's code with it), not just the state
@@ -890,6 +894,18 @@ class Operations:
             return StopInfo(StopReason.HALT, pc=pc, message=reason)
         self.follow_machine(live, reason)
         raise FailedPrecondition(f"session {live.id} was {reason}", state=live.state.value)
+
+    @staticmethod
+    async def _stop_reached(live: LiveSession) -> StopInfo | None:
+        """The stop an EXITED or FAULTED machine ended at, where its driver keeps it."""
+        machine = live.machine
+        if machine is None or machine.state not in (MachineState.EXITED, MachineState.FAULTED) \
+                or not machine.has(drv.RunControl):
+            return None
+        try:
+            return await machine.capability(drv.RunControl).stop_reached()
+        except drv.DriverError:
+            return None
 
     def follow_machine(self, live: LiveSession, reason: str) -> None:
         """After an interrupted operation: the record takes the machine's state."""

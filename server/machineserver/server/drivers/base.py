@@ -366,6 +366,12 @@ class RunControl(Capability):
         """Stop execution and return where it stopped (HALT). On a halted machine, the
         current pc as a HALT."""
 
+    async def stop_reached(self) -> StopInfo | None:
+        """The stop an EXITED or FAULTED machine ended at (with its exit code), for a
+        caller whose own step was cancelled as the machine got there and so never saw it;
+        None on a machine in any other state, or where the driver keeps no such stop."""
+        return None
+
     @abc.abstractmethod
     async def step(self, count: int = 1) -> StopInfo:
         """Execute ``count`` instructions (fewer if a breakpoint, watchpoint, exit or fault

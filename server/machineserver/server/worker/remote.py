@@ -193,6 +193,10 @@ class RemoteRunControl(_Part, drv.RunControl):
         info: drv.StopInfo = await self.machine.call("RunControl", "step", count, cancellable=True)
         return info
 
+    async def stop_reached(self) -> drv.StopInfo | None:
+        info: drv.StopInfo | None = await self.machine.call("RunControl", "stop_reached")
+        return info
+
 
 class RemoteRegisters(_Part, drv.RegisterAccess):
     def register_names(self) -> Sequence[str]:

@@ -228,6 +228,13 @@ class UnicornRunControl(RunControl):
         if published and not paused:  # pause() returns a paused stop itself
             ctx.events.stopped(stop)
 
+    async def stop_reached(self) -> StopInfo | None:
+        stop = self._last_stop
+        if self._ctx.state in (MachineState.EXITED, MachineState.FAULTED) and stop is not None \
+                and stop.reason in (StopReason.EXIT, StopReason.FAULT):
+            return stop
+        return None
+
     async def pause(self) -> StopInfo:
         ctx = self._ctx
         ctx.require(MachineState.HALTED, MachineState.RUNNING, MachineState.EXITED, MachineState.FAULTED)
