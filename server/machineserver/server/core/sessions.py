@@ -822,7 +822,7 @@ class Operations:
                 if live.preempt_outcome == "halt":
                     return await self._halted_after(live, preempted)
                 if live.preempt_outcome == "deadline":
-                    self.follow_machine(live, preempted)
+                    await self._follow_machine_to_its_stop(live, preempted)
                     raise DeadlineExceeded(f"the {what} did not finish in time; session {live.id} was "
                                            "halted") from None
                 raise FailedPrecondition(f"cannot finish the {what}: session {live.id} was {preempted}",
@@ -837,7 +837,7 @@ class Operations:
                 # took: report that stop (an exit's code with it), not just the state
                 self.m.stops.apply(live, reached, what)
             else:
-                self.follow_machine(live, f"{what} cancelled by its caller")
+                self.follow_machine(live, f"{what} cancelled by its caller")  # no stop of its own
             raise
         finally:
             if timer is not None:
@@ -892,7 +892,7 @@ class Operations:
             with contextlib.suppress(drv.DriverError):
                 pc = (await machine.capability(drv.RegisterAccess).read_registers(["pc"]))["pc"]
             return StopInfo(StopReason.HALT, pc=pc, message=reason)
-        self.follow_machine(live, reason)
+        await self._follow_machine_to_its_stop(live, reason)
         raise FailedPrecondition(f"session {live.id} was {reason}", state=live.state.value)
 
     @staticmethod
@@ -906,6 +906,15 @@ class Operations:
             return await machine.capability(drv.RunControl).stop_reached()
         except drv.DriverError:
             return None
+
+    async def _follow_machine_to_its_stop(self, live: LiveSession, reason: str) -> None:
+        """:meth:`follow_machine`, but a machine that ended by itself (exit, fault) gives
+        the record its stop, exit code included."""
+        reached = await self._stop_reached(live)
+        if reached is not None:
+            self.m.stops.apply(live, reached, reason)
+        else:
+            self.follow_machine(live, reason)
 
     def follow_machine(self, live: LiveSession, reason: str) -> None:
         """After an interrupted operation: the record takes the machine's state."""
