@@ -134,9 +134,11 @@ async def throughput(call: Callable[[], Awaitable[object]], callers: int, second
 # ---------------------------------------------------------------------- unicorn
 
 
-def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
+def raw_unicorn_crc32(elf: Path, counting: bool = False) -> tuple[float, int, bytes]:
     """Raw Unicorn on the same ELF with the same hooks the driver needs: the PL011 UART
-    as MMIO, the SCS as MMIO, and the semihosting interrupt hook; nothing else."""
+    as MMIO, the SCS as MMIO, and the semihosting interrupt hook; nothing else. With
+    ``counting``, also the driver's native block counter (drivers/unicorn/blockcount.py).
+    Seconds to the exit, instructions counted (0 without the counter), console bytes."""
     from elftools.elf.elffile import ELFFile
     from unicorn import UC_ARCH_ARM, UC_HOOK_INTR, UC_MODE_MCLASS, UC_MODE_THUMB, Uc
     from unicorn.arm_const import (
@@ -146,6 +148,8 @@ def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
         UC_ARM_REG_SP,
         UC_CPU_ARM_CORTEX_M3,
     )
+
+    from machineserver.server.drivers.unicorn.blockcount import BlockCounter
 
     uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
     uc.ctl_set_cpu_model(UC_CPU_ARM_CORTEX_M3)
@@ -159,9 +163,11 @@ def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
         for seg in ELFFile(f).iter_segments():
             if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
                 uc.mem_write(seg["p_paddr"], seg.data()[: seg["p_filesz"]])
-    sp = int.from_bytes(uc.mem_read(0, 4), "little")
+    uc.reg_write(UC_ARM_REG_SP, int.from_bytes(uc.mem_read(0, 4), "little"))
     pc = int.from_bytes(uc.mem_read(4, 4), "little")
-    uc.reg_write(UC_ARM_REG_SP, sp)
+    counter = BlockCounter.attach(uc, thumb=True) if counting else None
+    if counting and counter is None:
+        raise SystemExit("bench: the native block counter did not build (no C compiler?)")
     done = False
 
     def intr(u: Uc, intno: int, ud: object) -> None:
@@ -170,7 +176,8 @@ def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
         if op in (0x18, 0x20):
             done = True
             u.emu_stop()
-        elif op == 0x03:
+            return
+        if op == 0x03:
             out.append(u.mem_read(u.reg_read(UC_ARM_REG_R1), 1)[0])
         u.reg_write(UC_ARM_REG_PC, (u.reg_read(UC_ARM_REG_PC) + 2) | 1)
 
@@ -180,7 +187,9 @@ def raw_unicorn_crc32(elf: Path) -> tuple[float, bytes]:
     while not done:
         uc.emu_start(start | 1, 0xFFFFFFFF, timeout=10_000)
         start = uc.reg_read(UC_ARM_REG_PC)
-    return time.perf_counter() - t, bytes(out)
+        if counter is not None:
+            counter.slice_ended(start & ~1)
+    return time.perf_counter() - t, counter.instructions if counter else 0, bytes(out)
 
 
 async def run_to_exit(client: object, board: str, program: str, backend: str) -> tuple[float, str]:
@@ -232,7 +241,7 @@ async def bench_unicorn(server: Server) -> None:
         hello = (await c.upload_program(firmware("lm3s6965evb", "hello"))).program.name
         ours, peer = [], []
         for _ in range(5):
-            raw_s, out = raw_unicorn_crc32(elf)
+            raw_s, _, out = raw_unicorn_crc32(elf)
             assert out == b"crc32=0x80f45f04\n", out
             peer.append(CRC32_INSTRUCTIONS / raw_s / 1e6)
             s, _ = await run_to_exit(c, "lm3s6965evb", crc, "unicorn")

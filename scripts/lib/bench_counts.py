@@ -25,64 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import CRC32_INSTRUCTIONS, firmware, line
+from bench import CRC32_INSTRUCTIONS, firmware, line, raw_unicorn_crc32
 
 RUNS = 5
-
-
-def raw_run(elf: Path, counting: bool) -> tuple[float, int, bytes]:
-    """Seconds to the exit, instructions counted (0 without the hook), console bytes."""
-    from elftools.elf.elffile import ELFFile
-    from unicorn import UC_ARCH_ARM, UC_HOOK_INTR, UC_MODE_MCLASS, UC_MODE_THUMB, Uc
-    from unicorn.arm_const import (
-        UC_ARM_REG_PC,
-        UC_ARM_REG_R0,
-        UC_ARM_REG_R1,
-        UC_ARM_REG_SP,
-        UC_CPU_ARM_CORTEX_M3,
-    )
-
-    from machineserver.server.drivers.unicorn.blockcount import BlockCounter
-
-    uc = Uc(UC_ARCH_ARM, UC_MODE_THUMB | UC_MODE_MCLASS)
-    uc.ctl_set_cpu_model(UC_CPU_ARM_CORTEX_M3)
-    uc.mem_map(0, 0x40000)
-    uc.mem_map(0x20000000, 0x10000)
-    out = bytearray()
-    uc.mmio_map(0x4000C000, 0x1000, lambda u, off, size, ud: 0, None,
-                lambda u, off, size, value, ud: out.append(value & 0xFF) if off == 0 else None, None)
-    uc.mmio_map(0xE000E000, 0x1000, lambda u, off, size, ud: 0, None, lambda u, off, size, value, ud: None, None)
-    with elf.open("rb") as f:
-        for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
-                uc.mem_write(seg["p_paddr"], seg.data()[: seg["p_filesz"]])
-    uc.reg_write(UC_ARM_REG_SP, int.from_bytes(uc.mem_read(0, 4), "little"))
-    pc = int.from_bytes(uc.mem_read(4, 4), "little")
-    counter = BlockCounter.attach(uc, thumb=True) if counting else None
-    if counting and counter is None:
-        raise SystemExit("bench counts: the native block counter did not build (no C compiler?)")
-    done = False
-
-    def intr(u: Uc, intno: int, ud: object) -> None:
-        nonlocal done
-        op = u.reg_read(UC_ARM_REG_R0)
-        if op in (0x18, 0x20):
-            done = True
-            u.emu_stop()
-            return
-        if op == 0x03:
-            out.append(u.mem_read(u.reg_read(UC_ARM_REG_R1), 1)[0])
-        u.reg_write(UC_ARM_REG_PC, (u.reg_read(UC_ARM_REG_PC) + 2) | 1)
-
-    uc.hook_add(UC_HOOK_INTR, intr)
-    t = time.perf_counter()
-    start = pc
-    while not done:
-        uc.emu_start(start | 1, 0xFFFFFFFF, timeout=10_000)
-        start = uc.reg_read(UC_ARM_REG_PC)
-        if counter is not None:
-            counter.slice_ended(start & ~1)
-    return time.perf_counter() - t, counter.instructions if counter else 0, bytes(out)
 
 
 QEMU_MODES = ("bare", "block", "insn")
@@ -151,13 +96,13 @@ async def bench_counts(server: object) -> None:
           "hook vs no hook alternating in the same run)")
     for program in ("crc32", "mmio"):
         elf = firmware("lm3s6965evb", program)
-        raw_run(elf, True)  # build the library, warm caches
+        raw_unicorn_crc32(elf, True)  # build the library, warm caches
         off: list[float] = []
         on: list[float] = []
         counted = 0
         for _ in range(RUNS):
-            off.append(raw_run(elf, False)[0])
-            seconds, counted, _out = raw_run(elf, True)
+            off.append(raw_unicorn_crc32(elf, False)[0])
+            seconds, counted, _out = raw_unicorn_crc32(elf, True)
             on.append(seconds)
         line(f"raw unicorn {program}: counting block hook vs no hook", statistics.median(on) * 1e3,
              statistics.median(off) * 1e3, "ms", "<= 1.10x")
